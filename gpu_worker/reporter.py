@@ -1,0 +1,96 @@
+"""How the pipeline tells the world what it is doing, without knowing about Redis.
+
+The pipeline runs in a child process; in production its reporter forwards events over a
+multiprocessing queue to the worker's event loop, which writes them to Redis. Tests use
+`ListReporter`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.queues
+import multiprocessing.synchronize
+import time
+from typing import Any, Protocol
+
+from service.specs import Phase, Progress
+
+
+class JobCancelled(Exception):
+    """Raised inside the pipeline when the cancel flag is seen."""
+
+
+class Reporter(Protocol):
+    def phase(self, phase: Phase) -> None: ...
+
+    def progress(self, progress: Progress) -> None: ...
+
+    def metrics(self, step: int, values: dict[str, float]) -> None: ...
+
+    def log(self, message: str) -> None: ...
+
+    def update(self, **fields: Any) -> None:
+        """Set other job-record fields (`rows_dropped`, `eval_generations`)."""
+        ...
+
+    def cancelled(self) -> bool: ...
+
+
+class ListReporter:
+    """Keeps everything in lists; for tests and standalone runs."""
+
+    def __init__(self) -> None:
+        self.phases: list[Phase] = []
+        self.progresses: list[Progress] = []
+        self.points: list[tuple[int, dict[str, float]]] = []
+        self.logs: list[str] = []
+        self.fields: dict[str, Any] = {}
+        self.cancel_after_step: int | None = None
+
+    def phase(self, phase: Phase) -> None:
+        self.phases.append(phase)
+
+    def progress(self, progress: Progress) -> None:
+        self.progresses.append(progress)
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        self.points.append((step, dict(values)))
+
+    def log(self, message: str) -> None:
+        self.logs.append(message)
+
+    def update(self, **fields: Any) -> None:
+        self.fields.update(fields)
+
+    def cancelled(self) -> bool:
+        step = self.progresses[-1].step if self.progresses else 0
+        return self.cancel_after_step is not None and step >= self.cancel_after_step
+
+
+class QueueReporter:
+    """The child-process side: events go to the parent, cancel comes from it."""
+
+    def __init__(
+        self,
+        events: multiprocessing.queues.Queue[tuple[str, Any]],
+        cancel: multiprocessing.synchronize.Event,
+    ) -> None:
+        self._events = events
+        self._cancel = cancel
+
+    def phase(self, phase: Phase) -> None:
+        self._events.put(("phase", phase.value))
+
+    def progress(self, progress: Progress) -> None:
+        self._events.put(("progress", progress))
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        self._events.put(("metrics", (step, time.time(), dict(values))))
+
+    def log(self, message: str) -> None:
+        self._events.put(("log", message))
+
+    def update(self, **fields: Any) -> None:
+        self._events.put(("update", fields))
+
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()

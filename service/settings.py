@@ -1,0 +1,121 @@
+"""Settings shared by the API and the worker, read from the environment once.
+
+No other module reads ``os.environ``: everything configurable is a field here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+
+class ApiKey(msgspec.Struct, forbid_unknown_fields=True):
+    tenant: str
+    admin: bool = False
+
+
+class Principal(msgspec.Struct, frozen=True):
+    tenant: str
+    admin: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis for records, metric streams and the arq queue."""
+    store_url: str = "file://" + str(Path(".ftune/store").resolve())
+    """Blob store for datasets, checkpoints and artifacts: file:///path or s3://bucket/prefix."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint (empty for AWS); credentials come from boto3's usual sources."""
+    api_keys_file: Path | None = None
+    """JSON: sha256 hex of an API key -> {"tenant": ..., "admin": false}."""
+    max_dataset_bytes: int = 2 * 1024**3
+    """Upload size limit; past it the API answers 413."""
+    max_line_bytes: int = 4 * 1024**2
+    """One JSONL row's size limit."""
+    max_dataset_rows: int = 10_000_000
+    """Row count limit for one dataset."""
+    models_dir: Path = Path(".ftune/models").resolve()
+    """The only local directory base models may be loaded from (file:// references)."""
+    work_dir: Path = Path(".ftune/work").resolve()
+    """Worker scratch space: downloaded datasets, checkpoints, outputs."""
+    hf_home: Path | None = None
+    """Cache for Hub downloads (HF_HOME)."""
+    hf_endpoint: str | None = None
+    """Hub endpoint (HF_ENDPOINT), for a private Hub mirror or the tests' local server."""
+    hf_tokens: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """HF tokens by name: "" for HF_TOKEN, "<name>" for FTUNE_HF_TOKEN_<NAME>. Never logged."""
+    job_timeout_hours: float = 48.0
+    """Hard limit of one training job on a worker."""
+    max_attempts: int = 3
+    """How often a job whose worker was lost is retried before it fails."""
+    lease_seconds: float = 30.0
+    """A running job whose worker has not renewed its lease for this long is re-queued."""
+    queue_name: str = "ftune:queue"
+    """The arq queue the API enqueues into and the workers read."""
+    metrics_maxlen: int = 100_000
+    """Metric points kept per job (a capped Redis stream)."""
+    device: str = "auto"
+    """Worker device: auto, cpu or cuda."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        defaults = cls()
+
+        def get(name: str) -> str | None:
+            value = env.get(name)
+            return value if value not in (None, "") else None
+
+        tokens = {
+            key.removeprefix("FTUNE_HF_TOKEN_").lower(): value
+            for key, value in env.items()
+            if key.startswith("FTUNE_HF_TOKEN_") and value
+        }
+        if get("HF_TOKEN"):
+            tokens[""] = env["HF_TOKEN"]
+        keys_file = get("FTUNE_API_KEYS_FILE")
+        hf_home = get("HF_HOME")
+        return cls(
+            redis_url=get("FTUNE_REDIS_URL") or defaults.redis_url,
+            store_url=get("FTUNE_STORE_URL") or defaults.store_url,
+            s3_endpoint_url=get("FTUNE_S3_ENDPOINT_URL"),
+            api_keys_file=Path(keys_file) if keys_file else None,
+            max_dataset_bytes=int(get("FTUNE_MAX_DATASET_BYTES") or defaults.max_dataset_bytes),
+            max_line_bytes=int(get("FTUNE_MAX_LINE_BYTES") or defaults.max_line_bytes),
+            max_dataset_rows=int(get("FTUNE_MAX_DATASET_ROWS") or defaults.max_dataset_rows),
+            models_dir=Path(get("FTUNE_MODELS_DIR") or defaults.models_dir).resolve(),
+            work_dir=Path(get("FTUNE_WORK_DIR") or defaults.work_dir).resolve(),
+            hf_home=Path(hf_home) if hf_home else None,
+            hf_endpoint=get("HF_ENDPOINT"),
+            hf_tokens=tokens,
+            job_timeout_hours=float(get("FTUNE_JOB_TIMEOUT_HOURS") or defaults.job_timeout_hours),
+            max_attempts=int(get("FTUNE_MAX_ATTEMPTS") or defaults.max_attempts),
+            lease_seconds=float(get("FTUNE_LEASE_SECONDS") or defaults.lease_seconds),
+            queue_name=get("FTUNE_QUEUE_NAME") or defaults.queue_name,
+            metrics_maxlen=int(get("FTUNE_METRICS_MAXLEN") or defaults.metrics_maxlen),
+            device=get("FTUNE_DEVICE") or defaults.device,
+        )
+
+    def load_api_keys(self) -> dict[str, Principal]:
+        """sha256 hex of a key -> its principal. No file means no key is accepted."""
+        if self.api_keys_file is None:
+            return {}
+        raw = msgspec.json.decode(self.api_keys_file.read_bytes(), type=dict[str, ApiKey])
+        return {h.lower(): Principal(k.tenant, k.admin) for h, k in raw.items()}
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def write_api_keys(path: Path, keys: Mapping[str, Principal]) -> None:
+    """Write a keys file from plaintext keys (used by `ftune dev` and tests)."""
+    data = {hash_api_key(k): {"tenant": p.tenant, "admin": p.admin} for k, p in keys.items()}
+    path.write_text(json.dumps(data, indent=2))
