@@ -29,7 +29,7 @@ class Principal(msgspec.Struct, frozen=True):
 class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Redis for records, metric streams and the arq queue."""
-    store_url: str = "file://" + str(Path(".ftune/store").resolve())
+    store_url: str = "file://.ftune/store"
     """Blob store for datasets, checkpoints and artifacts: file:///path or s3://bucket/prefix."""
     s3_endpoint_url: str | None = None
     """S3-compatible endpoint (empty for AWS); credentials come from boto3's usual sources."""
@@ -41,9 +41,9 @@ class Settings:
     """One JSONL row's size limit."""
     max_dataset_rows: int = 10_000_000
     """Row count limit for one dataset."""
-    models_dir: Path = Path(".ftune/models").resolve()
+    models_dir: Path = Path(".ftune/models")
     """The only local directory base models may be loaded from (file:// references)."""
-    work_dir: Path = Path(".ftune/work").resolve()
+    work_dir: Path = Path(".ftune/work")
     """Worker scratch space: downloaded datasets, checkpoints, outputs."""
     hf_home: Path | None = None
     """Cache for Hub downloads (HF_HOME)."""
@@ -84,7 +84,7 @@ class Settings:
         hf_home = get("HF_HOME")
         return cls(
             redis_url=get("FTUNE_REDIS_URL") or defaults.redis_url,
-            store_url=get("FTUNE_STORE_URL") or defaults.store_url,
+            store_url=get("FTUNE_STORE_URL") or "file://" + str(Path(".ftune/store").resolve()),
             s3_endpoint_url=get("FTUNE_S3_ENDPOINT_URL"),
             api_keys_file=Path(keys_file) if keys_file else None,
             max_dataset_bytes=int(get("FTUNE_MAX_DATASET_BYTES") or defaults.max_dataset_bytes),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
+from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
@@ -315,3 +316,15 @@ class MetricPoint(msgspec.Struct, kw_only=True):
 class MetricSeries(msgspec.Struct, kw_only=True):
     job_id: str
     points: list[MetricPoint]
+
+
+def local_model_path(ref: str, models_dir: Path) -> Path:
+    """The directory a `file://` base_model names, refused unless it lies inside models_dir.
+
+    Shared by the API (422 at submit) and the worker (checked again where it loads).
+    """
+    path = Path(ref.removeprefix("file://")).resolve()
+    root = models_dir.resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"base_model {ref!r} is outside the workers' models dir ({root})")
+    return path

@@ -1,0 +1,98 @@
+"""The app factory: settings in, a wired Litestar app out. Tests build theirs the same way."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from arq.connections import ArqRedis
+from litestar import Litestar, Request
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+
+from service import queue
+from service.api import errors
+from service.api.auth import principal
+from service.api.datasets import DatasetController
+from service.api.jobs import JobController
+from service.api.system import SystemController
+from service.blobs import BlobStore, open_store
+from service.settings import Settings
+from service.store import Store
+
+VERSION = "0.1.0"
+
+
+def _openapi() -> OpenAPIConfig:
+    return OpenAPIConfig(
+        title="ftune",
+        version=VERSION,
+        description="Self-hosted QLoRA DPO fine-tuning: datasets in, adapters out.",
+        components=Components(
+            security_schemes={
+                "BearerAuth": SecurityScheme(type="http", scheme="bearer", description="API key")
+            }
+        ),
+        security=[{"BearerAuth": []}],
+        use_handler_docstrings=False,
+        path="/docs",
+    )
+
+
+def _lifespan(settings: Settings) -> Any:
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        store = Store.from_url(settings.redis_url, metrics_maxlen=settings.metrics_maxlen)
+        arq = await queue.connect(settings.redis_url)
+        app.state.store, app.state.arq = store, arq
+        app.state.blobs = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
+        try:
+            yield
+        finally:
+            await arq.aclose()
+            await store.close()
+
+    return lifespan
+
+
+def _dependencies(settings: Settings) -> dict[str, Provide]:
+    def from_state(name: str) -> Provide:
+        def get(state: State) -> Any:
+            return state[name]
+
+        return Provide(get, sync_to_thread=False)
+
+    def get_settings() -> Settings:
+        return settings
+
+    def get_principal(request: Request[Any, Any, Any]) -> Any:
+        return principal(request)
+
+    return {
+        "settings": Provide(get_settings, sync_to_thread=False),
+        "principal": Provide(get_principal, sync_to_thread=False),
+        "store": from_state("store"),
+        "arq": from_state("arq"),
+        "blobs": from_state("blobs"),
+    }
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    settings = settings or Settings.from_env()
+    app = Litestar(
+        route_handlers=[SystemController, DatasetController, JobController],
+        dependencies=_dependencies(settings),
+        exception_handlers={Exception: errors.handle},
+        lifespan=[_lifespan(settings)],
+        openapi_config=_openapi(),
+        request_max_body_size=1024 * 1024,
+        signature_types=[Store, ArqRedis, BlobStore, Settings],
+        logging_config=None,
+    )
+    app.state.api_keys = settings.load_api_keys()
+    logging.getLogger("ftune.api").info("ftune API configured")
+    return app

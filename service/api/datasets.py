@@ -1,0 +1,191 @@
+"""Dataset upload, listing and deletion.
+
+An upload is spooled to a temporary file as it arrives (the size limit enforced on the way),
+validated and normalized in a thread, and only then stored: invalid input stores nothing.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Annotated, Any
+
+import anyio.to_thread
+from litestar import Controller, Request, delete, get, post
+from litestar.params import Parameter
+from multipart import MultipartSegment, PushMultipartParser
+
+from service.api.auth import scope
+from service.api.errors import PayloadTooLarge, UnsupportedMediaType
+from service.api.openapi_docs import (
+    CONFLICT,
+    INVALID,
+    NOT_FOUND,
+    TOO_LARGE,
+    UNSUPPORTED,
+    responses,
+)
+from service.blobs import BlobStore
+from service.datasets import FieldMapping, Limits, validate_jsonl
+from service.settings import Principal, Settings
+from service.specs import Dataset, DatasetList
+from service.store import Store, new_id
+
+JSONL_TYPES = {"application/x-ndjson", "application/jsonl", "application/json-lines", "text/plain"}
+FieldName = Annotated[
+    str | None, Parameter(min_length=1, max_length=128, description="Column to read it from")
+]
+
+
+def dataset_blob_key(sha256: str) -> str:
+    return f"datasets/{sha256}.jsonl"
+
+
+async def _spool(request: Request[Any, Any, Any], out: IO[bytes], limit: int) -> int:
+    """Copy the JSONL body (raw, or the first file of a multipart form) into `out`."""
+    ctype, options = request.content_type
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the upload is {declared} bytes; the limit is {limit} bytes")
+    if ctype == "multipart/form-data":
+        boundary = options.get("boundary")
+        if not boundary:
+            raise UnsupportedMediaType("multipart/form-data without a boundary")
+        return await _spool_multipart(request, out, boundary.encode(), limit)
+    if ctype not in JSONL_TYPES:
+        raise UnsupportedMediaType(
+            f"send JSONL as application/x-ndjson or application/jsonl, or a multipart file; "
+            f"got {ctype or 'no Content-Type'}"
+        )
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the upload is over the limit of {limit} bytes")
+        out.write(chunk)
+    return size
+
+
+async def _spool_multipart(
+    request: Request[Any, Any, Any], out: IO[bytes], boundary: bytes, limit: int
+) -> int:
+    size = 0
+    in_file = done = False
+    with PushMultipartParser(boundary) as parser:
+        async for chunk in request.stream():
+            for part in parser.parse(chunk):
+                if isinstance(part, MultipartSegment):
+                    in_file = part.filename is not None and not done
+                elif part and in_file:
+                    size += len(part)
+                    if size > limit:
+                        raise PayloadTooLarge(f"the upload is over the limit of {limit} bytes")
+                    out.write(part)
+                elif not part and in_file:
+                    in_file, done = False, True
+        if not done:
+            raise UnsupportedMediaType("the multipart form has no file part")
+    return size
+
+
+class DatasetController(Controller):
+    path = "/v1/datasets"
+    tags = ["datasets"]
+
+    @post(
+        operation_id="CreateDataset",
+        path="/",
+        status_code=201,
+        request_max_body_size=None,
+        summary="Upload a JSONL preference dataset",
+        responses=responses(INVALID, TOO_LARGE, UNSUPPORTED),
+    )
+    async def create_dataset(
+        self,
+        request: Request[Any, Any, Any],
+        principal: Principal,
+        store: Store,
+        blobs: BlobStore,
+        settings: Settings,
+        name: Annotated[
+            str, Parameter(min_length=1, max_length=128, pattern=r"^[\w .,:()+-]+$")
+        ] = "dataset",
+        prompt_field: FieldName = None,
+        chosen_field: FieldName = None,
+        rejected_field: FieldName = None,
+    ) -> Dataset:
+        mapping = None
+        if prompt_field or chosen_field or rejected_field:
+            mapping = FieldMapping(
+                prompt_field=prompt_field or "prompt",
+                chosen_field=chosen_field or "chosen",
+                rejected_field=rejected_field or "rejected",
+            )
+        limits = Limits(max_line_bytes=settings.max_line_bytes, max_rows=settings.max_dataset_rows)
+        with tempfile.TemporaryDirectory(prefix="ftune-upload-") as tmp:
+            raw, normalized = Path(tmp) / "raw.jsonl", Path(tmp) / "normalized.jsonl"
+            with raw.open("wb") as out:
+                await _spool(request, out, settings.max_dataset_bytes)
+
+            def validate() -> Any:
+                with raw.open("rb") as src, normalized.open("wb") as dst:
+                    return validate_jsonl(src, dst, mapping=mapping, limits=limits)
+
+            result = await anyio.to_thread.run_sync(validate)
+            key = dataset_blob_key(result.sha256)
+            if not await anyio.to_thread.run_sync(blobs.exists, key):
+                await anyio.to_thread.run_sync(blobs.put_file, key, normalized)
+        ds = Dataset(
+            id=new_id("ds"),
+            tenant=principal.tenant,
+            name=name,
+            rows=result.rows,
+            bytes=result.bytes,
+            source_bytes=result.source_bytes,
+            sha256=result.sha256,
+            format=result.format,
+            source_format=result.source_format,
+            stats=result.stats,
+            warnings=result.warnings,
+            created_at=time.time(),
+        )
+        await store.put_dataset(ds)
+        return ds
+
+    @get(
+        operation_id="ListDatasets",
+        path="/",
+        summary="List datasets, newest first",
+        responses=responses(),
+    )
+    async def list_datasets(
+        self,
+        principal: Principal,
+        store: Store,
+        limit: Annotated[int, Parameter(ge=1, le=200)] = 20,
+        cursor: Annotated[str | None, Parameter(max_length=64)] = None,
+    ) -> DatasetList:
+        items, next_cursor = await store.list_datasets(scope(principal), limit=limit, cursor=cursor)
+        return DatasetList(items=items, next_cursor=next_cursor)
+
+    @get(
+        operation_id="GetDataset",
+        path="/{dataset_id:str}",
+        responses=responses(NOT_FOUND),
+    )
+    async def get_dataset(self, dataset_id: str, principal: Principal, store: Store) -> Dataset:
+        return await store.get_dataset(dataset_id, scope(principal))
+
+    @delete(
+        operation_id="DeleteDataset",
+        path="/{dataset_id:str}",
+        status_code=204,
+        responses=responses(NOT_FOUND, CONFLICT),
+    )
+    async def delete_dataset(
+        self, dataset_id: str, principal: Principal, store: Store, blobs: BlobStore
+    ) -> None:
+        ds, remaining = await store.delete_dataset(dataset_id, scope(principal))
+        if remaining <= 0:
+            await anyio.to_thread.run_sync(blobs.delete, dataset_blob_key(ds.sha256))

@@ -1,0 +1,143 @@
+"""One place that turns every error into RFC 9457 Problem Details."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from service.datasets import InvalidDataset
+from service.store import Conflict, NotFound
+
+log = logging.getLogger("ftune.api")
+
+PROBLEM = "application/problem+json"
+_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+class FieldError(msgspec.Struct, omit_defaults=True):
+    msg: str
+    loc: list[str] | None = None
+    line: int | None = None
+    field: str | None = None
+
+
+class Problem(msgspec.Struct, omit_defaults=True):
+    """RFC 9457 Problem Details."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldError] | None = None
+    total_errors: int | None = None
+
+
+class InvalidRequest(Exception):
+    """A request that parsed but makes no sense (e.g. a dataset id that does not exist)."""
+
+    def __init__(self, detail: str, errors: list[FieldError] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors
+
+
+class PayloadTooLarge(Exception):
+    pass
+
+
+class UnsupportedMediaType(Exception):
+    pass
+
+
+def problem(
+    status: int,
+    detail: str,
+    *,
+    errors: list[FieldError] | None = None,
+    total: int | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response[Problem]:
+    title = _TITLES.get(status, "Error")
+    slug = title.lower().replace(" ", "-")
+    body = Problem(
+        type=f"https://ftune.dev/problems/{slug}",
+        title=title,
+        status=status,
+        detail=detail,
+        errors=errors,
+        total_errors=total,
+    )
+    return Response(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+_AT = re.compile(r"\s*-\s*at `\$(?P<path>[^`]*)`$")
+
+
+def _validation(exc: ValidationException) -> Response[Problem]:
+    errors: list[FieldError] = []
+    in_body = False
+    for item in exc.extra if isinstance(exc.extra, list) else []:
+        if not isinstance(item, dict):
+            continue
+        message = str(item.get("message", ""))
+        source = str(item.get("source", "body"))
+        in_body = in_body or source == "body"
+        loc = [source]
+        if match := _AT.search(message):
+            message = message[: match.start()]
+            loc += [p for p in re.split(r"[.\[\]]", match.group("path")) if p]
+        elif item.get("key"):
+            loc += str(item["key"]).split(".")
+        errors.append(FieldError(msg=message, loc=loc))
+    if not errors:
+        errors.append(FieldError(msg=str(exc.detail), loc=["body"]))
+        in_body = True
+    detail = "; ".join(f"{'.'.join(e.loc or [])}: {e.msg}" for e in errors[:3])
+    return problem(422 if in_body else 400, detail, errors=errors)
+
+
+def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
+    if isinstance(exc, NotFound):
+        return problem(404, str(exc) or f"{request.url.path} was not found")
+    if isinstance(exc, Conflict):
+        return problem(409, str(exc))
+    if isinstance(exc, InvalidDataset):
+        errors = [FieldError(line=e.line, field=e.field, msg=e.msg) for e in exc.errors]
+        first = exc.errors[0] if exc.errors else None
+        where = f" (first: line {first.line}: {first.msg})" if first else ""
+        return problem(
+            422, f"the dataset has {exc.total} invalid rows{where}", errors=errors, total=exc.total
+        )
+    if isinstance(exc, InvalidRequest):
+        return problem(422, exc.detail, errors=exc.errors)
+    if isinstance(exc, PayloadTooLarge):
+        return problem(413, str(exc))
+    if isinstance(exc, UnsupportedMediaType):
+        return problem(415, str(exc))
+    if isinstance(exc, ValidationException):
+        return _validation(exc)
+    if isinstance(exc, NotAuthorizedException):
+        return problem(401, str(exc.detail), headers={"WWW-Authenticate": "Bearer"})
+    if isinstance(exc, HTTPException):
+        return problem(exc.status_code, str(exc.detail), headers=exc.headers)
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problem(HTTP_500_INTERNAL_SERVER_ERROR, "internal error; it has been logged")

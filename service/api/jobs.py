@@ -1,0 +1,188 @@
+"""Jobs: submit, list, inspect, cancel, metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import msgspec
+from arq.connections import ArqRedis
+from litestar import Controller, Request, Response, get, post
+from litestar.params import Parameter
+
+from service import queue
+from service.api.auth import scope
+from service.api.errors import FieldError, InvalidRequest
+from service.api.openapi_docs import CONFLICT, NOT_FOUND, responses
+from service.settings import Principal, Settings
+from service.specs import (
+    Dataset,
+    DatasetRef,
+    Job,
+    JobList,
+    JobSpec,
+    JobStatus,
+    MetricSeries,
+    local_model_path,
+)
+from service.store import Conflict, NotFound, Store, new_id, request_fingerprint
+
+
+def _ref(ds: Dataset) -> DatasetRef:
+    return DatasetRef(id=ds.id, sha256=ds.sha256, rows=ds.rows, format=ds.format)
+
+
+async def _dataset(store: Store, dataset_id: str, tenant: str, field: str) -> Dataset:
+    try:
+        return await store.get_dataset(dataset_id, tenant)
+    except NotFound:
+        raise InvalidRequest(
+            f"{field} {dataset_id} does not exist",
+            [FieldError(loc=["body", field], msg=f"dataset {dataset_id} does not exist")],
+        ) from None
+
+
+def _cancel(job: Job) -> Job:
+    if job.status.terminal:
+        raise Conflict(f"job {job.id} is already {job.status.value}")
+    if job.status == JobStatus.queued:
+        return msgspec.structs.replace(
+            job, status=JobStatus.cancelled, cancel_requested=True, finished_at=time.time()
+        )
+    return msgspec.structs.replace(job, cancel_requested=True)
+
+
+class JobController(Controller):
+    path = "/v1/jobs"
+    tags = ["jobs"]
+
+    @post(
+        operation_id="CreateJob",
+        path="/",
+        status_code=201,
+        summary="Submit a fine-tuning job",
+        responses=responses(CONFLICT),
+    )
+    async def create_job(
+        self,
+        request: Request[Any, Any, Any],
+        data: JobSpec,
+        principal: Principal,
+        store: Store,
+        arq: ArqRedis,
+        settings: Settings,
+        idempotency_key: Annotated[
+            str | None,
+            Parameter(header="Idempotency-Key", min_length=1, max_length=255, required=False),
+        ] = None,
+    ) -> Response[Job]:
+        if data.base_model.startswith("file://"):
+            try:
+                local_model_path(data.base_model, settings.models_dir)
+            except ValueError as exc:
+                raise InvalidRequest(
+                    str(exc), [FieldError(loc=["body", "base_model"], msg=str(exc))]
+                ) from None
+        dataset = await _dataset(store, data.dataset_id, principal.tenant, "dataset_id")
+        eval_dataset = None
+        if data.eval_dataset_id is not None:
+            eval_dataset = await _dataset(
+                store, data.eval_dataset_id, principal.tenant, "eval_dataset_id"
+            )
+            if eval_dataset.format != dataset.format:
+                raise InvalidRequest(
+                    "the eval dataset's format differs from the training dataset's",
+                    [
+                        FieldError(
+                            loc=["body", "eval_dataset_id"],
+                            msg=f"is {eval_dataset.format}, the dataset is {dataset.format}",
+                        )
+                    ],
+                )
+        now = time.time()
+        job = Job(
+            id=new_id("job"),
+            tenant=principal.tenant,
+            status=JobStatus.queued,
+            spec=data,
+            dataset=_ref(dataset),
+            eval_dataset=_ref(eval_dataset) if eval_dataset else None,
+            created_at=now,
+            updated_at=now,
+        )
+        idem = None
+        if idempotency_key:
+            idem = (idempotency_key, request_fingerprint(await request.body()))
+        try:
+            stored = await store.create_job(job, idempotency=idem)
+        except NotFound as exc:  # the dataset was deleted while we looked
+            raise InvalidRequest(str(exc)) from None
+        if stored.id == job.id:
+            await queue.enqueue(arq, job.id, job.attempt, queue_name=settings.queue_name)
+            return Response(stored, status_code=201)
+        return Response(stored, status_code=201, headers={"Idempotent-Replayed": "true"})
+
+    @get(
+        operation_id="ListJobs", path="/", summary="List jobs, newest first", responses=responses()
+    )
+    async def list_jobs(
+        self,
+        principal: Principal,
+        store: Store,
+        status: JobStatus | None = None,
+        label: Annotated[
+            list[str] | None,
+            Parameter(description="key=value; repeat to require several", max_items=16),
+        ] = None,
+        limit: Annotated[int, Parameter(ge=1, le=200)] = 20,
+        cursor: Annotated[str | None, Parameter(max_length=64)] = None,
+    ) -> JobList:
+        labels: dict[str, str] = {}
+        for item in label or []:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise InvalidRequest(
+                    f"label filter {item!r} must be key=value",
+                    [FieldError(loc=["query", "label"], msg="expected key=value")],
+                )
+            labels[key] = value
+        items, next_cursor = await store.list_jobs(
+            scope(principal), status=status, labels=labels, limit=limit, cursor=cursor
+        )
+        return JobList(items=items, next_cursor=next_cursor)
+
+    @get(operation_id="GetJob", path="/{job_id:str}", responses=responses(NOT_FOUND))
+    async def get_job(self, job_id: str, principal: Principal, store: Store) -> Job:
+        return await store.get_job(job_id, scope(principal))
+
+    @post(
+        operation_id="CancelJob",
+        path="/{job_id:str}/cancel",
+        status_code=202,
+        summary="Cancel a queued or running job",
+        responses=responses(NOT_FOUND, CONFLICT),
+    )
+    async def cancel_job(
+        self, job_id: str, principal: Principal, store: Store, arq: ArqRedis, settings: Settings
+    ) -> Job:
+        job = await store.update_job(job_id, _cancel, tenant=scope(principal))
+        if job.status == JobStatus.cancelled:
+            await queue.remove(arq, job.id, job.attempt, queue_name=settings.queue_name)
+        return job
+
+    @get(
+        operation_id="GetJobMetrics",
+        path="/{job_id:str}/metrics",
+        summary="The job's metric time series (TRL's keys)",
+        responses=responses(NOT_FOUND),
+    )
+    async def job_metrics(
+        self,
+        job_id: str,
+        principal: Principal,
+        store: Store,
+        since_step: Annotated[int, Parameter(ge=0)] = 0,
+    ) -> MetricSeries:
+        await store.get_job(job_id, scope(principal))
+        points = await store.get_metrics(job_id, since_step=since_step)
+        return MetricSeries(job_id=job_id, points=points)

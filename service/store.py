@@ -1,0 +1,350 @@
+"""Records in Redis: datasets and jobs, per-tenant indexes, atomic transitions, metric streams.
+
+Every change to a job goes through `update_job`, an optimistic WATCH/MULTI transaction: two
+actors racing (the API cancelling, a worker reporting) never lose each other's writes.
+Ids are time-sortable, so each index is a lexicographic sorted set that pages newest first
+with an exact cursor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import WatchError
+
+from service.specs import Dataset, Job, JobStatus, MetricPoint
+
+P = "ftune:"
+T = TypeVar("T", Dataset, Job)
+
+_job_decoder = msgspec.json.Decoder(Job)
+_dataset_decoder = msgspec.json.Decoder(Dataset)
+_encoder = msgspec.json.Encoder()
+_values_decoder = msgspec.json.Decoder(dict[str, float])
+
+
+class NotFound(Exception):
+    """The record does not exist, or belongs to another tenant."""
+
+
+class Conflict(Exception):
+    """The change is not allowed in the record's current state."""
+
+
+def new_id(prefix: str) -> str:
+    """Time-sortable: 12 hex digits of milliseconds, then 12 random hex digits."""
+    return f"{prefix}_{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
+
+
+def job_key(job_id: str) -> str:
+    return f"{P}job:{job_id}"
+
+
+def dataset_key(dataset_id: str) -> str:
+    return f"{P}ds:{dataset_id}"
+
+
+def metrics_key(job_id: str) -> str:
+    return f"{P}metrics:{job_id}"
+
+
+def events_key(job_id: str) -> str:
+    return f"{P}events:{job_id}"
+
+
+def lease_key(job_id: str) -> str:
+    return f"{P}lease:{job_id}"
+
+
+RUNNING = f"{P}running"
+"""Ids of jobs in `running`, scanned by the reaper for expired leases."""
+
+
+def _index(kind: str, tenant: str | None, status: JobStatus | None = None) -> str:
+    scope = "all" if tenant is None else f"t:{tenant}"
+    return f"{P}{kind}:{scope}" + (f":{status.value}" if status else "")
+
+
+class Store:
+    def __init__(self, client: aioredis.Redis, *, metrics_maxlen: int = 100_000) -> None:
+        # redis-py's async annotations return `Awaitable[T] | T` unions; Any keeps mypy useful.
+        self.redis: Any = client
+        self.metrics_maxlen = metrics_maxlen
+
+    @classmethod
+    def from_url(cls, url: str, *, metrics_maxlen: int = 100_000) -> Store:
+        return cls(aioredis.Redis.from_url(url), metrics_maxlen=metrics_maxlen)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    # -- datasets ---------------------------------------------------------------------------
+
+    async def put_dataset(self, ds: Dataset) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(dataset_key(ds.id), _encoder.encode(ds))
+            pipe.zadd(_index("datasets", ds.tenant), {ds.id: 0})
+            pipe.zadd(_index("datasets", None), {ds.id: 0})
+            pipe.incr(_blob_refs(ds.sha256))
+            await pipe.execute()
+
+    async def get_dataset(self, dataset_id: str, tenant: str | None) -> Dataset:
+        raw = await self.redis.get(dataset_key(dataset_id))
+        return _visible(raw, _dataset_decoder, tenant)
+
+    async def list_datasets(
+        self, tenant: str | None, *, limit: int, cursor: str | None
+    ) -> tuple[list[Dataset], str | None]:
+        ids, next_cursor = await self._page(_index("datasets", tenant), limit, cursor)
+        return await self._load(ids, dataset_key, _dataset_decoder), next_cursor
+
+    async def delete_dataset(self, dataset_id: str, tenant: str | None) -> tuple[Dataset, int]:
+        """Refused while a live (queued or running) job uses it.
+
+        Returns the record and how many records still share its content (its blob may go
+        when that is 0).
+        """
+        key = dataset_key(dataset_id)
+        users = f"{key}:jobs"
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key, users)
+                    ds = _visible(await pipe.get(key), _dataset_decoder, tenant)
+                    live = await pipe.smembers(users)
+                    if live:
+                        names = ", ".join(sorted(m.decode() for m in live)[:5])
+                        raise Conflict(f"dataset {dataset_id} is used by live jobs: {names}")
+                    pipe.multi()
+                    pipe.delete(key)
+                    pipe.zrem(_index("datasets", ds.tenant), dataset_id)
+                    pipe.zrem(_index("datasets", None), dataset_id)
+                    pipe.decr(_blob_refs(ds.sha256))
+                    remaining = (await pipe.execute())[-1]
+                    return ds, int(remaining)
+                except WatchError:
+                    continue
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    async def create_job(self, job: Job, *, idempotency: tuple[str, str] | None = None) -> Job:
+        """Write a new job, atomically with its dataset still existing.
+
+        `idempotency` is (key, request fingerprint): a repeat with the same key returns the
+        first job; the same key with a different request is a Conflict.
+        """
+        ds_keys = [dataset_key(job.dataset.id)]
+        if job.eval_dataset is not None:
+            ds_keys.append(dataset_key(job.eval_dataset.id))
+        idem_key = f"{P}idem:{job.tenant}:{idempotency[0]}" if idempotency else None
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(*ds_keys, *([idem_key] if idem_key else []))
+                    if idem_key and idempotency:
+                        prior = await pipe.get(idem_key)
+                        if prior is not None:
+                            prior_id, _, fingerprint = prior.decode().partition(":")
+                            if fingerprint != idempotency[1]:
+                                raise Conflict(
+                                    "this Idempotency-Key was used for a different request"
+                                )
+                            await pipe.reset()
+                            return await self.get_job(prior_id, job.tenant)
+                    for key in ds_keys:
+                        if not await pipe.exists(key):
+                            raise NotFound(f"dataset {key.rsplit(':', 1)[-1]} does not exist")
+                    pipe.multi()
+                    pipe.set(job_key(job.id), _encoder.encode(job))
+                    for index in self._job_indexes(job):
+                        pipe.zadd(index, {job.id: 0})
+                    for key in ds_keys:
+                        pipe.sadd(f"{key}:jobs", job.id)
+                    if idem_key and idempotency:
+                        pipe.set(idem_key, f"{job.id}:{idempotency[1]}", ex=24 * 3600)
+                    pipe.xadd(events_key(job.id), _event("status", {"status": job.status}))
+                    await pipe.execute()
+                    return job
+                except WatchError:
+                    continue
+
+    async def get_job(self, job_id: str, tenant: str | None) -> Job:
+        return _visible(await self.redis.get(job_key(job_id)), _job_decoder, tenant)
+
+    async def list_jobs(
+        self,
+        tenant: str | None,
+        *,
+        status: JobStatus | None,
+        labels: dict[str, str],
+        limit: int,
+        cursor: str | None,
+    ) -> tuple[list[Job], str | None]:
+        index = _index("jobs", tenant, status)
+        if not labels:
+            ids, next_cursor = await self._page(index, limit, cursor)
+            return await self._load(ids, job_key, _job_decoder), next_cursor
+        # Labels are filtered here: pages are read until enough match or the index ends.
+        found: list[Job] = []
+        while len(found) < limit:
+            ids, cursor = await self._page(index, limit * 4, cursor)
+            for job in await self._load(ids, job_key, _job_decoder):
+                if all(job.spec.labels.get(k) == v for k, v in labels.items()):
+                    found.append(job)
+                    if len(found) == limit:
+                        return found, job.id
+            if cursor is None:
+                break
+        return found, None
+
+    async def update_job(
+        self,
+        job_id: str,
+        change: Callable[[Job], Job],
+        *,
+        tenant: str | None = None,
+        events: Callable[[Job, Job], Iterable[tuple[str, dict[str, Any]]]] | None = None,
+    ) -> Job:
+        """Apply `change` atomically; it may raise Conflict to refuse.
+
+        Status moves keep the indexes, the running set and the dataset's live-job set right;
+        each move and phase change is appended to the job's event stream.
+        """
+        key = job_key(job_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    old = _visible(await pipe.get(key), _job_decoder, tenant)
+                    new = change(old)
+                    if old.status.terminal and new != old:
+                        raise Conflict(f"job {job_id} is already {old.status.value}")
+                    new = msgspec.structs.replace(new, updated_at=time.time())
+                    pipe.multi()
+                    pipe.set(key, _encoder.encode(new))
+                    if new.status != old.status:
+                        _move_status(pipe, old, new)
+                    if new.phase != old.phase and new.phase is not None:
+                        pipe.xadd(events_key(job_id), _event("phase", {"phase": new.phase}))
+                    for kind, data in events(old, new) if events else ():
+                        pipe.xadd(events_key(job_id), _event(kind, data))
+                    await pipe.execute()
+                    return new
+                except WatchError:
+                    continue
+
+    def _job_indexes(self, job: Job) -> list[str]:
+        return [
+            _index("jobs", job.tenant),
+            _index("jobs", None),
+            _index("jobs", job.tenant, job.status),
+            _index("jobs", None, job.status),
+        ]
+
+    # -- metrics, events, leases ------------------------------------------------------------
+
+    async def add_metrics(self, job_id: str, point: MetricPoint) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(
+                metrics_key(job_id),
+                {"step": point.step, "time": point.time, "values": _encoder.encode(point.values)},
+                maxlen=self.metrics_maxlen,
+                approximate=True,
+            )
+            pipe.xadd(events_key(job_id), _event("metrics", msgspec.to_builtins(point)))
+            await pipe.execute()
+
+    async def get_metrics(self, job_id: str, *, since_step: int = 0) -> list[MetricPoint]:
+        points = []
+        for _, fields in await self.redis.xrange(metrics_key(job_id)):
+            step = int(fields[b"step"])
+            if step >= since_step:
+                values = _values_decoder.decode(fields[b"values"])
+                points.append(MetricPoint(step=step, time=float(fields[b"time"]), values=values))
+        return points
+
+    async def add_log(self, job_id: str, message: str) -> None:
+        await self.redis.xadd(events_key(job_id), _event("log", {"message": message}))
+
+    async def renew_lease(self, job_id: str, worker: str, seconds: float) -> None:
+        await self.redis.set(lease_key(job_id), worker, px=int(seconds * 1000))
+
+    async def drop_lease(self, job_id: str) -> None:
+        await self.redis.delete(lease_key(job_id))
+
+    async def expired_leases(self) -> list[str]:
+        """Running jobs whose worker stopped renewing its lease."""
+        running = [m.decode() for m in await self.redis.smembers(RUNNING)]
+        if not running:
+            return []
+        alive = await self.redis.mget([lease_key(j) for j in running])
+        return [job_id for job_id, lease in zip(running, alive, strict=True) if lease is None]
+
+    async def try_lock(self, name: str, seconds: float) -> bool:
+        return bool(await self.redis.set(f"{P}lock:{name}", "1", nx=True, px=int(seconds * 1000)))
+
+    async def count_jobs(self, status: JobStatus) -> int:
+        return int(await self.redis.zcard(_index("jobs", None, status)))
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    async def _page(
+        self, index: str, limit: int, cursor: str | None
+    ) -> tuple[list[str], str | None]:
+        upper = f"({cursor}" if cursor else "+"
+        raw = await self.redis.zrevrangebylex(index, upper, "-", start=0, num=limit + 1)
+        ids = [r.decode() for r in raw]
+        if len(ids) > limit:
+            return ids[:limit], ids[limit - 1]
+        return ids, None
+
+    async def _load(self, ids: list[str], key: Callable[[str], str], decoder: Any) -> list[Any]:
+        if not ids:
+            return []
+        return [decoder.decode(raw) for raw in await self.redis.mget([key(i) for i in ids]) if raw]
+
+
+def _visible(raw: bytes | None, decoder: msgspec.json.Decoder[T], tenant: str | None) -> T:
+    """Another tenant's record answers exactly like a missing one."""
+    if raw is None:
+        raise NotFound
+    record = decoder.decode(raw)
+    if tenant is not None and record.tenant != tenant:
+        raise NotFound
+    return record
+
+
+def _blob_refs(sha256: str) -> str:
+    return f"{P}blobrefs:{sha256}"
+
+
+def _move_status(pipe: Any, old: Job, new: Job) -> None:
+    for tenant in (old.tenant, None):
+        pipe.zrem(_index("jobs", tenant, old.status), old.id)
+        pipe.zadd(_index("jobs", tenant, new.status), {new.id: 0})
+    if new.status == JobStatus.running:
+        pipe.sadd(RUNNING, new.id)
+    else:
+        pipe.srem(RUNNING, new.id)
+    if new.status.terminal:
+        pipe.srem(f"{dataset_key(new.dataset.id)}:jobs", new.id)
+        if new.eval_dataset is not None:
+            pipe.srem(f"{dataset_key(new.eval_dataset.id)}:jobs", new.id)
+    data: dict[str, Any] = {"status": new.status, "attempt": new.attempt}
+    if new.error is not None:
+        data["error"] = new.error
+    pipe.xadd(events_key(new.id), _event("status", data))
+
+
+def _event(kind: str, data: dict[str, Any]) -> dict[Any, Any]:
+    return {"type": kind, "data": _encoder.encode(data), "time": repr(time.time())}
+
+
+def request_fingerprint(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()[:32]
