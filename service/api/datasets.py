@@ -17,7 +17,12 @@ from litestar.params import Parameter
 from multipart import MultipartSegment, PushMultipartParser
 
 from service.api.auth import scope
-from service.api.errors import PayloadTooLarge, UnsupportedMediaType
+from service.api.errors import (
+    FieldError,
+    InvalidRequest,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 from service.api.openapi_docs import (
     CONFLICT,
     INVALID,
@@ -117,11 +122,14 @@ class DatasetController(Controller):
     ) -> Dataset:
         mapping = None
         if prompt_field or chosen_field or rejected_field:
-            mapping = FieldMapping(
-                prompt_field=prompt_field or "prompt",
-                chosen_field=chosen_field or "chosen",
-                rejected_field=rejected_field or "rejected",
-            )
+            try:
+                mapping = FieldMapping(
+                    prompt_field=prompt_field or "prompt",
+                    chosen_field=chosen_field or "chosen",
+                    rejected_field=rejected_field or "rejected",
+                )
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), [FieldError(loc=["query"], msg=str(exc))]) from None
         limits = Limits(max_line_bytes=settings.max_line_bytes, max_rows=settings.max_dataset_rows)
         with tempfile.TemporaryDirectory(prefix="ftune-upload-") as tmp:
             raw, normalized = Path(tmp) / "raw.jsonl", Path(tmp) / "normalized.jsonl"

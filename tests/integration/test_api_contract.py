@@ -1,0 +1,85 @@
+"""The OpenAPI contract: exported file up to date, and the app honours it under fuzzing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hypothesis
+import hypothesis.strategies as st
+import requests
+import schemathesis
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from service.api.openapi import render
+from tests.fixtures.api import LiveServer
+
+EXPORTED = Path(__file__).parents[2] / "openapi" / "openapi.json"
+
+
+def test_exported_openapi_is_current() -> None:
+    assert EXPORTED.read_bytes() == render(), "openapi/openapi.json is stale: run `make openapi`"
+
+
+def test_every_route_has_an_operation_id() -> None:
+    spec = json.loads(render())
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            assert op.get("operationId"), f"{method.upper()} {path} has no operationId"
+
+
+def test_fuzzed_requests_get_no_server_error_and_match_the_schema(live_api: LiveServer) -> None:
+    session = requests.Session()
+    ds = session.post(
+        f"{live_api.url}/v1/datasets",
+        params={"name": "fuzz"},
+        data=b'{"prompt": "p", "chosen": "c", "rejected": "r"}\n',
+        headers={"Authorization": "Bearer key-alice", "Content-Type": "application/x-ndjson"},
+    ).json()
+    job = session.post(
+        f"{live_api.url}/v1/jobs",
+        json={"base_model": "org/model", "dataset_id": ds["id"]},
+        headers={"Authorization": "Bearer key-alice"},
+    ).json()
+    schema = schemathesis.openapi.from_url(f"{live_api.url}/docs/openapi.json")
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_schema_conformance,
+    ]
+    failures = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @hypothesis.settings(
+            max_examples=25,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(hypothesis.HealthCheck),
+            phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+        )
+        @hypothesis.given(case=operation.as_strategy(), real_ids=st.booleans())
+        def check(case: schemathesis.Case, real_ids: bool) -> None:
+            # Half the cases aim at records that exist, so success responses are checked too.
+            if real_ids and case.path_parameters:
+                for name, value in (("dataset_id", ds["id"]), ("job_id", job["id"])):
+                    if name in case.path_parameters:
+                        case.path_parameters[name] = value
+            case.call_and_validate(
+                base_url=live_api.url,
+                session=session,
+                headers={"Authorization": "Bearer key-alice"},
+                checks=checks,
+            )
+
+        try:
+            check()
+        except Exception as exc:
+            failures.append(f"{operation.label}: {exc}")
+    assert not failures, "\n\n".join(failures)

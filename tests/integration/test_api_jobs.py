@@ -1,0 +1,199 @@
+"""Jobs over HTTP: validation, tenancy, idempotency, cancel, pagination, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+import redis
+
+from service.specs import MetricPoint
+from service.store import Store
+from tests.fixtures.api import ADMIN, ALICE, BOB, Api
+
+ROWS = b"".join(
+    json.dumps({"prompt": f"q{i}", "chosen": "short.", "rejected": "long long long."}).encode()
+    + b"\n"
+    for i in range(4)
+)
+
+
+async def dataset(api: Api, headers: dict[str, str] = ALICE) -> str:
+    resp = await api.client.post(
+        "/v1/datasets",
+        content=ROWS,
+        params={"name": "d"},
+        headers={**headers, "Content-Type": "application/x-ndjson"},
+    )
+    assert resp.status_code == 201, resp.text
+    return str(resp.json()["id"])
+
+
+def spec(ds: str, **extra: object) -> dict[str, object]:
+    return {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "dataset_id": ds, **extra}
+
+
+def queued_attempts(api: Api) -> list[str]:
+    r = redis.Redis.from_url(api.settings.redis_url)
+    return [m.decode() for m in r.zrange(api.settings.queue_name, 0, -1)]
+
+
+async def test_submit_queues_the_job_once(api: Api) -> None:
+    ds = await dataset(api)
+    resp = await api.client.post(
+        "/v1/jobs", json=spec(ds, labels={"team": "search"}), headers=ALICE
+    )
+    assert resp.status_code == 201, resp.text
+    job = resp.json()
+    assert job["status"] == "queued" and job["attempt"] == 0 and job["tenant"] == "alice"
+    assert job["dataset"]["id"] == ds and job["dataset"]["rows"] == 4
+    assert job["spec"]["hyperparameters"]["beta"] == 0.1  # defaults filled in
+    assert queued_attempts(api) == [f"{job['id']}:0"]
+    got = await api.client.get(f"/v1/jobs/{job['id']}", headers=ALICE)
+    assert got.json() == job
+
+
+@pytest.mark.parametrize(
+    ("patch", "loc"),
+    [
+        ({"hyperparameters": {"beta": 0}}, ["body", "hyperparameters", "beta"]),
+        ({"hyperparameters": {"learning_rate": 2}}, ["body", "hyperparameters", "learning_rate"]),
+        ({"lora": {"r": 0}}, ["body", "lora", "r"]),
+        ({"hyperparameters": {"max_length": 8}}, ["body", "hyperparameters", "max_length"]),
+        ({"quantization": {"bits": 3}}, ["body", "quantization", "bits"]),
+        ({"hyperparamters": {}}, ["body"]),
+        (
+            {"output": {"destination": {"type": "hub", "repo_id": "no slash"}}},
+            ["body", "output", "destination", "repo_id"],
+        ),
+        ({"hyperparameters": {"loss_type": "exo_pair"}}, ["body", "hyperparameters"]),
+        ({"base_model": "not a model"}, ["body"]),
+    ],
+    ids=[
+        "beta",
+        "lr",
+        "lora-r",
+        "max-length",
+        "bits",
+        "unknown-field",
+        "repo-id",
+        "exo-pair-needs-smoothing",
+        "model-ref",
+    ],
+)
+async def test_bad_specs_answer_422_saying_where(
+    api: Api, patch: dict[str, object], loc: list[str]
+) -> None:
+    ds = await dataset(api)
+    resp = await api.client.post("/v1/jobs", json={**spec(ds), **patch}, headers=ALICE)
+    assert resp.status_code == 422, resp.text
+    problem = resp.json()
+    assert problem["errors"][0]["loc"][: len(loc)] == loc, problem
+    assert queued_attempts(api) == []
+
+
+async def test_model_outside_models_dir_and_foreign_dataset_are_refused(api: Api) -> None:
+    ds = await dataset(api)
+    resp = await api.client.post(
+        "/v1/jobs", json=spec(ds, base_model="file:///etc/passwd"), headers=ALICE
+    )
+    assert resp.status_code == 422 and "models dir" in resp.json()["detail"]
+    bobs = await dataset(api, BOB)
+    resp = await api.client.post("/v1/jobs", json=spec(bobs), headers=ALICE)
+    assert resp.status_code == 422
+    assert resp.json()["errors"][0]["loc"] == ["body", "dataset_id"]
+    assert queued_attempts(api) == []
+
+
+async def test_idempotency_key_returns_the_first_job(api: Api) -> None:
+    ds = await dataset(api)
+    headers = {**ALICE, "Idempotency-Key": "abc"}
+    first = await api.client.post("/v1/jobs", json=spec(ds), headers=headers)
+    again = await api.client.post("/v1/jobs", json=spec(ds), headers=headers)
+    assert again.status_code == 201 and again.json()["id"] == first.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    other = await api.client.post("/v1/jobs", json=spec(ds, eval_fraction=0.1), headers=headers)
+    assert other.status_code == 409
+    assert len(queued_attempts(api)) == 1
+
+
+async def test_cancel_queued_then_conflict(api: Api) -> None:
+    ds = await dataset(api)
+    job = (await api.client.post("/v1/jobs", json=spec(ds), headers=ALICE)).json()
+    assert (await api.client.post(f"/v1/jobs/{job['id']}/cancel", headers=BOB)).status_code == 404
+    resp = await api.client.post(f"/v1/jobs/{job['id']}/cancel", headers=ALICE)
+    assert resp.status_code == 202 and resp.json()["status"] == "cancelled"
+    assert queued_attempts(api) == []
+    again = await api.client.post(f"/v1/jobs/{job['id']}/cancel", headers=ALICE)
+    assert again.status_code == 409 and "cancelled" in again.json()["detail"]
+    # the dataset is free again once no live job uses it
+    assert (await api.client.delete(f"/v1/datasets/{ds}", headers=ALICE)).status_code == 204
+
+
+async def test_dataset_in_use_cannot_be_deleted(api: Api) -> None:
+    ds = await dataset(api)
+    await api.client.post("/v1/jobs", json=spec(ds), headers=ALICE)
+    resp = await api.client.delete(f"/v1/datasets/{ds}", headers=ALICE)
+    assert resp.status_code == 409 and "live jobs" in resp.json()["detail"]
+
+
+async def test_list_filters_and_pages(api: Api) -> None:
+    ds = await dataset(api)
+    ids = []
+    for i in range(5):
+        labels = {"team": "a" if i % 2 else "b"}
+        resp = await api.client.post("/v1/jobs", json=spec(ds, labels=labels), headers=ALICE)
+        ids.append(resp.json()["id"])
+    await api.client.post(f"/v1/jobs/{ids[0]}/cancel", headers=ALICE)
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = (await api.client.get("/v1/jobs", params=params, headers=ALICE)).json()
+        seen += [j["id"] for j in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ids[::-1]
+    queued = (await api.client.get("/v1/jobs", params={"status": "queued"}, headers=ALICE)).json()
+    assert [j["id"] for j in queued["items"]] == ids[1:][::-1]
+    team_a = (await api.client.get("/v1/jobs", params={"label": "team=a"}, headers=ALICE)).json()
+    assert [j["id"] for j in team_a["items"]] == [ids[3], ids[1]]
+    assert (await api.client.get("/v1/jobs", headers=BOB)).json()["items"] == []
+    assert len((await api.client.get("/v1/jobs", headers=ADMIN)).json()["items"]) == 5
+    bad = await api.client.get("/v1/jobs", params={"status": "nope"}, headers=ALICE)
+    assert bad.status_code == 400
+
+
+async def test_metrics_since_step(api: Api) -> None:
+    ds = await dataset(api)
+    job = (await api.client.post("/v1/jobs", json=spec(ds), headers=ALICE)).json()
+    store = Store.from_url(api.settings.redis_url)
+    for step in (1, 2, 3):
+        point = MetricPoint(step=step, time=time.time(), values={"loss": 1 / step})
+        await store.add_metrics(job["id"], point)
+    await store.close()
+    resp = await api.client.get(
+        f"/v1/jobs/{job['id']}/metrics", params={"since_step": 2}, headers=ALICE
+    )
+    assert [p["step"] for p in resp.json()["points"]] == [2, 3]
+    assert resp.json()["points"][0]["values"] == {"loss": 0.5}
+
+
+async def test_racing_cancels_and_updates_lose_nothing(api: Api) -> None:
+    ds = await dataset(api)
+    job = (await api.client.post("/v1/jobs", json=spec(ds), headers=ALICE)).json()
+    store = Store.from_url(api.settings.redis_url)
+
+    def bump(j):  # type: ignore[no-untyped-def]
+        import msgspec
+
+        return msgspec.structs.replace(
+            j, latest_metrics={**j.latest_metrics, str(len(j.latest_metrics)): 1.0}
+        )
+
+    await asyncio.gather(*(store.update_job(job["id"], bump) for _ in range(20)))
+    final = await store.get_job(job["id"], None)
+    await store.close()
+    assert len(final.latest_metrics) == 20
