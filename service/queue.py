@@ -7,10 +7,14 @@ attempt is a no-op.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import job_key_prefix
 
 TASK = "run_job"
+QUEUED_FOR = timedelta(days=30)
+"""How long an attempt may wait for a free GPU (arq's default is one day)."""
 
 
 def arq_job_id(job_id: str, attempt: int) -> str:
@@ -24,7 +28,12 @@ async def connect(redis_url: str) -> ArqRedis:
 async def enqueue(pool: ArqRedis, job_id: str, attempt: int, *, queue_name: str) -> bool:
     """True if queued now, False if this attempt was already on the queue."""
     job = await pool.enqueue_job(
-        TASK, job_id, attempt, _job_id=arq_job_id(job_id, attempt), _queue_name=queue_name
+        TASK,
+        job_id,
+        attempt,
+        _job_id=arq_job_id(job_id, attempt),
+        _queue_name=queue_name,
+        _expires=QUEUED_FOR,
     )
     return job is not None
 

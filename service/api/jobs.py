@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import msgspec
 from arq.connections import ArqRedis
 from litestar import Controller, Request, Response, get, post
-from litestar.params import Parameter
+from litestar.params import HeaderParameter, Parameter
 
 from service import queue
 from service.api.auth import scope
@@ -73,7 +73,7 @@ class JobController(Controller):
         settings: Settings,
         idempotency_key: Annotated[
             str | None,
-            Parameter(header="Idempotency-Key", min_length=1, max_length=255, required=False),
+            HeaderParameter(name="Idempotency-Key", min_length=1, max_length=255, required=False),
         ] = None,
     ) -> Response[Job]:
         if data.base_model.startswith("file://"):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.fixtures.api import ALICE, BOB, ADMIN, Api
+from tests.fixtures.api import ADMIN, ALICE, BOB, Api
 
 NDJSON = {"Content-Type": "application/x-ndjson"}
 

@@ -1,0 +1,391 @@
+"""The arq worker: claim a job, train it in a child process, write how it ended.
+
+The event loop never trains. Training runs in a spawned child so that, while it works, this
+process keeps renewing the job's lease, forwarding metrics to Redis and watching for a
+cancel. A worker that dies stops renewing; the reaper (a loop every worker runs, guarded by
+a lock so only one acts) re-queues the job as a new attempt, which resumes from the last
+checkpoint. arq's own recovery would wait `job_timeout + 10 s`, hours for training.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import queue as stdqueue
+import shutil
+import socket
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+from arq.connections import RedisSettings
+from arq.worker import Worker, func
+
+from service import queue
+from service.blobs import open_store
+from service.settings import Settings
+from service.specs import (
+    Artifact,
+    Generation,
+    Job,
+    JobError,
+    JobStatus,
+    MetricPoint,
+    Phase,
+    Progress,
+)
+from service.store import Conflict, NotFound, Store
+
+log = logging.getLogger("ftune.worker")
+
+CANCEL_GRACE_SECONDS = 30.0
+"""How long a cancelled child gets to stop by itself before it is killed."""
+SHUTDOWN_WAIT_SECONDS = 60
+"""On SIGTERM, how long the current job may run on before it is re-queued to resume elsewhere;
+the Helm chart's terminationGracePeriodSeconds is set above it."""
+
+
+class Outcome(msgspec.Struct, kw_only=True):
+    """What the child sends last: its result or its error."""
+
+    artifacts: list[Artifact] = []
+    final_metrics: dict[str, float] = {}
+    error: JobError | None = None
+    cancelled: bool = False
+
+
+# -- the child process ---------------------------------------------------------------------
+
+
+def _die_with_parent(parent: int) -> None:
+    """A child orphaned by a SIGKILLed worker must not train on for nobody."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _child(
+    job_json: bytes,
+    settings: Settings,
+    events: multiprocessing.Queue[tuple[str, Any]],
+    cancel: Any,
+    parent: int,
+) -> None:
+    _die_with_parent(parent)
+    from gpu_worker.errors import JobFailure
+    from gpu_worker.pipeline import run
+    from gpu_worker.reporter import JobCancelled, QueueReporter
+
+    job = msgspec.json.decode(job_json, type=Job)
+    workdir = settings.work_dir / job.id
+    try:
+        store = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
+        result = run(job, workdir, QueueReporter(events, cancel), settings=settings, store=store)
+        outcome = Outcome(artifacts=result.artifacts, final_metrics=result.final_metrics)
+    except JobCancelled:
+        outcome = Outcome(cancelled=True)
+    except JobFailure as exc:
+        outcome = Outcome(error=JobError(type=type(exc).__name__, message=str(exc)))
+    except Exception as exc:
+        logging.getLogger("ftune.worker").exception("job %s failed", job.id)
+        outcome = Outcome(error=JobError(type=type(exc).__name__, message=str(exc)))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    events.put(("outcome", msgspec.json.encode(outcome)))
+    events.close()
+    events.join_thread()
+
+
+# -- the task --------------------------------------------------------------------------------
+
+
+def _claim(attempt: int, worker: str) -> Any:
+    def change(job: Job) -> Job:
+        if job.status != JobStatus.queued or job.attempt != attempt:
+            raise Conflict(f"job {job.id} attempt {attempt} is not queued")
+        return msgspec.structs.replace(
+            job,
+            status=JobStatus.running,
+            started_at=job.started_at or time.time(),
+            worker=worker,
+            phase=None,
+            error=None,
+        )
+
+    return change
+
+
+class _Supervisor:
+    """Forwards the child's events to the store and decides when to stop it."""
+
+    def __init__(self, store: Store, job: Job, settings: Settings, worker: str) -> None:
+        self.store, self.job_id, self.settings, self.worker = store, job.id, settings, worker
+        self.phase: Phase | None = None
+        self.outcome: Outcome | None = None
+
+    async def apply(self, kind: str, payload: Any) -> None:
+        if kind == "phase":
+            self.phase = Phase(payload)
+            phase = self.phase
+            await self.store.update_job(
+                self.job_id, lambda j: msgspec.structs.replace(j, phase=phase)
+            )
+        elif kind == "progress":
+            progress = msgspec.convert(payload, Progress, from_attributes=True)
+            await self.store.update_job(
+                self.job_id, lambda j: msgspec.structs.replace(j, progress=progress)
+            )
+        elif kind == "metrics":
+            step, at, values = payload
+            await self.store.add_metrics(
+                self.job_id, MetricPoint(step=step, time=at, values=values)
+            )
+            await self.store.update_job(
+                self.job_id,
+                lambda j: msgspec.structs.replace(j, latest_metrics={**j.latest_metrics, **values}),
+            )
+        elif kind == "log":
+            await self.store.add_log(self.job_id, str(payload))
+        elif kind == "update":
+            fields = dict(payload)
+            if "eval_generations" in fields:
+                fields["eval_generations"] = msgspec.convert(
+                    fields["eval_generations"], list[Generation], from_attributes=True
+                )
+            await self.store.update_job(self.job_id, lambda j: msgspec.structs.replace(j, **fields))
+        elif kind == "outcome":
+            self.outcome = msgspec.json.decode(payload, type=Outcome)
+
+    async def drain(self, events: multiprocessing.Queue[tuple[str, Any]]) -> None:
+        while True:
+            try:
+                kind, payload = events.get_nowait()
+            except stdqueue.Empty:
+                return
+            await self.apply(kind, payload)
+
+
+async def run_job(ctx: dict[str, Any], job_id: str, attempt: int) -> str:
+    store: Store = ctx["store"]
+    settings: Settings = ctx["settings"]
+    worker: str = ctx["worker_id"]
+    await store.renew_lease(job_id, worker, settings.lease_seconds)
+    try:
+        job = await store.update_job(job_id, _claim(attempt, worker))
+    except (Conflict, NotFound) as exc:
+        await store.drop_lease(job_id)
+        log.info("skipping %s attempt %s: %s", job_id, attempt, exc)
+        return "skipped"
+    log.info("job %s attempt %s started", job_id, attempt)
+    mp = multiprocessing.get_context("spawn")
+    events: multiprocessing.Queue[tuple[str, Any]] = mp.Queue()
+    cancel = mp.Event()
+    child = mp.Process(
+        target=_child,
+        args=(msgspec.json.encode(job), settings, events, cancel, os.getpid()),
+        name=f"ftune-train-{job_id}",
+        daemon=True,
+    )
+    child.start()
+    ctx["child"] = child
+    supervisor = _Supervisor(store, job, settings, worker)
+    try:
+        await _supervise(supervisor, child, events, cancel)
+    except asyncio.CancelledError:
+        # arq is shutting down (SIGTERM past the grace period) or the task was aborted:
+        # stop training and hand the job to another worker, which resumes it.
+        _stop(child)
+        await asyncio.shield(_requeue(store, settings, job_id, "the worker shut down"))
+        raise
+    finally:
+        ctx.pop("child", None)
+        await store.drop_lease(job_id)
+    return await _finish(store, supervisor, child)
+
+
+async def _supervise(
+    supervisor: _Supervisor,
+    child: Any,
+    events: multiprocessing.Queue[tuple[str, Any]],
+    cancel: Any,
+) -> None:
+    store, settings = supervisor.store, supervisor.settings
+    renew_every = max(settings.lease_seconds / 3, 0.5)
+    next_renew = 0.0
+    kill_at: float | None = None
+    while True:
+        await supervisor.drain(events)
+        if not child.is_alive():
+            await asyncio.sleep(0.1)  # let the queue's feeder flush the last events
+            await supervisor.drain(events)
+            return
+        now = time.monotonic()
+        if now >= next_renew:
+            next_renew = now + renew_every
+            await store.renew_lease(supervisor.job_id, supervisor.worker, settings.lease_seconds)
+            job = await store.get_job(supervisor.job_id, None)
+            if job.cancel_requested and not cancel.is_set():
+                cancel.set()
+                kill_at = now + CANCEL_GRACE_SECONDS
+        if kill_at is not None and now >= kill_at:
+            _stop(child)
+        await asyncio.sleep(0.2)
+
+
+def _stop(child: Any) -> None:
+    if child.is_alive():
+        child.terminate()
+        child.join(10)
+    if child.is_alive():
+        child.kill()
+        child.join(5)
+
+
+async def _finish(store: Store, supervisor: _Supervisor, child: Any) -> str:
+    outcome = supervisor.outcome
+    phase = supervisor.phase
+    now = time.time()
+    current = await store.get_job(supervisor.job_id, None)
+    if outcome is None:
+        code = child.exitcode
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        died = JobError(
+            type="WorkerProcessDied",
+            message=f"the training process died ({how}); if it was killed for memory, "
+            "lower batch_size or max_length, or use a worker with more memory",
+            phase=phase,
+        )
+        outcome = Outcome(cancelled=current.cancel_requested, error=died)
+    error: JobError | None = None
+    if outcome.cancelled or (current.cancel_requested and outcome.error is not None):
+        status = JobStatus.cancelled
+    elif outcome.error is not None:
+        status, error = JobStatus.failed, msgspec.structs.replace(outcome.error, phase=phase)
+    else:
+        status = JobStatus.succeeded
+
+    def finish(job: Job) -> Job:
+        return msgspec.structs.replace(
+            job,
+            status=status,
+            finished_at=now,
+            artifacts=outcome.artifacts,
+            latest_metrics={**job.latest_metrics, **outcome.final_metrics},
+            error=error,
+            phase=None if status == JobStatus.succeeded else job.phase,
+        )
+
+    await store.update_job(supervisor.job_id, finish)
+    log.info("job %s %s", supervisor.job_id, status.value)
+    return status.value
+
+
+async def _requeue(store: Store, settings: Settings, job_id: str, why: str) -> None:
+    """Running → queued as the next attempt (or failed when attempts are used up)."""
+
+    def change(job: Job) -> Job:
+        if job.status != JobStatus.running:
+            raise Conflict(f"job {job_id} is {job.status.value}")
+        if job.cancel_requested:
+            return msgspec.structs.replace(job, status=JobStatus.cancelled, finished_at=time.time())
+        if job.attempt + 1 >= settings.max_attempts:
+            error = JobError(
+                type="WorkerLost",
+                message=f"{why}; gave up after {job.attempt + 1} attempts",
+                phase=job.phase,
+            )
+            return msgspec.structs.replace(
+                job, status=JobStatus.failed, finished_at=time.time(), error=error
+            )
+        return msgspec.structs.replace(
+            job, status=JobStatus.queued, attempt=job.attempt + 1, worker=None, phase=None
+        )
+
+    try:
+        job = await store.update_job(job_id, change)
+    except (Conflict, NotFound):
+        return
+    await store.drop_lease(job_id)
+    if job.status == JobStatus.queued:
+        await store.add_log(job_id, f"{why}: re-queued as attempt {job.attempt}")
+        pool = await queue.connect(settings.redis_url)
+        try:
+            await queue.enqueue(pool, job_id, job.attempt, queue_name=settings.queue_name)
+        finally:
+            await pool.aclose()
+
+
+async def reap_once(store: Store, settings: Settings) -> list[str]:
+    """Re-queue running jobs whose worker stopped renewing the lease. One reaper acts."""
+    if not await store.try_lock("reaper", settings.lease_seconds / 2):
+        return []
+    lost = await store.expired_leases()
+    for job_id in lost:
+        await _requeue(store, settings, job_id, "the worker running it was lost")
+    return lost
+
+
+async def _reaper(store: Store, settings: Settings) -> None:
+    while True:
+        try:
+            lost = await reap_once(store, settings)
+            if lost:
+                log.warning("re-queued jobs of lost workers: %s", ", ".join(lost))
+        except Exception:
+            log.exception("reaper pass failed")
+        await asyncio.sleep(max(settings.lease_seconds / 3, 0.5))
+
+
+# -- arq wiring --------------------------------------------------------------------------------
+
+
+def build_worker(settings: Settings) -> Worker:
+    """A worker for one GPU: one job at a time, hours of timeout, retries owned by us.
+
+    arq's retries stay off (max_tries=1): a lost attempt is re-queued by the reaper as a new
+    attempt with its own arq id; arq re-running the old one would train twice.
+    """
+
+    async def startup(ctx: dict[str, Any]) -> None:
+        ctx["settings"] = settings
+        ctx["store"] = Store.from_url(settings.redis_url, metrics_maxlen=settings.metrics_maxlen)
+        ctx["worker_id"] = f"{socket.gethostname()}:{os.getpid()}"
+        # Not an arq cron job: cron jobs need a free job slot, and max_jobs=1 is busy training.
+        ctx["reaper"] = asyncio.create_task(_reaper(ctx["store"], settings))
+
+    async def shutdown(ctx: dict[str, Any]) -> None:
+        ctx["reaper"].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ctx["reaper"]
+        await ctx["store"].close()
+
+    timeout = timedelta(hours=settings.job_timeout_hours)
+    return Worker(
+        functions=[func(run_job, name=queue.TASK, timeout=timeout, max_tries=1)],
+        queue_name=settings.queue_name,
+        redis_settings=RedisSettings.from_dsn(settings.redis_url),
+        on_startup=startup,
+        on_shutdown=shutdown,
+        max_jobs=1,
+        job_timeout=timeout,
+        max_tries=1,
+        retry_jobs=False,
+        allow_abort_jobs=True,
+        job_completion_wait=SHUTDOWN_WAIT_SECONDS,
+        keep_result=timedelta(days=1),
+        poll_delay=0.5,
+    )
+
+
+def run_worker(settings: Settings) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    build_worker(settings).run()

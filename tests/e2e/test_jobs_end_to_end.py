@@ -1,0 +1,183 @@
+"""A job POSTed to the API really trains in a worker process and lands where its spec says."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import Stack
+from tests.fixtures.tiny_model import preference_rows
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+TRL_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"}
+
+
+def spec(stack: Stack, dataset_id: str, **over: Any) -> dict[str, Any]:
+    hp = {
+        "learning_rate": 1e-3,
+        "max_steps": 12,
+        "batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "max_length": 64,
+        "warmup_ratio": 0.0,
+        "logging_steps": 1,
+        "checkpoint_steps": 4,
+        "gradient_checkpointing": False,
+        **over.pop("hyperparameters", {}),
+    }
+    return {
+        "base_model": f"file://{stack.settings.models_dir / 'tiny'}",
+        "dataset_id": dataset_id,
+        "eval_fraction": 0.1,
+        "hyperparameters": hp,
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True},
+        **over,
+    }
+
+
+def tree_sha(path: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def store_path(stack: Stack, uri: str) -> Path:
+    root = stack.settings.store_url.removeprefix("file://")
+    assert uri.startswith("file://"), uri
+    path = Path(uri.removeprefix("file://"))
+    assert str(path).startswith(root)
+    return path
+
+
+def test_job_trains_merges_and_reports_metrics(stack: Stack) -> None:
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base_dir = stack.settings.models_dir / "tiny"
+    base_before = tree_sha(base_dir)
+    ds = stack.upload(preference_rows(64))
+    stack.start_worker()
+    job = stack.submit(
+        spec(stack, ds["id"], output={"artifacts": "both"}, eval_prompts=["How was the park?"])
+    )
+    job = stack.wait_done(job["id"])
+    assert job["status"] == "succeeded", job
+    assert job["progress"]["step"] == 12 and job["progress"]["total_steps"] == 12
+    assert tree_sha(base_dir) == base_before, "training must never write to the base model"
+
+    kinds = {a["kind"]: a for a in job["artifacts"]}
+    assert set(kinds) == {"adapter", "merged"}
+    adapter_dir = store_path(stack, kinds["adapter"]["uri"])
+    merged_dir = store_path(stack, kinds["merged"]["uri"])
+    for name in ("adapter_model.safetensors", "adapter_config.json", "spec.json", "metrics.jsonl"):
+        assert (adapter_dir / name).exists(), name
+    for rel, digest in kinds["adapter"]["sha256"].items():
+        assert hashlib.sha256((adapter_dir / rel).read_bytes()).hexdigest() == digest
+
+    # The adapter trained: LoRA's B matrices start at zero and must have moved.
+    lora = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    b_norm = sum(t.float().abs().sum().item() for k, t in lora.items() if "lora_B" in k)
+    assert b_norm > 0
+
+    # The merged model loads on its own and matches base + adapter.
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    tuned = PeftModel.from_pretrained(base, adapter_dir).eval()
+    with torch.no_grad():
+        diff = (merged(ids).logits - tuned(ids).logits).abs().max().item()
+    assert diff < 1e-3, diff
+
+    # Every logged step reports TRL's own keys, plus ours.
+    points = stack.http.get(f"/v1/jobs/{job['id']}/metrics").json()["points"]
+    train = [p for p in points if "loss" in p["values"]]
+    assert [p["step"] for p in train] == list(range(1, 13))
+    for p in train:
+        assert p["values"].keys() >= TRL_KEYS, p
+        assert {"tokens_per_second", "step_seconds", "memory_bytes"} <= p["values"].keys()
+    assert any(k.startswith("eval_") for p in points for k in p["values"])
+    assert job["eval_generations"][0]["prompt"] == "How was the park?"
+
+
+def test_cancel_during_training_stops_within_seconds(stack: Stack) -> None:
+    ds = stack.upload(preference_rows(64))
+    stack.start_worker()
+    job = stack.submit(spec(stack, ds["id"], hyperparameters={"max_steps": 2000}))
+    stack.wait(job["id"], lambda j: j["progress"]["step"] >= 2, timeout=180)
+    asked = time.monotonic()
+    resp = stack.http.post(f"/v1/jobs/{job['id']}/cancel")
+    assert resp.status_code == 202
+    done = stack.wait_done(job["id"], timeout=60)
+    assert done["status"] == "cancelled"
+    assert time.monotonic() - asked < 15
+    assert done["progress"]["step"] < 2000
+    children = os.popen(
+        f"pgrep -f 'ftune-train|multiprocessing.spawn' -P {stack.workers[0].pid}"
+    ).read()
+    assert children.strip() == "", "the training process must be gone"
+
+
+def test_killed_worker_job_resumes_from_checkpoint_elsewhere(stack: Stack) -> None:
+    ds = stack.upload(preference_rows(64))
+    first = stack.start_worker()
+    job = stack.submit(spec(stack, ds["id"], hyperparameters={"max_steps": 16}))
+    stack.wait(job["id"], lambda j: j["progress"]["step"] >= 6, timeout=180)
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    stack.start_worker()
+    done = stack.wait_done(job["id"], timeout=300)
+    assert done["status"] == "succeeded", done
+    assert done["attempt"] == 1
+    steps = [
+        p["step"]
+        for p in stack.http.get(f"/v1/jobs/{job['id']}/metrics").json()["points"]
+        if "loss" in p["values"]
+    ]
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    resumed_from = steps[restart] - 1
+    assert resumed_from >= 4 and resumed_from % 4 == 0, steps
+    assert steps[restart:] == list(range(resumed_from + 1, 17)), steps
+
+
+def test_failures_end_failed_with_phase_and_message(stack: Stack) -> None:
+    ds = stack.upload(preference_rows(16))
+    stack.start_worker({"FTUNE_S3_ENDPOINT_URL": "http://127.0.0.1:9"})
+    short = {"hyperparameters": {"max_steps": 2}}
+    missing_model = stack.submit(
+        {**spec(stack, ds["id"], **short), "base_model": f"file://{stack.settings.models_dir}/gone"}
+    )
+    bad_upload = stack.submit(
+        spec(
+            stack,
+            ds["id"],
+            **short,
+            output={"destination": {"type": "s3", "uri": "s3://no-such-bucket-ftune/x"}},
+        )
+    )
+    other = stack.upload(preference_rows(8), name="blob-lost")
+    (stack.store_dir / "datasets" / f"{other['sha256']}.jsonl").unlink()
+    missing_blob = stack.submit(spec(stack, other["id"], **short))
+    for job_id, phase, needle in (
+        (missing_model["id"], "preparing", "gone"),
+        (bad_upload["id"], "uploading", "no-such-bucket-ftune"),
+        (missing_blob["id"], "preparing", other["sha256"][:12]),
+    ):
+        done = stack.wait_done(job_id)
+        assert done["status"] == "failed", done
+        assert done["error"]["phase"] == phase, done["error"]
+        assert needle in done["error"]["message"], done["error"]
+    # and no job is left running without a live worker
+    running = stack.http.get("/v1/jobs", params={"status": "running"}).json()["items"]
+    assert running == []

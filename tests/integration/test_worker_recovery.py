@@ -1,0 +1,103 @@
+"""The reaper: running jobs whose worker stopped renewing the lease go back to the queue."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import msgspec
+import redis
+
+from gpu_worker.worker import reap_once, run_job
+from service.settings import Settings
+from service.specs import DatasetRef, Job, JobSpec, JobStatus, Phase
+from service.store import Store, new_id
+
+
+def running_job(attempt: int = 0, **over: object) -> Job:
+    now = time.time()
+    return Job(
+        id=new_id("job"),
+        tenant="alice",
+        status=JobStatus.queued,
+        spec=JobSpec(base_model="org/model", dataset_id="ds_x"),
+        dataset=DatasetRef(id="ds_x", sha256="0" * 64, rows=1, format="standard"),
+        created_at=now,
+        updated_at=now,
+        attempt=attempt,
+        **over,  # type: ignore[arg-type]
+    )
+
+
+async def put_running(store: Store, job: Job) -> None:
+    await store.redis.set("ftune:ds:ds_x", b"{}")
+    await store.create_job(job)
+    await store.update_job(
+        job.id,
+        lambda j: msgspec.structs.replace(j, status=JobStatus.running, phase=Phase.training),
+    )
+
+
+def settings(redis_url: str) -> Settings:
+    return replace(Settings(), redis_url=redis_url, max_attempts=3, lease_seconds=2)
+
+
+async def test_expired_lease_requeues_as_next_attempt(redis_url: str) -> None:
+    store = Store.from_url(redis_url)
+    job = running_job()
+    await put_running(store, job)
+    await store.renew_lease(job.id, "w1", 30)
+    assert await reap_once(store, settings(redis_url)) == []  # lease alive: left alone
+    await store.drop_lease(job.id)
+    await store.redis.delete("ftune:lock:reaper")
+    assert await reap_once(store, settings(redis_url)) == [job.id]
+    after = await store.get_job(job.id, None)
+    assert after.status == JobStatus.queued and after.attempt == 1 and after.phase is None
+    queued = redis.Redis.from_url(redis_url).zrange("ftune:queue", 0, -1)
+    assert queued == [f"{job.id}:1".encode()]
+    await store.close()
+
+
+async def test_last_attempt_fails_with_a_clear_error(redis_url: str) -> None:
+    store = Store.from_url(redis_url)
+    job = running_job(attempt=2)
+    await put_running(store, job)
+    await reap_once(store, settings(redis_url))
+    after = await store.get_job(job.id, None)
+    assert after.status == JobStatus.failed
+    assert after.error is not None and after.error.type == "WorkerLost"
+    assert "3 attempts" in after.error.message and after.error.phase == Phase.training
+    await store.close()
+
+
+async def test_lost_job_with_cancel_requested_ends_cancelled(redis_url: str) -> None:
+    store = Store.from_url(redis_url)
+    job = running_job(cancel_requested=True)
+    await put_running(store, job)
+    await reap_once(store, settings(redis_url))
+    assert (await store.get_job(job.id, None)).status == JobStatus.cancelled
+    await store.close()
+
+
+async def test_only_one_reaper_acts(redis_url: str) -> None:
+    store = Store.from_url(redis_url)
+    job = running_job()
+    await put_running(store, job)
+    s = settings(redis_url)
+    assert await reap_once(store, s) == [job.id]
+    assert await reap_once(store, s) == []  # the lock is held for this pass
+    await store.close()
+
+
+async def test_stale_attempt_is_skipped_not_run(redis_url: str) -> None:
+    """arq may hand out an old attempt (e.g. after the reaper re-queued it): it must not train."""
+    store = Store.from_url(redis_url)
+    job = running_job()
+    await store.redis.set("ftune:ds:ds_x", b"{}")
+    await store.create_job(msgspec.structs.replace(job, attempt=1))
+    ctx = {"store": store, "settings": settings(redis_url), "worker_id": "w"}
+    assert await run_job(ctx, job.id, 0) == "skipped"
+    after = await store.get_job(job.id, None)
+    assert after.status == JobStatus.queued and after.attempt == 1
+    assert await store.redis.get(f"ftune:lease:{job.id}") is None
+    await store.close()
