@@ -269,6 +269,19 @@ class Store:
                 points.append(MetricPoint(step=step, time=float(fields[b"time"]), values=values))
         return points
 
+    async def read_events(
+        self, job_id: str, *, after: str, block_ms: int | None
+    ) -> list[tuple[str, str, bytes]]:
+        """Events after stream id `after`, waiting up to `block_ms` (None: not at all) for
+        the first one: (id, type, JSON data)."""
+        found = await self.redis.xread({events_key(job_id): after}, count=100, block=block_ms)
+        if not found:
+            return []
+        return [
+            (entry_id.decode(), fields[b"type"].decode(), fields[b"data"])
+            for entry_id, fields in found[0][1]
+        ]
+
     async def add_log(self, job_id: str, message: str) -> None:
         await self.redis.xadd(events_key(job_id), _event("log", {"message": message}))
 

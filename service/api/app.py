@@ -13,6 +13,8 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.plugins.prometheus import PrometheusConfig
+from prometheus_client import CollectorRegistry
 
 from service import queue
 from service.api import errors
@@ -21,6 +23,7 @@ from service.api.datasets import DatasetController
 from service.api.jobs import JobController
 from service.api.system import SystemController
 from service.blobs import BlobStore, open_store
+from service.prometheus import ServiceCollector
 from service.settings import Settings
 from service.store import Store
 
@@ -81,6 +84,13 @@ def _dependencies(settings: Settings) -> dict[str, Provide]:
     }
 
 
+def _prometheus() -> PrometheusConfig:
+    """Request counts and latencies per route template (`ftune_requests_total`, ...)."""
+    return PrometheusConfig(
+        app_name="ftune", prefix="ftune", group_path=True, exclude=["/metrics", "/healthz"]
+    )
+
+
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env()
     app = Litestar(
@@ -88,11 +98,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
         dependencies=_dependencies(settings),
         exception_handlers={Exception: errors.handle},
         lifespan=[_lifespan(settings)],
+        middleware=[_prometheus().middleware],
         openapi_config=_openapi(),
         request_max_body_size=1024 * 1024,
         signature_types=[Store, ArqRedis, BlobStore, Settings],
         logging_config=None,
     )
     app.state.api_keys = settings.load_api_keys()
+    app.state.collector = ServiceCollector()
+    app.state.registry = CollectorRegistry()
+    app.state.registry.register(app.state.collector)
     logging.getLogger("ftune.api").info("ftune API configured")
     return app

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
 from arq.connections import ArqRedis
 from litestar import Controller, Request, Response, get, post
 from litestar.params import HeaderParameter, Parameter
+from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from service import queue
 from service.api.auth import scope
@@ -26,6 +29,9 @@ from service.specs import (
     local_model_path,
 )
 from service.store import Conflict, NotFound, Store, new_id, request_fingerprint
+
+EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+KEEPALIVE_MS = 15_000
 
 
 def _ref(ds: Dataset) -> DatasetRef:
@@ -186,3 +192,51 @@ class JobController(Controller):
         await store.get_job(job_id, scope(principal))
         points = await store.get_metrics(job_id, since_step=since_step)
         return MetricSeries(job_id=job_id, points=points)
+
+    @get(
+        operation_id="StreamJobEvents",
+        path="/{job_id:str}/events",
+        summary="Server-Sent Events: status, phase, metrics and log lines, until the job ends",
+        description="Each event's `id` is its position; reconnect with `Last-Event-ID` to "
+        "resume exactly after it. The stream closes after the terminal status event.",
+        responses=responses(NOT_FOUND),
+    )
+    async def job_events(
+        self,
+        job_id: str,
+        principal: Principal,
+        store: Store,
+        last_event_id: Annotated[
+            str | None,
+            HeaderParameter(name="Last-Event-ID", max_length=64, required=False),
+        ] = None,
+    ) -> ServerSentEvent:
+        await store.get_job(job_id, scope(principal))
+        if last_event_id is not None and not EVENT_ID.match(last_event_id):
+            raise InvalidRequest(
+                "Last-Event-ID must be an id this stream sent (e.g. 1700000000000-0)",
+                [FieldError(loc=["header", "Last-Event-ID"], msg="not an event id")],
+            )
+        return ServerSentEvent(_follow(store, job_id, last_event_id or "0-0"))
+
+
+async def _follow(store: Store, job_id: str, after: str) -> AsyncIterator[ServerSentEventMessage]:
+    while True:
+        # A finished job's stream is complete: read what is left without waiting.
+        finished = (await store.get_job(job_id, None)).status.terminal
+        entries = await store.read_events(
+            job_id, after=after, block_ms=None if finished else KEEPALIVE_MS
+        )
+        if not entries:
+            if finished:
+                return
+            yield ServerSentEventMessage(comment="keep-alive")
+            continue
+        for entry_id, kind, data in entries:
+            after = entry_id
+            yield ServerSentEventMessage(event=kind, data=data.decode(), id=entry_id)
+            if kind == "status" and msgspec.json.decode(data)["status"] in TERMINAL:
+                return
+
+
+TERMINAL = {s.value for s in JobStatus if s.terminal}

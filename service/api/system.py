@@ -1,16 +1,19 @@
-"""Liveness and readiness for Kubernetes probes."""
+"""Liveness, readiness and Prometheus, for Kubernetes and the operator."""
 
 from __future__ import annotations
 
+from arq.connections import ArqRedis
 from litestar import Controller, Response, get
+from litestar.datastructures import State
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from service.settings import Settings
 from service.store import Store
 
 
 class SystemController(Controller):
     path = "/"
     tags = ["system"]
-    include_in_schema = True
 
     @get(operation_id="Healthz", path="/healthz", summary="The process is up")
     async def healthz(self) -> dict[str, str]:
@@ -23,3 +26,13 @@ class SystemController(Controller):
         except Exception as exc:
             return Response({"status": "unavailable", "redis": type(exc).__name__}, status_code=503)
         return Response({"status": "ok"})
+
+    @get(
+        operation_id="Metrics",
+        path="/metrics",
+        summary="Prometheus text format: requests, queue depth, jobs by status, durations",
+        media_type=CONTENT_TYPE_LATEST,
+    )
+    async def metrics(self, state: State, arq: ArqRedis, settings: Settings) -> bytes:
+        await state.collector.refresh(arq, settings.queue_name)
+        return generate_latest(REGISTRY) + generate_latest(state.registry)

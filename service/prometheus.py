@@ -1,0 +1,109 @@
+"""Prometheus figures, all named `ftune_*`.
+
+Queue depth, jobs by status and the job duration histogram are read from Redis at scrape
+time, so every API replica reports the same truth. The duration histogram's buckets are
+counted in Redis by the workers when a job ends. Request counts and latencies come from
+Litestar's Prometheus middleware, per route template.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from service.specs import JobStatus
+
+DURATION_BUCKETS = (60.0, 300.0, 900.0, 1800.0, 3600.0, 3 * 3600.0, 6 * 3600.0, 24 * 3600.0)
+_DURATIONS = "ftune:stats:job_duration"
+
+
+def _bucket_field(upper: float) -> str:
+    return "+Inf" if math.isinf(upper) else repr(upper)
+
+
+async def record_job_duration(redis: Any, seconds: float) -> None:
+    """Count one finished job into the shared histogram (called by the worker)."""
+    async with redis.pipeline(transaction=True) as pipe:
+        for upper in (*DURATION_BUCKETS, math.inf):
+            if seconds <= upper:
+                pipe.hincrby(_DURATIONS, _bucket_field(upper), 1)
+        pipe.hincrbyfloat(_DURATIONS, "sum", seconds)
+        pipe.hincrby(_DURATIONS, "count", 1)
+        await pipe.execute()
+
+
+class ServiceCollector:
+    """Figures read from Redis just before each scrape (`refresh`), served by `collect`."""
+
+    def __init__(self) -> None:
+        self.queue_depth = 0
+        self.by_status: dict[str, int] = {}
+        self.durations: dict[str, float] = {}
+
+    async def refresh(self, redis: Any, queue_name: str) -> None:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(queue_name)
+            for status in JobStatus:
+                pipe.zcard(f"ftune:jobs:all:{status.value}")
+            pipe.hgetall(_DURATIONS)
+            results = await pipe.execute()
+        self.queue_depth = int(results[0])
+        self.by_status = {s.value: int(n) for s, n in zip(JobStatus, results[1:-1], strict=True)}
+        self.durations = {k.decode(): float(v) for k, v in results[-1].items()}
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "ftune_queue_depth", "Job attempts waiting on the queue", value=self.queue_depth
+        )
+        jobs = GaugeMetricFamily("ftune_jobs", "Jobs by status", labels=["status"])
+        for status, count in self.by_status.items():
+            jobs.add_metric([status], count)
+        yield jobs
+        buckets = [
+            (_bucket_field(upper), self.durations.get(_bucket_field(upper), 0.0))
+            for upper in (*DURATION_BUCKETS, math.inf)
+        ]
+        yield HistogramMetricFamily(
+            "ftune_job_duration_seconds",
+            "Wall time of finished jobs, from start to end",
+            buckets=buckets,
+            sum_value=self.durations.get("sum", 0.0),
+        )
+
+
+class WorkerMetrics:
+    """A worker's own figures, served on its metrics port."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.busy = Gauge("ftune_worker_busy", "1 while training a job", registry=self.registry)
+        self.step = Gauge("ftune_worker_step", "Current job's step", registry=self.registry)
+        self.steps_per_second = Gauge(
+            "ftune_worker_steps_per_second", "Current job's step rate", registry=self.registry
+        )
+        self.tokens_per_second = Gauge(
+            "ftune_worker_tokens_per_second", "Current job's throughput", registry=self.registry
+        )
+        self.memory_bytes = Gauge(
+            "ftune_worker_memory_bytes",
+            "Training process memory (GPU peak or CPU RSS)",
+            registry=self.registry,
+        )
+        self.finished = Counter(
+            "ftune_worker_jobs_finished",
+            "Jobs this worker finished, by outcome",
+            ["status"],
+            registry=self.registry,
+        )
+
+    def observe(self, values: dict[str, float]) -> None:
+        if "step_seconds" in values and values["step_seconds"] > 0:
+            self.steps_per_second.set(1.0 / values["step_seconds"])
+        if "tokens_per_second" in values:
+            self.tokens_per_second.set(values["tokens_per_second"])
+        if "memory_bytes" in values:
+            self.memory_bytes.set(values["memory_bytes"])
