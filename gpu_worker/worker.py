@@ -25,9 +25,11 @@ from typing import Any
 import msgspec
 from arq.connections import RedisSettings
 from arq.worker import Worker, func
+from prometheus_client import start_http_server
 
 from service import queue
 from service.blobs import open_store
+from service.prometheus import WorkerMetrics, record_job_duration
 from service.settings import Settings
 from service.specs import (
     Artifact,
@@ -127,8 +129,11 @@ def _claim(attempt: int, worker: str) -> Any:
 class _Supervisor:
     """Forwards the child's events to the store and decides when to stop it."""
 
-    def __init__(self, store: Store, job: Job, settings: Settings, worker: str) -> None:
+    def __init__(
+        self, store: Store, job: Job, settings: Settings, worker: str, metrics: WorkerMetrics
+    ) -> None:
         self.store, self.job_id, self.settings, self.worker = store, job.id, settings, worker
+        self.metrics = metrics
         self.phase: Phase | None = None
         self.outcome: Outcome | None = None
 
@@ -141,11 +146,13 @@ class _Supervisor:
             )
         elif kind == "progress":
             progress = msgspec.convert(payload, Progress, from_attributes=True)
+            self.metrics.step.set(progress.step)
             await self.store.update_job(
                 self.job_id, lambda j: msgspec.structs.replace(j, progress=progress)
             )
         elif kind == "metrics":
             step, at, values = payload
+            self.metrics.observe(values)
             await self.store.add_metrics(
                 self.job_id, MetricPoint(step=step, time=at, values=values)
             )
@@ -197,7 +204,9 @@ async def run_job(ctx: dict[str, Any], job_id: str, attempt: int) -> str:
     )
     child.start()
     ctx["child"] = child
-    supervisor = _Supervisor(store, job, settings, worker)
+    metrics: WorkerMetrics = ctx["metrics"]
+    supervisor = _Supervisor(store, job, settings, worker, metrics)
+    metrics.busy.set(1)
     try:
         await _supervise(supervisor, child, events, cancel)
     except asyncio.CancelledError:
@@ -208,8 +217,11 @@ async def run_job(ctx: dict[str, Any], job_id: str, attempt: int) -> str:
         raise
     finally:
         ctx.pop("child", None)
+        metrics.busy.set(0)
         await store.drop_lease(job_id)
-    return await _finish(store, supervisor, child)
+    status = await _finish(store, supervisor, child)
+    metrics.finished.labels(status=status).inc()
+    return status
 
 
 async def _supervise(
@@ -284,7 +296,9 @@ async def _finish(store: Store, supervisor: _Supervisor, child: Any) -> str:
             phase=None if status == JobStatus.succeeded else job.phase,
         )
 
-    await store.update_job(supervisor.job_id, finish)
+    job = await store.update_job(supervisor.job_id, finish)
+    if job.started_at is not None:
+        await record_job_duration(store.redis, now - job.started_at)
     log.info("job %s %s", supervisor.job_id, status.value)
     return status.value
 
@@ -359,6 +373,7 @@ def build_worker(settings: Settings) -> Worker:
         ctx["settings"] = settings
         ctx["store"] = Store.from_url(settings.redis_url, metrics_maxlen=settings.metrics_maxlen)
         ctx["worker_id"] = f"{socket.gethostname()}:{os.getpid()}"
+        ctx["metrics"] = metrics
         # Not an arq cron job: cron jobs need a free job slot, and max_jobs=1 is busy training.
         ctx["reaper"] = asyncio.create_task(_reaper(ctx["store"], settings))
 
@@ -368,6 +383,9 @@ def build_worker(settings: Settings) -> Worker:
             await ctx["reaper"]
         await ctx["store"].close()
 
+    metrics = WorkerMetrics()
+    if settings.worker_metrics_port:
+        start_http_server(settings.worker_metrics_port, registry=metrics.registry)
     timeout = timedelta(hours=settings.job_timeout_hours)
     return Worker(
         functions=[func(run_job, name=queue.TASK, timeout=timeout, max_tries=1)],

@@ -63,6 +63,8 @@ class Settings:
     """Metric points kept per job (a capped Redis stream)."""
     device: str = "auto"
     """Worker device: auto, cpu or cuda."""
+    worker_metrics_port: int = 9100
+    """Port of a worker's Prometheus endpoint; 0 turns it off."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -101,6 +103,9 @@ class Settings:
             queue_name=get("FTUNE_QUEUE_NAME") or defaults.queue_name,
             metrics_maxlen=int(get("FTUNE_METRICS_MAXLEN") or defaults.metrics_maxlen),
             device=get("FTUNE_DEVICE") or defaults.device,
+            worker_metrics_port=int(
+                get("FTUNE_WORKER_METRICS_PORT") or defaults.worker_metrics_port
+            ),
         )
 
     def load_api_keys(self) -> dict[str, Principal]:

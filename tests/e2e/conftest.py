@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from service.localredis import free_port
 from service.settings import Settings
 from tests.fixtures.api import ALICE, LiveServer
 
@@ -28,6 +29,7 @@ class Stack:
     http: httpx.Client
     root: Path
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    metrics_ports: list[int] = field(default_factory=list)
 
     @property
     def store_dir(self) -> Path:
@@ -48,10 +50,13 @@ class Stack:
         }
 
     def start_worker(self, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """A worker process; its Prometheus port is in `metrics_ports`."""
         log = (self.root / f"worker-{len(self.workers)}.log").open("wb")
+        port = free_port()
+        self.metrics_ports.append(port)
         proc = subprocess.Popen(
             [sys.executable, "-m", "gpu_worker"],
-            env={**self.env(), **(extra_env or {})},
+            env={**self.env(), "FTUNE_WORKER_METRICS_PORT": str(port), **(extra_env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
         )

@@ -9,6 +9,7 @@ import msgspec
 import redis
 
 from gpu_worker.worker import reap_once, run_job
+from service.prometheus import WorkerMetrics
 from service.settings import Settings
 from service.specs import DatasetRef, Job, JobSpec, JobStatus, Phase
 from service.store import Store, new_id
@@ -95,7 +96,12 @@ async def test_stale_attempt_is_skipped_not_run(redis_url: str) -> None:
     job = running_job()
     await store.redis.set("ftune:ds:ds_x", b"{}")
     await store.create_job(msgspec.structs.replace(job, attempt=1))
-    ctx = {"store": store, "settings": settings(redis_url), "worker_id": "w"}
+    ctx = {
+        "store": store,
+        "settings": settings(redis_url),
+        "worker_id": "w",
+        "metrics": WorkerMetrics(),
+    }
     assert await run_job(ctx, job.id, 0) == "skipped"
     after = await store.get_job(job.id, None)
     assert after.status == JobStatus.queued and after.attempt == 1
