@@ -47,9 +47,6 @@ log = logging.getLogger("ftune.worker")
 
 CANCEL_GRACE_SECONDS = 30.0
 """How long a cancelled child gets to stop by itself before it is killed."""
-SHUTDOWN_WAIT_SECONDS = 60
-"""On SIGTERM, how long the current job may run on before it is re-queued to resume elsewhere;
-the Helm chart's terminationGracePeriodSeconds is set above it."""
 
 
 class Outcome(msgspec.Struct, kw_only=True):
@@ -398,7 +395,7 @@ def build_worker(settings: Settings) -> Worker:
         max_tries=1,
         retry_jobs=False,
         allow_abort_jobs=True,
-        job_completion_wait=SHUTDOWN_WAIT_SECONDS,
+        job_completion_wait=settings.worker_grace_seconds,
         keep_result=timedelta(days=1),
         poll_delay=0.5,
     )

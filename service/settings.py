@@ -63,6 +63,9 @@ class Settings:
     """Metric points kept per job (a capped Redis stream)."""
     device: str = "auto"
     """Worker device: auto, cpu or cuda."""
+    worker_grace_seconds: int = 60
+    """On SIGTERM, how long the current job may go on before it is re-queued to resume on
+    another worker; the Helm chart sets it below terminationGracePeriodSeconds."""
     worker_metrics_port: int = 9100
     """Port of a worker's Prometheus endpoint; 0 turns it off."""
 
@@ -103,6 +106,9 @@ class Settings:
             queue_name=get("FTUNE_QUEUE_NAME") or defaults.queue_name,
             metrics_maxlen=int(get("FTUNE_METRICS_MAXLEN") or defaults.metrics_maxlen),
             device=get("FTUNE_DEVICE") or defaults.device,
+            worker_grace_seconds=int(
+                get("FTUNE_WORKER_GRACE_SECONDS") or defaults.worker_grace_seconds
+            ),
             worker_metrics_port=int(
                 get("FTUNE_WORKER_METRICS_PORT") or defaults.worker_metrics_port
             ),

@@ -1,0 +1,701 @@
+"""The Helm chart, rendered offline by Helm's own Go SDK and checked as a cluster would.
+
+There is no cluster here. Instead every manifest of every `helm/ftune/ci/*-values.yaml` is
+validated against the Kubernetes OpenAPI schemas with kubernetes-validate in strict mode
+(unknown fields rejected), for the oldest Kubernetes the chart admits and the newest the
+validator ships. KEDA's and the Prometheus Operator's custom resources have no bundled
+schema; they are checked field by field below instead. Then the behaviour an operator
+relies on is asserted: GPUs requested, secrets referenced and never inlined when an
+existingSecret is given, probes, the worker's grace period, Redis AOF, the schema's errors.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Awaitable, Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import helm_python as helm
+import pytest
+import redis
+import yaml
+from arq.connections import ArqRedis
+from kubernetes_validate import utils as kv
+
+from service import queue
+from service.localredis import free_port, server_binary
+from service.settings import Settings, hash_api_key
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "ftune"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+RELEASE, NAMESPACE = "ft", "ml"
+PREFIX = f"{RELEASE}-ftune"
+
+# Kinds from CRDs (KEDA, Prometheus Operator): no schema in kubernetes-validate.
+CUSTOM_KINDS = {
+    ("keda.sh/v1alpha1", "ScaledObject"),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+}
+
+
+def _kube_versions() -> tuple[str, str]:
+    floor = yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
+    match = re.search(r"(\d+\.\d+)", floor)
+    assert match, floor
+    return match.group(1), kv.latest_version()
+
+
+KUBE_VERSIONS = _kube_versions()
+
+
+class Manifests:
+    """The rendered release: its Kubernetes objects and NOTES.txt."""
+
+    def __init__(self, rendered: dict[str, str]) -> None:
+        self.text = "\n".join(rendered.values())
+        self.notes = next((v for k, v in rendered.items() if k.endswith("NOTES.txt")), "")
+        self.objects: list[dict[str, Any]] = [
+            doc
+            for path, text in sorted(rendered.items())
+            if path.endswith(".yaml")
+            for doc in yaml.safe_load_all(text)
+            if doc
+        ]
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [o for o in self.objects if o["kind"] == kind]
+
+    def get(self, kind: str, name: str) -> dict[str, Any]:
+        found = [o for o in self.of_kind(kind) if o["metadata"]["name"] == name]
+        assert len(found) == 1, f"{kind}/{name} rendered {len(found)} times"
+        return found[0]
+
+    def container(self, kind: str, name: str, container: str) -> dict[str, Any]:
+        pod = self.get(kind, name)["spec"]["template"]["spec"]
+        return next(c for c in pod["containers"] if c["name"] == container)
+
+
+def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def secret_refs(manifests: Manifests) -> list[tuple[str, str]]:
+    """(secret name, key) of every secretKeyRef in every pod template."""
+    refs = []
+    for obj in manifests.objects:
+        pod = obj.get("spec", {}).get("template", {}).get("spec")
+        if not pod:
+            continue
+        for c in pod["containers"]:
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    refs.append((ref["name"], ref["key"]))
+    return refs
+
+
+def load_values(name: str) -> dict[str, Any]:
+    values: dict[str, Any] = yaml.safe_load((CHART / "ci" / name).read_text()) or {}
+    return values
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm.Chart]:
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def render(chart: helm.Chart, values: dict[str, Any] | None = None, **kw: Any) -> Manifests:
+    kw.setdefault("name", RELEASE)
+    kw.setdefault("namespace", NAMESPACE)
+    return Manifests(chart.render(values or {}, **kw))
+
+
+# -- the chart as Helm and Kubernetes see it -------------------------------------------------
+
+
+def test_ci_values_cover_the_documented_scenarios() -> None:
+    names = {p.name for p in CI_VALUES}
+    assert {
+        "default-values.yaml",
+        "external-redis-values.yaml",
+        "keda-values.yaml",
+        "ingress-values.yaml",
+        "existing-secrets-values.yaml",
+    } <= names
+
+
+@pytest.mark.parametrize("values_file", CI_VALUES, ids=lambda p: p.stem)
+def test_helm_lint_is_clean(values_file: Path) -> None:
+    """`helm lint --strict`: no errors and no warnings (only the 'icon is recommended' info)."""
+    report = helm.lint(CHART, load_values(values_file.name), strict=True, namespace=NAMESPACE)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("values_file", CI_VALUES, ids=lambda p: p.stem)
+def test_every_manifest_is_valid_kubernetes(
+    chart: helm.Chart, values_file: Path, kube_version: str
+) -> None:
+    manifests = render(chart, load_values(values_file.name))
+    assert manifests.objects
+    for obj in manifests.objects:
+        if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
+            continue
+        try:
+            kv.validate(obj, kube_version, strict=True)
+        except kv.ValidationError as exc:
+            where = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} at {where}: {exc.message}")
+
+
+# Branches the ci/ files do not reach, each rendered and validated the same way.
+OPTION_VARIANTS: dict[str, dict[str, Any]] = {
+    "redis-without-auth-or-persistence": {
+        "redis": {
+            "auth": {"enabled": False},
+            "persistence": {"enabled": False},
+            "extraConfig": "maxclients 2000",
+        }
+    },
+    "existing-claims-and-models-volume": {
+        "store": {"persistence": {"existingClaim": "shared-store"}},
+        "worker": {
+            "cache": {"type": "persistentVolumeClaim", "existingClaim": "hf-cache"},
+            "models": {"volume": {"persistentVolumeClaim": {"claimName": "base-models"}}},
+        },
+    },
+    "pinned-digests-and-load-balancer": {
+        "api": {
+            "image": {"digest": "sha256:" + "a" * 64},
+            "service": {"type": "LoadBalancer"},
+            "podDisruptionBudget": {"enabled": False},
+        },
+        "worker": {"image": {"digest": "sha256:" + "b" * 64}, "livenessProbe": None},
+        "serviceAccount": {"create": False, "name": "ml-runner"},
+    },
+}
+
+
+@pytest.mark.parametrize("variant", OPTION_VARIANTS, ids=str)
+def test_option_variants_are_valid_kubernetes(chart: helm.Chart, variant: str) -> None:
+    manifests = render(chart, OPTION_VARIANTS[variant])
+    for obj in manifests.objects:
+        if (obj["apiVersion"], obj["kind"]) not in CUSTOM_KINDS:
+            kv.validate(obj, KUBE_VERSIONS[1], strict=True)
+    if variant == "redis-without-auth-or-persistence":
+        sts = manifests.get("StatefulSet", f"{PREFIX}-redis")
+        assert "volumeClaimTemplates" not in sts["spec"]
+        assert "redis.persistence.enabled is false" in manifests.notes
+        env = env_of(manifests.container("Deployment", f"{PREFIX}-api", "api"))
+        assert env["FTUNE_REDIS_URL"]["value"] == f"redis://{PREFIX}-redis:6379/0"
+    if variant == "existing-claims-and-models-volume":
+        assert manifests.of_kind("PersistentVolumeClaim") == []
+        pod = manifests.get("Deployment", f"{PREFIX}-worker")["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "base-models"
+        assert volumes["store"]["persistentVolumeClaim"]["claimName"] == "shared-store"
+    if variant == "pinned-digests-and-load-balancer":
+        api = manifests.container("Deployment", f"{PREFIX}-api", "api")
+        assert api["image"] == "ftune-api@sha256:" + "a" * 64
+        assert manifests.of_kind("ServiceAccount") == []
+        pod = manifests.get("Deployment", f"{PREFIX}-worker")["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == "ml-runner"
+        assert "livenessProbe" not in pod["containers"][0]
+
+
+def test_the_validator_rejects_a_misspelled_field(chart: helm.Chart) -> None:
+    """Control for the test above: strict validation does catch an unknown field."""
+    deployment = render(chart).get("Deployment", f"{PREFIX}-api")
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
+    with pytest.raises(kv.ValidationError, match="livenesProbe"):
+        kv.validate(deployment, KUBE_VERSIONS[1], strict=True)
+
+
+@pytest.mark.parametrize("values_file", CI_VALUES, ids=lambda p: p.stem)
+def test_custom_resources_point_at_what_the_chart_renders(
+    chart: helm.Chart, values_file: Path
+) -> None:
+    manifests = render(chart, load_values(values_file.name))
+    services = {s["metadata"]["name"]: s for s in manifests.of_kind("Service")}
+    for monitor in manifests.of_kind("ServiceMonitor"):
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        port = monitor["spec"]["endpoints"][0]["port"]
+        matched = [
+            s
+            for s in services.values()
+            if selector.items() <= s["metadata"]["labels"].items()
+            and port in {p["name"] for p in s["spec"]["ports"]}
+        ]
+        assert len(matched) == 1, monitor["metadata"]["name"]
+    auths = {a["metadata"]["name"] for a in manifests.of_kind("TriggerAuthentication")}
+    for scaled in manifests.of_kind("ScaledObject"):
+        target = scaled["spec"]["scaleTargetRef"]
+        assert target["kind"] == "Deployment"
+        manifests.get("Deployment", target["name"])
+        for trigger in scaled["spec"]["triggers"]:
+            assert all(isinstance(v, str) for v in trigger["metadata"].values())
+            if "authenticationRef" in trigger:
+                assert trigger["authenticationRef"]["name"] in auths
+
+
+@pytest.mark.parametrize("values_file", CI_VALUES, ids=lambda p: p.stem)
+def test_secret_references_resolve(chart: helm.Chart, values_file: Path) -> None:
+    """A secretKeyRef to a Secret the chart renders names a key that Secret has."""
+    manifests = render(chart, load_values(values_file.name))
+    rendered = {s["metadata"]["name"]: s["data"] for s in manifests.of_kind("Secret")}
+    for name, key in secret_refs(manifests):
+        if name in rendered:
+            assert key in rendered[name], (name, key)
+    for obj in manifests.of_kind("Deployment"):
+        for volume in obj["spec"]["template"]["spec"].get("volumes", []):
+            secret = volume.get("secret")
+            if secret and secret["secretName"] in rendered:
+                for item in secret.get("items", []):
+                    assert item["key"] in rendered[secret["secretName"]]
+
+
+def test_resource_names_fit_63_characters(chart: helm.Chart) -> None:
+    long_release = "a-very-long-release-name-for-the-fine-tuning-service"
+    manifests = render(chart, name=long_release)
+    names = [o["metadata"]["name"] for o in manifests.objects]
+    assert all(len(n) <= 63 and not n.endswith("-") for n in names), names
+    assert {n.rsplit("-", 1)[-1] for n in names} >= {"api", "worker", "redis"}
+
+
+# -- schema -----------------------------------------------------------------------------------
+
+
+def test_schema_rejects_a_wrong_type(chart: helm.Chart) -> None:
+    with pytest.raises(helm.HelmValuesError, match="/worker/gpu/count': got string, want integer"):
+        render(chart, {"worker": {"gpu": {"count": "two"}}})
+
+
+def test_schema_rejects_an_unknown_key(chart: helm.Chart) -> None:
+    with pytest.raises(helm.HelmValuesError, match="additional properties 'replicas' not allowed"):
+        render(chart, {"api": {"replicas": 3}})
+    with pytest.raises(helm.HelmValuesError, match="additional properties 'gpus' not allowed"):
+        render(chart, {"worker": {"gpus": 1}})
+
+
+def test_schema_rejects_bad_credentials_shapes(chart: helm.Chart) -> None:
+    with pytest.raises(helm.HelmValuesError, match="does not match pattern"):
+        render(chart, {"secrets": {"apiKeys": {"keys": {"not-a-sha256": {"tenant": "a"}}}}})
+    with pytest.raises(helm.HelmValuesError, match="/redis/auth/password"):
+        render(chart, {"redis": {"auth": {"password": "p@ss/word"}}})
+
+
+def test_every_value_is_documented() -> None:
+    """Each key in values.yaml has a `# --` comment above it, or is a section of such keys.
+
+    Below a documented key everything is its default value (e.g. a probe object), not keys.
+    """
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    undocumented, documented = [], 0
+    value_indent: int | None = None
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\s*)([A-Za-z][\w.]*):(.*)$", line)
+        if not m:
+            continue
+        indent = len(m.group(1))
+        if value_indent is not None and indent > value_indent:
+            continue
+        value_indent = None
+        if lines[i - 1].strip().startswith("# --"):
+            documented += 1
+            value_indent = indent
+        elif m.group(3).strip():
+            undocumented.append(m.group(2))
+    assert undocumented == []
+    assert documented > 100
+
+
+# -- GPU workers --------------------------------------------------------------------------------
+
+
+def test_worker_requests_its_gpus(chart: helm.Chart) -> None:
+    manifests = render(chart)
+    worker = manifests.container("Deployment", f"{PREFIX}-worker", "worker")
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert worker["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert worker["resources"]["requests"]["memory"] == "32Gi"
+    pod = manifests.get("Deployment", f"{PREFIX}-worker")["spec"]["template"]["spec"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    assert "nvidia.com/gpu" not in str(manifests.get("Deployment", f"{PREFIX}-api"))
+
+    other = render(
+        chart,
+        {
+            "worker": {
+                "gpu": {"count": 2, "resourceName": "amd.com/gpu"},
+                "runtimeClassName": "nvidia",
+                "nodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
+            }
+        },
+    )
+    pod = other.get("Deployment", f"{PREFIX}-worker")["spec"]["template"]["spec"]
+    resources = pod["containers"][0]["resources"]
+    assert resources["limits"]["amd.com/gpu"] == resources["requests"]["amd.com/gpu"] == 2
+    assert pod["runtimeClassName"] == "nvidia"
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+
+
+def test_gpu_helper_refuses_without_a_gpu_even_past_the_schema(tmp_path: Path) -> None:
+    """`helm install --skip-schema-validation` still meets the template's own messages."""
+    unchecked = tmp_path / "ftune"
+    shutil.copytree(CHART, unchecked)
+    (unchecked / "values.schema.json").unlink()
+    with helm.Chart.load(unchecked) as bare:
+        with pytest.raises(
+            helm.HelmRenderError, match=re.escape("worker.gpu.count must be at least 1")
+        ):
+            render(bare, {"worker": {"gpu": {"count": 0}}})
+        with pytest.raises(
+            helm.HelmRenderError, match=re.escape("worker.gpu.resourceName is required")
+        ):
+            render(bare, {"worker": {"gpu": {"resourceName": ""}}})
+        with pytest.raises(helm.HelmRenderError, match=re.escape("worker.gpu.count is required")):
+            render(bare, {"worker": {"gpu": {"count": None}}})
+
+
+def test_worker_grace_period_covers_its_graceful_stop(chart: helm.Chart) -> None:
+    deployment = render(chart).get("Deployment", f"{PREFIX}-worker")
+    pod = deployment["spec"]["template"]["spec"]
+    grace = pod["terminationGracePeriodSeconds"]
+    env = env_of(pod["containers"][0])
+    assert grace == 600
+    assert int(env["FTUNE_WORKER_GRACE_SECONDS"]["value"]) == grace - 60
+    # The worker reads it as its own wait on SIGTERM; stopping the child and re-queueing
+    # then fit in the remaining minute.
+    settings = Settings.from_env(
+        {"FTUNE_WORKER_GRACE_SECONDS": env["FTUNE_WORKER_GRACE_SECONDS"]["value"]}
+    )
+    assert settings.worker_grace_seconds == grace - 60
+    # An upgrade never asks for GPUs beyond those the old pods hold.
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
+
+    longer = render(chart, {"worker": {"terminationGracePeriodSeconds": 7200}})
+    pod = longer.get("Deployment", f"{PREFIX}-worker")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 7200
+    assert env_of(pod["containers"][0])["FTUNE_WORKER_GRACE_SECONDS"]["value"] == "7140"
+
+
+def test_worker_filesystem_is_read_only_with_writable_volumes(chart: helm.Chart) -> None:
+    manifests = render(chart, load_values("keda-values.yaml"))
+    pod = manifests.get("Deployment", f"{PREFIX}-worker")["spec"]["template"]["spec"]
+    worker = pod["containers"][0]
+    assert worker["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    mounts = {m["mountPath"]: m["name"] for m in worker["volumeMounts"]}
+    env = env_of(worker)
+    for var in ("HF_HOME", "FTUNE_WORK_DIR", "HOME"):
+        path = env[var]["value"]
+        assert any(path.startswith(m) for m in mounts), (var, path)
+    assert mounts["/dev/shm"] == "dshm"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["cache"]["persistentVolumeClaim"]["claimName"] == f"{PREFIX}-worker-cache"
+    pvc = manifests.get("PersistentVolumeClaim", f"{PREFIX}-worker-cache")
+    assert pvc["spec"]["storageClassName"] == "fast-rwx"
+
+
+# -- API -------------------------------------------------------------------------------------------
+
+
+def test_api_probes_and_security(chart: helm.Chart) -> None:
+    manifests = render(chart)
+    api = manifests.container("Deployment", f"{PREFIX}-api", "api")
+    assert api["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert api["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in api["ports"]
+    assert api["args"] == ["api", "--host", "0.0.0.0", "--port", "8000"]
+    assert api["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "nvidia.com/gpu" not in str(api["resources"])
+    assert manifests.get("PodDisruptionBudget", f"{PREFIX}-api")["spec"]["maxUnavailable"] == 1
+
+
+def test_ingress_and_autoscaling(chart: helm.Chart) -> None:
+    manifests = render(chart, load_values("ingress-values.yaml"))
+    ingress = manifests.get("Ingress", f"{PREFIX}-api")
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": f"{PREFIX}-api", "port": {"number": 8000}}
+    assert ingress["spec"]["tls"][0]["secretName"] == "ftune-tls"
+    hpa = manifests.get("HorizontalPodAutoscaler", f"{PREFIX}-api")
+    assert {m["resource"]["name"] for m in hpa["spec"]["metrics"]} == {"cpu", "memory"}
+    assert "replicas" not in manifests.get("Deployment", f"{PREFIX}-api")["spec"]
+    assert "https://ftune.example.com/healthz" in manifests.notes
+
+
+def test_pod_environment_is_what_settings_reads(chart: helm.Chart) -> None:
+    """The env the chart gives each pod, read by the app's own Settings.from_env."""
+    manifests = render(chart, load_values("ingress-values.yaml"))
+
+    def settings_of(kind: str, name: str, container: str) -> Settings:
+        env: dict[str, str] = {}
+        for e in manifests.container(kind, name, container)["env"]:
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            value = f"secret-{ref['key']}" if ref else e["value"]
+            env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], value)
+        return Settings.from_env(env)
+
+    api = settings_of("Deployment", f"{PREFIX}-api", "api")
+    assert api.redis_url == f"redis://:secret-redis-password@{PREFIX}-redis:6379/0"
+    assert api.store_url == "file:///var/lib/ftune/store"
+    assert api.queue_name == "ftune:queue"
+    assert api.max_dataset_bytes == 2 * 1024**3
+    assert api.models_dir == Path("/models")
+    assert api.api_keys_file == Path("/etc/ftune/api-keys/keys.json")
+
+    worker = settings_of("Deployment", f"{PREFIX}-worker", "worker")
+    assert worker.redis_url == api.redis_url
+    assert worker.device == "cuda"
+    assert worker.worker_metrics_port == 9100
+    assert worker.hf_home == Path("/var/cache/ftune/huggingface")
+    assert worker.work_dir == Path("/var/lib/ftune/work")
+    assert worker.hf_tokens == {"": "secret-HF_TOKEN", "research": "secret-FTUNE_HF_TOKEN_RESEARCH"}
+    assert worker.job_timeout_hours == 48 and worker.max_attempts == 3
+
+
+# -- secrets -----------------------------------------------------------------------------------
+
+
+def test_inline_api_keys_become_a_keys_file_the_api_accepts(
+    chart: helm.Chart, tmp_path: Path
+) -> None:
+    manifests = render(chart, load_values("ingress-values.yaml"))
+    secret = manifests.get("Secret", f"{PREFIX}-api-keys")
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_bytes(base64.b64decode(secret["data"]["keys.json"]))
+    principals = Settings(api_keys_file=keys_file).load_api_keys()
+    assert principals[hash_api_key("test")].tenant == "search"
+    assert principals[hash_api_key("hello world")].admin is True
+
+    pod = manifests.get("Deployment", f"{PREFIX}-api")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+    assert volume["secret"]["secretName"] == f"{PREFIX}-api-keys"
+    hf = manifests.get("Secret", f"{PREFIX}-hf")["data"]
+    assert base64.b64decode(hf["FTUNE_HF_TOKEN_RESEARCH"]) == b"hf_inline_research_token"
+
+
+def test_existing_secrets_are_referenced_never_inlined(chart: helm.Chart) -> None:
+    values = load_values("existing-secrets-values.yaml")
+    manifests = render(chart, values)
+    assert manifests.of_kind("Secret") == []
+    for inline in (
+        "inlineRedisPasswordMustNotRender",
+        "hf_inline_token_must_not_render",
+        "AKIA_INLINE_MUST_NOT_RENDER",
+        "inline-s3-secret-must-not-render",
+    ):
+        assert inline not in manifests.text
+        assert base64.b64encode(inline.encode()).decode() not in manifests.text
+
+    worker = env_of(manifests.container("Deployment", f"{PREFIX}-worker", "worker"))
+    expected = {
+        "HF_TOKEN": ("ops-hf", "token"),
+        "FTUNE_HF_TOKEN_RESEARCH": ("ops-hf-research", "token"),
+        "AWS_ACCESS_KEY_ID": ("ops-s3", "access-key"),
+        "AWS_SECRET_ACCESS_KEY": ("ops-s3", "secret-key"),
+        "FTUNE_REDIS_PASSWORD": ("ops-redis", "password"),
+    }
+    for var, (name, key) in expected.items():
+        assert worker[var]["valueFrom"]["secretKeyRef"] == {"name": name, "key": key}, var
+    assert {n for n, _ in secret_refs(manifests)} == {
+        "ops-redis",
+        "ops-s3",
+        "ops-hf",
+        "ops-hf-research",
+    }
+
+    api_pod = manifests.get("Deployment", f"{PREFIX}-api")["spec"]["template"]["spec"]
+    volume = next(v for v in api_pod["volumes"] if v["name"] == "api-keys")
+    assert volume["secret"] == {
+        "secretName": "ops-ftune-api-keys",
+        "items": [{"key": "api-keys.json", "path": "api-keys.json"}],
+    }
+    api_env = env_of(api_pod["containers"][0])
+    assert api_env["FTUNE_API_KEYS_FILE"]["value"] == "/etc/ftune/api-keys/api-keys.json"
+    assert "HF_TOKEN" not in api_env
+
+    redis_env = env_of(manifests.container("StatefulSet", f"{PREFIX}-redis", "redis"))
+    assert redis_env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "ops-redis"
+    auth = manifests.get("TriggerAuthentication", f"{PREFIX}-worker")
+    assert auth["spec"]["secretTargetRef"] == [
+        {"parameter": "password", "name": "ops-redis", "key": "password"}
+    ]
+
+
+def test_generated_redis_password_when_none_is_given(chart: helm.Chart) -> None:
+    secret = render(chart).get("Secret", f"{PREFIX}-redis")
+    password = base64.b64decode(secret["data"]["redis-password"]).decode()
+    assert re.fullmatch(r"[A-Za-z0-9]{32}", password)
+
+
+# -- Redis -------------------------------------------------------------------------------------
+
+
+def test_bundled_redis_persists_with_aof(chart: helm.Chart) -> None:
+    manifests = render(chart)
+    conf = manifests.get("ConfigMap", f"{PREFIX}-redis")["data"]["redis.conf"]
+    directives = {
+        line.split()[0]: line.split()[1:]
+        for line in conf.splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert directives["appendonly"] == ["yes"]
+    assert directives["appendfsync"] == ["everysec"]
+    assert directives["maxmemory-policy"] == ["noeviction"]
+    assert directives["dir"] == ["/data"]
+
+    sts = manifests.get("StatefulSet", f"{PREFIX}-redis")
+    redis_c = sts["spec"]["template"]["spec"]["containers"][0]
+    assert redis_c["args"][0] == "/etc/redis/redis.conf"
+    assert {"name": "data", "mountPath": "/data"} in redis_c["volumeMounts"]
+    claim = sts["spec"]["volumeClaimTemplates"][0]
+    assert claim["metadata"]["name"] == "data"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "8Gi"
+
+
+def test_rendered_redis_config_runs_on_a_real_server(chart: helm.Chart, tmp_path: Path) -> None:
+    """Start redis-server as the StatefulSet does: its config file and its arguments, with the
+    pod's mounts (/etc/redis, /data) mapped to temporary directories."""
+    manifests = render(chart, {"redis": {"auth": {"password": "s3cret-pw"}}})
+    data = tmp_path / "data"
+    data.mkdir()
+    conf = tmp_path / "redis.conf"
+    text = manifests.get("ConfigMap", f"{PREFIX}-redis")["data"]["redis.conf"]
+    conf.write_text(text.replace("dir /data", f"dir {data}"))
+    container = manifests.container("StatefulSet", f"{PREFIX}-redis", "redis")
+    assert container["command"] == ["redis-server"]
+    args = [str(conf) if a == "/etc/redis/redis.conf" else a for a in container["args"]]
+    args = [a.replace("$(REDIS_PASSWORD)", "s3cret-pw") for a in args]
+    port = free_port()
+    overrides = ["--port", str(port), "--bind", "127.0.0.1"]
+    process = subprocess.Popen(
+        [server_binary(), *args, *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    client = redis.Redis(port=port, password="s3cret-pw", socket_connect_timeout=0.2)
+    try:
+        with client:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    if process.poll() is not None:
+                        output = process.stdout.read().decode() if process.stdout else ""
+                        pytest.fail(f"redis-server refused the rendered config:\n{output}")
+                    assert time.monotonic() < deadline, "redis-server did not start"
+                    time.sleep(0.05)
+            assert client.config_get("appendonly") == {"appendonly": "yes"}
+            assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+            client.set("job:1", "queued")
+            assert list(data.glob("appendonly*")), "no AOF file written"
+            with pytest.raises(redis.AuthenticationError):
+                redis.Redis(port=port).get("job:1")
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_external_redis_url_stays_in_a_secret(chart: helm.Chart) -> None:
+    manifests = render(chart, load_values("external-redis-values.yaml"))
+    assert manifests.of_kind("StatefulSet") == []
+    url_secret = manifests.get("Secret", f"{PREFIX}-redis-url")
+    assert base64.b64decode(url_secret["data"]["redis-url"]) == (
+        b"rediss://:s3cr3t@redis.example.internal:6380/2"
+    )
+    for name in ("api", "worker"):
+        env = env_of(manifests.container("Deployment", f"{PREFIX}-{name}", name))
+        assert env["FTUNE_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
+            "name": f"{PREFIX}-redis-url",
+            "key": "redis-url",
+        }
+        assert env["FTUNE_STORE_URL"]["value"] == "s3://ftune-bucket/prod"
+        assert env["FTUNE_S3_ENDPOINT_URL"]["value"] == "https://minio.example.internal"
+        assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == f"{PREFIX}-s3"
+    assert "s3cr3t" not in str(manifests.of_kind("Deployment"))
+    # s3:// store: no shared volume.
+    assert manifests.of_kind("PersistentVolumeClaim") == []
+
+    existing = render(chart, load_values("external-redis-existing-secret-values.yaml"))
+    env = env_of(existing.container("Deployment", f"{PREFIX}-api", "api"))
+    assert env["FTUNE_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "ops-redis-url",
+        "key": "url",
+    }
+    assert existing.of_kind("Secret") == []
+
+
+def test_misconfigurations_fail_with_a_message(chart: helm.Chart) -> None:
+    with pytest.raises(helm.HelmRenderError, match=re.escape("store.persistence.enabled is false")):
+        render(chart, {"store": {"persistence": {"enabled": False}}})
+    with pytest.raises(helm.HelmRenderError, match="no external Redis is set"):
+        render(chart, {"redis": {"enabled": False}})
+    with pytest.raises(helm.HelmRenderError, match=re.escape("set worker.keda.redis.address")):
+        render(
+            chart,
+            {
+                "redis": {"enabled": False, "external": {"url": "redis://r:6379/0"}},
+                "worker": {"keda": {"enabled": True}},
+            },
+        )
+
+
+# -- KEDA --------------------------------------------------------------------------------------
+
+# What KEDA's redis scaler runs to measure a "list": it dispatches on the key's TYPE, so a
+# sorted set is counted with ZCARD (same logic as kedacore/keda pkg/scalers/redis_scaler.go).
+KEDA_LENGTH = """
+local kind = redis.call('TYPE', KEYS[1]).ok
+local count = {zset = 'ZCARD', set = 'SCARD', list = 'LLEN', hash = 'HLEN', none = 'LLEN'}
+return redis.call(count[kind], KEYS[1])
+"""
+
+
+async def keda_length(pool: ArqRedis, key: str) -> int:
+    return int(await cast(Awaitable[Any], pool.eval(KEDA_LENGTH, 1, key)))
+
+
+async def test_keda_trigger_counts_the_arq_queue(chart: helm.Chart, redis_url: str) -> None:
+    manifests = render(chart, load_values("keda-values.yaml"))
+    assert "replicas" not in manifests.get("Deployment", f"{PREFIX}-worker")["spec"]
+    scaled = manifests.get("ScaledObject", f"{PREFIX}-worker")
+    assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (0, 8)
+    trigger = scaled["spec"]["triggers"][0]
+    assert trigger["type"] == "redis"
+    meta = trigger["metadata"]
+    assert meta["address"] == f"{PREFIX}-redis.{NAMESPACE}.svc:6379"
+    assert meta["listName"] == Settings().queue_name
+    assert meta["listLength"] == "1"
+    auth = manifests.get("TriggerAuthentication", trigger["authenticationRef"]["name"])
+    assert auth["spec"]["secretTargetRef"][0]["name"] == f"{PREFIX}-redis"
+
+    pool = await queue.connect(redis_url)
+    try:
+        assert await keda_length(pool, meta["listName"]) == 0
+        await queue.enqueue(pool, "job_a", 0, queue_name=meta["listName"])
+        await queue.enqueue(pool, "job_b", 0, queue_name=meta["listName"])
+        assert await pool.type(meta["listName"]) == b"zset"
+        assert await keda_length(pool, meta["listName"]) == 2
+    finally:
+        await pool.aclose()
+
+
+def test_keda_prometheus_trigger(chart: helm.Chart) -> None:
+    manifests = render(chart, load_values("external-redis-existing-secret-values.yaml"))
+    trigger = manifests.get("ScaledObject", f"{PREFIX}-worker")["spec"]["triggers"][0]
+    assert trigger["type"] == "prometheus"
+    assert trigger["metadata"]["query"] == "max(ftune_queue_depth)"
+    assert trigger["metadata"]["threshold"] == "1"
+    assert manifests.of_kind("TriggerAuthentication") == []
