@@ -12,6 +12,7 @@ import multiprocessing.synchronize
 import time
 from typing import Any, Protocol
 
+from service import logs
 from service.specs import Phase, Progress
 
 
@@ -78,6 +79,7 @@ class QueueReporter:
         self._cancel = cancel
 
     def phase(self, phase: Phase) -> None:
+        logs.bind(phase=phase.value)
         self._events.put(("phase", phase.value))
 
     def progress(self, progress: Progress) -> None:

@@ -27,7 +27,7 @@ from arq.connections import RedisSettings
 from arq.worker import Worker, func
 from prometheus_client import start_http_server
 
-from service import queue
+from service import logs, queue
 from service.blobs import open_store
 from service.prometheus import WorkerMetrics, record_job_duration
 from service.settings import Settings
@@ -80,11 +80,15 @@ def _child(
     parent: int,
 ) -> None:
     _die_with_parent(parent)
+    logs.configure_logging(
+        settings.log_level, secrets=settings.secret_values(), fmt=settings.log_format
+    )
     from gpu_worker.errors import JobFailure
     from gpu_worker.pipeline import run
     from gpu_worker.reporter import JobCancelled, QueueReporter
 
     job = msgspec.json.decode(job_json, type=Job)
+    logs.bind(job_id=job.id, tenant=job.tenant, attempt=job.attempt)
     workdir = settings.work_dir / job.id
     try:
         store = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
@@ -137,6 +141,7 @@ class _Supervisor:
     async def apply(self, kind: str, payload: Any) -> None:
         if kind == "phase":
             self.phase = Phase(payload)
+            logs.update_context(phase=self.phase.value)
             phase = self.phase
             await self.store.update_job(
                 self.job_id, lambda j: msgspec.structs.replace(j, phase=phase)
@@ -189,6 +194,7 @@ async def run_job(ctx: dict[str, Any], job_id: str, attempt: int) -> str:
         await store.drop_lease(job_id)
         log.info("skipping %s attempt %s: %s", job_id, attempt, exc)
         return "skipped"
+    logs.update_context(job_id=job_id, tenant=job.tenant, attempt=attempt)
     log.info("job %s attempt %s started", job_id, attempt)
     mp = multiprocessing.get_context("spawn")
     events: multiprocessing.Queue[tuple[str, Any]] = mp.Queue()
@@ -402,5 +408,7 @@ def build_worker(settings: Settings) -> Worker:
 
 
 def run_worker(settings: Settings) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure_logging(
+        settings.log_level, secrets=settings.secret_values(), fmt=settings.log_format
+    )
     build_worker(settings).run()

@@ -57,7 +57,9 @@ class ServiceCollector:
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
-            "ftune_queue_depth", "Job attempts on the queue: waiting or being trained", value=self.queue_depth
+            "ftune_queue_depth",
+            "Job attempts on the queue: waiting or being trained",
+            value=self.queue_depth,
         )
         jobs = GaugeMetricFamily("ftune_jobs", "Jobs by status", labels=["status"])
         for status, count in self.by_status.items():

@@ -8,9 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
@@ -68,6 +70,24 @@ class Settings:
     another worker; the Helm chart sets it below terminationGracePeriodSeconds."""
     worker_metrics_port: int = 9100
     """Port of a worker's Prometheus endpoint; 0 turns it off."""
+    log_level: str = "INFO"
+    """Root log level for the API, the worker and the training child."""
+    log_format: Literal["json", "text"] = "json"
+    """json: one object per line (production); text: for a terminal."""
+    webhook_allow_private: bool = False
+    """Allow webhook receivers on loopback, private or link-local addresses."""
+    webhook_secrets_file: Path | None = None
+    """JSON: tenant -> webhook signing secret (or a list of secrets while rotating)."""
+    webhook_max_attempts: int = 8
+    """Delivery attempts per webhook event before it is given up."""
+    webhook_backoff_seconds: float = 4.0
+    """Delay after the first failed delivery; doubles after each further one (capped at 1 h)."""
+    env_secrets: tuple[str, ...] = field(default=(), repr=False)
+    """Credential values from the environment (AWS keys, the Redis password): redacted in logs."""
+
+    def secret_values(self) -> list[str]:
+        """Every value the logs must never show."""
+        return [*self.hf_tokens.values(), *self.env_secrets]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -87,6 +107,7 @@ class Settings:
             tokens[""] = env["HF_TOKEN"]
         keys_file = get("FTUNE_API_KEYS_FILE")
         hf_home = get("HF_HOME")
+        secrets_file = get("FTUNE_WEBHOOK_SECRETS_FILE")
         return cls(
             redis_url=get("FTUNE_REDIS_URL") or defaults.redis_url,
             store_url=get("FTUNE_STORE_URL") or "file://" + str(Path(".ftune/store").resolve()),
@@ -111,6 +132,26 @@ class Settings:
             ),
             worker_metrics_port=int(
                 get("FTUNE_WORKER_METRICS_PORT") or defaults.worker_metrics_port
+            ),
+            log_level=get("FTUNE_LOG_LEVEL") or defaults.log_level,
+            log_format="text" if get("FTUNE_LOG_FORMAT") == "text" else "json",
+            webhook_allow_private=(get("FTUNE_WEBHOOK_ALLOW_PRIVATE") or "").lower()
+            in ("1", "true", "yes", "on"),
+            webhook_secrets_file=Path(secrets_file) if secrets_file else None,
+            webhook_max_attempts=int(
+                get("FTUNE_WEBHOOK_MAX_ATTEMPTS") or defaults.webhook_max_attempts
+            ),
+            webhook_backoff_seconds=float(
+                get("FTUNE_WEBHOOK_BACKOFF_SECONDS") or defaults.webhook_backoff_seconds
+            ),
+            env_secrets=tuple(
+                v
+                for v in (
+                    get("AWS_SECRET_ACCESS_KEY"),
+                    get("AWS_SESSION_TOKEN"),
+                    urllib.parse.urlsplit(get("FTUNE_REDIS_URL") or "").password,
+                )
+                if v
             ),
         )
 

@@ -18,6 +18,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
+from service import webhooks
 from service.specs import Dataset, Job, JobStatus, MetricPoint
 
 P = "ftune:"
@@ -230,6 +231,8 @@ class Store:
                     pipe.set(key, _encoder.encode(new))
                     if new.status != old.status:
                         _move_status(pipe, old, new)
+                        if new.status.terminal:
+                            webhooks.stage_webhook(pipe, new)
                     if new.phase != old.phase and new.phase is not None:
                         pipe.xadd(events_key(job_id), _event("phase", {"phase": new.phase}))
                     for kind, data in events(old, new) if events else ():

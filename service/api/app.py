@@ -16,7 +16,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.prometheus import PrometheusConfig
 from prometheus_client import CollectorRegistry
 
-from service import queue
+from service import queue, webhooks
 from service.api import errors
 from service.api.auth import principal
 from service.api.datasets import DatasetController
@@ -53,8 +53,15 @@ def _lifespan(settings: Settings) -> Any:
         arq = await queue.connect(settings.redis_url)
         app.state.store, app.state.arq = store, arq
         app.state.blobs = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
+        config = webhooks.WebhookConfig(
+            secrets=webhooks.load_secrets(settings.webhook_secrets_file),
+            allow_private=settings.webhook_allow_private,
+            max_attempts=settings.webhook_max_attempts,
+            backoff_seconds=settings.webhook_backoff_seconds,
+        )
         try:
-            yield
+            async with webhooks.delivering(store.redis, config):
+                yield
         finally:
             await arq.aclose()
             await store.close()

@@ -13,7 +13,7 @@ from litestar import Controller, Request, Response, get, post
 from litestar.params import HeaderParameter, Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from service import queue
+from service import queue, webhooks
 from service.api.auth import scope
 from service.api.errors import FieldError, InvalidRequest
 from service.api.openapi_docs import CONFLICT, NOT_FOUND, responses
@@ -88,6 +88,15 @@ class JobController(Controller):
             except ValueError as exc:
                 raise InvalidRequest(
                     str(exc), [FieldError(loc=["body", "base_model"], msg=str(exc))]
+                ) from None
+        if data.webhook_url is not None:
+            try:
+                await webhooks.check_url_async(
+                    data.webhook_url, allow_private=settings.webhook_allow_private
+                )
+            except ValueError as exc:
+                raise InvalidRequest(
+                    str(exc), [FieldError(loc=["body", "webhook_url"], msg=str(exc))]
                 ) from None
         dataset = await _dataset(store, data.dataset_id, principal.tenant, "dataset_id")
         eval_dataset = None
@@ -196,6 +205,7 @@ class JobController(Controller):
     @get(
         operation_id="StreamJobEvents",
         path="/{job_id:str}/events",
+        media_type="text/event-stream",
         summary="Server-Sent Events: status, phase, metrics and log lines, until the job ends",
         description="Each event's `id` is its position; reconnect with `Last-Event-ID` to "
         "resume exactly after it. The stream closes after the terminal status event.",

@@ -1,0 +1,143 @@
+"""Feedback streams: post events, read a stream and its pairs, snapshot it into a dataset."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from litestar import Controller, get, post
+from litestar.params import Parameter
+
+from service import feedback
+from service.api.errors import FieldError, InvalidRequest
+from service.api.openapi_docs import CONFLICT, NOT_FOUND, responses
+from service.blobs import BlobStore
+from service.datasets import Limits
+from service.feedback import (
+    FeedbackBatch,
+    FeedbackReceipt,
+    FeedbackSnapshot,
+    FeedbackStream,
+    FeedbackStreamList,
+    InvalidFeedback,
+    PairList,
+)
+from service.settings import Principal, Settings
+from service.store import Store
+
+StreamName = Annotated[
+    str,
+    Parameter(
+        pattern=feedback.STREAM_NAME,
+        description="Letters, digits, '_', '.', '-'; at most 63 characters",
+    ),
+]
+_PATH_PARTS = re.compile(r"[.\[\]]")
+
+
+def _invalid(exc: InvalidFeedback) -> InvalidRequest:
+    """Problem Details with one error per bad event, located by its index in the batch."""
+    errors = [
+        FieldError(
+            loc=[
+                "body",
+                "events",
+                str(e.index),
+                *(p for p in _PATH_PARTS.split(e.field or "") if p),
+            ],
+            field=e.field,
+            msg=e.msg,
+        )
+        for e in exc.errors
+    ]
+    return InvalidRequest(str(exc), errors)
+
+
+class FeedbackController(Controller):
+    """Streams are named per tenant: another tenant's stream of the same name is a different
+    stream, and reading a name the caller never wrote to answers 404."""
+
+    path = "/v1/feedback"
+    tags = ["feedback"]
+
+    @post(
+        operation_id="PostFeedback",
+        path="/{stream:str}",
+        status_code=200,
+        summary="Add a batch of feedback events to a stream (all or nothing; ids dedupe)",
+        responses=responses(),
+    )
+    async def post_feedback(
+        self, stream: StreamName, data: FeedbackBatch, principal: Principal, store: Store
+    ) -> FeedbackReceipt:
+        try:
+            return await feedback.ingest(store, principal.tenant, stream, data.events)
+        except InvalidFeedback as exc:
+            raise _invalid(exc) from None
+
+    @get(
+        operation_id="ListFeedbackStreams",
+        path="/",
+        summary="List the caller's feedback streams by name",
+        responses=responses(),
+    )
+    async def list_streams(
+        self,
+        principal: Principal,
+        store: Store,
+        limit: Annotated[int, Parameter(ge=1, le=200)] = 50,
+        cursor: Annotated[str | None, Parameter(max_length=64)] = None,
+    ) -> FeedbackStreamList:
+        items, next_cursor = await feedback.list_streams(
+            store, principal.tenant, limit=limit, cursor=cursor
+        )
+        return FeedbackStreamList(items=items, next_cursor=next_cursor)
+
+    @get(
+        operation_id="GetFeedbackStream",
+        path="/{stream:str}",
+        summary="A stream's counts and its newest snapshots",
+        responses=responses(NOT_FOUND),
+    )
+    async def get_stream(
+        self, stream: StreamName, principal: Principal, store: Store
+    ) -> FeedbackStream:
+        return await feedback.get_stream(store, principal.tenant, stream, recent=10)
+
+    @get(
+        operation_id="ListFeedbackPairs",
+        path="/{stream:str}/pairs",
+        summary="The stream's pairs in the order gathered, with the events that made each",
+        responses=responses(NOT_FOUND),
+    )
+    async def list_pairs(
+        self,
+        stream: StreamName,
+        principal: Principal,
+        store: Store,
+        offset: Annotated[int, Parameter(ge=0, le=10**12)] = 0,
+        limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
+    ) -> PairList:
+        meta = await feedback.get_stream(store, principal.tenant, stream)
+        items = await feedback.read_pairs(store, principal.tenant, stream, offset, offset + limit)
+        return PairList(stream=stream, offset=offset, total=meta.pairs, items=items)
+
+    @post(
+        operation_id="SnapshotFeedback",
+        path="/{stream:str}/snapshot",
+        status_code=201,
+        summary="Freeze the pairs gathered so far into a versioned dataset",
+        responses=responses(NOT_FOUND, CONFLICT),
+    )
+    async def snapshot(
+        self,
+        stream: StreamName,
+        principal: Principal,
+        store: Store,
+        blobs: BlobStore,
+        settings: Settings,
+    ) -> FeedbackSnapshot:
+        limits = Limits(max_line_bytes=settings.max_line_bytes, max_rows=settings.max_dataset_rows)
+        return await feedback.snapshot(
+            store, blobs, principal.tenant, stream, limits=limits, by="api"
+        )

@@ -1,0 +1,113 @@
+"""Retraining policies: create or replace, read with their run history, list, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from litestar import Controller, delete, get, put
+from litestar.params import Parameter
+
+from service import policies
+from service.api.errors import FieldError, InvalidRequest
+from service.api.openapi_docs import NOT_FOUND, responses
+from service.policies import Policy, PolicyList, PolicySpec
+from service.settings import Principal, Settings
+from service.specs import local_model_path
+from service.store import NotFound, Store
+
+PolicyName = Annotated[
+    str,
+    Parameter(
+        pattern=policies.POLICY_NAME,
+        description="Letters, digits, '_', '.', '-'; at most 63 characters",
+    ),
+]
+
+
+async def _check_template(spec: PolicySpec, tenant: str, store: Store, settings: Settings) -> None:
+    """The template must make a valid job, exactly as POST /v1/jobs would judge it."""
+    template = spec.template
+    try:
+        policies.job_spec(template, "ds_template", template.eval_dataset_id)
+    except (ValueError, msgspec.ValidationError) as exc:
+        msg = str(exc).split(" - at `$")[0]
+        raise InvalidRequest(msg, [FieldError(loc=["body", "template"], msg=msg)]) from None
+    if template.base_model.startswith("file://"):
+        try:
+            local_model_path(template.base_model, settings.models_dir)
+        except ValueError as exc:
+            raise InvalidRequest(
+                str(exc), [FieldError(loc=["body", "template", "base_model"], msg=str(exc))]
+            ) from None
+    if template.eval_dataset_id is not None:
+        try:
+            await store.get_dataset(template.eval_dataset_id, tenant)
+        except NotFound:
+            msg = f"dataset {template.eval_dataset_id} does not exist"
+            raise InvalidRequest(
+                msg, [FieldError(loc=["body", "template", "eval_dataset_id"], msg=msg)]
+            ) from None
+
+
+class PolicyController(Controller):
+    """Policies are named per tenant; another tenant's policy answers 404."""
+
+    path = "/v1/policies"
+    tags = ["policies"]
+
+    @put(
+        operation_id="PutPolicy",
+        path="/{name:str}",
+        status_code=200,
+        summary="Create or replace a retraining policy (its history is kept)",
+        responses=responses(),
+    )
+    async def put_policy(
+        self,
+        name: PolicyName,
+        data: PolicySpec,
+        principal: Principal,
+        store: Store,
+        settings: Settings,
+    ) -> Policy:
+        await _check_template(data, principal.tenant, store, settings)
+        await policies.put_policy(store, principal.tenant, name, data)
+        return await policies.get_policy(store, principal.tenant, name, with_status=True)
+
+    @get(
+        operation_id="ListPolicies",
+        path="/",
+        summary="List the caller's policies by name",
+        responses=responses(),
+    )
+    async def list_policies(
+        self,
+        principal: Principal,
+        store: Store,
+        limit: Annotated[int, Parameter(ge=1, le=200)] = 50,
+        cursor: Annotated[str | None, Parameter(max_length=64)] = None,
+    ) -> PolicyList:
+        items, next_cursor = await policies.list_policies(
+            store, principal.tenant, limit=limit, cursor=cursor
+        )
+        return PolicyList(items=items, next_cursor=next_cursor)
+
+    @get(
+        operation_id="GetPolicy",
+        path="/{name:str}",
+        summary="A policy: its spec, promoted model, runs with metrics and gate decisions",
+        responses=responses(NOT_FOUND),
+    )
+    async def get_policy(self, name: PolicyName, principal: Principal, store: Store) -> Policy:
+        return await policies.get_policy(store, principal.tenant, name, with_status=True)
+
+    @delete(
+        operation_id="DeletePolicy",
+        path="/{name:str}",
+        status_code=204,
+        summary="Delete a policy and its history (a run in flight finishes as a plain job)",
+        responses=responses(NOT_FOUND),
+    )
+    async def delete_policy(self, name: PolicyName, principal: Principal, store: Store) -> None:
+        await policies.delete_policy(store, principal.tenant, name)
