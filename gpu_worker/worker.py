@@ -29,6 +29,7 @@ from prometheus_client import start_http_server
 
 from service import logs, queue
 from service.blobs import open_store
+from service.policies import policy_loop
 from service.prometheus import WorkerMetrics, record_job_duration
 from service.settings import Settings
 from service.specs import (
@@ -379,11 +380,17 @@ def build_worker(settings: Settings) -> Worker:
         ctx["metrics"] = metrics
         # Not an arq cron job: cron jobs need a free job slot, and max_jobs=1 is busy training.
         ctx["reaper"] = asyncio.create_task(_reaper(ctx["store"], settings))
+        # Retraining policies: the same kind of guarded loop, beside training.
+        blobs = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
+        ctx["policies"] = asyncio.create_task(
+            policy_loop(ctx["store"], ctx["redis"], blobs, settings)
+        )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
-        ctx["reaper"].cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ctx["reaper"]
+        for name in ("reaper", "policies"):
+            ctx[name].cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ctx[name]
         await ctx["store"].close()
 
     metrics = WorkerMetrics()

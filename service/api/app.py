@@ -20,7 +20,9 @@ from service import queue, webhooks
 from service.api import errors
 from service.api.auth import principal
 from service.api.datasets import DatasetController
+from service.api.feedback import FeedbackController
 from service.api.jobs import JobController
+from service.api.policies import PolicyController
 from service.api.system import SystemController
 from service.blobs import BlobStore, open_store
 from service.prometheus import ServiceCollector
@@ -101,7 +103,13 @@ def _prometheus() -> PrometheusConfig:
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env()
     app = Litestar(
-        route_handlers=[SystemController, DatasetController, JobController],
+        route_handlers=[
+            SystemController,
+            DatasetController,
+            JobController,
+            FeedbackController,
+            PolicyController,
+        ],
         dependencies=_dependencies(settings),
         exception_handlers={Exception: errors.handle},
         lifespan=[_lifespan(settings)],

@@ -1,0 +1,102 @@
+"""How ratings pair up, as pure functions (no Redis): the rules a product team relies on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from service.feedback import InvalidFeedback, Pending, apply_events, parse_events, prompt_key
+
+
+def rate(event_id: str, prompt: Any, response: Any, value: str) -> dict[str, Any]:
+    return {"id": event_id, "prompt": prompt, "response": response, "rating": value}
+
+
+def run(events: list[dict[str, Any]], seen: set[str] | None = None) -> Any:
+    return apply_events(parse_events(events, None), seen or set(), {}, now=1.0)
+
+
+def test_an_up_pairs_with_the_oldest_waiting_down_of_a_different_response() -> None:
+    applied = run(
+        [
+            rate("d1", "Q?", "Bad one.", "down"),
+            rate("d2", "Q?", "Worse one.", "down"),
+            rate("u1", "Q?", "Bad one.", "up"),  # same text as d1: pairs with d2 instead
+            rate("u2", "Q?", "Good.", "up"),  # pairs with d1
+        ]
+    )
+    assert [(p.row["chosen"], p.row["rejected"], p.events) for p in applied.pairs] == [
+        ("Bad one.", "Worse one.", ["d2", "u1"]),
+        ("Good.", "Bad one.", ["d1", "u2"]),
+    ]
+    assert applied.pending_delta == 0 and applied.waiting_from_batch == 0
+    queue = applied.pending[prompt_key("Q?")]
+    assert queue.up == [] and queue.down == []
+
+
+def test_ratings_of_different_prompts_never_pair() -> None:
+    applied = run([rate("u", "Q1?", "Yes.", "up"), rate("d", "Q2?", "No.", "down")])
+    assert applied.pairs == [] and applied.pending_delta == 2
+
+
+def test_waiting_ratings_from_earlier_batches_pair_and_seen_ids_are_skipped() -> None:
+    first = run([rate("u1", "Q?", "Good.", "up")])
+    pending: dict[str, Pending] = first.pending
+    events = parse_events([rate("u1", "Q?", "Good.", "up"), rate("d1", "Q?", "Bad.", "down")], None)
+    applied = apply_events(events, {"u1"}, pending, now=2.0)
+    assert applied.duplicates == 1 and applied.accepted == ["d1"]
+    assert [(p.row["chosen"], p.row["rejected"]) for p in applied.pairs] == [("Good.", "Bad.")]
+    assert applied.pending_delta == -1
+    # The input queues are not modified in place (a retried transaction starts afresh).
+    assert [w.id for w in pending[prompt_key("Q?")].up] == ["u1"]
+
+
+def test_prompts_match_after_normalization() -> None:
+    messages = [{"role": "user", "content": "Q?", "name": "ignored"}]
+    applied = run(
+        [
+            rate("u", messages, [{"role": "assistant", "content": "Yes."}], "up"),
+            rate(
+                "d",
+                [{"role": "user", "content": "Q?"}],
+                [{"role": "assistant", "content": "No."}],
+                "down",
+            ),
+        ]
+    )
+    assert len(applied.pairs) == 1
+    assert applied.pairs[0].row["prompt"] == [{"role": "user", "content": "Q?"}]
+
+
+@pytest.mark.parametrize(
+    ("event", "field", "needle"),
+    [
+        ({"id": "a", "prompt": "Q?", "response": "", "rating": "up"}, "response", "empty"),
+        ({"id": "a", "prompt": "Q?", "rating": "up"}, "response", "missing"),
+        ({"id": "a", "response": "R", "edited": "E"}, "prompt", "missing"),
+        ({"id": "a", "prompt": "Q?", "response": "R", "rating": True}, "rating", "up"),
+        ({"id": 5, "prompt": "Q?", "chosen": "a", "rejected": "b"}, "id", "string"),
+        (
+            {"id": "a", "prompt": "Q?", "chosen": "a", "rejected": "b", "rating": "up"},
+            None,
+            "mixes",
+        ),
+        (
+            {
+                "id": "a",
+                "prompt": [{"role": "user", "content": "Q"}],
+                "response": "R",
+                "rating": "up",
+            },
+            "response",
+            "list of messages",
+        ),
+    ],
+)
+def test_bad_events_name_their_field(event: dict[str, Any], field: str | None, needle: str) -> None:
+    with pytest.raises(InvalidFeedback) as caught:
+        parse_events([{"id": "ok", "prompt": "Q?", "chosen": "a", "rejected": "b"}, event], None)
+    [error] = caught.value.errors
+    assert (error.index, error.field) == (1, field)
+    assert needle in error.msg, error.msg

@@ -1,0 +1,477 @@
+"""Retraining policies against real Redis: the API, and the periodic tick firing and judging runs.
+
+Here the tests play the worker's part at the end of a job (they write its final status and
+metrics to the job record, as the worker does); tests/e2e/test_retraining.py trains for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from arq.connections import ArqRedis
+
+from service import policies, queue
+from service.blobs import BlobStore, open_store
+from service.policies import tick
+from service.settings import Settings
+from service.specs import Artifact, Job, JobError, JobStatus
+from service.store import Store
+from tests.fixtures.api import ALICE, BOB, Api
+from tests.fixtures.s3 import S3Server
+from tests.fixtures.tiny_model import preference_rows
+
+ACC = "eval_rewards/accuracies"
+
+
+@dataclass
+class Loop:
+    """What the worker hands the policy tick: the store, the arq pool, the blob store."""
+
+    store: Store
+    pool: ArqRedis
+    blobs: BlobStore
+    settings: Settings
+
+    async def tick(self, **kw: Any) -> list[str]:
+        return await tick(self.store, self.pool, self.blobs, self.settings, **kw)
+
+    async def finish(
+        self,
+        job_id: str,
+        status: JobStatus = JobStatus.succeeded,
+        metrics: dict[str, float] | None = None,
+        **fields: Any,
+    ) -> Job:
+        """End a job as the worker would."""
+        return await self.store.update_job(
+            job_id,
+            lambda j: msgspec.structs.replace(
+                j,
+                status=status,
+                finished_at=time.time(),
+                latest_metrics={**j.latest_metrics, **(metrics or {})},
+                **fields,
+            ),
+        )
+
+
+@pytest.fixture
+async def loop(api_settings: Settings) -> AsyncIterator[Loop]:
+    store = Store.from_url(api_settings.redis_url)
+    pool = await queue.connect(api_settings.redis_url)
+    try:
+        yield Loop(store, pool, open_store(api_settings.store_url), api_settings)
+    finally:
+        await pool.aclose()
+        await store.close()
+
+
+ROWS = preference_rows(64)
+
+
+def events(start: int, stop: int, prefix: str = "e") -> list[dict[str, Any]]:
+    return [{"id": f"{prefix}{i}", **ROWS[i]} for i in range(start, stop)]
+
+
+async def feed(
+    api: Api, stream: str, evs: list[dict[str, Any]], headers: dict[str, str] = ALICE
+) -> None:
+    resp = await api.client.post(f"/v1/feedback/{stream}", json={"events": evs}, headers=headers)
+    assert resp.status_code == 200, resp.text
+
+
+def policy_body(**over: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "stream": "chat",
+        "template": {"base_model": "org/model", "hyperparameters": {"max_steps": 4}},
+        "trigger": {"min_new_pairs": 10},
+        "gate": {"at_least": {ACC: 0.75}, "not_worse_than_promoted": {ACC: "higher"}},
+        "holdout_fraction": 0.2,
+    }
+    return {**body, **over}
+
+
+async def put(api: Api, name: str, body: dict[str, Any], headers: dict[str, str] = ALICE) -> Any:
+    return await api.client.put(f"/v1/policies/{name}", json=body, headers=headers)
+
+
+async def get(api: Api, name: str) -> dict[str, Any]:
+    resp = await api.client.get(f"/v1/policies/{name}", headers=ALICE)
+    assert resp.status_code == 200, resp.text
+    return dict(resp.json())
+
+
+def blob_rows(api: Api, sha256: str) -> list[dict[str, Any]]:
+    data = (api.store_dir / "datasets" / f"{sha256}.jsonl").read_bytes()
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def stage_adapter(loop: Loop, job_id: str, tmp_path: Path) -> Artifact:
+    """What a worker leaves for a job publishing to the store: an adapter folder."""
+    prefix = f"jobs/{job_id}/artifacts/adapter/"
+    folder = tmp_path / job_id
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    (folder / "adapter_config.json").write_text("{}")
+    sha = loop.blobs.upload_dir(prefix, folder)
+    return Artifact(kind="adapter", uri=f"{loop.blobs.url}/{prefix}", files=sorted(sha), sha256=sha)
+
+
+# --------------------------------------------------------------------------- API
+
+
+async def test_put_get_list_delete(api: Api) -> None:
+    resp = await put(api, "nightly", policy_body())
+    assert resp.status_code == 200, resp.text
+    created = resp.json()
+    assert (created["name"], created["tenant"], created["revision"]) == ("nightly", "alice", 1)
+    assert created["runs"] == [] and created["promoted"] is None and created["active_run"] is None
+    assert created["spec"]["template"]["hyperparameters"]["beta"] == 0.1  # defaults filled in
+    assert created["spec"]["gate"]["tolerance"] == 0.0
+
+    again = (await put(api, "nightly", policy_body(trigger={"min_new_pairs": 50}))).json()
+    assert again["revision"] == 2 and again["created_at"] == created["created_at"]
+    assert (await get(api, "nightly"))["spec"]["trigger"]["min_new_pairs"] == 50
+
+    await put(api, "hourly", policy_body(trigger={"cron": "@hourly"}))
+    listed = (await api.client.get("/v1/policies", headers=ALICE)).json()
+    assert [p["name"] for p in listed["items"]] == ["hourly", "nightly"]
+    page = (await api.client.get("/v1/policies?limit=1", headers=ALICE)).json()
+    assert [p["name"] for p in page["items"]] == ["hourly"] and page["next_cursor"] == "hourly"
+
+    assert (await api.client.delete("/v1/policies/hourly", headers=ALICE)).status_code == 204
+    assert (await api.client.get("/v1/policies/hourly", headers=ALICE)).status_code == 404
+
+
+async def test_policies_belong_to_their_tenant(api: Api) -> None:
+    await put(api, "mine", policy_body())
+    assert (await api.client.get("/v1/policies/mine", headers=BOB)).status_code == 404
+    assert (await api.client.delete("/v1/policies/mine", headers=BOB)).status_code == 404
+    assert (await api.client.get("/v1/policies", headers=BOB)).json()["items"] == []
+    # Bob's policy of the same name is his own.
+    assert (await put(api, "mine", policy_body(stream="other"), headers=BOB)).status_code == 200
+    assert (await get(api, "mine"))["spec"]["stream"] == "chat"
+
+
+@pytest.mark.parametrize(
+    ("patch", "loc"),
+    [
+        ({"trigger": {}}, ["body", "trigger"]),
+        ({"trigger": {"cron": "0 0 30 2 *"}}, ["body", "trigger"]),
+        ({"stream": "bad:name"}, ["body", "stream"]),
+        ({"holdout_fraction": 0.9}, ["body", "holdout_fraction"]),
+        ({"gate": {"at_least": {"bad metric!": 1}}}, ["body", "gate", "at_least"]),
+        ({"gate": {"not_worse_than_promoted": {ACC: "up"}}}, ["body", "gate"]),
+        ({"template": {"base_model": "not a model"}}, ["body", "template"]),
+        ({"template": {"base_model": "org/m", "dataset_id": "ds_1"}}, ["body", "template"]),
+        (
+            {"template": {"base_model": "org/m", "hyperparameters": {"loss_type": "exo_pair"}}},
+            ["body", "template", "hyperparameters"],
+        ),
+        (
+            {"template": {"base_model": "file:///etc/models/x"}},
+            ["body", "template", "base_model"],
+        ),
+        (
+            {"template": {"base_model": "org/m", "eval_dataset_id": "ds_missing"}},
+            ["body", "template", "eval_dataset_id"],
+        ),
+    ],
+    ids=[
+        "no-trigger",
+        "never-cron",
+        "stream-name",
+        "holdout",
+        "metric-name",
+        "direction",
+        "base-model",
+        "dataset-in-template",
+        "cross-field",
+        "outside-models-dir",
+        "eval-dataset",
+    ],
+)
+async def test_bad_policies_are_refused_with_where(
+    api: Api, patch: dict[str, Any], loc: list[str]
+) -> None:
+    resp = await put(api, "p", policy_body(**patch))
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["errors"][0]["loc"][: len(loc)] == loc, resp.json()
+    assert (await api.client.get("/v1/policies/p", headers=ALICE)).status_code == 404
+
+
+async def test_policy_names_are_checked(api: Api) -> None:
+    assert (await put(api, "bad:name", policy_body())).status_code == 400
+    assert (await put(api, "x" * 64, policy_body())).status_code == 400
+
+
+# --------------------------------------------------------------------------- the tick
+
+
+async def test_fires_at_the_threshold_and_the_gate_decides(api: Api, loop: Loop) -> None:
+    await put(api, "p", policy_body())
+    await feed(api, "chat", events(0, 9))
+    assert await loop.tick() == []
+    status = (await get(api, "p"))["status"]
+    assert status["message"] == "waiting for pairs: 9 new of 10" and status["new_pairs"] == 9
+
+    await feed(api, "chat", events(7, 9))  # a retry: no new pair
+    assert await loop.tick() == []
+    await feed(api, "chat", events(9, 10))
+    [line] = await loop.tick()
+    assert "fired run 1 (10 new pairs (at least 10))" in line
+
+    policy = await get(api, "p")
+    [run] = policy["runs"]
+    assert (run["number"], run["status"], run["pairs_end"], run["new_pairs"]) == (
+        1,
+        "queued",
+        10,
+        10,
+    )
+    assert policy["active_run"] == run["id"]
+    # 2 of the 10 pairs (holdout_fraction 0.2) are held out for good; it trains on the other 8.
+    holdout = policy["holdout"]
+    assert len(holdout["indices"]) == 2 and holdout["pairs_end"] == 10
+    assert run["eval_dataset"] == holdout["dataset"] and run["dataset"]["rows"] == 8
+    train = blob_rows(api, run["dataset"]["sha256"])
+    held = blob_rows(api, holdout["dataset"]["sha256"])
+    assert held == [ROWS[i] for i in holdout["indices"]]
+    assert train == [ROWS[i] for i in range(10) if i not in holdout["indices"]]
+
+    job = (await api.client.get(f"/v1/jobs/{run['job_id']}", headers=ALICE)).json()
+    assert job["status"] == "queued" and job["tenant"] == "alice"
+    assert job["dataset"]["id"] == run["dataset"]["id"]
+    assert job["eval_dataset"]["id"] == holdout["dataset"]["id"]
+    assert job["spec"]["labels"] == {"policy": "p"}
+    assert job["spec"]["hyperparameters"]["max_steps"] == 4
+    assert await loop.pool.zrange(loop.settings.queue_name, 0, -1) == [f"{job['id']}:0".encode()]
+    stream = (await api.client.get("/v1/feedback/chat", headers=ALICE)).json()
+    assert [(s["selection"], s["by"]) for s in stream["recent_snapshots"]] == [
+        ("train", "policy p run 1"),
+        ("held_out", "policy p"),
+    ]
+
+    # While the job runs the policy waits, even with enough new pairs.
+    await feed(api, "chat", events(10, 29))
+    assert await loop.tick() == []
+    assert "is queued" in (await get(api, "p"))["status"]["message"]
+    await loop.finish(run["job_id"], metrics={ACC: 1.0, "eval_loss": 0.6})
+    [line] = await loop.tick()
+    assert line.endswith(
+        "run 1 promoted: passed: eval_rewards/accuracies 1 >= 0.75; no promoted model yet"
+    )
+    policy = await get(api, "p")
+    assert (
+        policy["promoted"]["run_id"] == run["id"] and policy["promoted"]["job_id"] == run["job_id"]
+    )
+    assert policy["active_run"] is None
+    first = policy["runs"][0]
+    assert (first["status"], first["decision"]) == ("succeeded", "promoted")
+    assert first["metrics"] == {ACC: 1.0, "eval_loss": 0.6}
+
+    # Run 2: 19 new pairs waited; it trains on all 29 but the held-out 2, judged on the same 2.
+    [line] = await loop.tick()
+    assert "fired run 2 (19 new pairs" in line
+    second = (await get(api, "p"))["runs"][0]
+    assert second["eval_dataset"] == holdout["dataset"] and second["dataset"]["rows"] == 27
+    assert blob_rows(api, second["dataset"]["sha256"]) == [
+        ROWS[i] for i in range(29) if i not in holdout["indices"]
+    ]
+    await loop.finish(second["job_id"], metrics={ACC: 0.5, "eval_loss": 0.7})
+    [line] = await loop.tick()
+    assert "run 2 rejected" in line
+    policy = await get(api, "p")
+    assert policy["promoted"]["run_id"] == run["id"]
+    second = policy["runs"][0]
+    assert second["decision"] == "rejected"
+    assert second["decision_reason"] == (
+        "eval_rewards/accuracies 0.5 < 0.75; eval_rewards/accuracies 0.5 is worse than "
+        "promoted run 1's 1 (higher is better)"
+    )
+    assert [c["passed"] for c in second["gate"]] == [False, False]
+
+    # Run 3 fails outright: kept, not promoted, with the job's error.
+    await feed(api, "chat", events(30, 40))
+    await loop.tick()
+    third = (await get(api, "p"))["runs"][0]
+    error = JobError(type="DatasetError", message="all rows dropped")
+    await loop.finish(third["job_id"], JobStatus.failed, error=error)
+    await loop.tick()
+    policy = await get(api, "p")
+    assert [(r["number"], r["status"], r["decision"]) for r in policy["runs"]] == [
+        (3, "failed", "rejected"),
+        (2, "succeeded", "rejected"),
+        (1, "succeeded", "promoted"),
+    ]
+    assert policy["runs"][0]["decision_reason"] == "the job failed: DatasetError: all rows dropped"
+    assert policy["promoted"]["number"] == 1
+
+
+async def test_a_later_copy_of_a_held_out_pair_never_trains(api: Api, loop: Loop) -> None:
+    await put(api, "p", policy_body(trigger={"min_new_pairs": 5}, holdout_fraction=0.4))
+    await feed(api, "chat", events(0, 5))
+    await loop.tick()
+    policy = await get(api, "p")
+    held = policy["holdout"]["indices"]
+    await loop.finish(policy["runs"][0]["job_id"], metrics={ACC: 1.0})
+    await loop.tick()
+    # The same pairs again, under new ids: users repeat themselves.
+    await feed(api, "chat", [{**ROWS[i], "id": f"again{i}"} for i in range(5)])
+    await loop.tick()
+    run = (await get(api, "p"))["runs"][0]
+    kept = [ROWS[i] for i in range(5) if i not in held]
+    assert blob_rows(api, run["dataset"]["sha256"]) == kept + kept
+
+
+async def test_template_eval_dataset_is_the_fixed_held_out_set(api: Api, loop: Loop) -> None:
+    upload = await api.client.post(
+        "/v1/datasets",
+        content="".join(json.dumps(r) + "\n" for r in ROWS[50:56]),
+        headers={**ALICE, "Content-Type": "application/x-ndjson"},
+    )
+    eval_id = upload.json()["id"]
+    template = {"base_model": "org/model", "eval_dataset_id": eval_id}
+    await put(api, "p", policy_body(template=template, trigger={"min_new_pairs": 4}))
+    await feed(api, "chat", events(0, 4))
+    await loop.tick()
+    policy = await get(api, "p")
+    run = policy["runs"][0]
+    assert policy["holdout"] is None
+    assert run["eval_dataset"]["id"] == eval_id and run["dataset"]["rows"] == 4
+    stream = (await api.client.get("/v1/feedback/chat", headers=ALICE)).json()
+    assert stream["recent_snapshots"][0]["selection"] == "all"
+
+
+async def test_cron_policy_fires_on_its_schedule(api: Api, loop: Loop) -> None:
+    await put(api, "p", policy_body(trigger={"cron": "0 * * * *"}))
+    await feed(api, "chat", events(0, 3))
+    created = (await get(api, "p"))["cron_after"]
+    next_hour = (created // 3600 + 1) * 3600
+    assert await loop.tick(now=next_hour - 1) == []
+    assert "waiting for the schedule" in (await get(api, "p"))["status"]["message"]
+    [line] = await loop.tick(now=next_hour + 5)
+    assert "fired run 1 (3 new pairs (at least 1), scheduled" in line
+
+
+async def test_disabled_policy_and_too_few_pairs_to_hold_out(api: Api, loop: Loop) -> None:
+    await put(api, "p", policy_body(trigger={"min_new_pairs": 1}, enabled=False))
+    await feed(api, "chat", events(0, 1))
+    assert await loop.tick() == []
+    assert (await get(api, "p"))["status"]["message"] == "disabled"
+    await put(api, "p", policy_body(trigger={"min_new_pairs": 1}))
+    [line] = await loop.tick()
+    assert "could not start" in line and "too few" in line
+    policy = await get(api, "p")
+    assert policy["active_run"] is None
+    assert (policy["runs"][0]["status"], policy["runs"][0]["decision"]) == (
+        "not_started",
+        "rejected",
+    )
+    assert "too few to hold 1 out" in policy["runs"][0]["decision_reason"]
+
+
+async def test_concurrent_ticks_fire_once(api: Api, loop: Loop) -> None:
+    await put(api, "p", policy_body())
+    await feed(api, "chat", events(0, 10))
+    results = await asyncio.gather(*(loop.tick() for _ in range(4)))
+    assert sum(len(r) for r in results) == 1
+    assert len((await get(api, "p"))["runs"]) == 1
+    assert len(await loop.pool.zrange(loop.settings.queue_name, 0, -1)) == 1
+
+
+async def test_an_interrupted_firing_is_cleared_or_adopted(api: Api, loop: Loop) -> None:
+    await put(api, "p", policy_body())
+    await feed(api, "chat", events(0, 10))
+    await loop.tick()
+    policy = await get(api, "p")
+    run = policy["runs"][0]
+    # Pretend the firing tick died before it recorded the job (run still "starting").
+    await policies.update_policy(
+        loop.store, "alice", "p", lambda p: policies._with_run(p, run["id"], status="starting")
+    )
+    assert await loop.tick() == []  # within the grace period: leave it to the firing tick
+    later = time.time() + policies.FIRE_GRACE_SECONDS + 1
+    [line] = await loop.tick(now=later)
+    assert line.endswith(f"adopted job {run['job_id']}")
+    assert (await get(api, "p"))["runs"][0]["status"] == "queued"
+
+    # Without a job, the run is given up and the policy can fire again.
+    await loop.finish(run["job_id"], metrics={ACC: 1.0})
+    await loop.tick()
+    await feed(api, "chat", events(10, 20))
+    await loop.tick()
+    second = (await get(api, "p"))["runs"][0]
+    await loop.store.redis.delete(f"ftune:job:{second['job_id']}")
+    await policies.update_policy(
+        loop.store, "alice", "p", lambda p: policies._with_run(p, second["id"], status="starting")
+    )
+    [line] = await loop.tick(now=later)
+    assert "lost: the firing was interrupted" in line
+    assert (await get(api, "p"))["active_run"] is None
+
+
+async def test_a_promoted_run_is_published_where_the_template_says(
+    api: Api, loop: Loop, s3_server: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    settings = replace(loop.settings, s3_endpoint_url=s3_server.endpoint_url)
+    loop = replace(loop, settings=settings)
+    destination = {"type": "s3", "uri": f"s3://{s3_bucket}/models/chat"}
+    template = {"base_model": "org/model", "output": {"destination": destination}}
+    await put(api, "p", policy_body(template=template))
+    await feed(api, "chat", events(0, 10))
+    await loop.tick()
+    run = (await get(api, "p"))["runs"][0]
+    job = (await api.client.get(f"/v1/jobs/{run['job_id']}", headers=ALICE)).json()
+    assert job["spec"]["output"]["destination"] == {"type": "store"}  # staged, not published
+
+    artifact = stage_adapter(loop, job["id"], tmp_path)
+    await loop.finish(job["id"], metrics={ACC: 1.0}, artifacts=[artifact])
+    [line] = await loop.tick()
+    assert "promoted" in line
+    policy = await get(api, "p")
+    uri = f"s3://{s3_bucket}/models/chat/adapter/"
+    assert policy["runs"][0]["published"] == [uri] and policy["promoted"]["published"] == [uri]
+    listed = s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix="models/chat/adapter/")
+    keys = {o["Key"].removeprefix("models/chat/adapter/") for o in listed["Contents"]}
+    assert keys == {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "manifest.json",
+        "README.md",
+    }
+    body = s3_server.client().get_object(
+        Bucket=s3_bucket, Key="models/chat/adapter/adapter_model.safetensors"
+    )
+    assert body["Body"].read() == b"weights"
+
+
+async def test_a_failed_publish_is_recorded(
+    api: Api, loop: Loop, s3_server: S3Server, tmp_path: Path
+) -> None:
+    loop = replace(loop, settings=replace(loop.settings, s3_endpoint_url=s3_server.endpoint_url))
+    destination = {"type": "s3", "uri": "s3://no-such-bucket-ftune/models"}
+    template = {"base_model": "org/model", "output": {"destination": destination}}
+    await put(api, "p", policy_body(template=template))
+    await feed(api, "chat", events(0, 10))
+    await loop.tick()
+    run = (await get(api, "p"))["runs"][0]
+    artifact = stage_adapter(loop, run["job_id"], tmp_path)
+    await loop.finish(run["job_id"], metrics={ACC: 1.0}, artifacts=[artifact])
+    await loop.tick()
+    policy = await get(api, "p")
+    # It passed the gate, so it is the promoted model; where it could not go is on record.
+    run = policy["runs"][0]
+    assert run["decision"] == "promoted" and run["published"] == []
+    assert (
+        "no-such-bucket-ftune" in run["publish_error"] and "does not exist" in run["publish_error"]
+    )
+    assert policy["promoted"]["run_id"] == run["id"]
