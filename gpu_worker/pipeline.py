@@ -1,0 +1,260 @@
+"""One training job from start to finish: prepare → train → evaluate → merge → upload.
+
+`run` is meant to be read top to bottom; each step is a call into data, model, trainer,
+callbacks, merge or publish. It runs in the worker's child process and talks to the outside only
+through the Reporter (phases, progress, metrics, logs, record fields) and the blob store.
+
+Local layout under `workdir`: `data/` (dataset JSONL), `output/` (the trainer's checkpoints),
+`adapter/` and `merged/` (the artifacts, each with spec.json, metrics.jsonl and, if
+eval_prompts were given, eval_generations.jsonl).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import msgspec
+
+from gpu_worker.callbacks import METRICS_FILE, CheckpointStore, ReporterCallback, read_points
+from gpu_worker.callbacks import write_points as write_metrics
+from gpu_worker.data import (
+    Row,
+    apply_chat_template,
+    drop_long_prompts,
+    fetch_rows,
+    prompt_ids,
+    split_eval,
+    to_dataset,
+)
+from gpu_worker.errors import DatasetError
+from gpu_worker.model import load_model, load_tokenizer, resolve_model
+from gpu_worker.reporter import JobCancelled, Reporter
+from gpu_worker.trainer import adapt_to_device, build_dpo_config, build_trainer, resolve_device
+from service.blobs import BlobStore
+from service.settings import Settings
+from service.specs import Artifact, Generation, Job, JobSpec, MetricPoint, Phase
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+_OUR_KEYS = ("tokens_per_second", "step_seconds", "memory_bytes")
+
+
+class PipelineResult(msgspec.Struct, kw_only=True):
+    artifacts: list[Artifact]
+    final_metrics: dict[str, float]
+
+
+def run(
+    job: Job, workdir: Path, reporter: Reporter, *, settings: Settings, store: BlobStore
+) -> PipelineResult:
+    """Train `job` in `workdir` and publish its artifacts; raises JobFailure or JobCancelled."""
+    _quiet_progress_bars()
+    reporter.phase(Phase.preparing)
+    device = resolve_device(settings.device)
+    spec, notes = adapt_to_device(job.spec, device)
+    for note in notes:
+        reporter.log(note)
+    rows = fetch_rows(store, job.dataset, workdir / "data")
+    eval_rows = fetch_rows(store, job.eval_dataset, workdir / "data") if job.eval_dataset else None
+    model_dir = resolve_model(spec.base_model, spec.revision, settings=settings, workdir=workdir)
+    tokenizer = load_tokenizer(model_dir)
+    rows, eval_rows = _prepare_rows(rows, eval_rows, tokenizer, spec, reporter)
+    reporter.log(f"{len(rows)} training rows, {len(eval_rows)} eval rows, device {device}")
+    model = load_model(model_dir, spec, device)
+    _stop_if_cancelled(reporter)
+
+    reporter.phase(Phase.training)
+    output_dir = workdir / "output"
+    checkpoints = CheckpointStore(store, job.id)
+    resume_from, history = _fetch_newest_checkpoint(checkpoints, output_dir, reporter)
+    callback = ReporterCallback(reporter, checkpoints=checkpoints, history=history)
+    trainer = build_trainer(
+        model,
+        tokenizer,
+        spec,
+        build_dpo_config(spec, output_dir, device, has_eval=bool(eval_rows)),
+        to_dataset(rows),
+        to_dataset(eval_rows) if eval_rows else None,
+        [callback],
+    )
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    adapter_dir = workdir / "adapter"
+    trainer.save_model(str(adapter_dir))
+    # A pickle of the training arguments: not needed to load the adapter, unsafe to unpickle.
+    (adapter_dir / "training_args.bin").unlink(missing_ok=True)
+
+    reporter.phase(Phase.evaluating)
+    final_metrics = _final_train_metrics(callback)
+    if eval_rows:
+        final_metrics |= _eval_at(callback, trainer.state.global_step) or {
+            k: float(v) for k, v in trainer.evaluate().items()
+        }
+    generations = []
+    if spec.eval_prompts:
+        generations = generate_side_by_side(trainer.model, tokenizer, spec, device)
+        reporter.update(eval_generations=generations)
+    del trainer, model
+    _free_memory()
+    _stop_if_cancelled(reporter)
+
+    outputs: dict[Literal["adapter", "merged"], Path] = {}
+    if spec.output.artifacts in ("adapter", "both"):
+        outputs["adapter"] = adapter_dir
+    if spec.output.artifacts in ("merged", "both"):
+        reporter.phase(Phase.merging)
+        from gpu_worker.merge import merge_adapter
+
+        outputs["merged"] = workdir / "merged"
+        merge_adapter(model_dir, adapter_dir, outputs["merged"], dtype=_merge_dtype(model_dir))
+
+    reporter.phase(Phase.uploading)
+    from gpu_worker.publish import publish
+
+    artifacts = []
+    for kind, folder in outputs.items():
+        _describe(folder, job.spec, callback.points, generations)
+        artifacts.append(
+            publish(
+                folder,
+                kind=kind,
+                job=job,
+                settings=settings,
+                store=store,
+                final_metrics=final_metrics,
+            )
+        )
+    return PipelineResult(artifacts=artifacts, final_metrics=final_metrics)
+
+
+def _prepare_rows(
+    rows: list[Row],
+    eval_rows: list[Row] | None,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: JobSpec,
+    reporter: Reporter,
+) -> tuple[list[Row], list[Row]]:
+    """Chat template, drop prompts that leave no room for a completion, eval split."""
+    max_length = spec.hyperparameters.max_length
+    rows = apply_chat_template(rows, tokenizer, spec.chat_template, reporter.log)
+    rows, dropped = drop_long_prompts(rows, tokenizer, max_length)
+    reporter.update(rows_dropped=dropped)
+    if not rows:
+        raise DatasetError(
+            f"all {dropped} training rows were dropped: each prompt alone is at least "
+            f"max_length={max_length} tokens. Raise hyperparameters.max_length or shorten "
+            "the prompts"
+        )
+    if dropped:
+        reporter.log(f"dropped {dropped} rows whose prompt reaches max_length={max_length}")
+    if eval_rows is None:
+        return split_eval(rows, spec.eval_fraction, spec.hyperparameters.seed)
+    eval_rows = apply_chat_template(eval_rows, tokenizer, spec.chat_template, reporter.log)
+    eval_rows, eval_dropped = drop_long_prompts(eval_rows, tokenizer, max_length)
+    if eval_dropped:
+        reporter.log(f"dropped {eval_dropped} eval rows whose prompt reaches max_length")
+    return rows, eval_rows
+
+
+def _quiet_progress_bars() -> None:
+    """Progress goes through the reporter; console bars would only fill the worker's log."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _stop_if_cancelled(reporter: Reporter) -> None:
+    if reporter.cancelled():
+        raise JobCancelled("cancelled between phases")
+
+
+def _fetch_newest_checkpoint(
+    checkpoints: CheckpointStore, output_dir: Path, reporter: Reporter
+) -> tuple[Path | None, list[MetricPoint]]:
+    """The newest stored checkpoint, downloaded, and the metric points up to it."""
+    step = checkpoints.newest()
+    if step is None:
+        return None, []
+    folder = checkpoints.download(step, output_dir)
+    reporter.log(f"resuming from the checkpoint at step {step}")
+    return folder, [p for p in read_points(folder / METRICS_FILE) if p.step <= step]
+
+
+def _final_train_metrics(callback: ReporterCallback) -> dict[str, float]:
+    """The last training log (TRL's keys) and the end-of-training summary (`train_loss`, ...)."""
+    last: dict[str, float] = {}
+    for point in callback.points:
+        if not any(k.startswith("eval_") for k in point.values):
+            last = {k: v for k, v in point.values.items() if k not in _OUR_KEYS}
+    return last | callback.summary
+
+
+def _eval_at(callback: ReporterCallback, step: int) -> dict[str, float]:
+    """The eval metrics logged at `step` if eval_steps already evaluated there, else empty."""
+    last = callback.points[-1] if callback.points else None
+    if last is None or last.step != step or "eval_loss" not in last.values:
+        return {}
+    return last.values
+
+
+def generate_side_by_side(
+    model: object, tokenizer: PreTrainedTokenizerBase, spec: JobSpec, device: str
+) -> list[Generation]:
+    """Greedy completions of each eval prompt by the base (adapter disabled) and the tuned model."""
+    import torch
+
+    generations = []
+    model.eval()  # type: ignore[attr-defined]
+    for prompt in spec.eval_prompts:
+        ids = torch.tensor([prompt_ids(prompt, tokenizer, spec.chat_template)], device=device)
+        with torch.no_grad():
+            with model.disable_adapter():  # type: ignore[attr-defined]
+                base = _generate(model, tokenizer, ids, spec.max_new_tokens)
+            tuned = _generate(model, tokenizer, ids, spec.max_new_tokens)
+        generations.append(Generation(prompt=prompt, base=base, tuned=tuned))
+    return generations
+
+
+def _generate(model: object, tokenizer: PreTrainedTokenizerBase, ids: object, n: int) -> str:
+    import torch
+
+    assert isinstance(ids, torch.Tensor)
+    out = model.generate(  # type: ignore[attr-defined]
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+
+
+def _merge_dtype(model_dir: Path) -> str:
+    """The base's own dtype from its config (its 16-bit width in practice), else bfloat16."""
+    config = json.loads((model_dir / "config.json").read_text())
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in ("bfloat16", "float16", "float32") else "bfloat16"
+
+
+def _describe(
+    folder: Path, spec: JobSpec, points: list[MetricPoint], generations: list[Generation]
+) -> None:
+    """spec.json, metrics.jsonl (and eval_generations.jsonl): the artifact explains itself."""
+    (folder / "spec.json").write_bytes(msgspec.json.format(msgspec.json.encode(spec)) + b"\n")
+    write_metrics(folder / "metrics.jsonl", points)
+    if generations:
+        lines = [msgspec.json.encode(g) + b"\n" for g in generations]
+        (folder / "eval_generations.jsonl").write_bytes(b"".join(lines))
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,244 @@
+"""The whole training job on the tiny model: QLoRA (4-bit NF4) DPO on the CPU, for real.
+
+Each test runs `gpu_worker.pipeline.run` with a file:// blob store and a ListReporter, and
+checks what a user would see: phases, metric points, progress, cancellation, resume, artifacts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from gpu_worker.errors import DatasetError
+from gpu_worker.pipeline import run
+from gpu_worker.reporter import JobCancelled, ListReporter
+from service.blobs import BlobStore, open_store
+from service.settings import Settings
+from service.specs import Generation, JobSpec, Phase
+from tests.fixtures.tiny_model import stage_job
+
+TRL_KEYS = {
+    "loss",
+    "grad_norm",
+    "learning_rate",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "epoch",
+}
+OUR_KEYS = {"tokens_per_second", "step_seconds", "memory_bytes"}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> BlobStore:
+    return open_store((tmp_path / "store").as_uri())
+
+
+@pytest.fixture
+def settings(tiny_model_dir: Path, tmp_path: Path) -> Settings:
+    return Settings(models_dir=tiny_model_dir.parent, work_dir=tmp_path / "work", device="cpu")
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+def _long_prompt_rows(n: int) -> list[dict[str, str]]:
+    prompt = "Tell me about " + " and ".join(["the weather", "the park", "the city"] * 40) + "."
+    return [{"prompt": prompt, "chosen": "It was great.", "rejected": "It was awful."}] * n
+
+
+@pytest.mark.slow
+def test_qlora_job_trains_reports_and_publishes_the_adapter(
+    tiny_model_dir: Path,
+    tiny_preference_rows: list[dict[str, str]],
+    store: BlobStore,
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    base_before = _digests(tiny_model_dir)
+    job = stage_job(
+        store,
+        tiny_model_dir,
+        tiny_preference_rows + _long_prompt_rows(3),
+        eval_fraction=0.1,
+        eval_prompts=["How was the park?", "Describe the coffee in a few words."],
+        max_new_tokens=8,
+        hyperparameters={
+            "max_steps": 10,
+            "logging_steps": 2,
+            "checkpoint_steps": 4,
+            "optimizer": "paged_adamw_8bit",
+        },
+        quantization={"bits": 4, "quant_type": "nf4", "compute_dtype": "bfloat16"},
+    )
+    reporter = ListReporter()
+
+    result = run(job, tmp_path / "work", reporter, settings=settings, store=store)
+
+    assert reporter.phases == [
+        Phase.preparing,
+        Phase.training,
+        Phase.evaluating,
+        Phase.uploading,
+    ]
+    # The CPU worker says what it changed instead of failing or silently differing.
+    assert any("compute_dtype bfloat16 -> float32" in line for line in reporter.logs)
+    assert any("optimizer paged_adamw_8bit -> adamw_torch" in line for line in reporter.logs)
+    assert reporter.fields["rows_dropped"] == 3
+
+    train_points = [(s, v) for s, v in reporter.points if "loss" in v]
+    eval_points = [(s, v) for s, v in reporter.points if "eval_loss" in v]
+    assert [s for s, _ in train_points] == [2, 4, 6, 8, 10]
+    for _, values in train_points:
+        assert values.keys() >= TRL_KEYS | OUR_KEYS
+        assert all(math.isfinite(v) for v in values.values())
+        assert values["memory_bytes"] > 10_000_000
+        assert values["tokens_per_second"] > 0 and values["step_seconds"] > 0
+    assert [s for s, _ in eval_points] == [10]
+    assert {"eval_rewards/accuracies", "eval_rewards/margins"} <= eval_points[0][1].keys()
+    # The preference is learnable: after 10 steps at lr 1e-3 the chosen answers are preferred.
+    last = train_points[-1][1]
+    assert last["loss"] < math.log(2) and last["rewards/margins"] > 0
+    assert last["rewards/accuracies"] >= 0.75
+
+    assert [p.step for p in reporter.progresses] == list(range(1, 11))
+    assert reporter.progresses[-1].total_steps == 10
+    assert reporter.progresses[-1].eta_seconds == 0
+
+    generations = reporter.fields["eval_generations"]
+    assert [g.prompt for g in generations] == job.spec.eval_prompts
+    assert all(isinstance(g, Generation) for g in generations)
+
+    # Only the newest two checkpoints stay in the store.
+    checkpoints = {k.split("/")[3] for k in store.list(f"jobs/{job.id}/checkpoints/")}
+    assert checkpoints == {"checkpoint-8", "checkpoint-10"}
+
+    (artifact,) = result.artifacts
+    assert artifact.kind == "adapter"
+    assert artifact.uri.startswith(store.url)
+    prefix = f"jobs/{job.id}/artifacts/adapter/"
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "spec.json",
+        "metrics.jsonl",
+        "eval_generations.jsonl",
+    ):
+        assert name in artifact.files
+        assert store.exists(prefix + name)
+    assert "training_args.bin" not in artifact.files
+    spec = msgspec.json.decode(store.get_bytes(prefix + "spec.json"), type=JobSpec)
+    assert spec == job.spec
+    metrics_lines = store.get_bytes(prefix + "metrics.jsonl").splitlines()
+    assert [json.loads(line)["step"] for line in metrics_lines] == [2, 4, 6, 8, 10, 10]
+    saved_generations = store.get_bytes(prefix + "eval_generations.jsonl").splitlines()
+    assert [json.loads(line)["prompt"] for line in saved_generations] == job.spec.eval_prompts
+
+    assert result.final_metrics["loss"] == last["loss"]
+    assert "eval_loss" in result.final_metrics and "train_loss" in result.final_metrics
+
+    # The adapter moved away from its init (lora_B starts at zero); the base did not change.
+    adapter = _adapter_tensors(store, prefix)
+    assert adapter and all("lora_" in name for name in adapter)
+    assert all(t.abs().sum() > 0 for name, t in adapter.items() if "lora_B" in name)
+    assert _digests(tiny_model_dir) == base_before
+
+
+def _adapter_tensors(store: BlobStore, prefix: str) -> dict[str, Any]:
+    from safetensors.torch import load
+
+    return load(store.get_bytes(prefix + "adapter_model.safetensors"))
+
+
+def test_all_rows_too_long_fails_saying_why(
+    tiny_model_dir: Path, store: BlobStore, settings: Settings, tmp_path: Path
+) -> None:
+    job = stage_job(store, tiny_model_dir, _long_prompt_rows(5))
+    reporter = ListReporter()
+
+    with pytest.raises(DatasetError, match=r"all 5 training rows.*max_length=128"):
+        run(job, tmp_path / "work", reporter, settings=settings, store=store)
+    assert reporter.fields["rows_dropped"] == 5
+    assert reporter.phases == [Phase.preparing]
+
+
+@pytest.mark.slow
+def test_cancel_stops_within_one_step(
+    tiny_model_dir: Path,
+    tiny_conversational_rows: list[dict[str, Any]],
+    store: BlobStore,
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    job = stage_job(
+        store, tiny_model_dir, tiny_conversational_rows, hyperparameters={"max_steps": 20}
+    )
+    reporter = ListReporter()
+    reporter.cancel_after_step = 3
+
+    with pytest.raises(JobCancelled):
+        run(job, tmp_path / "work", reporter, settings=settings, store=store)
+
+    assert reporter.phases == [Phase.preparing, Phase.training]
+    assert reporter.progresses[-1].step == 3
+    assert [s for s, _ in reporter.points] == [1, 2, 3]
+    assert not store.list(f"jobs/{job.id}/artifacts/")
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_newest_checkpoint(
+    tiny_model_dir: Path,
+    tiny_preference_rows: list[dict[str, str]],
+    store: BlobStore,
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    job = stage_job(
+        store,
+        tiny_model_dir,
+        tiny_preference_rows[:56],
+        eval_rows=tiny_preference_rows[56:],
+        hyperparameters={"max_steps": 8, "checkpoint_steps": 4, "eval_steps": 4},
+    )
+    first = ListReporter()
+    first.cancel_after_step = 5
+    with pytest.raises(JobCancelled):
+        run(job, tmp_path / "work-1", first, settings=settings, store=store)
+    assert [(s, "eval_loss" in v) for s, v in first.points] == [
+        (1, False),
+        (2, False),
+        (3, False),
+        (4, False),
+        (4, True),  # evaluation during training, on the separate eval dataset
+        (5, False),
+    ]
+
+    # Another worker picks the job up with an empty work dir: only the store carries state.
+    second = ListReporter()
+    result = run(job, tmp_path / "work-2", second, settings=settings, store=store)
+
+    assert any("resuming from the checkpoint at step 4" in line for line in second.logs)
+    train_steps = [s for s, v in second.points if "loss" in v]
+    assert train_steps == [5, 6, 7, 8]
+    assert second.progresses[0].step == 5 and second.progresses[-1].step == 8
+    # Step 5 retrained from checkpoint 4 gives what the first run computed: state was restored.
+    loss_5_first = first.points[-1][1]["loss"]
+    loss_5_second = second.points[0][1]["loss"]
+    assert loss_5_second == pytest.approx(loss_5_first, abs=1e-4)
+    # metrics.jsonl holds the whole history once: steps 1-4 from the checkpoint, 5-8 resumed,
+    # then the evaluation at step 8 (done by eval_steps, so not repeated after training).
+    (artifact,) = result.artifacts
+    lines = store.get_bytes(f"jobs/{job.id}/artifacts/adapter/metrics.jsonl").splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 4, 5, 6, 7, 8, 8]
+    assert "eval_rewards/accuracies" in result.final_metrics
+    assert artifact.kind == "adapter"

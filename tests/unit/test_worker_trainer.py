@@ -1,0 +1,107 @@
+"""Our spec → TRL's DPOConfig, and the explicit choices a CPU worker makes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from gpu_worker.errors import ConfigError
+from gpu_worker.trainer import adapt_to_device, build_dpo_config, resolve_device
+from service.specs import JobSpec
+
+
+def _spec(**fields: Any) -> JobSpec:
+    return msgspec.convert({"base_model": "org/tiny", "dataset_id": "ds_x", **fields}, JobSpec)
+
+
+def test_bf16_on_a_cpu_is_refused_with_the_fix_in_the_message() -> None:
+    with pytest.raises(ConfigError) as exc:
+        adapt_to_device(_spec(hyperparameters={"bf16": True}), "cpu")
+    assert str(exc.value) == "bf16 needs a GPU: set hyperparameters.bf16 false"
+
+
+def test_cpu_runs_16_bit_compute_and_gpu_optimizers_in_their_cpu_form() -> None:
+    spec = _spec(
+        hyperparameters={"optimizer": "paged_adamw_8bit"},
+        quantization={"compute_dtype": "float16"},
+    )
+
+    adapted, notes = adapt_to_device(spec, "cpu")
+
+    assert adapted.quantization.compute_dtype == "float32"
+    assert adapted.hyperparameters.optimizer == "adamw_torch"
+    assert notes == [
+        "CPU worker: quantization.compute_dtype float16 -> float32 "
+        "(16-bit matmuls are emulated and slow on a CPU)",
+        "CPU worker: optimizer paged_adamw_8bit -> adamw_torch "
+        "(paged and 8-bit optimizers are GPU memory savers)",
+    ]
+    assert spec.quantization.compute_dtype == "float16"  # the job's own spec is untouched
+    assert adapt_to_device(spec, "cuda") == (spec, [])
+    plain = _spec(quantization={"compute_dtype": "float32"})
+    assert adapt_to_device(plain, "cpu") == (plain, [])
+
+
+def test_device_setting() -> None:
+    import torch
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="auto, cpu or cuda"):
+        resolve_device("tpu")
+
+
+def test_dpo_config_carries_every_hyperparameter(tmp_path: Path) -> None:
+    spec, _ = adapt_to_device(
+        _spec(
+            hyperparameters={
+                "beta": 0.3,
+                "loss_type": "ipo",
+                "learning_rate": 1e-4,
+                "num_epochs": 2,
+                "batch_size": 3,
+                "gradient_accumulation_steps": 5,
+                "warmup_ratio": 0.25,
+                "lr_scheduler": "cosine",
+                "weight_decay": 0.02,
+                "max_grad_norm": 0.7,
+                "max_length": 256,
+                "seed": 11,
+                "logging_steps": 3,
+                "eval_steps": 9,
+                "checkpoint_steps": 13,
+                "gradient_checkpointing": True,
+            }
+        ),
+        "cpu",
+    )
+
+    config = build_dpo_config(spec, tmp_path, "cpu", has_eval=True)
+
+    assert config.output_dir == str(tmp_path)
+    assert config.use_cpu and not config.bf16 and not config.fp16
+    assert config.beta == 0.3 and config.loss_type == ["ipo"]
+    assert config.learning_rate == 1e-4 and config.num_train_epochs == 2 and config.max_steps == -1
+    assert config.per_device_train_batch_size == 3 and config.gradient_accumulation_steps == 5
+    assert config.warmup_steps == 0.25  # transformers 5: a float below 1 is a ratio
+    assert config.lr_scheduler_type == "cosine"
+    assert config.weight_decay == 0.02 and config.max_grad_norm == 0.7
+    assert config.max_length == 256 and config.seed == 11
+    assert config.activation_checkpointing
+    assert config.logging_steps == 3
+    assert config.eval_strategy == "steps" and config.eval_steps == 9
+    assert config.save_strategy == "steps" and config.save_steps == 13
+    assert config.optim == "adamw_torch"
+    assert config.report_to == []
+
+
+def test_dpo_config_without_eval_data_or_with_max_steps(tmp_path: Path) -> None:
+    spec = _spec(hyperparameters={"eval_steps": 5, "max_steps": 7, "warmup_ratio": 0.0})
+
+    config = build_dpo_config(spec, tmp_path, "cpu", has_eval=False)
+
+    assert config.eval_strategy == "no"
+    assert config.max_steps == 7 and config.warmup_steps == 0
