@@ -240,7 +240,7 @@ async def _follow(store: Store, job_id: str, after: str) -> AsyncIterator[Server
         if not entries:
             if finished:
                 return
-            yield ServerSentEventMessage(comment="keep-alive")
+            yield ServerSentEventMessage(comment="keep-alive", data=None)  # no empty message
             continue
         for entry_id, kind, data in entries:
             after = entry_id

@@ -145,10 +145,15 @@ def test_killed_worker_job_resumes_from_checkpoint_elsewhere(stack: Stack) -> No
         for p in stack.http.get(f"/v1/jobs/{job['id']}/metrics").json()["points"]
         if "loss" in p["values"]
     ]
-    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
-    resumed_from = steps[restart] - 1
-    assert resumed_from >= 4 and resumed_from % 4 == 0, steps
-    assert steps[restart:] == list(range(resumed_from + 1, 17)), steps
+    with stack.http.stream("GET", f"/v1/jobs/{job['id']}/events") as resp:
+        logs = [line for line in resp.iter_lines() if "resuming from the checkpoint" in line]
+    assert len(logs) == 1, logs
+    resumed_from = int(logs[0].rsplit("step ", 1)[1].split('"')[0])
+    assert resumed_from >= 4 and resumed_from % 4 == 0, logs
+    # attempt 0 reported 1..k (k >= the checkpoint), attempt 1 only what came after it
+    k = len(steps) - (16 - resumed_from)
+    assert k >= resumed_from
+    assert steps == list(range(1, k + 1)) + list(range(resumed_from + 1, 17)), steps
 
 
 def test_failures_end_failed_with_phase_and_message(stack: Stack) -> None:
