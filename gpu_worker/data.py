@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from gpu_worker.errors import ConfigError, DatasetError
-from service.blobs import BlobNotFound, BlobStore
+from service.blobs import BlobNotFound, BlobStore, dataset_blob_key
 from service.specs import ChatTemplate, DatasetRef
 
 if TYPE_CHECKING:
@@ -29,14 +29,9 @@ Message = dict[str, str]
 _TOKENIZE_BATCH = 512
 
 
-def dataset_key(ref: DatasetRef) -> str:
-    """Where the API stored the normalized JSONL (content-addressed by its sha256)."""
-    return f"datasets/{ref.sha256}.jsonl"
-
-
 def fetch_rows(store: BlobStore, ref: DatasetRef, dest_dir: Path) -> list[Row]:
     """Download a dataset's JSONL into `dest_dir`, check its sha256 and parse it."""
-    key = dataset_key(ref)
+    key = dataset_blob_key(ref.sha256)
     path = dest_dir / f"{ref.id}.jsonl"
     try:
         store.get_file(key, path)

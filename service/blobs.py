@@ -50,6 +50,11 @@ _S3_DELETE_BATCH = 1000
 _NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
 
 
+def dataset_blob_key(sha256: str) -> str:
+    """Where a dataset's normalized JSONL lives: content-addressed, shared by equal uploads."""
+    return f"datasets/{sha256}.jsonl"
+
+
 class BlobNotFound(Exception):
     """The key (or, for ``download_dir``, every key under a prefix) does not exist."""
 

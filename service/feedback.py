@@ -33,7 +33,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import anyio.to_thread
 import msgspec
 from redis.exceptions import WatchError
 
@@ -45,10 +44,10 @@ from service.datasets import (
     RowInvalid,
     normalize_row,
     row_format,
-    validate_jsonl,
 )
-from service.specs import Dataset, DatasetRef
-from service.store import Conflict, NotFound, P, Store, new_id
+from service.ingest import store_dataset
+from service.specs import DatasetRef
+from service.store import Conflict, NotFound, P, Store
 
 __all__ = [
     "MAX_BATCH",
@@ -65,7 +64,6 @@ __all__ = [
     "ParsedEvent",
     "Pending",
     "apply_events",
-    "dataset_blob_key",
     "get_stream",
     "ingest",
     "list_snapshots",
@@ -450,11 +448,6 @@ def _index(tenant: str) -> str:
     return f"{P}fb-streams:{tenant}"
 
 
-def dataset_blob_key(sha256: str) -> str:
-    """Where a dataset's normalized JSONL lives (the same key uploads use)."""
-    return f"datasets/{sha256}.jsonl"
-
-
 _stream_decoder = msgspec.json.Decoder(FeedbackStream)
 _pending_decoder = msgspec.json.Decoder(Pending)
 _pair_decoder = msgspec.json.Decoder(PairRecord)
@@ -610,7 +603,7 @@ async def snapshot(
     total = await pair_count(store, tenant, stream)
     end = total if end is None else min(end, total)
     with tempfile.TemporaryDirectory(prefix="ftune-snapshot-") as tmp:
-        raw_path, normalized = Path(tmp) / "raw.jsonl", Path(tmp) / "normalized.jsonl"
+        raw_path = Path(tmp) / "raw.jsonl"
         kept = 0
         with raw_path.open("wb") as out:
             for start in range(0, end, _READ_CHUNK):
@@ -635,33 +628,18 @@ async def snapshot(
 
         version = int(await store.redis.incr(_key(tenant, stream, "versions")))
 
-        def validate() -> Any:
-            with raw_path.open("rb") as src, normalized.open("wb") as dst:
-                return validate_jsonl(src, dst, limits=limits)
-
         try:
-            result = await anyio.to_thread.run_sync(validate)
+            ds = await store_dataset(
+                store,
+                blobs,
+                raw_path,
+                tenant=tenant,
+                name=name or f"{stream} v{version}",
+                limits=limits,
+            )
         except InvalidDataset as exc:  # the pairs were checked on the way in; this is a bug
             raise RuntimeError(f"stored pairs of {stream} failed validation: {exc}") from exc
-        key = dataset_blob_key(result.sha256)
-        if not await anyio.to_thread.run_sync(blobs.exists, key):
-            await anyio.to_thread.run_sync(blobs.put_file, key, normalized)
     now = time.time()
-    ds = Dataset(
-        id=new_id("ds"),
-        tenant=tenant,
-        name=name or f"{stream} v{version}",
-        rows=result.rows,
-        bytes=result.bytes,
-        source_bytes=result.source_bytes,
-        sha256=result.sha256,
-        format=result.format,
-        source_format=result.source_format,
-        stats=result.stats,
-        warnings=result.warnings,
-        created_at=now,
-    )
-    await store.put_dataset(ds)
     record = FeedbackSnapshot(
         stream=stream,
         version=version,

@@ -7,7 +7,6 @@ validated and normalized in a thread, and only then stored: invalid input stores
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 from typing import IO, Annotated, Any
 
@@ -31,20 +30,17 @@ from service.api.openapi_docs import (
     UNSUPPORTED,
     responses,
 )
-from service.blobs import BlobStore
-from service.datasets import FieldMapping, Limits, validate_jsonl
+from service.blobs import BlobStore, dataset_blob_key
+from service.datasets import FieldMapping, Limits
+from service.ingest import store_dataset
 from service.settings import Principal, Settings
 from service.specs import Dataset, DatasetList
-from service.store import Store, new_id
+from service.store import Store
 
 JSONL_TYPES = {"application/x-ndjson", "application/jsonl", "application/json-lines", "text/plain"}
 FieldName = Annotated[
     str | None, Parameter(min_length=1, max_length=128, description="Column to read it from")
 ]
-
-
-def dataset_blob_key(sha256: str) -> str:
-    return f"datasets/{sha256}.jsonl"
 
 
 async def _spool(request: Request[Any, Any, Any], out: IO[bytes], limit: int) -> int:
@@ -132,34 +128,18 @@ class DatasetController(Controller):
                 raise InvalidRequest(str(exc), [FieldError(loc=["query"], msg=str(exc))]) from None
         limits = Limits(max_line_bytes=settings.max_line_bytes, max_rows=settings.max_dataset_rows)
         with tempfile.TemporaryDirectory(prefix="ftune-upload-") as tmp:
-            raw, normalized = Path(tmp) / "raw.jsonl", Path(tmp) / "normalized.jsonl"
+            raw = Path(tmp) / "raw.jsonl"
             with raw.open("wb") as out:
                 await _spool(request, out, settings.max_dataset_bytes)
-
-            def validate() -> Any:
-                with raw.open("rb") as src, normalized.open("wb") as dst:
-                    return validate_jsonl(src, dst, mapping=mapping, limits=limits)
-
-            result = await anyio.to_thread.run_sync(validate)
-            key = dataset_blob_key(result.sha256)
-            if not await anyio.to_thread.run_sync(blobs.exists, key):
-                await anyio.to_thread.run_sync(blobs.put_file, key, normalized)
-        ds = Dataset(
-            id=new_id("ds"),
-            tenant=principal.tenant,
-            name=name,
-            rows=result.rows,
-            bytes=result.bytes,
-            source_bytes=result.source_bytes,
-            sha256=result.sha256,
-            format=result.format,
-            source_format=result.source_format,
-            stats=result.stats,
-            warnings=result.warnings,
-            created_at=time.time(),
-        )
-        await store.put_dataset(ds)
-        return ds
+            return await store_dataset(
+                store,
+                blobs,
+                raw,
+                tenant=principal.tenant,
+                name=name,
+                limits=limits,
+                mapping=mapping,
+            )
 
     @get(
         operation_id="ListDatasets",

@@ -10,7 +10,6 @@ import pytest
 
 from gpu_worker.data import (
     apply_chat_template,
-    dataset_key,
     drop_long_prompts,
     fetch_rows,
     prompt_ids,
@@ -48,7 +47,6 @@ def test_fetch_rows_reads_the_content_addressed_blob(store: BlobStore, tmp_path:
 
     rows = fetch_rows(store, ref, tmp_path / "data")
 
-    assert dataset_key(ref) == f"datasets/{ref.sha256}.jsonl"
     assert rows == [
         {"prompt": "p", "chosen": "c", "rejected": "r"},
         {"prompt": "q", "chosen": "d", "rejected": "s"},
