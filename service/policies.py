@@ -59,19 +59,13 @@ from service.blobs import BlobStore
 from service.datasets import Limits
 from service.settings import Settings
 from service.specs import (
-    LABEL_KEY_RE,
     Artifact,
-    ChatTemplate,
     DatasetRef,
     Destination,
-    Hyperparameters,
     Job,
     JobSpec,
     JobStatus,
-    Label,
-    Lora,
-    Output,
-    Quantization,
+    JobTemplate,
     StoreDestination,
     Strict,
 )
@@ -250,38 +244,6 @@ def _parse_field(text: str, what: str, lo: int, hi: int, names: dict[str, int]) 
 
 
 # --------------------------------------------------------------------------- the policy
-
-
-class JobTemplate(Strict):
-    """A job spec without `dataset_id`: each run trains on its own snapshot of the stream.
-
-    The output destination is where a *promoted* run's artifacts are published (a run's job
-    itself always writes to the service's store). `eval_dataset_id`, if given, is the fixed
-    held-out set every run is judged on; otherwise the policy holds out pairs of its stream.
-    """
-
-    base_model: Annotated[str, msgspec.Meta(min_length=3, max_length=512)]
-    revision: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._/-]{1,128}$")] | None = None
-    eval_dataset_id: Annotated[str, msgspec.Meta(pattern=r"^ds_[A-Za-z0-9]{1,64}$")] | None = None
-    eval_fraction: Annotated[float, msgspec.Meta(ge=0.0, le=0.5)] = 0.05
-    method: Literal["dpo"] = "dpo"
-    hyperparameters: Hyperparameters = msgspec.field(default_factory=Hyperparameters)
-    lora: Lora = msgspec.field(default_factory=Lora)
-    quantization: Quantization = msgspec.field(default_factory=Quantization)
-    chat_template: ChatTemplate = msgspec.field(default_factory=ChatTemplate)
-    output: Output = msgspec.field(default_factory=Output)
-    eval_prompts: Annotated[
-        list[Annotated[str, msgspec.Meta(min_length=1, max_length=8192)]],
-        msgspec.Meta(max_length=32),
-    ] = msgspec.field(default_factory=list)
-    labels: Annotated[
-        dict[Annotated[str, msgspec.Meta(pattern=LABEL_KEY_RE)], Label],
-        msgspec.Meta(max_length=32),
-    ] = msgspec.field(default_factory=dict)
-    webhook_url: (
-        Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s]+$", max_length=2048)] | None
-    ) = None
-    max_new_tokens: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
 
 
 def job_spec(

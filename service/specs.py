@@ -138,11 +138,12 @@ class Output(Strict):
     destination: Destination = msgspec.field(default_factory=StoreDestination)
 
 
-class JobSpec(Strict):
+class JobTemplate(Strict):
+    """Everything of a job but its dataset: what a retraining policy runs on each snapshot."""
+
     base_model: Annotated[str, msgspec.Meta(min_length=3, max_length=512)]
     """`org/name` or `hf://org/name` (Hub), `s3://bucket/prefix/`, or `file:///abs/path`
     inside the workers' models dir."""
-    dataset_id: Annotated[str, msgspec.Meta(pattern=r"^ds_[A-Za-z0-9]{1,64}$")]
     revision: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._/-]{1,128}$")] | None = None
     eval_dataset_id: Annotated[str, msgspec.Meta(pattern=r"^ds_[A-Za-z0-9]{1,64}$")] | None = None
     eval_fraction: Annotated[float, msgspec.Meta(ge=0.0, le=0.5)] = 0.05
@@ -174,11 +175,18 @@ class JobSpec(Strict):
             )
         if self.revision is not None and not _is_hub_ref(self.base_model):
             raise ValueError("revision applies only to a Hub base_model")
-        if self.eval_dataset_id is not None and self.eval_dataset_id == self.dataset_id:
-            raise ValueError("eval_dataset_id must differ from dataset_id")
         if self.quantization.bits is None and self.quantization.compute_dtype != "float32":
             # Harmless but meaningless; keep the record honest.
             self.quantization = msgspec.structs.replace(self.quantization, compute_dtype="float32")
+
+
+class JobSpec(JobTemplate, kw_only=True):
+    dataset_id: Annotated[str, msgspec.Meta(pattern=r"^ds_[A-Za-z0-9]{1,64}$")]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.eval_dataset_id is not None and self.eval_dataset_id == self.dataset_id:
+            raise ValueError("eval_dataset_id must differ from dataset_id")
 
 
 def _is_hub_ref(ref: str) -> bool:

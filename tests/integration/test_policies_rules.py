@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from service.policies import Cron, Gate, JobTemplate, Promoted, Trigger, decide, evaluate_trigger
+from service.policies import Cron, Gate, Promoted, Trigger, decide, evaluate_trigger
 from service.specs import DatasetRef, Job, JobError, JobSpec, JobStatus
 
 
@@ -204,13 +204,3 @@ def test_runs_that_cannot_be_compared_are_not_compared() -> None:
         decision = decide(GATE, candidate, HELD_OUT, best)
         assert decision.promote, why
         assert why in decision.checks[-1].note
-
-
-def test_the_template_is_a_job_spec_without_its_dataset() -> None:
-    spec = {f.name: f for f in msgspec.structs.fields(JobSpec) if f.name != "dataset_id"}
-    template = {f.name: f for f in msgspec.structs.fields(JobTemplate)}
-    assert template.keys() == spec.keys()
-    for name, field in spec.items():
-        assert template[name].type == field.type, name
-        assert template[name].default == field.default, name
-        assert template[name].default_factory == field.default_factory, name
