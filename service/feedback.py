@@ -535,11 +535,7 @@ async def list_streams(
     store: Store, tenant: str, *, limit: int, cursor: str | None
 ) -> tuple[list[FeedbackStream], str | None]:
     """Streams by name, in pages."""
-    lower = f"({cursor}" if cursor else "-"
-    raw = await store.redis.zrangebylex(_index(tenant), lower, "+", start=0, num=limit + 1)
-    names = [r.decode() for r in raw]
-    next_cursor = names[limit - 1] if len(names) > limit else None
-    names = names[:limit]
+    names, next_cursor = await store.page_by_name(_index(tenant), limit, cursor)
     if not names:
         return [], None
     metas = await store.redis.mget([_key(tenant, n, "meta") for n in names])

@@ -610,11 +610,7 @@ async def get_policy(store: Store, tenant: str, name: str, *, with_status: bool 
 async def list_policies(
     store: Store, tenant: str, *, limit: int, cursor: str | None
 ) -> tuple[list[Policy], str | None]:
-    lower = f"({cursor}" if cursor else "-"
-    raw = await store.redis.zrangebylex(_index(tenant), lower, "+", start=0, num=limit + 1)
-    names = [r.decode() for r in raw]
-    next_cursor = names[limit - 1] if len(names) > limit else None
-    names = names[:limit]
+    names, next_cursor = await store.page_by_name(_index(tenant), limit, cursor)
     if not names:
         return [], None
     records = await store.redis.mget([_key(tenant, n, "record") for n in names])

@@ -310,6 +310,17 @@ class Store:
 
     # -- helpers ----------------------------------------------------------------------------
 
+    async def page_by_name(
+        self, index: str, limit: int, cursor: str | None
+    ) -> tuple[list[str], str | None]:
+        """Names in a lexicographic index, A to Z, `limit` at a time after `cursor`."""
+        lower = f"({cursor}" if cursor else "-"
+        raw = await self.redis.zrangebylex(index, lower, "+", start=0, num=limit + 1)
+        names = [r.decode() for r in raw]
+        if len(names) > limit:
+            return names[:limit], names[limit - 1]
+        return names, None
+
     async def _page(
         self, index: str, limit: int, cursor: str | None
     ) -> tuple[list[str], str | None]:
