@@ -1,0 +1,331 @@
+"""A small synchronous client for the ftune HTTP API (v1), used by the `ftune` CLI and the demo.
+
+Responses decode into the contract's Structs (service/specs.py); every non-2xx answer raises
+`ApiError` carrying the Problem Details, and an unreachable server raises `Unreachable`, so
+callers print one readable message instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import msgspec
+
+from service.specs import (
+    Dataset,
+    DatasetList,
+    Job,
+    JobList,
+    JobSpec,
+    JobStatus,
+    MetricSeries,
+)
+
+T = TypeVar("T")
+CHUNK = 1024 * 1024
+
+
+class Unreachable(Exception):
+    """Nothing answers at the API's URL (connection refused, DNS failure, timeout)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"cannot reach the ftune API at {url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+class EventsUnsupported(Exception):
+    """The server has no Server-Sent Events endpoint for jobs; poll instead."""
+
+
+@dataclass
+class ApiError(Exception):
+    """A Problem Details answer (RFC 9457), or the closest we can make of a non-JSON error."""
+
+    status: int
+    title: str
+    detail: str = ""
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    total_errors: int | None = None
+
+    def __str__(self) -> str:
+        head = f"{self.status} {self.title}"
+        return f"{head}: {self.detail}" if self.detail else head
+
+    def error_lines(self, limit: int = 5) -> list[str]:
+        """The first few field or row errors, one readable line each."""
+        lines = []
+        for err in self.errors[:limit]:
+            msg = str(err.get("msg", ""))
+            if err.get("line") is not None:
+                where = f"line {err['line']}"
+                if err.get("field"):
+                    where += f", {err['field']}"
+            elif err.get("loc"):
+                where = ".".join(str(p) for p in err["loc"])
+            else:
+                where = ""
+            lines.append(f"{where}: {msg}" if where else msg)
+        total = self.total_errors if self.total_errors is not None else len(self.errors)
+        if total > len(lines):
+            lines.append(f"... and {total - len(lines)} more")
+        return lines
+
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> ApiError:
+        try:
+            body = response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = None
+        if not isinstance(body, dict):
+            text = response.text.strip()[:500]
+            return cls(response.status_code, response.reason_phrase or "Error", text)
+        errors = body.get("errors")
+        total = body.get("total_errors")
+        return cls(
+            status=int(body.get("status") or response.status_code),
+            title=str(body.get("title") or response.reason_phrase or "Error"),
+            detail=str(body.get("detail") or ""),
+            errors=[e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else [],
+            total_errors=total if isinstance(total, int) else None,
+        )
+
+
+@dataclass
+class Event:
+    """One Server-Sent Event: its `event` name (default "message") and decoded JSON data."""
+
+    event: str
+    data: Any
+    id: str | None = None
+
+
+class Client:
+    """The API at `url`, authenticated with `api_key` (sent as a bearer token, never logged)."""
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        headers = {"User-Agent": "ftune-cli"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._http = httpx.Client(
+            base_url=self.url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=5.0),
+            transport=transport,
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise Unreachable(self.url, f"timed out ({type(exc).__name__})") from None
+        except httpx.TransportError as exc:
+            raise Unreachable(self.url, str(exc) or type(exc).__name__) from None
+        if response.is_error:
+            raise ApiError.from_response(response)
+        return response
+
+    def _get(self, path: str, type_: type[T], params: Any = None) -> T:
+        return msgspec.json.decode(self._send("GET", path, params=params).content, type=type_)
+
+    # -- system -----------------------------------------------------------------------------
+
+    def healthy(self) -> bool:
+        """True when an ftune API answers /healthz (no key needed)."""
+        try:
+            return self._http.get("/healthz", timeout=2.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def ready(self) -> bool:
+        """True when the API answers /readyz with 200 (its Redis is reachable)."""
+        try:
+            return self._http.get("/readyz", timeout=2.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    # -- datasets ---------------------------------------------------------------------------
+
+    def upload_dataset(
+        self,
+        path: Path,
+        name: str | None = None,
+        *,
+        prompt_field: str | None = None,
+        chosen_field: str | None = None,
+        rejected_field: str | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> Dataset:
+        """Stream a JSONL file to the API in chunks (never read whole); `on_progress(bytes)`."""
+        size = path.stat().st_size
+
+        def chunks() -> Iterator[bytes]:
+            with path.open("rb") as f:
+                while chunk := f.read(CHUNK):
+                    if on_progress is not None:
+                        on_progress(len(chunk))
+                    yield chunk
+
+        params = {
+            "name": name or path.stem,
+            "prompt_field": prompt_field,
+            "chosen_field": chosen_field,
+            "rejected_field": rejected_field,
+        }
+        response = self._send(
+            "POST",
+            "/v1/datasets",
+            params={k: v for k, v in params.items() if v is not None},
+            content=chunks(),
+            # With an explicit length httpx sends the body as-is, not chunked, and the
+            # server can answer 413 before reading it.
+            headers={"Content-Type": "application/x-ndjson", "Content-Length": str(size)},
+            timeout=httpx.Timeout(600.0, connect=5.0),
+        )
+        return msgspec.json.decode(response.content, type=Dataset)
+
+    def list_datasets(self, limit: int = 20, cursor: str | None = None) -> DatasetList:
+        params: dict[str, Any] = {"limit": limit}
+        if cursor:
+            params["cursor"] = cursor
+        return self._get("/v1/datasets", DatasetList, params)
+
+    def iter_datasets(self, page_size: int = 100) -> Iterator[Dataset]:
+        cursor = None
+        while True:
+            page = self.list_datasets(page_size, cursor)
+            yield from page.items
+            if not page.next_cursor:
+                return
+            cursor = page.next_cursor
+
+    def get_dataset(self, dataset_id: str) -> Dataset:
+        return self._get(f"/v1/datasets/{_seg(dataset_id)}", Dataset)
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self._send("DELETE", f"/v1/datasets/{_seg(dataset_id)}")
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def submit_job(
+        self, spec: JobSpec | Mapping[str, Any], *, idempotency_key: str | None = None
+    ) -> Job:
+        """Submit a spec; a mapping goes to the server as-is, so the server's validation
+        (and its readable Problem Details) is the one that counts."""
+        body = msgspec.json.encode(spec)
+        headers = {"Content-Type": "application/json"}
+        if idempotency_key:
+            headers["Idempotency-Key"] = idempotency_key
+        response = self._send("POST", "/v1/jobs", content=body, headers=headers)
+        return msgspec.json.decode(response.content, type=Job)
+
+    def list_jobs(
+        self,
+        *,
+        status: JobStatus | str | None = None,
+        labels: Sequence[str] = (),
+        limit: int = 20,
+        cursor: str | None = None,
+    ) -> JobList:
+        """`labels` are `key=value` filters; all must match."""
+        params: list[tuple[str, str | int]] = [("limit", limit)]
+        if status:
+            params.append(("status", str(status)))
+        params += [("label", item) for item in labels]
+        if cursor:
+            params.append(("cursor", cursor))
+        return self._get("/v1/jobs", JobList, params)
+
+    def get_job(self, job_id: str) -> Job:
+        return self._get(f"/v1/jobs/{_seg(job_id)}", Job)
+
+    def cancel_job(self, job_id: str) -> Job:
+        response = self._send("POST", f"/v1/jobs/{_seg(job_id)}/cancel")
+        return msgspec.json.decode(response.content, type=Job)
+
+    def metrics(self, job_id: str, since_step: int = 0) -> MetricSeries:
+        params = {"since_step": since_step} if since_step else None
+        return self._get(f"/v1/jobs/{_seg(job_id)}/metrics", MetricSeries, params)
+
+    def events(self, job_id: str, read_timeout: float = 30.0) -> Iterator[Event]:
+        """The job's Server-Sent Events as they arrive; raises `EventsUnsupported` (before
+        yielding anything) when the server does not stream them."""
+        timeout = httpx.Timeout(10.0, read=read_timeout)
+        try:
+            with self._http.stream(
+                "GET",
+                f"/v1/jobs/{_seg(job_id)}/events",
+                headers={"Accept": "text/event-stream"},
+                timeout=timeout,
+            ) as response:
+                ctype = response.headers.get("content-type", "")
+                if response.status_code in (404, 405, 406, 501) and "event-stream" not in ctype:
+                    # Callers fetch the job first, so a 404 here means no such endpoint.
+                    raise EventsUnsupported(f"{response.status_code} from the events endpoint")
+                if response.is_error:
+                    response.read()
+                    raise ApiError.from_response(response)
+                if not ctype.startswith("text/event-stream"):
+                    raise EventsUnsupported(f"the events endpoint answered {ctype!r}")
+                yield from parse_sse(response.iter_lines())
+        except httpx.TransportError as exc:
+            raise Unreachable(self.url, str(exc) or type(exc).__name__) from None
+
+
+def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
+    """Server-Sent Events framing (WHATWG): fields until a blank line; comments ignored."""
+    name, event_id = "message", None
+    data: list[str] = []
+    for raw in lines:
+        line = raw.rstrip("\r\n")
+        if not line:
+            if data:
+                text = "\n".join(data)
+                try:
+                    payload: Any = json.loads(text)
+                except json.JSONDecodeError:
+                    payload = text
+                yield Event(name, payload, event_id)
+            name, data = "message", []
+            continue
+        if line.startswith(":"):
+            continue
+        key, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if key == "event":
+            name = value or "message"
+        elif key == "data":
+            data.append(value)
+        elif key == "id":
+            event_id = value
+
+
+def _seg(value: str) -> str:
+    """One path segment: ids never contain '/', so refuse rather than escape."""
+    if not value or "/" in value or value in (".", ".."):
+        raise ValueError(f"not a valid id: {value!r}")
+    return value

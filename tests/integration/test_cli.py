@@ -1,0 +1,458 @@
+"""The `ftune` CLI against the real API over HTTP (uvicorn on a loopback port, real Redis).
+
+No worker runs here: jobs stay queued unless a test moves them through the same Store the
+worker uses, which is how `jobs watch` is shown following a job to its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import json
+import runpy
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import psutil
+import pytest
+from typer.testing import CliRunner, Result
+
+from service.cli import app
+from service.client import Client
+from service.demo import DATA_DIR, DATASET_FILE, heldout_prompts, length_measure
+from service.devstack import DevStack, StackError
+from service.localredis import free_port
+from service.settings import Settings, hash_api_key
+from service.specs import Artifact, Generation, JobError, JobStatus, MetricPoint, Phase, Progress
+from service.store import Store
+from tests.fixtures.api import LiveServer
+
+KEY = "key-alice"
+ROWS = [
+    {"prompt": "What is 2+2?", "chosen": "4.", "rejected": "Well, let me think. It is 4."},
+    {"prompt": "Capital of Peru?", "chosen": "Lima.", "rejected": "Great question! Lima."},
+    {"prompt": "Opposite of hot?", "chosen": "Cold.", "rejected": "Hmm, probably cold, I think."},
+]
+
+
+@pytest.fixture
+def cli(
+    live_api: LiveServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Result]:
+    """Run `ftune --url <live API> [--api-key key-alice] ARGS` in a directory without .ftune/."""
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+
+    def run(*args: str, key: str | None = KEY, url: str | None = None) -> Result:
+        head = ["--url", url or live_api.url] + (["--api-key", key] if key else [])
+        env = {"COLUMNS": "200", "FTUNE_API_KEY": None, "FTUNE_URL": None}
+        return runner.invoke(app, [*head, *args], env=env)
+
+    return run
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def upload(cli: Callable[..., Result], tmp_path: Path) -> dict[str, Any]:
+    result = cli("datasets", "upload", str(write_jsonl(tmp_path / "prefs.jsonl", ROWS)), "--json")
+    assert result.exit_code == 0, result.output
+    return dict(json.loads(result.stdout))
+
+
+def submit_queued(cli: Callable[..., Result], dataset_id: str, *extra: str) -> str:
+    result = cli(
+        "jobs", "submit", "--base-model", "org/model", "--dataset", dataset_id, "--json", *extra
+    )
+    assert result.exit_code == 0, result.output
+    return str(json.loads(result.stdout)["id"])
+
+
+def test_upload_list_show_and_delete_a_dataset(cli: Callable[..., Result], tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "prefs.jsonl", ROWS)
+    result = cli("datasets", "upload", str(path), "--name", "tiny prefs")
+    assert result.exit_code == 0, result.output
+    assert "3 rows" in result.stdout and "standard" in result.stdout
+    ds_id = result.stdout.split()[1]
+    assert ds_id.startswith("ds_")
+
+    listed = cli("datasets", "list")
+    assert listed.exit_code == 0 and ds_id in listed.stdout and "tiny prefs" in listed.stdout
+
+    shown = cli("datasets", "show", ds_id)
+    assert shown.exit_code == 0, shown.output
+    assert "rows" in shown.stdout and "3" in shown.stdout and "prompt" in shown.stdout
+    as_json = json.loads(cli("datasets", "show", ds_id, "--json").stdout)
+    assert as_json["id"] == ds_id and as_json["rows"] == 3 and as_json["name"] == "tiny prefs"
+
+    assert cli("datasets", "delete", ds_id).exit_code == 0
+    gone = cli("datasets", "show", ds_id)
+    assert gone.exit_code == 1 and "404" in gone.stderr
+
+
+def test_upload_with_a_column_mapping(cli: Callable[..., Result], tmp_path: Path) -> None:
+    rows = [{"q": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in ROWS]
+    path = write_jsonl(tmp_path / "mapped.jsonl", rows)
+    result = cli(
+        "datasets", "upload", str(path), "--prompt-field", "q", "--chosen-field", "good",
+        "--rejected-field", "bad", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["source_format"] == "mapped"
+
+
+def test_a_bad_dataset_is_refused_with_line_numbers(
+    cli: Callable[..., Result], tmp_path: Path
+) -> None:
+    path = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [ROWS[0], "{not json", {"prompt": "p", "chosen": "same", "rejected": "same"}, ROWS[1]],
+    )
+    result = cli("datasets", "upload", str(path))
+    assert result.exit_code == 1
+    assert "422" in result.stderr and "2 invalid rows" in result.stderr
+    assert "line 2" in result.stderr and "line 3" in result.stderr
+    assert "Traceback" not in result.output
+    assert cli("datasets", "list", "--json").stdout.count('"id"') == 0  # nothing stored
+
+
+def test_a_bad_spec_gets_a_readable_error(cli: Callable[..., Result], tmp_path: Path) -> None:
+    ds = upload(cli, tmp_path)
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps(
+            {"base_model": "org/model", "dataset_id": ds["id"], "hyperparameters": {"beta": -1}}
+        )
+    )
+    result = cli("jobs", "submit", str(spec))
+    assert result.exit_code == 1
+    assert "422" in result.stderr and "hyperparameters.beta" in result.stderr
+
+    spec.write_text('{"base_model": "org/model",\n "dataset_id": }')
+    result = cli("jobs", "submit", str(spec))
+    assert result.exit_code == 2 and "not valid JSON: line 2" in result.stderr
+
+    result = cli("jobs", "submit", "--dataset", ds["id"])
+    assert result.exit_code == 2 and "--base-model" in result.stderr
+
+    result = cli("jobs", "submit", "--base-model", "org/m", "--dataset", "ds_doesnotexist")
+    assert result.exit_code == 1 and "ds_doesnotexist does not exist" in result.stderr
+
+
+def test_flags_override_the_spec_file(cli: Callable[..., Result], tmp_path: Path) -> None:
+    ds = upload(cli, tmp_path)
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "base_model": "org/model",
+                "dataset_id": ds["id"],
+                "hyperparameters": {"beta": 0.2, "max_steps": 100},
+                "labels": {"team": "search"},
+            }
+        )
+    )
+    result = cli(
+        "jobs", "submit", str(spec), "--max-steps", "7", "--learning-rate", "1e-4",
+        "--destination", "s3://bucket/out/", "--label", "run=3", "--eval-prompt", "Hi?", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    job = json.loads(result.stdout)["spec"]
+    assert job["hyperparameters"]["max_steps"] == 7 and job["hyperparameters"]["beta"] == 0.2
+    assert job["hyperparameters"]["learning_rate"] == 1e-4
+    assert job["output"]["destination"] == {"type": "s3", "uri": "s3://bucket/out/"}
+    assert job["labels"] == {"team": "search", "run": "3"}
+    assert job["eval_prompts"] == ["Hi?"]
+
+
+def test_list_show_and_cancel_a_queued_job(cli: Callable[..., Result], tmp_path: Path) -> None:
+    ds = upload(cli, tmp_path)
+    job_id = submit_queued(cli, ds["id"], "--label", "team=search")
+    other = submit_queued(cli, ds["id"])
+
+    listed = cli("jobs", "list")
+    assert listed.exit_code == 0 and job_id in listed.stdout and other in listed.stdout
+    assert listed.stdout.index(other) < listed.stdout.index(job_id)  # newest first
+    assert "queued" in listed.stdout
+    labelled = cli("jobs", "list", "--label", "team=search")
+    assert job_id in labelled.stdout and other not in labelled.stdout
+    assert cli("jobs", "list", "--label", "nonsense").exit_code == 2
+
+    shown = cli("jobs", "show", job_id)
+    assert shown.exit_code == 0 and "queued" in shown.stdout and "team=search" in shown.stdout
+
+    cancelled = cli("jobs", "cancel", job_id)
+    assert cancelled.exit_code == 0 and f"cancelled {job_id}" in cancelled.stdout
+    assert job_id in cli("jobs", "list", "--status", "cancelled").stdout
+    assert job_id not in cli("jobs", "list", "--status", "queued").stdout
+    again = cli("jobs", "cancel", job_id)
+    assert again.exit_code == 1 and "409" in again.stderr and "already cancelled" in again.stderr
+
+    watched = cli("jobs", "watch", job_id)
+    assert watched.exit_code == 1 and "cancelled" in watched.stdout
+
+
+# -- a job moved along by hand, as a worker would ---------------------------------------------
+
+
+def run_async(coro_fn: Callable[[Store], Any], redis_url: str) -> Any:
+    async def go() -> Any:
+        store = Store.from_url(redis_url)
+        try:
+            return await coro_fn(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def set_job(redis_url: str, job_id: str, **changes: Any) -> None:
+    async def change(store: Store) -> None:
+        await store.update_job(job_id, lambda j: msgspec.structs.replace(j, **changes))
+
+    run_async(change, redis_url)
+
+
+def add_points(redis_url: str, job_id: str, points: list[MetricPoint]) -> None:
+    async def add(store: Store) -> None:
+        for p in points:
+            await store.add_metrics(job_id, p)
+
+    run_async(add, redis_url)
+
+
+POINTS = [
+    MetricPoint(step=1, time=1000.0, values={"loss": 0.69, "rewards/accuracies": 0.25}),
+    MetricPoint(step=2, time=1004.5, values={"loss": 0.52, "rewards/accuracies": 0.75}),
+    MetricPoint(step=3, time=1009.0, values={"loss": 0.31, "grad_norm": 1.5}),
+]
+
+
+def test_metrics_as_a_table_and_as_csv(
+    cli: Callable[..., Result], tmp_path: Path, api_settings: Settings
+) -> None:
+    job_id = submit_queued(cli, upload(cli, tmp_path)["id"])
+    add_points(api_settings.redis_url, job_id, POINTS)
+
+    result = cli("jobs", "metrics", job_id, "--csv")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.reader(io.StringIO(result.stdout)))
+    assert rows[0] == ["step", "time", "grad_norm", "loss", "rewards/accuracies"]
+    assert rows[1] == ["1", "1000.000", "", "0.69", "0.25"]
+    assert rows[3] == ["3", "1009.000", "1.5", "0.31", ""]
+    assert len(rows) == 4
+
+    since = list(csv.reader(io.StringIO(cli("jobs", "metrics", job_id, "--csv",
+                                             "--since-step", "2").stdout)))  # fmt: skip
+    assert [r[0] for r in since[1:]] == ["2", "3"]
+
+    table = cli("jobs", "metrics", job_id)
+    assert table.exit_code == 0 and "rewards/accuracies" in table.stdout and "0.31" in table.stdout
+
+
+def test_watch_follows_a_job_to_success(
+    cli: Callable[..., Result], tmp_path: Path, api_settings: Settings
+) -> None:
+    job_id = submit_queued(cli, upload(cli, tmp_path)["id"])
+    url = api_settings.redis_url
+
+    def worker() -> None:
+        time.sleep(0.5)
+        set_job(
+            url, job_id, status=JobStatus.running, phase=Phase.preparing, started_at=time.time()
+        )
+        time.sleep(0.3)
+        set_job(url, job_id, phase=Phase.training, progress=Progress(step=0, total_steps=3))
+        for p in POINTS:
+            add_points(url, job_id, [p])
+            set_job(url, job_id, progress=Progress(step=p.step, total_steps=3, eta_seconds=9.0),
+                    latest_metrics=p.values)  # fmt: skip
+            time.sleep(0.2)
+        artifact = Artifact(kind="adapter", uri="file:///store/jobs/x/adapter/", files=[],
+                            sha256={})  # fmt: skip
+        set_job(url, job_id, status=JobStatus.succeeded, phase=None, finished_at=time.time(),
+                artifacts=[artifact])  # fmt: skip
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    started = time.monotonic()
+    result = cli("jobs", "watch", job_id)
+    thread.join()
+    assert result.exit_code == 0, result.output
+    assert time.monotonic() - started < 20
+    out = result.stdout
+    for line in ("queued", "running (preparing)", "running (training)", "succeeded"):
+        assert line in out, out
+    assert out.index("running (preparing)") < out.index("running (training)")
+    assert "3/3" in out and "loss 0.31" in out
+    assert "adapter: file:///store/jobs/x/adapter/" in out
+
+
+def test_watch_exits_1_and_prints_the_error_of_a_failed_job(
+    cli: Callable[..., Result], tmp_path: Path, api_settings: Settings
+) -> None:
+    job_id = submit_queued(cli, upload(cli, tmp_path)["id"])
+    set_job(api_settings.redis_url, job_id, status=JobStatus.running, phase=Phase.preparing)
+    error = JobError(type="ModelNotFound", message="no model at org/model", phase=Phase.preparing)
+    set_job(api_settings.redis_url, job_id, status=JobStatus.failed, error=error)
+
+    result = cli("jobs", "watch", job_id)
+    assert result.exit_code == 1
+    assert "failed" in result.stdout
+    assert "ModelNotFound while preparing: no model at org/model" in result.stdout
+
+
+# -- keys and URLs ----------------------------------------------------------------------------
+
+
+def test_a_missing_or_wrong_api_key_says_what_to_do(cli: Callable[..., Result]) -> None:
+    result = cli("jobs", "list", key=None)
+    assert result.exit_code == 1
+    assert "401" in result.stderr and "FTUNE_API_KEY" in result.stderr
+
+    wrong = "not-the-right-key-1234"
+    result = cli("datasets", "list", key=wrong)
+    assert result.exit_code == 1 and "unknown API key" in result.stderr
+    assert wrong not in result.output  # a key is never echoed
+
+
+def test_the_key_file_written_by_ftune_dev_is_used(
+    cli: Callable[..., Result], tmp_path: Path
+) -> None:
+    (tmp_path / ".ftune").mkdir()
+    (tmp_path / ".ftune" / "api_key").write_text(KEY + "\n")
+    result = cli("datasets", "list", key=None)
+    assert result.exit_code == 0, result.output
+    assert KEY not in result.output
+
+
+def test_an_unreachable_url_is_explained(cli: Callable[..., Result]) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    result = cli("jobs", "list", url=url)
+    assert result.exit_code == 1
+    assert f"cannot reach the ftune API at {url}: is `ftune dev` running?" in result.stderr
+    assert "Traceback" not in result.output
+
+
+# -- the dev stack ----------------------------------------------------------------------------
+
+
+def test_dev_stack_keeps_its_key_and_data_across_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / ".ftune"
+    runner = CliRunner()
+    env = {"COLUMNS": "200", "FTUNE_API_KEY": None, "FTUNE_URL": None}
+    data = write_jsonl(tmp_path / "prefs.jsonl", ROWS)
+
+    with DevStack(root, worker=False, log_dir=tmp_path / "logs") as stack:
+        assert stack.key_created
+        key_file = root / "api_key"
+        assert key_file.read_text().strip() == stack.api_key
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        keys = json.loads((root / "api_keys.json").read_text())
+        assert list(keys) == [hash_api_key(stack.api_key)]  # only the hash is served
+        # The CLI finds the key in .ftune/api_key by itself.
+        result = runner.invoke(app, ["--url", stack.url, "datasets", "upload", str(data)], env=env)
+        assert result.exit_code == 0, result.output
+        ds_id = result.stdout.split()[1]
+        redis_pid = stack.redis.process.pid if stack.redis and stack.redis.process else 0
+        api_url = stack.url
+    assert not psutil.pid_exists(redis_pid) or psutil.Process(redis_pid).status() == "zombie"
+    assert not Client(api_url).healthy()
+
+    with DevStack(root, worker=False, log_dir=tmp_path / "logs") as again:
+        assert not again.key_created and again.api_key == stack.api_key
+        result = runner.invoke(app, ["--url", again.url, "datasets", "list"], env=env)
+        assert result.exit_code == 0 and ds_id in result.stdout  # Redis kept it (AOF)
+
+
+def test_dev_refuses_a_port_in_use(tmp_path: Path, live_api: LiveServer) -> None:
+    port = int(live_api.url.rsplit(":", 1)[1])
+    with pytest.raises(StackError, match=f"port {port} .* in use"):
+        DevStack(tmp_path / ".ftune", port, worker=False).start()
+
+
+@pytest.mark.slow
+def test_ftune_dev_runs_api_and_worker_and_stops_them_on_ctrl_c(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "dev", "--port", str(port),
+         "--state-dir", str(tmp_path / ".ftune")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 90
+    while not any("Press Ctrl-C" in line for line in lines):
+        assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+        lines.append(proc.stdout.readline().decode())
+    text = "".join(lines)
+    key = (tmp_path / ".ftune" / "api_key").read_text().strip()
+    assert f"http://127.0.0.1:{port}" in text and key in text  # shown once, on first start
+    metrics_url = next(line.split()[-1] for line in lines if line.startswith("Worker metrics"))
+    while True:  # the worker serves its metrics once it is up
+        assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(metrics_url).status_code == 200:
+                break
+        time.sleep(0.2)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert len(children) >= 3  # redis, API, worker
+    with Client(f"http://127.0.0.1:{port}", key) as client:
+        assert client.ready()
+        assert client.list_jobs().items == []
+
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, text + rest.decode()
+    assert "stopped" in rest.decode()
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert alive == []
+    assert not Client(f"http://127.0.0.1:{port}").healthy()
+
+
+# -- the demo's data --------------------------------------------------------------------------
+
+
+def test_the_demo_dataset_is_in_sync_with_its_generator_and_accepted(
+    cli: Callable[..., Result],
+) -> None:
+    generated = runpy.run_path(str(DATA_DIR / "generate.py"))["rows"]()
+    shipped = [json.loads(line) for line in DATASET_FILE.read_text().splitlines()]
+    assert shipped == generated  # rerun service/demo_data/generate.py after editing it
+    assert len(shipped) >= 250
+    train_prompts = {r["prompt"].lower() for r in shipped}
+    assert not train_prompts & {p.lower() for p in heldout_prompts()}
+    # The visible preference: the chosen answer is always the short one, by far on average.
+    assert all(len(r["chosen"]) * 2 < len(r["rejected"]) for r in shipped)
+    assert sum(len(r["rejected"]) / len(r["chosen"]) for r in shipped) / len(shipped) > 4
+
+    result = cli("datasets", "upload", str(DATASET_FILE), "--json")
+    assert result.exit_code == 0, result.output
+    ds = json.loads(result.stdout)
+    assert ds["rows"] == len(shipped) and ds["warnings"] == []
+
+
+def test_length_measure_counts_shorter_answers() -> None:
+    gens = [
+        Generation(prompt="a", base="one two three four", tuned="one"),
+        Generation(prompt="b", base="one two", tuned="one two three"),
+    ]
+    m = length_measure(gens)
+    assert (m.base_words, m.tuned_words, m.shorter, m.total) == (3.0, 2.0, 1, 2)
+    assert "3.0 -> 2.0 words" in str(m) and "1 of 2" in str(m)
