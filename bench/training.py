@@ -1,0 +1,296 @@
+"""Worker overhead: the same QLoRA DPO training as a job through the whole service and as a plain
+standalone TRL script.
+
+Same tiny local Llama (4-bit NF4, double quantization), same 64 preference rows, same
+hyperparameters, seed and step count; the per-step losses are compared to prove it. The service
+job runs from `POST /v1/jobs` to the adapter stored in the blob store (the record's
+`finished_at`); the script runs from `python` starting to the adapter saved on disk. Step
+periods are the gaps between consecutive training logs (one per step) on both sides: the
+service's metric points carry the time the training process logged them, and the script
+records the same moment with a one-line callback. So a period covers the step and everything
+our callback does after it (progress, metrics, cancel check), and the worker's forwarding of
+those events to Redis, which shares the CPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.common import PY, Figure, Section, Stack, median, run_json, scratch
+from tests.fixtures.tiny_model import preference_rows
+
+ROWS = 64
+THREADS = {"OMP_NUM_THREADS": "1"}
+"""Both sides train on one thread: with torch's default of one thread per core, any other load
+on a 2-core machine made steps jump between 0.15 s and 2 s at random (OpenMP threads waiting on
+each other), which drowned every difference this benchmark looks for."""
+
+
+def _spec(stack: Stack, dataset_id: str, steps: int) -> dict[str, Any]:
+    """What bench/plain_trl.py does, as a job spec."""
+    return {
+        "base_model": (stack.models_dir / "tiny").as_uri(),
+        "dataset_id": dataset_id,
+        "eval_fraction": 0.0,
+        "hyperparameters": {
+            "beta": 0.1,
+            "learning_rate": 1e-3,
+            "max_steps": steps,
+            "batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "warmup_ratio": 0.0,
+            "lr_scheduler": "linear",
+            "max_length": 128,
+            "seed": 42,
+            "logging_steps": 1,
+            "gradient_checkpointing": False,
+        },
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+        "quantization": {
+            "bits": 4,
+            "quant_type": "nf4",
+            "double_quant": True,
+            "compute_dtype": "float32",
+        },
+        "output": {"artifacts": "adapter", "destination": {"type": "store"}},
+    }
+
+
+def _events(stack: Stack, job_id: str) -> list[tuple[float, str, dict[str, Any]]]:
+    """(time, kind, data) of a finished job's events; the stream id is a ms timestamp."""
+    text = stack.http.get(f"/v1/jobs/{job_id}/events").text.replace("\r\n", "\n")
+    out = []
+    for block in text.split("\n\n"):
+        fields = dict(re.findall(r"^(event|data|id): ?(.*)$", block, re.MULTILINE))
+        if "id" in fields and "event" in fields:
+            millis = int(fields["id"].split("-")[0])
+            data = json.loads(fields.get("data") or "null")
+            out.append((millis / 1000, fields["event"], data if isinstance(data, dict) else {}))
+    return out
+
+
+def _cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def _run_job(stack: Stack, dataset_id: str, steps: int) -> dict[str, Any]:
+    assert stack.redis.process is not None
+    beside = {"worker": stack.workers[0].pid, "redis": stack.redis.process.pid}
+    cpu_before = {name: _cpu_seconds(pid) for name, pid in beside.items()}
+    posted = time.time()
+    job = stack.submit(_spec(stack, dataset_id, steps))
+    done = stack.wait_done(job["id"], timeout=900)
+    cpu = {name: _cpu_seconds(pid) - cpu_before[name] for name, pid in beside.items()}
+    if done["status"] != "succeeded":
+        raise RuntimeError(f"the bench job did not succeed: {done}\n{stack.logs()}")
+    points = stack.http.get(f"/v1/jobs/{job['id']}/metrics").json()["points"]
+    train = [p for p in points if "loss" in p["values"]]
+    phases = {
+        data.get("phase"): at for at, kind, data in _events(stack, job["id"]) if kind == "phase"
+    }
+    return {
+        "cpu_beside": cpu,
+        "wall": done["finished_at"] - posted,
+        "claimed": done["started_at"] - posted,
+        "phases": phases,
+        "finished_at": done["finished_at"],
+        "started_at": done["started_at"],
+        "losses": [p["values"]["loss"] for p in train],
+        "log_times": [p["time"] for p in train],
+        "step_seconds": [
+            p["values"]["step_seconds"] for p in train if "step_seconds" in p["values"]
+        ],
+    }
+
+
+def _run_plain(model_dir: Path, rows: Path, out: Path, steps: int) -> dict[str, Any]:
+    started = time.time()
+    result: dict[str, Any] = run_json(
+        [PY, "-m", "bench.plain_trl", str(model_dir), str(rows), str(out), str(steps)],
+        env=THREADS,
+    )
+    ended = time.time()
+    result["wall"] = ended - started
+    result["teardown"] = ended - result["printed_at"]
+    return result
+
+
+def _periods(log_times: list[float]) -> list[float]:
+    return [b - a for a, b in itertools.pairwise(log_times)]
+
+
+def _build_model(path: Path) -> None:
+    subprocess.run(
+        [
+            PY,
+            "-c",
+            "import sys; from pathlib import Path; "
+            "from tests.fixtures.tiny_model import build_tiny_model; "
+            "build_tiny_model(Path(sys.argv[1]))",
+            str(path),
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
+def _outside(run: dict[str, Any]) -> list[float]:
+    """Per step: the time between two training logs not spent inside TRL's step."""
+    periods = _periods(run["log_times"])
+    return [p - s for p, s in zip(periods, run["step_seconds"][1:], strict=True)]
+
+
+def run(full: bool) -> Section:
+    steps = 200 if full else 30
+    section = Section(
+        f"Worker overhead against plain TRL (tiny Llama, QLoRA DPO, {steps} steps)",
+        f"python -m bench --{'full' if full else 'quick'} --only training",
+    )
+    with scratch("training") as root:
+        stack = Stack(root / "stack", workers=1, env=THREADS)
+        with stack:
+            _build_model(stack.models_dir / "tiny")
+            rows_file = root / "rows.jsonl"
+            rows = preference_rows(ROWS)
+            rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            dataset = stack.upload_rows(rows)
+            # Interleaved, so that a change in the machine's load hits both sides alike.
+            plain, jobs = [], []
+            for i in range(3 if full else 2):
+                plain.append(
+                    _run_plain(stack.models_dir / "tiny", rows_file, root / f"plain-{i}", steps)
+                )
+                jobs.append(_run_job(stack, dataset["id"], steps))
+    first, warm = jobs[0], jobs[1:]
+
+    runs = [*jobs, *plain]
+    if any(len(r["losses"]) != steps or len(r["step_seconds"]) != steps for r in runs):
+        raise RuntimeError(f"a run did not log {steps} steps")
+    diff = max(
+        abs(a - b) for r in runs for a, b in zip(r["losses"], plain[0]["losses"], strict=True)
+    )
+    section.facts.append(
+        f"same training: at every one of the {steps} steps the losses of all service jobs and "
+        f"plain scripts agree to {diff:.1e}"
+        + (" (bitwise equal)" if diff == 0 else "")
+        + f"; loss {first['losses'][0]:.4f} -> {first['losses'][-1]:.4f}"
+        + ("" if diff < 1e-3 else " -- TOO FAR APART: the runs are not the same training")
+    )
+    section.facts.append(
+        "both sides run torch on one thread (OMP_NUM_THREADS=1): with a thread per core, "
+        "other load on this shared 2-core machine made single steps take 10x longer at random"
+    )
+    plain_wall = median([p["wall"] for p in plain])
+    section.add(
+        Figure(
+            "wall time, job submitted -> adapter stored (first job)",
+            first["wall"],
+            plain_wall,
+            "s",
+            "plain script: python start -> adapter saved",
+            why="the service does more than the script: it waits for arq's poll (up to "
+            "0.5 s), spawns a fresh training process that imports torch/transformers/trl again, "
+            "fetches the dataset from the blob store and checks its sha256, saves a checkpoint "
+            "every 50 steps and at the end and copies it to the store (so a lost worker's job "
+            "resumes elsewhere), and publishes the adapter with a manifest and model card. "
+            "Both sides also pay ~2 s for the Python process to exit after the work is done "
+            "(the plain script's 'interpreter exit'); the worker waits for its training "
+            "process to exit before it records the job as finished, and could skip that wait "
+            "(os._exit once the result is flushed, or finishing on the result event). A warm, "
+            "pre-imported training process per worker would remove the imports",
+        )
+    )
+    section.add(
+        Figure(
+            f"wall time, later job{'s' if len(warm) > 1 else ''} on the same worker (median)",
+            median([w["wall"] for w in warm]),
+            plain_wall,
+            "s",
+            "plain script",
+            why="on a warm worker only the worker process (arq, Redis connections) and the "
+            "OS file cache are amortized; each job's training process is spawned fresh, so "
+            "imports and model loading are paid again. That is by design (a crashed or "
+            "leaking job cannot poison the next); a pre-spawned, pre-imported process waiting "
+            "for the next job would amortize the imports without giving that up",
+        )
+    )
+    ours_period = median([x for j in jobs for x in _periods(j["log_times"])])
+    plain_period = median([x for p in plain for x in _periods(p["log_times"])])
+    section.add(
+        Figure(
+            "median step period (log to log)",
+            ours_period,
+            plain_period,
+            "s",
+            "plain script, same measure",
+            why="the period includes TRL's step itself, which varies between runs on a shared "
+            "machine (see each run's median step in the timelines; across our full runs the "
+            "service's was 1% to 21% slower than the script's); the worker process and Redis handling a progress event every step "
+            "take CPU from training on 2 cores (see their CPU per step below). Sending progress "
+            "with each log only, or at most a few times a second, would cut that work; the next "
+            "row isolates what our callback adds inside the training process",
+        )
+    )
+    ours_out = median([x for j in jobs for x in _outside(j)])
+    plain_out = median([x for p in plain for x in _outside(p)])
+    section.add(
+        Figure(
+            "median time per step outside TRL's step (callbacks, logging)",
+            1000 * ours_out,
+            1000 * plain_out,
+            "ms",
+            "plain script, same hooks",
+            why="our callback turns every step into a progress event and every log into a "
+            "metrics event (pickled onto a multiprocessing queue), and checks the cancel "
+            "flag; see the share of a step below. Sending progress only with each log "
+            "would halve the events",
+        )
+    )
+    added = (ours_out - plain_out) / plain_period
+    section.facts.append(
+        f"our callbacks and reporting add {1000 * (ours_out - plain_out):.2f} ms a step = "
+        f"{100 * added:.2f}% of the median step (target: under 2%: "
+        + ("met" if added < 0.02 else "NOT met")
+        + f"); the whole step period differs by {100 * (ours_period / plain_period - 1):+.1f}%, "
+        "which also counts TRL's step varying between runs and the worker process writing "
+        "the events to Redis on the same 2 cores"
+    )
+    ours_step = median([x for j in jobs for x in j["step_seconds"]])
+    plain_step = median([x for p in plain for x in p["step_seconds"]])
+    worker_ms = 1000 * median([j["cpu_beside"]["worker"] for j in jobs]) / steps
+    redis_ms = 1000 * median([j["cpu_beside"]["redis"] for j in jobs]) / steps
+    section.facts.append(
+        f"median step compute (TRL's step alone): {ours_step:.3f} s in the service, "
+        f"{plain_step:.3f} s in the plain script ({100 * (ours_step / plain_step - 1):+.0f}%). "
+        f"Beside the training process, per step of a job, the worker process used "
+        f"{worker_ms:.1f} ms of CPU (forwarding progress and metrics to Redis) and Redis "
+        f"{redis_ms:.1f} ms (which also counts this bench polling the job); on 2 cores shared "
+        "with other work that competes with training"
+    )
+    for name, job in (("first", first), *(("later", w) for w in warm)):
+        ph, at = job["phases"], job["started_at"]
+        section.facts.append(
+            f"{name} job timeline (s after the claim, which came {job['claimed']:.2f} s after "
+            f"POST): training process up and preparing {ph.get('preparing', at) - at:.1f}, "
+            f"training began {ph.get('training', at) - at:.1f}, training ended "
+            f"{ph.get('evaluating', at) - at:.1f}, uploading began "
+            f"{ph.get('uploading', at) - at:.1f}, job finished {job['finished_at'] - at:.1f}; "
+            f"median step {1000 * median(job['step_seconds']):.0f} ms"
+        )
+    for p in plain:
+        section.facts.append(
+            f"plain script timeline (s): imports {p['import_seconds']:.1f}, tokenizer+model "
+            f"{p['load_seconds']:.1f}, trainer setup+training {p['train_seconds']:.1f}, "
+            f"save {p['save_seconds']:.2f}, interpreter exit {p['teardown']:.1f}, "
+            f"wall {p['wall']:.1f}; median step {1000 * median(p['step_seconds']):.0f} ms"
+        )
+    return section
