@@ -233,12 +233,12 @@ def run(full: bool) -> Section:
             "s",
             "plain script, same measure",
             why="the period includes TRL's step itself, which varies between runs on a shared "
-            "machine (see each run's median step in the timelines; across our full runs the "
-            "service's was 1% to 21% slower than the script's); the worker process and Redis "
-            "handling a progress event every step "
-            "take CPU from training on 2 cores (see their CPU per step below). Sending progress "
-            "with each log only, or at most a few times a second, would cut that work; the next "
-            "row isolates what our callback adds inside the training process",
+            "machine (see each run's median step in the timelines; across our full runs the"
+            " service's was 1% to 21% slower than the script's); the worker process and "
+            "Redis handling a progress event every step take CPU from training on 2 cores "
+            "(see their CPU per step below). Sending progress with each log only, or at "
+            "most a few times a second, would cut that work; the next row isolates what our"
+            " callback adds inside the training process",
         )
     )
     ours_out = median([x for j in jobs for x in _outside(j)])

@@ -70,6 +70,9 @@ class Settings:
     another worker; the Helm chart sets it below terminationGracePeriodSeconds."""
     worker_metrics_port: int = 9100
     """Port of a worker's Prometheus endpoint; 0 turns it off."""
+    worker_gpu_memory_gb: float | None = None
+    """GPU memory of each worker in GB: the API refuses (422) a job whose estimate
+    (service/vram.py) exceeds it. Unset: no check (CPU workers, or not wanted)."""
     log_level: str = "INFO"
     """Root log level for the API, the worker and the training child."""
     log_format: Literal["json", "text"] = "json"
@@ -108,6 +111,7 @@ class Settings:
         keys_file = get("FTUNE_API_KEYS_FILE")
         hf_home = get("HF_HOME")
         secrets_file = get("FTUNE_WEBHOOK_SECRETS_FILE")
+        gpu_gb = get("FTUNE_WORKER_GPU_MEMORY_GB")
         return cls(
             redis_url=get("FTUNE_REDIS_URL") or defaults.redis_url,
             store_url=get("FTUNE_STORE_URL") or "file://" + str(Path(".ftune/store").resolve()),
@@ -133,6 +137,7 @@ class Settings:
             worker_metrics_port=int(
                 get("FTUNE_WORKER_METRICS_PORT") or defaults.worker_metrics_port
             ),
+            worker_gpu_memory_gb=float(gpu_gb) if gpu_gb else None,
             log_level=get("FTUNE_LOG_LEVEL") or defaults.log_level,
             log_format="text" if get("FTUNE_LOG_FORMAT") == "text" else "json",
             webhook_allow_private=(get("FTUNE_WEBHOOK_ALLOW_PRIVATE") or "").lower()

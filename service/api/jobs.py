@@ -13,7 +13,7 @@ from litestar import Controller, Request, Response, get, post
 from litestar.params import HeaderParameter, Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from service import queue, webhooks
+from service import queue, vram, webhooks
 from service.api.auth import scope
 from service.api.errors import FieldError, InvalidRequest
 from service.api.openapi_docs import CONFLICT, NOT_FOUND, responses
@@ -89,6 +89,12 @@ class JobController(Controller):
                 raise InvalidRequest(
                     str(exc), [FieldError(loc=["body", "base_model"], msg=str(exc))]
                 ) from None
+        try:
+            vram.check_fits(data, settings.worker_gpu_memory_gb, settings.models_dir)
+        except ValueError as exc:
+            raise InvalidRequest(
+                str(exc), [FieldError(loc=["body", "base_model"], msg=str(exc))]
+            ) from None
         if data.webhook_url is not None:
             try:
                 await webhooks.check_url_async(

@@ -1,0 +1,63 @@
+"""A job that cannot fit the workers' GPUs is refused at submit with what it needs (422)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from service.api.app import create_app
+from service.settings import Settings
+from tests.fixtures.api import ALICE, Api
+from tests.integration.test_api_jobs import dataset, queued_attempts, spec
+
+
+@pytest.fixture
+async def gpu24(api_settings: Settings) -> AsyncIterator[Api]:
+    """The API of a service whose workers have 24 GB GPUs."""
+    settings = replace(api_settings, worker_gpu_memory_gb=24.0)
+    async with AsyncTestClient(create_app(settings)) as client:
+        yield Api(client, settings)
+
+
+async def test_a_job_too_big_for_the_workers_is_refused_saying_what_it_needs(gpu24: Api) -> None:
+    ds = await dataset(gpu24)
+    resp = await gpu24.client.post(
+        "/v1/jobs", json=spec(ds, base_model="meta-llama/Llama-2-70b-hf"), headers=ALICE
+    )
+    assert resp.status_code == 422, resp.text
+    problem = resp.json()
+    assert "GB" in problem["detail"] and "24 GB" in problem["detail"]
+    assert problem["errors"][0]["loc"] == ["body", "base_model"]
+    assert queued_attempts(gpu24) == []  # nothing was queued
+
+
+async def test_jobs_that_fit_or_cannot_be_judged_are_accepted(gpu24: Api) -> None:
+    ds = await dataset(gpu24)
+    for model in ("meta-llama/Llama-2-7b-hf", "org/mystery-model"):
+        resp = await gpu24.client.post("/v1/jobs", json=spec(ds, base_model=model), headers=ALICE)
+        assert resp.status_code == 201, resp.text
+
+
+async def test_gradient_checkpointing_off_can_be_what_makes_a_job_not_fit(gpu24: Api) -> None:
+    ds = await dataset(gpu24)
+    body = spec(
+        ds,
+        base_model="Qwen/Qwen2.5-14B-Instruct",
+        hyperparameters={"gradient_checkpointing": False, "max_length": 2048},
+    )
+    resp = await gpu24.client.post("/v1/jobs", json=body, headers=ALICE)
+    assert resp.status_code == 422, resp.text
+    body["hyperparameters"] = {"gradient_checkpointing": True, "max_length": 2048}
+    resp = await gpu24.client.post("/v1/jobs", json=body, headers=ALICE)
+    assert resp.status_code == 201, resp.text
+
+
+async def test_without_a_configured_limit_nothing_is_refused(api: Api) -> None:
+    ds = await dataset(api)
+    resp = await api.client.post(
+        "/v1/jobs", json=spec(ds, base_model="meta-llama/Llama-2-70b-hf"), headers=ALICE
+    )
+    assert resp.status_code == 201, resp.text
