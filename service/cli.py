@@ -209,7 +209,7 @@ def dev(
                 while True:
                     stack.check()
                     time.sleep(0.5)
-        except StackError as exc:
+        except (StackError, RuntimeError) as exc:  # LocalRedis raises RuntimeError
             err.print(f"[red]error:[/] {escape(str(exc))}")
             raise typer.Exit(1) from None
         except KeyboardInterrupt:

@@ -30,7 +30,7 @@ from rich.table import Table
 
 from service.cli import read_key_file, watch_job
 from service.client import Client
-from service.devstack import DevStack
+from service.devstack import DevStack, StackError
 from service.specs import Generation, Job, JobStatus
 
 DATA_DIR = Path(__file__).resolve().parent / "demo_data"
@@ -207,6 +207,11 @@ def run_demo(
                 key = api_key or read_key_file(state_dir)
             else:
                 parts = urlsplit(url)
+                if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+                    raise DemoError(
+                        f"nothing answers at {url}; the demo starts its own stack only on "
+                        "this machine (leave --url at its default, or run `ftune dev` there)"
+                    )
                 stack = DevStack(
                     state_dir,
                     parts.port or 8000,
@@ -220,7 +225,7 @@ def run_demo(
             model_dir = ensure_model(state_dir, console)
             client = resources.enter_context(Client(url, key))
             return _train_and_show(client, model_dir, max_steps or DEMO_STEPS, console, started)
-    except DemoError as exc:
+    except (DemoError, StackError) as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}")
         return 1
 

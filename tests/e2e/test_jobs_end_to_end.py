@@ -150,9 +150,9 @@ def test_killed_worker_job_resumes_from_checkpoint_elsewhere(stack: Stack) -> No
     assert len(logs) == 1, logs
     resumed_from = int(logs[0].rsplit("step ", 1)[1].split('"')[0])
     assert resumed_from >= 4 and resumed_from % 4 == 0, logs
-    # attempt 0 reported 1..k (k >= the checkpoint), attempt 1 only what came after it
+    # attempt 1 trained only what came after the checkpoint; attempt 0 had reported 1..k
+    # (k may stop short of the checkpoint when the worker died with points still in flight)
     k = len(steps) - (16 - resumed_from)
-    assert k >= resumed_from
     assert steps == list(range(1, k + 1)) + list(range(resumed_from + 1, 17)), steps
 
 
