@@ -152,7 +152,7 @@ class DevStack:
         if not _port_free(self.host, self.port):
             raise StackError(
                 f"port {self.port} on {self.host} is in use: is `ftune dev` already running? "
-                "Use --port to pick another."
+                "Pick another port (`ftune dev --port P`, `ftune demo` with --url)."
             )
         for sub in ("store", "models", "work"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
