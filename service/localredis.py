@@ -54,7 +54,11 @@ class LocalRedis:
             args += ["--dir", str(self.data_dir), "--appendonly", "yes"]
         else:
             args += ["--appendonly", "no"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its own session: a Ctrl-C meant for `ftune dev` must not stop Redis before the worker
+        # has re-queued its job.
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout
         while True:

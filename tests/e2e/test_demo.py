@@ -3,7 +3,7 @@
 Slow (minutes): it loads and trains a real 135M model on the CPU. A short run (few steps)
 proves the wiring: stack up, model converted, dataset accepted, job trained, adapter stored,
 before/after answers and the length measure printed, stack torn down. The full-length demo's
-effect on answer length is measured by hand (see the report in the README).
+effect on answer length was measured by hand (figures beside DEMO_STEPS in service/demo.py).
 """
 
 from __future__ import annotations
