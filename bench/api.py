@@ -27,7 +27,7 @@ from bench.common import (
     uvicorn_command,
     wait_http,
 )
-from service.localredis import free_port
+from service.dev.localredis import free_port
 from tests.fixtures.tiny_model import preference_rows
 
 CONCURRENCY = (1, 16, 64)

@@ -1,7 +1,8 @@
 """What every benchmark shares: the service as separate processes, samplers, result rows.
 
-Everything runs on loopback: a Redis from `service.localredis`, the API under uvicorn in its own
-process (so its memory and CPU are its own), and workers as `python -m gpu_worker` processes.
+Everything runs on loopback: a Redis from `service.dev.localredis`, the API under uvicorn in its own
+process (so its memory and CPU are its own), and workers as `python -m service.cli worker`
+processes.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import IO, Any, Literal
 import httpx
 import psutil
 
-from service.localredis import LocalRedis, free_port
+from service.dev.localredis import LocalRedis, free_port
 from service.settings import Principal, write_api_keys
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -331,7 +332,7 @@ class Stack:
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            [PY, "-m", "gpu_worker"],
+            [PY, "-m", "service.cli", "worker"],
             env=self.env(),
             cwd=ROOT,
             stdout=self._log(f"worker-{len(self.workers)}"),

@@ -19,7 +19,7 @@ import httpx
 import msgspec
 
 from bench.common import AUTH, PY, Figure, RssSampler, Section, Stack, scratch
-from service.datasets import validate_jsonl
+from service.datasets.validate import validate_jsonl
 
 MB = 1_000_000
 VOCABULARY = (

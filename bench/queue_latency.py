@@ -38,7 +38,7 @@ from bench.common import (
     scratch,
     stop_process,
 )
-from service.localredis import LocalRedis
+from service.dev.localredis import LocalRedis
 from service.settings import Settings
 from tests.fixtures.tiny_model import preference_rows
 

@@ -18,7 +18,7 @@ import msgspec
 
 from bench.common import PY, Figure, Section, run_json, scratch
 from service import vram
-from service.specs import JobSpec, Quantization
+from service.contract import JobSpec, Quantization
 
 PUBLISHED = (
     # (model, LLaMA-Factory's column, its QLoRA 4-bit figure in GB)

@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from gpu_worker.reporter import JobCancelled, Reporter
 from service.blobs import BlobStore
-from service.specs import MetricPoint, Progress
+from service.contract import MetricPoint, Progress
 
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments

@@ -17,7 +17,7 @@ import msgspec
 
 from gpu_worker.errors import ConfigError, DatasetError
 from service.blobs import BlobNotFound, BlobStore, dataset_blob_key
-from service.specs import ChatTemplate, DatasetRef
+from service.contract import ChatTemplate, DatasetRef
 
 if TYPE_CHECKING:
     from datasets import Dataset

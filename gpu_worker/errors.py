@@ -15,7 +15,3 @@ class ModelLoadError(JobFailure):
 
 class DatasetError(JobFailure):
     """The dataset blob is missing, or no row fits max_length."""
-
-
-class PublishError(JobFailure):
-    """The artifact could not be written to its destination."""

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpu_worker.errors import ConfigError, ModelLoadError
+from service.contract import JobSpec, local_model_path
 from service.settings import Settings
-from service.specs import JobSpec, local_model_path
 
 if TYPE_CHECKING:
     import torch

@@ -34,8 +34,8 @@ from gpu_worker.model import load_model, load_tokenizer, resolve_model
 from gpu_worker.reporter import JobCancelled, Reporter
 from gpu_worker.trainer import adapt_to_device, build_dpo_config, build_trainer, resolve_device
 from service.blobs import BlobStore
+from service.contract import Artifact, Generation, Job, JobSpec, MetricPoint, Phase
 from service.settings import Settings
-from service.specs import Artifact, Generation, Job, JobSpec, MetricPoint, Phase
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -112,7 +112,7 @@ def run(
         merge_adapter(model_dir, adapter_dir, outputs["merged"], dtype=_merge_dtype(model_dir))
 
     reporter.phase(Phase.uploading)
-    from gpu_worker.publish import publish
+    from service.publish import publish
 
     artifacts = []
     for kind, folder in outputs.items():

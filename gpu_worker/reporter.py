@@ -13,7 +13,7 @@ import time
 from typing import Any, Protocol
 
 from service import logs
-from service.specs import Phase, Progress
+from service.contract import Phase, Progress
 
 
 class JobCancelled(Exception):

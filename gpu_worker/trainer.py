@@ -14,7 +14,7 @@ import msgspec
 
 from gpu_worker.errors import ConfigError
 from gpu_worker.model import build_lora_config
-from service.specs import JobSpec
+from service.contract import JobSpec
 
 if TYPE_CHECKING:
     from datasets import Dataset

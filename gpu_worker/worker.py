@@ -2,15 +2,15 @@
 
 The event loop never trains. Training runs in a spawned child so that, while it works, this
 process keeps renewing the job's lease, forwarding metrics to Redis and watching for a
-cancel. A worker that dies stops renewing; the reaper (a loop every worker runs, guarded by
-a lock so only one acts) re-queues the job as a new attempt, which resumes from the last
-checkpoint. arq's own recovery would wait `job_timeout + 10 s`, hours for training.
+cancel. A worker that dies stops renewing; the scheduler's reaper (service/leases.py, run by
+the API whether or not any worker exists) re-queues the job as a new attempt, which resumes
+from the last checkpoint. arq's own recovery would wait `job_timeout + 10 s`, hours for
+training.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import multiprocessing
 import os
@@ -19,6 +19,7 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -29,10 +30,7 @@ from prometheus_client import start_http_server
 
 from service import logs, queue
 from service.blobs import open_store
-from service.policies import policy_loop
-from service.prometheus import WorkerMetrics, record_job_duration
-from service.settings import Settings
-from service.specs import (
+from service.contract import (
     Artifact,
     Generation,
     Job,
@@ -42,7 +40,10 @@ from service.specs import (
     Phase,
     Progress,
 )
-from service.store import Conflict, NotFound, Store
+from service.leases import requeue
+from service.metrics import WorkerMetrics, record_job_duration
+from service.settings import Settings
+from service.store import Conflict, NotFound, Store, TerminalHook
 
 log = logging.getLogger("ftune.worker")
 
@@ -87,6 +88,7 @@ def _child(
     from gpu_worker.errors import JobFailure
     from gpu_worker.pipeline import run
     from gpu_worker.reporter import JobCancelled, QueueReporter
+    from service.publish import PublishError
 
     job = msgspec.json.decode(job_json, type=Job)
     logs.bind(job_id=job.id, tenant=job.tenant, attempt=job.attempt)
@@ -97,7 +99,7 @@ def _child(
         outcome = Outcome(artifacts=result.artifacts, final_metrics=result.final_metrics)
     except JobCancelled:
         outcome = Outcome(cancelled=True)
-    except JobFailure as exc:
+    except (JobFailure, PublishError) as exc:
         outcome = Outcome(error=JobError(type=type(exc).__name__, message=str(exc)))
     except Exception as exc:
         logging.getLogger("ftune.worker").exception("job %s failed", job.id)
@@ -217,7 +219,7 @@ async def run_job(ctx: dict[str, Any], job_id: str, attempt: int) -> str:
         # arq is shutting down (SIGTERM past the grace period) or the task was aborted:
         # stop training and hand the job to another worker, which resumes it.
         _stop(child)
-        await asyncio.shield(_requeue(store, settings, job_id, "the worker shut down"))
+        await asyncio.shield(requeue(store, ctx["redis"], settings, job_id, "the worker shut down"))
         raise
     finally:
         ctx.pop("child", None)
@@ -307,90 +309,27 @@ async def _finish(store: Store, supervisor: _Supervisor, child: Any) -> str:
     return status.value
 
 
-async def _requeue(store: Store, settings: Settings, job_id: str, why: str) -> None:
-    """Running → queued as the next attempt (or failed when attempts are used up)."""
-
-    def change(job: Job) -> Job:
-        if job.status != JobStatus.running:
-            raise Conflict(f"job {job_id} is {job.status.value}")
-        if job.cancel_requested:
-            return msgspec.structs.replace(job, status=JobStatus.cancelled, finished_at=time.time())
-        if job.attempt + 1 >= settings.max_attempts:
-            error = JobError(
-                type="WorkerLost",
-                message=f"{why}; gave up after {job.attempt + 1} attempts",
-                phase=job.phase,
-            )
-            return msgspec.structs.replace(
-                job, status=JobStatus.failed, finished_at=time.time(), error=error
-            )
-        return msgspec.structs.replace(
-            job, status=JobStatus.queued, attempt=job.attempt + 1, worker=None, phase=None
-        )
-
-    try:
-        job = await store.update_job(job_id, change)
-    except (Conflict, NotFound):
-        return
-    await store.drop_lease(job_id)
-    if job.status == JobStatus.queued:
-        await store.add_log(job_id, f"{why}: re-queued as attempt {job.attempt}")
-        pool = await queue.connect(settings.redis_url)
-        try:
-            await queue.enqueue(pool, job_id, job.attempt, queue_name=settings.queue_name)
-        finally:
-            await pool.aclose()
-
-
-async def reap_once(store: Store, settings: Settings) -> list[str]:
-    """Re-queue running jobs whose worker stopped renewing the lease. One reaper acts."""
-    if not await store.try_lock("reaper", settings.lease_seconds / 2):
-        return []
-    lost = await store.expired_leases()
-    for job_id in lost:
-        await _requeue(store, settings, job_id, "the worker running it was lost")
-    return lost
-
-
-async def _reaper(store: Store, settings: Settings) -> None:
-    while True:
-        try:
-            lost = await reap_once(store, settings)
-            if lost:
-                log.warning("re-queued jobs of lost workers: %s", ", ".join(lost))
-        except Exception:
-            log.exception("reaper pass failed")
-        await asyncio.sleep(max(settings.lease_seconds / 3, 0.5))
-
-
 # -- arq wiring --------------------------------------------------------------------------------
 
 
-def build_worker(settings: Settings) -> Worker:
+def build_worker(settings: Settings, *, on_terminal: Sequence[TerminalHook]) -> Worker:
     """A worker for one GPU: one job at a time, hours of timeout, retries owned by us.
 
     arq's retries stay off (max_tries=1): a lost attempt is re-queued by the reaper as a new
-    attempt with its own arq id; arq re-running the old one would train twice.
+    attempt with its own arq id; arq re-running the old one would train twice. `on_terminal`
+    are the store's hooks for a job's end (the caller registers the webhook one): the worker
+    knows no feature.
     """
 
     async def startup(ctx: dict[str, Any]) -> None:
         ctx["settings"] = settings
-        ctx["store"] = Store.from_url(settings.redis_url, metrics_maxlen=settings.metrics_maxlen)
+        ctx["store"] = Store.from_url(
+            settings.redis_url, metrics_maxlen=settings.metrics_maxlen, on_terminal=on_terminal
+        )
         ctx["worker_id"] = f"{socket.gethostname()}:{os.getpid()}"
         ctx["metrics"] = metrics
-        # Not an arq cron job: cron jobs need a free job slot, and max_jobs=1 is busy training.
-        ctx["reaper"] = asyncio.create_task(_reaper(ctx["store"], settings))
-        # Retraining policies: the same kind of guarded loop, beside training.
-        blobs = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
-        ctx["policies"] = asyncio.create_task(
-            policy_loop(ctx["store"], ctx["redis"], blobs, settings)
-        )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
-        for name in ("reaper", "policies"):
-            ctx[name].cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ctx[name]
         await ctx["store"].close()
 
     metrics = WorkerMetrics()
@@ -414,8 +353,8 @@ def build_worker(settings: Settings) -> Worker:
     )
 
 
-def run_worker(settings: Settings) -> None:
+def run_worker(settings: Settings, *, on_terminal: Sequence[TerminalHook]) -> None:
     logs.configure_logging(
         settings.log_level, secrets=settings.secret_values(), fmt=settings.log_format
     )
-    build_worker(settings).run()
+    build_worker(settings, on_terminal=on_terminal).run()

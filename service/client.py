@@ -16,15 +16,7 @@ from typing import Any, TypeVar
 import httpx
 import msgspec
 
-from service.specs import (
-    Dataset,
-    DatasetList,
-    Job,
-    JobList,
-    JobSpec,
-    JobStatus,
-    MetricSeries,
-)
+from service.contract import Dataset, DatasetList, Job, JobList, JobSpec, JobStatus, MetricSeries
 
 T = TypeVar("T")
 CHUNK = 1024 * 1024

@@ -59,6 +59,10 @@ class Settings:
     """How often a job whose worker was lost is retried before it fails."""
     lease_seconds: float = 30.0
     """A running job whose worker has not renewed its lease for this long is re-queued."""
+    scheduler_enabled: bool = True
+    """Whether this API process takes part in the scheduler role (one leader at a time)."""
+    scheduler_interval_seconds: float = 5.0
+    """How often the scheduler (run by the API's leader) reaps lost jobs and steps policies."""
     queue_name: str = "ftune:queue"
     """The arq queue the API enqueues into and the workers read."""
     metrics_maxlen: int = 100_000
@@ -128,6 +132,11 @@ class Settings:
             job_timeout_hours=float(get("FTUNE_JOB_TIMEOUT_HOURS") or defaults.job_timeout_hours),
             max_attempts=int(get("FTUNE_MAX_ATTEMPTS") or defaults.max_attempts),
             lease_seconds=float(get("FTUNE_LEASE_SECONDS") or defaults.lease_seconds),
+            scheduler_enabled=(get("FTUNE_SCHEDULER_ENABLED") or "true").lower()
+            not in ("0", "false", "no", "off"),
+            scheduler_interval_seconds=float(
+                get("FTUNE_SCHEDULER_INTERVAL_SECONDS") or defaults.scheduler_interval_seconds
+            ),
             queue_name=get("FTUNE_QUEUE_NAME") or defaults.queue_name,
             metrics_maxlen=int(get("FTUNE_METRICS_MAXLEN") or defaults.metrics_maxlen),
             device=get("FTUNE_DEVICE") or defaults.device,

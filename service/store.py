@@ -1,7 +1,9 @@
 """Records in Redis: datasets and jobs, per-tenant indexes, atomic transitions, metric streams.
 
-Every change to a job goes through `update_job`, an optimistic WATCH/MULTI transaction: two
-actors racing (the API cancelling, a worker reporting) never lose each other's writes.
+Every change to a record goes through `transact`, an optimistic WATCH/MULTI transaction over
+redis-py's `transaction()`: two actors racing (the API cancelling, a worker reporting) never
+lose each other's writes. Persistence knows no feature: what a feature must write atomically
+with a job's end (a webhook event) it registers as an `on_terminal` hook.
 Ids are time-sortable, so each index is a lexicographic sorted set that pages newest first
 with an exact cursor.
 """
@@ -11,18 +13,21 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import WatchError
+from redis.asyncio.client import Pipeline
 
-from service import webhooks
-from service.specs import Dataset, Job, JobStatus, MetricPoint
+from service.contract import Dataset, Job, JobStatus, MetricPoint
 
 P = "ftune:"
 T = TypeVar("T", Dataset, Job)
+R = TypeVar("R")
+
+TerminalHook = Callable[[Pipeline, Job], None]
+"""Queues more writes into the transaction that stores a job's terminal status."""
 
 _job_decoder = msgspec.json.Decoder(Job)
 _dataset_decoder = msgspec.json.Decoder(Dataset)
@@ -72,15 +77,44 @@ def _index(kind: str, tenant: str | None, status: JobStatus | None = None) -> st
     return f"{P}{kind}:{scope}" + (f":{status.value}" if status else "")
 
 
+async def transact(
+    redis: Any, body: Callable[[Pipeline], Awaitable[R]], *keys: str
+) -> tuple[R, list[Any]]:
+    """Run `body` as an optimistic transaction on `keys`: it reads them (the pipeline is in
+    immediate mode until it calls `pipe.multi()`), may raise to refuse, then queues its
+    writes; it runs again from the start when a watched key changed before EXEC.
+
+    Returns what `body` returned on its last run and the results of the queued writes.
+    """
+    returned: list[R] = []
+
+    async def run(pipe: Pipeline) -> None:
+        returned[:] = [await body(pipe)]
+
+    executed = await redis.transaction(run, *keys)
+    return returned[0], list(executed)
+
+
 class Store:
-    def __init__(self, client: aioredis.Redis, *, metrics_maxlen: int = 100_000) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        metrics_maxlen: int = 100_000,
+        on_terminal: Sequence[TerminalHook] = (),
+    ) -> None:
         # redis-py's async annotations return `Awaitable[T] | T` unions; Any keeps mypy useful.
         self.redis: Any = client
         self.metrics_maxlen = metrics_maxlen
+        self.on_terminal = tuple(on_terminal)
 
     @classmethod
-    def from_url(cls, url: str, *, metrics_maxlen: int = 100_000) -> Store:
-        return cls(aioredis.Redis.from_url(url), metrics_maxlen=metrics_maxlen)
+    def from_url(
+        cls, url: str, *, metrics_maxlen: int = 100_000, on_terminal: Sequence[TerminalHook] = ()
+    ) -> Store:
+        return cls(
+            aioredis.Redis.from_url(url), metrics_maxlen=metrics_maxlen, on_terminal=on_terminal
+        )
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -113,24 +147,22 @@ class Store:
         """
         key = dataset_key(dataset_id)
         users = f"{key}:jobs"
-        async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(key, users)
-                    ds = _visible(await pipe.get(key), _dataset_decoder, tenant)
-                    live = await pipe.smembers(users)
-                    if live:
-                        names = ", ".join(sorted(m.decode() for m in live)[:5])
-                        raise Conflict(f"dataset {dataset_id} is used by live jobs: {names}")
-                    pipe.multi()
-                    pipe.delete(key)
-                    pipe.zrem(_index("datasets", ds.tenant), dataset_id)
-                    pipe.zrem(_index("datasets", None), dataset_id)
-                    pipe.decr(_blob_refs(ds.sha256))
-                    remaining = (await pipe.execute())[-1]
-                    return ds, int(remaining)
-                except WatchError:
-                    continue
+
+        async def delete(pipe: Pipeline) -> Dataset:
+            ds = _visible(await pipe.get(key), _dataset_decoder, tenant)
+            live = await pipe.smembers(users)
+            if live:
+                names = ", ".join(sorted(m.decode() for m in live)[:5])
+                raise Conflict(f"dataset {dataset_id} is used by live jobs: {names}")
+            pipe.multi()
+            pipe.delete(key)
+            pipe.zrem(_index("datasets", ds.tenant), dataset_id)
+            pipe.zrem(_index("datasets", None), dataset_id)
+            pipe.decr(_blob_refs(ds.sha256))
+            return ds
+
+        ds, results = await transact(self.redis, delete, key, users)
+        return ds, int(results[-1])
 
     # -- jobs -------------------------------------------------------------------------------
 
@@ -144,36 +176,32 @@ class Store:
         if job.eval_dataset is not None:
             ds_keys.append(dataset_key(job.eval_dataset.id))
         idem_key = f"{P}idem:{job.tenant}:{idempotency[0]}" if idempotency else None
-        async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(*ds_keys, *([idem_key] if idem_key else []))
-                    if idem_key and idempotency:
-                        prior = await pipe.get(idem_key)
-                        if prior is not None:
-                            prior_id, _, fingerprint = prior.decode().partition(":")
-                            if fingerprint != idempotency[1]:
-                                raise Conflict(
-                                    "this Idempotency-Key was used for a different request"
-                                )
-                            await pipe.reset()
-                            return await self.get_job(prior_id, job.tenant)
-                    for key in ds_keys:
-                        if not await pipe.exists(key):
-                            raise NotFound(f"dataset {key.rsplit(':', 1)[-1]} does not exist")
-                    pipe.multi()
-                    pipe.set(job_key(job.id), _encoder.encode(job))
-                    for index in self._job_indexes(job):
-                        pipe.zadd(index, {job.id: 0})
-                    for key in ds_keys:
-                        pipe.sadd(f"{key}:jobs", job.id)
-                    if idem_key and idempotency:
-                        pipe.set(idem_key, f"{job.id}:{idempotency[1]}", ex=24 * 3600)
-                    pipe.xadd(events_key(job.id), _event("status", {"status": job.status}))
-                    await pipe.execute()
-                    return job
-                except WatchError:
-                    continue
+
+        async def create(pipe: Pipeline) -> str:
+            if idem_key and idempotency:
+                prior = await pipe.get(idem_key)
+                if prior is not None:
+                    prior_id, _, fingerprint = prior.decode().partition(":")
+                    if fingerprint != idempotency[1]:
+                        raise Conflict("this Idempotency-Key was used for a different request")
+                    return str(prior_id)
+            for key in ds_keys:
+                if not await pipe.exists(key):
+                    raise NotFound(f"dataset {key.rsplit(':', 1)[-1]} does not exist")
+            pipe.multi()
+            pipe.set(job_key(job.id), _encoder.encode(job))
+            for index in self._job_indexes(job):
+                pipe.zadd(index, {job.id: 0})
+            for key in ds_keys:
+                pipe.sadd(f"{key}:jobs", job.id)
+            if idem_key and idempotency:
+                pipe.set(idem_key, f"{job.id}:{idempotency[1]}", ex=24 * 3600)
+            pipe.xadd(events_key(job.id), _event("status", {"status": job.status}))
+            return job.id
+
+        watched = [*ds_keys, *([idem_key] if idem_key else [])]
+        created, _ = await transact(self.redis, create, *watched)
+        return job if created == job.id else await self.get_job(created, job.tenant)
 
     async def get_job(self, job_id: str, tenant: str | None) -> Job:
         return _visible(await self.redis.get(job_key(job_id)), _job_decoder, tenant)
@@ -218,29 +246,28 @@ class Store:
         each move and phase change is appended to the job's event stream.
         """
         key = job_key(job_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(key)
-                    old = _visible(await pipe.get(key), _job_decoder, tenant)
-                    new = change(old)
-                    if old.status.terminal and new != old:
-                        raise Conflict(f"job {job_id} is already {old.status.value}")
-                    new = msgspec.structs.replace(new, updated_at=time.time())
-                    pipe.multi()
-                    pipe.set(key, _encoder.encode(new))
-                    if new.status != old.status:
-                        _move_status(pipe, old, new)
-                        if new.status.terminal:
-                            webhooks.stage_webhook(pipe, new)
-                    if new.phase != old.phase and new.phase is not None:
-                        pipe.xadd(events_key(job_id), _event("phase", {"phase": new.phase}))
-                    for kind, data in events(old, new) if events else ():
-                        pipe.xadd(events_key(job_id), _event(kind, data))
-                    await pipe.execute()
-                    return new
-                except WatchError:
-                    continue
+
+        async def update(pipe: Pipeline) -> Job:
+            old = _visible(await pipe.get(key), _job_decoder, tenant)
+            new = change(old)
+            if old.status.terminal and new != old:
+                raise Conflict(f"job {job_id} is already {old.status.value}")
+            new = msgspec.structs.replace(new, updated_at=time.time())
+            pipe.multi()
+            pipe.set(key, _encoder.encode(new))
+            if new.status != old.status:
+                _move_status(pipe, old, new)
+                if new.status.terminal:
+                    for hook in self.on_terminal:
+                        hook(pipe, new)
+            if new.phase != old.phase and new.phase is not None:
+                pipe.xadd(events_key(job_id), _event("phase", {"phase": new.phase}))
+            for kind, data in events(old, new) if events else ():
+                pipe.xadd(events_key(job_id), _event(kind, data))
+            return new
+
+        new, _ = await transact(self.redis, update, key)
+        return new
 
     def _job_indexes(self, job: Job) -> list[str]:
         return [
@@ -301,9 +328,6 @@ class Store:
             return []
         alive = await self.redis.mget([lease_key(j) for j in running])
         return [job_id for job_id, lease in zip(running, alive, strict=True) if lease is None]
-
-    async def try_lock(self, name: str, seconds: float) -> bool:
-        return bool(await self.redis.set(f"{P}lock:{name}", "1", nx=True, px=int(seconds * 1000)))
 
     async def count_jobs(self, status: JobStatus) -> int:
         return int(await self.redis.zcard(_index("jobs", None, status)))

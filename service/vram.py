@@ -39,7 +39,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.specs import JobSpec, local_model_path
+from service.contract import JobSpec, local_model_path
 
 GIB = 1024**3
 

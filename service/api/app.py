@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,7 +26,8 @@ from service.api.jobs import JobController
 from service.api.policies import PolicyController
 from service.api.system import SystemController
 from service.blobs import BlobStore, open_store
-from service.prometheus import ServiceCollector
+from service.metrics import ServiceCollector
+from service.scheduler import Scheduler, scheduling
 from service.settings import Settings
 from service.store import Store
 
@@ -51,10 +53,14 @@ def _openapi() -> OpenAPIConfig:
 def _lifespan(settings: Settings) -> Any:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        store = Store.from_url(settings.redis_url, metrics_maxlen=settings.metrics_maxlen)
+        store = Store.from_url(
+            settings.redis_url,
+            metrics_maxlen=settings.metrics_maxlen,
+            on_terminal=(webhooks.stage_webhook,),
+        )
         arq = await queue.connect(settings.redis_url)
-        app.state.store, app.state.arq = store, arq
-        app.state.blobs = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
+        blobs = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
+        app.state.store, app.state.arq, app.state.blobs = store, arq, blobs
         config = webhooks.WebhookConfig(
             secrets=webhooks.load_secrets(settings.webhook_secrets_file),
             allow_private=settings.webhook_allow_private,
@@ -62,7 +68,11 @@ def _lifespan(settings: Settings) -> Any:
             backoff_seconds=settings.webhook_backoff_seconds,
         )
         try:
-            async with webhooks.delivering(store.redis, config):
+            async with contextlib.AsyncExitStack() as running:
+                await running.enter_async_context(webhooks.delivering(store.redis, config))
+                if settings.scheduler_enabled:
+                    scheduler = Scheduler(store, arq, blobs, settings)
+                    await running.enter_async_context(scheduling(scheduler))
                 yield
         finally:
             await arq.aclose()

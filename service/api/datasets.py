@@ -31,10 +31,10 @@ from service.api.openapi_docs import (
     responses,
 )
 from service.blobs import BlobStore, dataset_blob_key
-from service.datasets import FieldMapping, Limits
-from service.ingest import store_dataset
+from service.contract import Dataset, DatasetList, FieldMapping
+from service.datasets.ingest import store_dataset
+from service.datasets.validate import Limits
 from service.settings import Principal, Settings
-from service.specs import Dataset, DatasetList
 from service.store import Store
 
 JSONL_TYPES = {"application/x-ndjson", "application/jsonl", "application/json-lines", "text/plain"}

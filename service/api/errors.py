@@ -11,7 +11,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from service.datasets import InvalidDataset
+from service.datasets.validate import InvalidDataset
 from service.store import Conflict, NotFound
 
 log = logging.getLogger("ftune.api")

@@ -8,27 +8,28 @@ from typing import Annotated
 from litestar import Controller, get, post
 from litestar.params import Parameter
 
-from service import feedback
 from service.api.errors import FieldError, InvalidRequest
 from service.api.openapi_docs import CONFLICT, NOT_FOUND, responses
 from service.blobs import BlobStore
-from service.datasets import Limits
-from service.feedback import (
+from service.contract import (
+    STREAM_NAME,
     FeedbackBatch,
     FeedbackReceipt,
     FeedbackSnapshot,
     FeedbackStream,
     FeedbackStreamList,
-    InvalidFeedback,
     PairList,
 )
+from service.datasets.validate import Limits
+from service.retraining import feedback
+from service.retraining.events import InvalidFeedback
 from service.settings import Principal, Settings
 from service.store import Store
 
 StreamName = Annotated[
     str,
     Parameter(
-        pattern=feedback.STREAM_NAME,
+        pattern=STREAM_NAME,
         description="Letters, digits, '_', '.', '-'; at most 63 characters",
     ),
 ]

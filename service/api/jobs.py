@@ -17,8 +17,7 @@ from service import queue, vram, webhooks
 from service.api.auth import scope
 from service.api.errors import FieldError, InvalidRequest
 from service.api.openapi_docs import CONFLICT, NOT_FOUND, responses
-from service.settings import Principal, Settings
-from service.specs import (
+from service.contract import (
     Dataset,
     DatasetRef,
     Job,
@@ -28,6 +27,7 @@ from service.specs import (
     MetricSeries,
     local_model_path,
 )
+from service.settings import Principal, Settings
 from service.store import Conflict, NotFound, Store, new_id, request_fingerprint
 
 EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")

@@ -8,12 +8,11 @@ import msgspec
 from litestar import Controller, delete, get, put
 from litestar.params import Parameter
 
-from service import policies
 from service.api.errors import FieldError, InvalidRequest
 from service.api.openapi_docs import NOT_FOUND, responses
-from service.policies import Policy, PolicyList, PolicySpec
+from service.contract import Policy, PolicyList, PolicySpec, local_model_path
+from service.retraining import policies
 from service.settings import Principal, Settings
-from service.specs import local_model_path
 from service.store import NotFound, Store
 
 PolicyName = Annotated[

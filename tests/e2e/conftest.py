@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.localredis import free_port
+from service.dev.localredis import free_port
 from service.settings import Settings
 from tests.fixtures.api import ALICE, LiveServer
 
@@ -55,7 +55,7 @@ class Stack:
         port = free_port()
         self.metrics_ports.append(port)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gpu_worker"],
+            [sys.executable, "-m", "service.cli", "worker"],
             env={**self.env(), "FTUNE_WORKER_METRICS_PORT": str(port), **(extra_env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -101,7 +101,13 @@ class Stack:
 
 @pytest.fixture
 def stack(api_settings: Settings, tmp_path: Path, tiny_model_dir: Path) -> Iterator[Stack]:
-    settings = replace(api_settings, lease_seconds=3.0, max_dataset_bytes=64 * 1024**2)
+    settings = replace(
+        api_settings,
+        lease_seconds=3.0,
+        max_dataset_bytes=64 * 1024**2,
+        scheduler_enabled=True,
+        scheduler_interval_seconds=0.5,
+    )
     shutil.copytree(tiny_model_dir, settings.models_dir / "tiny")
     with (
         LiveServer(settings) as api,

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from service.client import Client
-from service.demo import MODEL_NAME
-from service.localredis import free_port
+from service.dev.demo import MODEL_NAME
+from service.dev.localredis import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

@@ -136,6 +136,9 @@ def test_killed_worker_job_resumes_from_checkpoint_elsewhere(stack: Stack) -> No
     stack.wait(job["id"], lambda j: j["progress"]["step"] >= 6, timeout=180)
     first.send_signal(signal.SIGKILL)
     first.wait(10)
+    # No worker exists now: the API's scheduler re-queues the lost attempt by itself.
+    requeued = stack.wait(job["id"], lambda j: j["status"] == "queued", timeout=30)
+    assert requeued["attempt"] == 1
     stack.start_worker()
     done = stack.wait_done(job["id"], timeout=300)
     assert done["status"] == "succeeded", done

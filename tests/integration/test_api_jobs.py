@@ -9,7 +9,7 @@ import time
 import pytest
 import redis
 
-from service.specs import MetricPoint
+from service.contract import MetricPoint
 from service.store import Store
 from tests.fixtures.api import ADMIN, ALICE, BOB, Api
 

@@ -12,9 +12,9 @@ import httpx
 import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.prometheus import record_job_duration
+from service.contract import JobStatus, MetricPoint, Phase
+from service.metrics import record_job_duration
 from service.settings import Settings
-from service.specs import JobStatus, MetricPoint, Phase
 from service.store import Store
 from tests.fixtures.api import LiveServer
 

@@ -30,13 +30,15 @@ from typer.testing import CliRunner, Result
 
 from service.cli import app
 from service.client import Client
-from service.demo import DATA_DIR, DATASET_FILE, heldout_prompts, length_measure
-from service.devstack import DevStack, StackError
-from service.localredis import free_port
+from service.contract import Artifact, Generation, JobError, JobStatus, MetricPoint, Phase, Progress
+from service.dev.demo import DATASET_FILE, heldout_prompts, length_measure
+from service.dev.localredis import free_port
+from service.dev.stack import DevStack, StackError
 from service.settings import Settings, hash_api_key
-from service.specs import Artifact, Generation, JobError, JobStatus, MetricPoint, Phase, Progress
 from service.store import Store
 from tests.fixtures.api import LiveServer
+
+ROOT = Path(__file__).resolve().parents[2]
 
 KEY = "key-alice"
 ROWS = [
@@ -432,9 +434,9 @@ def test_ftune_dev_runs_api_and_worker_and_stops_them_on_ctrl_c(tmp_path: Path) 
 def test_the_demo_dataset_is_in_sync_with_its_generator_and_accepted(
     cli: Callable[..., Result],
 ) -> None:
-    generated = runpy.run_path(str(DATA_DIR / "generate.py"))["rows"]()
+    generated = runpy.run_path(str(ROOT / "tools" / "make_demo_data.py"))["rows"]()
     shipped = [json.loads(line) for line in DATASET_FILE.read_text().splitlines()]
-    assert shipped == generated  # rerun service/demo_data/generate.py after editing it
+    assert shipped == generated  # rerun tools/make_demo_data.py after editing it
     assert len(shipped) >= 250
     train_prompts = {r["prompt"].lower() for r in shipped}
     assert not train_prompts & {p.lower() for p in heldout_prompts()}

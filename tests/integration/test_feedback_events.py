@@ -6,7 +6,13 @@ from typing import Any
 
 import pytest
 
-from service.feedback import InvalidFeedback, Pending, apply_events, parse_events, prompt_key
+from service.retraining.events import (
+    InvalidFeedback,
+    Pending,
+    apply_events,
+    parse_events,
+    prompt_key,
+)
 
 
 def rate(event_id: str, prompt: Any, response: Any, value: str) -> dict[str, Any]:

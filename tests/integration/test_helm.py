@@ -28,7 +28,7 @@ from arq.connections import ArqRedis
 from kubernetes_validate import utils as kv
 
 from service import queue
-from service.localredis import free_port, server_binary
+from service.dev.localredis import free_port, server_binary
 from service.settings import Settings, hash_api_key
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "ftune"

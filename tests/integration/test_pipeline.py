@@ -19,8 +19,8 @@ from gpu_worker.errors import DatasetError
 from gpu_worker.pipeline import run
 from gpu_worker.reporter import JobCancelled, ListReporter
 from service.blobs import BlobStore, open_store
+from service.contract import Generation, JobSpec, Phase
 from service.settings import Settings
-from service.specs import Generation, JobSpec, Phase
 from tests.fixtures.tiny_model import stage_job
 
 TRL_KEYS = {

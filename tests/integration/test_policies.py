@@ -18,11 +18,12 @@ import msgspec
 import pytest
 from arq.connections import ArqRedis
 
-from service import policies, queue
+from service import queue
 from service.blobs import BlobStore, open_store
-from service.policies import tick
+from service.contract import Artifact, Job, JobError, JobStatus
+from service.retraining import policies
+from service.retraining.runs import tick
 from service.settings import Settings
-from service.specs import Artifact, Job, JobError, JobStatus
 from service.store import Store
 from tests.fixtures.api import ALICE, BOB, Api
 from tests.fixtures.s3 import S3Server
@@ -396,7 +397,7 @@ async def test_an_interrupted_firing_is_cleared_or_adopted(api: Api, loop: Loop)
     run = policy["runs"][0]
     # Pretend the firing tick died before it recorded the job (run still "starting").
     await policies.update_policy(
-        loop.store, "alice", "p", lambda p: policies._with_run(p, run["id"], status="starting")
+        loop.store, "alice", "p", lambda p: policies.with_run(p, run["id"], status="starting")
     )
     assert await loop.tick() == []  # within the grace period: leave it to the firing tick
     later = time.time() + policies.FIRE_GRACE_SECONDS + 1
@@ -412,7 +413,7 @@ async def test_an_interrupted_firing_is_cleared_or_adopted(api: Api, loop: Loop)
     second = (await get(api, "p"))["runs"][0]
     await loop.store.redis.delete(f"ftune:job:{second['job_id']}")
     await policies.update_policy(
-        loop.store, "alice", "p", lambda p: policies._with_run(p, second["id"], status="starting")
+        loop.store, "alice", "p", lambda p: policies.with_run(p, second["id"], status="starting")
     )
     [line] = await loop.tick(now=later)
     assert "lost: the firing was interrupted" in line

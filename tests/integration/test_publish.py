@@ -19,11 +19,10 @@ import msgspec
 import pytest
 import yaml
 
-from gpu_worker.errors import PublishError
-from gpu_worker.publish import publish
 from service.blobs import open_store
+from service.contract import Artifact, DatasetRef, Job, JobSpec, JobStatus
+from service.publish import PublishError, publish
 from service.settings import Settings
-from service.specs import Artifact, DatasetRef, Job, JobSpec, JobStatus
 from tests.fixtures.hub import HubServer
 from tests.fixtures.s3 import S3Server
 

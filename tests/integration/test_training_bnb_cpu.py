@@ -18,7 +18,7 @@ import torch
 from gpu_worker.data import apply_chat_template, to_dataset
 from gpu_worker.model import build_lora_config, load_model, load_tokenizer
 from gpu_worker.trainer import build_dpo_config, build_trainer
-from service.specs import JobSpec
+from service.contract import JobSpec
 
 SPEC = msgspec.convert(
     {

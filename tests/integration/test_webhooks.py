@@ -21,8 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from service import webhooks
-from service.localredis import free_port
-from service.specs import (
+from service.contract import (
     Artifact,
     DatasetRef,
     Job,
@@ -30,8 +29,10 @@ from service.specs import (
     JobSpec,
     JobStatus,
     Phase,
+    WebhookEvent,
 )
-from service.webhooks import WebhookConfig, check_url, verify
+from service.dev.localredis import free_port
+from service.webhooks import WebhookConfig, check_url, delivery, verify
 from tests.fixtures.api import ALICE, Api
 
 SECRET = "whsec_alice_0123456789abcdef"
@@ -307,7 +308,7 @@ async def test_a_claimed_event_whose_sender_died_is_sent_again(r: Any, receiver:
     # A replica claims the event (pushes its due time forward by the claim) and then dies.
     config = WebhookConfig(allow_private=True, claim_seconds=0.2)
     now = time.time()
-    claimed = await r.eval(webhooks._CLAIM, 1, webhooks.DUE, repr(now), repr(now + 0.2), 16)
+    claimed = await r.eval(delivery._CLAIM, 1, webhooks.DUE, repr(now), repr(now + 0.2), 16)
     assert claimed == [eid.encode()]
     assert await webhooks.deliver_due(r, config) == []  # claimed: nobody else sends it
     await asyncio.sleep(0.25)
@@ -326,7 +327,7 @@ async def test_stage_webhook_commits_with_the_status_change(r: Any) -> None:
     eid = webhooks.event_id(job.id, JobStatus.cancelled)
     assert await r.zrange(webhooks.DUE, 0, -1) == [eid.encode()]
     body = await r.hget(webhooks.event_key(eid), "body")
-    event = msgspec.json.decode(body, type=webhooks.WebhookEvent)
+    event = msgspec.json.decode(body, type=WebhookEvent)
     assert event.type == "job.cancelled" and event.status == JobStatus.cancelled
 
 

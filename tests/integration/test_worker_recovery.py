@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 
 import msgspec
 import redis
 
-from gpu_worker.worker import reap_once, run_job
-from service.prometheus import WorkerMetrics
+from gpu_worker.worker import run_job
+from service import leases, queue
+from service.contract import DatasetRef, Job, JobSpec, JobStatus, Phase
+from service.metrics import WorkerMetrics
 from service.settings import Settings
-from service.specs import DatasetRef, Job, JobSpec, JobStatus, Phase
 from service.store import Store, new_id
 
 
@@ -43,6 +45,14 @@ def settings(redis_url: str) -> Settings:
     return replace(Settings(), redis_url=redis_url, max_attempts=3, lease_seconds=2)
 
 
+async def reap_once(store: Store, s: Settings) -> list[str]:
+    pool = await queue.connect(s.redis_url)
+    try:
+        return await leases.reap(store, pool, s)
+    finally:
+        await pool.aclose()
+
+
 async def test_expired_lease_requeues_as_next_attempt(redis_url: str) -> None:
     store = Store.from_url(redis_url)
     job = running_job()
@@ -50,7 +60,6 @@ async def test_expired_lease_requeues_as_next_attempt(redis_url: str) -> None:
     await store.renew_lease(job.id, "w1", 30)
     assert await reap_once(store, settings(redis_url)) == []  # lease alive: left alone
     await store.drop_lease(job.id)
-    await store.redis.delete("ftune:lock:reaper")
     assert await reap_once(store, settings(redis_url)) == [job.id]
     after = await store.get_job(job.id, None)
     assert after.status == JobStatus.queued and after.attempt == 1 and after.phase is None
@@ -80,13 +89,16 @@ async def test_lost_job_with_cancel_requested_ends_cancelled(redis_url: str) -> 
     await store.close()
 
 
-async def test_only_one_reaper_acts(redis_url: str) -> None:
+async def test_reapers_racing_move_a_job_once(redis_url: str) -> None:
     store = Store.from_url(redis_url)
     job = running_job()
     await put_running(store, job)
     s = settings(redis_url)
-    assert await reap_once(store, s) == [job.id]
-    assert await reap_once(store, s) == []  # the lock is held for this pass
+    results = await asyncio.gather(*(reap_once(store, s) for _ in range(3)))
+    assert sorted(results) == [[], [], [job.id]]
+    assert (await store.get_job(job.id, None)).attempt == 1
+    queued = redis.Redis.from_url(redis_url).zrange("ftune:queue", 0, -1)
+    assert queued == [f"{job.id}:1".encode()]
     await store.close()
 
 

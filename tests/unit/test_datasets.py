@@ -10,17 +10,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from service.datasets import (
-    FieldMapping,
-    IngestResult,
-    InvalidDataset,
-    Limits,
-    RowError,
-    RowInvalid,
-    normalize_row,
-    row_format,
-    validate_jsonl,
-)
+from service.contract import FieldMapping
+from service.datasets.rows import RowInvalid, normalize_row, row_format
+from service.datasets.validate import IngestResult, InvalidDataset, Limits, RowError, validate_jsonl
 
 
 def line(row: Any) -> bytes:

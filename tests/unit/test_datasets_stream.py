@@ -14,13 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.datasets import (
-    InvalidDataset,
-    Limits,
-    RowInvalid,
-    normalize_row,
-    validate_jsonl,
-)
+from service.datasets.rows import RowInvalid, normalize_row
+from service.datasets.validate import InvalidDataset, Limits, validate_jsonl
 
 MiB = 1 << 20
 

@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from service import vram
-from service.specs import JobSpec
+from service.contract import JobSpec
 
 
 def spec(base_model: str = "meta-llama/Llama-2-7b-hf", **fields: Any) -> JobSpec:

@@ -16,7 +16,7 @@ from gpu_worker.callbacks import (
 )
 from gpu_worker.reporter import JobCancelled, ListReporter
 from service.blobs import BlobStore, open_store
-from service.specs import MetricPoint
+from service.contract import MetricPoint
 
 
 @pytest.fixture

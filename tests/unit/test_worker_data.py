@@ -19,7 +19,7 @@ from gpu_worker.data import (
 from gpu_worker.errors import ConfigError, DatasetError
 from gpu_worker.model import load_tokenizer
 from service.blobs import BlobStore, open_store
-from service.specs import ChatTemplate, DatasetRef
+from service.contract import ChatTemplate, DatasetRef
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import pytest
 from gpu_worker.errors import ConfigError, ModelLoadError
 from gpu_worker.model import build_lora_config, build_quantization_config, resolve_model
 from service.blobs import open_store
+from service.contract import JobSpec
 from service.settings import Settings
-from service.specs import JobSpec
 from tests.fixtures.hub import HubServer
 from tests.fixtures.s3 import S3Server
 

@@ -10,7 +10,7 @@ import pytest
 
 from gpu_worker.errors import ConfigError
 from gpu_worker.trainer import adapt_to_device, build_dpo_config, resolve_device
-from service.specs import JobSpec
+from service.contract import JobSpec
 
 
 def _spec(**fields: Any) -> JobSpec:

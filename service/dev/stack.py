@@ -22,7 +22,7 @@ from typing import IO, Any
 
 import httpx
 
-from service.localredis import LocalRedis, free_port
+from service.dev.localredis import LocalRedis, free_port
 from service.settings import Principal, write_api_keys
 
 TENANT = "local"

@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from service.contract.datasets import DatasetRef
+
 REPO_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
 MODEL_REF_RE = re.compile(
     r"^(?:(?:hf://)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
@@ -240,13 +242,6 @@ class Generation(msgspec.Struct, kw_only=True):
     tuned: str
 
 
-class DatasetRef(msgspec.Struct, kw_only=True):
-    id: str
-    sha256: str
-    rows: int
-    format: Literal["standard", "conversational"]
-
-
 class Job(msgspec.Struct, kw_only=True):
     id: str
     tenant: str
@@ -273,43 +268,6 @@ class Job(msgspec.Struct, kw_only=True):
 
 class JobList(msgspec.Struct, kw_only=True):
     items: list[Job]
-    next_cursor: str | None = None
-
-
-class DatasetWarning(msgspec.Struct, kw_only=True):
-    kind: str
-    msg: str
-    count: int
-    lines: list[int]
-    """The first few line numbers where it happens."""
-
-
-class DatasetStats(msgspec.Struct, kw_only=True):
-    prompt_chars: dict[str, float]
-    chosen_chars: dict[str, float]
-    rejected_chars: dict[str, float]
-    """min, mean, max and p95 of each text's length in characters."""
-
-
-class Dataset(msgspec.Struct, kw_only=True):
-    id: str
-    tenant: str
-    name: str
-    rows: int
-    bytes: int
-    """Size of the normalized JSONL as stored."""
-    source_bytes: int
-    sha256: str
-    """sha256 of the normalized JSONL: the content address in the blob store."""
-    format: Literal["standard", "conversational"]
-    source_format: Literal["standard", "conversational", "implicit_prompt", "openai", "mapped"]
-    stats: DatasetStats
-    warnings: list[DatasetWarning]
-    created_at: float
-
-
-class DatasetList(msgspec.Struct, kw_only=True):
-    items: list[Dataset]
     next_cursor: str | None = None
 
 

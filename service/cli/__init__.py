@@ -36,7 +36,7 @@ from rich.progress import (
 from rich.table import Table
 
 from service.client import ApiError, Client, EventsUnsupported, Unreachable
-from service.specs import Dataset, Job, JobStatus, MetricPoint
+from service.contract import Dataset, Job, JobStatus, MetricPoint
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 STATE_DIR = Path(".ftune")
@@ -178,9 +178,11 @@ def worker() -> None:
             "install it with: pip install 'ftune[worker]'"
         )
         raise typer.Exit(1) from None
+    from service import webhooks
     from service.settings import Settings
 
-    run_worker(Settings.from_env())
+    # The worker knows no feature: the webhook staged with a job's end is registered here.
+    run_worker(Settings.from_env(), on_terminal=(webhooks.stage_webhook,))
 
 
 @app.command()
@@ -192,7 +194,7 @@ def dev(
     ] = STATE_DIR,
 ) -> None:
     """Start Redis, the API and one worker on this machine; Ctrl-C stops them."""
-    from service.devstack import DevStack, StackError
+    from service.dev.stack import DevStack, StackError
 
     stack = DevStack(state_dir, port, host=host)
     with _stop_on_sigterm():
@@ -229,7 +231,7 @@ def demo(
     ] = None,
 ) -> None:
     """Fine-tune SmolLM2-135M on a sample dataset end to end and show before/after answers."""
-    from service.demo import run_demo
+    from service.dev.demo import run_demo
 
     opts = options(ctx)
     code = run_demo(opts.url, opts.api_key, state_dir=state_dir, max_steps=max_steps)

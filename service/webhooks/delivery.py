@@ -36,44 +36,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
-import ipaddress
 import logging
-import socket
 import ssl
 import time
-import urllib.parse
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import msgspec
 
-from service.specs import Artifact, Job, JobError, JobStatus
+from service.contract import WebhookDelivery
+from service.webhooks.addresses import Target, UnsafeWebhookURL, resolve
+from service.webhooks.events import DUE, EVENT_TTL_SECONDS, LOG_MAX, event_key, log_key, sign
+
+_encoder = msgspec.json.Encoder()
 
 log = logging.getLogger("ftune.webhooks")
 
-P = "ftune:"
-DUE = f"{P}webhooks:due"
-"""Sorted set: event id -> unix time its next attempt is due (or its claim lapses)."""
-LOG_MAX = 100
-"""Delivery attempts kept per job."""
-EVENT_TTL_SECONDS = 7 * 24 * 3600
-"""How long a finished event is remembered (enqueueing it again within that time is a no-op)."""
 USER_AGENT = "ftune-webhooks/1"
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def log_key(job_id: str) -> str:
-    return f"{P}webhook:{job_id}"
-
-
-def event_key(event_id: str) -> str:
-    return f"{P}webhook-event:{event_id}"
 
 
 # -- configuration -------------------------------------------------------------------------
@@ -132,293 +114,10 @@ def load_secrets(path: Path | None) -> dict[str, tuple[str, ...]]:
 # -- address checks ------------------------------------------------------------------------
 
 
-class UnsafeWebhookURL(ValueError):
-    """The URL is malformed or its host is not a public address: never retried."""
-
-
-class UnresolvableHost(ValueError):
-    """The host did not resolve (at submit: refused; at delivery: retried)."""
-
-
-_ALLOW_HINT = (
-    "webhooks go only to public addresses (an operator can set "
-    "FTUNE_WEBHOOK_ALLOW_PRIVATE=true to allow private ones)"
-)
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-
-def _why_not_public(ip: IPAddress) -> str | None:
-    """Why an address is not a public one, or None if it is."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-        if embedded is None and ip in _NAT64:
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if embedded is not None:
-            why = _why_not_public(embedded)
-            return f"{why} (embedded in {ip})" if why else None
-    checks = (
-        ("is_unspecified", "the unspecified address"),
-        ("is_loopback", "a loopback address"),
-        ("is_link_local", "a link-local address"),
-        ("is_multicast", "a multicast address"),
-        ("is_reserved", "a reserved address"),
-        ("is_private", "a private address"),
-    )
-    for attr, why in checks:
-        if getattr(ip, attr):
-            return why
-    return None if ip.is_global else "not a public address"
-
-
-class _Target(msgspec.Struct, frozen=True):
-    scheme: str
-    host: str
-    port: int
-    addresses: tuple[str, ...]
-
-
-def _parse(url: str) -> tuple[str, str, int]:
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise UnsafeWebhookURL(f"webhook_url {url!r} is not a valid URL: {exc}") from None
-    if parts.scheme not in ("http", "https"):
-        raise UnsafeWebhookURL(f"webhook_url must be http:// or https://, got {url!r}")
-    host = (parts.hostname or "").rstrip(".")
-    if not host:
-        raise UnsafeWebhookURL(f"webhook_url {url!r} has no host")
-    return parts.scheme, host, port or (443 if parts.scheme == "https" else 80)
-
-
-def _check(host: str, port: int, infos: Iterable[Any], *, allow_private: bool) -> list[str]:
-    addresses: list[str] = []
-    for info in infos:
-        text = str(info[4][0]).split("%", 1)[0]  # drop an IPv6 zone id
-        ip = ipaddress.ip_address(text)
-        why = None if allow_private else _why_not_public(ip)
-        if why is not None:
-            is_literal = text == host.strip("[]")
-            where = f"is {why}" if is_literal else f"resolves to {ip}, {why}"
-            raise UnsafeWebhookURL(f"webhook_url host {host!r} {where}; {_ALLOW_HINT}")
-        if text not in addresses:
-            addresses.append(text)
-    if not addresses:
-        raise UnresolvableHost(f"webhook_url host {host!r} has no address")
-    return addresses
-
-
-def _localhost(host: str, allow_private: bool) -> None:
-    # RFC 6761: *.localhost is loopback whatever a resolver says.
-    if not allow_private and (host == "localhost" or host.endswith(".localhost")):
-        raise UnsafeWebhookURL(f"webhook_url host {host!r} is a loopback name; {_ALLOW_HINT}")
-
-
-def _unresolvable(host: str, exc: BaseException) -> UnresolvableHost:
-    return UnresolvableHost(
-        f"webhook_url host {host!r} does not resolve ({exc}); check the name, or that the "
-        "API can reach DNS"
-    )
-
-
-def check_url(url: str, *, allow_private: bool) -> None:
-    """Refuse a webhook URL whose host is not public (every address it resolves to must be).
-
-    Raises ValueError (UnsafeWebhookURL or UnresolvableHost) with a message for the user.
-    Blocking (DNS); from async code use `check_url_async`.
-    """
-    _scheme, host, port = _parse(url)
-    _localhost(host, allow_private)
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as exc:
-        raise _unresolvable(host, exc) from None
-    _check(host, port, infos, allow_private=allow_private)
-
-
-DNS_TIMEOUT_SECONDS = 5.0
-
-
-async def _resolve(url: str, *, allow_private: bool) -> _Target:
-    scheme, host, port = _parse(url)
-    _localhost(host, allow_private)
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(DNS_TIMEOUT_SECONDS):
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError, TimeoutError) as exc:
-        raise _unresolvable(host, exc) from None
-    addresses = _check(host, port, infos, allow_private=allow_private)
-    return _Target(scheme=scheme, host=host, port=port, addresses=tuple(addresses))
-
-
-async def check_url_async(url: str, *, allow_private: bool) -> None:
-    """`check_url` without blocking the event loop (DNS limited to 5 s)."""
-    await _resolve(url, allow_private=allow_private)
-
-
 # -- events and signatures -----------------------------------------------------------------
-
-EventType = Literal["job.succeeded", "job.failed", "job.cancelled"]
-_EVENT_TYPES: dict[JobStatus, EventType] = {
-    JobStatus.succeeded: "job.succeeded",
-    JobStatus.failed: "job.failed",
-    JobStatus.cancelled: "job.cancelled",
-}
-
-
-class WebhookJobData(msgspec.Struct, kw_only=True):
-    status: JobStatus
-    error: JobError | None
-    artifacts: list[Artifact]
-    latest_metrics: dict[str, float]
-    finished_at: float | None
-    attempt: int
-    labels: dict[str, str]
-
-
-class WebhookEvent(msgspec.Struct, kw_only=True):
-    """The JSON body a receiver gets. Built from the job record, which holds no secrets."""
-
-    id: str
-    type: EventType
-    job_id: str
-    status: JobStatus
-    created_at: float
-    data: WebhookJobData
-
-
-class WebhookDelivery(msgspec.Struct, kw_only=True):
-    """One delivery attempt, as kept in `ftune:webhook:{job_id}`."""
-
-    event_id: str
-    type: str
-    attempt: int
-    at: float
-    ok: bool
-    status_code: int | None = None
-    error: str | None = None
-    duration_ms: float = 0.0
-    next_attempt_at: float | None = None
-    """When the next attempt is due; null when none will follow (delivered or given up)."""
-
-
-_delivery_decoder = msgspec.json.Decoder(WebhookDelivery)
-_encoder = msgspec.json.Encoder()
-
-
-def event_id(job_id: str, status: JobStatus) -> str:
-    """Stable per (job, terminal status): a job ends once, so this names its one event."""
-    return "evt_" + hashlib.sha256(f"{job_id}:{status.value}".encode()).hexdigest()[:24]
-
-
-def build_event(job: Job, *, now: float | None = None) -> WebhookEvent:
-    if not job.status.terminal:
-        raise ValueError(f"job {job.id} is {job.status.value}, not finished")
-    data = WebhookJobData(
-        status=job.status,
-        error=job.error,
-        artifacts=job.artifacts,
-        latest_metrics=job.latest_metrics,
-        finished_at=job.finished_at,
-        attempt=job.attempt,
-        labels=job.spec.labels,
-    )
-    return WebhookEvent(
-        id=event_id(job.id, job.status),
-        type=_EVENT_TYPES[job.status],
-        job_id=job.id,
-        status=job.status,
-        created_at=time.time() if now is None else now,
-        data=data,
-    )
-
-
-def sign(secrets: Sequence[str], body: bytes, *, timestamp: int | None = None) -> str:
-    """The `ftune-signature` header value for `body`."""
-    t = int(time.time()) if timestamp is None else timestamp
-    parts = [f"t={t}"]
-    for secret in secrets:
-        digest = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-        parts.append(f"v1={digest}")
-    return ",".join(parts)
-
-
-def verify(
-    secret: str, body: bytes, header: str, tolerance: float = 300, *, now: float | None = None
-) -> bool:
-    """For receivers: True if `header` signs exactly `body` with `secret`, made within
-    `tolerance` seconds of now (which stops an old, captured request being replayed)."""
-    t: int | None = None
-    given: list[str] = []
-    for item in header.split(","):
-        key, _, value = item.strip().partition("=")
-        if key == "t":
-            with contextlib.suppress(ValueError):
-                t = int(value)
-        elif key == "v1":
-            given.append(value)
-    if t is None or not given:
-        return False
-    if abs((time.time() if now is None else now) - t) > tolerance:
-        return False
-    expected = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    return any(hmac.compare_digest(expected, g) for g in given)
 
 
 # -- enqueue -------------------------------------------------------------------------------
-
-_ENQUEUE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'job_id', ARGV[3], 'tenant', ARGV[4], 'url', ARGV[5],
-           'type', ARGV[6], 'body', ARGV[7], 'attempts', 0, 'state', 'pending')
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-return 1
-"""
-
-
-def _enqueue_args(job: Job) -> tuple[Any, ...] | None:
-    if job.spec.webhook_url is None:
-        return None
-    event = build_event(job)
-    return (
-        _ENQUEUE,
-        2,
-        event_key(event.id),
-        DUE,
-        event.id,
-        repr(event.created_at),
-        job.id,
-        job.tenant,
-        job.spec.webhook_url,
-        event.type,
-        _encoder.encode(event),
-    )
-
-
-async def enqueue_webhook(redis: Any, job: Job) -> bool:
-    """Queue the job's terminal event for delivery, if it has a webhook_url.
-
-    Idempotent: True if queued now, False if there is no URL or it was already queued.
-    Call after the terminal status is stored; `stage_webhook` does it inside that transaction.
-    """
-    args = _enqueue_args(job)
-    if args is None:
-        return False
-    return bool(await redis.eval(*args))
-
-
-def stage_webhook(pipe: Any, job: Job) -> None:
-    """Add the enqueue to a Redis transaction (e.g. the one that stores the terminal status),
-    so a process dying right after the status change cannot lose the webhook."""
-    args = _enqueue_args(job)
-    if args is not None:
-        pipe.eval(*args)
-
-
-async def delivery_log(redis: Any, job_id: str) -> list[WebhookDelivery]:
-    """Every recorded delivery attempt for a job, oldest first."""
-    return [_delivery_decoder.decode(raw) for raw in await redis.lrange(log_key(job_id), 0, -1)]
 
 
 # -- delivery ------------------------------------------------------------------------------
@@ -443,7 +142,7 @@ def _client(config: WebhookConfig) -> httpx.AsyncClient:
 
 
 async def _post(
-    client: httpx.AsyncClient, target: _Target, url: str, body: bytes, headers: dict[str, str]
+    client: httpx.AsyncClient, target: Target, url: str, body: bytes, headers: dict[str, str]
 ) -> int:
     """POST to the checked addresses in turn (the next only if connecting failed)."""
     original = httpx.URL(url)
@@ -493,7 +192,7 @@ async def _deliver(
     retry = True
     try:
         async with asyncio.timeout(config.timeout_seconds):
-            target = await _resolve(url, allow_private=config.allow_private)
+            target = await resolve(url, allow_private=config.allow_private)
             status_code = await _post(client, target, url, body, headers)
         if not 200 <= status_code < 300:
             redirect = " (redirects are not followed)" if 300 <= status_code < 400 else ""

@@ -27,17 +27,14 @@ from typing import Any, Literal
 
 import msgspec
 
-from gpu_worker.errors import PublishError
 from service.blobs import BlobStore, open_store
+from service.contract import Artifact, HubDestination, Job, JobSpec, S3Destination, StoreDestination
 from service.settings import Settings
-from service.specs import (
-    Artifact,
-    HubDestination,
-    Job,
-    JobSpec,
-    S3Destination,
-    StoreDestination,
-)
+
+
+class PublishError(Exception):
+    """The artifact could not be written to its destination; the message says what to fix."""
+
 
 Kind = Literal["adapter", "merged"]
 MANIFEST = "manifest.json"

@@ -14,8 +14,8 @@ from pathlib import Path
 import anyio.to_thread
 
 from service.blobs import BlobStore, dataset_blob_key
-from service.datasets import FieldMapping, IngestResult, Limits, validate_jsonl
-from service.specs import Dataset
+from service.contract import Dataset, FieldMapping
+from service.datasets.validate import IngestResult, Limits, validate_jsonl
 from service.store import Store, new_id
 
 

@@ -30,8 +30,8 @@ from rich.table import Table
 
 from service.cli import read_key_file, watch_job
 from service.client import Client
-from service.devstack import DevStack, StackError
-from service.specs import Generation, Job, JobStatus
+from service.contract import Generation, Job, JobStatus
+from service.dev.stack import DevStack, StackError
 
 DATA_DIR = Path(__file__).resolve().parent / "demo_data"
 DATASET_FILE = DATA_DIR / "preferences.jsonl"

@@ -1,0 +1,67 @@
+"""Leases of running jobs: a worker renews its job's lease while it trains; a job whose lease
+lapsed lost its worker and goes back to the queue as its next attempt, which resumes from the
+last checkpoint.
+
+`requeue` is shared by a worker that shuts down mid-job and by the scheduler's reaper, which
+runs whether or not any worker exists (arq's own recovery would wait `job_timeout + 10 s`,
+hours for training).
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+from arq.connections import ArqRedis
+
+from service import queue
+from service.contract import Job, JobError, JobStatus
+from service.settings import Settings
+from service.store import Conflict, NotFound, Store
+
+
+async def requeue(
+    store: Store, pool: ArqRedis, settings: Settings, job_id: str, why: str
+) -> Job | None:
+    """Running → queued as the next attempt (or failed when attempts are used up, cancelled
+    when a cancel was asked for). None if the job was not running."""
+
+    def change(job: Job) -> Job:
+        if job.status != JobStatus.running:
+            raise Conflict(f"job {job_id} is {job.status.value}")
+        if job.cancel_requested:
+            return msgspec.structs.replace(job, status=JobStatus.cancelled, finished_at=time.time())
+        if job.attempt + 1 >= settings.max_attempts:
+            error = JobError(
+                type="WorkerLost",
+                message=f"{why}; gave up after {job.attempt + 1} attempts",
+                phase=job.phase,
+            )
+            return msgspec.structs.replace(
+                job, status=JobStatus.failed, finished_at=time.time(), error=error
+            )
+        return msgspec.structs.replace(
+            job, status=JobStatus.queued, attempt=job.attempt + 1, worker=None, phase=None
+        )
+
+    try:
+        job = await store.update_job(job_id, change)
+    except (Conflict, NotFound):
+        return None
+    await store.drop_lease(job_id)
+    if job.status == JobStatus.queued:
+        await store.add_log(job_id, f"{why}: re-queued as attempt {job.attempt}")
+        await queue.enqueue(pool, job_id, job.attempt, queue_name=settings.queue_name)
+    return job
+
+
+async def reap(store: Store, pool: ArqRedis, settings: Settings) -> list[str]:
+    """Re-queue the running jobs whose worker stopped renewing the lease; the ids it moved.
+
+    Each re-queue is a compare-and-set on the job, so two reapers racing move a job once.
+    """
+    moved = []
+    for job_id in await store.expired_leases():
+        if await requeue(store, pool, settings, job_id, "the worker running it was lost"):
+            moved.append(job_id)
+    return moved

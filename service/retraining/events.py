@@ -1,0 +1,257 @@
+"""Feedback events: parse a batch and turn it into pairs (pure: no Redis)."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Literal
+
+import msgspec
+
+from service.contract import EventError, FieldMapping, Format, Kind, PairRecord
+from service.datasets.rows import RowInvalid, normalize_row, row_format
+
+_encoder = msgspec.json.Encoder()
+
+MAX_EVENT_ID = 200
+
+
+_STAND_IN = "\x00stand-in\x00"
+
+
+_RATING_FIELDS = FieldMapping(
+    prompt_field="prompt", chosen_field="response", rejected_field=_STAND_IN
+)
+
+
+_EDIT_FIELDS = FieldMapping(prompt_field="prompt", chosen_field="edited", rejected_field="response")
+
+
+class InvalidFeedback(Exception):
+    """The batch was refused: the first errors (in batch order) and how many there were."""
+
+    def __init__(self, errors: list[EventError], total: int) -> None:
+        self.errors = errors
+        self.total = total
+        first = errors[0]
+        where = f"events[{first.index}]" + (f".{first.field}" if first.field else "")
+        super().__init__(
+            f"{total} invalid event{'s' if total != 1 else ''} in the batch; nothing was "
+            f"stored (first: {where}: {first.msg})"
+        )
+
+
+class ParsedEvent(msgspec.Struct, kw_only=True):
+    index: int
+    id: str
+    kind: Kind
+    format: Format
+    row: dict[str, Any] | None = None
+    """Pairs and edits: the canonical row."""
+    prompt: Any = None
+    """Ratings: the canonical prompt and response, and which way."""
+    response: Any = None
+    rating: Literal["up", "down"] | None = None
+
+
+class Waiting(msgspec.Struct, array_like=True):
+    id: str
+    response: Any
+
+
+class Pending(msgspec.Struct, kw_only=True):
+    """The ratings of one prompt that wait for an opposite rating, oldest first."""
+
+    prompt: Any
+    up: list[Waiting] = []
+    down: list[Waiting] = []
+
+
+class Applied(msgspec.Struct, kw_only=True):
+    pairs: list[PairRecord]
+    accepted: list[str]
+    duplicates: int
+    pending: dict[str, Pending]
+    """The touched prompts' queues after the batch (empty ones are to be deleted)."""
+    pending_delta: int
+    waiting_from_batch: int
+
+
+def _event_id(obj: dict[str, Any]) -> str:
+    if "id" not in obj:
+        raise RowInvalid("id", "missing field 'id' (each event needs a unique id)")
+    value = obj["id"]
+    if not isinstance(value, str):
+        raise RowInvalid("id", f"expected a string, got {type(value).__name__}")
+    if not value or value.isspace():
+        raise RowInvalid("id", "the id is empty")
+    if len(value) > MAX_EVENT_ID:
+        raise RowInvalid("id", f"the id is longer than {MAX_EVENT_ID} characters")
+    return value
+
+
+def _kind(obj: dict[str, Any]) -> Kind:
+    marks: list[Kind] = []
+    if "rating" in obj:
+        marks.append("rating")
+    if "edited" in obj:
+        marks.append("edit")
+    if "chosen" in obj or "rejected" in obj or "preferred_output" in obj:
+        marks.append("pair")
+    if len(marks) > 1:
+        raise RowInvalid(
+            None,
+            f"the event mixes the fields of a {' and a '.join(marks)}; send one kind per event",
+        )
+    if not marks:
+        keys = ", ".join(repr(k)[:30] for k in list(obj)[:10])
+        raise RowInvalid(
+            None,
+            "not a known event: a pair has chosen and rejected, a rating has response and "
+            f"rating (up or down), an edit has response and edited (the event has: {keys})",
+        )
+    return marks[0]
+
+
+def _need(obj: dict[str, Any], *fields: str) -> None:
+    for name in fields:
+        if name not in obj:
+            raise RowInvalid(name, f"missing field {name!r}")
+
+
+def _parse_one(obj: object, index: int) -> ParsedEvent:
+    if not isinstance(obj, dict):
+        raise RowInvalid(None, "expected an event object")
+    event_id = _event_id(obj)
+    kind = _kind(obj)
+    if kind == "pair":
+        row, _ = normalize_row(obj)
+        return ParsedEvent(index=index, id=event_id, kind=kind, format=row_format(row), row=row)
+    if kind == "edit":
+        _need(obj, "prompt", "response")
+        row, _ = normalize_row(obj, mapping=_EDIT_FIELDS)
+        return ParsedEvent(index=index, id=event_id, kind=kind, format=row_format(row), row=row)
+    _need(obj, "prompt", "response")
+    rating = obj["rating"]
+    if rating not in ("up", "down"):
+        raise RowInvalid("rating", f"expected 'up' or 'down', got {repr(rating)[:40]}")
+    response = obj["response"]
+    stand_in: Any = (
+        [{"role": "assistant", "content": _STAND_IN}] if isinstance(response, list) else _STAND_IN
+    )
+    checked, _ = normalize_row(
+        {"prompt": obj["prompt"], "response": response, _STAND_IN: stand_in},
+        mapping=_RATING_FIELDS,
+    )
+    return ParsedEvent(
+        index=index,
+        id=event_id,
+        kind="rating",
+        format=row_format(checked),
+        prompt=checked["prompt"],
+        response=checked["chosen"],
+        rating=rating,
+    )
+
+
+def parse_events(
+    events: list[Any], stream_format: Format | None, *, max_errors: int = 100
+) -> list[ParsedEvent]:
+    """Check and normalize a batch; InvalidFeedback lists every bad event by its index.
+
+    The first event fixes the format of a new stream; every event must match it.
+    """
+    parsed: list[ParsedEvent] = []
+    errors: list[EventError] = []
+    total = 0
+    fmt, fmt_from = stream_format, "the stream"
+    for i, obj in enumerate(events):
+        try:
+            event = _parse_one(obj, i)
+        except RowInvalid as exc:
+            total += 1
+            if len(errors) < max_errors:
+                errors.append(EventError(index=i, field=exc.field, msg=exc.msg))
+            continue
+        if fmt is None:
+            fmt, fmt_from = event.format, f"events[{i}]"
+        elif event.format != fmt:
+            total += 1
+            if len(errors) < max_errors:
+                errors.append(
+                    EventError(
+                        index=i,
+                        field="prompt",
+                        msg=f"the event is {event.format} but {fmt_from} is {fmt}; a stream "
+                        "holds one format",
+                    )
+                )
+            continue
+        parsed.append(event)
+    if total:
+        raise InvalidFeedback(errors, total)
+    return parsed
+
+
+def prompt_key(prompt: Any) -> str:
+    """Ratings pair up when their normalized prompts are equal: this digest names one."""
+    return hashlib.sha256(_encoder.encode(prompt)).hexdigest()[:32]
+
+
+def apply_events(
+    events: list[ParsedEvent],
+    seen: set[str],
+    pending: dict[str, Pending],
+    *,
+    now: float,
+) -> Applied:
+    """What a checked batch adds: pairs in batch order, and the rating queues it leaves.
+
+    `seen` holds the ids already stored; `pending` the queues of the prompts rated in this
+    batch (missing ones are empty). A rating pairs with the oldest waiting opposite rating
+    of a different response; if there is none, it waits.
+    """
+    pairs: list[PairRecord] = []
+    accepted: list[str] = []
+    duplicates = 0
+    taken = set(seen)
+    queues = {
+        k: msgspec.structs.replace(v, up=list(v.up), down=list(v.down)) for k, v in pending.items()
+    }
+    delta = 0
+    waiting_ids: set[str] = set()
+    for event in events:
+        if event.id in taken:
+            duplicates += 1
+            continue
+        taken.add(event.id)
+        accepted.append(event.id)
+        if event.row is not None:
+            pairs.append(PairRecord(row=event.row, kind=event.kind, events=[event.id], at=now))
+            continue
+        key = prompt_key(event.prompt)
+        queue = queues.setdefault(key, Pending(prompt=event.prompt))
+        same, opposite = (queue.up, queue.down) if event.rating == "up" else (queue.down, queue.up)
+        match = next((w for w in opposite if w.response != event.response), None)
+        if match is None:
+            same.append(Waiting(id=event.id, response=event.response))
+            waiting_ids.add(event.id)
+            delta += 1
+            continue
+        opposite.remove(match)
+        waiting_ids.discard(match.id)
+        delta -= 1
+        good, bad = (
+            (event.response, match.response)
+            if event.rating == "up"
+            else (match.response, event.response)
+        )
+        row = {"prompt": queue.prompt, "chosen": good, "rejected": bad}
+        pairs.append(PairRecord(row=row, kind="rating", events=[match.id, event.id], at=now))
+    return Applied(
+        pairs=pairs,
+        accepted=accepted,
+        duplicates=duplicates,
+        pending=queues,
+        pending_delta=delta,
+        waiting_from_batch=len(waiting_ids),
+    )

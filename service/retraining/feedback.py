@@ -1,0 +1,285 @@
+"""Feedback streams: product events in, preference pairs stored, snapshots out as datasets.
+
+A client posts batches of events to a named stream. Three kinds are understood:
+
+- a pair: ``{"id", "prompt", "chosen", "rejected"}`` (any row form datasets accept);
+- a rating: ``{"id", "prompt", "response", "rating": "up" | "down"}``. It waits until the same
+  prompt gets the opposite rating on a different response; the two then make one pair (the
+  "up" response chosen). Ratings wait in a per-prompt queue, oldest first;
+- an edit: ``{"id", "prompt", "response", "edited"}``: the user's edit is chosen, the original
+  rejected.
+
+Events are checked with the dataset row checks (:func:`service.datasets.normalize_row`); a
+batch with any bad event stores nothing. Every event carries an id and a repeated id is
+ignored, so clients can retry a batch. One stream holds one format (standard or
+conversational), fixed by its first event, because a dataset does.
+
+Redis layout per stream (``{tenant}`` and ``{stream}`` never contain the separators that
+follow them): ``ftune:fb:{tenant}:{stream}:meta`` (the :class:`FeedbackStream` record),
+``:pairs`` (append-only list of :class:`PairRecord`), ``:seen`` (set of event ids),
+``:pending`` (hash: prompt digest -> waiting ratings), ``:snapshots`` (list, newest first).
+An ingest writes all of them in one MULTI, watched on ``:meta``, which every ingest changes.
+
+A snapshot freezes the first N pairs (the list only grows, so "pairs 0..N" names exactly what
+went in) into a normal content-addressed dataset, validated like an upload.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from redis.asyncio.client import Pipeline
+
+from service.blobs import BlobStore
+from service.contract import (
+    DatasetRef,
+    FeedbackReceipt,
+    FeedbackSnapshot,
+    FeedbackStream,
+    PairRecord,
+    Selection,
+)
+from service.datasets.ingest import store_dataset
+from service.datasets.validate import InvalidDataset, Limits
+from service.retraining.events import Applied, Pending, apply_events, parse_events, prompt_key
+from service.store import Conflict, NotFound, P, Store, transact
+
+_READ_CHUNK = 1000
+"""Pairs read from Redis per LRANGE when snapshotting."""
+
+
+# The checks of a rated response are the dataset row checks with the response in the place
+# of "chosen"; the place of "rejected" holds a stand-in that always passes.
+
+
+# --------------------------------------------------------------------------- API shapes
+
+
+# --------------------------------------------------------------------------- pure part
+
+
+_encoder = msgspec.json.Encoder()
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+def _key(tenant: str, stream: str, part: str) -> str:
+    return f"{P}fb:{tenant}:{stream}:{part}"
+
+
+def _index(tenant: str) -> str:
+    return f"{P}fb-streams:{tenant}"
+
+
+_stream_decoder = msgspec.json.Decoder(FeedbackStream)
+_pending_decoder = msgspec.json.Decoder(Pending)
+_pair_decoder = msgspec.json.Decoder(PairRecord)
+_snapshot_decoder = msgspec.json.Decoder(FeedbackSnapshot)
+
+
+async def ingest(
+    store: Store, tenant: str, stream: str, events: list[Any], *, now: float | None = None
+) -> FeedbackReceipt:
+    """Check a batch and store what is new of it, all or nothing (InvalidFeedback)."""
+    now = time.time() if now is None else now
+    meta_key = _key(tenant, stream, "meta")
+    seen_key, pending_key = _key(tenant, stream, "seen"), _key(tenant, stream, "pending")
+
+    async def write(pipe: Pipeline) -> tuple[Applied, FeedbackStream]:
+        raw = await pipe.get(meta_key)
+        meta = (
+            _stream_decoder.decode(raw)
+            if raw
+            else FeedbackStream(name=stream, tenant=tenant, created_at=now, updated_at=now)
+        )
+        parsed = parse_events(events, meta.format)
+        ids = list(dict.fromkeys(e.id for e in parsed))
+        flags = await pipe.smismember(seen_key, ids) if ids else []
+        seen = {i for i, flag in zip(ids, flags, strict=True) if flag}
+        keys = list(dict.fromkeys(prompt_key(e.prompt) for e in parsed if e.row is None))
+        stored = await pipe.hmget(pending_key, keys) if keys else []
+        pending = {
+            k: _pending_decoder.decode(v)
+            for k, v in zip(keys, stored, strict=True)
+            if v is not None
+        }
+        applied = apply_events(parsed, seen, pending, now=now)
+        new_meta = msgspec.structs.replace(
+            meta,
+            format=meta.format or (parsed[0].format if parsed else None),
+            events=meta.events + len(applied.accepted),
+            duplicates=meta.duplicates + applied.duplicates,
+            pairs=meta.pairs + len(applied.pairs),
+            pending_ratings=meta.pending_ratings + applied.pending_delta,
+            updated_at=now,
+        )
+        pipe.multi()
+        if applied.pairs:
+            encoded = [_encoder.encode(pair) for pair in applied.pairs]
+            pipe.rpush(_key(tenant, stream, "pairs"), *encoded)
+        if applied.accepted:
+            pipe.sadd(seen_key, *applied.accepted)
+        for key, queue in applied.pending.items():
+            if queue.up or queue.down:
+                pipe.hset(pending_key, key, _encoder.encode(queue))
+            else:
+                pipe.hdel(pending_key, key)
+        pipe.set(meta_key, _encoder.encode(new_meta))
+        pipe.zadd(_index(tenant), {stream: 0})
+        return applied, new_meta
+
+    (applied, new_meta), _ = await transact(store.redis, write, meta_key)
+    return FeedbackReceipt(
+        stream=stream,
+        received=len(events),
+        accepted=len(applied.accepted),
+        duplicates=applied.duplicates,
+        pairs_added=len(applied.pairs),
+        ratings_waiting=applied.waiting_from_batch,
+        pairs_total=new_meta.pairs,
+    )
+
+
+async def get_stream(store: Store, tenant: str, stream: str, *, recent: int = 0) -> FeedbackStream:
+    """The stream's record (NotFound before its first event), with its newest snapshots."""
+    raw = await store.redis.get(_key(tenant, stream, "meta"))
+    if raw is None:
+        raise NotFound(f"feedback stream {stream} does not exist")
+    meta = _stream_decoder.decode(raw)
+    if recent:
+        meta.recent_snapshots = await list_snapshots(store, tenant, stream, limit=recent)
+    return meta
+
+
+async def list_streams(
+    store: Store, tenant: str, *, limit: int, cursor: str | None
+) -> tuple[list[FeedbackStream], str | None]:
+    """Streams by name, in pages."""
+    names, next_cursor = await store.page_by_name(_index(tenant), limit, cursor)
+    if not names:
+        return [], None
+    metas = await store.redis.mget([_key(tenant, n, "meta") for n in names])
+    return [_stream_decoder.decode(m) for m in metas if m], next_cursor
+
+
+async def pair_count(store: Store, tenant: str, stream: str) -> int:
+    return int(await store.redis.llen(_key(tenant, stream, "pairs")))
+
+
+async def read_pairs(
+    store: Store, tenant: str, stream: str, start: int, stop: int
+) -> list[PairRecord]:
+    """Pairs start .. stop-1 (stop exclusive), in the order they were gathered."""
+    if stop <= start:
+        return []
+    raw = await store.redis.lrange(_key(tenant, stream, "pairs"), start, stop - 1)
+    return [_pair_decoder.decode(r) for r in raw]
+
+
+async def read_pairs_at(
+    store: Store, tenant: str, stream: str, indices: list[int]
+) -> list[PairRecord]:
+    """The pairs at these positions (missing ones are skipped)."""
+    key = _key(tenant, stream, "pairs")
+    async with store.redis.pipeline(transaction=False) as pipe:
+        for i in indices:
+            pipe.lindex(key, i)
+        raw = await pipe.execute()
+    return [_pair_decoder.decode(r) for r in raw if r is not None]
+
+
+async def list_snapshots(
+    store: Store, tenant: str, stream: str, *, limit: int = 20
+) -> list[FeedbackSnapshot]:
+    raw = await store.redis.lrange(_key(tenant, stream, "snapshots"), 0, limit - 1)
+    return [_snapshot_decoder.decode(r) for r in raw]
+
+
+async def snapshot(
+    store: Store,
+    blobs: BlobStore,
+    tenant: str,
+    stream: str,
+    *,
+    limits: Limits,
+    end: int | None = None,
+    select: Callable[[int, bytes], bool] | None = None,
+    selection: Selection = "all",
+    by: str = "api",
+    name: str | None = None,
+) -> FeedbackSnapshot:
+    """Freeze pairs 0 .. end-1 (all so far by default) into a dataset, and record it.
+
+    `select(index, canonical row JSON)` keeps a pair or leaves it out (a policy's held-out
+    pairs). The rows go through the same validation as an upload, so the dataset has the
+    same stats and warnings and the same sha256 as uploading those rows would give.
+    Conflict if nothing is selected.
+    """
+    meta = await get_stream(store, tenant, stream)
+    total = await pair_count(store, tenant, stream)
+    end = total if end is None else min(end, total)
+    with tempfile.TemporaryDirectory(prefix="ftune-snapshot-") as tmp:
+        raw_path = Path(tmp) / "raw.jsonl"
+        kept = 0
+        with raw_path.open("wb") as out:
+            for start in range(0, end, _READ_CHUNK):
+                for i, pair in enumerate(
+                    await read_pairs(store, tenant, stream, start, min(start + _READ_CHUNK, end)),
+                    start,
+                ):
+                    line = _encoder.encode(pair.row)
+                    if select is None or select(i, line):
+                        out.write(line + b"\n")
+                        kept += 1
+        if kept == 0:
+            raise Conflict(
+                f"feedback stream {stream} has no pairs to snapshot"
+                + (f" ({selection} of the first {end})" if end else "")
+                + (
+                    f"; {meta.pending_ratings} ratings wait for an opposite rating"
+                    if meta.pending_ratings
+                    else ""
+                )
+            )
+
+        version = int(await store.redis.incr(_key(tenant, stream, "versions")))
+
+        try:
+            ds = await store_dataset(
+                store,
+                blobs,
+                raw_path,
+                tenant=tenant,
+                name=name or f"{stream} v{version}",
+                limits=limits,
+            )
+        except InvalidDataset as exc:  # the pairs were checked on the way in; this is a bug
+            raise RuntimeError(f"stored pairs of {stream} failed validation: {exc}") from exc
+    now = time.time()
+    record = FeedbackSnapshot(
+        stream=stream,
+        version=version,
+        dataset=DatasetRef(id=ds.id, sha256=ds.sha256, rows=ds.rows, format=ds.format),
+        selection=selection,
+        pairs_end=end,
+        excluded=end - kept,
+        by=by,
+        created_at=now,
+    )
+    meta_key = _key(tenant, stream, "meta")
+
+    async def count(pipe: Pipeline) -> None:
+        current = _stream_decoder.decode(await pipe.get(meta_key))
+        current.snapshots += 1
+        pipe.multi()
+        pipe.set(meta_key, _encoder.encode(current))
+        pipe.lpush(_key(tenant, stream, "snapshots"), _encoder.encode(record))
+
+    await transact(store.redis, count, meta_key)
+    return record

@@ -1,0 +1,470 @@
+"""Policy runs: fire a run, follow its job, apply the gate, promote and publish."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio.to_thread
+import msgspec
+from arq.connections import ArqRedis
+
+from service import queue
+from service.blobs import BlobStore
+from service.contract import (
+    DatasetRef,
+    Destination,
+    GateCheck,
+    Holdout,
+    Job,
+    JobStatus,
+    Policy,
+    PolicyRun,
+    PolicyStatus,
+    Promoted,
+    RunStatus,
+    StoreDestination,
+)
+from service.datasets.validate import Limits
+from service.publish import publish
+from service.retraining import feedback
+from service.retraining.gate import decide
+from service.retraining.policies import (
+    ALL,
+    FIRE_GRACE_SECONDS,
+    MAX_HOLDOUT,
+    MAX_RUNS,
+    get_policy,
+    job_spec,
+    set_status,
+    update_policy,
+    with_run,
+)
+from service.retraining.triggers import evaluate_trigger
+from service.settings import Settings
+from service.store import Conflict, NotFound, Store, new_id
+
+_encoder = msgspec.json.Encoder()
+
+log = logging.getLogger("ftune.policies")
+_member_decoder = msgspec.json.Decoder(tuple[str, str])
+
+Publisher = Callable[[Job, Destination, BlobStore, Settings], list[str]]
+
+
+async def tick(
+    store: Store,
+    pool: ArqRedis,
+    blobs: BlobStore,
+    settings: Settings,
+    *,
+    now: float | None = None,
+    publisher: Publisher | None = None,
+) -> list[str]:
+    """Take every policy one step further; returns what happened, one line per action.
+
+    The scheduler's leader runs it; each step is also a compare-and-set on the policy record,
+    so two ticks that overlap (a leader that lost its lock mid-tick) cannot fire twice.
+    """
+    done: list[str] = []
+    for raw in await store.redis.zrange(ALL, 0, -1):
+        tenant, name = _member_decoder.decode(raw)
+        try:
+            done += await _advance(
+                store,
+                pool,
+                blobs,
+                settings,
+                tenant,
+                name,
+                now=time.time() if now is None else now,
+                publisher=publisher or publish_promoted,
+            )
+        except NotFound:
+            continue
+        except Exception:
+            log.exception("policy %s of %s: the step failed", name, tenant)
+    return done
+
+
+async def _advance(
+    store: Store,
+    pool: ArqRedis,
+    blobs: BlobStore,
+    settings: Settings,
+    tenant: str,
+    name: str,
+    *,
+    now: float,
+    publisher: Publisher,
+) -> list[str]:
+    policy = await get_policy(store, tenant, name)
+    if policy.active_run is not None:
+        return await _follow(store, pool, blobs, settings, policy, now=now, publisher=publisher)
+    if not policy.spec.enabled:
+        await set_status(store, policy, PolicyStatus(checked_at=now, message="disabled"))
+        return []
+    total = await feedback.pair_count(store, tenant, policy.spec.stream)
+    new_pairs = total - policy.pairs_at_last_run
+    fire, why, due = evaluate_trigger(
+        policy.spec.trigger,
+        new_pairs=new_pairs,
+        last_fired_at=policy.last_fired_at,
+        cron_after=policy.cron_after,
+        now=now,
+    )
+    if not fire:
+        status = PolicyStatus(checked_at=now, message=why, new_pairs=new_pairs, next_cron_at=due)
+        await set_status(store, policy, status)
+        return []
+    return await _fire(store, pool, blobs, settings, policy, total, why, now=now)
+
+
+async def _fire(
+    store: Store,
+    pool: ArqRedis,
+    blobs: BlobStore,
+    settings: Settings,
+    seen: Policy,
+    total: int,
+    why: str,
+    *,
+    now: float,
+) -> list[str]:
+    tenant, name, spec = seen.tenant, seen.name, seen.spec
+    run_id = new_id("run")
+    job_id = "job_" + run_id.removeprefix("run_")
+    number = (seen.runs[0].number if seen.runs else 0) + 1
+
+    def claim(policy: Policy) -> Policy:
+        if policy.active_run is not None or policy.revision != seen.revision:
+            raise Conflict("the policy changed while it was evaluated")
+        run = PolicyRun(
+            id=run_id,
+            number=number,
+            fired_at=now,
+            reason=why,
+            pairs_end=total,
+            new_pairs=total - policy.pairs_at_last_run,
+            job_id=job_id,
+        )
+        return msgspec.structs.replace(
+            policy,
+            active_run=run_id,
+            runs=[run, *policy.runs][:MAX_RUNS],
+            pairs_at_last_run=total,
+            last_fired_at=now,
+            cron_after=now,
+        )
+
+    try:
+        policy = await update_policy(store, tenant, name, claim)
+    except Conflict:
+        return []
+    await set_status(
+        store, policy, PolicyStatus(checked_at=now, message=f"fired run {number}: {why}")
+    )
+    limits = Limits(max_line_bytes=settings.max_line_bytes, max_rows=settings.max_dataset_rows)
+    try:
+        eval_dataset, held, drawn = await _eval_set(store, blobs, policy, total, limits, now=now)
+        select = await _training_filter(store, tenant, held) if held else None
+        train = await feedback.snapshot(
+            store,
+            blobs,
+            tenant,
+            spec.stream,
+            limits=limits,
+            end=total,
+            select=select,
+            selection="train" if select else "all",
+            by=f"policy {name} run {number}",
+        )
+        if eval_dataset.format != train.dataset.format:
+            raise ValueError(
+                f"the eval dataset {eval_dataset.id} is {eval_dataset.format}, the stream's "
+                f"pairs are {train.dataset.format}"
+            )
+        job = Job(
+            id=job_id,
+            tenant=tenant,
+            status=JobStatus.queued,
+            spec=job_spec(spec.template, train.dataset.id, eval_dataset.id, policy=name),
+            dataset=train.dataset,
+            eval_dataset=eval_dataset,
+            created_at=now,
+            updated_at=now,
+        )
+        await store.create_job(job)
+    except Exception as exc:
+        reason = f"could not start: {type(exc).__name__}: {exc}"
+        log.warning("policy %s of %s: run %s %s", name, tenant, number, reason)
+        await _close_run(store, tenant, name, run_id, status="not_started", reason=reason, now=now)
+        return [f"policy {name} of {tenant}: run {number} {reason}"]
+
+    def started(p: Policy) -> Policy:
+        p = with_run(
+            p,
+            run_id,
+            status="queued",
+            dataset=train.dataset,
+            eval_dataset=eval_dataset,
+            snapshot_version=train.version,
+        )
+        if drawn and held is not None:
+            p = msgspec.structs.replace(p, holdout=held)
+        return p
+
+    try:
+        await update_policy(store, tenant, name, started)
+    except (Conflict, NotFound):
+        # Abandoned by another tick (past FIRE_GRACE_SECONDS) or deleted: nobody waits for it.
+        await _cancel(store, job_id)
+        return []
+    await queue.enqueue(pool, job_id, 0, queue_name=settings.queue_name)
+    return [f"policy {name} of {tenant}: fired run {number} ({why}) as job {job_id}"]
+
+
+async def _eval_set(
+    store: Store, blobs: BlobStore, policy: Policy, total: int, limits: Limits, *, now: float
+) -> tuple[DatasetRef, Holdout | None, bool]:
+    """The run's eval dataset; the held-out pairs it is made of, if they come from the
+    stream; and whether this run drew them (the first run does)."""
+    template = policy.spec.template
+    if template.eval_dataset_id is not None:
+        try:
+            ds = await store.get_dataset(template.eval_dataset_id, policy.tenant)
+        except NotFound:
+            raise ValueError(
+                f"the template's eval dataset {template.eval_dataset_id} does not exist"
+            ) from None
+        return DatasetRef(id=ds.id, sha256=ds.sha256, rows=ds.rows, format=ds.format), None, False
+    if policy.holdout is not None and policy.holdout.stream == policy.spec.stream:
+        return policy.holdout.dataset, policy.holdout, False
+    k = min(MAX_HOLDOUT, max(1, round(total * policy.spec.holdout_fraction)))
+    if k >= total:
+        raise ValueError(
+            f"{total} pairs are too few to hold {k} out for evaluation and train on the rest"
+        )
+    seed = template.hyperparameters.seed
+    indices = sorted(random.Random(seed).sample(range(total), k))
+    chosen = set(indices)
+    snap = await feedback.snapshot(
+        store,
+        blobs,
+        policy.tenant,
+        policy.spec.stream,
+        limits=limits,
+        end=total,
+        select=lambda i, _row: i in chosen,
+        selection="held_out",
+        by=f"policy {policy.name}",
+        name=f"{policy.spec.stream} held out by policy {policy.name}",
+    )
+    holdout = Holdout(
+        stream=policy.spec.stream,
+        dataset=snap.dataset,
+        pairs_end=total,
+        indices=indices,
+        created_at=now,
+    )
+    return snap.dataset, holdout, True
+
+
+async def _training_filter(
+    store: Store, tenant: str, holdout: Holdout
+) -> Callable[[int, bytes], bool]:
+    """Keeps every pair but the held-out ones and any later copy of one."""
+    chosen = set(holdout.indices)
+    pairs = await feedback.read_pairs_at(store, tenant, holdout.stream, holdout.indices)
+    rows = {_encoder.encode(pair.row) for pair in pairs}
+    return lambda i, row: i not in chosen and row not in rows
+
+
+async def _follow(
+    store: Store,
+    pool: ArqRedis,
+    blobs: BlobStore,
+    settings: Settings,
+    policy: Policy,
+    *,
+    now: float,
+    publisher: Publisher,
+) -> list[str]:
+    """A run is in flight: watch its job; when it has ended, apply the gate."""
+    tenant, name = policy.tenant, policy.name
+    run = next(r for r in policy.runs if r.id == policy.active_run)
+    label = f"policy {name} of {tenant}: run {run.number}"
+    try:
+        job = await store.get_job(run.job_id, None)
+    except NotFound:
+        if run.status == "starting" and now - run.fired_at < FIRE_GRACE_SECONDS:
+            return []  # the firing tick is still at work
+        reason = (
+            "the firing was interrupted before its job was submitted"
+            if run.status == "starting"
+            else f"its job {run.job_id} no longer exists"
+        )
+        await _close_run(store, tenant, name, run.id, status="lost", reason=reason, now=now)
+        return [f"{label} lost: {reason}"]
+    if run.status == "starting":
+        if now - run.fired_at < FIRE_GRACE_SECONDS:
+            return []
+        # The firing tick died after submitting: adopt the job, make sure it is queued.
+        if job.status == JobStatus.queued:
+            await queue.enqueue(pool, job.id, job.attempt, queue_name=settings.queue_name)
+        await update_policy(
+            store,
+            tenant,
+            name,
+            lambda p: with_run(
+                p,
+                run.id,
+                status=job.status.value,
+                dataset=job.dataset,
+                eval_dataset=job.eval_dataset,
+            ),
+        )
+        return [f"{label} adopted job {job.id}"]
+    if not job.status.terminal:
+        if run.status != job.status.value:
+            await update_policy(
+                store, tenant, name, lambda p: with_run(p, run.id, status=job.status.value)
+            )
+        step = job.progress.step
+        total = job.progress.total_steps
+        await set_status(
+            store,
+            policy,
+            PolicyStatus(
+                checked_at=now,
+                message=f"run {run.number}: job {job.id} is {job.status.value} "
+                f"(step {step}" + (f" of {total})" if total else ")"),
+            ),
+        )
+        return []
+
+    decision = decide(policy.spec.gate, job, run.eval_dataset, policy.promoted)
+    published: list[str] = []
+    publish_error = None
+    destination = policy.spec.template.output.destination
+    if decision.promote and not isinstance(destination, StoreDestination):
+        try:
+            published = await anyio.to_thread.run_sync(publisher, job, destination, blobs, settings)
+        except Exception as exc:
+            publish_error = f"{type(exc).__name__}: {exc}"
+            log.warning("%s: publishing failed: %s", label, publish_error)
+
+    def finish(p: Policy) -> Policy:
+        p = with_run(
+            p,
+            run.id,
+            status=job.status.value,
+            metrics=dict(job.latest_metrics),
+            decision="promoted" if decision.promote else "rejected",
+            gate=decision.checks,
+            decision_reason=decision.reason,
+            decided_at=now,
+            published=published,
+            publish_error=publish_error,
+        )
+        promoted = p.promoted
+        if decision.promote and run.eval_dataset is not None:
+            hp = job.spec.hyperparameters
+            promoted = Promoted(
+                run_id=run.id,
+                number=run.number,
+                job_id=job.id,
+                promoted_at=now,
+                metrics=dict(job.latest_metrics),
+                eval_dataset=run.eval_dataset,
+                base_model=job.spec.base_model,
+                revision=job.spec.revision,
+                beta=hp.beta,
+                loss_type=hp.loss_type.value,
+                artifacts=job.artifacts,
+                published=published,
+            )
+        return msgspec.structs.replace(p, active_run=None, promoted=promoted)
+
+    try:
+        await update_policy(store, tenant, name, finish)
+    except Conflict:
+        return []
+    verdict = "promoted" if decision.promote else "rejected"
+    await set_status(
+        store,
+        policy,
+        PolicyStatus(checked_at=now, message=f"run {run.number} {verdict}: {decision.reason}"),
+    )
+    return [f"{label} {verdict}: {decision.reason}"]
+
+
+async def _close_run(
+    store: Store, tenant: str, name: str, run_id: str, *, status: RunStatus, reason: str, now: float
+) -> None:
+    def close(p: Policy) -> Policy:
+        p = with_run(
+            p,
+            run_id,
+            status=status,
+            decision="rejected",
+            gate=[GateCheck(rule="job", passed=False, note=reason)],
+            decision_reason=reason,
+            decided_at=now,
+        )
+        return msgspec.structs.replace(p, active_run=None)
+
+    with contextlib.suppress(Conflict, NotFound):
+        await update_policy(store, tenant, name, close)
+
+
+async def _cancel(store: Store, job_id: str) -> None:
+    def cancel(job: Job) -> Job:
+        if job.status.terminal:
+            raise Conflict(job.status.value)
+        return msgspec.structs.replace(
+            job, status=JobStatus.cancelled, cancel_requested=True, finished_at=time.time()
+        )
+
+    with contextlib.suppress(Conflict, NotFound):
+        await store.update_job(job_id, cancel)
+
+
+def publish_promoted(
+    job: Job, destination: Destination, blobs: BlobStore, settings: Settings
+) -> list[str]:
+    """Copy a promoted run's artifacts from the service's store to the template's destination.
+
+    Runs in the scheduler (which holds the Hub token and S3 credentials, as the workers do)
+    with the same publisher the workers use. Returns the published URIs.
+    """
+    final = msgspec.structs.replace(
+        job,
+        spec=msgspec.structs.replace(
+            job.spec, output=msgspec.structs.replace(job.spec.output, destination=destination)
+        ),
+    )
+    uris = []
+    base = blobs.url + "/"
+    with tempfile.TemporaryDirectory(prefix="ftune-promote-") as tmp:
+        for artifact in job.artifacts:
+            if not artifact.uri.startswith(base):
+                raise ValueError(f"artifact {artifact.uri} is not in the service's store")
+            folder = Path(tmp) / artifact.kind
+            blobs.download_dir(artifact.uri.removeprefix(base), folder)
+            uris.append(
+                publish(
+                    folder,
+                    kind=artifact.kind,
+                    job=final,
+                    settings=settings,
+                    store=blobs,
+                    final_metrics=job.latest_metrics,
+                ).uri
+            )
+    return uris

@@ -1,0 +1,37 @@
+"""When a policy fires: its trigger evaluated against new pairs, the schedule and the interval."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from service.contract import (
+    Trigger,
+)
+from service.contract.cron import Cron
+
+
+def evaluate_trigger(
+    trigger: Trigger,
+    *,
+    new_pairs: int,
+    last_fired_at: float | None,
+    cron_after: float,
+    now: float,
+) -> tuple[bool, str, float | None]:
+    """(fire?, why or why not, the pending or next scheduled time)."""
+    due: float | None = None
+    if trigger.cron is not None:
+        due = Cron(trigger.cron).next_after(cron_after)
+        if due > now:
+            stamp = datetime.fromtimestamp(due, UTC).isoformat(timespec="minutes")
+            return False, f"waiting for the schedule ({stamp}); {new_pairs} new pairs", due
+    need = trigger.min_new_pairs or 1
+    if new_pairs < need:
+        return False, f"waiting for pairs: {new_pairs} new of {need}", due
+    if last_fired_at is not None and now - last_fired_at < trigger.min_interval_seconds:
+        wait = trigger.min_interval_seconds - (now - last_fired_at)
+        return False, f"{new_pairs} new pairs; the minimum interval ends in {wait:.0f}s", due
+    why = f"{new_pairs} new pairs (at least {need})"
+    if due is not None:
+        why += ", scheduled " + datetime.fromtimestamp(due, UTC).isoformat(timespec="minutes")
+    return True, why, due

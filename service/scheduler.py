@@ -1,0 +1,128 @@
+"""The scheduler role: what must happen while no job runs, whether or not a worker exists.
+
+GPU workers scale to zero (KEDA), so nothing that must happen on time may live in them: the
+reaper that re-queues jobs of lost workers (service/leases.py) and the retraining policies'
+triggers, cron schedules and gates (service/retraining/runs.py) run here. Every API process
+runs a `Scheduler`; one of them leads at a time through a Redis lock (redis-py's `Lock`) that
+its holder extends while it lives. When the leader's process dies, its lock lapses within
+`lease_seconds` and another replica takes over. Webhook deliveries are not led: every replica
+sends them, each event claimed by one (service/webhooks/delivery.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from arq.connections import ArqRedis
+from redis.asyncio.lock import Lock
+from redis.exceptions import LockError, RedisError
+
+from service import leases
+from service.blobs import BlobStore
+from service.retraining import runs
+from service.settings import Settings
+from service.store import P, Store
+
+log = logging.getLogger("ftune.scheduler")
+
+LEADER_KEY = f"{P}lock:scheduler"
+
+
+class Scheduler:
+    def __init__(
+        self,
+        store: Store,
+        pool: ArqRedis,
+        blobs: BlobStore,
+        settings: Settings,
+        *,
+        publisher: runs.Publisher | None = None,
+    ) -> None:
+        self.store, self.pool, self.blobs, self.settings = store, pool, blobs, settings
+        self.publisher = publisher
+        self.interval = settings.scheduler_interval_seconds
+        self.leading = False
+
+    async def tick(self) -> list[str]:
+        """One pass of every duty; what happened, one line per action."""
+        done: list[str] = []
+        lost = await leases.reap(self.store, self.pool, self.settings)
+        if lost:
+            done.append("re-queued jobs of lost workers: " + ", ".join(lost))
+        done += await runs.tick(
+            self.store, self.pool, self.blobs, self.settings, publisher=self.publisher
+        )
+        return done
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Lead whenever the lock is free, until `stop` is set."""
+        ttl = max(self.settings.lease_seconds, 3 * self.interval)
+        lock: Lock = self.store.redis.lock(LEADER_KEY, timeout=ttl, thread_local=False)
+        while not stop.is_set():
+            try:
+                if await lock.acquire(blocking=False):
+                    await self._lead(lock, stop, ttl)
+            except RedisError as exc:
+                log.warning("the scheduler lock could not be checked: %s", exc)
+            await _wait(stop, self.interval)
+
+    async def _lead(self, lock: Lock, stop: asyncio.Event, ttl: float) -> None:
+        """Tick every `interval` while a keeper extends the lock; return when it is lost."""
+        log.info("this process now runs the scheduler")
+        self.leading = True
+        lost = asyncio.Event()
+        keeper = asyncio.create_task(_keep(lock, ttl, lost), name="ftune-scheduler-lock")
+        try:
+            while not (stop.is_set() or lost.is_set()):
+                try:
+                    for line in await self.tick():
+                        log.info("%s", line)
+                except Exception:
+                    log.exception("scheduler pass failed")
+                await _wait(stop, self.interval)
+        finally:
+            self.leading = False
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            if not lost.is_set():
+                with contextlib.suppress(LockError, RedisError):
+                    await lock.release()
+
+
+async def _keep(lock: Lock, ttl: float, lost: asyncio.Event) -> None:
+    """Extend the lock every third of its lifetime; a long tick (publishing a model to the
+    Hub) must not lose it. Set `lost` once another process holds it."""
+    while True:
+        await asyncio.sleep(ttl / 3)
+        try:
+            await lock.reacquire()
+        except LockError:
+            log.warning("the scheduler lock lapsed; another process may lead now")
+            lost.set()
+            return
+        except RedisError as exc:
+            log.warning("the scheduler lock could not be extended: %s", exc)
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+@contextlib.asynccontextmanager
+async def scheduling(scheduler: Scheduler) -> AsyncIterator[None]:
+    """Run the scheduler for the duration of the block (the API lifespan)."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(scheduler.run(stop), name="ftune-scheduler")
+    try:
+        yield
+    finally:
+        stop.set()
+        # A pass in flight gets a moment to end; past it, it is cancelled (each of its steps
+        # is a compare-and-set, so the next leader redoes what it left half done).
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(task, timeout=10)
