@@ -256,6 +256,37 @@ Environment shared by the API and the workers: Redis, blob store, S3 credentials
 {{- end }}
 
 {{/*
+The Hub endpoint and tokens: the workers publish artifacts with them, and the API's scheduler
+publishes the models that retraining policies promote.
+*/}}
+{{- define "ftune.hubEnv" -}}
+{{- with .Values.config.hfEndpoint }}
+- name: HF_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+{{- if or .Values.secrets.hfToken.existingSecret .Values.secrets.hfToken.value }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ default (include "ftune.componentName" (list . "hf")) .Values.secrets.hfToken.existingSecret }}
+      key: {{ if .Values.secrets.hfToken.existingSecret }}{{ .Values.secrets.hfToken.key }}{{ else }}HF_TOKEN{{ end }}
+{{- end }}
+{{- $root := . }}
+{{- range .Values.secrets.namedHfTokens }}
+- name: {{ printf "FTUNE_HF_TOKEN_%s" (upper .name) }}
+  valueFrom:
+    secretKeyRef:
+      {{- if .existingSecret }}
+      name: {{ .existingSecret }}
+      key: {{ required (printf "secrets.namedHfTokens[%s].key is required with existingSecret" .name) .key }}
+      {{- else }}
+      name: {{ include "ftune.componentName" (list $root "hf") }}
+      key: {{ printf "FTUNE_HF_TOKEN_%s" (upper .name) }}
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 Volume and mount of a file:// blob store (nothing for s3://).
 */}}
 {{- define "ftune.store.volume" -}}
