@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from service.contract import DatasetRef
+from service.contract.datasets import DatasetRef
 
 STREAM_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 """Stream (and policy) names: also part of Redis keys, so no ':'."""

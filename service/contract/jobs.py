@@ -1,9 +1,4 @@
-"""The contract: msgspec Structs shared by the API, the store, the CLI and the worker.
-
-Bounds live in the types so that validation and the OpenAPI schema cannot drift;
-cross-field rules live in ``__post_init__`` (msgspec turns their ``ValueError`` into a
-``ValidationError`` with the field path).
-"""
+"""The contract of jobs: the spec a user submits (and a policy templates), the record they read."""
 
 from __future__ import annotations
 

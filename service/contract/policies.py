@@ -6,14 +6,10 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from service.contract import (
-    Artifact,
-    DatasetRef,
-    JobTemplate,
-    Strict,
-)
 from service.contract.cron import Cron
+from service.contract.datasets import DatasetRef
 from service.contract.feedback import STREAM_NAME
+from service.contract.jobs import Artifact, JobTemplate, Strict
 
 MetricName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_./-]{1,64}$")]
 

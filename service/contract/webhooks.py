@@ -6,7 +6,7 @@ from typing import Literal
 
 import msgspec
 
-from service.contract import Artifact, JobError, JobStatus
+from service.contract.jobs import Artifact, JobError, JobStatus
 
 EventType = Literal["job.succeeded", "job.failed", "job.cancelled"]
 

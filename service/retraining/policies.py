@@ -1,36 +1,8 @@
-"""Retraining policies: when a feedback stream has grown enough, train, then promote if better.
-
-A policy names a feedback stream, a job spec template, a trigger and a promotion gate. A
-periodic :func:`tick` (run by every worker, one at a time through a lock) takes each policy one
-step further:
-
-1. no run in flight: if the trigger holds, *fire*: snapshot the stream into a dataset, submit
-   a job from the template, record the run;
-2. a run in flight whose job has ended: *decide*: apply the gate to the job's final metrics;
-   a passing run becomes the policy's ``promoted`` model (and, if the template's output
-   destination is the Hub or S3, its artifacts are published there); a failing run is kept
-   with the reasons.
-
-The held-out pairs. "Better than the promoted model" is only honest on the same pairs, scored
-against the same reference. So every run of a policy is evaluated on one fixed eval dataset:
-the template's ``eval_dataset_id`` if it names one, else a held-out set the policy draws at its
-first firing (``holdout_fraction`` of the pairs gathered then, chosen with the template's seed)
-and keeps for good. Held-out pairs, and any later pair identical to one, never go into
-training. DPO's eval metrics (``eval_rewards/accuracies``, ``eval_loss``...) are relative to the
-reference model, which is the base model with the adapter off; so two runs compare only when
-they share the eval dataset, the base model and ``beta``/``loss_type``. When they do not, the
-"not worse" check is skipped with a note and the absolute thresholds alone decide.
-
-Triggers. ``min_new_pairs`` alone: fire once that many pairs arrived since the last run.
-``cron`` alone: fire at each scheduled time (UTC) if at least one new pair arrived. Both: at a
-scheduled time, once ``min_new_pairs`` new pairs are there. A scheduled time that passes while
-the policy cannot fire stays pending (several collapse into one). ``min_interval_seconds``
-spaces runs; a policy never has two runs in flight. Every firing counts: a run that fails
-still uses up the pairs it saw.
+"""Policy records in Redis: create, replace, read, list, delete, and change atomically.
 
 Redis: ``ftune:policy:{tenant}:{name}:record`` (the :class:`Policy`, changed only through
-WATCH/MULTI in :func:`update_policy`), ``...:status`` (the last evaluation, overwritten each
-tick), ``ftune:policies:{tenant}`` (names) and ``ftune:policies`` (every [tenant, name]).
+:func:`update_policy`, a compare-and-set), ``...:status`` (the last evaluation, overwritten each
+pass), ``ftune:policies:{tenant}`` (names) and ``ftune:policies`` (every [tenant, name]).
 """
 
 from __future__ import annotations

@@ -1,12 +1,18 @@
-"""When a policy fires: its trigger evaluated against new pairs, the schedule and the interval."""
+"""When a policy fires: its trigger evaluated against new pairs, the schedule and the interval.
+
+``min_new_pairs`` alone: fire once that many pairs arrived since the last run. ``cron`` alone:
+fire at each scheduled time (UTC) if at least one new pair arrived. Both: at a scheduled time,
+once ``min_new_pairs`` new pairs are there. A scheduled time that passes while the policy
+cannot fire stays pending (several collapse into one). ``min_interval_seconds`` spaces runs; a
+policy never has two runs in flight. Every firing counts: a run that fails still uses up the
+pairs it saw.
+"""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from service.contract import (
-    Trigger,
-)
+from service.contract import Trigger
 from service.contract.cron import Cron
 
 
