@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from rich.markup import escape
 
 from service.cli.output import err
 from service.client import ApiError, Client, Unreachable
+from service.contract import STREAM_NAME
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 STATE_DIR = Path(".ftune")
@@ -70,6 +72,13 @@ def report_api_error(exc: ApiError) -> None:
         )
 
 
+def report_unreachable(exc: Unreachable) -> None:
+    err.print(
+        f"[red]error:[/] cannot reach the ftune API at {escape(exc.url)}: "
+        f"is `ftune dev` running? ({escape(exc.reason)})"
+    )
+
+
 def handled(fn: Callable[P, R]) -> Callable[P, R]:
     """Turn the client's exceptions into a message and an exit code."""
 
@@ -78,10 +87,7 @@ def handled(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         except Unreachable as exc:
-            err.print(
-                f"[red]error:[/] cannot reach the ftune API at {escape(exc.url)}: "
-                f"is `ftune dev` running? ({escape(exc.reason)})"
-            )
+            report_unreachable(exc)
         except ApiError as exc:
             report_api_error(exc)
         except Fail as exc:
@@ -96,6 +102,16 @@ def options(ctx: typer.Context) -> Options:
     obj = ctx.find_root().obj
     assert isinstance(obj, Options)
     return obj
+
+
+def check_name(value: str) -> str:
+    """A stream or policy name as the API takes it, checked before any request is made."""
+    if not re.fullmatch(STREAM_NAME, value):
+        raise typer.BadParameter(
+            f"{value!r} is not a valid name: letters, digits, '_', '.' and '-', starting with "
+            "a letter or digit, at most 63 characters"
+        )
+    return value
 
 
 def load_object(path: Path, what: str, *, yaml_too: bool = False) -> dict[str, Any]:
