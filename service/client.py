@@ -1,6 +1,6 @@
 """A small synchronous client for the ftune HTTP API (v1), used by the `ftune` CLI and the demo.
 
-Responses decode into the contract's Structs (service/specs.py); every non-2xx answer raises
+Responses decode into the contract's Structs (service/contract/); every non-2xx answer raises
 `ApiError` carrying the Problem Details, and an unreachable server raises `Unreachable`, so
 callers print one readable message instead of a traceback.
 """
@@ -16,7 +16,23 @@ from typing import Any, TypeVar
 import httpx
 import msgspec
 
-from service.contract import Dataset, DatasetList, Job, JobList, JobSpec, JobStatus, MetricSeries
+from service.contract import (
+    Dataset,
+    DatasetList,
+    FeedbackReceipt,
+    FeedbackSnapshot,
+    FeedbackStream,
+    FeedbackStreamList,
+    Job,
+    JobList,
+    JobSpec,
+    JobStatus,
+    MetricSeries,
+    PairList,
+    Policy,
+    PolicyList,
+    PolicySpec,
+)
 
 T = TypeVar("T")
 CHUNK = 1024 * 1024
@@ -286,6 +302,68 @@ class Client:
                 yield from parse_sse(response.iter_lines())
         except httpx.TransportError as exc:
             raise Unreachable(self.url, str(exc) or type(exc).__name__) from None
+
+    # -- feedback streams -------------------------------------------------------------------
+
+    def post_feedback(self, stream: str, events: Sequence[Mapping[str, Any]]) -> FeedbackReceipt:
+        """One batch (at most contract.MAX_BATCH events), stored all or nothing; an event
+        whose id the stream has seen counts as a duplicate, so a retried batch adds nothing."""
+        body = msgspec.json.encode({"events": events})
+        response = self._send(
+            "POST",
+            f"/v1/feedback/{_seg(stream)}",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
+        return msgspec.json.decode(response.content, type=FeedbackReceipt)
+
+    def list_feedback_streams(
+        self, limit: int = 50, cursor: str | None = None
+    ) -> FeedbackStreamList:
+        params: dict[str, Any] = {"limit": limit}
+        if cursor:
+            params["cursor"] = cursor
+        return self._get("/v1/feedback", FeedbackStreamList, params)
+
+    def get_feedback_stream(self, stream: str) -> FeedbackStream:
+        """Counts and the newest snapshots."""
+        return self._get(f"/v1/feedback/{_seg(stream)}", FeedbackStream)
+
+    def feedback_pairs(self, stream: str, offset: int = 0, limit: int = 100) -> PairList:
+        """Pairs `offset` .. `offset+limit-1` in the order gathered."""
+        params = {"offset": offset, "limit": limit}
+        return self._get(f"/v1/feedback/{_seg(stream)}/pairs", PairList, params)
+
+    def snapshot_feedback(self, stream: str) -> FeedbackSnapshot:
+        """Freeze every pair so far into a new dataset (409 when there is none)."""
+        response = self._send("POST", f"/v1/feedback/{_seg(stream)}/snapshot")
+        return msgspec.json.decode(response.content, type=FeedbackSnapshot)
+
+    # -- retraining policies ----------------------------------------------------------------
+
+    def put_policy(self, name: str, spec: PolicySpec | Mapping[str, Any]) -> Policy:
+        """Create or replace; a mapping goes to the server as-is, so its validation (with
+        where each error is) is the one that counts."""
+        response = self._send(
+            "PUT",
+            f"/v1/policies/{_seg(name)}",
+            content=msgspec.json.encode(spec),
+            headers={"Content-Type": "application/json"},
+        )
+        return msgspec.json.decode(response.content, type=Policy)
+
+    def list_policies(self, limit: int = 50, cursor: str | None = None) -> PolicyList:
+        params: dict[str, Any] = {"limit": limit}
+        if cursor:
+            params["cursor"] = cursor
+        return self._get("/v1/policies", PolicyList, params)
+
+    def get_policy(self, name: str) -> Policy:
+        """The spec, trigger status, runs (newest first) with gate decisions, promoted run."""
+        return self._get(f"/v1/policies/{_seg(name)}", Policy)
+
+    def delete_policy(self, name: str) -> None:
+        self._send("DELETE", f"/v1/policies/{_seg(name)}")
 
 
 def parse_sse(lines: Iterator[str]) -> Iterator[Event]:

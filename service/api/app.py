@@ -26,6 +26,7 @@ from service.api.jobs import JobController
 from service.api.policies import PolicyController
 from service.api.system import SystemController
 from service.blobs import BlobStore, open_store
+from service.contract import MAX_REQUEST_BYTES
 from service.metrics import ServiceCollector
 from service.scheduler import Scheduler, scheduling
 from service.settings import Settings
@@ -125,7 +126,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         lifespan=[_lifespan(settings)],
         middleware=[_prometheus().middleware],
         openapi_config=_openapi(),
-        request_max_body_size=1024 * 1024,
+        request_max_body_size=MAX_REQUEST_BYTES,
         signature_types=[Store, ArqRedis, BlobStore, Settings],
         logging_config=None,
     )

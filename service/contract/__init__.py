@@ -15,6 +15,7 @@ from service.contract.datasets import (
 )
 from service.contract.feedback import (
     MAX_BATCH,
+    MAX_REQUEST_BYTES,
     STREAM_NAME,
     EventError,
     FeedbackBatch,
@@ -84,6 +85,7 @@ from service.contract.webhooks import (
 __all__ = [
     "LABEL_KEY_RE",
     "MAX_BATCH",
+    "MAX_REQUEST_BYTES",
     "MODEL_REF_RE",
     "REPO_ID_RE",
     "STREAM_NAME",

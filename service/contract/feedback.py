@@ -16,6 +16,11 @@ MAX_BATCH = 1000
 """Events in one POST."""
 
 
+MAX_REQUEST_BYTES = 1024 * 1024
+"""The API's limit on a request body (all but dataset uploads, which stream): a batch of
+feedback must fit in it as well as in MAX_BATCH."""
+
+
 Format = Literal["standard", "conversational"]
 
 

@@ -37,31 +37,15 @@ from service.dev.stack import DevStack, StackError
 from service.settings import Settings, hash_api_key
 from service.store import Store
 from tests.fixtures.api import LiveServer
+from tests.fixtures.cli import KEY
 
 ROOT = Path(__file__).resolve().parents[2]
 
-KEY = "key-alice"
 ROWS = [
     {"prompt": "What is 2+2?", "chosen": "4.", "rejected": "Well, let me think. It is 4."},
     {"prompt": "Capital of Peru?", "chosen": "Lima.", "rejected": "Great question! Lima."},
     {"prompt": "Opposite of hot?", "chosen": "Cold.", "rejected": "Hmm, probably cold, I think."},
 ]
-
-
-@pytest.fixture
-def cli(
-    live_api: LiveServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Callable[..., Result]:
-    """Run `ftune --url <live API> [--api-key key-alice] ARGS` in a directory without .ftune/."""
-    monkeypatch.chdir(tmp_path)
-    runner = CliRunner()
-
-    def run(*args: str, key: str | None = KEY, url: str | None = None) -> Result:
-        head = ["--url", url or live_api.url] + (["--api-key", key] if key else [])
-        env = {"COLUMNS": "200", "FTUNE_API_KEY": None, "FTUNE_URL": None}
-        return runner.invoke(app, [*head, *args], env=env)
-
-    return run
 
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:

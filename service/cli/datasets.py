@@ -1,0 +1,182 @@
+"""`ftune datasets ...`: upload (streamed, with a progress bar when it is worth one), list,
+show and delete preference datasets."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from service.cli.app import AsJson, app, handled, options
+from service.cli.output import err, fmt_num, fmt_when, listing, out, print_json, print_kv
+from service.contract import Dataset
+
+datasets_app = typer.Typer(help="Upload and manage preference datasets.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+
+
+@datasets_app.command("upload")
+@handled
+def datasets_upload(
+    ctx: typer.Context,
+    file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="A JSONL file.")
+    ],
+    name: Annotated[str | None, typer.Option(help="Dataset name (default: file name).")] = None,
+    prompt_field: Annotated[str | None, typer.Option(help="Column holding the prompt.")] = None,
+    chosen_field: Annotated[str | None, typer.Option(help="Column holding the chosen.")] = None,
+    rejected_field: Annotated[
+        str | None, typer.Option(help="Column holding the rejected answer.")
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Upload a JSONL preference dataset (streamed; validated by the server)."""
+    size = file.stat().st_size
+    with options(ctx).client() as client, _upload_progress(size, quiet=as_json) as advance:
+        ds = client.upload_dataset(
+            file,
+            name,
+            prompt_field=prompt_field,
+            chosen_field=chosen_field,
+            rejected_field=rejected_field,
+            on_progress=advance,
+        )
+    if as_json:
+        print_json(ds)
+        return
+    out.print(
+        f"uploaded [bold]{ds.id}[/] ({escape(ds.name)}): {ds.rows} rows, {ds.format}, "
+        f"sha256 {ds.sha256[:12]}"
+    )
+    _print_warnings(ds)
+
+
+@datasets_app.command("list")
+@handled
+def datasets_list(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option(min=1, max=200)] = 20,
+    cursor: Annotated[str | None, typer.Option(help="From a previous page.")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """List datasets, newest first."""
+    with options(ctx).client() as client:
+        page = client.list_datasets(limit, cursor)
+    if as_json:
+        print_json(page)
+        return
+    table = listing("ID", "NAME", "ROWS", "FORMAT", "SIZE", "CREATED")
+    for ds in page.items:
+        table.add_row(
+            ds.id,
+            escape(ds.name),
+            str(ds.rows),
+            ds.format,
+            _size(ds.bytes),
+            fmt_when(ds.created_at),
+        )
+    out.print(table)
+    if page.next_cursor:
+        out.print(f"more: --cursor {page.next_cursor}")
+
+
+@datasets_app.command("show")
+@handled
+def datasets_show(
+    ctx: typer.Context,
+    dataset_id: Annotated[str, typer.Argument(metavar="ID")],
+    as_json: AsJson = False,
+) -> None:
+    """Show one dataset: size, format, length statistics and warnings."""
+    with options(ctx).client() as client:
+        ds = client.get_dataset(dataset_id)
+    if as_json:
+        print_json(ds)
+        return
+    print_kv(
+        [
+            ("id", ds.id),
+            ("name", ds.name),
+            ("rows", str(ds.rows)),
+            ("format", f"{ds.format} (uploaded as {ds.source_format})"),
+            ("size", f"{_size(ds.bytes)} normalized, {_size(ds.source_bytes)} uploaded"),
+            ("sha256", ds.sha256),
+            ("created", fmt_when(ds.created_at)),
+        ]
+    )
+    stats = Table("chars", "min", "mean", "p95", "max", box=None)
+    for label, values in (
+        ("prompt", ds.stats.prompt_chars),
+        ("chosen", ds.stats.chosen_chars),
+        ("rejected", ds.stats.rejected_chars),
+    ):
+        stats.add_row(label, *(fmt_num(values.get(k)) for k in ("min", "mean", "p95", "max")))
+    out.print(stats)
+    _print_warnings(ds)
+
+
+@datasets_app.command("delete")
+@handled
+def datasets_delete(
+    ctx: typer.Context, dataset_id: Annotated[str, typer.Argument(metavar="ID")]
+) -> None:
+    """Delete a dataset (refused while a queued or running job uses it)."""
+    with options(ctx).client() as client:
+        client.delete_dataset(dataset_id)
+    out.print(f"deleted {dataset_id}")
+
+
+def _print_warnings(ds: Dataset) -> None:
+    for w in ds.warnings:
+        lines = ", ".join(str(n) for n in w.lines[:5])
+        err.print(f"[yellow]warning:[/] {escape(w.msg)} ({w.count} rows; lines {lines})")
+
+
+class _Upload:
+    def __init__(self, progress: Progress | None, task: TaskID | None) -> None:
+        self.progress, self.task = progress, task
+
+    def __call__(self, n: int) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.advance(self.task, n)
+
+
+@contextlib.contextmanager
+def _upload_progress(size: int, quiet: bool) -> Iterator[_Upload]:
+    """A byte progress bar on a terminal for uploads big enough to wait for."""
+    if quiet or size < 8 * 1024 * 1024 or not err.is_terminal:
+        yield _Upload(None, None)
+        return
+    progress = Progress(
+        TextColumn("uploading"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err,
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task("upload", total=size)
+        yield _Upload(progress, task)
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"

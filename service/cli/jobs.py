@@ -1,0 +1,290 @@
+"""`ftune jobs ...`: submit (from a spec file and/or flags), list, show, cancel, watch, and
+read a job's metrics as a table or CSV."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from service.cli.app import AsJson, Fail, app, handled, load_object, options
+from service.cli.output import (
+    fmt_metrics,
+    fmt_num,
+    fmt_status,
+    fmt_steps,
+    fmt_when,
+    listing,
+    out,
+    print_json,
+    print_kv,
+)
+from service.cli.watch import watch_job
+from service.contract import Job, JobStatus, MetricPoint
+
+jobs_app = typer.Typer(help="Submit, follow and manage fine-tuning jobs.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("submit")
+@handled
+def jobs_submit(
+    ctx: typer.Context,
+    spec_file: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="[SPEC.json]", exists=True, dir_okay=False, help="A JobSpec as JSON."
+        ),
+    ] = None,
+    base_model: Annotated[
+        str | None, typer.Option(help="Hub id, s3://... or file:///... (overrides the spec).")
+    ] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset id (ds_...).")] = None,
+    max_steps: Annotated[int | None, typer.Option()] = None,
+    num_epochs: Annotated[float | None, typer.Option()] = None,
+    beta: Annotated[float | None, typer.Option()] = None,
+    learning_rate: Annotated[float | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    max_length: Annotated[int | None, typer.Option()] = None,
+    artifacts: Annotated[str | None, typer.Option(help="adapter, merged or both.")] = None,
+    destination: Annotated[
+        str | None, typer.Option(help="store, s3://bucket/prefix or hf://org/name.")
+    ] = None,
+    eval_prompt: Annotated[
+        list[str] | None, typer.Option(help="A prompt for before/after answers; repeatable.")
+    ] = None,
+    label: Annotated[list[str] | None, typer.Option(help="key=value; repeatable.")] = None,
+    idempotency_key: Annotated[str | None, typer.Option(help="Repeat-safe submission.")] = None,
+    watch: Annotated[bool, typer.Option(help="Follow the job until it ends.")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Submit a job from a spec file and/or flags (flags override the file)."""
+    spec = load_object(spec_file, "a JobSpec") if spec_file else {}
+    hp: dict[str, Any] = dict(spec.get("hyperparameters") or {})
+    for key, value in (
+        ("max_steps", max_steps),
+        ("num_epochs", num_epochs),
+        ("beta", beta),
+        ("learning_rate", learning_rate),
+        ("batch_size", batch_size),
+        ("max_length", max_length),
+    ):
+        if value is not None:
+            hp[key] = value
+    if hp:
+        spec["hyperparameters"] = hp
+    if base_model:
+        spec["base_model"] = base_model
+    if dataset:
+        spec["dataset_id"] = dataset
+    output: dict[str, Any] = dict(spec.get("output") or {})
+    if artifacts:
+        output["artifacts"] = artifacts
+    if destination:
+        output["destination"] = parse_destination(destination)
+    if output:
+        spec["output"] = output
+    if eval_prompt:
+        spec["eval_prompts"] = list(eval_prompt)
+    if label:
+        spec["labels"] = {**(spec.get("labels") or {}), **parse_labels(label)}
+    missing = [
+        flag
+        for flag, key in (("--base-model", "base_model"), ("--dataset", "dataset_id"))
+        if not spec.get(key)
+    ]
+    if missing:
+        raise Fail(f"a job needs {' and '.join(missing)} (or a SPEC.json that sets them)", 2)
+    with options(ctx).client() as client:
+        job = client.submit_job(spec, idempotency_key=idempotency_key)
+        if as_json:
+            print_json(job)
+        else:
+            out.print(f"submitted [bold]{job.id}[/] ({job.status.value})")
+        if watch:
+            final = watch_job(client, job.id)
+            raise typer.Exit(0 if final.status == JobStatus.succeeded else 1)
+
+
+@jobs_app.command("list")
+@handled
+def jobs_list(
+    ctx: typer.Context,
+    status: Annotated[JobStatus | None, typer.Option(help="Only jobs in this status.")] = None,
+    label: Annotated[list[str] | None, typer.Option(help="key=value; repeatable.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=200)] = 20,
+    cursor: Annotated[str | None, typer.Option(help="From a previous page.")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """List jobs, newest first."""
+    labels = label or []
+    parse_labels(labels)  # fail early and locally on a malformed filter
+    with options(ctx).client() as client:
+        page = client.list_jobs(status=status, labels=labels, limit=limit, cursor=cursor)
+    if as_json:
+        print_json(page)
+        return
+    table = listing("ID", "STATUS", "PHASE", "STEP", "BASE MODEL", "DATASET", "CREATED")
+    for job in page.items:
+        table.add_row(
+            job.id,
+            fmt_status(job.status),
+            job.phase.value if job.phase else "",
+            fmt_steps(job),
+            escape(_short_model(job.spec.base_model)),
+            job.dataset.id,
+            fmt_when(job.created_at),
+        )
+    out.print(table)
+    if page.next_cursor:
+        out.print(f"more: --cursor {page.next_cursor}")
+
+
+@jobs_app.command("show")
+@handled
+def jobs_show(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(metavar="ID")],
+    as_json: AsJson = False,
+) -> None:
+    """Show one job: status, progress, latest metrics, artifacts, error."""
+    with options(ctx).client() as client:
+        job = client.get_job(job_id)
+    if as_json:
+        print_json(job)
+        return
+    print_job(job)
+
+
+@jobs_app.command("cancel")
+@handled
+def jobs_cancel(ctx: typer.Context, job_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+    """Cancel a queued or running job."""
+    with options(ctx).client() as client:
+        job = client.cancel_job(job_id)
+    if job.status == JobStatus.cancelled:
+        out.print(f"cancelled {job.id}")
+    else:
+        out.print(f"cancel requested for {job.id}: the worker stops it at its next step")
+
+
+@jobs_app.command("watch")
+@handled
+def jobs_watch(ctx: typer.Context, job_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+    """Follow a job live; exit 0 when it succeeds, 1 when it fails or is cancelled."""
+    with options(ctx).client() as client:
+        job = watch_job(client, job_id)
+    raise typer.Exit(0 if job.status == JobStatus.succeeded else 1)
+
+
+@jobs_app.command("metrics")
+@handled
+def jobs_metrics(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(metavar="ID")],
+    as_csv: Annotated[bool, typer.Option("--csv", help="Every metric as CSV on stdout.")] = False,
+    since_step: Annotated[int, typer.Option(min=0)] = 0,
+) -> None:
+    """Print a job's metric series (TRL's names: loss, rewards/accuracies, ...)."""
+    with options(ctx).client() as client:
+        series = client.metrics(job_id, since_step)
+    if as_csv:
+        write_csv(series.points, sys.stdout)
+        return
+    keys = [k for k in TABLE_METRICS if any(k in p.values for p in series.points)]
+    table = Table("step", *keys, box=None)
+    for column in table.columns:
+        column.no_wrap = True
+    for point in series.points:
+        table.add_row(str(point.step), *(fmt_num(point.values.get(k)) for k in keys))
+    out.print(table)
+
+
+TABLE_METRICS = (
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "learning_rate",
+    "grad_norm",
+    "eval_loss",
+    "eval_rewards/accuracies",
+    "step_seconds",
+)
+"""The table's columns (when present); --csv has every key."""
+
+
+def write_csv(points: Sequence[MetricPoint], stream: Any) -> None:
+    """One row per point: step, time, then every metric name seen (sorted), blanks if absent."""
+    keys = sorted({k for p in points for k in p.values})
+    writer = csv.writer(stream, lineterminator="\n")
+    writer.writerow(["step", "time", *keys])
+    for p in points:
+        writer.writerow([p.step, f"{p.time:.3f}", *(_csv_num(p.values.get(k)) for k in keys)])
+
+
+def print_job(job: Job) -> None:
+    rows = [
+        ("id", job.id),
+        ("status", fmt_status(job.status) + (f" ({job.phase.value})" if job.phase else "")),
+        ("base model", escape(job.spec.base_model)),
+        ("dataset", f"{job.dataset.id} ({job.dataset.rows} rows, {job.dataset.format})"),
+        ("created", fmt_when(job.created_at)),
+    ]
+    if job.started_at:
+        rows.append(("started", fmt_when(job.started_at)))
+    if job.finished_at:
+        rows.append(("finished", fmt_when(job.finished_at)))
+    rows.append(("progress", f"step {fmt_steps(job)}, epoch {job.progress.epoch:.2f}"))
+    if job.attempt:
+        rows.append(("attempt", str(job.attempt)))
+    if job.spec.labels:
+        rows.append(("labels", ", ".join(f"{k}={v}" for k, v in job.spec.labels.items())))
+    if job.latest_metrics:
+        rows.append(("metrics", fmt_metrics(job.latest_metrics, every=True)))
+    for art in job.artifacts:
+        rows.append((art.kind, f"{escape(art.uri)} ({len(art.files)} files)"))
+    if job.error:
+        phase = f" while {job.error.phase.value}" if job.error.phase else ""
+        rows.append(("error", f"{escape(job.error.type)}{phase}: {escape(job.error.message)}"))
+    print_kv(rows)
+    if job.eval_generations:
+        table = Table("prompt", "base", "tuned", show_lines=True)
+        for g in job.eval_generations:
+            table.add_row(escape(g.prompt), escape(g.base), escape(g.tuned))
+        out.print(table)
+
+
+def parse_destination(value: str) -> dict[str, Any]:
+    """`store`, `s3://bucket/prefix` or `hf://org/name` (also `hub:org/name`)."""
+    if value == "store":
+        return {"type": "store"}
+    if value.startswith("s3://"):
+        return {"type": "s3", "uri": value}
+    for prefix in ("hf://", "hub:"):
+        if value.startswith(prefix):
+            return {"type": "hub", "repo_id": value.removeprefix(prefix)}
+    raise Fail(f"--destination {value!r}: use store, s3://bucket/prefix or hf://org/name", 2)
+
+
+def parse_labels(items: Sequence[str]) -> dict[str, str]:
+    labels = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise Fail(f"label {item!r} must be key=value", 2)
+        labels[key] = value
+    return labels
+
+
+def _short_model(ref: str) -> str:
+    return ref.rstrip("/").rsplit("/", 1)[-1] if ref.startswith("file://") else ref
+
+
+def _csv_num(value: float | None) -> str:
+    return "" if value is None else repr(value)
