@@ -7,6 +7,9 @@ runs a `Scheduler`; one of them leads at a time through a Redis lock (redis-py's
 its holder extends while it lives. When the leader's process dies, its lock lapses within
 `lease_seconds` and another replica takes over. Webhook deliveries are not led: every replica
 sends them, each event claimed by one (service/webhooks/delivery.py).
+
+`ftune scheduler` runs the role alone, for deployments that keep it (and the Hub tokens that
+promotion publishing needs) out of the API pods (`FTUNE_SCHEDULER_ENABLED=false` there).
 """
 
 from __future__ import annotations
@@ -14,14 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator
 
 from arq.connections import ArqRedis
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockError, RedisError
 
-from service import leases
-from service.blobs import BlobStore
+from service import leases, logs, queue, webhooks
+from service.blobs import BlobStore, open_store
 from service.retraining import runs
 from service.settings import Settings
 from service.store import P, Store
@@ -126,3 +130,30 @@ async def scheduling(scheduler: Scheduler) -> AsyncIterator[None]:
         # is a compare-and-set, so the next leader redoes what it left half done).
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):
             await asyncio.wait_for(task, timeout=10)
+
+
+async def serve(settings: Settings) -> None:
+    """The scheduler role on its own, until SIGTERM or SIGINT."""
+    store = Store.from_url(
+        settings.redis_url,
+        metrics_maxlen=settings.metrics_maxlen,
+        on_terminal=(webhooks.stage_webhook,),
+    )
+    pool = await queue.connect(settings.redis_url)
+    blobs = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await Scheduler(store, pool, blobs, settings).run(stop)
+    finally:
+        await pool.aclose()
+        await store.close()
+
+
+def run_scheduler(settings: Settings) -> None:
+    logs.configure_logging(
+        settings.log_level, secrets=settings.secret_values(), fmt=settings.log_format
+    )
+    asyncio.run(serve(settings))

@@ -1,4 +1,4 @@
-"""Running the service: `ftune api`, `ftune worker`, `ftune dev` and `ftune demo`.
+"""Running the service: `ftune api`, `ftune worker`, `ftune scheduler`, `ftune dev`, `ftune demo`.
 
 Heavy imports (uvicorn, the training stack, the dev stack) happen inside the commands, so the
 client verbs start fast and work without the worker extra.
@@ -57,6 +57,16 @@ def worker() -> None:
 
     # The worker knows no feature: the webhook staged with a job's end is registered here.
     run_worker(Settings.from_env(), on_terminal=(webhooks.stage_webhook,))
+
+
+@app.command()
+def scheduler() -> None:
+    """Run the scheduler role alone (lease reaper, retraining policies), for deployments that
+    set FTUNE_SCHEDULER_ENABLED=false on the API; one leader at a time however many run."""
+    from service.scheduler import run_scheduler
+    from service.settings import Settings
+
+    run_scheduler(Settings.from_env())
 
 
 @app.command()

@@ -4,9 +4,14 @@ count and on their schedule, lost jobs are re-queued, and one API replica leads 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -169,3 +174,36 @@ async def test_a_dead_leaders_lock_lapses_and_the_api_takes_over(scheduled: Sett
 async def _other_holder(store: Store, holder: bytes) -> bytes | None:
     current = await store.redis.get(LEADER_KEY)
     return current if current not in (None, holder) else None
+
+
+async def test_ftune_scheduler_runs_the_role_alone(api: Api, tmp_path: Path) -> None:
+    """An API with FTUNE_SCHEDULER_ENABLED=false and `ftune scheduler` beside it."""
+    s = api.settings
+    env = {
+        **os.environ,
+        "FTUNE_REDIS_URL": s.redis_url,
+        "FTUNE_STORE_URL": s.store_url,
+        "FTUNE_SCHEDULER_INTERVAL_SECONDS": "0.2",
+        "FTUNE_LOG_FORMAT": "text",
+    }
+    log = (tmp_path / "scheduler.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "scheduler"], env=env, stdout=log, stderr=log
+    )
+    store = Store.from_url(s.redis_url)
+    try:
+        assert (await put(api, "p", policy_body())).status_code == 200
+        await feed(api, "chat", events(0, 12))
+
+        async def fired() -> bool:
+            return bool((await get(api, "p"))["runs"])
+
+        await eventually(fired, timeout=15)
+        assert await store.redis.get(LEADER_KEY) is not None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert await store.redis.get(LEADER_KEY) is None  # released on the way out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        await store.close()
