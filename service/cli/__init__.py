@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import msgspec
 import typer
@@ -37,6 +37,9 @@ from rich.table import Table
 
 from service.client import ApiError, Client, EventsUnsupported, Unreachable
 from service.contract import Dataset, Job, JobStatus, MetricPoint
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 STATE_DIR = Path(".ftune")
@@ -146,6 +149,21 @@ def _root(
 # -- running the service ----------------------------------------------------------------------
 
 
+def service_settings(*, api: bool = False) -> Settings:
+    """The FTUNE_* settings, checked before anything listens or starts: every bad variable in
+    one message and exit code 2, instead of a traceback from inside uvicorn or the worker."""
+    from service.settings import Settings, SettingsError
+
+    try:
+        settings = Settings.from_env()
+        if api:
+            settings.load_api_keys()
+    except SettingsError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    return settings
+
+
 @app.command()
 def api(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
@@ -156,6 +174,7 @@ def api(
     """Serve the HTTP API (configured by FTUNE_* environment variables)."""
     import uvicorn
 
+    service_settings(api=True)
     uvicorn.run(
         "service.api.app:create_app",
         factory=True,
@@ -179,10 +198,9 @@ def worker() -> None:
         )
         raise typer.Exit(1) from None
     from service import webhooks
-    from service.settings import Settings
 
     # The worker knows no feature: the webhook staged with a job's end is registered here.
-    run_worker(Settings.from_env(), on_terminal=(webhooks.stage_webhook,))
+    run_worker(service_settings(), on_terminal=(webhooks.stage_webhook,))
 
 
 @app.command()
@@ -196,6 +214,7 @@ def dev(
     """Start Redis, the API and one worker on this machine; Ctrl-C stops them."""
     from service.dev.stack import DevStack, StackError
 
+    service_settings()  # the API and the worker inherit our environment
     stack = DevStack(state_dir, port, host=host)
     with _stop_on_sigterm():
         try:
