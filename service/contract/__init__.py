@@ -12,8 +12,10 @@ from service.contract.datasets import (
     DatasetStats,
     DatasetWarning,
     FieldMapping,
+    Format,
 )
 from service.contract.feedback import (
+    EVENTS_EXAMPLE,
     MAX_BATCH,
     STREAM_NAME,
     EventError,
@@ -22,7 +24,6 @@ from service.contract.feedback import (
     FeedbackSnapshot,
     FeedbackStream,
     FeedbackStreamList,
-    Format,
     Kind,
     PairList,
     PairRecord,
@@ -82,6 +83,7 @@ from service.contract.webhooks import (
 )
 
 __all__ = [
+    "EVENTS_EXAMPLE",
     "LABEL_KEY_RE",
     "MAX_BATCH",
     "MODEL_REF_RE",
