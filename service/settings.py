@@ -167,6 +167,10 @@ class Settings:
                 values[name] = _parse(raw, hint)
             except ValueError:
                 problems.append(_problem(var, raw, hint))
+        try:
+            redis_password = urllib.parse.urlsplit(values.get("redis_url", "")).password
+        except ValueError:  # e.g. an unclosed '[' of an IPv6 host
+            problems.append(_problem("FTUNE_REDIS_URL", values["redis_url"], RedisUrl))
         if problems:
             raise SettingsError(problems)
         values["hf_tokens"] = {
@@ -176,7 +180,6 @@ class Settings:
         }
         if env.get("HF_TOKEN"):
             values["hf_tokens"][""] = env["HF_TOKEN"]
-        redis_password = urllib.parse.urlsplit(env.get("FTUNE_REDIS_URL", "")).password
         values["env_secrets"] = tuple(
             v
             for v in (

@@ -61,6 +61,7 @@ def test_a_word_for_a_number_names_the_variable_and_what_it_accepts() -> None:
         ("FTUNE_STORE_URL", "/var/lib/ftune", "file:///absolute/path or s3://bucket[/prefix]"),
         ("FTUNE_STORE_URL", "gs://bucket", "file:///absolute/path or s3://bucket[/prefix]"),
         ("FTUNE_REDIS_URL", "localhost:6379", "a redis://, rediss:// or unix:// URL"),
+        ("FTUNE_REDIS_URL", "redis://[::1:6379", "a redis://, rediss:// or unix:// URL"),
         ("FTUNE_S3_ENDPOINT_URL", "minio:9000", "an http:// or https:// URL"),
     ],
 )
