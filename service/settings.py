@@ -1,24 +1,67 @@
 """Settings shared by the API and the worker, read from the environment once.
 
-No other module reads ``os.environ``: everything configurable is a field here.
+No other module reads ``os.environ``: everything configurable is a field here. Bounds live in
+the field types, as in the contract, so one check serves both the environment and code that
+builds a Settings itself; a bad value fails at start-up, every problem named by its variable.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
+import typing
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
+Count = Annotated[int, msgspec.Meta(ge=1)]
+Positive = Annotated[float, msgspec.Meta(gt=0.0)]
+RedisUrl = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^(redis|rediss|unix)://", description="a redis://, rediss:// or unix:// URL"
+    ),
+]
+StoreUrl = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^(file://(localhost)?/[^?#]*|s3://[^/?#\s]+(/[^?#]*)?)$",
+        description="file:///absolute/path or s3://bucket[/prefix]",
+    ),
+]
+HttpUrl = Annotated[
+    str, msgspec.Meta(pattern=r"^https?://\S+$", description="an http:// or https:// URL")
+]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+BOOLEANS = {"true": True, "1": True, "yes": True, "on": True}
+BOOLEANS |= {"false": False, "0": False, "no": False, "off": False}
+KEY_HASH = r"[0-9a-fA-F]{64}"
+
+ENV_NAMES = {"hf_home": "HF_HOME", "hf_endpoint": "HF_ENDPOINT"}
+"""Fields read from a variable other than FTUNE_<FIELD>: the Hub's own."""
+NOT_FROM_ENV = {"hf_tokens", "env_secrets"}
+"""Fields gathered from several variables in `from_env`."""
+
+
+class SettingsError(ValueError):
+    """Every bad setting at once, one line each naming its variable and what it accepts."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+        self.problems = problems
+
 
 class ApiKey(msgspec.Struct, forbid_unknown_fields=True):
-    tenant: str
+    tenant: Annotated[str, msgspec.Meta(min_length=1)]
     admin: bool = False
 
 
@@ -29,55 +72,56 @@ class Principal(msgspec.Struct, frozen=True):
 
 @dataclass(frozen=True)
 class Settings:
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: RedisUrl = "redis://127.0.0.1:6379/0"
     """Redis for records, metric streams and the arq queue."""
-    store_url: str = "file://.ftune/store"
+    # Defaults under the working directory are made absolute when Settings is built.
+    store_url: StoreUrl = field(default_factory=lambda: Path(".ftune/store").resolve().as_uri())
     """Blob store for datasets, checkpoints and artifacts: file:///path or s3://bucket/prefix."""
-    s3_endpoint_url: str | None = None
+    s3_endpoint_url: HttpUrl | None = None
     """S3-compatible endpoint (empty for AWS); credentials come from boto3's usual sources."""
     api_keys_file: Path | None = None
     """JSON: sha256 hex of an API key -> {"tenant": ..., "admin": false}."""
-    max_dataset_bytes: int = 2 * 1024**3
+    max_dataset_bytes: Count = 2 * 1024**3
     """Upload size limit; past it the API answers 413."""
-    max_line_bytes: int = 4 * 1024**2
+    max_line_bytes: Count = 4 * 1024**2
     """One JSONL row's size limit."""
-    max_dataset_rows: int = 10_000_000
+    max_dataset_rows: Count = 10_000_000
     """Row count limit for one dataset."""
-    models_dir: Path = Path(".ftune/models")
+    models_dir: Path = field(default_factory=lambda: Path(".ftune/models").resolve())
     """The only local directory base models may be loaded from (file:// references)."""
-    work_dir: Path = Path(".ftune/work")
+    work_dir: Path = field(default_factory=lambda: Path(".ftune/work").resolve())
     """Worker scratch space: downloaded datasets, checkpoints, outputs."""
     hf_home: Path | None = None
     """Cache for Hub downloads (HF_HOME)."""
-    hf_endpoint: str | None = None
+    hf_endpoint: HttpUrl | None = None
     """Hub endpoint (HF_ENDPOINT), for a private Hub mirror or the tests' local server."""
     hf_tokens: Mapping[str, str] = field(default_factory=dict, repr=False)
     """HF tokens by name: "" for HF_TOKEN, "<name>" for FTUNE_HF_TOKEN_<NAME>. Never logged."""
-    job_timeout_hours: float = 48.0
+    job_timeout_hours: Positive = 48.0
     """Hard limit of one training job on a worker."""
-    max_attempts: int = 3
+    max_attempts: Count = 3
     """How often a job whose worker was lost is retried before it fails."""
-    lease_seconds: float = 30.0
+    lease_seconds: Positive = 30.0
     """A running job whose worker has not renewed its lease for this long is re-queued."""
     scheduler_enabled: bool = True
     """Whether this API process takes part in the scheduler role (one leader at a time)."""
-    scheduler_interval_seconds: float = 5.0
+    scheduler_interval_seconds: Positive = 5.0
     """How often the scheduler (run by the API's leader) reaps lost jobs and steps policies."""
-    queue_name: str = "ftune:queue"
+    queue_name: Annotated[str, msgspec.Meta(min_length=1)] = "ftune:queue"
     """The arq queue the API enqueues into and the workers read."""
-    metrics_maxlen: int = 100_000
+    metrics_maxlen: Count = 100_000
     """Metric points kept per job (a capped Redis stream)."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """Worker device: auto, cpu or cuda."""
-    worker_grace_seconds: int = 60
+    worker_grace_seconds: Annotated[int, msgspec.Meta(ge=0)] = 60
     """On SIGTERM, how long the current job may go on before it is re-queued to resume on
     another worker; the Helm chart sets it below terminationGracePeriodSeconds."""
-    worker_metrics_port: int = 9100
+    worker_metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9100
     """Port of a worker's Prometheus endpoint; 0 turns it off."""
-    worker_gpu_memory_gb: float | None = None
+    worker_gpu_memory_gb: Positive | None = None
     """GPU memory of each worker in GB: the API refuses (422) a job whose estimate
     (service/vram.py) exceeds it. Unset: no check (CPU workers, or not wanted)."""
-    log_level: str = "INFO"
+    log_level: LogLevel = "INFO"
     """Root log level for the API, the worker and the training child."""
     log_format: Literal["json", "text"] = "json"
     """json: one object per line (production); text: for a terminal."""
@@ -85,12 +129,22 @@ class Settings:
     """Allow webhook receivers on loopback, private or link-local addresses."""
     webhook_secrets_file: Path | None = None
     """JSON: tenant -> webhook signing secret (or a list of secrets while rotating)."""
-    webhook_max_attempts: int = 8
+    webhook_max_attempts: Count = 8
     """Delivery attempts per webhook event before it is given up."""
-    webhook_backoff_seconds: float = 4.0
+    webhook_backoff_seconds: Positive = 4.0
     """Delay after the first failed delivery; doubles after each further one (capped at 1 h)."""
     env_secrets: tuple[str, ...] = field(default=(), repr=False)
     """Credential values from the environment (AWS keys, the Redis password): redacted in logs."""
+
+    def __post_init__(self) -> None:
+        # Code that builds Settings (tests, the dev stack) gets the same checks as the env.
+        problems = [
+            _problem(var, value, hint)
+            for name, var, hint in _env_fields()
+            if not _valid(value := getattr(self, name), hint)
+        ]
+        if problems:
+            raise SettingsError(problems)
 
     def secret_values(self) -> list[str]:
         """Every value the logs must never show."""
@@ -98,83 +152,163 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Settings from FTUNE_* (and the Hub's) variables; empty means unset (the default).
+
+        Raises SettingsError listing every variable that is not what its field accepts.
+        """
         env = os.environ if env is None else env
-        defaults = cls()
-
-        def get(name: str) -> str | None:
-            value = env.get(name)
-            return value if value not in (None, "") else None
-
-        tokens = {
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for name, var, hint in _env_fields():
+            raw = env.get(var, "").strip()  # a value from a secret often ends in a newline
+            if raw == "":
+                continue
+            try:
+                values[name] = _parse(raw, hint)
+            except ValueError:
+                problems.append(_problem(var, raw, hint))
+        try:
+            redis_password = urllib.parse.urlsplit(values.get("redis_url", "")).password
+        except ValueError:  # e.g. an unclosed '[' of an IPv6 host
+            problems.append(_problem("FTUNE_REDIS_URL", values["redis_url"], RedisUrl))
+        if problems:
+            raise SettingsError(problems)
+        values["hf_tokens"] = {
             key.removeprefix("FTUNE_HF_TOKEN_").lower(): value
             for key, value in env.items()
             if key.startswith("FTUNE_HF_TOKEN_") and value
         }
-        if get("HF_TOKEN"):
-            tokens[""] = env["HF_TOKEN"]
-        keys_file = get("FTUNE_API_KEYS_FILE")
-        hf_home = get("HF_HOME")
-        secrets_file = get("FTUNE_WEBHOOK_SECRETS_FILE")
-        gpu_gb = get("FTUNE_WORKER_GPU_MEMORY_GB")
-        return cls(
-            redis_url=get("FTUNE_REDIS_URL") or defaults.redis_url,
-            store_url=get("FTUNE_STORE_URL") or "file://" + str(Path(".ftune/store").resolve()),
-            s3_endpoint_url=get("FTUNE_S3_ENDPOINT_URL"),
-            api_keys_file=Path(keys_file) if keys_file else None,
-            max_dataset_bytes=int(get("FTUNE_MAX_DATASET_BYTES") or defaults.max_dataset_bytes),
-            max_line_bytes=int(get("FTUNE_MAX_LINE_BYTES") or defaults.max_line_bytes),
-            max_dataset_rows=int(get("FTUNE_MAX_DATASET_ROWS") or defaults.max_dataset_rows),
-            models_dir=Path(get("FTUNE_MODELS_DIR") or defaults.models_dir).resolve(),
-            work_dir=Path(get("FTUNE_WORK_DIR") or defaults.work_dir).resolve(),
-            hf_home=Path(hf_home) if hf_home else None,
-            hf_endpoint=get("HF_ENDPOINT"),
-            hf_tokens=tokens,
-            job_timeout_hours=float(get("FTUNE_JOB_TIMEOUT_HOURS") or defaults.job_timeout_hours),
-            max_attempts=int(get("FTUNE_MAX_ATTEMPTS") or defaults.max_attempts),
-            lease_seconds=float(get("FTUNE_LEASE_SECONDS") or defaults.lease_seconds),
-            scheduler_enabled=(get("FTUNE_SCHEDULER_ENABLED") or "true").lower()
-            not in ("0", "false", "no", "off"),
-            scheduler_interval_seconds=float(
-                get("FTUNE_SCHEDULER_INTERVAL_SECONDS") or defaults.scheduler_interval_seconds
-            ),
-            queue_name=get("FTUNE_QUEUE_NAME") or defaults.queue_name,
-            metrics_maxlen=int(get("FTUNE_METRICS_MAXLEN") or defaults.metrics_maxlen),
-            device=get("FTUNE_DEVICE") or defaults.device,
-            worker_grace_seconds=int(
-                get("FTUNE_WORKER_GRACE_SECONDS") or defaults.worker_grace_seconds
-            ),
-            worker_metrics_port=int(
-                get("FTUNE_WORKER_METRICS_PORT") or defaults.worker_metrics_port
-            ),
-            worker_gpu_memory_gb=float(gpu_gb) if gpu_gb else None,
-            log_level=get("FTUNE_LOG_LEVEL") or defaults.log_level,
-            log_format="text" if get("FTUNE_LOG_FORMAT") == "text" else "json",
-            webhook_allow_private=(get("FTUNE_WEBHOOK_ALLOW_PRIVATE") or "").lower()
-            in ("1", "true", "yes", "on"),
-            webhook_secrets_file=Path(secrets_file) if secrets_file else None,
-            webhook_max_attempts=int(
-                get("FTUNE_WEBHOOK_MAX_ATTEMPTS") or defaults.webhook_max_attempts
-            ),
-            webhook_backoff_seconds=float(
-                get("FTUNE_WEBHOOK_BACKOFF_SECONDS") or defaults.webhook_backoff_seconds
-            ),
-            env_secrets=tuple(
-                v
-                for v in (
-                    get("AWS_SECRET_ACCESS_KEY"),
-                    get("AWS_SESSION_TOKEN"),
-                    urllib.parse.urlsplit(get("FTUNE_REDIS_URL") or "").password,
-                )
-                if v
-            ),
+        if env.get("HF_TOKEN"):
+            values["hf_tokens"][""] = env["HF_TOKEN"]
+        values["env_secrets"] = tuple(
+            v
+            for v in (
+                env.get("AWS_SECRET_ACCESS_KEY"),
+                env.get("AWS_SESSION_TOKEN"),
+                redis_password,
+            )
+            if v
         )
+        return cls(**values)
 
     def load_api_keys(self) -> dict[str, Principal]:
-        """sha256 hex of a key -> its principal. No file means no key is accepted."""
+        """sha256 hex of a key -> its principal. No file means no key is accepted.
+
+        Raises SettingsError naming FTUNE_API_KEYS_FILE when it cannot be read or is malformed.
+        """
         if self.api_keys_file is None:
             return {}
-        raw = msgspec.json.decode(self.api_keys_file.read_bytes(), type=dict[str, ApiKey])
+        where = f"FTUNE_API_KEYS_FILE ({self.api_keys_file})"
+        try:
+            raw = msgspec.json.decode(self.api_keys_file.read_bytes(), type=dict[str, ApiKey])
+        except OSError as exc:
+            raise SettingsError([f"{where} cannot be read: {exc.strerror or exc}"]) from None
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise SettingsError(
+                [f'{where} must map key hashes to {{"tenant": "...", "admin": false}}: {exc}']
+            ) from None
+        if plain := [k for k in raw if not re.fullmatch(KEY_HASH, k)]:
+            raise SettingsError(
+                [
+                    f"{where} must hold the sha256 hex of each API key (64 hex digits), never "
+                    f"the key itself; {len(plain)} of its entries are not one"
+                ]
+            )
         return {h.lower(): Principal(k.tenant, k.admin) for h, k in raw.items()}
+
+
+@cache
+def _env_fields() -> tuple[tuple[str, str, Any], ...]:
+    """(field, variable, annotated type) of every setting read from one variable."""
+    hints = typing.get_type_hints(Settings, include_extras=True)
+    return tuple(
+        (f.name, ENV_NAMES.get(f.name, f"FTUNE_{f.name.upper()}"), hints[f.name])
+        for f in fields(Settings)
+        if f.name not in NOT_FROM_ENV
+    )
+
+
+def _parse(raw: str, hint: Any) -> Any:
+    """A variable's text as its field's value; ValueError if it is not one."""
+    info = _base(msgspec.inspect.type_info(hint))
+    value: Any
+    if isinstance(info, msgspec.inspect.BoolType):
+        value = BOOLEANS.get(raw.lower())
+    elif isinstance(info, msgspec.inspect.LiteralType):  # choices ignore case
+        value = next((v for v in info.values if str(v).lower() == raw.lower()), None)
+    elif isinstance(info, msgspec.inspect.CustomType) and info.cls is Path:
+        value = Path(raw).resolve()
+    else:
+        try:
+            value = msgspec.convert(raw, hint, strict=False)
+        except msgspec.ValidationError:
+            value = None
+    if value is None or not _valid(value, hint):
+        raise ValueError(raw)
+    return value
+
+
+def _valid(value: Any, hint: Any) -> bool:
+    """Whether a field's value is of its type and within its bounds (finite, if a number)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    if isinstance(value, Path) or value is None:
+        return _accepts(hint, type(value))
+    try:
+        msgspec.convert(value, hint)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
+def _accepts(hint: Any, cls: type) -> bool:
+    info = msgspec.inspect.type_info(hint)
+    arms = info.types if isinstance(info, msgspec.inspect.UnionType) else (info,)
+    if cls is type(None):
+        return any(isinstance(a, msgspec.inspect.NoneType) for a in arms)
+    return any(isinstance(a, msgspec.inspect.CustomType) and a.cls is Path for a in arms)
+
+
+def _base(info: msgspec.inspect.Type) -> msgspec.inspect.Type:
+    """The type a value must have, without `| None` and without its Meta."""
+    if isinstance(info, msgspec.inspect.UnionType):
+        info = next(t for t in info.types if not isinstance(t, msgspec.inspect.NoneType))
+    return info.type if isinstance(info, msgspec.inspect.Metadata) else info
+
+
+def _problem(var: str, got: object, hint: Any) -> str:
+    return f"{var} must be {_accepted(hint)}, got {str(got)!r}"
+
+
+def _accepted(hint: Any) -> str:
+    """What a field accepts, in words: `an integer ≥ 1`, `one of json, text`, ..."""
+    info = msgspec.inspect.type_info(hint)
+    if isinstance(info, msgspec.inspect.UnionType):
+        info = next(t for t in info.types if not isinstance(t, msgspec.inspect.NoneType))
+    if isinstance(info, msgspec.inspect.Metadata) and info.extra_json_schema:
+        return str(info.extra_json_schema["description"])
+    info = _base(info)
+    if isinstance(info, msgspec.inspect.BoolType):
+        return "true or false (or 1/0, yes/no, on/off)"
+    if isinstance(info, msgspec.inspect.LiteralType):
+        return "one of " + ", ".join(str(v) for v in info.values)
+    if isinstance(info, msgspec.inspect.IntType | msgspec.inspect.FloatType):
+        kind = "an integer" if isinstance(info, msgspec.inspect.IntType) else "a number"
+        if info.ge is not None and info.le is not None:
+            return f"{kind} from {_num(info.ge)} to {_num(info.le)}"
+        bounds = [
+            f"{sign} {_num(bound)}"
+            for sign, bound in (("≥", info.ge), (">", info.gt), ("≤", info.le), ("<", info.lt))
+            if bound is not None
+        ]
+        return " and ".join([f"{kind} {bounds[0]}", *bounds[1:]]) if bounds else kind
+    if isinstance(info, msgspec.inspect.StrType):
+        return "a non-empty string"
+    return "a path"
+
+
+def _num(bound: float) -> str:
+    return f"{bound:g}" if isinstance(bound, float) else str(bound)
 
 
 def hash_api_key(key: str) -> str:

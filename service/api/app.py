@@ -23,6 +23,7 @@ from service.api.auth import principal
 from service.api.datasets import DatasetController
 from service.api.feedback import FeedbackController
 from service.api.jobs import JobController
+from service.api.openapi_docs import ContractSchemas
 from service.api.policies import PolicyController
 from service.api.system import SystemController
 from service.blobs import BlobStore, open_store
@@ -126,6 +127,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         lifespan=[_lifespan(settings)],
         middleware=[_prometheus().middleware],
         openapi_config=_openapi(),
+        plugins=[ContractSchemas()],
         request_max_body_size=MAX_REQUEST_BYTES,
         signature_types=[Store, ArqRedis, BlobStore, Settings],
         logging_config=None,

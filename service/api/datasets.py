@@ -12,7 +12,9 @@ from typing import IO, Annotated, Any
 
 import anyio.to_thread
 from litestar import Controller, Request, delete, get, post
-from litestar.params import Parameter
+from litestar.openapi.spec import Example, OpenAPIMediaType, Schema
+from litestar.openapi.spec.enums import OpenAPIFormat, OpenAPIType
+from litestar.params import Parameter, ParameterKwarg
 from multipart import MultipartSegment, PushMultipartParser
 
 from service.api.auth import scope
@@ -28,6 +30,9 @@ from service.api.openapi_docs import (
     NOT_FOUND,
     TOO_LARGE,
     UNSUPPORTED,
+    Cursor,
+    PageSize,
+    request_body,
     responses,
 )
 from service.blobs import BlobStore, dataset_blob_key
@@ -38,9 +43,66 @@ from service.settings import Principal, Settings
 from service.store import Store
 
 JSONL_TYPES = {"application/x-ndjson", "application/jsonl", "application/json-lines", "text/plain"}
-FieldName = Annotated[
-    str | None, Parameter(min_length=1, max_length=128, description="Column to read it from")
-]
+DatasetId = Annotated[str, Parameter(description="The dataset's id (`ds_...`).")]
+
+
+def _column(role: str) -> ParameterKwarg:
+    return ParameterKwarg(
+        min_length=1,
+        max_length=128,
+        description=f"The column of your rows that holds the {role}, if it is not `{role}`.",
+    )
+
+
+_ROWS = {
+    "standard": (
+        "Standard rows: texts as strings",
+        '{"prompt": "What is 2+2?", "chosen": "4.", "rejected": "Let me think... 5."}\n'
+        '{"prompt": "Capital of Peru?", "chosen": "Lima.", "rejected": "Quito, I think."}\n',
+    ),
+    "conversational": (
+        "Conversational rows: lists of {role, content} messages",
+        '{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": '
+        '"Capital of Peru?"}], "chosen": [{"role": "assistant", "content": "Lima."}], '
+        '"rejected": [{"role": "assistant", "content": "Quito."}]}\n',
+    ),
+    "openai": (
+        "OpenAI's DPO format",
+        '{"input": {"messages": [{"role": "user", "content": "Capital of Peru?"}]}, '
+        '"preferred_output": [{"role": "assistant", "content": "Lima."}], '
+        '"non_preferred_output": [{"role": "assistant", "content": "Quito."}]}\n',
+    ),
+}
+_JSONL = OpenAPIMediaType(
+    schema=Schema(type=OpenAPIType.STRING, description="JSONL: one JSON object per line, UTF-8."),
+    examples={k: Example(summary=summary, value=rows) for k, (summary, rows) in _ROWS.items()},
+)
+_MULTIPART = OpenAPIMediaType(
+    schema=Schema(
+        type=OpenAPIType.OBJECT,
+        properties={
+            "file": Schema(
+                type=OpenAPIType.STRING,
+                format=OpenAPIFormat.BINARY,
+                description="The JSONL file. The first part with a filename is read, whatever "
+                "its name; other parts are ignored.",
+            )
+        },
+        required=["file"],
+    ),
+    examples={
+        k: Example(summary=summary, value={"file": rows}) for k, (summary, rows) in _ROWS.items()
+    },
+)
+UPLOAD = request_body(
+    "Preference rows as JSONL, as the raw body or as a file in a multipart form. Accepted "
+    "rows: standard (`prompt`, `chosen`, `rejected` strings), conversational (lists of "
+    "{role, content} messages), OpenAI's DPO format, or TRL's implicit prompt (chosen and "
+    "rejected sharing the prompt as a prefix); other column names through the `*_field` "
+    "parameters. One dataset holds one format. Any invalid row rejects the upload (422, "
+    "with line numbers) and stores nothing; past the size limit the answer is 413.",
+    content={**{t: _JSONL for t in sorted(JSONL_TYPES)}, "multipart/form-data": _MULTIPART},
+)
 
 
 async def _spool(request: Request[Any, Any, Any], out: IO[bytes], limit: int) -> int:
@@ -101,6 +163,7 @@ class DatasetController(Controller):
         request_max_body_size=None,
         summary="Upload a JSONL preference dataset",
         responses=responses(INVALID, TOO_LARGE, UNSUPPORTED),
+        operation_class=UPLOAD,
     )
     async def create_dataset(
         self,
@@ -110,11 +173,17 @@ class DatasetController(Controller):
         blobs: BlobStore,
         settings: Settings,
         name: Annotated[
-            str, Parameter(min_length=1, max_length=128, pattern=r"^[\w .,:()+-]+$")
+            str,
+            Parameter(
+                min_length=1,
+                max_length=128,
+                pattern=r"^[\w .,:()+-]+$",
+                description="A name for your own reference; need not be unique.",
+            ),
         ] = "dataset",
-        prompt_field: FieldName = None,
-        chosen_field: FieldName = None,
-        rejected_field: FieldName = None,
+        prompt_field: Annotated[str | None, _column("prompt")] = None,
+        chosen_field: Annotated[str | None, _column("chosen")] = None,
+        rejected_field: Annotated[str | None, _column("rejected")] = None,
     ) -> Dataset:
         mapping = None
         if prompt_field or chosen_field or rejected_field:
@@ -151,8 +220,8 @@ class DatasetController(Controller):
         self,
         principal: Principal,
         store: Store,
-        limit: Annotated[int, Parameter(ge=1, le=200)] = 20,
-        cursor: Annotated[str | None, Parameter(max_length=64)] = None,
+        limit: PageSize = 20,
+        cursor: Cursor = None,
     ) -> DatasetList:
         items, next_cursor = await store.list_datasets(scope(principal), limit=limit, cursor=cursor)
         return DatasetList(items=items, next_cursor=next_cursor)
@@ -162,7 +231,9 @@ class DatasetController(Controller):
         path="/{dataset_id:str}",
         responses=responses(NOT_FOUND),
     )
-    async def get_dataset(self, dataset_id: str, principal: Principal, store: Store) -> Dataset:
+    async def get_dataset(
+        self, dataset_id: DatasetId, principal: Principal, store: Store
+    ) -> Dataset:
         return await store.get_dataset(dataset_id, scope(principal))
 
     @delete(
@@ -172,7 +243,7 @@ class DatasetController(Controller):
         responses=responses(NOT_FOUND, CONFLICT),
     )
     async def delete_dataset(
-        self, dataset_id: str, principal: Principal, store: Store, blobs: BlobStore
+        self, dataset_id: DatasetId, principal: Principal, store: Store, blobs: BlobStore
     ) -> None:
         ds, remaining = await store.delete_dataset(dataset_id, scope(principal))
         if remaining <= 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response
@@ -34,21 +34,43 @@ _TITLES = {
 
 
 class FieldError(msgspec.Struct, omit_defaults=True):
-    msg: str
-    loc: list[str] | None = None
-    line: int | None = None
-    field: str | None = None
+    """One thing wrong with the request: where (loc, or line and field of a dataset) and what."""
+
+    msg: Annotated[str, msgspec.Meta(description="What is wrong, in words.")]
+    loc: Annotated[
+        list[str] | None,
+        msgspec.Meta(
+            description="Where: `body`, `query`, `path` or `header`, then the field's path, e.g. "
+            '`["body", "hyperparameters", "beta"]`.'
+        ),
+    ] = None
+    line: Annotated[
+        int | None, msgspec.Meta(description="For a dataset: the 1-based line of the bad row.")
+    ] = None
+    field: Annotated[
+        str | None, msgspec.Meta(description="For a dataset row or feedback event: its field.")
+    ] = None
 
 
 class Problem(msgspec.Struct, omit_defaults=True):
     """RFC 9457 Problem Details."""
 
-    type: str
-    title: str
-    status: int
-    detail: str
-    errors: list[FieldError] | None = None
-    total_errors: int | None = None
+    type: Annotated[
+        str, msgspec.Meta(description="A URI naming the kind of problem, one per status.")
+    ]
+    title: Annotated[str, msgspec.Meta(description="The status in words, e.g. `Not Found`.")]
+    status: Annotated[int, msgspec.Meta(description="The HTTP status code.")]
+    detail: Annotated[str, msgspec.Meta(description="What went wrong with this request.")]
+    errors: Annotated[
+        list[FieldError] | None,
+        msgspec.Meta(description="Each problem found, at most 100; absent when not about fields."),
+    ] = None
+    total_errors: Annotated[
+        int | None,
+        msgspec.Meta(
+            description="How many problems a dataset had in all (errors lists the first)."
+        ),
+    ] = None
 
 
 class InvalidRequest(Exception):

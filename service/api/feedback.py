@@ -6,12 +6,14 @@ import re
 from typing import Annotated
 
 from litestar import Controller, get, post
+from litestar.openapi.spec import Example
 from litestar.params import Parameter
 
 from service.api.errors import FieldError, InvalidRequest
-from service.api.openapi_docs import CONFLICT, NOT_FOUND, responses
+from service.api.openapi_docs import CONFLICT, NOT_FOUND, Cursor, PageSize, request_body, responses
 from service.blobs import BlobStore
 from service.contract import (
+    EVENTS_EXAMPLE,
     STREAM_NAME,
     FeedbackBatch,
     FeedbackReceipt,
@@ -34,6 +36,29 @@ StreamName = Annotated[
     ),
 ]
 _PATH_PARTS = re.compile(r"[.\[\]]")
+EVENTS = request_body(
+    "Up to 1000 feedback events for the stream named in the path, which is created by its "
+    "first batch. All or nothing: one bad event rejects the batch (422, each error located by "
+    "the event's index). Event ids dedupe, so a failed batch can simply be sent again.",
+    examples={
+        "one_of_each": Example(
+            summary="A pair, a rating and an edit", value={"events": EVENTS_EXAMPLE}
+        ),
+        "conversational": Example(
+            summary="A pair of conversations",
+            value={
+                "events": [
+                    {
+                        "id": "c1",
+                        "prompt": [{"role": "user", "content": "Capital of Peru?"}],
+                        "chosen": [{"role": "assistant", "content": "Lima."}],
+                        "rejected": [{"role": "assistant", "content": "Quito."}],
+                    }
+                ]
+            },
+        ),
+    },
+)
 
 
 def _invalid(exc: InvalidFeedback) -> InvalidRequest:
@@ -67,6 +92,7 @@ class FeedbackController(Controller):
         status_code=200,
         summary="Add a batch of feedback events to a stream (all or nothing; ids dedupe)",
         responses=responses(),
+        operation_class=EVENTS,
     )
     async def post_feedback(
         self, stream: StreamName, data: FeedbackBatch, principal: Principal, store: Store
@@ -86,8 +112,8 @@ class FeedbackController(Controller):
         self,
         principal: Principal,
         store: Store,
-        limit: Annotated[int, Parameter(ge=1, le=200)] = 50,
-        cursor: Annotated[str | None, Parameter(max_length=64)] = None,
+        limit: PageSize = 50,
+        cursor: Cursor = None,
     ) -> FeedbackStreamList:
         items, next_cursor = await feedback.list_streams(
             store, principal.tenant, limit=limit, cursor=cursor
@@ -116,8 +142,10 @@ class FeedbackController(Controller):
         stream: StreamName,
         principal: Principal,
         store: Store,
-        offset: Annotated[int, Parameter(ge=0, le=10**12)] = 0,
-        limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
+        offset: Annotated[
+            int, Parameter(ge=0, le=10**12, description="Position of the first pair to return.")
+        ] = 0,
+        limit: Annotated[int, Parameter(ge=1, le=1000, description="Pairs to return.")] = 100,
     ) -> PairList:
         meta = await feedback.get_stream(store, principal.tenant, stream)
         items = await feedback.read_pairs(store, principal.tenant, stream, offset, offset + limit)

@@ -16,7 +16,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from service import queue, vram, webhooks
 from service.api.auth import scope
 from service.api.errors import FieldError, InvalidRequest
-from service.api.openapi_docs import CONFLICT, NOT_FOUND, responses
+from service.api.openapi_docs import CONFLICT, NOT_FOUND, Cursor, PageSize, responses
 from service.contract import (
     Dataset,
     DatasetRef,
@@ -31,6 +31,7 @@ from service.settings import Principal, Settings
 from service.store import Conflict, NotFound, Store, new_id, request_fingerprint
 
 EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+JobId = Annotated[str, Parameter(description="The job's id (`job_...`).")]
 KEEPALIVE_MS = 15_000
 
 
@@ -79,7 +80,14 @@ class JobController(Controller):
         settings: Settings,
         idempotency_key: Annotated[
             str | None,
-            HeaderParameter(name="Idempotency-Key", min_length=1, max_length=255, required=False),
+            HeaderParameter(
+                name="Idempotency-Key",
+                min_length=1,
+                max_length=255,
+                required=False,
+                description="Any unique string: a repeat of the request with the same key "
+                "returns the first job (header `Idempotent-Replayed: true`) instead of a new one.",
+            ),
         ] = None,
     ) -> Response[Job]:
         if data.base_model.startswith("file://"):
@@ -150,13 +158,18 @@ class JobController(Controller):
         self,
         principal: Principal,
         store: Store,
-        status: JobStatus | None = None,
+        status: Annotated[
+            JobStatus | None, Parameter(description="Only jobs in this status.")
+        ] = None,
         label: Annotated[
             list[str] | None,
-            Parameter(description="key=value; repeat to require several", max_items=16),
+            Parameter(
+                description="Only jobs with this label, as `key=value`; repeat to require several.",
+                max_items=16,
+            ),
         ] = None,
-        limit: Annotated[int, Parameter(ge=1, le=200)] = 20,
-        cursor: Annotated[str | None, Parameter(max_length=64)] = None,
+        limit: PageSize = 20,
+        cursor: Cursor = None,
     ) -> JobList:
         labels: dict[str, str] = {}
         for item in label or []:
@@ -173,7 +186,7 @@ class JobController(Controller):
         return JobList(items=items, next_cursor=next_cursor)
 
     @get(operation_id="GetJob", path="/{job_id:str}", responses=responses(NOT_FOUND))
-    async def get_job(self, job_id: str, principal: Principal, store: Store) -> Job:
+    async def get_job(self, job_id: JobId, principal: Principal, store: Store) -> Job:
         return await store.get_job(job_id, scope(principal))
 
     @post(
@@ -184,7 +197,7 @@ class JobController(Controller):
         responses=responses(NOT_FOUND, CONFLICT),
     )
     async def cancel_job(
-        self, job_id: str, principal: Principal, store: Store, arq: ArqRedis, settings: Settings
+        self, job_id: JobId, principal: Principal, store: Store, arq: ArqRedis, settings: Settings
     ) -> Job:
         job = await store.update_job(job_id, _cancel, tenant=scope(principal))
         if job.status == JobStatus.cancelled:
@@ -199,10 +212,12 @@ class JobController(Controller):
     )
     async def job_metrics(
         self,
-        job_id: str,
+        job_id: JobId,
         principal: Principal,
         store: Store,
-        since_step: Annotated[int, Parameter(ge=0)] = 0,
+        since_step: Annotated[
+            int, Parameter(ge=0, description="Only points after this step; 0: all of them.")
+        ] = 0,
     ) -> MetricSeries:
         await store.get_job(job_id, scope(principal))
         points = await store.get_metrics(job_id, since_step=since_step)
@@ -219,12 +234,18 @@ class JobController(Controller):
     )
     async def job_events(
         self,
-        job_id: str,
+        job_id: JobId,
         principal: Principal,
         store: Store,
         last_event_id: Annotated[
             str | None,
-            HeaderParameter(name="Last-Event-ID", max_length=64, required=False),
+            HeaderParameter(
+                name="Last-Event-ID",
+                max_length=64,
+                required=False,
+                description="The `id` of the last event received: the stream resumes right "
+                "after it (browsers send it when they reconnect).",
+            ),
         ] = None,
     ) -> ServerSentEvent:
         await store.get_job(job_id, scope(principal))

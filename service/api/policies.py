@@ -9,7 +9,7 @@ from litestar import Controller, delete, get, put
 from litestar.params import Parameter
 
 from service.api.errors import FieldError, InvalidRequest
-from service.api.openapi_docs import NOT_FOUND, responses
+from service.api.openapi_docs import NOT_FOUND, Cursor, PageSize, responses
 from service.contract import Policy, PolicyList, PolicySpec, local_model_path
 from service.retraining import policies
 from service.settings import Principal, Settings
@@ -84,8 +84,8 @@ class PolicyController(Controller):
         self,
         principal: Principal,
         store: Store,
-        limit: Annotated[int, Parameter(ge=1, le=200)] = 50,
-        cursor: Annotated[str | None, Parameter(max_length=64)] = None,
+        limit: PageSize = 50,
+        cursor: Cursor = None,
     ) -> PolicyList:
         items, next_cursor = await policies.list_policies(
             store, principal.tenant, limit=limit, cursor=cursor

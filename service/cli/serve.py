@@ -11,13 +11,31 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.markup import escape
 
 from service.cli.app import STATE_DIR, app, handled, options
 from service.cli.output import err, out
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+
+def service_settings(*, api: bool = False) -> Settings:
+    """The FTUNE_* settings, checked before anything listens or starts: every bad variable in
+    one message and exit code 2, instead of a traceback from inside uvicorn or the worker."""
+    from service.settings import Settings, SettingsError
+
+    try:
+        settings = Settings.from_env()
+        if api:
+            settings.load_api_keys()
+    except SettingsError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    return settings
 
 
 @app.command()
@@ -30,6 +48,7 @@ def api(
     """Serve the HTTP API (configured by FTUNE_* environment variables)."""
     import uvicorn
 
+    service_settings(api=True)
     uvicorn.run(
         "service.api.app:create_app",
         factory=True,
@@ -53,10 +72,9 @@ def worker() -> None:
         )
         raise typer.Exit(1) from None
     from service import webhooks
-    from service.settings import Settings
 
     # The worker knows no feature: the webhook staged with a job's end is registered here.
-    run_worker(Settings.from_env(), on_terminal=(webhooks.stage_webhook,))
+    run_worker(service_settings(), on_terminal=(webhooks.stage_webhook,))
 
 
 @app.command()
@@ -64,9 +82,8 @@ def scheduler() -> None:
     """Run the scheduler role alone (lease reaper, retraining policies), for deployments that
     set FTUNE_SCHEDULER_ENABLED=false on the API; one leader at a time however many run."""
     from service.scheduler import run_scheduler
-    from service.settings import Settings
 
-    run_scheduler(Settings.from_env())
+    run_scheduler(service_settings())
 
 
 @app.command()
@@ -80,6 +97,7 @@ def dev(
     """Start Redis, the API and one worker on this machine; Ctrl-C stops them."""
     from service.dev.stack import DevStack, StackError
 
+    service_settings()  # the API and the worker inherit our environment
     stack = DevStack(state_dir, port, host=host)
     with _stop_on_sigterm():
         try:

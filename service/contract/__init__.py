@@ -12,8 +12,10 @@ from service.contract.datasets import (
     DatasetStats,
     DatasetWarning,
     FieldMapping,
+    Format,
 )
 from service.contract.feedback import (
+    EVENTS_EXAMPLE,
     MAX_BATCH,
     MAX_REQUEST_BYTES,
     STREAM_NAME,
@@ -23,7 +25,6 @@ from service.contract.feedback import (
     FeedbackSnapshot,
     FeedbackStream,
     FeedbackStreamList,
-    Format,
     Kind,
     PairList,
     PairRecord,
@@ -83,6 +84,7 @@ from service.contract.webhooks import (
 )
 
 __all__ = [
+    "EVENTS_EXAMPLE",
     "LABEL_KEY_RE",
     "MAX_BATCH",
     "MAX_REQUEST_BYTES",

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from service.contract.datasets import DatasetRef
+from service.contract.datasets import DatasetRef, Format
 
 STREAM_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 """Stream (and policy) names: also part of Redis keys, so no ':'."""
@@ -21,16 +21,23 @@ MAX_REQUEST_BYTES = 1024 * 1024
 feedback must fit in it as well as in MAX_BATCH."""
 
 
-Format = Literal["standard", "conversational"]
-
-
 Kind = Literal["pair", "rating", "edit"]
 
 
 Selection = Literal["all", "train", "held_out"]
 
 
+EVENTS_EXAMPLE = [
+    {"id": "e1", "prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."},
+    {"id": "e2", "prompt": "Hi?", "response": "Hello!", "rating": "up"},
+    {"id": "e3", "prompt": "Hi?", "response": "Hey", "edited": "Hey there!"},
+]
+"""One event of each kind: the schema's example and the feedback request body's."""
+
+
 class FeedbackBatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Events for one stream, stored all or nothing."""
+
     events: Annotated[
         list[dict[str, Any]],
         msgspec.Meta(
@@ -43,84 +50,135 @@ class FeedbackBatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 "`edited`: the edit is chosen, the original rejected). Texts are strings, or "
                 "lists of {role, content} messages as in conversational datasets."
             ),
-            examples=[
-                [
-                    {"id": "e1", "prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."},
-                    {"id": "e2", "prompt": "Hi?", "response": "Hello!", "rating": "up"},
-                    {"id": "e3", "prompt": "Hi?", "response": "Hey", "edited": "Hey there!"},
-                ]
-            ],
+            examples=[EVENTS_EXAMPLE],
         ),
     ]
 
 
 class FeedbackReceipt(msgspec.Struct, kw_only=True):
-    stream: str
-    received: int
-    """Events in the batch."""
-    accepted: int
-    """Events stored now (new ids)."""
-    duplicates: int
-    """Events ignored because their id was seen before (a retry) or earlier in the batch."""
-    pairs_added: int
-    ratings_waiting: int
-    """Ratings of this batch still waiting for an opposite rating of their prompt."""
-    pairs_total: int
+    """What one batch did to its stream."""
+
+    stream: Annotated[str, msgspec.Meta(description="The stream's name.")]
+    received: Annotated[int, msgspec.Meta(description="Events in the batch.")]
+    accepted: Annotated[int, msgspec.Meta(description="Events stored now (new ids).")]
+    duplicates: Annotated[
+        int,
+        msgspec.Meta(
+            description="Events ignored because their id was seen before (a retry) or earlier "
+            "in the batch."
+        ),
+    ]
+    pairs_added: Annotated[
+        int, msgspec.Meta(description="Preference pairs this batch made (training rows).")
+    ]
+    ratings_waiting: Annotated[
+        int,
+        msgspec.Meta(
+            description="Ratings of this batch still waiting for an opposite rating of their "
+            "prompt."
+        ),
+    ]
+    pairs_total: Annotated[int, msgspec.Meta(description="Pairs in the stream after this batch.")]
 
 
 class FeedbackStream(msgspec.Struct, kw_only=True):
-    name: str
-    tenant: str
-    format: Format | None = None
-    """Fixed by the first event: a dataset holds one format."""
-    events: int = 0
-    """Distinct events stored."""
-    duplicates: int = 0
-    """Events ignored as repeats of a stored id."""
-    pairs: int = 0
-    pending_ratings: int = 0
-    """Ratings waiting for an opposite rating of the same prompt."""
-    snapshots: int = 0
-    created_at: float
-    updated_at: float
-    recent_snapshots: list[FeedbackSnapshot] = []
-    """The newest snapshots (filled in when read through the API)."""
+    """A named stream of feedback events and the preference pairs made of them."""
+
+    name: Annotated[str, msgspec.Meta(description="The stream's name, unique per tenant.")]
+    tenant: Annotated[str, msgspec.Meta(description="The tenant that owns it.")]
+    format: Annotated[
+        Format | None,
+        msgspec.Meta(
+            description="Fixed by the first event: a dataset holds one format. Null before any "
+            "event."
+        ),
+    ] = None
+    events: Annotated[int, msgspec.Meta(description="Distinct events stored.")] = 0
+    duplicates: Annotated[
+        int, msgspec.Meta(description="Events ignored as repeats of a stored id.")
+    ] = 0
+    pairs: Annotated[int, msgspec.Meta(description="Preference pairs gathered so far.")] = 0
+    pending_ratings: Annotated[
+        int, msgspec.Meta(description="Ratings waiting for an opposite rating of the same prompt.")
+    ] = 0
+    snapshots: Annotated[int, msgspec.Meta(description="Snapshots taken so far.")] = 0
+    created_at: Annotated[
+        float, msgspec.Meta(description="When its first event arrived, in seconds since the epoch.")
+    ]
+    updated_at: Annotated[
+        float, msgspec.Meta(description="When it last changed, in seconds since the epoch.")
+    ]
+    recent_snapshots: Annotated[
+        list[FeedbackSnapshot],
+        msgspec.Meta(description="The newest snapshots (filled in when read through the API)."),
+    ] = []
 
 
 class FeedbackStreamList(msgspec.Struct, kw_only=True):
-    items: list[FeedbackStream]
-    next_cursor: str | None = None
+    """One page of streams, by name."""
+
+    items: Annotated[list[FeedbackStream], msgspec.Meta(description="The streams of this page.")]
+    next_cursor: Annotated[
+        str | None,
+        msgspec.Meta(description="Pass as `cursor` for the next page; null on the last page."),
+    ] = None
 
 
 class PairRecord(msgspec.Struct, kw_only=True):
-    row: dict[str, Any]
-    """The canonical dataset row (prompt, chosen, rejected)."""
-    kind: Kind
-    events: list[str]
-    """Ids of the events that made it (two for a pair of ratings)."""
-    at: float
+    """One preference pair of a stream and the events it was made of."""
+
+    row: Annotated[
+        dict[str, Any],
+        msgspec.Meta(description="The canonical dataset row (prompt, chosen, rejected)."),
+    ]
+    kind: Annotated[
+        Kind, msgspec.Meta(description="The kind of event(s) that made it: pair, rating or edit.")
+    ]
+    events: Annotated[
+        list[str],
+        msgspec.Meta(description="Ids of the events that made it (two for a pair of ratings)."),
+    ]
+    at: Annotated[float, msgspec.Meta(description="When it was made, in seconds since the epoch.")]
 
 
 class PairList(msgspec.Struct, kw_only=True):
-    stream: str
-    offset: int
-    total: int
-    items: list[PairRecord]
+    """A slice of a stream's pairs, in the order they were gathered."""
+
+    stream: Annotated[str, msgspec.Meta(description="The stream's name.")]
+    offset: Annotated[int, msgspec.Meta(description="Position of the first item in the stream.")]
+    total: Annotated[int, msgspec.Meta(description="Pairs in the stream.")]
+    items: Annotated[list[PairRecord], msgspec.Meta(description="The pairs of this slice.")]
 
 
 class FeedbackSnapshot(msgspec.Struct, kw_only=True):
-    stream: str
-    version: int
-    dataset: DatasetRef
-    selection: Selection
-    """`all` pairs; `train`: all but a policy's held-out pairs; `held_out`: only those."""
-    pairs_end: int
-    """The snapshot considered pairs 0 .. pairs_end-1 of the stream (it only grows)."""
-    excluded: int
-    """Pairs among those left out by the selection."""
-    by: str
-    """Who asked: `api`, or `policy <name> run <n>`."""
-    created_at: float
+    """A stream's pairs frozen into a versioned dataset."""
+
+    stream: Annotated[str, msgspec.Meta(description="The stream's name.")]
+    version: Annotated[int, msgspec.Meta(description="1 for the stream's first snapshot, then +1.")]
+    dataset: Annotated[
+        DatasetRef, msgspec.Meta(description="The dataset made of the pairs: train a job on it.")
+    ]
+    selection: Annotated[
+        Selection,
+        msgspec.Meta(
+            description="`all` pairs; `train`: all but a policy's held-out pairs; `held_out`: "
+            "only those."
+        ),
+    ]
+    pairs_end: Annotated[
+        int,
+        msgspec.Meta(
+            description="The snapshot considered pairs 0 .. pairs_end-1 of the stream (it only "
+            "grows)."
+        ),
+    ]
+    excluded: Annotated[
+        int, msgspec.Meta(description="Pairs among those left out by the selection.")
+    ]
+    by: Annotated[str, msgspec.Meta(description="Who asked: `api`, or `policy <name> run <n>`.")]
+    created_at: Annotated[
+        float, msgspec.Meta(description="When it was taken, in seconds since the epoch.")
+    ]
 
 
 class EventError(msgspec.Struct, kw_only=True):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -12,24 +12,46 @@ EventType = Literal["job.succeeded", "job.failed", "job.cancelled"]
 
 
 class WebhookJobData(msgspec.Struct, kw_only=True):
-    status: JobStatus
-    error: JobError | None
-    artifacts: list[Artifact]
-    latest_metrics: dict[str, float]
-    finished_at: float | None
-    attempt: int
-    labels: dict[str, str]
+    """What the job record says about how it ended."""
+
+    status: Annotated[JobStatus, msgspec.Meta(description="The job's final status.")]
+    error: Annotated[
+        JobError | None, msgspec.Meta(description="Why it failed; null unless it failed.")
+    ]
+    artifacts: Annotated[
+        list[Artifact], msgspec.Meta(description="What it published; empty unless it succeeded.")
+    ]
+    latest_metrics: Annotated[
+        dict[str, float], msgspec.Meta(description="The newest value of each metric.")
+    ]
+    finished_at: Annotated[
+        float | None, msgspec.Meta(description="When it ended, in seconds since the epoch.")
+    ]
+    attempt: Annotated[
+        int, msgspec.Meta(description="0 for the first run; +1 per re-queue after a lost worker.")
+    ]
+    labels: Annotated[dict[str, str], msgspec.Meta(description="The spec's labels.")]
 
 
 class WebhookEvent(msgspec.Struct, kw_only=True):
     """The JSON body a receiver gets. Built from the job record, which holds no secrets."""
 
-    id: str
-    type: EventType
-    job_id: str
-    status: JobStatus
-    created_at: float
-    data: WebhookJobData
+    id: Annotated[
+        str,
+        msgspec.Meta(
+            description="Stable per job and final status: a redelivery carries the same id, "
+            "so receivers can drop repeats."
+        ),
+    ]
+    type: Annotated[
+        EventType, msgspec.Meta(description="`job.succeeded`, `job.failed` or `job.cancelled`.")
+    ]
+    job_id: Annotated[str, msgspec.Meta(description="The job that ended.")]
+    status: Annotated[JobStatus, msgspec.Meta(description="The job's final status.")]
+    created_at: Annotated[
+        float, msgspec.Meta(description="When the event was made, in seconds since the epoch.")
+    ]
+    data: Annotated[WebhookJobData, msgspec.Meta(description="The job as it ended.")]
 
 
 class WebhookDelivery(msgspec.Struct, kw_only=True):

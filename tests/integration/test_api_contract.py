@@ -17,7 +17,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from service.api.openapi import render
-from tests.fixtures.api import LiveServer
+from tests.fixtures.api import ALICE, Api, LiveServer
 
 EXPORTED = Path(__file__).parents[2] / "openapi" / "openapi.json"
 
@@ -86,3 +86,24 @@ def test_fuzzed_requests_get_no_server_error_and_match_the_schema(live_api: Live
         except Exception as exc:
             failures.append(f"{operation.label}: {exc}")
     assert not failures, "\n\n".join(failures)
+
+
+async def test_the_documented_request_examples_are_accepted(api: Api) -> None:
+    """The examples a reader copies from the docs work as they are."""
+    paths = json.loads(render())["paths"]
+    upload = paths["/v1/datasets"]["post"]["requestBody"]["content"]
+    for name, example in upload["application/x-ndjson"]["examples"].items():
+        r = await api.client.post(
+            "/v1/datasets",
+            content=example["value"],
+            headers={**ALICE, "Content-Type": "application/x-ndjson"},
+        )
+        assert r.status_code == 201, (name, r.text)
+    for name, example in upload["multipart/form-data"]["examples"].items():
+        files = {"file": ("rows.jsonl", example["value"]["file"].encode())}
+        r = await api.client.post("/v1/datasets", files=files, headers=ALICE)
+        assert r.status_code == 201, (name, r.text)
+    feedback = paths["/v1/feedback/{stream}"]["post"]["requestBody"]["content"]
+    for name, example in feedback["application/json"]["examples"].items():
+        r = await api.client.post(f"/v1/feedback/{name}", json=example["value"], headers=ALICE)
+        assert r.status_code == 200, (name, r.text)

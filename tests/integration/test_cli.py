@@ -11,8 +11,10 @@ import contextlib
 import csv
 import io
 import json
+import os
 import runpy
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -371,6 +373,25 @@ def test_dev_refuses_a_port_in_use(tmp_path: Path, live_api: LiveServer) -> None
     port = int(live_api.url.rsplit(":", 1)[1])
     with pytest.raises(StackError, match=f"port {port} .* in use"):
         DevStack(tmp_path / ".ftune", port, worker=False).start()
+
+
+def test_api_with_a_bad_variable_says_which_and_never_listens(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "api", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+        env={**os.environ, "FTUNE_MAX_ATTEMPTS": "three", "FTUNE_LOG_FORMAT": "xml"},
+    )  # fmt: skip
+    listened = False
+    while proc.poll() is None:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.05):
+            listened = True
+        time.sleep(0.02)
+    out, err = (b.decode() for b in proc.communicate(timeout=30))
+    assert proc.returncode == 2 and not listened, out + err
+    assert "FTUNE_MAX_ATTEMPTS must be an integer ≥ 1, got 'three'" in err
+    assert "FTUNE_LOG_FORMAT must be one of json, text, got 'xml'" in err
+    assert "Traceback" not in err and "Uvicorn" not in out + err
 
 
 @pytest.mark.slow
