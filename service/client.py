@@ -8,13 +8,14 @@ callers print one readable message instead of a traceback.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import msgspec
+from httpx_sse import connect_sse
 
 from service.contract import (
     Dataset,
@@ -279,17 +280,23 @@ class Client:
         params = {"since_step": since_step} if since_step else None
         return self._get(f"/v1/jobs/{_seg(job_id)}/metrics", MetricSeries, params)
 
-    def events(self, job_id: str, read_timeout: float = 30.0) -> Iterator[Event]:
-        """The job's Server-Sent Events as they arrive; raises `EventsUnsupported` (before
+    def events(
+        self, job_id: str, read_timeout: float = 30.0, *, last_event_id: str | None = None
+    ) -> Generator[Event, None, None]:
+        """The job's Server-Sent Events as they arrive (after `last_event_id`, the `id` of the
+        last event seen, to resume a dropped stream); raises `EventsUnsupported` (before
         yielding anything) when the server does not stream them."""
         timeout = httpx.Timeout(10.0, read=read_timeout)
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
         try:
-            with self._http.stream(
+            with connect_sse(
+                self._http,
                 "GET",
                 f"/v1/jobs/{_seg(job_id)}/events",
-                headers={"Accept": "text/event-stream"},
+                headers=headers,
                 timeout=timeout,
-            ) as response:
+            ) as source:
+                response = source.response
                 ctype = response.headers.get("content-type", "")
                 if response.status_code in (404, 405, 406, 501) and "event-stream" not in ctype:
                     # Callers fetch the job first, so a 404 here means no such endpoint.
@@ -299,7 +306,11 @@ class Client:
                     raise ApiError.from_response(response)
                 if not ctype.startswith("text/event-stream"):
                     raise EventsUnsupported(f"the events endpoint answered {ctype!r}")
-                yield from parse_sse(response.iter_lines())
+                for sse in source.iter_sse():
+                    # httpx-sse 0.4.3 turns a keep-alive comment after an event with an id
+                    # into an event without data; ours always carry data.
+                    if sse.data:
+                        yield Event(sse.event, _json_or_text(sse.data), sse.id or None)
         except httpx.TransportError as exc:
             raise Unreachable(self.url, str(exc) or type(exc).__name__) from None
 
@@ -366,32 +377,11 @@ class Client:
         self._send("DELETE", f"/v1/policies/{_seg(name)}")
 
 
-def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
-    """Server-Sent Events framing (WHATWG): fields until a blank line; comments ignored."""
-    name, event_id = "message", None
-    data: list[str] = []
-    for raw in lines:
-        line = raw.rstrip("\r\n")
-        if not line:
-            if data:
-                text = "\n".join(data)
-                try:
-                    payload: Any = json.loads(text)
-                except json.JSONDecodeError:
-                    payload = text
-                yield Event(name, payload, event_id)
-            name, data = "message", []
-            continue
-        if line.startswith(":"):
-            continue
-        key, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if key == "event":
-            name = value or "message"
-        elif key == "data":
-            data.append(value)
-        elif key == "id":
-            event_id = value
+def _json_or_text(data: str) -> Any:
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError:
+        return data
 
 
 def _seg(value: str) -> str:

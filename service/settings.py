@@ -128,7 +128,8 @@ class Settings:
     webhook_allow_private: bool = False
     """Allow webhook receivers on loopback, private or link-local addresses."""
     webhook_secrets_file: Path | None = None
-    """JSON: tenant -> webhook signing secret (or a list of secrets while rotating)."""
+    """JSON: tenant -> Standard Webhooks secret (`whsec_` + base64 of 24-64 random bytes),
+    or a list of them while rotating (each one signs every delivery)."""
     webhook_max_attempts: Count = 8
     """Delivery attempts per webhook event before it is given up."""
     webhook_backoff_seconds: Positive = 4.0

@@ -14,8 +14,12 @@ How it flows:
 3. A non-2xx answer, a network error or a timeout is retried with exponential backoff; every
    attempt is appended to `ftune:webhook:{job_id}` (`delivery_log` reads it).
 
-The seams: `addresses` (which hosts a webhook may reach), `events` (the event body, its
-signature and queueing), `delivery` (the loop that sends).
+Signing follows Standard Webhooks (https://www.standardwebhooks.com/), done by the
+`standardwebhooks` library, so a receiver verifies a delivery with any Standard Webhooks
+library; `delivery` documents the headers and the secret format.
+
+The seams: `addresses` (which hosts a webhook may reach), `events` (the event body and its
+queueing), `delivery` (secrets, signing and the loop that sends).
 """
 
 from service.webhooks.addresses import (
@@ -39,9 +43,7 @@ from service.webhooks.events import (
     event_id,
     event_key,
     log_key,
-    sign,
     stage_webhook,
-    verify,
 )
 
 __all__ = [
@@ -61,7 +63,5 @@ __all__ = [
     "load_secrets",
     "log_key",
     "run_deliveries",
-    "sign",
     "stage_webhook",
-    "verify",
 ]

@@ -24,32 +24,42 @@ rebinding) cannot redirect it. Redirects are not followed and proxies from the e
 are ignored, for the same reason. `FTUNE_WEBHOOK_ALLOW_PRIVATE=true` lifts the address rule
 for installations whose receivers live on the private network.
 
-Signature (Stripe's scheme): the header ``ftune-signature: t=<unix seconds>,v1=<hex>`` where
-``<hex>`` is HMAC-SHA256 with the tenant's webhook secret (UTF-8) as key over
-``f"{t}.".encode() + body``, the raw request body. During a secret rotation there is one
-``v1=`` per configured secret. A receiver recomputes it over the raw body, compares in
-constant time and rejects a timestamp older than a few minutes (`verify` does all three).
-``ftune-event-id`` is the same on every retry of one event.
+Signature (Standard Webhooks, https://www.standardwebhooks.com/, made by the
+`standardwebhooks` library): every delivery carries ``webhook-id`` (the event id, the same on
+every retry, so receivers dedupe on it) and ``webhook-timestamp`` (unix seconds of this
+attempt); when the tenant has a secret, also ``webhook-signature: v1,<base64>``, the
+HMAC-SHA256 of ``f"{id}.{timestamp}.{body}"``, with one space-separated ``v1,`` entry per
+configured secret while a secret is rotated. A receiver checks all of it, including a
+timestamp more than 5 minutes off, with ``standardwebhooks.Webhook(secret).verify(body,
+headers)`` or any other Standard Webhooks library.
+
+Secrets (FTUNE_WEBHOOK_SECRETS_FILE) are in the form those libraries take: ``whsec_`` and the
+standard base64 of 24 to 64 random bytes (the HMAC key); the receiver gets the same string.
+`load_secrets` refuses anything else at start-up, naming the tenant but never the value.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import msgspec
+from standardwebhooks import Webhook
 
 from service.contract import WebhookDelivery
 from service.webhooks.addresses import Target, UnsafeWebhookURL, resolve
-from service.webhooks.events import DUE, EVENT_TTL_SECONDS, LOG_MAX, event_key, log_key, sign
+from service.webhooks.events import DUE, EVENT_TTL_SECONDS, LOG_MAX, event_key, log_key
 
 _encoder = msgspec.json.Encoder()
 
@@ -91,9 +101,37 @@ class WebhookConfig:
         return float(min(self.backoff_seconds * 2 ** (attempt - 1), self.max_backoff_seconds))
 
 
+PREFIX = "whsec_"
+"""How a Standard Webhooks secret starts; the base64 of its key follows."""
+KEY_BYTES = (24, 64)
+"""Bounds on a secret's decoded key, as the Standard Webhooks specification asks."""
+
+_MAKE_ONE = (
+    'python -c "import base64, secrets; '
+    "print('whsec_' + base64.b64encode(secrets.token_bytes(32)).decode())\""
+)
+
+
+def _secret_problem(secret: str) -> str | None:
+    """Why `secret` is not a Standard Webhooks secret, or None (never quotes the value)."""
+    if not secret.startswith(PREFIX):
+        return f"does not start with {PREFIX!r}"
+    try:
+        key = base64.b64decode(secret.removeprefix(PREFIX), validate=True)
+    except binascii.Error:
+        return f"is not standard base64 (A-Z, a-z, 0-9, +, /, = padding) after {PREFIX!r}"
+    low, high = KEY_BYTES
+    if not low <= len(key) <= high:
+        return f"decodes to {len(key)} bytes, not {low} to {high}"
+    return None
+
+
 def load_secrets(path: Path | None) -> dict[str, tuple[str, ...]]:
-    """Read FTUNE_WEBHOOK_SECRETS_FILE: JSON `{"tenant": "secret"}` or, while rotating,
-    `{"tenant": ["new", "old"]}`. No file: deliveries go unsigned."""
+    """Read FTUNE_WEBHOOK_SECRETS_FILE: JSON `{"tenant": "whsec_..."}` or, while rotating,
+    `{"tenant": ["whsec_new...", "whsec_old..."]}`. No file: deliveries go unsigned.
+
+    Every secret is checked here, at start-up, so a bad one stops the API with a message
+    instead of signing deliveries that no receiver can verify."""
     if path is None:
         return {}
     try:
@@ -103,21 +141,26 @@ def load_secrets(path: Path | None) -> dict[str, tuple[str, ...]]:
     out: dict[str, tuple[str, ...]] = {}
     for tenant, value in raw.items():
         secrets = (value,) if isinstance(value, str) else tuple(value)
-        if not secrets or any(len(s) < 16 for s in secrets):
-            raise ValueError(
-                f"webhook secrets file {path}: tenant {tenant!r} needs secrets of 16+ characters"
-            )
+        if not secrets:
+            raise ValueError(f"webhook secrets file {path}: tenant {tenant!r} has no secret")
+        for n, secret in enumerate(secrets, 1):
+            problem = _secret_problem(secret)
+            if problem is not None:
+                raise ValueError(
+                    f"webhook secrets file {path}: tenant {tenant!r}, secret {n} of "
+                    f"{len(secrets)} {problem}; a Standard Webhooks secret is {PREFIX!r} "
+                    f"and the base64 of {KEY_BYTES[0]} to {KEY_BYTES[1]} random bytes, "
+                    f"made e.g. with: {_MAKE_ONE}"
+                )
         out[tenant] = secrets
     return out
 
 
-# -- address checks ------------------------------------------------------------------------
-
-
-# -- events and signatures -----------------------------------------------------------------
-
-
-# -- enqueue -------------------------------------------------------------------------------
+def _signature(secrets: Sequence[str], event_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` header: one `v1,<base64>` per secret, space-separated."""
+    at = datetime.fromtimestamp(timestamp, UTC)
+    text = body.decode()
+    return " ".join(Webhook(secret).sign(event_id, at, text) for secret in secrets)
 
 
 # -- delivery ------------------------------------------------------------------------------
@@ -177,16 +220,17 @@ async def _deliver(
     attempt = int(await redis.hincrby(key, "attempts", 1))
     job_id, tenant = fields["job_id"].decode(), fields["tenant"].decode()
     url, kind, body = fields["url"].decode(), fields["type"].decode(), fields["body"]
+    started, clock = time.time(), time.monotonic()
     headers = {
         "Content-Type": "application/json",
-        "ftune-event-id": eid,
+        "webhook-id": eid,
+        "webhook-timestamp": str(int(started)),
         "ftune-event-type": kind,
         "ftune-delivery-attempt": str(attempt),
     }
     secrets = config.secrets.get(tenant, ())
     if secrets:
-        headers["ftune-signature"] = sign(secrets, body)
-    started, clock = time.time(), time.monotonic()
+        headers["webhook-signature"] = _signature(secrets, eid, int(started), body)
     status_code: int | None = None
     error: str | None = None
     retry = True

@@ -1,12 +1,9 @@
-"""Webhook events: built from a job that ended, signed, queued for delivery."""
+"""Webhook events: built from a job that ended and queued for delivery (signed when sent)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import hmac
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -81,38 +78,6 @@ def build_event(job: Job, *, now: float | None = None) -> WebhookEvent:
         created_at=time.time() if now is None else now,
         data=data,
     )
-
-
-def sign(secrets: Sequence[str], body: bytes, *, timestamp: int | None = None) -> str:
-    """The `ftune-signature` header value for `body`."""
-    t = int(time.time()) if timestamp is None else timestamp
-    parts = [f"t={t}"]
-    for secret in secrets:
-        digest = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-        parts.append(f"v1={digest}")
-    return ",".join(parts)
-
-
-def verify(
-    secret: str, body: bytes, header: str, tolerance: float = 300, *, now: float | None = None
-) -> bool:
-    """For receivers: True if `header` signs exactly `body` with `secret`, made within
-    `tolerance` seconds of now (which stops an old, captured request being replayed)."""
-    t: int | None = None
-    given: list[str] = []
-    for item in header.split(","):
-        key, _, value = item.strip().partition("=")
-        if key == "t":
-            with contextlib.suppress(ValueError):
-                t = int(value)
-        elif key == "v1":
-            given.append(value)
-    if t is None or not given:
-        return False
-    if abs((time.time() if now is None else now) - t) > tolerance:
-        return False
-    expected = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    return any(hmac.compare_digest(expected, g) for g in given)
 
 
 _ENQUEUE = """

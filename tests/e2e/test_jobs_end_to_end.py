@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from service.client import Client
 from tests.e2e.conftest import Stack
 from tests.fixtures.tiny_model import preference_rows
 
@@ -148,10 +149,14 @@ def test_killed_worker_job_resumes_from_checkpoint_elsewhere(stack: Stack) -> No
         for p in stack.http.get(f"/v1/jobs/{job['id']}/metrics").json()["points"]
         if "loss" in p["values"]
     ]
-    with stack.http.stream("GET", f"/v1/jobs/{job['id']}/events") as resp:
-        logs = [line for line in resp.iter_lines() if "resuming from the checkpoint" in line]
+    with Client(stack.api.url, "key-alice") as client:
+        logs = [
+            e.data["message"]
+            for e in client.events(job["id"])
+            if e.event == "log" and "resuming from the checkpoint" in e.data["message"]
+        ]
     assert len(logs) == 1, logs
-    resumed_from = int(logs[0].rsplit("step ", 1)[1].split('"')[0])
+    resumed_from = int(logs[0].rsplit("step ", 1)[1])
     assert resumed_from >= 4 and resumed_from % 4 == 0, logs
     # attempt 1 trained only what came after the checkpoint; attempt 0 had reported 1..k
     # (k may stop short of the checkpoint when the worker died with points still in flight)

@@ -4,6 +4,8 @@ moving while it trains, and no secret in any log line it caused."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import json
 import logging
 import threading
@@ -14,6 +16,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.client import Client
 from tests.e2e.conftest import Stack
 from tests.e2e.test_jobs_end_to_end import spec
 from tests.fixtures.tiny_model import preference_rows
@@ -27,21 +30,12 @@ SECRETS = {
 
 
 def events(stack: Stack, job_id: str, last: str | None, limit: int | None) -> list[dict[str, Any]]:
-    headers = {"Last-Event-ID": last} if last else {}
-    out: list[dict[str, Any]] = []
-    with stack.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=120) as r:
-        assert r.status_code == 200
-        event: dict[str, Any] = {}
-        for line in r.iter_lines():
-            if line.startswith(("id:", "event:", "data:")):
-                key, _, value = line.partition(":")
-                event[key] = json.loads(value) if key == "data" else value.strip()
-            elif not line and event:
-                out.append(event)
-                event = {}
-                if limit is not None and len(out) >= limit:
-                    break
-    return out
+    """The job's events as the CLI's client reads them, resumed after `last`."""
+    with (
+        Client(stack.api.url, "key-alice") as client,
+        contextlib.closing(client.events(job_id, last_event_id=last)) as stream,
+    ):
+        return [dataclasses.asdict(e) for e in itertools.islice(stream, limit)]
 
 
 def worker_metrics(port: int) -> dict[str, float]:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import itertools
 import threading
 import time
+from contextlib import closing
 from typing import Any
 
 import httpx
 import msgspec
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.api import jobs as jobs_api
+from service.client import Client, Event
 from service.contract import JobStatus, MetricPoint, Phase
 from service.metrics import record_job_duration
 from service.settings import Settings
@@ -31,28 +35,32 @@ def submit(http: httpx.Client) -> str:
     )
 
 
-def read_events(
-    http: httpx.Client, job_id: str, last: str | None, stop_after: int | None
-) -> list[dict[str, Any]]:
-    headers = {"Last-Event-ID": last} if last else {}
-    events: list[dict[str, Any]] = []
-    with http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as resp:
-        assert resp.status_code == 200
-        assert resp.headers["content-type"].startswith("text/event-stream")
-        current: dict[str, Any] = {}
-        for line in resp.iter_lines():
-            if line.startswith("id:"):
-                current["id"] = line[3:].strip()
-            elif line.startswith("event:"):
-                current["event"] = line[6:].strip()
-            elif line.startswith("data:"):
-                current["data"] = json.loads(line[5:].strip())
-            elif line == "" and current:
-                events.append(current)
-                current = {}
-                if stop_after is not None and len(events) == stop_after:
-                    break
-    return events
+def read_events(url: str, job_id: str, last: str | None, stop_after: int | None) -> list[Event]:
+    """Follow the job's events with the CLI's client, from after `last`, dropping out after
+    `stop_after` events (None: until the server ends the stream)."""
+    with (
+        Client(url, "key-alice") as client,
+        closing(client.events(job_id, last_event_id=last)) as events,
+    ):
+        return list(itertools.islice(events, stop_after))
+
+
+def kinds(events: list[Event]) -> list[tuple[str, Any]]:
+    return [
+        (e.event, e.data.get("status") or e.data.get("phase") or e.data.get("step")) for e in events
+    ]
+
+
+EXPECTED = [
+    ("status", "queued"),
+    ("status", "running"),
+    ("phase", "training"),
+    ("metrics", 1),
+    ("metrics", 2),
+    ("metrics", 3),
+    ("log", None),
+    ("status", "succeeded"),
+]
 
 
 async def drive(store: Store, job_id: str) -> None:
@@ -69,52 +77,60 @@ async def drive(store: Store, job_id: str) -> None:
     await store.update_job(job_id, to(JobStatus.succeeded, finished_at=time.time()))
 
 
+def drive_soon(settings: Settings, job_id: str, after: float) -> threading.Thread:
+    """Move the job to its end from another thread, `after` seconds from now."""
+
+    def run() -> None:
+        async def go() -> None:
+            store = Store.from_url(settings.redis_url)
+            await drive(store, job_id)
+            await store.close()
+
+        time.sleep(after)
+        asyncio.run(go())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
 def test_events_resume_with_last_event_id_and_end_at_terminal(
     live_api: LiveServer, api_settings: Settings
 ) -> None:
     with httpx.Client(base_url=live_api.url, headers=HEADERS, timeout=30) as http:
         job_id = submit(http)
-        first = read_events(http, job_id, None, stop_after=1)
-        assert first[0]["event"] == "status" and first[0]["data"]["status"] == "queued"
+    first = read_events(live_api.url, job_id, None, stop_after=1)
+    assert first[0].event == "status" and first[0].data["status"] == "queued"
 
-        # The job moves on while a second client follows live and drops out midway.
-        def run() -> None:
-            async def go() -> None:
-                store = Store.from_url(api_settings.redis_url)
-                await drive(store, job_id)
-                await store.close()
-
-            time.sleep(0.5)
-            asyncio.run(go())
-
-        driver = threading.Thread(target=run)
-        driver.start()
-        middle = read_events(http, job_id, first[-1]["id"], stop_after=3)
-        driver.join()
-        rest = read_events(http, job_id, middle[-1]["id"], stop_after=None)  # ends by itself
+    # The job moves on while a second client follows live and drops out midway.
+    driver = drive_soon(api_settings, job_id, after=0.5)
+    middle = read_events(live_api.url, job_id, first[-1].id, stop_after=3)
+    driver.join()
+    rest = read_events(live_api.url, job_id, middle[-1].id, stop_after=None)  # ends by itself
 
     events = first + middle + rest
-    ids = [e["id"] for e in events]
+    ids = [e.id for e in events]
     assert len(ids) == len(set(ids)), "no event twice"
-    kinds = [
-        (e["event"], e["data"].get("status") or e["data"].get("phase") or e["data"].get("step"))
-        for e in events
-    ]
-    assert kinds == [
-        ("status", "queued"),
-        ("status", "running"),
-        ("phase", "training"),
-        ("metrics", 1),
-        ("metrics", 2),
-        ("metrics", 3),
-        ("log", None),
-        ("status", "succeeded"),
-    ]
+    assert kinds(events) == EXPECTED
     # a client reconnecting after the end gets nothing more and is not left hanging
+    assert read_events(live_api.url, job_id, ids[-1], stop_after=None) == []
     with httpx.Client(base_url=live_api.url, headers=HEADERS, timeout=30) as http:
-        assert read_events(http, job_id, ids[-1], stop_after=None) == []
         bad = http.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "x"})
         assert bad.status_code == 422
+
+
+def test_keep_alive_comments_are_not_events(
+    live_api: LiveServer, api_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle stream sends a comment every KEEPALIVE_MS; the client yields none of them,
+    also after the first event with an id (where httpx-sse alone would yield empty ones)."""
+    monkeypatch.setattr(jobs_api, "KEEPALIVE_MS", 20)
+    with httpx.Client(base_url=live_api.url, headers=HEADERS, timeout=30) as http:
+        job_id = submit(http)
+    driver = drive_soon(api_settings, job_id, after=0.5)  # ~25 keep-alives meanwhile
+    events = read_events(live_api.url, job_id, None, stop_after=None)
+    driver.join()
+    assert kinds(events) == EXPECTED
 
 
 def scrape(http: httpx.Client) -> dict[str, float]:

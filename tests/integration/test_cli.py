@@ -28,10 +28,11 @@ import httpx
 import msgspec
 import psutil
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner, Result
 
-from service.cli import app
-from service.client import Client
+from service.cli import app, watch_job
+from service.client import Client, EventsUnsupported
 from service.contract import Artifact, Generation, JobError, JobStatus, MetricPoint, Phase, Progress
 from service.dev.demo import DATASET_FILE, heldout_prompts, length_measure
 from service.dev.localredis import free_port
@@ -301,6 +302,55 @@ def test_watch_exits_1_and_prints_the_error_of_a_failed_job(
     assert result.exit_code == 1
     assert "failed" in result.stdout
     assert "ModelNotFound while preparing: no model at org/model" in result.stdout
+
+
+class WithoutEvents(httpx.HTTPTransport):
+    """The live API, except that its events endpoint answers like a server without SSE."""
+
+    def __init__(self, status: int, content_type: str) -> None:
+        super().__init__()
+        self.status, self.content_type = status, content_type
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/events"):
+            body = json.dumps({"status": self.status, "title": "no events here"}).encode()
+            return httpx.Response(
+                self.status, headers={"Content-Type": self.content_type}, content=body
+            )
+        return super().handle_request(request)
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type"), [(404, "application/problem+json"), (200, "application/json")]
+)
+def test_watch_polls_when_the_server_does_not_stream_events(
+    cli: Callable[..., Result],
+    tmp_path: Path,
+    api_settings: Settings,
+    live_api: LiveServer,
+    status: int,
+    content_type: str,
+) -> None:
+    job_id = submit_queued(cli, upload(cli, tmp_path)["id"])
+    url = api_settings.redis_url
+
+    def worker() -> None:
+        time.sleep(0.3)
+        set_job(url, job_id, status=JobStatus.running, phase=Phase.training)
+        add_points(url, job_id, POINTS)
+        time.sleep(0.3)
+        set_job(url, job_id, status=JobStatus.succeeded, phase=None, finished_at=time.time())
+
+    with Client(live_api.url, KEY, transport=WithoutEvents(status, content_type)) as client:
+        with pytest.raises(EventsUnsupported):
+            next(client.events(job_id))
+        thread = threading.Thread(target=worker)
+        thread.start()
+        screen = io.StringIO()
+        job = watch_job(client, job_id, Console(file=screen, width=200), poll=0.1)
+        thread.join()
+    assert job.status == JobStatus.succeeded
+    assert f"{job_id} succeeded" in screen.getvalue() and "loss 0.31" in screen.getvalue()
 
 
 # -- keys and URLs ----------------------------------------------------------------------------

@@ -1,13 +1,19 @@
-"""Webhooks against a real receiver on loopback and a real Redis: signed, retried, recorded,
-and never sent to a private address unless the operator allows it."""
+"""Webhooks against a real receiver on loopback and a real Redis: signed (verified the way a
+receiver would, with the `standardwebhooks` library), retried, recorded, and never sent to a
+private address unless the operator allows it."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import datetime
 import json
+import os
+import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +25,7 @@ from typing import Any
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+from standardwebhooks import Webhook, WebhookVerificationError
 
 from service import webhooks
 from service.contract import (
@@ -32,10 +39,17 @@ from service.contract import (
     WebhookEvent,
 )
 from service.dev.localredis import free_port
-from service.webhooks import WebhookConfig, check_url, delivery, verify
+from service.webhooks import WebhookConfig, check_url, delivery
 from tests.fixtures.api import ALICE, Api
 
-SECRET = "whsec_alice_0123456789abcdef"
+
+def secret(name: str) -> str:
+    """A Standard Webhooks secret: whsec_ and the base64 of a 32-byte key."""
+    return "whsec_" + base64.b64encode(name.encode().ljust(32, b".")).decode()
+
+
+SECRET = secret("alice")
+ROOT = Path(__file__).resolve().parents[2]
 FAST = WebhookConfig(backoff_seconds=0.05, poll_seconds=0.02, allow_private=True)
 
 
@@ -197,11 +211,17 @@ async def test_signed_delivery_retried_until_the_receiver_answers_2xx(
     assert len(receiver.requests) == 3
     first = receiver.requests[0]
     assert {q.body for q in receiver.requests} == {first.body}  # one event, the same body
-    assert {q.headers["ftune-event-id"] for q in receiver.requests} == {log[0].event_id}
+    assert {q.headers["webhook-id"] for q in receiver.requests} == {log[0].event_id}
     for q in receiver.requests:
-        assert verify(SECRET, q.body, q.headers["ftune-signature"])
-        assert not verify("whsec_bob_0123456789abcdef00", q.body, q.headers["ftune-signature"])
-        assert not verify(SECRET, q.body + b" ", q.headers["ftune-signature"])
+        # Each attempt is signed when it is sent, so a retry hours later still verifies.
+        assert abs(int(q.headers["webhook-timestamp"]) - q.at) <= 1
+        assert Webhook(SECRET).verify(q.body, q.headers)["id"] == log[0].event_id
+        with pytest.raises(WebhookVerificationError, match="No matching signature"):
+            Webhook(secret("bob")).verify(q.body, q.headers)
+        with pytest.raises(WebhookVerificationError, match="No matching signature"):
+            Webhook(SECRET).verify(q.body.replace(b"succeeded", b"cancelled"), q.headers)
+        with pytest.raises(WebhookVerificationError, match="No matching signature"):
+            Webhook(SECRET).verify(q.body, {**q.headers, "webhook-id": "evt_other"})
     assert first.headers["Content-Type"] == "application/json"
     event = json.loads(first.body)
     assert event["type"] == "job.succeeded" and event["status"] == "succeeded"
@@ -244,8 +264,10 @@ async def test_gives_up_after_max_attempts(r: Any, receiver: Receiver) -> None:
         "message": "lower batch_size",
         "phase": "training",
     }
-    # No secret for the tenant: still delivered, without a signature.
-    assert "ftune-signature" not in receiver.requests[0].headers
+    # No secret for the tenant: still delivered, with its id and time, without a signature.
+    headers = receiver.requests[0].headers
+    assert headers["webhook-id"] == log[0].event_id and "webhook-timestamp" in headers
+    assert "webhook-signature" not in headers
 
 
 async def test_network_errors_are_recorded_and_retried(r: Any) -> None:
@@ -340,27 +362,111 @@ def test_enqueue_refuses_a_job_that_has_not_ended() -> None:
 # -- signatures ---------------------------------------------------------------------------
 
 
-def test_verify_rejects_stale_and_accepts_either_secret_while_rotating() -> None:
-    body = b'{"id":"evt_1"}'
-    header = webhooks.sign(["new-secret-0123456789", "old-secret-0123456789"], body)
-    assert verify("new-secret-0123456789", body, header)
-    assert verify("old-secret-0123456789", body, header)
-    assert not verify("other-secret-012345678", body, header)
-    old = webhooks.sign([SECRET], body, timestamp=int(time.time()) - 301)
-    assert not verify(SECRET, body, old)
-    assert verify(SECRET, body, old, tolerance=600)
-    assert not verify(SECRET, body, "garbage")
-    assert not verify(SECRET, body, "t=notanumber,v1=00")
+async def test_while_rotating_either_secret_verifies(r: Any, receiver: Receiver) -> None:
+    new, old = secret("alice-2026"), secret("alice-2025")
+    job = finished_job(receiver.url)
+    await webhooks.enqueue_webhook(r, job)
+    config = WebhookConfig(allow_private=True, secrets={"alice": (new, old)})
+    [attempt] = await webhooks.deliver_due(r, config)
+    assert attempt.ok, attempt
+    [q] = receiver.requests
+    assert len(q.headers["webhook-signature"].split(" ")) == 2
+    assert Webhook(new).verify(q.body, q.headers)["job_id"] == job.id
+    assert Webhook(old).verify(q.body, q.headers)["job_id"] == job.id
+    with pytest.raises(WebhookVerificationError):
+        Webhook(secret("mallory")).verify(q.body, q.headers)
+
+
+async def test_a_stale_delivery_is_refused_by_the_receiver(
+    r: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sent by a clock 6 minutes behind, which is what a delivery captured and replayed
+    6 minutes later looks like: the signature matches, the timestamp is too old."""
+    real = time.time
+    with monkeypatch.context() as clock:
+        clock.setattr(time, "time", lambda: real() - 360)
+        job = finished_job(receiver.url)
+        await webhooks.enqueue_webhook(r, job)
+        config = WebhookConfig(allow_private=True, secrets={"alice": (SECRET,)})
+        [attempt] = await webhooks.deliver_due(r, config)
+    assert attempt.ok, attempt
+    [q] = receiver.requests
+    with pytest.raises(WebhookVerificationError, match="too old"):
+        Webhook(SECRET).verify(q.body, q.headers)
+    # Moving the timestamp forward breaks the signature instead.
+    fresh = {**q.headers, "webhook-timestamp": str(int(real()))}
+    with pytest.raises(WebhookVerificationError, match="No matching signature"):
+        Webhook(SECRET).verify(q.body, fresh)
+
+
+def readme_receiver() -> str:
+    """The receiver example in the README's Webhooks section."""
+    section = (ROOT / "README.md").read_text().split("### Webhooks\n", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+async def test_the_readme_receiver_accepts_a_delivery_and_refuses_a_forgery(r: Any) -> None:
+    port = free_port()
+    env = {**os.environ, "FTUNE_WEBHOOK_SECRET": SECRET, "PORT": str(port)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", readme_receiver()], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "no receiver"
+                await asyncio.sleep(0.05)
+        url = f"http://127.0.0.1:{port}/hooks/ftune"
+        job = finished_job(url)
+        await webhooks.enqueue_webhook(r, job)
+        signed = WebhookConfig(allow_private=True, secrets={"alice": (SECRET,)})
+        [accepted] = await webhooks.deliver_due(r, signed)
+        forger = WebhookConfig(allow_private=True, secrets={"alice": (secret("mallory"),)})
+        await webhooks.enqueue_webhook(r, finished_job(url, JobStatus.failed))
+        [refused] = await webhooks.deliver_due(r, forger)
+    finally:
+        proc.terminate()
+        printed = proc.communicate(timeout=10)[0]
+    assert (accepted.status_code, refused.status_code) == (204, 400)
+    assert printed.split() == [accepted.event_id, "job.succeeded", job.id]
 
 
 def test_secrets_file(tmp_path: Path) -> None:
     path = tmp_path / "secrets.json"
-    path.write_text(json.dumps({"alice": SECRET, "bob": [SECRET + "new", SECRET]}))
-    assert webhooks.load_secrets(path) == {"alice": (SECRET,), "bob": (SECRET + "new", SECRET)}
-    path.write_text(json.dumps({"alice": "short"}))
-    with pytest.raises(ValueError, match="16\\+ characters"):
-        webhooks.load_secrets(path)
+    rotating = [secret("bob-new"), secret("bob-old")]
+    path.write_text(json.dumps({"alice": SECRET, "bob": rotating}))
+    assert webhooks.load_secrets(path) == {"alice": (SECRET,), "bob": tuple(rotating)}
     assert webhooks.load_secrets(None) == {}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("plain-text-secret-0123456789", "secret 1 of 1 does not start with 'whsec_'"),
+        ("whsec_alice_0123456789abcdef", "secret 1 of 1 is not standard base64"),
+        ("whsec_" + base64.b64encode(b"k" * 16).decode(), "decodes to 16 bytes, not 24 to 64"),
+        ("whsec_" + base64.b64encode(b"k" * 65).decode(), "decodes to 65 bytes, not 24 to 64"),
+        (["whsec_" + base64.b64encode(b"k" * 32).decode(), "whsec_c2hvcnQ="], "secret 2 of 2"),
+        ([], "tenant 'alice' has no secret"),
+    ],
+)
+def test_a_bad_secret_stops_start_up_with_a_message(
+    tmp_path: Path, value: str | list[str], message: str
+) -> None:
+    path = tmp_path / "secrets.json"
+    path.write_text(json.dumps({"alice": value}))
+    with pytest.raises(ValueError, match="webhook secrets file") as info:
+        webhooks.load_secrets(path)
+    text = str(info.value)
+    assert message in text
+    if value:
+        assert "tenant 'alice'" in text and "token_bytes(32)" in text  # says how to make one
+    for given in [value] if isinstance(value, str) else value:
+        assert given.removeprefix("whsec_") not in text  # never echoes a secret
 
 
 # -- address checks -----------------------------------------------------------------------
