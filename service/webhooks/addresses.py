@@ -1,4 +1,9 @@
-"""Webhook receivers must be public addresses: checked at submit and again at every delivery."""
+"""Webhook receivers must be public addresses: checked at submit and again at every delivery.
+
+The URL's host must resolve only to public addresses (no loopback, private, link-local such as
+cloud metadata at 169.254.169.254, multicast or reserved). `FTUNE_WEBHOOK_ALLOW_PRIVATE=true`
+lifts the rule for installations whose receivers live on the private network.
+"""
 
 from __future__ import annotations
 

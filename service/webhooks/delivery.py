@@ -1,28 +1,12 @@
-"""Webhooks: tell a job's owner when it ends, signed, retried, and never to a private address.
+"""Webhook delivery: claim due events, sign them, send them to the address just checked.
 
-How it flows:
-
-1. When a job reaches a terminal status, `enqueue_webhook` (or `stage_webhook`, inside the
-   same Redis transaction as the status change) snapshots the event body and puts the event
-   id in a sorted set scored by when it is due. The event id is derived from the job id and
-   its terminal status, so enqueueing twice is a no-op and receivers can dedupe on it.
-2. `run_deliveries`, a loop the API lifespan runs, claims due events and POSTs them. It runs
-   in the API, not in the GPU worker: a worker's one arq slot is busy training, workers may be
-   scaled to zero, and a queued job cancelled through the API ends with no worker at all. Any
-   number of API replicas can run it: a claim atomically pushes the event's due time forward
-   by a lease, so one replica sends it; a replica that dies mid-send lets the lease lapse and
-   another one sends it again (at least once).
-3. A non-2xx answer, a network error or a timeout is retried with exponential backoff; every
-   attempt is appended to `ftune:webhook:{job_id}` (`delivery_log` reads it).
-
-Address checks: the URL's host must resolve only to public addresses (no loopback, private,
-link-local such as cloud metadata at 169.254.169.254, multicast or reserved), checked at submit
-(`check_url`) and again at every delivery. The delivery then connects to the address it just
-checked (the URL's host is replaced by the IP, the `Host` header and TLS SNI/certificate check
-keep the original name), so a DNS answer that changes between check and connect (DNS
-rebinding) cannot redirect it. Redirects are not followed and proxies from the environment
-are ignored, for the same reason. `FTUNE_WEBHOOK_ALLOW_PRIVATE=true` lifts the address rule
-for installations whose receivers live on the private network.
+Any number of API replicas run `run_deliveries`: a claim atomically pushes the event's due
+time forward by a lease, so one replica sends it; a replica that dies mid-send lets the lease
+lapse and another one sends it again (at least once). A delivery connects to the address it
+just checked (`addresses`; the URL's host is replaced by the IP, the `Host` header and TLS
+SNI/certificate check keep the original name), so a DNS answer that changes between check and
+connect (DNS rebinding) cannot redirect it; redirects are not followed and proxies from the
+environment are ignored, for the same reason.
 
 Signature (Standard Webhooks, https://www.standardwebhooks.com/, made by the
 `standardwebhooks` library): every delivery carries ``webhook-id`` (the event id, the same on
