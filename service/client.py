@@ -52,6 +52,10 @@ class EventsUnsupported(Exception):
     """The server has no Server-Sent Events endpoint for jobs; poll instead."""
 
 
+class InvalidId(ValueError):
+    """An id that cannot be one path segment (empty, or holding '/'): refused before a call."""
+
+
 @dataclass
 class ApiError(Exception):
     """A Problem Details answer (RFC 9457), or the closest we can make of a non-JSON error."""
@@ -387,5 +391,5 @@ def _json_or_text(data: str) -> Any:
 def _seg(value: str) -> str:
     """One path segment: ids never contain '/', so refuse rather than escape."""
     if not value or "/" in value or value in (".", ".."):
-        raise ValueError(f"not a valid id: {value!r}")
+        raise InvalidId(f"not a valid id: {value!r}")
     return value

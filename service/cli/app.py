@@ -18,7 +18,7 @@ import typer
 from rich.markup import escape
 
 from service.cli.output import err
-from service.client import ApiError, Client, Unreachable
+from service.client import ApiError, Client, InvalidId, Unreachable
 from service.contract import STREAM_NAME
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -93,6 +93,9 @@ def handled(fn: Callable[P, R]) -> Callable[P, R]:
         except Fail as exc:
             err.print(f"[red]error:[/] {escape(str(exc))}")
             raise typer.Exit(exc.code) from None
+        except InvalidId as exc:
+            err.print(f"[red]error:[/] {escape(str(exc))}")
+            raise typer.Exit(2) from None
         raise typer.Exit(1)
 
     return wrapper

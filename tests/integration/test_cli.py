@@ -356,6 +356,12 @@ def test_watch_polls_when_the_server_does_not_stream_events(
 # -- keys and URLs ----------------------------------------------------------------------------
 
 
+def test_an_id_with_a_slash_is_a_usage_error_not_a_traceback(cli: Callable[..., Result]) -> None:
+    result = cli("jobs", "show", "a/b")
+    assert result.exit_code == 2
+    assert "not a valid id: 'a/b'" in result.stderr and "Traceback" not in result.output
+
+
 def test_a_missing_or_wrong_api_key_says_what_to_do(cli: Callable[..., Result]) -> None:
     result = cli("jobs", "list", key=None)
     assert result.exit_code == 1
