@@ -74,6 +74,9 @@ class Settings:
     another worker; the Helm chart sets it below terminationGracePeriodSeconds."""
     worker_metrics_port: int = 9100
     """Port of a worker's Prometheus endpoint; 0 turns it off."""
+    max_live_jobs: int | None = None
+    """Queued plus running jobs one tenant may have; a submit past it answers 429. Unset: no
+    limit."""
     worker_gpu_memory_gb: float | None = None
     """GPU memory of each worker in GB: the API refuses (422) a job whose estimate
     (service/vram.py) exceeds it. Unset: no check (CPU workers, or not wanted)."""
@@ -116,6 +119,7 @@ class Settings:
         hf_home = get("HF_HOME")
         secrets_file = get("FTUNE_WEBHOOK_SECRETS_FILE")
         gpu_gb = get("FTUNE_WORKER_GPU_MEMORY_GB")
+        max_live = get("FTUNE_MAX_LIVE_JOBS")
         return cls(
             redis_url=get("FTUNE_REDIS_URL") or defaults.redis_url,
             store_url=get("FTUNE_STORE_URL") or "file://" + str(Path(".ftune/store").resolve()),
@@ -146,6 +150,7 @@ class Settings:
             worker_metrics_port=int(
                 get("FTUNE_WORKER_METRICS_PORT") or defaults.worker_metrics_port
             ),
+            max_live_jobs=int(max_live) if max_live else None,
             worker_gpu_memory_gb=float(gpu_gb) if gpu_gb else None,
             log_level=get("FTUNE_LOG_LEVEL") or defaults.log_level,
             log_format="text" if get("FTUNE_LOG_FORMAT") == "text" else "json",
