@@ -76,6 +76,9 @@ from service.contract.policies import (
 )
 from service.contract.webhooks import (
     EventType,
+    OpenAIEventType,
+    OpenAIWebhookData,
+    OpenAIWebhookEvent,
     WebhookDelivery,
     WebhookEvent,
     WebhookJobData,
@@ -124,6 +127,9 @@ __all__ = [
     "MetricName",
     "MetricPoint",
     "MetricSeries",
+    "OpenAIEventType",
+    "OpenAIWebhookData",
+    "OpenAIWebhookEvent",
     "Output",
     "PairList",
     "PairRecord",

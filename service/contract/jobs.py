@@ -166,6 +166,14 @@ class JobTemplate(Strict):
     webhook_url: (
         Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s]+$", max_length=2048)] | None
     ) = None
+    webhook_format: Annotated[
+        Literal["ftune", "openai"],
+        msgspec.Meta(
+            description="The body of the job's webhook: ftune's event (`job.succeeded`, ... "
+            "with the record's outcome) or OpenAI's (`fine_tuning.job.succeeded`, ... with the "
+            "job id), which the OpenAI-compatible API sets."
+        ),
+    ] = "ftune"
     max_new_tokens: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
     """Length of the before/after generations for `eval_prompts`."""
 

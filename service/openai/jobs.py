@@ -4,7 +4,8 @@
 A create becomes a spec as if it had been sent to `POST /v1/jobs`: model -> base_model,
 training_file -> dataset_id, validation_file -> eval_dataset_id, metadata -> labels, seed and
 the method's hyperparameters -> hyperparameters (see `hyperparameters` for "auto"), our own
-options (`lora`, `output`, `training`, ...) as they are.
+options (`lora`, `output`, `training`, ...) as they are; its webhook, if it has a webhook_url,
+is OpenAI's event (`fine_tuning.job.succeeded`, ...).
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ def to_spec(create: FineTuningJobCreate, *, rows: int, fits: Callable[[JobSpec],
         "eval_dataset_id": create.validation_file,
         "labels": create.metadata or {},
         "method": "dpo",
+        "webhook_format": "openai",
     }
     spec: JobSpec | None = None
     for micro, accumulation in splits(batch):

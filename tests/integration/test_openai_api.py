@@ -7,18 +7,22 @@ tests/e2e/test_openai_e2e.py.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
 import httpx2
 import openai
+import pydantic
 import pytest
+from openai.types.webhooks import FineTuningJobCancelledWebhookEvent, UnwrapWebhookEvent
 
 from service.openai.hyperparameters import auto_batch_size, auto_epochs
 from service.settings import Settings
 from tests.fixtures.api import LiveServer
 from tests.fixtures.openai_sdk import OPENAI_EXAMPLE_ROW, jsonl, openai_rows, sdk
+from tests.integration.test_webhooks import Receiver, _serve
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -239,3 +243,23 @@ def test_events_of_a_queued_job(client: openai.OpenAI) -> None:
     assert [e.message for e in events] == ["Job cancelled", "Job queued"]
     assert events[0].level == "warn" and events[0].object == "fine_tuning.job.event"
     assert list(client.fine_tuning.jobs.checkpoints.list(job.id)) == []
+
+
+def test_a_jobs_webhook_is_openais_event(api_settings: Settings) -> None:
+    settings = replace(api_settings, webhook_allow_private=True, webhook_backoff_seconds=0.05)
+    for receiver in _serve(Receiver()):
+        with LiveServer(settings) as live, sdk(live.url) as client:
+            job = client.fine_tuning.jobs.create(
+                model=MODEL,
+                training_file=upload(client, openai_rows(4)),
+                extra_body={"webhook_url": receiver.url},
+            )
+            client.fine_tuning.jobs.cancel(job.id)
+            deadline = time.monotonic() + 10
+            while not receiver.requests and time.monotonic() < deadline:
+                time.sleep(0.05)
+        [delivery] = receiver.requests
+        event = pydantic.TypeAdapter(UnwrapWebhookEvent).validate_json(delivery.body)
+        assert isinstance(event, FineTuningJobCancelledWebhookEvent)
+        assert event.data.id == job.id and event.object == "event"
+        assert delivery.headers["ftune-event-type"] == "fine_tuning.job.cancelled"
