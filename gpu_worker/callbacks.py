@@ -7,7 +7,6 @@ the blob store, so that a job whose worker dies resumes elsewhere from its last 
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from pathlib import Path
@@ -18,17 +17,21 @@ from transformers import TrainerCallback
 
 from gpu_worker.reporter import JobCancelled, Reporter
 from service.blobs import BlobStore
+from service.checkpoints import (
+    MANIFEST,
+    checkpoint_prefix,
+    checkpoints_prefix,
+    complete_steps,
+    step_of,
+)
 from service.contract import MetricPoint, Progress
 
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-MANIFEST = "ftune-manifest.json"
-"""Uploaded last into a checkpoint's prefix: a checkpoint without it is incomplete."""
 METRICS_FILE = "ftune-metrics.jsonl"
 """The metric points up to a checkpoint, so a resumed run can write the whole history."""
 KEEP_CHECKPOINTS = 2
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 def write_points(path: Path, points: list[MetricPoint]) -> None:
@@ -43,21 +46,16 @@ def read_points(path: Path) -> list[MetricPoint]:
 
 
 class CheckpointStore:
-    """A job's checkpoints in the blob store: `jobs/{job_id}/checkpoints/checkpoint-{step}/`."""
+    """A job's checkpoints in the blob store (the layout is service/checkpoints.py's)."""
 
     def __init__(self, store: BlobStore, job_id: str) -> None:
         self.store = store
-        self.prefix = f"jobs/{job_id}/checkpoints/"
+        self.job_id = job_id
+        self.prefix = checkpoints_prefix(job_id)
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints, oldest first."""
-        found = set()
-        for key in self.store.list(self.prefix):
-            folder, _, name = key[len(self.prefix) :].partition("/")
-            match = _CHECKPOINT_RE.match(folder)
-            if match and name == MANIFEST:
-                found.add(int(match.group(1)))
-        return sorted(found)
+        return complete_steps(self.store.list(self.prefix), self.prefix)
 
     def newest(self) -> int | None:
         steps = self.steps()
@@ -65,7 +63,7 @@ class CheckpointStore:
 
     def upload(self, folder: Path, step: int) -> None:
         """Copy a checkpoint folder up, then its manifest, then drop all but the newest ones."""
-        prefix = f"{self.prefix}checkpoint-{step}/"
+        prefix = checkpoint_prefix(self.job_id, step)
         manifest = self.store.upload_dir(prefix, folder)
         self.store.put_bytes(prefix + MANIFEST, msgspec.json.encode(manifest))
         keep = set(self.steps()[-KEEP_CHECKPOINTS:])
@@ -73,15 +71,15 @@ class CheckpointStore:
         for key_folder in {
             k[len(self.prefix) :].split("/")[0] for k in self.store.list(self.prefix)
         }:
-            match = _CHECKPOINT_RE.match(key_folder)
-            if match and int(match.group(1)) < oldest_kept:
+            old = step_of(key_folder)
+            if old is not None and old < oldest_kept:
                 self.store.delete_prefix(self.prefix + key_folder)
 
     def download(self, step: int, output_dir: Path) -> Path:
         """Fetch checkpoint `step` into `output_dir/checkpoint-{step}` (replacing a local copy)."""
         folder = output_dir / f"checkpoint-{step}"
         shutil.rmtree(folder, ignore_errors=True)
-        self.store.download_dir(f"{self.prefix}checkpoint-{step}/", folder)
+        self.store.download_dir(checkpoint_prefix(self.job_id, step), folder)
         (folder / MANIFEST).unlink(missing_ok=True)
         return folder
 

@@ -118,6 +118,9 @@ class Settings:
     another worker; the Helm chart sets it below terminationGracePeriodSeconds."""
     worker_metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9100
     """Port of a worker's Prometheus endpoint; 0 turns it off."""
+    max_live_jobs: Count | None = None
+    """Queued plus running jobs one tenant may have; a submit past it answers 429. Unset: no
+    limit."""
     worker_gpu_memory_gb: Positive | None = None
     """GPU memory of each worker in GB: the API refuses (422) a job whose estimate
     (service/vram.py) exceeds it. Unset: no check (CPU workers, or not wanted)."""

@@ -43,6 +43,10 @@ class Conflict(Exception):
     """The change is not allowed in the record's current state."""
 
 
+class LimitReached(Exception):
+    """The tenant is at a configured limit (e.g. live jobs); retrying at once will not help."""
+
+
 def new_id(prefix: str) -> str:
     """Time-sortable: 12 hex digits of milliseconds, then 12 random hex digits."""
     return f"{prefix}_{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
@@ -136,7 +140,7 @@ class Store:
     async def list_datasets(
         self, tenant: str | None, *, limit: int, cursor: str | None
     ) -> tuple[list[Dataset], str | None]:
-        ids, next_cursor = await self._page(_index("datasets", tenant), limit, cursor)
+        ids, next_cursor = await self.page_newest(_index("datasets", tenant), limit, cursor)
         return await self._load(ids, dataset_key, _dataset_decoder), next_cursor
 
     async def delete_dataset(self, dataset_id: str, tenant: str | None) -> tuple[Dataset, int]:
@@ -166,16 +170,26 @@ class Store:
 
     # -- jobs -------------------------------------------------------------------------------
 
-    async def create_job(self, job: Job, *, idempotency: tuple[str, str] | None = None) -> Job:
+    async def create_job(
+        self,
+        job: Job,
+        *,
+        idempotency: tuple[str, str] | None = None,
+        idempotency_seconds: int = 24 * 3600,
+        max_live: int | None = None,
+    ) -> Job:
         """Write a new job, atomically with its dataset still existing.
 
-        `idempotency` is (key, request fingerprint): a repeat with the same key returns the
-        first job; the same key with a different request is a Conflict.
+        `idempotency` is (key, request fingerprint): a repeat with the same key within
+        `idempotency_seconds` returns the first job; the same key with a different request is
+        a Conflict. `max_live` caps the tenant's queued and running jobs (LimitReached past it),
+        counted in the same transaction so that concurrent submits cannot overshoot.
         """
         ds_keys = [dataset_key(job.dataset.id)]
         if job.eval_dataset is not None:
             ds_keys.append(dataset_key(job.eval_dataset.id))
         idem_key = f"{P}idem:{job.tenant}:{idempotency[0]}" if idempotency else None
+        live = [_index("jobs", job.tenant, s) for s in (JobStatus.queued, JobStatus.running)]
 
         async def create(pipe: Pipeline) -> str:
             if idem_key and idempotency:
@@ -188,6 +202,13 @@ class Store:
             for key in ds_keys:
                 if not await pipe.exists(key):
                     raise NotFound(f"dataset {key.rsplit(':', 1)[-1]} does not exist")
+            if max_live is not None:
+                count = sum([int(await pipe.zcard(index)) for index in live])
+                if count >= max_live:
+                    raise LimitReached(
+                        f"tenant {job.tenant} has {count} queued or running jobs, the limit is "
+                        f"{max_live}; submit again when one has finished, or cancel one"
+                    )
             pipe.multi()
             pipe.set(job_key(job.id), _encoder.encode(job))
             for index in self._job_indexes(job):
@@ -195,11 +216,11 @@ class Store:
             for key in ds_keys:
                 pipe.sadd(f"{key}:jobs", job.id)
             if idem_key and idempotency:
-                pipe.set(idem_key, f"{job.id}:{idempotency[1]}", ex=24 * 3600)
+                pipe.set(idem_key, f"{job.id}:{idempotency[1]}", ex=idempotency_seconds)
             pipe.xadd(events_key(job.id), _event("status", {"status": job.status}))
             return job.id
 
-        watched = [*ds_keys, *([idem_key] if idem_key else [])]
+        watched = [*ds_keys, *([idem_key] if idem_key else []), *(live if max_live else [])]
         created, _ = await transact(self.redis, create, *watched)
         return job if created == job.id else await self.get_job(created, job.tenant)
 
@@ -217,12 +238,12 @@ class Store:
     ) -> tuple[list[Job], str | None]:
         index = _index("jobs", tenant, status)
         if not labels:
-            ids, next_cursor = await self._page(index, limit, cursor)
+            ids, next_cursor = await self.page_newest(index, limit, cursor)
             return await self._load(ids, job_key, _job_decoder), next_cursor
         # Labels are filtered here: pages are read until enough match or the index ends.
         found: list[Job] = []
         while len(found) < limit:
-            ids, cursor = await self._page(index, limit * 4, cursor)
+            ids, cursor = await self.page_newest(index, limit * 4, cursor)
             for job in await self._load(ids, job_key, _job_decoder):
                 if all(job.spec.labels.get(k) == v for k, v in labels.items()):
                     found.append(job)
@@ -312,6 +333,18 @@ class Store:
             for entry_id, fields in found[0][1]
         ]
 
+    async def events_before(
+        self, job_id: str, *, before: str | None, count: int
+    ) -> list[tuple[str, str, bytes]]:
+        """Up to `count` events older than stream id `before` (None: the newest), newest
+        first: (id, type, JSON data)."""
+        upper = f"({before}" if before else "+"
+        found = await self.redis.xrevrange(events_key(job_id), max=upper, min="-", count=count)
+        return [
+            (entry_id.decode(), fields[b"type"].decode(), fields[b"data"])
+            for entry_id, fields in found
+        ]
+
     async def add_log(self, job_id: str, message: str) -> None:
         await self.redis.xadd(events_key(job_id), _event("log", {"message": message}))
 
@@ -345,9 +378,11 @@ class Store:
             return names[:limit], names[limit - 1]
         return names, None
 
-    async def _page(
+    async def page_newest(
         self, index: str, limit: int, cursor: str | None
     ) -> tuple[list[str], str | None]:
+        """Ids in a lexicographic index of time-sortable ids, newest first, `limit` at a time
+        after `cursor` (an id; the next page starts below it)."""
         upper = f"({cursor}" if cursor else "+"
         raw = await self.redis.zrevrangebylex(index, upper, "-", start=0, num=limit + 1)
         ids = [r.decode() for r in raw]

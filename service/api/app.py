@@ -13,7 +13,7 @@ from litestar import Litestar, Request
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.spec import Components, SecurityScheme
+from litestar.openapi.spec import Components, SecurityScheme, Tag
 from litestar.plugins.prometheus import PrometheusConfig
 from prometheus_client import CollectorRegistry
 
@@ -23,6 +23,7 @@ from service.api.auth import principal
 from service.api.datasets import DatasetController
 from service.api.feedback import FeedbackController
 from service.api.jobs import JobController
+from service.api.openai import FileController, FineTuningController
 from service.api.openapi_docs import ContractSchemas
 from service.api.policies import PolicyController
 from service.api.system import SystemController
@@ -47,6 +48,15 @@ def _openapi() -> OpenAPIConfig:
             }
         ),
         security=[{"BearerAuth": []}],
+        tags=[
+            Tag(
+                name="openai",
+                description="OpenAI-compatible fine-tuning: the official `openai` SDK, pointed "
+                "here with `base_url`, drives files and DPO fine-tuning jobs unchanged. Same "
+                "store, tenants, datasets and jobs as the rest of the API; errors in OpenAI's "
+                "envelope.",
+            )
+        ],
         use_handler_docstrings=False,
         path="/docs",
     )
@@ -121,6 +131,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             JobController,
             FeedbackController,
             PolicyController,
+            FileController,
+            FineTuningController,
         ],
         dependencies=_dependencies(settings),
         exception_handlers={Exception: errors.handle},

@@ -7,10 +7,10 @@ validated and normalized in a thread, and only then stored: invalid input stores
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Annotated, Any
 
-import anyio.to_thread
 from litestar import Controller, Request, delete, get, post
 from litestar.openapi.spec import Example, OpenAPIMediaType, Schema
 from litestar.openapi.spec.enums import OpenAPIFormat, OpenAPIType
@@ -35,9 +35,9 @@ from service.api.openapi_docs import (
     request_body,
     responses,
 )
-from service.blobs import BlobStore, dataset_blob_key
+from service.blobs import BlobStore
 from service.contract import Dataset, DatasetList, FieldMapping
-from service.datasets.ingest import store_dataset
+from service.datasets.ingest import delete_dataset, store_dataset
 from service.datasets.validate import Limits
 from service.settings import Principal, Settings
 from service.store import Store
@@ -105,7 +105,22 @@ UPLOAD = request_body(
 )
 
 
-async def _spool(request: Request[Any, Any, Any], out: IO[bytes], limit: int) -> int:
+@dataclass
+class Spooled:
+    """What an upload held besides its bytes (which went to the spool file)."""
+
+    size: int
+    filename: str | None = None
+    """The file part's filename, for a multipart upload that gave one."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """The multipart form's other (text) fields, e.g. OpenAI's `purpose`."""
+
+
+MAX_FIELD_BYTES = 4096
+"""A multipart text field past this is refused: the only fields expected are short."""
+
+
+async def spool_upload(request: Request[Any, Any, Any], out: IO[bytes], limit: int) -> Spooled:
     """Copy the JSONL body (raw, or the first file of a multipart form) into `out`."""
     ctype, options = request.content_type
     declared = request.headers.get("content-length")
@@ -127,29 +142,44 @@ async def _spool(request: Request[Any, Any, Any], out: IO[bytes], limit: int) ->
         if size > limit:
             raise PayloadTooLarge(f"the upload is over the limit of {limit} bytes")
         out.write(chunk)
-    return size
+    return Spooled(size=size)
 
 
 async def _spool_multipart(
     request: Request[Any, Any, Any], out: IO[bytes], boundary: bytes, limit: int
-) -> int:
-    size = 0
+) -> Spooled:
+    spooled = Spooled(size=0)
     in_file = done = False
+    text: tuple[str, bytearray] | None = None
     with PushMultipartParser(boundary) as parser:
         async for chunk in request.stream():
             for part in parser.parse(chunk):
                 if isinstance(part, MultipartSegment):
                     in_file = part.filename is not None and not done
+                    if in_file:
+                        spooled.filename = part.filename
+                    elif part.filename is None and part.name:
+                        text = (part.name, bytearray())
                 elif part and in_file:
-                    size += len(part)
-                    if size > limit:
+                    spooled.size += len(part)
+                    if spooled.size > limit:
                         raise PayloadTooLarge(f"the upload is over the limit of {limit} bytes")
                     out.write(part)
-                elif not part and in_file:
-                    in_file, done = False, True
+                elif part and text is not None:
+                    text[1].extend(part)
+                    if len(text[1]) > MAX_FIELD_BYTES:
+                        raise PayloadTooLarge(
+                            f"form field {text[0]!r} is over {MAX_FIELD_BYTES} bytes"
+                        )
+                elif not part:
+                    if in_file:
+                        in_file, done = False, True
+                    elif text is not None:
+                        spooled.fields[text[0]] = text[1].decode(errors="replace")
+                        text = None
         if not done:
             raise UnsupportedMediaType("the multipart form has no file part")
-    return size
+    return spooled
 
 
 class DatasetController(Controller):
@@ -199,7 +229,7 @@ class DatasetController(Controller):
         with tempfile.TemporaryDirectory(prefix="ftune-upload-") as tmp:
             raw = Path(tmp) / "raw.jsonl"
             with raw.open("wb") as out:
-                await _spool(request, out, settings.max_dataset_bytes)
+                await spool_upload(request, out, settings.max_dataset_bytes)
             return await store_dataset(
                 store,
                 blobs,
@@ -245,6 +275,4 @@ class DatasetController(Controller):
     async def delete_dataset(
         self, dataset_id: DatasetId, principal: Principal, store: Store, blobs: BlobStore
     ) -> None:
-        ds, remaining = await store.delete_dataset(dataset_id, scope(principal))
-        if remaining <= 0:
-            await anyio.to_thread.run_sync(blobs.delete, dataset_blob_key(ds.sha256))
+        await delete_dataset(store, blobs, dataset_id, scope(principal))

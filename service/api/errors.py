@@ -12,7 +12,7 @@ from litestar.exceptions import HTTPException, NotAuthorizedException, Validatio
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from service.datasets.validate import InvalidDataset
-from service.store import Conflict, NotFound
+from service.store import Conflict, LimitReached, NotFound
 
 log = logging.getLogger("ftune.api")
 
@@ -142,6 +142,8 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]
         return problem(404, str(exc) or f"{request.url.path} was not found")
     if isinstance(exc, Conflict):
         return problem(409, str(exc))
+    if isinstance(exc, LimitReached):
+        return problem(429, str(exc))
     if isinstance(exc, InvalidDataset):
         errors = [FieldError(line=e.line, field=e.field, msg=e.msg) for e in exc.errors]
         first = exc.errors[0] if exc.errors else None

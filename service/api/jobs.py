@@ -16,7 +16,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from service import queue, vram, webhooks
 from service.api.auth import scope
 from service.api.errors import FieldError, InvalidRequest
-from service.api.openapi_docs import CONFLICT, NOT_FOUND, Cursor, PageSize, responses
+from service.api.openapi_docs import CONFLICT, NOT_FOUND, TOO_MANY, Cursor, PageSize, responses
 from service.contract import (
     Dataset,
     DatasetRef,
@@ -59,6 +59,93 @@ def _cancel(job: Job) -> Job:
     return msgspec.structs.replace(job, cancel_requested=True)
 
 
+async def submit_job(
+    spec: JobSpec,
+    *,
+    tenant: str,
+    store: Store,
+    arq: ArqRedis,
+    settings: Settings,
+    idempotency: tuple[str, str] | None = None,
+    idempotency_seconds: int = 24 * 3600,
+) -> tuple[Job, bool]:
+    """Check a spec against the world (models dir, GPU memory, webhook address, datasets),
+    record the job and queue it: the one path of `POST /v1/jobs` and the OpenAI-compatible
+    `POST /v1/fine_tuning/jobs`. Returns the job and whether it is an earlier one replayed
+    (same idempotency key), which is not queued again."""
+    if spec.base_model.startswith("file://"):
+        try:
+            local_model_path(spec.base_model, settings.models_dir)
+        except ValueError as exc:
+            raise InvalidRequest(
+                str(exc), [FieldError(loc=["body", "base_model"], msg=str(exc))]
+            ) from None
+    try:
+        vram.check_fits(spec, settings.worker_gpu_memory_gb, settings.models_dir)
+    except ValueError as exc:
+        raise InvalidRequest(
+            str(exc), [FieldError(loc=["body", "base_model"], msg=str(exc))]
+        ) from None
+    if spec.webhook_url is not None:
+        try:
+            await webhooks.check_url_async(
+                spec.webhook_url, allow_private=settings.webhook_allow_private
+            )
+        except ValueError as exc:
+            raise InvalidRequest(
+                str(exc), [FieldError(loc=["body", "webhook_url"], msg=str(exc))]
+            ) from None
+    dataset = await _dataset(store, spec.dataset_id, tenant, "dataset_id")
+    eval_dataset = None
+    if spec.eval_dataset_id is not None:
+        eval_dataset = await _dataset(store, spec.eval_dataset_id, tenant, "eval_dataset_id")
+        if eval_dataset.format != dataset.format:
+            raise InvalidRequest(
+                "the eval dataset's format differs from the training dataset's",
+                [
+                    FieldError(
+                        loc=["body", "eval_dataset_id"],
+                        msg=f"is {eval_dataset.format}, the dataset is {dataset.format}",
+                    )
+                ],
+            )
+    now = time.time()
+    job = Job(
+        id=new_id("job"),
+        tenant=tenant,
+        status=JobStatus.queued,
+        spec=spec,
+        dataset=_ref(dataset),
+        eval_dataset=_ref(eval_dataset) if eval_dataset else None,
+        created_at=now,
+        updated_at=now,
+    )
+    try:
+        stored = await store.create_job(
+            job,
+            idempotency=idempotency,
+            idempotency_seconds=idempotency_seconds,
+            max_live=settings.max_live_jobs,
+        )
+    except NotFound as exc:  # the dataset was deleted while we looked
+        raise InvalidRequest(str(exc)) from None
+    if stored.id != job.id:
+        return stored, True
+    await queue.enqueue(arq, job.id, job.attempt, queue_name=settings.queue_name)
+    return stored, False
+
+
+async def cancel_job(
+    job_id: str, *, tenant: str | None, store: Store, arq: ArqRedis, settings: Settings
+) -> Job:
+    """Cancel a queued job at once (and take it off the queue), or ask a running job's worker
+    to stop; Conflict on a finished job."""
+    job = await store.update_job(job_id, _cancel, tenant=tenant)
+    if job.status == JobStatus.cancelled:
+        await queue.remove(arq, job.id, job.attempt, queue_name=settings.queue_name)
+    return job
+
+
 class JobController(Controller):
     path = "/v1/jobs"
     tags = ["jobs"]
@@ -68,7 +155,7 @@ class JobController(Controller):
         path="/",
         status_code=201,
         summary="Submit a fine-tuning job",
-        responses=responses(CONFLICT),
+        responses=responses(CONFLICT, TOO_MANY),
     )
     async def create_job(
         self,
@@ -90,66 +177,14 @@ class JobController(Controller):
             ),
         ] = None,
     ) -> Response[Job]:
-        if data.base_model.startswith("file://"):
-            try:
-                local_model_path(data.base_model, settings.models_dir)
-            except ValueError as exc:
-                raise InvalidRequest(
-                    str(exc), [FieldError(loc=["body", "base_model"], msg=str(exc))]
-                ) from None
-        try:
-            vram.check_fits(data, settings.worker_gpu_memory_gb, settings.models_dir)
-        except ValueError as exc:
-            raise InvalidRequest(
-                str(exc), [FieldError(loc=["body", "base_model"], msg=str(exc))]
-            ) from None
-        if data.webhook_url is not None:
-            try:
-                await webhooks.check_url_async(
-                    data.webhook_url, allow_private=settings.webhook_allow_private
-                )
-            except ValueError as exc:
-                raise InvalidRequest(
-                    str(exc), [FieldError(loc=["body", "webhook_url"], msg=str(exc))]
-                ) from None
-        dataset = await _dataset(store, data.dataset_id, principal.tenant, "dataset_id")
-        eval_dataset = None
-        if data.eval_dataset_id is not None:
-            eval_dataset = await _dataset(
-                store, data.eval_dataset_id, principal.tenant, "eval_dataset_id"
-            )
-            if eval_dataset.format != dataset.format:
-                raise InvalidRequest(
-                    "the eval dataset's format differs from the training dataset's",
-                    [
-                        FieldError(
-                            loc=["body", "eval_dataset_id"],
-                            msg=f"is {eval_dataset.format}, the dataset is {dataset.format}",
-                        )
-                    ],
-                )
-        now = time.time()
-        job = Job(
-            id=new_id("job"),
-            tenant=principal.tenant,
-            status=JobStatus.queued,
-            spec=data,
-            dataset=_ref(dataset),
-            eval_dataset=_ref(eval_dataset) if eval_dataset else None,
-            created_at=now,
-            updated_at=now,
-        )
         idem = None
         if idempotency_key:
             idem = (idempotency_key, request_fingerprint(await request.body()))
-        try:
-            stored = await store.create_job(job, idempotency=idem)
-        except NotFound as exc:  # the dataset was deleted while we looked
-            raise InvalidRequest(str(exc)) from None
-        if stored.id == job.id:
-            await queue.enqueue(arq, job.id, job.attempt, queue_name=settings.queue_name)
-            return Response(stored, status_code=201)
-        return Response(stored, status_code=201, headers={"Idempotent-Replayed": "true"})
+        job, replayed = await submit_job(
+            data, tenant=principal.tenant, store=store, arq=arq, settings=settings, idempotency=idem
+        )
+        headers = {"Idempotent-Replayed": "true"} if replayed else None
+        return Response(job, status_code=201, headers=headers)
 
     @get(
         operation_id="ListJobs", path="/", summary="List jobs, newest first", responses=responses()
@@ -196,13 +231,12 @@ class JobController(Controller):
         summary="Cancel a queued or running job",
         responses=responses(NOT_FOUND, CONFLICT),
     )
-    async def cancel_job(
+    async def cancel(
         self, job_id: JobId, principal: Principal, store: Store, arq: ArqRedis, settings: Settings
     ) -> Job:
-        job = await store.update_job(job_id, _cancel, tenant=scope(principal))
-        if job.status == JobStatus.cancelled:
-            await queue.remove(arq, job.id, job.attempt, queue_name=settings.queue_name)
-        return job
+        return await cancel_job(
+            job_id, tenant=scope(principal), store=store, arq=arq, settings=settings
+        )
 
     @get(
         operation_id="GetJobMetrics",

@@ -34,6 +34,7 @@ CONFLICT = 409
 TOO_LARGE = 413
 UNSUPPORTED = 415
 INVALID = 422
+TOO_MANY = 429
 
 _DESCRIPTIONS = {
     BAD_REQUEST: "Malformed query or path parameter",
@@ -43,6 +44,7 @@ _DESCRIPTIONS = {
     TOO_LARGE: "Upload over the configured size limit",
     UNSUPPORTED: "Wrong Content-Type",
     INVALID: "Invalid body or rows; `errors` says where",
+    TOO_MANY: "The tenant is at its limit of queued and running jobs (FTUNE_MAX_LIVE_JOBS)",
 }
 
 

@@ -78,6 +78,9 @@ from service.contract.policies import (
 )
 from service.contract.webhooks import (
     EventType,
+    OpenAIEventType,
+    OpenAIWebhookData,
+    OpenAIWebhookEvent,
     WebhookDelivery,
     WebhookEvent,
     WebhookJobData,
@@ -128,6 +131,9 @@ __all__ = [
     "MetricName",
     "MetricPoint",
     "MetricSeries",
+    "OpenAIEventType",
+    "OpenAIWebhookData",
+    "OpenAIWebhookEvent",
     "Output",
     "PairList",
     "PairRecord",

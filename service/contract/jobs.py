@@ -448,6 +448,14 @@ class JobTemplate(Strict):
         ]
         | None
     ) = None
+    webhook_format: Annotated[
+        Literal["ftune", "openai"],
+        msgspec.Meta(
+            description="The body of the job's webhook: ftune's event (`job.succeeded`, ... "
+            "with the record's outcome) or OpenAI's (`fine_tuning.job.succeeded`, ... with the "
+            "job id), which the OpenAI-compatible API sets."
+        ),
+    ] = "ftune"
     max_new_tokens: Annotated[
         int,
         msgspec.Meta(

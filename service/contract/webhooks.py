@@ -9,6 +9,9 @@ import msgspec
 from service.contract.jobs import Artifact, JobError, JobStatus
 
 EventType = Literal["job.succeeded", "job.failed", "job.cancelled"]
+OpenAIEventType = Literal[
+    "fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled"
+]
 
 
 class WebhookJobData(msgspec.Struct, kw_only=True):
@@ -52,6 +55,21 @@ class WebhookEvent(msgspec.Struct, kw_only=True):
         float, msgspec.Meta(description="When the event was made, in seconds since the epoch.")
     ]
     data: Annotated[WebhookJobData, msgspec.Meta(description="The job as it ended.")]
+
+
+class OpenAIWebhookData(msgspec.Struct, kw_only=True):
+    id: Annotated[str, msgspec.Meta(description="The fine-tuning job's id.")]
+
+
+class OpenAIWebhookEvent(msgspec.Struct, kw_only=True):
+    """The body a receiver gets for a job with `webhook_format: openai`: OpenAI's event, which
+    the `openai` SDK's `client.webhooks.unwrap` parses."""
+
+    id: Annotated[str, msgspec.Meta(description="The event id, the same on every retry.")]
+    object: Annotated[Literal["event"], msgspec.Meta(description="Always `event`.")] = "event"
+    created_at: Annotated[int, msgspec.Meta(description="Unix seconds the job ended at.")]
+    type: Annotated[OpenAIEventType, msgspec.Meta(description="What happened to the job.")]
+    data: Annotated[OpenAIWebhookData, msgspec.Meta(description="Which job.")]
 
 
 class WebhookDelivery(msgspec.Struct, kw_only=True):

@@ -1,8 +1,10 @@
-"""Turn a JSONL file on disk into a stored dataset: validate, normalize, store, record.
+"""Turn a JSONL file on disk into a stored dataset: validate, normalize, store, record; and
+remove one again.
 
-Shared by uploads and feedback snapshots, so both give the same normalized blob, stats and
-sha256 for the same rows. Validation runs in a thread: it is CPU-bound and must not stall
-the event loop. Invalid input raises InvalidDataset and stores nothing.
+Shared by uploads (ours and OpenAI-compatible files) and feedback snapshots, so all give the
+same normalized blob, stats and sha256 for the same rows. Validation runs in a thread: it is
+CPU-bound and must not stall the event loop. Invalid input raises InvalidDataset and stores
+nothing.
 """
 
 from __future__ import annotations
@@ -55,4 +57,15 @@ async def store_dataset(
         created_at=time.time(),
     )
     await store.put_dataset(ds)
+    return ds
+
+
+async def delete_dataset(
+    store: Store, blobs: BlobStore, dataset_id: str, tenant: str | None
+) -> Dataset:
+    """Delete the record (Conflict while a live job uses it), and its blob once no other
+    record shares the content."""
+    ds, remaining = await store.delete_dataset(dataset_id, tenant)
+    if remaining <= 0:
+        await anyio.to_thread.run_sync(blobs.delete, dataset_blob_key(ds.sha256))
     return ds

@@ -12,6 +12,9 @@ from service.contract import (
     EventType,
     Job,
     JobStatus,
+    OpenAIEventType,
+    OpenAIWebhookData,
+    OpenAIWebhookEvent,
     WebhookDelivery,
     WebhookEvent,
     WebhookJobData,
@@ -44,6 +47,11 @@ _EVENT_TYPES: dict[JobStatus, EventType] = {
     JobStatus.succeeded: "job.succeeded",
     JobStatus.failed: "job.failed",
     JobStatus.cancelled: "job.cancelled",
+}
+_OPENAI_TYPES: dict[JobStatus, OpenAIEventType] = {
+    JobStatus.succeeded: "fine_tuning.job.succeeded",
+    JobStatus.failed: "fine_tuning.job.failed",
+    JobStatus.cancelled: "fine_tuning.job.cancelled",
 }
 
 
@@ -89,17 +97,31 @@ return 1
 """
 
 
+def build_openai_event(job: Job) -> OpenAIWebhookEvent:
+    """The body for a job with `webhook_format: openai`: OpenAI's event, same id."""
+    if not job.status.terminal:
+        raise ValueError(f"job {job.id} is {job.status.value}, not finished")
+    return OpenAIWebhookEvent(
+        id=event_id(job.id, job.status),
+        created_at=int(job.finished_at or time.time()),
+        type=_OPENAI_TYPES[job.status],
+        data=OpenAIWebhookData(id=job.id),
+    )
+
+
 def _enqueue_args(job: Job) -> tuple[Any, ...] | None:
     if job.spec.webhook_url is None:
         return None
-    event = build_event(job)
+    event: WebhookEvent | OpenAIWebhookEvent = (
+        build_openai_event(job) if job.spec.webhook_format == "openai" else build_event(job)
+    )
     return (
         _ENQUEUE,
         2,
         event_key(event.id),
         DUE,
         event.id,
-        repr(event.created_at),
+        repr(time.time()),
         job.id,
         job.tenant,
         job.spec.webhook_url,

@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 
 import pytest
 import redis
+from litestar.testing import AsyncTestClient
 
+from service.api.app import create_app
 from service.contract import MetricPoint
+from service.settings import Settings
 from service.store import Store
 from tests.fixtures.api import ADMIN, ALICE, BOB, Api
 
@@ -197,3 +201,21 @@ async def test_racing_cancels_and_updates_lose_nothing(api: Api) -> None:
     final = await store.get_job(job["id"], None)
     await store.close()
     assert len(final.latest_metrics) == 20
+
+
+async def test_a_tenant_at_its_live_job_limit_gets_429(api_settings: Settings) -> None:
+    async with AsyncTestClient(create_app(replace(api_settings, max_live_jobs=2))) as client:
+        api = Api(client, api_settings)
+        ds = await dataset(api)
+        ids = []
+        for seed in range(2):
+            body = spec(ds, hyperparameters={"seed": seed})
+            ids.append((await client.post("/v1/jobs", json=body, headers=ALICE)).json()["id"])
+        over = await client.post("/v1/jobs", json=spec(ds), headers=ALICE)
+        assert over.status_code == 429, over.text
+        assert "2 queued or running jobs, the limit is 2" in over.json()["detail"]
+        other = await client.post("/v1/jobs", json=spec(await dataset(api, BOB)), headers=BOB)
+        assert other.status_code == 201  # the limit is per tenant
+        await client.post(f"/v1/jobs/{ids[0]}/cancel", headers=ALICE)
+        again = await client.post("/v1/jobs", json=spec(ds), headers=ALICE)
+        assert again.status_code == 201, again.text

@@ -1,0 +1,81 @@
+"""Errors on the OpenAI-compatible routes, in OpenAI's envelope.
+
+The status comes from the one error mapper (`service.api.errors.handle`), then the Problem
+Details become `{"error": {"message", "type", "param", "code"}}` with the statuses the SDK
+maps to its exception classes: a bad request (our 413, 415 and 422 too) is 400
+(`BadRequestError`), then 401, 404, 409 and 429 as they are. Every 4xx carries
+`x-should-retry: false`: the SDK would otherwise retry a 409 or 429 that retrying cannot fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import ValidationException
+from litestar.openapi.datastructures import ResponseSpec
+
+from service.api import errors
+from service.api.errors import InvalidRequest
+from service.contract.openai import OpenAIError, OpenAIErrorResponse
+from service.openai.hyperparameters import SpecError
+from service.openai.jobs import openai_param
+
+_AS_BAD_REQUEST = {413, 415, 422}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    429: "rate_limit_error",
+}
+_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded"}
+_SOURCES = {"body", "query", "path", "header", "cookie"}
+
+
+def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[OpenAIErrorResponse]:
+    headers: dict[str, str] = {}
+    if isinstance(exc, SpecError):
+        status, message, param = 400, exc.message, exc.param
+    else:
+        answer = errors.handle(request, exc)
+        problem = answer.content
+        status = 400 if problem.status in _AS_BAD_REQUEST else problem.status
+        message, param = problem.detail, None
+        headers.update(answer.headers)
+        first = problem.errors[0] if problem.errors else None
+        loc = [p for p in (first.loc or []) if p not in _SOURCES] if first else []
+        if isinstance(exc, InvalidRequest):
+            param = openai_param(loc)  # raised with our JobSpec's field names
+        elif isinstance(exc, ValidationException) and loc:
+            param = ".".join(loc)
+    if 400 <= status < 500:
+        headers["x-should-retry"] = "false"
+    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = OpenAIErrorResponse(
+        error=OpenAIError(message=message, type=kind, param=param, code=_CODES.get(status))
+    )
+    return Response(body, status_code=status, headers=headers)
+
+
+_DESCRIPTIONS = {
+    400: "Invalid request (BadRequestError); `param` names the field",
+    401: "Missing or unknown API key (AuthenticationError)",
+    404: "No such object for this tenant (NotFoundError)",
+    409: "Not allowed in the object's current state (ConflictError)",
+    429: "The tenant is at its limit of queued and running jobs (RateLimitError)",
+}
+
+
+def responses(*codes: int) -> dict[int, ResponseSpec]:
+    """OpenAI-envelope error responses for `codes`, plus 400 and 401 that every route can
+    answer."""
+    return {
+        code: ResponseSpec(
+            data_container=OpenAIErrorResponse,
+            description=_DESCRIPTIONS[code],
+            generate_examples=False,
+        )
+        for code in sorted({400, 401, *codes})
+    }

@@ -1,0 +1,241 @@
+"""`/v1/files`: OpenAI's Files API over our datasets (see `service.openai.files`)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import anyio.to_thread
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.background_tasks import BackgroundTask
+from litestar.params import Parameter
+from litestar.response import File
+
+from service.api.auth import scope
+from service.api.datasets import spool_upload
+from service.api.openai.errors import handle, responses
+from service.blobs import BlobStore, dataset_blob_key
+from service.contract import JobStatus
+from service.contract.openai import FileDeleted, FileList, FileObject
+from service.datasets.ingest import delete_dataset, store_dataset
+from service.datasets.validate import InvalidDataset, Limits
+from service.openai import records
+from service.openai.files import (
+    dataset_file,
+    dataset_name,
+    job_of_result_file,
+    metrics_csv,
+    result_file,
+    status_details,
+)
+from service.openai.hyperparameters import SpecError
+from service.settings import Principal, Settings
+from service.store import NotFound, Store
+
+Page = Callable[[str, int], Awaitable[list[tuple[str, FileObject]]]]
+"""A source of files: (id after which to start, how many) -> (sort key, file), newest first."""
+
+
+def _suffix(file_id: str) -> str:
+    """The time-sortable part of any of our ids (`ds_<suffix>`, `file_...`, `res_...`)."""
+    return file_id.partition("_")[2]
+
+
+async def _result(store: Store, file_id: str, tenant: str | None) -> tuple[str, bytes]:
+    """A result file's job id and CSV; NotFound unless its job succeeded."""
+    job_id = job_of_result_file(file_id)
+    if job_id is not None:
+        try:
+            job = await store.get_job(job_id, tenant)
+        except NotFound:
+            job = None
+        if job is not None and job.status == JobStatus.succeeded:
+            return job.id, metrics_csv(await store.get_metrics(job.id))
+    raise NotFound(f"no file {file_id}")
+
+
+class FileController(Controller):
+    path = "/v1/files"
+    tags = ["openai"]
+    exception_handlers = {Exception: handle}
+
+    @post(
+        operation_id="CreateFile",
+        path="/",
+        status_code=200,
+        request_max_body_size=None,
+        summary="Upload a JSONL file (multipart `file` + `purpose=fine-tune`)",
+        description="Validated and stored as a dataset, like POST /v1/datasets. A file that "
+        "fails validation stores nothing but comes back in status `error` with its "
+        "line-numbered errors in `status_details`.",
+        responses=responses(),
+    )
+    async def create_file(
+        self,
+        request: Request[Any, Any, Any],
+        principal: Principal,
+        store: Store,
+        blobs: BlobStore,
+        settings: Settings,
+    ) -> FileObject:
+        limits = Limits(max_line_bytes=settings.max_line_bytes, max_rows=settings.max_dataset_rows)
+        with tempfile.TemporaryDirectory(prefix="ftune-upload-") as tmp:
+            raw = Path(tmp) / "raw.jsonl"
+            with raw.open("wb") as out:
+                spooled = await spool_upload(request, out, settings.max_dataset_bytes)
+            purpose = spooled.fields.pop("purpose", None)
+            if purpose != "fine-tune":
+                raise SpecError(
+                    "purpose", f"purpose must be 'fine-tune' here, got {purpose or 'none'}"
+                )
+            if spooled.fields:
+                name = sorted(spooled.fields)[0]
+                raise SpecError(name, f"{name} is not supported here; leave it out")
+            name = dataset_name(spooled.filename)
+            try:
+                ds = await store_dataset(
+                    store, blobs, raw, tenant=principal.tenant, name=name, limits=limits
+                )
+            except InvalidDataset as exc:
+                errors = [(e.line, e.field, e.msg) for e in exc.errors]
+                failed = await records.add_failed_upload(
+                    store,
+                    tenant=principal.tenant,
+                    filename=name,
+                    size=spooled.size,
+                    created_at=time.time(),
+                    details=status_details(errors, exc.total),
+                )
+                return failed.file()
+        return dataset_file(ds)
+
+    @get(
+        operation_id="ListFiles",
+        path="/",
+        summary="List files, newest first",
+        responses=responses(),
+    )
+    async def list_files(
+        self,
+        principal: Principal,
+        store: Store,
+        after: Annotated[str | None, Parameter(max_length=80)] = None,
+        limit: Annotated[int, Parameter(ge=1, le=10_000)] = 10_000,
+        order: Literal["asc", "desc"] = "desc",
+        purpose: Annotated[str | None, Parameter(max_length=64)] = None,
+    ) -> FileList:
+        if order != "desc":
+            raise SpecError("order", "only order=desc (newest first) is supported here")
+        tenant = scope(principal)
+
+        async def datasets(cursor: str, n: int) -> list[tuple[str, FileObject]]:
+            items, _ = await store.list_datasets(tenant, limit=n, cursor=cursor and f"ds_{cursor}")
+            return [(_suffix(ds.id), dataset_file(ds)) for ds in items]
+
+        async def failed(cursor: str, n: int) -> list[tuple[str, FileObject]]:
+            index = records.failed_index(tenant)
+            ids, _ = await store.page_newest(index, n, cursor and f"file_{cursor}")
+            return [(_suffix(f.id), f.file()) for f in await records.failed_uploads(store, ids)]
+
+        async def results(cursor: str, n: int) -> list[tuple[str, FileObject]]:
+            jobs, _ = await store.list_jobs(
+                tenant,
+                status=JobStatus.succeeded,
+                labels={},
+                limit=n,
+                cursor=cursor and f"job_{cursor}",
+            )
+            found = []
+            for job in jobs:
+                size = len(metrics_csv(await store.get_metrics(job.id)))
+                found.append(
+                    (_suffix(job.id), result_file(job.id, created_at=job.created_at, size=size))
+                )
+            return found
+
+        sources: dict[str | None, list[Page]] = {
+            None: [datasets, failed, results],
+            "fine-tune": [datasets, failed],
+            "fine-tune-results": [results],
+        }
+        found: list[tuple[str, FileObject]] = []
+        for source in sources.get(purpose, []):
+            found += await source(_suffix(after) if after else "", limit + 1)
+        found.sort(key=lambda item: item[0], reverse=True)
+        page = [f for _, f in found[:limit]]
+        return FileList(
+            data=page,
+            has_more=len(found) > limit,
+            first_id=page[0].id if page else None,
+            last_id=page[-1].id if page else None,
+        )
+
+    @get(
+        operation_id="RetrieveFile",
+        path="/{file_id:str}",
+        summary="A file's object (wait_for_processing polls this)",
+        responses=responses(404),
+    )
+    async def retrieve_file(self, file_id: str, principal: Principal, store: Store) -> FileObject:
+        tenant = scope(principal)
+        if file_id.startswith("file_"):
+            return (await records.get_failed_upload(store, file_id, tenant)).file()
+        if job_of_result_file(file_id) is not None:
+            job_id, content = await _result(store, file_id, tenant)
+            job = await store.get_job(job_id, tenant)
+            return result_file(job_id, created_at=job.created_at, size=len(content))
+        return dataset_file(await store.get_dataset(file_id, tenant))
+
+    @get(
+        operation_id="DownloadFile",
+        path="/{file_id:str}/content",
+        media_type="application/octet-stream",
+        summary="A file's content: the normalized JSONL of a dataset, or a result file's CSV",
+        responses=responses(404),
+    )
+    async def file_content(
+        self, file_id: str, principal: Principal, store: Store, blobs: BlobStore
+    ) -> Response[Any]:
+        tenant = scope(principal)
+        if file_id.startswith("file_"):
+            failed = await records.get_failed_upload(store, file_id, tenant)
+            raise NotFound(f"file {failed.id} failed validation: nothing of it was stored")
+        if job_of_result_file(file_id) is not None:
+            _, content = await _result(store, file_id, tenant)
+            return Response(content, media_type="text/csv")
+        ds = await store.get_dataset(file_id, tenant)
+        tmp = tempfile.mkdtemp(prefix="ftune-download-")
+        path = Path(tmp) / "content.jsonl"
+        await anyio.to_thread.run_sync(blobs.get_file, dataset_blob_key(ds.sha256), path)
+        return File(
+            path=path,
+            filename=ds.name,
+            media_type="application/jsonl",
+            background=BackgroundTask(shutil.rmtree, tmp, True),
+        )
+
+    @delete(
+        operation_id="DeleteFile",
+        path="/{file_id:str}",
+        status_code=200,
+        summary="Delete a file (a dataset: refused while a live job uses it)",
+        responses=responses(404, 409),
+    )
+    async def delete_file(
+        self, file_id: str, principal: Principal, store: Store, blobs: BlobStore
+    ) -> FileDeleted:
+        tenant = scope(principal)
+        if file_id.startswith("file_"):
+            await records.delete_failed_upload(store, file_id, tenant)
+        elif job_of_result_file(file_id) is not None:
+            await _result(store, file_id, tenant)
+            raise SpecError(
+                "file_id", "a result file goes with its job and cannot be deleted on its own"
+            )
+        else:
+            await delete_dataset(store, blobs, file_id, tenant)
+        return FileDeleted(id=file_id)

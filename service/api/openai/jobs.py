@@ -1,0 +1,258 @@
+"""`/v1/fine_tuning/jobs`: OpenAI's fine-tuning jobs API over our jobs (see
+`service.openai.jobs`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import anyio.to_thread
+from arq.connections import ArqRedis
+from litestar import Controller, Request, get, post
+from litestar.datastructures import MultiDict
+from litestar.params import HeaderParameter, Parameter
+
+from service import vram
+from service.api.auth import scope
+from service.api.jobs import cancel_job, submit_job
+from service.api.openai.errors import handle, responses
+from service.blobs import BlobStore
+from service.checkpoints import checkpoint_prefix, checkpoints_prefix, complete_steps
+from service.contract import Dataset, JobSpec
+from service.contract.openai import (
+    FineTuningJob,
+    FineTuningJobCheckpointList,
+    FineTuningJobCreate,
+    FineTuningJobEventList,
+    FineTuningJobList,
+)
+from service.openai import records
+from service.openai.events import checkpoint_object, entry_of, event_object, step_of_checkpoint
+from service.openai.hyperparameters import SpecError
+from service.openai.jobs import job_object, to_spec
+from service.settings import Principal, Settings
+from service.store import NotFound, Store, request_fingerprint
+
+RETRY_WINDOW_SECONDS = 600
+"""A create whose body (for the same tenant) repeats one from this long ago gets the first job
+back: the SDK retries a create that timed out or met a 409/429/5xx, without an idempotency
+key. An `Idempotency-Key` header, when sent, is honoured for 24 h instead."""
+JOB_ID = r"^job_[A-Za-z0-9]{1,64}$"
+
+
+async def _training_dataset(store: Store, file_id: str, tenant: str, param: str) -> Dataset:
+    try:
+        return await store.get_dataset(file_id, tenant)
+    except NotFound:
+        pass
+    try:
+        failed = await records.get_failed_upload(store, file_id, tenant)
+    except NotFound:
+        raise SpecError(
+            param, f"{param} {file_id} does not exist; upload it with POST /v1/files"
+        ) from None
+    raise SpecError(
+        param, f"{param} {file_id} failed validation and cannot be used: {failed.status_details}"
+    )
+
+
+def _metadata_filter(query: MultiDict[Any]) -> dict[str, str]:
+    """OpenAI's `metadata[k]=v` query filter, as our label filter."""
+    labels = {}
+    for key, value in query.multi_items():
+        if key == "metadata":
+            raise SpecError(
+                "metadata", "filter with metadata[key]=value; metadata=null is not supported here"
+            )
+        if key.startswith("metadata[") and key.endswith("]"):
+            labels[key[len("metadata[") : -1]] = str(value)
+    return labels
+
+
+class FineTuningController(Controller):
+    path = "/v1/fine_tuning/jobs"
+    tags = ["openai"]
+    exception_handlers = {Exception: handle}
+
+    @post(
+        operation_id="CreateFineTuningJob",
+        path="/",
+        status_code=200,
+        summary="Create a fine-tuning job (OpenAI's body; our options as extra fields)",
+        description="The same path as POST /v1/jobs: the job is one of ours. Hyperparameters "
+        'left out or "auto" are resolved from the dataset size and the model (the job '
+        "object reports the values used). A repeat of the same body within 10 minutes returns "
+        "the first job (the SDK retries without an idempotency key).",
+        responses=responses(429),
+    )
+    async def create_job(
+        self,
+        request: Request[Any, Any, Any],
+        data: FineTuningJobCreate,
+        principal: Principal,
+        store: Store,
+        arq: ArqRedis,
+        settings: Settings,
+        idempotency_key: Annotated[
+            str | None,
+            HeaderParameter(name="Idempotency-Key", min_length=1, max_length=255, required=False),
+        ] = None,
+    ) -> FineTuningJob:
+        training = await _training_dataset(
+            store, data.training_file, principal.tenant, "training_file"
+        )
+        if data.validation_file is not None:
+            await _training_dataset(
+                store, data.validation_file, principal.tenant, "validation_file"
+            )
+
+        def fits(spec: JobSpec) -> bool:
+            try:
+                vram.check_fits(spec, settings.worker_gpu_memory_gb, settings.models_dir)
+            except ValueError:
+                return False
+            return True
+
+        spec = to_spec(data, rows=training.rows, fits=fits)
+        fingerprint = request_fingerprint(await request.body())
+        if idempotency_key:
+            idem, seconds = (idempotency_key, fingerprint), 24 * 3600
+        else:
+            idem, seconds = (f"openai-body:{fingerprint}", fingerprint), RETRY_WINDOW_SECONDS
+        job, replayed = await submit_job(
+            spec,
+            tenant=principal.tenant,
+            store=store,
+            arq=arq,
+            settings=settings,
+            idempotency=idem,
+            idempotency_seconds=seconds,
+        )
+        if data.suffix and not replayed:
+            await records.set_suffix(store, job.id, data.suffix)
+        return job_object(job, suffix=data.suffix)
+
+    @get(
+        operation_id="ListFineTuningJobs",
+        path="/",
+        summary="List fine-tuning jobs, newest first",
+        description="All of the tenant's jobs, whichever API created them. Filter by metadata "
+        "(our labels) with `metadata[key]=value`, repeated to require several.",
+        responses=responses(),
+    )
+    async def list_jobs(
+        self,
+        request: Request[Any, Any, Any],
+        principal: Principal,
+        store: Store,
+        after: Annotated[str | None, Parameter(pattern=JOB_ID)] = None,
+        limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
+    ) -> FineTuningJobList:
+        jobs, next_cursor = await store.list_jobs(
+            scope(principal),
+            status=None,
+            labels=_metadata_filter(request.query_params),
+            limit=limit,
+            cursor=after,
+        )
+        suffixes = await records.suffixes(store, [j.id for j in jobs])
+        return FineTuningJobList(
+            data=[job_object(j, suffix=suffixes.get(j.id)) for j in jobs],
+            has_more=next_cursor is not None,
+        )
+
+    @get(
+        operation_id="RetrieveFineTuningJob",
+        path="/{job_id:str}",
+        summary="A fine-tuning job",
+        responses=responses(404),
+    )
+    async def retrieve_job(self, job_id: str, principal: Principal, store: Store) -> FineTuningJob:
+        job = await store.get_job(job_id, scope(principal))
+        return job_object(job, suffix=(await records.suffixes(store, [job.id])).get(job.id))
+
+    @post(
+        operation_id="CancelFineTuningJob",
+        path="/{job_id:str}/cancel",
+        status_code=200,
+        summary="Cancel a queued job at once, or ask a running one to stop",
+        responses=responses(404, 409),
+    )
+    async def cancel(
+        self, job_id: str, principal: Principal, store: Store, arq: ArqRedis, settings: Settings
+    ) -> FineTuningJob:
+        job = await cancel_job(
+            job_id, tenant=scope(principal), store=store, arq=arq, settings=settings
+        )
+        return job_object(job, suffix=(await records.suffixes(store, [job.id])).get(job.id))
+
+    @get(
+        operation_id="ListFineTuningEvents",
+        path="/{job_id:str}/events",
+        summary="A job's events, newest first: status, phases, log lines and metrics",
+        responses=responses(404),
+    )
+    async def list_events(
+        self,
+        job_id: str,
+        principal: Principal,
+        store: Store,
+        after: Annotated[str | None, Parameter(max_length=64)] = None,
+        limit: Annotated[int, Parameter(ge=1, le=1000)] = 20,
+    ) -> FineTuningJobEventList:
+        job = await store.get_job(job_id, scope(principal))
+        before = None
+        if after is not None:
+            before = entry_of(after)
+            if before is None:
+                raise SpecError("after", f"after must be an event id of this job, got {after!r}")
+        entries = await store.events_before(job_id, before=before, count=limit + 1)
+        total = job.progress.total_steps
+        return FineTuningJobEventList(
+            data=[event_object(*entry, total_steps=total) for entry in entries[:limit]],
+            has_more=len(entries) > limit,
+        )
+
+    @get(
+        operation_id="ListFineTuningJobCheckpoints",
+        path="/{job_id:str}/checkpoints",
+        summary="A job's stored checkpoints, newest first",
+        responses=responses(404),
+    )
+    async def list_checkpoints(
+        self,
+        job_id: str,
+        principal: Principal,
+        store: Store,
+        blobs: BlobStore,
+        after: Annotated[str | None, Parameter(max_length=100)] = None,
+        limit: Annotated[int, Parameter(ge=1, le=100)] = 10,
+    ) -> FineTuningJobCheckpointList:
+        job = await store.get_job(job_id, scope(principal))
+        prefix = checkpoints_prefix(job.id)
+        keys = await anyio.to_thread.run_sync(blobs.list, prefix)
+        steps = sorted(complete_steps(keys, prefix), reverse=True)
+        if after is not None:
+            below = step_of_checkpoint(after, job.id)
+            if below is None:
+                raise SpecError(
+                    "after", f"after must be a checkpoint id of this job, got {after!r}"
+                )
+            steps = [s for s in steps if s < below]
+        page = steps[:limit]
+        points = await store.get_metrics(job.id, since_step=min(page)) if page else []
+        data = [
+            checkpoint_object(
+                job.id,
+                step,
+                blobs.uri(checkpoint_prefix(job.id, step).rstrip("/")) + "/",
+                points,
+                fallback_time=job.updated_at,
+            )
+            for step in page
+        ]
+        return FineTuningJobCheckpointList(
+            data=data,
+            has_more=len(steps) > limit,
+            first_id=data[0].id if data else None,
+            last_id=data[-1].id if data else None,
+        )

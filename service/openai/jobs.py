@@ -1,0 +1,188 @@
+"""A fine-tuning job both ways: OpenAI's create body to our JobSpec, our Job to OpenAI's
+`fine_tuning.job`. Pure: the API looks the records up and passes them in.
+
+A create becomes a spec as if it had been sent to `POST /v1/jobs`: model -> base_model,
+training_file -> dataset_id, validation_file -> eval_dataset_id, metadata -> labels, seed and
+the method's hyperparameters -> hyperparameters (see `hyperparameters` for "auto"), our own
+options (`lora`, `output`, `training`, ...) as they are; its webhook, if it has a webhook_url,
+is OpenAI's event (`fine_tuning.job.succeeded`, ...).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from service.contract import LABEL_KEY_RE, MODEL_REF_RE, Job, JobSpec, JobStatus
+from service.contract.openai import (
+    BASE_LEARNING_RATE,
+    OUR_JOB_OPTIONS,
+    DpoHyperparameters,
+    DpoMethod,
+    FineTuningHyperparameters,
+    FineTuningJob,
+    FineTuningJobCreate,
+    FineTuningJobError,
+    FineTuningMethod,
+)
+from service.openai.files import result_file_id
+from service.openai.hyperparameters import SpecError, requested, resolve, splits
+
+_RENAMED = {
+    "base_model": "model",
+    "dataset_id": "training_file",
+    "eval_dataset_id": "validation_file",
+    "labels": "metadata",
+}
+_HYPERPARAMETERS = {
+    "beta": "method.dpo.hyperparameters.beta",
+    "learning_rate": "method.dpo.hyperparameters.learning_rate_multiplier",
+    "num_epochs": "method.dpo.hyperparameters.n_epochs",
+    "batch_size": "method.dpo.hyperparameters.batch_size",
+    "gradient_accumulation_steps": "method.dpo.hyperparameters.batch_size",
+    "seed": "seed",
+}
+LABEL_KEY = re.compile(LABEL_KEY_RE)
+_AT = re.compile(r"\s*-\s*at `(?:key` in `)?\$\.?(?P<path>[^`]*)`$")
+
+
+def openai_param(path: list[str]) -> str | None:
+    """The create-body field (OpenAI's name, or ours riding along) for a JobSpec field path."""
+    if not path:
+        return None
+    head, rest = path[0], path[1:]
+    if head == "hyperparameters" and rest:
+        return _HYPERPARAMETERS.get(rest[0]) or ".".join(["training", *rest])
+    return ".".join([_RENAMED.get(head, head), *rest])
+
+
+def to_spec(create: FineTuningJobCreate, *, rows: int, fits: Callable[[JobSpec], bool]) -> JobSpec:
+    """The JobSpec for a create body; `rows` is the training file's, `fits` says whether a spec
+    fits the workers' GPUs (it picks how a batch is split). Raises SpecError."""
+    method = create.method.type if create.method else "dpo"
+    if method != "dpo":
+        raise SpecError(
+            "method.type",
+            f"{method} fine-tuning is not available here yet; use method type 'dpo' with "
+            "preference pairs",
+        )
+    if create.integrations:
+        raise SpecError(
+            "integrations",
+            "integrations (wandb) are not supported yet: leave them out and follow the metrics "
+            "through the job's events or its result file",
+        )
+    if not MODEL_REF_RE.match(create.model):
+        raise SpecError(
+            "model",
+            f"model {create.model!r} is not a model reference here: give a Hub id (org/name "
+            "or hf://org/name), s3://bucket/prefix/ or file:///path inside the workers' models "
+            "dir; OpenAI model names do not exist on this service",
+        )
+    for key in create.metadata or {}:
+        if not LABEL_KEY.match(key):
+            raise SpecError(
+                "metadata",
+                f"metadata key {key!r}: metadata are stored as the job's labels here, so a key "
+                "is lowercase letters, digits, '.', '_' and '-', at most 63 characters "
+                "(and a value at most 63 characters)",
+            )
+    if create.validation_file is not None and create.validation_file == create.training_file:
+        raise SpecError("validation_file", "validation_file must differ from training_file")
+    values = resolve(requested(create), rows)
+    batch = int(values.pop("batch"))
+    hyperparameters: dict[str, Any] = {
+        **(msgspec.to_builtins(create.training) if create.training else {}),
+        **values,
+    }
+    if create.seed is not None:
+        hyperparameters["seed"] = create.seed
+    doc = {
+        **{name: msgspec.to_builtins(getattr(create, name)) for name in OUR_JOB_OPTIONS},
+        "base_model": create.model,
+        "dataset_id": create.training_file,
+        "eval_dataset_id": create.validation_file,
+        "labels": create.metadata or {},
+        "method": "dpo",
+        "webhook_format": "openai",
+    }
+    spec: JobSpec | None = None
+    for micro, accumulation in splits(batch):
+        hyperparameters |= {"batch_size": micro, "gradient_accumulation_steps": accumulation}
+        spec = _convert({**doc, "hyperparameters": hyperparameters})
+        if fits(spec):
+            break
+    assert spec is not None  # splits() always yields (1, batch) last
+    return spec
+
+
+def _convert(doc: dict[str, Any]) -> JobSpec:
+    try:
+        return msgspec.convert(doc, JobSpec)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        match = _AT.search(message)
+        if match is None:
+            raise SpecError(None, message) from None
+        path = [p for p in re.split(r"[.\[\]]", match.group("path")) if p]
+        param = openai_param(path)
+        raise SpecError(param, f"{param}: {message[: match.start()]}") from None
+
+
+def job_object(job: Job, *, suffix: str | None = None) -> FineTuningJob:
+    """OpenAI's view of one of our jobs, whichever API created it."""
+    spec, hp = job.spec, job.spec.hyperparameters
+    used = FineTuningHyperparameters(
+        batch_size=hp.batch_size * hp.gradient_accumulation_steps,
+        learning_rate_multiplier=hp.learning_rate / BASE_LEARNING_RATE,
+        n_epochs=hp.num_epochs,
+    )
+    dpo = DpoHyperparameters(**msgspec.structs.asdict(used), beta=hp.beta)
+    return FineTuningJob(
+        id=job.id,
+        created_at=int(job.created_at),
+        finished_at=int(job.finished_at) if job.finished_at is not None else None,
+        model=spec.base_model,
+        fine_tuned_model=fine_tuned_model(job),
+        organization_id=job.tenant,
+        status=job.status.value,
+        training_file=job.dataset.id,
+        validation_file=job.eval_dataset.id if job.eval_dataset else None,
+        hyperparameters=used,
+        method=FineTuningMethod(type="dpo", dpo=DpoMethod(hyperparameters=dpo)),
+        result_files=[result_file_id(job.id)] if job.status == JobStatus.succeeded else [],
+        trained_tokens=_trained_tokens(job),
+        error=_error(job),
+        estimated_finish=_estimated_finish(job),
+        seed=hp.seed,
+        metadata=dict(spec.labels) or None,
+        suffix=suffix,
+    )
+
+
+def fine_tuned_model(job: Job) -> str | None:
+    """Where the model is: the merged model if one was made, else the adapter."""
+    by_kind = {a.kind: a.uri for a in job.artifacts}
+    return by_kind.get("merged") or by_kind.get("adapter")
+
+
+def _trained_tokens(job: Job) -> int | None:
+    tokens = job.latest_metrics.get("num_tokens")
+    return int(tokens) if job.status.terminal and tokens is not None else None
+
+
+def _error(job: Job) -> FineTuningJobError | None:
+    if job.status != JobStatus.failed or job.error is None:
+        return None
+    param = "training_file" if job.error.type == "DatasetError" else None
+    return FineTuningJobError(code=job.error.type, message=job.error.message, param=param)
+
+
+def _estimated_finish(job: Job) -> int | None:
+    eta = job.progress.eta_seconds
+    if job.status != JobStatus.running or eta is None:
+        return None
+    return int(job.updated_at + eta)

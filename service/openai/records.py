@@ -1,0 +1,109 @@
+"""What the OpenAI-compatible API keeps beside our records, in the same Redis.
+
+- Failed uploads: an upload that failed validation stores nothing of its rows (as on
+  `POST /v1/datasets`), only this record of its errors, so the file can be retrieved, listed
+  and deleted like OpenAI's files in status `error`.
+- Suffixes: the `suffix` a job was created with (OpenAI's objects show it; ours have no
+  field for it).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from service.contract.openai import FileObject
+from service.store import NotFound, Store, new_id
+
+P = "ftune:openai:"
+
+
+class FailedUpload(msgspec.Struct, kw_only=True):
+    id: str
+    tenant: str
+    filename: str
+    bytes: int
+    created_at: float
+    status_details: str
+
+    def file(self) -> FileObject:
+        return FileObject(
+            id=self.id,
+            bytes=self.bytes,
+            created_at=int(self.created_at),
+            filename=self.filename,
+            purpose="fine-tune",
+            status="error",
+            status_details=self.status_details,
+        )
+
+
+_failed_decoder = msgspec.json.Decoder(FailedUpload)
+
+
+def _failed_key(file_id: str) -> str:
+    return f"{P}failed:{file_id}"
+
+
+def failed_index(tenant: str | None) -> str:
+    return f"{P}failed:" + ("all" if tenant is None else f"t:{tenant}")
+
+
+def _suffix_key(job_id: str) -> str:
+    return f"{P}suffix:{job_id}"
+
+
+async def add_failed_upload(
+    store: Store, *, tenant: str, filename: str, size: int, created_at: float, details: str
+) -> FailedUpload:
+    record = FailedUpload(
+        id=new_id("file"),
+        tenant=tenant,
+        filename=filename,
+        bytes=size,
+        created_at=created_at,
+        status_details=details,
+    )
+    async with store.redis.pipeline(transaction=True) as pipe:
+        pipe.set(_failed_key(record.id), msgspec.json.encode(record))
+        pipe.zadd(failed_index(tenant), {record.id: 0})
+        pipe.zadd(failed_index(None), {record.id: 0})
+        await pipe.execute()
+    return record
+
+
+async def get_failed_upload(store: Store, file_id: str, tenant: str | None) -> FailedUpload:
+    raw = await store.redis.get(_failed_key(file_id))
+    if raw is None:
+        raise NotFound(f"no file {file_id}")
+    record = _failed_decoder.decode(raw)
+    if tenant is not None and record.tenant != tenant:
+        raise NotFound(f"no file {file_id}")
+    return record
+
+
+async def failed_uploads(store: Store, ids: list[str]) -> list[FailedUpload]:
+    if not ids:
+        return []
+    raws = await store.redis.mget([_failed_key(i) for i in ids])
+    return [_failed_decoder.decode(raw) for raw in raws if raw]
+
+
+async def delete_failed_upload(store: Store, file_id: str, tenant: str | None) -> None:
+    record = await get_failed_upload(store, file_id, tenant)
+    async with store.redis.pipeline(transaction=True) as pipe:
+        pipe.delete(_failed_key(file_id))
+        pipe.zrem(failed_index(record.tenant), file_id)
+        pipe.zrem(failed_index(None), file_id)
+        await pipe.execute()
+
+
+async def set_suffix(store: Store, job_id: str, suffix: str) -> None:
+    await store.redis.set(_suffix_key(job_id), suffix)
+
+
+async def suffixes(store: Store, job_ids: list[str]) -> dict[str, str]:
+    """The suffix of each job created with one."""
+    if not job_ids:
+        return {}
+    raws = await store.redis.mget([_suffix_key(j) for j in job_ids])
+    return {j: raw.decode() for j, raw in zip(job_ids, raws, strict=True) if raw is not None}

@@ -1,0 +1,265 @@
+"""The OpenAI-compatible API driven by the official `openai` SDK alone, against a live API.
+
+No worker here: jobs stay queued. Training through the same calls is
+tests/e2e/test_openai_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import httpx2
+import openai
+import pydantic
+import pytest
+from openai.types.webhooks import FineTuningJobCancelledWebhookEvent, UnwrapWebhookEvent
+
+from service.openai.hyperparameters import auto_batch_size, auto_epochs
+from service.settings import Settings
+from tests.fixtures.api import LiveServer
+from tests.fixtures.openai_sdk import OPENAI_EXAMPLE_ROW, jsonl, openai_rows, sdk
+from tests.integration.test_webhooks import Receiver, _serve
+
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.fixture
+def client(live_api: LiveServer) -> Iterator[openai.OpenAI]:
+    with sdk(live_api.url) as c:
+        yield c
+
+
+def upload(client: openai.OpenAI, rows: list[dict[str, Any]], name: str = "train.jsonl") -> str:
+    file = client.files.create(file=(name, jsonl(rows)), purpose="fine-tune")
+    return client.files.wait_for_processing(file.id, poll_interval=0.1).id
+
+
+def retries_taken(exc: openai.APIStatusError) -> int:
+    return int(exc.response.request.headers["x-stainless-retry-count"])
+
+
+def test_files_are_datasets(client: openai.OpenAI) -> None:
+    rows = openai_rows(12)
+    file = client.files.create(file=("my prefs [v2].jsonl", jsonl(rows)), purpose="fine-tune")
+    assert file.id.startswith("ds_") and file.object == "file" and file.purpose == "fine-tune"
+    assert file.status == "processed" and file.filename == "my prefs _v2_.jsonl"
+    assert client.files.wait_for_processing(file.id, poll_interval=0.1) == file
+    content = client.files.content(file.id).read()
+    assert file.bytes == len(content)
+    lines = [json.loads(line) for line in content.splitlines()]
+    assert len(lines) == 12  # normalized, one canonical row per uploaded row
+    assert (
+        lines[0]["prompt"][-1]["content"] == OPENAI_EXAMPLE_ROW["input"]["messages"][0]["content"]
+    )
+    assert lines[0]["chosen"] == OPENAI_EXAMPLE_ROW["preferred_output"]
+    assert [f.id for f in client.files.list()] == [file.id]
+    assert client.files.delete(file.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(file.id)
+
+
+def test_an_invalid_file_ends_in_error_with_its_lines(client: openai.OpenAI) -> None:
+    rows = openai_rows(4)
+    rows[2] = {**rows[2], "non_preferred_output": rows[2]["preferred_output"]}
+    file = client.files.create(file=("bad.jsonl", jsonl(rows)), purpose="fine-tune")
+    done = client.files.wait_for_processing(file.id, poll_interval=0.1)
+    assert done.status == "error" and done.id.startswith("file_")
+    assert done.status_details is not None and "line 3" in done.status_details
+    assert [f.id for f in client.files.list(purpose="fine-tune")] == [file.id]
+    with pytest.raises(openai.NotFoundError, match="failed validation"):
+        client.files.content(file.id)
+    with pytest.raises(openai.BadRequestError, match="failed validation") as bad:
+        client.fine_tuning.jobs.create(model=MODEL, training_file=file.id)
+    assert bad.value.param == "training_file"
+    assert client.files.delete(file.id).deleted
+    assert list(client.files.list()) == []
+
+
+def test_files_page_newest_first_across_kinds(client: openai.OpenAI) -> None:
+    first, second = upload(client, openai_rows(3)), upload(client, openai_rows(5))
+    broken = client.files.create(file=("broken.jsonl", b"{not json\n"), purpose="fine-tune")
+    page = client.files.list(limit=2)
+    assert [f.id for f in page.data] == [broken.id, second] and page.has_more
+    assert [f.id for f in client.files.list(limit=1)] == [broken.id, second, first]
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.files.create(file=("x.jsonl", jsonl(openai_rows(3))), purpose="assistants")
+    assert bad.value.param == "purpose"
+
+
+def test_auto_hyperparameters_are_resolved_and_reported(client: openai.OpenAI) -> None:
+    train = upload(client, openai_rows(40))
+    job = client.fine_tuning.jobs.create(
+        model=MODEL,
+        training_file=train,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": "auto", "n_epochs": "auto"}}},
+        metadata={"team": "search"},
+        suffix="first-try",
+    )
+    assert job.object == "fine_tuning.job" and job.status == "queued"
+    assert job.organization_id == "alice" and job.training_file == train
+    assert job.model == MODEL and job.metadata == {"team": "search"}
+    assert job.method is not None and job.method.type == "dpo"
+    assert job.method.dpo is not None and job.method.dpo.hyperparameters is not None
+    used = job.method.dpo.hyperparameters
+    assert used.n_epochs == auto_epochs(40) and used.batch_size == auto_batch_size(40)
+    assert used.beta == 0.1 and used.learning_rate_multiplier == 1.0
+    assert job.hyperparameters.batch_size == used.batch_size and job.seed == 42
+    assert job.fine_tuned_model is None and job.result_files == []
+    again = client.fine_tuning.jobs.retrieve(job.id)
+    assert again == job and again.model_extra == {"suffix": "first-try"}
+
+
+def test_explicit_hyperparameters_and_our_options(client: openai.OpenAI) -> None:
+    train, valid = upload(client, openai_rows(20)), upload(client, openai_rows(6), "valid.jsonl")
+    job = client.fine_tuning.jobs.create(
+        model=MODEL,
+        training_file=train,
+        validation_file=valid,
+        hyperparameters={"batch_size": 12, "learning_rate_multiplier": 2.0, "n_epochs": 2},
+        seed=7,
+        extra_body={"training": {"max_steps": 30, "loss_type": "ipo"}, "lora": {"r": 4}},
+    )
+    assert job.validation_file == valid and job.seed == 7
+    assert job.hyperparameters.model_dump() == {
+        "batch_size": 12,
+        "learning_rate_multiplier": 2.0,
+        "n_epochs": 2,
+    }
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.fine_tuning.jobs.create(
+            model=MODEL, training_file=train, extra_body={"training": {"beta": 0.3}}
+        )
+    assert "beta" in bad.value.message
+
+
+def test_jobs_page_newest_first_and_filter_by_metadata(client: openai.OpenAI) -> None:
+    train = upload(client, openai_rows(8))
+    ids = [
+        client.fine_tuning.jobs.create(
+            model=MODEL, training_file=train, seed=i, metadata={"batch": str(i % 2)}
+        ).id
+        for i in range(5)
+    ]
+    first = client.fine_tuning.jobs.list(limit=2)
+    assert [j.id for j in first.data] == ids[::-1][:2] and first.has_more
+    assert [j.id for j in client.fine_tuning.jobs.list(limit=2)] == ids[::-1]  # every page
+    odd = client.fine_tuning.jobs.list(metadata={"batch": "1"})
+    assert [j.id for j in odd] == [ids[3], ids[1]]
+
+
+def test_a_retried_create_does_not_start_a_second_job(live_api: LiveServer) -> None:
+    class LoseFirstAnswer(httpx2.BaseTransport):
+        """The job is created, then its answer is lost: the SDK sees a timeout and retries."""
+
+        def __init__(self) -> None:
+            self.inner, self.creates = httpx2.HTTPTransport(), 0
+
+        def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+            response = self.inner.handle_request(request)
+            if request.method == "POST" and request.url.path == "/v1/fine_tuning/jobs":
+                self.creates += 1
+                if self.creates == 1:
+                    response.read()
+                    raise httpx2.ReadTimeout("answer lost", request=request)
+            return response
+
+    transport = LoseFirstAnswer()
+    with sdk(live_api.url, http_client=httpx2.Client(transport=transport)) as client:
+        train = upload(client, openai_rows(4))
+        job = client.fine_tuning.jobs.create(model=MODEL, training_file=train)
+        assert transport.creates == 2
+        assert [j.id for j in client.fine_tuning.jobs.list()] == [job.id]
+
+
+def test_errors_raise_the_sdk_classes_with_our_message(
+    client: openai.OpenAI, live_api: LiveServer
+) -> None:
+    train = upload(client, openai_rows(4))
+    cases: list[tuple[dict[str, Any], str, str]] = [
+        ({"method": {"type": "supervised"}}, "method.type", "dpo"),
+        ({"model": "gpt-4o-mini"}, "model", "OpenAI model names"),
+        ({"training_file": "ds_0000nothing"}, "training_file", "does not exist"),
+        (
+            {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": -1}}}},
+            "method.dpo.hyperparameters.beta",
+            "Expected",
+        ),
+        ({"extra_body": {"training": {"max_length": 4}}}, "training.max_length", ">= 16"),
+        ({"metadata": {"Team": "x"}}, "metadata", "'Team'.*lowercase"),
+        ({"metadata": {"team": "x" * 64}}, "metadata", "length <= 63"),
+        (
+            {"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]},
+            "integrations",
+            "not supported",
+        ),
+    ]
+    for patch, param, words in cases:
+        body: dict[str, Any] = {"model": MODEL, "training_file": train, **patch}
+        with pytest.raises(openai.BadRequestError, match=words) as bad:
+            client.fine_tuning.jobs.create(**body)
+        assert bad.value.param == param, (patch, bad.value.body)
+        assert retries_taken(bad.value) == 0
+
+    with (
+        sdk(live_api.url, key="key-nobody") as stranger,
+        pytest.raises(openai.AuthenticationError, match="unknown API key"),
+    ):
+        stranger.fine_tuning.jobs.list()
+
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=train)
+    with sdk(live_api.url, key="key-bob") as bob, pytest.raises(openai.NotFoundError):
+        bob.fine_tuning.jobs.retrieve(job.id)
+    with pytest.raises(openai.NotFoundError):
+        client.fine_tuning.jobs.list_events("job_0000nothing")
+
+    with pytest.raises(openai.ConflictError, match="live jobs") as conflict:
+        client.files.delete(train)
+    assert retries_taken(conflict.value) == 0
+    assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+    with pytest.raises(openai.ConflictError, match="already cancelled") as conflict:
+        client.fine_tuning.jobs.cancel(job.id)
+    assert retries_taken(conflict.value) == 0
+
+
+def test_a_tenant_past_its_live_job_limit_meets_rate_limit_error(api_settings: Settings) -> None:
+    with LiveServer(replace(api_settings, max_live_jobs=1)) as live, sdk(live.url) as client:
+        train = upload(client, openai_rows(4))
+        first = client.fine_tuning.jobs.create(model=MODEL, training_file=train, seed=1)
+        with pytest.raises(openai.RateLimitError, match="limit is 1") as limited:
+            client.fine_tuning.jobs.create(model=MODEL, training_file=train, seed=2)
+        assert retries_taken(limited.value) == 0
+        client.fine_tuning.jobs.cancel(first.id)
+        client.fine_tuning.jobs.create(model=MODEL, training_file=train, seed=2)
+
+
+def test_events_of_a_queued_job(client: openai.OpenAI) -> None:
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=upload(client, openai_rows(4)))
+    client.fine_tuning.jobs.cancel(job.id)
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=1))
+    assert [e.message for e in events] == ["Job cancelled", "Job queued"]
+    assert events[0].level == "warn" and events[0].object == "fine_tuning.job.event"
+    assert list(client.fine_tuning.jobs.checkpoints.list(job.id)) == []
+
+
+def test_a_jobs_webhook_is_openais_event(api_settings: Settings) -> None:
+    settings = replace(api_settings, webhook_allow_private=True, webhook_backoff_seconds=0.05)
+    for receiver in _serve(Receiver()):
+        with LiveServer(settings) as live, sdk(live.url) as client:
+            job = client.fine_tuning.jobs.create(
+                model=MODEL,
+                training_file=upload(client, openai_rows(4)),
+                extra_body={"webhook_url": receiver.url},
+            )
+            client.fine_tuning.jobs.cancel(job.id)
+            deadline = time.monotonic() + 10
+            while not receiver.requests and time.monotonic() < deadline:
+                time.sleep(0.05)
+        [delivery] = receiver.requests
+        event = pydantic.TypeAdapter(UnwrapWebhookEvent).validate_json(delivery.body)
+        assert isinstance(event, FineTuningJobCancelledWebhookEvent)
+        assert event.data.id == job.id and event.object == "event"
+        assert delivery.headers["ftune-event-type"] == "fine_tuning.job.cancelled"

@@ -1,0 +1,108 @@
+"""OpenAI's objects to and from ours: "auto" rules, batch splits that fit the GPU, the result
+CSV and the event texts a migrating team reads."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from service import vram
+from service.contract import JobSpec, MetricPoint
+from service.contract.openai import FineTuningJobCreate
+from service.openai.events import event_object
+from service.openai.files import metrics_csv
+from service.openai.hyperparameters import SpecError, auto_batch_size, auto_epochs
+from service.openai.jobs import to_spec
+
+
+def create(**body: object) -> FineTuningJobCreate:
+    return msgspec.convert({"model": "org/m", "training_file": "ds_1", **body}, FineTuningJobCreate)
+
+
+@pytest.mark.parametrize(
+    ("rows", "epochs"), [(1, 25), (10, 10), (40, 3), (8_000, 3), (10_000, 2), (30_000, 1)]
+)
+def test_auto_epochs_keep_between_100_and_25000_examples(rows: int, epochs: int) -> None:
+    assert auto_epochs(rows) == epochs
+
+
+@pytest.mark.parametrize(
+    ("rows", "batch"), [(3, 3), (64, 8), (10_000, 20), (100_000, 200), (1_000_000, 256)]
+)
+def test_auto_batch_is_a_fifth_of_a_percent_of_the_rows_within_8_and_256(
+    rows: int, batch: int
+) -> None:
+    assert auto_batch_size(rows) == batch
+
+
+def test_left_out_and_auto_are_the_same() -> None:
+    always = lambda spec: True  # noqa: E731
+    auto = {"beta": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
+    with_auto = to_spec(
+        create(method={"type": "dpo", "dpo": {"hyperparameters": auto}}), rows=500, fits=always
+    )
+    assert with_auto == to_spec(create(), rows=500, fits=always)
+    hp = with_auto.hyperparameters
+    assert (hp.beta, hp.learning_rate, hp.num_epochs) == (0.1, 5e-6, 3)
+    assert hp.batch_size * hp.gradient_accumulation_steps == 8
+
+
+def test_a_batch_is_split_so_that_it_fits_the_workers_gpu(tmp_path: Path) -> None:
+    body = create(
+        model="Qwen/Qwen2.5-7B-Instruct",
+        hyperparameters={"batch_size": 16},
+        training={"max_length": 2048},
+    )
+    splits = {}
+    for gpu_gb in (80.0, 20.0, 12.0):
+
+        def fits(spec: JobSpec, gpu_gb: float = gpu_gb) -> bool:
+            try:
+                vram.check_fits(spec, gpu_gb, tmp_path)
+            except ValueError:
+                return False
+            return True
+
+        hp = to_spec(body, rows=1000, fits=fits).hyperparameters
+        assert hp.batch_size * hp.gradient_accumulation_steps == 16
+        splits[gpu_gb] = hp.batch_size
+    assert splits == {80.0: 8, 20.0: 4, 12.0: 2}
+
+
+def test_supervised_and_both_hyperparameter_forms_are_refused_by_name() -> None:
+    with pytest.raises(SpecError) as refused:
+        to_spec(create(method={"type": "supervised"}), rows=10, fits=lambda s: True)
+    assert refused.value.param == "method.type"
+    both = create(method={"type": "dpo"}, hyperparameters={"n_epochs": 2})
+    with pytest.raises(SpecError) as refused:
+        to_spec(both, rows=10, fits=lambda s: True)
+    assert refused.value.param == "hyperparameters"
+
+
+def test_result_csv_has_one_row_per_step_with_train_and_eval_merged() -> None:
+    points = [
+        MetricPoint(step=1, time=1.0, values={"loss": 0.69, "rewards/accuracies": 0.5}),
+        MetricPoint(step=2, time=2.0, values={"loss": 0.5, "rewards/accuracies": 0.75}),
+        MetricPoint(step=2, time=2.5, values={"eval_loss": 0.6, "eval_rewards/accuracies": 1.0}),
+    ]
+    table = list(csv.DictReader(io.StringIO(metrics_csv(points).decode())))
+    assert list(table[0])[:3] == ["step", "train_loss", "valid_loss"]
+    assert [(r["step"], r["train_loss"], r["valid_loss"]) for r in table] == [
+        ("1", "0.69", ""),
+        ("2", "0.5", "0.6"),
+    ]
+    assert table[1]["eval_rewards/accuracies"] == "1.0"
+
+
+def test_a_failure_reads_as_an_error_event_with_its_cause() -> None:
+    data = msgspec.json.encode(
+        {"status": "failed", "attempt": 0, "error": {"type": "DatasetError", "message": "no rows"}}
+    )
+    event = event_object("1700000000123-0", "status", data, total_steps=None)
+    assert event.level == "error" and event.created_at == 1_700_000_000
+    assert event.message == "Job failed: DatasetError: no rows"
+    assert event.id == "ftevent-1700000000123-0"
