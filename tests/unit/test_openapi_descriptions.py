@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 
 from service import contract
 from service.api import errors
 from service.api.app import create_app
+from service.contract import openai as openai_contract
 from service.settings import Settings
 
 
@@ -64,6 +66,11 @@ def test_a_field_description_stays_on_the_field(spec: dict[str, Any]) -> None:
     """A type's component is described by its docstring, never by a field that refers to it."""
     types = {name: getattr(contract, name) for name in contract.__all__}
     types |= {"Problem": errors.Problem, "FieldError": errors.FieldError}
+    types |= {  # the OpenAI-compatible surface's objects live apart, not re-exported
+        name: value
+        for name, value in vars(openai_contract).items()
+        if isinstance(value, type) and issubclass(value, msgspec.Struct)
+    }
     for name, schema in spec["components"]["schemas"].items():
         doc = types[name].__doc__
         assert words(schema.get("description")) == words(doc), name

@@ -39,6 +39,14 @@ from service.store import NotFound, Store
 Page = Callable[[str, int], Awaitable[list[tuple[str, FileObject]]]]
 """A source of files: (id after which to start, how many) -> (sort key, file), newest first."""
 
+FileId = Annotated[
+    str,
+    Parameter(
+        description="The file's id: a dataset (`ds_...`), a failed upload (`file_...`) or a "
+        "result file (`res_...`)."
+    ),
+]
+
 
 def _suffix(file_id: str) -> str:
     """The time-sortable part of any of our ids (`ds_<suffix>`, `file_...`, `res_...`)."""
@@ -123,10 +131,21 @@ class FileController(Controller):
         self,
         principal: Principal,
         store: Store,
-        after: Annotated[str | None, Parameter(max_length=80)] = None,
-        limit: Annotated[int, Parameter(ge=1, le=10_000)] = 10_000,
-        order: Literal["asc", "desc"] = "desc",
-        purpose: Annotated[str | None, Parameter(max_length=64)] = None,
+        after: Annotated[
+            str | None,
+            Parameter(max_length=80, description="A file id: list the files after it."),
+        ] = None,
+        limit: Annotated[
+            int, Parameter(ge=1, le=10_000, description="Files per page (at most 10,000).")
+        ] = 10_000,
+        order: Annotated[
+            Literal["asc", "desc"],
+            Parameter(description="Order by creation time; only `desc` (newest first) here."),
+        ] = "desc",
+        purpose: Annotated[
+            str | None,
+            Parameter(max_length=64, description="Only files of this purpose (`fine-tune`)."),
+        ] = None,
     ) -> FileList:
         if order != "desc":
             raise SpecError("order", "only order=desc (newest first) is supported here")
@@ -180,7 +199,9 @@ class FileController(Controller):
         summary="A file's object (wait_for_processing polls this)",
         responses=responses(404),
     )
-    async def retrieve_file(self, file_id: str, principal: Principal, store: Store) -> FileObject:
+    async def retrieve_file(
+        self, file_id: FileId, principal: Principal, store: Store
+    ) -> FileObject:
         tenant = scope(principal)
         if file_id.startswith("file_"):
             return (await records.get_failed_upload(store, file_id, tenant)).file()
@@ -198,7 +219,7 @@ class FileController(Controller):
         responses=responses(404),
     )
     async def file_content(
-        self, file_id: str, principal: Principal, store: Store, blobs: BlobStore
+        self, file_id: FileId, principal: Principal, store: Store, blobs: BlobStore
     ) -> Response[Any]:
         tenant = scope(principal)
         if file_id.startswith("file_"):
@@ -226,7 +247,7 @@ class FileController(Controller):
         responses=responses(404, 409),
     )
     async def delete_file(
-        self, file_id: str, principal: Principal, store: Store, blobs: BlobStore
+        self, file_id: FileId, principal: Principal, store: Store, blobs: BlobStore
     ) -> FileDeleted:
         tenant = scope(principal)
         if file_id.startswith("file_"):

@@ -13,7 +13,7 @@ from litestar.params import HeaderParameter, Parameter
 
 from service import vram
 from service.api.auth import scope
-from service.api.jobs import cancel_job, submit_job
+from service.api.jobs import JobId, cancel_job, submit_job
 from service.api.openai.errors import handle, responses
 from service.blobs import BlobStore
 from service.checkpoints import checkpoint_prefix, checkpoints_prefix, complete_steps
@@ -94,7 +94,13 @@ class FineTuningController(Controller):
         settings: Settings,
         idempotency_key: Annotated[
             str | None,
-            HeaderParameter(name="Idempotency-Key", min_length=1, max_length=255, required=False),
+            HeaderParameter(
+                name="Idempotency-Key",
+                min_length=1,
+                max_length=255,
+                required=False,
+                description="A repeated key returns the first job instead of starting another.",
+            ),
         ] = None,
     ) -> FineTuningJob:
         training = await _training_dataset(
@@ -144,8 +150,11 @@ class FineTuningController(Controller):
         request: Request[Any, Any, Any],
         principal: Principal,
         store: Store,
-        after: Annotated[str | None, Parameter(pattern=JOB_ID)] = None,
-        limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
+        after: Annotated[
+            str | None,
+            Parameter(pattern=JOB_ID, description="A job id: list the jobs created before it."),
+        ] = None,
+        limit: Annotated[int, Parameter(ge=1, le=100, description="Jobs per page.")] = 20,
     ) -> FineTuningJobList:
         jobs, next_cursor = await store.list_jobs(
             scope(principal),
@@ -166,7 +175,9 @@ class FineTuningController(Controller):
         summary="A fine-tuning job",
         responses=responses(404),
     )
-    async def retrieve_job(self, job_id: str, principal: Principal, store: Store) -> FineTuningJob:
+    async def retrieve_job(
+        self, job_id: JobId, principal: Principal, store: Store
+    ) -> FineTuningJob:
         job = await store.get_job(job_id, scope(principal))
         return job_object(job, suffix=(await records.suffixes(store, [job.id])).get(job.id))
 
@@ -178,7 +189,7 @@ class FineTuningController(Controller):
         responses=responses(404, 409),
     )
     async def cancel(
-        self, job_id: str, principal: Principal, store: Store, arq: ArqRedis, settings: Settings
+        self, job_id: JobId, principal: Principal, store: Store, arq: ArqRedis, settings: Settings
     ) -> FineTuningJob:
         job = await cancel_job(
             job_id, tenant=scope(principal), store=store, arq=arq, settings=settings
@@ -193,11 +204,14 @@ class FineTuningController(Controller):
     )
     async def list_events(
         self,
-        job_id: str,
+        job_id: JobId,
         principal: Principal,
         store: Store,
-        after: Annotated[str | None, Parameter(max_length=64)] = None,
-        limit: Annotated[int, Parameter(ge=1, le=1000)] = 20,
+        after: Annotated[
+            str | None,
+            Parameter(max_length=64, description="An event id: list the events older than it."),
+        ] = None,
+        limit: Annotated[int, Parameter(ge=1, le=1000, description="Events per page.")] = 20,
     ) -> FineTuningJobEventList:
         job = await store.get_job(job_id, scope(principal))
         before = None
@@ -220,12 +234,15 @@ class FineTuningController(Controller):
     )
     async def list_checkpoints(
         self,
-        job_id: str,
+        job_id: JobId,
         principal: Principal,
         store: Store,
         blobs: BlobStore,
-        after: Annotated[str | None, Parameter(max_length=100)] = None,
-        limit: Annotated[int, Parameter(ge=1, le=100)] = 10,
+        after: Annotated[
+            str | None,
+            Parameter(max_length=100, description="A checkpoint id: list the ones before it."),
+        ] = None,
+        limit: Annotated[int, Parameter(ge=1, le=100, description="Checkpoints per page.")] = 10,
     ) -> FineTuningJobCheckpointList:
         job = await store.get_job(job_id, scope(principal))
         prefix = checkpoints_prefix(job.id)
