@@ -10,19 +10,19 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import httpx2
 import openai
-import pydantic
 import pytest
-from openai.types.webhooks import FineTuningJobCancelledWebhookEvent, UnwrapWebhookEvent
+from openai.types.webhooks import FineTuningJobCancelledWebhookEvent
 
 from service.openai.hyperparameters import auto_batch_size, auto_epochs
 from service.settings import Settings
 from tests.fixtures.api import LiveServer
 from tests.fixtures.openai_sdk import OPENAI_EXAMPLE_ROW, jsonl, openai_rows, sdk
-from tests.integration.test_webhooks import Receiver, _serve
+from tests.integration.test_webhooks import SECRET, Receiver, _serve
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -245,8 +245,15 @@ def test_events_of_a_queued_job(client: openai.OpenAI) -> None:
     assert list(client.fine_tuning.jobs.checkpoints.list(job.id)) == []
 
 
-def test_a_jobs_webhook_is_openais_event(api_settings: Settings) -> None:
-    settings = replace(api_settings, webhook_allow_private=True, webhook_backoff_seconds=0.05)
+def test_a_jobs_webhook_is_openais_event(api_settings: Settings, tmp_path: Path) -> None:
+    secrets = tmp_path / "webhook-secrets.json"
+    secrets.write_text(json.dumps({"alice": SECRET}))
+    settings = replace(
+        api_settings,
+        webhook_allow_private=True,
+        webhook_backoff_seconds=0.05,
+        webhook_secrets_file=secrets,
+    )
     for receiver in _serve(Receiver()):
         with LiveServer(settings) as live, sdk(live.url) as client:
             job = client.fine_tuning.jobs.create(
@@ -259,7 +266,10 @@ def test_a_jobs_webhook_is_openais_event(api_settings: Settings) -> None:
             while not receiver.requests and time.monotonic() < deadline:
                 time.sleep(0.05)
         [delivery] = receiver.requests
-        event = pydantic.TypeAdapter(UnwrapWebhookEvent).validate_json(delivery.body)
+        # The SDK's own verifier: Standard Webhooks signature, timestamp, and OpenAI's event type.
+        event = client.webhooks.unwrap(delivery.body, delivery.headers, secret=SECRET)
         assert isinstance(event, FineTuningJobCancelledWebhookEvent)
+        with pytest.raises(openai.InvalidWebhookSignatureError):
+            client.webhooks.unwrap(delivery.body + b" ", delivery.headers, secret=SECRET)
         assert event.data.id == job.id and event.object == "event"
         assert delivery.headers["ftune-event-type"] == "fine_tuning.job.cancelled"
