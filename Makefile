@@ -28,10 +28,11 @@ dev: $(STAMP) ## start Redis, the API and one worker on this machine (Ctrl-C sto
 test: $(STAMP) ## run the test suite (unit, integration with real Redis/S3/Hub servers, end to end)
 	$(VENV)/bin/pytest -q
 
-lint: $(STAMP) ## ruff, ruff format --check and mypy
+lint: $(STAMP) ## ruff, ruff format --check, mypy and the import layers (lint-imports)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 fmt: $(STAMP) ## format the code
 	$(VENV)/bin/ruff format .
