@@ -11,13 +11,12 @@ help: ## list the targets
 
 # torch stays out of requirements.lock: here it is the CPU wheel on this machine's disk (pip's
 # find-links), in the worker image a CUDA build; the lock holds torch's own dependencies.
-TORCH := torch==2.13.0
-TORCH_LOCAL := torch==2.13.0+cpu
+TORCH_VERSION := 2.13.0
 TORCH_WHEELS ?= /opt/wheels
 
 $(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --no-deps $(TORCH)
+	$(PY) -m pip install -q --no-deps torch==$(TORCH_VERSION)
 	# Exactly the locked versions, hashes checked; the lock is complete, so no resolver runs.
 	$(PY) -m pip install -q --no-deps --require-hashes -r requirements.lock
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
@@ -29,8 +28,8 @@ install: $(STAMP) ## create .venv from requirements.lock: API, worker (CPU torch
 lock: ## regenerate requirements.lock after a dependency changed in pyproject.toml
 	@# With a stale lock, install fails at pip check, but uv is in by then.
 	@test -x $(VENV)/bin/uv || $(MAKE) install || test -x $(VENV)/bin/uv
-	echo "$(TORCH_LOCAL)" | $(VENV)/bin/uv pip compile pyproject.toml - --extra worker --extra dev \
-		--generate-hashes --no-emit-package torch --find-links $(TORCH_WHEELS) \
+	echo "torch==$(TORCH_VERSION)+cpu" | $(VENV)/bin/uv pip compile pyproject.toml - \
+		--extra worker --extra dev --generate-hashes --no-emit-package torch --find-links $(TORCH_WHEELS) \
 		--python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
 		--custom-compile-command "make lock" --quiet -o requirements.lock
 
