@@ -9,15 +9,29 @@ STAMP := $(VENV)/.installed
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# torch stays out of requirements.lock: here it is the CPU wheel on this machine's disk (pip's
+# find-links), in the worker image a CUDA build; the lock holds torch's own dependencies.
+TORCH_VERSION := 2.13.0
+TORCH_WHEELS ?= /opt/wheels
+
+$(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# The CPU wheel of torch on this machine's disk; the worker image installs a CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[worker,dev]'
+	$(PY) -m pip install -q --no-deps torch==$(TORCH_VERSION)
+	# Exactly the locked versions, hashes checked; the lock is complete, so no resolver runs.
+	$(PY) -m pip install -q --no-deps --require-hashes -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check || { echo "requirements.lock is stale: run make lock"; exit 1; }
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv with the API, the worker (CPU torch) and the dev tools
+install: $(STAMP) ## create .venv from requirements.lock: API, worker (CPU torch), dev tools
+
+lock: ## regenerate requirements.lock after a dependency changed in pyproject.toml
+	@# With a stale lock, install fails at pip check, but uv is in by then.
+	@test -x $(VENV)/bin/uv || $(MAKE) install || test -x $(VENV)/bin/uv
+	echo "torch==$(TORCH_VERSION)+cpu" | $(VENV)/bin/uv pip compile pyproject.toml - \
+		--extra worker --extra dev --generate-hashes --no-emit-package torch --find-links $(TORCH_WHEELS) \
+		--python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
+		--custom-compile-command "make lock" --quiet -o requirements.lock
 
 demo: $(STAMP) ## run the whole service locally and fine-tune SmolLM2-135M on a sample dataset
 	$(VENV)/bin/ftune demo
@@ -28,10 +42,14 @@ dev: $(STAMP) ## start Redis, the API and one worker on this machine (Ctrl-C sto
 test: $(STAMP) ## run the test suite (unit, integration with real Redis/S3/Hub servers, end to end)
 	$(VENV)/bin/pytest -q
 
-lint: $(STAMP) ## ruff, ruff format --check and mypy
+test-fast: $(STAMP) ## the tests not marked slow (no training, no whole jobs): the inner loop
+	$(VENV)/bin/pytest -q -m "not slow"
+
+lint: $(STAMP) ## ruff, ruff format --check, mypy and the import layers (lint-imports)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 fmt: $(STAMP) ## format the code
 	$(VENV)/bin/ruff format .
@@ -43,4 +61,4 @@ openapi: $(STAMP) ## export openapi/openapi.json from the app
 bench: $(STAMP) ## benchmarks, quick mode (BENCH=full for the full run)
 	$(PY) -m bench $(if $(BENCH),--$(BENCH),--quick)
 
-.PHONY: help install demo dev test lint fmt openapi bench
+.PHONY: help install lock demo dev test test-fast lint fmt openapi bench

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from redis.asyncio import Redis
 
 from service.contract import JobStatus
 
@@ -25,7 +25,7 @@ def _bucket_field(upper: float) -> str:
     return "+Inf" if math.isinf(upper) else repr(upper)
 
 
-async def record_job_duration(redis: Any, seconds: float) -> None:
+async def record_job_duration(redis: Redis, seconds: float) -> None:
     """Count one finished job into the shared histogram (called by the worker)."""
     async with redis.pipeline(transaction=True) as pipe:
         for upper in (*DURATION_BUCKETS, math.inf):
@@ -44,7 +44,7 @@ class ServiceCollector:
         self.by_status: dict[str, int] = {}
         self.durations: dict[str, float] = {}
 
-    async def refresh(self, redis: Any, queue_name: str) -> None:
+    async def refresh(self, redis: Redis, queue_name: str) -> None:
         async with redis.pipeline(transaction=False) as pipe:
             pipe.zcard(queue_name)
             for status in JobStatus:

@@ -82,7 +82,7 @@ def _index(kind: str, tenant: str | None, status: JobStatus | None = None) -> st
 
 
 async def transact(
-    redis: Any, body: Callable[[Pipeline], Awaitable[R]], *keys: str
+    redis: aioredis.Redis, body: Callable[[Pipeline], Awaitable[R]], *keys: str
 ) -> tuple[R, list[Any]]:
     """Run `body` as an optimistic transaction on `keys`: it reads them (the pipeline is in
     immediate mode until it calls `pipe.multi()`), may raise to refuse, then queues its
@@ -107,8 +107,9 @@ class Store:
         metrics_maxlen: int = 100_000,
         on_terminal: Sequence[TerminalHook] = (),
     ) -> None:
-        # redis-py's async annotations return `Awaitable[T] | T` unions; Any keeps mypy useful.
-        self.redis: Any = client
+        # redis-py 5.2 annotates some asyncio replies as `Awaitable[T] | T` (redis-py#2399); those
+        # awaits carry `type: ignore[misc]`, which mypy reports as unused once that is fixed.
+        self.redis = client
         self.metrics_maxlen = metrics_maxlen
         self.on_terminal = tuple(on_terminal)
 
@@ -154,7 +155,7 @@ class Store:
 
         async def delete(pipe: Pipeline) -> Dataset:
             ds = _visible(await pipe.get(key), _dataset_decoder, tenant)
-            live = await pipe.smembers(users)
+            live = await pipe.smembers(users)  # type: ignore[misc]  # redis-py#2399
             if live:
                 names = ", ".join(sorted(m.decode() for m in live)[:5])
                 raise Conflict(f"dataset {dataset_id} is used by live jobs: {names}")
@@ -356,7 +357,7 @@ class Store:
 
     async def expired_leases(self) -> list[str]:
         """Running jobs whose worker stopped renewing its lease."""
-        running = [m.decode() for m in await self.redis.smembers(RUNNING)]
+        running = [m.decode() for m in await self.redis.smembers(RUNNING)]  # type: ignore[misc]  # redis-py#2399
         if not running:
             return []
         alive = await self.redis.mget([lease_key(j) for j in running])
@@ -410,7 +411,7 @@ def _blob_refs(sha256: str) -> str:
     return f"{P}blobrefs:{sha256}"
 
 
-def _move_status(pipe: Any, old: Job, new: Job) -> None:
+def _move_status(pipe: Pipeline, old: Job, new: Job) -> None:
     for tenant in (old.tenant, None):
         pipe.zrem(_index("jobs", tenant, old.status), old.id)
         pipe.zadd(_index("jobs", tenant, new.status), {new.id: 0})

@@ -1,7 +1,7 @@
 """Generate the demo's preference dataset: concise, direct answers beat rambling padded ones.
 
 Run ``python tools/make_demo_data.py`` to rewrite ``preferences.jsonl`` and
-``heldout_prompts.json`` in service/dev/demo_data/ (deterministic; no network). Every row pairs one
+``heldout_prompts.json`` in service/cli/demo_data/ (deterministic; no network). Every row pairs one
 question with a one-sentence answer (chosen) and the same facts buried in filler (rejected):
 half the rejected answers open with the very same sentence and then keep talking, so the
 clearest thing DPO can learn is to stop once the question is answered. The held-out prompts
@@ -15,7 +15,7 @@ import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent.parent / "service" / "dev" / "demo_data"
+HERE = Path(__file__).resolve().parent.parent / "service" / "cli" / "demo_data"
 SEED = 7
 
 # (question, concise answer, topic for the padding)

@@ -133,7 +133,7 @@ def demo(
     ] = None,
 ) -> None:
     """Fine-tune SmolLM2-135M on a sample dataset end to end and show before/after answers."""
-    from service.dev.demo import run_demo
+    from service.cli.demo import run_demo
 
     opts = options(ctx)
     code = run_demo(opts.url, opts.api_key, state_dir=state_dir, max_steps=max_steps)

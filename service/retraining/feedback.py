@@ -100,10 +100,10 @@ async def ingest(
         )
         parsed = parse_events(events, meta.format)
         ids = list(dict.fromkeys(e.id for e in parsed))
-        flags = await pipe.smismember(seen_key, ids) if ids else []
+        flags = await pipe.smismember(seen_key, ids) if ids else []  # type: ignore[misc]  # redis-py#2399
         seen = {i for i, flag in zip(ids, flags, strict=True) if flag}
         keys = list(dict.fromkeys(prompt_key(e.prompt) for e in parsed if e.row is None))
-        stored = await pipe.hmget(pending_key, keys) if keys else []
+        stored = await pipe.hmget(pending_key, keys) if keys else []  # type: ignore[misc]  # redis-py#2399
         pending = {
             k: _pending_decoder.decode(v)
             for k, v in zip(keys, stored, strict=True)
@@ -127,7 +127,7 @@ async def ingest(
             pipe.sadd(seen_key, *applied.accepted)
         for key, queue in applied.pending.items():
             if queue.up or queue.down:
-                pipe.hset(pending_key, key, _encoder.encode(queue))
+                pipe.hset(pending_key, mapping={key: _encoder.encode(queue)})
             else:
                 pipe.hdel(pending_key, key)
         pipe.set(meta_key, _encoder.encode(new_meta))
@@ -169,7 +169,7 @@ async def list_streams(
 
 
 async def pair_count(store: Store, tenant: str, stream: str) -> int:
-    return int(await store.redis.llen(_key(tenant, stream, "pairs")))
+    return int(await store.redis.llen(_key(tenant, stream, "pairs")))  # type: ignore[misc]  # redis-py#2399
 
 
 async def read_pairs(
@@ -178,7 +178,7 @@ async def read_pairs(
     """Pairs start .. stop-1 (stop exclusive), in the order they were gathered."""
     if stop <= start:
         return []
-    raw = await store.redis.lrange(_key(tenant, stream, "pairs"), start, stop - 1)
+    raw = await store.redis.lrange(_key(tenant, stream, "pairs"), start, stop - 1)  # type: ignore[misc]  # redis-py#2399
     return [_pair_decoder.decode(r) for r in raw]
 
 
@@ -197,7 +197,7 @@ async def read_pairs_at(
 async def list_snapshots(
     store: Store, tenant: str, stream: str, *, limit: int = 20
 ) -> list[FeedbackSnapshot]:
-    raw = await store.redis.lrange(_key(tenant, stream, "snapshots"), 0, limit - 1)
+    raw = await store.redis.lrange(_key(tenant, stream, "snapshots"), 0, limit - 1)  # type: ignore[misc]  # redis-py#2399
     return [_snapshot_decoder.decode(r) for r in raw]
 
 

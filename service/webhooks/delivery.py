@@ -35,10 +35,10 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import httpx
 import msgspec
+from redis.asyncio import Redis
 from standardwebhooks import Webhook
 
 from service.contract import WebhookDelivery
@@ -194,14 +194,14 @@ async def _post(
 
 
 async def _deliver(
-    redis: Any, config: WebhookConfig, client: httpx.AsyncClient, eid: str
+    redis: Redis, config: WebhookConfig, client: httpx.AsyncClient, eid: str
 ) -> WebhookDelivery | None:
     key = event_key(eid)
-    fields = {k.decode(): v for k, v in (await redis.hgetall(key)).items()}
+    fields = {k.decode(): v for k, v in (await redis.hgetall(key)).items()}  # type: ignore[misc]  # redis-py#2399
     if not fields or fields.get("state", b"pending") != b"pending":
         await redis.zrem(DUE, eid)
         return None
-    attempt = int(await redis.hincrby(key, "attempts", 1))
+    attempt = int(await redis.hincrby(key, "attempts", 1))  # type: ignore[misc]  # redis-py#2399
     job_id, tenant = fields["job_id"].decode(), fields["tenant"].decode()
     url, kind, body = fields["url"].decode(), fields["type"].decode(), fields["body"]
     started, clock = time.time(), time.monotonic()
@@ -265,12 +265,12 @@ async def _deliver(
 
 
 async def deliver_due(
-    redis: Any, config: WebhookConfig, *, client: httpx.AsyncClient | None = None
+    redis: Redis, config: WebhookConfig, *, client: httpx.AsyncClient | None = None
 ) -> list[WebhookDelivery]:
     """One pass: claim the events due now (at most `config.batch`) and send them."""
     now = time.time()
-    claimed = await redis.eval(
-        _CLAIM, 1, DUE, repr(now), repr(now + config.claim_seconds), config.batch
+    claimed = await redis.eval(  # type: ignore[misc]  # redis-py#2399
+        _CLAIM, 1, DUE, repr(now), repr(now + config.claim_seconds), str(config.batch)
     )
     if not claimed:
         return []
@@ -283,7 +283,7 @@ async def deliver_due(
     return [r for r in results if r is not None]
 
 
-async def run_deliveries(redis: Any, config: WebhookConfig, stop: asyncio.Event) -> None:
+async def run_deliveries(redis: Redis, config: WebhookConfig, stop: asyncio.Event) -> None:
     """Deliver due webhooks until `stop` is set. Safe to run in every API replica."""
     async with _client(config) as client:
         while not stop.is_set():
@@ -298,7 +298,7 @@ async def run_deliveries(redis: Any, config: WebhookConfig, stop: asyncio.Event)
 
 
 @contextlib.asynccontextmanager
-async def delivering(redis: Any, config: WebhookConfig) -> AsyncIterator[None]:
+async def delivering(redis: Redis, config: WebhookConfig) -> AsyncIterator[None]:
     """Run the delivery loop for the duration of the block (the API lifespan).
 
     On exit, a send in flight is cancelled; its claim lapses and it is sent again later.

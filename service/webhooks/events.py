@@ -7,6 +7,8 @@ import time
 from typing import Any
 
 import msgspec
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from service.contract import (
     EventType,
@@ -130,7 +132,7 @@ def _enqueue_args(job: Job) -> tuple[Any, ...] | None:
     )
 
 
-async def enqueue_webhook(redis: Any, job: Job) -> bool:
+async def enqueue_webhook(redis: Redis, job: Job) -> bool:
     """Queue the job's terminal event for delivery, if it has a webhook_url.
 
     Idempotent: True if queued now, False if there is no URL or it was already queued.
@@ -139,10 +141,10 @@ async def enqueue_webhook(redis: Any, job: Job) -> bool:
     args = _enqueue_args(job)
     if args is None:
         return False
-    return bool(await redis.eval(*args))
+    return bool(await redis.eval(*args))  # type: ignore[misc]  # redis-py#2399
 
 
-def stage_webhook(pipe: Any, job: Job) -> None:
+def stage_webhook(pipe: Pipeline, job: Job) -> None:
     """Add the enqueue to a Redis transaction (e.g. the one that stores the terminal status),
     so a process dying right after the status change cannot lose the webhook."""
     args = _enqueue_args(job)
@@ -150,6 +152,6 @@ def stage_webhook(pipe: Any, job: Job) -> None:
         pipe.eval(*args)
 
 
-async def delivery_log(redis: Any, job_id: str) -> list[WebhookDelivery]:
+async def delivery_log(redis: Redis, job_id: str) -> list[WebhookDelivery]:
     """Every recorded delivery attempt for a job, oldest first."""
-    return [_delivery_decoder.decode(raw) for raw in await redis.lrange(log_key(job_id), 0, -1)]
+    return [_delivery_decoder.decode(raw) for raw in await redis.lrange(log_key(job_id), 0, -1)]  # type: ignore[misc]  # redis-py#2399

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from service.cli.demo import MODEL_NAME
 from service.client import Client
-from service.dev.demo import MODEL_NAME
 from service.dev.localredis import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]

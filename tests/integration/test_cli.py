@@ -32,9 +32,9 @@ from rich.console import Console
 from typer.testing import CliRunner, Result
 
 from service.cli import app, watch_job
+from service.cli.demo import DATASET_FILE, heldout_prompts, length_measure
 from service.client import Client, EventsUnsupported
 from service.contract import Artifact, Generation, JobError, JobStatus, MetricPoint, Phase, Progress
-from service.dev.demo import DATASET_FILE, heldout_prompts, length_measure
 from service.dev.localredis import free_port
 from service.dev.stack import DevStack, StackError
 from service.settings import Settings, hash_api_key

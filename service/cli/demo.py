@@ -28,7 +28,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from service.cli import read_key_file, watch_job
+from service.cli.app import read_key_file
+from service.cli.watch import watch_job
 from service.client import Client
 from service.contract import Generation, Job, JobStatus
 from service.dev.stack import DevStack, StackError
