@@ -29,7 +29,9 @@ from service.contract.feedback import (
     Selection,
 )
 from service.contract.jobs import (
+    BETA_FREE_LOSSES,
     LABEL_KEY_RE,
+    LABEL_SMOOTHING_LOSSES,
     MODEL_REF_RE,
     REPO_ID_RE,
     Artifact,
@@ -82,7 +84,9 @@ from service.contract.webhooks import (
 )
 
 __all__ = [
+    "BETA_FREE_LOSSES",
     "LABEL_KEY_RE",
+    "LABEL_SMOOTHING_LOSSES",
     "MAX_BATCH",
     "MODEL_REF_RE",
     "REPO_ID_RE",

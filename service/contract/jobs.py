@@ -33,9 +33,13 @@ class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class LossType(enum.StrEnum):
-    """TRL's DPO loss types (trl 1.16 accepts every one of these)."""
+    """The DPO loss types of the installed TRL (1.16), no more and no fewer."""
+
+    # A test reads TRL's own set: a TRL upgrade that adds, renames or removes one fails the
+    # tests instead of jobs at step 1.
 
     sigmoid = "sigmoid"
+    sigmoid_norm = "sigmoid_norm"
     hinge = "hinge"
     ipo = "ipo"
     exo_pair = "exo_pair"
@@ -44,19 +48,45 @@ class LossType(enum.StrEnum):
     bco_pair = "bco_pair"
     sppo_hard = "sppo_hard"
     aot = "aot"
-    aot_pair = "aot_pair"
+    aot_unpaired = "aot_unpaired"
     apo_zero = "apo_zero"
     apo_down = "apo_down"
     discopop = "discopop"
     sft = "sft"
 
 
+LABEL_SMOOTHING_LOSSES = frozenset(
+    {LossType.exo_pair, LossType.robust, LossType.aot, LossType.aot_unpaired}
+)
+"""The loss types whose TRL formula reads label_smoothing; every other one ignores it."""
+BETA_FREE_LOSSES = frozenset({LossType.sft})
+"""The loss types whose TRL formula does not read beta."""
+DEFAULT_BETA = 0.1
+DEFAULT_NUM_EPOCHS = 1.0
+
+
 class Hyperparameters(Strict):
-    beta: Annotated[float, msgspec.Meta(gt=0.0, le=100.0)] = 0.1
+    beta: Annotated[float, msgspec.Meta(gt=0.0, le=100.0)] = DEFAULT_BETA
     loss_type: LossType = LossType.sigmoid
-    label_smoothing: Annotated[float, msgspec.Meta(ge=0.0, lt=0.5)] = 0.0
+    label_smoothing: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0.0,
+            lt=0.5,
+            description="Read only by loss_type exo_pair (needs > 0), robust, aot and "
+            "aot_unpaired; refused with any other loss type.",
+        ),
+    ] = 0.0
     learning_rate: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 5e-6
-    num_epochs: Annotated[float, msgspec.Meta(gt=0.0, le=100.0)] = 1.0
+    num_epochs: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0.0,
+            le=100.0,
+            description="Passes over the training rows; max_steps overrides it, so setting both "
+            "is refused.",
+        ),
+    ] = DEFAULT_NUM_EPOCHS
     max_steps: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 1
     gradient_accumulation_steps: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 8
@@ -68,7 +98,18 @@ class Hyperparameters(Strict):
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] = 42
     gradient_checkpointing: bool = True
     logging_steps: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1
-    eval_steps: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
+    eval_steps: (
+        Annotated[
+            int,
+            msgspec.Meta(
+                ge=1,
+                le=1_000_000,
+                description="Also evaluate every N steps (the eval set is always evaluated at "
+                "the end); needs an eval set: eval_fraction > 0 or eval_dataset_id.",
+            ),
+        ]
+        | None
+    ) = None
     checkpoint_steps: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 50
     optimizer: Literal["adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"] = (
         "adamw_torch"
@@ -77,16 +118,25 @@ class Hyperparameters(Strict):
     """Mixed precision in bf16: needs an Ampere-or-newer GPU; refused on a CPU worker."""
 
     def __post_init__(self) -> None:
+        # Each rule refuses a value the trainer would silently ignore, naming what to change.
+        loss = self.loss_type.value
         if self.loss_type == LossType.exo_pair and self.label_smoothing <= 0:
             raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (e.g. 1e-3)")
-        if self.label_smoothing > 0 and self.loss_type not in (
-            LossType.sigmoid,
-            LossType.exo_pair,
-            LossType.robust,
-        ):
+        if self.label_smoothing > 0 and self.loss_type not in LABEL_SMOOTHING_LOSSES:
             raise ValueError(
-                f"label_smoothing applies only to loss_type sigmoid, exo_pair or robust, "
-                f"not {self.loss_type.value!r}"
+                f"label_smoothing has no effect with loss_type {loss!r} (TRL reads it only in "
+                "exo_pair, robust, aot and aot_unpaired): set label_smoothing to 0, or use "
+                "loss_type 'robust' to train on noisy preference labels"
+            )
+        if self.beta != DEFAULT_BETA and self.loss_type in BETA_FREE_LOSSES:
+            raise ValueError(
+                f"beta has no effect with loss_type {loss!r}: leave beta at its default "
+                f"({DEFAULT_BETA}) or choose a preference loss such as 'sigmoid'"
+            )
+        if self.max_steps is not None and self.num_epochs != DEFAULT_NUM_EPOCHS:
+            raise ValueError(
+                "num_epochs has no effect when max_steps is set (training stops at max_steps "
+                "whatever the epoch): set only one of them"
             )
 
 
@@ -177,6 +227,12 @@ class JobTemplate(Strict):
             )
         if self.revision is not None and not _is_hub_ref(self.base_model):
             raise ValueError("revision applies only to a Hub base_model")
+        no_eval_set = self.eval_dataset_id is None and self.eval_fraction == 0
+        if self.hyperparameters.eval_steps is not None and no_eval_set:
+            raise ValueError(
+                "hyperparameters.eval_steps has no effect without an eval set: set eval_fraction "
+                "> 0 or eval_dataset_id, or remove eval_steps"
+            )
         if self.quantization.bits is None and self.quantization.compute_dtype != "float32":
             # Harmless but meaningless; keep the record honest.
             self.quantization = msgspec.structs.replace(self.quantization, compute_dtype="float32")
