@@ -298,6 +298,73 @@ class Generation(msgspec.Struct, kw_only=True):
     tuned: str
 
 
+def _count(description: str) -> msgspec.Meta:
+    return msgspec.Meta(ge=0, description=description)
+
+
+class DroppedRows(msgspec.Struct, kw_only=True):
+    """Rows left out because they do not fit max_length, by reason; none is dropped silently."""
+
+    prompt_too_long: Annotated[
+        int, _count("The prompt alone fills max_length: no completion token is left.")
+    ] = 0
+    completion_budget_too_small: Annotated[
+        int,
+        _count(
+            "max_length cuts the completions to fewer than 8 tokens, too few to carry a preference."
+        ),
+    ] = 0
+    identical_after_truncation: Annotated[
+        int,
+        _count(
+            "Cut at max_length, chosen and rejected become the same tokens: loss ln 2 and no "
+            "gradient."
+        ),
+    ] = 0
+
+    @property
+    def total(self) -> int:
+        return (
+            self.prompt_too_long
+            + self.completion_budget_too_small
+            + self.identical_after_truncation
+        )
+
+
+class DataReport(msgspec.Struct, kw_only=True):
+    """What the job trained and evaluated on, with every row of its datasets accounted for."""
+
+    train_rows: Annotated[int, _count("Rows trained on.")]
+    eval_rows: Annotated[int, _count("Rows evaluated on.")]
+    eval_prompts: Annotated[int, _count("Distinct prompts among the eval rows.")]
+    eval_source: Annotated[
+        Literal["split", "eval_dataset", "none"],
+        msgspec.Meta(
+            description="split: held out from the dataset by prompt (eval_fraction); "
+            "eval_dataset: the rows of eval_dataset_id; none: no eval set."
+        ),
+    ]
+    eval_prompt_disjoint: Annotated[
+        bool,
+        msgspec.Meta(
+            description="No eval prompt is also a training prompt (compared after normalizing "
+            "case, spacing and Unicode form), so eval metrics measure new prompts."
+        ),
+    ]
+    eval_prompts_shared: Annotated[
+        int, _count("Eval prompts that are also training prompts (0 when disjoint).")
+    ]
+    duplicates_removed: Annotated[
+        int, _count("Exact duplicate rows removed (from the training and eval datasets).")
+    ]
+    dropped: Annotated[DroppedRows, msgspec.Meta(description="Training rows left out.")] = (
+        msgspec.field(default_factory=DroppedRows)
+    )
+    eval_dropped: Annotated[DroppedRows, msgspec.Meta(description="Eval rows left out.")] = (
+        msgspec.field(default_factory=DroppedRows)
+    )
+
+
 class Job(msgspec.Struct, kw_only=True):
     id: str
     tenant: str
@@ -316,7 +383,10 @@ class Job(msgspec.Struct, kw_only=True):
     artifacts: list[Artifact] = msgspec.field(default_factory=list)
     eval_generations: list[Generation] = msgspec.field(default_factory=list)
     rows_dropped: int | None = None
-    """Training rows dropped because their prompt alone exceeded max_length."""
+    """Training rows left out because they did not fit max_length (all reasons; by reason in
+    `data.dropped`)."""
+    data: DataReport | None = None
+    """Set once the worker has prepared the rows."""
     error: JobError | None = None
     cancel_requested: bool = False
     worker: str | None = None
