@@ -74,7 +74,7 @@ def run(
     model_dir = resolve_model(spec.base_model, spec.revision, settings=settings, workdir=workdir)
     tokenizer = load_tokenizer(model_dir)
     rows, eval_rows, data = _prepare_rows(rows, eval_rows, tokenizer, spec, reporter)
-    job = msgspec.structs.replace(job, rows_dropped=data.dropped.total, data=data)  # for the card
+    job = msgspec.structs.replace(job, rows_dropped=data.rows_left_out, data=data)  # for the card
     reporter.log(f"{len(rows)} training rows, {len(eval_rows)} eval rows, device {device}")
     model = load_model(model_dir, spec, device)
     _stop_if_cancelled(reporter)
@@ -181,7 +181,7 @@ def _prepare_rows(
         dropped=dropped,
         eval_dropped=eval_dropped,
     )
-    reporter.update(rows_dropped=dropped.total, data=report)
+    reporter.update(rows_dropped=report.rows_left_out, data=report)
     reporter.log(_describe_data(report, max_length))
     if not rows:
         raise DatasetError(

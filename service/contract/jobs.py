@@ -364,6 +364,11 @@ class DataReport(msgspec.Struct, kw_only=True):
         msgspec.field(default_factory=DroppedRows)
     )
 
+    @property
+    def rows_left_out(self) -> int:
+        """Duplicates and rows that do not fit, on both sides: the job's `rows_dropped`."""
+        return self.duplicates_removed + self.dropped.total + self.eval_dropped.total
+
 
 class Job(msgspec.Struct, kw_only=True):
     id: str
@@ -383,8 +388,8 @@ class Job(msgspec.Struct, kw_only=True):
     artifacts: list[Artifact] = msgspec.field(default_factory=list)
     eval_generations: list[Generation] = msgspec.field(default_factory=list)
     rows_dropped: int | None = None
-    """Training rows left out because they did not fit max_length (all reasons; by reason in
-    `data.dropped`)."""
+    """Rows of the job's data (training and eval datasets) left out: exact duplicates and rows
+    that do not fit max_length, by reason in `data`. Trained + eval + dropped = rows given."""
     data: DataReport | None = None
     """Set once the worker has prepared the rows."""
     error: JobError | None = None

@@ -149,6 +149,7 @@ def test_eval_split_is_prompt_disjoint_and_reported(
     assert (data.train_rows, data.eval_rows, data.eval_prompts) == (270, 30, 10)
     assert data.eval_source == "split" and data.eval_prompt_disjoint
     assert data.eval_prompts_shared == 0 and data.duplicates_removed == 4
+    assert reporter.fields["rows_dropped"] == 4  # trained + eval + dropped = rows given
     assert any(
         "270 training rows, 30 eval rows (10 prompts held out by prompt, none of them in "
         "training); removed 4 exact duplicate rows" in line
@@ -210,7 +211,7 @@ async def test_the_data_report_reaches_the_job_record_and_events(redis_url: str)
     )
     events: Any = mp.get_context("spawn").Queue()
     reporter = QueueReporter(events, mp.get_context("spawn").Event())
-    reporter.update(rows_dropped=0, data=report)
+    reporter.update(rows_dropped=report.rows_left_out, data=report)
     reporter.log("data: 270 training rows, 28 eval rows")
     supervisor = _Supervisor(store, job, Settings(redis_url=redis_url), "w", WorkerMetrics())
 
@@ -221,7 +222,7 @@ async def test_the_data_report_reaches_the_job_record_and_events(redis_url: str)
         await asyncio.sleep(0.05)
 
     stored = await store.get_job(job.id, None)
-    assert stored.data == report and stored.rows_dropped == 0
+    assert stored.data == report and stored.rows_dropped == 2
     logged = await store.read_events(job.id, after="0", block_ms=None)
     assert any(kind == "log" and b"270 training rows" in data for _, kind, data in logged)
     await store.close()

@@ -100,7 +100,8 @@ def test_qlora_job_trains_reports_and_publishes_the_adapter(
     # The 3 long prompts are dropped (training or eval side), counted by reason.
     data = reporter.fields["data"]
     assert data.dropped.prompt_too_long + data.eval_dropped.prompt_too_long == 3
-    assert reporter.fields["rows_dropped"] == data.dropped.total
+    assert reporter.fields["rows_dropped"] == 3
+    assert data.train_rows + data.eval_rows + 3 == job.dataset.rows
 
     train_points = [(s, v) for s, v in reporter.points if "loss" in v]
     eval_points = [(s, v) for s, v in reporter.points if "eval_loss" in v]
