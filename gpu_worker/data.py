@@ -1,4 +1,4 @@
-"""The job's preference rows: fetched from the blob store, templated, filtered by length, split.
+"""The job's preference rows: fetched, de-duplicated, split by prompt, templated, fitted to length.
 
 Rows arrive canonical (the API normalized them): standard `{"prompt", "chosen", "rejected"}`
 strings, or conversational lists of `{role, content}` messages. Everything here is a plain
@@ -8,8 +8,9 @@ function over lists of dicts, so it can be tested without a trainer.
 from __future__ import annotations
 
 import hashlib
-import random
-from collections.abc import Callable
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ import msgspec
 
 from gpu_worker.errors import ConfigError, DatasetError
 from service.blobs import BlobNotFound, BlobStore, dataset_blob_key
-from service.contract import ChatTemplate, DatasetRef
+from service.contract import ChatTemplate, DatasetRef, DroppedRows
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -125,47 +126,147 @@ def prompt_ids(
     return list(encoded["input_ids"])
 
 
-def prompt_lengths(rows: list[Row], tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Tokens in each row's prompt, counted the way TRL tokenizes it."""
-    lengths: list[int] = []
-    for start in range(0, len(rows), _TOKENIZE_BATCH):
-        batch = [row["prompt"] for row in rows[start : start + _TOKENIZE_BATCH]]
-        encoded: Any
-        if batch and isinstance(batch[0], list):
-            encoded = tokenizer.apply_chat_template(
-                batch, add_generation_prompt=True, tokenize=True, return_dict=True
-            )
-        else:
-            encoded = tokenizer(batch)
-        lengths.extend(len(ids) for ids in encoded["input_ids"])
-    return lengths
+MIN_COMPLETION_TOKENS = 8
+"""A pair whose completions max_length cuts to fewer tokens is dropped: a handful of leading
+tokens ("Sure, here", "I think") carries no preference. Pairs that fit whole are always kept."""
 
 
-def drop_long_prompts(
-    rows: list[Row], tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> tuple[list[Row], int]:
-    """Rows whose prompt leaves room for a completion within max_length, and how many were not.
+def prompt_key(prompt: str | list[Message]) -> str:
+    """A hash of the normalized prompt: rows asking the same thing share it.
 
-    A prompt of max_length tokens or more would be truncated to nothing but prompt: no
-    completion token is left to learn from.
+    Text is compared after Unicode NFKC, case folding and collapsing whitespace; a standard
+    prompt counts as one user message, so a standard and a conversational dataset compare too.
     """
-    lengths = prompt_lengths(rows, tokenizer)
-    kept = [row for row, n in zip(rows, lengths, strict=True) if n < max_length]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    normalized = [
+        (m["role"], " ".join(unicodedata.normalize("NFKC", m["content"]).casefold().split()))
+        for m in messages
+    ]
+    return hashlib.sha256(msgspec.json.encode(normalized)).hexdigest()
+
+
+def remove_duplicates(rows: list[Row]) -> tuple[list[Row], int]:
+    """Rows without exact repeats (first occurrence kept, order kept), and how many went.
+
+    A repeated pair would weigh twice in training, or sit on both sides of the eval split.
+    """
+    seen: set[bytes] = set()
+    kept = []
+    for row in rows:
+        key = hashlib.sha256(msgspec.json.encode(row, order="sorted")).digest()
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
     return kept, len(rows) - len(kept)
 
 
 def split_eval(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
-    """A seeded, deterministic (train, eval) split; eval gets at least one row if fraction > 0.
+    """A seeded (train, eval) split by prompt: all pairs of a prompt land on the same side.
 
-    The training rows keep their order; a dataset with a single row is not split.
+    Prompts are ordered by a seeded hash of their normalized text and taken into eval until it
+    holds `fraction` of the rows (at least one prompt if fraction > 0, never every prompt), so
+    the eval metrics measure prompts the model never trained on. Both sides keep row order.
     """
-    if fraction <= 0 or len(rows) < 2:
+    if fraction <= 0:
         return rows, []
-    n_eval = min(max(1, round(len(rows) * fraction)), len(rows) - 1)
-    picked = set(random.Random(seed).sample(range(len(rows)), n_eval))
-    train = [row for i, row in enumerate(rows) if i not in picked]
-    evals = [row for i, row in enumerate(rows) if i in picked]
+    keys = [prompt_key(row["prompt"]) for row in rows]
+    sizes = Counter(keys)
+    order = sorted(sizes, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).digest())
+    target = max(1, round(len(rows) * fraction))
+    picked: set[str] = set()
+    taken = 0
+    for key in order[:-1]:
+        if taken >= target:
+            break
+        picked.add(key)
+        taken += sizes[key]
+    train = [row for row, key in zip(rows, keys, strict=True) if key not in picked]
+    evals = [row for row, key in zip(rows, keys, strict=True) if key in picked]
     return train, evals
+
+
+def fit_max_length(
+    rows: list[Row], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> tuple[list[Row], DroppedRows]:
+    """The rows that still carry a preference once cut to max_length, and the others counted.
+
+    TRL cuts prompt + completion on the right at max_length. Dropped: a prompt that fills
+    max_length on its own (TRL would drop it silently), completions cut to fewer than
+    MIN_COMPLETION_TOKENS, and pairs whose chosen and rejected become the same tokens once cut
+    (loss ln 2, zero gradient, accuracy 0: pure noise in the metrics). Long prompts are not
+    cut from the left: that would remove the chat template's header and system prompt and train
+    on a context the model never sees at inference.
+    """
+    kept: list[Row] = []
+    dropped = DroppedRows()
+    for row, (n_prompt, chosen, rejected) in zip(
+        rows, pair_token_ids(rows, tokenizer), strict=True
+    ):
+        budget = max_length - n_prompt
+        cut = max(len(chosen), len(rejected)) > budget
+        if budget <= 0:
+            dropped.prompt_too_long += 1
+        elif chosen[:budget] == rejected[:budget]:
+            dropped.identical_after_truncation += 1
+        elif cut and budget < MIN_COMPLETION_TOKENS:
+            dropped.completion_budget_too_small += 1
+        else:
+            kept.append(row)
+    return kept, dropped
+
+
+def pair_token_ids(
+    rows: list[Row], tokenizer: PreTrainedTokenizerBase
+) -> Iterator[tuple[int, list[int], list[int]]]:
+    """(prompt tokens, chosen ids, rejected ids) per row, split the way TRL 1.16's DPOTrainer
+    splits them: the completion starts where the tokenized prompt and prompt + completion
+    diverge, and raw-text completions end with the EOS token."""
+    eos = tokenizer.eos_token or ""
+    for start in range(0, len(rows), _TOKENIZE_BATCH):
+        batch = rows[start : start + _TOKENIZE_BATCH]
+        if is_conversational(batch[0]):
+            prompts = _chat_ids(tokenizer, [r["prompt"] for r in batch], generation_prompt=True)
+            chosen = _chat_ids(tokenizer, [r["prompt"] + r["chosen"] for r in batch])
+            rejected = _chat_ids(tokenizer, [r["prompt"] + r["rejected"] for r in batch])
+        else:
+            prompts = _text_ids(tokenizer, [r["prompt"] for r in batch])
+            chosen = _text_ids(tokenizer, [r["prompt"] + _ending(r["chosen"], eos) for r in batch])
+            rejected = _text_ids(
+                tokenizer, [r["prompt"] + _ending(r["rejected"], eos) for r in batch]
+            )
+        for p, c, r in zip(prompts, chosen, rejected, strict=True):
+            n = min(_common_prefix(p, c), _common_prefix(p, r))
+            yield n, c[n:], r[n:]
+
+
+def _chat_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[list[Message]],
+    *,
+    generation_prompt: bool = False,
+) -> list[list[int]]:
+    encoded: Any = tokenizer.apply_chat_template(
+        conversations, add_generation_prompt=generation_prompt, tokenize=True, return_dict=True
+    )
+    return [list(ids) for ids in encoded["input_ids"]]
+
+
+def _text_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    encoded: Any = tokenizer(texts)
+    return [list(ids) for ids in encoded["input_ids"]]
+
+
+def _ending(text: str, eos: str) -> str:
+    return text if text.endswith(eos) else text + eos
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def to_dataset(rows: list[Row]) -> Dataset:

@@ -23,9 +23,11 @@ from gpu_worker.callbacks import write_points as write_metrics
 from gpu_worker.data import (
     Row,
     apply_chat_template,
-    drop_long_prompts,
     fetch_rows,
+    fit_max_length,
     prompt_ids,
+    prompt_key,
+    remove_duplicates,
     split_eval,
     to_dataset,
 )
@@ -34,7 +36,16 @@ from gpu_worker.model import load_model, load_tokenizer, resolve_model
 from gpu_worker.reporter import JobCancelled, Reporter
 from gpu_worker.trainer import adapt_to_device, build_dpo_config, build_trainer, resolve_device
 from service.blobs import BlobStore
-from service.contract import Artifact, Generation, Job, JobSpec, MetricPoint, Phase
+from service.contract import (
+    Artifact,
+    DataReport,
+    DroppedRows,
+    Generation,
+    Job,
+    JobSpec,
+    MetricPoint,
+    Phase,
+)
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -62,7 +73,8 @@ def run(
     eval_rows = fetch_rows(store, job.eval_dataset, workdir / "data") if job.eval_dataset else None
     model_dir = resolve_model(spec.base_model, spec.revision, settings=settings, workdir=workdir)
     tokenizer = load_tokenizer(model_dir)
-    rows, eval_rows = _prepare_rows(rows, eval_rows, tokenizer, spec, reporter)
+    rows, eval_rows, data = _prepare_rows(rows, eval_rows, tokenizer, spec, reporter)
+    job = msgspec.structs.replace(job, rows_dropped=data.rows_left_out, data=data)  # for the card
     reporter.log(f"{len(rows)} training rows, {len(eval_rows)} eval rows, device {device}")
     model = load_model(model_dir, spec, device)
     _stop_if_cancelled(reporter)
@@ -136,27 +148,75 @@ def _prepare_rows(
     tokenizer: PreTrainedTokenizerBase,
     spec: JobSpec,
     reporter: Reporter,
-) -> tuple[list[Row], list[Row]]:
-    """Chat template, drop prompts that leave no room for a completion, eval split."""
+) -> tuple[list[Row], list[Row], DataReport]:
+    """Duplicates out, chat template, eval split by prompt, rows that no longer carry a
+    preference at max_length out; every row is counted in the DataReport, reported and logged.
+
+    The split comes before the length filter so that which prompts are held out does not
+    depend on max_length.
+    """
     max_length = spec.hyperparameters.max_length
+    rows, duplicates = remove_duplicates(rows)
     rows = apply_chat_template(rows, tokenizer, spec.chat_template, reporter.log)
-    rows, dropped = drop_long_prompts(rows, tokenizer, max_length)
-    reporter.update(rows_dropped=dropped)
+    if eval_rows is None:
+        rows, eval_rows = split_eval(rows, spec.eval_fraction, spec.hyperparameters.seed)
+        source: Literal["split", "eval_dataset", "none"] = "split" if eval_rows else "none"
+    else:
+        eval_rows, eval_duplicates = remove_duplicates(eval_rows)
+        duplicates += eval_duplicates
+        eval_rows = apply_chat_template(eval_rows, tokenizer, spec.chat_template, reporter.log)
+        source = "eval_dataset"
+    rows, dropped = fit_max_length(rows, tokenizer, max_length)
+    eval_rows, eval_dropped = fit_max_length(eval_rows, tokenizer, max_length)
+    eval_keys = {prompt_key(row["prompt"]) for row in eval_rows}
+    shared = len(eval_keys & {prompt_key(row["prompt"]) for row in rows})
+    report = DataReport(
+        train_rows=len(rows),
+        eval_rows=len(eval_rows),
+        eval_prompts=len(eval_keys),
+        eval_source=source,
+        eval_prompt_disjoint=shared == 0,
+        eval_prompts_shared=shared,
+        duplicates_removed=duplicates,
+        dropped=dropped,
+        eval_dropped=eval_dropped,
+    )
+    reporter.update(rows_dropped=report.rows_left_out, data=report)
+    reporter.log(_describe_data(report, max_length))
     if not rows:
         raise DatasetError(
-            f"all {dropped} training rows were dropped: each prompt alone is at least "
-            f"max_length={max_length} tokens. Raise hyperparameters.max_length or shorten "
-            "the prompts"
+            f"all {dropped.total} training rows were dropped as not fitting "
+            f"max_length={max_length} tokens ({_reasons(dropped)}). Raise "
+            "hyperparameters.max_length or shorten the prompts"
         )
-    if dropped:
-        reporter.log(f"dropped {dropped} rows whose prompt reaches max_length={max_length}")
-    if eval_rows is None:
-        return split_eval(rows, spec.eval_fraction, spec.hyperparameters.seed)
-    eval_rows = apply_chat_template(eval_rows, tokenizer, spec.chat_template, reporter.log)
-    eval_rows, eval_dropped = drop_long_prompts(eval_rows, tokenizer, max_length)
-    if eval_dropped:
-        reporter.log(f"dropped {eval_dropped} eval rows whose prompt reaches max_length")
-    return rows, eval_rows
+    return rows, eval_rows, report
+
+
+def _describe_data(report: DataReport, max_length: int) -> str:
+    """One log line (an event the user sees) accounting for every row."""
+    line = f"data: {report.train_rows} training rows, {report.eval_rows} eval rows"
+    if report.eval_source != "none":
+        where = "held out by prompt" if report.eval_source == "split" else "from eval_dataset_id"
+        overlap = (
+            "none of them in training"
+            if report.eval_prompt_disjoint
+            else f"{report.eval_prompts_shared} of them also in training"
+        )
+        line += f" ({report.eval_prompts} prompts {where}, {overlap})"
+    if report.duplicates_removed:
+        line += f"; removed {report.duplicates_removed} exact duplicate rows"
+    for side, dropped in (("training", report.dropped), ("eval", report.eval_dropped)):
+        if dropped.total:
+            line += (
+                f"; dropped {dropped.total} {side} rows that do not fit max_length={max_length} "
+                f"({_reasons(dropped)})"
+            )
+    return line
+
+
+def _reasons(dropped: DroppedRows) -> str:
+    counts = msgspec.structs.asdict(dropped)
+    return ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in counts.items() if n)
 
 
 def _quiet_progress_bars() -> None:

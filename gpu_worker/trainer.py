@@ -17,6 +17,7 @@ from gpu_worker.model import build_lora_config
 from service.contract import JobSpec
 
 if TYPE_CHECKING:
+    import torch
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
     from trl.trainer.dpo_config import DPOConfig
@@ -106,6 +107,8 @@ def build_dpo_config(
         save_total_limit=2,
         report_to="none",
         disable_tqdm=True,
+        # TRL would also zero LoRA's dropout; build_trainer turns off only the base model's.
+        disable_dropout=False,
         dataloader_num_workers=0,
     )
 
@@ -132,7 +135,34 @@ def build_trainer(
         peft_config=build_lora_config(spec),
         callbacks=list(callbacks),
     )
+    disable_base_dropout(model)  # the LoRA layers were injected into it in place
     # Our callback reports every log; the console printers would only duplicate it.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     return trainer
+
+
+def disable_base_dropout(model: torch.nn.Module) -> int:
+    """Turn off the base model's dropout, keep the adapter's (`lora.dropout`); returns how many
+    dropouts were turned off.
+
+    TRL's `disable_dropout` zeroes LoRA's dropout as well, so `lora.dropout` would do nothing.
+    The base's must go: the reference log-probs come from this model with the adapter
+    disabled, in train mode, and base dropout would make them noisy and the policy differ from
+    the reference before the first step. LoRA dropout acts only on the adapter's path, which
+    the reference pass skips, and lora_B starts at zero, so step 1 still starts at loss ln 2.
+    Attention dropout, which models apply as a float (`attention_dropout`) rather than a
+    Dropout module, is turned off too (TRL misses it).
+    """
+    import torch
+
+    count = 0
+    for name, module in model.named_modules():
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name.split("."):
+            count += module.p > 0
+            module.p = 0.0
+        elif isinstance(rate, float):
+            count += rate > 0
+            module.attention_dropout = 0.0
+    return count

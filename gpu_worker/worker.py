@@ -32,6 +32,7 @@ from service import logs, queue
 from service.blobs import open_store
 from service.contract import (
     Artifact,
+    DataReport,
     Generation,
     Job,
     JobError,
@@ -173,6 +174,8 @@ class _Supervisor:
                 fields["eval_generations"] = msgspec.convert(
                     fields["eval_generations"], list[Generation], from_attributes=True
                 )
+            if "data" in fields:
+                fields["data"] = msgspec.convert(fields["data"], DataReport, from_attributes=True)
             await self.store.update_job(self.job_id, lambda j: msgspec.structs.replace(j, **fields))
         elif kind == "outcome":
             self.outcome = msgspec.json.decode(payload, type=Outcome)

@@ -28,7 +28,15 @@ from typing import Any, Literal
 import msgspec
 
 from service.blobs import BlobStore, open_store
-from service.contract import Artifact, HubDestination, Job, JobSpec, S3Destination, StoreDestination
+from service.contract import (
+    Artifact,
+    DataReport,
+    HubDestination,
+    Job,
+    JobSpec,
+    S3Destination,
+    StoreDestination,
+)
 from service.settings import Settings
 
 
@@ -423,7 +431,7 @@ def write_model_card(
                 if job.eval_dataset is not None
                 else [("eval fraction", spec.eval_fraction)]
             )
-            + ([("rows dropped (too long)", job.rows_dropped)] if job.rows_dropped else [])
+            + _data_rows(job.data)
         ),
         "",
         "## Hyperparameters",
@@ -525,6 +533,29 @@ def _hub_base(spec: JobSpec) -> str | None:
     if spec.base_model.startswith(("s3://", "file://")):
         return None
     return spec.base_model.removeprefix("hf://")
+
+
+def _data_rows(data: DataReport | None) -> list[tuple[str, Any]]:
+    """What the worker trained and evaluated on, and every row it left out, by reason."""
+    if data is None:
+        return []
+    rows: list[tuple[str, Any]] = [("rows trained on", data.train_rows)]
+    if data.eval_source != "none":
+        overlap = (
+            "none of them a training prompt"
+            if data.eval_prompt_disjoint
+            else f"{data.eval_prompts_shared} of them also training prompts"
+        )
+        rows.append(
+            ("rows evaluated on", f"{data.eval_rows} ({data.eval_prompts} prompts, {overlap})")
+        )
+    if data.duplicates_removed:
+        rows.append(("duplicate rows removed", data.duplicates_removed))
+    for side, dropped in (("training", data.dropped), ("eval", data.eval_dropped)):
+        for reason, n in msgspec.structs.asdict(dropped).items():
+            if n:
+                rows.append((f"{side} rows dropped: {reason.replace('_', ' ')}", n))
+    return rows
 
 
 def _table(rows: Iterable[tuple[str, Any]]) -> str:

@@ -31,12 +31,16 @@ from service.contract.feedback import (
     Selection,
 )
 from service.contract.jobs import (
+    BETA_FREE_LOSSES,
     LABEL_KEY_RE,
+    LABEL_SMOOTHING_LOSSES,
     MODEL_REF_RE,
     REPO_ID_RE,
     Artifact,
     ChatTemplate,
+    DataReport,
     Destination,
+    DroppedRows,
     Generation,
     HubDestination,
     Hyperparameters,
@@ -87,8 +91,10 @@ from service.contract.webhooks import (
 )
 
 __all__ = [
+    "BETA_FREE_LOSSES",
     "EVENTS_EXAMPLE",
     "LABEL_KEY_RE",
+    "LABEL_SMOOTHING_LOSSES",
     "MAX_BATCH",
     "MAX_REQUEST_BYTES",
     "MODEL_REF_RE",
@@ -96,12 +102,14 @@ __all__ = [
     "STREAM_NAME",
     "Artifact",
     "ChatTemplate",
+    "DataReport",
     "Dataset",
     "DatasetList",
     "DatasetRef",
     "DatasetStats",
     "DatasetWarning",
     "Destination",
+    "DroppedRows",
     "EventError",
     "EventType",
     "FeedbackBatch",

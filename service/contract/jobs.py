@@ -28,9 +28,13 @@ class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class LossType(enum.StrEnum):
-    """TRL's DPO loss types (trl 1.16 accepts every one of these)."""
+    """The DPO loss types of the installed TRL (1.16), no more and no fewer."""
+
+    # A test reads TRL's own set: a TRL upgrade that adds, renames or removes one fails the
+    # tests instead of jobs at step 1.
 
     sigmoid = "sigmoid"
+    sigmoid_norm = "sigmoid_norm"
     hinge = "hinge"
     ipo = "ipo"
     exo_pair = "exo_pair"
@@ -39,11 +43,21 @@ class LossType(enum.StrEnum):
     bco_pair = "bco_pair"
     sppo_hard = "sppo_hard"
     aot = "aot"
-    aot_pair = "aot_pair"
+    aot_unpaired = "aot_unpaired"
     apo_zero = "apo_zero"
     apo_down = "apo_down"
     discopop = "discopop"
     sft = "sft"
+
+
+LABEL_SMOOTHING_LOSSES = frozenset(
+    {LossType.exo_pair, LossType.robust, LossType.aot, LossType.aot_unpaired}
+)
+"""The loss types whose TRL formula reads label_smoothing; every other one ignores it."""
+BETA_FREE_LOSSES = frozenset({LossType.sft})
+"""The loss types whose TRL formula does not read beta."""
+DEFAULT_BETA = 0.1
+DEFAULT_NUM_EPOCHS = 1.0
 
 
 class Hyperparameters(Strict):
@@ -57,7 +71,7 @@ class Hyperparameters(Strict):
             description="DPO's beta: how far the tuned model may move from the base; higher "
             "keeps it closer (typically 0.01-0.5).",
         ),
-    ] = 0.1
+    ] = DEFAULT_BETA
     loss_type: Annotated[
         LossType,
         msgspec.Meta(description="TRL's DPO loss; `sigmoid` is the original DPO loss."),
@@ -67,8 +81,9 @@ class Hyperparameters(Strict):
         msgspec.Meta(
             ge=0.0,
             lt=0.5,
-            description="Assumed share of wrong preference labels (conservative DPO); only for "
-            "loss_type sigmoid, exo_pair (which needs it > 0) or robust.",
+            description="Assumed share of wrong preference labels (conservative DPO). Read "
+            "only by loss_type exo_pair (needs > 0), robust, aot and aot_unpaired; refused with "
+            "any other loss type.",
         ),
     ] = 0.0
     learning_rate: Annotated[
@@ -79,10 +94,10 @@ class Hyperparameters(Strict):
         msgspec.Meta(
             gt=0.0,
             le=100.0,
-            description="Passes over the training rows; fractions stop part-way. Ignored when "
-            "max_steps is set.",
+            description="Passes over the training rows; fractions stop part-way. max_steps "
+            "overrides it, so setting both is refused.",
         ),
-    ] = 1.0
+    ] = DEFAULT_NUM_EPOCHS
     max_steps: (
         Annotated[
             int,
@@ -132,8 +147,10 @@ class Hyperparameters(Strict):
         msgspec.Meta(
             ge=16,
             le=131072,
-            description="Tokens of prompt plus response per row; longer rows are truncated, and "
-            "a row whose prompt alone reaches it is dropped (counted in the job's rows_dropped).",
+            description="Tokens of prompt plus response per row; longer completions are cut, and "
+            "a row whose prompt alone reaches it, whose completions are cut to fewer than 8 "
+            "tokens, or whose chosen and rejected become identical once cut is dropped (counted "
+            "in the job's `data`).",
         ),
     ] = 1024
     seed: Annotated[
@@ -164,8 +181,8 @@ class Hyperparameters(Strict):
             msgspec.Meta(
                 ge=1,
                 le=1_000_000,
-                description="Evaluate on the eval rows every this many steps; null: only at "
-                "the end.",
+                description="Also evaluate every N steps (the eval set is always evaluated at "
+                "the end); needs an eval set: eval_fraction > 0 or eval_dataset_id.",
             ),
         ]
         | None
@@ -195,16 +212,25 @@ class Hyperparameters(Strict):
     ] = False
 
     def __post_init__(self) -> None:
+        # Each rule refuses a value the trainer would silently ignore, naming what to change.
+        loss = self.loss_type.value
         if self.loss_type == LossType.exo_pair and self.label_smoothing <= 0:
             raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (e.g. 1e-3)")
-        if self.label_smoothing > 0 and self.loss_type not in (
-            LossType.sigmoid,
-            LossType.exo_pair,
-            LossType.robust,
-        ):
+        if self.label_smoothing > 0 and self.loss_type not in LABEL_SMOOTHING_LOSSES:
             raise ValueError(
-                f"label_smoothing applies only to loss_type sigmoid, exo_pair or robust, "
-                f"not {self.loss_type.value!r}"
+                f"label_smoothing has no effect with loss_type {loss!r} (TRL reads it only in "
+                "exo_pair, robust, aot and aot_unpaired): set label_smoothing to 0, or use "
+                "loss_type 'robust' to train on noisy preference labels"
+            )
+        if self.beta != DEFAULT_BETA and self.loss_type in BETA_FREE_LOSSES:
+            raise ValueError(
+                f"beta has no effect with loss_type {loss!r}: leave beta at its default "
+                f"({DEFAULT_BETA}) or choose a preference loss such as 'sigmoid'"
+            )
+        if self.max_steps is not None and self.num_epochs != DEFAULT_NUM_EPOCHS:
+            raise ValueError(
+                "num_epochs has no effect when max_steps is set (training stops at max_steps "
+                "whatever the epoch): set only one of them"
             )
 
 
@@ -473,6 +499,12 @@ class JobTemplate(Strict):
             )
         if self.revision is not None and not _is_hub_ref(self.base_model):
             raise ValueError("revision applies only to a Hub base_model")
+        no_eval_set = self.eval_dataset_id is None and self.eval_fraction == 0
+        if self.hyperparameters.eval_steps is not None and no_eval_set:
+            raise ValueError(
+                "hyperparameters.eval_steps has no effect without an eval set: set eval_fraction "
+                "> 0 or eval_dataset_id, or remove eval_steps"
+            )
         if self.quantization.bits is None and self.quantization.compute_dtype != "float32":
             # Harmless but meaningless; keep the record honest.
             self.quantization = msgspec.structs.replace(self.quantization, compute_dtype="float32")
@@ -587,6 +619,78 @@ class Generation(msgspec.Struct, kw_only=True):
     tuned: Annotated[str, msgspec.Meta(description="The tuned model's answer.")]
 
 
+def _count(description: str) -> msgspec.Meta:
+    return msgspec.Meta(ge=0, description=description)
+
+
+class DroppedRows(msgspec.Struct, kw_only=True):
+    """Rows left out because they do not fit max_length, by reason; none is dropped silently."""
+
+    prompt_too_long: Annotated[
+        int, _count("The prompt alone fills max_length: no completion token is left.")
+    ] = 0
+    completion_budget_too_small: Annotated[
+        int,
+        _count(
+            "max_length cuts the completions to fewer than 8 tokens, too few to carry a preference."
+        ),
+    ] = 0
+    identical_after_truncation: Annotated[
+        int,
+        _count(
+            "Cut at max_length, chosen and rejected become the same tokens: loss ln 2 and no "
+            "gradient."
+        ),
+    ] = 0
+
+    @property
+    def total(self) -> int:
+        return (
+            self.prompt_too_long
+            + self.completion_budget_too_small
+            + self.identical_after_truncation
+        )
+
+
+class DataReport(msgspec.Struct, kw_only=True):
+    """What the job trained and evaluated on, with every row of its datasets accounted for."""
+
+    train_rows: Annotated[int, _count("Rows trained on.")]
+    eval_rows: Annotated[int, _count("Rows evaluated on.")]
+    eval_prompts: Annotated[int, _count("Distinct prompts among the eval rows.")]
+    eval_source: Annotated[
+        Literal["split", "eval_dataset", "none"],
+        msgspec.Meta(
+            description="split: held out from the dataset by prompt (eval_fraction); "
+            "eval_dataset: the rows of eval_dataset_id; none: no eval set."
+        ),
+    ]
+    eval_prompt_disjoint: Annotated[
+        bool,
+        msgspec.Meta(
+            description="No eval prompt is also a training prompt (compared after normalizing "
+            "case, spacing and Unicode form), so eval metrics measure new prompts."
+        ),
+    ]
+    eval_prompts_shared: Annotated[
+        int, _count("Eval prompts that are also training prompts (0 when disjoint).")
+    ]
+    duplicates_removed: Annotated[
+        int, _count("Exact duplicate rows removed (from the training and eval datasets).")
+    ]
+    dropped: Annotated[DroppedRows, msgspec.Meta(description="Training rows left out.")] = (
+        msgspec.field(default_factory=DroppedRows)
+    )
+    eval_dropped: Annotated[DroppedRows, msgspec.Meta(description="Eval rows left out.")] = (
+        msgspec.field(default_factory=DroppedRows)
+    )
+
+    @property
+    def rows_left_out(self) -> int:
+        """Duplicates and rows that do not fit, on both sides: the job's `rows_dropped`."""
+        return self.duplicates_removed + self.dropped.total + self.eval_dropped.total
+
+
 class Job(msgspec.Struct, kw_only=True):
     """A fine-tuning job: its spec, where it is, and what it produced."""
 
@@ -652,8 +756,16 @@ class Job(msgspec.Struct, kw_only=True):
     rows_dropped: Annotated[
         int | None,
         msgspec.Meta(
-            description="Training rows dropped because their prompt alone exceeded max_length; "
-            "null until the data is prepared."
+            description="Rows of the job's data (training and eval datasets) left out: exact "
+            "duplicates and rows that do not fit max_length, by reason in `data`. Trained + eval "
+            "+ dropped = rows given; null until the data is prepared."
+        ),
+    ] = None
+    data: Annotated[
+        DataReport | None,
+        msgspec.Meta(
+            description="How the rows were prepared: trained, evaluated and dropped, by reason; "
+            "set once the worker has prepared them."
         ),
     ] = None
     error: Annotated[

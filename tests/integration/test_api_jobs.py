@@ -98,6 +98,41 @@ async def test_bad_specs_answer_422_saying_where(
     assert queued_attempts(api) == []
 
 
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"hyperparameters": {"label_smoothing": 0.1}}, "label_smoothing"),  # sigmoid ignores it
+        ({"hyperparameters": {"loss_type": "aot_pair"}}, "loss_type"),  # not in TRL 1.16
+        ({"hyperparameters": {"loss_type": "sft", "beta": 0.5}}, "beta"),
+        ({"hyperparameters": {"max_steps": 10, "num_epochs": 3}}, "num_epochs"),
+        ({"eval_fraction": 0, "hyperparameters": {"eval_steps": 5}}, "eval_steps"),
+    ],
+    ids=["smoothing-sigmoid", "aot-pair", "beta-sft", "epochs-and-steps", "eval-steps-no-eval"],
+)
+async def test_settings_that_would_do_nothing_are_refused_naming_the_field(
+    api: Api, patch: dict[str, object], field: str
+) -> None:
+    ds = await dataset(api)
+    resp = await api.client.post("/v1/jobs", json={**spec(ds), **patch}, headers=ALICE)
+    assert resp.status_code == 422, resp.text
+    problem = resp.json()
+    assert field in problem["detail"], problem
+    assert queued_attempts(api) == []
+
+
+async def test_the_refusal_says_what_to_change(api: Api) -> None:
+    ds = await dataset(api)
+    patch = {"hyperparameters": {"label_smoothing": 0.1}}
+    resp = await api.client.post("/v1/jobs", json={**spec(ds), **patch}, headers=ALICE)
+    (error,) = resp.json()["errors"]
+    assert error["loc"] == ["body", "hyperparameters"]
+    assert error["msg"] == (
+        "label_smoothing has no effect with loss_type 'sigmoid' (TRL reads it only in exo_pair, "
+        "robust, aot and aot_unpaired): set label_smoothing to 0, or use loss_type 'robust' to "
+        "train on noisy preference labels"
+    )
+
+
 async def test_model_outside_models_dir_and_foreign_dataset_are_refused(api: Api) -> None:
     ds = await dataset(api)
     resp = await api.client.post(

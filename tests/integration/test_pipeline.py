@@ -53,8 +53,11 @@ def _digests(folder: Path) -> dict[str, str]:
 
 
 def _long_prompt_rows(n: int) -> list[dict[str, str]]:
-    prompt = "Tell me about " + " and ".join(["the weather", "the park", "the city"] * 40) + "."
-    return [{"prompt": prompt, "chosen": "It was great.", "rejected": "It was awful."}] * n
+    prompt = "Tell me about " + " and ".join(["the weather", "the park", "the city"] * 40)
+    return [
+        {"prompt": f"{prompt} {i}.", "chosen": "It was great.", "rejected": "It was awful."}
+        for i in range(n)
+    ]
 
 
 @pytest.mark.slow
@@ -94,7 +97,11 @@ def test_qlora_job_trains_reports_and_publishes_the_adapter(
     # The CPU worker says what it changed instead of failing or silently differing.
     assert any("compute_dtype bfloat16 -> float32" in line for line in reporter.logs)
     assert any("optimizer paged_adamw_8bit -> adamw_torch" in line for line in reporter.logs)
+    # The 3 long prompts are dropped (training or eval side), counted by reason.
+    data = reporter.fields["data"]
+    assert data.dropped.prompt_too_long + data.eval_dropped.prompt_too_long == 3
     assert reporter.fields["rows_dropped"] == 3
+    assert data.train_rows + data.eval_rows + 3 == job.dataset.rows
 
     train_points = [(s, v) for s, v in reporter.points if "loss" in v]
     eval_points = [(s, v) for s, v in reporter.points if "eval_loss" in v]

@@ -1,4 +1,4 @@
-"""Preparing the rows: fetch and verify, chat template, length filter, eval split."""
+"""Preparing the rows: fetch and verify, chat template, duplicates, eval split by prompt, length."""
 
 from __future__ import annotations
 
@@ -9,17 +9,20 @@ from typing import Any
 import pytest
 
 from gpu_worker.data import (
+    MIN_COMPLETION_TOKENS,
     apply_chat_template,
-    drop_long_prompts,
     fetch_rows,
+    fit_max_length,
+    pair_token_ids,
     prompt_ids,
-    prompt_lengths,
+    prompt_key,
+    remove_duplicates,
     split_eval,
 )
 from gpu_worker.errors import ConfigError, DatasetError
 from gpu_worker.model import load_tokenizer
 from service.blobs import BlobStore, open_store
-from service.contract import ChatTemplate, DatasetRef
+from service.contract import ChatTemplate, DatasetRef, DroppedRows
 
 
 @pytest.fixture(scope="module")
@@ -118,47 +121,125 @@ def test_a_tokenizer_without_a_chat_template_trains_on_raw_text(
         apply_chat_template(tiny_conversational_rows, plain, ChatTemplate(), logs.append)
 
 
-def test_prompt_lengths_count_the_rendered_prompt(tokenizer: Any) -> None:
-    messages = [{"role": "user", "content": "How was the park?"}]
-    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def _pair(prompt: str, chosen: str, rejected: str) -> dict[str, Any]:
+    return {
+        "prompt": [{"role": "user", "content": prompt}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
 
-    (length,) = prompt_lengths([{"prompt": messages, "chosen": [], "rejected": []}], tokenizer)
 
-    assert length == len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-    assert prompt_lengths([{"prompt": "How was the park?"}], tokenizer) == [
-        len(tokenizer("How was the park?")["input_ids"])
+def test_pair_tokens_split_prompt_and_completions_like_the_rendered_chat(tokenizer: Any) -> None:
+    row = _pair("How was the park?", "It was great.", "It was awful.")
+    rendered = tokenizer.apply_chat_template(
+        row["prompt"], add_generation_prompt=True, tokenize=False
+    )
+
+    ((n_prompt, chosen, rejected),) = pair_token_ids([row], tokenizer)
+
+    assert n_prompt == len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    assert tokenizer.decode(chosen) == "It was great.<|im_end|>\n"
+    assert tokenizer.decode(rejected) == "It was awful.<|im_end|>\n"
+    # Raw text (no chat template): TRL appends EOS to each completion.
+    plain = {"prompt": "How was the park? ", "chosen": "Great.", "rejected": "Awful."}
+    ((_, chosen, _),) = pair_token_ids([plain], tokenizer)
+    assert chosen[-1] == tokenizer.eos_token_id
+
+
+def test_fit_max_length_drops_and_counts_pairs_without_a_preference_left(tokenizer: Any) -> None:
+    shared = "I think the weather was lovely and the park was " * 3
+    short = _pair("How was it?", "Great.", "Awful.")
+    long_prompt = _pair("the weather " * 40, "Great.", "Awful.")
+    same_start = _pair("How was it?", shared + "great.", shared + "awful.")
+    ((n_prompt, chosen, rejected),) = pair_token_ids([same_start], tokenizer)
+    first_difference = next(
+        i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b
+    )
+
+    # Cut before the first differing token: both sides become the same tokens.
+    max_length = n_prompt + first_difference
+    kept, dropped = fit_max_length([short, long_prompt, same_start], tokenizer, max_length)
+    assert kept == [short]
+    assert dropped == DroppedRows(prompt_too_long=1, identical_after_truncation=1)
+    assert dropped.total == 2
+    # One token later the pair differs again and is kept.
+    kept, dropped = fit_max_length([same_start], tokenizer, max_length + 1)
+    assert kept == [same_start] and dropped.total == 0
+
+
+def test_fit_max_length_drops_completions_cut_to_a_handful_of_tokens(tokenizer: Any) -> None:
+    row = _pair("How was it?", "Great, I loved every minute of it.", "Awful, I hated all of it.")
+    ((n_prompt, chosen, _),) = pair_token_ids([row], tokenizer)
+    assert len(chosen) > MIN_COMPLETION_TOKENS
+
+    kept, dropped = fit_max_length([row], tokenizer, n_prompt + MIN_COMPLETION_TOKENS - 1)
+    assert kept == [] and dropped == DroppedRows(completion_budget_too_small=1)
+    assert fit_max_length([row], tokenizer, n_prompt + MIN_COMPLETION_TOKENS)[0] == [row]
+    # A pair that fits whole is kept however small the room left: nothing was cut.
+    tiny = _pair("How was it?", "Yes.", "No.")
+    ((n_tiny, c, r),) = pair_token_ids([tiny], tokenizer)
+    assert fit_max_length([tiny], tokenizer, n_tiny + max(len(c), len(r)))[0] == [tiny]
+    # A prompt of exactly max_length tokens leaves no room for the completion.
+    assert fit_max_length([tiny], tokenizer, n_tiny)[1] == DroppedRows(prompt_too_long=1)
+
+
+def test_prompt_key_ignores_case_spacing_and_format() -> None:
+    key = prompt_key("How was  the PARK?")
+    assert key == prompt_key([{"role": "user", "content": " how was the park? "}])
+    assert key == prompt_key("How was the park\uff1f")  # NFKC: the full-width question mark
+    assert key != prompt_key("How was the museum?")
+    assert key != prompt_key([{"role": "system", "content": "How was the park?"}])
+
+
+def test_exact_duplicates_are_removed_and_counted() -> None:
+    a = {"prompt": "p", "chosen": "c", "rejected": "r"}
+    b = {"prompt": "p", "chosen": "c", "rejected": "s"}
+    same_as_a = {"rejected": "r", "chosen": "c", "prompt": "p"}  # key order does not matter
+
+    assert remove_duplicates([a, b, same_as_a, a]) == ([a, b], 2)
+
+
+def _prompts_x_pairs(prompts: int, pairs: int) -> list[dict[str, str]]:
+    return [
+        {"prompt": f"Question {p}?", "chosen": f"Good answer {k}.", "rejected": f"Bad answer {k}."}
+        for p in range(prompts)
+        for k in range(pairs)
     ]
 
 
-def test_rows_whose_prompt_fills_max_length_are_dropped_and_counted(tokenizer: Any) -> None:
-    short = {"prompt": "How was it?", "chosen": "Great.", "rejected": "Awful."}
-    long = {"prompt": "the weather " * 40, "chosen": "Great.", "rejected": "Awful."}
-    n_short = prompt_lengths([short], tokenizer)[0]
-
-    kept, dropped = drop_long_prompts([short, long, short, long, long], tokenizer, 32)
-    assert kept == [short, short] and dropped == 3
-    # A prompt of exactly max_length tokens leaves no room for the completion.
-    assert drop_long_prompts([short], tokenizer, n_short) == ([], 1)
-    assert drop_long_prompts([short], tokenizer, n_short + 1) == ([short], 0)
-
-
-def test_eval_split_is_seeded_disjoint_and_keeps_order() -> None:
-    rows = [{"prompt": str(i)} for i in range(100)]
+def test_eval_split_is_by_prompt_seeded_and_keeps_order() -> None:
+    rows = _prompts_x_pairs(100, 3)
 
     train, evals = split_eval(rows, 0.1, seed=42)
 
-    assert len(train) == 90 and len(evals) == 10
-    assert sorted(r["prompt"] for r in train + evals) == sorted(r["prompt"] for r in rows)
-    assert [int(r["prompt"]) for r in train] == sorted(int(r["prompt"]) for r in train)
+    # 10% of 300 rows: 10 whole prompts, none of them also on the training side.
+    assert len(evals) == 30 and len(train) == 270
+    eval_prompts = {r["prompt"] for r in evals}
+    assert len(eval_prompts) == 10
+    assert not eval_prompts & {r["prompt"] for r in train}
+    assert [rows.index(r) for r in train] == sorted(rows.index(r) for r in train)
     assert split_eval(rows, 0.1, seed=42) == (train, evals)
-    assert split_eval(rows, 0.1, seed=43)[1] != evals
+    assert {r["prompt"] for r in split_eval(rows, 0.1, seed=43)[1]} != eval_prompts
+
+
+def test_eval_split_groups_prompts_that_differ_only_in_case_or_spacing() -> None:
+    rows = [
+        {"prompt": "How was the park?", "chosen": "a", "rejected": "b"},
+        {"prompt": "how was  the park?", "chosen": "c", "rejected": "d"},
+        {"prompt": "How was the museum?", "chosen": "e", "rejected": "f"},
+    ]
+    for seed in range(10):
+        train, evals = split_eval(rows, 0.3, seed=seed)
+        keys = {prompt_key(r["prompt"]) for r in evals}
+        assert keys and not keys & {prompt_key(r["prompt"]) for r in train}
 
 
 def test_eval_split_edge_cases() -> None:
-    rows = [{"prompt": str(i)} for i in range(5)]
+    rows = _prompts_x_pairs(5, 1)
     assert split_eval(rows, 0.0, seed=1) == (rows, [])
     assert len(split_eval(rows, 0.01, seed=1)[1]) == 1  # a fraction > 0 gives at least one row
-    assert split_eval(rows[:1], 0.5, seed=1) == (rows[:1], [])  # never the only training row
+    one_prompt = _prompts_x_pairs(1, 4)
+    assert split_eval(one_prompt, 0.5, seed=1) == (one_prompt, [])  # never every prompt
 
 
 def test_eval_prompts_are_rendered_like_training_prompts(tokenizer: Any) -> None:
