@@ -1,8 +1,10 @@
 """`python -m bench.plain_trl MODEL_DIR ROWS_JSONL OUT_DIR MAX_STEPS`: the baseline training run.
 
 A plain standalone QLoRA DPO script written from TRL's and transformers' documentation, with
-none of our code: the same settings the bench's job spec asks of the service. It prints one
-JSON line: its phase timings, the loss at every step, and the wall-clock time of every
+none of our code: the same settings the bench's job spec asks of the service, plus by hand our
+one fix that changes the arithmetic (float32 adapter weights: TRL casts them to bfloat16 on a
+quantized base, see docs/training-quality.md), so both sides run the same training. It prints
+one JSON line: its phase timings, the loss at every step, and the wall-clock time of every
 training log (one per step) so step periods can be compared with the service's metric points.
 """
 
@@ -106,6 +108,10 @@ def main() -> None:
         ),
         callbacks=[times],
     )
+    assert trainer.model is not None
+    for param in trainer.model.parameters():  # as the service does: float32 adapter weights
+        if param.requires_grad:
+            param.data = param.data.float()
     trainer.train()
     trained = time.time()
     trainer.save_model(out_dir + "/adapter")

@@ -1,7 +1,9 @@
-"""Turn a JobSpec into TRL's DPOConfig and DPOTrainer, with the CPU choices made explicit.
+"""Turn a JobSpec into TRL's DPOConfig and DPOTrainer, with the device's choices made explicit.
 
 The reference model is the base with the adapter disabled (TRL does this when it gets a
-`peft_config`), so only one copy of the weights is in memory.
+`peft_config`), so only one copy of the weights is in memory. One choice differs from what a
+plain TRL script gets, on purpose (docs/training-quality.md): the adapter's weights stay float32
+on every path.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from gpu_worker.model import build_lora_config
 from service.contract import JobSpec
 
 if TYPE_CHECKING:
+    import torch
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
     from trl.trainer.dpo_config import DPOConfig
@@ -119,7 +122,8 @@ def build_trainer(
     eval_dataset: Dataset | None,
     callbacks: Sequence[TrainerCallback] = (),
 ) -> DPOTrainer:
-    """A DPOTrainer that wraps `model` in a fresh LoRA adapter; the reference is the bare base."""
+    """A DPOTrainer that wraps `model` in a fresh float32 LoRA adapter; the reference is the bare
+    base."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl.trainer.dpo_trainer import DPOTrainer
 
@@ -132,7 +136,27 @@ def build_trainer(
         peft_config=build_lora_config(spec),
         callbacks=list(callbacks),
     )
+    assert trainer.model is not None
+    keep_trainable_fp32(trainer.model)
     # Our callback reports every log; the console printers would only duplicate it.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     return trainer
+
+
+def keep_trainable_fp32(model: torch.nn.Module) -> None:
+    """Put every trainable (adapter) weight back in float32.
+
+    TRL 1.16's trainers cast them to bfloat16 on any 4- or 8-bit base, on every device (after
+    the QLoRA paper); the optimizer then updates them with no float32 copy, so a step smaller
+    than bf16's resolution at that weight (1/256 of it) rounds away: at our default learning
+    rate most `lora_A` updates were lost. Must run before the optimizer is created (in `train`).
+    A resumed run loads the checkpoint's adapter in float32 too (peft upcasts on load), so both
+    paths train the same weights. Compute stays in the base's dtype: peft casts the layer's
+    input to the adapter's dtype and its output back.
+    """
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.to(torch.float32)
