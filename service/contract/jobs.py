@@ -177,6 +177,18 @@ class JobTemplate(Strict):
             )
         if self.revision is not None and not _is_hub_ref(self.base_model):
             raise ValueError("revision applies only to a Hub base_model")
+        quant = self.quantization
+        if (
+            self.hyperparameters.bf16
+            and quant.bits is not None
+            and quant.compute_dtype == "float16"
+        ):
+            # fp16 activations need loss scaling, which bf16 autocast does not do.
+            raise ValueError(
+                "hyperparameters.bf16 and quantization.compute_dtype 'float16' do not mix: use "
+                "compute_dtype 'bfloat16' with bf16, or bf16 false (float16 compute then "
+                "trains with fp16 loss scaling)"
+            )
         if self.quantization.bits is None and self.quantization.compute_dtype != "float32":
             # Harmless but meaningless; keep the record honest.
             self.quantization = msgspec.structs.replace(self.quantization, compute_dtype="float32")
