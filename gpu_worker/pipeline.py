@@ -156,6 +156,8 @@ def _prepare_rows(
     eval_rows, eval_dropped = drop_long_prompts(eval_rows, tokenizer, max_length)
     if eval_dropped:
         reporter.log(f"dropped {eval_dropped} eval rows whose prompt reaches max_length")
+        # One count for all the job's data, as for rows split off the training dataset above.
+        reporter.update(rows_dropped=dropped + eval_dropped)
     return rows, eval_rows
 
 

@@ -272,7 +272,8 @@ class Job(msgspec.Struct, kw_only=True):
     artifacts: list[Artifact] = msgspec.field(default_factory=list)
     eval_generations: list[Generation] = msgspec.field(default_factory=list)
     rows_dropped: int | None = None
-    """Training rows dropped because their prompt alone exceeded max_length."""
+    """Rows of the job's data (training and eval datasets, before the eval split) left out
+    because their prompt alone reaches max_length: trained + eval + dropped = rows given."""
     error: JobError | None = None
     cancel_requested: bool = False
     worker: str | None = None

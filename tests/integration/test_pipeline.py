@@ -216,7 +216,7 @@ def test_resume_continues_from_the_newest_checkpoint(
         store,
         tiny_model_dir,
         tiny_preference_rows[:56],
-        eval_rows=tiny_preference_rows[56:],
+        eval_rows=tiny_preference_rows[56:] + _long_prompt_rows(2),
         hyperparameters={"max_steps": 8, "checkpoint_steps": 4, "eval_steps": 4},
     )
     first = ListReporter()
@@ -231,6 +231,9 @@ def test_resume_continues_from_the_newest_checkpoint(
         (4, True),  # evaluation during training, on the separate eval dataset
         (5, False),
     ]
+
+    assert first.fields["rows_dropped"] == 2  # the eval dataset's rows count too
+    assert "56 training rows, 8 eval rows, device cpu" in first.logs
 
     # Another worker picks the job up with an empty work dir: only the store carries state.
     second = ListReporter()
