@@ -248,10 +248,29 @@ class JobError(msgspec.Struct, kw_only=True):
     phase: Phase | None = None
 
 
+GeneratedBy = Literal["merged", "adapter_on_4bit_base", "adapter_on_8bit_base", "adapter_on_base"]
+
+
 class Generation(msgspec.Struct, kw_only=True):
     prompt: str
     base: str
     tuned: str
+    generated_by: (
+        Annotated[
+            GeneratedBy,
+            msgspec.Meta(
+                description=(
+                    "The models that wrote `base` and `tuned`. `merged`: the published merged "
+                    "model, and the unquantized base in the same dtype. "
+                    "`adapter_on_4bit_base` (or 8-bit): the adapter on the quantized base it "
+                    "trained on, and that base with the adapter off; with the published adapter "
+                    "on an unquantized base the output can differ. `adapter_on_base`: plain "
+                    "LoRA, unquantized base. Null in records from before this field."
+                )
+            ),
+        ]
+        | None
+    ) = None
 
 
 class Job(msgspec.Struct, kw_only=True):
