@@ -1,7 +1,7 @@
 """`python -m bench [--quick | --full] [--only NAME ...] [--out FILE]`: every benchmark, one run.
 
 Each benchmark prints its figures beside a baseline measured in the same run on the same
-machine, with the ratio. `--quick` (the default, `make bench`) keeps the whole run under five
+machine, with the ratio. `--quick` (the default, `make bench`) keeps the whole run to about six
 minutes on 2 cores; `--full` uses the sizes and counts the README's figures come from.
 """
 
@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import api, ingest, queue_latency, training, vram
+from bench import api, ingest, quality, queue_latency, training, vram
 from bench.common import Section, machine
 
 BENCHMARKS: dict[str, Callable[[bool], Section]] = {
@@ -24,13 +24,14 @@ BENCHMARKS: dict[str, Callable[[bool], Section]] = {
     "ingest": ingest.run,
     "queue": queue_latency.run,
     "training": training.run,
+    "quality": quality.run,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="small sizes, < 5 min (default)")
+    mode.add_argument("--quick", action="store_true", help="small sizes, ~6 min (default)")
     mode.add_argument("--full", action="store_true", help="the README's sizes and counts")
     parser.add_argument(
         "--only", action="append", choices=sorted(BENCHMARKS), help="run only these (repeatable)"

@@ -431,3 +431,55 @@ def run_json(args: list[str], *, env: dict[str, str] | None = None, timeout: flo
         )
     lines = [line for line in proc.stdout.decode().splitlines() if line.strip()]
     return json.loads(lines[-1])
+
+
+def build_model(path: Path) -> None:
+    """The tests' tiny Llama and tokenizer, written to `path` by a separate process."""
+    subprocess.run(
+        [
+            PY,
+            "-c",
+            "import sys; from pathlib import Path; "
+            "from tests.fixtures.tiny_model import build_tiny_model; "
+            "build_tiny_model(Path(sys.argv[1]))",
+            str(path),
+        ],
+        check=True,
+        capture_output=True,
+        env={**os.environ, **QUIET_ENV},
+        cwd=ROOT,
+    )
+
+
+def run_plain_trl(
+    spec: dict[str, Any],
+    model_dir: Path,
+    rows: Path,
+    eval_rows: Path | None,
+    out: Path,
+    *,
+    fp32_adapter: bool,
+    env: dict[str, str] | None = None,
+) -> Any:
+    """bench/plain_trl.py on `spec` as the CPU worker runs it (defaults filled in, adapted)."""
+    import msgspec
+
+    from gpu_worker.trainer import adapt_to_device
+    from service.contract import JobSpec
+
+    worker_spec, _ = adapt_to_device(msgspec.convert(spec, JobSpec), "cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "plain-trl.json"
+    config.write_text(
+        json.dumps(
+            {
+                "model_dir": str(model_dir),
+                "rows": str(rows),
+                "eval_rows": str(eval_rows) if eval_rows else None,
+                "out_dir": str(out),
+                "spec": msgspec.to_builtins(worker_spec),
+                "fp32_adapter": fp32_adapter,
+            }
+        )
+    )
+    return run_json([PY, "-m", "bench.plain_trl", str(config)], env=env)

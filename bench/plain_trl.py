@@ -1,9 +1,18 @@
-"""`python -m bench.plain_trl MODEL_DIR ROWS_JSONL OUT_DIR MAX_STEPS`: the baseline training run.
+"""`python -m bench.plain_trl CONFIG_JSON`: the baseline training run, a plain TRL script.
 
-A plain standalone QLoRA DPO script written from TRL's and transformers' documentation, with
-none of our code: the same settings the bench's job spec asks of the service. It prints one
-JSON line: its phase timings, the loss at every step, and the wall-clock time of every
-training log (one per step) so step periods can be compared with the service's metric points.
+A standalone QLoRA DPO script written from TRL's and transformers' documentation, with none of
+our code: it maps a job spec's fields onto TRL's config by hand, as a careful user would, and
+applies only what any CPU user must (bitsandbytes' repacking fix, see the stack notes).
+
+CONFIG_JSON holds `model_dir`, `rows` (standard rows, JSONL), `eval_rows` (JSONL or null),
+`out_dir`, `spec` (a whole job spec as the CPU worker runs it: every field filled in) and
+`fp32_adapter`: true applies by hand our one fix that changes the arithmetic (float32 adapter
+weights: TRL casts them to bfloat16 on a quantized base, see docs/training-quality.md), for
+benchmarks that need both sides to run the same training.
+
+It prints one JSON line: its phase timings, the loss at every step, the wall-clock time of every
+training log (one per step) so step periods can be compared with the service's metric points,
+and TRL's evaluation of the eval rows after training (empty without them).
 """
 
 from __future__ import annotations
@@ -11,12 +20,32 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 STARTED = time.time()
 
 
+def _conversational(path: str) -> list[dict[str, Any]]:
+    """Standard rows in TRL's conversational form, so TRL applies the chat template."""
+    with open(path) as f:
+        standard = [json.loads(line) for line in f if line.strip()]
+    return [
+        {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+        }
+        for r in standard
+    ]
+
+
 def main() -> None:
-    model_dir, rows_path, out_dir, max_steps = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+    config = json.loads(Path(sys.argv[1]).read_text())
+    spec = config["spec"]
+    hp, lora, quant = spec["hyperparameters"], spec["lora"], spec["quantization"]
+    if quant["bits"] != 4:
+        raise SystemExit("this script trains QLoRA: quantization.bits must be 4")
     import torch
     from bitsandbytes.nn.modules import Linear4bit
     from datasets import Dataset
@@ -31,25 +60,18 @@ def main() -> None:
     from trl.trainer.dpo_trainer import DPOTrainer
 
     imported = time.time()
-    with open(rows_path) as f:
-        standard = [json.loads(line) for line in f if line.strip()]
-    rows = [
-        {
-            "prompt": [{"role": "user", "content": r["prompt"]}],
-            "chosen": [{"role": "assistant", "content": r["chosen"]}],
-            "rejected": [{"role": "assistant", "content": r["rejected"]}],
-        }
-        for r in standard
-    ]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = _conversational(config["rows"])
+    eval_rows = _conversational(config["eval_rows"]) if config.get("eval_rows") else None
+    compute_dtype = getattr(torch, quant["compute_dtype"])
+    tokenizer = AutoTokenizer.from_pretrained(config["model_dir"])
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir,
-        dtype=torch.float32,
+        config["model_dir"],
+        dtype=compute_dtype,
         quantization_config=BitsAndBytesConfig(  # type: ignore[no-untyped-call]
             load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_quant_type=quant["quant_type"],
+            bnb_4bit_use_double_quant=quant["double_quant"],
+            bnb_4bit_compute_dtype=compute_dtype,
         ),
     )
     for module in model.modules():  # bitsandbytes' CPU repacking breaks gradients otherwise
@@ -77,21 +99,27 @@ def main() -> None:
 
     times = Times()
     args = DPOConfig(
-        output_dir=out_dir,
+        output_dir=config["out_dir"],
         use_cpu=True,
         bf16=False,
-        beta=0.1,
-        learning_rate=1e-3,
-        max_steps=int(max_steps),
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=1,
-        warmup_steps=0.0,
-        lr_scheduler_type="linear",
-        max_length=128,
-        optim="adamw_torch",  # the job spec's default; TRL's own default is the fused AdamW
-        seed=42,
-        logging_steps=1,
-        activation_checkpointing=False,
+        beta=hp["beta"],
+        loss_type=hp["loss_type"],
+        label_smoothing=hp["label_smoothing"],
+        learning_rate=hp["learning_rate"],
+        num_train_epochs=hp["num_epochs"],
+        max_steps=hp["max_steps"] or -1,
+        per_device_train_batch_size=hp["batch_size"],
+        per_device_eval_batch_size=hp["batch_size"],
+        gradient_accumulation_steps=hp["gradient_accumulation_steps"],
+        warmup_steps=hp["warmup_ratio"],  # transformers 5: a float below 1 is a ratio
+        lr_scheduler_type=hp["lr_scheduler"],
+        weight_decay=hp["weight_decay"],
+        max_grad_norm=hp["max_grad_norm"],
+        max_length=hp["max_length"],
+        optim=hp["optimizer"],
+        seed=hp["seed"],
+        logging_steps=hp["logging_steps"],
+        activation_checkpointing=hp["gradient_checkpointing"],
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
@@ -100,16 +128,26 @@ def main() -> None:
         model=model,
         args=args,
         train_dataset=Dataset.from_list(rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
         peft_config=LoraConfig(
-            r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+            r=lora["r"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            target_modules=lora["target_modules"],
+            task_type="CAUSAL_LM",
         ),
         callbacks=[times],
     )
+    if config["fp32_adapter"]:
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
     trainer.train()
     trained = time.time()
-    trainer.save_model(out_dir + "/adapter")
+    trainer.save_model(config["out_dir"] + "/adapter")
     saved = time.time()
+    evaluation = {k: float(v) for k, v in trainer.evaluate().items()} if eval_rows else {}
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     print(
         json.dumps(
@@ -121,6 +159,7 @@ def main() -> None:
                 "losses": losses,
                 "log_times": times.log_times,
                 "step_seconds": times.step_seconds,
+                "eval": evaluation,
                 "printed_at": time.time(),
             }
         )

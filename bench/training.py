@@ -17,14 +17,13 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from bench.common import PY, Figure, Section, Stack, median, run_json, scratch
+from bench.common import Figure, Section, Stack, build_model, median, run_plain_trl, scratch
 from tests.fixtures.tiny_model import preference_rows
 
 ROWS = 64
@@ -112,11 +111,10 @@ def _run_job(stack: Stack, dataset_id: str, steps: int) -> dict[str, Any]:
     }
 
 
-def _run_plain(model_dir: Path, rows: Path, out: Path, steps: int) -> dict[str, Any]:
+def _run_plain(spec: dict[str, Any], model_dir: Path, rows: Path, out: Path) -> dict[str, Any]:
     started = time.time()
-    result: dict[str, Any] = run_json(
-        [PY, "-m", "bench.plain_trl", str(model_dir), str(rows), str(out), str(steps)],
-        env=THREADS,
+    result: dict[str, Any] = run_plain_trl(
+        spec, model_dir, rows, None, out, fp32_adapter=True, env=THREADS
     )
     ended = time.time()
     result["wall"] = ended - started
@@ -126,21 +124,6 @@ def _run_plain(model_dir: Path, rows: Path, out: Path, steps: int) -> dict[str, 
 
 def _periods(log_times: list[float]) -> list[float]:
     return [b - a for a, b in itertools.pairwise(log_times)]
-
-
-def _build_model(path: Path) -> None:
-    subprocess.run(
-        [
-            PY,
-            "-c",
-            "import sys; from pathlib import Path; "
-            "from tests.fixtures.tiny_model import build_tiny_model; "
-            "build_tiny_model(Path(sys.argv[1]))",
-            str(path),
-        ],
-        check=True,
-        capture_output=True,
-    )
 
 
 def _outside(run: dict[str, Any]) -> list[float]:
@@ -158,7 +141,7 @@ def run(full: bool) -> Section:
     with scratch("training") as root:
         stack = Stack(root / "stack", workers=1, env=THREADS)
         with stack:
-            _build_model(stack.models_dir / "tiny")
+            build_model(stack.models_dir / "tiny")
             rows_file = root / "rows.jsonl"
             rows = preference_rows(ROWS)
             rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -166,9 +149,8 @@ def run(full: bool) -> Section:
             # Interleaved, so that a change in the machine's load hits both sides alike.
             plain, jobs = [], []
             for i in range(3 if full else 2):
-                plain.append(
-                    _run_plain(stack.models_dir / "tiny", rows_file, root / f"plain-{i}", steps)
-                )
+                spec = _spec(stack, dataset["id"], steps)
+                plain.append(_run_plain(spec, stack.models_dir / "tiny", rows_file, root / f"p{i}"))
                 jobs.append(_run_job(stack, dataset["id"], steps))
     first, warm = jobs[0], jobs[1:]
 

@@ -25,13 +25,13 @@ from gpu_worker.data import (
     apply_chat_template,
     fetch_rows,
     fit_max_length,
-    prompt_ids,
     prompt_key,
     remove_duplicates,
     split_eval,
     to_dataset,
 )
 from gpu_worker.errors import DatasetError
+from gpu_worker.generations import generate_side_by_side, generate_with_merged
 from gpu_worker.model import load_model, load_tokenizer, resolve_model
 from gpu_worker.reporter import JobCancelled, Reporter
 from gpu_worker.trainer import adapt_to_device, build_dpo_config, build_trainer, resolve_device
@@ -105,8 +105,9 @@ def run(
         final_metrics |= _eval_at(callback, trainer.state.global_step) or {
             k: float(v) for k, v in trainer.evaluate().items()
         }
+    publish_merged = spec.output.artifacts in ("merged", "both")
     generations = []
-    if spec.eval_prompts:
+    if spec.eval_prompts and not publish_merged:  # else from the merged model, once it exists
         generations = generate_side_by_side(trainer.model, tokenizer, spec, device)
         reporter.update(eval_generations=generations)
     del trainer, model
@@ -116,12 +117,19 @@ def run(
     outputs: dict[Literal["adapter", "merged"], Path] = {}
     if spec.output.artifacts in ("adapter", "both"):
         outputs["adapter"] = adapter_dir
-    if spec.output.artifacts in ("merged", "both"):
+    if publish_merged:
         reporter.phase(Phase.merging)
         from gpu_worker.merge import merge_adapter
 
         outputs["merged"] = workdir / "merged"
-        merge_adapter(model_dir, adapter_dir, outputs["merged"], dtype=_merge_dtype(model_dir))
+        dtype = _merge_dtype(model_dir)
+        merge_adapter(model_dir, adapter_dir, outputs["merged"], dtype=dtype)
+        if spec.eval_prompts:
+            reporter.log(f"eval_prompts: generating with the merged model ({dtype})")
+            generations = generate_with_merged(
+                model_dir, outputs["merged"], tokenizer, spec, device, dtype=dtype
+            )
+            reporter.update(eval_generations=generations)
 
     reporter.phase(Phase.uploading)
     from service.publish import publish
@@ -260,38 +268,6 @@ def _eval_at(callback: ReporterCallback, step: int) -> dict[str, float]:
     if last is None or last.step != step or "eval_loss" not in last.values:
         return {}
     return last.values
-
-
-def generate_side_by_side(
-    model: object, tokenizer: PreTrainedTokenizerBase, spec: JobSpec, device: str
-) -> list[Generation]:
-    """Greedy completions of each eval prompt by the base (adapter disabled) and the tuned model."""
-    import torch
-
-    generations = []
-    model.eval()  # type: ignore[attr-defined]
-    for prompt in spec.eval_prompts:
-        ids = torch.tensor([prompt_ids(prompt, tokenizer, spec.chat_template)], device=device)
-        with torch.no_grad():
-            with model.disable_adapter():  # type: ignore[attr-defined]
-                base = _generate(model, tokenizer, ids, spec.max_new_tokens)
-            tuned = _generate(model, tokenizer, ids, spec.max_new_tokens)
-        generations.append(Generation(prompt=prompt, base=base, tuned=tuned))
-    return generations
-
-
-def _generate(model: object, tokenizer: PreTrainedTokenizerBase, ids: object, n: int) -> str:
-    import torch
-
-    assert isinstance(ids, torch.Tensor)
-    out = model.generate(  # type: ignore[attr-defined]
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=n,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
 
 
 def _merge_dtype(model_dir: Path) -> str:

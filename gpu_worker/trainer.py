@@ -1,14 +1,16 @@
-"""Turn a JobSpec into TRL's DPOConfig and DPOTrainer, with the CPU choices made explicit.
+"""Turn a JobSpec into TRL's DPOConfig and DPOTrainer, with the device's choices made explicit.
 
 The reference model is the base with the adapter disabled (TRL does this when it gets a
-`peft_config`), so only one copy of the weights is in memory.
+`peft_config`), so only one copy of the weights is in memory. Two choices differ from what a
+plain TRL script gets, on purpose (docs/training-quality.md): the adapter's weights stay float32
+on every path, and the training step's mixed precision follows the base's compute dtype.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
@@ -22,6 +24,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
     from trl.trainer.dpo_config import DPOConfig
     from trl.trainer.dpo_trainer import DPOTrainer
+
+Precision = Literal["bf16", "fp16", "no"]
+"""Autocast dtype of the training step (`no`: each layer computes in its weights' dtype)."""
 
 
 def resolve_device(setting: str) -> str:
@@ -66,19 +71,59 @@ def adapt_to_device(spec: JobSpec, device: str) -> tuple[JobSpec, list[str]]:
     return msgspec.structs.replace(spec, hyperparameters=hp, quantization=quant), notes
 
 
+def mixed_precision(spec: JobSpec, device: str, *, bf16_supported: bool) -> Precision:
+    """The training step's autocast dtype; the adapter's weights stay float32 whatever it is.
+
+    - `hyperparameters.bf16` asks for bf16 autocast (refused on a CPU by `adapt_to_device`, and
+      here on a GPU without bf16).
+    - A 4/8-bit base computing in float16 gets fp16 autocast, which in transformers' Trainer
+      also means loss scaling: without it, small gradients of float16 activations underflow to
+      zero. (Loss scaling needs float32 trainable weights, which `build_trainer` ensures.)
+    - Plain LoRA (`bits: null`) holds the base in float32, so on a GPU it autocasts to bf16
+      where the GPU supports it, else to fp16 with loss scaling, instead of running every
+      matmul in float32.
+    - Otherwise no autocast: a 4/8-bit layer computes in `compute_dtype` (bfloat16 by default)
+      inside bitsandbytes, and the small adapter matmuls in float32.
+    """
+    hp, quant = spec.hyperparameters, spec.quantization
+    if device == "cpu":
+        return "no"
+    if hp.bf16:
+        if not bf16_supported:
+            raise ConfigError(
+                "hyperparameters.bf16 needs a GPU with bf16 support (Ampere or newer): set it "
+                "false (training then follows quantization.compute_dtype)"
+            )
+        return "bf16"
+    if quant.bits is None:
+        return "bf16" if bf16_supported else "fp16"
+    return "fp16" if quant.compute_dtype == "float16" else "no"
+
+
+def scheduler_name(spec: JobSpec) -> str:
+    """transformers' scheduler for the spec: its `constant` would silently skip the warmup."""
+    hp = spec.hyperparameters
+    if hp.lr_scheduler == "constant" and hp.warmup_ratio > 0:
+        return "constant_with_warmup"
+    return hp.lr_scheduler
+
+
 def build_dpo_config(
     spec: JobSpec, output_dir: Path, device: str, *, has_eval: bool = False
 ) -> DPOConfig:
     """TRL's config from our spec; `spec` must already be adapted to the device."""
+    import torch
     from trl.trainer.dpo_config import DPOConfig
 
     hp = spec.hyperparameters
     evaluate_during_training = has_eval and hp.eval_steps is not None
+    bf16_supported = device == "cuda" and torch.cuda.is_bf16_supported()
+    precision = mixed_precision(spec, device, bf16_supported=bf16_supported)
     return DPOConfig(
         output_dir=str(output_dir),
         use_cpu=device == "cpu",
-        bf16=hp.bf16,
-        fp16=False,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         beta=hp.beta,
         loss_type=[hp.loss_type.value],
         label_smoothing=hp.label_smoothing,
@@ -90,7 +135,7 @@ def build_dpo_config(
         gradient_accumulation_steps=hp.gradient_accumulation_steps,
         # transformers 5 dropped warmup_ratio: a float in [0, 1) here is a ratio of all steps.
         warmup_steps=float(hp.warmup_ratio),
-        lr_scheduler_type=hp.lr_scheduler,
+        lr_scheduler_type=scheduler_name(spec),
         weight_decay=hp.weight_decay,
         max_grad_norm=hp.max_grad_norm,
         max_length=hp.max_length,
@@ -122,7 +167,8 @@ def build_trainer(
     eval_dataset: Dataset | None,
     callbacks: Sequence[TrainerCallback] = (),
 ) -> DPOTrainer:
-    """A DPOTrainer that wraps `model` in a fresh LoRA adapter; the reference is the bare base."""
+    """A DPOTrainer that wraps `model` in a fresh float32 LoRA adapter; the reference is the bare
+    base."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl.trainer.dpo_trainer import DPOTrainer
 
@@ -136,6 +182,8 @@ def build_trainer(
         callbacks=list(callbacks),
     )
     disable_base_dropout(model)  # the LoRA layers were injected into it in place
+    assert trainer.model is not None
+    keep_trainable_fp32(trainer.model)
     # Our callback reports every log; the console printers would only duplicate it.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -166,3 +214,21 @@ def disable_base_dropout(model: torch.nn.Module) -> int:
             count += rate > 0
             module.attention_dropout = 0.0
     return count
+
+
+def keep_trainable_fp32(model: torch.nn.Module) -> None:
+    """Put every trainable (adapter) weight back in float32.
+
+    TRL 1.16's trainers cast them to bfloat16 on any 4- or 8-bit base, on every device (after
+    the QLoRA paper); the optimizer then updates them with no float32 copy, so a step smaller
+    than bf16's resolution at that weight (1/256 of it) rounds away: at our default learning
+    rate most `lora_A` updates were lost. Must run before the optimizer is created (in `train`).
+    A resumed run loads the checkpoint's adapter in float32 too (peft upcasts on load), so both
+    paths train the same weights. Compute stays in the base's dtype: peft casts the layer's
+    input to the adapter's dtype and its output back.
+    """
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.to(torch.float32)

@@ -505,6 +505,18 @@ class JobTemplate(Strict):
                 "hyperparameters.eval_steps has no effect without an eval set: set eval_fraction "
                 "> 0 or eval_dataset_id, or remove eval_steps"
             )
+        quant = self.quantization
+        if (
+            self.hyperparameters.bf16
+            and quant.bits is not None
+            and quant.compute_dtype == "float16"
+        ):
+            # fp16 activations need loss scaling, which bf16 autocast does not do.
+            raise ValueError(
+                "hyperparameters.bf16 and quantization.compute_dtype 'float16' do not mix: use "
+                "compute_dtype 'bfloat16' with bf16, or bf16 false (float16 compute then "
+                "trains with fp16 loss scaling)"
+            )
         if self.quantization.bits is None and self.quantization.compute_dtype != "float32":
             # Harmless but meaningless; keep the record honest.
             self.quantization = msgspec.structs.replace(self.quantization, compute_dtype="float32")
@@ -611,12 +623,31 @@ class JobError(msgspec.Struct, kw_only=True):
     ] = None
 
 
+GeneratedBy = Literal["merged", "adapter_on_4bit_base", "adapter_on_8bit_base", "adapter_on_base"]
+
+
 class Generation(msgspec.Struct, kw_only=True):
     """One eval prompt answered before and after training."""
 
     prompt: Annotated[str, msgspec.Meta(description="One of the spec's eval_prompts.")]
     base: Annotated[str, msgspec.Meta(description="The base model's answer.")]
     tuned: Annotated[str, msgspec.Meta(description="The tuned model's answer.")]
+    generated_by: (
+        Annotated[
+            GeneratedBy,
+            msgspec.Meta(
+                description=(
+                    "The models that wrote `base` and `tuned`. `merged`: the published merged "
+                    "model, and the unquantized base in the same dtype. "
+                    "`adapter_on_4bit_base` (or 8-bit): the adapter on the quantized base it "
+                    "trained on, and that base with the adapter off; with the published adapter "
+                    "on an unquantized base the output can differ. `adapter_on_base`: plain "
+                    "LoRA, unquantized base. Null in records from before this field."
+                )
+            ),
+        ]
+        | None
+    ) = None
 
 
 def _count(description: str) -> msgspec.Meta:

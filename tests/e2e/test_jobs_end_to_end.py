@@ -110,6 +110,7 @@ def test_job_trains_merges_and_reports_metrics(stack: Stack) -> None:
         assert {"tokens_per_second", "step_seconds", "memory_bytes"} <= p["values"].keys()
     assert any(k.startswith("eval_") for p in points for k in p["values"])
     assert job["eval_generations"][0]["prompt"] == "How was the park?"
+    assert job["eval_generations"][0]["generated_by"] == "merged"  # "after" = what we published
 
 
 def test_cancel_during_training_stops_within_seconds(stack: Stack) -> None:

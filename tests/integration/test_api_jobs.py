@@ -133,6 +133,18 @@ async def test_the_refusal_says_what_to_change(api: Api) -> None:
     )
 
 
+async def test_bf16_with_float16_compute_is_refused_naming_both(api: Api) -> None:
+    """bf16 autocast does no loss scaling, which float16 activations need."""
+    ds = await dataset(api)
+    body = spec(ds, hyperparameters={"bf16": True}, quantization={"compute_dtype": "float16"})
+    resp = await api.client.post("/v1/jobs", json=body, headers=ALICE)
+    assert resp.status_code == 422, resp.text
+    assert "hyperparameters.bf16 and quantization.compute_dtype 'float16'" in resp.text
+    assert queued_attempts(api) == []
+    fp16_alone = spec(ds, quantization={"compute_dtype": "float16"})
+    assert (await api.client.post("/v1/jobs", json=fp16_alone, headers=ALICE)).status_code == 201
+
+
 async def test_model_outside_models_dir_and_foreign_dataset_are_refused(api: Api) -> None:
     ds = await dataset(api)
     resp = await api.client.post(

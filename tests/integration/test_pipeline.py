@@ -125,6 +125,7 @@ def test_qlora_job_trains_reports_and_publishes_the_adapter(
     generations = reporter.fields["eval_generations"]
     assert [g.prompt for g in generations] == job.spec.eval_prompts
     assert all(isinstance(g, Generation) for g in generations)
+    assert {g.generated_by for g in generations} == {"adapter_on_4bit_base"}
 
     # Only the newest two checkpoints stay in the store.
     checkpoints = {k.split("/")[3] for k in store.list(f"jobs/{job.id}/checkpoints/")}
@@ -159,6 +160,75 @@ def test_qlora_job_trains_reports_and_publishes_the_adapter(
     assert adapter and all("lora_" in name for name in adapter)
     assert all(t.abs().sum() > 0 for name, t in adapter.items() if "lora_B" in name)
     assert _digests(tiny_model_dir) == base_before
+
+
+@pytest.mark.slow
+def test_generations_come_from_the_published_merged_model(
+    tiny_model_dir: Path,
+    tiny_preference_rows: list[dict[str, str]],
+    store: BlobStore,
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    """The "after" text is what the merged artifact says, not the 4-bit training model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompts = [
+        "How was the park?",
+        "Describe the coffee in a few words.",
+        "Tell me about the hotel.",
+        "What do you think of the song?",
+    ]
+    job = stage_job(
+        store,
+        tiny_model_dir,
+        tiny_preference_rows,
+        eval_prompts=prompts,
+        max_new_tokens=12,
+        hyperparameters={"max_steps": 8},
+        output={"artifacts": "merged"},
+    )
+    reporter = ListReporter()
+
+    (artifact,) = run(job, tmp_path / "work", reporter, settings=settings, store=store).artifacts
+
+    assert artifact.kind == "merged" and "eval_generations.jsonl" in artifact.files
+    merged_dir = tmp_path / "published"
+    store.download_dir(f"jobs/{job.id}/artifacts/merged/", merged_dir)
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+
+    def greedy(model_dir: Path) -> list[str]:
+        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model.eval()
+        texts = []
+        for prompt in prompts:
+            encoded: Any = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}],
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+            )
+            ids = encoded["input_ids"]
+            out = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
+            texts.append(str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)))
+        return texts
+
+    generations = reporter.fields["eval_generations"]
+    assert {g.generated_by for g in generations} == {"merged"}
+    assert [g.tuned for g in generations] == greedy(merged_dir)
+    assert [g.base for g in generations] == greedy(tiny_model_dir)
+    saved = store.get_bytes(f"jobs/{job.id}/artifacts/merged/eval_generations.jsonl")
+    assert [json.loads(line)["generated_by"] for line in saved.splitlines()] == ["merged"] * 4
+
+
+def _losses(reporter: ListReporter, upto: int | None = None) -> dict[int, float]:
+    """Training loss per step (evaluation points left out)."""
+    return {
+        step: values["loss"]
+        for step, values in reporter.points
+        if "loss" in values and (upto is None or step <= upto)
+    }
 
 
 def _adapter_tensors(store: BlobStore, prefix: str) -> dict[str, Any]:
@@ -214,7 +284,7 @@ def test_resume_continues_from_the_newest_checkpoint(
         store,
         tiny_model_dir,
         tiny_preference_rows[:56],
-        eval_rows=tiny_preference_rows[56:],
+        eval_rows=tiny_preference_rows[56:] + _long_prompt_rows(2),
         hyperparameters={"max_steps": 8, "checkpoint_steps": 4, "eval_steps": 4},
     )
     first = ListReporter()
@@ -230,6 +300,9 @@ def test_resume_continues_from_the_newest_checkpoint(
         (5, False),
     ]
 
+    assert first.fields["rows_dropped"] == 2  # the eval dataset's rows count too
+    assert "56 training rows, 8 eval rows, device cpu" in first.logs
+
     # Another worker picks the job up with an empty work dir: only the store carries state.
     second = ListReporter()
     result = run(job, tmp_path / "work-2", second, settings=settings, store=store)
@@ -238,10 +311,14 @@ def test_resume_continues_from_the_newest_checkpoint(
     train_steps = [s for s, v in second.points if "loss" in v]
     assert train_steps == [5, 6, 7, 8]
     assert second.progresses[0].step == 5 and second.progresses[-1].step == 8
-    # Step 5 retrained from checkpoint 4 gives what the first run computed: state was restored.
-    loss_5_first = first.points[-1][1]["loss"]
-    loss_5_second = second.points[0][1]["loss"]
-    assert loss_5_second == pytest.approx(loss_5_first, abs=1e-4)
+    # The interrupted job trains exactly like one that never stopped: adapter weights, optimizer,
+    # scheduler, data order and RNG all continue from checkpoint 4.
+    whole = ListReporter()
+    uninterrupted = msgspec.structs.replace(job, id="job_whole")
+    run(uninterrupted, tmp_path / "work-3", whole, settings=settings, store=store)
+    resumed = _losses(first, upto=4) | _losses(second)
+    assert list(resumed) == list(range(1, 9))
+    assert resumed == pytest.approx(_losses(whole), abs=1e-5, rel=0)
     # metrics.jsonl holds the whole history once: steps 1-4 from the checkpoint, 5-8 resumed,
     # then the evaluation at step 8 (done by eval_steps, so not repeated after training).
     (artifact,) = result.artifacts

@@ -1,8 +1,11 @@
-"""Our pipeline trains exactly like a plain TRL script given the same model, data and settings.
+"""Our pipeline trains like a plain TRL script given the same model, data and settings, plus
+the fixes docs/training-quality.md lists.
 
 The reference below is written straight from TRL's and transformers' documentation, without
 any of our builders, so a wrong translation of the spec (a dropped hyperparameter, a different
 loss, warmup or LoRA setting, a second reference model) shows up as different per-step losses.
+It applies by hand the one fix that changes the arithmetic of these settings: float32 adapter
+weights (TRL casts them to bfloat16 on a quantized base).
 """
 
 from __future__ import annotations
@@ -88,6 +91,10 @@ def _standalone_trl_losses(
             r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
         ),
     )
+    assert trainer.model is not None
+    for param in trainer.model.parameters():  # our deliberate difference: float32 adapter weights
+        if param.requires_grad:
+            param.data = param.data.float()
     trainer.train()
     return [log["loss"] for log in trainer.state.log_history if "loss" in log]
 

@@ -9,7 +9,12 @@ import msgspec
 import pytest
 
 from gpu_worker.errors import ConfigError
-from gpu_worker.trainer import adapt_to_device, build_dpo_config, resolve_device
+from gpu_worker.trainer import (
+    adapt_to_device,
+    build_dpo_config,
+    mixed_precision,
+    resolve_device,
+)
 from service.contract import JobSpec
 
 
@@ -105,3 +110,66 @@ def test_dpo_config_without_eval_data_or_with_max_steps(tmp_path: Path) -> None:
 
     assert config.eval_strategy == "no"
     assert config.max_steps == 7 and config.warmup_steps == 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "bf16_supported", "expected"),
+    [
+        ({}, True, "no"),  # 4-bit computes in bfloat16 inside bitsandbytes; adapter in fp32
+        ({"quantization": {"compute_dtype": "float16"}}, True, "fp16"),  # + loss scaling
+        ({"quantization": {"bits": 8, "compute_dtype": "float16"}}, False, "fp16"),
+        ({"quantization": {"bits": None}}, True, "bf16"),  # plain LoRA: autocast, not fp32
+        ({"quantization": {"bits": None}}, False, "fp16"),  # pre-Ampere GPU
+        ({"hyperparameters": {"bf16": True}}, True, "bf16"),
+    ],
+    ids=["4bit-bf16", "4bit-fp16", "8bit-fp16", "lora-ampere", "lora-older-gpu", "asked-bf16"],
+)
+def test_gpu_mixed_precision_per_path(
+    fields: dict[str, Any], bf16_supported: bool, expected: str
+) -> None:
+    spec = _spec(**fields)
+
+    assert mixed_precision(spec, "cuda", bf16_supported=bf16_supported) == expected
+    assert mixed_precision(spec, "cpu", bf16_supported=bf16_supported) == "no"
+
+
+def test_bf16_on_a_gpu_without_it_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"hyperparameters.bf16 needs a GPU with bf16 support"):
+        mixed_precision(_spec(hyperparameters={"bf16": True}), "cuda", bf16_supported=False)
+
+
+def test_float16_compute_trains_with_loss_scaling_on_a_gpu(tmp_path: Path) -> None:
+    """fp16=True is what makes transformers' Trainer scale the loss (a GradScaler)."""
+    fp16 = build_dpo_config(_spec(quantization={"compute_dtype": "float16"}), tmp_path, "cuda")
+    assert fp16.fp16 and not fp16.bf16 and not fp16.use_cpu
+
+    default = build_dpo_config(_spec(), tmp_path, "cuda")
+    assert not default.fp16 and not default.bf16
+
+
+def test_constant_scheduler_with_warmup_warms_up(tmp_path: Path) -> None:
+    import torch
+    from transformers import get_scheduler
+
+    def learning_rates(**hyperparameters: Any) -> list[float]:
+        config = build_dpo_config(
+            _spec(hyperparameters={"learning_rate": 1.0, **hyperparameters}), tmp_path, "cpu"
+        )
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = get_scheduler(
+            config.lr_scheduler_type,
+            optimizer,
+            num_warmup_steps=config.get_warmup_steps(10),
+            num_training_steps=10,
+        )
+        rates = []
+        for _ in range(10):
+            rates.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return rates
+
+    assert learning_rates(lr_scheduler="constant", warmup_ratio=0.3) == pytest.approx(
+        [0.0, 1 / 3, 2 / 3] + [1.0] * 7
+    )
+    assert learning_rates(lr_scheduler="constant", warmup_ratio=0.0) == [1.0] * 10
