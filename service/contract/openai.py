@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 
-from service.contract.jobs import Hyperparameters, JobTemplate, Strict
+from service.contract.spec import Hyperparameters, JobTemplate, Strict
 
 Auto = Literal["auto"]
 

@@ -9,7 +9,8 @@ import msgspec
 from service.contract.cron import Cron
 from service.contract.datasets import DatasetRef
 from service.contract.feedback import STREAM_NAME
-from service.contract.jobs import Artifact, JobTemplate, Strict
+from service.contract.jobs import Artifact
+from service.contract.spec import JobTemplate, Strict
 
 MetricName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_./-]{1,64}$")]
 

@@ -1,0 +1,559 @@
+"""The contract of a job spec: what a user submits (and a policy templates); bounds in types."""
+
+from __future__ import annotations
+
+import enum
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+REPO_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
+MODEL_REF_RE = re.compile(
+    r"^(?:(?:hf://)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
+    r"|s3://[a-z0-9][a-z0-9.-]{1,62}(?:/[^\s]*)?"
+    r"|file:///[^\s]+)$"
+)
+LABEL_KEY_RE = r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$"
+
+Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+Label = Annotated[str, msgspec.Meta(max_length=63)]
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Inputs reject unknown keys: a typo in a spec must not silently train with defaults."""
+
+
+class LossType(enum.StrEnum):
+    """The DPO loss types of the installed TRL (1.16), no more and no fewer."""
+
+    # A test reads TRL's own set: a TRL upgrade that adds, renames or removes one fails the
+    # tests instead of jobs at step 1.
+
+    sigmoid = "sigmoid"
+    sigmoid_norm = "sigmoid_norm"
+    hinge = "hinge"
+    ipo = "ipo"
+    exo_pair = "exo_pair"
+    nca_pair = "nca_pair"
+    robust = "robust"
+    bco_pair = "bco_pair"
+    sppo_hard = "sppo_hard"
+    aot = "aot"
+    aot_unpaired = "aot_unpaired"
+    apo_zero = "apo_zero"
+    apo_down = "apo_down"
+    discopop = "discopop"
+    sft = "sft"
+
+
+LABEL_SMOOTHING_LOSSES = frozenset(
+    {LossType.exo_pair, LossType.robust, LossType.aot, LossType.aot_unpaired}
+)
+"""The loss types whose TRL formula reads label_smoothing; every other one ignores it."""
+
+
+BETA_FREE_LOSSES = frozenset({LossType.sft})
+"""The loss types whose TRL formula does not read beta."""
+
+
+DEFAULT_BETA = 0.1
+
+
+DEFAULT_NUM_EPOCHS = 1.0
+
+
+class Hyperparameters(Strict):
+    """How to train: TRL's DPOConfig settings under their usual names."""
+
+    beta: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0.0,
+            le=100.0,
+            description="DPO's beta: how far the tuned model may move from the base; higher "
+            "keeps it closer (typically 0.01-0.5).",
+        ),
+    ] = DEFAULT_BETA
+    loss_type: Annotated[
+        LossType,
+        msgspec.Meta(description="TRL's DPO loss; `sigmoid` is the original DPO loss."),
+    ] = LossType.sigmoid
+    label_smoothing: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0.0,
+            lt=0.5,
+            description="Assumed share of wrong preference labels (conservative DPO). Read "
+            "only by loss_type exo_pair (needs > 0), robust, aot and aot_unpaired; refused with "
+            "any other loss type.",
+        ),
+    ] = 0.0
+    learning_rate: Annotated[
+        float, msgspec.Meta(gt=0.0, le=1.0, description="Peak learning rate of the LoRA weights.")
+    ] = 5e-6
+    num_epochs: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0.0,
+            le=100.0,
+            description="Passes over the training rows; fractions stop part-way. max_steps "
+            "overrides it, so setting both is refused.",
+        ),
+    ] = DEFAULT_NUM_EPOCHS
+    max_steps: (
+        Annotated[
+            int,
+            msgspec.Meta(
+                ge=1,
+                le=1_000_000,
+                description="Optimizer steps to train for, overriding num_epochs; null: num_epochs "
+                "decides.",
+            ),
+        ]
+        | None
+    ) = None
+    batch_size: Annotated[
+        int,
+        msgspec.Meta(ge=1, le=1024, description="Preference pairs per device per forward pass."),
+    ] = 1
+    gradient_accumulation_steps: Annotated[
+        int,
+        msgspec.Meta(
+            ge=1,
+            le=1024,
+            description="Forward passes per optimizer step: the effective batch is batch_size x "
+            "this x devices.",
+        ),
+    ] = 8
+    warmup_ratio: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0.0,
+            lt=1.0,
+            description="Share of all steps over which the learning rate rises from 0 to its peak.",
+        ),
+    ] = 0.1
+    lr_scheduler: Annotated[
+        Literal["linear", "cosine", "constant", "constant_with_warmup"],
+        msgspec.Meta(description="How the learning rate goes from its peak after warmup."),
+    ] = "linear"
+    weight_decay: Annotated[
+        float, msgspec.Meta(ge=0.0, le=1.0, description="AdamW weight decay; 0 turns it off.")
+    ] = 0.0
+    max_grad_norm: Annotated[
+        float,
+        msgspec.Meta(gt=0.0, le=1000.0, description="Gradients are clipped to this norm."),
+    ] = 1.0
+    max_length: Annotated[
+        int,
+        msgspec.Meta(
+            ge=16,
+            le=131072,
+            description="Tokens of prompt plus response per row; longer completions are cut, and "
+            "a row whose prompt alone reaches it, whose completions are cut to fewer than 8 "
+            "tokens, or whose chosen and rejected become identical once cut is dropped (counted "
+            "in the job's `data`).",
+        ),
+    ] = 1024
+    seed: Annotated[
+        int,
+        msgspec.Meta(
+            ge=0,
+            le=2**31 - 1,
+            description="Seeds the LoRA initialization, data order and eval split: the same "
+            "seed repeats a run.",
+        ),
+    ] = 42
+    gradient_checkpointing: Annotated[
+        bool,
+        msgspec.Meta(
+            description="Recompute activations in the backward pass: much less memory, "
+            "slower steps."
+        ),
+    ] = True
+    logging_steps: Annotated[
+        int,
+        msgspec.Meta(
+            ge=1, le=10_000, description="Record a metric point every this many optimizer steps."
+        ),
+    ] = 1
+    eval_steps: (
+        Annotated[
+            int,
+            msgspec.Meta(
+                ge=1,
+                le=1_000_000,
+                description="Also evaluate every N steps (the eval set is always evaluated at "
+                "the end); needs an eval set: eval_fraction > 0 or eval_dataset_id.",
+            ),
+        ]
+        | None
+    ) = None
+    checkpoint_steps: Annotated[
+        int,
+        msgspec.Meta(
+            ge=1,
+            le=1_000_000,
+            description="Save a checkpoint every this many steps; a job re-queued after its "
+            "worker was lost resumes from the last one.",
+        ),
+    ] = 50
+    optimizer: Annotated[
+        Literal["adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"],
+        msgspec.Meta(
+            description="The optimizer; the paged and 8-bit ones save GPU memory (a CPU worker "
+            "uses adamw_torch)."
+        ),
+    ] = "adamw_torch"
+    bf16: Annotated[
+        bool,
+        msgspec.Meta(
+            description="Mixed precision in bf16: needs an Ampere-or-newer GPU; refused on a CPU "
+            "worker."
+        ),
+    ] = False
+
+    def __post_init__(self) -> None:
+        # Each rule refuses a value the trainer would silently ignore, naming what to change.
+        loss = self.loss_type.value
+        if self.loss_type == LossType.exo_pair and self.label_smoothing <= 0:
+            raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (e.g. 1e-3)")
+        if self.label_smoothing > 0 and self.loss_type not in LABEL_SMOOTHING_LOSSES:
+            raise ValueError(
+                f"label_smoothing has no effect with loss_type {loss!r} (TRL reads it only in "
+                "exo_pair, robust, aot and aot_unpaired): set label_smoothing to 0, or use "
+                "loss_type 'robust' to train on noisy preference labels"
+            )
+        if self.beta != DEFAULT_BETA and self.loss_type in BETA_FREE_LOSSES:
+            raise ValueError(
+                f"beta has no effect with loss_type {loss!r}: leave beta at its default "
+                f"({DEFAULT_BETA}) or choose a preference loss such as 'sigmoid'"
+            )
+        if self.max_steps is not None and self.num_epochs != DEFAULT_NUM_EPOCHS:
+            raise ValueError(
+                "num_epochs has no effect when max_steps is set (training stops at max_steps "
+                "whatever the epoch): set only one of them"
+            )
+
+
+class Lora(Strict):
+    """The LoRA adapter that is trained (peft's LoraConfig); the base weights stay frozen."""
+
+    r: Annotated[
+        int,
+        msgspec.Meta(
+            ge=1, le=1024, description="Rank of the adapter matrices: its capacity and size."
+        ),
+    ] = 16
+    alpha: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0.0,
+            le=4096.0,
+            description="Scale of the adapter's update (applied as alpha / r); often 2 x r.",
+        ),
+    ] = 32.0
+    dropout: Annotated[
+        float, msgspec.Meta(ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
+    ] = 0.05
+    target_modules: Annotated[
+        Literal["all-linear"]
+        | Annotated[
+            list[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.]{1,64}$")]],
+            msgspec.Meta(min_length=1, max_length=64),
+        ],
+        msgspec.Meta(
+            description="Layers that get an adapter: `all-linear` (every linear layer but the "
+            "output head) or module names such as `q_proj`."
+        ),
+    ] = "all-linear"
+
+
+class Quantization(Strict):
+    """How the frozen base model is loaded (bitsandbytes)."""
+
+    bits: Annotated[
+        Literal[4, 8] | None,
+        msgspec.Meta(
+            description="4 = QLoRA (NF4/FP4), 8 = LLM.int8, null = LoRA on unquantized weights."
+        ),
+    ] = 4
+    quant_type: Annotated[
+        Literal["nf4", "fp4"],
+        msgspec.Meta(description="The 4-bit data type; NF4 is QLoRA's. Ignored unless bits is 4."),
+    ] = "nf4"
+    double_quant: Annotated[
+        bool,
+        msgspec.Meta(
+            description="Quantize the quantization constants too: about 0.4 bits per weight "
+            "saved. 4-bit only."
+        ),
+    ] = True
+    compute_dtype: Annotated[
+        Literal["bfloat16", "float16", "float32"],
+        msgspec.Meta(
+            description="Precision the quantized weights are computed in; float32 without "
+            "quantization (and on a CPU worker)."
+        ),
+    ] = "bfloat16"
+
+
+class ChatTemplate(Strict):
+    """Whether rows are rendered with the base model's chat template before training."""
+
+    apply: Annotated[
+        bool,
+        msgspec.Meta(
+            description="Render rows with the model's chat template (if it has one); false "
+            "trains on standard rows as raw text and refuses conversational ones."
+        ),
+    ] = True
+    system_prompt: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                min_length=1,
+                max_length=32_768,
+                description="System message added to rows that have none; null adds none.",
+            ),
+        ]
+        | None
+    ) = None
+
+
+class HubDestination(Strict, tag="hub", tag_field="type"):
+    """A Hugging Face Hub model repository (created if missing)."""
+
+    repo_id: Annotated[
+        str, msgspec.Meta(pattern=REPO_ID_RE, description="The repository, `org/name`.")
+    ]
+    private: Annotated[
+        bool, msgspec.Meta(description="Create the repository private (an existing one is kept).")
+    ] = True
+    revision: Annotated[
+        str,
+        msgspec.Meta(
+            pattern=r"^[A-Za-z0-9._/-]{1,128}$",
+            description="Branch to commit to (created if missing).",
+        ),
+    ] = "main"
+    credentials: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                pattern=r"^[a-z0-9_-]{1,32}$",
+                description="Name of a token the workers hold (FTUNE_HF_TOKEN_<NAME>); null means "
+                "HF_TOKEN.",
+            ),
+        ]
+        | None
+    ) = None
+
+
+class S3Destination(Strict, tag="s3", tag_field="type"):
+    """An S3 prefix, written with the workers' S3 credentials."""
+
+    uri: Annotated[
+        str,
+        msgspec.Meta(
+            pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,62}(/[^\s]*)?$",
+            description="`s3://bucket/prefix/`: the artifacts go under it.",
+        ),
+    ]
+
+
+class StoreDestination(Strict, tag="store", tag_field="type"):
+    """The service's own blob store, under the job's prefix."""
+
+
+Destination = HubDestination | S3Destination | StoreDestination
+
+
+class Output(Strict):
+    """What the job produces and where it goes."""
+
+    artifacts: Annotated[
+        Literal["adapter", "merged", "both"],
+        msgspec.Meta(
+            description="`adapter`: the LoRA weights alone (small; load them on the base); "
+            "`merged`: the base with the adapter merged in, in 16-bit; `both`."
+        ),
+    ] = "adapter"
+    destination: Annotated[
+        Destination,
+        msgspec.Meta(
+            description="Where the artifacts are published, chosen by `type`: `hub`, `s3`, or "
+            "`store` (the service's own blob store, the default)."
+        ),
+    ] = msgspec.field(default_factory=StoreDestination)
+
+
+class JobTemplate(Strict):
+    """Everything of a job but its dataset: what a retraining policy runs on each snapshot."""
+
+    base_model: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=3,
+            max_length=512,
+            description="`org/name` or `hf://org/name` (Hub), `s3://bucket/prefix/`, or "
+            "`file:///abs/path` inside the workers' models dir.",
+        ),
+    ]
+    revision: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                pattern=r"^[A-Za-z0-9._/-]{1,128}$",
+                description="Branch, tag or commit of a Hub base_model; null: its default branch.",
+            ),
+        ]
+        | None
+    ) = None
+    eval_dataset_id: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                pattern=r"^ds_[A-Za-z0-9]{1,64}$",
+                description="A dataset of the same format to evaluate on; null: eval_fraction of "
+                "the training rows is held out instead.",
+            ),
+        ]
+        | None
+    ) = None
+    eval_fraction: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0.0,
+            le=0.5,
+            description="Share of the training rows held out for evaluation (seeded) when no "
+            "eval_dataset_id is given; 0 evaluates nothing.",
+        ),
+    ] = 0.05
+    method: Annotated[
+        Literal["dpo"], msgspec.Meta(description="The training method: DPO on preference pairs.")
+    ] = "dpo"
+    hyperparameters: Annotated[
+        Hyperparameters, msgspec.Meta(description="How to train; every field has a default.")
+    ] = msgspec.field(default_factory=Hyperparameters)
+    lora: Annotated[Lora, msgspec.Meta(description="The adapter that is trained.")] = msgspec.field(
+        default_factory=Lora
+    )
+    quantization: Annotated[
+        Quantization, msgspec.Meta(description="How the frozen base model is loaded.")
+    ] = msgspec.field(default_factory=Quantization)
+    chat_template: Annotated[
+        ChatTemplate, msgspec.Meta(description="How rows are rendered into the model's text.")
+    ] = msgspec.field(default_factory=ChatTemplate)
+    output: Annotated[
+        Output, msgspec.Meta(description="What the job produces and where it is published.")
+    ] = msgspec.field(default_factory=Output)
+    eval_prompts: Annotated[
+        list[Annotated[str, msgspec.Meta(min_length=1, max_length=8192)]],
+        msgspec.Meta(
+            max_length=32,
+            description="Prompts answered by the base and the tuned model after training, "
+            "side by side in the job's eval_generations.",
+        ),
+    ] = msgspec.field(default_factory=list)
+    labels: Annotated[
+        dict[Annotated[str, msgspec.Meta(pattern=LABEL_KEY_RE)], Label],
+        msgspec.Meta(
+            max_length=32,
+            description="Your own key/value tags (e.g. `team`); filter jobs by them with "
+            "`?label=key=value`.",
+        ),
+    ] = msgspec.field(default_factory=dict)
+    webhook_url: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                pattern=r"^https?://[^\s]+$",
+                max_length=2048,
+                description="Receives a signed POST when the job ends (succeeded, failed or "
+                "cancelled); null: none.",
+            ),
+        ]
+        | None
+    ) = None
+    webhook_format: Annotated[
+        Literal["ftune", "openai"],
+        msgspec.Meta(
+            description="The body of the job's webhook: ftune's event (`job.succeeded`, ... "
+            "with the record's outcome) or OpenAI's (`fine_tuning.job.succeeded`, ... with the "
+            "job id), which the OpenAI-compatible API sets."
+        ),
+    ] = "ftune"
+    max_new_tokens: Annotated[
+        int,
+        msgspec.Meta(
+            ge=1,
+            le=4096,
+            description="Length in tokens of the before/after generations for `eval_prompts`.",
+        ),
+    ] = 64
+
+    def __post_init__(self) -> None:
+        if not MODEL_REF_RE.match(self.base_model):
+            raise ValueError(
+                "base_model must be 'org/name', 'hf://org/name', 's3://bucket/prefix' "
+                f"or 'file:///abs/path', got {self.base_model!r}"
+            )
+        if self.revision is not None and not _is_hub_ref(self.base_model):
+            raise ValueError("revision applies only to a Hub base_model")
+        no_eval_set = self.eval_dataset_id is None and self.eval_fraction == 0
+        if self.hyperparameters.eval_steps is not None and no_eval_set:
+            raise ValueError(
+                "hyperparameters.eval_steps has no effect without an eval set: set eval_fraction "
+                "> 0 or eval_dataset_id, or remove eval_steps"
+            )
+        quant = self.quantization
+        if (
+            self.hyperparameters.bf16
+            and quant.bits is not None
+            and quant.compute_dtype == "float16"
+        ):
+            # fp16 activations need loss scaling, which bf16 autocast does not do.
+            raise ValueError(
+                "hyperparameters.bf16 and quantization.compute_dtype 'float16' do not mix: use "
+                "compute_dtype 'bfloat16' with bf16, or bf16 false (float16 compute then "
+                "trains with fp16 loss scaling)"
+            )
+        if self.quantization.bits is None and self.quantization.compute_dtype != "float32":
+            # Harmless but meaningless; keep the record honest.
+            self.quantization = msgspec.structs.replace(self.quantization, compute_dtype="float32")
+
+
+class JobSpec(JobTemplate, kw_only=True):
+    """A fine-tuning job: a template and the dataset to train on."""
+
+    dataset_id: Annotated[
+        str,
+        msgspec.Meta(
+            pattern=r"^ds_[A-Za-z0-9]{1,64}$",
+            description="The training dataset, as returned by `POST /v1/datasets`.",
+        ),
+    ]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.eval_dataset_id is not None and self.eval_dataset_id == self.dataset_id:
+            raise ValueError("eval_dataset_id must differ from dataset_id")
+
+
+def _is_hub_ref(ref: str) -> bool:
+    return not ref.startswith(("s3://", "file://"))
+
+
+def local_model_path(ref: str, models_dir: Path) -> Path:
+    """The directory a `file://` base_model names, refused unless it lies inside models_dir.
+
+    Shared by the API (422 at submit) and the worker (checked again where it loads).
+    """
+    path = Path(ref.removeprefix("file://")).resolve()
+    root = models_dir.resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"base_model {ref!r} is outside the workers' models dir ({root})")
+    return path
