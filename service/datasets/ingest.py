@@ -1,8 +1,8 @@
-"""Turn a JSONL file on disk into a stored dataset: validate, normalize, store, record.
+"""Turn a dataset file on disk into a stored dataset: validate, normalize, store, record.
 
-Shared by uploads and feedback snapshots, so both give the same normalized blob, stats and
-sha256 for the same rows. Validation runs in a thread: it is CPU-bound and must not stall
-the event loop. Invalid input raises InvalidDataset and stores nothing.
+Shared by uploads, imports and feedback snapshots, so all give the same normalized blob,
+stats and sha256 for the same rows. Validation runs in a thread: it is CPU-bound and must
+not stall the event loop. Invalid input raises InvalidDataset and stores nothing.
 """
 
 from __future__ import annotations
@@ -14,27 +14,38 @@ from pathlib import Path
 import anyio.to_thread
 
 from service.blobs import BlobStore, dataset_blob_key
-from service.contract import Dataset, FieldMapping
-from service.datasets.validate import IngestResult, Limits, validate_jsonl
+from service.contract import Container, Dataset, FieldMapping, OnInvalid
+from service.datasets.validate import IngestResult, Limits, validate_file
 from service.store import Store, new_id
 
 
 async def store_dataset(
     store: Store,
     blobs: BlobStore,
-    src: Path,
+    src: Path | list[Path],
     *,
     tenant: str,
     name: str,
     limits: Limits,
     mapping: FieldMapping | None = None,
+    hint: Container | None = None,
+    on_invalid: OnInvalid = "reject",
+    max_invalid_fraction: float = 0.01,
 ) -> Dataset:
     with tempfile.TemporaryDirectory(prefix="ftune-ingest-") as tmp:
         normalized = Path(tmp) / "normalized.jsonl"
 
         def validate() -> IngestResult:
-            with src.open("rb") as raw, normalized.open("wb") as dst:
-                return validate_jsonl(raw, dst, mapping=mapping, limits=limits)
+            with normalized.open("w+b") as dst:  # read back if text rows turn conversations
+                return validate_file(
+                    src,
+                    dst,
+                    hint=hint,
+                    mapping=mapping,
+                    limits=limits,
+                    on_invalid=on_invalid,
+                    max_invalid_fraction=max_invalid_fraction,
+                )
 
         result = await anyio.to_thread.run_sync(validate)
         key = dataset_blob_key(result.sha256)
@@ -53,6 +64,11 @@ async def store_dataset(
         stats=result.stats,
         warnings=result.warnings,
         created_at=time.time(),
+        container=result.container,
+        compressed=result.compressed,
+        mapping=result.mapping,
+        skipped_rows=result.skipped_rows,
+        skipped=result.skipped,
     )
     await store.put_dataset(ds)
     return ds

@@ -1,53 +1,77 @@
-"""Streaming validation of a whole JSONL upload: rows checked, normalized, counted and
-written one at a time in flat memory."""
+"""Streaming validation of a whole upload: rows checked, normalized, counted and written one
+block at a time in flat memory.
+
+:func:`validate_file` reads any container :mod:`service.datasets.containers` knows;
+:func:`validate_jsonl` reads a JSONL stream. JSONL blocks take a fast path: every line decoded
+straight into the canonical row type by msgspec (types and roles checked in C, unknown keys
+refused) and the block's texts counted with C builtins. A block that does not pass is taken
+again line by line, and a line that does not pass goes through
+:func:`service.datasets.layouts.normalize`, which reads the published layouts or names the
+fault. Rows from JSON arrays, Parquet and CSV go straight to it.
+
+Invalid rows reject the dataset (every row is still checked, so the answer lists them all)
+unless ``on_invalid="skip"``: then they are left out and listed, as long as they are at most
+``max_invalid_fraction`` of the rows.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import io
-import math
 import operator
-import random
-from array import array
-from collections.abc import Callable
-from typing import BinaryIO, Literal
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
 
 import msgspec
 
-from service.contract import DatasetStats, DatasetWarning, FieldMapping, Format
-from service.datasets.rows import (
-    COMPLETION_ROLES,
-    DEFAULT_MAPPING,
-    LONG_ROW_CHARS,
-    RowInvalid,
+from service.contract import (
+    Container,
+    DatasetStats,
+    DatasetWarning,
+    FieldMapping,
+    Format,
+    OnInvalid,
+    RowProblem,
     SourceFormat,
-    normalize_row,
+)
+from service.datasets.containers import (
+    FileProblem,
+    JsonlBlocks,
+    Opened,
+    csv_rows,
+    json_rows,
+    open_dataset,
+    parquet_rows,
+)
+from service.datasets.layouts import DEFAULT_MAPPING, PROMPT_LIKE, normalize
+from service.datasets.messages import COMPLETION_ROLES, RowInvalid
+from service.datasets.rows import LONG_ROW_CHARS
+from service.datasets.stats import (
+    WARNING_LINES,
+    HashSet,
+    Lengths,
+    Tally,
+    chars,
+    near_identical,
+    near_identical_messages,
+    row_warnings,
+    rows,
 )
 
-WARNING_LINES = 10
-"""How many line numbers a warning lists."""
-
-
-_RESERVOIR_SIZE = 4096
-
-
-_NEAR_WINDOW = 48
-
-
-_SKIP_CHUNK = 1 << 20
-
-
+RowError = RowProblem
 _FLUSH_BYTES = 1 << 20
-
-
 _BOM = b"\xef\xbb\xbf"
+_MAX_COLUMNS = 100
+"""Distinct ignored columns tracked (a ragged file must not grow the tally without bound)."""
 
 
 class Limits(msgspec.Struct, kw_only=True, frozen=True):
     max_line_bytes: int = 4 * 1024**2
-    """Longest line accepted, in bytes, not counting its line ending."""
+    """Longest line (or row of a JSON array) accepted, in bytes, not counting its ending."""
     max_rows: int = 10_000_000
-    """Most non-blank lines accepted; scanning stops past it."""
+    """Most rows accepted; scanning stops past it."""
     max_errors: int = 100
     """How many errors are kept to show (all of them are counted)."""
     long_row_chars: int = LONG_ROW_CHARS
@@ -56,30 +80,26 @@ class Limits(msgspec.Struct, kw_only=True, frozen=True):
     """Distinct rows remembered to find duplicates: 8 bytes a slot, at most 2/3 full, so
     the default keeps that table at 64 MiB (96 MiB while it last doubles). Later rows are
     still checked against the remembered ones."""
+    max_bytes: int = 2 * 1024**3
+    """Most bytes a compressed file may decompress to (a gzip bomb stops there)."""
 
 
 DEFAULT_LIMITS = Limits()
 
 
-class RowError(msgspec.Struct, kw_only=True):
-    line: int
-    """1-based line number; 0 for an error about the whole file."""
-    field: str | None
-    """Where in the row, e.g. ``chosen``, ``prompt[2].role``, ``input.messages``."""
-    msg: str
-
-
 class InvalidDataset(Exception):
     """The dataset was rejected: the first errors (in line order) and how many there were."""
 
-    def __init__(self, errors: list[RowError], total: int) -> None:
+    def __init__(self, errors: list[RowError], total: int, reason: str | None = None) -> None:
         self.errors = errors
         self.total = total
+        self.reason = reason
         shown = "; ".join(
             f"line {e.line}" + (f" {e.field}" if e.field else "") + f": {e.msg}" for e in errors[:3]
         )
         more = f" (and {total - len(errors[:3])} more)" if total > len(errors[:3]) else ""
-        super().__init__(f"{total} error{'s' if total != 1 else ''} in the dataset: {shown}{more}")
+        head = reason or f"{total} error{'s' if total != 1 else ''} in the dataset"
+        super().__init__(f"{head}: {shown}{more}")
 
 
 class IngestResult(msgspec.Struct, kw_only=True):
@@ -87,14 +107,19 @@ class IngestResult(msgspec.Struct, kw_only=True):
     bytes: int
     """Size of the normalized JSONL written to ``dst``."""
     source_bytes: int
-    """Size of what was read from ``src``."""
+    """Size of what was read (the file as uploaded, compressed or not)."""
     sha256: str
     """sha256 hex of the normalized JSONL written to ``dst``."""
     format: Format
     source_format: SourceFormat
-    """The form of the first row (``mapped`` whenever a non-default mapping was used)."""
+    """The layout of the first row (``mapped`` whenever a non-default mapping was used)."""
     stats: DatasetStats
     warnings: list[DatasetWarning]
+    container: Container = "jsonl"
+    compressed: bool = False
+    mapping: dict[str, str] = {}
+    skipped_rows: int = 0
+    skipped: list[RowError] = []
 
 
 class _Errors:
@@ -104,6 +129,7 @@ class _Errors:
         self.keep = keep
         self.items: list[RowError] = []
         self.total = 0
+        self.fatal = False
 
     def add(self, line: int, field: str | None, msg: str) -> None:
         self.total += 1
@@ -111,163 +137,17 @@ class _Errors:
             self.items.append(RowError(line=line, field=field, msg=msg))
 
 
-class _Tally:
-    """One warning kind: how many rows, and the first few line numbers."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.lines: list[int] = []
-
-    def add(self, line: int) -> None:
-        self.count += 1
-        if len(self.lines) < WARNING_LINES:
-            self.lines.append(line)
-
-
-class _HashSet:
-    """Set of 64-bit hashes in a flat array with linear probing, at most 2/3 full.
-
-    8-24 bytes a row instead of ~100 for a Python set of digests. Past ``capacity`` hashes
-    it stops growing (new rows are still checked against the ones it holds), so its memory
-    has a fixed ceiling whatever the row count. 0 marks an empty slot (0 is stored as 1).
-    """
-
-    def __init__(self, capacity: int, bits: int = 16) -> None:
-        self.capacity = capacity
-        self.size = 0
-        self.full = False
-        self._alloc(bits)
-
-    def _alloc(self, bits: int) -> None:
-        self.mask = (1 << bits) - 1
-        self.slots = array("Q", [0]) * (1 << bits)
-        self.limit = (2 << bits) // 3
-
-    def add(self, h: int) -> bool:
-        """Insert ``h`` (room permitting); True if it was already there."""
-        h = (h & 0xFFFF_FFFF_FFFF_FFFF) or 1
-        slots, mask = self.slots, self.mask
-        i = h & mask
-        while v := slots[i]:
-            if v == h:
-                return True
-            i = (i + 1) & mask
-        if self.size >= self.capacity:
-            self.full = True
-            return False
-        slots[i] = h
-        self.size += 1
-        if self.size > self.limit:
-            self._grow()
-        return False
-
-    def _grow(self) -> None:
-        old = self.slots
-        self._alloc(self.mask.bit_length() + 1)
-        slots, mask = self.slots, self.mask
-        for h in old:
-            if h:
-                i = h & mask
-                while slots[i]:
-                    i = (i + 1) & mask
-                slots[i] = h
-
-
-class _Lengths:
-    """min/mean/max exactly, p95 from a fixed-seed uniform sample (Li's Algorithm L)."""
-
-    def __init__(self, k: int = _RESERVOIR_SIZE, seed: int = 0) -> None:
-        self.k = k
-        self.n = 0
-        self.lo = [math.inf] * 3
-        self.hi = [0] * 3
-        self.sums = [0] * 3
-        self.sample: list[tuple[int, int, int]] = []
-        self._rng = random.Random(seed)
-        self._w = 1.0
-        self._next = 0
-
-    def _u(self) -> float:
-        u = 0.0
-        while u == 0.0:
-            u = self._rng.random()
-        return u
-
-    def _skip(self) -> None:
-        self._w *= math.exp(math.log(self._u()) / self.k)
-        self._next += math.floor(math.log(self._u()) / math.log1p(-self._w)) + 1
-
-    def add(self, p: int, c: int, r: int) -> None:
-        self.n += 1
-        lo, hi, sums = self.lo, self.hi, self.sums
-        sums[0] += p
-        sums[1] += c
-        sums[2] += r
-        if p < lo[0]:
-            lo[0] = p
-        if c < lo[1]:
-            lo[1] = c
-        if r < lo[2]:
-            lo[2] = r
-        if p > hi[0]:
-            hi[0] = p
-        if c > hi[1]:
-            hi[1] = c
-        if r > hi[2]:
-            hi[2] = r
-        if self.n <= self.k:
-            self.sample.append((p, c, r))
-            if self.n == self.k:
-                self._next = self.k
-                self._skip()
-        elif self.n == self._next:
-            self.sample[self._rng.randrange(self.k)] = (p, c, r)
-            self._skip()
-
-    def stats(self) -> DatasetStats:
-        def summary(i: int) -> dict[str, float]:
-            values = sorted(s[i] for s in self.sample)
-            return {
-                "min": float(self.lo[i]),
-                "mean": round(self.sums[i] / self.n, 2),
-                "max": float(self.hi[i]),
-                "p95": float(values[math.ceil(0.95 * len(values)) - 1]),
-            }
-
-        return DatasetStats(
-            prompt_chars=summary(0), chosen_chars=summary(1), rejected_chars=summary(2)
-        )
-
-
-def _squash(text: str) -> str:
-    return "".join(text.split()).casefold()
-
-
-def _near_identical(a: str, b: str) -> bool:
-    """Whether two different texts differ only in whitespace and letter case.
-
-    Cheap for the usual pair: the first non-blank characters, then the first few
-    non-blank characters, must agree before the whole texts are squashed and compared.
-    """
-    if a.lstrip()[:1].casefold() != b.lstrip()[:1].casefold():
-        return False
-    ha, hb = _squash(a[:_NEAR_WINDOW]), _squash(b[:_NEAR_WINDOW])
-    n = min(len(ha), len(hb))
-    if ha[:n] != hb[:n]:
-        return False
-    return _squash(a) == _squash(b)
-
-
 class _Message(msgspec.Struct, gc=False):
     role: Literal["system", "user", "assistant", "tool"]
     content: str
 
 
-class _Row(msgspec.Struct, gc=False):
+class _Row(msgspec.Struct, gc=False, forbid_unknown_fields=True):
     """A canonical row, and the type the fast path decodes lines into.
 
-    Decoding straight into it checks types and roles in C and skips unknown keys without
-    building them; encoding it gives the canonical JSON (fields and keys in this order).
+    Decoding straight into it checks types and roles in C and refuses any other key (a row
+    with more columns may be another layout, or a column to warn about); encoding it gives
+    the canonical JSON (fields and keys in this order).
     """
 
     prompt: str | list[_Message]
@@ -275,13 +155,15 @@ class _Row(msgspec.Struct, gc=False):
     rejected: str | list[_Message]
 
 
-_content_of = operator.attrgetter("content")
 _role_of = operator.attrgetter("role")
+_prompt_of = operator.attrgetter("prompt")
+_chosen_of = operator.attrgetter("chosen")
+_rejected_of = operator.attrgetter("rejected")
 
 
 def _passes(row: _Row) -> bool:
     """Whether a row decoded straight into :class:`_Row` passes every check of
-    :func:`normalize_row` (if not, the slow path says what is wrong)."""
+    :func:`normalize` (if not, the slow path says what is wrong)."""
     p, c, r = row.prompt, row.chosen, row.rejected
     if isinstance(p, str):
         return (
@@ -305,20 +187,6 @@ def _passes(row: _Row) -> bool:
     return c != r
 
 
-def _near_identical_messages(a: list[_Message], b: list[_Message]) -> bool:
-    """Answers with the same roles whose contents differ only in whitespace and case."""
-    if len(a) == 1 == len(b):
-        return _near_identical(a[0].content, b[0].content)
-    return list(map(_role_of, a)) == list(map(_role_of, b)) and _near_identical(
-        "\n".join(map(_content_of, a)), "\n".join(map(_content_of, b))
-    )
-
-
-def _chars(msgs: list[_Message]) -> int:
-    """Characters of content in a list of messages."""
-    return sum(map(len, map(_content_of, msgs)))
-
-
 def _decode_error(raw: bytes, line: int, exc: Exception) -> str:
     try:
         raw.decode("utf-8")
@@ -327,50 +195,336 @@ def _decode_error(raw: bytes, line: int, exc: Exception) -> str:
     return f"line {line} is not valid JSON: {exc}"
 
 
-def _skip_rest(readline: Callable[[int], bytes]) -> int:
-    """Consume the rest of an overlong line in bounded chunks; return the bytes skipped."""
-    skipped = 0
-    while chunk := readline(_SKIP_CHUNK):
-        skipped += len(chunk)
-        if chunk.endswith(b"\n"):
-            break
-    return skipped
+def _as_conversation(row: _Row) -> _Row:
+    """A standard row as the conversation it stands for (what training would make of it)."""
+    return _Row(
+        [_Message("user", row.prompt)],  # type: ignore[arg-type]
+        [_Message("assistant", row.chosen)],  # type: ignore[arg-type]
+        [_Message("assistant", row.rejected)],  # type: ignore[arg-type]
+    )
 
 
-def _rows(n: int) -> str:
-    return f"{n} row" if n == 1 else f"{n} rows"
+_CANONICAL = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
 
 
-def _warnings(
-    duplicate: _Tally, seen: _HashSet, long_row: _Tally, near: _Tally, long_chars: int
-) -> list[DatasetWarning]:
-    among = f" among the first {seen.capacity} distinct rows" if seen.full else ""
-    found = [
-        (
-            "duplicate",
-            duplicate,
-            f"{_rows(duplicate.count)} exactly repeating an earlier row{among} "
-            "(after normalization)",
-        ),
-        (
-            "long_row",
-            long_row,
-            f"{_rows(long_row.count)} with more than {long_chars} characters of text (prompt, "
-            "chosen and rejected together); training will likely drop or truncate them "
-            "(see max_length)",
-        ),
-        (
-            "near_identical",
-            near,
-            f"{_rows(near.count)} where chosen and rejected differ only in whitespace or "
-            "letter case; such pairs teach the model little",
-        ),
-    ]
-    return [
-        DatasetWarning(kind=kind, msg=msg, count=tally.count, lines=tally.lines)
-        for kind, tally, msg in found
-        if tally.count
-    ]
+class _Ingest:
+    """The state of one validation: counters, the first errors, the output."""
+
+    def __init__(
+        self,
+        dst: BinaryIO,
+        *,
+        mapping: FieldMapping | None,
+        limits: Limits,
+        on_invalid: OnInvalid,
+        max_invalid_fraction: float,
+    ) -> None:
+        self.dst = dst
+        self.mapping = mapping
+        self.mapped = mapping is not None and mapping != DEFAULT_MAPPING
+        self.limits = limits
+        self.skip = on_invalid == "skip"
+        self.max_invalid_fraction = max_invalid_fraction
+        self.fast_decode: Callable[[bytes], _Row] | None = (
+            None if self.mapped else msgspec.json.Decoder(_Row).decode
+        )
+        self.encode = msgspec.json.Encoder().encode
+        self.errors = _Errors(limits.max_errors)
+        self.lengths = Lengths()
+        self.seen = HashSet(limits.max_tracked_rows)
+        self.duplicate, self.long_row, self.near = Tally(), Tally(), Tally()
+        self.ignored: dict[str, Tally] = {}
+        self.sha = hashlib.sha256()
+        self.out = bytearray()
+        self.written = 0
+        self.records = 0
+        self.rows = 0
+        self.fmt: Format | None = None
+        self.standard_rows = 0
+        """Rows written as standard before a conversational one made the dataset a
+        conversation: :meth:`finish` rewrites them."""
+        self.converted = Tally()
+        self.layout: SourceFormat = "mapped" if self.mapped else "standard"
+        self.described: dict[str, str] = {}
+        self.stopped = False
+
+    # ------------------------------------------------------------------ input
+
+    def _record(self, line: int) -> bool:
+        """Count a row; False (and stop) once there are more than the limit."""
+        self.records += 1
+        if self.records > self.limits.max_rows:
+            self.errors.add(
+                line, None, f"the dataset has more than {self.limits.max_rows} rows (the limit)"
+            )
+            self.errors.fatal = self.stopped = True
+            return False
+        return True
+
+    def error(self, line: int, field: str | None, msg: str) -> None:
+        self.errors.add(line, field, msg)
+
+    def fatal(self, line: int, msg: str) -> None:
+        self.errors.add(line, None, msg)
+        self.errors.fatal = self.stopped = True
+
+    def add_lines(self, first: int, lines: list[bytes | None], *, file_start: bool) -> None:
+        """A block of JSONL lines, numbered from ``first`` (``file_start``: the first block)."""
+        if file_start and lines and lines[0] is not None and lines[0].startswith(_BOM):
+            lines = [lines[0][3:], *lines[1:]]
+        if self.fast_decode is not None and self.fmt is not None and self._block(first, lines):
+            return
+        for i, raw in enumerate(lines):
+            if self.stopped:
+                return
+            self._line(first + i, raw)
+
+    def _block(self, first: int, lines: list[bytes | None]) -> bool:
+        """The whole block in one go, if every line is a canonical row of the dataset's format
+        (no blank line, no other key): True when it was taken."""
+        if self.records + len(lines) > self.limits.max_rows or not all(lines):
+            return False
+        assert self.fast_decode is not None
+        try:
+            decoded = list(map(self.fast_decode, lines))  # type: ignore[arg-type]
+        except (msgspec.MsgspecError, UnicodeDecodeError):
+            return False
+        if not all(map(_passes, decoded)):
+            return False
+        std = self.fmt == "standard"
+        if any(isinstance(row.prompt, str) != std for row in decoded):
+            return False
+        self.records += len(decoded)
+        datas = list(map(self.encode, decoded))
+        self._write(datas)
+        lines_of = range(first, first + len(decoded))
+        self._count(lines_of, decoded, datas, std)
+        longest = max(map(len, lines))  # type: ignore[arg-type]
+        if longest > self.limits.long_row_chars:
+            for line, row in zip(lines_of, decoded, strict=True):
+                self._long(line, row)
+        return True
+
+    def _line(self, line: int, raw: bytes | None) -> None:
+        if raw is None:
+            if self._record(line):
+                self.error(
+                    line,
+                    None,
+                    f"line {line} is longer than the limit of {self.limits.max_line_bytes} bytes",
+                )
+            return
+        if not raw or raw.isspace():
+            return
+        if not self._record(line):
+            return
+        row: _Row | None = None
+        if self.fast_decode is not None:
+            try:
+                row = self.fast_decode(raw)
+            except (msgspec.MsgspecError, UnicodeDecodeError):
+                row = None
+        if row is not None and _passes(row):
+            kind: SourceFormat = "standard" if isinstance(row.prompt, str) else "conversational"
+            self._accept(line, row, kind, _CANONICAL, ())
+            return
+        try:
+            obj = msgspec.json.decode(raw)
+        except (msgspec.MsgspecError, UnicodeDecodeError) as e:
+            self.error(line, None, _decode_error(raw, line, e))
+            return
+        self._normalize(line, obj)
+
+    def add_object(self, line: int, obj: Any) -> None:
+        """A row already decoded (from a JSON array, Parquet or CSV), numbered ``line``."""
+        if self._record(line):
+            self._normalize(line, obj)
+
+    def _normalize(self, line: int, obj: Any) -> None:
+        try:
+            found = normalize(obj, self.mapping)
+        except RowInvalid as e:
+            self.error(line, e.field, e.msg)
+            return
+        row = msgspec.convert(found.row, _Row)
+        self._accept(line, row, found.layout, found.mapping, found.ignored)
+
+    # ------------------------------------------------------------------ output
+
+    def _accept(
+        self,
+        line: int,
+        row: _Row,
+        layout: SourceFormat,
+        mapping: dict[str, str],
+        ignored: Iterable[str],
+    ) -> None:
+        row_fmt: Format = "standard" if isinstance(row.prompt, str) else "conversational"
+        if self.fmt is None:
+            self.fmt = row_fmt
+            self.layout = "mapped" if self.mapped else layout
+            self.described = mapping
+        elif row_fmt != self.fmt:
+            # Texts and conversations in one file (a system column in some rows only): the
+            # dataset is a conversation, and a text row reads as one user turn and one answer.
+            if row_fmt == "standard":
+                row, row_fmt = _as_conversation(row), "conversational"
+                self.converted.add(line)
+            else:
+                self.fmt, self.standard_rows = "conversational", self.rows
+                if not self.mapped:  # the layout that holds the system messages or turns
+                    self.layout, self.described = layout, mapping
+        if row_fmt == "standard" and len(self.converted.lines) < WARNING_LINES:
+            self.converted.lines.append(line)  # the first text rows, in case they turn
+        for name in ignored:
+            tally = self.ignored.get(name)
+            if tally is None:
+                if len(self.ignored) >= _MAX_COLUMNS:
+                    continue
+                tally = self.ignored[name] = Tally()
+            tally.add(line)
+        data = self.encode(row)
+        self._write([data])
+        self._count([line], [row], [data], row_fmt == "standard")
+        self._long(line, row)
+
+    def _write(self, datas: list[bytes]) -> None:
+        self.rows += len(datas)
+        out = self.out
+        out += b"\n".join(datas)
+        out += b"\n"
+        if len(out) >= _FLUSH_BYTES:
+            self.sha.update(out)
+            self.dst.write(out)
+            self.written += len(out)
+            out.clear()
+
+    def _count(self, lines: Any, decoded: list[_Row], datas: list[bytes], std: bool) -> None:
+        """Duplicates, near-identical pairs and lengths of accepted rows (``lines`` in order)."""
+        lines = list(lines)
+        dup = self.seen.add_many(map(hash, datas))
+        if dup:
+            self.duplicate.add_many([lines[i] for i in dup])
+        prompts = list(map(_prompt_of, decoded))
+        chosen = list(map(_chosen_of, decoded))
+        rejected = list(map(_rejected_of, decoded))
+        if std:
+            near = list(map(near_identical, chosen, rejected))
+            self.lengths.add_many(
+                list(map(len, prompts)), list(map(len, chosen)), list(map(len, rejected))
+            )
+        else:
+            near = list(map(near_identical_messages, chosen, rejected))
+            self.lengths.add_many(
+                list(map(chars, prompts)), list(map(chars, chosen)), list(map(chars, rejected))
+            )
+        if any(near):
+            self.near.add_many([line for line, hit in zip(lines, near, strict=True) if hit])
+
+    def _long(self, line: int, row: _Row) -> None:
+        size: Callable[[Any], int] = len if isinstance(row.prompt, str) else chars
+        if size(row.prompt) + size(row.chosen) + size(row.rejected) > self.limits.long_row_chars:
+            self.long_row.add(line)
+
+    def _rewrite_standard_rows(self) -> None:
+        """Rewrite the first ``standard_rows`` rows of ``dst`` as conversations (in a temp
+        file, then back), and the digest and size with them."""
+        decode = msgspec.json.Decoder(_Row).decode
+        dst = self.dst
+        dst.flush()
+        dst.seek(0)
+        sha, written = hashlib.sha256(), 0
+        with tempfile.TemporaryFile() as tmp:
+            for i, line in enumerate(dst):
+                if i < self.standard_rows:
+                    line = self.encode(_as_conversation(decode(line))) + b"\n"
+                tmp.write(line)
+                sha.update(line)
+                written += len(line)
+            tmp.seek(0)
+            dst.seek(0)
+            dst.truncate()
+            shutil.copyfileobj(tmp, dst, _FLUSH_BYTES)
+        self.sha, self.written = sha, written
+
+    # ------------------------------------------------------------------ result
+
+    def _column_warnings(self) -> list[DatasetWarning]:
+        found = []
+        for name, tally in self.ignored.items():
+            if self.mapped and name in PROMPT_LIKE:
+                kind = "unused_prompt_column"
+                msg = (
+                    f"column {name!r} holds text in {rows(tally.count)} but the mapping does "
+                    "not use it: map it (system_field, history_field or prompt_field) or drop it"
+                )
+            else:
+                kind = "ignored_column"
+                msg = f"column {name!r} ignored in {rows(tally.count)}"
+                if name in PROMPT_LIKE:
+                    msg += (
+                        ": its text is in no prompt (map the columns to use it: prompt_field, "
+                        "system_field, history_field)"
+                    )
+            found.append(DatasetWarning(kind=kind, msg=msg, count=tally.count, lines=tally.lines))
+        return found
+
+    def finish(self, source_bytes: int, container: Container, compressed: bool) -> IngestResult:
+        errors = self.errors
+        invalid = errors.total
+        if not errors.fatal and self.rows == 0 and not invalid:
+            self.fatal(0, "the dataset has no rows")
+        if errors.fatal or (invalid and not self.skip):
+            raise InvalidDataset(errors.items, errors.total)
+        if invalid and self.rows == 0:
+            raise InvalidDataset(
+                errors.items, errors.total, f"none of the {rows(self.records)} is valid"
+            )
+        if invalid > self.max_invalid_fraction * self.records:
+            raise InvalidDataset(
+                errors.items,
+                errors.total,
+                f"{invalid} of {rows(self.records)} are invalid "
+                f"({100 * invalid / self.records:.2f}%), more than max_invalid_fraction "
+                f"{self.max_invalid_fraction}",
+            )
+        self.sha.update(self.out)
+        self.dst.write(self.out)
+        self.written += len(self.out)
+        self.out.clear()
+        assert self.fmt is not None
+        warnings = row_warnings(
+            self.duplicate, self.seen, self.long_row, self.near, self.limits.long_row_chars
+        )
+        if self.standard_rows:
+            self._rewrite_standard_rows()
+        if self.fmt == "conversational" and (self.standard_rows or self.converted.count):
+            count = self.standard_rows + self.converted.count
+            lines = sorted(self.converted.lines)[:WARNING_LINES]
+            warnings.append(
+                DatasetWarning(
+                    kind="made_conversational",
+                    msg=f"{rows(count)} with a text prompt became conversations (one user "
+                    "message, one answer) to match the rows with system messages or turns",
+                    count=count,
+                    lines=lines,
+                )
+            )
+        return IngestResult(
+            rows=self.rows,
+            bytes=self.written,
+            source_bytes=source_bytes,
+            sha256=self.sha.hexdigest(),
+            format=self.fmt,
+            source_format=self.layout,
+            stats=self.lengths.stats(),
+            warnings=warnings + self._column_warnings(),
+            container=container,
+            compressed=compressed,
+            mapping=self.described,
+            skipped_rows=invalid,
+            skipped=errors.items if invalid else [],
+        )
 
 
 def validate_jsonl(
@@ -379,144 +533,105 @@ def validate_jsonl(
     *,
     mapping: FieldMapping | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    on_invalid: OnInvalid = "reject",
+    max_invalid_fraction: float = 0.01,
 ) -> IngestResult:
     """Validate JSONL preference rows from ``src`` and write them normalized to ``dst``.
 
-    Reads line by line in bounded memory. On any error the whole file is still scanned
-    (up to ``limits.max_rows``) and :class:`InvalidDataset` is raised with the first
-    ``limits.max_errors`` errors and their total; what was written to ``dst`` is then
-    incomplete and must be discarded.
-
-    Each line first goes through a fast path (decoded straight into the canonical row
-    type and checked); a line that does not pass it is decoded again generically and
-    handed to :func:`normalize_row`, which accepts the other forms or names the fault.
+    Reads a block at a time in bounded memory. Raises :class:`InvalidDataset` with the first
+    ``limits.max_errors`` errors and their total when the dataset is rejected; what was
+    written to ``dst`` is then incomplete and must be discarded.
     """
-    if isinstance(src, io.RawIOBase):
-        src = io.BufferedReader(src, buffer_size=_SKIP_CHUNK)
-    readline: Callable[[int], bytes] = src.readline
-    mapped = mapping is not None and mapping != DEFAULT_MAPPING
-    fast_decode = None if mapped else msgspec.json.Decoder(_Row).decode
-    decode = msgspec.json.decode
-    encode = msgspec.json.Encoder().encode
-    max_line = limits.max_line_bytes
-    read_limit = max_line + 2  # room for "\r\n"
-    max_rows = limits.max_rows
-    long_chars = limits.long_row_chars
-
-    errors = _Errors(limits.max_errors)
-    lengths = _Lengths()
-    seen = _HashSet(limits.max_tracked_rows)
-    duplicate, long_row, near = _Tally(), _Tally(), _Tally()
-    sha = hashlib.sha256()
-    out = bytearray()
-    written = 0
-    source_bytes = 0
-    line_no = 0
-    nonblank = 0
-    rows = 0
-    fmt: Format | None = None
-    fmt_line = 0
-    source_format: SourceFormat = "mapped" if mapped else "standard"
-    row: _Row | None
-
-    while raw := readline(read_limit):
-        line_no += 1
-        source_bytes += len(raw)
-        if len(raw) > max_line:
-            if len(raw) == read_limit and not raw.endswith(b"\n"):
-                source_bytes += _skip_rest(readline)
-            if len(raw.rstrip(b"\r\n")) > max_line:
-                nonblank += 1
-                errors.add(
-                    line_no, None, f"line {line_no} is longer than the limit of {max_line} bytes"
-                )
-                continue
-        if line_no == 1 and raw.startswith(_BOM):
-            raw = raw[3:]
-        if not raw or raw.isspace():
-            continue
-        nonblank += 1
-        if nonblank > max_rows:
-            errors.add(line_no, None, f"the dataset has more than {max_rows} rows (the limit)")
-            break
-
-        try:
-            row = fast_decode(raw) if fast_decode is not None else None
-        except (msgspec.MsgspecError, UnicodeDecodeError):
-            row = None
-        if row is not None and _passes(row):
-            row_source: SourceFormat = (
-                "standard" if row.prompt.__class__ is str else "conversational"
-            )
-        else:
-            try:
-                obj = decode(raw)
-            except (msgspec.MsgspecError, UnicodeDecodeError) as e:
-                errors.add(line_no, None, _decode_error(raw, line_no, e))
-                continue
-            try:
-                normal, row_source = normalize_row(obj, mapping=mapping)
-            except RowInvalid as e:
-                errors.add(line_no, e.field, e.msg)
-                continue
-            row = msgspec.convert(normal, _Row)
-
-        prompt, chosen, rejected = row.prompt, row.chosen, row.rejected
-        row_fmt: Format = "standard" if prompt.__class__ is str else "conversational"
-        if fmt is None:
-            fmt, fmt_line = row_fmt, line_no
-            if not mapped:
-                source_format = row_source
-        elif row_fmt != fmt:
-            errors.add(
-                line_no,
-                None,
-                f"line {line_no} is {row_fmt} but the dataset is {fmt} from line {fmt_line}",
-            )
-            continue
-        if errors.total:
-            continue  # the dataset is rejected: keep checking, stop producing
-
-        rows += 1
-        data = encode(row)
-        out += data
-        out += b"\n"
-        if len(out) >= _FLUSH_BYTES:
-            sha.update(out)
-            dst.write(out)
-            written += len(out)
-            out.clear()
-        if seen.add(hash(data)):
-            duplicate.add(line_no)
-        if isinstance(prompt, str):
-            assert isinstance(chosen, str) and isinstance(rejected, str)
-            p, c, r = len(prompt), len(chosen), len(rejected)
-            if _near_identical(chosen, rejected):
-                near.add(line_no)
-        else:
-            assert isinstance(chosen, list) and isinstance(rejected, list)
-            p, c, r = _chars(prompt), _chars(chosen), _chars(rejected)
-            if _near_identical_messages(chosen, rejected):
-                near.add(line_no)
-        lengths.add(p, c, r)
-        if p + c + r > long_chars:
-            long_row.add(line_no)
-
-    if not errors.total and rows == 0:
-        errors.add(0, None, "the dataset has no rows")
-    if errors.total:
-        raise InvalidDataset(errors.items, errors.total)
-    sha.update(out)
-    dst.write(out)
-    written += len(out)
-    assert fmt is not None
-    return IngestResult(
-        rows=rows,
-        bytes=written,
-        source_bytes=source_bytes,
-        sha256=sha.hexdigest(),
-        format=fmt,
-        source_format=source_format,
-        stats=lengths.stats(),
-        warnings=_warnings(duplicate, seen, long_row, near, long_chars),
+    ingest = _Ingest(
+        dst,
+        mapping=mapping,
+        limits=limits,
+        on_invalid=on_invalid,
+        max_invalid_fraction=max_invalid_fraction,
     )
+    blocks = JsonlBlocks(src, limits.max_line_bytes)
+    _jsonl(ingest, blocks, 0)
+    return ingest.finish(blocks.consumed, "jsonl", False)
+
+
+def _jsonl(ingest: _Ingest, blocks: JsonlBlocks, offset: int) -> int:
+    """Feed JSONL blocks, numbering lines after ``offset``; the last line number."""
+    last = offset
+    for first, lines in blocks:
+        ingest.add_lines(offset + first, lines, file_start=first == 1)
+        last = offset + first + len(lines) - 1
+        if ingest.stopped:
+            break
+    return last
+
+
+def _read(ingest: _Ingest, path: Path, hint: Container | None, offset: int) -> tuple[Opened, int]:
+    """Feed the rows of one file; (what it was, the last line or row number)."""
+    limits = ingest.limits
+    with open_dataset(path, hint=hint, max_bytes=limits.max_bytes) as opened:
+        if opened.container == "jsonl":
+            return opened, _jsonl(ingest, JsonlBlocks(opened.stream, limits.max_line_bytes), offset)
+        if opened.container == "parquet":
+            objects: Iterable[tuple[int, Any]] = parquet_rows(path, limits.max_bytes)
+        elif opened.container == "csv":
+            objects = csv_rows(opened.stream, limits.max_line_bytes)
+        else:
+            objects = json_rows(opened.stream, limits.max_line_bytes)
+        last = offset
+        try:
+            for n, obj in objects:
+                last = offset + n
+                ingest.add_object(last, obj)
+                if ingest.stopped:
+                    break
+        except FileProblem as e:
+            ingest.fatal(offset + e.line, e.msg)
+        return opened, last
+
+
+def validate_file(
+    paths: Path | Sequence[Path],
+    dst: BinaryIO,
+    *,
+    hint: Container | None = None,
+    mapping: FieldMapping | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    on_invalid: OnInvalid = "reject",
+    max_invalid_fraction: float = 0.01,
+) -> IngestResult:
+    """Validate the rows of the file at ``paths`` (or of several, one dataset: the shards of a
+    split, lines numbered on from one file to the next), whatever container holds them.
+
+    Raises UnsupportedFile (nothing can be read), DatasetTooLarge (it decompresses past
+    ``limits.max_bytes``) or InvalidDataset.
+    """
+    files = [paths] if isinstance(paths, Path) else list(paths)
+    ingest = _Ingest(
+        dst,
+        mapping=mapping,
+        limits=limits,
+        on_invalid=on_invalid,
+        max_invalid_fraction=max_invalid_fraction,
+    )
+    last = 0
+    first: Opened | None = None
+    for path in files:
+        opened, last = _read(ingest, path, hint, last)
+        first = first or opened
+        if ingest.stopped:
+            break
+    assert first is not None, "no file to validate"
+    size = sum(path.stat().st_size for path in files)
+    return ingest.finish(size, first.container, first.compressed)
+
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "WARNING_LINES",
+    "IngestResult",
+    "InvalidDataset",
+    "Limits",
+    "RowError",
+    "validate_file",
+    "validate_jsonl",
+]

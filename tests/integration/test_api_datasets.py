@@ -68,7 +68,7 @@ async def test_multipart_upload_and_column_mapping(api: Api) -> None:
 @pytest.mark.parametrize(
     ("body", "line", "needle"),
     [
-        (b"\xff\xfe not utf-8\n", 1, "UTF-8"),
+        (jsonl(ROW, ROW) + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n', 3, "UTF-8"),
         (jsonl(ROW) + b"{not json\n", 2, "JSON"),
         (jsonl(ROW, [1, 2]), 2, "object"),
         (jsonl({"prompt": "p", "chosen": "c"}), 1, "rejected"),

@@ -69,7 +69,10 @@ def test_a_50_mb_upload_validates_in_flat_memory(tmp_path: Path) -> None:
     assert result.source_bytes == src_path.stat().st_size
     assert result.bytes == dst_path.stat().st_size
     repeats = [1000 * k for k in range(1, rows // 1000 + 1)]
-    assert [(w.kind, w.lines) for w in result.warnings] == [("duplicate", repeats)]
+    assert [(w.kind, w.count, w.lines[:10]) for w in result.warnings] == [
+        ("duplicate", len(repeats), repeats[:10]),
+        ("ignored_column", rows, list(range(1, 11))),
+    ]
 
 
 def test_many_rows_keep_exact_duplicate_counts_and_a_sampled_p95(tmp_path: Path) -> None:
@@ -79,7 +82,11 @@ def test_many_rows_keep_exact_duplicate_counts_and_a_sampled_p95(tmp_path: Path)
     with path.open("rb") as src:
         result = validate_jsonl(src, io.BytesIO())
     assert result.rows == rows > 90_000
-    [warning] = result.warnings
+    [warning, ignored] = result.warnings
+    assert (ignored.kind, ignored.msg) == (
+        "ignored_column",
+        f"column 'source' ignored in {rows} rows",
+    )
     assert (warning.kind, warning.count) == ("duplicate", rows // 1000)
     assert warning.lines == [1000 * k for k in range(1, 11)]
     prompt = result.stats.prompt_chars
