@@ -1,7 +1,8 @@
-"""Dataset upload, listing and deletion.
+"""Dataset upload, import, preview, listing and deletion.
 
 An upload is spooled to a temporary file as it arrives (the size limit enforced on the way),
-validated and normalized in a thread, and only then stored: invalid input stores nothing.
+validated and normalized in a thread, and only then stored: invalid input stores nothing. An
+import downloads its source to a temporary file first, then goes the same way.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from pathlib import Path
 from typing import IO, Annotated, Any
 
 import anyio.to_thread
+import msgspec
 from litestar import Controller, Request, delete, get, post
-from litestar.params import Parameter
+from litestar.params import Body, Parameter
 from multipart import MultipartSegment, PushMultipartParser
 
 from service.api.auth import scope
@@ -23,6 +25,7 @@ from service.api.errors import (
     UnsupportedMediaType,
 )
 from service.api.openapi_docs import (
+    BAD_GATEWAY,
     CONFLICT,
     INVALID,
     NOT_FOUND,
@@ -31,53 +34,92 @@ from service.api.openapi_docs import (
     responses,
 )
 from service.blobs import BlobStore, dataset_blob_key
-from service.contract import Dataset, DatasetList, FieldMapping
+from service.contract import (
+    Container,
+    Dataset,
+    DatasetImport,
+    DatasetList,
+    DatasetRow,
+    DatasetRows,
+    FieldMapping,
+    OnInvalid,
+)
+from service.datasets.containers import ACCEPTED_TYPES
 from service.datasets.ingest import store_dataset
+from service.datasets.sources import fetch, hint_of
 from service.datasets.validate import Limits
 from service.settings import Principal, Settings
 from service.store import Store
 
 JSONL_TYPES = {"application/x-ndjson", "application/jsonl", "application/json-lines", "text/plain"}
+_HINTS: dict[str, Container | None] = {
+    **dict.fromkeys(JSONL_TYPES, "jsonl"),
+    "application/json": None,
+    "application/vnd.apache.parquet": "parquet",
+    "application/x-parquet": "parquet",
+    "text/csv": "csv",
+    "application/gzip": None,
+    "application/x-gzip": None,
+    "application/octet-stream": None,
+}
+"""Declared media types and the container each suggests (the bytes decide)."""
 FieldName = Annotated[
     str | None, Parameter(min_length=1, max_length=128, description="Column to read it from")
 ]
+_PREVIEW_MAX = 100
+_row_decoder = msgspec.json.Decoder(DatasetRow)
 
 
-async def _spool(request: Request[Any, Any, Any], out: IO[bytes], limit: int) -> int:
-    """Copy the JSONL body (raw, or the first file of a multipart form) into `out`."""
+def _unsupported_type(ctype: str) -> UnsupportedMediaType:
+    return UnsupportedMediaType(
+        f"got {ctype or 'no Content-Type'}; send the file as one of {', '.join(ACCEPTED_TYPES)} "
+        "(JSONL, a JSON array, Parquet or CSV with a header row, any but Parquet optionally "
+        "gzip-compressed)"
+    )
+
+
+async def _spool(request: Request[Any, Any, Any], out: IO[bytes], limit: int) -> Container | None:
+    """Copy the body (raw, or the first file of a multipart form) into `out`; the container
+    its declared type or file name suggests."""
     ctype, options = request.content_type
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the upload is {declared} bytes; the limit is {limit} bytes")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip", "x-gzip"):
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding} is not supported: send the file gzip-compressed or "
+            "as it is"
+        )
     if ctype == "multipart/form-data":
         boundary = options.get("boundary")
         if not boundary:
             raise UnsupportedMediaType("multipart/form-data without a boundary")
         return await _spool_multipart(request, out, boundary.encode(), limit)
-    if ctype not in JSONL_TYPES:
-        raise UnsupportedMediaType(
-            f"send JSONL as application/x-ndjson or application/jsonl, or a multipart file; "
-            f"got {ctype or 'no Content-Type'}"
-        )
+    if ctype not in _HINTS:
+        raise _unsupported_type(ctype)
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"the upload is over the limit of {limit} bytes")
         out.write(chunk)
-    return size
+    return _HINTS[ctype]
 
 
 async def _spool_multipart(
     request: Request[Any, Any, Any], out: IO[bytes], boundary: bytes, limit: int
-) -> int:
+) -> Container | None:
     size = 0
     in_file = done = False
+    hint: Container | None = None
     with PushMultipartParser(boundary) as parser:
         async for chunk in request.stream():
             for part in parser.parse(chunk):
                 if isinstance(part, MultipartSegment):
                     in_file = part.filename is not None and not done
+                    if in_file:
+                        hint = hint_of(part.filename or "") or _HINTS.get(part.content_type or "")
                 elif part and in_file:
                     size += len(part)
                     if size > limit:
@@ -87,7 +129,31 @@ async def _spool_multipart(
                     in_file, done = False, True
         if not done:
             raise UnsupportedMediaType("the multipart form has no file part")
-    return size
+    return hint
+
+
+def _mapping(**fields: str | None) -> FieldMapping | None:
+    """The column mapping the request asks for, or None for detection."""
+    if not any(fields.values()):
+        return None
+    try:
+        return FieldMapping(
+            prompt_field=fields["prompt_field"] or "prompt",
+            chosen_field=fields["chosen_field"] or "chosen",
+            rejected_field=fields["rejected_field"] or "rejected",
+            system_field=fields["system_field"],
+            history_field=fields["history_field"],
+        )
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), [FieldError(loc=["query"], msg=str(exc))]) from None
+
+
+def _limits(settings: Settings) -> Limits:
+    return Limits(
+        max_line_bytes=settings.max_line_bytes,
+        max_rows=settings.max_dataset_rows,
+        max_bytes=settings.max_dataset_bytes,
+    )
 
 
 class DatasetController(Controller):
@@ -99,7 +165,16 @@ class DatasetController(Controller):
         path="/",
         status_code=201,
         request_max_body_size=None,
-        summary="Upload a JSONL preference dataset",
+        summary="Upload a preference dataset (JSONL, JSON, Parquet or CSV; gzip allowed)",
+        description=(
+            "The body is the file: JSONL, a JSON array, Parquet or CSV with a header row, any "
+            "but Parquet optionally gzip-compressed (as `Content-Encoding: gzip`, a `.gz` file "
+            "or `application/gzip`), or a multipart form whose first file part is the file. The "
+            "bytes decide the container; the declared type only tells CSV from JSONL. Rows in "
+            'the layouts of the README\'s "Dataset formats" (TRL, Anthropic HH, UltraFeedback, '
+            "ShareGPT/LLaMA-Factory, Axolotl, MedicalGPT, OpenAI) are read without a mapping; "
+            "other column names need one (`prompt_field`, ...)."
+        ),
         responses=responses(INVALID, TOO_LARGE, UNSUPPORTED),
     )
     async def create_dataset(
@@ -110,35 +185,119 @@ class DatasetController(Controller):
         blobs: BlobStore,
         settings: Settings,
         name: Annotated[
-            str, Parameter(min_length=1, max_length=128, pattern=r"^[\w .,:()+-]+$")
+            str,
+            Parameter(
+                min_length=1,
+                max_length=128,
+                pattern=r"^[\w .,:()+-]+$",
+                description="Dataset name, for people",
+            ),
         ] = "dataset",
         prompt_field: FieldName = None,
         chosen_field: FieldName = None,
         rejected_field: FieldName = None,
+        system_field: Annotated[
+            str | None,
+            Parameter(
+                min_length=1,
+                max_length=128,
+                description="Column whose text becomes each prompt's system message",
+            ),
+        ] = None,
+        history_field: Annotated[
+            str | None,
+            Parameter(
+                min_length=1,
+                max_length=128,
+                description="Column of earlier turns ([prompt, answer] pairs or messages) "
+                "placed before each prompt",
+            ),
+        ] = None,
+        on_invalid: Annotated[
+            OnInvalid,
+            Parameter(
+                description="reject: any invalid row rejects the dataset (422); skip: invalid "
+                "rows are left out and listed in the dataset, up to max_invalid_fraction",
+            ),
+        ] = "reject",
+        max_invalid_fraction: Annotated[
+            float,
+            Parameter(
+                ge=0.0,
+                le=1.0,
+                description="With on_invalid=skip, the most rows (a fraction) that may be "
+                "invalid before the dataset is rejected anyway",
+            ),
+        ] = 0.01,
     ) -> Dataset:
-        mapping = None
-        if prompt_field or chosen_field or rejected_field:
-            try:
-                mapping = FieldMapping(
-                    prompt_field=prompt_field or "prompt",
-                    chosen_field=chosen_field or "chosen",
-                    rejected_field=rejected_field or "rejected",
-                )
-            except ValueError as exc:
-                raise InvalidRequest(str(exc), [FieldError(loc=["query"], msg=str(exc))]) from None
-        limits = Limits(max_line_bytes=settings.max_line_bytes, max_rows=settings.max_dataset_rows)
+        mapping = _mapping(
+            prompt_field=prompt_field,
+            chosen_field=chosen_field,
+            rejected_field=rejected_field,
+            system_field=system_field,
+            history_field=history_field,
+        )
         with tempfile.TemporaryDirectory(prefix="ftune-upload-") as tmp:
-            raw = Path(tmp) / "raw.jsonl"
+            raw = Path(tmp) / "upload"
             with raw.open("wb") as out:
-                await _spool(request, out, settings.max_dataset_bytes)
+                hint = await _spool(request, out, settings.max_dataset_bytes)
             return await store_dataset(
                 store,
                 blobs,
                 raw,
                 tenant=principal.tenant,
                 name=name,
-                limits=limits,
+                limits=_limits(settings),
                 mapping=mapping,
+                hint=hint,
+                on_invalid=on_invalid,
+                max_invalid_fraction=max_invalid_fraction,
+            )
+
+    @post(
+        operation_id="ImportDataset",
+        path="/import",
+        status_code=201,
+        summary="Import a dataset from the Hub or S3, validated like an upload",
+        description=(
+            "`hf://datasets/ORG/NAME` takes the files of `split` (default train: files named "
+            "`train.*` or `train-*`, or in a `train/` folder) at `revision`; add a folder or a "
+            "file after the name to narrow it (`hf://datasets/Anthropic/hh-rlhf/harmless-base`). "
+            "`s3://bucket/key` takes one object. The service reads them with its own Hub token "
+            "and S3 credentials; its own store is never a source."
+        ),
+        responses=responses(INVALID, TOO_LARGE, UNSUPPORTED, BAD_GATEWAY),
+    )
+    async def import_dataset(
+        self,
+        data: Annotated[DatasetImport, Body()],
+        principal: Principal,
+        store: Store,
+        blobs: BlobStore,
+        settings: Settings,
+    ) -> Dataset:
+        mapping = _mapping(
+            prompt_field=data.prompt_field,
+            chosen_field=data.chosen_field,
+            rejected_field=data.rejected_field,
+            system_field=data.system_field,
+            history_field=data.history_field,
+        )
+        with tempfile.TemporaryDirectory(prefix="ftune-import-") as tmp:
+            fetched = await anyio.to_thread.run_sync(
+                fetch, data, settings, Path(tmp), settings.max_dataset_bytes
+            )
+            return await store_dataset(
+                store,
+                blobs,
+                fetched.files,
+                tenant=principal.tenant,
+                name=data.name or fetched.name,
+                limits=_limits(settings),
+                mapping=mapping,
+                hint=fetched.hint,
+                on_invalid=data.on_invalid,
+                max_invalid_fraction=data.max_invalid_fraction,
             )
 
     @get(
@@ -165,6 +324,40 @@ class DatasetController(Controller):
     async def get_dataset(self, dataset_id: str, principal: Principal, store: Store) -> Dataset:
         return await store.get_dataset(dataset_id, scope(principal))
 
+    @get(
+        operation_id="GetDatasetRows",
+        path="/{dataset_id:str}/rows",
+        summary="Normalized rows, as training will see them",
+        description=(
+            "Check the prompt/chosen/rejected split and the system message before spending GPU "
+            "hours. Rows are read from the start of the stored file, so a large offset takes "
+            "longer."
+        ),
+        responses=responses(NOT_FOUND),
+    )
+    async def get_dataset_rows(
+        self,
+        dataset_id: str,
+        principal: Principal,
+        store: Store,
+        blobs: BlobStore,
+        limit: Annotated[int, Parameter(ge=1, le=_PREVIEW_MAX, description="Rows to return")] = 10,
+        offset: Annotated[
+            int, Parameter(ge=0, description="Rows to skip (0-based index of the first row)")
+        ] = 0,
+    ) -> DatasetRows:
+        ds = await store.get_dataset(dataset_id, scope(principal))
+        rows = await anyio.to_thread.run_sync(
+            _read_rows, blobs, dataset_blob_key(ds.sha256), offset, limit
+        )
+        end = offset + len(rows)
+        return DatasetRows(
+            dataset_id=ds.id,
+            offset=offset,
+            rows=rows,
+            next_offset=end if end < ds.rows else None,
+        )
+
     @delete(
         operation_id="DeleteDataset",
         path="/{dataset_id:str}",
@@ -177,3 +370,15 @@ class DatasetController(Controller):
         ds, remaining = await store.delete_dataset(dataset_id, scope(principal))
         if remaining <= 0:
             await anyio.to_thread.run_sync(blobs.delete, dataset_blob_key(ds.sha256))
+
+
+def _read_rows(blobs: BlobStore, key: str, offset: int, limit: int) -> list[DatasetRow]:
+    """Rows ``offset`` to ``offset + limit`` of a stored dataset (one normalized row a line)."""
+    out: list[DatasetRow] = []
+    with blobs.open(key) as f:
+        for i, line in enumerate(f):
+            if i >= offset:
+                out.append(_row_decoder.decode(line))
+                if len(out) == limit:
+                    break
+    return out

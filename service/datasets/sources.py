@@ -79,6 +79,7 @@ def _split_match(path: str, split: str) -> bool:
 
 
 def _fetch_hub(req: DatasetImport, settings: Settings, dest: Path, max_bytes: int) -> Fetched:
+    import httpx2  # huggingface_hub's HTTP client: its transport errors are not OSErrors
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -152,7 +153,7 @@ def _fetch_hub(req: DatasetImport, settings: Settings, dest: Path, max_bytes: in
         raise SourceError(f"source: revision {req.revision!r} of {where} does not exist") from None
     except EntryNotFoundError:
         raise SourceError(f"source: a file of {where} vanished while it was read") from None
-    except (HfHubHTTPError, OSError) as e:
+    except (HfHubHTTPError, OSError, httpx2.HTTPError) as e:
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise SourceError(f"the Hub could not be read for {where}: {cause}", 502) from None
     default = _safe_name(f"{name}{'-' + sub.replace('/', '-') if sub else ''} {split}")
