@@ -43,6 +43,9 @@ class Settings:
     """One JSONL row's size limit."""
     max_dataset_rows: int = 10_000_000
     """Row count limit for one dataset."""
+    ingest_processes: int = 0
+    """Processes validating one big JSONL upload in line ranges (0: one per CPU core the API
+    may use, at most 4; 1: validate in the API process only)."""
     models_dir: Path = Path(".ftune/models")
     """The only local directory base models may be loaded from (file:// references)."""
     work_dir: Path = Path(".ftune/work")
@@ -124,6 +127,7 @@ class Settings:
             max_dataset_bytes=int(get("FTUNE_MAX_DATASET_BYTES") or defaults.max_dataset_bytes),
             max_line_bytes=int(get("FTUNE_MAX_LINE_BYTES") or defaults.max_line_bytes),
             max_dataset_rows=int(get("FTUNE_MAX_DATASET_ROWS") or defaults.max_dataset_rows),
+            ingest_processes=int(get("FTUNE_INGEST_PROCESSES") or defaults.ingest_processes),
             models_dir=Path(get("FTUNE_MODELS_DIR") or defaults.models_dir).resolve(),
             work_dir=Path(get("FTUNE_WORK_DIR") or defaults.work_dir).resolve(),
             hf_home=Path(hf_home) if hf_home else None,

@@ -1,15 +1,17 @@
 """Dataset upload, import, preview, listing and deletion.
 
 An upload is spooled to a temporary file as it arrives (the size limit enforced on the way),
-validated and normalized in a thread, and only then stored: invalid input stores nothing. An
-import downloads its source to a temporary file first, then goes the same way.
+validated and normalized in a child process (the API keeps answering meanwhile), and only
+then stored: invalid input stores nothing. An import downloads its source to a temporary
+file first, then goes the same way.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import Annotated, Any
 
 import anyio.to_thread
 import msgspec
@@ -46,6 +48,7 @@ from service.contract import (
 )
 from service.datasets.containers import ACCEPTED_TYPES
 from service.datasets.ingest import store_dataset
+from service.datasets.parallel import default_processes
 from service.datasets.sources import fetch, hint_of
 from service.datasets.validate import Limits
 from service.settings import Principal, Settings
@@ -78,9 +81,20 @@ def _unsupported_type(ctype: str) -> UnsupportedMediaType:
     )
 
 
-async def _spool(request: Request[Any, Any, Any], out: IO[bytes], limit: int) -> Container | None:
-    """Copy the body (raw, or the first file of a multipart form) into `out`; the container
-    its declared type or file name suggests."""
+async def _limited(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the upload is over the limit of {limit} bytes")
+        yield chunk
+
+
+async def _upload(
+    request: Request[Any, Any, Any], limit: int
+) -> tuple[Container | None, AsyncIterator[bytes]]:
+    """The uploaded file's bytes as they arrive (the raw body, or the first file part of a
+    multipart form), and the container its declared type or file name suggests."""
     ctype, options = request.content_type
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -91,45 +105,38 @@ async def _spool(request: Request[Any, Any, Any], out: IO[bytes], limit: int) ->
             f"Content-Encoding {encoding} is not supported: send the file gzip-compressed or "
             "as it is"
         )
-    if ctype == "multipart/form-data":
-        boundary = options.get("boundary")
-        if not boundary:
-            raise UnsupportedMediaType("multipart/form-data without a boundary")
-        return await _spool_multipart(request, out, boundary.encode(), limit)
-    if ctype not in _HINTS:
-        raise _unsupported_type(ctype)
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the upload is over the limit of {limit} bytes")
-        out.write(chunk)
-    return _HINTS[ctype]
+    if ctype != "multipart/form-data":
+        if ctype not in _HINTS:
+            raise _unsupported_type(ctype)
+        return _HINTS[ctype], _limited(request.stream(), limit)
+    boundary = options.get("boundary")
+    if not boundary:
+        raise UnsupportedMediaType("multipart/form-data without a boundary")
+    events = _multipart(request, boundary.encode())
+    async for event in events:
+        if isinstance(event, MultipartSegment) and event.filename is not None:
+            hint = hint_of(event.filename) or _HINTS.get(event.content_type or "")
+            return hint, _limited(_file_part(events), limit)
+    raise UnsupportedMediaType("the multipart form has no file part")
 
 
-async def _spool_multipart(
-    request: Request[Any, Any, Any], out: IO[bytes], boundary: bytes, limit: int
-) -> Container | None:
-    size = 0
-    in_file = done = False
-    hint: Container | None = None
+async def _multipart(
+    request: Request[Any, Any, Any], boundary: bytes
+) -> AsyncIterator[MultipartSegment | bytes]:
     with PushMultipartParser(boundary) as parser:
         async for chunk in request.stream():
-            for part in parser.parse(chunk):
-                if isinstance(part, MultipartSegment):
-                    in_file = part.filename is not None and not done
-                    if in_file:
-                        hint = hint_of(part.filename or "") or _HINTS.get(part.content_type or "")
-                elif part and in_file:
-                    size += len(part)
-                    if size > limit:
-                        raise PayloadTooLarge(f"the upload is over the limit of {limit} bytes")
-                    out.write(part)
-                elif not part and in_file:
-                    in_file, done = False, True
-        if not done:
-            raise UnsupportedMediaType("the multipart form has no file part")
-    return hint
+            for event in parser.parse(chunk):
+                yield event if isinstance(event, MultipartSegment) else bytes(event or b"")
+
+
+async def _file_part(events: AsyncIterator[MultipartSegment | bytes]) -> AsyncIterator[bytes]:
+    """The data of the part that just began; the rest of the form is read and dropped."""
+    async for event in events:
+        if not isinstance(event, bytes) or not event:
+            break
+        yield event
+    async for _ in events:
+        pass
 
 
 def _mapping(**fields: str | None) -> FieldMapping | None:
@@ -146,6 +153,10 @@ def _mapping(**fields: str | None) -> FieldMapping | None:
         )
     except ValueError as exc:
         raise InvalidRequest(str(exc), [FieldError(loc=["query"], msg=str(exc))]) from None
+
+
+def _processes(settings: Settings) -> int:
+    return settings.ingest_processes or default_processes()
 
 
 def _limits(settings: Settings) -> Limits:
@@ -237,10 +248,12 @@ class DatasetController(Controller):
             system_field=system_field,
             history_field=history_field,
         )
+        hint, body = await _upload(request, settings.max_dataset_bytes)
         with tempfile.TemporaryDirectory(prefix="ftune-upload-") as tmp:
             raw = Path(tmp) / "upload"
             with raw.open("wb") as out:
-                hint = await _spool(request, out, settings.max_dataset_bytes)
+                async for chunk in body:  # the size limit is checked on the way
+                    out.write(chunk)
             return await store_dataset(
                 store,
                 blobs,
@@ -252,6 +265,7 @@ class DatasetController(Controller):
                 hint=hint,
                 on_invalid=on_invalid,
                 max_invalid_fraction=max_invalid_fraction,
+                processes=_processes(settings),
             )
 
     @post(
@@ -298,6 +312,7 @@ class DatasetController(Controller):
                 hint=fetched.hint,
                 on_invalid=data.on_invalid,
                 max_invalid_fraction=data.max_invalid_fraction,
+                processes=_processes(settings),
             )
 
     @get(

@@ -1,7 +1,8 @@
 """How rows are packed in an uploaded file: told from its first bytes, read as a stream.
 
 JSONL (the default), a JSON array or concatenated JSON objects (streamed with ijson, never
-loaded whole), Parquet (row group by row group with pyarrow) and CSV with a header row; any
+loaded whole), Parquet (row group by row group with pyarrow, in a child process that hands
+the rows over as JSON lines) and CSV with a header row; any
 of them but Parquet may come gzip-compressed, decompressed on the fly with the size limit
 applied to the decompressed bytes. Anything else (UTF-16 or Big5 text, a zip, a pickle, xz)
 is refused once, saying what was found and how to convert it, rather than line by line.
@@ -14,6 +15,9 @@ import csv
 import gzip
 import io
 import re
+import subprocess
+import sys
+import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -66,7 +70,7 @@ class Opened:
     container: Container
     compressed: bool
     stream: IO[bytes]
-    """The (decompressed) bytes from the start; for Parquet, the file itself."""
+    """The (decompressed) bytes from the start (not for Parquet)."""
     path: Path
 
 
@@ -196,22 +200,22 @@ def _kind_of_text(head: bytes, hint: Container | None) -> Container:
 
 @contextlib.contextmanager
 def open_dataset(path: Path, *, hint: Container | None, max_bytes: int) -> Iterator[Opened]:
-    """Tell what ``path`` holds and open it for reading rows; UnsupportedFile if nothing can."""
+    """Tell what a file holds and open it for reading rows; UnsupportedFile if nothing can."""
     with path.open("rb") as raw:
         head = raw.read(SNIFF_BYTES)
-        raw.seek(0)
         if head.startswith(b"PAR1"):
             yield Opened("parquet", False, raw, path)
             return
+        stream: IO[bytes] = io.BufferedReader(_Chained(head, raw), buffer_size=_BLOCK)
         compressed = head.startswith(b"\x1f\x8b")
-        stream: IO[bytes] = raw
         if compressed:
-            counted = _Counted(gzip.GzipFile(fileobj=raw, mode="rb"), max_bytes)
-            stream = io.BufferedReader(counted, buffer_size=_BLOCK)
+            counted = _Counted(gzip.GzipFile(fileobj=stream, mode="rb"), max_bytes)
             try:
-                head = stream.peek(SNIFF_BYTES)[:SNIFF_BYTES]
+                head = counted.inner.read(SNIFF_BYTES)
             except (OSError, EOFError, zlib.error) as e:
                 raise UnsupportedFile(f"the file looks gzip-compressed but is not: {e}") from None
+            counted.total = len(head)
+            stream = io.BufferedReader(_Chained(head, counted), buffer_size=_BLOCK)
             if head.startswith(b"PAR1"):
                 raise UnsupportedFile(
                     "a gzip-compressed Parquet file: Parquet compresses its own columns, so "
@@ -250,13 +254,11 @@ class JsonlBlocks:
                 if pending:
                     yield line_no, [pending if len(pending.rstrip(b"\r")) <= max_line else None]
                 return
-            data = pending + chunk if pending else chunk
-            del chunk, pending
-            parts = data.split(b"\n")
-            del data
-            pending = parts.pop()
-            lines: list[bytes | None] = list(parts)
-            del parts
+            lines: list[bytes | None] = chunk.split(b"\n")  # type: ignore[assignment]
+            del chunk
+            if pending:  # the line cut at the previous chunk's end
+                lines[0] = pending + lines[0]  # type: ignore[operator]
+            pending = lines.pop()  # type: ignore[assignment]
             if lines and max(map(len, lines)) > max_line:  # type: ignore[arg-type]
                 lines = [
                     None if len(x.rstrip(b"\r")) > max_line else x  # type: ignore[union-attr]
@@ -323,7 +325,7 @@ def json_rows(src: IO[bytes], max_row_bytes: int) -> Iterator[tuple[int, Any]]:
 class _Chained(io.RawIOBase):
     """Bytes already read, then the rest of the stream."""
 
-    def __init__(self, first: bytes, rest: IO[bytes]) -> None:
+    def __init__(self, first: bytes, rest: _Readable) -> None:
         self.first = first
         self.rest = rest
 
@@ -369,8 +371,40 @@ def _lines(first: str, rest: IO[str]) -> Iterator[str]:
     yield from rest
 
 
-def parquet_rows(path: Path, max_bytes: int) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Rows of a Parquet file, a batch at a time (pyarrow reads row group by row group)."""
+@contextlib.contextmanager
+def parquet_lines(path: Path, max_bytes: int) -> Iterator[IO[bytes]]:
+    """The rows of a Parquet file as JSON lines, one a row, from a child process that reads it
+    row group by row group: pyarrow (~100 MB once loaded) stays out of the API process, whose
+    memory stays flat, and the lines take the JSONL fast path."""
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", __name__, str(path), str(max_bytes)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
+        assert proc.stdout is not None
+        try:
+            yield proc.stdout
+            if proc.stdout.read(1):
+                return  # the reader stopped early (a fatal error): nothing more is wanted
+            if proc.wait() != 0:
+                log.seek(0)
+                last = log.read().decode(errors="replace").strip().rpartition("\n")[2]
+                kind, _, msg = last.partition(": ")
+                if kind == "DatasetTooLarge":
+                    raise DatasetTooLarge(msg)
+                if kind == "UnsupportedFile":
+                    raise UnsupportedFile(msg)
+                raise UnsupportedFile(f"the Parquet file could not be read: {last}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _parquet_to_jsonl(path: Path, max_bytes: int, out: IO[bytes]) -> None:
+    import msgspec
     import pyarrow.parquet as pq
 
     try:
@@ -383,8 +417,14 @@ def parquet_rows(path: Path, max_bytes: int) -> Iterator[tuple[int, dict[str, An
         raise DatasetTooLarge(
             f"the Parquet file holds {size} bytes of data uncompressed; the limit is {max_bytes}"
         )
-    n = 0
+    encoder = msgspec.json.Encoder(enc_hook=str)
     for batch in pf.iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            n += 1
-            yield n, row
+        out.write(encoder.encode_lines(batch.to_pylist()))
+
+
+if __name__ == "__main__":
+    try:
+        _parquet_to_jsonl(Path(sys.argv[1]), int(sys.argv[2]), sys.stdout.buffer)
+    except (DatasetTooLarge, UnsupportedFile) as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -37,7 +37,11 @@ class Tally:
             self.lines.append(line)
 
     def add_many(self, lines: Sequence[int]) -> None:
-        self.count += len(lines)
+        self.merge(len(lines), lines)
+
+    def merge(self, count: int, lines: Sequence[int]) -> None:
+        """``count`` more rows, the first of them at ``lines`` (later than any here)."""
+        self.count += count
         if len(self.lines) < WARNING_LINES:
             self.lines.extend(lines[: WARNING_LINES - len(self.lines)])
 
