@@ -1,9 +1,8 @@
 """Dataset upload, import, preview, listing and deletion.
 
 An upload is spooled to a temporary file as it arrives (the size limit enforced on the way),
-validated and normalized in a child process (the API keeps answering meanwhile), and only
-then stored: invalid input stores nothing. An import downloads its source to a temporary
-file first, then goes the same way.
+validated and normalized in a thread, and only then stored: invalid input stores nothing. An
+import downloads its source to a temporary file first, then goes the same way.
 """
 
 from __future__ import annotations
@@ -48,7 +47,6 @@ from service.contract import (
 )
 from service.datasets.containers import ACCEPTED_TYPES
 from service.datasets.ingest import store_dataset
-from service.datasets.parallel import default_processes
 from service.datasets.sources import fetch, hint_of
 from service.datasets.validate import Limits
 from service.settings import Principal, Settings
@@ -153,10 +151,6 @@ def _mapping(**fields: str | None) -> FieldMapping | None:
         )
     except ValueError as exc:
         raise InvalidRequest(str(exc), [FieldError(loc=["query"], msg=str(exc))]) from None
-
-
-def _processes(settings: Settings) -> int:
-    return settings.ingest_processes or default_processes()
 
 
 def _limits(settings: Settings) -> Limits:
@@ -265,7 +259,7 @@ class DatasetController(Controller):
                 hint=hint,
                 on_invalid=on_invalid,
                 max_invalid_fraction=max_invalid_fraction,
-                processes=_processes(settings),
+                processes=settings.ingest_processes,
             )
 
     @post(
@@ -312,7 +306,7 @@ class DatasetController(Controller):
                 hint=fetched.hint,
                 on_invalid=data.on_invalid,
                 max_invalid_fraction=data.max_invalid_fraction,
-                processes=_processes(settings),
+                processes=settings.ingest_processes,
             )
 
     @get(

@@ -193,8 +193,12 @@ def _conversations_pass(rows: list[_Row], prompts: list[Any]) -> bool:
     return set(map(type, prompts)) == {list} and all(map(_passes, rows))
 
 
-def _first_letter(text: str) -> str:
-    return text.lstrip()[:1].casefold()
+_first = operator.itemgetter(slice(0, 1))
+
+
+def _first_letters(texts: list[str]) -> Iterable[str]:
+    """Each text's first non-blank character, case-folded (C calls only)."""
+    return map(str.casefold, map(_first, map(str.lstrip, texts)))
 
 
 def _decode_error(raw: bytes, line: int, exc: Exception) -> str:
@@ -273,7 +277,8 @@ class Collector:
         self.fast_decode: Callable[[bytes], _Row] | None = (
             None if self.mapped else msgspec.json.Decoder(_Row).decode
         )
-        self.encode = msgspec.json.Encoder().encode
+        encoder = msgspec.json.Encoder()
+        self.encode, self.encode_lines = encoder.encode, encoder.encode_lines
         self.errors = _Errors(limits.max_errors)
         self.lengths = Lengths()
         self.seen = HashSet(limits.max_tracked_rows)
@@ -299,6 +304,9 @@ class Collector:
         """Rows accepted one by one, written and counted a block at a time (:meth:`_drain`)."""
         self.hasher = hasher
         self.record = record
+        self._tuple_hashes = hasher is hash
+        """Standard rows are hashed as their three texts (no per-row encoding needed); the
+        process-independent hasher of ranges takes their encodings."""
         self.row_lines, self.row_hashes = array("Q"), array("Q")
         self.row_chars = (array("Q"), array("Q"), array("Q"))
 
@@ -322,6 +330,14 @@ class Collector:
         self.errors.add(line, None, msg)
         self.errors.fatal = self.stopped = True
 
+    def add_block(self, first: int, block: bytes | list[bytes | None], *, file_start: bool) -> None:
+        """What :class:`JsonlBlocks` gives: whole lines as one run of bytes, or a list."""
+        if isinstance(block, bytes):
+            lines: list[bytes | None] = block.split(b"\n")  # type: ignore[assignment]
+            lines.pop()  # after the last line ending
+            block = lines
+        self.add_lines(first, block, file_start=file_start)
+
     def add_lines(self, first: int, lines: list[bytes | None], *, file_start: bool) -> None:
         """A block of JSONL lines, numbered from ``first`` (``file_start``: the first block)."""
         if file_start and lines and lines[0] is not None and lines[0].startswith(_BOM):
@@ -343,20 +359,24 @@ class Collector:
             decoded = list(map(self.fast_decode, lines))  # type: ignore[arg-type]
         except (msgspec.MsgspecError, UnicodeDecodeError):
             return False
+        return self._take(first, decoded)
+
+    def _take(self, first: int, decoded: list[_Row]) -> bool:
+        """Rows decoded a block at a time, numbered from ``first``, if they all pass."""
         parts = _parts(decoded)
         std = self.fmt == "standard"
         if not (_texts_pass(*parts) if std else _conversations_pass(decoded, parts[0])):
             return False
         self.records += len(decoded)
         self._drain()
-        datas = list(map(self.encode, decoded))
-        self._write(datas)
-        lines_of = range(first, first + len(decoded))
-        self._count(lines_of, parts, datas, std)
-        longest = max(map(len, lines))  # type: ignore[arg-type]
-        if longest > self.limits.long_row_chars:
-            for line, row in zip(lines_of, decoded, strict=True):
-                self._long(line, row)
+        lines = range(first, first + len(decoded))
+        if self._tuple_hashes and std:  # no row encoded on its own: one call for the block
+            self._write_lines(self.encode_lines(decoded), len(decoded))
+            self._count(lines, parts, None, std)
+        else:
+            datas = list(map(self.encode, decoded))
+            self._write(datas)
+            self._count(lines, parts, datas, std)
         return True
 
     def _line(self, line: int, raw: bytes | None) -> None:
@@ -443,7 +463,6 @@ class Collector:
         self.held.append(row)
         self.held_datas.append(data)
         self.held_bytes += len(data)
-        self._long(line, row)
         if len(self.held) >= _HOLD_ROWS or self.held_bytes >= _FLUSH_BYTES:
             self._drain()
 
@@ -456,10 +475,14 @@ class Collector:
             self.held, self.held_lines, self.held_datas, self.held_bytes = [], [], [], 0
 
     def _write(self, datas: list[bytes]) -> None:
-        self.rows += len(datas)
+        self.out += b"\n".join(datas)
+        self._write_lines(b"\n", len(datas))
+
+    def _write_lines(self, data: bytes, rows: int) -> None:
+        """Rows already encoded, each ending with a newline."""
+        self.rows += rows
         out = self.out
-        out += b"\n".join(datas)
-        out += b"\n"
+        out += data
         if len(out) >= _FLUSH_BYTES:
             self.sha.update(out)
             self.dst.write(out)
@@ -467,23 +490,37 @@ class Collector:
             out.clear()
 
     def _count(
-        self, lines: Sequence[int], parts: tuple[list[Any], ...], datas: list[bytes], std: bool
+        self,
+        lines: Sequence[int],
+        parts: tuple[list[Any], ...],
+        datas: list[bytes] | None,
+        std: bool,
     ) -> None:
-        """Duplicates, near-identical pairs and lengths of accepted rows (``lines`` in order;
-        ``parts``: their prompts, chosen and rejected)."""
+        """Duplicates, near-identical pairs, long rows and lengths of accepted rows (``lines``
+        in order; ``parts``: their prompts, chosen and rejected; ``datas``: their encodings,
+        unless texts are hashed as they are)."""
         prompts, chosen, rejected = parts
         size: Callable[[Any], int] = len if std else chars
         sizes = (list(map(size, prompts)), list(map(size, chosen)), list(map(size, rejected)))
+        if self._tuple_hashes and std:
+            hashes: Iterable[int] = map(hash, zip(prompts, chosen, rejected, strict=True))
+        else:
+            assert datas is not None
+            hashes = map(self.hasher, datas)
         if self.record:
             self.row_lines.extend(lines)
-            self.row_hashes.extend(map(self.hasher, datas))
+            self.row_hashes.extend(hashes)
             for kept, values in zip(self.row_chars, sizes, strict=True):
                 kept.extend(values)
         else:
-            self._count_rows(lines, list(map(self.hasher, datas)), *sizes)
+            self._count_rows(lines, list(hashes), *sizes)
+        totals = map(operator.add, map(operator.add, sizes[0], sizes[1]), sizes[2])
+        long_rows = list(compress(lines, map(self.limits.long_row_chars.__lt__, totals)))
+        if long_rows:
+            self.long_row.add_many(long_rows)
         if std:  # only pairs whose first letters agree can be near-identical
-            firsts = (list(map(_first_letter, chosen)), list(map(_first_letter, rejected)))
-            maybe = list(compress(range(len(chosen)), map(operator.eq, *firsts)))
+            same = map(operator.eq, _first_letters(chosen), _first_letters(rejected))
+            maybe = list(compress(range(len(chosen)), same))
             near = [i for i in maybe if near_identical(chosen[i], rejected[i])]
         else:
             near = list(
@@ -506,11 +543,6 @@ class Collector:
         if dup:
             self.duplicate.add_many([offset + lines[i] for i in dup])
         self.lengths.add_many(ps, cs, rs)
-
-    def _long(self, line: int, row: _Row) -> None:
-        size: Callable[[Any], int] = len if isinstance(row.prompt, str) else chars
-        if size(row.prompt) + size(row.chosen) + size(row.rejected) > self.limits.long_row_chars:
-            self.long_row.add(line)
 
     def flush(self) -> None:
         """Write out what is buffered."""

@@ -201,7 +201,7 @@ def _kind_of_text(head: bytes, hint: Container | None) -> Container:
 @contextlib.contextmanager
 def open_dataset(path: Path, *, hint: Container | None, max_bytes: int) -> Iterator[Opened]:
     """Tell what a file holds and open it for reading rows; UnsupportedFile if nothing can."""
-    with path.open("rb") as raw:
+    with path.open("rb", buffering=0) as file, io.BufferedReader(file, _BLOCK) as raw:
         head = raw.read(SNIFF_BYTES)
         if head.startswith(b"PAR1"):
             yield Opened("parquet", False, raw, path)
@@ -228,51 +228,72 @@ def open_dataset(path: Path, *, hint: Container | None, max_bytes: int) -> Itera
 
 
 class JsonlBlocks:
-    """``(first line number, lines)`` a block at a time; ``None`` stands for a line longer
-    than ``max_line`` bytes (its line ending not counted), which is skipped in chunks and
-    never held whole. Line endings are cut off; a ``\\r`` before them is left on.
-    ``consumed`` counts the bytes read so far."""
+    """``(first line number, lines)`` a block at a time, ``lines`` either whole lines as one
+    run of bytes (each ending with its newline; none longer than ``max_line``) or a list in
+    which ``None`` stands for a line longer than ``max_line`` bytes (its line ending not
+    counted), skipped in chunks and never held whole. In a list, line endings are cut off and
+    a ``\\r`` before them is left on. ``consumed`` counts the bytes read so far.
+
+    A line number is given before the line is counted: read ``lines`` after each block."""
 
     def __init__(self, src: IO[bytes], max_line: int, block: int = _BLOCK) -> None:
         self.src = src
         self.max_line = max_line
         self.block = block
         self.consumed = 0
+        self.lines = 0
+        """Lines given so far."""
 
     def _read(self) -> bytes:
         data = self.src.read(self.block)
         self.consumed += len(data)
         return data
 
-    def __iter__(self) -> Iterator[tuple[int, list[bytes | None]]]:
+    def _line(self, line: bytes) -> bytes | None:
+        return line if len(line.rstrip(b"\r")) <= self.max_line else None
+
+    def __iter__(self) -> Iterator[tuple[int, bytes | list[bytes | None]]]:
         max_line = self.max_line
-        line_no = 1
-        pending = b""
+        self.lines = 0
+        pending = chunk = b""  # pending: the start of a line cut at a chunk's end
         while True:
-            chunk = self._read()
+            chunk = chunk or self._read()
             if not chunk:
                 if pending:
-                    yield line_no, [pending if len(pending.rstrip(b"\r")) <= max_line else None]
+                    yield self.lines + 1, [self._line(pending)]
                 return
-            lines: list[bytes | None] = chunk.split(b"\n")  # type: ignore[assignment]
-            del chunk
-            if pending:  # the line cut at the previous chunk's end
-                lines[0] = pending + lines[0]  # type: ignore[operator]
-            pending = lines.pop()  # type: ignore[assignment]
-            if lines and max(map(len, lines)) > max_line:  # type: ignore[arg-type]
-                lines = [
-                    None if len(x.rstrip(b"\r")) > max_line else x  # type: ignore[union-attr]
-                    for x in lines
-                ]
+            start = 0
+            if pending:
+                nl = chunk.find(b"\n")
+                if nl < 0:
+                    pending, chunk = pending + chunk, b""
+                else:
+                    yield self.lines + 1, [self._line(pending + chunk[:nl])]
+                    self.lines += 1
+                    pending, start = b"", nl + 1
+            if chunk:
+                end = chunk.rfind(b"\n") + 1
+                if end > start:
+                    yield from self._run(chunk[start:end])
+                pending, chunk = chunk[max(end, start) :], b""
             if len(pending) > max_line + 1:
                 # An overlong line with no end in sight: drop it up to its newline.
                 while (nl := pending.find(b"\n")) < 0 and (pending := self._read()):
                     pass
-                pending = pending[nl + 1 :] if nl >= 0 else b""
-                lines.append(None)
-            if lines:
-                yield line_no, lines
-                line_no += len(lines)
+                pending, chunk = b"", pending[nl + 1 :] if nl >= 0 else b""
+                yield self.lines + 1, [None]
+                self.lines += 1
+
+    def _run(self, run: bytes) -> Iterator[tuple[int, bytes | list[bytes | None]]]:
+        """Whole lines: as they are, or as a list if one might be too long."""
+        if len(run) <= self.max_line:
+            yield self.lines + 1, run
+            self.lines += run.count(b"\n")
+            return
+        lines: list[bytes | None] = run.split(b"\n")  # type: ignore[assignment]
+        lines.pop()
+        yield self.lines + 1, [self._line(x) for x in lines]  # type: ignore[arg-type]
+        self.lines += len(lines)
 
 
 class _Guarded(io.RawIOBase):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import subprocess
 import sys
 import tempfile
@@ -64,14 +63,13 @@ class _Window(io.RawIOBase):
 
 def _feed(collector: Collector, window: _Window, limits: Limits, *, file_start: bool) -> int:
     """Feed a range's lines; how many lines it had."""
-    last = 0
     with io.BufferedReader(window, buffer_size=1 << 20) as stream:
-        for first, lines in JsonlBlocks(stream, limits.max_line_bytes):
-            collector.add_lines(first, lines, file_start=file_start and first == 1)
-            last = first + len(lines) - 1
+        blocks = JsonlBlocks(stream, limits.max_line_bytes)
+        for first, block in blocks:
+            collector.add_block(first, block, file_start=file_start and first == 1)
             if collector.stopped:
                 break
-    return last
+        return blocks.lines
 
 
 def _boundaries(path: Path, size: int, parts: int) -> list[int]:
@@ -203,11 +201,6 @@ def _main(argv: list[str]) -> int:
     )
     Path(output).with_suffix(".result").write_bytes(msgspec.msgpack.encode(result))
     return 0
-
-
-def default_processes() -> int:
-    """One process per core the API may use, at most 4 (past that the merge dominates)."""
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
 
 
 if __name__ == "__main__":

@@ -71,13 +71,11 @@ def validate_jsonl(
 
 def _jsonl(ingest: Collector, blocks: JsonlBlocks, offset: int) -> int:
     """Feed JSONL blocks, numbering lines after ``offset``; the last line number."""
-    last = offset
-    for first, lines in blocks:
-        ingest.add_lines(offset + first, lines, file_start=first == 1)
-        last = offset + first + len(lines) - 1
+    for first, block in blocks:
+        ingest.add_block(offset + first, block, file_start=first == 1)
         if ingest.stopped:
             break
-    return last
+    return offset + blocks.lines
 
 
 def _read(
