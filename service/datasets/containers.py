@@ -128,13 +128,13 @@ def _binary(head: bytes) -> str | None:
 
 
 def _utf16(head: bytes) -> bool:
-    """UTF-16 without a byte order mark: every other byte 0, and text once decoded."""
-    zeros = max(head[0::2].count(0), head[1::2].count(0))
-    if len(head) < 4 or zeros < len(head) // 4:
+    """UTF-16 without a byte order mark: the high byte of each character is often 0 (JSON's
+    punctuation and keys are ASCII), the low byte almost never."""
+    half = len(head) // 2
+    if half < 8:
         return False
-    for encoding in ("utf-16-le", "utf-16-be"):
-        text = head[: len(head) // 2 * 2].decode(encoding, "replace").lstrip()
-        if text[:1] in ("{", "[") or text[:1].isalpha():
+    for high, low in ((head[1::2], head[0::2]), (head[0::2], head[1::2])):
+        if high.count(0) > half * 0.3 and low.count(0) < half * 0.05:
             return True
     return False
 
