@@ -1,5 +1,5 @@
-"""What one validation keeps while rows stream by: the first errors, the counters, the
-normalized output and its digest; and the canonical row type the fast path decodes into.
+"""What one validation keeps while rows stream by: the first errors, the counters and the
+normalized output (:mod:`service.datasets.output`).
 
 :mod:`service.datasets.validate` feeds a :class:`Collector` from one file;
 :mod:`service.datasets.parallel` feeds one per range of a big file and merges them.
@@ -7,15 +7,11 @@ normalized output and its digest; and the canonical row type the fast path decod
 
 from __future__ import annotations
 
-import hashlib
 import operator
-import shutil
-import tempfile
-import zlib
 from array import array
 from collections.abc import Callable, Iterable, Sequence
 from itertools import compress
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO
 
 import msgspec
 
@@ -29,8 +25,20 @@ from service.contract import (
     RowProblem,
     SourceFormat,
 )
-from service.datasets.layouts import DEFAULT_MAPPING, PROMPT_LIKE, normalize
-from service.datasets.messages import COMPLETION_ROLES, RowInvalid
+from service.datasets.canonical import (
+    CANONICAL_MAPPING,
+    Row,
+    as_conversation,
+    conversations_pass,
+    decode_error,
+    first_letters,
+    parts,
+    passes,
+    texts_pass,
+)
+from service.datasets.layouts import DEFAULT_MAPPING, normalize
+from service.datasets.messages import RowInvalid
+from service.datasets.output import Output
 from service.datasets.rows import LONG_ROW_CHARS
 from service.datasets.stats import (
     WARNING_LINES,
@@ -38,6 +46,7 @@ from service.datasets.stats import (
     Lengths,
     Tally,
     chars,
+    column_warnings,
     near_identical,
     near_identical_messages,
     row_warnings,
@@ -48,7 +57,7 @@ RowError = RowProblem
 _FLUSH_BYTES = 1 << 20
 _BOM = b"\xef\xbb\xbf"
 _HOLD_ROWS = 512
-_MAX_COLUMNS = 100
+MAX_COLUMNS = 100
 """Distinct ignored columns tracked (a ragged file must not grow the tally without bound)."""
 
 
@@ -122,139 +131,12 @@ class _Errors:
             self.items.append(RowError(line=line, field=field, msg=msg))
 
 
-class _Message(msgspec.Struct, gc=False):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str
-
-
-class _Row(msgspec.Struct, gc=False, forbid_unknown_fields=True):
-    """A canonical row, and the type the fast path decodes lines into.
-
-    Decoding straight into it checks types and roles in C and refuses any other key (a row
-    with more columns may be another layout, or a column to warn about); encoding it gives
-    the canonical JSON (fields and keys in this order).
-    """
-
-    prompt: str | list[_Message]
-    chosen: str | list[_Message]
-    rejected: str | list[_Message]
-
-
-_role_of = operator.attrgetter("role")
-_prompt_of = operator.attrgetter("prompt")
-_chosen_of = operator.attrgetter("chosen")
-_rejected_of = operator.attrgetter("rejected")
-
-
-def _passes(row: _Row) -> bool:
-    """Whether a row decoded straight into :class:`_Row` passes every check of
-    :func:`normalize` (if not, the slow path says what is wrong)."""
-    p, c, r = row.prompt, row.chosen, row.rejected
-    if isinstance(p, str):
-        return (
-            isinstance(c, str)
-            and isinstance(r, str)
-            and bool(p and c and r)
-            and c != r
-            and not (p.isspace() or c.isspace() or r.isspace())
-        )
-    if not (isinstance(c, list) and isinstance(r, list) and p and c and r):
-        return False
-    if p[-1].role == "assistant" or c[0].role != "assistant" or r[0].role != "assistant":
-        return False
-    for msgs in (p, c, r):
-        for m in msgs:
-            if not m.content or m.content.isspace():
-                return False
-    for msgs in (c, r):
-        if len(msgs) > 1 and not COMPLETION_ROLES.issuperset(map(_role_of, msgs)):
-            return False
-    return c != r
-
-
-def _parts(rows: list[_Row]) -> tuple[list[Any], list[Any], list[Any]]:
-    return (
-        list(map(_prompt_of, rows)),
-        list(map(_chosen_of, rows)),
-        list(map(_rejected_of, rows)),
-    )
-
-
-def _texts_pass(*columns: list[Any]) -> bool:
-    """Whether decoded standard rows pass every check of :func:`normalize`, a column at a
-    time in C: all texts, none empty or blank, chosen never equal to rejected."""
-    for texts in columns:
-        if set(map(type, texts)) != {str} or not all(texts) or any(map(str.isspace, texts)):
-            return False
-    return not any(map(operator.eq, columns[1], columns[2]))
-
-
-def _conversations_pass(rows: list[_Row], prompts: list[Any]) -> bool:
-    return set(map(type, prompts)) == {list} and all(map(_passes, rows))
-
-
-_first = operator.itemgetter(slice(0, 1))
-
-
-def _first_letters(texts: list[str]) -> Iterable[str]:
-    """Each text's first non-blank character, case-folded (C calls only)."""
-    return map(str.casefold, map(_first, map(str.lstrip, texts)))
-
-
-def _decode_error(raw: bytes, line: int, exc: Exception) -> str:
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return f"line {line} is not valid UTF-8: {e.reason} 0x{raw[e.start]:02x} at byte {e.start}"
-    return f"line {line} is not valid JSON: {exc}"
-
-
-def _as_conversation(row: _Row) -> _Row:
-    """A standard row as the conversation it stands for (what training would make of it)."""
-    return _Row(
-        [_Message("user", row.prompt)],  # type: ignore[arg-type]
-        [_Message("assistant", row.chosen)],  # type: ignore[arg-type]
-        [_Message("assistant", row.rejected)],  # type: ignore[arg-type]
-    )
-
-
-_CANONICAL = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
-
-
-def stable_hash(data: bytes) -> int:
-    """A 64-bit row hash that is the same in every process (``hash`` is salted per process),
-    for rows counted in one process and compared in another."""
-    return zlib.crc32(data) << 32 | zlib.adler32(data)
-
-
-class RangeResult(msgspec.Struct):
-    """What a collector in ``record`` mode saw in its range of a file, for the one that
-    merges the ranges in order (line numbers count from the range's start)."""
-
-    lines: int
-    records: int
-    rows: int
-    errors: list[RowError]
-    error_total: int
-    fatal: bool
-    fmt: Format | None
-    layout: SourceFormat
-    described: dict[str, str]
-    mixed: bool
-    """Text and conversational rows met in the range: the merge gives up."""
-    ignored: dict[str, tuple[int, list[int]]]
-    near: tuple[int, list[int]]
-    long_row: tuple[int, list[int]]
-    row_lines: bytes
-    row_hashes: bytes
-    row_chars: tuple[bytes, bytes, bytes]
-
-
 class Collector:
     """The state of one validation: counters, the first errors, the output.
 
     With ``record``, accepted rows are not counted for duplicates and lengths here but kept
-    (line, hash, lengths: 40 bytes a row) for :meth:`merge` in another process.
+    (line, hash, lengths: 40 bytes a row) for :func:`service.datasets.parallel.merge` in
+    another process.
     """
 
     def __init__(
@@ -274,8 +156,8 @@ class Collector:
         self.limits = limits
         self.skip = on_invalid == "skip"
         self.max_invalid_fraction = max_invalid_fraction
-        self.fast_decode: Callable[[bytes], _Row] | None = (
-            None if self.mapped else msgspec.json.Decoder(_Row).decode
+        self.fast_decode: Callable[[bytes], Row] | None = (
+            None if self.mapped else msgspec.json.Decoder(Row).decode
         )
         encoder = msgspec.json.Encoder()
         self.encode, self.encode_lines = encoder.encode, encoder.encode_lines
@@ -284,11 +166,8 @@ class Collector:
         self.seen = HashSet(limits.max_tracked_rows)
         self.duplicate, self.long_row, self.near = Tally(), Tally(), Tally()
         self.ignored: dict[str, Tally] = {}
-        self.sha = hashlib.sha256()
-        self.out = bytearray()
-        self.written = 0
+        self.output = Output(dst)
         self.records = 0
-        self.rows = 0
         self.fmt: Format | None = None
         self.standard_rows = 0
         """Rows written as standard before a conversational one made the dataset a
@@ -297,11 +176,11 @@ class Collector:
         self.layout: SourceFormat = "mapped" if self.mapped else "standard"
         self.described: dict[str, str] = {}
         self.stopped = False
-        self.held: list[_Row] = []
+        self.held: list[Row] = []
         self.held_lines: list[int] = []
         self.held_datas: list[bytes] = []
         self.held_bytes = 0
-        """Rows accepted one by one, written and counted a block at a time (:meth:`_drain`)."""
+        """Rows accepted one by one, written and counted a block at a time (:meth:`drain`)."""
         self.hasher = hasher
         self.record = record
         self._tuple_hashes = hasher is hash
@@ -361,22 +240,22 @@ class Collector:
             return False
         return self._take(first, decoded)
 
-    def _take(self, first: int, decoded: list[_Row]) -> bool:
+    def _take(self, first: int, decoded: list[Row]) -> bool:
         """Rows decoded a block at a time, numbered from ``first``, if they all pass."""
-        parts = _parts(decoded)
+        columns = parts(decoded)
         std = self.fmt == "standard"
-        if not (_texts_pass(*parts) if std else _conversations_pass(decoded, parts[0])):
+        if not (texts_pass(*columns) if std else conversations_pass(decoded, columns[0])):
             return False
         self.records += len(decoded)
-        self._drain()
+        self.drain()
         lines = range(first, first + len(decoded))
         if self._tuple_hashes and std:  # no row encoded on its own: one call for the block
-            self._write_lines(self.encode_lines(decoded), len(decoded))
-            self._count(lines, parts, None, std)
+            self.output.write_lines(self.encode_lines(decoded), len(decoded))
+            self._count(lines, columns, None, std)
         else:
             datas = list(map(self.encode, decoded))
-            self._write(datas)
-            self._count(lines, parts, datas, std)
+            self.output.write(datas)
+            self._count(lines, columns, datas, std)
         return True
 
     def _line(self, line: int, raw: bytes | None) -> None:
@@ -392,20 +271,20 @@ class Collector:
             return
         if not self._record(line):
             return
-        row: _Row | None = None
+        row: Row | None = None
         if self.fast_decode is not None:
             try:
                 row = self.fast_decode(raw)
             except (msgspec.MsgspecError, UnicodeDecodeError):
                 row = None
-        if row is not None and _passes(row):
+        if row is not None and passes(row):
             kind: SourceFormat = "standard" if isinstance(row.prompt, str) else "conversational"
-            self._accept(line, row, kind, _CANONICAL, ())
+            self._accept(line, row, kind, CANONICAL_MAPPING, ())
             return
         try:
             obj = msgspec.json.decode(raw)
         except (msgspec.MsgspecError, UnicodeDecodeError) as e:
-            self.error(line, None, _decode_error(raw, line, e))
+            self.error(line, None, decode_error(raw, line, e))
             return
         self._normalize(line, obj)
 
@@ -420,7 +299,7 @@ class Collector:
         except RowInvalid as e:
             self.error(line, e.field, e.msg)
             return
-        row = msgspec.convert(found.row, _Row)
+        row = msgspec.convert(found.row, Row)
         self._accept(line, row, found.layout, found.mapping, found.ignored)
 
     # ------------------------------------------------------------------ output
@@ -428,7 +307,7 @@ class Collector:
     def _accept(
         self,
         line: int,
-        row: _Row,
+        row: Row,
         layout: SourceFormat,
         mapping: dict[str, str],
         ignored: Iterable[str],
@@ -442,11 +321,11 @@ class Collector:
             # Texts and conversations in one file (a system column in some rows only): the
             # dataset is a conversation, and a text row reads as one user turn and one answer.
             if row_fmt == "standard":
-                row, row_fmt = _as_conversation(row), "conversational"
+                row, row_fmt = as_conversation(row), "conversational"
                 self.converted.add(line)
             else:
-                self._drain()
-                self.fmt, self.standard_rows = "conversational", self.rows
+                self.drain()
+                self.fmt, self.standard_rows = "conversational", self.output.rows
                 if not self.mapped:  # the layout that holds the system messages or turns
                     self.layout, self.described = layout, mapping
         if row_fmt == "standard" and len(self.converted.lines) < WARNING_LINES:
@@ -454,7 +333,7 @@ class Collector:
         for name in ignored:
             tally = self.ignored.get(name)
             if tally is None:
-                if len(self.ignored) >= _MAX_COLUMNS:
+                if len(self.ignored) >= MAX_COLUMNS:
                     continue
                 tally = self.ignored[name] = Tally()
             tally.add(line)
@@ -464,30 +343,15 @@ class Collector:
         self.held_datas.append(data)
         self.held_bytes += len(data)
         if len(self.held) >= _HOLD_ROWS or self.held_bytes >= _FLUSH_BYTES:
-            self._drain()
+            self.drain()
 
-    def _drain(self) -> None:
+    def drain(self) -> None:
         """Write and count the rows accepted one by one, as a block (all of one format)."""
         if self.held:
-            self._write(self.held_datas)
+            self.output.write(self.held_datas)
             std = self.fmt == "standard"
-            self._count(self.held_lines, _parts(self.held), self.held_datas, std)
+            self._count(self.held_lines, parts(self.held), self.held_datas, std)
             self.held, self.held_lines, self.held_datas, self.held_bytes = [], [], [], 0
-
-    def _write(self, datas: list[bytes]) -> None:
-        self.out += b"\n".join(datas)
-        self._write_lines(b"\n", len(datas))
-
-    def _write_lines(self, data: bytes, rows: int) -> None:
-        """Rows already encoded, each ending with a newline."""
-        self.rows += rows
-        out = self.out
-        out += data
-        if len(out) >= _FLUSH_BYTES:
-            self.sha.update(out)
-            self.dst.write(out)
-            self.written += len(out)
-            out.clear()
 
     def _count(
         self,
@@ -513,13 +377,13 @@ class Collector:
             for kept, values in zip(self.row_chars, sizes, strict=True):
                 kept.extend(values)
         else:
-            self._count_rows(lines, list(hashes), *sizes)
+            self.count_rows(lines, list(hashes), *sizes)
         totals = map(operator.add, map(operator.add, sizes[0], sizes[1]), sizes[2])
         long_rows = list(compress(lines, map(self.limits.long_row_chars.__lt__, totals)))
         if long_rows:
             self.long_row.add_many(long_rows)
         if std:  # only pairs whose first letters agree can be near-identical
-            same = map(operator.eq, _first_letters(chosen), _first_letters(rejected))
+            same = map(operator.eq, first_letters(chosen), first_letters(rejected))
             maybe = list(compress(range(len(chosen)), same))
             near = [i for i in maybe if near_identical(chosen[i], rejected[i])]
         else:
@@ -529,7 +393,7 @@ class Collector:
         if near:
             self.near.add_many([lines[i] for i in near])
 
-    def _count_rows(
+    def count_rows(
         self,
         lines: Sequence[int],
         hashes: Iterable[int],
@@ -545,132 +409,21 @@ class Collector:
         self.lengths.add_many(ps, cs, rs)
 
     def flush(self) -> None:
-        """Write out what is buffered."""
-        self._drain()
-        self.sha.update(self.out)
-        self.dst.write(self.out)
-        self.written += len(self.out)
-        self.out.clear()
-
-    def range_result(self, lines: int) -> RangeResult:
-        """What :meth:`merge` needs of a range ``record`` mode went through."""
-        self.flush()
-
-        def tally(t: Tally) -> tuple[int, list[int]]:
-            return t.count, t.lines
-
-        return RangeResult(
-            lines=lines,
-            records=self.records,
-            rows=self.rows,
-            errors=self.errors.items,
-            error_total=self.errors.total,
-            fatal=self.errors.fatal,
-            fmt=self.fmt,
-            layout=self.layout,
-            described=self.described,
-            mixed=bool(self.standard_rows or self.converted.count),
-            ignored={name: tally(t) for name, t in self.ignored.items()},
-            near=tally(self.near),
-            long_row=tally(self.long_row),
-            row_lines=self.row_lines.tobytes(),
-            row_hashes=self.row_hashes.tobytes(),
-            row_chars=(
-                self.row_chars[0].tobytes(),
-                self.row_chars[1].tobytes(),
-                self.row_chars[2].tobytes(),
-            ),
-        )
-
-    def merge(self, part: RangeResult, offset: int, output: BinaryIO) -> bool:
-        """Take in the range after the ones seen so far (its lines after ``offset``, its
-        normalized rows in ``output``), as if its rows had come here one by one.
-
-        False when that would not be the same: the range met other formats, or rows past
-        the limit; then validate the whole file in one go instead.
-        """
-        if part.fatal or part.mixed or self.records + part.records > self.limits.max_rows:
-            return False
-        self._drain()
-        if part.fmt is not None and self.fmt is not None and part.fmt != self.fmt:
-            return False
-        if self.fmt is None and part.fmt is not None:
-            self.fmt, self.layout, self.described = part.fmt, part.layout, part.described
-        self.records += part.records
-        for e in part.errors:
-            self.errors.add(offset + e.line, e.field, e.msg)
-        self.errors.total += part.error_total - len(part.errors)
-        for name, (count, lines) in part.ignored.items():
-            if name in self.ignored or len(self.ignored) < _MAX_COLUMNS:
-                self.ignored.setdefault(name, Tally()).merge(count, [offset + n for n in lines])
-        for mine, (count, lines) in ((self.near, part.near), (self.long_row, part.long_row)):
-            mine.merge(count, [offset + n for n in lines])
-        self.flush()
-        while chunk := output.read(_FLUSH_BYTES):
-            self.sha.update(chunk)
-            self.dst.write(chunk)
-            self.written += len(chunk)
-        self.rows += part.rows
-        self._count_rows(
-            array("Q", part.row_lines),
-            array("Q", part.row_hashes),
-            *(array("Q", values) for values in part.row_chars),
-            offset=offset,
-        )
-        return True
-
-    def _rewrite_standard_rows(self) -> None:
-        """Rewrite the first ``standard_rows`` rows of ``dst`` as conversations (in a temp
-        file, then back), and the digest and size with them."""
-        decode = msgspec.json.Decoder(_Row).decode
-        dst = self.dst
-        dst.flush()
-        dst.seek(0)
-        sha, written = hashlib.sha256(), 0
-        with tempfile.TemporaryFile() as tmp:
-            for i, line in enumerate(dst):
-                if i < self.standard_rows:
-                    line = self.encode(_as_conversation(decode(line))) + b"\n"
-                tmp.write(line)
-                sha.update(line)
-                written += len(line)
-            tmp.seek(0)
-            dst.seek(0)
-            dst.truncate()
-            shutil.copyfileobj(tmp, dst, _FLUSH_BYTES)
-        self.sha, self.written = sha, written
+        """Write out what is held and buffered."""
+        self.drain()
+        self.output.flush()
 
     # ------------------------------------------------------------------ result
 
-    def _column_warnings(self) -> list[DatasetWarning]:
-        found = []
-        for name, tally in self.ignored.items():
-            if self.mapped and name in PROMPT_LIKE:
-                kind = "unused_prompt_column"
-                msg = (
-                    f"column {name!r} holds text in {rows(tally.count)} but the mapping does "
-                    "not use it: map it (system_field, history_field or prompt_field) or drop it"
-                )
-            else:
-                kind = "ignored_column"
-                msg = f"column {name!r} ignored in {rows(tally.count)}"
-                if name in PROMPT_LIKE:
-                    msg += (
-                        ": its text is in no prompt (map the columns to use it: prompt_field, "
-                        "system_field, history_field)"
-                    )
-            found.append(DatasetWarning(kind=kind, msg=msg, count=tally.count, lines=tally.lines))
-        return found
-
     def finish(self, source_bytes: int, container: Container, compressed: bool) -> IngestResult:
-        self._drain()
+        self.drain()
         errors = self.errors
         invalid = errors.total
-        if not errors.fatal and self.rows == 0 and not invalid:
+        if not errors.fatal and self.output.rows == 0 and not invalid:
             self.fatal(0, "the dataset has no rows")
         if errors.fatal or (invalid and not self.skip):
             raise InvalidDataset(errors.items, errors.total)
-        if invalid and self.rows == 0:
+        if invalid and self.output.rows == 0:
             raise InvalidDataset(
                 errors.items, errors.total, f"none of the {rows(self.records)} is valid"
             )
@@ -688,7 +441,7 @@ class Collector:
             self.duplicate, self.seen, self.long_row, self.near, self.limits.long_row_chars
         )
         if self.standard_rows:
-            self._rewrite_standard_rows()
+            self.output.rewrite_as_conversations(self.standard_rows)
         if self.fmt == "conversational" and (self.standard_rows or self.converted.count):
             count = self.standard_rows + self.converted.count
             lines = sorted(self.converted.lines)[:WARNING_LINES]
@@ -702,14 +455,14 @@ class Collector:
                 )
             )
         return IngestResult(
-            rows=self.rows,
-            bytes=self.written,
+            rows=self.output.rows,
+            bytes=self.output.written,
             source_bytes=source_bytes,
-            sha256=self.sha.hexdigest(),
+            sha256=self.output.sha.hexdigest(),
             format=self.fmt,
             source_format=self.layout,
             stats=self.lengths.stats(),
-            warnings=warnings + self._column_warnings(),
+            warnings=warnings + column_warnings(self.ignored, mapped=self.mapped),
             container=container,
             compressed=compressed,
             mapping=self.described,

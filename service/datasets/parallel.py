@@ -20,14 +20,17 @@ import logging
 import subprocess
 import sys
 import tempfile
+import zlib
+from array import array
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import msgspec
 
-from service.contract import FieldMapping, OnInvalid
-from service.datasets.collect import Collector, IngestResult, Limits, RangeResult, stable_hash
+from service.contract import FieldMapping, Format, OnInvalid, SourceFormat
+from service.datasets.collect import MAX_COLUMNS, Collector, IngestResult, Limits, RowError
 from service.datasets.containers import JsonlBlocks
+from service.datasets.stats import Tally
 
 MIN_BYTES = 64 * 1024 * 1024
 """Smallest file split into ranges."""
@@ -85,6 +88,100 @@ def _boundaries(path: Path, size: int, parts: int) -> list[int]:
     return [*cuts, size]
 
 
+def stable_hash(data: bytes) -> int:
+    """A 64-bit row hash that is the same in every process (``hash`` is salted per process),
+    for rows counted in one process and compared in another."""
+    return zlib.crc32(data) << 32 | zlib.adler32(data)
+
+
+class RangeResult(msgspec.Struct):
+    """What a collector in ``record`` mode saw in its range of a file, for the one that
+    merges the ranges in order (line numbers count from the range's start)."""
+
+    lines: int
+    records: int
+    rows: int
+    errors: list[RowError]
+    error_total: int
+    fatal: bool
+    fmt: Format | None
+    layout: SourceFormat
+    described: dict[str, str]
+    mixed: bool
+    """Text and conversational rows met in the range: the merge gives up."""
+    ignored: dict[str, tuple[int, list[int]]]
+    near: tuple[int, list[int]]
+    long_row: tuple[int, list[int]]
+    row_lines: bytes
+    row_hashes: bytes
+    row_chars: tuple[bytes, bytes, bytes]
+
+
+def range_result(collector: Collector, lines: int) -> RangeResult:
+    """What :func:`merge` needs of a range a collector in ``record`` mode went through."""
+    collector.flush()
+
+    def tally(t: Tally) -> tuple[int, list[int]]:
+        return t.count, t.lines
+
+    return RangeResult(
+        lines=lines,
+        records=collector.records,
+        rows=collector.output.rows,
+        errors=collector.errors.items,
+        error_total=collector.errors.total,
+        fatal=collector.errors.fatal,
+        fmt=collector.fmt,
+        layout=collector.layout,
+        described=collector.described,
+        mixed=bool(collector.standard_rows or collector.converted.count),
+        ignored={name: tally(t) for name, t in collector.ignored.items()},
+        near=tally(collector.near),
+        long_row=tally(collector.long_row),
+        row_lines=collector.row_lines.tobytes(),
+        row_hashes=collector.row_hashes.tobytes(),
+        row_chars=(
+            collector.row_chars[0].tobytes(),
+            collector.row_chars[1].tobytes(),
+            collector.row_chars[2].tobytes(),
+        ),
+    )
+
+
+def merge(collector: Collector, part: RangeResult, offset: int, output: BinaryIO) -> bool:
+    """Take in the range after the ones seen so far (its lines after ``offset``, its
+    normalized rows in ``output``), as if its rows had come here one by one.
+
+    False when that would not be the same: the range met other formats, or rows past
+    the limit; then validate the whole file in one go instead.
+    """
+    if part.fatal or part.mixed or collector.records + part.records > collector.limits.max_rows:
+        return False
+    collector.drain()
+    if part.fmt is not None and collector.fmt is not None and part.fmt != collector.fmt:
+        return False
+    if collector.fmt is None and part.fmt is not None:
+        collector.fmt, collector.layout, collector.described = part.fmt, part.layout, part.described
+    collector.records += part.records
+    for e in part.errors:
+        collector.errors.add(offset + e.line, e.field, e.msg)
+    collector.errors.total += part.error_total - len(part.errors)
+    for name, (count, lines) in part.ignored.items():
+        if name in collector.ignored or len(collector.ignored) < MAX_COLUMNS:
+            collector.ignored.setdefault(name, Tally()).merge(count, [offset + n for n in lines])
+    for mine, (count, lines) in ((collector.near, part.near), (collector.long_row, part.long_row)):
+        mine.merge(count, [offset + n for n in lines])
+    collector.flush()
+    collector.output.append(output, part.rows)
+    collector.count_rows(
+        array("Q", part.row_lines),
+        array("Q", part.row_hashes),
+        *(array("Q", values) for values in part.row_chars),
+        offset=offset,
+    )
+    return True
+
+
 class _Options(msgspec.Struct, frozen=True):
     mapping: FieldMapping | None
     limits: Limits
@@ -106,7 +203,7 @@ def validate_range(
             record=True,
         )
         lines = _feed(collector, _Window(path, start, end), options.limits, file_start=False)
-        return collector.range_result(lines)
+        return range_result(collector, lines)
 
 
 def _start(
@@ -181,7 +278,7 @@ def validate_parallel(
                 if part is None:
                     return None
                 with output.open("rb") as f:
-                    if not collector.merge(part, offset, f):
+                    if not merge(collector, part, offset, f):
                         return None
                 output.unlink()
                 offset += part.lines

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from service.contract import DatasetStats, DatasetWarning
+from service.datasets.layouts import PROMPT_LIKE
 
 WARNING_LINES = 10
 """How many line numbers a warning lists."""
@@ -240,3 +241,25 @@ def row_warnings(
         for kind, tally, msg in found
         if tally.count
     ]
+
+
+def column_warnings(ignored: dict[str, Tally], *, mapped: bool) -> list[DatasetWarning]:
+    """One warning per column that held something no row used (never silence)."""
+    found = []
+    for name, tally in ignored.items():
+        if mapped and name in PROMPT_LIKE:
+            kind = "unused_prompt_column"
+            msg = (
+                f"column {name!r} holds text in {rows(tally.count)} but the mapping does "
+                "not use it: map it (system_field, history_field or prompt_field) or drop it"
+            )
+        else:
+            kind = "ignored_column"
+            msg = f"column {name!r} ignored in {rows(tally.count)}"
+            if name in PROMPT_LIKE:
+                msg += (
+                    ": its text is in no prompt (map the columns to use it: prompt_field, "
+                    "system_field, history_field)"
+                )
+        found.append(DatasetWarning(kind=kind, msg=msg, count=tally.count, lines=tally.lines))
+    return found
