@@ -243,7 +243,7 @@ def run(full: bool) -> Section:
         large = files[-1][0]
         growth = (uploads[large][2] - uploads[large][1]) - (uploads[small][2] - uploads[small][1])
         section.facts.append(
-            "API memory against file size: {uploads[small][2] / MB:.0f} MB peak for "
+            f"API memory against file size: {uploads[small][2] / MB:.0f} MB peak for "
             f"{small.stat().st_size / MB:,.0f} MB, {uploads[large][2] / MB:.0f} MB for "
             f"{large.stat().st_size / MB:,.0f} MB: {growth / MB:+.0f} MB for "
             f"{large.stat().st_size / small.stat().st_size:.0f}x the data. The body streams "
