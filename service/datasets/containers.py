@@ -44,6 +44,19 @@ _BOM = b"\xef\xbb\xbf"
 _CSV_HEADER = re.compile(r"^[\ufeff]?[\w .-]{1,64}([,\t;][\w .-]{1,64})+\r?$")
 
 
+_SOURCE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def module_command(module: str, *args: str) -> list[str]:
+    """``python -m module args`` in a child interpreter that imports this very copy of the
+    code (a checkout on no path, an editable install pointing elsewhere: it does not matter)."""
+    boot = (
+        f"import runpy, sys; sys.path.insert(0, {_SOURCE_ROOT!r}); "
+        f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    )
+    return [sys.executable, "-c", boot, *args]
+
+
 class UnsupportedFile(Exception):
     """The file is not in a form rows can be read from (answered with 415)."""
 
@@ -399,7 +412,7 @@ def parquet_lines(path: Path, max_bytes: int) -> Iterator[IO[bytes]]:
     memory stays flat, and the lines take the JSONL fast path."""
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", __name__, str(path), str(max_bytes)],
+            module_command(__name__, str(path), str(max_bytes)),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=log,

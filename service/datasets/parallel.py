@@ -29,7 +29,7 @@ import msgspec
 
 from service.contract import FieldMapping, Format, OnInvalid, SourceFormat
 from service.datasets.collect import MAX_COLUMNS, Collector, IngestResult, Limits, RowError
-from service.datasets.containers import JsonlBlocks
+from service.datasets.containers import JsonlBlocks, module_command
 from service.datasets.stats import Tally
 
 MIN_BYTES = 64 * 1024 * 1024
@@ -213,16 +213,14 @@ def _start(
     nothing depends on how the server's main module was started)."""
     with output.with_suffix(".log").open("wb") as log:
         return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
+            module_command(
                 __name__,
                 str(path),
                 str(start),
                 str(end),
                 str(output),
                 msgspec.json.encode(options).decode(),
-            ],
+            ),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
