@@ -1,6 +1,7 @@
 """`python -m bench.datasets_baseline FILE CACHE_DIR`: the ingest baseline.
 
-Loads a JSONL preference file with Hugging Face `datasets.load_dataset("json")` (Arrow, into a
+Loads a JSONL (or .jsonl.gz, or Parquet) preference file with Hugging Face
+`datasets.load_dataset("json")` (or `"parquet"`) (Arrow, into a
 fresh cache) and checks it the way a careful script would: every row has non-empty string
 prompt, chosen and rejected, and chosen differs from rejected. Prints one JSON line with the
 seconds spent (imports excluded) and the rows found bad.
@@ -35,7 +36,8 @@ def main() -> None:
 
     datasets.disable_progress_bars()
     started = time.perf_counter()
-    ds = datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache_dir)
+    builder = "parquet" if path.endswith(".parquet") else "json"
+    ds = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir)
     loaded = time.perf_counter()
     bad = ds.filter(_bad, batched=True, batch_size=10_000)
     checked = time.perf_counter()

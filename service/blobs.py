@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from urllib.parse import quote, unquote, urlsplit
 
 if TYPE_CHECKING:
@@ -143,6 +143,13 @@ class BlobStore(abc.ABC):
         """The blob's contents; BlobNotFound if it does not exist."""
 
     @abc.abstractmethod
+    def open(self, key: str) -> BinaryIO:
+        """The blob as a stream read from the start (close it after); BlobNotFound if absent.
+
+        For reading part of a big blob (a dataset preview) without fetching all of it.
+        """
+
+    @abc.abstractmethod
     def exists(self, key: str) -> bool:
         """Whether ``key`` holds a blob."""
 
@@ -262,6 +269,12 @@ class FileBlobStore(BlobStore):
     def get_bytes(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise BlobNotFound(self.uri(key)) from None
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return self._path(key).open("rb")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise BlobNotFound(self.uri(key)) from None
 
@@ -398,6 +411,16 @@ class S3BlobStore(BlobStore):
             raise
         with response["Body"] as body:
             return body.read()
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as exc:
+            if _is_not_found(exc):
+                raise BlobNotFound(self.uri(key)) from None
+            raise
+        # botocore's StreamingBody reads, iterates lines and closes like a binary file.
+        return cast(BinaryIO, response["Body"])
 
     def _head(self, key: str) -> dict[str, Any] | None:
         try:

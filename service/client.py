@@ -20,6 +20,7 @@ from httpx_sse import connect_sse
 from service.contract import (
     Dataset,
     DatasetList,
+    DatasetRows,
     FeedbackReceipt,
     FeedbackSnapshot,
     FeedbackStream,
@@ -37,6 +38,17 @@ from service.contract import (
 
 T = TypeVar("T")
 CHUNK = 1024 * 1024
+_MEDIA_TYPES = {
+    ".csv": "text/csv",
+    ".parquet": "application/vnd.apache.parquet",
+    ".json": "application/json",
+    ".gz": "application/gzip",
+}
+
+
+def _media_type(path: Path) -> str:
+    """What a dataset file's name says it is (the server still looks at its bytes)."""
+    return _MEDIA_TYPES.get(path.suffix.lower(), "application/x-ndjson")
 
 
 class Unreachable(Exception):
@@ -191,9 +203,14 @@ class Client:
         prompt_field: str | None = None,
         chosen_field: str | None = None,
         rejected_field: str | None = None,
+        system_field: str | None = None,
+        history_field: str | None = None,
+        on_invalid: str | None = None,
+        max_invalid_fraction: float | None = None,
         on_progress: Callable[[int], None] | None = None,
     ) -> Dataset:
-        """Stream a JSONL file to the API in chunks (never read whole); `on_progress(bytes)`."""
+        """Stream a dataset file (JSONL, JSON, Parquet or CSV, gzipped or not) to the API in
+        chunks, never read whole; `on_progress(bytes)`."""
         size = path.stat().st_size
 
         def chunks() -> Iterator[bytes]:
@@ -208,6 +225,10 @@ class Client:
             "prompt_field": prompt_field,
             "chosen_field": chosen_field,
             "rejected_field": rejected_field,
+            "system_field": system_field,
+            "history_field": history_field,
+            "on_invalid": on_invalid,
+            "max_invalid_fraction": max_invalid_fraction,
         }
         response = self._send(
             "POST",
@@ -216,10 +237,15 @@ class Client:
             content=chunks(),
             # With an explicit length httpx sends the body as-is, not chunked, and the
             # server can answer 413 before reading it.
-            headers={"Content-Type": "application/x-ndjson", "Content-Length": str(size)},
+            headers={"Content-Type": _media_type(path), "Content-Length": str(size)},
             timeout=httpx.Timeout(600.0, connect=5.0),
         )
         return msgspec.json.decode(response.content, type=Dataset)
+
+    def dataset_rows(self, dataset_id: str, offset: int = 0, limit: int = 10) -> DatasetRows:
+        """Normalized rows of a dataset, as training will see them."""
+        params = {"offset": offset, "limit": limit}
+        return self._get(f"/v1/datasets/{_seg(dataset_id)}/rows", DatasetRows, params)
 
     def list_datasets(self, limit: int = 20, cursor: str | None = None) -> DatasetList:
         params: dict[str, Any] = {"limit": limit}

@@ -87,6 +87,9 @@ class Settings:
     """One JSONL row's size limit."""
     max_dataset_rows: Count = 10_000_000
     """Row count limit for one dataset."""
+    ingest_processes: Count = 1
+    """Processes validating one big (64 MiB+) JSONL dataset in line ranges, on API hosts with
+    cores to spare; on a busy 2-core machine more than 1 was measured slower."""
     models_dir: Path = field(default_factory=lambda: Path(".ftune/models").resolve())
     """The only local directory base models may be loaded from (file:// references)."""
     work_dir: Path = field(default_factory=lambda: Path(".ftune/work").resolve())

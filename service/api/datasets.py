@@ -1,7 +1,8 @@
-"""Dataset upload, listing and deletion.
+"""Dataset upload, import, preview, listing and deletion.
 
 An upload is spooled to a temporary file as it arrives (the size limit enforced on the way),
-validated and normalized in a thread, and only then stored: invalid input stores nothing.
+validated and normalized in a thread, and only then stored: invalid input stores nothing. An
+import downloads its source to a temporary file first, then goes the same way.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Annotated, Any
 
+import anyio.to_thread
+import msgspec
 from litestar import Controller, Request, delete, get, post
 from litestar.openapi.spec import Example, OpenAPIMediaType, Schema
 from litestar.openapi.spec.enums import OpenAPIFormat, OpenAPIType
-from litestar.params import Parameter, ParameterKwarg
+from litestar.params import Body, Parameter, ParameterKwarg
 from multipart import MultipartSegment, PushMultipartParser
 
 from service.api.auth import scope
@@ -25,6 +28,7 @@ from service.api.errors import (
     UnsupportedMediaType,
 )
 from service.api.openapi_docs import (
+    BAD_GATEWAY,
     CONFLICT,
     INVALID,
     NOT_FOUND,
@@ -35,14 +39,36 @@ from service.api.openapi_docs import (
     request_body,
     responses,
 )
-from service.blobs import BlobStore
-from service.contract import Dataset, DatasetList, FieldMapping
+from service.blobs import BlobStore, dataset_blob_key
+from service.contract import (
+    Container,
+    Dataset,
+    DatasetImport,
+    DatasetList,
+    DatasetRow,
+    DatasetRows,
+    FieldMapping,
+    OnInvalid,
+)
+from service.datasets.containers import ACCEPTED_TYPES
 from service.datasets.ingest import delete_dataset, store_dataset
+from service.datasets.sources import fetch, hint_of
 from service.datasets.validate import Limits
 from service.settings import Principal, Settings
 from service.store import Store
 
 JSONL_TYPES = {"application/x-ndjson", "application/jsonl", "application/json-lines", "text/plain"}
+_HINTS: dict[str, Container | None] = {
+    **dict.fromkeys(JSONL_TYPES, "jsonl"),
+    "application/json": None,
+    "application/vnd.apache.parquet": "parquet",
+    "application/x-parquet": "parquet",
+    "text/csv": "csv",
+    "application/gzip": None,
+    "application/x-gzip": None,
+    "application/octet-stream": None,
+}
+"""Declared media types and the container each suggests (the bytes decide)."""
 DatasetId = Annotated[str, Parameter(description="The dataset's id (`ds_...`).")]
 
 
@@ -50,7 +76,20 @@ def _column(role: str) -> ParameterKwarg:
     return ParameterKwarg(
         min_length=1,
         max_length=128,
-        description=f"The column of your rows that holds the {role}, if it is not `{role}`.",
+        description=f"The column of your rows that holds the {role}, if it is not `{role}` and "
+        "the layout is not one read without a mapping.",
+    )
+
+
+_PREVIEW_MAX = 100
+_row_decoder = msgspec.json.Decoder(DatasetRow)
+
+
+def _unsupported_type(ctype: str) -> UnsupportedMediaType:
+    return UnsupportedMediaType(
+        f"got {ctype or 'no Content-Type'}; send the file as one of {', '.join(ACCEPTED_TYPES)} "
+        "(JSONL, a JSON array, Parquet or CSV with a header row, any but Parquet optionally "
+        "gzip-compressed)"
     )
 
 
@@ -84,8 +123,8 @@ _MULTIPART = OpenAPIMediaType(
             "file": Schema(
                 type=OpenAPIType.STRING,
                 format=OpenAPIFormat.BINARY,
-                description="The JSONL file. The first part with a filename is read, whatever "
-                "its name; other parts are ignored.",
+                description="The dataset file (any container the raw body takes). The first "
+                "part with a filename is read, whatever its name; other parts are ignored.",
             )
         },
         required=["file"],
@@ -94,14 +133,45 @@ _MULTIPART = OpenAPIMediaType(
         k: Example(summary=summary, value={"file": rows}) for k, (summary, rows) in _ROWS.items()
     },
 )
+_JSON_ARRAY = OpenAPIMediaType(
+    schema=Schema(type=OpenAPIType.ARRAY, description="A JSON array of row objects (streamed)."),
+    examples={
+        "sharegpt": Example(
+            summary="LLaMA-Factory's ShareGPT pairwise rows, as its data/ folder ships them",
+            value=[
+                {
+                    "conversations": [{"from": "human", "value": "Capital of Peru?"}],
+                    "chosen": {"from": "gpt", "value": "Lima."},
+                    "rejected": {"from": "gpt", "value": "Quito."},
+                }
+            ],
+        )
+    },
+)
+_CSV = OpenAPIMediaType(
+    schema=Schema(type=OpenAPIType.STRING, description="CSV with a header row."),
+    examples={
+        "columns": Example(
+            summary="MedicalGPT-style columns",
+            value='question,response_chosen,response_rejected\n"Capital of Peru?",Lima.,Quito.\n',
+        )
+    },
+)
 UPLOAD = request_body(
-    "Preference rows as JSONL, as the raw body or as a file in a multipart form. Accepted "
-    "rows: standard (`prompt`, `chosen`, `rejected` strings), conversational (lists of "
-    "{role, content} messages), OpenAI's DPO format, or TRL's implicit prompt (chosen and "
-    "rejected sharing the prompt as a prefix); other column names through the `*_field` "
-    "parameters. One dataset holds one format. Any invalid row rejects the upload (422, "
-    "with line numbers) and stores nothing; past the size limit the answer is 413.",
-    content={**{t: _JSONL for t in sorted(JSONL_TYPES)}, "multipart/form-data": _MULTIPART},
+    "The dataset file as its publisher ships it, as the raw body or as the first file of a "
+    "multipart form: JSONL, a JSON array, CSV with a header row, or Parquet "
+    "(`application/vnd.apache.parquet`), any but Parquet optionally gzip-compressed "
+    "(`Content-Encoding: gzip`, `application/gzip` or a `.gz` file name). Rows in the layouts "
+    'of the README\'s "Dataset formats" are read without a mapping; other column names go '
+    "through the `*_field` parameters. By default any invalid row rejects the upload (422, "
+    "with line numbers) and stores nothing (`on_invalid=skip` leaves bad rows out and lists "
+    "them); past the size limit the answer is 413.",
+    content={
+        **{t: _JSONL for t in sorted(JSONL_TYPES)},
+        "application/json": _JSON_ARRAY,
+        "text/csv": _CSV,
+        "multipart/form-data": _MULTIPART,
+    },
 )
 
 
@@ -110,6 +180,8 @@ class Spooled:
     """What an upload held besides its bytes (which went to the spool file)."""
 
     size: int
+    hint: Container | None = None
+    """The container the declared type or the file name suggests (the bytes decide)."""
     filename: str | None = None
     """The file part's filename, for a multipart upload that gave one."""
     fields: dict[str, str] = field(default_factory=dict)
@@ -121,28 +193,34 @@ MAX_FIELD_BYTES = 4096
 
 
 async def spool_upload(request: Request[Any, Any, Any], out: IO[bytes], limit: int) -> Spooled:
-    """Copy the JSONL body (raw, or the first file of a multipart form) into `out`."""
+    """Copy the uploaded file (the raw body, or the first file of a multipart form) into `out`,
+    the size limit checked on the way. Shared by our upload and OpenAI's `POST /v1/files`."""
     ctype, options = request.content_type
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the upload is {declared} bytes; the limit is {limit} bytes")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip", "x-gzip"):
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding} is not supported: send the file gzip-compressed or "
+            "as it is"
+        )
     if ctype == "multipart/form-data":
         boundary = options.get("boundary")
         if not boundary:
             raise UnsupportedMediaType("multipart/form-data without a boundary")
-        return await _spool_multipart(request, out, boundary.encode(), limit)
-    if ctype not in JSONL_TYPES:
-        raise UnsupportedMediaType(
-            f"send JSONL as application/x-ndjson or application/jsonl, or a multipart file; "
-            f"got {ctype or 'no Content-Type'}"
-        )
+        spooled = await _spool_multipart(request, out, boundary.encode(), limit)
+        spooled.hint = hint_of(spooled.filename or "")
+        return spooled
+    if ctype not in _HINTS:
+        raise _unsupported_type(ctype)
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"the upload is over the limit of {limit} bytes")
         out.write(chunk)
-    return Spooled(size=size)
+    return Spooled(size=size, hint=_HINTS[ctype])
 
 
 async def _spool_multipart(
@@ -182,6 +260,30 @@ async def _spool_multipart(
     return spooled
 
 
+def _mapping(**fields: str | None) -> FieldMapping | None:
+    """The column mapping the request asks for, or None for detection."""
+    if not any(fields.values()):
+        return None
+    try:
+        return FieldMapping(
+            prompt_field=fields["prompt_field"] or "prompt",
+            chosen_field=fields["chosen_field"] or "chosen",
+            rejected_field=fields["rejected_field"] or "rejected",
+            system_field=fields["system_field"],
+            history_field=fields["history_field"],
+        )
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), [FieldError(loc=["query"], msg=str(exc))]) from None
+
+
+def _limits(settings: Settings) -> Limits:
+    return Limits(
+        max_line_bytes=settings.max_line_bytes,
+        max_rows=settings.max_dataset_rows,
+        max_bytes=settings.max_dataset_bytes,
+    )
+
+
 class DatasetController(Controller):
     path = "/v1/datasets"
     tags = ["datasets"]
@@ -191,7 +293,16 @@ class DatasetController(Controller):
         path="/",
         status_code=201,
         request_max_body_size=None,
-        summary="Upload a JSONL preference dataset",
+        summary="Upload a preference dataset (JSONL, JSON, Parquet or CSV; gzip allowed)",
+        description=(
+            "The body is the file: JSONL, a JSON array, Parquet or CSV with a header row, any "
+            "but Parquet optionally gzip-compressed (as `Content-Encoding: gzip`, a `.gz` file "
+            "or `application/gzip`), or a multipart form whose first file part is the file. The "
+            "bytes decide the container; the declared type only tells CSV from JSONL. Rows in "
+            'the layouts of the README\'s "Dataset formats" (TRL, Anthropic HH, UltraFeedback, '
+            "ShareGPT/LLaMA-Factory, Axolotl, MedicalGPT, OpenAI) are read without a mapping; "
+            "other column names need one (`prompt_field`, ...)."
+        ),
         responses=responses(INVALID, TOO_LARGE, UNSUPPORTED),
         operation_class=UPLOAD,
     )
@@ -208,36 +319,116 @@ class DatasetController(Controller):
                 min_length=1,
                 max_length=128,
                 pattern=r"^[\w .,:()+-]+$",
-                description="A name for your own reference; need not be unique.",
+                description="Dataset name, for people",
             ),
         ] = "dataset",
         prompt_field: Annotated[str | None, _column("prompt")] = None,
         chosen_field: Annotated[str | None, _column("chosen")] = None,
         rejected_field: Annotated[str | None, _column("rejected")] = None,
+        system_field: Annotated[
+            str | None,
+            Parameter(
+                min_length=1,
+                max_length=128,
+                description="Column whose text becomes each prompt's system message",
+            ),
+        ] = None,
+        history_field: Annotated[
+            str | None,
+            Parameter(
+                min_length=1,
+                max_length=128,
+                description="Column of earlier turns ([prompt, answer] pairs or messages) "
+                "placed before each prompt",
+            ),
+        ] = None,
+        on_invalid: Annotated[
+            OnInvalid,
+            Parameter(
+                description="reject: any invalid row rejects the dataset (422); skip: invalid "
+                "rows are left out and listed in the dataset, up to max_invalid_fraction",
+            ),
+        ] = "reject",
+        max_invalid_fraction: Annotated[
+            float,
+            Parameter(
+                ge=0.0,
+                le=1.0,
+                description="With on_invalid=skip, the most rows (a fraction) that may be "
+                "invalid before the dataset is rejected anyway",
+            ),
+        ] = 0.01,
     ) -> Dataset:
-        mapping = None
-        if prompt_field or chosen_field or rejected_field:
-            try:
-                mapping = FieldMapping(
-                    prompt_field=prompt_field or "prompt",
-                    chosen_field=chosen_field or "chosen",
-                    rejected_field=rejected_field or "rejected",
-                )
-            except ValueError as exc:
-                raise InvalidRequest(str(exc), [FieldError(loc=["query"], msg=str(exc))]) from None
-        limits = Limits(max_line_bytes=settings.max_line_bytes, max_rows=settings.max_dataset_rows)
+        mapping = _mapping(
+            prompt_field=prompt_field,
+            chosen_field=chosen_field,
+            rejected_field=rejected_field,
+            system_field=system_field,
+            history_field=history_field,
+        )
         with tempfile.TemporaryDirectory(prefix="ftune-upload-") as tmp:
-            raw = Path(tmp) / "raw.jsonl"
+            raw = Path(tmp) / "upload"
             with raw.open("wb") as out:
-                await spool_upload(request, out, settings.max_dataset_bytes)
+                spooled = await spool_upload(request, out, settings.max_dataset_bytes)
             return await store_dataset(
                 store,
                 blobs,
                 raw,
                 tenant=principal.tenant,
                 name=name,
-                limits=limits,
+                limits=_limits(settings),
                 mapping=mapping,
+                hint=spooled.hint,
+                on_invalid=on_invalid,
+                max_invalid_fraction=max_invalid_fraction,
+                processes=settings.ingest_processes,
+            )
+
+    @post(
+        operation_id="ImportDataset",
+        path="/import",
+        status_code=201,
+        summary="Import a dataset from the Hub or S3, validated like an upload",
+        description=(
+            "`hf://datasets/ORG/NAME` takes the files of `split` (default train: files named "
+            "`train.*` or `train-*`, or in a `train/` folder) at `revision`; add a folder or a "
+            "file after the name to narrow it (`hf://datasets/Anthropic/hh-rlhf/harmless-base`). "
+            "`s3://bucket/key` takes one object. The service reads them with its own Hub token "
+            "and S3 credentials; its own store is never a source."
+        ),
+        responses=responses(INVALID, TOO_LARGE, UNSUPPORTED, BAD_GATEWAY),
+    )
+    async def import_dataset(
+        self,
+        data: Annotated[DatasetImport, Body(description="What to import and how to read it.")],
+        principal: Principal,
+        store: Store,
+        blobs: BlobStore,
+        settings: Settings,
+    ) -> Dataset:
+        mapping = _mapping(
+            prompt_field=data.prompt_field,
+            chosen_field=data.chosen_field,
+            rejected_field=data.rejected_field,
+            system_field=data.system_field,
+            history_field=data.history_field,
+        )
+        with tempfile.TemporaryDirectory(prefix="ftune-import-") as tmp:
+            fetched = await anyio.to_thread.run_sync(
+                fetch, data, settings, Path(tmp), settings.max_dataset_bytes
+            )
+            return await store_dataset(
+                store,
+                blobs,
+                fetched.files,
+                tenant=principal.tenant,
+                name=data.name or fetched.name,
+                limits=_limits(settings),
+                mapping=mapping,
+                hint=fetched.hint,
+                on_invalid=data.on_invalid,
+                max_invalid_fraction=data.max_invalid_fraction,
+                processes=settings.ingest_processes,
             )
 
     @get(
@@ -266,6 +457,40 @@ class DatasetController(Controller):
     ) -> Dataset:
         return await store.get_dataset(dataset_id, scope(principal))
 
+    @get(
+        operation_id="GetDatasetRows",
+        path="/{dataset_id:str}/rows",
+        summary="Normalized rows, as training will see them",
+        description=(
+            "Check the prompt/chosen/rejected split and the system message before spending GPU "
+            "hours. Rows are read from the start of the stored file, so a large offset takes "
+            "longer."
+        ),
+        responses=responses(NOT_FOUND),
+    )
+    async def get_dataset_rows(
+        self,
+        dataset_id: DatasetId,
+        principal: Principal,
+        store: Store,
+        blobs: BlobStore,
+        limit: Annotated[int, Parameter(ge=1, le=_PREVIEW_MAX, description="Rows to return")] = 10,
+        offset: Annotated[
+            int, Parameter(ge=0, description="Rows to skip (0-based index of the first row)")
+        ] = 0,
+    ) -> DatasetRows:
+        ds = await store.get_dataset(dataset_id, scope(principal))
+        rows = await anyio.to_thread.run_sync(
+            _read_rows, blobs, dataset_blob_key(ds.sha256), offset, limit
+        )
+        end = offset + len(rows)
+        return DatasetRows(
+            dataset_id=ds.id,
+            offset=offset,
+            rows=rows,
+            next_offset=end if end < ds.rows else None,
+        )
+
     @delete(
         operation_id="DeleteDataset",
         path="/{dataset_id:str}",
@@ -276,3 +501,15 @@ class DatasetController(Controller):
         self, dataset_id: DatasetId, principal: Principal, store: Store, blobs: BlobStore
     ) -> None:
         await delete_dataset(store, blobs, dataset_id, scope(principal))
+
+
+def _read_rows(blobs: BlobStore, key: str, offset: int, limit: int) -> list[DatasetRow]:
+    """Rows ``offset`` to ``offset + limit`` of a stored dataset (one normalized row a line)."""
+    out: list[DatasetRow] = []
+    with blobs.open(key) as f:
+        for i, line in enumerate(f):
+            if i >= offset:
+                out.append(_row_decoder.decode(line))
+                if len(out) == limit:
+                    break
+    return out

@@ -11,6 +11,8 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
+from service.datasets.containers import ACCEPTED_TYPES, DatasetTooLarge, UnsupportedFile
+from service.datasets.sources import SourceError
 from service.datasets.validate import InvalidDataset
 from service.store import Conflict, LimitReached, NotFound
 
@@ -29,6 +31,7 @@ _TITLES = {
     422: "Unprocessable Content",
     429: "Too Many Requests",
     500: "Internal Server Error",
+    502: "Bad Gateway",
     503: "Service Unavailable",
 }
 
@@ -137,6 +140,18 @@ def _validation(exc: ValidationException) -> Response[Problem]:
     return problem(422 if in_body else 400, detail, errors=errors)
 
 
+def _invalid_dataset(exc: InvalidDataset) -> Response[Problem]:
+    """422 whose detail names the first fault the way the ``errors`` entries do."""
+    errors = [FieldError(line=e.line, field=e.field, msg=e.msg) for e in exc.errors]
+    head = exc.reason or (f"the dataset has {exc.total} invalid row{'s' if exc.total != 1 else ''}")
+    first = exc.errors[0] if exc.errors else None
+    where = ""
+    if first is not None:
+        at = f"line {first.line}" if first.line else "the file"
+        where = f" (first: {at}" + (f", {first.field}" if first.field else "") + f": {first.msg})"
+    return problem(422, head + where, errors=errors, total=exc.total)
+
+
 def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
     if isinstance(exc, NotFound):
         return problem(404, str(exc) or f"{request.url.path} was not found")
@@ -145,18 +160,17 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]
     if isinstance(exc, LimitReached):
         return problem(429, str(exc))
     if isinstance(exc, InvalidDataset):
-        errors = [FieldError(line=e.line, field=e.field, msg=e.msg) for e in exc.errors]
-        first = exc.errors[0] if exc.errors else None
-        where = f" (first: line {first.line}: {first.msg})" if first else ""
-        return problem(
-            422, f"the dataset has {exc.total} invalid rows{where}", errors=errors, total=exc.total
-        )
+        return _invalid_dataset(exc)
     if isinstance(exc, InvalidRequest):
         return problem(422, exc.detail, errors=exc.errors)
-    if isinstance(exc, PayloadTooLarge):
+    if isinstance(exc, PayloadTooLarge | DatasetTooLarge):
         return problem(413, str(exc))
-    if isinstance(exc, UnsupportedMediaType):
-        return problem(415, str(exc))
+    if isinstance(exc, UnsupportedMediaType | UnsupportedFile):
+        return problem(415, str(exc), headers={"Accept-Post": ", ".join(ACCEPTED_TYPES)})
+    if isinstance(exc, SourceError):
+        return problem(
+            exc.status, exc.msg, errors=[FieldError(msg=exc.msg, loc=["body", "source"])]
+        )
     if isinstance(exc, ValidationException):
         return _validation(exc)
     if isinstance(exc, NotAuthorizedException):

@@ -35,16 +35,21 @@ TOO_LARGE = 413
 UNSUPPORTED = 415
 INVALID = 422
 TOO_MANY = 429
+BAD_GATEWAY = 502
 
 _DESCRIPTIONS = {
     BAD_REQUEST: "Malformed query or path parameter",
     UNAUTHORIZED: "Missing or unknown API key",
     NOT_FOUND: "No such record for this tenant",
     CONFLICT: "Not allowed in the record's current state",
-    TOO_LARGE: "Upload over the configured size limit",
-    UNSUPPORTED: "Wrong Content-Type",
+    TOO_LARGE: "Upload over the configured size limit (compressed or decompressed)",
+    UNSUPPORTED: (
+        "Not a file rows can be read from: `detail` says what was found and how to convert it; "
+        "the `Accept-Post` header lists the accepted media types"
+    ),
     INVALID: "Invalid body or rows; `errors` says where",
     TOO_MANY: "The tenant is at its limit of queued and running jobs (FTUNE_MAX_LIVE_JOBS)",
+    BAD_GATEWAY: "The Hub or S3 did not answer as expected",
 }
 
 

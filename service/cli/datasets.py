@@ -98,13 +98,18 @@ def datasets_list(
 def datasets_show(
     ctx: typer.Context,
     dataset_id: Annotated[str, typer.Argument(metavar="ID")],
+    rows: Annotated[
+        int,
+        typer.Option(min=0, max=100, help="Also print the first N rows as training sees them."),
+    ] = 0,
     as_json: AsJson = False,
 ) -> None:
-    """Show one dataset: size, format, length statistics and warnings."""
+    """Show one dataset: size, format, length statistics and warnings (and rows)."""
     with options(ctx).client() as client:
         ds = client.get_dataset(dataset_id)
+        page = client.dataset_rows(dataset_id, 0, rows) if rows else None
     if as_json:
-        print_json(ds)
+        print_json({"dataset": ds, "rows": page.rows} if page else ds)
         return
     print_kv(
         [
@@ -126,6 +131,16 @@ def datasets_show(
         stats.add_row(label, *(fmt_num(values.get(k)) for k in ("min", "mean", "p95", "max")))
     out.print(stats)
     _print_warnings(ds)
+    for i, row in enumerate(page.rows if page else [], 1):
+        out.print(f"[bold]row {i}[/]")
+        for part in ("prompt", "chosen", "rejected"):
+            value = getattr(row, part)
+            turns = (
+                [(None, value)] if isinstance(value, str) else [(m.role, m.content) for m in value]
+            )
+            for role, text in turns:
+                tag = f"[{role}] " if role else ""
+                out.print(f"  {part:<9}" + escape(tag + text), highlight=False)
 
 
 @datasets_app.command("delete")

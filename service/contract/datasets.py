@@ -8,6 +8,31 @@ import msgspec
 
 Format = Literal["standard", "conversational"]
 
+SourceFormat = Literal[
+    "standard",
+    "conversational",
+    "implicit_prompt",
+    "openai",
+    "mapped",
+    "hh",
+    "ultrafeedback",
+    "sharegpt",
+    "chat_template",
+    "alpaca",
+    "intel",
+    "argilla",
+    "prompt_pairs",
+    "icr",
+    "medicalgpt",
+]
+"""The row layout an upload was detected in (README, "Dataset formats")."""
+
+Container = Literal["jsonl", "json", "parquet", "csv"]
+"""How the rows were packed in the file (gzip is told apart by ``compressed``)."""
+
+OnInvalid = Literal["reject", "skip"]
+ColumnName = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+
 
 class DatasetRef(msgspec.Struct, kw_only=True):
     """The dataset a job or snapshot was made from, as it was then."""
@@ -83,11 +108,11 @@ class Dataset(msgspec.Struct, kw_only=True):
         ),
     ]
     source_format: Annotated[
-        Literal["standard", "conversational", "implicit_prompt", "openai", "mapped"],
+        SourceFormat,
         msgspec.Meta(
-            description="The form the rows arrived in: `implicit_prompt` (chosen and rejected "
-            "share the prompt as a prefix), `openai` (OpenAI's DPO format), `mapped` (read "
-            "through the `*_field` column mapping of the upload)."
+            description='The layout the rows arrived in (README, "Dataset formats"): e.g. '
+            "`implicit_prompt` (chosen and rejected share the prompt as a prefix), `openai`, "
+            "`hh`, `sharegpt`, or `mapped` (read through the upload's `*_field` columns)."
         ),
     ]
     stats: Annotated[
@@ -100,6 +125,29 @@ class Dataset(msgspec.Struct, kw_only=True):
     created_at: Annotated[
         float, msgspec.Meta(description="When it was uploaded, in seconds since the epoch.")
     ]
+    container: Annotated[
+        Container,
+        msgspec.Meta(description="The file's packing: jsonl, json (an array), parquet or csv."),
+    ] = "jsonl"
+    compressed: Annotated[
+        bool, msgspec.Meta(description="Whether the file came gzip-compressed.")
+    ] = False
+    mapping: Annotated[
+        dict[str, str],
+        msgspec.Meta(
+            description="Where each part of the normalized rows was read from, e.g. "
+            '{"prompt": "instruction + input", "system": "system", "chosen": "output[0]"} '
+            "(for the first row; rows of other layouts say so in source_format only)."
+        ),
+    ] = {}
+    skipped_rows: Annotated[
+        int,
+        msgspec.Meta(ge=0, description="Invalid rows left out (on_invalid=skip); 0 otherwise."),
+    ] = 0
+    skipped: Annotated[
+        list[RowProblem],
+        msgspec.Meta(description="The first 100 rows left out, each with where and why."),
+    ] = []
 
 
 class DatasetList(msgspec.Struct, kw_only=True):
@@ -118,10 +166,135 @@ class FieldMapping(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     prompt_field: str = "prompt"
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
+    system_field: Annotated[
+        str | None,
+        msgspec.Meta(description="Column whose text becomes the system message of each prompt."),
+    ] = None
+    history_field: Annotated[
+        str | None,
+        msgspec.Meta(
+            description="Column of earlier turns placed before the prompt: [prompt, answer] "
+            "pairs or messages."
+        ),
+    ] = None
 
     def __post_init__(self) -> None:
-        names = (self.prompt_field, self.chosen_field, self.rejected_field)
+        names = tuple(
+            n
+            for n in (
+                self.prompt_field,
+                self.chosen_field,
+                self.rejected_field,
+                self.system_field,
+                self.history_field,
+            )
+            if n is not None
+        )
         if not all(names):
             raise ValueError("field names must not be empty")
-        if len(set(names)) != 3:
-            raise ValueError(f"prompt, chosen and rejected fields must differ, got {names}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"the mapped fields must all differ, got {names}")
+
+
+class RowProblem(msgspec.Struct, kw_only=True):
+    """One row that could not be accepted."""
+
+    line: Annotated[
+        int,
+        msgspec.Meta(
+            description="1-based line of a JSONL file, or row of a JSON array, Parquet or CSV "
+            "file; 0 for the whole file."
+        ),
+    ]
+    field: Annotated[
+        str | None,
+        msgspec.Meta(
+            description="Where in the row, e.g. chosen, prompt[2].role; null for the row."
+        ),
+    ]
+    msg: str
+
+
+class DatasetImport(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A dataset to fetch from where it is published, validated exactly like an upload."""
+
+    source: Annotated[
+        str,
+        msgspec.Meta(
+            max_length=1024,
+            pattern=r"^(hf://datasets/[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
+            r"(/[^\s]*)?|s3://[a-z0-9][a-z0-9.-]{1,62}/[^\s]+)$",
+            description="hf://datasets/ORG/NAME[/folder or file] on the Hub, or "
+            "s3://bucket/key (one object: JSONL, JSON, Parquet or CSV, optionally gzip).",
+        ),
+    ]
+    revision: (
+        Annotated[
+            str,
+            msgspec.Meta(max_length=256, description="Hub branch, tag or commit (default: main)."),
+        ]
+        | None
+    ) = None
+    split: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                max_length=128,
+                pattern=r"^[\w.-]+$",
+                description="Hub split: the files named SPLIT.* or SPLIT-* (default: train).",
+            ),
+        ]
+        | None
+    ) = None
+    name: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                min_length=1,
+                max_length=128,
+                pattern=r"^[\w .,:()+-]+$",
+                description="Dataset name (default: the repo's name and split, or the file name).",
+            ),
+        ]
+        | None
+    ) = None
+    prompt_field: ColumnName | None = None
+    chosen_field: ColumnName | None = None
+    rejected_field: ColumnName | None = None
+    system_field: ColumnName | None = None
+    history_field: ColumnName | None = None
+    on_invalid: Annotated[
+        OnInvalid,
+        msgspec.Meta(
+            description="reject: any invalid row rejects the dataset; skip: invalid rows are "
+            "left out and listed, up to max_invalid_fraction."
+        ),
+    ] = "reject"
+    max_invalid_fraction: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0.0, le=1.0, description="With on_invalid=skip, the most rows that may be invalid."
+        ),
+    ] = 0.01
+
+
+class Message(msgspec.Struct, kw_only=True):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class DatasetRow(msgspec.Struct, kw_only=True):
+    """A normalized row, as training will see it."""
+
+    prompt: str | list[Message]
+    chosen: str | list[Message]
+    rejected: str | list[Message]
+
+
+class DatasetRows(msgspec.Struct, kw_only=True):
+    dataset_id: str
+    offset: int
+    rows: list[DatasetRow]
+    next_offset: Annotated[
+        int | None, msgspec.Meta(description="Offset of the next page; null at the end.")
+    ] = None

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import hypothesis
 import hypothesis.strategies as st
+import pytest
 import requests
 import schemathesis
 from schemathesis.checks import not_a_server_error
@@ -17,9 +19,20 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from service.api.openapi import render
+from service.settings import Settings
 from tests.fixtures.api import ALICE, Api, LiveServer
+from tests.fixtures.hub import HubServer
+from tests.fixtures.s3 import S3Server
 
 EXPORTED = Path(__file__).parents[2] / "openapi" / "openapi.json"
+
+
+@pytest.fixture
+def api_settings(api_settings: Settings, hub_server: HubServer, s3_server: S3Server) -> Settings:
+    """Fuzzed imports go to the local Hub and S3: a test never waits on the internet."""
+    return replace(
+        api_settings, hf_endpoint=hub_server.endpoint, s3_endpoint_url=s3_server.endpoint_url
+    )
 
 
 def test_exported_openapi_is_current() -> None:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
+import pickle
+import zipfile
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import redis
 
@@ -18,6 +24,13 @@ def jsonl(*rows: object) -> bytes:
 
 
 ROW = {"prompt": "What is 2+2?", "chosen": "4.", "rejected": "Let me think at length... 5?"}
+
+
+def zipped(data: bytes) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("rows.jsonl", data)
+    return buf.getvalue()
 
 
 async def upload(api: Api, body: bytes, headers: dict[str, str] | None = None, **params: str):
@@ -68,7 +81,7 @@ async def test_multipart_upload_and_column_mapping(api: Api) -> None:
 @pytest.mark.parametrize(
     ("body", "line", "needle"),
     [
-        (b"\xff\xfe not utf-8\n", 1, "UTF-8"),
+        (jsonl(ROW, ROW) + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n', 3, "UTF-8"),
         (jsonl(ROW) + b"{not json\n", 2, "JSON"),
         (jsonl(ROW, [1, 2]), 2, "object"),
         (jsonl({"prompt": "p", "chosen": "c"}), 1, "rejected"),
@@ -187,3 +200,177 @@ async def test_list_pages_newest_first_and_delete_frees_the_blob(api: Api) -> No
     ).status_code == 204
     assert not (Path(api.store_dir) / "datasets" / f"{first['sha256']}.jsonl").exists()
     assert (await api.client.get(f"/v1/datasets/{first['id']}", headers=ALICE)).status_code == 404
+
+
+# --------------------------------------------------------------------------- formats as shipped
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "datasets"
+
+
+async def test_gzip_hh_with_skip_lists_the_rows_left_out_and_previews_the_rest(api: Api) -> None:
+    body = gzip.compress((FIXTURES / "hh.jsonl").read_bytes())
+    strict = await upload(api, body, {"Content-Encoding": "gzip"})
+    assert strict.status_code == 422
+    assert strict.json()["detail"] == (
+        "the dataset has 1 invalid row (first: line 2, rejected: the transcript's final "
+        "Assistant answer is empty)"
+    )
+
+    resp = await upload(
+        api,
+        body,
+        {"Content-Type": "application/gzip"},
+        on_invalid="skip",
+        max_invalid_fraction="0.5",
+    )
+    assert resp.status_code == 201, resp.text
+    ds = resp.json()
+    assert (ds["rows"], ds["source_format"], ds["container"], ds["compressed"]) == (
+        2,
+        "hh",
+        "jsonl",
+        True,
+    )
+    assert ds["skipped_rows"] == 1
+    assert ds["skipped"] == [
+        {"line": 2, "field": "rejected", "msg": "the transcript's final Assistant answer is empty"}
+    ]
+    page = await api.client.get(f"/v1/datasets/{ds['id']}/rows", params={"limit": 1}, headers=ALICE)
+    assert page.status_code == 200, page.text
+    assert page.json()["next_offset"] == 1
+    [row] = page.json()["rows"]
+    assert [m["role"] for m in row["prompt"]] == ["user", "assistant", "user"]
+    assert row["chosen"][0]["content"].startswith("That usually means too much water")
+    rest = await api.client.get(
+        f"/v1/datasets/{ds['id']}/rows", params={"offset": 1, "limit": 100}, headers=ALICE
+    )
+    assert rest.json()["next_offset"] is None
+    assert rest.json()["rows"][0]["rejected"] == [
+        {"role": "assistant", "content": "It depends on the pot.\n\nPlease ask a chef."}
+    ]
+
+
+async def test_too_many_invalid_rows_reject_even_when_skipping(api: Api) -> None:
+    body = gzip.compress((FIXTURES / "hh.jsonl").read_bytes())
+    resp = await upload(api, body, on_invalid="skip")
+    assert resp.status_code == 422
+    assert resp.json()["detail"].startswith(
+        "1 of 3 rows are invalid (33.33%), more than max_invalid_fraction 0.01"
+    )
+    assert stored_nothing(api)
+
+
+async def test_a_gzip_bomb_is_413_not_an_out_of_memory(api: Api) -> None:
+    bomb = gzip.compress(b" " * (8 * 1024 * 1024))  # 8 MiB of blanks in ~8 KiB
+    assert len(bomb) < api.settings.max_dataset_bytes < 8 * 1024 * 1024
+    resp = await upload(api, bomb, {"Content-Encoding": "gzip"})
+    assert resp.status_code == 413 and "decompresses" in resp.json()["detail"]
+    assert stored_nothing(api)
+
+
+async def test_parquet_and_a_json_array_and_csv_upload(api: Api, tmp_path: Path) -> None:
+    source = [json.loads(line) for line in (FIXTURES / "ultrafeedback.jsonl").open()]
+    parquet = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(source), parquet)
+    resp = await upload(
+        api, parquet.read_bytes(), {"Content-Type": "application/vnd.apache.parquet"}
+    )
+    assert resp.status_code == 201, resp.text
+    assert (resp.json()["container"], resp.json()["source_format"]) == ("parquet", "ultrafeedback")
+    assert {w["msg"] for w in resp.json()["warnings"]} >= {
+        "column 'score_chosen' ignored in 2 rows"
+    }
+
+    resp = await upload(
+        api, (FIXTURES / "sharegpt.json").read_bytes(), {"Content-Type": "application/json"}
+    )
+    assert resp.status_code == 201, resp.text
+    assert (resp.json()["container"], resp.json()["rows"]) == ("json", 3)
+
+    resp = await api.client.post(
+        "/v1/datasets",
+        params={"name": "sheet"},
+        files={"file": ("prompts.csv", (FIXTURES / "prompts.csv").read_bytes(), "text/csv")},
+        headers=ALICE,
+    )
+    assert resp.status_code == 201, resp.text
+    assert (resp.json()["container"], resp.json()["format"]) == ("csv", "conversational")
+
+
+async def test_a_json_array_counts_invalid_rows_not_lines(api: Api) -> None:
+    rows = [ROW, {**ROW, "chosen": ""}, {**ROW, "prompt": "again"}]
+    resp = await upload(
+        api, json.dumps(rows, indent=4).encode(), {"Content-Type": "application/json"}
+    )
+    assert resp.status_code == 422
+    problem = resp.json()
+    assert problem["total_errors"] == 1
+    assert problem["errors"] == [{"line": 2, "field": "chosen", "msg": "the text is empty"}]
+
+
+@pytest.mark.parametrize(
+    ("body", "found"),
+    [
+        (jsonl(ROW, ROW).decode().encode("utf-16"), "UTF-16 text"),
+        (zipped(jsonl(ROW)), "a zip archive"),
+        (pickle.dumps([ROW]), "a Python pickle"),
+        (
+            "\n".join(['{"prompt": "你好嗎", "chosen": "很好", "rejected": "不好"}'] * 3).encode(
+                "big5"
+            ),
+            "Big5",
+        ),
+    ],
+    ids=["utf-16", "zip", "pickle", "big5"],
+)
+async def test_files_that_are_not_rows_get_one_415(api: Api, body: bytes, found: str) -> None:
+    resp = await upload(api, body, {"Content-Type": "application/octet-stream"})
+    assert resp.status_code == 415, resp.text
+    assert found in resp.json()["detail"] and "errors" not in resp.json()
+    assert "text/csv" in resp.headers["accept-post"]
+    assert stored_nothing(api)
+
+
+async def test_system_and_history_fields_map_columns(api: Api) -> None:
+    body = jsonl(
+        {"persona": "Be terse.", "turns": [["Hi", "Hello."]], "q": "2+2?", "a": "4", "b": "5"}
+    )
+    resp = await upload(
+        api,
+        body,
+        prompt_field="q",
+        chosen_field="a",
+        rejected_field="b",
+        system_field="persona",
+        history_field="turns",
+    )
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["mapping"] == {
+        "prompt": "q",
+        "chosen": "a",
+        "rejected": "b",
+        "system": "persona",
+        "history": "turns",
+    }
+    rows = (await api.client.get(f"/v1/datasets/{resp.json()['id']}/rows", headers=ALICE)).json()
+    assert rows["rows"][0]["prompt"] == [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "2+2?"},
+    ]
+    same = await upload(api, body, prompt_field="q", system_field="q")
+    assert same.status_code == 422 and "must all differ" in same.json()["detail"]
+
+
+async def test_rows_of_another_tenant_are_404_and_limits_are_checked(api: Api) -> None:
+    ds = (await upload(api, jsonl(ROW))).json()
+    assert (await api.client.get(f"/v1/datasets/{ds['id']}/rows", headers=BOB)).status_code == 404
+    resp = await api.client.get(
+        f"/v1/datasets/{ds['id']}/rows", params={"limit": 101}, headers=ALICE
+    )
+    assert resp.status_code == 400
+    past = await api.client.get(
+        f"/v1/datasets/{ds['id']}/rows", params={"offset": 5}, headers=ALICE
+    )
+    assert past.json() == {"dataset_id": ds["id"], "offset": 5, "rows": [], "next_offset": None}

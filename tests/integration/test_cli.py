@@ -92,6 +92,24 @@ def test_upload_list_show_and_delete_a_dataset(cli: Callable[..., Result], tmp_p
     assert gone.exit_code == 1 and "404" in gone.stderr
 
 
+def test_show_prints_the_rows_as_training_sees_them(cli: Callable[..., Result]) -> None:
+    """A LLaMA-Factory ShareGPT array goes up as shipped; the preview shows the system message
+    and the Traditional Chinese text as they are."""
+    fixture = ROOT / "tests" / "fixtures" / "datasets" / "sharegpt.json"
+    uploaded = cli("datasets", "upload", str(fixture), "--json")
+    assert uploaded.exit_code == 0, uploaded.output
+    ds_id = json.loads(uploaded.stdout)["id"]
+    shown = cli("datasets", "show", ds_id, "--rows", "2")
+    assert shown.exit_code == 0, shown.output
+    assert "prompt   [system] Answer in one sentence." in shown.stdout
+    assert "chosen   [assistant] About 14 million in the city proper." in shown.stdout
+    assert "[user] 台北有什麼好吃的？" in shown.stdout  # noqa: RUF001 - the text itself
+    assert "row 3" not in shown.stdout
+    as_json = json.loads(cli("datasets", "show", ds_id, "--rows", "1", "--json").stdout)
+    assert as_json["dataset"]["source_format"] == "sharegpt"
+    assert as_json["rows"][0]["rejected"] == [{"role": "assistant", "content": "Tokyo."}]
+
+
 def test_upload_with_a_column_mapping(cli: Callable[..., Result], tmp_path: Path) -> None:
     rows = [{"q": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in ROWS]
     path = write_jsonl(tmp_path / "mapped.jsonl", rows)

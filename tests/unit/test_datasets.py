@@ -69,7 +69,9 @@ def test_standard_rows_are_written_canonically() -> None:
     assert (result.rows, result.format, result.source_format) == (1, "standard", "standard")
     assert result.bytes == len(out)
     assert result.source_bytes == len(source)
-    assert result.warnings == []
+    assert [(w.kind, w.msg, w.lines) for w in result.warnings] == [
+        ("ignored_column", "column 'id' ignored in 1 row", [1])
+    ]
 
 
 def test_conversational_rows_keep_only_role_and_content() -> None:
@@ -173,8 +175,10 @@ def test_default_mapping_counts_as_unmapped() -> None:
 
 
 def test_field_mapping_rejects_unusable_names() -> None:
-    with pytest.raises(ValueError, match="must differ"):
+    with pytest.raises(ValueError, match="must all differ"):
         FieldMapping(prompt_field="text", chosen_field="text")
+    with pytest.raises(ValueError, match="must all differ"):
+        FieldMapping(prompt_field="q", system_field="q")
     with pytest.raises(ValueError, match="must not be empty"):
         FieldMapping(rejected_field="")
     with pytest.raises(msgspec.ValidationError, match="unknown field"):
@@ -257,7 +261,7 @@ def test_crlf_blank_lines_and_a_bom_are_tolerated() -> None:
 
 def test_a_raw_unbuffered_file_is_read_too(tmp_path: Any) -> None:
     path = tmp_path / "d.jsonl"
-    path.write_bytes(jsonl(STD, CONV | {"prompt": "x"}, STD) + b"x" * 130 + b"\n")
+    path.write_bytes(jsonl(STD, STD | {"chosen": 4}, STD) + b"x" * 130 + b"\n")
     with open(path, "rb", buffering=0) as src, pytest.raises(InvalidDataset) as info:
         validate_jsonl(src, io.BytesIO(), limits=Limits(max_line_bytes=120))
     assert [(e.line, e.field) for e in info.value.errors] == [(2, "chosen"), (4, None)]
@@ -291,13 +295,21 @@ BAD_LINES: list[tuple[str, Any, str | None, str]] = [
         "no columns",
         {"text": "p", "label": 1},
         "chosen",
-        "missing field 'chosen' (the row has: 'text', 'label'); a row needs prompt",
+        "missing field 'chosen' (the row has: 'text', 'label'); a row needs a chosen and a "
+        "rejected answer in one of the layouts",
     ),
     (
         "no prompt",
         {"chosen": "c", "rejected": "r"},
-        "prompt",
-        "the prompt may be left out only when chosen and rejected are whole conversations",
+        "chosen",
+        "without a prompt field, chosen and rejected must start with the same prompt; these "
+        "differ from the first character",
+    ),
+    (
+        "no prompt, text and messages",
+        {"chosen": "c", "rejected": [bot("r")]},
+        "chosen",
+        "must both be texts or both be whole conversations",
     ),
     (
         "prompt type",
@@ -352,7 +364,7 @@ BAD_LINES: list[tuple[str, Any, str | None, str]] = [
         "unknown role",
         CONV | {"prompt": [{"role": "human", "content": "q"}]},
         "prompt[0].role",
-        "unknown role 'human'; expected one of system, user, assistant, tool",
+        "unknown role 'human'; expected one of system, developer, user, assistant, tool",
     ),
     (
         "role type",
@@ -425,7 +437,8 @@ BAD_LINES: list[tuple[str, Any, str | None, str]] = [
         "message type",
         CONV | {"prompt": ["q"]},
         "prompt[0]",
-        "expected a message object with role and content, got string",
+        "expected a message object with role and content (or ShareGPT's from and value), got "
+        "string",
     ),
     ("empty prompt list", CONV | {"prompt": []}, "prompt", "the list of messages is empty"),
     ("empty chosen list", CONV | {"chosen": []}, "chosen", "the list of messages is empty"),
@@ -468,12 +481,12 @@ BAD_LINES: list[tuple[str, Any, str | None, str]] = [
     (
         "openai bad role",
         {
-            "input": {"messages": [{"role": "developer", "content": "x"}]},
+            "input": {"messages": [{"role": "wizard", "content": "x"}]},
             "preferred_output": [bot("a")],
             "non_preferred_output": [bot("b")],
         },
         "input.messages[0].role",
-        "unknown role 'developer'",
+        "unknown role 'wizard'",
     ),
     (
         "openai ends with assistant",
@@ -567,15 +580,35 @@ def test_errors_are_capped_but_all_counted() -> None:
     assert "(and 247 more)" in str(few)
 
 
-def test_formats_must_not_mix() -> None:
-    data = jsonl(STD, STD, CONV, STD)
-    assert errors(data) == [
-        (3, None, "line 3 is conversational but the dataset is standard from line 1")
+def test_text_rows_become_conversations_when_the_dataset_is_one() -> None:
+    """Texts and conversations in one file (a system column in some rows only): the text rows
+    become the conversation they stand for, written before or after, and a warning says so."""
+    conv_row = {
+        "prompt": [system("Be brief."), user("Hi")],
+        "chosen": [bot("Hey")],
+        "rejected": [bot("Go")],
+    }
+    as_conv = {"prompt": [user("What is 2+2?")], "chosen": [bot("4")], "rejected": [bot("5")]}
+    source = jsonl(STD, b"\n", STD | {"prompt": "Q2"}, conv_row, STD | {"prompt": "Q3"})
+    result, out = ingest(source)
+    assert [msgspec.json.decode(x) for x in out.splitlines()] == [
+        as_conv,
+        as_conv | {"prompt": [user("Q2")]},
+        conv_row,
+        as_conv | {"prompt": [user("Q3")]},
     ]
-    data = jsonl(b"\n", {"prompt": 1}, CONV, STD)
-    assert errors(data)[1:] == [
-        (4, None, "line 4 is standard but the dataset is conversational from line 3")
-    ]
+    assert (result.rows, result.format, result.source_format) == (
+        4,
+        "conversational",
+        "conversational",
+    )
+    assert result.sha256 == hashlib.sha256(out).hexdigest() and result.bytes == len(out)
+    [warning] = result.warnings
+    assert (warning.kind, warning.count, warning.lines) == ("made_conversational", 3, [1, 3, 5])
+    # Rows taken a block at a time turn too.
+    many = [STD | {"prompt": f"q{i}"} for i in range(3000)]
+    result, out = ingest(jsonl(*many, conv_row))
+    assert result.rows == 3001 and out.count(b'"role":"user"') == 3001
 
 
 def test_openai_and_trl_conversations_mix_freely() -> None:
@@ -638,7 +671,7 @@ def test_duplicates_are_counted_after_normalization() -> None:
     rows = [STD, STD, other, STD | {"id": 3}, b'{"rejected":"r","chosen":"c","prompt":"p"}\n']
     result, _ = ingest(jsonl(*rows))
     assert result.rows == 5  # duplicates are kept: it is a warning
-    [warning] = result.warnings
+    [warning] = [w for w in result.warnings if w.kind == "duplicate"]
     assert (warning.kind, warning.count, warning.lines) == ("duplicate", 3, [2, 4, 5])
     assert warning.msg.startswith("3 rows exactly repeating an earlier row")
 

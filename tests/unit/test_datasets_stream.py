@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from service.datasets.collect import Collector
 from service.datasets.rows import RowInvalid, normalize_row
 from service.datasets.validate import InvalidDataset, Limits, validate_jsonl
 
@@ -69,7 +70,10 @@ def test_a_50_mb_upload_validates_in_flat_memory(tmp_path: Path) -> None:
     assert result.source_bytes == src_path.stat().st_size
     assert result.bytes == dst_path.stat().st_size
     repeats = [1000 * k for k in range(1, rows // 1000 + 1)]
-    assert [(w.kind, w.lines) for w in result.warnings] == [("duplicate", repeats)]
+    assert [(w.kind, w.count, w.lines[:10]) for w in result.warnings] == [
+        ("duplicate", len(repeats), repeats[:10]),
+        ("ignored_column", rows, list(range(1, 11))),
+    ]
 
 
 def test_many_rows_keep_exact_duplicate_counts_and_a_sampled_p95(tmp_path: Path) -> None:
@@ -79,7 +83,11 @@ def test_many_rows_keep_exact_duplicate_counts_and_a_sampled_p95(tmp_path: Path)
     with path.open("rb") as src:
         result = validate_jsonl(src, io.BytesIO())
     assert result.rows == rows > 90_000
-    [warning] = result.warnings
+    [warning, ignored] = result.warnings
+    assert (ignored.kind, ignored.msg) == (
+        "ignored_column",
+        f"column 'source' ignored in {rows} rows",
+    )
     assert (warning.kind, warning.count) == ("duplicate", rows // 1000)
     assert warning.lines == [1000 * k for k in range(1, 11)]
     prompt = result.stats.prompt_chars
@@ -227,3 +235,61 @@ def test_arbitrary_bytes_never_crash(chunks: list[bytes]) -> None:
         assert all(0 <= x.line <= data.count(b"\n") + 1 for x in e.errors)
     else:
         assert result.rows >= 1
+
+
+TRICKY_LINES = [
+    b'{"prompt":"a","chosen":"b","rejected":"c"}\r\n',
+    b"\n",
+    b"   \n",
+    b'{"prompt":"a","chosen":"b","rejected":"c"} {"prompt":"x","chosen":"y","rejected":"z"}\n',
+    b'{"prompt":"a","chosen":"b",\n',
+    b'"rejected":"c"}\n',
+    b'{"prompt":"p","chosen":"same","rejected":"same"}\n',
+    b'{"prompt":"p","chosen":"c","rejected":"r","extra":1}\n',
+    b"\xef\xbb\xbf" + b'{"prompt":"p","chosen":"c","rejected":"r"}\n',
+    b' {"prompt":"lead","chosen":"c","rejected":"r"}\n',
+    b'{"prompt":"trail","chosen":"c","rejected":"r"} \n',
+    b'{"prompt":"  ","chosen":"c","rejected":"r"}\n',
+    b'{"prompt":[{"role":"user","content":"q"}],"chosen":"c","rejected":"r"}\n',
+]
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_lines_read_a_block_at_a_time_are_judged_like_lines_read_one_by_one(
+    skip: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first block is read line by line; later ones in one go when they can be. The same
+    tricky lines placed after 1.5 MiB of good rows get the same verdicts as at the start."""
+    good = [
+        msgspec.json.encode({"prompt": f"q{i}", "chosen": "x" * 300, "rejected": f"n{i}"}) + b"\n"
+        for i in range(5000)
+    ]
+    assert sum(map(len, good)) > 1.5 * MiB
+    kwargs: dict[str, Any] = {"on_invalid": "skip", "max_invalid_fraction": 1.0} if skip else {}
+    taken = []
+    whole_block = Collector._block
+
+    def spy(self: Collector, first: int, lines: list[bytes | None]) -> bool:
+        taken.append(whole_block(self, first, lines))
+        return taken[-1]
+
+    monkeypatch.setattr(Collector, "_block", spy)
+
+    def run(lines: list[bytes]) -> tuple[list[tuple[int, str | None, str]], list[bytes]]:
+        out = io.BytesIO()
+        try:
+            result = validate_jsonl(io.BytesIO(b"".join(lines)), out, **kwargs)
+        except InvalidDataset as e:
+            return [(x.line, x.field, x.msg) for x in e.errors], []
+        return [(x.line, x.field, x.msg) for x in result.skipped], out.getvalue().splitlines()
+
+    first_errors, first_rows = run(TRICKY_LINES + good)
+    later_errors, later_rows = run(good + TRICKY_LINES)
+    assert True in taken and False in taken  # both ways were taken
+    shift = len(good)
+    assert first_errors == [
+        (line - shift, field, msg.replace(f"line {line}", f"line {line - shift}"))
+        for line, field, msg in later_errors
+    ]
+    assert [line for line, _, _ in first_errors] == [4, 5, 6, 7, 9, 12, 13]
+    assert sorted(first_rows) == sorted(later_rows)

@@ -1,0 +1,464 @@
+"""How rows are packed in an uploaded file: told from its first bytes, read as a stream.
+
+JSONL (the default), a JSON array or concatenated JSON objects (streamed with ijson, never
+loaded whole), Parquet (row group by row group with pyarrow, in a child process that hands
+the rows over as JSON lines) and CSV with a header row; any
+of them but Parquet may come gzip-compressed, decompressed on the fly with the size limit
+applied to the decompressed bytes. Anything else (UTF-16 or Big5 text, a zip, a pickle, xz)
+is refused once, saying what was found and how to convert it, rather than line by line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import gzip
+import io
+import re
+import subprocess
+import sys
+import tempfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from service.contract import Container
+
+ACCEPTED_TYPES = (
+    "application/x-ndjson",
+    "application/jsonl",
+    "application/json",
+    "application/vnd.apache.parquet",
+    "text/csv",
+    "application/gzip",
+    "application/octet-stream",
+    "multipart/form-data",
+)
+"""Media types an upload may declare (gzip also as ``Content-Encoding``); the bytes decide."""
+
+SNIFF_BYTES = 64 * 1024
+_BLOCK = 1 << 20
+_BOM = b"\xef\xbb\xbf"
+_CSV_HEADER = re.compile(r"^[\ufeff]?[\w .-]{1,64}([,\t;][\w .-]{1,64})+\r?$")
+
+
+_SOURCE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def module_command(module: str, *args: str) -> list[str]:
+    """``python -m module args`` in a child interpreter that imports this very copy of the
+    code (a checkout on no path, an editable install pointing elsewhere: it does not matter)."""
+    boot = (
+        f"import runpy, sys; sys.path.insert(0, {_SOURCE_ROOT!r}); "
+        f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    )
+    return [sys.executable, "-c", boot, *args]
+
+
+class UnsupportedFile(Exception):
+    """The file is not in a form rows can be read from (answered with 415)."""
+
+
+class DatasetTooLarge(Exception):
+    """The dataset (decompressed) is over the size limit (answered with 413)."""
+
+
+class FileProblem(Exception):
+    """The file broke off in a way no later row can be read from (e.g. a JSON array cut short)."""
+
+    def __init__(self, line: int, msg: str) -> None:
+        super().__init__(msg)
+        self.line = line
+        self.msg = msg
+
+
+class _Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class Opened:
+    container: Container
+    compressed: bool
+    stream: IO[bytes]
+    """The (decompressed) bytes from the start (not for Parquet)."""
+    path: Path
+
+
+class _Counted(io.RawIOBase):
+    """Decompressed bytes, refusing to go past ``limit`` (a gzip bomb gets 413, not an OOM)."""
+
+    def __init__(self, inner: _Readable, limit: int) -> None:
+        self.inner = inner
+        self.limit = limit
+        self.total = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.inner.read(len(buffer))
+        self.total += len(data)
+        if self.total > self.limit:
+            raise DatasetTooLarge(
+                f"the dataset decompresses to more than the limit of {self.limit} bytes"
+            )
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _binary(head: bytes) -> str | None:
+    """What a file that is not UTF-8 text is, with how to convert it; None if it is text."""
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return (
+            "a zip archive: unzip it and upload the .jsonl, .json, .parquet or .csv file inside "
+            "(one file per dataset)"
+        )
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return (
+            "a Python pickle, which is never unpickled here: convert it to JSONL, e.g. with "
+            "pandas: pd.read_pickle(path).to_json('data.jsonl', orient='records', lines=True, "
+            "force_ascii=False)"
+        )
+    for magic, name, tool in (
+        (b"\xfd7zXZ\x00", "xz", "xz -d"),
+        (b"(\xb5/\xfd", "zstd", "zstd -d"),
+        (b"BZh", "bzip2", "bunzip2"),
+    ):
+        if head.startswith(magic):
+            return f"{name}-compressed: decompress it ({tool}) or compress it with gzip instead"
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or _utf16(head):
+        return (
+            "UTF-16 text: convert it to UTF-8, e.g. iconv -f UTF-16 -t UTF-8 in.jsonl > out.jsonl"
+        )
+    if head.startswith(b"ARROW1"):
+        return "an Arrow IPC file: write it as Parquet or JSONL instead"
+    if b"\x00" in head:
+        return f"binary data of an unknown kind (it starts with {head[:8]!r})"
+    return None
+
+
+def _utf16(head: bytes) -> bool:
+    """UTF-16 without a byte order mark: the high byte of each character is often 0 (JSON's
+    punctuation and keys are ASCII), the low byte almost never."""
+    half = len(head) // 2
+    if half < 8:
+        return False
+    for high, low in ((head[1::2], head[0::2]), (head[0::2], head[1::2])):
+        if high.count(0) > half * 0.3 and low.count(0) < half * 0.05:
+            return True
+    return False
+
+
+def _not_utf8(head: bytes) -> str | None:
+    """Why the first bytes are not UTF-8 text, and how to convert them (None when they are).
+
+    A file is refused as a whole when most of its first lines are not UTF-8: a stray bad
+    byte in an otherwise UTF-8 file is better reported at its line.
+    """
+    lines = [line for line in head.split(b"\n")[:-1] or [head] if line.strip()]
+    bad = [i for i, line in enumerate(lines) if not _utf8(line)]
+    if not bad or len(bad) * 2 < len(lines):
+        return None
+    sample = b"\n".join(lines[:50])
+    for encoding, label in (
+        ("big5", "Big5 (Traditional Chinese)"),
+        ("gb18030", "GBK/GB18030 (Simplified Chinese)"),
+        ("shift_jis", "Shift JIS (Japanese)"),
+        ("euc_kr", "EUC-KR (Korean)"),
+        ("cp1252", "Windows-1252/Latin-1"),
+    ):
+        try:
+            sample.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        guess = (
+            f"it reads as {label}: convert it, e.g. iconv -f {encoding.upper()} -t UTF-8 in > out"
+        )
+        break
+    else:
+        guess = "convert it to UTF-8"
+    where = f"line {bad[0] + 1}"
+    try:
+        lines[bad[0]].decode("utf-8")
+    except UnicodeDecodeError as e:
+        where += f" has byte 0x{lines[bad[0]][e.start]:02x}"
+    return f"text that is not UTF-8 ({where}, which UTF-8 does not allow); {guess}"
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.reason == "unexpected end of data" and e.end == len(data)
+    return True
+
+
+def _kind_of_text(head: bytes, hint: Container | None) -> Container:
+    text = head[3:] if head.startswith(_BOM) else head
+    stripped = text.lstrip()
+    if hint == "csv":
+        return "csv"
+    if stripped.startswith(b"["):
+        return "json"
+    first = stripped.split(b"\n", 1)[0].strip()
+    if first == b"{":
+        return "json"  # pretty-printed objects, one after another
+    if not stripped.startswith(b"{") and _CSV_HEADER.match(first.decode("utf-8", "replace")):
+        return "csv"
+    return "jsonl"
+
+
+@contextlib.contextmanager
+def open_dataset(path: Path, *, hint: Container | None, max_bytes: int) -> Iterator[Opened]:
+    """Tell what a file holds and open it for reading rows; UnsupportedFile if nothing can."""
+    with path.open("rb", buffering=0) as file, io.BufferedReader(file, _BLOCK) as raw:
+        head = raw.read(SNIFF_BYTES)
+        if head.startswith(b"PAR1"):
+            yield Opened("parquet", False, raw, path)
+            return
+        stream: IO[bytes] = io.BufferedReader(_Chained(head, raw), buffer_size=_BLOCK)
+        compressed = head.startswith(b"\x1f\x8b")
+        if compressed:
+            counted = _Counted(gzip.GzipFile(fileobj=stream, mode="rb"), max_bytes)
+            try:
+                head = counted.inner.read(SNIFF_BYTES)
+            except (OSError, EOFError, zlib.error) as e:
+                raise UnsupportedFile(f"the file looks gzip-compressed but is not: {e}") from None
+            counted.total = len(head)
+            stream = io.BufferedReader(_Chained(head, counted), buffer_size=_BLOCK)
+            if head.startswith(b"PAR1"):
+                raise UnsupportedFile(
+                    "a gzip-compressed Parquet file: Parquet compresses its own columns, so "
+                    "upload the .parquet file as it is"
+                )
+        why = _binary(head) or _not_utf8(head)
+        if why:
+            raise UnsupportedFile(f"the file is {why}")
+        yield Opened(_kind_of_text(head, hint), compressed, stream, path)
+
+
+class JsonlBlocks:
+    """``(first line number, lines)`` a block at a time, ``lines`` either whole lines as one
+    run of bytes (each ending with its newline; none longer than ``max_line``) or a list in
+    which ``None`` stands for a line longer than ``max_line`` bytes (its line ending not
+    counted), skipped in chunks and never held whole. In a list, line endings are cut off and
+    a ``\\r`` before them is left on. ``consumed`` counts the bytes read so far.
+
+    A line number is given before the line is counted: read ``lines`` after each block."""
+
+    def __init__(self, src: IO[bytes], max_line: int, block: int = _BLOCK) -> None:
+        self.src = src
+        self.max_line = max_line
+        self.block = block
+        self.consumed = 0
+        self.lines = 0
+        """Lines given so far."""
+
+    def _read(self) -> bytes:
+        data = self.src.read(self.block)
+        self.consumed += len(data)
+        return data
+
+    def _line(self, line: bytes) -> bytes | None:
+        return line if len(line.rstrip(b"\r")) <= self.max_line else None
+
+    def __iter__(self) -> Iterator[tuple[int, bytes | list[bytes | None]]]:
+        max_line = self.max_line
+        self.lines = 0
+        pending = chunk = b""  # pending: the start of a line cut at a chunk's end
+        while True:
+            chunk = chunk or self._read()
+            if not chunk:
+                if pending:
+                    yield self.lines + 1, [self._line(pending)]
+                return
+            start = 0
+            if pending:
+                nl = chunk.find(b"\n")
+                if nl < 0:
+                    pending, chunk = pending + chunk, b""
+                else:
+                    yield self.lines + 1, [self._line(pending + chunk[:nl])]
+                    self.lines += 1
+                    pending, start = b"", nl + 1
+            if chunk:
+                end = chunk.rfind(b"\n") + 1
+                if end > start:
+                    yield from self._run(chunk[start:end])
+                pending, chunk = chunk[max(end, start) :], b""
+            if len(pending) > max_line + 1:
+                # An overlong line with no end in sight: drop it up to its newline.
+                while (nl := pending.find(b"\n")) < 0 and (pending := self._read()):
+                    pass
+                pending, chunk = b"", pending[nl + 1 :] if nl >= 0 else b""
+                yield self.lines + 1, [None]
+                self.lines += 1
+
+    def _run(self, run: bytes) -> Iterator[tuple[int, bytes | list[bytes | None]]]:
+        """Whole lines: as they are, or as a list if one might be too long."""
+        if len(run) <= self.max_line:
+            yield self.lines + 1, run
+            self.lines += run.count(b"\n")
+            return
+        lines: list[bytes | None] = run.split(b"\n")  # type: ignore[assignment]
+        lines.pop()
+        yield self.lines + 1, [self._line(x) for x in lines]  # type: ignore[arg-type]
+        self.lines += len(lines)
+
+
+class _Guarded(io.RawIOBase):
+    """A stream that refuses to feed one JSON value past ``limit`` bytes (ijson would hold it)."""
+
+    def __init__(self, inner: _Readable, limit: int) -> None:
+        self.inner = inner
+        self.limit = limit
+        self.since = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.inner.read(len(buffer))
+        self.since += len(data)
+        if self.since > self.limit:
+            raise FileProblem(0, f"a row is longer than the limit of {self.limit} bytes")
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def json_rows(src: IO[bytes], max_row_bytes: int) -> Iterator[tuple[int, Any]]:
+    """Rows of a JSON array, or of JSON values one after another, streamed."""
+    import ijson
+
+    head = src.read(SNIFF_BYTES)
+    body = head[3:] if head.startswith(_BOM) else head
+    array = body.lstrip().startswith(b"[")
+    guard = _Guarded(_Chained(body, src), max_row_bytes + SNIFF_BYTES)
+    items = (
+        ijson.items(guard, "item", use_float=True)
+        if array
+        else ijson.items(guard, "", multiple_values=True, use_float=True)
+    )
+    n = 0
+    try:
+        for n, item in enumerate(items, 1):
+            guard.since = 0
+            yield n, item
+    except FileProblem as e:
+        raise FileProblem(n + 1, f"row {n + 1}: {e.msg}") from None
+    except ijson.JSONError as e:
+        what = "JSON array" if array else "JSON"
+        raise FileProblem(
+            n + 1, f"the {what} is malformed after row {n}: {str(e).splitlines()[0]}"
+        ) from None
+
+
+class _Chained(io.RawIOBase):
+    """Bytes already read, then the rest of the stream."""
+
+    def __init__(self, first: bytes, rest: _Readable) -> None:
+        self.first = first
+        self.rest = rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.first:
+            n = min(len(buffer), len(self.first))
+            buffer[:n] = self.first[:n]
+            self.first = self.first[n:]
+            return n
+        data = self.rest.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def csv_rows(src: IO[bytes], max_field_bytes: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Rows of a CSV file with a header row, as ``{column: text}`` (every column in every
+    row, so a ``system`` column makes every row a conversation, empty cells or not)."""
+    text = io.TextIOWrapper(src, encoding="utf-8-sig", newline="")
+    first = text.readline()
+    delimiter = max((",", "\t", ";"), key=first.count)
+    if csv.field_size_limit() < max_field_bytes:
+        csv.field_size_limit(max_field_bytes)
+    reader = csv.reader(_lines(first, text), delimiter=delimiter)
+    header = next(reader)
+    n = 0
+    try:
+        for n, cells in enumerate(reader, 1):
+            if not any(cells):
+                continue
+            row: dict[str, Any] = dict(zip(header, cells, strict=False))
+            if len(cells) > len(header):
+                row[f"(column {len(header) + 1})"] = cells[len(header)]
+            yield n, row
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise FileProblem(n + 1, f"row {n + 1} of the CSV file cannot be read: {e}") from None
+
+
+def _lines(first: str, rest: IO[str]) -> Iterator[str]:
+    yield first
+    yield from rest
+
+
+@contextlib.contextmanager
+def parquet_lines(path: Path, max_bytes: int) -> Iterator[IO[bytes]]:
+    """The rows of a Parquet file as JSON lines, one a row, from a child process that reads it
+    row group by row group: pyarrow (~100 MB once loaded) stays out of the API process, whose
+    memory stays flat, and the lines take the JSONL fast path."""
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            module_command(__name__, str(path), str(max_bytes)),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
+        assert proc.stdout is not None
+        try:
+            yield proc.stdout
+            if proc.stdout.read(1):
+                return  # the reader stopped early (a fatal error): nothing more is wanted
+            if proc.wait() != 0:
+                log.seek(0)
+                last = log.read().decode(errors="replace").strip().rpartition("\n")[2]
+                kind, _, msg = last.partition(": ")
+                if kind == "DatasetTooLarge":
+                    raise DatasetTooLarge(msg)
+                if kind == "UnsupportedFile":
+                    raise UnsupportedFile(msg)
+                raise UnsupportedFile(f"the Parquet file could not be read: {last}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _parquet_to_jsonl(path: Path, max_bytes: int, out: IO[bytes]) -> None:
+    import msgspec
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a broken footer
+        raise UnsupportedFile(f"the file starts like Parquet but cannot be read: {e}") from None
+    meta = pf.metadata
+    size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    if size > max_bytes:
+        raise DatasetTooLarge(
+            f"the Parquet file holds {size} bytes of data uncompressed; the limit is {max_bytes}"
+        )
+    encoder = msgspec.json.Encoder(enc_hook=str)
+    for batch in pf.iter_batches(batch_size=1024):
+        out.write(encoder.encode_lines(batch.to_pylist()))
+
+
+if __name__ == "__main__":
+    try:
+        _parquet_to_jsonl(Path(sys.argv[1]), int(sys.argv[2]), sys.stdout.buffer)
+    except (DatasetTooLarge, UnsupportedFile) as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)

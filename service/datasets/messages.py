@@ -1,0 +1,273 @@
+"""The pieces of a canonical row: texts and chat messages, checked and named when wrong.
+
+A message is kept as ``{"role", "content"}`` with one of the four roles chat templates know.
+Publishers spell messages two ways, and both are read: ``{role, content}`` (OpenAI, TRL;
+``developer`` is OpenAI's newer name for ``system``, ``function`` its older one for a tool
+result) and ShareGPT's ``{from, value}`` (LLaMA-Factory: ``human``, ``gpt``, ``system``,
+``function_call`` for the assistant's call, ``observation`` for the tool's answer). Content is a
+string or OpenAI's list of text parts, joined with newlines.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ROLES = ("system", "user", "assistant", "tool")
+"""Message roles a normalized row holds (the roles chat templates know)."""
+
+COMPLETION_ROLES = frozenset(("assistant", "tool"))
+
+_ROLE_SET = frozenset(ROLES)
+ROLE_ALIASES = {"developer": "system", "function": "tool"}
+"""``{role, content}`` spellings read as one of ROLES."""
+_ROLE_NAMES = {**{r: r for r in ROLES}, **ROLE_ALIASES}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "function": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+"""ShareGPT ``from`` values (LLaMA-Factory's tags) and the role each becomes."""
+
+Msg = dict[str, str]
+
+
+class RowInvalid(Exception):
+    """One row cannot be accepted: ``field`` says where (None for the whole row)."""
+
+    def __init__(self, field: str | None, msg: str) -> None:
+        super().__init__(f"{field}: {msg}" if field else msg)
+        self.field = field
+        self.msg = msg
+
+
+def kind(value: object) -> str:
+    """The JSON name of a value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list | tuple):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def short(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def blank(value: object) -> bool:
+    """Whether an optional column holds nothing (null, empty or whitespace, an empty list)."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value or value.isspace()
+    if isinstance(value, list | tuple | dict):
+        return not value
+    return False
+
+
+def text(value: object, field: str, prompt_field: str | None = None) -> str:
+    if not isinstance(value, str):
+        hint = f" (the {prompt_field} is a string)" if prompt_field else ""
+        raise RowInvalid(field, f"expected a string{hint}, got {kind(value)}")
+    if not value or value.isspace():
+        raise RowInvalid(field, "the text is empty" if not value else "the text is only whitespace")
+    return value
+
+
+def content(value: object, field: str) -> str:
+    """A message's content: a string, or OpenAI-style text parts joined with newlines."""
+    if isinstance(value, str):
+        return text(value, field)
+    if not isinstance(value, list):
+        raise RowInvalid(field, f"expected a string or a list of text parts, got {kind(value)}")
+    if not value:
+        raise RowInvalid(field, "the list of content parts is empty")
+    texts = []
+    for i, part in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(part, dict):
+            raise RowInvalid(where, f"expected a content part object, got {kind(part)}")
+        part_type = part.get("type")
+        if part_type != "text":
+            raise RowInvalid(
+                f"{where}.type", f"only text content parts are supported, got {short(part_type)}"
+            )
+        if "text" not in part:
+            raise RowInvalid(f"{where}.text", "missing field 'text'")
+        if not isinstance(part["text"], str):
+            raise RowInvalid(f"{where}.text", f"expected a string, got {kind(part['text'])}")
+        texts.append(part["text"])
+    return text("\n".join(texts), field)
+
+
+def _sharegpt(value: dict[str, Any], where: str) -> Msg:
+    who = value["from"]
+    role = SHAREGPT_ROLES.get(who) if isinstance(who, str) else None
+    if role is None:
+        raise RowInvalid(
+            f"{where}.from",
+            f"ShareGPT messages (from/value) name their speaker human, gpt, system, "
+            f"function_call or observation; got {short(who)}",
+        )
+    if "value" not in value:
+        raise RowInvalid(
+            f"{where}.value", "missing field 'value' (ShareGPT messages (from/value) hold the text)"
+        )
+    return {"role": role, "content": content(value["value"], f"{where}.value")}
+
+
+def message(value: object, where: str) -> Msg:
+    if not isinstance(value, dict):
+        raise RowInvalid(
+            where,
+            f"expected a message object with role and content (or ShareGPT's from and value), "
+            f"got {kind(value)}",
+        )
+    if "role" not in value:
+        if "from" in value:
+            return _sharegpt(value, where)
+        raise RowInvalid(
+            f"{where}.role",
+            "missing field 'role' (a message is {role, content}, or ShareGPT's {from, value})",
+        )
+    role = value["role"]
+    if not isinstance(role, str):
+        raise RowInvalid(f"{where}.role", f"expected a string, got {kind(role)}")
+    name = _ROLE_NAMES.get(role)
+    if name is None:
+        raise RowInvalid(
+            f"{where}.role",
+            f"unknown role {short(role)}; expected one of system, developer, user, assistant, tool",
+        )
+    if "content" not in value:
+        raise RowInvalid(f"{where}.content", "missing field 'content'")
+    return {"role": name, "content": content(value["content"], f"{where}.content")}
+
+
+def messages(value: object, field: str, prompt_field: str | None = None) -> list[Msg]:
+    if not isinstance(value, list):
+        hint = f" (the {prompt_field} is a list of messages)" if prompt_field else ""
+        raise RowInvalid(field, f"expected a list of messages{hint}, got {kind(value)}")
+    if not value:
+        raise RowInvalid(field, "the list of messages is empty")
+    out = []
+    for i, m in enumerate(value):
+        # Fast path for a well-formed message; message() explains what is wrong otherwise.
+        if (
+            m.__class__ is dict
+            and (role := m.get("role")).__class__ is str
+            and role in _ROLE_SET
+            and (body := m.get("content")).__class__ is str
+            and body
+            and not body.isspace()
+        ):
+            out.append({"role": role, "content": body})
+        else:
+            out.append(message(m, f"{field}[{i}]"))
+    return out
+
+
+def check_prompt(msgs: list[Msg], field: str) -> None:
+    if msgs[-1]["role"] == "assistant":
+        raise RowInvalid(
+            f"{field}[{len(msgs) - 1}].role",
+            "the prompt ends with an assistant message; its last message must be the one "
+            "that chosen and rejected answer (user, system or tool)",
+        )
+
+
+def check_completion(msgs: list[Msg], field: str, start: int = 0) -> None:
+    """An answer starts with an assistant message and holds only assistant/tool messages."""
+    if msgs[start]["role"] != "assistant":
+        raise RowInvalid(
+            f"{field}[{start}].role",
+            f"an answer must start with an assistant message, got {msgs[start]['role']!r}",
+        )
+    for i in range(start + 1, len(msgs)):
+        if msgs[i]["role"] not in COMPLETION_ROLES:
+            raise RowInvalid(
+                f"{field}[{i}].role",
+                f"an answer holds only assistant and tool messages, got {msgs[i]['role']!r}",
+            )
+
+
+def identical(chosen_field: str, rejected_field: str) -> RowInvalid:
+    return RowInvalid(rejected_field, f"{chosen_field} and {rejected_field} are identical")
+
+
+def split_conversations(
+    chosen: list[Msg], rejected: list[Msg], cf: str, rf: str
+) -> tuple[list[Msg], list[Msg], list[Msg]]:
+    """Whole conversations sharing a prefix: the longest shared prefix is the prompt."""
+    n = 0
+    shortest = min(len(chosen), len(rejected))
+    while n < shortest and chosen[n] == rejected[n]:
+        n += 1
+    if n == len(chosen) == len(rejected):
+        raise identical(cf, rf)
+    if n == 0:
+        raise RowInvalid(
+            cf,
+            f"without a prompt field, {cf} and {rf} must be whole conversations that share "
+            "their first message(s), the prompt; these differ from the first message",
+        )
+    for msgs, field in ((chosen, cf), (rejected, rf)):
+        if n == len(msgs):
+            raise RowInvalid(
+                field,
+                f"{field} ends where the prompt it shares with the other answer ends "
+                f"({n} message{'s' if n > 1 else ''}): nothing is left as its answer",
+            )
+    if chosen[n - 1]["role"] == "assistant":
+        raise RowInvalid(
+            f"{cf}[{n - 1}].role",
+            f"the prompt shared by {cf} and {rf} (their first {n} messages) ends with an "
+            "assistant message: they must part at an assistant message",
+        )
+    check_completion(chosen, cf, n)
+    check_completion(rejected, rf, n)
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def answer(value: object, field: str) -> list[Msg]:
+    """An answer column: a text, one message object, or a list of messages."""
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": text(value, field)}]
+    msgs = [message(value, field)] if isinstance(value, dict) else messages(value, field)
+    check_completion(msgs, field)
+    return msgs
+
+
+def history(value: object, field: str) -> list[Msg]:
+    """Earlier turns: ``[[prompt, answer], ...]`` pairs (LLaMA-Factory, MedicalGPT) or messages."""
+    if not isinstance(value, list):
+        raise RowInvalid(
+            field, f"expected a list of [prompt, answer] pairs or of messages, got {kind(value)}"
+        )
+    if value and isinstance(value[0], dict):
+        return messages(value, field)
+    out: list[Msg] = []
+    for i, pair in enumerate(value):
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            raise RowInvalid(
+                f"{field}[{i}]",
+                f"expected a [prompt, answer] pair, got {kind(pair)}"
+                + (f" of {len(pair)}" if isinstance(pair, list | tuple) else ""),
+            )
+        out.append({"role": "user", "content": text(pair[0], f"{field}[{i}][0]")})
+        out.append({"role": "assistant", "content": text(pair[1], f"{field}[{i}][1]")})
+    return out

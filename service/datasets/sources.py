@@ -1,0 +1,210 @@
+"""Datasets imported by reference: the files of a Hub dataset split, or one S3 object,
+downloaded to local files so they are validated exactly like an upload.
+
+Blocking (huggingface_hub and boto3 are): the API calls :func:`fetch` from a worker thread.
+The Hub is read with the service's default token (``HF_TOKEN``) and S3 with its credentials,
+as base models are; so a source inside the service's own store is refused, or any tenant
+could read what the store holds for the others.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
+
+from service.contract import Container, DatasetImport
+from service.datasets.containers import DatasetTooLarge
+from service.settings import Settings
+
+DATA_SUFFIXES = (
+    ".jsonl",
+    ".ndjson",
+    ".json",
+    ".parquet",
+    ".csv",
+    ".jsonl.gz",
+    ".ndjson.gz",
+    ".json.gz",
+    ".csv.gz",
+)
+_NAME_UNSAFE = re.compile(r"[^\w .,:()+-]+")
+
+
+class SourceError(Exception):
+    """The source cannot be read as given: ``status`` 422 (fix the request) or 502 (the Hub or
+    S3 did not answer as it should)."""
+
+    def __init__(self, msg: str, status: int = 422) -> None:
+        super().__init__(msg)
+        self.msg = msg
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Fetched:
+    files: list[Path]
+    """Local copies, in the order their rows count."""
+    name: str
+    """A dataset name for when the request gave none."""
+    hint: Container | None
+
+
+def hint_of(filename: str) -> Container | None:
+    """The container a file name suggests (the bytes still decide, except CSV vs JSONL)."""
+    name = filename.lower().removesuffix(".gz")
+    for suffix, container in ((".csv", "csv"), (".parquet", "parquet"), (".json", "json")):
+        if name.endswith(suffix):
+            return container  # type: ignore[return-value]
+    return None
+
+
+def _safe_name(text: str) -> str:
+    return (_NAME_UNSAFE.sub("_", text).strip() or "dataset")[:128]
+
+
+def fetch(req: DatasetImport, settings: Settings, dest: Path, max_bytes: int) -> Fetched:
+    if req.source.startswith("hf://datasets/"):
+        return _fetch_hub(req, settings, dest, max_bytes)
+    return _fetch_s3(req.source, settings, dest, max_bytes)
+
+
+def _split_match(path: str, split: str) -> bool:
+    p = PurePosixPath(path)
+    base = p.name
+    return base.startswith((f"{split}.", f"{split}-")) or (
+        p.parent.name == split and base.lower().endswith(DATA_SUFFIXES)
+    )
+
+
+def _fetch_hub(req: DatasetImport, settings: Settings, dest: Path, max_bytes: int) -> Fetched:
+    import httpx2  # huggingface_hub's HTTP client: its transport errors are not OSErrors
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+    from huggingface_hub.hf_api import RepoFile
+
+    org, name, *rest = req.source.removeprefix("hf://datasets/").split("/", 2)
+    repo_id, sub = f"{org}/{name}", (rest[0].strip("/") if rest else "")
+    split = req.split or "train"
+    token = settings.hf_tokens.get("") or False
+    where = f"hf://datasets/{repo_id}" + (f" at {req.revision}" if req.revision else "")
+    api = HfApi(endpoint=settings.hf_endpoint, token=token)
+    try:
+        tree = [
+            f
+            for f in api.list_repo_tree(
+                repo_id, recursive=True, revision=req.revision, repo_type="dataset"
+            )
+            if isinstance(f, RepoFile)
+        ]
+        if sub and any(f.path == sub for f in tree):
+            chosen = [f for f in tree if f.path == sub]
+        else:
+            inside = [f for f in tree if not sub or f.path.startswith(sub + "/")]
+            data = [f for f in inside if f.path.lower().endswith(DATA_SUFFIXES)]
+            chosen = sorted((f for f in data if _split_match(f.path, split)), key=lambda f: f.path)
+            if not chosen:
+                found = sorted(
+                    {PurePosixPath(f.path).name.split(".")[0].split("-")[0] for f in data}
+                )
+                raise SourceError(
+                    f"source: {where} has no data files for split {split!r}"
+                    + (f" under {sub!r}" if sub else "")
+                    + (f"; splits found: {', '.join(found)}" if found else "; it has no data files")
+                )
+        total = sum(f.size for f in chosen)
+        if total > max_bytes:
+            raise DatasetTooLarge(
+                f"the files of {where} split {split!r} are {total} bytes; the limit is {max_bytes}"
+            )
+        files = [
+            Path(
+                hf_hub_download(
+                    repo_id,
+                    f.path,
+                    repo_type="dataset",
+                    revision=req.revision,
+                    endpoint=settings.hf_endpoint,
+                    token=token,
+                    local_dir=dest,
+                )
+            )
+            for f in chosen
+        ]
+    except GatedRepoError:
+        raise SourceError(
+            f"source: {where} is gated: accept its terms with the account whose token the "
+            "service holds (HF_TOKEN)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise SourceError(
+            f"source: {where} was not found on the Hub "
+            f"({settings.hf_endpoint or 'huggingface.co'}); check the name, and that the "
+            "service's HF token can read it if it is private"
+        ) from None
+    except RevisionNotFoundError:
+        raise SourceError(f"source: revision {req.revision!r} of {where} does not exist") from None
+    except EntryNotFoundError:
+        raise SourceError(f"source: a file of {where} vanished while it was read") from None
+    except (HfHubHTTPError, OSError, httpx2.HTTPError) as e:
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SourceError(f"the Hub could not be read for {where}: {cause}", 502) from None
+    default = _safe_name(f"{name}{'-' + sub.replace('/', '-') if sub else ''} {split}")
+    return Fetched(files, default, hint_of(chosen[0].path))
+
+
+def _inside_store(bucket: str, key: str, store_url: str) -> bool:
+    parts = urlsplit(store_url)
+    if parts.scheme != "s3" or parts.netloc != bucket:
+        return False
+    prefix = parts.path.strip("/")
+    return not prefix or key == prefix or key.startswith(prefix + "/")
+
+
+def _fetch_s3(source: str, settings: Settings, dest: Path, max_bytes: int) -> Fetched:
+    from service.blobs import BlobNotFound, open_store
+
+    bucket, _, key = source.removeprefix("s3://").partition("/")
+    if _inside_store(bucket, key, settings.store_url):
+        raise SourceError(
+            f"source: {source} is inside the service's own store ({settings.store_url}), which "
+            "is never a source; import from a bucket or prefix of your own"
+        )
+    try:
+        store = open_store(f"s3://{bucket}", endpoint_url=settings.s3_endpoint_url)
+    except ValueError as e:
+        raise SourceError(f"source: {e}") from None
+    local = dest / (PurePosixPath(key).name or "object")
+    try:
+        size = store.size(key)
+        if size > max_bytes:
+            raise DatasetTooLarge(f"{source} is {size} bytes; the limit is {max_bytes}")
+        store.get_file(key, local)
+    except ValueError as e:
+        raise SourceError(f"source: {e}") from None
+    except BlobNotFound:
+        raise SourceError(f"source: there is no object at {source}") from None
+    except Exception as e:
+        if isinstance(e, DatasetTooLarge):
+            raise
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if isinstance(e, ClientError):
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("AccessDenied", "403", "NoSuchBucket", "AllAccessDisabled"):
+                raise SourceError(
+                    f"source: the service's S3 credentials cannot read {source} ({code})"
+                ) from None
+        if isinstance(e, ClientError | BotoCoreError):
+            raise SourceError(f"S3 could not be read for {source}: {e}", 502) from None
+        raise
+    finally:
+        store.close()
+    return Fetched([local], _safe_name(local.name), hint_of(key))

@@ -1,0 +1,151 @@
+"""Files as shipped: what each container becomes, and one clear refusal for what is not rows."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from service.datasets.containers import DatasetTooLarge, UnsupportedFile
+from service.datasets.validate import IngestResult, InvalidDataset, Limits, validate_file
+
+ROWS = [
+    {"prompt": f"Question {i} — ¿qué?", "chosen": f"Good {i}", "rejected": f"Bad {i}"}
+    for i in range(5)
+]
+CANONICAL = b"".join(msgspec.json.encode(r) + b"\n" for r in ROWS)
+
+
+def ingest(path: Path, **kwargs: Any) -> tuple[IngestResult, bytes]:
+    out = io.BytesIO()
+    return validate_file(path, out, **kwargs), out.getvalue()
+
+
+def errors(path: Path, **kwargs: Any) -> list[tuple[int, str | None, str]]:
+    with pytest.raises(InvalidDataset) as info:
+        validate_file(path, io.BytesIO(), **kwargs)
+    return [(e.line, e.field, e.msg) for e in info.value.errors]
+
+
+def write(tmp_path: Path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "container", "compressed"),
+    [
+        ("a.jsonl", CANONICAL, "jsonl", False),
+        ("a.jsonl.gz", gzip.compress(CANONICAL), "jsonl", True),
+        ("a.json", json.dumps(ROWS, indent=2, ensure_ascii=False).encode(), "json", False),
+        ("b.json", b"\xef\xbb\xbf" + json.dumps(ROWS).encode(), "json", False),
+        ("a.json.gz", gzip.compress(json.dumps(ROWS).encode()), "json", True),
+        (
+            "pretty.jsonl",
+            b"".join(json.dumps(r, indent=2).encode() + b"\n" for r in ROWS),
+            "json",
+            False,
+        ),
+    ],
+    ids=["jsonl", "jsonl.gz", "array", "array-bom", "array.gz", "pretty-objects"],
+)
+def test_every_container_gives_the_same_rows(
+    tmp_path: Path, name: str, data: bytes, container: str, compressed: bool
+) -> None:
+    result, out = ingest(write(tmp_path, name, data))
+    assert out == CANONICAL
+    assert (result.container, result.compressed, result.rows) == (container, compressed, 5)
+    assert result.source_bytes == len(data)
+
+
+def test_parquet_row_groups_and_its_refusals(tmp_path: Path) -> None:
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS), path, row_group_size=2)
+    result, out = ingest(path)
+    assert (out, result.container, result.rows) == (CANONICAL, "parquet", 5)
+    with pytest.raises(DatasetTooLarge, match="uncompressed; the limit is 100"):
+        ingest(path, limits=Limits(max_bytes=100))
+    broken = write(tmp_path, "broken.parquet", b"PAR1" + b"\x00" * 100)
+    with pytest.raises(UnsupportedFile, match="starts like Parquet but cannot be read"):
+        ingest(broken)
+    with pytest.raises(UnsupportedFile, match="gzip-compressed Parquet"):
+        ingest(write(tmp_path, "a.parquet.gz", gzip.compress(path.read_bytes())))
+
+
+def test_a_broken_json_array_is_one_error_where_it_breaks(tmp_path: Path) -> None:
+    text = json.dumps(ROWS, indent=2)
+    path = write(tmp_path, "cut.json", text[: len(text) // 2].encode())
+    [(line, field, msg)] = errors(path)
+    assert (line, field) == (3, None)
+    assert msg.startswith("the JSON array is malformed after row 2")
+
+
+def test_a_json_array_row_over_the_line_limit_stops_the_read(tmp_path: Path) -> None:
+    rows = [ROWS[0], {**ROWS[1], "prompt": "x" * 300_000}, ROWS[2]]
+    path = write(tmp_path, "big.json", json.dumps(rows).encode())
+    [(line, _, msg)] = errors(path, limits=Limits(max_line_bytes=100_000))
+    assert line == 2 and "longer than the limit of" in msg
+
+
+def test_gzip_is_limited_decompressed_and_must_be_gzip(tmp_path: Path) -> None:
+    bomb = write(tmp_path, "bomb.gz", gzip.compress(CANONICAL * 1000))
+    with pytest.raises(DatasetTooLarge, match="decompresses to more than the limit of 4096"):
+        ingest(bomb, limits=Limits(max_bytes=4096))
+    fake = write(tmp_path, "fake.gz", b"\x1f\x8b" + b"not really gzip" * 10)
+    with pytest.raises(UnsupportedFile, match="looks gzip-compressed but is not"):
+        ingest(fake)
+
+
+def test_csv_cells_quoted_across_lines_and_ragged_rows(tmp_path: Path) -> None:
+    data = (
+        b'prompt,chosen,rejected\n"Two\nlines?",Yes.,No.\n'
+        b"Plain?,Sure.,Never.,an extra cell\n"
+        b",,\n"
+        b"Third?,,No.\n"
+    )
+    path = write(tmp_path, "a.csv", data)
+    with pytest.raises(InvalidDataset) as info:
+        ingest(path, hint="csv")
+    assert [(e.line, e.field, e.msg) for e in info.value.errors] == [
+        (4, "chosen", "the text is empty")
+    ]
+    result, out = ingest(path, hint="csv", on_invalid="skip", max_invalid_fraction=0.5)
+    assert [msgspec.json.decode(x) for x in out.splitlines()] == [
+        {"prompt": "Two\nlines?", "chosen": "Yes.", "rejected": "No."},
+        {"prompt": "Plain?", "chosen": "Sure.", "rejected": "Never."},
+    ]
+    assert [w.msg for w in result.warnings] == ["column '(column 4)' ignored in 1 row"]
+
+
+@pytest.mark.parametrize(
+    ("data", "found"),
+    [
+        ("\n".join(json.dumps(r) for r in ROWS).encode("utf-16-le"), "UTF-16 text"),
+        (b"\xfd7zXZ\x00" + b"\x00" * 40, "xz-compressed"),
+        (b"\x28\xb5\x2f\xfd" + b"\x00" * 40, "zstd-compressed"),
+        (b"ARROW1\x00\x00", "an Arrow IPC file"),
+        (b"SQLite format 3\x00" + b"\x00" * 40, "binary data of an unknown kind"),
+        ("prompt;chosen\nbonjour;été\n".encode("cp1252") * 3, "Windows-1252/Latin-1"),
+        ("你好嗎？\n".encode("gb18030") * 3, "GBK/GB18030"),  # noqa: RUF001 - the text
+    ],
+    ids=["utf-16-no-bom", "xz", "zstd", "arrow", "sqlite", "latin-1", "gbk"],
+)
+def test_what_is_not_rows_is_named_once(tmp_path: Path, data: bytes, found: str) -> None:
+    with pytest.raises(UnsupportedFile) as info:
+        ingest(write(tmp_path, "data.bin", data))
+    assert found in str(info.value)
+
+
+def test_one_bad_utf8_line_among_good_ones_is_named_at_its_line(tmp_path: Path) -> None:
+    data = CANONICAL + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n'
+    [(line, field, msg)] = errors(write(tmp_path, "a.jsonl", data))
+    assert (line, field) == (6, None)
+    assert msg == "line 6 is not valid UTF-8: invalid continuation byte 0xe9 at byte 15"
