@@ -212,7 +212,7 @@ class RowProblem(msgspec.Struct, kw_only=True):
             description="Where in the row, e.g. chosen, prompt[2].role; null for the row."
         ),
     ]
-    msg: str
+    msg: Annotated[str, msgspec.Meta(description="What is wrong with it and how to fix it.")]
 
 
 class DatasetImport(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -258,11 +258,66 @@ class DatasetImport(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         ]
         | None
     ) = None
-    prompt_field: ColumnName | None = None
-    chosen_field: ColumnName | None = None
-    rejected_field: ColumnName | None = None
-    system_field: ColumnName | None = None
-    history_field: ColumnName | None = None
+    prompt_field: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                min_length=1,
+                max_length=128,
+                description="The column holding the prompt, for a layout not read without a "
+                "mapping.",
+            ),
+        ]
+        | None
+    ) = None
+    chosen_field: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                min_length=1,
+                max_length=128,
+                description="The column holding the chosen answer, for a layout not read without a "
+                "mapping.",
+            ),
+        ]
+        | None
+    ) = None
+    rejected_field: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                min_length=1,
+                max_length=128,
+                description="The column holding the rejected answer, for a layout not read without a "
+                "mapping.",
+            ),
+        ]
+        | None
+    ) = None
+    system_field: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                min_length=1,
+                max_length=128,
+                description="The column holding each prompt's system message, for a layout "
+                "not read without a mapping.",
+            ),
+        ]
+        | None
+    ) = None
+    history_field: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                min_length=1,
+                max_length=128,
+                description="The column holding earlier turns placed before each prompt, for a "
+                "layout not read without a mapping.",
+            ),
+        ]
+        | None
+    ) = None
     on_invalid: Annotated[
         OnInvalid,
         msgspec.Meta(
@@ -279,22 +334,34 @@ class DatasetImport(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class Message(msgspec.Struct, kw_only=True):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    """One chat message of a conversational row."""
+
+    role: Annotated[
+        Literal["system", "user", "assistant", "tool"],
+        msgspec.Meta(description="Who speaks (a `developer` message is read as `system`)."),
+    ]
+    content: Annotated[str, msgspec.Meta(description="The message's text.")]
+
+
+_Text = str | list[Message]
 
 
 class DatasetRow(msgspec.Struct, kw_only=True):
     """A normalized row, as training will see it."""
 
-    prompt: str | list[Message]
-    chosen: str | list[Message]
-    rejected: str | list[Message]
+    prompt: Annotated[
+        _Text, msgspec.Meta(description="The prompt: a string, or the messages before the answer.")
+    ]
+    chosen: Annotated[_Text, msgspec.Meta(description="The preferred answer.")]
+    rejected: Annotated[_Text, msgspec.Meta(description="The answer not preferred.")]
 
 
 class DatasetRows(msgspec.Struct, kw_only=True):
-    dataset_id: str
-    offset: int
-    rows: list[DatasetRow]
+    """A page of a dataset's normalized rows."""
+
+    dataset_id: Annotated[str, msgspec.Meta(description="The dataset's id (`ds_...`).")]
+    offset: Annotated[int, msgspec.Meta(description="Index of the first row of the page.")]
+    rows: Annotated[list[DatasetRow], msgspec.Meta(description="The rows, in stored order.")]
     next_offset: Annotated[
         int | None, msgspec.Meta(description="Offset of the next page; null at the end.")
     ] = None

@@ -144,16 +144,17 @@ def _fetch_hub(req: DatasetImport, settings: Settings, dest: Path, max_bytes: in
             "service holds (HF_TOKEN)"
         ) from None
     except RepositoryNotFoundError:
-        raise SourceError(
-            f"source: {where} was not found on the Hub "
-            f"({settings.hf_endpoint or 'huggingface.co'}); check the name, and that the "
-            "service's HF token can read it if it is private"
-        ) from None
+        raise _not_found(where, settings) from None
     except RevisionNotFoundError:
         raise SourceError(f"source: revision {req.revision!r} of {where} does not exist") from None
     except EntryNotFoundError:
         raise SourceError(f"source: a file of {where} vanished while it was read") from None
     except (HfHubHTTPError, OSError, httpx2.HTTPError) as e:
+        response = getattr(e, "response", None)
+        if getattr(response, "status_code", None) == 404:
+            # A Hub (or mirror) that answers a plain 404 without the error-code header that
+            # huggingface_hub turns into RepositoryNotFoundError: the user's name is wrong.
+            raise _not_found(where, settings) from None
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise SourceError(f"the Hub could not be read for {where}: {cause}", 502) from None
     default = _safe_name(f"{name}{'-' + sub.replace('/', '-') if sub else ''} {split}")
@@ -208,3 +209,11 @@ def _fetch_s3(source: str, settings: Settings, dest: Path, max_bytes: int) -> Fe
     finally:
         store.close()
     return Fetched([local], _safe_name(local.name), hint_of(key))
+
+
+def _not_found(where: str, settings: Settings) -> SourceError:
+    return SourceError(
+        f"source: {where} was not found on the Hub "
+        f"({settings.hf_endpoint or 'huggingface.co'}); check the name, and that the "
+        "service's HF token can read it if it is private"
+    )
