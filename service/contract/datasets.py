@@ -288,8 +288,8 @@ class DatasetImport(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             msgspec.Meta(
                 min_length=1,
                 max_length=128,
-                description="The column holding the rejected answer, for a layout not read without a "
-                "mapping.",
+                description="The column holding the rejected answer, for a layout not read "
+                "without a mapping.",
             ),
         ]
         | None
