@@ -32,6 +32,17 @@ from service.store import Conflict, NotFound, Store, new_id, request_fingerprint
 
 EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 JobId = Annotated[str, Parameter(description="The job's id (`job_...`).")]
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        required=False,
+        description="Any unique string: a repeat of the request with the same key returns the "
+        "first job (header `Idempotent-Replayed: true`) instead of starting another.",
+    ),
+]
 KEEPALIVE_MS = 15_000
 
 
@@ -165,17 +176,7 @@ class JobController(Controller):
         store: Store,
         arq: ArqRedis,
         settings: Settings,
-        idempotency_key: Annotated[
-            str | None,
-            HeaderParameter(
-                name="Idempotency-Key",
-                min_length=1,
-                max_length=255,
-                required=False,
-                description="Any unique string: a repeat of the request with the same key "
-                "returns the first job (header `Idempotent-Replayed: true`) instead of a new one.",
-            ),
-        ] = None,
+        idempotency_key: IdempotencyKey = None,
     ) -> Response[Job]:
         idem = None
         if idempotency_key:

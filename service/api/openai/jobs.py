@@ -9,11 +9,11 @@ import anyio.to_thread
 from arq.connections import ArqRedis
 from litestar import Controller, Request, get, post
 from litestar.datastructures import MultiDict
-from litestar.params import HeaderParameter, Parameter
+from litestar.params import Parameter
 
 from service import vram
 from service.api.auth import scope
-from service.api.jobs import JobId, cancel_job, submit_job
+from service.api.jobs import IdempotencyKey, JobId, cancel_job, submit_job
 from service.api.openai.errors import handle, responses
 from service.blobs import BlobStore
 from service.checkpoints import checkpoint_prefix, checkpoints_prefix, complete_steps
@@ -92,16 +92,7 @@ class FineTuningController(Controller):
         store: Store,
         arq: ArqRedis,
         settings: Settings,
-        idempotency_key: Annotated[
-            str | None,
-            HeaderParameter(
-                name="Idempotency-Key",
-                min_length=1,
-                max_length=255,
-                required=False,
-                description="A repeated key returns the first job instead of starting another.",
-            ),
-        ] = None,
+        idempotency_key: IdempotencyKey = None,
     ) -> FineTuningJob:
         training = await _training_dataset(
             store, data.training_file, principal.tenant, "training_file"
