@@ -11,12 +11,15 @@ training.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import multiprocessing
 import os
 import queue as stdqueue
 import shutil
+import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -48,6 +51,9 @@ from service.store import Conflict, NotFound, Store, TerminalHook
 
 log = logging.getLogger("ftune.worker")
 
+_PR_SET_PDEATHSIG = 1
+"""prctl option: the signal the kernel sends this process when its parent dies (Linux)."""
+
 CANCEL_GRACE_SECONDS = 30.0
 """How long a cancelled child gets to stop by itself before it is killed."""
 
@@ -65,7 +71,14 @@ class Outcome(msgspec.Struct, kw_only=True):
 
 
 def _die_with_parent(parent: int) -> None:
-    """A child orphaned by a SIGKILLed worker must not train on for nobody."""
+    """A child orphaned by a SIGKILLed worker must not train on for nobody: not even the second a
+    polling watch would take, in which the tiny test model trains a dozen steps and writes a
+    checkpoint that the next attempt resumes from. On Linux the kernel kills it with its
+    parent (PR_SET_PDEATHSIG); the watch thread covers other systems and a parent that died
+    before the request was made."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -10,6 +10,7 @@ is OpenAI's event (`fine_tuning.job.succeeded`, ...).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -92,7 +93,18 @@ def to_spec(create: FineTuningJobCreate, *, rows: int, fits: Callable[[JobSpec],
             )
     if create.validation_file is not None and create.validation_file == create.training_file:
         raise SpecError("validation_file", "validation_file must differ from training_file")
-    values = resolve(requested(create), rows)
+    req = requested(create)
+    # TrainingOptions is derived from Hyperparameters at import, so typed loosely here.
+    max_steps = getattr(create.training, "max_steps", None)
+    if max_steps is not None and req.n_epochs is not None:
+        raise SpecError(
+            _HYPERPARAMETERS["num_epochs"],
+            "n_epochs has no effect when training.max_steps is set (training stops at max_steps "
+            "whatever the epoch): set only one of them",
+        )
+    values = resolve(req, rows)
+    if max_steps is not None:
+        del values["num_epochs"]  # max_steps decides how long it trains
     batch = int(values.pop("batch"))
     hyperparameters: dict[str, Any] = {
         **(msgspec.to_builtins(create.training) if create.training else {}),
@@ -132,13 +144,22 @@ def _convert(doc: dict[str, Any]) -> JobSpec:
         raise SpecError(param, f"{param}: {message[: match.start()]}") from None
 
 
+def _epochs(job: Job) -> float:
+    """The epochs the job trains: its num_epochs, or as many as its max_steps amount to."""
+    hp = job.spec.hyperparameters
+    if hp.max_steps is None:
+        return hp.num_epochs
+    pairs = hp.max_steps * hp.batch_size * hp.gradient_accumulation_steps
+    return float(max(1, math.ceil(pairs / max(1, job.dataset.rows))))
+
+
 def job_object(job: Job, *, suffix: str | None = None) -> FineTuningJob:
     """OpenAI's view of one of our jobs, whichever API created it."""
     spec, hp = job.spec, job.spec.hyperparameters
     used = FineTuningHyperparameters(
         batch_size=hp.batch_size * hp.gradient_accumulation_steps,
         learning_rate_multiplier=hp.learning_rate / BASE_LEARNING_RATE,
-        n_epochs=hp.num_epochs,
+        n_epochs=_epochs(job),
     )
     dpo = DpoHyperparameters(**msgspec.structs.asdict(used), beta=hp.beta)
     return FineTuningJob(

@@ -52,7 +52,6 @@ def test_openai_pipeline_trains_on_our_worker(stack: Stack) -> None:
                     "beta": 0.1,
                     "batch_size": 4,
                     "learning_rate_multiplier": 200,
-                    "n_epochs": 1,
                 }
             },
         },
@@ -139,7 +138,7 @@ def test_openai_pipeline_trains_on_our_worker(stack: Stack) -> None:
         0.1,
         8,
         1.0,
-        3,
+        1,  # "auto" epochs give way to max_steps: 3 steps of 8 pairs are 1 epoch of 64
     )
     results = {f.id for f in client.files.list(purpose="fine-tune-results")}
     assert results == {result_id, *auto.result_files}

@@ -121,7 +121,7 @@ def test_explicit_hyperparameters_and_our_options(client: openai.OpenAI) -> None
         validation_file=valid,
         hyperparameters={"batch_size": 12, "learning_rate_multiplier": 2.0, "n_epochs": 2},
         seed=7,
-        extra_body={"training": {"max_steps": 30, "loss_type": "ipo"}, "lora": {"r": 4}},
+        extra_body={"training": {"loss_type": "ipo"}, "lora": {"r": 4}},
     )
     assert job.validation_file == valid and job.seed == 7
     assert job.hyperparameters.model_dump() == {
@@ -134,6 +134,14 @@ def test_explicit_hyperparameters_and_our_options(client: openai.OpenAI) -> None
             model=MODEL, training_file=train, extra_body={"training": {"beta": 0.3}}
         )
     assert "beta" in bad.value.message
+    with pytest.raises(openai.BadRequestError) as bad:  # one of them would do nothing
+        client.fine_tuning.jobs.create(
+            model=MODEL,
+            training_file=train,
+            hyperparameters={"n_epochs": 2},
+            extra_body={"training": {"max_steps": 30}},
+        )
+    assert bad.value.param == "method.dpo.hyperparameters.n_epochs"
 
 
 def test_jobs_page_newest_first_and_filter_by_metadata(client: openai.OpenAI) -> None:
