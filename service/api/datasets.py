@@ -276,14 +276,6 @@ def _mapping(**fields: str | None) -> FieldMapping | None:
         raise InvalidRequest(str(exc), [FieldError(loc=["query"], msg=str(exc))]) from None
 
 
-def _limits(settings: Settings) -> Limits:
-    return Limits(
-        max_line_bytes=settings.max_line_bytes,
-        max_rows=settings.max_dataset_rows,
-        max_bytes=settings.max_dataset_bytes,
-    )
-
-
 class DatasetController(Controller):
     path = "/v1/datasets"
     tags = ["datasets"]
@@ -376,7 +368,7 @@ class DatasetController(Controller):
                 raw,
                 tenant=principal.tenant,
                 name=name,
-                limits=_limits(settings),
+                limits=Limits.from_settings(settings),
                 mapping=mapping,
                 hint=spooled.hint,
                 on_invalid=on_invalid,
@@ -423,7 +415,7 @@ class DatasetController(Controller):
                 fetched.files,
                 tenant=principal.tenant,
                 name=data.name or fetched.name,
-                limits=_limits(settings),
+                limits=Limits.from_settings(settings),
                 mapping=mapping,
                 hint=fetched.hint,
                 on_invalid=data.on_invalid,

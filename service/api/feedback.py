@@ -166,7 +166,7 @@ class FeedbackController(Controller):
         blobs: BlobStore,
         settings: Settings,
     ) -> FeedbackSnapshot:
-        limits = Limits(max_line_bytes=settings.max_line_bytes, max_rows=settings.max_dataset_rows)
+        limits = Limits.from_settings(settings)
         return await feedback.snapshot(
             store, blobs, principal.tenant, stream, limits=limits, by="api"
         )

@@ -52,6 +52,7 @@ from service.datasets.stats import (
     row_warnings,
     rows,
 )
+from service.settings import Settings
 
 RowError = RowProblem
 _FLUSH_BYTES = 1 << 20
@@ -76,6 +77,16 @@ class Limits(msgspec.Struct, kw_only=True, frozen=True):
     still checked against the remembered ones."""
     max_bytes: int = 2 * 1024**3
     """Most bytes a compressed file may decompress to (a gzip bomb stops there)."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        """The operator's limits: every way a dataset is made (upload, import, OpenAI file,
+        feedback snapshot) is held to the same ones."""
+        return cls(
+            max_line_bytes=settings.max_line_bytes,
+            max_rows=settings.max_dataset_rows,
+            max_bytes=settings.max_dataset_bytes,
+        )
 
 
 DEFAULT_LIMITS = Limits()

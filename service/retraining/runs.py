@@ -169,7 +169,7 @@ async def _fire(
     await set_status(
         store, policy, PolicyStatus(checked_at=now, message=f"fired run {number}: {why}")
     )
-    limits = Limits(max_line_bytes=settings.max_line_bytes, max_rows=settings.max_dataset_rows)
+    limits = Limits.from_settings(settings)
     try:
         eval_dataset, held, drawn = await _eval_set(store, blobs, policy, total, limits, now=now)
         select = await _training_filter(store, tenant, held) if held else None

@@ -90,7 +90,7 @@ class FileController(Controller):
         blobs: BlobStore,
         settings: Settings,
     ) -> FileObject:
-        limits = Limits(max_line_bytes=settings.max_line_bytes, max_rows=settings.max_dataset_rows)
+        limits = Limits.from_settings(settings)
         with tempfile.TemporaryDirectory(prefix="ftune-upload-") as tmp:
             raw = Path(tmp) / "raw.jsonl"
             with raw.open("wb") as out:
