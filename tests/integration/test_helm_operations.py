@@ -42,6 +42,7 @@ from tests.fixtures.helm_chart import (
     render,
     validate,
 )
+from tools import chart_readme
 
 ROOT = CHART.parents[1]
 
@@ -447,3 +448,17 @@ def test_chart_metadata(chart: helm.Chart) -> None:
         f"{values['worker']['image']['repository']}:{meta['appVersion']}",
         f"{values['redis']['image']['repository']}:{values['redis']['image']['tag']}",
     }
+
+
+def test_chart_readme_is_generated_from_the_values() -> None:
+    """helm/ftune/README.md is what tools/chart_readme.py makes of values.yaml today."""
+    values_text = (CHART / "values.yaml").read_text()
+    keys = dict(chart_readme.documented_keys(values_text))
+    assert len(keys) == len(re.findall(r"^\s*# --", values_text, re.M))  # each one, once
+    assert keys["worker.stopGraceSeconds"].startswith("FTUNE_STOP_GRACE_SECONDS")
+    assert "worker.resources.requests" not in keys  # a documented key's children are its default
+    readme = (CHART / "README.md").read_text()
+    assert "| `worker.terminationGracePeriodSeconds` | int | `180` |" in readme
+    check = [sys.executable, str(ROOT / "tools" / "chart_readme.py"), "--check"]
+    done = subprocess.run(check, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
