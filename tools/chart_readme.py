@@ -2,8 +2,9 @@
 
 The helm-docs convention: a `# -- text` line documents the key below it (following `#`
 lines continue the text), the default is the key's value in values.yaml, and a documented
-key's undocumented children are its default, not further keys. Run ``python tools/chart_readme.py`` after
-changing values.yaml (``make chart-readme``); ``--check`` exits 1 when the README is stale.
+key's undocumented children are its default, not further keys. Run
+``python tools/chart_readme.py`` after changing values.yaml (``make chart-readme``);
+``--check`` exits 1 when the README is stale.
 """
 
 from __future__ import annotations
