@@ -21,6 +21,7 @@ from service import queue, webhooks
 from service.api import errors
 from service.api.auth import principal
 from service.api.datasets import DatasetController
+from service.api.docs_ui import assets_router, render_plugins
 from service.api.feedback import FeedbackController
 from service.api.jobs import JobController
 from service.api.openai import FileController, FineTuningController
@@ -59,6 +60,7 @@ def _openapi() -> OpenAPIConfig:
         ],
         use_handler_docstrings=False,
         path="/docs",
+        render_plugins=render_plugins(),
     )
 
 
@@ -133,6 +135,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             PolicyController,
             FileController,
             FineTuningController,
+            assets_router(),
         ],
         dependencies=_dependencies(settings),
         exception_handlers={Exception: errors.handle},
