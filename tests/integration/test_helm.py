@@ -302,7 +302,6 @@ def test_worker_grace_period_covers_its_graceful_stop(chart: helm.Chart) -> None
     # Long enough for a checkpoint at SIGTERM; the worker's own wait for it is shorter, so
     # re-queueing the job fits in the rest.
     assert grace == 180
-    assert env["FTUNE_STOP_GRACE_SECONDS"]["value"] == "150"
     settings = Settings.from_env(
         {"FTUNE_WORKER_GRACE_SECONDS": env["FTUNE_WORKER_GRACE_SECONDS"]["value"]}
     )
@@ -315,7 +314,7 @@ def test_worker_grace_period_covers_its_graceful_stop(chart: helm.Chart) -> None
     )
     pod = longer.get("Deployment", f"{PREFIX}-worker")["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == 600
-    assert env_of(pod["containers"][0])["FTUNE_STOP_GRACE_SECONDS"]["value"] == "540"
+    assert env_of(pod["containers"][0])["FTUNE_WORKER_GRACE_SECONDS"]["value"] == "540"
     with pytest.raises(helm.HelmRenderError, match=re.escape("worker.stopGraceSeconds (180)")):
         render(chart, {"worker": {"stopGraceSeconds": 180}})
 
@@ -394,6 +393,8 @@ def test_pod_environment_is_what_settings_reads(chart: helm.Chart) -> None:
     assert worker.work_dir == Path("/var/lib/ftune/work")
     assert worker.hf_tokens == {"": "secret-HF_TOKEN", "research": "secret-FTUNE_HF_TOKEN_RESEARCH"}
     assert worker.job_timeout_hours == 48 and worker.max_attempts == 3
+    worker_env = env_of(manifests.container("Deployment", f"{PREFIX}-worker", "worker"))
+    assert worker_env["FTUNE_JOB_RETENTION_DAYS"]["value"] == "30"
 
 
 # -- secrets -----------------------------------------------------------------------------------

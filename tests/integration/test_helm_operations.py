@@ -455,7 +455,7 @@ def test_chart_readme_is_generated_from_the_values() -> None:
     values_text = (CHART / "values.yaml").read_text()
     keys = dict(chart_readme.documented_keys(values_text))
     assert len(keys) == len(re.findall(r"^\s*# --", values_text, re.M))  # each one, once
-    assert keys["worker.stopGraceSeconds"].startswith("FTUNE_STOP_GRACE_SECONDS")
+    assert keys["worker.stopGraceSeconds"].startswith("FTUNE_WORKER_GRACE_SECONDS")
     assert "worker.resources.requests" not in keys  # a documented key's children are its default
     readme = (CHART / "README.md").read_text()
     assert "| `worker.terminationGracePeriodSeconds` | int | `180` |" in readme

@@ -291,6 +291,8 @@ Environment shared by the API and the workers: Redis, blob store, S3 credentials
   value: {{ .Values.config.maxAttempts | toString | quote }}
 - name: FTUNE_LEASE_SECONDS
   value: {{ .Values.config.leaseSeconds | toString | quote }}
+- name: FTUNE_JOB_RETENTION_DAYS
+  value: {{ .Values.config.jobRetentionDays | toString | quote }}
 {{- end }}
 
 {{/*

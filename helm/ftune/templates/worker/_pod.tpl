@@ -42,7 +42,7 @@ spec:
   priorityClassName: {{ . | quote }}
   {{- end }}
   # On SIGTERM the worker stops taking jobs, has the training process save a checkpoint at
-  # its next step (waiting at most FTUNE_STOP_GRACE_SECONDS), and re-queues the job, which
+  # its next step (waiting at most FTUNE_WORKER_GRACE_SECONDS), and re-queues the job, which
   # resumes from that step elsewhere, all before this runs out.
   terminationGracePeriodSeconds: {{ $grace }}
   securityContext:
@@ -108,8 +108,6 @@ spec:
           value: /var/lib/ftune/work
         - name: FTUNE_WORKER_METRICS_PORT
           value: {{ $v.worker.metricsPort | quote }}
-        - name: FTUNE_STOP_GRACE_SECONDS
-          value: {{ $v.worker.stopGraceSeconds | toString | quote }}
         - name: FTUNE_WORKER_GRACE_SECONDS
           value: {{ $v.worker.stopGraceSeconds | toString | quote }}
         - name: HF_HOME
