@@ -36,6 +36,7 @@ from tests.fixtures.helm_chart import (
     CI_VALUES,
     NAMESPACE,
     PREFIX,
+    RELEASE,
     Manifests,
     env_of,
     load_values,
@@ -380,6 +381,7 @@ def test_helm_test_pod_asks_the_api_for_readyz(chart: helm.Chart, ready_api: int
     local = [*command[:-1], f"http://127.0.0.1:{ready_api}/readyz"]
     done = subprocess.run(local, capture_output=True, text=True, timeout=30, check=False)
     assert done.returncode == 0 and "200" in done.stdout, done.stdout + done.stderr
+    assert f"helm test {RELEASE} -n {NAMESPACE}" in render(chart).notes
     assert render(chart, {"test": {"enabled": False}}).of_kind("Pod") == []
 
 
