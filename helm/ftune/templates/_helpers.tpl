@@ -365,6 +365,6 @@ Usage: include "ftune.secretsChecksum" (list . "api"|"worker"|"redis")
 {{- end }}
 {{- if or (eq $component "worker") (and (eq $component "api") $v.api.scheduler.enabled) }}
 {{- $_ := set $mounted "hf" (dict "token" $v.secrets.hfToken "named" $v.secrets.namedHfTokens) }}
-{{- end }}
+{{- end -}}
 checksum/secrets: {{ $mounted | toJson | sha256sum }}
 {{- end }}

@@ -7,7 +7,7 @@ restarted: a Job's pod.
 {{- define "ftune.worker.pod" -}}
 {{- $root := .root }}
 {{- $v := $root.Values }}
-{{- $grace := int $v.worker.terminationGracePeriodSeconds }}
+{{- $grace := int $v.worker.terminationGracePeriodSeconds -}}
 metadata:
   labels:
     {{- include "ftune.componentLabels" (list $root "worker") | nindent 4 }}
