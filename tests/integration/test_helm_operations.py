@@ -431,6 +431,12 @@ def test_rendered_redis_maxmemory_is_below_the_container_limit(chart: helm.Chart
     manifests = render(chart, {"redis": {"resources": {"limits": {"memory": "8Gi"}}}})
     conf = manifests.get("ConfigMap", f"{PREFIX}-redis")["data"]["redis.conf"]
     assert "maxmemory 6144mb" in conf.splitlines()  # 75% of 8Gi: the rest is fork headroom
+    for limit, maxmemory in (("500G", 357627), (2**30, 768), ("4096Mi", 3072)):
+        sized = render(chart, {"redis": {"resources": {"limits": {"memory": limit}}}})
+        conf = sized.get("ConfigMap", f"{PREFIX}-redis")["data"]["redis.conf"]
+        assert f"maxmemory {maxmemory}mb" in conf.splitlines(), limit
+    with pytest.raises(helm.HelmRenderError, match=re.escape('cannot size "1.5Gi"')):
+        render(chart, {"redis": {"resources": {"limits": {"memory": "1.5Gi"}}}})
     with pytest.raises(
         helm.HelmRenderError, match=re.escape("redis.resources.limits.memory is required")
     ):

@@ -174,16 +174,19 @@ Redis, so the render fails and says what to set. A list of the namespace's Confi
 {{- end }}
 
 {{/*
-A memory or disk quantity (Mi, Gi, Ti, or plain bytes) in MiB, for sums and percentages.
+A memory or disk quantity (Ki, Mi, Gi, Ti, k, M, G, T or plain bytes) in whole MiB, for the
+sums and percentages the chart computes.
 */}}
 {{- define "ftune.quantityMi" -}}
-{{- $q := toString . }}
-{{- if hasSuffix "Ti" $q }}{{ mul (trimSuffix "Ti" $q | int64) 1048576 }}
-{{- else if hasSuffix "Gi" $q }}{{ mul (trimSuffix "Gi" $q | int64) 1024 }}
-{{- else if hasSuffix "Mi" $q }}{{ trimSuffix "Mi" $q | int64 }}
-{{- else if regexMatch "^[0-9]+$" $q }}{{ div ($q | int64) 1048576 }}
-{{- else }}{{ fail (printf "cannot size %q: use Mi, Gi or Ti (or bytes) for memory and volume sizes the chart adds up" $q) }}
+{{- $q := ternary (toString .) (printf "%d" (int64 .)) (kindIs "string" .) }}
+{{- $units := dict "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 }}
+{{- $match := regexFindAll "^([0-9]+)(Ki|Mi|Gi|Ti|k|M|G|T)?$" $q 1 }}
+{{- if not $match }}
+{{- fail (printf "cannot size %q: give memory and volume sizes the chart adds up as a whole number with Ki, Mi, Gi, Ti, k, M, G or T" $q) }}
 {{- end }}
+{{- $number := regexReplaceAll "[^0-9].*$" $q "" | int64 }}
+{{- $unit := regexReplaceAll "^[0-9]+" $q "" }}
+{{- div (mul $number (ternary (index $units $unit) 1 (ne $unit ""))) 1048576 }}
 {{- end }}
 
 {{- define "ftune.store.isFile" -}}

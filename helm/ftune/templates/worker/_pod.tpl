@@ -75,10 +75,10 @@ spec:
         {{- include "ftune.hubEnv" $root | nindent 8 }}
       resources:
         requests:
-          cpu: 500m
-          memory: 1Gi
+          cpu: "1"
+          memory: 4Gi
         limits:
-          memory: 1Gi
+          memory: 4Gi
       securityContext:
         {{- toYaml $v.worker.securityContext | nindent 8 }}
       volumeMounts:
