@@ -72,7 +72,7 @@ spec:
           value: /tmp
         - name: HF_HOME
           value: {{ printf "%s/huggingface" $v.worker.cache.mountPath | quote }}
-        {{- include "ftune.hubEnv" $root | nindent 8 }}
+        {{- with include "ftune.hubEnv" $root | trim }}{{ . | nindent 8 }}{{ end }}
       resources:
         requests:
           cpu: "1"
@@ -116,7 +116,7 @@ spec:
           value: {{ printf "%s/xdg" $v.worker.cache.mountPath | quote }}
         - name: TRITON_CACHE_DIR
           value: {{ printf "%s/triton" $v.worker.cache.mountPath | quote }}
-        {{- include "ftune.hubEnv" $root | nindent 8 }}
+        {{- with include "ftune.hubEnv" $root | trim }}{{ . | nindent 8 }}{{ end }}
         {{- with $v.worker.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
