@@ -146,7 +146,9 @@ def test_two_renders_with_the_same_values_are_identical(
 ) -> None:
     """What Argo CD and `helm diff` compare: nothing random, nothing time-dependent."""
     values = load_values(values_file.name)
-    assert render(chart, values).rendered == render(chart, values).rendered
+    first = render(chart, values)
+    assert first.rendered == render(chart, values).rendered
+    assert not re.search(r"^[ \t]+$", first.text, re.M), "whitespace-only lines"
 
 
 def checksums(manifests: Manifests) -> dict[str, str]:
