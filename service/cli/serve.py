@@ -31,7 +31,9 @@ def service_settings(*, api: bool = False) -> Settings:
     try:
         settings = Settings.from_env()
         if api:
-            settings.load_api_keys()
+            from service.tenants import load
+
+            load(settings)
     except SettingsError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None

@@ -64,7 +64,9 @@ _DESCRIPTIONS = {
     401: "Missing or unknown API key (AuthenticationError)",
     404: "No such object for this tenant (NotFoundError)",
     409: "Not allowed in the object's current state (ConflictError)",
-    429: "The tenant is at its limit of queued and running jobs (RateLimitError)",
+    403: "The tenant was not granted a token, namespace or S3 prefix (PermissionDeniedError)",
+    429: "The tenant is at one of its limits (RateLimitError); `Retry-After` says when to "
+    "try again",
 }
 
 
@@ -77,5 +79,5 @@ def responses(*codes: int) -> dict[int, ResponseSpec]:
             description=_DESCRIPTIONS[code],
             generate_examples=False,
         )
-        for code in sorted({400, 401, *codes})
+        for code in sorted({400, 401, 403, 429, *codes})
     }
