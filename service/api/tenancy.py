@@ -7,6 +7,7 @@ Redis stream, whatever its answer: an admin reads and changes every tenant's rec
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Annotated, Any
 
@@ -16,6 +17,7 @@ from litestar.exceptions import NotAuthorizedException, PermissionDeniedExceptio
 from litestar.middleware import ASGIMiddleware
 from litestar.params import Parameter
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from redis.exceptions import RedisError
 
 from service.api.auth import principal
 from service.api.limits import remaining
@@ -25,6 +27,8 @@ from service.retraining import feedback, policies
 from service.settings import Principal, Settings
 from service.store import P, Store
 from service.tenants import Tenants, limits_for
+
+log = logging.getLogger("ftune.api")
 
 AUDIT = f"{P}audit"
 AUDIT_MAXLEN = 100_000
@@ -91,11 +95,14 @@ class Audit(ASGIMiddleware):
             await next_app(scope, receive, sending)
         finally:
             entry = {"time": repr(time.time()), "actor": who.tenant, "method": request.method}
-            entry |= {"path": scope["path"], "status": str(status[0])}
+            entry |= {"path": scope["path"][:1024], "status": str(status[0])}
             if named is not None:
-                entry["tenant"] = named
+                entry["tenant"] = named[:128]
             store: Store = request.app.state.store
-            await store.redis.xadd(AUDIT, entry, maxlen=AUDIT_MAXLEN, approximate=True)  # type: ignore[arg-type]
+            try:
+                await store.redis.xadd(AUDIT, entry, maxlen=AUDIT_MAXLEN, approximate=True)  # type: ignore[arg-type]
+            except RedisError:
+                log.exception("admin %s: %s %s not audited", who.tenant, request.method, entry)
 
 
 class TenancyController(Controller):

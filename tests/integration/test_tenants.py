@@ -224,6 +224,7 @@ async def test_the_request_rate_is_per_tenant_and_shared_by_replicas(
 
 async def test_dataset_stream_and_policy_quotas(api_settings: Settings) -> None:
     limits = {"datasets": 2, "dataset_bytes": 10_000, "feedback_streams": 1, "policies": 1}
+    limits |= {"requests_per_second": 1000}
     settings = tenants_settings(api_settings, alice={"limits": limits})
     async with AsyncTestClient(create_app(settings)) as client:
         api = Api(client, settings)
@@ -264,7 +265,7 @@ async def test_dataset_stream_and_policy_quotas(api_settings: Settings) -> None:
         assert by_name["feedback_streams"]["used"] == 1
         assert by_name["policies"] == {"name": "policies", "used": 1, "limit": 1}
         assert by_name["queued_jobs"] == {"name": "queued_jobs", "used": 0, "limit": 100}
-        assert by_name["requests_per_second"]["limit"] == 100
+        assert by_name["requests_per_second"]["limit"] == 1000
         assert by_name["requests_per_second"]["used"] >= 1
         bobs = await client.get("/v1/usage", headers=BOB)
         assert {i["name"]: i["used"] for i in bobs.json()["limits"]}["datasets"] == 1
