@@ -40,6 +40,7 @@ from service.api.openapi_docs import (
     request_body,
     responses,
 )
+from service.api.tenancy import TenantParam, listed_tenant
 from service.blobs import BlobStore, dataset_blob_key
 from service.contract import (
     Container,
@@ -437,8 +438,8 @@ class DatasetController(Controller):
     @get(
         operation_id="ListDatasets",
         path="/",
-        summary="List datasets, newest first",
-        responses=responses(),
+        summary="List datasets, newest first (an admin's: every tenant's)",
+        responses=responses(FORBIDDEN),
     )
     async def list_datasets(
         self,
@@ -446,8 +447,10 @@ class DatasetController(Controller):
         store: Store,
         limit: PageSize = 20,
         cursor: Cursor = None,
+        tenant: TenantParam = None,
     ) -> DatasetList:
-        items, next_cursor = await store.list_datasets(scope(principal), limit=limit, cursor=cursor)
+        owner = listed_tenant(principal, tenant)
+        items, next_cursor = await store.list_datasets(owner, limit=limit, cursor=cursor)
         return DatasetList(items=items, next_cursor=next_cursor)
 
     @get(

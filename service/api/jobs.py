@@ -17,6 +17,7 @@ from service import queue, vram, webhooks
 from service.api.auth import scope
 from service.api.errors import FieldError, InvalidRequest
 from service.api.openapi_docs import CONFLICT, FORBIDDEN, NOT_FOUND, Cursor, PageSize, responses
+from service.api.tenancy import TenantParam, listed_tenant
 from service.contract import (
     Dataset,
     DatasetRef,
@@ -199,7 +200,10 @@ class JobController(Controller):
         return Response(job, status_code=201, headers=headers)
 
     @get(
-        operation_id="ListJobs", path="/", summary="List jobs, newest first", responses=responses()
+        operation_id="ListJobs",
+        path="/",
+        summary="List jobs, newest first (an admin's: every tenant's)",
+        responses=responses(FORBIDDEN),
     )
     async def list_jobs(
         self,
@@ -217,6 +221,7 @@ class JobController(Controller):
         ] = None,
         limit: PageSize = 20,
         cursor: Cursor = None,
+        tenant: TenantParam = None,
     ) -> JobList:
         labels: dict[str, str] = {}
         for item in label or []:
@@ -228,7 +233,11 @@ class JobController(Controller):
                 )
             labels[key] = value
         items, next_cursor = await store.list_jobs(
-            scope(principal), status=status, labels=labels, limit=limit, cursor=cursor
+            listed_tenant(principal, tenant),
+            status=status,
+            labels=labels,
+            limit=limit,
+            cursor=cursor,
         )
         return JobList(items=items, next_cursor=next_cursor)
 

@@ -85,6 +85,7 @@ def _fetch_hub(req: DatasetImport, settings: Settings, dest: Path, max_bytes: in
         EntryNotFoundError,
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -138,6 +139,8 @@ def _fetch_hub(req: DatasetImport, settings: Settings, dest: Path, max_bytes: in
             )
             for f in chosen
         ]
+    except HFValidationError as e:  # a name the Hub cannot have, e.g. ending in '.'
+        raise SourceError(f"source: {where} is not a valid Hub dataset name: {e}") from None
     except GatedRepoError:
         raise SourceError(
             f"source: {where} is gated: accept its terms with the account whose token the "

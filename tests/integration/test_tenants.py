@@ -344,21 +344,31 @@ async def test_admins_see_and_manage_every_tenants_streams_and_policies(api: Api
     )
     assert dropped.status_code == 204
     assert (await api.client.get("/v1/feedback/b-stream", headers=BOB)).status_code == 404
-    nosy = await api.client.get("/v1/feedback", params={"tenant": "bob"}, headers=ALICE)
-    assert nosy.status_code == 403
+    for route in ("/v1/feedback", "/v1/jobs", "/v1/datasets", "/v1/policies"):
+        nosy = await api.client.get(route, params={"tenant": "bob"}, headers=ALICE)
+        assert nosy.status_code == 403, route
+    ds_alice, ds_bob = await dataset(api), await dataset(api, BOB)
+    listed = await api.client.get("/v1/datasets", params={"tenant": "bob"}, headers=ADMIN)
+    assert [d["id"] for d in listed.json()["items"]] == [ds_bob]
+    listed = await api.client.get("/v1/datasets", headers=ADMIN)
+    assert {d["id"] for d in listed.json()["items"]} == {ds_alice, ds_bob}
 
     audit = await api.client.get("/v1/audit", params={"limit": 2}, headers=ADMIN)
     assert audit.status_code == 200, audit.text
     newest = audit.json()["items"]
-    assert [(e["method"], e["path"], e["status"], e["tenant"]) for e in newest] == [
-        ("DELETE", "/v1/feedback/b-stream", 204, "bob"),
-        ("DELETE", "/v1/policies/b-stream", 204, "bob"),
+    assert [(e["method"], e["path"], e["status"], e.get("tenant")) for e in newest] == [
+        ("GET", "/v1/datasets", 200, None),
+        ("GET", "/v1/datasets", 200, "bob"),
     ]
     assert all(e["actor"] == "ops" for e in newest)
     older = await api.client.get(
         "/v1/audit", params={"cursor": audit.json()["next_cursor"]}, headers=ADMIN
     )
-    paths = [(e["method"], e["path"]) for e in older.json()["items"]]
-    assert ("GET", "/v1/feedback/b-stream") in paths and ("GET", "/v1/feedback") in paths
+    entries = [(e["method"], e["path"], e.get("tenant")) for e in older.json()["items"]]
+    assert entries[:2] == [
+        ("DELETE", "/v1/feedback/b-stream", "bob"),
+        ("DELETE", "/v1/policies/b-stream", "bob"),
+    ]
+    assert ("GET", "/v1/feedback", None) in entries
     assert all(e["actor"] == "ops" for e in older.json()["items"])  # tenants are not audited
     assert (await api.client.get("/v1/audit", headers=ALICE)).status_code == 403
