@@ -216,6 +216,9 @@ async def test_the_request_rate_is_per_tenant_and_shared_by_replicas(
         limited = next(r for r in answers if r.status_code == 429)
         assert_429(limited, "requests_per_second", 4)
         assert limited.headers["RateLimit-Policy"] == '"requests_per_second";q=4;w=1'
+        sdk = await a.get("/v1/fine_tuning/jobs", headers=ALICE)  # OpenAI's envelope, and
+        assert sdk.status_code == 429 and sdk.json()["error"]["type"] == "rate_limit_error"
+        assert "x-should-retry" not in sdk.headers  # the SDK may retry after Retry-After
         assert (await b.get("/v1/jobs", headers=BOB)).status_code == 200  # bob is not slowed
         assert (await a.get("/healthz")).status_code == 200  # probes are never counted
         await asyncio.sleep(1.05)

@@ -4,7 +4,8 @@ The status comes from the one error mapper (`service.api.errors.handle`), then t
 Details become `{"error": {"message", "type", "param", "code"}}` with the statuses the SDK
 maps to its exception classes: a bad request (our 413, 415 and 422 too) is 400
 (`BadRequestError`), then 401, 404, 409 and 429 as they are. Every 4xx carries
-`x-should-retry: false`: the SDK would otherwise retry a 409 or 429 that retrying cannot fix.
+`x-should-retry: false`: the SDK would otherwise retry a 409 or 429 that retrying cannot fix
+(but a request rate, which frees up by itself: the SDK retries after `Retry-After`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from service.api.errors import InvalidRequest
 from service.contract.openai import OpenAIError, OpenAIErrorResponse
 from service.openai.hyperparameters import SpecError
 from service.openai.jobs import openai_param
+from service.store import LimitReached
 
 _AS_BAD_REQUEST = {413, 415, 422}
 _TYPES = {
@@ -50,13 +52,18 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[OpenAIEr
             param = openai_param(loc)  # raised with our JobSpec's field names
         elif isinstance(exc, ValidationException) and loc:
             param = ".".join(loc)
-    if 400 <= status < 500:
+    if 400 <= status < 500 and not _passes(exc):
         headers["x-should-retry"] = "false"
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     body = OpenAIErrorResponse(
         error=OpenAIError(message=message, type=kind, param=param, code=_CODES.get(status))
     )
     return Response(body, status_code=status, headers=headers)
+
+
+def _passes(exc: Exception) -> bool:
+    """A request rate (not a quota) frees up by itself: the SDK may retry after Retry-After."""
+    return isinstance(exc, LimitReached) and exc.window is not None
 
 
 _DESCRIPTIONS = {
