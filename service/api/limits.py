@@ -29,9 +29,11 @@ UNLIMITED_PATHS = ("/healthz", "/readyz", "/metrics")
 
 
 def rate_limiter(store: Store, redis_url: str) -> MovingWindowRateLimiter:
-    """A limiter on the store's own connection pool (no extra connections)."""
+    """A limiter on the store's own connection pool (no extra connections). `limits` reads
+    a bare unix:// URL as Valkey's, so a socket is named as Redis's."""
+    scheme = "async+redis+" if redis_url.startswith("unix://") else "async+"
     storage = RedisStorage(
-        "async+" + redis_url,
+        scheme + redis_url,
         implementation="redispy",
         connection_pool=store.redis.connection_pool,  # type: ignore[arg-type]  # limits types **options narrowly
         key_prefix=f"{P}rate",

@@ -118,3 +118,11 @@ def test_hub_tokens_and_namespaces(tmp_path: Path) -> None:
         with pytest.raises(tenants.GrantMissing) as refused:
             tenants.check_job(known, "a", template(output=out), STORE)
         assert refused.value.grant == grant
+
+
+@pytest.mark.parametrize("url", ["redis://h:6379/0", "rediss://h:6380/1", "unix:///run/r.sock"])
+def test_the_rate_limiter_accepts_every_redis_url_the_settings_do(url: str) -> None:
+    from service.api.limits import rate_limiter
+    from service.store import Store
+
+    assert rate_limiter(Store.from_url(url), url) is not None  # unix:// is not taken as Valkey
