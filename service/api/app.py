@@ -147,12 +147,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
         dependencies=_dependencies(settings),
         exception_handlers={Exception: errors.handle},
         lifespan=[_lifespan(settings)],
-        middleware=[_prometheus().middleware, Audit(), RequestRate()],
+        middleware=[_prometheus().middleware, RequestRate(), Audit()],  # refused: not audited
         openapi_config=_openapi(),
         plugins=[ContractSchemas()],
         request_max_body_size=MAX_REQUEST_BYTES,
         signature_types=[
-            *(Store, ArqRedis, BlobStore, Settings, tenants.Tenants, tenants.TenantLimits)
+            Store,
+            ArqRedis,
+            BlobStore,
+            Settings,
+            tenants.Tenants,
+            tenants.TenantLimits,
         ],
         logging_config=None,
     )

@@ -356,10 +356,13 @@ async def test_admins_see_and_manage_every_tenants_streams_and_policies(api: Api
     listed = await api.client.get("/v1/datasets", headers=ADMIN)
     assert {d["id"] for d in listed.json()["items"]} == {ds_alice, ds_bob}
 
-    audit = await api.client.get("/v1/audit", params={"limit": 2}, headers=ADMIN)
+    missing = await api.client.get("/v1/policies/nope", params={"tenant": "bob"}, headers=ADMIN)
+    assert missing.status_code == 404
+    audit = await api.client.get("/v1/audit", params={"limit": 3}, headers=ADMIN)
     assert audit.status_code == 200, audit.text
     newest = audit.json()["items"]
     assert [(e["method"], e["path"], e["status"], e.get("tenant")) for e in newest] == [
+        ("GET", "/v1/policies/nope", 404, "bob"),
         ("GET", "/v1/datasets", 200, None),
         ("GET", "/v1/datasets", 200, "bob"),
     ]
