@@ -126,3 +126,17 @@ def test_the_rate_limiter_accepts_every_redis_url_the_settings_do(url: str) -> N
     from service.store import Store
 
     assert rate_limiter(Store.from_url(url), url) is not None  # unix:// is not taken as Valkey
+
+
+def test_a_process_with_a_malformed_tenants_file_does_not_start(tmp_path: Path) -> None:
+    """The workers and the scheduler read the grants too: they refuse to start, as the API
+    does, rather than fail every job later."""
+    from typer.testing import CliRunner
+
+    from service.cli.app import app
+
+    bad = tmp_path / "tenants.json"
+    bad.write_text(json.dumps({"tenants": {"a": {"grants": {"s3_write": ["bucket"]}}}}))
+    result = CliRunner().invoke(app, ["scheduler"], env={"FTUNE_API_KEYS_FILE": str(bad)})
+    assert result.exit_code == 2, result.output
+    assert "is not s3://bucket[/prefix]" in result.stderr
