@@ -70,13 +70,36 @@ async def test_expired_lease_requeues_as_next_attempt(redis_url: str) -> None:
 
 async def test_last_attempt_fails_with_a_clear_error(redis_url: str) -> None:
     store = Store.from_url(redis_url)
-    job = running_job(attempt=2)
+    job = running_job(attempt=4, lost_attempts=2)  # two planned stops did not count
     await put_running(store, job)
     await reap_once(store, settings(redis_url))
     after = await store.get_job(job.id, None)
     assert after.status == JobStatus.failed
     assert after.error is not None and after.error.type == "WorkerLost"
-    assert "3 attempts" in after.error.message and after.error.phase == Phase.training
+    assert "3 lost attempts" in after.error.message and after.error.phase == Phase.training
+    await store.close()
+
+
+async def test_planned_stops_do_not_spend_attempts(redis_url: str) -> None:
+    """Upgrades, drains and scale-downs re-queue on SIGTERM: a new attempt number each time
+    (arq needs a new id), but max_attempts counts only lost workers."""
+    store = Store.from_url(redis_url)
+    s = settings(redis_url)
+    job = running_job()
+    await put_running(store, job)
+    pool = await queue.connect(redis_url)
+    for attempt in range(5):  # more planned stops than max_attempts (3)
+        moved = await leases.requeue(store, pool, s, job.id, "stopped", planned=True)
+        assert moved is not None and moved.status == JobStatus.queued
+        assert (moved.attempt, moved.lost_attempts) == (attempt + 1, 0)
+        await store.update_job(
+            job.id, lambda j: msgspec.structs.replace(j, status=JobStatus.running)
+        )
+    # A stale attempt's worker cannot re-queue the job another attempt now runs.
+    assert await leases.requeue(store, pool, s, job.id, "stale", planned=True, attempt=0) is None
+    lost = await leases.requeue(store, pool, s, job.id, "the worker running it was lost")
+    assert lost is not None and (lost.attempt, lost.lost_attempts) == (6, 1)
+    await pool.aclose()
     await store.close()
 
 
