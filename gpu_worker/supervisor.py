@@ -241,8 +241,10 @@ class Supervisor:
                 except REDIS_DOWN as exc:
                     self.backoff.failed(exc)
             if self.taken:
+                # Killed, not asked: a checkpoint written now would be another attempt's.
                 log.warning("job %s attempt %s was re-queued meanwhile", self.job_id, self.attempt)
-                stop_child(child)
+                child.kill()
+                child.join(5)
                 return
             if self.cancel_requested and not cancel.is_set():
                 cancel.set()

@@ -205,6 +205,8 @@ async def run_job(ctx: dict[str, Any], job_id: str, attempt: int) -> str:
 
 
 def _stop(child: Any) -> None:
+    """SIGTERM (the child then stops at its next step, checkpointing unless cancelled), then
+    SIGKILL if it is still there 10 s later."""
     if child.is_alive():
         child.terminate()
         child.join(10)

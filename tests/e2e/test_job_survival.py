@@ -106,7 +106,7 @@ def test_redis_restart_during_training_costs_no_attempt(
 ) -> None:
     ds = stack.upload(preference_rows(64))
     worker = stack.start_worker()
-    max_steps = 300
+    max_steps = 30
     job_id = stack.submit(spec(stack, ds["id"], hyperparameters={"max_steps": max_steps}))["id"]
     stack.wait(job_id, lambda j: j["progress"]["step"] >= 3, timeout=120)
 
