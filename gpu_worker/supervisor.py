@@ -192,14 +192,16 @@ class Supervisor:
             )
         elif kind == "metrics":
             step, at, values = payload
-            self.metrics.observe(values)
-            await self.store.add_metrics(
-                self.job_id, MetricPoint(step=step, time=at, values=values)
-            )
+            # The idempotent write first: a retry after Redis dropped in between adds no
+            # second copy of the point.
             await self.store.update_job(
                 self.job_id,
                 lambda j: msgspec.structs.replace(j, latest_metrics={**j.latest_metrics, **values}),
             )
+            await self.store.add_metrics(
+                self.job_id, MetricPoint(step=step, time=at, values=values)
+            )
+            self.metrics.observe(values)
         elif kind == "log":
             await self.store.add_log(self.job_id, str(payload))
         elif kind == "update":
