@@ -2,12 +2,12 @@
 lease, watch for a cancel, and ride out a Redis outage.
 
 Training never needs Redis, so an outage must not cost it: while Redis is unreachable the
-supervisor keeps draining the child's events into a bounded buffer (progress coalesced to the
-newest; past the bound, metric points and log lines are dropped and counted, and the artifact's
-metrics.jsonl still has them all), retries with capped exponential backoff, and on reconnect
-renews the lease first, then replays the buffer in order. The scheduler's reaper waits a full
-lease period after it sees Redis again before it reaps (service/scheduler.py), and the backoff
-is capped well below that, so a job is not taken from a worker that is about to renew.
+supervisor keeps draining the child's events into a bounded buffer (progress kept as its newest
+value only; past the bound, metric points and log lines are dropped and counted, and the
+artifact's metrics.jsonl still has them all), retries with capped exponential backoff, and on
+reconnect renews the lease first, then replays the buffer in order. The scheduler's reaper
+waits a full lease period after it sees Redis again (service/scheduler.py), and the backoff is
+capped well below that, so a job is not taken from a worker that is about to renew.
 """
 
 from __future__ import annotations
@@ -128,6 +128,7 @@ class Supervisor:
         self.phase: Phase | None = None
         self.outcome: Outcome | None = None
         self.pending: deque[tuple[str, Any]] = deque()
+        self.progress: Any = None
         self.dropped = 0
         self.cancel_requested = False
         self.taken = False
@@ -144,8 +145,8 @@ class Supervisor:
                 return
             if kind == "outcome":
                 self.outcome = msgspec.json.decode(payload, type=Outcome)
-            elif kind == "progress" and self.pending and self.pending[-1][0] == "progress":
-                self.pending[-1] = (kind, payload)
+            elif kind == "progress":
+                self.progress = payload  # only the newest matters
             elif len(self.pending) >= MAX_PENDING and kind in _DROPPABLE:
                 self.dropped += 1
             else:
@@ -168,6 +169,9 @@ class Supervisor:
         while self.pending and not self.taken:
             await self.apply(*self.pending[0])
             self.pending.popleft()
+        if self.progress is not None and not self.taken:
+            await self.apply("progress", self.progress)
+            self.progress = None
         if self.dropped and not self.taken:
             await self.store.add_log(
                 self.job_id,
@@ -254,7 +258,7 @@ class Supervisor:
             if kill_at is not None and now >= kill_at:
                 stop_child(child)
             if not alive:
-                if self.pending or self.backoff.down_since is not None:
+                if self.pending or self.progress is not None or self.backoff.down_since:
                     await self.backoff.retry(self.forward)
                 return
             await asyncio.sleep(0.2)
