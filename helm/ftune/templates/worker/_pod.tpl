@@ -110,6 +110,13 @@ spec:
           value: {{ $v.worker.metricsPort | quote }}
         - name: FTUNE_WORKER_GRACE_SECONDS
           value: {{ $v.worker.stopGraceSeconds | toString | quote }}
+        {{- if or $v.secrets.apiKeys.existingSecret $v.secrets.apiKeys.keys }}
+        # The tenants file: the worker checks each job's grants again before it downloads
+        # or uploads anything (it holds key hashes, never keys). Read again for every job,
+        # so a change reaches the worker through the mounted Secret, without a restart.
+        - name: FTUNE_API_KEYS_FILE
+          value: /etc/ftune/api-keys/{{ $v.secrets.apiKeys.key }}
+        {{- end }}
         - name: HF_HOME
           value: {{ printf "%s/huggingface" $v.worker.cache.mountPath | quote }}
         - name: XDG_CACHE_HOME
@@ -140,6 +147,11 @@ spec:
           mountPath: /tmp
         - name: dshm
           mountPath: /dev/shm
+        {{- if or $v.secrets.apiKeys.existingSecret $v.secrets.apiKeys.keys }}
+        - name: api-keys
+          mountPath: /etc/ftune/api-keys
+          readOnly: true
+        {{- end }}
         {{- with include "ftune.store.volumeMount" $root }}
         {{- . | nindent 8 }}
         {{- end }}
@@ -172,6 +184,14 @@ spec:
       emptyDir:
         medium: Memory
         sizeLimit: {{ $v.worker.shmSizeLimit | quote }}
+    {{- if or $v.secrets.apiKeys.existingSecret $v.secrets.apiKeys.keys }}
+    - name: api-keys
+      secret:
+        secretName: {{ default (include "ftune.componentName" (list $root "api-keys")) $v.secrets.apiKeys.existingSecret }}
+        items:
+          - key: {{ if $v.secrets.apiKeys.existingSecret }}{{ $v.secrets.apiKeys.key }}{{ else }}keys.json{{ end }}
+            path: {{ $v.secrets.apiKeys.key }}
+    {{- end }}
     {{- with include "ftune.store.volume" $root }}
     {{- . | nindent 4 }}
     {{- end }}
