@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Request
-from litestar.exceptions import NotAuthorizedException
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.params import Parameter
 
 from service.settings import Principal, hash_api_key
 
@@ -23,6 +24,21 @@ def principal(request: Request[Any, Any, Any]) -> Principal:
     return who
 
 
-def scope(who: Principal) -> str | None:
-    """The tenant whose records a caller sees; None (all) for an admin."""
-    return None if who.admin else who.tenant
+TenantFilter = Annotated[
+    str | None,
+    Parameter(
+        min_length=1,
+        max_length=128,
+        description="Admin keys: only this tenant's records (default: every tenant's). Other "
+        "keys always see their own; naming another tenant is refused (403).",
+    ),
+]
+
+
+def scope(who: Principal, tenant: str | None = None) -> str | None:
+    """The tenant whose records a caller sees: its own; for an admin, `tenant` (None: all)."""
+    if who.admin:
+        return tenant
+    if tenant is not None and tenant != who.tenant:
+        raise PermissionDeniedException("only admin keys may read another tenant's records")
+    return who.tenant

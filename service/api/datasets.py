@@ -20,7 +20,7 @@ from litestar.openapi.spec.enums import OpenAPIFormat, OpenAPIType
 from litestar.params import Body, Parameter, ParameterKwarg
 from multipart import MultipartSegment, PushMultipartParser
 
-from service.api.auth import scope
+from service.api.auth import TenantFilter, scope
 from service.api.errors import (
     FieldError,
     InvalidRequest,
@@ -435,8 +435,11 @@ class DatasetController(Controller):
         store: Store,
         limit: PageSize = 20,
         cursor: Cursor = None,
+        tenant: TenantFilter = None,
     ) -> DatasetList:
-        items, next_cursor = await store.list_datasets(scope(principal), limit=limit, cursor=cursor)
+        items, next_cursor = await store.list_datasets(
+            scope(principal, tenant), limit=limit, cursor=cursor
+        )
         return DatasetList(items=items, next_cursor=next_cursor)
 
     @get(

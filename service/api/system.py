@@ -1,14 +1,26 @@
-"""Liveness, readiness and Prometheus, for Kubernetes and the operator."""
+"""Liveness, readiness and Prometheus, for Kubernetes and the operator; who a key belongs to."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import msgspec
 from arq.connections import ArqRedis
 from litestar import Controller, Response, get
 from litestar.datastructures import State
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from service.settings import Settings
+from service.settings import Principal, Settings
 from service.store import Store
+
+
+class Caller(msgspec.Struct, kw_only=True):
+    """The tenant an API key belongs to: what a client (the console) shows and offers."""
+
+    tenant: Annotated[str, msgspec.Meta(description="The key's tenant.")]
+    admin: Annotated[
+        bool, msgspec.Meta(description="An admin key reads every tenant's jobs and datasets.")
+    ]
 
 
 class SystemController(Controller):
@@ -26,6 +38,10 @@ class SystemController(Controller):
         except Exception as exc:
             return Response({"status": "unavailable", "redis": type(exc).__name__}, status_code=503)
         return Response({"status": "ok"})
+
+    @get(operation_id="GetCaller", path="/v1/me", summary="Who the API key belongs to")
+    async def me(self, principal: Principal) -> Caller:
+        return Caller(tenant=principal.tenant, admin=principal.admin)
 
     @get(
         operation_id="Metrics",
