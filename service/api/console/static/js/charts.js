@@ -8,12 +8,24 @@ import { h } from "./dom.js";
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563", "#ca8a04"];
 const SMOOTHING = 0.6; // TensorBoard's default weight for its exponential moving average
 
+// What an engineer reads first; the rest (throughput, memory, ...) follow by name.
+const FIRST = ["loss", "rewards", "accuracy", "margins", "logps", "logits", "grad_norm", "learning_rate"];
+const TIMING = new Set(["runtime", "samples_per_second", "steps_per_second"]);
+const SKIP = new Set(["epoch"]); // shown as progress, not a curve
+
 /** The chart a metric belongs on: eval_ and training series of one quantity share it. */
 export function family(name) {
   const base = name.startsWith("eval_") ? name.slice(5) : name;
+  if (SKIP.has(base)) return null;
+  if (TIMING.has(base)) return "eval timing";
   if (/accurac(y|ies)$/.test(base)) return "accuracy";
   const slash = base.indexOf("/");
   return slash > 0 ? base.slice(0, slash) : base;
+}
+
+function rank(fam) {
+  const i = FIRST.indexOf(fam);
+  return i >= 0 ? String(i).padStart(3, "0") : `z${fam}`;
 }
 
 function smooth(values) {
@@ -61,15 +73,21 @@ export class Charts {
     for (const values of this.points.values()) {
       for (const name of Object.keys(values)) {
         const fam = family(name);
+        if (fam === null) continue;
         if (!byFamily.has(fam)) byFamily.set(fam, new Set());
         byFamily.get(fam).add(name);
       }
     }
-    for (const [fam, names] of [...byFamily].sort(([a], [b]) => a.localeCompare(b))) {
-      const series = [...names].sort();
+    const families = [...byFamily.keys()].sort((a, b) => rank(a).localeCompare(rank(b)));
+    const known = this.charts.size;
+    for (const fam of families) {
+      const series = [...byFamily.get(fam)].sort();
       const data = [steps, ...series.map((n) => steps.map((s) => this.points.get(s)[n] ?? null))];
       const shown = this.smoothed ? [steps, ...data.slice(1).map(smooth)] : data;
       this.render(fam, series, shown, data);
+    }
+    if (this.charts.size !== known) {
+      for (const fam of families) this.container.append(this.charts.get(fam).box); // keep the order
     }
   }
 
