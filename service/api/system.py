@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-import msgspec
 from arq.connections import ArqRedis
 from litestar import Controller, Response, get
 from litestar.datastructures import State
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from service.contract import Caller
 from service.settings import Principal, Settings
 from service.store import Store
-
-
-class Caller(msgspec.Struct, kw_only=True):
-    """The tenant an API key belongs to: what a client (the console) shows and offers."""
-
-    tenant: Annotated[str, msgspec.Meta(description="The key's tenant.")]
-    admin: Annotated[
-        bool, msgspec.Meta(description="An admin key reads every tenant's jobs and datasets.")
-    ]
 
 
 class SystemController(Controller):

@@ -5,6 +5,7 @@ cross-field rules live in ``__post_init__`` (msgspec turns their ``ValueError`` 
 ``ValidationError`` with the field path). Import from here: the submodules are its seams.
 """
 
+from service.contract.caller import Caller
 from service.contract.datasets import (
     Container,
     Dataset,
@@ -113,6 +114,7 @@ __all__ = [
     "REPO_ID_RE",
     "STREAM_NAME",
     "Artifact",
+    "Caller",
     "ChatTemplate",
     "Container",
     "DataReport",

@@ -65,9 +65,9 @@ class Console:
         self.page.fill("#api-key", key)
         self.page.press("#api-key", "Enter")
 
-    def shot(self, name: str) -> None:
+    def shot(self, name: str, *, full_page: bool = True) -> None:
         SHOTS.mkdir(parents=True, exist_ok=True)
-        self.page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+        self.page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=full_page)
 
     def wait_for(self, probe: Callable[[], int | bool], timeout: float = WAIT_MS / 1000) -> Any:
         """Poll from here: the console's CSP (rightly) forbids wait_for_function's eval."""
@@ -109,7 +109,9 @@ def console_for(chromium: Browser) -> Iterator[Any]:
         tab = Console(page=page, base=base)
         page.on("request", lambda r: tab.urls.append(r.url))
         page.on("console", lambda m: _error(tab, m.type, m.text))
-        page.on("response", lambda r: "/ui/" in r.url and r.status >= 400 and tab.errors.append(r.url))
+        page.on(
+            "response", lambda r: "/ui/" in r.url and r.status >= 400 and tab.errors.append(r.url)
+        )
         page.on("pageerror", lambda e: tab.errors.append(str(e)))
         return tab
 
@@ -244,7 +246,9 @@ def test_the_console_drives_a_job_and_a_policy_end_to_end(
     expect(page.locator(".generation .answer.base")).to_be_visible()
     expect(page.locator(".generation .answer.tuned")).to_be_visible()
     expect(page.locator(".artifact code.hash").first).to_have_text(re.compile("^[0-9a-f]{64}$"))
-    tab.shot("job")
+    tab.shot("job-full")
+    page.set_viewport_size({"width": 1280, "height": 1100})
+    tab.shot("job", full_page=False)  # the README's (make screenshot): status and first curves
     page.set_viewport_size({"width": 390, "height": 844})
     page.wait_for_timeout(300)  # the charts follow the resize
     assert page.evaluate(OVERFLOW) == []
@@ -313,4 +317,3 @@ def _decided_run(stack: Stack, timeout: float = WAIT_MS / 1000) -> dict[str, Any
             return dict(runs[0])
         time.sleep(0.25)
     raise AssertionError(f"no gate decision\n--- logs ---\n{stack.logs()[-6000:]}")
-

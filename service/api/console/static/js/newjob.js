@@ -99,7 +99,7 @@ export async function newJobPage(page, params) {
       field("Destination", inputs.destination, "store: the service's own blob store (default); hub: a Hugging Face repo; s3: a prefix."),
       field("Repository or S3 prefix", inputs.target),
       field("Eval prompts", inputs.eval_prompts, tpl.eval_prompts.description)),
-    h("fieldset", {}, h("legend", {}, "Other fields"),
+    h("fieldset", { class: "wide" }, h("legend", {}, "Other fields"),
       field("More of the spec (JSON, merged in)", inputs.extra, "Any other JobSpec field, as in the API reference at /docs.")),
     h("h2", {}, "GPU memory"),
     estimate,

@@ -72,6 +72,11 @@ function checks(run) {
   );
 }
 
+function evalMetrics(metrics) {
+  const shown = Object.entries(metrics).filter(([k]) => k.startsWith("eval_") && !/runtime|per_second/.test(k));
+  return shown.map(([k, v]) => `${k} ${num(v)}`).join(", ") || "—";
+}
+
 function policy(p) {
   const promoted = p.promoted;
   return h(
@@ -92,7 +97,7 @@ function policy(p) {
           ["Run", `#${promoted.number}`],
           ["Job", h("a", { href: `#/jobs/${promoted.job_id}` }, promoted.job_id)],
           ["Promoted", when(promoted.promoted_at)],
-          ["Metrics", Object.entries(promoted.metrics).map(([k, v]) => `${k} ${num(v)}`).join(", ") || "—"],
+          ["Eval metrics", evalMetrics(promoted.metrics)],
           ["Artifacts", promoted.artifacts.map((a) => `${a.kind}: ${a.uri}`).join("; ") || "—"],
           ["Published", promoted.published?.join(", ") || "—"],
         ])
