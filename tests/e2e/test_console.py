@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
-from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Playwright, Route, expect, sync_playwright
 
 from service.api.console import CONTENT_SECURITY_POLICY
 from tests.e2e.conftest import Stack
@@ -156,6 +157,50 @@ def test_a_wrong_key_shows_the_sign_in_page_with_an_error(
     assert tab.page.context.cookies() == []
     assert not [u for u in tab.urls if KEY in u]
     assert tab.errors == []  # no script error, no CSP violation, no missing file
+
+
+def test_a_dropped_event_stream_resumes_after_the_last_event(
+    live_api: LiveServer, console_for: Any
+) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=live_api.url, headers=headers) as http:
+        ds = http.post(
+            "/v1/datasets",
+            content="".join(json.dumps(r) + "\n" for r in preference_rows(8)),
+            headers={"Content-Type": "application/x-ndjson"},
+        ).json()
+        job_id = http.post("/v1/jobs", json={"base_model": "org/m", "dataset_id": ds["id"]}).json()[
+            "id"
+        ]  # no worker here: it stays queued and its stream stays open
+        with http.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+            lines = []
+            for line in stream.iter_lines():
+                if not line:
+                    break
+                lines.append(line)
+    first = "\n".join(lines) + "\n\n"  # the job's first event, as the API sent it
+    sent_id = next(line.removeprefix("id:").strip() for line in lines if line.startswith("id:"))
+
+    tab = console_for(live_api.url)
+    asked: list[str | None] = []
+
+    def drop_the_first_stream(route: Route) -> None:
+        asked.append(route.request.headers.get("last-event-id"))
+        if len(asked) == 1:  # the connection ends after one event, the job still queued
+            route.fulfill(status=200, content_type="text/event-stream", body=first)
+        else:
+            route.continue_()
+
+    tab.page.route(re.compile(r"/events$"), drop_the_first_stream)
+    tab.open(f"#/jobs/{job_id}")
+    tab.sign_in(KEY)
+    expect(tab.page.locator(".log")).to_contain_text("[status] queued")
+    tab.wait_for(lambda: len(asked) >= 2)
+    expect(tab.page.locator(".stream-state")).to_have_text("live")
+    assert asked[:2] == [None, sent_id]  # resumed right after the last event it had
+    tab.page.wait_for_timeout(500)
+    assert tab.page.locator(".log").inner_text().count("[status] queued") == 1  # not replayed
+    assert tab.errors == []
 
 
 def test_the_console_drives_a_job_and_a_policy_end_to_end(
