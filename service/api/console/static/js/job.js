@@ -152,7 +152,7 @@ export async function jobPage(page, jobId) {
     clear(status, timeline(job), summary(job));
     clear(gens, generations(job));
     clear(arts, artifacts(job));
-    cancelBtn.disabled = ["succeeded", "failed", "cancelled"].includes(job.status);
+    cancelBtn.hidden = ["succeeded", "failed", "cancelled"].includes(job.status);
   }
   show(job);
 
