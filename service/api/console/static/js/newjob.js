@@ -2,7 +2,7 @@
 // from the OpenAPI document, so they cannot drift from the contract), the GPU memory estimate
 // before submitting, and the exact JSON that will be POSTed.
 
-import { api } from "./api.js";
+import { api, session } from "./api.js";
 import { clear, field, h, problem } from "./dom.js";
 
 let schemas = null;
@@ -52,7 +52,8 @@ export async function newJobPage(page, params) {
   const hp = s.Hyperparameters.properties;
   const lora = s.Lora.properties;
   const quant = s.Quantization.properties;
-  const datasets = await api("/datasets", { query: { limit: 100 } });
+  // A job trains on its own tenant's data: an admin's list is narrowed to the admin's tenant.
+  const datasets = await api("/datasets", { query: { limit: 100, tenant: session.caller?.admin ? session.caller.tenant : null } });
   document.title = "New job · ftune";
 
   const inputs = {
