@@ -2,8 +2,13 @@
 
 The pages are plain ES modules (no build step) that call `/v1` with the key the user typed,
 kept in the tab's `sessionStorage` and sent as a Bearer header: the server only hands out
-files, so no key ever reaches a URL, a cookie or this module. Charts are uPlot, vendored
-under `static/vendor/uplot` with its licence, so the console works air-gapped.
+files, so no key ever reaches a URL, a cookie or this module.
+
+Vendored unchanged with their licences, so the console works air-gapped and needs no build:
+`static/vendor/uplot` is uPlot 1.6.32 (`npm pack uplot@1.6.32`: dist/uPlot.esm.js,
+dist/uPlot.min.css, LICENSE) for the charts; `static/vendor/eventsource-parser` is
+eventsource-parser 4.1.3 (dist/index.js, parse.js, errors.js, LICENSE) for the event stream,
+which the console reads with fetch() because EventSource cannot send an Authorization header.
 """
 
 from __future__ import annotations
