@@ -216,9 +216,17 @@ def test_the_console_drives_a_job_and_a_policy_end_to_end(
     tab.sign_in(KEY)
     expect(page.locator("#page h1")).to_have_text("Datasets")
 
-    # A bad upload: the API's validation error, rendered with its line number.
+    # A bad file dropped on the page: the API's validation error, with its line number.
     bad = jsonl(tmp_path / "bad.jsonl", [*rows[:2], {"prompt": "Hi", "chosen": "Hello"}])
-    page.set_input_files("#dataset-file", str(bad))
+    dropped = page.evaluate_handle(
+        """(text) => {
+            const files = new DataTransfer();
+            files.items.add(new File([text], "bad.jsonl", { type: "application/x-ndjson" }));
+            return files;
+        }""",
+        bad.read_text(),
+    )
+    page.dispatch_event(".drop", "drop", {"dataTransfer": dropped})
     expect(page.locator("#upload-result")).to_contain_text("line 3")
     expect(page.locator("#upload-result")).to_contain_text("rejected")
     tab.shot("datasets-invalid-upload")
