@@ -30,6 +30,7 @@ from service.api.errors import (
 from service.api.openapi_docs import (
     BAD_GATEWAY,
     CONFLICT,
+    FORBIDDEN,
     INVALID,
     NOT_FOUND,
     TOO_LARGE,
@@ -427,7 +428,7 @@ class DatasetController(Controller):
         operation_id="ListDatasets",
         path="/",
         summary="List datasets, newest first",
-        responses=responses(),
+        responses=responses(FORBIDDEN),
     )
     async def list_datasets(
         self,

@@ -16,7 +16,15 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from service import queue, vram, webhooks
 from service.api.auth import TenantFilter, scope
 from service.api.errors import FieldError, InvalidRequest
-from service.api.openapi_docs import CONFLICT, NOT_FOUND, TOO_MANY, Cursor, PageSize, responses
+from service.api.openapi_docs import (
+    CONFLICT,
+    FORBIDDEN,
+    NOT_FOUND,
+    TOO_MANY,
+    Cursor,
+    PageSize,
+    responses,
+)
 from service.contract import (
     Dataset,
     DatasetRef,
@@ -241,7 +249,10 @@ class JobController(Controller):
         return estimate_memory(data, settings)
 
     @get(
-        operation_id="ListJobs", path="/", summary="List jobs, newest first", responses=responses()
+        operation_id="ListJobs",
+        path="/",
+        summary="List jobs, newest first",
+        responses=responses(FORBIDDEN),
     )
     async def list_jobs(
         self,

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 BAD_REQUEST = 400
 UNAUTHORIZED = 401
+FORBIDDEN = 403
 NOT_FOUND = 404
 CONFLICT = 409
 TOO_LARGE = 413
@@ -40,6 +41,7 @@ BAD_GATEWAY = 502
 _DESCRIPTIONS = {
     BAD_REQUEST: "Malformed query or path parameter",
     UNAUTHORIZED: "Missing or unknown API key",
+    FORBIDDEN: "The key may not do this, e.g. read another tenant's records",
     NOT_FOUND: "No such record for this tenant",
     CONFLICT: "Not allowed in the record's current state",
     TOO_LARGE: "Upload over the configured size limit (compressed or decompressed)",
