@@ -153,6 +153,11 @@ def test_a_wrong_key_shows_the_sign_in_page_with_an_error(
     expect(other.page.locator("#sign-in")).to_be_visible()
     tab.page.click("#sign-out")
     expect(tab.page.locator("#sign-in")).to_be_visible()
+    tab.sign_in("key-admin")  # an admin sees every tenant, with a filter
+    expect(tab.page.locator("#who-tenant")).to_have_text("ops (admin)")
+    expect(tab.page.locator("input[name=tenant]")).to_be_visible()
+    expect(tab.page.locator("th", has_text="Tenant")).to_have_count(0)  # no jobs, no table
+    tab.page.click("#sign-out")
     assert tab.page.evaluate("sessionStorage.length") == 0
     assert tab.page.context.cookies() == []
     assert not [u for u in tab.urls if KEY in u]
@@ -299,6 +304,10 @@ def test_the_console_drives_a_job_and_a_policy_end_to_end(
     expect(page.locator(".generation .answer.base")).to_be_visible()
     expect(page.locator(".generation .answer.tuned")).to_be_visible()
     expect(page.locator(".artifact code.hash").first).to_have_text(re.compile("^[0-9a-f]{64}$"))
+    points = tab.points("loss")
+    page.check("#smoothing")  # the same points, drawn smoothed
+    assert tab.points("loss") == points
+    page.uncheck("#smoothing")
     tab.shot("job-full")
     page.set_viewport_size({"width": 1280, "height": 1100})
     tab.shot("job", full_page=False)  # the README's (make screenshot): status and first curves
@@ -310,6 +319,8 @@ def test_the_console_drives_a_job_and_a_policy_end_to_end(
 
     tab.open("#/jobs?status=cancelled")
     expect(page.locator("tbody tr")).to_have_count(1)
+    tab.open("#/jobs?label=from%3Dconsole")  # the form's job and the cancelled one
+    expect(page.locator("tbody tr")).to_have_count(2)
     tab.open("#/jobs")
     expect(page.locator(f"a[href='#/jobs/{job_id}']")).to_be_visible()
     tab.shot("jobs")
