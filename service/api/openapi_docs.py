@@ -41,7 +41,6 @@ BAD_GATEWAY = 502
 _DESCRIPTIONS = {
     BAD_REQUEST: "Malformed query or path parameter",
     UNAUTHORIZED: "Missing or unknown API key",
-    FORBIDDEN: "The key may not do this, e.g. read another tenant's records",
     NOT_FOUND: "No such record for this tenant",
     CONFLICT: "Not allowed in the record's current state",
     TOO_LARGE: "Upload over the configured size limit (compressed or decompressed)",
@@ -50,7 +49,11 @@ _DESCRIPTIONS = {
         "the `Accept-Post` header lists the accepted media types"
     ),
     INVALID: "Invalid body or rows; `errors` says where",
-    TOO_MANY: "The tenant is at its limit of queued and running jobs (FTUNE_MAX_LIVE_JOBS)",
+    FORBIDDEN: "The tenant was not granted a Hub token, Hub namespace or S3 prefix the request "
+    "uses (or the caller is not an admin); `detail` names the grant",
+    TOO_MANY: "The tenant is at one of its limits (request rate, queued jobs, datasets, ...): "
+    "`detail` names it; `Retry-After`, `RateLimit-Policy` and `RateLimit` headers say when "
+    "to try again",
     BAD_GATEWAY: "The Hub or S3 did not answer as expected",
 }
 
@@ -66,7 +69,8 @@ Cursor = Annotated[
 
 
 def responses(*codes: int) -> dict[int, ResponseSpec]:
-    """Problem Details responses for `codes`, plus 400 and 401 that every route can answer."""
+    """Problem Details responses for `codes`, plus 400, 401, 422 and 429 (the request rate)
+    that every route can answer."""
     return {
         code: ResponseSpec(
             data_container=Problem,
@@ -74,7 +78,7 @@ def responses(*codes: int) -> dict[int, ResponseSpec]:
             media_type=PROBLEM,
             generate_examples=False,
         )
-        for code in sorted({BAD_REQUEST, UNAUTHORIZED, INVALID, *codes})
+        for code in sorted({BAD_REQUEST, UNAUTHORIZED, INVALID, TOO_MANY, *codes})
     }
 
 

@@ -93,6 +93,7 @@ from service.contract.spec import (
     Strict,
     local_model_path,
 )
+from service.contract.tenants import AuditEntry, AuditPage, LimitUsage, Usage
 from service.contract.webhooks import (
     EventType,
     OpenAIEventType,
@@ -114,6 +115,8 @@ __all__ = [
     "REPO_ID_RE",
     "STREAM_NAME",
     "Artifact",
+    "AuditEntry",
+    "AuditPage",
     "Caller",
     "ChatTemplate",
     "Container",
@@ -154,6 +157,7 @@ __all__ = [
     "JobTemplate",
     "Kind",
     "Label",
+    "LimitUsage",
     "Lora",
     "LossType",
     "Message",
@@ -185,6 +189,7 @@ __all__ = [
     "StoreDestination",
     "Strict",
     "Trigger",
+    "Usage",
     "WebhookDelivery",
     "WebhookEvent",
     "WebhookJobData",

@@ -1,7 +1,7 @@
 // The retraining loop by eye: feedback streams (counts, snapshots) and policies (trigger,
 // gate, runs with each gate check's numbers, the promoted model).
 
-import { api } from "./api.js";
+import { api, session } from "./api.js";
 import { badge, clear, dl, h, num, table, when } from "./dom.js";
 
 const PAGE = 20;
@@ -10,7 +10,7 @@ function stream(s) {
   return h(
     "article",
     { class: "card" },
-    h("h3", {}, s.name),
+    h("h3", {}, s.name, session.caller?.admin ? ` (${s.tenant})` : ""),
     dl([
       ["Format", s.format],
       ["Events", String(s.events)],
@@ -82,7 +82,7 @@ function policy(p) {
   return h(
     "article",
     { class: "card policy", dataset: { policy: p.name } },
-    h("h3", {}, p.name, p.spec.enabled === false ? " (disabled)" : ""),
+    h("h3", {}, p.name, session.caller?.admin ? ` (${p.tenant})` : "", p.spec.enabled === false ? " (disabled)" : ""),
     dl([
       ["Stream", p.spec.stream],
       ["Trigger", trigger(p.spec.trigger)],
@@ -126,8 +126,9 @@ export async function retrainingPage(page) {
   // The lists hold the records; each one's page adds the scheduler's status and the snapshots.
   const [streamList, policyList] = await Promise.all([api("/feedback", { query: { limit: PAGE } }), api("/policies", { query: { limit: PAGE } })]);
   const [streams, policies] = await Promise.all([
-    Promise.all(streamList.items.map((s) => api(`/feedback/${encodeURIComponent(s.name)}`))),
-    Promise.all(policyList.items.map((p) => api(`/policies/${encodeURIComponent(p.name)}`))),
+    // An admin lists every tenant's: each record is read from its own tenant.
+    Promise.all(streamList.items.map((s) => api(`/feedback/${encodeURIComponent(s.name)}`, { query: { tenant: s.tenant } }))),
+    Promise.all(policyList.items.map((p) => api(`/policies/${encodeURIComponent(p.name)}`, { query: { tenant: p.tenant } }))),
   ]);
   document.title = "Retraining · ftune";
   clear(
