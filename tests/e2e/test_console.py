@@ -335,6 +335,19 @@ def test_the_console_drives_a_job_and_a_policy_end_to_end(
     expect(page.locator(".policy").first).to_contain_text("support")
     tab.shot("retraining")
 
+    # Every page reads on a phone without scrolling sideways (tables scroll in their box).
+    page.set_viewport_size({"width": 390, "height": 844})
+    for fragment, title in (
+        ("#/jobs", "Jobs"),
+        ("#/datasets", "Datasets"),
+        ("#/new", "New job"),
+        ("#/retraining", "Retraining"),
+    ):
+        tab.open(fragment)
+        expect(page.locator("#page h1")).to_have_text(title)
+        assert page.evaluate(OVERFLOW) == [], fragment
+    tab.shot("retraining-phone")
+
     # Nothing carried the key but the Authorization header.
     assert tab.urls and not [u for u in tab.urls if KEY in u]
     assert KEY not in stack.logs()
