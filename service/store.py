@@ -19,12 +19,15 @@ from typing import Any, TypeVar
 import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.lock import Lock
 
 from service.contract import Dataset, Job, JobStatus, MetricPoint
 
 P = "ftune:"
 T = TypeVar("T", Dataset, Job)
 R = TypeVar("R")
+BLOB_LOCK_SECONDS = 60
+"""How long a dataset blob's lock may be held (one INCR, or one blob delete)."""
 
 TerminalHook = Callable[[Pipeline, Job], None]
 """Queues more writes into the transaction that stores a job's terminal status."""
@@ -131,8 +134,26 @@ class Store:
             pipe.set(dataset_key(ds.id), _encoder.encode(ds))
             pipe.zadd(_index("datasets", ds.tenant), {ds.id: 0})
             pipe.zadd(_index("datasets", None), {ds.id: 0})
-            pipe.incr(_blob_refs(ds.sha256))
             await pipe.execute()
+
+    def blob_lock(self, sha256: str) -> Lock:
+        """Held while a dataset blob's references are taken, and while it is deleted once they
+        are gone: a reference taken after the lock is released sees the blob's final state."""
+        return self.redis.lock(
+            f"{P}bloblock:{sha256}", timeout=BLOB_LOCK_SECONDS, blocking_timeout=BLOB_LOCK_SECONDS
+        )
+
+    async def add_blob_ref(self, sha256: str) -> None:
+        """The reference a dataset record will hold, taken (under `blob_lock`) before the blob
+        is checked or stored, so that no delete can remove it meanwhile."""
+        await self.redis.incr(_blob_refs(sha256))
+
+    async def drop_blob_ref(self, sha256: str) -> int:
+        """Give back a reference no record took (a failed upload); how many remain."""
+        return int(await self.redis.decr(_blob_refs(sha256)))
+
+    async def blob_refs(self, sha256: str) -> int:
+        return int(await self.redis.get(_blob_refs(sha256)) or 0)
 
     async def get_dataset(self, dataset_id: str, tenant: str | None) -> Dataset:
         raw = await self.redis.get(dataset_key(dataset_id))

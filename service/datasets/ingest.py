@@ -59,9 +59,24 @@ async def store_dataset(
 
         result = await anyio.to_thread.run_sync(validate)
         key = dataset_blob_key(result.sha256)
-        if not await anyio.to_thread.run_sync(blobs.exists, key):
-            await anyio.to_thread.run_sync(blobs.put_file, key, normalized)
-    ds = Dataset(
+        async with store.blob_lock(result.sha256):
+            await store.add_blob_ref(result.sha256)
+        try:
+            if not await anyio.to_thread.run_sync(blobs.exists, key):
+                await anyio.to_thread.run_sync(blobs.put_file, key, normalized)
+            ds = _record(result, tenant=tenant, name=name)
+            await store.put_dataset(ds)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await _release_blob(
+                    store, blobs, result.sha256, await store.drop_blob_ref(result.sha256)
+                )
+            raise
+    return ds
+
+
+def _record(result: IngestResult, *, tenant: str, name: str) -> Dataset:
+    return Dataset(
         id=new_id("ds"),
         tenant=tenant,
         name=name,
@@ -80,8 +95,6 @@ async def store_dataset(
         skipped_rows=result.skipped_rows,
         skipped=result.skipped,
     )
-    await store.put_dataset(ds)
-    return ds
 
 
 async def delete_dataset(
@@ -90,6 +103,17 @@ async def delete_dataset(
     """Delete the record (Conflict while a live job uses it), and its blob once no other
     record shares the content."""
     ds, remaining = await store.delete_dataset(dataset_id, tenant)
-    if remaining <= 0:
-        await anyio.to_thread.run_sync(blobs.delete, dataset_blob_key(ds.sha256))
+    await _release_blob(store, blobs, ds.sha256, remaining)
     return ds
+
+
+async def _release_blob(store: Store, blobs: BlobStore, sha256: str, remaining: int) -> None:
+    """Delete the blob once no reference is left. Under the blob's lock, and only if still
+    none is: an upload of the same content takes its reference under that lock before it
+    checks whether the blob exists, so it either sees the blob gone (and stores it again) or
+    keeps it alive; no interleaving leaves a record whose blob is gone."""
+    if remaining > 0:
+        return
+    async with store.blob_lock(sha256):
+        if await store.blob_refs(sha256) <= 0:
+            await anyio.to_thread.run_sync(blobs.delete, dataset_blob_key(sha256))
