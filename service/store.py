@@ -55,6 +55,15 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
 
 
+def is_stream_id(value: str) -> bool:
+    """Whether ``value`` is a Redis stream entry id (``ms-seq``, each below 2**64), so that a
+    client's ``Last-Event-ID`` or ``after`` never reaches XREAD malformed."""
+    ms, dash, seq = value.partition("-")
+    return bool(dash) and all(
+        p.isascii() and p.isdigit() and len(p) <= 20 and int(p) < 2**64 for p in (ms, seq)
+    )
+
+
 def job_key(job_id: str) -> str:
     return f"{P}job:{job_id}"
 

@@ -18,10 +18,11 @@ from litestar import Controller, Request, delete, get, post
 from litestar.openapi.spec import Example, OpenAPIMediaType, Schema
 from litestar.openapi.spec.enums import OpenAPIFormat, OpenAPIType
 from litestar.params import Body, Parameter, ParameterKwarg
-from multipart import MultipartSegment, PushMultipartParser
+from multipart import MultipartError, MultipartSegment, PushMultipartParser
 
 from service.api.auth import scope
 from service.api.errors import (
+    BadRequest,
     FieldError,
     InvalidRequest,
     PayloadTooLarge,
@@ -190,6 +191,10 @@ class Spooled:
 
 MAX_FIELD_BYTES = 4096
 """A multipart text field past this is refused: the only fields expected are short."""
+MAX_FORM_PARTS = 16
+"""Parts of a multipart form read before it is refused (one file and a few short fields)."""
+MAX_FORM_OVERHEAD = 64 * 1024
+"""What a multipart form may add to the size limit: boundaries, part headers, text fields."""
 
 
 async def spool_upload(request: Request[Any, Any, Any], out: IO[bytes], limit: int) -> Spooled:
@@ -197,7 +202,8 @@ async def spool_upload(request: Request[Any, Any, Any], out: IO[bytes], limit: i
     the size limit checked on the way. Shared by our upload and OpenAI's `POST /v1/files`."""
     ctype, options = request.content_type
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    allowed = limit + (MAX_FORM_OVERHEAD if ctype == "multipart/form-data" else 0)
+    if declared and declared.isdigit() and int(declared) > allowed:
         raise PayloadTooLarge(f"the upload is {declared} bytes; the limit is {limit} bytes")
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("identity", "gzip", "x-gzip"):
@@ -226,11 +232,30 @@ async def spool_upload(request: Request[Any, Any, Any], out: IO[bytes], limit: i
 async def _spool_multipart(
     request: Request[Any, Any, Any], out: IO[bytes], boundary: bytes, limit: int
 ) -> Spooled:
+    """The first file part into ``out``; the whole form (boundaries, headers, text fields)
+    may be at most ``MAX_FORM_OVERHEAD`` bytes over the limit, and a form that is not
+    well-formed multipart is a 400."""
+    try:
+        return await _parse_multipart(request, out, boundary, limit)
+    except MultipartError as exc:
+        raise BadRequest(f"the multipart/form-data body is malformed: {exc}") from None
+
+
+async def _parse_multipart(
+    request: Request[Any, Any, Any], out: IO[bytes], boundary: bytes, limit: int
+) -> Spooled:
     spooled = Spooled(size=0)
     in_file = done = False
     text: tuple[str, bytearray] | None = None
-    with PushMultipartParser(boundary) as parser:
+    received = 0
+    with PushMultipartParser(boundary, max_segment_count=MAX_FORM_PARTS) as parser:
         async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit + MAX_FORM_OVERHEAD:
+                raise PayloadTooLarge(
+                    f"the form is over the limit of {limit} bytes (plus {MAX_FORM_OVERHEAD} "
+                    "for its other fields)"
+                )
             for part in parser.parse(chunk):
                 if isinstance(part, MultipartSegment):
                     in_file = part.filename is not None and not done
@@ -310,7 +335,7 @@ class DatasetController(Controller):
             Parameter(
                 min_length=1,
                 max_length=128,
-                pattern=r"^[\w .,:()+-]+$",
+                pattern=r"^[\w .,:()+-]+(?!\n)$",
                 description="Dataset name, for people",
             ),
         ] = "dataset",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -15,7 +14,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from service import queue, vram, webhooks
 from service.api.auth import scope
-from service.api.errors import FieldError, InvalidRequest
+from service.api.errors import BadRequest, FieldError, InvalidRequest
 from service.api.openapi_docs import CONFLICT, NOT_FOUND, TOO_MANY, Cursor, PageSize, responses
 from service.contract import (
     Dataset,
@@ -28,9 +27,8 @@ from service.contract import (
     local_model_path,
 )
 from service.settings import Principal, Settings
-from service.store import Conflict, NotFound, Store, new_id, request_fingerprint
+from service.store import Conflict, NotFound, Store, is_stream_id, new_id, request_fingerprint
 
-EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 JobId = Annotated[str, Parameter(description="The job's id (`job_...`).")]
 IdempotencyKey = Annotated[
     str | None,
@@ -284,8 +282,8 @@ class JobController(Controller):
         ] = None,
     ) -> ServerSentEvent:
         await store.get_job(job_id, scope(principal))
-        if last_event_id is not None and not EVENT_ID.match(last_event_id):
-            raise InvalidRequest(
+        if last_event_id is not None and not is_stream_id(last_event_id):
+            raise BadRequest(
                 "Last-Event-ID must be an id this stream sent (e.g. 1700000000000-0)",
                 [FieldError(loc=["header", "Last-Event-ID"], msg="not an event id")],
             )

@@ -8,7 +8,7 @@ import msgspec
 
 from service.contract.datasets import DatasetRef, Format
 
-STREAM_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+STREAM_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}(?!\n)$"
 """Stream (and policy) names: also part of Redis keys, so no ':'."""
 
 

@@ -15,7 +15,7 @@ from service.datasets.validate import Limits
 from service.store import Store
 from tests.fixtures.s3 import S3Server
 
-ROUNDS = 40
+ROUNDS = 25
 ROW = {"prompt": "What is 2+2?", "chosen": "4.", "rejected": "Let me think at length... 5?"}
 
 
