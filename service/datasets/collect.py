@@ -11,7 +11,7 @@ import operator
 from array import array
 from collections.abc import Callable, Iterable, Sequence
 from itertools import compress
-from typing import Any, BinaryIO
+from typing import Any
 
 import msgspec
 
@@ -38,7 +38,7 @@ from service.datasets.canonical import (
 )
 from service.datasets.layouts import DEFAULT_MAPPING, normalize
 from service.datasets.messages import RowInvalid
-from service.datasets.output import Output
+from service.datasets.output import Output, Sink
 from service.datasets.rows import LONG_ROW_CHARS
 from service.datasets.stats import (
     WARNING_LINES,
@@ -152,7 +152,7 @@ class Collector:
 
     def __init__(
         self,
-        dst: BinaryIO,
+        dst: Sink,
         *,
         mapping: FieldMapping | None,
         limits: Limits,

@@ -1,10 +1,12 @@
 """Turn a dataset into a stored dataset: validate, normalize, store, record; and remove one again.
 
 Shared by uploads (ours and OpenAI-compatible files), imports and feedback snapshots, so all
-give the same normalized blob, stats and sha256 for the same rows. Validation runs in a worker
-thread: it is CPU-bound and must not stall the event loop (other requests are still answered:
-/healthz stayed under 60 ms during a 400 MB upload). Invalid input raises InvalidDataset and
-stores nothing.
+give the same normalized blob, stats and sha256 for the same rows. The normalized rows are
+written straight into the blob store as a draft (:class:`service.blobs.Draft`), committed under
+their sha256 at the end: the local temp space holds only the file as it was sent.
+Validation runs in a worker thread: it is CPU-bound and must not stall the event loop (other
+requests are still answered: /healthz stayed under 60 ms during a 400 MB upload). Invalid
+input raises InvalidDataset and stores nothing.
 
 Two ways to overlap receiving an upload with checking it were measured on 2 busy cores and
 dropped: writing the body to a validating child process's stdin, and validating the spool
@@ -13,13 +15,13 @@ file in a thread while it grows. Neither beat spooling first, then validating.
 
 from __future__ import annotations
 
-import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import anyio.to_thread
 
-from service.blobs import BlobStore, dataset_blob_key
+from service.blobs import DATASETS, BlobStore, dataset_blob_key
 from service.contract import Container, Dataset, FieldMapping, OnInvalid
 from service.datasets.validate import IngestResult, Limits, validate_file
 from service.store import Store, new_id
@@ -41,29 +43,27 @@ async def store_dataset(
 ) -> Dataset:
     """Validate ``src`` (a file, or the files of one dataset), store its rows and record it."""
     files = [src] if isinstance(src, Path) else src
-    with tempfile.TemporaryDirectory(prefix="ftune-ingest-") as tmp:
-        normalized = Path(tmp) / "normalized.jsonl"
-
-        def validate() -> IngestResult:
-            with normalized.open("w+b") as dst:  # read back if text rows turn conversations
-                return validate_file(
-                    files,
-                    dst,
-                    hint=hint,
-                    mapping=mapping,
-                    limits=limits,
-                    on_invalid=on_invalid,
-                    max_invalid_fraction=max_invalid_fraction,
-                    processes=processes,
-                )
-
-        result = await anyio.to_thread.run_sync(validate)
+    draft = await anyio.to_thread.run_sync(blobs.draft, DATASETS)
+    try:
+        result = await anyio.to_thread.run_sync(
+            partial(
+                validate_file,
+                files,
+                draft,
+                hint=hint,
+                mapping=mapping,
+                limits=limits,
+                on_invalid=on_invalid,
+                max_invalid_fraction=max_invalid_fraction,
+                processes=processes,
+            )
+        )
         key = dataset_blob_key(result.sha256)
         async with store.blob_lock(result.sha256):
             await store.add_blob_ref(result.sha256)
         try:
             if not await anyio.to_thread.run_sync(blobs.exists, key):
-                await anyio.to_thread.run_sync(blobs.put_file, key, normalized)
+                await anyio.to_thread.run_sync(draft.commit, key)
             ds = _record(result, tenant=tenant, name=name)
             await store.put_dataset(ds)
         except BaseException:
@@ -72,6 +72,9 @@ async def store_dataset(
                     store, blobs, result.sha256, await store.drop_blob_ref(result.sha256)
                 )
             raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(draft.discard)
     return ds
 
 
