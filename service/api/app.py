@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio.to_thread
 from arq.connections import ArqRedis
 from litestar import Litestar, Request
 from litestar.datastructures import State
@@ -27,7 +28,8 @@ from service.api.openai import FileController, FineTuningController
 from service.api.openapi_docs import ContractSchemas
 from service.api.policies import PolicyController
 from service.api.system import SystemController
-from service.blobs import BlobStore, open_store
+from service.api.uploads import UploadSpace
+from service.blobs import DATASETS, DRAFT_MAX_AGE_SECONDS, BlobStore, open_store
 from service.contract import MAX_REQUEST_BYTES
 from service.metrics import ServiceCollector
 from service.scheduler import Scheduler, scheduling
@@ -35,6 +37,7 @@ from service.settings import Settings
 from service.store import Store
 
 VERSION = "0.1.0"
+log = logging.getLogger("ftune.api")
 
 
 def _openapi() -> OpenAPIConfig:
@@ -73,6 +76,7 @@ def _lifespan(settings: Settings) -> Any:
         arq = await queue.connect(settings.redis_url)
         blobs = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
         app.state.store, app.state.arq, app.state.blobs = store, arq, blobs
+        await _sweep(app.state.uploads, blobs)
         config = webhooks.WebhookConfig(
             secrets=webhooks.load_secrets(settings.webhook_secrets_file),
             allow_private=settings.webhook_allow_private,
@@ -91,6 +95,18 @@ def _lifespan(settings: Settings) -> Any:
             await store.close()
 
     return lifespan
+
+
+async def _sweep(uploads: UploadSpace, blobs: BlobStore) -> None:
+    """Remove what uploads killed with an earlier process left: their temp directories, and
+    drafts in the store old enough that no live upload can own them."""
+    live = await anyio.to_thread.run_sync(uploads.sweep)
+    try:
+        swept = await anyio.to_thread.run_sync(blobs.sweep_drafts, DATASETS, DRAFT_MAX_AGE_SECONDS)
+    except Exception:  # the store may be down; this waits for the next start
+        log.warning("could not sweep old upload drafts from the store", exc_info=True)
+        swept = 0
+    log.info("upload space swept: %d uploads live, %d old drafts removed", live, swept)
 
 
 def _dependencies(settings: Settings) -> dict[str, Provide]:
@@ -112,6 +128,7 @@ def _dependencies(settings: Settings) -> dict[str, Provide]:
         "store": from_state("store"),
         "arq": from_state("arq"),
         "blobs": from_state("blobs"),
+        "uploads": from_state("uploads"),
     }
 
 
@@ -141,12 +158,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
         openapi_config=_openapi(),
         plugins=[ContractSchemas()],
         request_max_body_size=MAX_REQUEST_BYTES,
-        signature_types=[Store, ArqRedis, BlobStore, Settings],
+        signature_types=[Store, ArqRedis, BlobStore, Settings, UploadSpace],
         logging_config=None,
     )
     app.state.api_keys = settings.load_api_keys()
+    app.state.uploads = UploadSpace(
+        settings.upload_dir,
+        max_uploads=settings.max_concurrent_uploads,
+        reserve_bytes=settings.max_dataset_bytes,
+    )
     app.state.collector = ServiceCollector()
     app.state.registry = CollectorRegistry()
     app.state.registry.register(app.state.collector)
-    logging.getLogger("ftune.api").info("ftune API configured")
+    log.info("ftune API configured")
     return app

@@ -7,9 +7,8 @@ import downloads its source to a temporary file first, then goes the same way.
 
 from __future__ import annotations
 
-import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, Annotated, Any
 
 import anyio.to_thread
@@ -40,6 +39,7 @@ from service.api.openapi_docs import (
     request_body,
     responses,
 )
+from service.api.uploads import UploadSpace, paced
 from service.blobs import BlobStore, dataset_blob_key
 from service.contract import (
     Container,
@@ -197,9 +197,18 @@ MAX_FORM_OVERHEAD = 64 * 1024
 """What a multipart form may add to the size limit: boundaries, part headers, text fields."""
 
 
-async def spool_upload(request: Request[Any, Any, Any], out: IO[bytes], limit: int) -> Spooled:
+async def spool_upload(
+    request: Request[Any, Any, Any], out: IO[bytes], settings: Settings
+) -> Spooled:
     """Copy the uploaded file (the raw body, or the first file of a multipart form) into `out`,
-    the size limit checked on the way. Shared by our upload and OpenAI's `POST /v1/files`."""
+    the size limit and the pace checked on the way. Shared by our upload and OpenAI's
+    `POST /v1/files`."""
+    limit = settings.max_dataset_bytes
+    body = paced(
+        request.stream(),
+        min_rate=settings.upload_min_bytes_per_second,
+        grace=settings.upload_grace_seconds,
+    )
     ctype, options = request.content_type
     declared = request.headers.get("content-length")
     allowed = limit + (MAX_FORM_OVERHEAD if ctype == "multipart/form-data" else 0)
@@ -215,13 +224,13 @@ async def spool_upload(request: Request[Any, Any, Any], out: IO[bytes], limit: i
         boundary = options.get("boundary")
         if not boundary:
             raise UnsupportedMediaType("multipart/form-data without a boundary")
-        spooled = await _spool_multipart(request, out, boundary.encode(), limit)
+        spooled = await _spool_multipart(body, out, boundary.encode(), limit)
         spooled.hint = hint_of(spooled.filename or "")
         return spooled
     if ctype not in _HINTS:
         raise _unsupported_type(ctype)
     size = 0
-    async for chunk in request.stream():
+    async for chunk in body:
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"the upload is over the limit of {limit} bytes")
@@ -230,26 +239,26 @@ async def spool_upload(request: Request[Any, Any, Any], out: IO[bytes], limit: i
 
 
 async def _spool_multipart(
-    request: Request[Any, Any, Any], out: IO[bytes], boundary: bytes, limit: int
+    body: AsyncIterator[bytes], out: IO[bytes], boundary: bytes, limit: int
 ) -> Spooled:
     """The first file part into ``out``; the whole form (boundaries, headers, text fields)
     may be at most ``MAX_FORM_OVERHEAD`` bytes over the limit, and a form that is not
     well-formed multipart is a 400."""
     try:
-        return await _parse_multipart(request, out, boundary, limit)
+        return await _parse_multipart(body, out, boundary, limit)
     except MultipartError as exc:
         raise BadRequest(f"the multipart/form-data body is malformed: {exc}") from None
 
 
 async def _parse_multipart(
-    request: Request[Any, Any, Any], out: IO[bytes], boundary: bytes, limit: int
+    body: AsyncIterator[bytes], out: IO[bytes], boundary: bytes, limit: int
 ) -> Spooled:
     spooled = Spooled(size=0)
     in_file = done = False
     text: tuple[str, bytearray] | None = None
     received = 0
     with PushMultipartParser(boundary, max_segment_count=MAX_FORM_PARTS) as parser:
-        async for chunk in request.stream():
+        async for chunk in body:
             received += len(chunk)
             if received > limit + MAX_FORM_OVERHEAD:
                 raise PayloadTooLarge(
@@ -330,6 +339,7 @@ class DatasetController(Controller):
         store: Store,
         blobs: BlobStore,
         settings: Settings,
+        uploads: UploadSpace,
         name: Annotated[
             str,
             Parameter(
@@ -383,10 +393,10 @@ class DatasetController(Controller):
             system_field=system_field,
             history_field=history_field,
         )
-        with tempfile.TemporaryDirectory(prefix="ftune-upload-") as tmp:
-            raw = Path(tmp) / "upload"
+        async with uploads.slot() as tmp:
+            raw = tmp / "upload"
             with raw.open("wb") as out:
-                spooled = await spool_upload(request, out, settings.max_dataset_bytes)
+                spooled = await spool_upload(request, out, settings)
             return await store_dataset(
                 store,
                 blobs,
@@ -422,6 +432,7 @@ class DatasetController(Controller):
         store: Store,
         blobs: BlobStore,
         settings: Settings,
+        uploads: UploadSpace,
     ) -> Dataset:
         mapping = _mapping(
             prompt_field=data.prompt_field,
@@ -430,9 +441,9 @@ class DatasetController(Controller):
             system_field=data.system_field,
             history_field=data.history_field,
         )
-        with tempfile.TemporaryDirectory(prefix="ftune-import-") as tmp:
+        async with uploads.slot() as tmp:
             fetched = await anyio.to_thread.run_sync(
-                fetch, data, settings, Path(tmp), settings.max_dataset_bytes
+                fetch, data, settings, tmp, settings.max_dataset_bytes
             )
             return await store_dataset(
                 store,

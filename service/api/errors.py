@@ -25,6 +25,7 @@ _TITLES = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     409: "Conflict",
     413: "Content Too Large",
     415: "Unsupported Media Type",
@@ -100,6 +101,10 @@ class Unavailable(Exception):
     def __init__(self, detail: str, retry_after: int) -> None:
         super().__init__(detail)
         self.retry_after = retry_after
+
+
+class UploadTimeout(Exception):
+    """The body came too slowly (see ``service.api.uploads.paced``): 408."""
 
 
 class PayloadTooLarge(Exception):
@@ -184,6 +189,8 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]
         return problem(400, str(exc), errors=exc.errors)
     if isinstance(exc, Unavailable):
         return problem(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, UploadTimeout):
+        return problem(408, str(exc), headers={"Connection": "close"})
     if isinstance(exc, RecursionError) and "deserializing" in str(exc):
         # msgspec's depth limit on a request body: Litestar lets it through undecorated.
         return problem(400, "the JSON body is nested too deeply to be read")

@@ -13,6 +13,7 @@ from litestar.params import HeaderParameter, Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from service import queue, vram, webhooks
+from service.api import shown
 from service.api.auth import scope
 from service.api.errors import BadRequest, FieldError, InvalidRequest
 from service.api.openapi_docs import CONFLICT, NOT_FOUND, TOO_MANY, Cursor, PageSize, responses
@@ -183,7 +184,7 @@ class JobController(Controller):
             data, tenant=principal.tenant, store=store, arq=arq, settings=settings, idempotency=idem
         )
         headers = {"Idempotent-Replayed": "true"} if replayed else None
-        return Response(job, status_code=201, headers=headers)
+        return Response(shown.job(job), status_code=201, headers=headers)
 
     @get(
         operation_id="ListJobs", path="/", summary="List jobs, newest first", responses=responses()
@@ -217,11 +218,11 @@ class JobController(Controller):
         items, next_cursor = await store.list_jobs(
             scope(principal), status=status, labels=labels, limit=limit, cursor=cursor
         )
-        return JobList(items=items, next_cursor=next_cursor)
+        return JobList(items=[shown.job(j) for j in items], next_cursor=next_cursor)
 
     @get(operation_id="GetJob", path="/{job_id:str}", responses=responses(NOT_FOUND))
     async def get_job(self, job_id: JobId, principal: Principal, store: Store) -> Job:
-        return await store.get_job(job_id, scope(principal))
+        return shown.job(await store.get_job(job_id, scope(principal)))
 
     @post(
         operation_id="CancelJob",
@@ -233,9 +234,10 @@ class JobController(Controller):
     async def cancel(
         self, job_id: JobId, principal: Principal, store: Store, arq: ArqRedis, settings: Settings
     ) -> Job:
-        return await cancel_job(
+        job = await cancel_job(
             job_id, tenant=scope(principal), store=store, arq=arq, settings=settings
         )
+        return shown.job(job)
 
     @get(
         operation_id="GetJobMetrics",

@@ -8,6 +8,7 @@ import msgspec
 from litestar import Controller, delete, get, put
 from litestar.params import Parameter
 
+from service.api import shown
 from service.api.errors import FieldError, InvalidRequest
 from service.api.openapi_docs import NOT_FOUND, Cursor, PageSize, responses
 from service.contract import Policy, PolicyList, PolicySpec, local_model_path
@@ -72,7 +73,9 @@ class PolicyController(Controller):
     ) -> Policy:
         await _check_template(data, principal.tenant, store, settings)
         await policies.put_policy(store, principal.tenant, name, data)
-        return await policies.get_policy(store, principal.tenant, name, with_status=True)
+        return shown.policy(
+            await policies.get_policy(store, principal.tenant, name, with_status=True)
+        )
 
     @get(
         operation_id="ListPolicies",
@@ -90,7 +93,7 @@ class PolicyController(Controller):
         items, next_cursor = await policies.list_policies(
             store, principal.tenant, limit=limit, cursor=cursor
         )
-        return PolicyList(items=items, next_cursor=next_cursor)
+        return PolicyList(items=[shown.policy(p) for p in items], next_cursor=next_cursor)
 
     @get(
         operation_id="GetPolicy",
@@ -99,7 +102,9 @@ class PolicyController(Controller):
         responses=responses(NOT_FOUND),
     )
     async def get_policy(self, name: PolicyName, principal: Principal, store: Store) -> Policy:
-        return await policies.get_policy(store, principal.tenant, name, with_status=True)
+        return shown.policy(
+            await policies.get_policy(store, principal.tenant, name, with_status=True)
+        )
 
     @delete(
         operation_id="DeletePolicy",
