@@ -101,6 +101,13 @@ class FeedbackStream(msgspec.Struct, kw_only=True):
     pending_ratings: Annotated[
         int, msgspec.Meta(description="Ratings waiting for an opposite rating of the same prompt.")
     ] = 0
+    dropped_ratings: Annotated[
+        int,
+        msgspec.Meta(
+            description="Waiting ratings dropped, oldest first, because one prompt had more "
+            "than 1,000 waiting in one direction."
+        ),
+    ] = 0
     snapshots: Annotated[int, msgspec.Meta(description="Snapshots taken so far.")] = 0
     created_at: Annotated[
         float, msgspec.Meta(description="When its first event arrived, in seconds since the epoch.")
