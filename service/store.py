@@ -139,6 +139,8 @@ class Store:
     # -- datasets ---------------------------------------------------------------------------
 
     async def put_dataset(self, ds: Dataset) -> None:
+        """The record and its indexes; the reference to its blob was taken before the blob
+        was stored (`add_blob_ref`)."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(dataset_key(ds.id), _encoder.encode(ds))
             pipe.zadd(_index("datasets", ds.tenant), {ds.id: 0})

@@ -1,15 +1,15 @@
 """Dataset upload, import, preview, listing and deletion.
 
-An upload is spooled to a temporary file as it arrives (the size limit enforced on the way),
-validated and normalized in a thread, and only then stored: invalid input stores nothing. An
-import downloads its source to a temporary file first, then goes the same way.
+An upload takes a slot of the host's upload space (`service.api.uploads`), is spooled there as
+it arrives (`service.api.spool`: size limit and pace enforced on the way), then validated
+and normalized in a thread straight into the blob store, and only then recorded: invalid
+input stores nothing. An import downloads its source into such a slot first, then goes the
+same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import IO, Annotated, Any
+from typing import Annotated, Any
 
 import anyio.to_thread
 import msgspec
@@ -17,15 +17,11 @@ from litestar import Controller, Request, delete, get, post
 from litestar.openapi.spec import Example, OpenAPIMediaType, Schema
 from litestar.openapi.spec.enums import OpenAPIFormat, OpenAPIType
 from litestar.params import Body, Parameter, ParameterKwarg
-from multipart import MultipartError, MultipartSegment, PushMultipartParser
 
 from service.api.auth import scope
 from service.api.errors import (
-    BadRequest,
     FieldError,
     InvalidRequest,
-    PayloadTooLarge,
-    UnsupportedMediaType,
 )
 from service.api.openapi_docs import (
     BAD_GATEWAY,
@@ -39,10 +35,10 @@ from service.api.openapi_docs import (
     request_body,
     responses,
 )
-from service.api.uploads import UploadSpace, paced
+from service.api.spool import JSONL_TYPES, spool_upload
+from service.api.uploads import UploadSpace
 from service.blobs import BlobStore, dataset_blob_key
 from service.contract import (
-    Container,
     Dataset,
     DatasetImport,
     DatasetList,
@@ -51,25 +47,12 @@ from service.contract import (
     FieldMapping,
     OnInvalid,
 )
-from service.datasets.containers import ACCEPTED_TYPES
 from service.datasets.ingest import delete_dataset, store_dataset
-from service.datasets.sources import fetch, hint_of
+from service.datasets.sources import fetch
 from service.datasets.validate import Limits
 from service.settings import Principal, Settings
 from service.store import Store
 
-JSONL_TYPES = {"application/x-ndjson", "application/jsonl", "application/json-lines", "text/plain"}
-_HINTS: dict[str, Container | None] = {
-    **dict.fromkeys(JSONL_TYPES, "jsonl"),
-    "application/json": None,
-    "application/vnd.apache.parquet": "parquet",
-    "application/x-parquet": "parquet",
-    "text/csv": "csv",
-    "application/gzip": None,
-    "application/x-gzip": None,
-    "application/octet-stream": None,
-}
-"""Declared media types and the container each suggests (the bytes decide)."""
 DatasetId = Annotated[str, Parameter(description="The dataset's id (`ds_...`).")]
 
 
@@ -84,14 +67,6 @@ def _column(role: str) -> ParameterKwarg:
 
 _PREVIEW_MAX = 100
 _row_decoder = msgspec.json.Decoder(DatasetRow)
-
-
-def _unsupported_type(ctype: str) -> UnsupportedMediaType:
-    return UnsupportedMediaType(
-        f"got {ctype or 'no Content-Type'}; send the file as one of {', '.join(ACCEPTED_TYPES)} "
-        "(JSONL, a JSON array, Parquet or CSV with a header row, any but Parquet optionally "
-        "gzip-compressed)"
-    )
 
 
 _ROWS = {
@@ -174,124 +149,6 @@ UPLOAD = request_body(
         "multipart/form-data": _MULTIPART,
     },
 )
-
-
-@dataclass
-class Spooled:
-    """What an upload held besides its bytes (which went to the spool file)."""
-
-    size: int
-    hint: Container | None = None
-    """The container the declared type or the file name suggests (the bytes decide)."""
-    filename: str | None = None
-    """The file part's filename, for a multipart upload that gave one."""
-    fields: dict[str, str] = field(default_factory=dict)
-    """The multipart form's other (text) fields, e.g. OpenAI's `purpose`."""
-
-
-MAX_FIELD_BYTES = 4096
-"""A multipart text field past this is refused: the only fields expected are short."""
-MAX_FORM_PARTS = 16
-"""Parts of a multipart form read before it is refused (one file and a few short fields)."""
-MAX_FORM_OVERHEAD = 64 * 1024
-"""What a multipart form may add to the size limit: boundaries, part headers, text fields."""
-
-
-async def spool_upload(
-    request: Request[Any, Any, Any], out: IO[bytes], settings: Settings
-) -> Spooled:
-    """Copy the uploaded file (the raw body, or the first file of a multipart form) into `out`,
-    the size limit and the pace checked on the way. Shared by our upload and OpenAI's
-    `POST /v1/files`."""
-    limit = settings.max_dataset_bytes
-    body = paced(
-        request.stream(),
-        min_rate=settings.upload_min_bytes_per_second,
-        grace=settings.upload_grace_seconds,
-    )
-    ctype, options = request.content_type
-    declared = request.headers.get("content-length")
-    allowed = limit + (MAX_FORM_OVERHEAD if ctype == "multipart/form-data" else 0)
-    if declared and declared.isdigit() and int(declared) > allowed:
-        raise PayloadTooLarge(f"the upload is {declared} bytes; the limit is {limit} bytes")
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("identity", "gzip", "x-gzip"):
-        raise UnsupportedMediaType(
-            f"Content-Encoding {encoding} is not supported: send the file gzip-compressed or "
-            "as it is"
-        )
-    if ctype == "multipart/form-data":
-        boundary = options.get("boundary")
-        if not boundary:
-            raise UnsupportedMediaType("multipart/form-data without a boundary")
-        spooled = await _spool_multipart(body, out, boundary.encode(), limit)
-        spooled.hint = hint_of(spooled.filename or "")
-        return spooled
-    if ctype not in _HINTS:
-        raise _unsupported_type(ctype)
-    size = 0
-    async for chunk in body:
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the upload is over the limit of {limit} bytes")
-        out.write(chunk)
-    return Spooled(size=size, hint=_HINTS[ctype])
-
-
-async def _spool_multipart(
-    body: AsyncIterator[bytes], out: IO[bytes], boundary: bytes, limit: int
-) -> Spooled:
-    """The first file part into ``out``; the whole form (boundaries, headers, text fields)
-    may be at most ``MAX_FORM_OVERHEAD`` bytes over the limit, and a form that is not
-    well-formed multipart is a 400."""
-    try:
-        return await _parse_multipart(body, out, boundary, limit)
-    except MultipartError as exc:
-        raise BadRequest(f"the multipart/form-data body is malformed: {exc}") from None
-
-
-async def _parse_multipart(
-    body: AsyncIterator[bytes], out: IO[bytes], boundary: bytes, limit: int
-) -> Spooled:
-    spooled = Spooled(size=0)
-    in_file = done = False
-    text: tuple[str, bytearray] | None = None
-    received = 0
-    with PushMultipartParser(boundary, max_segment_count=MAX_FORM_PARTS) as parser:
-        async for chunk in body:
-            received += len(chunk)
-            if received > limit + MAX_FORM_OVERHEAD:
-                raise PayloadTooLarge(
-                    f"the form is over the limit of {limit} bytes (plus {MAX_FORM_OVERHEAD} "
-                    "for its other fields)"
-                )
-            for part in parser.parse(chunk):
-                if isinstance(part, MultipartSegment):
-                    in_file = part.filename is not None and not done
-                    if in_file:
-                        spooled.filename = part.filename
-                    elif part.filename is None and part.name:
-                        text = (part.name, bytearray())
-                elif part and in_file:
-                    spooled.size += len(part)
-                    if spooled.size > limit:
-                        raise PayloadTooLarge(f"the upload is over the limit of {limit} bytes")
-                    out.write(part)
-                elif part and text is not None:
-                    text[1].extend(part)
-                    if len(text[1]) > MAX_FIELD_BYTES:
-                        raise PayloadTooLarge(
-                            f"form field {text[0]!r} is over {MAX_FIELD_BYTES} bytes"
-                        )
-                elif not part:
-                    if in_file:
-                        in_file, done = False, True
-                    elif text is not None:
-                        spooled.fields[text[0]] = text[1].decode(errors="replace")
-                        text = None
-        if not done:
-            raise UnsupportedMediaType("the multipart form has no file part")
-    return spooled
 
 
 def _mapping(**fields: str | None) -> FieldMapping | None:

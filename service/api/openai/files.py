@@ -13,8 +13,8 @@ from litestar.params import Parameter
 from litestar.response import Stream
 
 from service.api.auth import scope
-from service.api.datasets import spool_upload
 from service.api.openai.errors import handle, responses
+from service.api.spool import spool_upload
 from service.api.uploads import UploadSpace
 from service.blobs import BlobStore, dataset_blob_key
 from service.contract import JobStatus
