@@ -35,7 +35,7 @@ from service.api.openapi_docs import (
     request_body,
     responses,
 )
-from service.api.spool import JSONL_TYPES, spool_upload
+from service.api.spool import JSONL_TYPES, declared_size, spool_upload
 from service.api.uploads import UploadSpace
 from service.blobs import BlobStore, dataset_blob_key
 from service.contract import (
@@ -250,7 +250,7 @@ class DatasetController(Controller):
             system_field=system_field,
             history_field=history_field,
         )
-        async with uploads.slot() as tmp:
+        async with uploads.slot(declared_size(request)) as tmp:
             raw = tmp / "upload"
             with raw.open("wb") as out:
                 spooled = await spool_upload(request, out, settings)

@@ -40,6 +40,12 @@ def _unsupported_type(ctype: str) -> UnsupportedMediaType:
     )
 
 
+def declared_size(request: Request[Any, Any, Any]) -> int | None:
+    """The body's Content-Length, if it gave one."""
+    declared = request.headers.get("content-length", "")
+    return int(declared) if declared.isdigit() else None
+
+
 @dataclass
 class Spooled:
     """What an upload held besides its bytes (which went to the spool file)."""
@@ -74,9 +80,9 @@ async def spool_upload(
         grace=settings.upload_grace_seconds,
     )
     ctype, options = request.content_type
-    declared = request.headers.get("content-length")
+    declared = declared_size(request)
     allowed = limit + (MAX_FORM_OVERHEAD if ctype == "multipart/form-data" else 0)
-    if declared and declared.isdigit() and int(declared) > allowed:
+    if declared is not None and declared > allowed:
         raise PayloadTooLarge(f"the upload is {declared} bytes; the limit is {limit} bytes")
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("identity", "gzip", "x-gzip"):

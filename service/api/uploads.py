@@ -40,7 +40,8 @@ _ADMIT = ".admit"
 
 class UploadSpace:
     """Directories for uploads under ``root``, at most ``max_uploads`` at once on this host,
-    each only when ``reserve_bytes`` (one upload at its largest) are free."""
+    each only when the space it may take is free: its declared size, else ``reserve_bytes``
+    (one upload at its largest)."""
 
     def __init__(self, root: Path, *, max_uploads: int, reserve_bytes: int) -> None:
         self.root = root
@@ -74,17 +75,18 @@ class UploadSpace:
         return live
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[Path]:
-        """A directory of one's own for one upload, removed after; Unavailable (503) when
-        the host is at its count of uploads or short of space."""
-        path, lock = await anyio.to_thread.run_sync(self._admit)
+    async def slot(self, size: int | None = None) -> AsyncIterator[Path]:
+        """A directory of one's own for one upload of ``size`` bytes (None: unknown), removed
+        after; Unavailable (503) when the host is at its count of uploads or short of space."""
+        path, lock = await anyio.to_thread.run_sync(self._admit, size)
         try:
             yield path
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(_release, path, lock)
 
-    def _admit(self) -> tuple[Path, IO[bytes]]:
+    def _admit(self, size: int | None = None) -> tuple[Path, IO[bytes]]:
+        needed = self.reserve_bytes if size is None else min(size, self.reserve_bytes)
         with self._admitting():
             live = self._sweep()
             if live >= self.max_uploads:
@@ -93,10 +95,10 @@ class UploadSpace:
                     RETRY_AFTER_SECONDS,
                 )
             free = shutil.disk_usage(self.root).free
-            if free < self.reserve_bytes:
+            if free < needed:
                 raise Unavailable(
-                    f"this server's temp space is short ({free} bytes free, an upload may "
-                    f"take {self.reserve_bytes}); try again shortly",
+                    f"this server's temp space is short ({free} bytes free, the upload may "
+                    f"take {needed}); try again shortly",
                     RETRY_AFTER_SECONDS,
                 )
             path = self.root / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"

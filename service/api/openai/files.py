@@ -14,7 +14,7 @@ from litestar.response import Stream
 
 from service.api.auth import scope
 from service.api.openai.errors import handle, responses
-from service.api.spool import spool_upload
+from service.api.spool import declared_size, spool_upload
 from service.api.uploads import UploadSpace
 from service.blobs import BlobStore, dataset_blob_key
 from service.contract import JobStatus
@@ -99,7 +99,7 @@ class FileController(Controller):
         uploads: UploadSpace,
     ) -> FileObject:
         limits = Limits.from_settings(settings)
-        async with uploads.slot() as tmp:
+        async with uploads.slot(declared_size(request)) as tmp:
             raw = tmp / "raw.jsonl"
             with raw.open("wb") as out:
                 spooled = await spool_upload(request, out, settings)
