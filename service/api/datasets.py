@@ -28,7 +28,9 @@ from service.api.openapi_docs import (
     CONFLICT,
     INVALID,
     NOT_FOUND,
+    TIMEOUT,
     TOO_LARGE,
+    UNAVAILABLE,
     UNSUPPORTED,
     Cursor,
     PageSize,
@@ -186,7 +188,7 @@ class DatasetController(Controller):
             "ShareGPT/LLaMA-Factory, Axolotl, MedicalGPT, OpenAI) are read without a mapping; "
             "other column names need one (`prompt_field`, ...)."
         ),
-        responses=responses(INVALID, TOO_LARGE, UNSUPPORTED),
+        responses=responses(INVALID, TOO_LARGE, UNSUPPORTED, TIMEOUT, UNAVAILABLE),
         operation_class=UPLOAD,
     )
     async def create_dataset(
@@ -280,7 +282,7 @@ class DatasetController(Controller):
             "`s3://bucket/key` takes one object. The service reads them with its own Hub token "
             "and S3 credentials; its own store is never a source."
         ),
-        responses=responses(INVALID, TOO_LARGE, UNSUPPORTED, BAD_GATEWAY),
+        responses=responses(INVALID, TOO_LARGE, UNSUPPORTED, BAD_GATEWAY, UNAVAILABLE),
     )
     async def import_dataset(
         self,

@@ -65,6 +65,8 @@ _DESCRIPTIONS = {
     404: "No such object for this tenant (NotFoundError)",
     409: "Not allowed in the object's current state (ConflictError)",
     429: "The tenant is at its limit of queued and running jobs (RateLimitError)",
+    503: "This server is taking its limit of uploads, or short of temp space "
+    "(InternalServerError; the SDK retries it after `Retry-After`)",
 }
 
 

@@ -87,7 +87,7 @@ class FileController(Controller):
         description="Validated and stored as a dataset, like POST /v1/datasets. A file that "
         "fails validation stores nothing but comes back in status `error` with its "
         "line-numbered errors in `status_details`.",
-        responses=responses(),
+        responses=responses(503),
     )
     async def create_file(
         self,
