@@ -33,7 +33,7 @@ from gpu_worker.data import (
 from gpu_worker.errors import DatasetError
 from gpu_worker.generations import generate_side_by_side, generate_with_merged
 from gpu_worker.model import load_model, load_tokenizer, resolve_model
-from gpu_worker.reporter import JobCancelled, Reporter
+from gpu_worker.reporter import JobCancelled, JobStopped, Reporter
 from gpu_worker.trainer import adapt_to_device, build_dpo_config, build_trainer, resolve_device
 from service.blobs import BlobStore
 from service.contract import (
@@ -62,7 +62,8 @@ class PipelineResult(msgspec.Struct, kw_only=True):
 def run(
     job: Job, workdir: Path, reporter: Reporter, *, settings: Settings, store: BlobStore
 ) -> PipelineResult:
-    """Train `job` in `workdir` and publish its artifacts; raises JobFailure or JobCancelled."""
+    """Train `job` in `workdir` and publish its artifacts; raises JobFailure, JobCancelled or
+    JobStopped (a planned stop: SIGTERM during preparation or training)."""
     _quiet_progress_bars()
     reporter.phase(Phase.preparing)
     device = resolve_device(settings.device)
@@ -78,6 +79,8 @@ def run(
     reporter.log(f"{len(rows)} training rows, {len(eval_rows)} eval rows, device {device}")
     model = load_model(model_dir, spec, device)
     _stop_if_cancelled(reporter)
+    if reporter.stop_requested():  # nothing trained yet: the next attempt loses only loading
+        raise JobStopped("stopped before training")
 
     reporter.phase(Phase.training)
     output_dir = workdir / "output"
@@ -94,6 +97,8 @@ def run(
         [callback],
     )
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if callback.stopped_at is not None:
+        raise JobStopped(f"stopped at step {callback.stopped_at}, checkpoint saved")
     adapter_dir = workdir / "adapter"
     trainer.save_model(str(adapter_dir))
     # A pickle of the training arguments: not needed to load the adapter, unsafe to unpickle.
