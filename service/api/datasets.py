@@ -26,6 +26,7 @@ from service.api.errors import (
 from service.api.openapi_docs import (
     BAD_GATEWAY,
     CONFLICT,
+    FORBIDDEN,
     INVALID,
     NOT_FOUND,
     TIMEOUT,
@@ -38,6 +39,7 @@ from service.api.openapi_docs import (
     responses,
 )
 from service.api.spool import JSONL_TYPES, declared_size, spool_upload
+from service.api.tenancy import TenantParam, listed_tenant
 from service.api.uploads import UploadSpace
 from service.blobs import BlobStore, dataset_blob_key
 from service.contract import (
@@ -54,6 +56,7 @@ from service.datasets.sources import fetch
 from service.datasets.validate import Limits
 from service.settings import Principal, Settings
 from service.store import Store
+from service.tenants import TenantLimits, Tenants, check_s3_read, dataset_quota
 
 DatasetId = Annotated[str, Parameter(description="The dataset's id (`ds_...`).")]
 
@@ -199,6 +202,7 @@ class DatasetController(Controller):
         blobs: BlobStore,
         settings: Settings,
         uploads: UploadSpace,
+        tenant_limits: TenantLimits,
         name: Annotated[
             str,
             Parameter(
@@ -268,6 +272,7 @@ class DatasetController(Controller):
                 on_invalid=on_invalid,
                 max_invalid_fraction=max_invalid_fraction,
                 processes=settings.ingest_processes,
+                quota=dataset_quota(tenant_limits),
             )
 
     @post(
@@ -282,7 +287,7 @@ class DatasetController(Controller):
             "`s3://bucket/key` takes one object. The service reads them with its own Hub token "
             "and S3 credentials; its own store is never a source."
         ),
-        responses=responses(INVALID, TOO_LARGE, UNSUPPORTED, BAD_GATEWAY, UNAVAILABLE),
+        responses=responses(INVALID, TOO_LARGE, UNSUPPORTED, BAD_GATEWAY, FORBIDDEN, UNAVAILABLE),
     )
     async def import_dataset(
         self,
@@ -292,7 +297,13 @@ class DatasetController(Controller):
         blobs: BlobStore,
         settings: Settings,
         uploads: UploadSpace,
+        tenants: Tenants,
+        tenant_limits: TenantLimits,
     ) -> Dataset:
+        if data.source.startswith("s3://"):
+            check_s3_read(
+                tenants, principal.tenant, data.source, settings.store_url, ["body", "source"]
+            )
         mapping = _mapping(
             prompt_field=data.prompt_field,
             chosen_field=data.chosen_field,
@@ -316,13 +327,14 @@ class DatasetController(Controller):
                 on_invalid=data.on_invalid,
                 max_invalid_fraction=data.max_invalid_fraction,
                 processes=settings.ingest_processes,
+                quota=dataset_quota(tenant_limits),
             )
 
     @get(
         operation_id="ListDatasets",
         path="/",
-        summary="List datasets, newest first",
-        responses=responses(),
+        summary="List datasets, newest first (an admin's: every tenant's)",
+        responses=responses(FORBIDDEN),
     )
     async def list_datasets(
         self,
@@ -330,8 +342,10 @@ class DatasetController(Controller):
         store: Store,
         limit: PageSize = 20,
         cursor: Cursor = None,
+        tenant: TenantParam = None,
     ) -> DatasetList:
-        items, next_cursor = await store.list_datasets(scope(principal), limit=limit, cursor=cursor)
+        owner = listed_tenant(principal, tenant)
+        items, next_cursor = await store.list_datasets(owner, limit=limit, cursor=cursor)
         return DatasetList(items=items, next_cursor=next_cursor)
 
     @get(

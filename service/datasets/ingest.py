@@ -24,7 +24,7 @@ import anyio.to_thread
 from service.blobs import DATASETS, BlobStore, dataset_blob_key
 from service.contract import Container, Dataset, FieldMapping, OnInvalid
 from service.datasets.validate import IngestResult, Limits, validate_file
-from service.store import Store, new_id
+from service.store import DatasetQuota, Store, new_id
 
 
 async def store_dataset(
@@ -40,9 +40,14 @@ async def store_dataset(
     on_invalid: OnInvalid = "reject",
     max_invalid_fraction: float = 0.01,
     processes: int = 1,
+    quota: DatasetQuota | None = None,
 ) -> Dataset:
-    """Validate ``src`` (a file, or the files of one dataset), store its rows and record it."""
+    """Validate ``src`` (a file, or the files of one dataset), store its rows and record it;
+    LimitReached past the tenant's ``quota``, looked at before the work and kept atomically
+    with the record."""
     files = [src] if isinstance(src, Path) else src
+    if quota is not None:
+        await store.check_dataset_quota(tenant, 0, quota)
     draft = await anyio.to_thread.run_sync(blobs.draft, DATASETS)
     try:
         result = await anyio.to_thread.run_sync(
@@ -58,6 +63,8 @@ async def store_dataset(
                 processes=processes,
             )
         )
+        if quota is not None:
+            await store.check_dataset_quota(tenant, result.bytes, quota)
         key = dataset_blob_key(result.sha256)
         async with store.blob_lock(result.sha256):
             await store.add_blob_ref(result.sha256)
@@ -65,7 +72,7 @@ async def store_dataset(
             if not await anyio.to_thread.run_sync(blobs.exists, key):
                 await anyio.to_thread.run_sync(draft.commit, key)
             ds = _record(result, tenant=tenant, name=name)
-            await store.put_dataset(ds)
+            await store.put_dataset(ds, quota)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await _release_blob(

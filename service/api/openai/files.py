@@ -33,6 +33,7 @@ from service.openai.files import (
 from service.openai.hyperparameters import SpecError
 from service.settings import Principal, Settings
 from service.store import NotFound, Store
+from service.tenants import TenantLimits, dataset_quota
 
 Page = Callable[[str, int], Awaitable[list[tuple[str, FileObject]]]]
 """A source of files: (id after which to start, how many) -> (sort key, file), newest first."""
@@ -97,6 +98,7 @@ class FileController(Controller):
         blobs: BlobStore,
         settings: Settings,
         uploads: UploadSpace,
+        tenant_limits: TenantLimits,
     ) -> FileObject:
         limits = Limits.from_settings(settings)
         async with uploads.slot(declared_size(request)) as tmp:
@@ -114,7 +116,13 @@ class FileController(Controller):
             name = dataset_name(spooled.filename)
             try:
                 ds = await store_dataset(
-                    store, blobs, raw, tenant=principal.tenant, name=name, limits=limits
+                    store,
+                    blobs,
+                    raw,
+                    tenant=principal.tenant,
+                    name=name,
+                    limits=limits,
+                    quota=dataset_quota(tenant_limits),
                 )
             except InvalidDataset as exc:
                 errors = [(e.line, e.field, e.msg) for e in exc.errors]
