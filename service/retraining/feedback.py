@@ -20,7 +20,9 @@ follow them): ``ftune:fb:{tenant}:{stream}:meta`` (the :class:`FeedbackStream` r
 ``:pending:{prompt digest}:up`` and ``:down`` (lists of waiting ratings, oldest first, at
 most MAX_WAITING each; a batch reads their heads and pushes, removes and trims a few items,
 so it costs O(batch) however long they grow; the former ``:pending`` hash, one value per
-prompt, is moved to them as its prompts are rated), ``:snapshots`` (list, newest first).
+prompt, is moved to them as its prompts are rated), ``:waiting`` (the set of prompt digests
+that have such lists, so that deleting the stream finds them), ``:snapshots`` (list, newest
+first).
 An ingest writes all of them in one MULTI, watched on ``:meta``, which every ingest changes.
 
 A snapshot freezes the first N pairs (the list only grows, so "pairs 0..N" names exactly what
@@ -91,7 +93,7 @@ def _index(tenant: str) -> str:
 
 ALL = f"{P}fb-streams-all"
 """Every stream as a JSON [tenant, stream], for admins listing across tenants."""
-_PARTS = ("meta", "seen", "pending", "pairs", "snapshots", "versions")
+_PARTS = ("meta", "seen", "pending", "waiting", "pairs", "snapshots", "versions")
 
 
 _stream_decoder = msgspec.json.Decoder(FeedbackStream)
@@ -113,6 +115,11 @@ to find one of a different response, without reading a long queue."""
 
 def _waiting_key(tenant: str, stream: str, prompt: str, way: str) -> str:
     return _key(tenant, stream, f"pending:{prompt}:{way}")
+
+
+def _waiting_prompts(tenant: str, stream: str) -> str:
+    """The set of prompt digests that have waiting ratings: what a stream's delete must find."""
+    return _key(tenant, stream, "waiting")
 
 
 class _Queue(msgspec.Struct, kw_only=True):
@@ -175,7 +182,7 @@ def _write_queue(pipe: Pipeline, tenant: str, stream: str, queue: _Queue, after:
     """Queue the list operations that turn the stored waiting ratings into ``after``: those
     paired off removed, new ones appended, each direction cut to MAX_WAITING. O(batch).
     How many were dropped by the cut."""
-    dropped = 0
+    dropped, left = 0, 0
     if queue.legacy:
         pipe.hdel(_key(tenant, stream, "pending"), queue.key)
     for way in WAYS:
@@ -197,6 +204,11 @@ def _write_queue(pipe: Pipeline, tenant: str, stream: str, queue: _Queue, after:
             if length > MAX_WAITING:
                 pipe.ltrim(list_key, -MAX_WAITING, -1)
                 dropped += length - MAX_WAITING
+        left += min(length, MAX_WAITING)
+    if left:
+        pipe.sadd(_waiting_prompts(tenant, stream), queue.key)
+    else:
+        pipe.srem(_waiting_prompts(tenant, stream), queue.key)
     return dropped
 
 
@@ -307,11 +319,19 @@ async def delete_stream(store: Store, tenant: str, stream: str) -> None:
     """Forget a stream: its pairs, pending ratings and snapshot list (the snapshots' datasets
     stay). A policy that reads it finds no pairs until new events arrive."""
     await get_stream(store, tenant, stream)
-    async with store.redis.pipeline(transaction=True) as pipe:
+    meta_key, prompts_key = _key(tenant, stream, "meta"), _waiting_prompts(tenant, stream)
+
+    async def drop(pipe: Pipeline) -> None:
+        prompts = await pipe.smembers(prompts_key)  # type: ignore[misc]  # redis-py#2399
+        lists = [_waiting_key(tenant, stream, p.decode(), w) for p in prompts for w in WAYS]
+        pipe.multi()
+        for i in range(0, len(lists), _READ_CHUNK):
+            pipe.unlink(*lists[i : i + _READ_CHUNK])
         pipe.unlink(*(_key(tenant, stream, part) for part in _PARTS))
         pipe.zrem(_index(tenant), stream)
         pipe.zrem(ALL, _encoder.encode((tenant, stream)))
-        await pipe.execute()
+
+    await transact(store.redis, drop, meta_key, prompts_key)
 
 
 async def pair_count(store: Store, tenant: str, stream: str) -> int:

@@ -69,3 +69,14 @@ async def test_queues_in_the_former_layout_are_moved_when_their_prompt_is_rated(
         "old1",
         "old2",
     ]
+
+
+async def test_deleting_a_stream_removes_its_waiting_ratings(api: Api) -> None:
+    r = redis.Redis.from_url(api.settings.redis_url)
+    await post(api, "chat", [*ups(0, 3), rating("o1", "Other prompt?", "Yes.", "down")])
+    await post(api, "other", ups(0, 1))  # another stream's keys stay
+    assert r.llen(waiting_key("up")) == 3
+    gone = await api.client.delete("/v1/feedback/chat", headers=ALICE)
+    assert gone.status_code == 204, gone.text
+    assert r.keys("ftune:fb:alice:chat:*") == []
+    assert r.keys("ftune:fb:alice:other:*") != []
