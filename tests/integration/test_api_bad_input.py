@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.fixtures.api import ALICE, Api, LiveServer
+from tests.fixtures.api import ADMIN, ALICE, Api, LiveServer
 from tests.integration.test_api_datasets import ROW, jsonl, stored_nothing, upload
 from tests.integration.test_api_jobs import dataset, spec
 
@@ -93,6 +93,14 @@ async def test_a_malformed_last_event_id_is_a_400(api: Api, value: str) -> None:
     )
     assert resp.status_code == 400, resp.text
     assert resp.json()["errors"][0]["loc"] == ["header", "Last-Event-ID"]
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999-0", "1-0\n"])
+async def test_an_audit_cursor_redis_cannot_read_is_a_400(api: Api, value: str) -> None:
+    await api.client.get("/v1/jobs", headers=ADMIN)  # one audited request
+    resp = await api.client.get("/v1/audit", params={"cursor": value}, headers=ADMIN)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["errors"][0]["loc"][-1] == "cursor"
 
 
 async def test_names_labels_and_models_ending_in_a_newline_are_refused(api: Api) -> None:
