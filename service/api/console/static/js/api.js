@@ -70,13 +70,15 @@ export async function api(path, { method = "GET", query, json, body, type, signa
 }
 
 /** A streaming GET with the key (EventSource cannot send an Authorization header). */
-export function stream(path, { lastEventId, signal }) {
+export async function stream(path, { lastEventId, signal }) {
   const extra = { Accept: "text/event-stream" };
   if (lastEventId) extra["Last-Event-ID"] = lastEventId;
-  return fetch(url(path), {
+  const resp = await fetch(url(path), {
     headers: headers(extra),
     signal,
     cache: "no-store",
     referrerPolicy: "no-referrer",
   });
+  if (resp.status === 401) onUnauthorized("The API refused the key (401): sign in again.");
+  return resp;
 }
