@@ -20,6 +20,7 @@ from service.contract import JobSpec
 
 if TYPE_CHECKING:
     import torch
+    from peft import LoraConfig, PeftModel
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
     from trl.trainer.dpo_config import DPOConfig
@@ -166,28 +167,76 @@ def build_trainer(
     train_dataset: Dataset,
     eval_dataset: Dataset | None,
     callbacks: Sequence[TrainerCallback] = (),
+    init_adapter: Path | None = None,
 ) -> DPOTrainer:
-    """A DPOTrainer that wraps `model` in a fresh float32 LoRA adapter; the reference is the bare
-    base."""
+    """A DPOTrainer that wraps `model` in a float32 LoRA adapter: a fresh one, whose reference
+    is the bare base, or the one in `init_adapter`, whose reference is that adapter frozen."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl.trainer.dpo_trainer import DPOTrainer
 
+    policy: PreTrainedModel | PeftModel = model
+    peft_config: LoraConfig | None = build_lora_config(spec)
+    if init_adapter is not None:
+        policy, peft_config = continue_adapter(model, init_adapter), None
     trainer = DPOTrainer(
-        model=model,
+        model=policy,
         args=config,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        peft_config=build_lora_config(spec),
+        peft_config=peft_config,
         callbacks=list(callbacks),
     )
     disable_base_dropout(model)  # the LoRA layers were injected into it in place
+    disable_reference_dropout(model)
     assert trainer.model is not None
     keep_trainable_fp32(trainer.model)
+    if init_adapter is not None:
+        restore_from_reference(trainer.model)
     # Our callback reports every log; the console printers would only duplicate it.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     return trainer
+
+
+def continue_adapter(model: PreTrainedModel, adapter_dir: Path) -> PeftModel:
+    """`model` with the LoRA adapter in `adapter_dir` loaded trainable.
+
+    Given a PeftModel and no reference model, TRL's DPOTrainer adds a frozen copy of the
+    adapter named `ref` and computes the reference log-probs with it: DPO after SFT measures
+    its rewards against the SFT model, as the DPO paper prescribes, not against the bare base.
+    """
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+
+
+def restore_from_reference(model: torch.nn.Module) -> None:
+    """Set the continued adapter back to its exact float32 weights from TRL's `ref` copy.
+
+    TRL rounds trainable weights to bfloat16 on a quantized base (see keep_trainable_fp32),
+    after it copied them into the frozen `ref` adapter: without this, the policy would start
+    one rounding away from its reference (measured: rewards of about 1e-4 at step 1, not 0).
+    """
+    params = dict(model.named_parameters())
+    for name, param in params.items():
+        if ".default." in name and param.requires_grad:
+            reference = params.get(name.replace(".default.", ".ref."))
+            if reference is not None:
+                param.data = reference.data.detach().to(param.dtype, copy=True)
+
+
+def disable_reference_dropout(model: torch.nn.Module) -> int:
+    """Turn off the dropout of TRL's frozen `ref` adapter (present when an adapter is continued),
+    so the reference log-probs, computed in train mode, are exact; returns how many."""
+    import torch
+
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and name.endswith("lora_dropout.ref"):
+            count += module.p > 0
+            module.p = 0.0
+    return count
 
 
 def disable_base_dropout(model: torch.nn.Module) -> int:

@@ -5,6 +5,13 @@ cross-field rules live in ``__post_init__`` (msgspec turns their ``ValueError`` 
 ``ValidationError`` with the field path). Import from here: the submodules are its seams.
 """
 
+from service.contract.base import Strict
+from service.contract.continuation import (
+    InitFrom,
+    Integrations,
+    MlflowTracking,
+    WandbTracking,
+)
 from service.contract.datasets import (
     Container,
     Dataset,
@@ -88,7 +95,6 @@ from service.contract.spec import (
     Quantization,
     S3Destination,
     StoreDestination,
-    Strict,
     local_model_path,
 )
 from service.contract.webhooks import (
@@ -142,6 +148,8 @@ __all__ = [
     "Holdout",
     "HubDestination",
     "Hyperparameters",
+    "InitFrom",
+    "Integrations",
     "Job",
     "JobError",
     "JobList",
@@ -156,6 +164,7 @@ __all__ = [
     "MetricName",
     "MetricPoint",
     "MetricSeries",
+    "MlflowTracking",
     "OnInvalid",
     "OpenAIEventType",
     "OpenAIWebhookData",
@@ -181,6 +190,7 @@ __all__ = [
     "StoreDestination",
     "Strict",
     "Trigger",
+    "WandbTracking",
     "WebhookDelivery",
     "WebhookEvent",
     "WebhookJobData",

@@ -1,0 +1,127 @@
+"""Two optional parts of a job spec: the adapter a job continues from, and experiment tracking.
+
+Credentials never appear here: the workers hold them (MLFLOW_TRACKING_URI and MLflow's own
+credential variables, WANDB_API_KEY, WANDB_BASE_URL, WANDB_MODE).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from service.contract.base import Strict
+
+JOB_ID_RE = r"^job_[A-Za-z0-9]{1,64}$"
+ADAPTER_REF_RE = (
+    r"^(?:hf://[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
+    r"(?:@[A-Za-z0-9._-]{1,128})?(?:/[A-Za-z0-9._/-]{1,256})?"
+    r"|s3://[a-z0-9][a-z0-9.-]{1,62}(?:/[^\s]*)?)$"
+)
+TRACKING_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9 ._/:-]{0,127}$"
+Tag = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[^\s]+$")]
+
+
+class InitFrom(Strict):
+    """Train on from an existing LoRA adapter instead of a fresh one; exactly one field."""
+
+    job_id: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                pattern=JOB_ID_RE,
+                description="A succeeded job of yours on the same base model whose artifacts "
+                "include the adapter (`output.artifacts` `adapter` or `both`).",
+            ),
+        ]
+        | None
+    ) = None
+    adapter: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                pattern=ADAPTER_REF_RE,
+                max_length=512,
+                description="A PEFT LoRA adapter folder: `hf://org/name[@revision][/subfolder]` "
+                "or `s3://bucket/prefix/`; its adapter_config.json must name this job's "
+                "base model (checked by the worker before training).",
+            ),
+        ]
+        | None
+    ) = None
+
+    def __post_init__(self) -> None:
+        if (self.job_id is None) == (self.adapter is None):
+            raise ValueError("init_from takes exactly one of job_id and adapter")
+
+
+class MlflowTracking(Strict):
+    """An MLflow run per job on the workers' tracking server (MLFLOW_TRACKING_URI)."""
+
+    experiment: Annotated[
+        str,
+        msgspec.Meta(
+            pattern=TRACKING_NAME_RE,
+            description="The experiment the run goes into (created if missing).",
+        ),
+    ] = "ftune"
+    run_name: (
+        Annotated[
+            str,
+            msgspec.Meta(pattern=TRACKING_NAME_RE, description="The run's name; null: the job id."),
+        ]
+        | None
+    ) = None
+    tags: Annotated[
+        dict[Tag, Annotated[str, msgspec.Meta(max_length=256)]],
+        msgspec.Meta(
+            max_length=32,
+            description="Tags set on the run, besides ftune's own (`ftune.job_id`, "
+            "`ftune.artifact.<kind>`).",
+        ),
+    ] = msgspec.field(default_factory=dict)
+
+
+class WandbTracking(Strict):
+    """A Weights & Biases run per job (WANDB_API_KEY, WANDB_BASE_URL, WANDB_MODE on the workers)."""
+
+    project: Annotated[str, msgspec.Meta(pattern=TRACKING_NAME_RE, description="The W&B project.")]
+    entity: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                pattern=TRACKING_NAME_RE,
+                description="The W&B team or user; null: the API key's default entity.",
+            ),
+        ]
+        | None
+    ) = None
+    name: (
+        Annotated[
+            str,
+            msgspec.Meta(pattern=TRACKING_NAME_RE, description="The run's name; null: the job id."),
+        ]
+        | None
+    ) = None
+    tags: Annotated[list[Tag], msgspec.Meta(max_length=32, description="Tags set on the run.")] = (
+        msgspec.field(default_factory=list)
+    )
+
+
+class Integrations(Strict):
+    """Experiment trackers the worker reports the job to, besides the service's own metrics."""
+
+    mlflow: Annotated[
+        MlflowTracking | None,
+        msgspec.Meta(
+            description="Log params, every metric point, the final metrics and the artifacts' "
+            "locations to MLflow; null: no MLflow run."
+        ),
+    ] = None
+    wandb: Annotated[
+        WandbTracking | None,
+        msgspec.Meta(
+            description="Log the same to Weights & Biases (also offline, WANDB_MODE=offline); "
+            "null: no W&B run."
+        ),
+    ] = None
