@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -110,8 +111,11 @@ class ReporterCallback(TrainerCallback):
         *,
         checkpoints: CheckpointStore | None = None,
         history: list[MetricPoint] | None = None,
+        also: Callable[[int, dict[str, float]], None] | None = None,
     ) -> None:
         self.reporter = reporter
+        self.also = also
+        """Gets every point the reporter gets (the experiment trackers)."""
         self.checkpoints = checkpoints
         self.points: list[MetricPoint] = list(history or [])
         """Every metric point of the job, including those restored from a checkpoint."""
@@ -179,6 +183,8 @@ class ReporterCallback(TrainerCallback):
             values.update(self._throughput(values))
         self.points.append(MetricPoint(step=state.global_step, time=time.time(), values=values))
         self.reporter.metrics(state.global_step, values)
+        if self.also is not None:
+            self.also(state.global_step, values)
 
     def _throughput(self, values: dict[str, float]) -> dict[str, float]:
         extra = {"memory_bytes": float(memory_bytes())}

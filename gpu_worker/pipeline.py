@@ -36,6 +36,7 @@ from gpu_worker.generations import generate_side_by_side, generate_with_merged
 from gpu_worker.init_from import fetch_adapter
 from gpu_worker.model import load_model, load_tokenizer, resolve_model
 from gpu_worker.reporter import JobCancelled, Reporter
+from gpu_worker.tracking import Tracking
 from gpu_worker.trainer import adapt_to_device, build_dpo_config, build_trainer, resolve_device
 from service.blobs import BlobStore
 from service.contract import (
@@ -67,6 +68,25 @@ def run(
     """Train `job` in `workdir` and publish its artifacts; raises JobFailure or JobCancelled."""
     _quiet_progress_bars()
     reporter.phase(Phase.preparing)
+    tracking = Tracking.start(job, settings, reporter)
+    try:
+        result = _run(job, workdir, reporter, settings=settings, store=store, tracking=tracking)
+    except BaseException as exc:
+        tracking.finish("cancelled" if isinstance(exc, JobCancelled) else "failed")
+        raise
+    tracking.finish("succeeded", result.final_metrics, result.artifacts)
+    return result
+
+
+def _run(
+    job: Job,
+    workdir: Path,
+    reporter: Reporter,
+    *,
+    settings: Settings,
+    store: BlobStore,
+    tracking: Tracking,
+) -> PipelineResult:
     device = resolve_device(settings.device)
     spec, notes = adapt_to_device(job.spec, device)
     for note in notes:
@@ -88,7 +108,9 @@ def run(
     output_dir = workdir / "output"
     checkpoints = CheckpointStore(store, job.id)
     resume_from, history = _fetch_newest_checkpoint(checkpoints, output_dir, reporter)
-    callback = ReporterCallback(reporter, checkpoints=checkpoints, history=history)
+    callback = ReporterCallback(
+        reporter, checkpoints=checkpoints, history=history, also=tracking.log
+    )
     trainer = build_trainer(
         model,
         tokenizer,

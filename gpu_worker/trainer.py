@@ -20,8 +20,8 @@ from service.contract import JobSpec
 
 if TYPE_CHECKING:
     import torch
-    from peft import LoraConfig, PeftModel
     from datasets import Dataset
+    from peft import LoraConfig, PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
     from trl.trainer.dpo_config import DPOConfig
     from trl.trainer.dpo_trainer import DPOTrainer

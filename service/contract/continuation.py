@@ -19,7 +19,7 @@ ADAPTER_REF_RE = (
     r"|s3://[a-z0-9][a-z0-9.-]{1,62}(?:/[^\s]*)?)$"
 )
 TRACKING_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9 ._/:-]{0,127}$"
-Tag = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[^\s]+$")]
+Tag = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,63}$")]
 
 
 class InitFrom(Strict):
