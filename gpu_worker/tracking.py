@@ -125,9 +125,12 @@ class MlflowTracker:
                 "integrations.mlflow needs a tracking server: set MLFLOW_TRACKING_URI in the "
                 "workers' environment (or remove integrations.mlflow)"
             )
-        from mlflow.entities import Param
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
+        try:
+            from mlflow.entities import Param
+            from mlflow.exceptions import MlflowException
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise ConfigError(_missing("mlflow-skinny", "integrations.mlflow")) from None
 
         client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
         try:
@@ -192,8 +195,10 @@ class WandbTracker:
 
     @classmethod
     def start(cls, spec: WandbTracking, job: Job) -> WandbTracker:
-        import wandb
-
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError(_missing("wandb", "integrations.wandb")) from None
         try:
             run = wandb.init(
                 project=spec.project,
@@ -225,3 +230,10 @@ class WandbTracker:
         summary["ftune.status"] = status
         self.run.summary.update(summary)
         self.run.finish(exit_code=0 if status == "succeeded" else 1)
+
+
+def _missing(package: str, field: str) -> str:
+    return (
+        f"{field}: {package} is not installed on this worker (it comes with the `worker` "
+        "extra): install it in the worker image, or remove the integration from the spec"
+    )
