@@ -130,4 +130,3 @@ def test_a_job_reports_to_mlflow_and_wandb(
     assert summary["final/train_loss"] == pytest.approx(result.final_metrics["train_loss"])
     config = _items(wbrun.config.update)
     assert config["hyperparameters.beta"] == "0.1" and config["ftune.job_id"] == "job_tracked"
-
