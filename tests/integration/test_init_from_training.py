@@ -13,12 +13,14 @@ import msgspec
 import pytest
 from safetensors.torch import load
 
-from gpu_worker.errors import ConfigError
+from gpu_worker.errors import ConfigError, ModelLoadError
+from gpu_worker.init_from import fetch_adapter
 from gpu_worker.pipeline import run
 from gpu_worker.reporter import JobCancelled, ListReporter
 from service.blobs import BlobStore, open_store
 from service.contract import Job
 from service.settings import Settings
+from tests.fixtures.hub import HubServer
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.tiny_model import stage_job
 
@@ -130,3 +132,47 @@ def test_an_adapter_of_another_base_model_is_refused_before_training(
     with pytest.raises(ConfigError, match="trained on base model 'meta-llama/Llama-2-7b-chat-hf'"):
         run(job, tmp_path / "w", reporter, settings=s3_settings, store=store)
     assert reporter.phases == ["preparing"]
+
+
+def test_an_adapter_in_a_hub_subfolder_is_fetched_alone_and_checked(
+    tiny_model_dir: Path,
+    tiny_preference_rows: list[dict[str, str]],
+    store: BlobStore,
+    settings: Settings,
+    tmp_path: Path,
+    hub_server: HubServer,
+    hub_repo_id: str,
+) -> None:
+    # What a job with output.artifacts "both" leaves on the Hub: the merged model at the root,
+    # the adapter under adapter/.
+    folder = tmp_path / "repo"
+    (folder / "adapter").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"a merged model, not to be downloaded")
+    config = {"peft_type": "LORA", "base_model_name_or_path": str(tiny_model_dir)}
+    (folder / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    (folder / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    hub_server.seed(hub_repo_id, folder)
+    ref = f"hf://{hub_repo_id}/adapter"
+    job = _continuing(
+        stage_job(
+            store,
+            tiny_model_dir,
+            tiny_preference_rows,
+            init_from={"adapter": ref},
+            lora={"r": 16, "alpha": 32, "dropout": 0.05},
+        ),
+        ref,
+    )
+    hub_settings = replace(settings, hf_endpoint=hub_server.endpoint, hf_home=tmp_path / "hf")
+    got = fetch_adapter(
+        job, tiny_model_dir, settings=hub_settings, store=store, dest=tmp_path / "init"
+    )
+    assert got is not None and sorted(p.name for p in got.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    assert not list((tmp_path / "hf").rglob("model.safetensors"))  # only the subfolder came
+
+    missing = _continuing(job, f"hf://{hub_repo_id}@nope/adapter")
+    with pytest.raises(ModelLoadError, match="revision 'nope' of init_from adapter"):
+        fetch_adapter(missing, tiny_model_dir, settings=hub_settings, store=store, dest=tmp_path)
