@@ -20,12 +20,25 @@ class InitFromError(ValueError):
         self.loc = loc
 
 
-async def resolve_init_adapter(store: Store, spec: JobTemplate, tenant: str) -> str | None:
-    """The location of the adapter `spec` continues, or None for a fresh adapter."""
+async def resolve_init_adapter(
+    store: Store, spec: JobTemplate, tenant: str, *, store_url: str
+) -> str | None:
+    """The location of the adapter `spec` continues, or None for a fresh adapter.
+
+    `store_url` is the service's blob store: an adapter reference into it is refused, since it
+    would bypass the tenant check that `job_id` makes (the store holds every tenant's jobs).
+    """
     init = spec.init_from
     if init is None:
         return None
     if init.adapter is not None:
+        own = store_url.rstrip("/")
+        if (init.adapter.rstrip("/") + "/").startswith(own + "/"):
+            raise InitFromError(
+                "init_from.adapter points into the service's own store: name the job whose "
+                "adapter it is with init_from.job_id instead",
+                loc=("init_from", "adapter"),
+            )
         return init.adapter
     assert init.job_id is not None  # InitFrom takes exactly one
     try:

@@ -109,7 +109,7 @@ async def submit_job(
             ) from None
     dataset = await _dataset(store, spec.dataset_id, tenant, "dataset_id")
     try:
-        init_adapter = await resolve_init_adapter(store, spec, tenant)
+        init_adapter = await resolve_init_adapter(store, spec, tenant, store_url=settings.store_url)
     except InitFromError as exc:
         raise InvalidRequest(str(exc), [FieldError(loc=["body", *exc.loc], msg=str(exc))]) from None
     eval_dataset = None

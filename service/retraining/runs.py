@@ -200,7 +200,9 @@ async def _fire(
             spec=run_spec,
             dataset=train.dataset,
             eval_dataset=eval_dataset,
-            init_adapter=await resolve_init_adapter(store, run_spec, tenant),
+            init_adapter=await resolve_init_adapter(
+                store, run_spec, tenant, store_url=settings.store_url
+            ),
             created_at=now,
             updated_at=now,
         )
