@@ -1,7 +1,8 @@
 """Turn a JobSpec into TRL's DPOConfig and DPOTrainer, with the device's choices made explicit.
 
 The reference model is the base with the adapter disabled (TRL does this when it gets a
-`peft_config`), so only one copy of the weights is in memory. Two choices differ from what a
+`peft_config`), so only one copy of the weights is in memory; a job continuing an adapter
+(`init_from`) is referenced against that adapter, frozen (TRL's `ref` copy). Two choices differ from what a
 plain TRL script gets, on purpose (docs/training-quality.md): the adapter's weights stay float32
 on every path, and the training step's mixed precision follows the base's compute dtype.
 """
@@ -192,7 +193,7 @@ def build_trainer(
     assert trainer.model is not None
     keep_trainable_fp32(trainer.model)
     if init_adapter is not None:
-        restore_from_reference(trainer.model)
+        restore_adapter(trainer.model, init_adapter)
     # Our callback reports every log; the console printers would only duplicate it.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -211,19 +212,18 @@ def continue_adapter(model: PreTrainedModel, adapter_dir: Path) -> PeftModel:
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
 
 
-def restore_from_reference(model: torch.nn.Module) -> None:
-    """Set the continued adapter back to its exact float32 weights from TRL's `ref` copy.
+def restore_adapter(model: torch.nn.Module, adapter_dir: Path) -> None:
+    """Set the continued adapter back to its exact saved (float32) weights.
 
-    TRL rounds trainable weights to bfloat16 on a quantized base (see keep_trainable_fp32),
-    after it copied them into the frozen `ref` adapter: without this, the policy would start
-    one rounding away from its reference (measured: rewards of about 1e-4 at step 1, not 0).
+    TRL's trainers round trainable weights to bfloat16 on a quantized base (see
+    keep_trainable_fp32), after DPO's and KTO's copied them into their frozen `ref` adapter:
+    without this, the policy would start one rounding away from the adapter it continues (and
+    from its reference: measured rewards of about 1e-4 at step 1, not 0).
     """
-    params = dict(model.named_parameters())
-    for name, param in params.items():
-        if ".default." in name and param.requires_grad:
-            reference = params.get(name.replace(".default.", ".ref."))
-            if reference is not None:
-                param.data = reference.data.detach().to(param.dtype, copy=True)
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    set_peft_model_state_dict(model, load_peft_weights(str(adapter_dir)), adapter_name="default")
 
 
 def disable_reference_dropout(model: torch.nn.Module) -> int:
