@@ -2,9 +2,10 @@
 
 The reference model is the base with the adapter disabled (TRL does this when it gets a
 `peft_config`), so only one copy of the weights is in memory; a job continuing an adapter
-(`init_from`) is referenced against that adapter, frozen (TRL's `ref` copy). Two choices differ from what a
-plain TRL script gets, on purpose (docs/training-quality.md): the adapter's weights stay float32
-on every path, and the training step's mixed precision follows the base's compute dtype.
+(`init_from`) is referenced against that adapter, frozen (TRL's `ref` copy). Two choices differ
+from what a plain TRL script gets, on purpose (docs/training-quality.md): the adapter's weights
+stay float32 on every path, and the training step's mixed precision follows the base's compute
+dtype.
 """
 
 from __future__ import annotations
