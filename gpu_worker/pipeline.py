@@ -35,7 +35,7 @@ from gpu_worker.errors import DatasetError
 from gpu_worker.generations import generate_side_by_side, generate_with_merged
 from gpu_worker.init_from import fetch_adapter
 from gpu_worker.model import load_model, load_tokenizer, resolve_model
-from gpu_worker.reporter import JobCancelled, Reporter
+from gpu_worker.reporter import JobCancelled, JobStopped, Reporter
 from gpu_worker.tracking import Tracking
 from gpu_worker.trainer import adapt_to_device, build_dpo_config, build_trainer, resolve_device
 from service.blobs import BlobStore
@@ -65,17 +65,25 @@ class PipelineResult(msgspec.Struct, kw_only=True):
 def run(
     job: Job, workdir: Path, reporter: Reporter, *, settings: Settings, store: BlobStore
 ) -> PipelineResult:
-    """Train `job` in `workdir` and publish its artifacts; raises JobFailure or JobCancelled."""
+    """Train `job` in `workdir` and publish its artifacts; raises JobFailure, JobCancelled or
+    JobStopped (a planned stop: SIGTERM during preparation or training)."""
     _quiet_progress_bars()
     reporter.phase(Phase.preparing)
     tracking = Tracking.start(job, settings, reporter)
     try:
         result = _run(job, workdir, reporter, settings=settings, store=store, tracking=tracking)
     except BaseException as exc:
-        tracking.finish("cancelled" if isinstance(exc, JobCancelled) else "failed")
+        tracking.finish(_outcome(exc))
         raise
     tracking.finish("succeeded", result.final_metrics, result.artifacts)
     return result
+
+
+def _outcome(exc: BaseException) -> str:
+    """What the trackers are told: `stopped` leaves their run open for the next attempt."""
+    if isinstance(exc, JobCancelled):
+        return "cancelled"
+    return "stopped" if isinstance(exc, JobStopped) else "failed"
 
 
 def _run(
@@ -103,6 +111,8 @@ def _run(
     reporter.log(f"{len(rows)} training rows, {len(eval_rows)} eval rows, device {device}")
     model = load_model(model_dir, spec, device)
     _stop_if_cancelled(reporter)
+    if reporter.stop_requested():  # nothing trained yet: the next attempt loses only loading
+        raise JobStopped("stopped before training")
 
     reporter.phase(Phase.training)
     output_dir = workdir / "output"
@@ -122,6 +132,8 @@ def _run(
         init_adapter=init_adapter,
     )
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if callback.stopped_at is not None:
+        raise JobStopped(f"stopped at step {callback.stopped_at}, checkpoint saved")
     adapter_dir = workdir / "adapter"
     trainer.save_model(str(adapter_dir))
     # A pickle of the training arguments: not needed to load the adapter, unsafe to unpickle.

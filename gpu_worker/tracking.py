@@ -2,7 +2,9 @@
 
 Each tracker gets one run per job: the spec's settings as params (config), every metric point
 the job records (TRL's keys and ours, at the optimizer step), then the final metrics (as
-`final/<key>`) and where each artifact went (`ftune.artifact.<kind>`), and the job's outcome.
+`final/<key>`) and where each artifact went (`ftune.artifact.<kind>`), and the job's outcome
+(`ftune.status`: succeeded, failed, cancelled, or stopped, when a planned stop re-queues the job
+and its next attempt carries on with the same run).
 
 Why not transformers' `report_to` callbacks: they take their settings from environment
 variables only (experiment, tags, run id), log TrainingArguments rather than the job spec, and
@@ -181,8 +183,9 @@ class MlflowTracker:
         tags = [RunTag(f"ftune.artifact.{a.kind}", a.uri) for a in artifacts]
         tags.append(RunTag("ftune.status", status))
         self.client.log_batch(self.run_id, metrics=metrics, tags=tags)
-        mlflow_status = {"succeeded": "FINISHED", "cancelled": "KILLED"}.get(status, "FAILED")
-        self.client.set_terminated(self.run_id, status=mlflow_status)
+        if status != "stopped":  # a planned stop: the next attempt goes on with this run
+            mlflow_status = {"succeeded": "FINISHED", "cancelled": "KILLED"}.get(status, "FAILED")
+            self.client.set_terminated(self.run_id, status=mlflow_status)
 
 
 class WandbTracker:
@@ -229,7 +232,8 @@ class WandbTracker:
         summary |= {f"ftune.artifact.{a.kind}": a.uri for a in artifacts}
         summary["ftune.status"] = status
         self.run.summary.update(summary)
-        self.run.finish(exit_code=0 if status == "succeeded" else 1)
+        # A stopped job's next attempt resumes this run (same id); its end is final.
+        self.run.finish(exit_code=0 if status in ("succeeded", "stopped") else 1)
 
 
 def _missing(package: str, field: str) -> str:

@@ -120,12 +120,18 @@ class Settings:
     queue_name: Annotated[str, msgspec.Meta(min_length=1)] = "ftune:queue"
     """The arq queue the API enqueues into and the workers read."""
     metrics_maxlen: Count = 100_000
-    """Metric points kept per job (a capped Redis stream)."""
+    """Metric points kept per job (a capped Redis stream; its event stream is capped at twice
+    this)."""
+    job_retention_days: Positive = 30.0
+    """Finished jobs' records, metric and event streams are deleted from Redis this long after
+    they finished (the scheduler sweeps them); artifacts and manifests stay in the blob store."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Worker device: auto, cpu or cuda."""
-    worker_grace_seconds: Annotated[int, msgspec.Meta(ge=0)] = 60
-    """On SIGTERM, how long the current job may go on before it is re-queued to resume on
-    another worker; the Helm chart sets it below terminationGracePeriodSeconds."""
+    worker_grace_seconds: Annotated[int, msgspec.Meta(ge=0)] = 120
+    """On SIGTERM, the training process checkpoints at its next step and stops, and the job is
+    re-queued to resume there; this bounds the wait (a job past training, evaluating or
+    uploading, may finish within it). Past it training is killed and the job resumes from its
+    last checkpoint. The Helm chart sets it below terminationGracePeriodSeconds."""
     worker_metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9100
     """Port of a worker's Prometheus endpoint; 0 turns it off."""
     max_live_jobs: Count | None = None

@@ -28,6 +28,8 @@ R = TypeVar("R")
 
 TerminalHook = Callable[[Pipeline, Job], None]
 """Queues more writes into the transaction that stores a job's terminal status."""
+JobKeys = Callable[[str], str]
+"""A feature's per-job key (a webhook delivery log, ...), deleted with the job's record."""
 
 _job_decoder = msgspec.json.Decoder(Job)
 _dataset_decoder = msgspec.json.Decoder(Dataset)
@@ -74,6 +76,11 @@ def lease_key(job_id: str) -> str:
 
 RUNNING = f"{P}running"
 """Ids of jobs in `running`, scanned by the reaper for expired leases."""
+FINISHED = f"{P}finished"
+"""Ids of finished jobs scored by when they finished, swept after the retention period."""
+EVENTS_PER_METRIC = 2
+"""A job's event stream is capped at this many times its metric stream (each point is also an
+event; the rest are logs, phases and statuses)."""
 
 
 def _index(kind: str, tenant: str | None, status: JobStatus | None = None) -> str:
@@ -106,19 +113,32 @@ class Store:
         *,
         metrics_maxlen: int = 100_000,
         on_terminal: Sequence[TerminalHook] = (),
+        job_keys: Sequence[JobKeys] = (),
     ) -> None:
         # redis-py 5.2 annotates some asyncio replies as `Awaitable[T] | T` (redis-py#2399); those
         # awaits carry `type: ignore[misc]`, which mypy reports as unused once that is fixed.
         self.redis = client
         self.metrics_maxlen = metrics_maxlen
         self.on_terminal = tuple(on_terminal)
+        self.job_keys = tuple(job_keys)
 
     @classmethod
     def from_url(
-        cls, url: str, *, metrics_maxlen: int = 100_000, on_terminal: Sequence[TerminalHook] = ()
+        cls,
+        url: str,
+        *,
+        metrics_maxlen: int = 100_000,
+        on_terminal: Sequence[TerminalHook] = (),
+        job_keys: Sequence[JobKeys] = (),
+        timeout: float | None = None,
     ) -> Store:
+        """`timeout`: connect and reply timeout in seconds (None: wait; the API's event streams
+        block on XREAD)."""
+        client = aioredis.Redis.from_url(
+            url, socket_connect_timeout=timeout, socket_timeout=timeout
+        )
         return cls(
-            aioredis.Redis.from_url(url), metrics_maxlen=metrics_maxlen, on_terminal=on_terminal
+            client, metrics_maxlen=metrics_maxlen, on_terminal=on_terminal, job_keys=job_keys
         )
 
     async def close(self) -> None:
@@ -291,6 +311,33 @@ class Store:
         new, _ = await transact(self.redis, update, key)
         return new
 
+    async def forget_finished(self, before: float, *, limit: int = 100) -> list[str]:
+        """Delete up to `limit` jobs that finished before `before` (seconds since the epoch):
+        record, metric and event streams, features' per-job keys, and the id from every
+        index, in one transaction each, so that no listed id lacks its record. Their artifacts
+        and manifests stay in the blob store. Returns the ids deleted."""
+        raw = await self.redis.zrangebyscore(FINISHED, "-inf", before, start=0, num=limit)
+        forgotten = []
+        for job_id in (r.decode() for r in raw):
+            key = job_key(job_id)
+
+            async def forget(pipe: Pipeline, job_id: str = job_id, key: str = key) -> bool:
+                data = await pipe.get(key)
+                pipe.multi()
+                pipe.zrem(FINISHED, job_id)
+                if data is None:
+                    return False
+                job = _job_decoder.decode(data)
+                for index in self._job_indexes(job):
+                    pipe.zrem(index, job_id)
+                extra = [keys(job_id) for keys in self.job_keys]
+                pipe.delete(key, metrics_key(job_id), events_key(job_id), *extra)
+                return True
+
+            if (await transact(self.redis, forget, key))[0]:
+                forgotten.append(job_id)
+        return forgotten
+
     def _job_indexes(self, job: Job) -> list[str]:
         return [
             _index("jobs", job.tenant),
@@ -309,7 +356,12 @@ class Store:
                 maxlen=self.metrics_maxlen,
                 approximate=True,
             )
-            pipe.xadd(events_key(job_id), _event("metrics", msgspec.to_builtins(point)))
+            pipe.xadd(
+                events_key(job_id),
+                _event("metrics", msgspec.to_builtins(point)),
+                maxlen=self.metrics_maxlen * EVENTS_PER_METRIC,
+                approximate=True,
+            )
             await pipe.execute()
 
     async def get_metrics(self, job_id: str, *, since_step: int = 0) -> list[MetricPoint]:
@@ -347,7 +399,12 @@ class Store:
         ]
 
     async def add_log(self, job_id: str, message: str) -> None:
-        await self.redis.xadd(events_key(job_id), _event("log", {"message": message}))
+        await self.redis.xadd(
+            events_key(job_id),
+            _event("log", {"message": message}),
+            maxlen=self.metrics_maxlen * EVENTS_PER_METRIC,
+            approximate=True,
+        )
 
     async def renew_lease(self, job_id: str, worker: str, seconds: float) -> None:
         await self.redis.set(lease_key(job_id), worker, px=int(seconds * 1000))
@@ -420,6 +477,7 @@ def _move_status(pipe: Pipeline, old: Job, new: Job) -> None:
     else:
         pipe.srem(RUNNING, new.id)
     if new.status.terminal:
+        pipe.zadd(FINISHED, {new.id: new.finished_at or time.time()})
         pipe.srem(f"{dataset_key(new.dataset.id)}:jobs", new.id)
         if new.eval_dataset is not None:
             pipe.srem(f"{dataset_key(new.eval_dataset.id)}:jobs", new.id)

@@ -30,7 +30,7 @@ from service.api.system import SystemController
 from service.blobs import BlobStore, open_store
 from service.contract import MAX_REQUEST_BYTES
 from service.metrics import ServiceCollector
-from service.scheduler import Scheduler, scheduling
+from service.scheduler import JOB_KEYS, Scheduler, scheduling
 from service.settings import Settings
 from service.store import Store
 
@@ -69,6 +69,7 @@ def _lifespan(settings: Settings) -> Any:
             settings.redis_url,
             metrics_maxlen=settings.metrics_maxlen,
             on_terminal=(webhooks.stage_webhook,),
+            job_keys=JOB_KEYS,
         )
         arq = await queue.connect(settings.redis_url)
         blobs = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
