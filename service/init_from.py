@@ -8,7 +8,7 @@ or `s3://` adapter is taken as given: the worker reads its adapter_config.json b
 
 from __future__ import annotations
 
-from service.contract import Job, JobStatus, JobTemplate, Lora
+from service.contract import Job, JobStatus, JobTemplate, Lora, Promoted
 from service.store import NotFound, Store
 
 
@@ -74,6 +74,21 @@ def adapter_of(source: Job, spec: JobTemplate) -> str:
             "target modules: leave lora out",
             loc=("lora",),
         )
+    return adapters[0]
+
+
+def promoted_adapter(promoted: Promoted, spec: JobTemplate) -> str:
+    """The adapter of a policy's promoted run, from the policy's own record of it (its job's
+    record may be gone past the retention period); ValueError if `spec` cannot continue it."""
+    theirs = f"{promoted.base_model}" + (f"@{promoted.revision}" if promoted.revision else "")
+    if (promoted.base_model, promoted.revision) != (spec.base_model, spec.revision):
+        raise ValueError(
+            f"init_from_promoted: promoted run {promoted.number} was trained on {theirs}, the "
+            f"template's base_model is {_model(spec)}"
+        )
+    adapters = [a.uri for a in promoted.artifacts if a.kind == "adapter"]
+    if not adapters:
+        raise ValueError(f"init_from_promoted: promoted run {promoted.number} published no adapter")
     return adapters[0]
 
 

@@ -33,7 +33,7 @@ from service.contract import (
     StoreDestination,
 )
 from service.datasets.validate import Limits
-from service.init_from import resolve_init_adapter
+from service.init_from import promoted_adapter, resolve_init_adapter
 from service.publish import publish
 from service.retraining import feedback
 from service.retraining.gate import decide
@@ -193,6 +193,13 @@ async def _fire(
                 f"pairs are {train.dataset.format}"
             )
         run_spec = job_spec(_template(policy), train.dataset.id, eval_dataset.id, policy=name)
+        init_adapter: str | None
+        if spec.init_from_promoted and policy.promoted is not None:
+            init_adapter = promoted_adapter(policy.promoted, run_spec)
+        else:
+            init_adapter = await resolve_init_adapter(
+                store, run_spec, tenant, store_url=settings.store_url
+            )
         job = Job(
             id=job_id,
             tenant=tenant,
@@ -200,9 +207,7 @@ async def _fire(
             spec=run_spec,
             dataset=train.dataset,
             eval_dataset=eval_dataset,
-            init_adapter=await resolve_init_adapter(
-                store, run_spec, tenant, store_url=settings.store_url
-            ),
+            init_adapter=init_adapter,
             created_at=now,
             updated_at=now,
         )

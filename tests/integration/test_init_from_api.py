@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,9 @@ async def test_a_policy_continues_its_promoted_adapter(
     await loop.finish(first["job_id"], metrics={ACC: 1.0}, artifacts=[adapter])
     await loop.tick()
     assert (await get(api, "p"))["promoted"]["job_id"] == first["job_id"]
+    # Past the retention period the promoted job's record is gone; the policy's record of its
+    # promoted run is enough.
+    assert first["job_id"] in await loop.store.forget_finished(time.time() + 1)
 
     await feed(api, "chat", events(10, 20))
     [line] = await loop.tick()
