@@ -31,13 +31,14 @@ from gpu_worker.data import (
     split_eval,
     to_dataset,
 )
-from gpu_worker.errors import DatasetError
+from gpu_worker.errors import ConfigError, DatasetError
 from gpu_worker.generations import generate_side_by_side, generate_with_merged
 from gpu_worker.init_from import fetch_adapter
 from gpu_worker.model import load_model, load_tokenizer, resolve_model
 from gpu_worker.reporter import JobCancelled, JobStopped, Reporter
 from gpu_worker.tracking import Tracking
 from gpu_worker.trainer import adapt_to_device, build_dpo_config, build_trainer, resolve_device
+from service import tenants
 from service.blobs import BlobStore
 from service.contract import (
     Artifact,
@@ -49,7 +50,7 @@ from service.contract import (
     MetricPoint,
     Phase,
 )
-from service.settings import Settings
+from service.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -69,6 +70,7 @@ def run(
     JobStopped (a planned stop: SIGTERM during preparation or training)."""
     _quiet_progress_bars()
     reporter.phase(Phase.preparing)
+    _check_grants(job, settings)
     tracking = Tracking.start(job, settings, reporter)
     try:
         result = _run(job, workdir, reporter, settings=settings, store=store, tracking=tracking)
@@ -282,6 +284,17 @@ def _quiet_progress_bars() -> None:
 def _stop_if_cancelled(reporter: Reporter) -> None:
     if reporter.cancelled():
         raise JobCancelled("cancelled between phases")
+
+
+def _check_grants(job: Job, settings: Settings) -> None:
+    """The tenant's grants again, before anything is downloaded or uploaded: the API checked
+    them at submit, but a record edited in Redis must not borrow a token or bucket."""
+    try:
+        tenants.check_job(tenants.load(settings), job.tenant, job.spec, settings.store_url)
+    except tenants.GrantMissing as exc:
+        raise ConfigError(f"refused before any download or upload: {exc.detail}") from None
+    except SettingsError as exc:
+        raise ConfigError(f"the workers' tenants file cannot be read: {exc}") from None
 
 
 def _fetch_newest_checkpoint(

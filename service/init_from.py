@@ -3,7 +3,8 @@
 Shared by `POST /v1/jobs` (a 422 naming the field) and the retraining policies (a run that
 cannot start). An earlier job is checked here, where its record is at hand: same tenant,
 succeeded, an adapter among its artifacts, the same base model and LoRA settings. An `hf://`
-or `s3://` adapter is taken as given: the worker reads its adapter_config.json before training.
+or `s3://` adapter is taken as given (its S3 grant is checked with the rest of the spec's,
+`tenants.check_job`): the worker reads its adapter_config.json before training.
 """
 
 from __future__ import annotations
@@ -20,25 +21,16 @@ class InitFromError(ValueError):
         self.loc = loc
 
 
-async def resolve_init_adapter(
-    store: Store, spec: JobTemplate, tenant: str, *, store_url: str
-) -> str | None:
+async def resolve_init_adapter(store: Store, spec: JobTemplate, tenant: str) -> str | None:
     """The location of the adapter `spec` continues, or None for a fresh adapter.
 
-    `store_url` is the service's blob store: an adapter reference into it is refused, since it
-    would bypass the tenant check that `job_id` makes (the store holds every tenant's jobs).
+    An `s3://` adapter is the tenant's grants' business (`tenants.check_job`: `s3_read`, and
+    never inside the service's store, which holds every tenant's jobs).
     """
     init = spec.init_from
     if init is None:
         return None
     if init.adapter is not None:
-        own = store_url.rstrip("/")
-        if (init.adapter.rstrip("/") + "/").startswith(own + "/"):
-            raise InitFromError(
-                "init_from.adapter points into the service's own store: name the job whose "
-                "adapter it is with init_from.job_id instead",
-                loc=("init_from", "adapter"),
-            )
         return init.adapter
     assert init.job_id is not None  # InitFrom takes exactly one
     try:

@@ -14,7 +14,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
@@ -46,7 +46,22 @@ class Conflict(Exception):
 
 
 class LimitReached(Exception):
-    """The tenant is at a configured limit (e.g. live jobs); retrying at once will not help."""
+    """The tenant is at one of its limits (service/tenants.py): 429, naming the limit.
+
+    `retry_after` is when trying again may help (seconds); `window` the window of a rate
+    (None for a quota, which frees up only when something finishes or is deleted).
+    """
+
+    def __init__(
+        self, detail: str, *, limit: str, quota: int, retry_after: int, window: int | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.limit, self.quota, self.retry_after, self.window = limit, quota, retry_after, window
+
+
+class DatasetQuota(NamedTuple):
+    datasets: int | None
+    bytes: int | None
 
 
 def new_id(prefix: str) -> str:
@@ -146,13 +161,35 @@ class Store:
 
     # -- datasets ---------------------------------------------------------------------------
 
-    async def put_dataset(self, ds: Dataset) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
+    async def put_dataset(self, ds: Dataset, quota: DatasetQuota | None = None) -> None:
+        """Record a dataset; past the tenant's `quota`, LimitReached (checked in the same
+        transaction, so concurrent uploads cannot overshoot it)."""
+        index, used_bytes = _index("datasets", ds.tenant), dataset_bytes_key(ds.tenant)
+
+        async def put(pipe: Pipeline) -> None:
+            if quota is not None:
+                await _check_dataset_quota(pipe, ds.tenant, ds.bytes, quota)
+            pipe.multi()
             pipe.set(dataset_key(ds.id), _encoder.encode(ds))
-            pipe.zadd(_index("datasets", ds.tenant), {ds.id: 0})
+            pipe.zadd(index, {ds.id: 0})
             pipe.zadd(_index("datasets", None), {ds.id: 0})
+            pipe.incrby(used_bytes, ds.bytes)
             pipe.incr(_blob_refs(ds.sha256))
-            await pipe.execute()
+
+        await transact(self.redis, put, index, used_bytes)
+
+    async def check_dataset_quota(self, tenant: str, incoming: int, quota: DatasetQuota) -> None:
+        """LimitReached if one more dataset of `incoming` bytes would not fit (an early,
+        unguarded look, to refuse before a large upload is stored)."""
+        await _check_dataset_quota(self.redis, tenant, incoming, quota)
+
+    async def dataset_usage(self, tenant: str) -> tuple[int, int]:
+        """(datasets, stored bytes) of a tenant."""
+        count = await self.redis.zcard(_index("datasets", tenant))
+        return int(count), int(await self.redis.get(dataset_bytes_key(tenant)) or 0)
+
+    async def count_tenant_jobs(self, tenant: str, status: JobStatus) -> int:
+        return int(await self.redis.zcard(_index("jobs", tenant, status)))
 
     async def get_dataset(self, dataset_id: str, tenant: str | None) -> Dataset:
         raw = await self.redis.get(dataset_key(dataset_id))
@@ -183,6 +220,7 @@ class Store:
             pipe.delete(key)
             pipe.zrem(_index("datasets", ds.tenant), dataset_id)
             pipe.zrem(_index("datasets", None), dataset_id)
+            pipe.decrby(dataset_bytes_key(ds.tenant), ds.bytes)
             pipe.decr(_blob_refs(ds.sha256))
             return ds
 
@@ -197,20 +235,20 @@ class Store:
         *,
         idempotency: tuple[str, str] | None = None,
         idempotency_seconds: int = 24 * 3600,
-        max_live: int | None = None,
+        max_queued: int | None = None,
     ) -> Job:
         """Write a new job, atomically with its dataset still existing.
 
         `idempotency` is (key, request fingerprint): a repeat with the same key within
         `idempotency_seconds` returns the first job; the same key with a different request is
-        a Conflict. `max_live` caps the tenant's queued and running jobs (LimitReached past it),
+        a Conflict. `max_queued` caps the tenant's queued jobs (LimitReached past it),
         counted in the same transaction so that concurrent submits cannot overshoot.
         """
         ds_keys = [dataset_key(job.dataset.id)]
         if job.eval_dataset is not None:
             ds_keys.append(dataset_key(job.eval_dataset.id))
         idem_key = f"{P}idem:{job.tenant}:{idempotency[0]}" if idempotency else None
-        live = [_index("jobs", job.tenant, s) for s in (JobStatus.queued, JobStatus.running)]
+        queued = _index("jobs", job.tenant, JobStatus.queued)
 
         async def create(pipe: Pipeline) -> str:
             if idem_key and idempotency:
@@ -223,12 +261,15 @@ class Store:
             for key in ds_keys:
                 if not await pipe.exists(key):
                     raise NotFound(f"dataset {key.rsplit(':', 1)[-1]} does not exist")
-            if max_live is not None:
-                count = sum([int(await pipe.zcard(index)) for index in live])
-                if count >= max_live:
+            if max_queued is not None:
+                count = int(await pipe.zcard(queued))
+                if count >= max_queued:
                     raise LimitReached(
-                        f"tenant {job.tenant} has {count} queued or running jobs, the limit is "
-                        f"{max_live}; submit again when one has finished, or cancel one"
+                        f"tenant {job.tenant} has {count} queued jobs, the limit (queued_jobs) "
+                        f"is {max_queued}; submit again when one has started, or cancel one",
+                        limit="queued_jobs",
+                        quota=max_queued,
+                        retry_after=60,
                     )
             pipe.multi()
             pipe.set(job_key(job.id), _encoder.encode(job))
@@ -241,7 +282,7 @@ class Store:
             pipe.xadd(events_key(job.id), _event("status", {"status": job.status}))
             return job.id
 
-        watched = [*ds_keys, *([idem_key] if idem_key else []), *(live if max_live else [])]
+        watched = [*ds_keys, *([idem_key] if idem_key else []), *([queued] if max_queued else [])]
         created, _ = await transact(self.redis, create, *watched)
         return job if created == job.id else await self.get_job(created, job.tenant)
 
@@ -462,6 +503,34 @@ def _visible(raw: bytes | None, decoder: msgspec.json.Decoder[T], tenant: str | 
     if tenant is not None and record.tenant != tenant:
         raise NotFound
     return record
+
+
+def dataset_bytes_key(tenant: str) -> str:
+    """Bytes of a tenant's stored datasets, kept with its dataset records."""
+    return f"{P}dsbytes:{tenant}"
+
+
+async def _check_dataset_quota(
+    pipe: aioredis.Redis, tenant: str, incoming: int, quota: DatasetQuota
+) -> None:
+    count = int(await pipe.zcard(_index("datasets", tenant)))
+    if quota.datasets is not None and count >= quota.datasets:
+        raise LimitReached(
+            f"tenant {tenant} has {count} datasets, the limit (datasets) is {quota.datasets}; "
+            "delete one first",
+            limit="datasets",
+            quota=quota.datasets,
+            retry_after=3600,
+        )
+    used = int(await pipe.get(dataset_bytes_key(tenant)) or 0)
+    if quota.bytes is not None and used + incoming > quota.bytes:
+        raise LimitReached(
+            f"tenant {tenant} stores {used} bytes of datasets; {incoming} more would pass the "
+            f"limit (dataset_bytes) of {quota.bytes}; delete datasets first",
+            limit="dataset_bytes",
+            quota=quota.bytes,
+            retry_after=3600,
+        )
 
 
 def _blob_refs(sha256: str) -> str:

@@ -97,6 +97,7 @@ from service.contract.spec import (
     StoreDestination,
     local_model_path,
 )
+from service.contract.tenants import AuditEntry, AuditPage, LimitUsage, Usage
 from service.contract.webhooks import (
     EventType,
     OpenAIEventType,
@@ -118,6 +119,8 @@ __all__ = [
     "REPO_ID_RE",
     "STREAM_NAME",
     "Artifact",
+    "AuditEntry",
+    "AuditPage",
     "ChatTemplate",
     "Container",
     "DataReport",
@@ -158,6 +161,7 @@ __all__ = [
     "JobTemplate",
     "Kind",
     "Label",
+    "LimitUsage",
     "Lora",
     "LossType",
     "Message",
@@ -190,6 +194,7 @@ __all__ = [
     "StoreDestination",
     "Strict",
     "Trigger",
+    "Usage",
     "WandbTracking",
     "WebhookDelivery",
     "WebhookEvent",

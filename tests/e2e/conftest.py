@@ -45,6 +45,7 @@ class Stack:
             "FTUNE_WORK_DIR": str(s.work_dir),
             "FTUNE_LEASE_SECONDS": str(s.lease_seconds),
             "FTUNE_MAX_ATTEMPTS": str(s.max_attempts),
+            "FTUNE_API_KEYS_FILE": str(s.api_keys_file or ""),
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
         }

@@ -9,8 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from service.contract import Artifact, Job, JobSpec, JobStatus, Lora
-from service.init_from import InitFromError, resolve_init_adapter
+from service.contract import Artifact, Job, JobStatus, Lora
 from service.store import Store
 from tests.fixtures.api import ALICE, BOB, Api
 from tests.integration.test_api_jobs import dataset, spec
@@ -111,33 +110,6 @@ async def test_init_from_is_refused_naming_the_field(api: Api) -> None:
     )
     assert resp.status_code == 422 and "leave lora out" in resp.text
     assert Lora().r == 16  # the default the rule compares with
-
-
-async def test_an_adapter_inside_the_services_store_is_refused(redis_url: str) -> None:
-    """An S3 store holds every tenant's jobs: a reference into it would skip the tenant check
-    that init_from.job_id makes."""
-    store = Store.from_url(redis_url)
-    try:
-        for ref, refused in [
-            ("s3://ftune-store/prefix/jobs/job_x/artifacts/adapter/", True),
-            ("s3://ftune-store/prefix", True),
-            ("s3://ftune-store/prefix2/adapter/", False),
-        ]:
-            job_spec = msgspec.convert(
-                {"base_model": "org/m", "dataset_id": "ds_1", "init_from": {"adapter": ref}},
-                JobSpec,
-            )
-            call = resolve_init_adapter(
-                store, job_spec, "alice", store_url="s3://ftune-store/prefix"
-            )
-            if refused:
-                with pytest.raises(InitFromError, match="service's own store") as err:
-                    await call
-                assert err.value.loc == ("init_from", "adapter")
-            else:
-                assert await call == ref
-    finally:
-        await store.close()
 
 
 async def test_a_policy_continues_its_promoted_adapter(
