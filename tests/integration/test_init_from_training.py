@@ -19,7 +19,7 @@ from gpu_worker.pipeline import run
 from gpu_worker.reporter import JobCancelled, ListReporter
 from service.blobs import BlobStore, open_store
 from service.contract import Job
-from service.settings import Settings
+from service.settings import Settings, hash_api_key
 from tests.fixtures.hub import HubServer
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.tiny_model import stage_job
@@ -127,7 +127,14 @@ def test_an_adapter_of_another_base_model_is_refused_before_training(
         ),
         ref,
     )
-    s3_settings = replace(settings, s3_endpoint_url=s3_server.endpoint_url)
+    # The tenant may read the bucket (the grant is checked before anything is downloaded).
+    tenants_file = tmp_path / "tenants.json"
+    grants = {"s3_read": [f"s3://{s3_bucket}"]}
+    entry = {"keys": [{"sha256": hash_api_key("k")}], "grants": grants}
+    tenants_file.write_text(json.dumps({"tenants": {job.tenant: entry}}))
+    s3_settings = replace(
+        settings, s3_endpoint_url=s3_server.endpoint_url, api_keys_file=tenants_file
+    )
     reporter = ListReporter()
     with pytest.raises(ConfigError, match="trained on base model 'meta-llama/Llama-2-7b-chat-hf'"):
         run(job, tmp_path / "w", reporter, settings=s3_settings, store=store)
