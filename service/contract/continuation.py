@@ -12,14 +12,14 @@ import msgspec
 
 from service.contract.base import Strict
 
-JOB_ID_RE = r"^job_[A-Za-z0-9]{1,64}$"
+JOB_ID_RE = r"^job_[A-Za-z0-9]{1,64}(?!\n)$"
 ADAPTER_REF_RE = (
     r"^(?:hf://[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
     r"(?:@[A-Za-z0-9._-]{1,128})?(?:/[A-Za-z0-9._/-]{1,256})?"
-    r"|s3://[a-z0-9][a-z0-9.-]{1,62}(?:/[^\s]*)?)$"
+    r"|s3://[a-z0-9][a-z0-9.-]{1,62}(?:/[^\s]*)?)(?!\n)$"
 )
-TRACKING_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9 ._/:-]{0,127}$"
-Tag = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,63}$")]
+TRACKING_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9 ._/:-]{0,127}(?!\n)$"
+Tag = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,63}(?!\n)$")]
 
 
 class InitFrom(Strict):
