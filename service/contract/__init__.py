@@ -6,12 +6,6 @@ cross-field rules live in ``__post_init__`` (msgspec turns their ``ValueError`` 
 """
 
 from service.contract.base import Strict
-from service.contract.continuation import (
-    InitFrom,
-    Integrations,
-    MlflowTracking,
-    WandbTracking,
-)
 from service.contract.datasets import (
     Container,
     Dataset,
@@ -45,6 +39,8 @@ from service.contract.feedback import (
     PairRecord,
     Selection,
 )
+from service.contract.init_from import InitFrom
+from service.contract.integrations import Integrations, MlflowTracking, WandbTracking
 from service.contract.jobs import (
     Artifact,
     DataReport,

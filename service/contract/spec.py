@@ -10,7 +10,8 @@ from typing import Annotated, Literal
 import msgspec
 
 from service.contract.base import Strict
-from service.contract.continuation import InitFrom, Integrations
+from service.contract.init_from import InitFrom
+from service.contract.integrations import Integrations
 
 # Patterns end in `(?!\n)$`: Python's `$` also matches before a final newline (a name
 # "x\n" would pass), and `\Z` is not a JSON Schema (ECMA-262) regex; this reads alike in both.

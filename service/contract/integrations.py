@@ -1,4 +1,4 @@
-"""Two optional parts of a job spec: the adapter a job continues from, and experiment tracking.
+"""`integrations` in a job spec: the experiment trackers a job also reports to.
 
 Credentials never appear here: the workers hold them (MLFLOW_TRACKING_URI and MLflow's own
 credential variables, WANDB_API_KEY, WANDB_BASE_URL, WANDB_MODE).
@@ -12,47 +12,8 @@ import msgspec
 
 from service.contract.base import Strict
 
-JOB_ID_RE = r"^job_[A-Za-z0-9]{1,64}(?!\n)$"
-ADAPTER_REF_RE = (
-    r"^(?:hf://[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
-    r"(?:@[A-Za-z0-9._-]{1,128})?(?:/[A-Za-z0-9._/-]{1,256})?"
-    r"|s3://[a-z0-9][a-z0-9.-]{1,62}(?:/[^\s]*)?)(?!\n)$"
-)
 TRACKING_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9 ._/:-]{0,127}(?!\n)$"
 Tag = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,63}(?!\n)$")]
-
-
-class InitFrom(Strict):
-    """Train on from an existing LoRA adapter instead of a fresh one; exactly one field."""
-
-    job_id: (
-        Annotated[
-            str,
-            msgspec.Meta(
-                pattern=JOB_ID_RE,
-                description="A succeeded job of yours on the same base model whose artifacts "
-                "include the adapter (`output.artifacts` `adapter` or `both`).",
-            ),
-        ]
-        | None
-    ) = None
-    adapter: (
-        Annotated[
-            str,
-            msgspec.Meta(
-                pattern=ADAPTER_REF_RE,
-                max_length=512,
-                description="A PEFT LoRA adapter folder: `hf://org/name[@revision][/subfolder]` "
-                "or `s3://bucket/prefix/`; its adapter_config.json must name this job's "
-                "base model (checked by the worker before training).",
-            ),
-        ]
-        | None
-    ) = None
-
-    def __post_init__(self) -> None:
-        if (self.job_id is None) == (self.adapter is None):
-            raise ValueError("init_from takes exactly one of job_id and adapter")
 
 
 class MlflowTracking(Strict):
