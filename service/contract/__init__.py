@@ -6,6 +6,7 @@ cross-field rules live in ``__post_init__`` (msgspec turns their ``ValueError`` 
 """
 
 from service.contract.base import Strict
+from service.contract.caller import Caller
 from service.contract.datasets import (
     Container,
     Dataset,
@@ -47,6 +48,7 @@ from service.contract.jobs import (
     DroppedRows,
     GeneratedBy,
     Generation,
+    GpuMemoryEstimate,
     Job,
     JobError,
     JobList,
@@ -117,6 +119,7 @@ __all__ = [
     "Artifact",
     "AuditEntry",
     "AuditPage",
+    "Caller",
     "ChatTemplate",
     "Container",
     "DataReport",
@@ -144,6 +147,7 @@ __all__ = [
     "GateDecision",
     "GeneratedBy",
     "Generation",
+    "GpuMemoryEstimate",
     "Holdout",
     "HubDestination",
     "Hyperparameters",
