@@ -17,6 +17,7 @@ import msgspec
 
 from service.contract import (
     Container,
+    DatasetKind,
     DatasetStats,
     DatasetWarning,
     FieldMapping,
@@ -116,6 +117,7 @@ class IngestResult(msgspec.Struct, kw_only=True):
     sha256: str
     """sha256 hex of the normalized JSONL written to ``dst``."""
     format: Format
+    kind: DatasetKind = "preference"
     source_format: SourceFormat
     """The layout of the first row (``mapped`` whenever a non-default mapping was used)."""
     stats: DatasetStats

@@ -70,6 +70,7 @@ async def store_dataset(
         source_bytes=result.source_bytes,
         sha256=result.sha256,
         format=result.format,
+        kind=result.kind,
         source_format=result.source_format,
         stats=result.stats,
         warnings=result.warnings,

@@ -25,7 +25,7 @@ from gpu_worker.errors import ConfigError
 from gpu_worker.model import build_quantization_config
 from gpu_worker.pipeline import run
 from gpu_worker.reporter import ListReporter
-from gpu_worker.trainer import adapt_to_device, build_dpo_config
+from gpu_worker.trainer import adapt_to_device, build_config
 from service.blobs import open_store
 from service.contract import ChatTemplate, Hyperparameters, JobSpec, Lora, Quantization
 from service.settings import Settings
@@ -241,7 +241,7 @@ def test_changing_a_field_changes_training_or_is_refused(
     _, notes = adapt_to_device(spec, "cpu")
     assert any(f"{case.field} {case.value} -> " in note for note in notes), notes
     on_gpu: dict[str, Callable[[], object]] = {
-        "hyperparameters.optimizer": lambda: build_dpo_config(spec, tmp_path, "cuda").optim,
+        "hyperparameters.optimizer": lambda: build_config(spec, tmp_path, "cuda").optim,
         "quantization.compute_dtype": lambda: getattr(
             build_quantization_config(spec), "bnb_4bit_compute_dtype", None
         ),
