@@ -154,6 +154,10 @@ KNOWN: dict[str, Architecture] = {
         _arch("llama-3.1-70b", 8192, 80, 128256, 28672, 64, 8, tied=False),
         _arch("llama-3.3-70b", 8192, 80, 128256, 28672, 64, 8, tied=False),
         _arch("mistral-7b", 4096, 32, 32000, 14336, 32, 8, tied=False),
+        _arch("breeze-7b", 4096, 32, 61952, 14336, 32, 8, tied=False),  # Mistral, more vocab
+        # phi-2 (2.7B) has a two-layer GELU MLP (fc1, fc2: 2560 x 10240): an intermediate of
+        # 6827 in the three-matrix SwiGLU shape gives the same weights.
+        _arch("phi-2", 2560, 32, 51200, 6827, 32, 32, tied=False),
     )
 }
 """Well-known models by the start of their lowercased repo name (`Qwen2.5-14B-Instruct` is

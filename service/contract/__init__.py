@@ -38,6 +38,7 @@ from service.contract.feedback import (
     PairList,
     PairRecord,
     Selection,
+    SnapshotRows,
 )
 from service.contract.jobs import (
     Artifact,
@@ -186,6 +187,7 @@ __all__ = [
     "RunStatus",
     "S3Destination",
     "Selection",
+    "SnapshotRows",
     "SourceFormat",
     "StoreDestination",
     "Strict",
