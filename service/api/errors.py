@@ -15,6 +15,7 @@ from service.datasets.containers import ACCEPTED_TYPES, DatasetTooLarge, Unsuppo
 from service.datasets.sources import SourceError
 from service.datasets.validate import InvalidDataset
 from service.store import Conflict, LimitReached, NotFound
+from service.tenants import GrantMissing
 
 log = logging.getLogger("ftune.api")
 
@@ -114,6 +115,18 @@ def problem(
     return Response(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
+def limit_headers(exc: LimitReached) -> dict[str, str]:
+    """`Retry-After` and the IETF draft's `RateLimit-Policy` / `RateLimit` (structured fields:
+    the policy's quota `q` and window `w`; what `r` remains, and `t` seconds until it
+    resets) for a refusal at `exc.limit`."""
+    window = f";w={exc.window}" if exc.window is not None else ""
+    return {
+        "Retry-After": str(exc.retry_after),
+        "RateLimit-Policy": f'"{exc.limit}";q={exc.quota}{window}',
+        "RateLimit": f'"{exc.limit}";r=0;t={exc.retry_after}',
+    }
+
+
 _AT = re.compile(r"\s*-\s*at `\$(?P<path>[^`]*)`$")
 
 
@@ -158,7 +171,9 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]
     if isinstance(exc, Conflict):
         return problem(409, str(exc))
     if isinstance(exc, LimitReached):
-        return problem(429, str(exc))
+        return problem(429, str(exc), headers=limit_headers(exc))
+    if isinstance(exc, GrantMissing):
+        return problem(exc.status, exc.detail, errors=[FieldError(loc=exc.loc, msg=exc.detail)])
     if isinstance(exc, InvalidDataset):
         return _invalid_dataset(exc)
     if isinstance(exc, InvalidRequest):

@@ -97,6 +97,7 @@ from service.contract.spec import (
     kind_mismatch,
     local_model_path,
 )
+from service.contract.tenants import AuditEntry, AuditPage, LimitUsage, Usage
 from service.contract.webhooks import (
     EventType,
     OpenAIEventType,
@@ -120,6 +121,8 @@ __all__ = [
     "REPO_ID_RE",
     "STREAM_NAME",
     "Artifact",
+    "AuditEntry",
+    "AuditPage",
     "ChatTemplate",
     "Container",
     "DataReport",
@@ -159,6 +162,7 @@ __all__ = [
     "JobTemplate",
     "Kind",
     "Label",
+    "LimitUsage",
     "Lora",
     "LossType",
     "Message",
@@ -192,6 +196,7 @@ __all__ = [
     "StoreDestination",
     "Strict",
     "Trigger",
+    "Usage",
     "WebhookDelivery",
     "WebhookEvent",
     "WebhookJobData",
