@@ -129,7 +129,7 @@ class IngestResult(msgspec.Struct, kw_only=True):
     skipped: list[RowError] = []
 
 
-class _Errors:
+class ErrorTally:
     """Keeps the first ``keep`` errors and counts them all."""
 
     def __init__(self, keep: int) -> None:
@@ -174,7 +174,7 @@ class Collector:
         )
         encoder = msgspec.json.Encoder()
         self.encode, self.encode_lines = encoder.encode, encoder.encode_lines
-        self.errors = _Errors(limits.max_errors)
+        self.errors = ErrorTally(limits.max_errors)
         self.lengths = Lengths()
         self.seen = HashSet(limits.max_tracked_rows)
         self.duplicate, self.long_row, self.near = Tally(), Tally(), Tally()

@@ -30,7 +30,7 @@ from service.contract import (
     OnInvalid,
 )
 from service.datasets.canonical import decode_error
-from service.datasets.collect import MAX_COLUMNS, IngestResult, InvalidDataset, Limits, _Errors
+from service.datasets.collect import MAX_COLUMNS, ErrorTally, IngestResult, InvalidDataset, Limits
 from service.datasets.messages import (
     Msg,
     RowInvalid,
@@ -167,7 +167,7 @@ class KindCollector:
         self.limits = limits
         self.skip = on_invalid == "skip"
         self.max_invalid_fraction = max_invalid_fraction
-        self.errors = _Errors(limits.max_errors)
+        self.errors = ErrorTally(limits.max_errors)
         self.output = Output(dst)
         self.encode = msgspec.json.Encoder().encode
         self.used = used_columns(kind, mapping)

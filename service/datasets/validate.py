@@ -20,6 +20,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import msgspec
+
 from service.contract import Container, DatasetKind, FieldMapping, OnInvalid
 from service.datasets import parallel
 from service.datasets.collect import (
@@ -210,8 +212,6 @@ def _first_row(opened: Opened, limits: Limits) -> Any:
 
 
 def _first_line(blocks: JsonlBlocks) -> Any:
-    import msgspec
-
     for _, block in blocks:
         lines = block.split(b"\n") if isinstance(block, bytes) else block
         for raw in lines:
