@@ -156,3 +156,17 @@ async def test_hyperparameters_of_another_method_are_refused_by_name(api: Api) -
         api, pairs, method="simpo", hyperparameters={"beta": 2.0, "simpo_gamma": 1.0}
     )
     assert resp.status_code == 201, resp.text
+
+
+async def test_a_policy_cannot_train_sft_on_feedback(api: Api) -> None:
+    body = {
+        "stream": "support",
+        "template": {"base_model": MODEL, "method": "sft"},
+        "trigger": {"min_new_pairs": 10},
+    }
+    resp = await api.client.put("/v1/policies/nightly", json=body, headers=ALICE)
+    assert resp.status_code == 422, resp.text
+    assert "kto (every rating)" in resp.json()["detail"]
+    body["template"] = {"base_model": MODEL, "method": "kto"}
+    resp = await api.client.put("/v1/policies/nightly", json=body, headers=ALICE)
+    assert resp.status_code == 200, resp.text
