@@ -18,12 +18,16 @@ def _silence() -> None:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 
+# Both trainers' collators need the raw columns; they set remove_unused_columns=False
+# themselves, with a warning in every job's log, unless the config already says so.
+
+
 def orpo_config(**kwargs: Any) -> TrainingArguments:
     """TRL's ORPOConfig (beta is the paper's lambda)."""
     _silence()
     from trl.experimental.orpo import ORPOConfig
 
-    return ORPOConfig(**kwargs)
+    return ORPOConfig(remove_unused_columns=False, **kwargs)
 
 
 def simpo_config(*, simpo_gamma: float, **kwargs: Any) -> TrainingArguments:
@@ -32,7 +36,13 @@ def simpo_config(*, simpo_gamma: float, **kwargs: Any) -> TrainingArguments:
     _silence()
     from trl.experimental.cpo import CPOConfig
 
-    return CPOConfig(loss_type="simpo", cpo_alpha=0.0, simpo_gamma=simpo_gamma, **kwargs)
+    return CPOConfig(
+        loss_type="simpo",
+        cpo_alpha=0.0,
+        simpo_gamma=simpo_gamma,
+        remove_unused_columns=False,
+        **kwargs,
+    )
 
 
 def orpo_trainer(**kwargs: Any) -> Trainer:
