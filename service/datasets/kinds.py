@@ -31,6 +31,7 @@ from service.contract import (
 )
 from service.datasets.canonical import decode_error
 from service.datasets.collect import MAX_COLUMNS, ErrorTally, IngestResult, InvalidDataset, Limits
+from service.datasets.layouts import SYSTEM_COLUMNS
 from service.datasets.messages import (
     Msg,
     RowInvalid,
@@ -80,16 +81,18 @@ def normalize(obj: object, kind_: DatasetKind, mapping: FieldMapping | None) -> 
         if completion_field not in obj:
             raise RowInvalid(completion_field, f"missing field {completion_field!r}")
         row = _pair(obj[m.prompt_field], obj[completion_field], m.prompt_field, completion_field)
-    if m.system_field is not None and not blank(obj.get(m.system_field)):
-        system = {"role": "system", "content": text(obj[m.system_field], m.system_field)}
-        prompt = row["prompt"]
-        if isinstance(prompt, str):
+    system_field = m.system_field or next((c for c in SYSTEM_COLUMNS if c in obj), None)
+    if system_field is not None and system_field in obj:
+        # A row with a system column is a conversation, even where the column is blank: a
+        # file's rows must all be texts or all conversations.
+        if isinstance(row["prompt"], str):
             row = {
-                "prompt": [system, {"role": "user", "content": prompt}],
+                "prompt": [{"role": "user", "content": row["prompt"]}],
                 "completion": [{"role": "assistant", "content": row["completion"]}],
             }
-        elif prompt[0]["role"] != "system":
-            row["prompt"] = [system, *prompt]
+        if not blank(obj[system_field]) and row["prompt"][0]["role"] != "system":
+            system = {"role": "system", "content": text(obj[system_field], system_field)}
+            row["prompt"] = [system, *row["prompt"]]
     if kind_ == "unpaired":
         label_field = m.label_field or "label"
         if label_field not in obj:
@@ -101,7 +104,7 @@ def normalize(obj: object, kind_: DatasetKind, mapping: FieldMapping | None) -> 
 def used_columns(kind_: DatasetKind, mapping: FieldMapping | None) -> set[str]:
     m = mapping or FieldMapping()
     used = {m.prompt_field, m.completion_field or "completion", m.messages_field or "messages"}
-    used |= {n for n in (m.system_field,) if n is not None}
+    used |= {m.system_field} if m.system_field is not None else set(SYSTEM_COLUMNS)
     if kind_ == "unpaired":
         used.add(m.label_field or "label")
     return used
@@ -140,8 +143,8 @@ def _label(value: object, field: str) -> bool:
         return value
     if value in (0, 1) and isinstance(value, int):
         return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"  # CSV has no booleans
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")  # CSV has no booleans
     raise RowInvalid(field, f"expected true or false, got {kind(value)} {value!r}")
 
 
