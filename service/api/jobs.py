@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -10,30 +9,32 @@ from typing import Annotated, Any
 import msgspec
 from arq.connections import ArqRedis
 from litestar import Controller, Request, Response, get, post
-from litestar.params import HeaderParameter, Parameter
+from litestar.params import Body, HeaderParameter, Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from service import queue, vram, webhooks
+from service.api import shown
 from service.api.auth import scope
-from service.api.errors import FieldError, InvalidRequest
+from service.api.errors import BadRequest, FieldError, InvalidRequest
 from service.api.openapi_docs import CONFLICT, FORBIDDEN, NOT_FOUND, Cursor, PageSize, responses
 from service.api.tenancy import TenantParam, listed_tenant
 from service.contract import (
     Dataset,
     DatasetRef,
+    GpuMemoryEstimate,
     Job,
     JobList,
     JobSpec,
     JobStatus,
+    JobTemplate,
     MetricSeries,
     kind_mismatch,
     local_model_path,
 )
 from service.settings import Principal, Settings
-from service.store import Conflict, NotFound, Store, new_id, request_fingerprint
+from service.store import Conflict, NotFound, Store, is_stream_id, new_id, request_fingerprint
 from service.tenants import Tenants, check_job, limits_for
 
-EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 JobId = Annotated[str, Parameter(description="The job's id (`job_...`).")]
 IdempotencyKey = Annotated[
     str | None,
@@ -164,6 +165,40 @@ async def submit_job(
     return stored, False
 
 
+def estimate_memory(spec: JobTemplate, settings: Settings) -> GpuMemoryEstimate:
+    """What `vram` makes of a spec, in the numbers the submit check compares."""
+    try:
+        found = vram.estimate(spec, settings.models_dir)
+    except ValueError as exc:
+        raise InvalidRequest(
+            str(exc), [FieldError(loc=["body", "base_model"], msg=str(exc))]
+        ) from None
+    limit = settings.worker_gpu_memory_gb
+    if found is None:
+        return GpuMemoryEstimate(
+            base_model=spec.base_model,
+            gpu_memory_gb=limit,
+            summary=f"the shape of {spec.base_model} is unknown: no estimate, and no check at "
+            "submit",
+        )
+    parts = {
+        "weights": found.weights,
+        "adapter": found.adapter,
+        "activations": found.activations,
+        "lm_head": found.lm_head,
+        "overhead": found.overhead,
+    }
+    return GpuMemoryEstimate(
+        base_model=spec.base_model,
+        architecture=found.architecture.name,
+        total_gb=round(found.total_gb, 2),
+        parts_gb={name: round(value / vram.GIB, 2) for name, value in parts.items()},
+        gpu_memory_gb=limit,
+        fits=None if limit is None else found.total_gb <= limit,
+        summary=found.describe(),
+    )
+
+
 async def cancel_job(
     job_id: str, *, tenant: str | None, store: Store, arq: ArqRedis, settings: Settings
 ) -> Job:
@@ -210,7 +245,24 @@ class JobController(Controller):
             idempotency=idem,
         )
         headers = {"Idempotent-Replayed": "true"} if replayed else None
-        return Response(job, status_code=201, headers=headers)
+        return Response(shown.job(job), status_code=201, headers=headers)
+
+    @post(
+        operation_id="EstimateJobMemory",
+        path="/estimate",
+        status_code=200,
+        summary="The GPU memory a job would need, before submitting it",
+        description="The same estimate the submit check compares with the workers' GPU memory "
+        "(`FTUNE_WORKER_GPU_MEMORY_GB`). The body is a job spec without its datasets.",
+        responses=responses(),
+    )
+    async def estimate(
+        self,
+        data: Annotated[JobTemplate, Body(description="The job spec, without dataset ids.")],
+        principal: Principal,
+        settings: Settings,
+    ) -> GpuMemoryEstimate:
+        return estimate_memory(data, settings)
 
     @get(
         operation_id="ListJobs",
@@ -252,11 +304,11 @@ class JobController(Controller):
             limit=limit,
             cursor=cursor,
         )
-        return JobList(items=items, next_cursor=next_cursor)
+        return JobList(items=[shown.job(j) for j in items], next_cursor=next_cursor)
 
     @get(operation_id="GetJob", path="/{job_id:str}", responses=responses(NOT_FOUND))
     async def get_job(self, job_id: JobId, principal: Principal, store: Store) -> Job:
-        return await store.get_job(job_id, scope(principal))
+        return shown.job(await store.get_job(job_id, scope(principal)))
 
     @post(
         operation_id="CancelJob",
@@ -268,9 +320,10 @@ class JobController(Controller):
     async def cancel(
         self, job_id: JobId, principal: Principal, store: Store, arq: ArqRedis, settings: Settings
     ) -> Job:
-        return await cancel_job(
+        job = await cancel_job(
             job_id, tenant=scope(principal), store=store, arq=arq, settings=settings
         )
+        return shown.job(job)
 
     @get(
         operation_id="GetJobMetrics",
@@ -317,8 +370,8 @@ class JobController(Controller):
         ] = None,
     ) -> ServerSentEvent:
         await store.get_job(job_id, scope(principal))
-        if last_event_id is not None and not EVENT_ID.match(last_event_id):
-            raise InvalidRequest(
+        if last_event_id is not None and not is_stream_id(last_event_id):
+            raise BadRequest(
                 "Last-Event-ID must be an id this stream sent (e.g. 1700000000000-0)",
                 [FieldError(loc=["header", "Last-Event-ID"], msg="not an event id")],
             )

@@ -49,7 +49,9 @@ def api(
     """Serve the HTTP API (configured by FTUNE_* environment variables)."""
     import uvicorn
 
-    service_settings()
+    from service.logs import uvicorn_log_config
+
+    settings = service_settings()
     uvicorn.run(
         "service.api.app:create_app",
         factory=True,
@@ -57,6 +59,9 @@ def api(
         port=port,
         workers=workers,
         log_level=log_level,
+        log_config=uvicorn_log_config(
+            settings.log_level, secrets=settings.secret_values(), fmt=settings.log_format
+        ),
         proxy_headers=True,
     )
 
@@ -104,6 +109,7 @@ def dev(
         try:
             with stack:
                 out.print(f"ftune is running at [bold]{stack.url}[/] (docs: {stack.url}/docs)")
+                out.print(f"Console: [bold]{stack.url}/ui/[/] (sign in with the API key)")
                 if stack.key_created:
                     out.print(f"API key (shown once; also in {state_dir / 'api_key'}):")
                     out.print(f"  {stack.api_key}", soft_wrap=True)

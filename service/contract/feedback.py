@@ -8,7 +8,7 @@ import msgspec
 
 from service.contract.datasets import DatasetRef, Format
 
-STREAM_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+STREAM_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}(?!\n)$"
 """Stream (and policy) names: also part of Redis keys, so no ':'."""
 
 
@@ -106,6 +106,13 @@ class FeedbackStream(msgspec.Struct, kw_only=True):
         msgspec.Meta(
             description="Unpaired rows gathered so far: every rating, paired or not, as a "
             "completion labelled good (up) or bad (down), for kto."
+        ),
+    ] = 0
+    dropped_ratings: Annotated[
+        int,
+        msgspec.Meta(
+            description="Waiting ratings dropped, oldest first, because one prompt had more "
+            "than 1,000 waiting in one direction."
         ),
     ] = 0
     snapshots: Annotated[int, msgspec.Meta(description="Snapshots taken so far.")] = 0

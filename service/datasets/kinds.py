@@ -16,7 +16,7 @@ Canonical rows, one JSON object a line:
 
 from __future__ import annotations
 
-from typing import Any, BinaryIO
+from typing import Any
 
 import msgspec
 
@@ -43,7 +43,7 @@ from service.datasets.messages import (
     messages,
     text,
 )
-from service.datasets.output import Output
+from service.datasets.output import Output, Sink
 from service.datasets.stats import HashSet, Lengths, Tally, column_warnings, row_warnings
 from service.datasets.stats import rows as count_rows
 
@@ -157,7 +157,7 @@ class KindCollector:
 
     def __init__(
         self,
-        dst: BinaryIO,
+        dst: Sink,
         *,
         kind: DatasetKind,
         mapping: FieldMapping | None,

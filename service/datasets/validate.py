@@ -42,6 +42,7 @@ from service.datasets.containers import (
     parquet_lines,
 )
 from service.datasets.kinds import KindCollector, detect_kind
+from service.datasets.output import Sink, restart
 from service.datasets.stats import WARNING_LINES
 
 Ingest = Collector | KindCollector
@@ -111,7 +112,7 @@ def _read(ingest: Ingest, source: Path, hint: Container | None, offset: int) -> 
 
 def validate_file(
     paths: Path | Sequence[Path],
-    dst: BinaryIO,
+    dst: Sink,
     *,
     hint: Container | None = None,
     mapping: FieldMapping | None = None,
@@ -124,7 +125,7 @@ def validate_file(
     split, lines numbered on from one file to the next), whatever container holds them.
 
     A big plain JSONL file is validated in ranges by up to ``processes`` processes, with the
-    same result; ``dst`` must then be seekable (it is rewritten if the ranges give up).
+    same result (``dst`` is restarted if the ranges give up).
     Raises UnsupportedFile (nothing can be read), DatasetTooLarge (it decompresses past
     ``limits.max_bytes``) or InvalidDataset.
     """
@@ -155,8 +156,7 @@ def validate_file(
             )
             if result is not None:
                 return result
-            dst.seek(0)
-            dst.truncate()
+            restart(dst)
     ingest = Collector(
         dst,
         mapping=mapping,
