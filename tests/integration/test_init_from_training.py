@@ -1,5 +1,6 @@
-"""Continuing an adapter (`init_from`) on the tiny model: the second job starts where the first
-ended, against it as the reference, resumes correctly, and refuses an adapter of another base."""
+"""Continuing an adapter (`init_from`) on the tiny model: SFT then DPO, the DPO job starting
+where the SFT job ended and against it as the reference, resuming correctly; an adapter of
+another base model is refused."""
 
 from __future__ import annotations
 
@@ -24,9 +25,6 @@ from tests.fixtures.hub import HubServer
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.tiny_model import stage_job
 
-FIRST: dict[str, Any] = {}
-"""The first job's spec fields (the method there, once SFT exists: the SFT half of SFT -> DPO)."""
-
 
 @pytest.fixture
 def store(tmp_path: Path) -> BlobStore:
@@ -48,7 +46,7 @@ def _weights(store: BlobStore, job_id: str) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_a_job_continues_an_earlier_jobs_adapter_against_it(
+def test_sft_then_dpo_continues_the_sft_adapter_against_it(
     tiny_model_dir: Path,
     tiny_preference_rows: list[dict[str, str]],
     store: BlobStore,
@@ -56,17 +54,20 @@ def test_a_job_continues_an_earlier_jobs_adapter_against_it(
     tmp_path: Path,
 ) -> None:
     rows = tiny_preference_rows[:32]
-    first = stage_job(store, tiny_model_dir, rows, job_id="job_first", **FIRST)
-    fresh = ListReporter()  # the first job starts from a fresh adapter: policy = the bare base
-    (adapter,) = run(first, tmp_path / "w1", fresh, settings=settings, store=store).artifacts
+    sft_rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+    sft = stage_job(store, tiny_model_dir, sft_rows, job_id="job_sft", method="sft")
+    (adapter,) = run(sft, tmp_path / "w1", ListReporter(), settings=settings, store=store).artifacts
+    fresh = ListReporter()  # DPO on a fresh adapter: its policy starts as the bare base
+    plain = stage_job(store, tiny_model_dir, rows, job_id="job_fresh")
+    run(plain, tmp_path / "w2", fresh, settings=settings, store=store)
 
     job = _continuing(
         stage_job(
             store,
             tiny_model_dir,
             rows,
-            job_id="job_second",
-            init_from={"job_id": "job_first"},
+            job_id="job_dpo",
+            init_from={"job_id": "job_sft"},
             hyperparameters={"checkpoint_steps": 2},
         ),
         adapter.uri,
@@ -77,12 +78,12 @@ def test_a_job_continues_an_earlier_jobs_adapter_against_it(
         run(job, tmp_path / "w3", interrupted, settings=settings, store=store)
 
     step1, step1_fresh = interrupted.points[0][1], fresh.points[0][1]
-    # The policy starts as the first job's adapter, not as a fresh one (= the bare base) ...
+    # The policy starts as the SFT adapter, not as a fresh one (= the bare base) ...
     assert abs(step1["logps/chosen"] - step1_fresh["logps/chosen"]) > 0.05
     assert abs(step1["logps/rejected"] - step1_fresh["logps/rejected"]) > 0.05
-    # ... and the reference is that same adapter: rewards (beta x (policy - reference)
+    # ... and the reference is the SFT model too: rewards (beta x (policy - reference)
     # log-probs) are exactly 0 at step 1 and the loss is ln 2. Against the bare base they would
-    # be the first adapter's learnt margin.
+    # be what SFT moved.
     assert step1["rewards/chosen"] == 0.0 and step1["rewards/rejected"] == 0.0
     assert step1["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
@@ -95,10 +96,10 @@ def test_a_job_continues_an_earlier_jobs_adapter_against_it(
     assert losses[3] == pytest.approx(interrupted.points[2][1]["loss"], abs=1e-5)
 
     # The result is the continued adapter alone (not TRL's frozen reference copy), moved on
-    # from the first job's weights.
+    # from the SFT job's weights.
     (artifact,) = result.artifacts
     assert not any(name.startswith("ref/") for name in artifact.files)
-    before, after = _weights(store, "job_first"), _weights(store, "job_second")
+    before, after = _weights(store, "job_sft"), _weights(store, "job_dpo")
     assert before.keys() == after.keys()
     assert any(not (before[k] == after[k]).all() for k in before)
 
