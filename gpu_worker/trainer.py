@@ -1,16 +1,19 @@
-"""Turn a JobSpec into TRL's DPOConfig and DPOTrainer, with the device's choices made explicit.
+"""Turn a JobSpec into a TRL config and trainer of its method, with the device's choices made
+explicit (the per-method parts are in gpu_worker/methods.py).
 
-The reference model is the base with the adapter disabled (TRL does this when it gets a
-`peft_config`), so only one copy of the weights is in memory. Two choices differ from what a
-plain TRL script gets, on purpose (docs/training-quality.md): the adapter's weights stay float32
-on every path, and the training step's mixed precision follows the base's compute dtype.
+The reference model (dpo, kto) is the base with the adapter disabled (TRL does this when it
+gets a `peft_config`), so only one copy of the weights is in memory; a job continuing an adapter
+(`init_from`) is referenced against that adapter, frozen (TRL's `ref` copy). Two choices differ
+from what a plain TRL script gets, on purpose (docs/training-quality.md): the adapter's weights
+stay float32 on every path, and the training step's mixed precision follows the base's compute
+dtype.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
@@ -21,9 +24,14 @@ from service.contract import JobSpec
 if TYPE_CHECKING:
     import torch
     from datasets import Dataset
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
-    from trl.trainer.dpo_config import DPOConfig
-    from trl.trainer.dpo_trainer import DPOTrainer
+    from peft import LoraConfig, PeftModel
+    from transformers import (
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
 Precision = Literal["bf16", "fp16", "no"]
 """Autocast dtype of the training step (`no`: each layer computes in its weights' dtype)."""
@@ -108,25 +116,30 @@ def scheduler_name(spec: JobSpec) -> str:
     return hp.lr_scheduler
 
 
-def build_dpo_config(
+def build_config(
     spec: JobSpec, output_dir: Path, device: str, *, has_eval: bool = False
-) -> DPOConfig:
-    """TRL's config from our spec; `spec` must already be adapted to the device."""
+) -> TrainingArguments:
+    """TRL's config of the spec's method; `spec` must already be adapted to the device."""
+    from gpu_worker.methods import method_config
+
+    return method_config(spec, training_arguments(spec, output_dir, device, has_eval=has_eval))
+
+
+def training_arguments(
+    spec: JobSpec, output_dir: Path, device: str, *, has_eval: bool = False
+) -> dict[str, Any]:
+    """The settings every method's config shares (transformers' TrainingArguments)."""
     import torch
-    from trl.trainer.dpo_config import DPOConfig
 
     hp = spec.hyperparameters
     evaluate_during_training = has_eval and hp.eval_steps is not None
     bf16_supported = device == "cuda" and torch.cuda.is_bf16_supported()
     precision = mixed_precision(spec, device, bf16_supported=bf16_supported)
-    return DPOConfig(
+    return dict(
         output_dir=str(output_dir),
         use_cpu=device == "cpu",
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        beta=hp.beta,
-        loss_type=[hp.loss_type.value],
-        label_smoothing=hp.label_smoothing,
         learning_rate=hp.learning_rate,
         num_train_epochs=hp.num_epochs,
         max_steps=hp.max_steps if hp.max_steps is not None else -1,
@@ -138,7 +151,6 @@ def build_dpo_config(
         lr_scheduler_type=scheduler_name(spec),
         weight_decay=hp.weight_decay,
         max_grad_norm=hp.max_grad_norm,
-        max_length=hp.max_length,
         seed=hp.seed,
         data_seed=hp.seed,
         activation_checkpointing=hp.gradient_checkpointing,
@@ -152,8 +164,6 @@ def build_dpo_config(
         save_total_limit=2,
         report_to="none",
         disable_tqdm=True,
-        # TRL would also zero LoRA's dropout; build_trainer turns off only the base model's.
-        disable_dropout=False,
         dataloader_num_workers=0,
     )
 
@@ -162,32 +172,82 @@ def build_trainer(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     spec: JobSpec,
-    config: DPOConfig,
+    config: TrainingArguments,
     train_dataset: Dataset,
     eval_dataset: Dataset | None,
     callbacks: Sequence[TrainerCallback] = (),
-) -> DPOTrainer:
-    """A DPOTrainer that wraps `model` in a fresh float32 LoRA adapter; the reference is the bare
-    base."""
+    init_adapter: Path | None = None,
+) -> Trainer:
+    """The method's TRL trainer, wrapping `model` in a float32 LoRA adapter: a fresh one, whose
+    reference (dpo, kto) is the bare base, or the one in `init_adapter`, whose reference is that
+    adapter frozen."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from trl.trainer.dpo_trainer import DPOTrainer
 
-    trainer = DPOTrainer(
-        model=model,
+    from gpu_worker.methods import method_trainer
+
+    policy: PreTrainedModel | PeftModel = model
+    peft_config: LoraConfig | None = build_lora_config(spec)
+    if init_adapter is not None:
+        policy, peft_config = continue_adapter(model, init_adapter), None
+    trainer = method_trainer(
+        spec.method,
+        model=policy,
         args=config,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        peft_config=build_lora_config(spec),
+        peft_config=peft_config,
         callbacks=list(callbacks),
     )
     disable_base_dropout(model)  # the LoRA layers were injected into it in place
+    disable_reference_dropout(model)
     assert trainer.model is not None
     keep_trainable_fp32(trainer.model)
+    if init_adapter is not None:
+        restore_adapter(trainer.model, init_adapter)
     # Our callback reports every log; the console printers would only duplicate it.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     return trainer
+
+
+def continue_adapter(model: PreTrainedModel, adapter_dir: Path) -> PeftModel:
+    """`model` with the LoRA adapter in `adapter_dir` loaded trainable.
+
+    Given a PeftModel and no reference model, TRL's DPOTrainer adds a frozen copy of the
+    adapter named `ref` and computes the reference log-probs with it: DPO after SFT measures
+    its rewards against the SFT model, as the DPO paper prescribes, not against the bare base.
+    """
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+
+
+def restore_adapter(model: torch.nn.Module, adapter_dir: Path) -> None:
+    """Set the continued adapter back to its exact saved (float32) weights.
+
+    TRL's trainers round trainable weights to bfloat16 on a quantized base (see
+    keep_trainable_fp32), after DPO's and KTO's copied them into their frozen `ref` adapter:
+    without this, the policy would start one rounding away from the adapter it continues (and
+    from its reference: measured rewards of about 1e-4 at step 1, not 0).
+    """
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    set_peft_model_state_dict(model, load_peft_weights(str(adapter_dir)), adapter_name="default")
+
+
+def disable_reference_dropout(model: torch.nn.Module) -> int:
+    """Turn off the dropout of TRL's frozen `ref` adapter (present when an adapter is continued),
+    so the reference log-probs, computed in train mode, are exact; returns how many."""
+    import torch
+
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and name.endswith("lora_dropout.ref"):
+            count += module.p > 0
+            module.p = 0.0
+    return count
 
 
 def disable_base_dropout(model: torch.nn.Module) -> int:

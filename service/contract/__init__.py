@@ -5,11 +5,13 @@ cross-field rules live in ``__post_init__`` (msgspec turns their ``ValueError`` 
 ``ValidationError`` with the field path). Import from here: the submodules are its seams.
 """
 
+from service.contract.base import Strict
 from service.contract.caller import Caller
 from service.contract.datasets import (
     Container,
     Dataset,
     DatasetImport,
+    DatasetKind,
     DatasetList,
     DatasetRef,
     DatasetRow,
@@ -38,7 +40,10 @@ from service.contract.feedback import (
     PairList,
     PairRecord,
     Selection,
+    SnapshotRows,
 )
+from service.contract.init_from import InitFrom
+from service.contract.integrations import Integrations, MlflowTracking, WandbTracking
 from service.contract.jobs import (
     Artifact,
     DataReport,
@@ -74,7 +79,9 @@ from service.contract.spec import (
     BETA_FREE_LOSSES,
     LABEL_KEY_RE,
     LABEL_SMOOTHING_LOSSES,
+    METHOD_FIELDS,
     MODEL_REF_RE,
+    PREFERENCE_METHODS,
     REPO_ID_RE,
     ChatTemplate,
     Destination,
@@ -85,12 +92,13 @@ from service.contract.spec import (
     Label,
     Lora,
     LossType,
+    Method,
     Output,
     Probability,
     Quantization,
     S3Destination,
     StoreDestination,
-    Strict,
+    kind_mismatch,
     local_model_path,
 )
 from service.contract.tenants import AuditEntry, AuditPage, LimitUsage, Usage
@@ -111,7 +119,9 @@ __all__ = [
     "LABEL_SMOOTHING_LOSSES",
     "MAX_BATCH",
     "MAX_REQUEST_BYTES",
+    "METHOD_FIELDS",
     "MODEL_REF_RE",
+    "PREFERENCE_METHODS",
     "REPO_ID_RE",
     "STREAM_NAME",
     "Artifact",
@@ -123,6 +133,7 @@ __all__ = [
     "DataReport",
     "Dataset",
     "DatasetImport",
+    "DatasetKind",
     "DatasetList",
     "DatasetRef",
     "DatasetRow",
@@ -149,6 +160,8 @@ __all__ = [
     "Holdout",
     "HubDestination",
     "Hyperparameters",
+    "InitFrom",
+    "Integrations",
     "Job",
     "JobError",
     "JobList",
@@ -161,9 +174,11 @@ __all__ = [
     "Lora",
     "LossType",
     "Message",
+    "Method",
     "MetricName",
     "MetricPoint",
     "MetricSeries",
+    "MlflowTracking",
     "OnInvalid",
     "OpenAIEventType",
     "OpenAIWebhookData",
@@ -185,13 +200,16 @@ __all__ = [
     "RunStatus",
     "S3Destination",
     "Selection",
+    "SnapshotRows",
     "SourceFormat",
     "StoreDestination",
     "Strict",
     "Trigger",
     "Usage",
+    "WandbTracking",
     "WebhookDelivery",
     "WebhookEvent",
     "WebhookJobData",
+    "kind_mismatch",
     "local_model_path",
 ]

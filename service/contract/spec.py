@@ -9,6 +9,10 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from service.contract.base import Strict
+from service.contract.init_from import InitFrom
+from service.contract.integrations import Integrations
+
 # Patterns end in `(?!\n)$`: Python's `$` also matches before a final newline (a name
 # "x\n" would pass), and `\Z` is not a JSON Schema (ECMA-262) regex; this reads alike in both.
 REPO_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}(?!\n)$"
@@ -21,10 +25,6 @@ LABEL_KEY_RE = r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?(?!\n)$"
 
 Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 Label = Annotated[str, msgspec.Meta(max_length=63)]
-
-
-class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Inputs reject unknown keys: a typo in a spec must not silently train with defaults."""
 
 
 class LossType(enum.StrEnum):
@@ -66,32 +66,121 @@ DEFAULT_BETA = 0.1
 DEFAULT_NUM_EPOCHS = 1.0
 
 
+Method = Literal["dpo", "sft", "kto", "orpo", "simpo"]
+"""The training methods; each is a TRL trainer (gpu_worker/methods.py)."""
+
+PREFERENCE_METHODS = frozenset({"dpo", "orpo", "simpo"})
+"""The methods that train on chosen/rejected pairs (kto takes pairs too, unpaired by TRL)."""
+
+METHOD_FIELDS: dict[str, frozenset[str]] = {
+    "beta": frozenset({"dpo", "kto", "orpo", "simpo"}),
+    "loss_type": frozenset({"dpo"}),
+    "label_smoothing": frozenset({"dpo"}),
+    "desirable_weight": frozenset({"kto"}),
+    "undesirable_weight": frozenset({"kto"}),
+    "simpo_gamma": frozenset({"simpo"}),
+    "completion_only_loss": frozenset({"sft"}),
+}
+"""The hyperparameters that belong to some methods only: set on another, they are refused."""
+
+METHOD_KINDS: dict[str, frozenset[str]] = {
+    "dpo": frozenset({"preference"}),
+    "orpo": frozenset({"preference"}),
+    "simpo": frozenset({"preference"}),
+    "kto": frozenset({"unpaired", "preference"}),
+    "sft": frozenset({"sft"}),
+}
+"""The dataset kinds each method trains on (kto unpairs preference pairs, as TRL does)."""
+
+
+def kind_mismatch(method: str, kind: str) -> str | None:
+    """Why `method` cannot train on a dataset of `kind`, saying what to do; None if it can."""
+    if kind in METHOD_KINDS[method]:
+        return None
+    if method == "sft" and kind == "preference":
+        return (
+            "method 'sft' trains on prompt/completion rows, the dataset holds preference pairs: "
+            "upload the file again with completion_field=chosen to train on the chosen answers "
+            "(the rejected ones are then left out), or use a preference method (dpo, orpo, "
+            "simpo, kto)"
+        )
+    if kind == "unpaired":
+        return (
+            f"method {method!r} needs chosen/rejected pairs, the dataset holds single completions "
+            "labelled true or false: use method 'kto'"
+        )
+    if method == "kto":
+        return (
+            "method 'kto' needs completions labelled good or bad (or preference pairs), the "
+            "dataset holds unlabelled completions: use method 'sft', or upload rows with a "
+            "true/false label (label_field)"
+        )
+    return (
+        f"method {method!r} needs chosen/rejected pairs, the dataset holds prompt/completion "
+        "rows: use method 'sft'"
+    )
+
+
 class Hyperparameters(Strict):
-    """How to train: TRL's DPOConfig settings under their usual names."""
+    """How to train: TRL's config settings under their usual names (some per method)."""
 
     beta: Annotated[
         float,
         msgspec.Meta(
             gt=0.0,
             le=100.0,
-            description="DPO's beta: how far the tuned model may move from the base; higher "
-            "keeps it closer (typically 0.01-0.5).",
+            description="dpo, kto: how far the tuned model may move from the base; higher "
+            "keeps it closer (typically 0.01-0.5). orpo: the weight of the odds-ratio term "
+            "(lambda). simpo: the reward scale (the SimPO paper uses 2-2.5). Not for sft.",
         ),
     ] = DEFAULT_BETA
     loss_type: Annotated[
         LossType,
-        msgspec.Meta(description="TRL's DPO loss; `sigmoid` is the original DPO loss."),
+        msgspec.Meta(description="dpo only: TRL's DPO loss; `sigmoid` is the original DPO loss."),
     ] = LossType.sigmoid
     label_smoothing: Annotated[
         float,
         msgspec.Meta(
             ge=0.0,
             lt=0.5,
-            description="Assumed share of wrong preference labels (conservative DPO). Read "
-            "only by loss_type exo_pair (needs > 0), robust, aot and aot_unpaired; refused with "
-            "any other loss type.",
+            description="dpo only: assumed share of wrong preference labels (conservative "
+            "DPO). Read only by loss_type exo_pair (needs > 0), robust, aot and aot_unpaired; "
+            "refused with any other loss type.",
         ),
     ] = 0.0
+    desirable_weight: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0.0,
+            le=100.0,
+            description="kto only: weight of the losses of desirable (label true) rows; raise "
+            "it when they are fewer than the undesirable ones.",
+        ),
+    ] = 1.0
+    undesirable_weight: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0.0,
+            le=100.0,
+            description="kto only: weight of the losses of undesirable (label false) rows.",
+        ),
+    ] = 1.0
+    simpo_gamma: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0.0,
+            le=100.0,
+            description="simpo only: the target reward margin between chosen and rejected "
+            "(the SimPO paper's gamma).",
+        ),
+    ] = 0.5
+    completion_only_loss: Annotated[
+        bool,
+        msgspec.Meta(
+            description="sft only: train on the completions alone (true) or on the prompts "
+            "as well (false)."
+        ),
+    ] = True
     learning_rate: Annotated[
         float, msgspec.Meta(gt=0.0, le=1.0, description="Peak learning rate of the LoRA weights.")
     ] = 5e-6
@@ -118,7 +207,11 @@ class Hyperparameters(Strict):
     ) = None
     batch_size: Annotated[
         int,
-        msgspec.Meta(ge=1, le=1024, description="Preference pairs per device per forward pass."),
+        msgspec.Meta(
+            ge=1,
+            le=1024,
+            description="Rows (pairs, for preference methods) per device per forward pass.",
+        ),
     ] = 1
     gradient_accumulation_steps: Annotated[
         int,
@@ -435,7 +528,12 @@ class JobTemplate(Strict):
         ),
     ] = 0.05
     method: Annotated[
-        Literal["dpo"], msgspec.Meta(description="The training method: DPO on preference pairs.")
+        Method,
+        msgspec.Meta(
+            description="The training method: `dpo` (preference pairs), `sft` (prompt and "
+            "completion, or chat messages), `kto` (completions labelled good or bad; pairs "
+            "too), `orpo` and `simpo` (pairs, no reference model)."
+        ),
     ] = "dpo"
     hyperparameters: Annotated[
         Hyperparameters, msgspec.Meta(description="How to train; every field has a default.")
@@ -496,8 +594,25 @@ class JobTemplate(Strict):
             description="Length in tokens of the before/after generations for `eval_prompts`.",
         ),
     ] = 64
+    init_from: Annotated[
+        InitFrom | None,
+        msgspec.Meta(
+            description="Continue training an existing LoRA adapter (an earlier job's, or one "
+            "on the Hub or in S3) instead of a fresh one, e.g. DPO after SFT; it keeps its own "
+            "LoRA settings, so `lora` must be left out (or, with job_id, equal that job's). "
+            "null: a fresh adapter."
+        ),
+    ] = None
+    integrations: Annotated[
+        Integrations,
+        msgspec.Meta(
+            description="Experiment trackers (MLflow, Weights & Biases) the job also reports "
+            "to; the workers hold their addresses and credentials."
+        ),
+    ] = msgspec.field(default_factory=Integrations)
 
     def __post_init__(self) -> None:
+        _check_init_from(self)
         if not MODEL_REF_RE.match(self.base_model):
             raise ValueError(
                 "base_model must be 'org/name', 'hf://org/name', 's3://bucket/prefix' "
@@ -505,6 +620,7 @@ class JobTemplate(Strict):
             )
         if self.revision is not None and not _is_hub_ref(self.base_model):
             raise ValueError("revision applies only to a Hub base_model")
+        _check_method_fields(self.method, self.hyperparameters)
         no_eval_set = self.eval_dataset_id is None and self.eval_fraction == 0
         if self.hyperparameters.eval_steps is not None and no_eval_set:
             raise ValueError(
@@ -543,6 +659,31 @@ class JobSpec(JobTemplate, kw_only=True):
         super().__post_init__()
         if self.eval_dataset_id is not None and self.eval_dataset_id == self.dataset_id:
             raise ValueError("eval_dataset_id must differ from dataset_id")
+
+
+def _check_init_from(template: JobTemplate) -> None:
+    # An adapter's rank and targets are fixed when it is made; `lora` would silently do nothing.
+    # (With job_id the API compares `lora` with that job's, which it can read.)
+    init = template.init_from
+    if init is not None and init.adapter is not None and template.lora != Lora():
+        raise ValueError(
+            "lora has no effect with init_from.adapter (the adapter keeps its own r, alpha and "
+            "target modules): leave lora out"
+        )
+
+
+_HYPERPARAMETER_DEFAULTS = Hyperparameters()
+
+
+def _check_method_fields(method: str, hp: Hyperparameters) -> None:
+    """Refuse a hyperparameter set away from its default on a method that never reads it."""
+    for field, methods in METHOD_FIELDS.items():
+        if method not in methods and getattr(hp, field) != getattr(_HYPERPARAMETER_DEFAULTS, field):
+            users = ", ".join(sorted(methods))
+            raise ValueError(
+                f"hyperparameters.{field} does not apply to method {method!r} (only to "
+                f"{users}): remove it, or choose one of those methods"
+            )
 
 
 def _is_hub_ref(ref: str) -> bool:

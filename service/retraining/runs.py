@@ -21,8 +21,10 @@ from service.contract import (
     Destination,
     GateCheck,
     Holdout,
+    InitFrom,
     Job,
     JobStatus,
+    JobTemplate,
     Policy,
     PolicyRun,
     PolicyStatus,
@@ -31,6 +33,7 @@ from service.contract import (
     StoreDestination,
 )
 from service.datasets.validate import Limits
+from service.init_from import promoted_adapter, resolve_init_adapter
 from service.publish import publish
 from service.retraining import feedback
 from service.retraining.gate import decide
@@ -117,7 +120,7 @@ async def _advance(
     if not policy.spec.enabled:
         await set_status(store, policy, PolicyStatus(checked_at=now, message="disabled"))
         return []
-    total = await feedback.pair_count(store, tenant, policy.spec.stream)
+    total = await feedback.pair_count(store, tenant, policy.spec.stream, policy.spec.rows)
     new_pairs = total - policy.pairs_at_last_run
     fire, why, due = evaluate_trigger(
         policy.spec.trigger,
@@ -196,19 +199,27 @@ async def _fire(
             select=select,
             selection="train" if select else "all",
             by=f"policy {name} run {number}",
+            rows=spec.rows,
         )
         if eval_dataset.format != train.dataset.format:
             raise ValueError(
                 f"the eval dataset {eval_dataset.id} is {eval_dataset.format}, the stream's "
                 f"pairs are {train.dataset.format}"
             )
+        run_spec = job_spec(_template(policy), train.dataset.id, eval_dataset.id, policy=name)
+        init_adapter: str | None
+        if spec.init_from_promoted and policy.promoted is not None:
+            init_adapter = promoted_adapter(policy.promoted, run_spec)
+        else:
+            init_adapter = await resolve_init_adapter(store, run_spec, tenant)
         job = Job(
             id=job_id,
             tenant=tenant,
             status=JobStatus.queued,
-            spec=job_spec(spec.template, train.dataset.id, eval_dataset.id, policy=name),
+            spec=run_spec,
             dataset=train.dataset,
             eval_dataset=eval_dataset,
+            init_adapter=init_adapter,
             created_at=now,
             updated_at=now,
         )
@@ -242,6 +253,15 @@ async def _fire(
     return [f"policy {name} of {tenant}: fired run {number} ({why}) as job {job_id}"]
 
 
+def _template(policy: Policy) -> JobTemplate:
+    """The template a run submits: set to continue the promoted adapter if the policy says so."""
+    template = policy.spec.template
+    if policy.spec.init_from_promoted and policy.promoted is not None:
+        init = InitFrom(job_id=policy.promoted.job_id)
+        template = msgspec.structs.replace(template, init_from=init)
+    return template
+
+
 async def _eval_set(
     store: Store, blobs: BlobStore, policy: Policy, total: int, limits: Limits, *, now: float
 ) -> tuple[DatasetRef, Holdout | None, bool]:
@@ -255,9 +275,12 @@ async def _eval_set(
             raise ValueError(
                 f"the template's eval dataset {template.eval_dataset_id} does not exist"
             ) from None
-        return DatasetRef(id=ds.id, sha256=ds.sha256, rows=ds.rows, format=ds.format), None, False
-    if policy.holdout is not None and policy.holdout.stream == policy.spec.stream:
-        return policy.holdout.dataset, policy.holdout, False
+        ref = DatasetRef(id=ds.id, sha256=ds.sha256, rows=ds.rows, format=ds.format, kind=ds.kind)
+        return ref, None, False
+    rows = policy.spec.rows
+    held = policy.holdout
+    if held is not None and (held.stream, held.rows) == (policy.spec.stream, rows):
+        return held.dataset, held, False
     k = min(MAX_HOLDOUT, max(1, round(total * policy.spec.holdout_fraction)))
     if k >= total:
         raise ValueError(
@@ -277,6 +300,7 @@ async def _eval_set(
         selection="held_out",
         by=f"policy {policy.name}",
         name=f"{policy.spec.stream} held out by policy {policy.name}",
+        rows=rows,
     )
     holdout = Holdout(
         stream=policy.spec.stream,
@@ -284,6 +308,7 @@ async def _eval_set(
         pairs_end=total,
         indices=indices,
         created_at=now,
+        rows=rows,
     )
     return snap.dataset, holdout, True
 
@@ -293,7 +318,9 @@ async def _training_filter(
 ) -> Callable[[int, bytes], bool]:
     """Keeps every pair but the held-out ones and any later copy of one."""
     chosen = set(holdout.indices)
-    pairs = await feedback.read_pairs_at(store, tenant, holdout.stream, holdout.indices)
+    pairs = await feedback.read_pairs_at(
+        store, tenant, holdout.stream, holdout.indices, holdout.rows
+    )
     rows = {_encoder.encode(pair.row) for pair in pairs}
     return lambda i, row: i not in chosen and row not in rows
 
@@ -399,6 +426,7 @@ async def _follow(
                 revision=job.spec.revision,
                 beta=hp.beta,
                 loss_type=hp.loss_type.value,
+                method=job.spec.method,
                 artifacts=job.artifacts,
                 published=published,
             )
