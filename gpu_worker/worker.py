@@ -27,7 +27,7 @@ from datetime import timedelta
 from typing import Any
 
 import msgspec
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis, RedisSettings
 from arq.worker import Worker, func
 from prometheus_client import start_http_server
 
@@ -202,17 +202,42 @@ class _Supervisor:
             await self.apply(kind, payload)
 
 
-async def run_job(ctx: dict[str, Any], job_id: str, attempt: int) -> str:
+async def claim_next(ctx: dict[str, Any]) -> Job | str:
+    """Start the attempt fair dispatch picks for this worker's token: the claimed job, or
+    why none ("idle": nothing queued; "deferred": every tenant with work is at its limit)."""
     store: Store = ctx["store"]
     settings: Settings = ctx["settings"]
+    pool: ArqRedis = ctx["redis"]
     worker: str = ctx["worker_id"]
-    await store.renew_lease(job_id, worker, settings.lease_seconds)
-    try:
-        job = await store.update_job(job_id, _claim(attempt, worker))
-    except (Conflict, NotFound) as exc:
-        await store.drop_lease(job_id)
-        log.info("skipping %s attempt %s: %s", job_id, attempt, exc)
-        return "skipped"
+    while True:
+        picked = await queue.pick(
+            pool, ctx["job_id"], ctx["limits"], claim_seconds=settings.lease_seconds
+        )
+        if picked is None:
+            return "idle"
+        if not isinstance(picked, queue.Picked):
+            await queue.defer(pool, queue_name=settings.queue_name)
+            return "deferred"
+        await store.renew_lease(picked.job_id, worker, settings.lease_seconds)
+        try:
+            job = await store.update_job(picked.job_id, _claim(picked.attempt, worker))
+        except (Conflict, NotFound) as exc:  # cancelled meanwhile: pick another
+            await store.drop_lease(picked.job_id)
+            await queue.unclaim(pool, picked)
+            log.info("skipping %s attempt %s: %s", picked.job_id, picked.attempt, exc)
+            continue
+        await queue.unclaim(pool, picked)
+        return job
+
+
+async def run_job(ctx: dict[str, Any]) -> str:
+    """One dispatch token: claim the fairest queued attempt and run it."""
+    store: Store = ctx["store"]
+    settings: Settings = ctx["settings"]
+    job = await claim_next(ctx)
+    if isinstance(job, str):
+        return job
+    job_id, attempt = job.id, job.attempt
     logs.update_context(job_id=job_id, tenant=job.tenant, attempt=attempt)
     log.info("job %s attempt %s started", job_id, attempt)
     mp = multiprocessing.get_context("spawn")
@@ -227,7 +252,7 @@ async def run_job(ctx: dict[str, Any], job_id: str, attempt: int) -> str:
     child.start()
     ctx["child"] = child
     metrics: WorkerMetrics = ctx["metrics"]
-    supervisor = _Supervisor(store, job, settings, worker, metrics)
+    supervisor = _Supervisor(store, job, settings, ctx["worker_id"], metrics)
     metrics.busy.set(1)
     try:
         await _supervise(supervisor, child, events, cancel)
@@ -242,6 +267,7 @@ async def run_job(ctx: dict[str, Any], job_id: str, attempt: int) -> str:
         metrics.busy.set(0)
         await store.drop_lease(job_id)
     status = await _finish(store, supervisor, child)
+    await queue.finished(ctx["redis"], job_id)
     metrics.finished.labels(status=status).inc()
     return status
 
@@ -344,6 +370,7 @@ def build_worker(settings: Settings, *, on_terminal: Sequence[TerminalHook]) -> 
         )
         ctx["worker_id"] = f"{socket.gethostname()}:{os.getpid()}"
         ctx["metrics"] = metrics
+        ctx["limits"] = queue.limits_from_settings(settings)
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         await ctx["store"].close()

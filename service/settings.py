@@ -124,6 +124,12 @@ class Settings:
     max_live_jobs: Count | None = None
     """Queued plus running jobs one tenant may have; a submit past it answers 429. Unset: no
     limit."""
+    max_running_jobs_per_tenant: Count | None = None
+    """Jobs of one tenant running at once (its share of the workers): past it the tenant's
+    next job waits while other tenants' jobs start. Unset: no limit."""
+    max_event_streams_per_tenant: Count = 20
+    """Open `GET /v1/jobs/{id}/events` streams one tenant may hold on one API process; past it
+    the API answers 429."""
     worker_gpu_memory_gb: Positive | None = None
     """GPU memory of each worker in GB: the API refuses (422) a job whose estimate
     (service/vram.py) exceeds it. Unset: no check (CPU workers, or not wanted)."""

@@ -81,6 +81,11 @@ def _index(kind: str, tenant: str | None, status: JobStatus | None = None) -> st
     return f"{P}{kind}:{scope}" + (f":{status.value}" if status else "")
 
 
+def job_status_index(tenant: str, status: JobStatus) -> str:
+    """The tenant's jobs in one status (kept with every status move): e.g. how many run."""
+    return _index("jobs", tenant, status)
+
+
 async def transact(
     redis: aioredis.Redis, body: Callable[[Pipeline], Awaitable[R]], *keys: str
 ) -> tuple[R, list[Any]]:

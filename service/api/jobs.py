@@ -142,7 +142,7 @@ async def submit_job(
         raise InvalidRequest(str(exc)) from None
     if stored.id != job.id:
         return stored, True
-    await queue.enqueue(arq, job.id, job.attempt, queue_name=settings.queue_name)
+    await queue.enqueue(arq, stored, queue_name=settings.queue_name)
     return stored, False
 
 
@@ -153,7 +153,9 @@ async def cancel_job(
     to stop; Conflict on a finished job."""
     job = await store.update_job(job_id, _cancel, tenant=tenant)
     if job.status == JobStatus.cancelled:
-        await queue.remove(arq, job.id, job.attempt, queue_name=settings.queue_name)
+        await queue.remove(
+            arq, job.id, job.attempt, tenant=job.tenant, queue_name=settings.queue_name
+        )
     return job
 
 
