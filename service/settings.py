@@ -127,6 +127,9 @@ class Settings:
     max_running_jobs_per_tenant: Count | None = None
     """Jobs of one tenant running at once (its share of the workers): past it the tenant's
     next job waits while other tenants' jobs start. Unset: no limit."""
+    redis_max_connections: Count = 32
+    """Redis connections one API process opens for requests at most (more wait for one); the
+    event streams of the process share one more."""
     max_event_streams_per_tenant: Count = 20
     """Open `GET /v1/jobs/{id}/events` streams one tenant may hold on one API process; past it
     the API answers 429."""

@@ -120,11 +120,24 @@ class Store:
 
     @classmethod
     def from_url(
-        cls, url: str, *, metrics_maxlen: int = 100_000, on_terminal: Sequence[TerminalHook] = ()
+        cls,
+        url: str,
+        *,
+        metrics_maxlen: int = 100_000,
+        on_terminal: Sequence[TerminalHook] = (),
+        max_connections: int | None = None,
     ) -> Store:
-        return cls(
-            aioredis.Redis.from_url(url), metrics_maxlen=metrics_maxlen, on_terminal=on_terminal
-        )
+        """`max_connections` bounds the pool: past it a command waits up to 5 s for a free
+        connection (then ConnectionError), so a burst of requests cannot exhaust Redis's
+        `maxclients` for everyone."""
+        if max_connections is None:
+            client = aioredis.Redis.from_url(url)
+        else:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=max_connections, timeout=5, client_name="ftune-store"
+            )
+            client = aioredis.Redis(connection_pool=pool)
+        return cls(client, metrics_maxlen=metrics_maxlen, on_terminal=on_terminal)
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import re
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
 from arq.connections import ArqRedis
 from litestar import Controller, Request, Response, get, post
+from litestar.datastructures import State
 from litestar.params import HeaderParameter, Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from service import queue, vram, webhooks
 from service.api.auth import scope
 from service.api.errors import FieldError, InvalidRequest
+from service.api.events import EventHub, Subscription, follow
 from service.api.openapi_docs import CONFLICT, NOT_FOUND, TOO_MANY, Cursor, PageSize, responses
 from service.contract import (
     Dataset,
@@ -267,13 +270,15 @@ class JobController(Controller):
         summary="Server-Sent Events: status, phase, metrics and log lines, until the job ends",
         description="Each event's `id` is its position; reconnect with `Last-Event-ID` to "
         "resume exactly after it. The stream closes after the terminal status event.",
-        responses=responses(NOT_FOUND),
+        responses=responses(NOT_FOUND, TOO_MANY),
     )
     async def job_events(
         self,
         job_id: JobId,
         principal: Principal,
         store: Store,
+        state: State,
+        settings: Settings,
         last_event_id: Annotated[
             str | None,
             HeaderParameter(
@@ -285,32 +290,45 @@ class JobController(Controller):
             ),
         ] = None,
     ) -> ServerSentEvent:
-        await store.get_job(job_id, scope(principal))
+        job = await store.get_job(job_id, scope(principal))
         if last_event_id is not None and not EVENT_ID.match(last_event_id):
             raise InvalidRequest(
                 "Last-Event-ID must be an id this stream sent (e.g. 1700000000000-0)",
                 [FieldError(loc=["header", "Last-Event-ID"], msg="not an event id")],
             )
-        return ServerSentEvent(_follow(store, job_id, last_event_id or "0-0"))
-
-
-async def _follow(store: Store, job_id: str, after: str) -> AsyncIterator[ServerSentEventMessage]:
-    while True:
-        # A finished job's stream is complete: read what is left without waiting.
-        finished = (await store.get_job(job_id, None)).status.terminal
-        entries = await store.read_events(
-            job_id, after=after, block_ms=None if finished else KEEPALIVE_MS
+        after = last_event_id or "0-0"
+        if job.status.terminal:  # complete: what is left, without following
+            return ServerSentEvent(_rest(store, job_id, after))
+        hub: EventHub = state.event_hub
+        sub = await hub.subscribe(
+            store, job.tenant, job_id, limit=settings.max_event_streams_per_tenant
         )
-        if not entries:
-            if finished:
-                return
-            yield ServerSentEventMessage(comment="keep-alive", data=None)  # no empty message
-            continue
+        stream = _live(hub, store, sub, after)
+        weakref.finalize(stream, hub.unsubscribe, sub)  # in case it is never iterated
+        return ServerSentEvent(stream)
+
+
+async def _rest(store: Store, job_id: str, after: str) -> AsyncIterator[ServerSentEventMessage]:
+    while entries := await store.read_events(job_id, after=after, block_ms=None):
         for entry_id, kind, data in entries:
             after = entry_id
             yield ServerSentEventMessage(event=kind, data=data.decode(), id=entry_id)
+
+
+async def _live(
+    hub: EventHub, store: Store, sub: Subscription, after: str
+) -> AsyncIterator[ServerSentEventMessage]:
+    try:
+        async for event in follow(store, sub, after, KEEPALIVE_MS / 1000):
+            if event is None:
+                yield ServerSentEventMessage(comment="keep-alive", data=None)  # no empty message
+                continue
+            entry_id, kind, data = event
+            yield ServerSentEventMessage(event=kind, data=data.decode(), id=entry_id)
             if kind == "status" and msgspec.json.decode(data)["status"] in TERMINAL:
                 return
+    finally:
+        hub.unsubscribe(sub)
 
 
 TERMINAL = {s.value for s in JobStatus if s.terminal}
