@@ -61,4 +61,7 @@ openapi: $(STAMP) ## export openapi/openapi.json from the app
 bench: $(STAMP) ## benchmarks, quick mode (BENCH=full for the full run)
 	$(PY) -m bench $(if $(BENCH),--$(BENCH),--quick)
 
-.PHONY: help install lock demo dev test test-fast lint fmt openapi bench
+soak: $(STAMP) ## several tenants against one API and two workers for 60 s, then a consistency check
+	$(PY) -m bench.soak
+
+.PHONY: help install lock demo dev test test-fast lint fmt openapi bench soak
