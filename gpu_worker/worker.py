@@ -223,7 +223,7 @@ async def claim_next(ctx: dict[str, Any]) -> Job | str:
             job = await store.update_job(picked.job_id, _claim(picked.attempt, worker))
         except (Conflict, NotFound) as exc:  # cancelled meanwhile: pick another
             await store.drop_lease(picked.job_id)
-            await queue.unclaim(pool, picked)
+            await queue.unclaim(pool, picked, dropped_by=ctx["job_id"])
             log.info("skipping %s attempt %s: %s", picked.job_id, picked.attempt, exc)
             continue
         await queue.unclaim(pool, picked)

@@ -198,7 +198,8 @@ async def pick(
     for raw in await pool.zrange(FAIR, 0, -1):
         tenant = raw.decode()
         share = limits(tenant)
-        args += [tenant, -1 if share.max_running is None else share.max_running, share.weight]
+        running = -1 if share.max_running is None else share.max_running
+        args += [tenant, running, max(share.weight, 1e-6)]
     default = limits("")
     found = await _run(
         pool,
@@ -210,7 +211,7 @@ async def pick(
             _RUNNING_PREFIX,
             _RUNNING_SUFFIX,
             -1 if default.max_running is None else default.max_running,
-            default.weight,
+            max(default.weight, 1e-6),
             *args,
         ],
     )
@@ -221,11 +222,24 @@ async def pick(
     return Picked(tenant, job_id, int(number))
 
 
-async def unclaim(pool: ArqRedis, picked: Picked) -> bool:
-    """End a claim: the worker's compare-and-set moved the attempt to running (or found it
-    no longer queued), or the reaper returns it. False if it had already ended."""
-    key = attempt_key(picked.job_id, picked.attempt)
-    return bool(await pool.zrem(claiming_key(picked.tenant), key))
+# KEYS: claiming, dispatched
+# ARGV: attempt, job id, token whose mapping goes too ('' keeps it)
+_UNCLAIM = """
+local ended = redis.call('ZREM', KEYS[1], ARGV[1])
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[2], ARGV[2]) == ARGV[3] then
+  redis.call('HDEL', KEYS[2], ARGV[2])
+end
+return ended
+"""
+
+
+async def unclaim(pool: ArqRedis, picked: Picked, *, dropped_by: str = "") -> bool:
+    """End a claim: the worker's compare-and-set moved the attempt to running, or found it
+    no longer queued (then, `dropped_by` its token, the job-to-token mapping goes too), or the
+    reaper returns it. False if it had already ended."""
+    keys = [claiming_key(picked.tenant), DISPATCHED]
+    args = [attempt_key(picked.job_id, picked.attempt), picked.job_id, dropped_by]
+    return bool(await _run(pool, _UNCLAIM, keys, args))
 
 
 async def defer(pool: ArqRedis, *, queue_name: str) -> None:
@@ -238,11 +252,12 @@ async def defer(pool: ArqRedis, *, queue_name: str) -> None:
         await tr.execute()
 
 
-# KEYS: queue, pending, claiming
-# ARGV: attempt, its own token, in-progress prefix, job prefix, retry prefix
+# KEYS: queue, pending, claiming, dispatched
+# ARGV: attempt, its own token, in-progress prefix, job prefix, retry prefix, job id
 _REMOVE = """
-local removed = redis.call('ZREM', KEYS[2], ARGV[1]) + redis.call('ZREM', KEYS[3], ARGV[1])
-if removed == 0 then return 0 end
+local claimed = redis.call('ZREM', KEYS[3], ARGV[1])
+if claimed == 1 then redis.call('HDEL', KEYS[4], ARGV[6]) end
+if redis.call('ZREM', KEYS[2], ARGV[1]) + claimed == 0 then return 0 end
 local function take(token)
   if redis.call('EXISTS', ARGV[3] .. token) == 1 then return false end
   if not redis.call('ZSCORE', KEYS[1], token) then return false end
@@ -268,8 +283,8 @@ async def remove(
     await _run(
         pool,
         _REMOVE,
-        [queue_name, pending_key(tenant), claiming_key(tenant)],
-        [key, key, in_progress_key_prefix, job_key_prefix, retry_key_prefix],
+        [queue_name, pending_key(tenant), claiming_key(tenant), DISPATCHED],
+        [key, key, in_progress_key_prefix, job_key_prefix, retry_key_prefix, job_id],
     )
 
 

@@ -213,6 +213,7 @@ async def test_cancel_takes_the_job_and_one_token_off(redis_url: str) -> None:
     }
     job = await claim_next(ctx)  # a1 was cancelled under it: the same token starts a3
     assert isinstance(job, Job) and job.id == a3.id and job.status == JobStatus.running
+    assert await pool.hgetall(queue.DISPATCHED) == {a3.id.encode(): f"{a1.id}:0".encode()}
     await store.close()
     await pool.aclose()
 
