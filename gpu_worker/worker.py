@@ -11,6 +11,7 @@ training.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import multiprocessing
@@ -47,7 +48,7 @@ from service.contract import (
 from service.leases import requeue
 from service.metrics import WorkerMetrics, record_job_duration
 from service.settings import Settings
-from service.store import Conflict, NotFound, Store, TerminalHook
+from service.store import Conflict, NotFound, Store, TerminalHook, new_id
 
 log = logging.getLogger("ftune.worker")
 
@@ -202,13 +203,25 @@ class _Supervisor:
             await self.apply(kind, payload)
 
 
-async def claim_next(ctx: dict[str, Any]) -> Job | str:
+async def claim_next(ctx: dict[str, Any], *legacy: Any) -> Job | str:
     """Start the attempt fair dispatch picks for this worker's token: the claimed job, or
-    why none ("idle": nothing queued; "deferred": every tenant with work is at its limit)."""
+    why none ("idle": nothing queued; "deferred": every tenant with work is at its limit).
+
+    `legacy` are the (job id, attempt) a token queued before fair dispatch carried: that
+    attempt is not in any pending set yet, so it is added first (with a token of its own).
+    """
     store: Store = ctx["store"]
     settings: Settings = ctx["settings"]
     pool: ArqRedis = ctx["redis"]
     worker: str = ctx["worker_id"]
+    if legacy:
+        job_id, attempt = legacy
+        with contextlib.suppress(NotFound):
+            old = await store.get_job(job_id, None)
+            if old.status == JobStatus.queued and old.attempt == attempt:
+                await queue.enqueue(
+                    pool, old, queue_name=settings.queue_name, token=new_id("dispatch")
+                )
     while True:
         picked = await queue.pick(
             pool, ctx["job_id"], ctx["limits"], claim_seconds=settings.lease_seconds
@@ -230,11 +243,11 @@ async def claim_next(ctx: dict[str, Any]) -> Job | str:
         return job
 
 
-async def run_job(ctx: dict[str, Any]) -> str:
+async def run_job(ctx: dict[str, Any], *legacy: Any) -> str:
     """One dispatch token: claim the fairest queued attempt and run it."""
     store: Store = ctx["store"]
     settings: Settings = ctx["settings"]
-    job = await claim_next(ctx)
+    job = await claim_next(ctx, *legacy)
     if isinstance(job, str):
         return job
     job_id, attempt = job.id, job.attempt

@@ -234,3 +234,28 @@ async def test_reaper_returns_a_claim_whose_worker_died_before_starting(redis_ur
     assert again == [job.id]
     await store.close()
     await pool.aclose()
+
+
+async def test_a_token_queued_before_fair_dispatch_still_starts_its_job(redis_url: str) -> None:
+    """arq jobs queued by an older API carried (job id, attempt) and have no pending entry."""
+    s = settings(redis_url)
+    store, pool = Store.from_url(redis_url), await queue.connect(redis_url)
+    job = await submit(store, pool, s, "team-a")
+    await pool.flushall()  # as an older API left it: the job record, an arq job, no pending set
+    await store.redis.set("ftune:ds:ds_x", b"{}")
+    await store.create_job(job)
+    await pool.enqueue_job(queue.TASK, job.id, 0, _job_id=f"{job.id}:0", _queue_name=s.queue_name)
+    ctx = {
+        "store": store,
+        "settings": s,
+        "redis": pool,
+        "worker_id": "w1",
+        "job_id": f"{job.id}:0",
+        "limits": queue.limits_from_settings(s),
+    }
+    claimed = await claim_next(ctx, job.id, 0)
+    assert isinstance(claimed, Job) and claimed.id == job.id
+    await pool.zrem(s.queue_name, f"{job.id}:0")  # arq ends the old token
+    assert queue_count(s) == 1  # the running job's token
+    await store.close()
+    await pool.aclose()
