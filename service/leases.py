@@ -62,6 +62,11 @@ async def reap(store: Store, pool: ArqRedis, settings: Settings) -> list[str]:
     Each re-queue is a compare-and-set on the job, so two reapers racing move a job once.
     """
     await restore_lost_claims(store, pool, settings)
+    await queue.replace_stranded_tokens(
+        pool,
+        queue_name=settings.queue_name,
+        in_progress_seconds=settings.job_timeout_hours * 3600 + 10,
+    )
     moved = []
     for job_id in await store.expired_leases():
         if await requeue(store, pool, settings, job_id, "the worker running it was lost"):

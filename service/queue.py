@@ -320,5 +320,63 @@ async def lost_claims(pool: ArqRedis) -> list[Picked]:
     return lost
 
 
+STRANDED_AFTER = timedelta(seconds=60)
+"""A live worker maps the token it took to a job (or ends it) within milliseconds; one
+unmapped for this long was taken by a worker that died before its pick."""
+
+# KEYS: queue, fair
+# ARGV: token, in-progress prefix, job prefix, retry prefix, fresh token, payload, expires ms,
+#       score ms
+_REPLACE = """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DEL', ARGV[2] .. ARGV[1], ARGV[3] .. ARGV[1], ARGV[4] .. ARGV[1])
+for _, tenant in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  if redis.call('ZCARD', 'ftune:pending:' .. tenant) > 0 then
+    redis.call('SET', ARGV[3] .. ARGV[5], ARGV[6], 'PX', ARGV[7])
+    redis.call('ZADD', KEYS[1], ARGV[8], ARGV[5])
+    return 1
+  end
+end
+return 1
+"""
+
+
+async def replace_stranded_tokens(
+    pool: ArqRedis, *, queue_name: str, in_progress_seconds: float
+) -> list[str]:
+    """Tokens a worker took and died with before it picked an attempt (a few milliseconds'
+    window): arq would keep them "in progress" for `job_timeout + 10 s` while an attempt
+    waits for a token. Each is dropped and, while attempts are pending, replaced by a fresh
+    one. `in_progress_seconds` is arq's in-progress expiry (the workers' job timeout + 10 s).
+    Returns the tokens dropped."""
+    tokens = [t.decode() for t in await pool.zrange(queue_name, 0, -1)]
+    if not tokens:
+        return []
+    mapped = {t.decode() for t in await pool.hvals(DISPATCHED)}  # type: ignore[misc]  # redis-py#2399
+    async with pool.pipeline(transaction=False) as pipe:
+        for token in tokens:
+            pipe.pttl(in_progress_key_prefix + token)
+        ttls = await pipe.execute()
+    oldest_ms = (in_progress_seconds - STRANDED_AFTER.total_seconds()) * 1000
+    dropped = []
+    for token, ttl in zip(tokens, ttls, strict=True):
+        if token in mapped or ttl < 0 or ttl > oldest_ms:
+            continue  # not taken, or taken by a worker that picked, or taken just now
+        args = [
+            token,
+            in_progress_key_prefix,
+            job_key_prefix,
+            retry_key_prefix,
+            new_id("dispatch"),
+            _token_payload(),
+            int(QUEUED_FOR.total_seconds() * 1000),
+            int(time.time() * 1000),
+        ]
+        if await _run(pool, _REPLACE, [queue_name, FAIR], args):
+            dropped.append(token)
+    return dropped
+
+
 async def depth(pool: ArqRedis, *, queue_name: str) -> int:
     return int(await pool.zcard(queue_name))

@@ -259,3 +259,22 @@ async def test_a_token_queued_before_fair_dispatch_still_starts_its_job(redis_ur
     assert queue_count(s) == 1  # the running job's token
     await store.close()
     await pool.aclose()
+
+
+async def test_reaper_replaces_a_token_whose_worker_died_before_picking(redis_url: str) -> None:
+    s = settings(redis_url)
+    store, pool = Store.from_url(redis_url), await queue.connect(redis_url)
+    job = await submit(store, pool, s, "team-a")
+    other = await submit(store, pool, s, "team-b")
+    in_progress_ms = int((s.job_timeout_hours * 3600 + 10) * 1000)
+    # A worker took job's token 2 minutes ago (arq's in-progress key) and never picked: it
+    # died. Another took other's token a second ago and is about to pick: left alone.
+    dead, live = f"{job.id}:0", f"{other.id}:0"
+    await pool.set(f"arq:in-progress:{dead}", b"1", px=in_progress_ms - 120_000)
+    await pool.set(f"arq:in-progress:{live}", b"1", px=in_progress_ms - 1_000)
+    await leases.reap(store, pool, s)
+    tokens = sorted(t.decode() for t in await pool.zrange(s.queue_name, 0, -1))
+    assert len(tokens) == 2 and tokens[0].startswith("dispatch_") and tokens[1] == live
+    assert not await pool.exists(f"arq:in-progress:{dead}", f"arq:job:{dead}")
+    await store.close()
+    await pool.aclose()
