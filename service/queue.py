@@ -15,7 +15,9 @@ over per-tenant pending sets, so tenants take turns however many jobs each one q
   at its limit, the worker puts its token back a few seconds later and stays free.
 
 A picked attempt is *claiming* until the worker's compare-and-set on the job record moves it
-to running; the lease reaper returns a claim whose worker died before that (`restore_lost`).
+to running; the lease reaper returns a claim whose worker died before that
+(`leases.restore_lost_claims`) and replaces a token whose worker died before picking
+(`replace_stranded_tokens`). docs/architecture.md, "How fairness works", has the whole story.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ _RUNNING_PREFIX, _RUNNING_SUFFIX = job_status_index("\0", JobStatus.running).spl
 
 
 def pending_key(tenant: str) -> str:
-    """Sorted set of the tenant's queued attempts (`job:attempt`), first to start first."""
+    """Sorted set of the tenant's queued attempts (`job:attempt`), first to start first.
+    (The Lua scripts below build this name and `claiming_key`'s themselves.)"""
     return f"{P}pending:{tenant}"
 
 
