@@ -21,6 +21,10 @@ from service.api.jobs import cancel_job
 from service.contract import DatasetRef, Job, JobSpec, JobStatus
 from service.settings import Settings
 from service.store import Store, new_id
+from tests.fixtures.api import ADMIN, ALICE, BOB, Api
+
+ROWS = b'{"prompt": "p", "chosen": "c", "rejected": "r"}\n'
+NDJSON = {"Content-Type": "application/x-ndjson"}
 
 
 def settings(redis_url: str, **over: Any) -> Settings:
@@ -92,18 +96,30 @@ def queue_count(s: Settings) -> int:
         client.close()
 
 
-async def test_one_tenant_backlog_does_not_hold_up_another(redis_url: str) -> None:
-    s = settings(redis_url)
-    store, pool = Store.from_url(redis_url), await queue.connect(redis_url)
-    a_jobs = [await submit(store, pool, s, "team-a") for _ in range(5)]
-    b_job = await submit(store, pool, s, "team-b")
+async def test_one_tenant_backlog_does_not_hold_up_another(api: Api) -> None:
+    """Alice queues 5 jobs, then Bob 1, through the API; one worker starts Bob's second."""
+    s = replace(api.settings, lease_seconds=2)
+
+    async def submit_as(headers: dict[str, str]) -> str:
+        ds = await api.client.post("/v1/datasets", content=ROWS, headers={**headers, **NDJSON})
+        spec = {"base_model": "org/model", "dataset_id": ds.json()["id"]}
+        job = await api.client.post("/v1/jobs", json=spec, headers=headers)
+        assert job.status_code == 201, job.text
+        return str(job.json()["id"])
+
+    alice = [await submit_as(ALICE) for _ in range(5)]
+    bob = await submit_as(BOB)
     assert queue_count(s) == 6  # what KEDA counts: one entry per live job
     started = await run_one_worker(s)
-    assert started[1] == b_job.id, "team-b's only job must be the second to start"
-    assert sorted([started[0], *started[2:]]) == sorted(j.id for j in a_jobs)
+    assert started[1] == bob, "Bob's only job must be the second to start"
+    assert sorted([started[0], *started[2:]]) == sorted(alice)
     assert queue_count(s) == 0
-    await store.close()
-    await pool.aclose()
+    # The API's own view agrees: every job ran, Bob's started before Alice's second one.
+    jobs = {j: (await api.client.get(f"/v1/jobs/{j}", headers=ADMIN)).json() for j in started}
+    assert all(j["status"] == "succeeded" for j in jobs.values())
+    assert [jobs[j]["started_at"] for j in started] == sorted(
+        j["started_at"] for j in jobs.values()
+    )
 
 
 async def test_shares_weight_the_turns_and_priority_orders_a_tenants_own(redis_url: str) -> None:
