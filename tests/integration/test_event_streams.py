@@ -13,6 +13,7 @@ import msgspec
 import pytest
 import redis
 
+from service.api import events
 from service.contract import JobStatus
 from service.dev.localredis import LocalRedis
 from service.settings import Settings
@@ -123,3 +124,33 @@ async def test_many_streams_of_one_tenant_leave_others_served(
             assert down.status_code == 503, down.text
             assert int(down.headers["Retry-After"]) > 0
             assert down.headers["Content-Type"].startswith("application/problem+json")
+
+
+async def test_a_client_that_falls_behind_is_dropped_and_resumes_losing_nothing(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscriber's queue is bounded: past it the stream ends, and a reconnect with the
+    last id it got (Last-Event-ID) carries on exactly after it."""
+    monkeypatch.setattr(events, "QUEUE_SIZE", 5)
+    store = Store.from_url(redis_url)
+    async with events.EventHub(redis_url, block_ms=50).running() as hub:
+        sub = await hub.subscribe(store, "alice", "job_x", limit=5)
+        await asyncio.sleep(0.2)  # the reader follows the stream now
+        for i in range(12):  # nobody reads meanwhile
+            await store.add_log("job_x", f"line {i}")
+        await asyncio.sleep(0.5)
+        got = [e async for e in events.follow(store, sub, "0-0", keepalive=0.2) if e]
+        hub.unsubscribe(sub)
+        assert sub.dropped and len(got) == 5
+        assert hub.open == {} and hub.cursors == {}
+
+        again = await hub.subscribe(store, "alice", "job_x", limit=5)
+        rest = []
+        async for event in events.follow(store, again, got[-1][0], keepalive=0.2):
+            if event is None:
+                break
+            rest.append(event)
+        hub.unsubscribe(again)
+    lines = [msgspec.json.decode(data)["message"] for _, _, data in got + rest]
+    assert lines == [f"line {i}" for i in range(12)]
+    await store.close()
