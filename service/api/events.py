@@ -69,7 +69,7 @@ class EventHub:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[EventHub]:
-        task = asyncio.create_task(self._read(), name="ftune-event-hub")
+        task = asyncio.create_task(self._read_forever(), name="ftune-event-hub")
         try:
             yield self
         finally:
@@ -142,6 +142,15 @@ class EventHub:
                     for sub in list(self.subscribers.get(key, ())):
                         self._push(key, sub, event)
                 self.cursors[key] = entries[-1][0].decode()
+
+    async def _read_forever(self) -> None:
+        """The reader must outlive a bug in one pass: every stream of the process needs it."""
+        while True:
+            try:
+                await self._read()
+            except Exception:
+                log.exception("the job event reader failed; restarting it in 1 s")
+                await asyncio.sleep(1)
 
     def _push(self, key: str, sub: Subscription, event: Event) -> None:
         try:
