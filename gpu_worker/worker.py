@@ -235,12 +235,20 @@ async def claim_next(ctx: dict[str, Any], *legacy: Any) -> Job | str:
         try:
             job = await store.update_job(picked.job_id, _claim(picked.attempt, worker))
         except (Conflict, NotFound) as exc:  # cancelled meanwhile: pick another
-            await store.drop_lease(picked.job_id)
+            if not await _runs_elsewhere(store, picked.job_id):  # its lease is another's
+                await store.drop_lease(picked.job_id)
             await queue.unclaim(pool, picked, dropped_by=ctx["job_id"])
             log.info("skipping %s attempt %s: %s", picked.job_id, picked.attempt, exc)
             continue
         await queue.unclaim(pool, picked)
         return job
+
+
+async def _runs_elsewhere(store: Store, job_id: str) -> bool:
+    try:
+        return (await store.get_job(job_id, None)).status == JobStatus.running
+    except NotFound:
+        return False
 
 
 async def run_job(ctx: dict[str, Any], *legacy: Any) -> str:

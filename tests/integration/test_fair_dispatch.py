@@ -294,3 +294,26 @@ async def test_reaper_replaces_a_token_whose_worker_died_before_picking(redis_ur
     assert not await pool.exists(f"arq:in-progress:{dead}", f"arq:job:{dead}")
     await store.close()
     await pool.aclose()
+
+
+async def test_a_stale_entry_of_a_job_running_elsewhere_leaves_its_lease(redis_url: str) -> None:
+    """E.g. the reaper returned a claim of a slow but living worker, which then started it."""
+    s = settings(redis_url)
+    store, pool = Store.from_url(redis_url), await queue.connect(redis_url)
+    job = await submit(store, pool, s, "team-a")
+    running = lambda j: msgspec.structs.replace(j, status=JobStatus.running)  # noqa: E731
+    await store.update_job(job.id, running)
+    await store.renew_lease(job.id, "w-other", 30)
+    ctx = {
+        "store": store,
+        "settings": s,
+        "redis": pool,
+        "worker_id": "w1",
+        "job_id": f"{job.id}:0",
+        "limits": queue.limits_from_settings(s),
+    }
+    assert await claim_next(ctx) == "idle"
+    assert await store.redis.exists(f"ftune:lease:{job.id}")  # the other worker keeps it
+    assert await leases.reap(store, pool, s) == []
+    await store.close()
+    await pool.aclose()
