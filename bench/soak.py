@@ -40,8 +40,8 @@ from tests.fixtures.tiny_model import preference_rows
 NDJSON = {"Content-Type": "application/x-ndjson"}
 STREAM_SECONDS = 2.0
 LIMITS = {
-    "FTUNE_MAX_LIVE_JOBS": "6",
-    "FTUNE_MAX_EVENT_STREAMS_PER_TENANT": "1",
+    "FTUNE_MAX_QUEUED_JOBS": "6",
+    "FTUNE_MAX_EVENT_STREAMS": "1",
     "FTUNE_LEASE_SECONDS": "5",
     "FTUNE_SCHEDULER_INTERVAL_SECONDS": "1",
 }

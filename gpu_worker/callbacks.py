@@ -1,8 +1,9 @@
 """The trainer's link to the outside: metrics, progress, cancellation and checkpoints in the store.
 
 `ReporterCallback` sees every log TRL makes and forwards it unchanged (plus throughput and memory),
-checks the cancel flag after every optimizer step, and copies each checkpoint the trainer saves to
-the blob store, so that a job whose worker dies resumes elsewhere from its last checkpoint.
+checks the cancel and stop flags after every optimizer step, and copies each checkpoint the
+trainer saves to the blob store, so that a job whose worker dies resumes elsewhere from its last
+checkpoint (and one stopped on purpose from the step it reached).
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ class ReporterCallback(TrainerCallback):
         """Every metric point of the job, including those restored from a checkpoint."""
         self.summary: dict[str, float] = {}
         self.cancel_seen = False
+        self.stopped_at: int | None = None
+        """The step at which a planned stop saved its checkpoint and ended training."""
         self._step_started = 0.0
         self._window_seconds = 0.0
         self._window_steps = 0
@@ -151,6 +154,12 @@ class ReporterCallback(TrainerCallback):
         if self.reporter.cancelled():
             # Let the trainer log (and checkpoint, if due) this step, then stop at on_epoch_end.
             self.cancel_seen = True
+            control.should_training_stop = True
+        elif self.reporter.stop_requested() and state.global_step < state.max_steps:
+            # A planned stop: the trainer saves a checkpoint of this very step (on_save uploads
+            # it), then leaves train(); the next attempt resumes here, not at an older one.
+            self.stopped_at = state.global_step
+            control.should_save = True
             control.should_training_stop = True
 
     def on_epoch_end(

@@ -30,11 +30,12 @@ from gpu_worker.data import (
     split_eval,
     to_dataset,
 )
-from gpu_worker.errors import DatasetError
+from gpu_worker.errors import ConfigError, DatasetError
 from gpu_worker.generations import generate_side_by_side, generate_with_merged
 from gpu_worker.model import load_model, load_tokenizer, resolve_model
-from gpu_worker.reporter import JobCancelled, Reporter
+from gpu_worker.reporter import JobCancelled, JobStopped, Reporter
 from gpu_worker.trainer import adapt_to_device, build_dpo_config, build_trainer, resolve_device
+from service import tenants
 from service.blobs import BlobStore
 from service.contract import (
     Artifact,
@@ -46,7 +47,7 @@ from service.contract import (
     MetricPoint,
     Phase,
 )
-from service.settings import Settings
+from service.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -62,9 +63,11 @@ class PipelineResult(msgspec.Struct, kw_only=True):
 def run(
     job: Job, workdir: Path, reporter: Reporter, *, settings: Settings, store: BlobStore
 ) -> PipelineResult:
-    """Train `job` in `workdir` and publish its artifacts; raises JobFailure or JobCancelled."""
+    """Train `job` in `workdir` and publish its artifacts; raises JobFailure, JobCancelled or
+    JobStopped (a planned stop: SIGTERM during preparation or training)."""
     _quiet_progress_bars()
     reporter.phase(Phase.preparing)
+    _check_grants(job, settings)
     device = resolve_device(settings.device)
     spec, notes = adapt_to_device(job.spec, device)
     for note in notes:
@@ -78,6 +81,8 @@ def run(
     reporter.log(f"{len(rows)} training rows, {len(eval_rows)} eval rows, device {device}")
     model = load_model(model_dir, spec, device)
     _stop_if_cancelled(reporter)
+    if reporter.stop_requested():  # nothing trained yet: the next attempt loses only loading
+        raise JobStopped("stopped before training")
 
     reporter.phase(Phase.training)
     output_dir = workdir / "output"
@@ -94,6 +99,8 @@ def run(
         [callback],
     )
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if callback.stopped_at is not None:
+        raise JobStopped(f"stopped at step {callback.stopped_at}, checkpoint saved")
     adapter_dir = workdir / "adapter"
     trainer.save_model(str(adapter_dir))
     # A pickle of the training arguments: not needed to load the adapter, unsafe to unpickle.
@@ -239,6 +246,17 @@ def _quiet_progress_bars() -> None:
 def _stop_if_cancelled(reporter: Reporter) -> None:
     if reporter.cancelled():
         raise JobCancelled("cancelled between phases")
+
+
+def _check_grants(job: Job, settings: Settings) -> None:
+    """The tenant's grants again, before anything is downloaded or uploaded: the API checked
+    them at submit, but a record edited in Redis must not borrow a token or bucket."""
+    try:
+        tenants.check_job(tenants.load(settings), job.tenant, job.spec, settings.store_url)
+    except tenants.GrantMissing as exc:
+        raise ConfigError(f"refused before any download or upload: {exc.detail}") from None
+    except SettingsError as exc:
+        raise ConfigError(f"the workers' tenants file cannot be read: {exc}") from None
 
 
 def _fetch_newest_checkpoint(

@@ -20,6 +20,11 @@ class JobCancelled(Exception):
     """Raised inside the pipeline when the cancel flag is seen."""
 
 
+class JobStopped(Exception):
+    """Raised inside the pipeline after a planned stop (the worker got SIGTERM): training
+    saved a checkpoint at the step it reached, and the next attempt resumes there."""
+
+
 class Reporter(Protocol):
     def phase(self, phase: Phase) -> None: ...
 
@@ -35,6 +40,10 @@ class Reporter(Protocol):
 
     def cancelled(self) -> bool: ...
 
+    def stop_requested(self) -> bool:
+        """The worker is shutting down: checkpoint at the next step boundary and stop."""
+        ...
+
 
 class ListReporter:
     """Keeps everything in lists; for tests and standalone runs."""
@@ -46,6 +55,7 @@ class ListReporter:
         self.logs: list[str] = []
         self.fields: dict[str, Any] = {}
         self.cancel_after_step: int | None = None
+        self.stop_after_step: int | None = None
 
     def phase(self, phase: Phase) -> None:
         self.phases.append(phase)
@@ -66,17 +76,24 @@ class ListReporter:
         step = self.progresses[-1].step if self.progresses else 0
         return self.cancel_after_step is not None and step >= self.cancel_after_step
 
+    def stop_requested(self) -> bool:
+        step = self.progresses[-1].step if self.progresses else 0
+        return self.stop_after_step is not None and step >= self.stop_after_step
+
 
 class QueueReporter:
-    """The child-process side: events go to the parent, cancel comes from it."""
+    """The child-process side: events go to the parent, cancel and stop come from it (stop
+    also from a SIGTERM sent to the child itself)."""
 
     def __init__(
         self,
         events: multiprocessing.queues.Queue[tuple[str, Any]],
         cancel: multiprocessing.synchronize.Event,
+        stop: multiprocessing.synchronize.Event | None = None,
     ) -> None:
         self._events = events
         self._cancel = cancel
+        self._stop = stop
 
     def phase(self, phase: Phase) -> None:
         logs.bind(phase=phase.value)
@@ -96,3 +113,6 @@ class QueueReporter:
 
     def cancelled(self) -> bool:
         return self._cancel.is_set()
+
+    def stop_requested(self) -> bool:
+        return self._stop is not None and self._stop.is_set()

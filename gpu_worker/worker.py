@@ -2,10 +2,14 @@
 
 The event loop never trains. Training runs in a spawned child so that, while it works, this
 process keeps renewing the job's lease, forwarding metrics to Redis and watching for a
-cancel. A worker that dies stops renewing; the scheduler's reaper (service/leases.py, run by
-the API whether or not any worker exists) re-queues the job as a new attempt, which resumes
-from the last checkpoint. arq's own recovery would wait `job_timeout + 10 s`, hours for
-training.
+cancel (gpu_worker/supervisor.py, which also rides out a Redis outage). A worker that dies
+stops renewing; the scheduler's reaper (service/leases.py, run by the API whether or not any
+worker exists) re-queues the job as a new attempt, which resumes from the last checkpoint.
+arq's own recovery would wait `job_timeout + 10 s`, hours for training.
+
+A planned stop (SIGTERM: rolling upgrade, drain, scale-down) asks the child to checkpoint at
+its next step and stop; the job is re-queued without spending an attempt and the next one
+resumes at exactly that step. `worker_grace_seconds` bounds the wait.
 """
 
 from __future__ import annotations
@@ -16,14 +20,13 @@ import ctypes
 import logging
 import multiprocessing
 import os
-import queue as stdqueue
 import shutil
 import signal
 import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -32,18 +35,13 @@ from arq.connections import ArqRedis, RedisSettings
 from arq.worker import Worker, func
 from prometheus_client import start_http_server
 
-from service import logs, queue
+from gpu_worker.supervisor import REDIS_DOWN, Backoff, Outcome, Supervisor, backoff_for
+from service import logs, queue, tenants
 from service.blobs import open_store
 from service.contract import (
-    Artifact,
-    DataReport,
-    Generation,
     Job,
     JobError,
     JobStatus,
-    MetricPoint,
-    Phase,
-    Progress,
 )
 from service.leases import requeue
 from service.metrics import WorkerMetrics, record_job_duration
@@ -52,21 +50,11 @@ from service.store import Conflict, NotFound, Store, TerminalHook, new_id
 
 log = logging.getLogger("ftune.worker")
 
+REDIS_TIMEOUT_SECONDS = 10.0
+"""Connect and reply timeout of the worker's Redis connections: a Redis host that vanished
+(no refusal, no reply) must count as unreachable, not hang the supervisor for minutes."""
 _PR_SET_PDEATHSIG = 1
 """prctl option: the signal the kernel sends this process when its parent dies (Linux)."""
-
-CANCEL_GRACE_SECONDS = 30.0
-"""How long a cancelled child gets to stop by itself before it is killed."""
-
-
-class Outcome(msgspec.Struct, kw_only=True):
-    """What the child sends last: its result or its error."""
-
-    artifacts: list[Artifact] = []
-    final_metrics: dict[str, float] = {}
-    error: JobError | None = None
-    cancelled: bool = False
-
 
 # -- the child process ---------------------------------------------------------------------
 
@@ -89,20 +77,34 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _stop_on_signals(stop: Any) -> None:
+    """A SIGTERM (or Ctrl-C's SIGINT) sent to the whole process group (systemd, dumb-init, a
+    terminal) reaches the child too: it must checkpoint and stop like its worker asks it to,
+    not die and lose the steps since the last checkpoint."""
+
+    def handle(signum: int, frame: Any) -> None:
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handle)
+
+
 def _child(
     job_json: bytes,
     settings: Settings,
     events: multiprocessing.Queue[tuple[str, Any]],
     cancel: Any,
+    stop: Any,
     parent: int,
 ) -> None:
     _die_with_parent(parent)
+    _stop_on_signals(stop)
     logs.configure_logging(
         settings.log_level, secrets=settings.secret_values(), fmt=settings.log_format
     )
     from gpu_worker.errors import JobFailure
     from gpu_worker.pipeline import run
-    from gpu_worker.reporter import JobCancelled, QueueReporter
+    from gpu_worker.reporter import JobCancelled, JobStopped, QueueReporter
     from service.publish import PublishError
 
     job = msgspec.json.decode(job_json, type=Job)
@@ -110,10 +112,14 @@ def _child(
     workdir = settings.work_dir / job.id
     try:
         store = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
-        result = run(job, workdir, QueueReporter(events, cancel), settings=settings, store=store)
+        reporter = QueueReporter(events, cancel, stop)
+        result = run(job, workdir, reporter, settings=settings, store=store)
         outcome = Outcome(artifacts=result.artifacts, final_metrics=result.final_metrics)
     except JobCancelled:
         outcome = Outcome(cancelled=True)
+    except JobStopped as exc:
+        reporter.log(f"planned stop: {exc}")
+        outcome = Outcome(stopped=True)
     except (JobFailure, PublishError) as exc:
         outcome = Outcome(error=JobError(type=type(exc).__name__, message=str(exc)))
     except Exception as exc:
@@ -143,64 +149,6 @@ def _claim(attempt: int, worker: str) -> Any:
         )
 
     return change
-
-
-class _Supervisor:
-    """Forwards the child's events to the store and decides when to stop it."""
-
-    def __init__(
-        self, store: Store, job: Job, settings: Settings, worker: str, metrics: WorkerMetrics
-    ) -> None:
-        self.store, self.job_id, self.settings, self.worker = store, job.id, settings, worker
-        self.metrics = metrics
-        self.phase: Phase | None = None
-        self.outcome: Outcome | None = None
-
-    async def apply(self, kind: str, payload: Any) -> None:
-        if kind == "phase":
-            self.phase = Phase(payload)
-            logs.update_context(phase=self.phase.value)
-            phase = self.phase
-            await self.store.update_job(
-                self.job_id, lambda j: msgspec.structs.replace(j, phase=phase)
-            )
-        elif kind == "progress":
-            progress = msgspec.convert(payload, Progress, from_attributes=True)
-            self.metrics.step.set(progress.step)
-            await self.store.update_job(
-                self.job_id, lambda j: msgspec.structs.replace(j, progress=progress)
-            )
-        elif kind == "metrics":
-            step, at, values = payload
-            self.metrics.observe(values)
-            await self.store.add_metrics(
-                self.job_id, MetricPoint(step=step, time=at, values=values)
-            )
-            await self.store.update_job(
-                self.job_id,
-                lambda j: msgspec.structs.replace(j, latest_metrics={**j.latest_metrics, **values}),
-            )
-        elif kind == "log":
-            await self.store.add_log(self.job_id, str(payload))
-        elif kind == "update":
-            fields = dict(payload)
-            if "eval_generations" in fields:
-                fields["eval_generations"] = msgspec.convert(
-                    fields["eval_generations"], list[Generation], from_attributes=True
-                )
-            if "data" in fields:
-                fields["data"] = msgspec.convert(fields["data"], DataReport, from_attributes=True)
-            await self.store.update_job(self.job_id, lambda j: msgspec.structs.replace(j, **fields))
-        elif kind == "outcome":
-            self.outcome = msgspec.json.decode(payload, type=Outcome)
-
-    async def drain(self, events: multiprocessing.Queue[tuple[str, Any]]) -> None:
-        while True:
-            try:
-                kind, payload = events.get_nowait()
-            except stdqueue.Empty:
-                return
-            await self.apply(kind, payload)
 
 
 async def claim_next(ctx: dict[str, Any], *legacy: Any) -> Job | str:
@@ -255,6 +203,7 @@ async def run_job(ctx: dict[str, Any], *legacy: Any) -> str:
     """One dispatch token: claim the fairest queued attempt and run it."""
     store: Store = ctx["store"]
     settings: Settings = ctx["settings"]
+    worker: str = ctx["worker_id"]
     job = await claim_next(ctx, *legacy)
     if isinstance(job, str):
         return job
@@ -263,66 +212,51 @@ async def run_job(ctx: dict[str, Any], *legacy: Any) -> str:
     log.info("job %s attempt %s started", job_id, attempt)
     mp = multiprocessing.get_context("spawn")
     events: multiprocessing.Queue[tuple[str, Any]] = mp.Queue()
-    cancel = mp.Event()
+    cancel, stop = mp.Event(), mp.Event()
+    shutdown: _Shutdown = ctx["shutdown"]
+    shutdown.watch(stop)
     child = mp.Process(
         target=_child,
-        args=(msgspec.json.encode(job), settings, events, cancel, os.getpid()),
+        args=(msgspec.json.encode(job), settings, events, cancel, stop, os.getpid()),
         name=f"ftune-train-{job_id}",
         daemon=True,
     )
     child.start()
-    ctx["child"] = child
     metrics: WorkerMetrics = ctx["metrics"]
-    supervisor = _Supervisor(store, job, settings, ctx["worker_id"], metrics)
+    supervisor = Supervisor(store, job, settings, worker, metrics)
     metrics.busy.set(1)
     try:
-        await _supervise(supervisor, child, events, cancel)
+        await supervisor.supervise(child, events, cancel, _stop)
+        status = await _finish(ctx, supervisor, child)
+        if status in TERMINAL:  # arq ends the token itself; forget which job it ran
+            token: str = ctx["job_id"]
+            await supervisor.backoff.retry(lambda: queue.finished(ctx["redis"], job_id, token))
     except asyncio.CancelledError:
-        # arq is shutting down (SIGTERM past the grace period) or the task was aborted:
-        # stop training and hand the job to another worker, which resumes it.
+        # The grace after SIGTERM ran out before the child checkpointed and stopped (or the
+        # task was aborted): stop training and hand the job on; still a planned stop.
         _stop(child)
-        await asyncio.shield(requeue(store, ctx["redis"], settings, job_id, "the worker shut down"))
+        await asyncio.shield(
+            requeue(
+                store,
+                ctx["redis"],
+                settings,
+                job_id,
+                "the worker shut down before the job could checkpoint",
+                planned=True,
+                attempt=attempt,
+            )
+        )
         raise
     finally:
-        ctx.pop("child", None)
+        shutdown.forget(stop)
         metrics.busy.set(0)
-        await store.drop_lease(job_id)
-    status = await _finish(store, supervisor, child)
-    await queue.finished(ctx["redis"], job_id)
     metrics.finished.labels(status=status).inc()
     return status
 
 
-async def _supervise(
-    supervisor: _Supervisor,
-    child: Any,
-    events: multiprocessing.Queue[tuple[str, Any]],
-    cancel: Any,
-) -> None:
-    store, settings = supervisor.store, supervisor.settings
-    renew_every = max(settings.lease_seconds / 3, 0.5)
-    next_renew = 0.0
-    kill_at: float | None = None
-    while True:
-        await supervisor.drain(events)
-        if not child.is_alive():
-            await asyncio.sleep(0.1)  # let the queue's feeder flush the last events
-            await supervisor.drain(events)
-            return
-        now = time.monotonic()
-        if now >= next_renew:
-            next_renew = now + renew_every
-            await store.renew_lease(supervisor.job_id, supervisor.worker, settings.lease_seconds)
-            job = await store.get_job(supervisor.job_id, None)
-            if job.cancel_requested and not cancel.is_set():
-                cancel.set()
-                kill_at = now + CANCEL_GRACE_SECONDS
-        if kill_at is not None and now >= kill_at:
-            _stop(child)
-        await asyncio.sleep(0.2)
-
-
 def _stop(child: Any) -> None:
+    """SIGTERM (the child then stops at its next step, checkpointing unless cancelled), then
+    SIGKILL if it is still there 10 s later."""
     if child.is_alive():
         child.terminate()
         child.join(10)
@@ -331,11 +265,30 @@ def _stop(child: Any) -> None:
         child.join(5)
 
 
-async def _finish(store: Store, supervisor: _Supervisor, child: Any) -> str:
+async def _finish(ctx: dict[str, Any], supervisor: Supervisor, child: Any) -> str:
+    """Write how the attempt ended (retrying while Redis is unreachable): a terminal status,
+    or, after a planned stop, the job back on the queue as its next attempt."""
+    store, backoff, job_id = supervisor.store, supervisor.backoff, supervisor.job_id
+    if supervisor.taken:
+        return "taken"
     outcome = supervisor.outcome
+    if outcome is not None and outcome.stopped:
+        await backoff.retry(
+            lambda: requeue(
+                store,
+                ctx["redis"],
+                supervisor.settings,
+                job_id,
+                "the worker stopped (planned: checkpoint saved)",
+                planned=True,
+                attempt=supervisor.attempt,
+            )
+        )
+        log.info("job %s attempt %s stopped and re-queued", job_id, supervisor.attempt)
+        return "requeued"
     phase = supervisor.phase
     now = time.time()
-    current = await store.get_job(supervisor.job_id, None)
+    current = await backoff.retry(lambda: store.get_job(job_id, None))
     if outcome is None:
         code = child.exitcode
         how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
@@ -353,8 +306,11 @@ async def _finish(store: Store, supervisor: _Supervisor, child: Any) -> str:
         status, error = JobStatus.failed, msgspec.structs.replace(outcome.error, phase=phase)
     else:
         status = JobStatus.succeeded
+    attempt = supervisor.attempt
 
     def finish(job: Job) -> Job:
+        if job.status != JobStatus.running or job.attempt != attempt:
+            raise Conflict(f"job {job.id} attempt {attempt} is no longer running")
         return msgspec.structs.replace(
             job,
             status=status,
@@ -365,14 +321,103 @@ async def _finish(store: Store, supervisor: _Supervisor, child: Any) -> str:
             phase=None if status == JobStatus.succeeded else job.phase,
         )
 
-    job = await store.update_job(supervisor.job_id, finish)
-    if job.started_at is not None:
-        await record_job_duration(store.redis, now - job.started_at)
-    log.info("job %s %s", supervisor.job_id, status.value)
+    try:
+        job = await backoff.retry(lambda: store.update_job(job_id, finish))
+    except Conflict as exc:
+        log.warning("%s", exc)
+        return "taken"
+    await backoff.retry(lambda: store.drop_lease(job_id))
+    if (started := job.started_at) is not None:
+        await backoff.retry(lambda: record_job_duration(store.redis, now - started))
+    log.info("job %s %s", job_id, status.value)
     return status.value
 
 
+TERMINAL = {s.value for s in JobStatus if s.terminal}
+
+
+def dispatch_shares(settings: Settings) -> Callable[[str], queue.Share]:
+    """Each tenant's share of the workers and running-jobs limit, from the tenants file (read
+    once, when the worker starts) and the settings' defaults."""
+    known = tenants.load(settings)
+
+    def share(tenant: str) -> queue.Share:
+        limits = tenants.limits_for(settings, known, tenant)
+        return queue.Share(weight=limits.share, max_running=limits.running_jobs)
+
+    return share
+
+
 # -- arq wiring --------------------------------------------------------------------------------
+
+
+class _Shutdown:
+    """What arq's signal handler shares with the running task (arq gives each task a copy of
+    the worker's ctx, so a flag set in it later would not be seen)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._stops: list[Any] = []
+
+    def request(self) -> None:
+        self.requested = True
+        for stop in self._stops:
+            stop.set()
+
+    def watch(self, stop: Any) -> None:
+        """`stop` (the child's multiprocessing Event) is set on a shutdown, even a past one."""
+        self._stops.append(stop)
+        if self.requested:
+            stop.set()
+
+    def forget(self, stop: Any) -> None:
+        self._stops.remove(stop)
+
+
+class _Worker(Worker):
+    """arq's Worker with two changes for training jobs.
+
+    SIGTERM (and SIGINT) ask the running job to checkpoint at its next step and stop, before
+    arq waits up to `job_completion_wait` for it and then cancels what is left.
+
+    arq lets a Redis error escape its polling loop, which ends the worker and with it the
+    training child; here an unreachable Redis is retried with backoff while the job trains on.
+    """
+
+    def handle_sig_wait_for_completion(self, signum: signal.Signals) -> None:
+        self._ask_job_to_stop()
+        super().handle_sig_wait_for_completion(signum)
+
+    def handle_sig(self, signum: signal.Signals) -> None:
+        self._ask_job_to_stop()
+        super().handle_sig(signum)
+
+    def _ask_job_to_stop(self) -> None:
+        self.ctx["shutdown"].request()
+
+    async def _poll_iteration(self) -> None:
+        backoff: Backoff = self.ctx["poll_backoff"]
+        if not backoff.ready():
+            return
+        try:
+            await super()._poll_iteration()
+        except REDIS_DOWN as exc:
+            backoff.failed(exc)
+        else:
+            backoff.succeeded()
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """arq's, one id at a time: a Redis error between taking a job slot and starting the
+        task would otherwise keep the slot taken for good (with max_jobs=1, a worker that
+        never picks a job again)."""
+        for job_id in job_ids:
+            before = self.tasks.get(job_id.decode())
+            try:
+                await super().start_jobs([job_id])
+            except REDIS_DOWN:
+                if self.tasks.get(job_id.decode()) is before:
+                    self._release_sem_dec_counter_on_complete()
+                raise
 
 
 def build_worker(settings: Settings, *, on_terminal: Sequence[TerminalHook]) -> Worker:
@@ -385,13 +430,15 @@ def build_worker(settings: Settings, *, on_terminal: Sequence[TerminalHook]) -> 
     """
 
     async def startup(ctx: dict[str, Any]) -> None:
-        ctx["settings"] = settings
         ctx["store"] = Store.from_url(
-            settings.redis_url, metrics_maxlen=settings.metrics_maxlen, on_terminal=on_terminal
+            settings.redis_url,
+            metrics_maxlen=settings.metrics_maxlen,
+            on_terminal=on_terminal,
+            timeout=REDIS_TIMEOUT_SECONDS,
         )
         ctx["worker_id"] = f"{socket.gethostname()}:{os.getpid()}"
         ctx["metrics"] = metrics
-        ctx["limits"] = queue.limits_from_settings(settings)
+        ctx["limits"] = dispatch_shares(settings)
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         await ctx["store"].close()
@@ -400,7 +447,8 @@ def build_worker(settings: Settings, *, on_terminal: Sequence[TerminalHook]) -> 
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, registry=metrics.registry)
     timeout = timedelta(hours=settings.job_timeout_hours)
-    return Worker(
+    return _Worker(
+        ctx={"settings": settings, "shutdown": _Shutdown(), "poll_backoff": backoff_for(settings)},
         functions=[func(run_job, name=queue.TASK, timeout=timeout, max_tries=1)],
         queue_name=settings.queue_name,
         redis_settings=RedisSettings.from_dsn(settings.redis_url),

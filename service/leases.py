@@ -21,27 +21,46 @@ from service.store import Conflict, NotFound, Store, new_id
 
 
 async def requeue(
-    store: Store, pool: ArqRedis, settings: Settings, job_id: str, why: str
+    store: Store,
+    pool: ArqRedis,
+    settings: Settings,
+    job_id: str,
+    why: str,
+    *,
+    planned: bool = False,
+    attempt: int | None = None,
 ) -> Job | None:
-    """Running → queued as the next attempt (or failed when attempts are used up, cancelled
-    when a cancel was asked for). None if the job was not running."""
+    """Running → queued as the next attempt (or failed when lost attempts are used up,
+    cancelled when a cancel was asked for). None if the job was not running (or, with
+    `attempt`, no longer that attempt).
+
+    `planned`: the worker stopped on purpose (SIGTERM on an upgrade, drain or scale-down)
+    after checkpointing; such a re-queue takes a new attempt number (arq remembers the old
+    one's id) but does not spend the `max_attempts` budget, which counts lost workers only.
+    """
 
     def change(job: Job) -> Job:
-        if job.status != JobStatus.running:
-            raise Conflict(f"job {job_id} is {job.status.value}")
+        if job.status != JobStatus.running or attempt not in (None, job.attempt):
+            raise Conflict(f"job {job_id} is {job.status.value}, attempt {job.attempt}")
         if job.cancel_requested:
             return msgspec.structs.replace(job, status=JobStatus.cancelled, finished_at=time.time())
-        if job.attempt + 1 >= settings.max_attempts:
+        lost = job.lost_attempts + (0 if planned else 1)
+        if lost >= settings.max_attempts:
             error = JobError(
                 type="WorkerLost",
-                message=f"{why}; gave up after {job.attempt + 1} attempts",
+                message=f"{why}; gave up after {lost} lost attempts",
                 phase=job.phase,
             )
             return msgspec.structs.replace(
                 job, status=JobStatus.failed, finished_at=time.time(), error=error
             )
         return msgspec.structs.replace(
-            job, status=JobStatus.queued, attempt=job.attempt + 1, worker=None, phase=None
+            job,
+            status=JobStatus.queued,
+            attempt=job.attempt + 1,
+            lost_attempts=lost,
+            worker=None,
+            phase=None,
         )
 
     try:

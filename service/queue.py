@@ -39,7 +39,6 @@ from arq.constants import (
 from arq.jobs import serialize_job
 
 from service.contract import Job, JobStatus
-from service.settings import Settings
 from service.store import job_status_index, new_id
 
 TASK = "run_job"
@@ -77,12 +76,6 @@ class Share:
     """Relative share of dispatches while several tenants have queued work."""
     max_running: int | None = None
     """Jobs of the tenant that may be running (or starting) at once; None: no limit."""
-
-
-def limits_from_settings(settings: Settings) -> Callable[[str], Share]:
-    """Every tenant's share, from the settings' defaults (the one place to look them up)."""
-    share = Share(max_running=settings.max_running_jobs_per_tenant)
-    return lambda tenant: share
 
 
 def attempt_key(job_id: str, attempt: int) -> str:
@@ -305,9 +298,17 @@ async def release(pool: ArqRedis, job_id: str, *, queue_name: str) -> None:
         await tr.execute()
 
 
-async def finished(pool: ArqRedis, job_id: str) -> None:
-    """The job's attempt ended on its worker, which lets arq finish the token itself."""
-    await pool.hdel(DISPATCHED, job_id)  # type: ignore[misc]  # redis-py#2399
+# KEYS: dispatched; ARGV: job id, token
+_FORGET = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+
+async def finished(pool: ArqRedis, job_id: str, token: str) -> None:
+    """The job's attempt ended on the worker holding `token`, which lets arq end the token
+    itself; the mapping goes unless a later attempt already maps the job to another token."""
+    await _run(pool, _FORGET, [DISPATCHED], [job_id, token])
 
 
 async def lost_claims(pool: ArqRedis) -> list[Picked]:

@@ -1,8 +1,9 @@
 """The scheduler role: what must happen while no job runs, whether or not a worker exists.
 
 GPU workers scale to zero (KEDA), so nothing that must happen on time may live in them: the
-reaper that re-queues jobs of lost workers (service/leases.py) and the retraining policies'
-triggers, cron schedules and gates (service/retraining/runs.py) run here. Every API process
+reaper that re-queues jobs of lost workers (service/leases.py), the retraining policies'
+triggers, cron schedules and gates (service/retraining/runs.py), and the retention sweep of
+finished jobs (Store.forget_finished) run here. Every API process
 runs a `Scheduler`; one of them leads at a time through a Redis lock (redis-py's `Lock`) that
 its holder extends while it lives. When the leader's process dies, its lock lapses within
 `lease_seconds` and another replica takes over. Webhook deliveries are not led: every replica
@@ -18,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator
 
 from arq.connections import ArqRedis
@@ -26,6 +28,7 @@ from redis.exceptions import LockError, RedisError
 
 from service import leases, logs, queue, webhooks
 from service.blobs import BlobStore, open_store
+from service.openai.records import suffix_key
 from service.retraining import runs
 from service.settings import Settings
 from service.store import P, Store
@@ -33,6 +36,8 @@ from service.store import P, Store
 log = logging.getLogger("ftune.scheduler")
 
 LEADER_KEY = f"{P}lock:scheduler"
+JOB_KEYS = (webhooks.log_key, suffix_key)
+"""Features' per-job keys, deleted with a job past its retention."""
 
 
 class Scheduler:
@@ -49,16 +54,33 @@ class Scheduler:
         self.publisher = publisher
         self.interval = settings.scheduler_interval_seconds
         self.leading = False
+        self.reachable_since: float | None = None
+        """When this process last found Redis reachable after not knowing it was (start-up
+        or an error): the reaper waits a lease period from then."""
+
+    def _reaper_may_act(self) -> bool:
+        """Whether Redis has been reachable for a whole lease period. While Redis is down no
+        worker can renew its lease and no reaper can reap; when it returns (AOF keeps the
+        leases' absolute expiry times, so a long outage leaves them lapsed) the workers, which
+        retry more often than that, renew before any job is taken from them."""
+        now = time.monotonic()
+        if self.reachable_since is None:
+            self.reachable_since = now
+        return now - self.reachable_since >= self.settings.lease_seconds
 
     async def tick(self) -> list[str]:
         """One pass of every duty; what happened, one line per action."""
         done: list[str] = []
-        lost = await leases.reap(self.store, self.pool, self.settings)
-        if lost:
-            done.append("re-queued jobs of lost workers: " + ", ".join(lost))
+        if self._reaper_may_act():
+            lost = await leases.reap(self.store, self.pool, self.settings)
+            if lost:
+                done.append("re-queued jobs of lost workers: " + ", ".join(lost))
         done += await runs.tick(
             self.store, self.pool, self.blobs, self.settings, publisher=self.publisher
         )
+        retention = self.settings.job_retention_days * 86400
+        if forgotten := await self.store.forget_finished(time.time() - retention):
+            done.append(f"deleted {len(forgotten)} jobs finished over the retention period")
         return done
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -70,6 +92,7 @@ class Scheduler:
                 if await lock.acquire(blocking=False):
                     await self._lead(lock, stop, ttl)
             except RedisError as exc:
+                self.reachable_since = None
                 log.warning("the scheduler lock could not be checked: %s", exc)
             await _wait(stop, self.interval)
 
@@ -84,6 +107,9 @@ class Scheduler:
                 try:
                     for line in await self.tick():
                         log.info("%s", line)
+                except RedisError as exc:
+                    self.reachable_since = None
+                    log.warning("scheduler pass stopped, Redis is unreachable: %s", exc)
                 except Exception:
                     log.exception("scheduler pass failed")
                 await _wait(stop, self.interval)
@@ -138,6 +164,7 @@ async def serve(settings: Settings) -> None:
         settings.redis_url,
         metrics_maxlen=settings.metrics_maxlen,
         on_terminal=(webhooks.stage_webhook,),
+        job_keys=JOB_KEYS,
     )
     pool = await queue.connect(settings.redis_url)
     blobs = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)

@@ -11,7 +11,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import typing
 import urllib.parse
 from collections.abc import Mapping
@@ -60,11 +59,6 @@ class SettingsError(ValueError):
         self.problems = problems
 
 
-class ApiKey(msgspec.Struct, forbid_unknown_fields=True):
-    tenant: Annotated[str, msgspec.Meta(min_length=1)]
-    admin: bool = False
-
-
 class Principal(msgspec.Struct, frozen=True):
     tenant: str
     admin: bool = False
@@ -80,7 +74,8 @@ class Settings:
     s3_endpoint_url: HttpUrl | None = None
     """S3-compatible endpoint (empty for AWS); credentials come from boto3's usual sources."""
     api_keys_file: Path | None = None
-    """JSON: sha256 hex of an API key -> {"tenant": ..., "admin": false}."""
+    """The tenants file (service/tenants.py): each tenant's key hashes, grants and limits; or
+    the old form, sha256 hex of an API key -> {"tenant": ..., "admin": false}."""
     max_dataset_bytes: Count = 2 * 1024**3
     """Upload size limit; past it the API answers 413."""
     max_line_bytes: Count = 4 * 1024**2
@@ -113,26 +108,43 @@ class Settings:
     queue_name: Annotated[str, msgspec.Meta(min_length=1)] = "ftune:queue"
     """The arq queue the API enqueues into and the workers read."""
     metrics_maxlen: Count = 100_000
-    """Metric points kept per job (a capped Redis stream)."""
+    """Metric points kept per job (a capped Redis stream; its event stream is capped at twice
+    this)."""
+    job_retention_days: Positive = 30.0
+    """Finished jobs' records, metric and event streams are deleted from Redis this long after
+    they finished (the scheduler sweeps them); artifacts and manifests stay in the blob store."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Worker device: auto, cpu or cuda."""
-    worker_grace_seconds: Annotated[int, msgspec.Meta(ge=0)] = 60
-    """On SIGTERM, how long the current job may go on before it is re-queued to resume on
-    another worker; the Helm chart sets it below terminationGracePeriodSeconds."""
+    worker_grace_seconds: Annotated[int, msgspec.Meta(ge=0)] = 120
+    """On SIGTERM, the training process checkpoints at its next step and stops, and the job is
+    re-queued to resume there; this bounds the wait (a job past training, evaluating or
+    uploading, may finish within it). Past it training is killed and the job resumes from its
+    last checkpoint. The Helm chart sets it below terminationGracePeriodSeconds."""
     worker_metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9100
     """Port of a worker's Prometheus endpoint; 0 turns it off."""
-    max_live_jobs: Count | None = None
-    """Queued plus running jobs one tenant may have; a submit past it answers 429. Unset: no
-    limit."""
-    max_running_jobs_per_tenant: Count | None = None
-    """Jobs of one tenant running at once (its share of the workers): past it the tenant's
-    next job waits while other tenants' jobs start. Unset: no limit."""
+    max_queued_jobs: Count | None = 100
+    """Queued jobs one tenant may have; a submit past it answers 429."""
+    max_running_jobs: Count | None = None
+    """Running jobs one tenant may have (its share of the workers). Unset: no limit."""
+    max_datasets: Count | None = 1000
+    """Datasets one tenant may keep; past it an upload answers 429."""
+    max_stored_dataset_bytes: Count | None = 100 * 1024**3
+    """Bytes of stored (normalized) datasets one tenant may keep."""
+    max_feedback_streams: Count | None = 100
+    """Feedback streams one tenant may have."""
+    max_policies: Count | None = 100
+    """Retraining policies one tenant may have."""
+    max_jobs_per_policy_tick: Count | None = 10
+    """Jobs one tenant's policies may start in one scheduler pass; the rest wait a pass."""
+    max_event_streams: Count | None = 50
+    """Server-Sent Event streams one tenant may hold open at once."""
+    max_requests_per_second: Count | None = 100
+    """Requests per second per tenant, across all API replicas (429 past it)."""
+    tenant_share: Positive = 1.0
+    """A tenant's default weight when jobs are dispatched fairly across tenants."""
     redis_max_connections: Count = 32
-    """Redis connections one API process opens for requests at most (more wait for one); the
-    event streams of the process share one more."""
-    max_event_streams_per_tenant: Count = 20
-    """Open `GET /v1/jobs/{id}/events` streams one tenant may hold on one API process; past it
-    the API answers 429."""
+    """Redis connections one API process opens for requests at most (more wait up to 5 s for
+    one); the event streams of the process share one more."""
     worker_gpu_memory_gb: Positive | None = None
     """GPU memory of each worker in GB: the API refuses (422) a job whose estimate
     (service/vram.py) exceeds it. Unset: no check (CPU workers, or not wanted)."""
@@ -206,31 +218,6 @@ class Settings:
             if v
         )
         return cls(**values)
-
-    def load_api_keys(self) -> dict[str, Principal]:
-        """sha256 hex of a key -> its principal. No file means no key is accepted.
-
-        Raises SettingsError naming FTUNE_API_KEYS_FILE when it cannot be read or is malformed.
-        """
-        if self.api_keys_file is None:
-            return {}
-        where = f"FTUNE_API_KEYS_FILE ({self.api_keys_file})"
-        try:
-            raw = msgspec.json.decode(self.api_keys_file.read_bytes(), type=dict[str, ApiKey])
-        except OSError as exc:
-            raise SettingsError([f"{where} cannot be read: {exc.strerror or exc}"]) from None
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise SettingsError(
-                [f'{where} must map key hashes to {{"tenant": "...", "admin": false}}: {exc}']
-            ) from None
-        if plain := [k for k in raw if not re.fullmatch(KEY_HASH, k)]:
-            raise SettingsError(
-                [
-                    f"{where} must hold the sha256 hex of each API key (64 hex digits), never "
-                    f"the key itself; {len(plain)} of its entries are not one"
-                ]
-            )
-        return {h.lower(): Principal(k.tenant, k.admin) for h, k in raw.items()}
 
 
 @cache

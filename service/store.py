@@ -14,7 +14,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
@@ -28,6 +28,8 @@ R = TypeVar("R")
 
 TerminalHook = Callable[[Pipeline, Job], None]
 """Queues more writes into the transaction that stores a job's terminal status."""
+JobKeys = Callable[[str], str]
+"""A feature's per-job key (a webhook delivery log, ...), deleted with the job's record."""
 
 _job_decoder = msgspec.json.Decoder(Job)
 _dataset_decoder = msgspec.json.Decoder(Dataset)
@@ -44,7 +46,22 @@ class Conflict(Exception):
 
 
 class LimitReached(Exception):
-    """The tenant is at a configured limit (e.g. live jobs); retrying at once will not help."""
+    """The tenant is at one of its limits (service/tenants.py): 429, naming the limit.
+
+    `retry_after` is when trying again may help (seconds); `window` the window of a rate
+    (None for a quota, which frees up only when something finishes or is deleted).
+    """
+
+    def __init__(
+        self, detail: str, *, limit: str, quota: int, retry_after: int, window: int | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.limit, self.quota, self.retry_after, self.window = limit, quota, retry_after, window
+
+
+class DatasetQuota(NamedTuple):
+    datasets: int | None
+    bytes: int | None
 
 
 def new_id(prefix: str) -> str:
@@ -74,6 +91,11 @@ def lease_key(job_id: str) -> str:
 
 RUNNING = f"{P}running"
 """Ids of jobs in `running`, scanned by the reaper for expired leases."""
+FINISHED = f"{P}finished"
+"""Ids of finished jobs scored by when they finished, swept after the retention period."""
+EVENTS_PER_METRIC = 2
+"""A job's event stream is capped at this many times its metric stream (each point is also an
+event; the rest are logs, phases and statuses)."""
 
 
 def _index(kind: str, tenant: str | None, status: JobStatus | None = None) -> str:
@@ -111,12 +133,14 @@ class Store:
         *,
         metrics_maxlen: int = 100_000,
         on_terminal: Sequence[TerminalHook] = (),
+        job_keys: Sequence[JobKeys] = (),
     ) -> None:
         # redis-py 5.2 annotates some asyncio replies as `Awaitable[T] | T` (redis-py#2399); those
         # awaits carry `type: ignore[misc]`, which mypy reports as unused once that is fixed.
         self.redis = client
         self.metrics_maxlen = metrics_maxlen
         self.on_terminal = tuple(on_terminal)
+        self.job_keys = tuple(job_keys)
 
     @classmethod
     def from_url(
@@ -125,32 +149,63 @@ class Store:
         *,
         metrics_maxlen: int = 100_000,
         on_terminal: Sequence[TerminalHook] = (),
+        job_keys: Sequence[JobKeys] = (),
+        timeout: float | None = None,
         max_connections: int | None = None,
     ) -> Store:
-        """`max_connections` bounds the pool: past it a command waits up to 5 s for a free
-        connection (then ConnectionError), so a burst of requests cannot exhaust Redis's
-        `maxclients` for everyone."""
+        """`timeout`: connect and reply timeout in seconds (None: wait). `max_connections`
+        bounds the pool: past it a command waits up to 5 s for a free connection (then
+        ConnectionError), so a burst of requests cannot exhaust Redis's `maxclients`."""
+        options: dict[str, Any] = {"socket_connect_timeout": timeout, "socket_timeout": timeout}
         if max_connections is None:
-            client = aioredis.Redis.from_url(url)
+            client = aioredis.Redis.from_url(url, **options)
         else:
             pool = aioredis.BlockingConnectionPool.from_url(
-                url, max_connections=max_connections, timeout=5, client_name="ftune-store"
+                url,
+                max_connections=max_connections,
+                timeout=5,
+                client_name="ftune-store",
+                **options,
             )
             client = aioredis.Redis(connection_pool=pool)
-        return cls(client, metrics_maxlen=metrics_maxlen, on_terminal=on_terminal)
+        return cls(
+            client, metrics_maxlen=metrics_maxlen, on_terminal=on_terminal, job_keys=job_keys
+        )
 
     async def close(self) -> None:
         await self.redis.aclose()
 
     # -- datasets ---------------------------------------------------------------------------
 
-    async def put_dataset(self, ds: Dataset) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
+    async def put_dataset(self, ds: Dataset, quota: DatasetQuota | None = None) -> None:
+        """Record a dataset; past the tenant's `quota`, LimitReached (checked in the same
+        transaction, so concurrent uploads cannot overshoot it)."""
+        index, used_bytes = _index("datasets", ds.tenant), dataset_bytes_key(ds.tenant)
+
+        async def put(pipe: Pipeline) -> None:
+            if quota is not None:
+                await _check_dataset_quota(pipe, ds.tenant, ds.bytes, quota)
+            pipe.multi()
             pipe.set(dataset_key(ds.id), _encoder.encode(ds))
-            pipe.zadd(_index("datasets", ds.tenant), {ds.id: 0})
+            pipe.zadd(index, {ds.id: 0})
             pipe.zadd(_index("datasets", None), {ds.id: 0})
+            pipe.incrby(used_bytes, ds.bytes)
             pipe.incr(_blob_refs(ds.sha256))
-            await pipe.execute()
+
+        await transact(self.redis, put, index, used_bytes)
+
+    async def check_dataset_quota(self, tenant: str, incoming: int, quota: DatasetQuota) -> None:
+        """LimitReached if one more dataset of `incoming` bytes would not fit (an early,
+        unguarded look, to refuse before a large upload is stored)."""
+        await _check_dataset_quota(self.redis, tenant, incoming, quota)
+
+    async def dataset_usage(self, tenant: str) -> tuple[int, int]:
+        """(datasets, stored bytes) of a tenant."""
+        count = await self.redis.zcard(_index("datasets", tenant))
+        return int(count), int(await self.redis.get(dataset_bytes_key(tenant)) or 0)
+
+    async def count_tenant_jobs(self, tenant: str, status: JobStatus) -> int:
+        return int(await self.redis.zcard(_index("jobs", tenant, status)))
 
     async def get_dataset(self, dataset_id: str, tenant: str | None) -> Dataset:
         raw = await self.redis.get(dataset_key(dataset_id))
@@ -181,6 +236,7 @@ class Store:
             pipe.delete(key)
             pipe.zrem(_index("datasets", ds.tenant), dataset_id)
             pipe.zrem(_index("datasets", None), dataset_id)
+            pipe.decrby(dataset_bytes_key(ds.tenant), ds.bytes)
             pipe.decr(_blob_refs(ds.sha256))
             return ds
 
@@ -195,20 +251,20 @@ class Store:
         *,
         idempotency: tuple[str, str] | None = None,
         idempotency_seconds: int = 24 * 3600,
-        max_live: int | None = None,
+        max_queued: int | None = None,
     ) -> Job:
         """Write a new job, atomically with its dataset still existing.
 
         `idempotency` is (key, request fingerprint): a repeat with the same key within
         `idempotency_seconds` returns the first job; the same key with a different request is
-        a Conflict. `max_live` caps the tenant's queued and running jobs (LimitReached past it),
+        a Conflict. `max_queued` caps the tenant's queued jobs (LimitReached past it),
         counted in the same transaction so that concurrent submits cannot overshoot.
         """
         ds_keys = [dataset_key(job.dataset.id)]
         if job.eval_dataset is not None:
             ds_keys.append(dataset_key(job.eval_dataset.id))
         idem_key = f"{P}idem:{job.tenant}:{idempotency[0]}" if idempotency else None
-        live = [_index("jobs", job.tenant, s) for s in (JobStatus.queued, JobStatus.running)]
+        queued = _index("jobs", job.tenant, JobStatus.queued)
 
         async def create(pipe: Pipeline) -> str:
             if idem_key and idempotency:
@@ -221,12 +277,15 @@ class Store:
             for key in ds_keys:
                 if not await pipe.exists(key):
                     raise NotFound(f"dataset {key.rsplit(':', 1)[-1]} does not exist")
-            if max_live is not None:
-                count = sum([int(await pipe.zcard(index)) for index in live])
-                if count >= max_live:
+            if max_queued is not None:
+                count = int(await pipe.zcard(queued))
+                if count >= max_queued:
                     raise LimitReached(
-                        f"tenant {job.tenant} has {count} queued or running jobs, the limit is "
-                        f"{max_live}; submit again when one has finished, or cancel one"
+                        f"tenant {job.tenant} has {count} queued jobs, the limit (queued_jobs) "
+                        f"is {max_queued}; submit again when one has started, or cancel one",
+                        limit="queued_jobs",
+                        quota=max_queued,
+                        retry_after=60,
                     )
             pipe.multi()
             pipe.set(job_key(job.id), _encoder.encode(job))
@@ -239,7 +298,7 @@ class Store:
             pipe.xadd(events_key(job.id), _event("status", {"status": job.status}))
             return job.id
 
-        watched = [*ds_keys, *([idem_key] if idem_key else []), *(live if max_live else [])]
+        watched = [*ds_keys, *([idem_key] if idem_key else []), *([queued] if max_queued else [])]
         created, _ = await transact(self.redis, create, *watched)
         return job if created == job.id else await self.get_job(created, job.tenant)
 
@@ -309,6 +368,33 @@ class Store:
         new, _ = await transact(self.redis, update, key)
         return new
 
+    async def forget_finished(self, before: float, *, limit: int = 100) -> list[str]:
+        """Delete up to `limit` jobs that finished before `before` (seconds since the epoch):
+        record, metric and event streams, features' per-job keys, and the id from every
+        index, in one transaction each, so that no listed id lacks its record. Their artifacts
+        and manifests stay in the blob store. Returns the ids deleted."""
+        raw = await self.redis.zrangebyscore(FINISHED, "-inf", before, start=0, num=limit)
+        forgotten = []
+        for job_id in (r.decode() for r in raw):
+            key = job_key(job_id)
+
+            async def forget(pipe: Pipeline, job_id: str = job_id, key: str = key) -> bool:
+                data = await pipe.get(key)
+                pipe.multi()
+                pipe.zrem(FINISHED, job_id)
+                if data is None:
+                    return False
+                job = _job_decoder.decode(data)
+                for index in self._job_indexes(job):
+                    pipe.zrem(index, job_id)
+                extra = [keys(job_id) for keys in self.job_keys]
+                pipe.delete(key, metrics_key(job_id), events_key(job_id), *extra)
+                return True
+
+            if (await transact(self.redis, forget, key))[0]:
+                forgotten.append(job_id)
+        return forgotten
+
     def _job_indexes(self, job: Job) -> list[str]:
         return [
             _index("jobs", job.tenant),
@@ -327,7 +413,12 @@ class Store:
                 maxlen=self.metrics_maxlen,
                 approximate=True,
             )
-            pipe.xadd(events_key(job_id), _event("metrics", msgspec.to_builtins(point)))
+            pipe.xadd(
+                events_key(job_id),
+                _event("metrics", msgspec.to_builtins(point)),
+                maxlen=self.metrics_maxlen * EVENTS_PER_METRIC,
+                approximate=True,
+            )
             await pipe.execute()
 
     async def get_metrics(self, job_id: str, *, since_step: int = 0) -> list[MetricPoint]:
@@ -365,7 +456,12 @@ class Store:
         ]
 
     async def add_log(self, job_id: str, message: str) -> None:
-        await self.redis.xadd(events_key(job_id), _event("log", {"message": message}))
+        await self.redis.xadd(
+            events_key(job_id),
+            _event("log", {"message": message}),
+            maxlen=self.metrics_maxlen * EVENTS_PER_METRIC,
+            approximate=True,
+        )
 
     async def renew_lease(self, job_id: str, worker: str, seconds: float) -> None:
         await self.redis.set(lease_key(job_id), worker, px=int(seconds * 1000))
@@ -425,6 +521,34 @@ def _visible(raw: bytes | None, decoder: msgspec.json.Decoder[T], tenant: str | 
     return record
 
 
+def dataset_bytes_key(tenant: str) -> str:
+    """Bytes of a tenant's stored datasets, kept with its dataset records."""
+    return f"{P}dsbytes:{tenant}"
+
+
+async def _check_dataset_quota(
+    pipe: aioredis.Redis, tenant: str, incoming: int, quota: DatasetQuota
+) -> None:
+    count = int(await pipe.zcard(_index("datasets", tenant)))
+    if quota.datasets is not None and count >= quota.datasets:
+        raise LimitReached(
+            f"tenant {tenant} has {count} datasets, the limit (datasets) is {quota.datasets}; "
+            "delete one first",
+            limit="datasets",
+            quota=quota.datasets,
+            retry_after=3600,
+        )
+    used = int(await pipe.get(dataset_bytes_key(tenant)) or 0)
+    if quota.bytes is not None and used + incoming > quota.bytes:
+        raise LimitReached(
+            f"tenant {tenant} stores {used} bytes of datasets; {incoming} more would pass the "
+            f"limit (dataset_bytes) of {quota.bytes}; delete datasets first",
+            limit="dataset_bytes",
+            quota=quota.bytes,
+            retry_after=3600,
+        )
+
+
 def _blob_refs(sha256: str) -> str:
     return f"{P}blobrefs:{sha256}"
 
@@ -438,6 +562,7 @@ def _move_status(pipe: Pipeline, old: Job, new: Job) -> None:
     else:
         pipe.srem(RUNNING, new.id)
     if new.status.terminal:
+        pipe.zadd(FINISHED, {new.id: new.finished_at or time.time()})
         pipe.srem(f"{dataset_key(new.dataset.id)}:jobs", new.id)
         if new.eval_dataset is not None:
             pipe.srem(f"{dataset_key(new.eval_dataset.id)}:jobs", new.id)

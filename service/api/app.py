@@ -17,21 +17,23 @@ from litestar.openapi.spec import Components, SecurityScheme, Tag
 from litestar.plugins.prometheus import PrometheusConfig
 from prometheus_client import CollectorRegistry
 
-from service import queue, webhooks
+from service import queue, tenants, webhooks
 from service.api import errors
 from service.api.auth import principal
 from service.api.datasets import DatasetController
 from service.api.events import EventHub
 from service.api.feedback import FeedbackController
 from service.api.jobs import JobController
+from service.api.limits import RequestRate, rate_limiter
 from service.api.openai import FileController, FineTuningController
 from service.api.openapi_docs import ContractSchemas
 from service.api.policies import PolicyController
 from service.api.system import SystemController
+from service.api.tenancy import Audit, TenancyController
 from service.blobs import BlobStore, open_store
 from service.contract import MAX_REQUEST_BYTES
 from service.metrics import ServiceCollector
-from service.scheduler import Scheduler, scheduling
+from service.scheduler import JOB_KEYS, Scheduler, scheduling
 from service.settings import Settings
 from service.store import Store
 
@@ -70,11 +72,13 @@ def _lifespan(settings: Settings) -> Any:
             settings.redis_url,
             metrics_maxlen=settings.metrics_maxlen,
             on_terminal=(webhooks.stage_webhook,),
+            job_keys=JOB_KEYS,
             max_connections=settings.redis_max_connections,
         )
         arq = await queue.connect(settings.redis_url)
         blobs = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
         app.state.store, app.state.arq, app.state.blobs = store, arq, blobs
+        app.state.rate_limiter = rate_limiter(store, settings.redis_url)
         config = webhooks.WebhookConfig(
             secrets=webhooks.load_secrets(settings.webhook_secrets_file),
             allow_private=settings.webhook_allow_private,
@@ -111,9 +115,15 @@ def _dependencies(settings: Settings) -> dict[str, Provide]:
     def get_principal(request: Request[Any, Any, Any]) -> Any:
         return principal(request)
 
+    def get_limits(request: Request[Any, Any, Any]) -> tenants.TenantLimits:
+        """The caller's limits: one answer for every route (service/tenants.limits_for)."""
+        return tenants.limits_for(settings, request.app.state.tenants, principal(request).tenant)
+
     return {
         "settings": Provide(get_settings, sync_to_thread=False),
         "principal": Provide(get_principal, sync_to_thread=False),
+        "tenant_limits": Provide(get_limits, sync_to_thread=False),
+        "tenants": from_state("tenants"),
         "store": from_state("store"),
         "arq": from_state("arq"),
         "blobs": from_state("blobs"),
@@ -136,20 +146,29 @@ def create_app(settings: Settings | None = None) -> Litestar:
             JobController,
             FeedbackController,
             PolicyController,
+            TenancyController,
             FileController,
             FineTuningController,
         ],
         dependencies=_dependencies(settings),
         exception_handlers={Exception: errors.handle},
         lifespan=[_lifespan(settings)],
-        middleware=[_prometheus().middleware],
+        middleware=[_prometheus().middleware, RequestRate(), Audit()],  # refused: not audited
         openapi_config=_openapi(),
         plugins=[ContractSchemas()],
         request_max_body_size=MAX_REQUEST_BYTES,
-        signature_types=[Store, ArqRedis, BlobStore, Settings],
+        signature_types=[
+            Store,
+            ArqRedis,
+            BlobStore,
+            Settings,
+            tenants.Tenants,
+            tenants.TenantLimits,
+        ],
         logging_config=None,
     )
-    app.state.api_keys = settings.load_api_keys()
+    app.state.settings = settings
+    app.state.tenants = tenants.load(settings)
     app.state.collector = ServiceCollector()
     app.state.registry = CollectorRegistry()
     app.state.registry.register(app.state.collector)

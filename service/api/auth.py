@@ -8,6 +8,7 @@ from litestar import Request
 from litestar.exceptions import NotAuthorizedException
 
 from service.settings import Principal, hash_api_key
+from service.tenants import Tenants
 
 
 def principal(request: Request[Any, Any, Any]) -> Principal:
@@ -16,8 +17,8 @@ def principal(request: Request[Any, Any, Any]) -> Principal:
     if scheme.lower() != "bearer" or not key.strip():
         raise NotAuthorizedException("missing API key: send 'Authorization: Bearer <key>'")
     # Looked up by its sha256: the plaintext key is never stored or compared.
-    keys: dict[str, Principal] = request.app.state.api_keys
-    who = keys.get(hash_api_key(key.strip()))
+    tenants: Tenants = request.app.state.tenants
+    who = tenants.keys.get(hash_api_key(key.strip()))
     if who is None:
         raise NotAuthorizedException("unknown API key")
     return who

@@ -30,6 +30,7 @@ from service.api.errors import (
 from service.api.openapi_docs import (
     BAD_GATEWAY,
     CONFLICT,
+    FORBIDDEN,
     INVALID,
     NOT_FOUND,
     TOO_LARGE,
@@ -39,6 +40,7 @@ from service.api.openapi_docs import (
     request_body,
     responses,
 )
+from service.api.tenancy import TenantParam, listed_tenant
 from service.blobs import BlobStore, dataset_blob_key
 from service.contract import (
     Container,
@@ -56,6 +58,7 @@ from service.datasets.sources import fetch, hint_of
 from service.datasets.validate import Limits
 from service.settings import Principal, Settings
 from service.store import Store
+from service.tenants import TenantLimits, Tenants, check_s3_read, dataset_quota
 
 JSONL_TYPES = {"application/x-ndjson", "application/jsonl", "application/json-lines", "text/plain"}
 _HINTS: dict[str, Container | None] = {
@@ -305,6 +308,7 @@ class DatasetController(Controller):
         store: Store,
         blobs: BlobStore,
         settings: Settings,
+        tenant_limits: TenantLimits,
         name: Annotated[
             str,
             Parameter(
@@ -374,6 +378,7 @@ class DatasetController(Controller):
                 on_invalid=on_invalid,
                 max_invalid_fraction=max_invalid_fraction,
                 processes=settings.ingest_processes,
+                quota=dataset_quota(tenant_limits),
             )
 
     @post(
@@ -388,7 +393,7 @@ class DatasetController(Controller):
             "`s3://bucket/key` takes one object. The service reads them with its own Hub token "
             "and S3 credentials; its own store is never a source."
         ),
-        responses=responses(INVALID, TOO_LARGE, UNSUPPORTED, BAD_GATEWAY),
+        responses=responses(INVALID, TOO_LARGE, UNSUPPORTED, BAD_GATEWAY, FORBIDDEN),
     )
     async def import_dataset(
         self,
@@ -397,7 +402,13 @@ class DatasetController(Controller):
         store: Store,
         blobs: BlobStore,
         settings: Settings,
+        tenants: Tenants,
+        tenant_limits: TenantLimits,
     ) -> Dataset:
+        if data.source.startswith("s3://"):
+            check_s3_read(
+                tenants, principal.tenant, data.source, settings.store_url, ["body", "source"]
+            )
         mapping = _mapping(
             prompt_field=data.prompt_field,
             chosen_field=data.chosen_field,
@@ -421,13 +432,14 @@ class DatasetController(Controller):
                 on_invalid=data.on_invalid,
                 max_invalid_fraction=data.max_invalid_fraction,
                 processes=settings.ingest_processes,
+                quota=dataset_quota(tenant_limits),
             )
 
     @get(
         operation_id="ListDatasets",
         path="/",
-        summary="List datasets, newest first",
-        responses=responses(),
+        summary="List datasets, newest first (an admin's: every tenant's)",
+        responses=responses(FORBIDDEN),
     )
     async def list_datasets(
         self,
@@ -435,8 +447,10 @@ class DatasetController(Controller):
         store: Store,
         limit: PageSize = 20,
         cursor: Cursor = None,
+        tenant: TenantParam = None,
     ) -> DatasetList:
-        items, next_cursor = await store.list_datasets(scope(principal), limit=limit, cursor=cursor)
+        owner = listed_tenant(principal, tenant)
+        items, next_cursor = await store.list_datasets(owner, limit=limit, cursor=cursor)
         return DatasetList(items=items, next_cursor=next_cursor)
 
     @get(

@@ -13,11 +13,11 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.api.events import RETRY_AFTER_SECONDS, TooManyStreams
 from service.datasets.containers import ACCEPTED_TYPES, DatasetTooLarge, UnsupportedFile
 from service.datasets.sources import SourceError
 from service.datasets.validate import InvalidDataset
 from service.store import Conflict, LimitReached, NotFound
+from service.tenants import GrantMissing
 
 log = logging.getLogger("ftune.api")
 
@@ -118,6 +118,18 @@ def problem(
     return Response(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
+def limit_headers(exc: LimitReached) -> dict[str, str]:
+    """`Retry-After` and the IETF draft's `RateLimit-Policy` / `RateLimit` (structured fields:
+    the policy's quota `q` and window `w`; what `r` remains, and `t` seconds until it
+    resets) for a refusal at `exc.limit`."""
+    window = f";w={exc.window}" if exc.window is not None else ""
+    return {
+        "Retry-After": str(exc.retry_after),
+        "RateLimit-Policy": f'"{exc.limit}";q={exc.quota}{window}',
+        "RateLimit": f'"{exc.limit}";r=0;t={exc.retry_after}',
+    }
+
+
 _AT = re.compile(r"\s*-\s*at `\$(?P<path>[^`]*)`$")
 
 
@@ -162,9 +174,9 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]
     if isinstance(exc, Conflict):
         return problem(409, str(exc))
     if isinstance(exc, LimitReached):
-        return problem(429, str(exc))
-    if isinstance(exc, TooManyStreams):
-        return problem(429, str(exc), headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        return problem(429, str(exc), headers=limit_headers(exc))
+    if isinstance(exc, GrantMissing):
+        return problem(exc.status, exc.detail, errors=[FieldError(loc=exc.loc, msg=exc.detail)])
     if isinstance(exc, RedisConnectionError | RedisTimeoutError):
         # Redis down, restarting or out of connections: the client should retry, not report.
         log.warning("Redis unavailable on %s %s: %s", request.method, request.url.path, exc)

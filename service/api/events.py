@@ -6,7 +6,7 @@ task follows all the streams that have subscribers with a single multi-key XREAD
 connection and hands each entry to the subscribers' bounded queues. A subscriber reads what
 it missed (after its `Last-Event-ID`) with short non-blocking reads, then takes live entries
 from its queue; one that falls `QUEUE_SIZE` entries behind is dropped and its client resumes
-with `Last-Event-ID`, losing nothing. Each tenant may hold `max_event_streams_per_tenant`
+with `Last-Event-ID`, losing nothing. Each tenant may hold its `event_streams` limit of
 streams on one process.
 """
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from service.store import Store, events_key
+from service.store import LimitReached, Store, events_key
 
 log = logging.getLogger("ftune.api.events")
 
@@ -32,10 +32,6 @@ QUEUE_SIZE = 1000
 BLOCK_MS = 500
 """The reader's XREAD wait: how late a stream subscribed meanwhile joins the next read."""
 RETRY_AFTER_SECONDS = 10
-
-
-class TooManyStreams(Exception):
-    """The tenant holds as many event streams on this process as it may."""
 
 
 def _id(entry_id: str) -> tuple[int, int]:
@@ -79,14 +75,19 @@ class EventHub:
             await self.redis.aclose()
 
     async def subscribe(
-        self, store: Store, tenant: str, job_id: str, *, limit: int
+        self, store: Store, tenant: str, job_id: str, *, limit: int | None
     ) -> Subscription:
         """Follow the job's stream: live entries after `Subscription.start` go to its queue
-        until `unsubscribe`. TooManyStreams past the tenant's `limit` on this process."""
-        if self.open[tenant] >= limit:
-            raise TooManyStreams(
-                f"tenant {tenant} has {self.open[tenant]} open event streams here, the limit "
-                f"is {limit}; close one, or poll GET /v1/jobs/{{id}} instead"
+        until `unsubscribe`. LimitReached past the tenant's `limit` (None: no limit) of
+        streams on this process."""
+        if limit is not None and self.open[tenant] >= limit:
+            raise LimitReached(
+                f"tenant {tenant} has {self.open[tenant]} open event streams on this API "
+                f"process, the limit is {limit} (event_streams); close one, or poll "
+                "GET /v1/jobs/{id} instead",
+                limit="event_streams",
+                quota=limit,
+                retry_after=RETRY_AFTER_SECONDS,
             )
         key = events_key(job_id)
         sub = Subscription(key=key, tenant=tenant, start="0-0")

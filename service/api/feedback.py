@@ -5,12 +5,20 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from litestar import Controller, get, post
+from litestar import Controller, delete, get, post
 from litestar.openapi.spec import Example
 from litestar.params import Parameter
 
 from service.api.errors import FieldError, InvalidRequest
-from service.api.openapi_docs import CONFLICT, NOT_FOUND, Cursor, PageSize, request_body, responses
+from service.api.openapi_docs import (
+    CONFLICT,
+    FORBIDDEN,
+    NOT_FOUND,
+    PageSize,
+    request_body,
+    responses,
+)
+from service.api.tenancy import ListCursor, TenantParam, acting_tenant, listed_tenant
 from service.blobs import BlobStore
 from service.contract import (
     EVENTS_EXAMPLE,
@@ -27,6 +35,7 @@ from service.retraining import feedback
 from service.retraining.events import InvalidFeedback
 from service.settings import Principal, Settings
 from service.store import Store
+from service.tenants import Tenants, limits_for
 
 StreamName = Annotated[
     str,
@@ -91,32 +100,42 @@ class FeedbackController(Controller):
         path="/{stream:str}",
         status_code=200,
         summary="Add a batch of feedback events to a stream (all or nothing; ids dedupe)",
-        responses=responses(),
+        responses=responses(FORBIDDEN),
         operation_class=EVENTS,
     )
     async def post_feedback(
-        self, stream: StreamName, data: FeedbackBatch, principal: Principal, store: Store
+        self,
+        stream: StreamName,
+        data: FeedbackBatch,
+        principal: Principal,
+        store: Store,
+        settings: Settings,
+        tenants: Tenants,
+        tenant: TenantParam = None,
     ) -> FeedbackReceipt:
+        owner = acting_tenant(principal, tenant)
+        most = limits_for(settings, tenants, owner).feedback_streams
         try:
-            return await feedback.ingest(store, principal.tenant, stream, data.events)
+            return await feedback.ingest(store, owner, stream, data.events, max_streams=most)
         except InvalidFeedback as exc:
             raise _invalid(exc) from None
 
     @get(
         operation_id="ListFeedbackStreams",
         path="/",
-        summary="List the caller's feedback streams by name",
-        responses=responses(),
+        summary="List the caller's feedback streams by name (an admin's: every tenant's)",
+        responses=responses(FORBIDDEN),
     )
     async def list_streams(
         self,
         principal: Principal,
         store: Store,
         limit: PageSize = 50,
-        cursor: Cursor = None,
+        cursor: ListCursor = None,
+        tenant: TenantParam = None,
     ) -> FeedbackStreamList:
         items, next_cursor = await feedback.list_streams(
-            store, principal.tenant, limit=limit, cursor=cursor
+            store, listed_tenant(principal, tenant), limit=limit, cursor=cursor
         )
         return FeedbackStreamList(items=items, next_cursor=next_cursor)
 
@@ -124,18 +143,30 @@ class FeedbackController(Controller):
         operation_id="GetFeedbackStream",
         path="/{stream:str}",
         summary="A stream's counts and its newest snapshots",
-        responses=responses(NOT_FOUND),
+        responses=responses(NOT_FOUND, FORBIDDEN),
     )
     async def get_stream(
-        self, stream: StreamName, principal: Principal, store: Store
+        self, stream: StreamName, principal: Principal, store: Store, tenant: TenantParam = None
     ) -> FeedbackStream:
-        return await feedback.get_stream(store, principal.tenant, stream, recent=10)
+        return await feedback.get_stream(store, acting_tenant(principal, tenant), stream, recent=10)
+
+    @delete(
+        operation_id="DeleteFeedbackStream",
+        path="/{stream:str}",
+        status_code=204,
+        summary="Delete a stream and its pairs (its snapshots' datasets stay)",
+        responses=responses(NOT_FOUND, FORBIDDEN),
+    )
+    async def delete_stream(
+        self, stream: StreamName, principal: Principal, store: Store, tenant: TenantParam = None
+    ) -> None:
+        await feedback.delete_stream(store, acting_tenant(principal, tenant), stream)
 
     @get(
         operation_id="ListFeedbackPairs",
         path="/{stream:str}/pairs",
         summary="The stream's pairs in the order gathered, with the events that made each",
-        responses=responses(NOT_FOUND),
+        responses=responses(NOT_FOUND, FORBIDDEN),
     )
     async def list_pairs(
         self,
@@ -146,9 +177,11 @@ class FeedbackController(Controller):
             int, Parameter(ge=0, le=10**12, description="Position of the first pair to return.")
         ] = 0,
         limit: Annotated[int, Parameter(ge=1, le=1000, description="Pairs to return.")] = 100,
+        tenant: TenantParam = None,
     ) -> PairList:
-        meta = await feedback.get_stream(store, principal.tenant, stream)
-        items = await feedback.read_pairs(store, principal.tenant, stream, offset, offset + limit)
+        owner = acting_tenant(principal, tenant)
+        meta = await feedback.get_stream(store, owner, stream)
+        items = await feedback.read_pairs(store, owner, stream, offset, offset + limit)
         return PairList(stream=stream, offset=offset, total=meta.pairs, items=items)
 
     @post(
@@ -156,7 +189,7 @@ class FeedbackController(Controller):
         path="/{stream:str}/snapshot",
         status_code=201,
         summary="Freeze the pairs gathered so far into a versioned dataset",
-        responses=responses(NOT_FOUND, CONFLICT),
+        responses=responses(NOT_FOUND, CONFLICT, FORBIDDEN),
     )
     async def snapshot(
         self,
@@ -165,8 +198,9 @@ class FeedbackController(Controller):
         store: Store,
         blobs: BlobStore,
         settings: Settings,
+        tenant: TenantParam = None,
     ) -> FeedbackSnapshot:
         limits = Limits.from_settings(settings)
         return await feedback.snapshot(
-            store, blobs, principal.tenant, stream, limits=limits, by="api"
+            store, blobs, acting_tenant(principal, tenant), stream, limits=limits, by="api"
         )

@@ -19,7 +19,8 @@ from service import queue, vram, webhooks
 from service.api.auth import scope
 from service.api.errors import FieldError, InvalidRequest
 from service.api.events import EventHub, Subscription, follow
-from service.api.openapi_docs import CONFLICT, NOT_FOUND, TOO_MANY, Cursor, PageSize, responses
+from service.api.openapi_docs import CONFLICT, FORBIDDEN, NOT_FOUND, Cursor, PageSize, responses
+from service.api.tenancy import TenantParam, listed_tenant
 from service.contract import (
     Dataset,
     DatasetRef,
@@ -32,6 +33,7 @@ from service.contract import (
 )
 from service.settings import Principal, Settings
 from service.store import Conflict, NotFound, Store, new_id, request_fingerprint
+from service.tenants import Tenants, check_job, limits_for
 
 EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 JobId = Annotated[str, Parameter(description="The job's id (`job_...`).")]
@@ -80,13 +82,16 @@ async def submit_job(
     store: Store,
     arq: ArqRedis,
     settings: Settings,
+    tenants: Tenants,
     idempotency: tuple[str, str] | None = None,
     idempotency_seconds: int = 24 * 3600,
 ) -> tuple[Job, bool]:
-    """Check a spec against the world (models dir, GPU memory, webhook address, datasets),
-    record the job and queue it: the one path of `POST /v1/jobs` and the OpenAI-compatible
-    `POST /v1/fine_tuning/jobs`. Returns the job and whether it is an earlier one replayed
-    (same idempotency key), which is not queued again."""
+    """Check a spec against the world (the tenant's grants, models dir, GPU memory, webhook
+    address, datasets), record the job within the tenant's queued-jobs limit and queue it:
+    the one path of `POST /v1/jobs` and the OpenAI-compatible `POST /v1/fine_tuning/jobs`.
+    Returns the job and whether it is an earlier one replayed (same idempotency key), which
+    is not queued again."""
+    check_job(tenants, tenant, spec, settings.store_url)
     if spec.base_model.startswith("file://"):
         try:
             local_model_path(spec.base_model, settings.models_dir)
@@ -139,7 +144,7 @@ async def submit_job(
             job,
             idempotency=idempotency,
             idempotency_seconds=idempotency_seconds,
-            max_live=settings.max_live_jobs,
+            max_queued=limits_for(settings, tenants, tenant).queued_jobs,
         )
     except NotFound as exc:  # the dataset was deleted while we looked
         raise InvalidRequest(str(exc)) from None
@@ -171,7 +176,7 @@ class JobController(Controller):
         path="/",
         status_code=201,
         summary="Submit a fine-tuning job",
-        responses=responses(CONFLICT, TOO_MANY),
+        responses=responses(CONFLICT, FORBIDDEN),
     )
     async def create_job(
         self,
@@ -181,19 +186,29 @@ class JobController(Controller):
         store: Store,
         arq: ArqRedis,
         settings: Settings,
+        tenants: Tenants,
         idempotency_key: IdempotencyKey = None,
     ) -> Response[Job]:
         idem = None
         if idempotency_key:
             idem = (idempotency_key, request_fingerprint(await request.body()))
         job, replayed = await submit_job(
-            data, tenant=principal.tenant, store=store, arq=arq, settings=settings, idempotency=idem
+            data,
+            tenant=principal.tenant,
+            store=store,
+            arq=arq,
+            settings=settings,
+            tenants=tenants,
+            idempotency=idem,
         )
         headers = {"Idempotent-Replayed": "true"} if replayed else None
         return Response(job, status_code=201, headers=headers)
 
     @get(
-        operation_id="ListJobs", path="/", summary="List jobs, newest first", responses=responses()
+        operation_id="ListJobs",
+        path="/",
+        summary="List jobs, newest first (an admin's: every tenant's)",
+        responses=responses(FORBIDDEN),
     )
     async def list_jobs(
         self,
@@ -211,6 +226,7 @@ class JobController(Controller):
         ] = None,
         limit: PageSize = 20,
         cursor: Cursor = None,
+        tenant: TenantParam = None,
     ) -> JobList:
         labels: dict[str, str] = {}
         for item in label or []:
@@ -222,7 +238,11 @@ class JobController(Controller):
                 )
             labels[key] = value
         items, next_cursor = await store.list_jobs(
-            scope(principal), status=status, labels=labels, limit=limit, cursor=cursor
+            listed_tenant(principal, tenant),
+            status=status,
+            labels=labels,
+            limit=limit,
+            cursor=cursor,
         )
         return JobList(items=items, next_cursor=next_cursor)
 
@@ -270,7 +290,7 @@ class JobController(Controller):
         summary="Server-Sent Events: status, phase, metrics and log lines, until the job ends",
         description="Each event's `id` is its position; reconnect with `Last-Event-ID` to "
         "resume exactly after it. The stream closes after the terminal status event.",
-        responses=responses(NOT_FOUND, TOO_MANY),
+        responses=responses(NOT_FOUND),
     )
     async def job_events(
         self,
@@ -279,6 +299,7 @@ class JobController(Controller):
         store: Store,
         state: State,
         settings: Settings,
+        tenants: Tenants,
         last_event_id: Annotated[
             str | None,
             HeaderParameter(
@@ -300,9 +321,8 @@ class JobController(Controller):
         if job.status.terminal:  # complete: what is left, without following
             return ServerSentEvent(_rest(store, job_id, after))
         hub: EventHub = state.event_hub
-        sub = await hub.subscribe(
-            store, job.tenant, job_id, limit=settings.max_event_streams_per_tenant
-        )
+        limit = limits_for(settings, tenants, job.tenant).event_streams
+        sub = await hub.subscribe(store, job.tenant, job_id, limit=limit)
         stream = _live(hub, store, sub, after)
         weakref.finalize(stream, hub.unsubscribe, sub)  # in case it is never iterated
         return ServerSentEvent(stream)

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 BAD_REQUEST = 400
 UNAUTHORIZED = 401
+FORBIDDEN = 403
 NOT_FOUND = 404
 CONFLICT = 409
 TOO_LARGE = 413
@@ -48,7 +49,11 @@ _DESCRIPTIONS = {
         "the `Accept-Post` header lists the accepted media types"
     ),
     INVALID: "Invalid body or rows; `errors` says where",
-    TOO_MANY: "The tenant is at its limit of queued and running jobs (FTUNE_MAX_LIVE_JOBS)",
+    FORBIDDEN: "The tenant was not granted a Hub token, Hub namespace or S3 prefix the request "
+    "uses (or the caller is not an admin); `detail` names the grant",
+    TOO_MANY: "The tenant is at one of its limits (request rate, queued jobs, datasets, ...): "
+    "`detail` names it; `Retry-After`, `RateLimit-Policy` and `RateLimit` headers say when "
+    "to try again",
     BAD_GATEWAY: "The Hub or S3 did not answer as expected",
 }
 
@@ -64,7 +69,8 @@ Cursor = Annotated[
 
 
 def responses(*codes: int) -> dict[int, ResponseSpec]:
-    """Problem Details responses for `codes`, plus 400 and 401 that every route can answer."""
+    """Problem Details responses for `codes`, plus 400, 401, 422 and 429 (the request rate)
+    that every route can answer."""
     return {
         code: ResponseSpec(
             data_container=Problem,
@@ -72,7 +78,7 @@ def responses(*codes: int) -> dict[int, ResponseSpec]:
             media_type=PROBLEM,
             generate_examples=False,
         )
-        for code in sorted({BAD_REQUEST, UNAUTHORIZED, INVALID, *codes})
+        for code in sorted({BAD_REQUEST, UNAUTHORIZED, INVALID, TOO_MANY, *codes})
     }
 
 

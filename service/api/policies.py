@@ -9,11 +9,13 @@ from litestar import Controller, delete, get, put
 from litestar.params import Parameter
 
 from service.api.errors import FieldError, InvalidRequest
-from service.api.openapi_docs import NOT_FOUND, Cursor, PageSize, responses
+from service.api.openapi_docs import FORBIDDEN, NOT_FOUND, TOO_MANY, PageSize, responses
+from service.api.tenancy import ListCursor, TenantParam, acting_tenant, listed_tenant
 from service.contract import Policy, PolicyList, PolicySpec, local_model_path
 from service.retraining import policies
 from service.settings import Principal, Settings
 from service.store import NotFound, Store
+from service.tenants import GrantMissing, Tenants, check_job, limits_for
 
 PolicyName = Annotated[
     str,
@@ -24,9 +26,17 @@ PolicyName = Annotated[
 ]
 
 
-async def _check_template(spec: PolicySpec, tenant: str, store: Store, settings: Settings) -> None:
-    """The template must make a valid job, exactly as POST /v1/jobs would judge it."""
+async def _check_template(
+    spec: PolicySpec, tenant: str, store: Store, settings: Settings, tenants: Tenants
+) -> None:
+    """The template must make a valid job, exactly as POST /v1/jobs would judge it, with
+    the grants of the tenant that will own its jobs."""
     template = spec.template
+    try:
+        check_job(tenants, tenant, template, settings.store_url)
+    except GrantMissing as exc:
+        exc.loc[1:1] = ["template"]
+        raise
     try:
         policies.job_spec(template, "ds_template", template.eval_dataset_id)
     except (ValueError, msgspec.ValidationError) as exc:
@@ -60,7 +70,7 @@ class PolicyController(Controller):
         path="/{name:str}",
         status_code=200,
         summary="Create or replace a retraining policy (its history is kept)",
-        responses=responses(),
+        responses=responses(FORBIDDEN, TOO_MANY),
     )
     async def put_policy(
         self,
@@ -69,26 +79,31 @@ class PolicyController(Controller):
         principal: Principal,
         store: Store,
         settings: Settings,
+        tenants: Tenants,
+        tenant: TenantParam = None,
     ) -> Policy:
-        await _check_template(data, principal.tenant, store, settings)
-        await policies.put_policy(store, principal.tenant, name, data)
-        return await policies.get_policy(store, principal.tenant, name, with_status=True)
+        owner = acting_tenant(principal, tenant)
+        await _check_template(data, owner, store, settings, tenants)
+        most = limits_for(settings, tenants, owner).policies
+        await policies.put_policy(store, owner, name, data, max_policies=most)
+        return await policies.get_policy(store, owner, name, with_status=True)
 
     @get(
         operation_id="ListPolicies",
         path="/",
-        summary="List the caller's policies by name",
-        responses=responses(),
+        summary="List the caller's policies by name (an admin's: every tenant's)",
+        responses=responses(FORBIDDEN),
     )
     async def list_policies(
         self,
         principal: Principal,
         store: Store,
         limit: PageSize = 50,
-        cursor: Cursor = None,
+        cursor: ListCursor = None,
+        tenant: TenantParam = None,
     ) -> PolicyList:
         items, next_cursor = await policies.list_policies(
-            store, principal.tenant, limit=limit, cursor=cursor
+            store, listed_tenant(principal, tenant), limit=limit, cursor=cursor
         )
         return PolicyList(items=items, next_cursor=next_cursor)
 
@@ -96,17 +111,22 @@ class PolicyController(Controller):
         operation_id="GetPolicy",
         path="/{name:str}",
         summary="A policy: its spec, promoted model, runs with metrics and gate decisions",
-        responses=responses(NOT_FOUND),
+        responses=responses(NOT_FOUND, FORBIDDEN),
     )
-    async def get_policy(self, name: PolicyName, principal: Principal, store: Store) -> Policy:
-        return await policies.get_policy(store, principal.tenant, name, with_status=True)
+    async def get_policy(
+        self, name: PolicyName, principal: Principal, store: Store, tenant: TenantParam = None
+    ) -> Policy:
+        owner = acting_tenant(principal, tenant)
+        return await policies.get_policy(store, owner, name, with_status=True)
 
     @delete(
         operation_id="DeletePolicy",
         path="/{name:str}",
         status_code=204,
         summary="Delete a policy and its history (a run in flight finishes as a plain job)",
-        responses=responses(NOT_FOUND),
+        responses=responses(NOT_FOUND, FORBIDDEN),
     )
-    async def delete_policy(self, name: PolicyName, principal: Principal, store: Store) -> None:
-        await policies.delete_policy(store, principal.tenant, name)
+    async def delete_policy(
+        self, name: PolicyName, principal: Principal, store: Store, tenant: TenantParam = None
+    ) -> None:
+        await policies.delete_policy(store, acting_tenant(principal, tenant), name)

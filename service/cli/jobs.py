@@ -242,7 +242,7 @@ def print_job(job: Job) -> None:
         rows.append(("finished", fmt_when(job.finished_at)))
     rows.append(("progress", f"step {fmt_steps(job)}, epoch {job.progress.epoch:.2f}"))
     if job.attempt:
-        rows.append(("attempt", str(job.attempt)))
+        rows.append(("attempt", f"{job.attempt} ({job.lost_attempts} lost to failed workers)"))
     if job.spec.labels:
         rows.append(("labels", ", ".join(f"{k}={v}" for k, v in job.spec.labels.items())))
     if job.latest_metrics:

@@ -23,15 +23,16 @@ if TYPE_CHECKING:
     from service.settings import Settings
 
 
-def service_settings(*, api: bool = False) -> Settings:
-    """The FTUNE_* settings, checked before anything listens or starts: every bad variable in
-    one message and exit code 2, instead of a traceback from inside uvicorn or the worker."""
+def service_settings() -> Settings:
+    """The FTUNE_* settings and the tenants file (the API, the scheduler and the workers all
+    read it), checked before anything listens or starts: every bad variable in one message and
+    exit code 2, instead of a traceback from inside uvicorn or the worker."""
     from service.settings import Settings, SettingsError
+    from service.tenants import load
 
     try:
         settings = Settings.from_env()
-        if api:
-            settings.load_api_keys()
+        load(settings)
     except SettingsError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
@@ -48,7 +49,7 @@ def api(
     """Serve the HTTP API (configured by FTUNE_* environment variables)."""
     import uvicorn
 
-    service_settings(api=True)
+    service_settings()
     uvicorn.run(
         "service.api.app:create_app",
         factory=True,

@@ -91,6 +91,7 @@ from service.contract.spec import (
     Strict,
     local_model_path,
 )
+from service.contract.tenants import AuditEntry, AuditPage, LimitUsage, Usage
 from service.contract.webhooks import (
     EventType,
     OpenAIEventType,
@@ -112,6 +113,8 @@ __all__ = [
     "REPO_ID_RE",
     "STREAM_NAME",
     "Artifact",
+    "AuditEntry",
+    "AuditPage",
     "ChatTemplate",
     "Container",
     "DataReport",
@@ -150,6 +153,7 @@ __all__ = [
     "JobTemplate",
     "Kind",
     "Label",
+    "LimitUsage",
     "Lora",
     "LossType",
     "Message",
@@ -181,6 +185,7 @@ __all__ = [
     "StoreDestination",
     "Strict",
     "Trigger",
+    "Usage",
     "WebhookDelivery",
     "WebhookEvent",
     "WebhookJobData",

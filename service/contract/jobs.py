@@ -199,7 +199,7 @@ class Job(msgspec.Struct, kw_only=True):
         JobStatus,
         msgspec.Meta(
             description="queued -> running -> succeeded, failed or cancelled (final); a running "
-            "job whose worker was lost goes back to queued."
+            "job whose worker was lost or stopped goes back to queued."
         ),
     ]
     spec: Annotated[JobSpec, msgspec.Meta(description="The spec as submitted, defaults filled in.")]
@@ -231,8 +231,17 @@ class Job(msgspec.Struct, kw_only=True):
     attempt: Annotated[
         int,
         msgspec.Meta(
-            description="0 for the first run; +1 each time a lost worker's job is re-queued "
-            "(it resumes from its last checkpoint)."
+            description="0 for the first run; +1 each time the job is re-queued, by a lost "
+            "worker or a planned stop (it resumes from its last checkpoint)."
+        ),
+    ] = 0
+    lost_attempts: Annotated[
+        int,
+        msgspec.Meta(
+            description="Attempts whose worker was lost (a crash, a hard kill, no lease "
+            "renewal); the job fails when these reach the service's max_attempts. A planned "
+            "stop (SIGTERM on a rolling upgrade, drain or scale-down) checkpoints and re-queues "
+            "without counting here."
         ),
     ] = 0
     progress: Annotated[Progress, msgspec.Meta(description="How far training is.")] = msgspec.field(

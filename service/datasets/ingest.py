@@ -22,7 +22,7 @@ import anyio.to_thread
 from service.blobs import BlobStore, dataset_blob_key
 from service.contract import Container, Dataset, FieldMapping, OnInvalid
 from service.datasets.validate import IngestResult, Limits, validate_file
-from service.store import Store, new_id
+from service.store import DatasetQuota, Store, new_id
 
 
 async def store_dataset(
@@ -38,9 +38,14 @@ async def store_dataset(
     on_invalid: OnInvalid = "reject",
     max_invalid_fraction: float = 0.01,
     processes: int = 1,
+    quota: DatasetQuota | None = None,
 ) -> Dataset:
-    """Validate ``src`` (a file, or the files of one dataset), store its rows and record it."""
+    """Validate ``src`` (a file, or the files of one dataset), store its rows and record it;
+    LimitReached past the tenant's ``quota``, looked at before the work and kept atomically
+    with the record."""
     files = [src] if isinstance(src, Path) else src
+    if quota is not None:
+        await store.check_dataset_quota(tenant, 0, quota)
     with tempfile.TemporaryDirectory(prefix="ftune-ingest-") as tmp:
         normalized = Path(tmp) / "normalized.jsonl"
 
@@ -58,6 +63,8 @@ async def store_dataset(
                 )
 
         result = await anyio.to_thread.run_sync(validate)
+        if quota is not None:
+            await store.check_dataset_quota(tenant, result.bytes, quota)
         key = dataset_blob_key(result.sha256)
         if not await anyio.to_thread.run_sync(blobs.exists, key):
             await anyio.to_thread.run_sync(blobs.put_file, key, normalized)
@@ -80,7 +87,7 @@ async def store_dataset(
         skipped_rows=result.skipped_rows,
         skipped=result.skipped,
     )
-    await store.put_dataset(ds)
+    await store.put_dataset(ds, quota)
     return ds
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlsplit
 
 from service.contract import Container, DatasetImport
 from service.datasets.containers import DatasetTooLarge
 from service.settings import Settings
+from service.tenants import inside_store
 
 DATA_SUFFIXES = (
     ".jsonl",
@@ -85,6 +85,7 @@ def _fetch_hub(req: DatasetImport, settings: Settings, dest: Path, max_bytes: in
         EntryNotFoundError,
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -138,6 +139,8 @@ def _fetch_hub(req: DatasetImport, settings: Settings, dest: Path, max_bytes: in
             )
             for f in chosen
         ]
+    except HFValidationError as e:  # a name the Hub cannot have, e.g. ending in '.'
+        raise SourceError(f"source: {where} is not a valid Hub dataset name: {e}") from None
     except GatedRepoError:
         raise SourceError(
             f"source: {where} is gated: accept its terms with the account whose token the "
@@ -161,19 +164,11 @@ def _fetch_hub(req: DatasetImport, settings: Settings, dest: Path, max_bytes: in
     return Fetched(files, default, hint_of(chosen[0].path))
 
 
-def _inside_store(bucket: str, key: str, store_url: str) -> bool:
-    parts = urlsplit(store_url)
-    if parts.scheme != "s3" or parts.netloc != bucket:
-        return False
-    prefix = parts.path.strip("/")
-    return not prefix or key == prefix or key.startswith(prefix + "/")
-
-
 def _fetch_s3(source: str, settings: Settings, dest: Path, max_bytes: int) -> Fetched:
     from service.blobs import BlobNotFound, open_store
 
     bucket, _, key = source.removeprefix("s3://").partition("/")
-    if _inside_store(bucket, key, settings.store_url):
+    if inside_store(source, settings.store_url):
         raise SourceError(
             f"source: {source} is inside the service's own store ({settings.store_url}), which "
             "is never a source; import from a bucket or prefix of your own"

@@ -129,9 +129,10 @@ class DevStack:
             "FTUNE_LOG_FORMAT": "text",
             "TOKENIZERS_PARALLELISM": "false",
             "FTUNE_WORKER_METRICS_PORT": str(self.worker_metrics_port),
-            # Ctrl-C should not wait a minute: a running job is re-queued after 5 s and
-            # resumes from its last checkpoint on the next start.
-            "FTUNE_WORKER_GRACE_SECONDS": "5",
+            # Ctrl-C should not wait minutes: a running job checkpoints at its next step
+            # (SmolLM2 on a CPU: ~5 s) and resumes there on the next start; past 15 s it
+            # resumes from its last checkpoint. Below stop()'s 30 s wait for the worker.
+            "FTUNE_WORKER_GRACE_SECONDS": "15",
             "FTUNE_REDIS_URL": self.redis.url,
             "FTUNE_STORE_URL": "file://" + str(self.root / "store"),
             "FTUNE_MODELS_DIR": str(self.models_dir),

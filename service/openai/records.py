@@ -48,7 +48,8 @@ def failed_index(tenant: str | None) -> str:
     return f"{P}failed:" + ("all" if tenant is None else f"t:{tenant}")
 
 
-def _suffix_key(job_id: str) -> str:
+def suffix_key(job_id: str) -> str:
+    """A job's OpenAI suffix; deleted with the job (Store's `job_keys`)."""
     return f"{P}suffix:{job_id}"
 
 
@@ -98,12 +99,12 @@ async def delete_failed_upload(store: Store, file_id: str, tenant: str | None) -
 
 
 async def set_suffix(store: Store, job_id: str, suffix: str) -> None:
-    await store.redis.set(_suffix_key(job_id), suffix)
+    await store.redis.set(suffix_key(job_id), suffix)
 
 
 async def suffixes(store: Store, job_ids: list[str]) -> dict[str, str]:
     """The suffix of each job created with one."""
     if not job_ids:
         return {}
-    raws = await store.redis.mget([_suffix_key(j) for j in job_ids])
+    raws = await store.redis.mget([suffix_key(j) for j in job_ids])
     return {j: raw.decode() for j, raw in zip(job_ids, raws, strict=True) if raw is not None}

@@ -47,7 +47,7 @@ from service.contract import (
 from service.datasets.ingest import store_dataset
 from service.datasets.validate import InvalidDataset, Limits
 from service.retraining.events import Applied, Pending, apply_events, parse_events, prompt_key
-from service.store import Conflict, NotFound, P, Store, transact
+from service.store import Conflict, LimitReached, NotFound, P, Store, transact
 
 _READ_CHUNK = 1000
 """Pairs read from Redis per LRANGE when snapshotting."""
@@ -77,22 +77,46 @@ def _index(tenant: str) -> str:
     return f"{P}fb-streams:{tenant}"
 
 
+ALL = f"{P}fb-streams-all"
+"""Every stream as a JSON [tenant, stream], for admins listing across tenants."""
+_PARTS = ("meta", "seen", "pending", "pairs", "snapshots", "versions")
+
+
 _stream_decoder = msgspec.json.Decoder(FeedbackStream)
 _pending_decoder = msgspec.json.Decoder(Pending)
 _pair_decoder = msgspec.json.Decoder(PairRecord)
 _snapshot_decoder = msgspec.json.Decoder(FeedbackSnapshot)
+_member_decoder = msgspec.json.Decoder(tuple[str, str])
 
 
 async def ingest(
-    store: Store, tenant: str, stream: str, events: list[Any], *, now: float | None = None
+    store: Store,
+    tenant: str,
+    stream: str,
+    events: list[Any],
+    *,
+    now: float | None = None,
+    max_streams: int | None = None,
 ) -> FeedbackReceipt:
-    """Check a batch and store what is new of it, all or nothing (InvalidFeedback)."""
+    """Check a batch and store what is new of it, all or nothing (InvalidFeedback). A batch
+    that would start the tenant's stream number `max_streams` + 1 is refused (LimitReached),
+    counted in the same transaction."""
     now = time.time() if now is None else now
     meta_key = _key(tenant, stream, "meta")
     seen_key, pending_key = _key(tenant, stream, "seen"), _key(tenant, stream, "pending")
 
     async def write(pipe: Pipeline) -> tuple[Applied, FeedbackStream]:
         raw = await pipe.get(meta_key)
+        if raw is None and max_streams is not None:
+            count = int(await pipe.zcard(_index(tenant)))
+            if count >= max_streams:
+                raise LimitReached(
+                    f"tenant {tenant} has {count} feedback streams, the limit "
+                    f"(feedback_streams) is {max_streams}; delete one or post to an existing one",
+                    limit="feedback_streams",
+                    quota=max_streams,
+                    retry_after=3600,
+                )
         meta = (
             _stream_decoder.decode(raw)
             if raw
@@ -132,9 +156,11 @@ async def ingest(
                 pipe.hdel(pending_key, key)
         pipe.set(meta_key, _encoder.encode(new_meta))
         pipe.zadd(_index(tenant), {stream: 0})
+        pipe.zadd(ALL, {_encoder.encode((tenant, stream)): 0})
         return applied, new_meta
 
-    (applied, new_meta), _ = await transact(store.redis, write, meta_key)
+    watched = (meta_key, _index(tenant)) if max_streams is not None else (meta_key,)
+    (applied, new_meta), _ = await transact(store.redis, write, *watched)
     return FeedbackReceipt(
         stream=stream,
         received=len(events),
@@ -158,14 +184,30 @@ async def get_stream(store: Store, tenant: str, stream: str, *, recent: int = 0)
 
 
 async def list_streams(
-    store: Store, tenant: str, *, limit: int, cursor: str | None
+    store: Store, tenant: str | None, *, limit: int, cursor: str | None
 ) -> tuple[list[FeedbackStream], str | None]:
-    """Streams by name, in pages."""
-    names, next_cursor = await store.page_by_name(_index(tenant), limit, cursor)
-    if not names:
+    """Streams by name, in pages: one tenant's, or (None) every tenant's by tenant, then name."""
+    if tenant is None:
+        members, next_cursor = await store.page_by_name(ALL, limit, cursor)
+        owners = [_member_decoder.decode(m) for m in members]
+    else:
+        names, next_cursor = await store.page_by_name(_index(tenant), limit, cursor)
+        owners = [(tenant, n) for n in names]
+    if not owners:
         return [], None
-    metas = await store.redis.mget([_key(tenant, n, "meta") for n in names])
+    metas = await store.redis.mget([_key(t, n, "meta") for t, n in owners])
     return [_stream_decoder.decode(m) for m in metas if m], next_cursor
+
+
+async def delete_stream(store: Store, tenant: str, stream: str) -> None:
+    """Forget a stream: its pairs, pending ratings and snapshot list (the snapshots' datasets
+    stay). A policy that reads it finds no pairs until new events arrive."""
+    await get_stream(store, tenant, stream)
+    async with store.redis.pipeline(transaction=True) as pipe:
+        pipe.unlink(*(_key(tenant, stream, part) for part in _PARTS))
+        pipe.zrem(_index(tenant), stream)
+        pipe.zrem(ALL, _encoder.encode((tenant, stream)))
+        await pipe.execute()
 
 
 async def pair_count(store: Store, tenant: str, stream: str) -> int:
@@ -283,3 +325,7 @@ async def snapshot(
 
     await transact(store.redis, count, meta_key)
     return record
+
+
+async def stream_count(store: Store, tenant: str) -> int:
+    return int(await store.redis.zcard(_index(tenant)))

@@ -23,7 +23,7 @@ from service.contract import (
     PolicySpec,
     PolicyStatus,
 )
-from service.store import Conflict, NotFound, P, Store, transact
+from service.store import Conflict, LimitReached, NotFound, P, Store, transact
 
 log = logging.getLogger("ftune.policies")
 
@@ -100,19 +100,32 @@ async def get_policy(store: Store, tenant: str, name: str, *, with_status: bool 
 
 
 async def list_policies(
-    store: Store, tenant: str, *, limit: int, cursor: str | None
+    store: Store, tenant: str | None, *, limit: int, cursor: str | None
 ) -> tuple[list[Policy], str | None]:
-    names, next_cursor = await store.page_by_name(_index(tenant), limit, cursor)
-    if not names:
+    """One tenant's policies by name, or (None) every tenant's by tenant, then name."""
+    if tenant is None:
+        members, next_cursor = await store.page_by_name(ALL, limit, cursor)
+        owners = [_member_decoder.decode(m) for m in members]
+    else:
+        names, next_cursor = await store.page_by_name(_index(tenant), limit, cursor)
+        owners = [(tenant, n) for n in names]
+    if not owners:
         return [], None
-    records = await store.redis.mget([_key(tenant, n, "record") for n in names])
+    records = await store.redis.mget([_key(t, n, "record") for t, n in owners])
     return [_policy_decoder.decode(r) for r in records if r], next_cursor
 
 
 async def put_policy(
-    store: Store, tenant: str, name: str, spec: PolicySpec, *, now: float | None = None
+    store: Store,
+    tenant: str,
+    name: str,
+    spec: PolicySpec,
+    *,
+    now: float | None = None,
+    max_policies: int | None = None,
 ) -> tuple[Policy, bool]:
-    """Create or replace a policy's spec, keeping its history; (policy, created?).
+    """Create or replace a policy's spec, keeping its history; (policy, created?). Creating
+    the tenant's policy number `max_policies` + 1 is refused (LimitReached).
 
     A new stream starts the count and the held-out set afresh; a new schedule starts from now.
     """
@@ -121,6 +134,16 @@ async def put_policy(
 
     async def put(pipe: Pipeline) -> tuple[Policy, bool]:
         raw = await pipe.get(key)
+        if raw is None and max_policies is not None:
+            count = int(await pipe.zcard(_index(tenant)))
+            if count >= max_policies:
+                raise LimitReached(
+                    f"tenant {tenant} has {count} policies, the limit (policies) is "
+                    f"{max_policies}; delete one first",
+                    limit="policies",
+                    quota=max_policies,
+                    retry_after=3600,
+                )
         if raw is None:
             policy = Policy(
                 name=name, tenant=tenant, spec=spec, created_at=now, updated_at=now, cron_after=now
@@ -141,7 +164,8 @@ async def put_policy(
         pipe.zadd(ALL, {_encoder.encode((tenant, name)): 0})
         return policy, raw is None
 
-    result, _ = await transact(store.redis, put, key)
+    watched = (key, _index(tenant)) if max_policies is not None else (key,)
+    result, _ = await transact(store.redis, put, *watched)
     return result
 
 
@@ -191,3 +215,7 @@ def with_run(policy: Policy, run_id: str, **fields: Any) -> Policy:
 
 
 # --------------------------------------------------------------------------- publishing
+
+
+async def policy_count(store: Store, tenant: str) -> int:
+    return int(await store.redis.zcard(_index(tenant)))

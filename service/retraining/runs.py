@@ -14,7 +14,7 @@ import anyio.to_thread
 import msgspec
 from arq.connections import ArqRedis
 
-from service import queue
+from service import queue, tenants
 from service.blobs import BlobStore
 from service.contract import (
     DatasetRef,
@@ -69,11 +69,17 @@ async def tick(
     """Take every policy one step further; returns what happened, one line per action.
 
     The scheduler's leader runs it; each step is also a compare-and-set on the policy record,
-    so two ticks that overlap (a leader that lost its lock mid-tick) cannot fire twice.
+    so two ticks that overlap (a leader that lost its lock mid-tick) cannot fire twice. A
+    tenant's policies start at most its `jobs_per_policy_tick` jobs per pass; the others fire
+    on a later pass.
     """
     done: list[str] = []
+    known = tenants.load(settings)
+    budget: dict[str, int | None] = {}
     for raw in await store.redis.zrange(ALL, 0, -1):
         tenant, name = _member_decoder.decode(raw)
+        if tenant not in budget:
+            budget[tenant] = tenants.limits_for(settings, known, tenant).jobs_per_policy_tick
         try:
             done += await _advance(
                 store,
@@ -84,6 +90,7 @@ async def tick(
                 name,
                 now=time.time() if now is None else now,
                 publisher=publisher or publish_promoted,
+                budget=budget,
             )
         except NotFound:
             continue
@@ -102,6 +109,7 @@ async def _advance(
     *,
     now: float,
     publisher: Publisher,
+    budget: dict[str, int | None],
 ) -> list[str]:
     policy = await get_policy(store, tenant, name)
     if policy.active_run is not None:
@@ -118,10 +126,15 @@ async def _advance(
         cron_after=policy.cron_after,
         now=now,
     )
+    left = budget.get(tenant)
+    if fire and left is not None and left <= 0:
+        fire, why = False, "waiting: the tenant's policies started their jobs_per_policy_tick"
     if not fire:
         status = PolicyStatus(checked_at=now, message=why, new_pairs=new_pairs, next_cron_at=due)
         await set_status(store, policy, status)
         return []
+    if left is not None:
+        budget[tenant] = left - 1
     return await _fire(store, pool, blobs, settings, policy, total, why, now=now)
 
 
@@ -449,6 +462,7 @@ def publish_promoted(
             job.spec, output=msgspec.structs.replace(job.spec.output, destination=destination)
         ),
     )
+    tenants.check_job(tenants.load(settings), job.tenant, final.spec, settings.store_url)
     uris = []
     base = blobs.url + "/"
     with tempfile.TemporaryDirectory(prefix="ftune-promote-") as tmp:

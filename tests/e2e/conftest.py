@@ -45,12 +45,16 @@ class Stack:
             "FTUNE_WORK_DIR": str(s.work_dir),
             "FTUNE_LEASE_SECONDS": str(s.lease_seconds),
             "FTUNE_MAX_ATTEMPTS": str(s.max_attempts),
+            "FTUNE_API_KEYS_FILE": str(s.api_keys_file or ""),
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
         }
 
-    def start_worker(self, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """A worker process; its Prometheus port is in `metrics_ports`."""
+    def start_worker(
+        self, extra_env: dict[str, str] | None = None, *, own_group: bool = False
+    ) -> subprocess.Popen[bytes]:
+        """A worker process; its Prometheus port is in `metrics_ports`. `own_group`: in its own
+        process group, which a test may signal as a whole (as systemd or dumb-init do)."""
         log = (self.root / f"worker-{len(self.workers)}.log").open("wb")
         port = free_port()
         self.metrics_ports.append(port)
@@ -59,6 +63,7 @@ class Stack:
             env={**self.env(), "FTUNE_WORKER_METRICS_PORT": str(port), **(extra_env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=own_group,
         )
         self.workers.append(proc)
         return proc

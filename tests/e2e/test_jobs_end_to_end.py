@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import time
@@ -10,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from service.client import Client
+from service.store import job_key
 from tests.e2e.conftest import Stack
+from tests.fixtures.api import KEYS, write_tenants
 from tests.fixtures.tiny_model import preference_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -195,3 +199,23 @@ def test_failures_end_failed_with_phase_and_message(stack: Stack) -> None:
     # and no job is left running without a live worker
     running = stack.http.get("/v1/jobs", params={"status": "running"}).json()["items"]
     assert running == []
+
+
+def test_a_worker_refuses_a_job_whose_record_was_edited_past_its_grants(stack: Stack) -> None:
+    """The API let the job in; somebody then rewrote it in Redis to publish with a token its
+    tenant may not use. The worker fails it before it downloads or uploads anything."""
+    ds = stack.upload(preference_rows(8))
+    job = stack.submit(spec(stack, ds["id"], hyperparameters={"max_steps": 2}))
+    assert stack.settings.api_keys_file is not None
+    write_tenants(stack.settings.api_keys_file, KEYS, {"alice": {"hub_tokens": ["team-a"]}})
+    r = redis.Redis.from_url(stack.settings.redis_url)
+    record = json.loads(r.get(job_key(job["id"])) or b"")
+    record["spec"]["output"]["destination"] = {"type": "hub", "repo_id": "x/y", "credentials": "b"}
+    r.set(job_key(job["id"]), json.dumps(record))
+    stack.start_worker()
+    done = stack.wait_done(job["id"])
+    assert done["status"] == "failed", done
+    assert done["error"]["type"] == "ConfigError" and done["error"]["phase"] == "preparing"
+    assert "refused before any download or upload" in done["error"]["message"]
+    assert "Hub token 'b'" in done["error"]["message"]
+    assert not (stack.settings.work_dir / job["id"] / "data").exists()

@@ -191,3 +191,9 @@ async def test_the_service_store_is_never_a_source(
         )
         ok = await post_import(api, source=f"s3://{s3_bucket}/ftune-exports/abc.jsonl")
         assert ok.status_code == 201, ok.text
+
+
+async def test_a_name_the_hub_cannot_have_is_a_422(importer: Api) -> None:
+    resp = await post_import(importer, source="hf://datasets/org/name.")
+    assert resp.status_code == 422, resp.text
+    assert "not a valid Hub dataset name" in resp.json()["detail"]

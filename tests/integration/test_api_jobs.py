@@ -250,8 +250,8 @@ async def test_racing_cancels_and_updates_lose_nothing(api: Api) -> None:
     assert len(final.latest_metrics) == 20
 
 
-async def test_a_tenant_at_its_live_job_limit_gets_429(api_settings: Settings) -> None:
-    async with AsyncTestClient(create_app(replace(api_settings, max_live_jobs=2))) as client:
+async def test_a_tenant_at_its_queued_job_limit_gets_429(api_settings: Settings) -> None:
+    async with AsyncTestClient(create_app(replace(api_settings, max_queued_jobs=2))) as client:
         api = Api(client, api_settings)
         ds = await dataset(api)
         ids = []
@@ -260,7 +260,10 @@ async def test_a_tenant_at_its_live_job_limit_gets_429(api_settings: Settings) -
             ids.append((await client.post("/v1/jobs", json=body, headers=ALICE)).json()["id"])
         over = await client.post("/v1/jobs", json=spec(ds), headers=ALICE)
         assert over.status_code == 429, over.text
-        assert "2 queued or running jobs, the limit is 2" in over.json()["detail"]
+        assert "2 queued jobs, the limit (queued_jobs) is 2" in over.json()["detail"]
+        assert over.headers["Retry-After"] == "60"
+        assert over.headers["RateLimit-Policy"] == '"queued_jobs";q=2'
+        assert over.headers["RateLimit"] == '"queued_jobs";r=0;t=60'
         other = await client.post("/v1/jobs", json=spec(await dataset(api, BOB)), headers=BOB)
         assert other.status_code == 201  # the limit is per tenant
         await client.post(f"/v1/jobs/{ids[0]}/cancel", headers=ALICE)

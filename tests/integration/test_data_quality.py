@@ -21,8 +21,8 @@ from gpu_worker.data import apply_chat_template, pair_token_ids, to_dataset
 from gpu_worker.model import load_model, load_tokenizer
 from gpu_worker.pipeline import run
 from gpu_worker.reporter import ListReporter, QueueReporter
+from gpu_worker.supervisor import Supervisor
 from gpu_worker.trainer import build_dpo_config, build_trainer
-from gpu_worker.worker import _Supervisor
 from service.blobs import BlobStore, open_store
 from service.contract import (
     ChatTemplate,
@@ -213,10 +213,11 @@ async def test_the_data_report_reaches_the_job_record_and_events(redis_url: str)
     reporter = QueueReporter(events, mp.get_context("spawn").Event())
     reporter.update(rows_dropped=report.rows_left_out, data=report)
     reporter.log("data: 270 training rows, 28 eval rows")
-    supervisor = _Supervisor(store, job, Settings(redis_url=redis_url), "w", WorkerMetrics())
+    supervisor = Supervisor(store, job, Settings(redis_url=redis_url), "w", WorkerMetrics())
 
     for _ in range(50):
-        await supervisor.drain(events)
+        supervisor.take(events)
+        await supervisor.flush()
         if (await store.get_job(job.id, None)).data is not None:
             break
         await asyncio.sleep(0.05)

@@ -64,7 +64,7 @@ async def test_many_streams_of_one_tenant_leave_others_served(
     settings = replace(
         api_settings,
         redis_url=small_redis.url,
-        max_event_streams_per_tenant=CAP,
+        max_event_streams=CAP,
         redis_max_connections=10,
     )
     with LiveServer(settings) as api:

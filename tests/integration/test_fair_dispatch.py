@@ -15,7 +15,7 @@ import redis
 from arq.connections import RedisSettings
 from arq.worker import Worker, func
 
-from gpu_worker.worker import claim_next
+from gpu_worker.worker import claim_next, dispatch_shares
 from service import leases, queue
 from service.api.jobs import cancel_job
 from service.contract import DatasetRef, Job, JobSpec, JobStatus
@@ -61,7 +61,7 @@ async def run_one_worker(s: Settings, limits: queue.Share | None = None) -> list
         started.append(job.id)
         succeed = lambda j: msgspec.structs.replace(j, status=JobStatus.succeeded)  # noqa: E731
         await ctx["store"].update_job(job.id, succeed)
-        await queue.finished(ctx["redis"], job.id)
+        await queue.finished(ctx["redis"], job.id, ctx["job_id"])
         return "succeeded"
 
     store = Store.from_url(s.redis_url)
@@ -73,7 +73,7 @@ async def run_one_worker(s: Settings, limits: queue.Share | None = None) -> list
             "settings": s,
             "store": store,
             "worker_id": "w1",
-            "limits": (lambda t: limits) if limits else queue.limits_from_settings(s),
+            "limits": (lambda t: limits) if limits else dispatch_shares(s),
         },
         max_jobs=1,
         burst=True,
@@ -138,7 +138,7 @@ async def test_shares_weight_the_turns_and_priority_orders_a_tenants_own(redis_u
     weighted += [await submit(store, pool, s, "team-d") for _ in range(6)]
     tenant |= {j.id: "a" if i < 6 else "b" for i, j in enumerate(weighted)}
     heavy = {"team-c": 2.0, "team-d": 1.0}
-    limits = queue.limits_from_settings(s)
+    limits = dispatch_shares(s)
     order = await run_with(s, lambda t: replace(limits(t), weight=heavy.get(t, 1.0)))
     assert "".join(tenant[j] for j in order[:9]) == "abaabaaba"  # twice team-d's turns
     await store.close()
@@ -158,11 +158,11 @@ async def run_with(s: Settings, limits: Any) -> list[str]:
 
 
 async def test_a_tenant_at_its_running_limit_is_passed_over(redis_url: str) -> None:
-    s = settings(redis_url, max_running_jobs_per_tenant=1)
+    s = settings(redis_url, max_running_jobs=1)
     store, pool = Store.from_url(redis_url), await queue.connect(redis_url)
     a1, a2 = [await submit(store, pool, s, "team-a") for _ in range(2)]
     b1 = await submit(store, pool, s, "team-b")
-    limits = queue.limits_from_settings(s)
+    limits = dispatch_shares(s)
 
     first = await queue.pick(pool, "tok1", limits, claim_seconds=30)
     second = await queue.pick(pool, "tok2", limits, claim_seconds=30)
@@ -183,11 +183,11 @@ async def test_a_tenant_at_its_running_limit_is_passed_over(redis_url: str) -> N
 
 
 async def test_blocked_worker_puts_its_token_back_and_count_stays(redis_url: str) -> None:
-    s = settings(redis_url, max_running_jobs_per_tenant=1)
+    s = settings(redis_url, max_running_jobs=1)
     store, pool = Store.from_url(redis_url), await queue.connect(redis_url)
     a1, a2 = [await submit(store, pool, s, "team-a") for _ in range(2)]
     running = lambda j: msgspec.structs.replace(j, status=JobStatus.running)  # noqa: E731
-    picked = await queue.pick(pool, f"{a1.id}:0", queue.limits_from_settings(s), claim_seconds=9)
+    picked = await queue.pick(pool, f"{a1.id}:0", dispatch_shares(s), claim_seconds=9)
     assert isinstance(picked, queue.Picked)
     await store.update_job(a1.id, running)
     await queue.unclaim(pool, picked)
@@ -198,7 +198,7 @@ async def test_blocked_worker_puts_its_token_back_and_count_stays(redis_url: str
         "redis": pool,
         "worker_id": "w2",
         "job_id": f"{a2.id}:0",
-        "limits": queue.limits_from_settings(s),
+        "limits": dispatch_shares(s),
     }
     assert await claim_next(ctx) == "deferred"
     await pool.zrem(s.queue_name, f"{a2.id}:0")  # arq ends the token the worker held
@@ -214,7 +214,7 @@ async def test_cancel_takes_the_job_and_one_token_off(redis_url: str) -> None:
     a1, a2, a3 = [await submit(store, pool, s, "team-a") for _ in range(3)]
     # A worker took a1's token and picked a1; the user cancels a2 and a1 meanwhile.
     await pool.set(f"arq:in-progress:{a1.id}:0", b"1")  # what arq sets when a worker takes it
-    picked = await queue.pick(pool, f"{a1.id}:0", queue.limits_from_settings(s), claim_seconds=9)
+    picked = await queue.pick(pool, f"{a1.id}:0", dispatch_shares(s), claim_seconds=9)
     assert isinstance(picked, queue.Picked) and picked.job_id == a1.id
     for job in (a2, a1):
         await cancel_job(job.id, tenant="team-a", store=store, arq=pool, settings=s)
@@ -225,7 +225,7 @@ async def test_cancel_takes_the_job_and_one_token_off(redis_url: str) -> None:
         "redis": pool,
         "worker_id": "w1",
         "job_id": f"{a1.id}:0",
-        "limits": queue.limits_from_settings(s),
+        "limits": dispatch_shares(s),
     }
     job = await claim_next(ctx)  # a1 was cancelled under it: the same token starts a3
     assert isinstance(job, Job) and job.id == a3.id and job.status == JobStatus.running
@@ -240,7 +240,7 @@ async def test_reaper_returns_a_claim_whose_worker_died_before_starting(redis_ur
     job = await submit(store, pool, s, "team-a")
     # A worker picked it and died before its compare-and-set (the claim lapses at once).
     await pool.set(f"arq:in-progress:{job.id}:0", b"1")
-    picked = await queue.pick(pool, f"{job.id}:0", queue.limits_from_settings(s), claim_seconds=0)
+    picked = await queue.pick(pool, f"{job.id}:0", dispatch_shares(s), claim_seconds=0)
     assert isinstance(picked, queue.Picked)
     await leases.reap(store, pool, s)
     tokens = [t.decode() for t in await pool.zrange(s.queue_name, 0, -1)]
@@ -267,7 +267,7 @@ async def test_a_token_queued_before_fair_dispatch_still_starts_its_job(redis_ur
         "redis": pool,
         "worker_id": "w1",
         "job_id": f"{job.id}:0",
-        "limits": queue.limits_from_settings(s),
+        "limits": dispatch_shares(s),
     }
     claimed = await claim_next(ctx, job.id, 0)
     assert isinstance(claimed, Job) and claimed.id == job.id
@@ -310,7 +310,7 @@ async def test_a_stale_entry_of_a_job_running_elsewhere_leaves_its_lease(redis_u
         "redis": pool,
         "worker_id": "w1",
         "job_id": f"{job.id}:0",
-        "limits": queue.limits_from_settings(s),
+        "limits": dispatch_shares(s),
     }
     assert await claim_next(ctx) == "idle"
     assert await store.redis.exists(f"ftune:lease:{job.id}")  # the other worker keeps it

@@ -27,7 +27,7 @@ import yaml
 from arq.connections import ArqRedis
 from kubernetes_validate import utils as kv
 
-from service import queue
+from service import queue, tenants
 from service.contract import DatasetRef, Job, JobSpec, JobStatus
 from service.dev.localredis import free_port, server_binary
 from service.settings import Settings, hash_api_key
@@ -477,7 +477,7 @@ def test_inline_api_keys_become_a_keys_file_the_api_accepts(
     secret = manifests.get("Secret", f"{PREFIX}-api-keys")
     keys_file = tmp_path / "keys.json"
     keys_file.write_bytes(base64.b64decode(secret["data"]["keys.json"]))
-    principals = Settings(api_keys_file=keys_file).load_api_keys()
+    principals = tenants.load(Settings(api_keys_file=keys_file)).keys
     assert principals[hash_api_key("test")].tenant == "search"
     assert principals[hash_api_key("hello world")].admin is True
 
@@ -486,6 +486,28 @@ def test_inline_api_keys_become_a_keys_file_the_api_accepts(
     assert volume["secret"]["secretName"] == f"{PREFIX}-api-keys"
     hf = manifests.get("Secret", f"{PREFIX}-hf")["data"]
     assert base64.b64decode(hf["FTUNE_HF_TOKEN_RESEARCH"]) == b"hf_inline_research_token"
+
+
+def test_a_tenants_file_reaches_the_api_and_the_workers(chart: helm.Chart, tmp_path: Path) -> None:
+    team = {
+        "keys": [{"sha256": hash_api_key("k"), "admin": False}],
+        "grants": {"hub_tokens": ["search"], "s3_write": ["s3://search-out/"]},
+        "limits": {"queued_jobs": 5},
+    }
+    values = {"secrets": {"apiKeys": {"keys": {"tenants": {"search": team}}}}}
+    manifests = render(chart, values)
+    secret = manifests.get("Secret", f"{PREFIX}-api-keys")
+    keys_file = tmp_path / "tenants.json"
+    keys_file.write_bytes(base64.b64decode(secret["data"]["keys.json"]))
+    known = tenants.load(Settings(api_keys_file=keys_file))
+    assert known.keys[hash_api_key("k")].tenant == "search"
+    assert known.grants_of("search").hub_tokens == ("search",)
+    for component in ("api", "worker"):
+        pod = manifests.get("Deployment", f"{PREFIX}-{component}")["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert env["FTUNE_API_KEYS_FILE"] == "/etc/ftune/api-keys/keys.json"
+        volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+        assert volume["secret"]["secretName"] == f"{PREFIX}-api-keys"
 
 
 def test_existing_secrets_are_referenced_never_inlined(chart: helm.Chart) -> None:

@@ -233,11 +233,11 @@ def test_errors_raise_the_sdk_classes_with_our_message(
     assert retries_taken(conflict.value) == 0
 
 
-def test_a_tenant_past_its_live_job_limit_meets_rate_limit_error(api_settings: Settings) -> None:
-    with LiveServer(replace(api_settings, max_live_jobs=1)) as live, sdk(live.url) as client:
+def test_a_tenant_past_its_queued_job_limit_meets_rate_limit_error(api_settings: Settings) -> None:
+    with LiveServer(replace(api_settings, max_queued_jobs=1)) as live, sdk(live.url) as client:
         train = upload(client, openai_rows(4))
         first = client.fine_tuning.jobs.create(model=MODEL, training_file=train, seed=1)
-        with pytest.raises(openai.RateLimitError, match="limit is 1") as limited:
+        with pytest.raises(openai.RateLimitError, match=r"limit \(queued_jobs\) is 1") as limited:
             client.fine_tuning.jobs.create(model=MODEL, training_file=train, seed=2)
         assert retries_taken(limited.value) == 0
         client.fine_tuning.jobs.cancel(first.id)

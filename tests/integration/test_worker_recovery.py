@@ -13,10 +13,12 @@ from pathlib import Path
 import msgspec
 import redis
 
-from gpu_worker.worker import run_job
+from gpu_worker.worker import dispatch_shares, run_job
 from service import leases, queue
+from service.blobs import open_store
 from service.contract import DatasetRef, Job, JobSpec, JobStatus, Phase
 from service.metrics import WorkerMetrics
+from service.scheduler import Scheduler
 from service.settings import Settings
 from service.store import Store, new_id
 
@@ -74,13 +76,36 @@ async def test_expired_lease_requeues_as_next_attempt(redis_url: str) -> None:
 
 async def test_last_attempt_fails_with_a_clear_error(redis_url: str) -> None:
     store = Store.from_url(redis_url)
-    job = running_job(attempt=2)
+    job = running_job(attempt=4, lost_attempts=2)  # two planned stops did not count
     await put_running(store, job)
     await reap_once(store, settings(redis_url))
     after = await store.get_job(job.id, None)
     assert after.status == JobStatus.failed
     assert after.error is not None and after.error.type == "WorkerLost"
-    assert "3 attempts" in after.error.message and after.error.phase == Phase.training
+    assert "3 lost attempts" in after.error.message and after.error.phase == Phase.training
+    await store.close()
+
+
+async def test_planned_stops_do_not_spend_attempts(redis_url: str) -> None:
+    """Upgrades, drains and scale-downs re-queue on SIGTERM: a new attempt number each time
+    (arq needs a new id), but max_attempts counts only lost workers."""
+    store = Store.from_url(redis_url)
+    s = settings(redis_url)
+    job = running_job()
+    await put_running(store, job)
+    pool = await queue.connect(redis_url)
+    for attempt in range(5):  # more planned stops than max_attempts (3)
+        moved = await leases.requeue(store, pool, s, job.id, "stopped", planned=True)
+        assert moved is not None and moved.status == JobStatus.queued
+        assert (moved.attempt, moved.lost_attempts) == (attempt + 1, 0)
+        await store.update_job(
+            job.id, lambda j: msgspec.structs.replace(j, status=JobStatus.running)
+        )
+    # A stale attempt's worker cannot re-queue the job another attempt now runs.
+    assert await leases.requeue(store, pool, s, job.id, "stale", planned=True, attempt=0) is None
+    lost = await leases.requeue(store, pool, s, job.id, "the worker running it was lost")
+    assert lost is not None and (lost.attempt, lost.lost_attempts) == (6, 1)
+    await pool.aclose()
     await store.close()
 
 
@@ -121,7 +146,7 @@ async def test_stale_attempt_is_skipped_not_run(redis_url: str) -> None:
         "redis": pool,
         "worker_id": "w",
         "job_id": f"{job.id}:0",
-        "limits": queue.limits_from_settings(s),
+        "limits": dispatch_shares(s),
         "metrics": WorkerMetrics(),
     }
     assert await run_job(ctx) == "idle"
@@ -179,5 +204,27 @@ async def test_hard_killed_workers_leave_no_stale_queue_entries(
         assert await pool.zrange(s.queue_name, 0, -1) == [f"{job.id}:{attempt + 1}".encode()]
         assert await pool.keys("arq:in-progress:*") == []
         assert await pool.keys("arq:job:*") == [f"arq:job:{job.id}:{attempt + 1}".encode()]
+    await pool.aclose()
+    await store.close()
+
+
+async def test_reaper_waits_a_lease_period_after_it_first_reaches_redis(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """After a Redis outage (or at start-up) leases look lapsed that workers are about to
+    renew: the reaper gives them one lease period before it takes their jobs."""
+    store = Store.from_url(redis_url)
+    job = running_job()
+    await put_running(store, job)  # no lease at all: as after a long outage
+    s = replace(settings(redis_url), lease_seconds=1.0)
+    pool = await queue.connect(redis_url)
+    scheduler = Scheduler(store, pool, open_store(tmp_path.as_uri()), s)
+    assert await scheduler.tick() == []
+    await store.renew_lease(job.id, "w1", 30)  # the worker renews within the grace
+    await asyncio.sleep(1.1)
+    assert await scheduler.tick() == []
+    assert (await store.get_job(job.id, None)).status == JobStatus.running
+    await store.drop_lease(job.id)  # now it is really gone
+    assert await scheduler.tick() == [f"re-queued jobs of lost workers: {job.id}"]
     await pool.aclose()
     await store.close()

@@ -115,6 +115,33 @@ def test_cancel_stops_after_the_step_is_logged(tmp_path: Path) -> None:
         callback.on_epoch_end(args, state, control)
 
 
+def test_planned_stop_checkpoints_the_step_reached_and_ends_training(tmp_path: Path) -> None:
+    reporter = ListReporter()
+    reporter.stop_after_step = 3
+    callback = ReporterCallback(reporter)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    state = TrainerState(max_steps=10)
+
+    control = _drive(callback, args, state, 3)
+
+    # The Trainer saves on should_save right after this step (on_save uploads it), then leaves.
+    assert control.should_save and control.should_training_stop
+    assert callback.stopped_at == 3
+    callback.on_epoch_end(args, state, control)  # not a cancel: nothing raised here
+
+
+def test_planned_stop_on_the_last_step_lets_the_job_finish(tmp_path: Path) -> None:
+    reporter = ListReporter()
+    reporter.stop_after_step = 1
+    callback = ReporterCallback(reporter)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    state = TrainerState(max_steps=4, global_step=3)
+
+    control = _drive(callback, args, state, 1)
+
+    assert callback.stopped_at is None and not control.should_save
+
+
 def test_on_save_uploads_the_checkpoint_with_the_metric_history(
     store: BlobStore, tmp_path: Path
 ) -> None:

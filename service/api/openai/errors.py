@@ -4,7 +4,8 @@ The status comes from the one error mapper (`service.api.errors.handle`), then t
 Details become `{"error": {"message", "type", "param", "code"}}` with the statuses the SDK
 maps to its exception classes: a bad request (our 413, 415 and 422 too) is 400
 (`BadRequestError`), then 401, 404, 409 and 429 as they are. Every 4xx carries
-`x-should-retry: false`: the SDK would otherwise retry a 409 or 429 that retrying cannot fix.
+`x-should-retry: false`: the SDK would otherwise retry a 409 or 429 that retrying cannot fix
+(but a request rate, which frees up by itself: the SDK retries after `Retry-After`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from service.api.errors import InvalidRequest
 from service.contract.openai import OpenAIError, OpenAIErrorResponse
 from service.openai.hyperparameters import SpecError
 from service.openai.jobs import openai_param
+from service.store import LimitReached
 
 _AS_BAD_REQUEST = {413, 415, 422}
 _TYPES = {
@@ -50,7 +52,7 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[OpenAIEr
             param = openai_param(loc)  # raised with our JobSpec's field names
         elif isinstance(exc, ValidationException) and loc:
             param = ".".join(loc)
-    if 400 <= status < 500:
+    if 400 <= status < 500 and not _passes(exc):
         headers["x-should-retry"] = "false"
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     body = OpenAIErrorResponse(
@@ -59,12 +61,19 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[OpenAIEr
     return Response(body, status_code=status, headers=headers)
 
 
+def _passes(exc: Exception) -> bool:
+    """A request rate (not a quota) frees up by itself: the SDK may retry after Retry-After."""
+    return isinstance(exc, LimitReached) and exc.window is not None
+
+
 _DESCRIPTIONS = {
     400: "Invalid request (BadRequestError); `param` names the field",
     401: "Missing or unknown API key (AuthenticationError)",
     404: "No such object for this tenant (NotFoundError)",
     409: "Not allowed in the object's current state (ConflictError)",
-    429: "The tenant is at its limit of queued and running jobs (RateLimitError)",
+    403: "The tenant was not granted a token, namespace or S3 prefix (PermissionDeniedError)",
+    429: "The tenant is at one of its limits (RateLimitError); `Retry-After` says when to "
+    "try again",
 }
 
 
@@ -77,5 +86,5 @@ def responses(*codes: int) -> dict[int, ResponseSpec]:
             description=_DESCRIPTIONS[code],
             generate_examples=False,
         )
-        for code in sorted({400, 401, *codes})
+        for code in sorted({400, 401, 403, 429, *codes})
     }

@@ -35,6 +35,7 @@ from service.openai.files import (
 from service.openai.hyperparameters import SpecError
 from service.settings import Principal, Settings
 from service.store import NotFound, Store
+from service.tenants import TenantLimits, dataset_quota
 
 Page = Callable[[str, int], Awaitable[list[tuple[str, FileObject]]]]
 """A source of files: (id after which to start, how many) -> (sort key, file), newest first."""
@@ -89,6 +90,7 @@ class FileController(Controller):
         store: Store,
         blobs: BlobStore,
         settings: Settings,
+        tenant_limits: TenantLimits,
     ) -> FileObject:
         limits = Limits.from_settings(settings)
         with tempfile.TemporaryDirectory(prefix="ftune-upload-") as tmp:
@@ -106,7 +108,13 @@ class FileController(Controller):
             name = dataset_name(spooled.filename)
             try:
                 ds = await store_dataset(
-                    store, blobs, raw, tenant=principal.tenant, name=name, limits=limits
+                    store,
+                    blobs,
+                    raw,
+                    tenant=principal.tenant,
+                    name=name,
+                    limits=limits,
+                    quota=dataset_quota(tenant_limits),
                 )
             except InvalidDataset as exc:
                 errors = [(e.line, e.field, e.msg) for e in exc.errors]

@@ -31,6 +31,7 @@ from service.openai.hyperparameters import SpecError
 from service.openai.jobs import job_object, to_spec
 from service.settings import Principal, Settings
 from service.store import NotFound, Store, request_fingerprint
+from service.tenants import Tenants
 
 RETRY_WINDOW_SECONDS = 600
 """A create whose body (for the same tenant) repeats one from this long ago gets the first job
@@ -92,6 +93,7 @@ class FineTuningController(Controller):
         store: Store,
         arq: ArqRedis,
         settings: Settings,
+        tenants: Tenants,
         idempotency_key: IdempotencyKey = None,
     ) -> FineTuningJob:
         training = await _training_dataset(
@@ -121,6 +123,7 @@ class FineTuningController(Controller):
             store=store,
             arq=arq,
             settings=settings,
+            tenants=tenants,
             idempotency=idem,
             idempotency_seconds=seconds,
         )
