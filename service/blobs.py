@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import abc
 import builtins
+import contextlib
 import hashlib
 import io
 import os
 import shutil
 import tempfile
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
@@ -29,9 +32,12 @@ if TYPE_CHECKING:
     from types_boto3_s3.client import S3Client
 
 __all__ = [
+    "DATASETS",
     "DEFAULT_MULTIPART_CHUNKSIZE",
+    "DRAFT_MAX_AGE_SECONDS",
     "BlobNotFound",
     "BlobStore",
+    "Draft",
     "FileBlobStore",
     "S3BlobStore",
     "check_key",
@@ -50,9 +56,13 @@ _S3_DELETE_BATCH = 1000
 _NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
 
 
+DATASETS = "datasets"
+"""The prefix of dataset blobs (and of their drafts in a file store)."""
+
+
 def dataset_blob_key(sha256: str) -> str:
     """Where a dataset's normalized JSONL lives: content-addressed, shared by equal uploads."""
-    return f"datasets/{sha256}.jsonl"
+    return f"{DATASETS}/{sha256}.jsonl"
 
 
 class BlobNotFound(Exception):
@@ -61,6 +71,46 @@ class BlobNotFound(Exception):
     def __init__(self, uri: str) -> None:
         super().__init__(f"blob not found: {uri}")
         self.uri = uri
+
+
+class Draft(abc.ABC):
+    """A blob written before its key is known (a dataset's key is the sha256 of its rows),
+    straight into the store rather than into local temp space: written in order, then
+    committed under its key or discarded. ``reread`` gives back what was written so far
+    (a rewrite reads it while writing the new version); ``restart`` empties it."""
+
+    @abc.abstractmethod
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Append ``data``."""
+
+    @abc.abstractmethod
+    def reread(self) -> BinaryIO:
+        """What was written so far, to read from the start (close it after); the draft is
+        then empty, ready to be written again."""
+
+    @abc.abstractmethod
+    def restart(self) -> None:
+        """Drop what was written."""
+
+    @abc.abstractmethod
+    def commit(self, key: str) -> None:
+        """Store what was written under ``key`` (replacing any old value); the draft is gone."""
+
+    @abc.abstractmethod
+    def discard(self) -> None:
+        """Drop the draft and whatever it left in the store; safe to call twice."""
+
+    def __enter__(self) -> Draft:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+
+DRAFTS = "drafts/"
+"""Where S3 drafts are staged before they are committed (copied) under their key."""
+DRAFT_MAX_AGE_SECONDS = 24 * 3600
+"""A draft older than this was left by a process that died mid-upload: swept at start-up."""
 
 
 def check_key(key: str) -> str:
@@ -168,6 +218,15 @@ class BlobStore(abc.ABC):
     @abc.abstractmethod
     def list(self, prefix: str) -> list[str]:
         """Keys (relative to the store root) under ``prefix``, sorted."""
+
+    @abc.abstractmethod
+    def draft(self, prefix: str) -> Draft:
+        """A new blob to be committed under ``prefix`` once its key is known."""
+
+    @abc.abstractmethod
+    def sweep_drafts(self, prefix: str, older_than: float) -> int:
+        """Remove drafts under ``prefix`` begun more than ``older_than`` seconds ago (left by
+        a process killed mid-upload); how many went."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release network resources (the S3 client's connection pool)."""
@@ -305,6 +364,22 @@ class FileBlobStore(BlobStore):
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target, ignore_errors=True)
 
+    def draft(self, prefix: str) -> Draft:
+        return _FileDraft(self, self.root / _dir_prefix(prefix))
+
+    def sweep_drafts(self, prefix: str, older_than: float) -> int:
+        top = self.root / _dir_prefix(prefix)
+        cutoff = time.time() - older_than
+        swept = 0
+        for path in top.glob(_TMP_PREFIX + "*") if top.is_dir() else ():
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    swept += 1
+            except FileNotFoundError:
+                pass
+        return swept
+
     def list(self, prefix: str) -> list[str]:
         base = _dir_prefix(prefix)
         top = self.root / base if base else self.root
@@ -319,6 +394,43 @@ class FileBlobStore(BlobStore):
                 if path.is_file():
                     keys.append(path.relative_to(self.root).as_posix())
         return sorted(keys)
+
+
+class _FileDraft(Draft):
+    """A temp file in the directory its blob will land in: committed by a rename."""
+
+    def __init__(self, store: FileBlobStore, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=directory)
+        self.store = store
+        self.path = Path(name)
+        self.file: BinaryIO = open(fd, "wb")  # noqa: SIM115 - closed by commit or discard
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        return self.file.write(data)
+
+    def reread(self) -> BinaryIO:
+        self.file.close()
+        src = self.path.open("rb")
+        self.path.unlink()  # the open handle keeps the bytes until it is closed
+        self.file = self.path.open("xb")
+        return src
+
+    def restart(self) -> None:
+        self.file.seek(0)
+        self.file.truncate()
+
+    def commit(self, key: str) -> None:
+        dest = self.store._path(key)
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.path, dest)
+
+    def discard(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
 
 
 def _is_not_found(exc: Exception) -> bool:
@@ -478,8 +590,143 @@ class S3BlobStore(BlobStore):
         # Keys ending in '/' are "folder" markers some consoles create, not blobs.
         return sorted(k[start:] for k in self._iter_keys(full_prefix) if not k.endswith("/"))
 
+    def draft(self, prefix: str) -> Draft:
+        return _S3Draft(self)
+
+    def sweep_drafts(self, prefix: str, older_than: float) -> int:
+        cutoff = time.time() - older_than
+        full = self.prefix + DRAFTS
+        paginator = self._client.get_paginator("list_objects_v2")
+        old = [
+            obj["Key"]
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full)
+            for obj in page.get("Contents", [])
+            if obj["LastModified"].timestamp() < cutoff
+        ]
+        for at in range(0, len(old), _S3_DELETE_BATCH):
+            self._delete_batch(old[at : at + _S3_DELETE_BATCH])
+        uploads = self._client.list_multipart_uploads(Bucket=self.bucket, Prefix=full)
+        stale = [u for u in uploads.get("Uploads", []) if u["Initiated"].timestamp() < cutoff]
+        for upload in stale:
+            self._client.abort_multipart_upload(
+                Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+            )
+        return len(old) + len(stale)
+
     def close(self) -> None:
         self._client.close()
+
+
+class _S3Draft(Draft):
+    """Parts of a multipart upload sent as they fill (a small draft is one PUT), staged
+    under ``drafts/`` and committed by a server-side copy: nothing is kept on local disk."""
+
+    def __init__(self, store: S3BlobStore) -> None:
+        self.store = store
+        self.client = store._client
+        self.bucket = store.bucket
+        self.chunk = store._transfer.multipart_chunksize
+        self.name = uuid.uuid4().hex
+        self.staged: builtins.list[str] = []
+        """Every key staged so far (a reread stages what was written), deleted at the end."""
+        self._begin()
+
+    def _begin(self) -> None:
+        self.key = f"{self.store.prefix}{DRAFTS}{self.name}-{len(self.staged)}"
+        self.staged.append(self.key)
+        self.upload_id: str | None = None
+        self.parts: builtins.list[dict[str, Any]] = []
+        self.buffer = bytearray()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.buffer += data
+        if len(self.buffer) >= self.chunk:
+            self._send_part()
+        return len(data)
+
+    def _send_part(self) -> None:
+        if self.upload_id is None:
+            created = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key)
+            self.upload_id = created["UploadId"]
+        number = len(self.parts) + 1
+        sent = self.client.upload_part(
+            Bucket=self.bucket,
+            Key=self.key,
+            UploadId=self.upload_id,
+            PartNumber=number,
+            Body=bytes(self.buffer),
+        )
+        self.parts.append({"ETag": sent["ETag"], "PartNumber": number})
+        self.buffer.clear()
+
+    def _finish(self) -> None:
+        """Store what was written under the draft's staging key."""
+        if self.upload_id is None:
+            self.client.put_object(Bucket=self.bucket, Key=self.key, Body=bytes(self.buffer))
+        else:
+            if self.buffer:
+                self._send_part()
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                MultipartUpload={"Parts": self.parts},  # type: ignore[typeddict-item]
+            )
+            self.upload_id = None
+        self.buffer.clear()
+
+    def _abort(self) -> None:
+        if self.upload_id is not None:
+            upload_id, self.upload_id = self.upload_id, None
+            with contextlib.suppress(self.client.exceptions.NoSuchUpload):  # swept already
+                self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=self.key, UploadId=upload_id
+                )
+
+    def reread(self) -> BinaryIO:
+        self._finish()
+        body = self.client.get_object(Bucket=self.bucket, Key=self.key)["Body"]
+        self._begin()
+        return io.BufferedReader(_BodyReader(body), MiB)
+
+    def restart(self) -> None:
+        self._abort()
+        self.parts, self.buffer = [], bytearray()
+
+    def commit(self, key: str) -> None:
+        self._finish()
+        self.client.copy(
+            {"Bucket": self.bucket, "Key": self.key},
+            self.bucket,
+            self.store._key(key),
+            Config=self.store._transfer,
+        )
+        self.discard()
+
+    def discard(self) -> None:
+        self._abort()
+        staged, self.staged = self.staged, []
+        if staged:
+            self.store._delete_batch(staged)
+
+
+class _BodyReader(io.RawIOBase):
+    """botocore's StreamingBody as a raw stream, for a BufferedReader that reads lines."""
+
+    def __init__(self, body: Any) -> None:
+        self.body = body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.body.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.body.close()
+        super().close()
 
 
 def _check_bucket(bucket: str) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 MANIFEST = "ftune-manifest.json"
 """Uploaded last into a checkpoint's folder: a checkpoint without it is incomplete."""
-_FOLDER = re.compile(r"^checkpoint-(\d+)$")
+_FOLDER = re.compile(r"^checkpoint-(\d+)\Z")
 
 
 def checkpoints_prefix(job_id: str) -> str:

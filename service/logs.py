@@ -38,6 +38,8 @@ _CREDENTIAL_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # Hugging Face tokens, AWS access key ids.
     (re.compile(r"\bhf_[A-Za-z0-9]{16,}"), REDACTED),
     (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), REDACTED),
+    # Standard Webhooks secrets.
+    (re.compile(r"\bwhsec_[A-Za-z0-9+/=]{16,}"), REDACTED),
     # NAME=value / "name": "value" where the name says it is a secret. Upper-case names as
     # environment variables spell them; lower-case ones only as whole words (so that
     # `tokens_per_second=...` or `max_new_tokens: 64` are left alone).
@@ -57,8 +59,18 @@ _CREDENTIAL_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
         ),
         r"\1" + REDACTED,
     ),
-    # user:password@ in URLs (redis://:pw@host, https://user:pw@host).
+    # user:password@ in URLs (redis://:pw@host, https://user:pw@host), and a userinfo that is
+    # a token on its own (https://ghp_abc@host).
     (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*):[^@\s/]+@"), r"\1:" + REDACTED + "@"),
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s:@\[]+@"), r"\1" + REDACTED + "@"),
+    # Query parameters named like a credential (?api_key=, &access_token=, X-Amz-Signature=).
+    (
+        re.compile(
+            r"(?i)([?&](?:[\w.-]*(?:key|token|secret|passw(?:or)?d|signature|credential|auth)"
+            r"[\w.-]*|sig)=)[^&#\s\"']+"
+        ),
+        r"\1" + REDACTED,
+    ),
 )
 
 
@@ -84,7 +96,7 @@ _redactor = Redactor()
 
 def redact(text: str) -> str:
     """Redact with the secrets given to `configure_logging` (e.g. for an error message that
-    is about to be stored in a job record)."""
+    is about to be stored in a job record, or a webhook URL a response shows)."""
     return _redactor(text)
 
 
@@ -215,6 +227,37 @@ class TextFormatter(logging.Formatter):
             return line
         head, sep, tail = line.partition("\n")
         return f"{head} {extra}{sep}{tail}"
+
+
+def uvicorn_log_config(
+    level: str, *, secrets: Iterable[str], fmt: Literal["json", "text"]
+) -> dict[str, Any]:
+    """uvicorn's ``log_config``: `configure_logging` in each of its processes (it applies
+    the config in every worker it spawns), and its loggers, the access log too, sent to
+    the root handler, so that the API logs JSON with query strings and URLs redacted."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {
+            "ftune": {
+                "()": "service.logs._configured",
+                "log_level": level,
+                "secrets": list(secrets),
+                "fmt": fmt,
+            }
+        },
+        "loggers": {
+            name: {"handlers": [], "propagate": True}
+            for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+        },
+    }
+
+
+def _configured(log_level: str, secrets: list[str], fmt: Literal["json", "text"]) -> Any:
+    """The dictConfig factory of `uvicorn_log_config`: configures, then returns a handler
+    that does nothing (ours is on the root logger)."""
+    configure_logging(log_level, secrets=secrets, fmt=fmt)
+    return logging.NullHandler()
 
 
 def configure_logging(

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import typing
 import urllib.parse
 from collections.abc import Mapping
@@ -78,6 +79,18 @@ class Settings:
     the old form, sha256 hex of an API key -> {"tenant": ..., "admin": false}."""
     max_dataset_bytes: Count = 2 * 1024**3
     """Upload size limit; past it the API answers 413."""
+    max_concurrent_uploads: Count = 2
+    """Uploads and imports one host spools at once (its processes together); one more is
+    refused with 503 and Retry-After. The chart sizes the API's temp space from it and
+    max_dataset_bytes."""
+    upload_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "ftune-uploads")
+    """Where uploads are spooled, one directory each, removed after (or at start-up, when
+    the process that made it was killed)."""
+    upload_min_bytes_per_second: Positive = 65536.0
+    """After upload_grace_seconds, a body that arrives slower than this on average is cut
+    off with 408 (a client trickling bytes would hold an upload slot for ever)."""
+    upload_grace_seconds: Positive = 30.0
+    """How long a body may take before upload_min_bytes_per_second applies."""
     max_line_bytes: Count = 4 * 1024**2
     """One JSONL row's size limit."""
     max_dataset_rows: Count = 10_000_000

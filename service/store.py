@@ -19,12 +19,15 @@ from typing import Any, NamedTuple, TypeVar
 import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.lock import Lock
 
 from service.contract import Dataset, Job, JobStatus, MetricPoint
 
 P = "ftune:"
 T = TypeVar("T", Dataset, Job)
 R = TypeVar("R")
+BLOB_LOCK_SECONDS = 60
+"""How long a dataset blob's lock may be held (one INCR, or one blob delete)."""
 
 TerminalHook = Callable[[Pipeline, Job], None]
 """Queues more writes into the transaction that stores a job's terminal status."""
@@ -67,6 +70,15 @@ class DatasetQuota(NamedTuple):
 def new_id(prefix: str) -> str:
     """Time-sortable: 12 hex digits of milliseconds, then 12 random hex digits."""
     return f"{prefix}_{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
+
+
+def is_stream_id(value: str) -> bool:
+    """Whether ``value`` is a Redis stream entry id (``ms-seq``, each below 2**64), so that a
+    client's ``Last-Event-ID`` or ``after`` never reaches XREAD malformed."""
+    ms, dash, seq = value.partition("-")
+    return bool(dash) and all(
+        p.isascii() and p.isdigit() and len(p) <= 20 and int(p) < 2**64 for p in (ms, seq)
+    )
 
 
 def job_key(job_id: str) -> str:
@@ -178,8 +190,9 @@ class Store:
     # -- datasets ---------------------------------------------------------------------------
 
     async def put_dataset(self, ds: Dataset, quota: DatasetQuota | None = None) -> None:
-        """Record a dataset; past the tenant's `quota`, LimitReached (checked in the same
-        transaction, so concurrent uploads cannot overshoot it)."""
+        """The record and its indexes; past the tenant's `quota`, LimitReached (checked in the
+        same transaction, so concurrent uploads cannot overshoot it). The reference to its blob
+        was taken before the blob was stored (`add_blob_ref`)."""
         index, used_bytes = _index("datasets", ds.tenant), dataset_bytes_key(ds.tenant)
 
         async def put(pipe: Pipeline) -> None:
@@ -190,7 +203,6 @@ class Store:
             pipe.zadd(index, {ds.id: 0})
             pipe.zadd(_index("datasets", None), {ds.id: 0})
             pipe.incrby(used_bytes, ds.bytes)
-            pipe.incr(_blob_refs(ds.sha256))
 
         await transact(self.redis, put, index, used_bytes)
 
@@ -206,6 +218,25 @@ class Store:
 
     async def count_tenant_jobs(self, tenant: str, status: JobStatus) -> int:
         return int(await self.redis.zcard(_index("jobs", tenant, status)))
+
+    def blob_lock(self, sha256: str) -> Lock:
+        """Held while a dataset blob's references are taken, and while it is deleted once they
+        are gone: a reference taken after the lock is released sees the blob's final state."""
+        return self.redis.lock(
+            f"{P}bloblock:{sha256}", timeout=BLOB_LOCK_SECONDS, blocking_timeout=BLOB_LOCK_SECONDS
+        )
+
+    async def add_blob_ref(self, sha256: str) -> None:
+        """The reference a dataset record will hold, taken (under `blob_lock`) before the blob
+        is checked or stored, so that no delete can remove it meanwhile."""
+        await self.redis.incr(_blob_refs(sha256))
+
+    async def drop_blob_ref(self, sha256: str) -> int:
+        """Give back a reference no record took (a failed upload); how many remain."""
+        return int(await self.redis.decr(_blob_refs(sha256)))
+
+    async def blob_refs(self, sha256: str) -> int:
+        return int(await self.redis.get(_blob_refs(sha256)) or 0)
 
     async def get_dataset(self, dataset_id: str, tenant: str | None) -> Dataset:
         raw = await self.redis.get(dataset_key(dataset_id))

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio.to_thread
 from arq.connections import ArqRedis
 from litestar import Litestar, Request
 from litestar.datastructures import State
@@ -30,7 +31,8 @@ from service.api.openapi_docs import ContractSchemas
 from service.api.policies import PolicyController
 from service.api.system import SystemController
 from service.api.tenancy import Audit, TenancyController
-from service.blobs import BlobStore, open_store
+from service.api.uploads import UploadSpace
+from service.blobs import DATASETS, DRAFT_MAX_AGE_SECONDS, BlobStore, open_store
 from service.contract import MAX_REQUEST_BYTES
 from service.metrics import ServiceCollector
 from service.scheduler import JOB_KEYS, Scheduler, scheduling
@@ -38,6 +40,7 @@ from service.settings import Settings
 from service.store import Store
 
 VERSION = "0.1.0"
+log = logging.getLogger("ftune.api")
 
 
 def _openapi() -> OpenAPIConfig:
@@ -79,6 +82,7 @@ def _lifespan(settings: Settings) -> Any:
         blobs = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
         app.state.store, app.state.arq, app.state.blobs = store, arq, blobs
         app.state.rate_limiter = rate_limiter(store, settings.redis_url)
+        await _sweep(app.state.uploads, blobs)
         config = webhooks.WebhookConfig(
             secrets=webhooks.load_secrets(settings.webhook_secrets_file),
             allow_private=settings.webhook_allow_private,
@@ -100,6 +104,18 @@ def _lifespan(settings: Settings) -> Any:
             await store.close()
 
     return lifespan
+
+
+async def _sweep(uploads: UploadSpace, blobs: BlobStore) -> None:
+    """Remove what uploads killed with an earlier process left: their temp directories, and
+    drafts in the store old enough that no live upload can own them."""
+    live = await anyio.to_thread.run_sync(uploads.sweep)
+    try:
+        swept = await anyio.to_thread.run_sync(blobs.sweep_drafts, DATASETS, DRAFT_MAX_AGE_SECONDS)
+    except Exception:  # the store may be down; this waits for the next start
+        log.warning("could not sweep old upload drafts from the store", exc_info=True)
+        swept = 0
+    log.info("upload space swept: %d uploads live, %d old drafts removed", live, swept)
 
 
 def _dependencies(settings: Settings) -> dict[str, Provide]:
@@ -127,6 +143,7 @@ def _dependencies(settings: Settings) -> dict[str, Provide]:
         "store": from_state("store"),
         "arq": from_state("arq"),
         "blobs": from_state("blobs"),
+        "uploads": from_state("uploads"),
     }
 
 
@@ -162,6 +179,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ArqRedis,
             BlobStore,
             Settings,
+            UploadSpace,
             tenants.Tenants,
             tenants.TenantLimits,
         ],
@@ -169,8 +187,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     app.state.settings = settings
     app.state.tenants = tenants.load(settings)
+    app.state.uploads = UploadSpace(
+        settings.upload_dir,
+        max_uploads=settings.max_concurrent_uploads,
+        reserve_bytes=settings.max_dataset_bytes,
+    )
     app.state.collector = ServiceCollector()
     app.state.registry = CollectorRegistry()
     app.state.registry.register(app.state.collector)
-    logging.getLogger("ftune.api").info("ftune API configured")
+    log.info("ftune API configured")
     return app

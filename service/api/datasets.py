@@ -1,16 +1,15 @@
 """Dataset upload, import, preview, listing and deletion.
 
-An upload is spooled to a temporary file as it arrives (the size limit enforced on the way),
-validated and normalized in a thread, and only then stored: invalid input stores nothing. An
-import downloads its source to a temporary file first, then goes the same way.
+An upload takes a slot of the host's upload space (`service.api.uploads`), is spooled there as
+it arrives (`service.api.spool`: size limit and pace enforced on the way), then validated
+and normalized in a thread straight into the blob store, and only then recorded: invalid
+input stores nothing. An import downloads its source into such a slot first, then goes the
+same way.
 """
 
 from __future__ import annotations
 
-import tempfile
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import Annotated, Any
 
 import anyio.to_thread
 import msgspec
@@ -18,14 +17,11 @@ from litestar import Controller, Request, delete, get, post
 from litestar.openapi.spec import Example, OpenAPIMediaType, Schema
 from litestar.openapi.spec.enums import OpenAPIFormat, OpenAPIType
 from litestar.params import Body, Parameter, ParameterKwarg
-from multipart import MultipartSegment, PushMultipartParser
 
 from service.api.auth import scope
 from service.api.errors import (
     FieldError,
     InvalidRequest,
-    PayloadTooLarge,
-    UnsupportedMediaType,
 )
 from service.api.openapi_docs import (
     BAD_GATEWAY,
@@ -33,17 +29,20 @@ from service.api.openapi_docs import (
     FORBIDDEN,
     INVALID,
     NOT_FOUND,
+    TIMEOUT,
     TOO_LARGE,
+    UNAVAILABLE,
     UNSUPPORTED,
     Cursor,
     PageSize,
     request_body,
     responses,
 )
+from service.api.spool import JSONL_TYPES, declared_size, spool_upload
 from service.api.tenancy import TenantParam, listed_tenant
+from service.api.uploads import UploadSpace
 from service.blobs import BlobStore, dataset_blob_key
 from service.contract import (
-    Container,
     Dataset,
     DatasetImport,
     DatasetList,
@@ -52,26 +51,13 @@ from service.contract import (
     FieldMapping,
     OnInvalid,
 )
-from service.datasets.containers import ACCEPTED_TYPES
 from service.datasets.ingest import delete_dataset, store_dataset
-from service.datasets.sources import fetch, hint_of
+from service.datasets.sources import fetch
 from service.datasets.validate import Limits
 from service.settings import Principal, Settings
 from service.store import Store
 from service.tenants import TenantLimits, Tenants, check_s3_read, dataset_quota
 
-JSONL_TYPES = {"application/x-ndjson", "application/jsonl", "application/json-lines", "text/plain"}
-_HINTS: dict[str, Container | None] = {
-    **dict.fromkeys(JSONL_TYPES, "jsonl"),
-    "application/json": None,
-    "application/vnd.apache.parquet": "parquet",
-    "application/x-parquet": "parquet",
-    "text/csv": "csv",
-    "application/gzip": None,
-    "application/x-gzip": None,
-    "application/octet-stream": None,
-}
-"""Declared media types and the container each suggests (the bytes decide)."""
 DatasetId = Annotated[str, Parameter(description="The dataset's id (`ds_...`).")]
 
 
@@ -86,14 +72,6 @@ def _column(role: str) -> ParameterKwarg:
 
 _PREVIEW_MAX = 100
 _row_decoder = msgspec.json.Decoder(DatasetRow)
-
-
-def _unsupported_type(ctype: str) -> UnsupportedMediaType:
-    return UnsupportedMediaType(
-        f"got {ctype or 'no Content-Type'}; send the file as one of {', '.join(ACCEPTED_TYPES)} "
-        "(JSONL, a JSON array, Parquet or CSV with a header row, any but Parquet optionally "
-        "gzip-compressed)"
-    )
 
 
 _ROWS = {
@@ -178,91 +156,6 @@ UPLOAD = request_body(
 )
 
 
-@dataclass
-class Spooled:
-    """What an upload held besides its bytes (which went to the spool file)."""
-
-    size: int
-    hint: Container | None = None
-    """The container the declared type or the file name suggests (the bytes decide)."""
-    filename: str | None = None
-    """The file part's filename, for a multipart upload that gave one."""
-    fields: dict[str, str] = field(default_factory=dict)
-    """The multipart form's other (text) fields, e.g. OpenAI's `purpose`."""
-
-
-MAX_FIELD_BYTES = 4096
-"""A multipart text field past this is refused: the only fields expected are short."""
-
-
-async def spool_upload(request: Request[Any, Any, Any], out: IO[bytes], limit: int) -> Spooled:
-    """Copy the uploaded file (the raw body, or the first file of a multipart form) into `out`,
-    the size limit checked on the way. Shared by our upload and OpenAI's `POST /v1/files`."""
-    ctype, options = request.content_type
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the upload is {declared} bytes; the limit is {limit} bytes")
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("identity", "gzip", "x-gzip"):
-        raise UnsupportedMediaType(
-            f"Content-Encoding {encoding} is not supported: send the file gzip-compressed or "
-            "as it is"
-        )
-    if ctype == "multipart/form-data":
-        boundary = options.get("boundary")
-        if not boundary:
-            raise UnsupportedMediaType("multipart/form-data without a boundary")
-        spooled = await _spool_multipart(request, out, boundary.encode(), limit)
-        spooled.hint = hint_of(spooled.filename or "")
-        return spooled
-    if ctype not in _HINTS:
-        raise _unsupported_type(ctype)
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the upload is over the limit of {limit} bytes")
-        out.write(chunk)
-    return Spooled(size=size, hint=_HINTS[ctype])
-
-
-async def _spool_multipart(
-    request: Request[Any, Any, Any], out: IO[bytes], boundary: bytes, limit: int
-) -> Spooled:
-    spooled = Spooled(size=0)
-    in_file = done = False
-    text: tuple[str, bytearray] | None = None
-    with PushMultipartParser(boundary) as parser:
-        async for chunk in request.stream():
-            for part in parser.parse(chunk):
-                if isinstance(part, MultipartSegment):
-                    in_file = part.filename is not None and not done
-                    if in_file:
-                        spooled.filename = part.filename
-                    elif part.filename is None and part.name:
-                        text = (part.name, bytearray())
-                elif part and in_file:
-                    spooled.size += len(part)
-                    if spooled.size > limit:
-                        raise PayloadTooLarge(f"the upload is over the limit of {limit} bytes")
-                    out.write(part)
-                elif part and text is not None:
-                    text[1].extend(part)
-                    if len(text[1]) > MAX_FIELD_BYTES:
-                        raise PayloadTooLarge(
-                            f"form field {text[0]!r} is over {MAX_FIELD_BYTES} bytes"
-                        )
-                elif not part:
-                    if in_file:
-                        in_file, done = False, True
-                    elif text is not None:
-                        spooled.fields[text[0]] = text[1].decode(errors="replace")
-                        text = None
-        if not done:
-            raise UnsupportedMediaType("the multipart form has no file part")
-    return spooled
-
-
 def _mapping(**fields: str | None) -> FieldMapping | None:
     """The column mapping the request asks for, or None for detection."""
     if not any(fields.values()):
@@ -298,7 +191,7 @@ class DatasetController(Controller):
             "ShareGPT/LLaMA-Factory, Axolotl, MedicalGPT, OpenAI) are read without a mapping; "
             "other column names need one (`prompt_field`, ...)."
         ),
-        responses=responses(INVALID, TOO_LARGE, UNSUPPORTED),
+        responses=responses(INVALID, TOO_LARGE, UNSUPPORTED, TIMEOUT, UNAVAILABLE),
         operation_class=UPLOAD,
     )
     async def create_dataset(
@@ -308,13 +201,14 @@ class DatasetController(Controller):
         store: Store,
         blobs: BlobStore,
         settings: Settings,
+        uploads: UploadSpace,
         tenant_limits: TenantLimits,
         name: Annotated[
             str,
             Parameter(
                 min_length=1,
                 max_length=128,
-                pattern=r"^[\w .,:()+-]+$",
+                pattern=r"^[\w .,:()+-]+(?!\n)$",
                 description="Dataset name, for people",
             ),
         ] = "dataset",
@@ -362,10 +256,10 @@ class DatasetController(Controller):
             system_field=system_field,
             history_field=history_field,
         )
-        with tempfile.TemporaryDirectory(prefix="ftune-upload-") as tmp:
-            raw = Path(tmp) / "upload"
+        async with uploads.slot(declared_size(request)) as tmp:
+            raw = tmp / "upload"
             with raw.open("wb") as out:
-                spooled = await spool_upload(request, out, settings.max_dataset_bytes)
+                spooled = await spool_upload(request, out, settings)
             return await store_dataset(
                 store,
                 blobs,
@@ -393,7 +287,7 @@ class DatasetController(Controller):
             "`s3://bucket/key` takes one object. The service reads them with its own Hub token "
             "and S3 credentials; its own store is never a source."
         ),
-        responses=responses(INVALID, TOO_LARGE, UNSUPPORTED, BAD_GATEWAY, FORBIDDEN),
+        responses=responses(INVALID, TOO_LARGE, UNSUPPORTED, BAD_GATEWAY, FORBIDDEN, UNAVAILABLE),
     )
     async def import_dataset(
         self,
@@ -402,6 +296,7 @@ class DatasetController(Controller):
         store: Store,
         blobs: BlobStore,
         settings: Settings,
+        uploads: UploadSpace,
         tenants: Tenants,
         tenant_limits: TenantLimits,
     ) -> Dataset:
@@ -416,9 +311,9 @@ class DatasetController(Controller):
             system_field=data.system_field,
             history_field=data.history_field,
         )
-        with tempfile.TemporaryDirectory(prefix="ftune-import-") as tmp:
+        async with uploads.slot() as tmp:
             fetched = await anyio.to_thread.run_sync(
-                fetch, data, settings, Path(tmp), settings.max_dataset_bytes
+                fetch, data, settings, tmp, settings.max_dataset_bytes
             )
             return await store_dataset(
                 store,

@@ -29,6 +29,7 @@ _TITLES = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     409: "Conflict",
     413: "Content Too Large",
     415: "Unsupported Media Type",
@@ -87,6 +88,27 @@ class InvalidRequest(Exception):
         super().__init__(detail)
         self.detail = detail
         self.errors = errors
+
+
+class BadRequest(Exception):
+    """A request that cannot be read at all (a malformed multipart body or header): 400."""
+
+    def __init__(self, detail: str, errors: list[FieldError] | None = None) -> None:
+        super().__init__(detail)
+        self.errors = errors
+
+
+class Unavailable(Exception):
+    """The service cannot take the request now (e.g. no temp space for an upload); retrying
+    after ``retry_after`` seconds may work: 503 with Retry-After."""
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class UploadTimeout(Exception):
+    """The body came too slowly (see ``service.api.uploads.paced``): 408."""
 
 
 class PayloadTooLarge(Exception):
@@ -189,6 +211,15 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]
         return _invalid_dataset(exc)
     if isinstance(exc, InvalidRequest):
         return problem(422, exc.detail, errors=exc.errors)
+    if isinstance(exc, BadRequest):
+        return problem(400, str(exc), errors=exc.errors)
+    if isinstance(exc, Unavailable):
+        return problem(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, UploadTimeout):
+        return problem(408, str(exc), headers={"Connection": "close"})
+    if isinstance(exc, RecursionError) and "deserializing" in str(exc):
+        # msgspec's depth limit on a request body: Litestar lets it through undecorated.
+        return problem(400, "the JSON body is nested too deeply to be read")
     if isinstance(exc, PayloadTooLarge | DatasetTooLarge):
         return problem(413, str(exc))
     if isinstance(exc, UnsupportedMediaType | UnsupportedFile):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -16,8 +15,9 @@ from litestar.params import HeaderParameter, Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from service import queue, vram, webhooks
+from service.api import shown
 from service.api.auth import scope
-from service.api.errors import FieldError, InvalidRequest
+from service.api.errors import BadRequest, FieldError, InvalidRequest
 from service.api.events import EventHub, Subscription, follow
 from service.api.openapi_docs import CONFLICT, FORBIDDEN, NOT_FOUND, Cursor, PageSize, responses
 from service.api.tenancy import TenantParam, listed_tenant
@@ -32,10 +32,9 @@ from service.contract import (
     local_model_path,
 )
 from service.settings import Principal, Settings
-from service.store import Conflict, NotFound, Store, new_id, request_fingerprint
+from service.store import Conflict, NotFound, Store, is_stream_id, new_id, request_fingerprint
 from service.tenants import Tenants, check_job, limits_for
 
-EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 JobId = Annotated[str, Parameter(description="The job's id (`job_...`).")]
 IdempotencyKey = Annotated[
     str | None,
@@ -202,7 +201,7 @@ class JobController(Controller):
             idempotency=idem,
         )
         headers = {"Idempotent-Replayed": "true"} if replayed else None
-        return Response(job, status_code=201, headers=headers)
+        return Response(shown.job(job), status_code=201, headers=headers)
 
     @get(
         operation_id="ListJobs",
@@ -244,11 +243,11 @@ class JobController(Controller):
             limit=limit,
             cursor=cursor,
         )
-        return JobList(items=items, next_cursor=next_cursor)
+        return JobList(items=[shown.job(j) for j in items], next_cursor=next_cursor)
 
     @get(operation_id="GetJob", path="/{job_id:str}", responses=responses(NOT_FOUND))
     async def get_job(self, job_id: JobId, principal: Principal, store: Store) -> Job:
-        return await store.get_job(job_id, scope(principal))
+        return shown.job(await store.get_job(job_id, scope(principal)))
 
     @post(
         operation_id="CancelJob",
@@ -260,9 +259,10 @@ class JobController(Controller):
     async def cancel(
         self, job_id: JobId, principal: Principal, store: Store, arq: ArqRedis, settings: Settings
     ) -> Job:
-        return await cancel_job(
+        job = await cancel_job(
             job_id, tenant=scope(principal), store=store, arq=arq, settings=settings
         )
+        return shown.job(job)
 
     @get(
         operation_id="GetJobMetrics",
@@ -312,8 +312,8 @@ class JobController(Controller):
         ] = None,
     ) -> ServerSentEvent:
         job = await store.get_job(job_id, scope(principal))
-        if last_event_id is not None and not EVENT_ID.match(last_event_id):
-            raise InvalidRequest(
+        if last_event_id is not None and not is_stream_id(last_event_id):
+            raise BadRequest(
                 "Last-Event-ID must be an id this stream sent (e.g. 1700000000000-0)",
                 [FieldError(loc=["header", "Last-Event-ID"], msg="not an event id")],
             )

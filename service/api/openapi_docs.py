@@ -32,14 +32,16 @@ UNAUTHORIZED = 401
 FORBIDDEN = 403
 NOT_FOUND = 404
 CONFLICT = 409
+TIMEOUT = 408
 TOO_LARGE = 413
 UNSUPPORTED = 415
 INVALID = 422
 TOO_MANY = 429
 BAD_GATEWAY = 502
+UNAVAILABLE = 503
 
 _DESCRIPTIONS = {
-    BAD_REQUEST: "Malformed query or path parameter",
+    BAD_REQUEST: "Malformed parameter, header, multipart form or JSON nested too deeply",
     UNAUTHORIZED: "Missing or unknown API key",
     NOT_FOUND: "No such record for this tenant",
     CONFLICT: "Not allowed in the record's current state",
@@ -55,6 +57,11 @@ _DESCRIPTIONS = {
     "`detail` names it; `Retry-After`, `RateLimit-Policy` and `RateLimit` headers say when "
     "to try again",
     BAD_GATEWAY: "The Hub or S3 did not answer as expected",
+    TIMEOUT: "The body arrived too slowly (FTUNE_UPLOAD_MIN_BYTES_PER_SECOND)",
+    UNAVAILABLE: (
+        "This server is taking its limit of uploads at once, or its temp space is short; "
+        "retry after the `Retry-After` seconds"
+    ),
 }
 
 

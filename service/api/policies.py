@@ -8,6 +8,7 @@ import msgspec
 from litestar import Controller, delete, get, put
 from litestar.params import Parameter
 
+from service.api import shown
 from service.api.errors import FieldError, InvalidRequest
 from service.api.openapi_docs import FORBIDDEN, NOT_FOUND, TOO_MANY, PageSize, responses
 from service.api.tenancy import ListCursor, TenantParam, acting_tenant, listed_tenant
@@ -86,7 +87,7 @@ class PolicyController(Controller):
         await _check_template(data, owner, store, settings, tenants)
         most = limits_for(settings, tenants, owner).policies
         await policies.put_policy(store, owner, name, data, max_policies=most)
-        return await policies.get_policy(store, owner, name, with_status=True)
+        return shown.policy(await policies.get_policy(store, owner, name, with_status=True))
 
     @get(
         operation_id="ListPolicies",
@@ -105,7 +106,7 @@ class PolicyController(Controller):
         items, next_cursor = await policies.list_policies(
             store, listed_tenant(principal, tenant), limit=limit, cursor=cursor
         )
-        return PolicyList(items=items, next_cursor=next_cursor)
+        return PolicyList(items=[shown.policy(p) for p in items], next_cursor=next_cursor)
 
     @get(
         operation_id="GetPolicy",
@@ -117,7 +118,7 @@ class PolicyController(Controller):
         self, name: PolicyName, principal: Principal, store: Store, tenant: TenantParam = None
     ) -> Policy:
         owner = acting_tenant(principal, tenant)
-        return await policies.get_policy(store, owner, name, with_status=True)
+        return shown.policy(await policies.get_policy(store, owner, name, with_status=True))
 
     @delete(
         operation_id="DeletePolicy",

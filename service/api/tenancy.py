@@ -20,12 +20,13 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from redis.exceptions import RedisError
 
 from service.api.auth import principal
+from service.api.errors import BadRequest, FieldError
 from service.api.limits import remaining
 from service.api.openapi_docs import FORBIDDEN, PageSize, responses
 from service.contract import AuditEntry, AuditPage, JobStatus, LimitUsage, Usage
 from service.retraining import feedback, policies
 from service.settings import Principal, Settings
-from service.store import P, Store
+from service.store import P, Store, is_stream_id
 from service.tenants import Tenants, limits_for
 
 log = logging.getLogger("ftune.api")
@@ -167,13 +168,18 @@ class TenancyController(Controller):
         cursor: Annotated[
             str | None,
             Parameter(
-                pattern=r"^\d{1,20}-\d{1,20}$",
+                pattern=r"^\d{1,20}-\d{1,20}(?!\n)$",
                 description="The previous page's `next_cursor`; omit it for the first page.",
             ),
         ] = None,
     ) -> AuditPage:
         if not principal.admin:
             raise PermissionDeniedException("the audit log is for admin keys only")
+        if cursor is not None and not is_stream_id(cursor):  # e.g. past 2**64: Redis refuses it
+            raise BadRequest(
+                "cursor must be a next_cursor this log gave (e.g. 1700000000000-0)",
+                [FieldError(loc=["query", "cursor"], msg="not an audit entry id")],
+            )
         upper = f"({cursor}" if cursor else "+"
         found = await store.redis.xrevrange(AUDIT, max=upper, min="-", count=limit + 1)
         items = [

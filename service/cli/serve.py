@@ -49,7 +49,9 @@ def api(
     """Serve the HTTP API (configured by FTUNE_* environment variables)."""
     import uvicorn
 
-    service_settings()
+    from service.logs import uvicorn_log_config
+
+    settings = service_settings()
     uvicorn.run(
         "service.api.app:create_app",
         factory=True,
@@ -57,6 +59,9 @@ def api(
         port=port,
         workers=workers,
         log_level=log_level,
+        log_config=uvicorn_log_config(
+            settings.log_level, secrets=settings.secret_values(), fmt=settings.log_format
+        ),
         proxy_headers=True,
     )
 

@@ -223,7 +223,7 @@ class DatasetImport(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         msgspec.Meta(
             max_length=1024,
             pattern=r"^(hf://datasets/[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
-            r"(/[^\s]*)?|s3://[a-z0-9][a-z0-9.-]{1,62}/[^\s]+)$",
+            r"(/[^\s]*)?|s3://[a-z0-9][a-z0-9.-]{1,62}/[^\s]+)(?!\n)$",
             description="hf://datasets/ORG/NAME[/folder or file] on the Hub, or "
             "s3://bucket/key (one object: JSONL, JSON, Parquet or CSV, optionally gzip).",
         ),
@@ -240,7 +240,7 @@ class DatasetImport(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             str,
             msgspec.Meta(
                 max_length=128,
-                pattern=r"^[\w.-]+$",
+                pattern=r"^[\w.-]+(?!\n)$",
                 description="Hub split: the files named SPLIT.* or SPLIT-* (default: train).",
             ),
         ]
@@ -252,7 +252,7 @@ class DatasetImport(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             msgspec.Meta(
                 min_length=1,
                 max_length=128,
-                pattern=r"^[\w .,:()+-]+$",
+                pattern=r"^[\w .,:()+-]+(?!\n)$",
                 description="Dataset name (default: the repo's name and split, or the file name).",
             ),
         ]

@@ -8,7 +8,7 @@ import msgspec
 
 from service.contract.datasets import DatasetRef, Format
 
-STREAM_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+STREAM_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}(?!\n)$"
 """Stream (and policy) names: also part of Redis keys, so no ':'."""
 
 
@@ -100,6 +100,13 @@ class FeedbackStream(msgspec.Struct, kw_only=True):
     pairs: Annotated[int, msgspec.Meta(description="Preference pairs gathered so far.")] = 0
     pending_ratings: Annotated[
         int, msgspec.Meta(description="Ratings waiting for an opposite rating of the same prompt.")
+    ] = 0
+    dropped_ratings: Annotated[
+        int,
+        msgspec.Meta(
+            description="Waiting ratings dropped, oldest first, because one prompt had more "
+            "than 1,000 waiting in one direction."
+        ),
     ] = 0
     snapshots: Annotated[int, msgspec.Meta(description="Snapshots taken so far.")] = 0
     created_at: Annotated[

@@ -12,7 +12,7 @@ from service.contract.feedback import STREAM_NAME
 from service.contract.jobs import Artifact
 from service.contract.spec import JobTemplate, Strict
 
-MetricName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_./-]{1,64}$")]
+MetricName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_./-]{1,64}(?!\n)$")]
 
 
 class Trigger(Strict):

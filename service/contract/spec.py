@@ -9,13 +9,15 @@ from typing import Annotated, Literal
 
 import msgspec
 
-REPO_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
+# Patterns end in `(?!\n)$`: Python's `$` also matches before a final newline (a name
+# "x\n" would pass), and `\Z` is not a JSON Schema (ECMA-262) regex; this reads alike in both.
+REPO_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}(?!\n)$"
 MODEL_REF_RE = re.compile(
     r"^(?:(?:hf://)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
     r"|s3://[a-z0-9][a-z0-9.-]{1,62}(?:/[^\s]*)?"
-    r"|file:///[^\s]+)$"
+    r"|file:///[^\s]+)(?!\n)$"
 )
-LABEL_KEY_RE = r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$"
+LABEL_KEY_RE = r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?(?!\n)$"
 
 Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 Label = Annotated[str, msgspec.Meta(max_length=63)]
@@ -261,7 +263,7 @@ class Lora(Strict):
     target_modules: Annotated[
         Literal["all-linear"]
         | Annotated[
-            list[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.]{1,64}$")]],
+            list[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.]{1,64}(?!\n)$")]],
             msgspec.Meta(min_length=1, max_length=64),
         ],
         msgspec.Meta(
@@ -335,7 +337,7 @@ class HubDestination(Strict, tag="hub", tag_field="type"):
     revision: Annotated[
         str,
         msgspec.Meta(
-            pattern=r"^[A-Za-z0-9._/-]{1,128}$",
+            pattern=r"^[A-Za-z0-9._/-]{1,128}(?!\n)$",
             description="Branch to commit to (created if missing).",
         ),
     ] = "main"
@@ -343,7 +345,7 @@ class HubDestination(Strict, tag="hub", tag_field="type"):
         Annotated[
             str,
             msgspec.Meta(
-                pattern=r"^[a-z0-9_-]{1,32}$",
+                pattern=r"^[a-z0-9_-]{1,32}(?!\n)$",
                 description="Name of a token the workers hold (FTUNE_HF_TOKEN_<NAME>); null means "
                 "HF_TOKEN.",
             ),
@@ -358,7 +360,7 @@ class S3Destination(Strict, tag="s3", tag_field="type"):
     uri: Annotated[
         str,
         msgspec.Meta(
-            pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,62}(/[^\s]*)?$",
+            pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,62}(/[^\s]*)?(?!\n)$",
             description="`s3://bucket/prefix/`: the artifacts go under it.",
         ),
     ]
@@ -406,7 +408,7 @@ class JobTemplate(Strict):
         Annotated[
             str,
             msgspec.Meta(
-                pattern=r"^[A-Za-z0-9._/-]{1,128}$",
+                pattern=r"^[A-Za-z0-9._/-]{1,128}(?!\n)$",
                 description="Branch, tag or commit of a Hub base_model; null: its default branch.",
             ),
         ]
@@ -416,7 +418,7 @@ class JobTemplate(Strict):
         Annotated[
             str,
             msgspec.Meta(
-                pattern=r"^ds_[A-Za-z0-9]{1,64}$",
+                pattern=r"^ds_[A-Za-z0-9]{1,64}(?!\n)$",
                 description="A dataset of the same format to evaluate on; null: eval_fraction of "
                 "the training rows is held out instead.",
             ),
@@ -480,7 +482,7 @@ class JobTemplate(Strict):
         Annotated[
             str,
             msgspec.Meta(
-                pattern=r"^https?://[^\s]+$",
+                pattern=r"^https?://[^\s]+(?!\n)$",
                 max_length=2048,
                 description="Receives a signed POST when the job ends (succeeded, failed or "
                 "cancelled); null: none.",
@@ -542,7 +544,7 @@ class JobSpec(JobTemplate, kw_only=True):
     dataset_id: Annotated[
         str,
         msgspec.Meta(
-            pattern=r"^ds_[A-Za-z0-9]{1,64}$",
+            pattern=r"^ds_[A-Za-z0-9]{1,64}(?!\n)$",
             description="The training dataset, as returned by `POST /v1/datasets`.",
         ),
     ]

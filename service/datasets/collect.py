@@ -11,7 +11,7 @@ import operator
 from array import array
 from collections.abc import Callable, Iterable, Sequence
 from itertools import compress
-from typing import Any, BinaryIO
+from typing import Any
 
 import msgspec
 
@@ -38,7 +38,7 @@ from service.datasets.canonical import (
 )
 from service.datasets.layouts import DEFAULT_MAPPING, normalize
 from service.datasets.messages import RowInvalid
-from service.datasets.output import Output
+from service.datasets.output import Output, Sink
 from service.datasets.rows import LONG_ROW_CHARS
 from service.datasets.stats import (
     WARNING_LINES,
@@ -152,7 +152,7 @@ class Collector:
 
     def __init__(
         self,
-        dst: BinaryIO,
+        dst: Sink,
         *,
         mapping: FieldMapping | None,
         limits: Limits,
@@ -247,7 +247,7 @@ class Collector:
         assert self.fast_decode is not None
         try:
             decoded = list(map(self.fast_decode, lines))  # type: ignore[arg-type]
-        except (msgspec.MsgspecError, UnicodeDecodeError):
+        except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
             return False
         return self._take(first, decoded)
 
@@ -286,7 +286,7 @@ class Collector:
         if self.fast_decode is not None:
             try:
                 row = self.fast_decode(raw)
-            except (msgspec.MsgspecError, UnicodeDecodeError):
+            except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
                 row = None
         if row is not None and passes(row):
             kind: SourceFormat = "standard" if isinstance(row.prompt, str) else "conversational"
@@ -296,6 +296,9 @@ class Collector:
             obj = msgspec.json.decode(raw)
         except (msgspec.MsgspecError, UnicodeDecodeError) as e:
             self.error(line, None, decode_error(raw, line, e))
+            return
+        except RecursionError:  # msgspec's own depth limit: no row is nested this deep
+            self.error(line, None, f"line {line} is JSON nested too deeply to be a row")
             return
         self._normalize(line, obj)
 

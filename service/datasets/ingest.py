@@ -1,10 +1,12 @@
 """Turn a dataset into a stored dataset: validate, normalize, store, record; and remove one again.
 
 Shared by uploads (ours and OpenAI-compatible files), imports and feedback snapshots, so all
-give the same normalized blob, stats and sha256 for the same rows. Validation runs in a worker
-thread: it is CPU-bound and must not stall the event loop (other requests are still answered:
-/healthz stayed under 60 ms during a 400 MB upload). Invalid input raises InvalidDataset and
-stores nothing.
+give the same normalized blob, stats and sha256 for the same rows. The normalized rows are
+written straight into the blob store as a draft (:class:`service.blobs.Draft`), committed under
+their sha256 at the end: the local temp space holds only the file as it was sent.
+Validation runs in a worker thread: it is CPU-bound and must not stall the event loop (other
+requests are still answered: /healthz stayed under 60 ms during a 400 MB upload). Invalid
+input raises InvalidDataset and stores nothing.
 
 Two ways to overlap receiving an upload with checking it were measured on 2 busy cores and
 dropped: writing the body to a validating child process's stdin, and validating the spool
@@ -13,13 +15,13 @@ file in a thread while it grows. Neither beat spooling first, then validating.
 
 from __future__ import annotations
 
-import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import anyio.to_thread
 
-from service.blobs import BlobStore, dataset_blob_key
+from service.blobs import DATASETS, BlobStore, dataset_blob_key
 from service.contract import Container, Dataset, FieldMapping, OnInvalid
 from service.datasets.validate import IngestResult, Limits, validate_file
 from service.store import DatasetQuota, Store, new_id
@@ -46,29 +48,45 @@ async def store_dataset(
     files = [src] if isinstance(src, Path) else src
     if quota is not None:
         await store.check_dataset_quota(tenant, 0, quota)
-    with tempfile.TemporaryDirectory(prefix="ftune-ingest-") as tmp:
-        normalized = Path(tmp) / "normalized.jsonl"
-
-        def validate() -> IngestResult:
-            with normalized.open("w+b") as dst:  # read back if text rows turn conversations
-                return validate_file(
-                    files,
-                    dst,
-                    hint=hint,
-                    mapping=mapping,
-                    limits=limits,
-                    on_invalid=on_invalid,
-                    max_invalid_fraction=max_invalid_fraction,
-                    processes=processes,
-                )
-
-        result = await anyio.to_thread.run_sync(validate)
+    draft = await anyio.to_thread.run_sync(blobs.draft, DATASETS)
+    try:
+        result = await anyio.to_thread.run_sync(
+            partial(
+                validate_file,
+                files,
+                draft,
+                hint=hint,
+                mapping=mapping,
+                limits=limits,
+                on_invalid=on_invalid,
+                max_invalid_fraction=max_invalid_fraction,
+                processes=processes,
+            )
+        )
         if quota is not None:
             await store.check_dataset_quota(tenant, result.bytes, quota)
         key = dataset_blob_key(result.sha256)
-        if not await anyio.to_thread.run_sync(blobs.exists, key):
-            await anyio.to_thread.run_sync(blobs.put_file, key, normalized)
-    ds = Dataset(
+        async with store.blob_lock(result.sha256):
+            await store.add_blob_ref(result.sha256)
+        try:
+            if not await anyio.to_thread.run_sync(blobs.exists, key):
+                await anyio.to_thread.run_sync(draft.commit, key)
+            ds = _record(result, tenant=tenant, name=name)
+            await store.put_dataset(ds, quota)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await _release_blob(
+                    store, blobs, result.sha256, await store.drop_blob_ref(result.sha256)
+                )
+            raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(draft.discard)
+    return ds
+
+
+def _record(result: IngestResult, *, tenant: str, name: str) -> Dataset:
+    return Dataset(
         id=new_id("ds"),
         tenant=tenant,
         name=name,
@@ -87,8 +105,6 @@ async def store_dataset(
         skipped_rows=result.skipped_rows,
         skipped=result.skipped,
     )
-    await store.put_dataset(ds, quota)
-    return ds
 
 
 async def delete_dataset(
@@ -97,6 +113,17 @@ async def delete_dataset(
     """Delete the record (Conflict while a live job uses it), and its blob once no other
     record shares the content."""
     ds, remaining = await store.delete_dataset(dataset_id, tenant)
-    if remaining <= 0:
-        await anyio.to_thread.run_sync(blobs.delete, dataset_blob_key(ds.sha256))
+    await _release_blob(store, blobs, ds.sha256, remaining)
     return ds
+
+
+async def _release_blob(store: Store, blobs: BlobStore, sha256: str, remaining: int) -> None:
+    """Delete the blob once no reference is left. Under the blob's lock, and only if still
+    none is: an upload of the same content takes its reference under that lock before it
+    checks whether the blob exists, so it either sees the blob gone (and stores it again) or
+    keeps it alive; no interleaving leaves a record whose blob is gone."""
+    if remaining > 0:
+        return
+    async with store.blob_lock(sha256):
+        if await store.blob_refs(sha256) <= 0:
+            await anyio.to_thread.run_sync(blobs.delete, dataset_blob_key(sha256))

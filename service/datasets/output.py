@@ -4,19 +4,21 @@ written) and counted, and rewritten when text rows have to become conversations.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import tempfile
 from typing import BinaryIO
 
 import msgspec
 
+from service.blobs import Draft
 from service.datasets.canonical import Row, as_conversation
 
 FLUSH_BYTES = 1 << 20
 
 
 class Output:
-    def __init__(self, dst: BinaryIO) -> None:
+    def __init__(self, dst: Sink) -> None:
         self.dst = dst
         self.sha = hashlib.sha256()
         self.buffer = bytearray()
@@ -53,22 +55,45 @@ class Output:
 
     def rewrite_as_conversations(self, first_rows: int) -> None:
         """Rewrite the first ``first_rows`` rows of ``dst`` (standard ones) as the
-        conversations they stand for, in a temp file and then back, digest and size with them."""
+        conversations they stand for, digest and size with them."""
         self.flush()
         decode = msgspec.json.Decoder(Row).decode
         encode = msgspec.json.Encoder().encode
-        dst = self.dst
-        dst.flush()
-        dst.seek(0)
         self.sha, self.written = hashlib.sha256(), 0
-        with tempfile.TemporaryFile() as tmp:
-            for i, line in enumerate(dst):
+        with reread(self.dst) as src:
+            for i, line in enumerate(src):
                 if i < first_rows:
                     line = encode(as_conversation(decode(line))) + b"\n"
-                tmp.write(line)
-                self.sha.update(line)
-                self.written += len(line)
-            tmp.seek(0)
-            dst.seek(0)
-            dst.truncate()
-            shutil.copyfileobj(tmp, dst, FLUSH_BYTES)
+                self.buffer += line
+                if len(self.buffer) >= FLUSH_BYTES:
+                    self.flush()
+        self.flush()
+
+
+Sink = BinaryIO | Draft
+"""Where normalized rows go: a draft in the blob store (uploads), or any binary file."""
+
+
+def reread(dst: Sink) -> BinaryIO:
+    """What ``dst`` holds, to read from the start; ``dst`` is then empty for writing. A file
+    is copied aside first (beside it, when it has a path: not into the temp space)."""
+    if isinstance(dst, Draft):
+        return dst.reread()
+    name = getattr(dst, "name", None)
+    directory = os.path.dirname(name) if isinstance(name, str) else None
+    aside = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 - the caller closes it
+    dst.flush()
+    dst.seek(0)
+    shutil.copyfileobj(dst, aside, FLUSH_BYTES)
+    aside.seek(0)
+    restart(dst)
+    return aside
+
+
+def restart(dst: Sink) -> None:
+    """Drop what was written to ``dst``."""
+    if isinstance(dst, Draft):
+        dst.restart()
+    else:
+        dst.seek(0)
+        dst.truncate()

@@ -30,6 +30,7 @@ import msgspec
 from service.contract import FieldMapping, Format, OnInvalid, SourceFormat
 from service.datasets.collect import MAX_COLUMNS, Collector, IngestResult, Limits, RowError
 from service.datasets.containers import JsonlBlocks, module_command
+from service.datasets.output import Sink
 from service.datasets.stats import Tally
 
 MIN_BYTES = 64 * 1024 * 1024
@@ -237,7 +238,7 @@ def _result(proc: subprocess.Popen[bytes], output: Path) -> RangeResult | None:
 
 def validate_parallel(
     path: Path,
-    dst: BinaryIO,
+    dst: Sink,
     *,
     processes: int,
     mapping: FieldMapping | None,
@@ -263,7 +264,8 @@ def validate_parallel(
         hasher=stable_hash,
     )
     options = _Options(mapping=mapping, limits=limits, on_invalid=on_invalid)
-    with tempfile.TemporaryDirectory(prefix="ftune-ranges-") as tmp:
+    # Beside the file (the upload's own scratch directory, swept with it).
+    with tempfile.TemporaryDirectory(prefix="ftune-ranges-", dir=path.parent) as tmp:
         outputs = [Path(tmp) / f"part-{i}.jsonl" for i in range(1, len(bounds) - 1)]
         procs = [
             _start(path, bounds[i], bounds[i + 1], output, options)

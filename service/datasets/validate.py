@@ -39,6 +39,7 @@ from service.datasets.containers import (
     open_dataset,
     parquet_lines,
 )
+from service.datasets.output import Sink, restart
 from service.datasets.stats import WARNING_LINES
 
 
@@ -108,7 +109,7 @@ def _read(
 
 def validate_file(
     paths: Path | Sequence[Path],
-    dst: BinaryIO,
+    dst: Sink,
     *,
     hint: Container | None = None,
     mapping: FieldMapping | None = None,
@@ -121,7 +122,7 @@ def validate_file(
     split, lines numbered on from one file to the next), whatever container holds them.
 
     A big plain JSONL file is validated in ranges by up to ``processes`` processes, with the
-    same result; ``dst`` must then be seekable (it is rewritten if the ranges give up).
+    same result (``dst`` is restarted if the ranges give up).
     Raises UnsupportedFile (nothing can be read), DatasetTooLarge (it decompresses past
     ``limits.max_bytes``) or InvalidDataset.
     """
@@ -141,8 +142,7 @@ def validate_file(
             )
             if result is not None:
                 return result
-            dst.seek(0)
-            dst.truncate()
+            restart(dst)
     ingest = Collector(
         dst,
         mapping=mapping,

@@ -137,6 +137,7 @@ class DevStack:
             "FTUNE_STORE_URL": "file://" + str(self.root / "store"),
             "FTUNE_MODELS_DIR": str(self.models_dir),
             "FTUNE_WORK_DIR": str(self.root / "work"),
+            "FTUNE_UPLOAD_DIR": str(self.root / "uploads"),
             "FTUNE_API_KEYS_FILE": str(self.root / "api_keys.json"),
             **self.extra_env,
         }

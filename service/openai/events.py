@@ -16,11 +16,11 @@ import msgspec
 
 from service.contract import MetricPoint
 from service.contract.openai import CheckpointMetrics, FineTuningJobCheckpoint, FineTuningJobEvent
+from service.store import is_stream_id
 
 EVENT_PREFIX = "ftevent-"
 CHECKPOINT_PREFIX = "ftckpt-"
-_ENTRY = re.compile(r"^\d{1,20}-\d{1,20}$")
-_CHECKPOINT = re.compile(r"^(?P<job>job_[A-Za-z0-9]{1,64})-(?P<step>\d{1,12})$")
+_CHECKPOINT = re.compile(r"^(?P<job>job_[A-Za-z0-9]{1,64})-(?P<step>\d{1,12})\Z")
 _STATUS_WORDS = {
     "queued": "Job queued",
     "running": "Job started",
@@ -37,7 +37,7 @@ def event_id(entry_id: str) -> str:
 def entry_of(event: str) -> str | None:
     """The stream position an event id names, else None."""
     entry = event.removeprefix(EVENT_PREFIX)
-    return entry if event.startswith(EVENT_PREFIX) and _ENTRY.match(entry) else None
+    return entry if event.startswith(EVENT_PREFIX) and is_stream_id(entry) else None
 
 
 def checkpoint_id(job_id: str, step: int) -> str:

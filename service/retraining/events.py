@@ -53,6 +53,9 @@ class ParsedEvent(msgspec.Struct, kw_only=True):
     rating: Literal["up", "down"] | None = None
 
 
+WAYS = ("up", "down")
+
+
 class Waiting(msgspec.Struct, array_like=True):
     id: str
     response: Any

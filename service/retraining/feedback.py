@@ -17,7 +17,12 @@ conversational), fixed by its first event, because a dataset does.
 Redis layout per stream (``{tenant}`` and ``{stream}`` never contain the separators that
 follow them): ``ftune:fb:{tenant}:{stream}:meta`` (the :class:`FeedbackStream` record),
 ``:pairs`` (append-only list of :class:`PairRecord`), ``:seen`` (set of event ids),
-``:pending`` (hash: prompt digest -> waiting ratings), ``:snapshots`` (list, newest first).
+``:pending:{prompt digest}:up`` and ``:down`` (lists of waiting ratings, oldest first, at
+most MAX_WAITING each; a batch reads their heads and pushes, removes and trims a few items,
+so it costs O(batch) however long they grow; the former ``:pending`` hash, one value per
+prompt, is moved to them as its prompts are rated), ``:waiting`` (the set of prompt digests
+that have such lists, so that deleting the stream finds them), ``:snapshots`` (list, newest
+first).
 An ingest writes all of them in one MULTI, watched on ``:meta``, which every ingest changes.
 
 A snapshot freezes the first N pairs (the list only grows, so "pairs 0..N" names exactly what
@@ -46,7 +51,16 @@ from service.contract import (
 )
 from service.datasets.ingest import store_dataset
 from service.datasets.validate import InvalidDataset, Limits
-from service.retraining.events import Applied, Pending, apply_events, parse_events, prompt_key
+from service.retraining.events import (
+    WAYS,
+    Applied,
+    ParsedEvent,
+    Pending,
+    Waiting,
+    apply_events,
+    parse_events,
+    prompt_key,
+)
 from service.store import Conflict, LimitReached, NotFound, P, Store, transact
 
 _READ_CHUNK = 1000
@@ -79,14 +93,123 @@ def _index(tenant: str) -> str:
 
 ALL = f"{P}fb-streams-all"
 """Every stream as a JSON [tenant, stream], for admins listing across tenants."""
-_PARTS = ("meta", "seen", "pending", "pairs", "snapshots", "versions")
+_PARTS = ("meta", "seen", "pending", "waiting", "pairs", "snapshots", "versions")
 
 
 _stream_decoder = msgspec.json.Decoder(FeedbackStream)
 _pending_decoder = msgspec.json.Decoder(Pending)
+_waiting_decoder = msgspec.json.Decoder(Waiting)
 _pair_decoder = msgspec.json.Decoder(PairRecord)
 _snapshot_decoder = msgspec.json.Decoder(FeedbackSnapshot)
 _member_decoder = msgspec.json.Decoder(tuple[str, str])
+
+
+MAX_WAITING = 1000
+"""Ratings one prompt keeps waiting in one direction; past it the oldest are dropped (and
+counted in the stream's ``dropped_ratings``): one prompt rated up 80,000 times must not grow
+without bound."""
+_HEAD = 16
+"""Waiting ratings read per prompt and direction beyond the batch's own ratings of it: enough
+to find one of a different response, without reading a long queue."""
+
+
+def _waiting_key(tenant: str, stream: str, prompt: str, way: str) -> str:
+    return _key(tenant, stream, f"pending:{prompt}:{way}")
+
+
+def _waiting_prompts(tenant: str, stream: str) -> str:
+    """The set of prompt digests that have waiting ratings: what a stream's delete must find."""
+    return _key(tenant, stream, "waiting")
+
+
+class _Queue(msgspec.Struct, kw_only=True):
+    """What an ingest read of one prompt's waiting ratings."""
+
+    key: str
+    prompt: Any
+    head: dict[str, list[bytes]]
+    """The first stored ratings of each direction, as stored."""
+    lengths: dict[str, int]
+    legacy: bool = False
+    """Read from the former layout (one hash value per prompt), moved to lists on write."""
+
+    def pending(self) -> Pending:
+        decode = _waiting_decoder.decode
+        return Pending(
+            prompt=self.prompt,
+            up=[decode(w) for w in self.head["up"]],
+            down=[decode(w) for w in self.head["down"]],
+        )
+
+
+async def _read_queues(
+    store: Store, tenant: str, stream: str, parsed: list[ParsedEvent]
+) -> list[_Queue]:
+    """The heads of the waiting ratings of the prompts the batch rates: one round trip."""
+    ratings: dict[str, list[ParsedEvent]] = {}
+    for event in parsed:
+        if event.row is None:
+            ratings.setdefault(prompt_key(event.prompt), []).append(event)
+    if not ratings:
+        return []
+    keys = list(ratings)
+    async with store.redis.pipeline(transaction=False) as reads:
+        reads.hmget(_key(tenant, stream, "pending"), keys)
+        for key, events in ratings.items():
+            for way in WAYS:
+                reads.lrange(_waiting_key(tenant, stream, key, way), 0, _HEAD + len(events) - 1)
+                reads.llen(_waiting_key(tenant, stream, key, way))
+        legacy, *lists = await reads.execute()
+    queues = []
+    for i, key in enumerate(keys):
+        up, up_len, down, down_len = lists[4 * i : 4 * i + 4]
+        queue = _Queue(
+            key=key,
+            prompt=ratings[key][0].prompt,
+            head={"up": up, "down": down},
+            lengths={"up": up_len, "down": down_len},
+        )
+        if legacy[i] is not None:  # the whole queue, as the former layout kept it
+            old = _pending_decoder.decode(legacy[i])
+            queue.head = {w: [_encoder.encode(x) for x in getattr(old, w)] for w in WAYS}
+            queue.lengths = {w: len(queue.head[w]) for w in WAYS}
+            queue.legacy = True
+        queues.append(queue)
+    return queues
+
+
+def _write_queue(pipe: Pipeline, tenant: str, stream: str, queue: _Queue, after: Pending) -> int:
+    """Queue the list operations that turn the stored waiting ratings into ``after``: those
+    paired off removed, new ones appended, each direction cut to MAX_WAITING. O(batch).
+    How many were dropped by the cut."""
+    dropped, left = 0, 0
+    if queue.legacy:
+        pipe.hdel(_key(tenant, stream, "pending"), queue.key)
+    for way in WAYS:
+        list_key = _waiting_key(tenant, stream, queue.key, way)
+        after_ids = {w.id for w in getattr(after, way)}
+        head = [(raw, _waiting_decoder.decode(raw).id) for raw in queue.head[way]]
+        gone = [raw for raw, wid in head if wid not in after_ids]
+        if queue.legacy:
+            kept: set[str] = set()
+        else:
+            kept = {wid for _, wid in head if wid in after_ids}
+            for raw in gone:
+                pipe.lrem(list_key, 1, raw.decode())
+        added = [_encoder.encode(w) for w in getattr(after, way) if w.id not in kept]
+        # A legacy queue's lists were empty: they now hold what it had left.
+        length = len(added) if queue.legacy else queue.lengths[way] - len(gone) + len(added)
+        if added:
+            pipe.rpush(list_key, *added)
+            if length > MAX_WAITING:
+                pipe.ltrim(list_key, -MAX_WAITING, -1)
+                dropped += length - MAX_WAITING
+        left += min(length, MAX_WAITING)
+    if left:
+        pipe.sadd(_waiting_prompts(tenant, stream), queue.key)
+    else:
+        pipe.srem(_waiting_prompts(tenant, stream), queue.key)
+    return dropped
 
 
 async def ingest(
@@ -103,7 +226,7 @@ async def ingest(
     counted in the same transaction."""
     now = time.time() if now is None else now
     meta_key = _key(tenant, stream, "meta")
-    seen_key, pending_key = _key(tenant, stream, "seen"), _key(tenant, stream, "pending")
+    seen_key = _key(tenant, stream, "seen")
 
     async def write(pipe: Pipeline) -> tuple[Applied, FeedbackStream]:
         raw = await pipe.get(meta_key)
@@ -126,34 +249,27 @@ async def ingest(
         ids = list(dict.fromkeys(e.id for e in parsed))
         flags = await pipe.smismember(seen_key, ids) if ids else []  # type: ignore[misc]  # redis-py#2399
         seen = {i for i, flag in zip(ids, flags, strict=True) if flag}
-        keys = list(dict.fromkeys(prompt_key(e.prompt) for e in parsed if e.row is None))
-        stored = await pipe.hmget(pending_key, keys) if keys else []  # type: ignore[misc]  # redis-py#2399
-        pending = {
-            k: _pending_decoder.decode(v)
-            for k, v in zip(keys, stored, strict=True)
-            if v is not None
-        }
-        applied = apply_events(parsed, seen, pending, now=now)
+        # Read on another connection: the WATCH on meta, which every ingest changes, still
+        # guards them.
+        queues = await _read_queues(store, tenant, stream, parsed)
+        applied = apply_events(parsed, seen, {q.key: q.pending() for q in queues}, now=now)
+        pipe.multi()
+        dropped = sum(_write_queue(pipe, tenant, stream, q, applied.pending[q.key]) for q in queues)
+        if applied.pairs:
+            encoded = [_encoder.encode(pair) for pair in applied.pairs]
+            pipe.rpush(_key(tenant, stream, "pairs"), *encoded)
+        if applied.accepted:
+            pipe.sadd(seen_key, *applied.accepted)
         new_meta = msgspec.structs.replace(
             meta,
             format=meta.format or (parsed[0].format if parsed else None),
             events=meta.events + len(applied.accepted),
             duplicates=meta.duplicates + applied.duplicates,
             pairs=meta.pairs + len(applied.pairs),
-            pending_ratings=meta.pending_ratings + applied.pending_delta,
+            pending_ratings=meta.pending_ratings + applied.pending_delta - dropped,
+            dropped_ratings=meta.dropped_ratings + dropped,
             updated_at=now,
         )
-        pipe.multi()
-        if applied.pairs:
-            encoded = [_encoder.encode(pair) for pair in applied.pairs]
-            pipe.rpush(_key(tenant, stream, "pairs"), *encoded)
-        if applied.accepted:
-            pipe.sadd(seen_key, *applied.accepted)
-        for key, queue in applied.pending.items():
-            if queue.up or queue.down:
-                pipe.hset(pending_key, mapping={key: _encoder.encode(queue)})
-            else:
-                pipe.hdel(pending_key, key)
         pipe.set(meta_key, _encoder.encode(new_meta))
         pipe.zadd(_index(tenant), {stream: 0})
         pipe.zadd(ALL, {_encoder.encode((tenant, stream)): 0})
@@ -203,11 +319,19 @@ async def delete_stream(store: Store, tenant: str, stream: str) -> None:
     """Forget a stream: its pairs, pending ratings and snapshot list (the snapshots' datasets
     stay). A policy that reads it finds no pairs until new events arrive."""
     await get_stream(store, tenant, stream)
-    async with store.redis.pipeline(transaction=True) as pipe:
+    meta_key, prompts_key = _key(tenant, stream, "meta"), _waiting_prompts(tenant, stream)
+
+    async def drop(pipe: Pipeline) -> None:
+        prompts = await pipe.smembers(prompts_key)  # type: ignore[misc]  # redis-py#2399
+        lists = [_waiting_key(tenant, stream, p.decode(), w) for p in prompts for w in WAYS]
+        pipe.multi()
+        for i in range(0, len(lists), _READ_CHUNK):
+            pipe.unlink(*lists[i : i + _READ_CHUNK])
         pipe.unlink(*(_key(tenant, stream, part) for part in _PARTS))
         pipe.zrem(_index(tenant), stream)
         pipe.zrem(ALL, _encoder.encode((tenant, stream)))
-        await pipe.execute()
+
+    await transact(store.redis, drop, meta_key, prompts_key)
 
 
 async def pair_count(store: Store, tenant: str, stream: str) -> int:

@@ -16,6 +16,8 @@ from typing import Any
 
 import msgspec
 
+from service.logs import redact
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -74,12 +76,12 @@ def _parse(url: str) -> tuple[str, str, int]:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise UnsafeWebhookURL(f"webhook_url {url!r} is not a valid URL: {exc}") from None
+        raise UnsafeWebhookURL(f"webhook_url {redact(url)!r} is not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https"):
-        raise UnsafeWebhookURL(f"webhook_url must be http:// or https://, got {url!r}")
+        raise UnsafeWebhookURL(f"webhook_url must be http:// or https://, got {redact(url)!r}")
     host = (parts.hostname or "").rstrip(".")
     if not host:
-        raise UnsafeWebhookURL(f"webhook_url {url!r} has no host")
+        raise UnsafeWebhookURL(f"webhook_url {redact(url)!r} has no host")
     return parts.scheme, host, port or (443 if parts.scheme == "https" else 80)
 
 

@@ -18,6 +18,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from service.api.app import create_app
+from service.blobs import DRAFTS
 from service.settings import Settings
 from tests.fixtures.api import ALICE, Api
 from tests.fixtures.hub import USER, HubServer
@@ -181,6 +182,14 @@ async def test_the_service_store_is_never_a_source(
     async with AsyncTestClient(create_app(settings)) as client:
         api = Api(client, settings)
         refused = await post_import(api, source=f"s3://{s3_bucket}/ftune/datasets/abc.jsonl")
+        assert refused.status_code == 422
+        assert "inside the service's own store" in refused.json()["detail"]
+        # Nor an upload's draft, staged under the store's drafts/ before it is committed.
+        draft = f"ftune/{DRAFTS}0123abcd-0"
+        s3_server.client().put_object(
+            Bucket=s3_bucket, Key=draft, Body=b'{"prompt":"p","chosen":"c","rejected":"r"}\n'
+        )
+        refused = await post_import(api, source=f"s3://{s3_bucket}/{draft}")
         assert refused.status_code == 422
         assert "inside the service's own store" in refused.json()["detail"]
         # A sibling prefix that merely starts the same is somebody's own data.

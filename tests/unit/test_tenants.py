@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 from service import tenants
+from service.blobs import DRAFTS
 from service.contract import JobTemplate
 from service.settings import Principal, Settings, SettingsError, hash_api_key, write_api_keys
 
@@ -96,6 +97,7 @@ def test_the_store_is_never_a_source_or_destination_even_with_every_grant(
     tenants.check_job(known, "a", template(base_model="s3://svc-store/elsewhere/"), STORE)
     for spec in (
         template(base_model="s3://svc-store/ftune/jobs/job_1/artifacts/"),
+        template(base_model=f"s3://svc-store/ftune/{DRAFTS}0123abcd-0"),  # an upload's draft
         template(output={"destination": {"type": "s3", "uri": "s3://svc-store/ftune/x"}}),
     ):
         with pytest.raises(tenants.GrantMissing) as refused:

@@ -74,6 +74,8 @@ _DESCRIPTIONS = {
     403: "The tenant was not granted a token, namespace or S3 prefix (PermissionDeniedError)",
     429: "The tenant is at one of its limits (RateLimitError); `Retry-After` says when to "
     "try again",
+    503: "This server is taking its limit of uploads, or short of temp space "
+    "(InternalServerError; the SDK retries it after `Retry-After`)",
 }
 
 

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any, BinaryIO, Literal
+from urllib.parse import quote
 
 import anyio.to_thread
 from litestar import Controller, Request, Response, delete, get, post
-from litestar.background_tasks import BackgroundTask
 from litestar.params import Parameter
-from litestar.response import File
+from litestar.response import Stream
 
 from service.api.auth import scope
-from service.api.datasets import spool_upload
 from service.api.openai.errors import handle, responses
+from service.api.spool import declared_size, spool_upload
+from service.api.uploads import UploadSpace
 from service.blobs import BlobStore, dataset_blob_key
 from service.contract import JobStatus
 from service.contract.openai import FileDeleted, FileList, FileObject
@@ -54,6 +52,15 @@ def _suffix(file_id: str) -> str:
     return file_id.partition("_")[2]
 
 
+async def _chunks(body: BinaryIO) -> AsyncIterator[bytes]:
+    """A blob's bytes a MiB at a time, read off the event loop; closed at the end."""
+    try:
+        while chunk := await anyio.to_thread.run_sync(body.read, 1 << 20):
+            yield chunk
+    finally:
+        body.close()
+
+
 async def _result(store: Store, file_id: str, tenant: str | None) -> tuple[str, bytes]:
     """A result file's job id and CSV; NotFound unless its job succeeded."""
     job_id = job_of_result_file(file_id)
@@ -81,7 +88,7 @@ class FileController(Controller):
         description="Validated and stored as a dataset, like POST /v1/datasets. A file that "
         "fails validation stores nothing but comes back in status `error` with its "
         "line-numbered errors in `status_details`.",
-        responses=responses(),
+        responses=responses(503),
     )
     async def create_file(
         self,
@@ -90,13 +97,14 @@ class FileController(Controller):
         store: Store,
         blobs: BlobStore,
         settings: Settings,
+        uploads: UploadSpace,
         tenant_limits: TenantLimits,
     ) -> FileObject:
         limits = Limits.from_settings(settings)
-        with tempfile.TemporaryDirectory(prefix="ftune-upload-") as tmp:
-            raw = Path(tmp) / "raw.jsonl"
+        async with uploads.slot(declared_size(request)) as tmp:
+            raw = tmp / "raw.jsonl"
             with raw.open("wb") as out:
-                spooled = await spool_upload(request, out, settings.max_dataset_bytes)
+                spooled = await spool_upload(request, out, settings)
             purpose = spooled.fields.pop("purpose", None)
             if purpose != "fine-tune":
                 raise SpecError(
@@ -237,14 +245,18 @@ class FileController(Controller):
             _, content = await _result(store, file_id, tenant)
             return Response(content, media_type="text/csv")
         ds = await store.get_dataset(file_id, tenant)
-        tmp = tempfile.mkdtemp(prefix="ftune-download-")
-        path = Path(tmp) / "content.jsonl"
-        await anyio.to_thread.run_sync(blobs.get_file, dataset_blob_key(ds.sha256), path)
-        return File(
-            path=path,
-            filename=ds.name,
+        # Streamed from the store as it is read: a download takes no temp space.
+        body = await anyio.to_thread.run_sync(blobs.open, dataset_blob_key(ds.sha256))
+        quoted = quote(ds.name)
+        disposition = (
+            f'attachment; filename="{ds.name}"'
+            if quoted == ds.name
+            else f"attachment; filename*=utf-8''{quoted}"
+        )
+        return Stream(
+            _chunks(body),
             media_type="application/jsonl",
-            background=BackgroundTask(shutil.rmtree, tmp, True),
+            headers={"Content-Length": str(ds.bytes), "Content-Disposition": disposition},
         )
 
     @delete(

@@ -37,7 +37,7 @@ RETRY_WINDOW_SECONDS = 600
 """A create whose body (for the same tenant) repeats one from this long ago gets the first job
 back: the SDK retries a create that timed out or met a 409/429/5xx, without an idempotency
 key. An `Idempotency-Key` header, when sent, is honoured for 24 h instead."""
-JOB_ID = r"^job_[A-Za-z0-9]{1,64}$"
+JOB_ID = r"^job_[A-Za-z0-9]{1,64}(?!\n)$"
 
 
 async def _training_dataset(store: Store, file_id: str, tenant: str, param: str) -> Dataset:

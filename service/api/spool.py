@@ -1,0 +1,164 @@
+"""Receiving an uploaded file: the raw body or the first file of a multipart form, spooled to
+a file as it arrives, within the size limit and at a minimum pace. Shared by our upload and
+OpenAI's `POST /v1/files`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from litestar import Request
+from multipart import MultipartError, MultipartSegment, PushMultipartParser
+
+from service.api.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from service.api.uploads import paced
+from service.contract import Container
+from service.datasets.containers import ACCEPTED_TYPES
+from service.datasets.sources import hint_of
+from service.settings import Settings
+
+JSONL_TYPES = {"application/x-ndjson", "application/jsonl", "application/json-lines", "text/plain"}
+_HINTS: dict[str, Container | None] = {
+    **dict.fromkeys(JSONL_TYPES, "jsonl"),
+    "application/json": None,
+    "application/vnd.apache.parquet": "parquet",
+    "application/x-parquet": "parquet",
+    "text/csv": "csv",
+    "application/gzip": None,
+    "application/x-gzip": None,
+    "application/octet-stream": None,
+}
+"""Declared media types and the container each suggests (the bytes decide)."""
+
+
+def _unsupported_type(ctype: str) -> UnsupportedMediaType:
+    return UnsupportedMediaType(
+        f"got {ctype or 'no Content-Type'}; send the file as one of {', '.join(ACCEPTED_TYPES)} "
+        "(JSONL, a JSON array, Parquet or CSV with a header row, any but Parquet optionally "
+        "gzip-compressed)"
+    )
+
+
+def declared_size(request: Request[Any, Any, Any]) -> int | None:
+    """The body's Content-Length, if it gave one."""
+    declared = request.headers.get("content-length", "")
+    return int(declared) if declared.isdigit() else None
+
+
+@dataclass
+class Spooled:
+    """What an upload held besides its bytes (which went to the spool file)."""
+
+    size: int
+    hint: Container | None = None
+    """The container the declared type or the file name suggests (the bytes decide)."""
+    filename: str | None = None
+    """The file part's filename, for a multipart upload that gave one."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """The multipart form's other (text) fields, e.g. OpenAI's `purpose`."""
+
+
+MAX_FIELD_BYTES = 4096
+"""A multipart text field past this is refused: the only fields expected are short."""
+MAX_FORM_PARTS = 16
+"""Parts of a multipart form read before it is refused (one file and a few short fields)."""
+MAX_FORM_OVERHEAD = 64 * 1024
+"""What a multipart form may add to the size limit: boundaries, part headers, text fields."""
+
+
+async def spool_upload(
+    request: Request[Any, Any, Any], out: IO[bytes], settings: Settings
+) -> Spooled:
+    """Copy the uploaded file (the raw body, or the first file of a multipart form) into `out`,
+    the size limit and the pace checked on the way. Shared by our upload and OpenAI's
+    `POST /v1/files`."""
+    limit = settings.max_dataset_bytes
+    body = paced(
+        request.stream(),
+        min_rate=settings.upload_min_bytes_per_second,
+        grace=settings.upload_grace_seconds,
+    )
+    ctype, options = request.content_type
+    declared = declared_size(request)
+    allowed = limit + (MAX_FORM_OVERHEAD if ctype == "multipart/form-data" else 0)
+    if declared is not None and declared > allowed:
+        raise PayloadTooLarge(f"the upload is {declared} bytes; the limit is {limit} bytes")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip", "x-gzip"):
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding} is not supported: send the file gzip-compressed or "
+            "as it is"
+        )
+    if ctype == "multipart/form-data":
+        boundary = options.get("boundary")
+        if not boundary:
+            raise UnsupportedMediaType("multipart/form-data without a boundary")
+        spooled = await _spool_multipart(body, out, boundary.encode(), limit)
+        spooled.hint = hint_of(spooled.filename or "")
+        return spooled
+    if ctype not in _HINTS:
+        raise _unsupported_type(ctype)
+    size = 0
+    async for chunk in body:
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the upload is over the limit of {limit} bytes")
+        out.write(chunk)
+    return Spooled(size=size, hint=_HINTS[ctype])
+
+
+async def _spool_multipart(
+    body: AsyncIterator[bytes], out: IO[bytes], boundary: bytes, limit: int
+) -> Spooled:
+    """The first file part into ``out``; the whole form (boundaries, headers, text fields)
+    may be at most ``MAX_FORM_OVERHEAD`` bytes over the limit, and a form that is not
+    well-formed multipart is a 400."""
+    try:
+        return await _parse_multipart(body, out, boundary, limit)
+    except MultipartError as exc:
+        raise BadRequest(f"the multipart/form-data body is malformed: {exc}") from None
+
+
+async def _parse_multipart(
+    body: AsyncIterator[bytes], out: IO[bytes], boundary: bytes, limit: int
+) -> Spooled:
+    spooled = Spooled(size=0)
+    in_file = done = False
+    text: tuple[str, bytearray] | None = None
+    received = 0
+    with PushMultipartParser(boundary, max_segment_count=MAX_FORM_PARTS) as parser:
+        async for chunk in body:
+            received += len(chunk)
+            if received > limit + MAX_FORM_OVERHEAD:
+                raise PayloadTooLarge(
+                    f"the form is over the limit of {limit} bytes (plus {MAX_FORM_OVERHEAD} "
+                    "for its other fields)"
+                )
+            for part in parser.parse(chunk):
+                if isinstance(part, MultipartSegment):
+                    in_file = part.filename is not None and not done
+                    if in_file:
+                        spooled.filename = part.filename
+                    elif part.filename is None and part.name:
+                        text = (part.name, bytearray())
+                elif part and in_file:
+                    spooled.size += len(part)
+                    if spooled.size > limit:
+                        raise PayloadTooLarge(f"the upload is over the limit of {limit} bytes")
+                    out.write(part)
+                elif part and text is not None:
+                    text[1].extend(part)
+                    if len(text[1]) > MAX_FIELD_BYTES:
+                        raise PayloadTooLarge(
+                            f"form field {text[0]!r} is over {MAX_FIELD_BYTES} bytes"
+                        )
+                elif not part:
+                    if in_file:
+                        in_file, done = False, True
+                    elif text is not None:
+                        spooled.fields[text[0]] = text[1].decode(errors="replace")
+                        text = None
+        if not done:
+            raise UnsupportedMediaType("the multipart form has no file part")
+    return spooled

@@ -1,0 +1,155 @@
+"""The temp space uploads are spooled to: bounded, cleaned after a crash, and never waited on.
+
+Each upload (or import) gets its own directory under one root, with a lock file held
+(``flock``) for as long as it runs. The kernel drops the lock when its process dies, however
+it dies, so a directory whose lock can be taken belongs to a killed upload: it is removed at
+start-up and whenever uploads are counted. Every process of a host shares the root, so the
+count (``max_concurrent_uploads``) is the host's, which is what its temp space is sized by
+(the chart: ``tmpSizeLimit`` ≥ that many times ``maxDatasetBytes``). Past the count, or with
+less free space than one more upload may take, the answer is 503 with Retry-After.
+
+A body must also keep coming: after a grace period, at an average rate of at least
+``upload_min_bytes_per_second``, or the upload is cut off with 408 (a client trickling a few
+bytes a second would otherwise hold a slot for ever).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
+from pathlib import Path
+from typing import IO
+
+import anyio
+
+from service.api.errors import Unavailable, UploadTimeout
+
+log = logging.getLogger("ftune.api")
+
+RETRY_AFTER_SECONDS = 30
+"""What a refused upload is told to wait: about as long as an upload of ordinary size takes."""
+_LOCK = ".lock"
+_ADMIT = ".admit"
+
+
+class UploadSpace:
+    """Directories for uploads under ``root``, at most ``max_uploads`` at once on this host,
+    each only when the space it may take is free: its declared size, else ``reserve_bytes``
+    (one upload at its largest)."""
+
+    def __init__(self, root: Path, *, max_uploads: int, reserve_bytes: int) -> None:
+        self.root = root
+        self.max_uploads = max_uploads
+        self.reserve_bytes = reserve_bytes
+
+    def sweep(self) -> int:
+        """Remove the directories of uploads whose process died; how many are still live."""
+        with self._admitting():
+            return self._sweep()
+
+    @contextmanager
+    def _admitting(self) -> Iterator[None]:
+        """One process of the host admits or sweeps at a time."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / _ADMIT).open("ab") as admitting:
+            fcntl.flock(admitting, fcntl.LOCK_EX)
+            yield
+
+    def _sweep(self) -> int:
+        live = 0
+        for path in self.root.iterdir():
+            if not path.is_dir():
+                continue
+            with _try_lock(path / _LOCK) as taken:
+                if not taken:
+                    live += 1
+                    continue
+                shutil.rmtree(path, ignore_errors=True)
+                log.info("removed the temp files of a killed upload: %s", path.name)
+        return live
+
+    @asynccontextmanager
+    async def slot(self, size: int | None = None) -> AsyncIterator[Path]:
+        """A directory of one's own for one upload of ``size`` bytes (None: unknown), removed
+        after; Unavailable (503) when the host is at its count of uploads or short of space."""
+        path, lock = await anyio.to_thread.run_sync(self._admit, size)
+        try:
+            yield path
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_release, path, lock)
+
+    def _admit(self, size: int | None = None) -> tuple[Path, IO[bytes]]:
+        needed = self.reserve_bytes if size is None else min(size, self.reserve_bytes)
+        with self._admitting():
+            live = self._sweep()
+            if live >= self.max_uploads:
+                raise Unavailable(
+                    f"this server is taking {live} uploads, its limit; try again shortly",
+                    RETRY_AFTER_SECONDS,
+                )
+            free = shutil.disk_usage(self.root).free
+            if free < needed:
+                raise Unavailable(
+                    f"this server's temp space is short ({free} bytes free, the upload may "
+                    f"take {needed}); try again shortly",
+                    RETRY_AFTER_SECONDS,
+                )
+            path = self.root / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            path.mkdir()
+            lock = (path / _LOCK).open("ab")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return path, lock
+
+
+@contextmanager
+def _try_lock(path: Path) -> Iterator[bool]:
+    """Whether the lock file at ``path`` could be taken (its owner is gone), held meanwhile."""
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:  # being removed
+        yield False
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+def _release(path: Path, lock: IO[bytes]) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    with suppress(OSError):
+        lock.close()
+
+
+async def paced(
+    chunks: AsyncIterator[bytes], *, min_rate: float, grace: float
+) -> AsyncIterator[bytes]:
+    """``chunks`` as long as they keep coming: by any moment, ``grace`` seconds plus one per
+    ``min_rate`` bytes received so far; UploadTimeout when the body falls behind."""
+    start = time.monotonic()
+    received = 0
+    while True:
+        allowed = start + grace + received / min_rate - time.monotonic()
+        try:
+            with anyio.fail_after(max(allowed, 0)):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise UploadTimeout(
+                f"the upload came too slowly: {received} bytes in "
+                f"{time.monotonic() - start:.0f} s; after {grace:g} s a body must arrive at "
+                f"{min_rate:g} bytes a second or more"
+            ) from None
+        received += len(chunk)
+        yield chunk

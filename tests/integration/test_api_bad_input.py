@@ -1,0 +1,119 @@
+"""Hostile input is a 4xx that says what is wrong, never a 500 nor a stored record: JSON nested
+past any row, malformed multipart forms and event ids, names that end in a newline."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.fixtures.api import ADMIN, ALICE, Api, LiveServer
+from tests.integration.test_api_datasets import ROW, jsonl, stored_nothing, upload
+from tests.integration.test_api_jobs import dataset, spec
+
+DEEP = b"[" * 5000 + b"]" * 5000
+NDJSON = {"Content-Type": "application/x-ndjson"}
+
+
+async def test_a_row_nested_thousands_deep_is_a_row_error(api: Api) -> None:
+    row = b'{"prompt": ' + DEEP + b', "chosen": "a", "rejected": "b"}\n'
+    resp = await upload(api, jsonl(ROW) + row)
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["errors"] == [
+        {"line": 2, "msg": "line 2 is JSON nested too deeply to be a row"}
+    ]
+    assert stored_nothing(api)
+
+
+async def test_a_request_body_nested_thousands_deep_is_a_400(api: Api) -> None:
+    body = b'{"base_model": "org/m", "dataset_id": "ds_x", "labels": ' + DEEP + b"}"
+    resp = await api.client.post(
+        "/v1/jobs", content=body, headers={**ALICE, "Content-Type": "application/json"}
+    )
+    assert resp.status_code == 400, resp.text
+    assert "nested too deeply" in resp.json()["detail"]
+
+
+def form(*parts: bytes, boundary: str = "b0und") -> tuple[bytes, dict[str, str]]:
+    body = b"".join(b"--" + boundary.encode() + b"\r\n" + p + b"\r\n" for p in parts)
+    body += b"--" + boundary.encode() + b"--\r\n"
+    return body, {**ALICE, "Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+FILE = b'Content-Disposition: form-data; name="file"; filename="d.jsonl"\r\n\r\n' + jsonl(ROW)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"--b0und\r\nthis is no header\r\n\r\nx\r\n--b0und--\r\n",
+        b"--b0und\r\n" + FILE[:40],  # cut inside a part header
+        b"".join([b"--b0und\r\nContent-Disposition: form-data; name=f\r\n\r\nx\r\n"] * 20)
+        + b"--b0und\r\n"
+        + FILE
+        + b"\r\n--b0und--\r\n",  # more parts than a form of one file has
+    ],
+    ids=["bad-header", "truncated", "too-many-parts"],
+)
+async def test_a_malformed_multipart_body_is_a_400(api: Api, body: bytes) -> None:
+    _, headers = form()
+    resp = await api.client.post("/v1/datasets", content=body, headers=headers)
+    assert resp.status_code == 400, resp.text
+    assert "multipart" in resp.json()["detail"]
+    assert stored_nothing(api)
+
+
+async def test_every_part_of_a_form_counts_against_the_size_limit(api: Api) -> None:
+    limit = api.settings.max_dataset_bytes
+    field = b'Content-Disposition: form-data; name="purpose"\r\n\r\n' + b"x" * 4000
+    body, headers = form(*[field] * 14, FILE)  # short fields: within the form's allowance
+    resp = await api.client.post("/v1/datasets", content=body, headers=headers)
+    assert resp.status_code == 201, resp.text
+    # A tiny dataset file, but the form carries more than the limit in another part.
+    pad = b'Content-Disposition: form-data; name="f"; filename="pad.bin"\r\n\r\n'
+    body, headers = form(FILE, pad + b"y" * (limit + 64 * 1024))
+    resp = await api.client.post("/v1/datasets", content=body, headers=headers)
+    assert resp.status_code == 413, resp.text  # refused from its Content-Length
+
+
+def test_a_chunked_form_is_counted_as_it_streams_in(live_api: LiveServer) -> None:
+    """No Content-Length to refuse it by: the parts are counted as they arrive."""
+    pad = b'Content-Disposition: form-data; name="f"; filename="pad.bin"\r\n\r\n'
+    body, headers = form(FILE, pad + b"y" * (2 * 1024 * 1024))
+    chunks = (body[at : at + 65536] for at in range(0, len(body), 65536))
+    resp = httpx.post(f"{live_api.url}/v1/datasets", content=chunks, headers=headers)
+    assert resp.status_code == 413, resp.text
+    assert "the form is over the limit" in resp.json()["detail"]
+
+
+@pytest.mark.parametrize("value", ["garbage", "1-", "-1", "99999999999999999999-0", "1-1-1"])
+async def test_a_malformed_last_event_id_is_a_400(api: Api, value: str) -> None:
+    job = await api.client.post("/v1/jobs", json=spec(await dataset(api)), headers=ALICE)
+    resp = await api.client.get(
+        f"/v1/jobs/{job.json()['id']}/events", headers={**ALICE, "Last-Event-ID": value}
+    )
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["errors"][0]["loc"] == ["header", "Last-Event-ID"]
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999-0", "1-0\n"])
+async def test_an_audit_cursor_redis_cannot_read_is_a_400(api: Api, value: str) -> None:
+    await api.client.get("/v1/jobs", headers=ADMIN)  # one audited request
+    resp = await api.client.get("/v1/audit", params={"cursor": value}, headers=ADMIN)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["errors"][0]["loc"][-1] == "cursor"
+
+
+async def test_names_labels_and_models_ending_in_a_newline_are_refused(api: Api) -> None:
+    resp = await upload(api, jsonl(ROW), name="mine\n")
+    assert resp.status_code == 400, resp.text
+    ds = await dataset(api)
+    for field, value in [
+        ("labels", {"team\n": "a"}),
+        ("base_model", "org/model\n"),
+        ("dataset_id", ds + "\n"),
+    ]:
+        resp = await api.client.post("/v1/jobs", json={**spec(ds), field: value}, headers=ALICE)
+        assert resp.status_code == 422, (field, value, resp.text)
+    resp = await api.client.get("/v1/feedback/chat%0A", headers=ALICE)
+    assert resp.status_code in (400, 422), resp.text
+    assert resp.json()["errors"][0]["loc"][-1] == "stream"

@@ -1,0 +1,128 @@
+"""Uploads share a host's temp space fairly: a bounded number at once (503 + Retry-After past
+it, or when space is short), a body that trickles in is cut off, and what a killed upload left
+is removed when the API starts again."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+from litestar.testing import AsyncTestClient
+
+from service.api.app import create_app
+from service.api.uploads import UploadSpace
+from service.settings import Settings
+from tests.fixtures.api import ALICE, ApiProcess, LiveServer
+from tests.integration.test_api_datasets import ROW, jsonl
+
+NDJSON = {**ALICE, "Content-Type": "application/x-ndjson"}
+
+
+def space(settings: Settings) -> UploadSpace:
+    """The host's upload space as another process of the host sees it."""
+    return UploadSpace(settings.upload_dir, max_uploads=1, reserve_bytes=0)
+
+
+async def test_past_the_concurrent_uploads_an_upload_gets_503(
+    api_settings: Settings,
+) -> None:
+    settings = replace(api_settings, max_concurrent_uploads=1)
+    async with AsyncTestClient(create_app(settings)) as client:
+        path, lock = space(settings)._admit()  # an upload in flight in another process
+        resp = await client.post("/v1/datasets", content=jsonl(ROW), headers=NDJSON)
+        assert resp.status_code == 503, resp.text
+        assert resp.headers["Retry-After"] == "30"
+        assert "taking 1 uploads, its limit" in resp.json()["detail"]
+        lock.close()  # that upload's process is gone: its slot is taken back
+        resp = await client.post("/v1/datasets", content=jsonl(ROW), headers=NDJSON)
+        assert resp.status_code == 201, resp.text
+        assert not path.exists() and list(settings.upload_dir.iterdir()) == [
+            settings.upload_dir / ".admit"
+        ]
+
+
+def test_an_upload_the_temp_space_may_not_hold_gets_503(api_settings: Settings) -> None:
+    """Space is reserved for the declared size, or for the largest upload when the body is
+    chunked: more than any disk has here."""
+    with LiveServer(replace(api_settings, max_dataset_bytes=1 << 60)) as api:
+        small = httpx.post(f"{api.url}/v1/datasets", content=jsonl(ROW), headers=NDJSON)
+        assert small.status_code == 201, small.text
+        chunked = httpx.post(f"{api.url}/v1/datasets", content=iter([jsonl(ROW)]), headers=NDJSON)
+        assert chunked.status_code == 503, chunked.text
+        assert "temp space is short" in chunked.json()["detail"]
+        assert chunked.headers["Retry-After"] == "30"
+
+
+@pytest.fixture
+def slow_api(api_settings: Settings) -> Iterator[LiveServer]:
+    settings = replace(api_settings, upload_grace_seconds=1.0, upload_min_bytes_per_second=1000)
+    with LiveServer(settings) as server:
+        yield server
+
+
+def test_a_body_that_trickles_in_is_cut_off_with_408(
+    slow_api: LiveServer, api_settings: Settings
+) -> None:
+    host, port = slow_api.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(
+            b"POST /v1/datasets HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-alice\r\n"
+            b"Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b'5\r\n{"pro\r\n'
+        )
+        started = time.monotonic()
+        answer = b""
+        while chunk := conn.recv(4096):  # until the server closes the connection
+            answer += chunk
+        waited = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"the upload came too slowly" in answer and 0.8 < waited < 5, waited
+    assert [p.name for p in api_settings.upload_dir.iterdir()] == [".admit"]  # slot freed
+
+
+def test_a_killed_uploads_temp_files_are_removed_at_start_up(
+    api_settings: Settings, tmp_path: Path
+) -> None:
+    settings = replace(api_settings, max_concurrent_uploads=1)
+    sent, killed = threading.Event(), threading.Event()
+
+    def body() -> Iterator[bytes]:
+        yield jsonl(ROW) * 100
+        sent.set()
+        killed.wait(10)
+        yield jsonl(ROW)
+
+    with ApiProcess(settings, tmp_path / "a.log") as api:
+
+        def post() -> None:
+            with contextlib.suppress(httpx.TransportError):  # the API dies mid-upload
+                httpx.post(f"{api.url}/v1/datasets", content=body(), headers=NDJSON, timeout=10)
+
+        upload = threading.Thread(target=post, daemon=True)
+        upload.start()
+        assert sent.wait(10)
+        time.sleep(0.3)
+        [left] = [p for p in settings.upload_dir.iterdir() if p.is_dir()]
+        assert (left / "upload").stat().st_size > 0
+        second = httpx.post(f"{api.url}/v1/datasets", content=jsonl(ROW), headers=NDJSON)
+        assert second.status_code == 503, second.text  # the one slot is taken
+        api.kill()
+        killed.set()
+    assert left.exists()  # nothing of the killed process cleaned up
+    live, lock = space(settings)._admit()  # another process's upload, still running
+    try:
+        with ApiProcess(settings, tmp_path / "b.log") as again:
+            assert not left.exists() and live.exists()
+            lock.close()
+            resp = httpx.post(f"{again.url}/v1/datasets", content=jsonl(ROW), headers=NDJSON)
+            assert resp.status_code == 201, resp.text
+    finally:
+        lock.close()
+    upload.join(10)
