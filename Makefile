@@ -58,10 +58,14 @@ fmt: $(STAMP) ## format the code
 openapi: $(STAMP) ## export openapi/openapi.json from the app
 	$(PY) -m service.api.openapi > openapi/openapi.json
 
+screenshot: $(STAMP) ## regenerate the README's console screenshot (runs the console's browser test)
+	FTUNE_SCREENSHOTS=test-artifacts/console $(VENV)/bin/pytest -q tests/e2e/test_console.py -k end_to_end
+	cp test-artifacts/console/job.png docs/images/console-job.png
+
 bench: $(STAMP) ## benchmarks, quick mode (BENCH=full for the full run)
 	$(PY) -m bench $(if $(BENCH),--$(BENCH),--quick)
 
 soak: $(STAMP) ## several tenants against one API and two workers for 60 s, then a consistency check
 	$(PY) -m bench.soak
 
-.PHONY: help install lock demo dev test test-fast lint fmt openapi bench soak
+.PHONY: help install lock demo dev test test-fast lint fmt openapi screenshot bench soak

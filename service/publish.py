@@ -100,7 +100,8 @@ def publish(
         raise PublishError(_scrub(message, _secrets(settings, location))) from None
 
     files = sorted(sha256)
-    return Artifact(kind=kind, uri=location.uri, files=files, sha256=sha256)
+    sizes = {rel: (src_dir / rel).stat().st_size for rel in files}
+    return Artifact(kind=kind, uri=location.uri, files=files, sha256=sha256, sizes=sizes)
 
 
 # --------------------------------------------------------------------------- where it goes

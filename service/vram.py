@@ -39,7 +39,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.contract import JobSpec, local_model_path
+from service.contract import JobTemplate, local_model_path
 
 GIB = 1024**3
 
@@ -294,7 +294,7 @@ def _targeted(arch: Architecture, target_modules: str | list[str]) -> dict[str, 
     return {name: shape for name, shape in shapes.items() if name in wanted}
 
 
-def _weights(arch: Architecture, spec: JobSpec, dtype_bytes: int) -> int:
+def _weights(arch: Architecture, spec: JobTemplate, dtype_bytes: int) -> int:
     quant = spec.quantization
     linear = arch.linear_params
     others = (arch.embedding_params + arch.norm_params) * dtype_bytes
@@ -309,7 +309,7 @@ def _weights(arch: Architecture, spec: JobSpec, dtype_bytes: int) -> int:
     return linear * dtype_bytes + others
 
 
-def _adapter(arch: Architecture, spec: JobSpec) -> int:
+def _adapter(arch: Architecture, spec: JobTemplate) -> int:
     targets = _targeted(arch, spec.lora.target_modules)
     params = spec.lora.r * sum(a + b for a, b in targets.values()) * arch.num_layers
     eight_bit = spec.hyperparameters.optimizer in ("adamw_8bit", "paged_adamw_8bit")
@@ -318,7 +318,7 @@ def _adapter(arch: Architecture, spec: JobSpec) -> int:
     return params * (4 + 4 + (2 if eight_bit else 8))
 
 
-def _activations(arch: Architecture, spec: JobSpec, d: int) -> tuple[int, int]:
+def _activations(arch: Architecture, spec: JobTemplate, d: int) -> tuple[int, int]:
     """(kept for backward + the largest dequantized weight, the LM head's tiles)."""
     hp = spec.hyperparameters
     tokens = 2 * hp.batch_size * hp.max_length
@@ -341,7 +341,7 @@ def _activations(arch: Architecture, spec: JobSpec, d: int) -> tuple[int, int]:
     return kept + dequantized, tile
 
 
-def estimate(spec: JobSpec, models_dir: Path | None = None) -> MemoryEstimate | None:
+def estimate(spec: JobTemplate, models_dir: Path | None = None) -> MemoryEstimate | None:
     """The GPU memory `spec` needs at its peak, or None when the base model's shape is unknown."""
     arch = architecture_for(spec.base_model, models_dir)
     if arch is None:
@@ -349,7 +349,7 @@ def estimate(spec: JobSpec, models_dir: Path | None = None) -> MemoryEstimate | 
     return estimate_for(arch, spec)
 
 
-def estimate_for(arch: Architecture, spec: JobSpec) -> MemoryEstimate:
+def estimate_for(arch: Architecture, spec: JobTemplate) -> MemoryEstimate:
     """The GPU memory `spec` needs when its base model has the shape `arch`."""
     d = _DTYPE_BYTES[spec.quantization.compute_dtype]
     activations, lm_head = _activations(arch, spec, d)
@@ -364,7 +364,7 @@ def estimate_for(arch: Architecture, spec: JobSpec) -> MemoryEstimate:
     )
 
 
-def check_fits(spec: JobSpec, gpu_memory_gb: float | None, models_dir: Path | None) -> None:
+def check_fits(spec: JobTemplate, gpu_memory_gb: float | None, models_dir: Path | None) -> None:
     """Raise ValueError saying what the job needs when it cannot fit the workers' GPUs.
 
     No limit configured (CPU workers, or the operator chose not to check) or a base model of

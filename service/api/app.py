@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from service import queue, tenants, webhooks
 from service.api import errors
 from service.api.auth import principal
+from service.api.console import console_router
 from service.api.datasets import DatasetController
 from service.api.events import EventHub
 from service.api.feedback import FeedbackController
@@ -166,6 +167,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             TenancyController,
             FileController,
             FineTuningController,
+            console_router(),
         ],
         dependencies=_dependencies(settings),
         exception_handlers={Exception: errors.handle},

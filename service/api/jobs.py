@@ -11,7 +11,7 @@ import msgspec
 from arq.connections import ArqRedis
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
-from litestar.params import HeaderParameter, Parameter
+from litestar.params import Body, HeaderParameter, Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from service import queue, vram, webhooks
@@ -24,10 +24,12 @@ from service.api.tenancy import TenantParam, listed_tenant
 from service.contract import (
     Dataset,
     DatasetRef,
+    GpuMemoryEstimate,
     Job,
     JobList,
     JobSpec,
     JobStatus,
+    JobTemplate,
     MetricSeries,
     local_model_path,
 )
@@ -153,6 +155,40 @@ async def submit_job(
     return stored, False
 
 
+def estimate_memory(spec: JobTemplate, settings: Settings) -> GpuMemoryEstimate:
+    """What `vram` makes of a spec, in the numbers the submit check compares."""
+    try:
+        found = vram.estimate(spec, settings.models_dir)
+    except ValueError as exc:
+        raise InvalidRequest(
+            str(exc), [FieldError(loc=["body", "base_model"], msg=str(exc))]
+        ) from None
+    limit = settings.worker_gpu_memory_gb
+    if found is None:
+        return GpuMemoryEstimate(
+            base_model=spec.base_model,
+            gpu_memory_gb=limit,
+            summary=f"the shape of {spec.base_model} is unknown: no estimate, and no check at "
+            "submit",
+        )
+    parts = {
+        "weights": found.weights,
+        "adapter": found.adapter,
+        "activations": found.activations,
+        "lm_head": found.lm_head,
+        "overhead": found.overhead,
+    }
+    return GpuMemoryEstimate(
+        base_model=spec.base_model,
+        architecture=found.architecture.name,
+        total_gb=round(found.total_gb, 2),
+        parts_gb={name: round(value / vram.GIB, 2) for name, value in parts.items()},
+        gpu_memory_gb=limit,
+        fits=None if limit is None else found.total_gb <= limit,
+        summary=found.describe(),
+    )
+
+
 async def cancel_job(
     job_id: str, *, tenant: str | None, store: Store, arq: ArqRedis, settings: Settings
 ) -> Job:
@@ -202,6 +238,23 @@ class JobController(Controller):
         )
         headers = {"Idempotent-Replayed": "true"} if replayed else None
         return Response(shown.job(job), status_code=201, headers=headers)
+
+    @post(
+        operation_id="EstimateJobMemory",
+        path="/estimate",
+        status_code=200,
+        summary="The GPU memory a job would need, before submitting it",
+        description="The same estimate the submit check compares with the workers' GPU memory "
+        "(`FTUNE_WORKER_GPU_MEMORY_GB`). The body is a job spec without its datasets.",
+        responses=responses(),
+    )
+    async def estimate(
+        self,
+        data: Annotated[JobTemplate, Body(description="The job spec, without dataset ids.")],
+        principal: Principal,
+        settings: Settings,
+    ) -> GpuMemoryEstimate:
+        return estimate_memory(data, settings)
 
     @get(
         operation_id="ListJobs",

@@ -1,4 +1,4 @@
-"""Liveness, readiness and Prometheus, for Kubernetes and the operator."""
+"""Liveness, readiness and Prometheus, for Kubernetes and the operator; who a key belongs to."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from litestar import Controller, Response, get
 from litestar.datastructures import State
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from service.settings import Settings
+from service.contract import Caller
+from service.settings import Principal, Settings
 from service.store import Store
 
 
@@ -26,6 +27,10 @@ class SystemController(Controller):
         except Exception as exc:
             return Response({"status": "unavailable", "redis": type(exc).__name__}, status_code=503)
         return Response({"status": "ok"})
+
+    @get(operation_id="GetCaller", path="/v1/me", summary="Who the API key belongs to")
+    async def me(self, principal: Principal) -> Caller:
+        return Caller(tenant=principal.tenant, admin=principal.admin)
 
     @get(
         operation_id="Metrics",

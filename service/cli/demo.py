@@ -245,6 +245,10 @@ def _train_and_show(
         f"submitted {job.id}: QLoRA (4-bit NF4) DPO on {MODEL_NAME}, {steps} steps; "
         "follow it from another shell with `ftune jobs watch " + job.id + "`"
     )
+    console.print(
+        f"or in the browser: [bold]{client.url}/ui/#/jobs/{job.id}[/] (sign in with the API key)",
+        soft_wrap=True,
+    )
     try:
         final = watch_job(client, job.id, console, poll=1.0)
     except KeyboardInterrupt:

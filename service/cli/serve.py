@@ -109,6 +109,7 @@ def dev(
         try:
             with stack:
                 out.print(f"ftune is running at [bold]{stack.url}[/] (docs: {stack.url}/docs)")
+                out.print(f"Console: [bold]{stack.url}/ui/[/] (sign in with the API key)")
                 if stack.key_created:
                     out.print(f"API key (shown once; also in {state_dir / 'api_key'}):")
                     out.print(f"  {stack.api_key}", soft_wrap=True)

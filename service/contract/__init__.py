@@ -5,6 +5,7 @@ cross-field rules live in ``__post_init__`` (msgspec turns their ``ValueError`` 
 ``ValidationError`` with the field path). Import from here: the submodules are its seams.
 """
 
+from service.contract.caller import Caller
 from service.contract.datasets import (
     Container,
     Dataset,
@@ -44,6 +45,7 @@ from service.contract.jobs import (
     DroppedRows,
     GeneratedBy,
     Generation,
+    GpuMemoryEstimate,
     Job,
     JobError,
     JobList,
@@ -115,6 +117,7 @@ __all__ = [
     "Artifact",
     "AuditEntry",
     "AuditPage",
+    "Caller",
     "ChatTemplate",
     "Container",
     "DataReport",
@@ -142,6 +145,7 @@ __all__ = [
     "GateDecision",
     "GeneratedBy",
     "Generation",
+    "GpuMemoryEstimate",
     "Holdout",
     "HubDestination",
     "Hyperparameters",

@@ -73,6 +73,10 @@ class Artifact(msgspec.Struct, kw_only=True):
         dict[str, str],
         msgspec.Meta(description="sha256 hex per file, as in the manifest.json beside it."),
     ]
+    sizes: Annotated[
+        dict[str, int],
+        msgspec.Meta(description="Bytes per file; empty in records from before this field."),
+    ] = msgspec.field(default_factory=dict)
 
 
 class JobError(msgspec.Struct, kw_only=True):
@@ -320,3 +324,36 @@ class MetricSeries(msgspec.Struct, kw_only=True):
 
     job_id: Annotated[str, msgspec.Meta(description="The job's id.")]
     points: Annotated[list[MetricPoint], msgspec.Meta(description="One point per logging step.")]
+
+
+class GpuMemoryEstimate(msgspec.Struct, kw_only=True):
+    """The GPU memory a spec needs at the peak of a training step, before it is submitted."""
+
+    base_model: Annotated[str, msgspec.Meta(description="The base model estimated for.")]
+    architecture: Annotated[
+        str | None,
+        msgspec.Meta(description="The shape the estimate used; null when it is unknown."),
+    ] = None
+    total_gb: Annotated[
+        float | None,
+        msgspec.Meta(description="GiB at the peak; null when the model's shape is unknown."),
+    ] = None
+    parts_gb: Annotated[
+        dict[str, float],
+        msgspec.Meta(
+            description="GiB by what holds them: `weights`, `adapter` (with its gradients and "
+            "optimizer states), `activations`, `lm_head`, `overhead` (CUDA context, allocator)."
+        ),
+    ] = msgspec.field(default_factory=dict)
+    gpu_memory_gb: Annotated[
+        float | None,
+        msgspec.Meta(description="The workers' GPU memory (`FTUNE_WORKER_GPU_MEMORY_GB`), if set."),
+    ] = None
+    fits: Annotated[
+        bool | None,
+        msgspec.Meta(
+            description="Whether a submit would pass the memory check; null when nothing can be "
+            "judged (no limit configured or an unknown shape)."
+        ),
+    ] = None
+    summary: Annotated[str, msgspec.Meta(description="The estimate in words.")]

@@ -46,6 +46,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n--- logs ---\n{logs}"
     out = result.stdout
     assert f"started the dev stack at http://127.0.0.1:{port}" in out
+    assert f"http://127.0.0.1:{port}/ui/#/jobs/job_" in out  # the job's console page
     assert "succeeded" in out and "preference learned: mean answer length" in out
     assert "held-out prompt" in out and "before (base model)" in out
     adapter_line = next(line for line in out.splitlines() if line.startswith("adapter: file://"))

@@ -61,3 +61,36 @@ async def test_without_a_configured_limit_nothing_is_refused(api: Api) -> None:
         "/v1/jobs", json=spec(ds, base_model="meta-llama/Llama-2-70b-hf"), headers=ALICE
     )
     assert resp.status_code == 201, resp.text
+
+
+async def test_the_estimate_route_says_what_a_submit_would_compare(gpu24: Api) -> None:
+    small = {"base_model": "meta-llama/Llama-2-7b-hf"}
+    resp = await gpu24.client.post("/v1/jobs/estimate", json=small, headers=ALICE)
+    assert resp.status_code == 200, resp.text
+    fits = resp.json()
+    assert fits["fits"] is True and fits["gpu_memory_gb"] == 24.0
+    assert 3 < fits["total_gb"] < 24 and fits["architecture"]
+    assert abs(sum(fits["parts_gb"].values()) - fits["total_gb"]) < 0.05
+    big = {"base_model": "meta-llama/Llama-2-70b-hf"}
+    resp = await gpu24.client.post("/v1/jobs/estimate", json=big, headers=ALICE)
+    assert resp.json()["fits"] is False and resp.json()["total_gb"] > 24
+    # The same spec is refused at submit: the estimate and the check agree.
+    ds = await dataset(gpu24)
+    refused = await gpu24.client.post("/v1/jobs", json=spec(ds, **big), headers=ALICE)
+    assert refused.status_code == 422
+
+
+async def test_an_estimate_of_an_unknown_shape_says_so_and_bad_specs_are_refused(
+    gpu24: Api,
+) -> None:
+    resp = await gpu24.client.post(
+        "/v1/jobs/estimate", json={"base_model": "org/mystery-model"}, headers=ALICE
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["total_gb"] is None and resp.json()["fits"] is None
+    assert "unknown" in resp.json()["summary"]
+    bad = {"base_model": "org/m", "hyperparameters": {"beta": -1}}
+    resp = await gpu24.client.post("/v1/jobs/estimate", json=bad, headers=ALICE)
+    assert resp.status_code == 422 and "beta" in resp.text
+    resp = await gpu24.client.post("/v1/jobs/estimate", json={"base_model": "org/m"})
+    assert resp.status_code == 401

@@ -1,0 +1,84 @@
+// The one way the console talks to the API: /v1 with the Bearer header. The key lives in the
+// tab's sessionStorage only; it is never put in a URL, a cookie or the console's own logs.
+
+const KEY = "ftune.apiKey";
+
+export class ApiError extends Error {
+  constructor(status, problem) {
+    super((problem && problem.detail) || `HTTP ${status}`);
+    this.status = status;
+    this.problem = problem || {};
+  }
+}
+
+export const session = {
+  key: () => sessionStorage.getItem(KEY),
+  set: (key) => sessionStorage.setItem(KEY, key),
+  clear: () => sessionStorage.removeItem(KEY),
+  caller: null,
+};
+
+let onUnauthorized = () => {};
+export function whenUnauthorized(fn) {
+  onUnauthorized = fn;
+}
+
+function headers(extra) {
+  return { Authorization: `Bearer ${session.key()}`, ...extra };
+}
+
+/** A URL for `path` (under /v1) with its query; empty values are left out. */
+export function url(path, query = {}) {
+  const params = new URLSearchParams();
+  for (const [name, value] of Object.entries(query)) {
+    for (const v of [].concat(value)) {
+      if (v !== undefined && v !== null && v !== "") params.append(name, String(v));
+    }
+  }
+  const qs = params.toString();
+  return `/v1${path}${qs ? `?${qs}` : ""}`;
+}
+
+async function problemOf(resp) {
+  try {
+    return await resp.json();
+  } catch {
+    return { detail: `${resp.status} ${resp.statusText}` };
+  }
+}
+
+/** fetch() against /v1 with the key; JSON in and out; throws ApiError on a non-2xx answer. */
+export async function api(path, { method = "GET", query, json, body, type, signal } = {}) {
+  const extra = {};
+  if (json !== undefined) extra["Content-Type"] = "application/json";
+  if (type) extra["Content-Type"] = type;
+  const resp = await fetch(url(path, query), {
+    method,
+    headers: headers(extra),
+    body: json !== undefined ? JSON.stringify(json) : body,
+    signal,
+    cache: "no-store",
+    referrerPolicy: "no-referrer",
+  });
+  if (resp.status === 401) {
+    onUnauthorized("The API refused the key (401): sign in again.");
+    throw new ApiError(401, await problemOf(resp));
+  }
+  if (!resp.ok) throw new ApiError(resp.status, await problemOf(resp));
+  if (resp.status === 204) return null;
+  return resp.json();
+}
+
+/** A streaming GET with the key (EventSource cannot send an Authorization header). */
+export async function stream(path, { lastEventId, signal }) {
+  const extra = { Accept: "text/event-stream" };
+  if (lastEventId) extra["Last-Event-ID"] = lastEventId;
+  const resp = await fetch(url(path), {
+    headers: headers(extra),
+    signal,
+    cache: "no-store",
+    referrerPolicy: "no-referrer",
+  });
+  if (resp.status === 401) onUnauthorized("The API refused the key (401): sign in again.");
+  return resp;
+}

@@ -1,0 +1,97 @@
+// Building pages from text: every value goes in as a text node, never as HTML, so a dataset
+// row or a model's answer cannot inject markup into the console.
+
+/** h("a", {href: "#/jobs", class: "x"}, "text", child, [more]) */
+export function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs || {})) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name.startsWith("on")) el.addEventListener(name.slice(2), value);
+    else if (name === "dataset") Object.assign(el.dataset, value);
+    else el.setAttribute(name, value === true ? "" : String(value));
+  }
+  append(el, children);
+  return el;
+}
+
+function append(el, children) {
+  for (const child of children) {
+    if (child === undefined || child === null || child === false) continue;
+    if (Array.isArray(child)) append(el, child);
+    else el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+}
+
+export function clear(el, ...children) {
+  el.replaceChildren();
+  append(el, children);
+  return el;
+}
+
+export function when(seconds) {
+  if (seconds === null || seconds === undefined) return "—";
+  return new Date(seconds * 1000).toLocaleString();
+}
+
+export function duration(seconds) {
+  if (seconds === null || seconds === undefined) return "—";
+  const s = Math.round(seconds);
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+  return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+}
+
+export function bytes(n) {
+  if (n === null || n === undefined) return "—";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) {
+    n /= 1024;
+    i += 1;
+  }
+  return `${i ? n.toFixed(1) : n} ${units[i]}`;
+}
+
+export function num(v, digits = 4) {
+  if (v === null || v === undefined) return "—";
+  return Number.isInteger(v) ? String(v) : Number(v).toPrecision(digits);
+}
+
+export function badge(status) {
+  return h("span", { class: `badge ${status}` }, status);
+}
+
+/** A Problem Details error as a block: the detail, then each error with its line or place. */
+export function problem(err) {
+  const p = err.problem || {};
+  const items = (p.errors || []).map((e) => {
+    const where = e.line ? `line ${e.line}` : e.loc ? e.loc.join(".") : "";
+    return h("li", {}, where ? h("strong", {}, `${where}${e.field ? ` (${e.field})` : ""}: `) : "", e.msg);
+  });
+  const more = p.total_errors && p.total_errors > items.length ? h("p", {}, `${p.total_errors} problems in all.`) : null;
+  return h("div", { class: "error", role: "alert" }, h("p", {}, err.message), items.length ? h("ul", { class: "problems" }, items) : null, more);
+}
+
+export function table(headers, rows, caption) {
+  return h(
+    "div",
+    { class: "table-wrap" },
+    h(
+      "table",
+      {},
+      caption ? h("caption", {}, caption) : null,
+      h("thead", {}, h("tr", {}, headers.map((t) => h("th", { scope: "col" }, t)))),
+      h("tbody", {}, rows),
+    ),
+  );
+}
+
+export function field(label, input, hint) {
+  const id = input.id || `f-${label.toLowerCase().replace(/[^a-z0-9]+/g, "-")}`;
+  input.id = id;
+  return h("div", { class: "field" }, h("label", { for: id }, label), input, hint ? h("small", {}, hint) : null);
+}
+
+export function dl(pairs) {
+  return h("dl", { class: "facts" }, pairs.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
+}
