@@ -186,8 +186,12 @@ class ReporterCallback(TrainerCallback):
             return
         if not any(k.startswith("eval_") for k in values):
             values.update(self._throughput(values))
-        self.points.append(MetricPoint(step=state.global_step, time=time.time(), values=values))
-        self.reporter.metrics(state.global_step, values)
+        self.add_point(state.global_step, values)
+
+    def add_point(self, step: int, values: dict[str, float]) -> None:
+        """Record and report a metric point (TRL's logs, and metrics measured after training)."""
+        self.points.append(MetricPoint(step=step, time=time.time(), values=values))
+        self.reporter.metrics(step, values)
 
     def _throughput(self, values: dict[str, float]) -> dict[str, float]:
         extra = {"memory_bytes": float(memory_bytes())}

@@ -1,7 +1,8 @@
-"""The job's preference rows: fetched, de-duplicated, split by prompt, templated, fitted to length.
+"""The job's rows: fetched, de-duplicated, split by prompt, templated, fitted to length.
 
-Rows arrive canonical (the API normalized them): standard `{"prompt", "chosen", "rejected"}`
-strings, or conversational lists of `{role, content}` messages. Everything here is a plain
+Rows arrive canonical (the API normalized them): preference `{"prompt", "chosen", "rejected"}`,
+sft `{"prompt", "completion"}` or unpaired `{"prompt", "completion", "label"}`, as standard
+strings or conversational lists of `{role, content}` messages. Everything here is a plain
 function over lists of dicts, so it can be tested without a trainer.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,8 @@ Row = dict[str, Any]
 Message = dict[str, str]
 
 _TOKENIZE_BATCH = 512
+ANSWER_FIELDS = ("chosen", "rejected", "completion")
+"""The fields of a row that hold an answer (the rest: prompt, and an unpaired row's label)."""
 
 
 def fetch_rows(store: BlobStore, ref: DatasetRef, dest_dir: Path) -> list[Row]:
@@ -95,14 +98,17 @@ def apply_chat_template(
     for row in rows:
         if conversational:
             prompt: list[Message] = list(row["prompt"])
-            chosen, rejected = row["chosen"], row["rejected"]
+            templated = dict(row)
         else:
             prompt = [{"role": "user", "content": row["prompt"]}]
-            chosen = [{"role": "assistant", "content": row["chosen"]}]
-            rejected = [{"role": "assistant", "content": row["rejected"]}]
+            templated = {
+                k: [{"role": "assistant", "content": v}] if k in ANSWER_FIELDS else v
+                for k, v in row.items()
+            }
         if system is not None and prompt[0]["role"] != "system":
             prompt.insert(0, {"role": "system", "content": system})
-        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        templated["prompt"] = prompt
+        out.append(templated)
     return out
 
 
@@ -199,14 +205,17 @@ def fit_max_length(
     """
     kept: list[Row] = []
     dropped = DroppedRows()
-    for row, (n_prompt, chosen, rejected) in zip(
-        rows, pair_token_ids(rows, tokenizer), strict=True
-    ):
+    found: Iterable[tuple[int, list[int], list[int] | None]]
+    if rows and "completion" in rows[0]:  # one answer a row: nothing can become identical
+        found = ((n, c, None) for n, c in completion_token_ids(rows, tokenizer))
+    else:
+        found = pair_token_ids(rows, tokenizer)
+    for row, (n_prompt, chosen, rejected) in zip(rows, found, strict=True):
         budget = max_length - n_prompt
-        cut = max(len(chosen), len(rejected)) > budget
+        cut = max(len(chosen), len(rejected or ())) > budget
         if budget <= 0:
             dropped.prompt_too_long += 1
-        elif chosen[:budget] == rejected[:budget]:
+        elif rejected is not None and chosen[:budget] == rejected[:budget]:
             dropped.identical_after_truncation += 1
         elif cut and budget < MIN_COMPLETION_TOKENS:
             dropped.completion_budget_too_small += 1
@@ -237,6 +246,26 @@ def pair_token_ids(
         for p, c, r in zip(prompts, chosen, rejected, strict=True):
             n = min(_common_prefix(p, c), _common_prefix(p, r))
             yield n, c[n:], r[n:]
+
+
+def completion_token_ids(
+    rows: list[Row], tokenizer: PreTrainedTokenizerBase
+) -> Iterator[tuple[int, list[int]]]:
+    """(prompt tokens, completion ids) per sft or unpaired row, split as pair_token_ids does."""
+    eos = tokenizer.eos_token or ""
+    for start in range(0, len(rows), _TOKENIZE_BATCH):
+        batch = rows[start : start + _TOKENIZE_BATCH]
+        if is_conversational(batch[0]):
+            prompts = _chat_ids(tokenizer, [r["prompt"] for r in batch], generation_prompt=True)
+            full = _chat_ids(tokenizer, [r["prompt"] + r["completion"] for r in batch])
+        else:
+            prompts = _text_ids(tokenizer, [r["prompt"] for r in batch])
+            full = _text_ids(
+                tokenizer, [r["prompt"] + _ending(r["completion"], eos) for r in batch]
+            )
+        for p, c in zip(prompts, full, strict=True):
+            n = _common_prefix(p, c)
+            yield n, c[n:]
 
 
 def _chat_ids(

@@ -38,8 +38,8 @@ def generate_side_by_side(
         ids = torch.tensor([prompt_ids(prompt, tokenizer, spec.chat_template)], device=device)
         with torch.no_grad():
             with model.disable_adapter():  # type: ignore[attr-defined]
-                base = _generate(model, tokenizer, ids, spec.max_new_tokens)
-            tuned = _generate(model, tokenizer, ids, spec.max_new_tokens)
+                base = generate_one(model, tokenizer, ids, spec.max_new_tokens)
+            tuned = generate_one(model, tokenizer, ids, spec.max_new_tokens)
         generations.append(
             Generation(
                 prompt=prompt,
@@ -94,7 +94,7 @@ def _complete_all(
                 [prompt_ids(prompt, tokenizer, spec.chat_template)], device=model.device
             )
             with torch.no_grad():
-                texts.append(_generate(model, tokenizer, ids, spec.max_new_tokens))
+                texts.append(generate_one(model, tokenizer, ids, spec.max_new_tokens))
         return texts
     finally:
         del model
@@ -103,7 +103,10 @@ def _complete_all(
             torch.cuda.empty_cache()
 
 
-def _generate(model: object, tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor, n: int) -> str:
+def generate_one(
+    model: object, tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor, n: int
+) -> str:
+    """The greedy continuation of `ids` (one prompt), at most `n` new tokens, as text."""
     import torch
 
     out = model.generate(  # type: ignore[attr-defined]

@@ -34,7 +34,7 @@ from gpu_worker.errors import ConfigError, DatasetError
 from gpu_worker.generations import generate_side_by_side, generate_with_merged
 from gpu_worker.model import load_model, load_tokenizer, resolve_model
 from gpu_worker.reporter import JobCancelled, JobStopped, Reporter
-from gpu_worker.trainer import adapt_to_device, build_dpo_config, build_trainer, resolve_device
+from gpu_worker.trainer import adapt_to_device, build_config, build_trainer, resolve_device
 from service import tenants
 from service.blobs import BlobStore
 from service.contract import (
@@ -93,7 +93,7 @@ def run(
         model,
         tokenizer,
         spec,
-        build_dpo_config(spec, output_dir, device, has_eval=bool(eval_rows)),
+        build_config(spec, output_dir, device, has_eval=bool(eval_rows)),
         to_dataset(rows),
         to_dataset(eval_rows) if eval_rows else None,
         [callback],
@@ -112,6 +112,12 @@ def run(
         final_metrics |= _eval_at(callback, trainer.state.global_step) or {
             k: float(v) for k, v in trainer.evaluate().items()
         }
+        if spec.method == "sft":
+            from gpu_worker.rouge import rouge_scores
+
+            rouge = rouge_scores(trainer.model, tokenizer, eval_rows, spec, device)
+            callback.add_point(trainer.state.global_step, rouge)
+            final_metrics |= rouge
     publish_merged = spec.output.artifacts in ("merged", "both")
     generations = []
     if spec.eval_prompts and not publish_merged:  # else from the merged model, once it exists

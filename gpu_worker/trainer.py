@@ -1,7 +1,8 @@
-"""Turn a JobSpec into TRL's DPOConfig and DPOTrainer, with the device's choices made explicit.
+"""Turn a JobSpec into a TRL config and trainer of its method, with the device's choices made
+explicit (the per-method parts are in gpu_worker/methods.py).
 
-The reference model is the base with the adapter disabled (TRL does this when it gets a
-`peft_config`), so only one copy of the weights is in memory. Two choices differ from what a
+The reference model (dpo, kto) is the base with the adapter disabled (TRL does this when it
+gets a `peft_config`), so only one copy of the weights is in memory. Two choices differ from what a
 plain TRL script gets, on purpose (docs/training-quality.md): the adapter's weights stay float32
 on every path, and the training step's mixed precision follows the base's compute dtype.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
@@ -21,9 +22,13 @@ from service.contract import JobSpec
 if TYPE_CHECKING:
     import torch
     from datasets import Dataset
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
-    from trl.trainer.dpo_config import DPOConfig
-    from trl.trainer.dpo_trainer import DPOTrainer
+    from transformers import (
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
 Precision = Literal["bf16", "fp16", "no"]
 """Autocast dtype of the training step (`no`: each layer computes in its weights' dtype)."""
@@ -108,25 +113,30 @@ def scheduler_name(spec: JobSpec) -> str:
     return hp.lr_scheduler
 
 
-def build_dpo_config(
+def build_config(
     spec: JobSpec, output_dir: Path, device: str, *, has_eval: bool = False
-) -> DPOConfig:
-    """TRL's config from our spec; `spec` must already be adapted to the device."""
+) -> TrainingArguments:
+    """TRL's config of the spec's method; `spec` must already be adapted to the device."""
+    from gpu_worker.methods import method_config
+
+    return method_config(spec, training_arguments(spec, output_dir, device, has_eval=has_eval))
+
+
+def training_arguments(
+    spec: JobSpec, output_dir: Path, device: str, *, has_eval: bool = False
+) -> dict[str, Any]:
+    """The settings every method's config shares (transformers' TrainingArguments)."""
     import torch
-    from trl.trainer.dpo_config import DPOConfig
 
     hp = spec.hyperparameters
     evaluate_during_training = has_eval and hp.eval_steps is not None
     bf16_supported = device == "cuda" and torch.cuda.is_bf16_supported()
     precision = mixed_precision(spec, device, bf16_supported=bf16_supported)
-    return DPOConfig(
+    return dict(
         output_dir=str(output_dir),
         use_cpu=device == "cpu",
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        beta=hp.beta,
-        loss_type=[hp.loss_type.value],
-        label_smoothing=hp.label_smoothing,
         learning_rate=hp.learning_rate,
         num_train_epochs=hp.num_epochs,
         max_steps=hp.max_steps if hp.max_steps is not None else -1,
@@ -138,7 +148,6 @@ def build_dpo_config(
         lr_scheduler_type=scheduler_name(spec),
         weight_decay=hp.weight_decay,
         max_grad_norm=hp.max_grad_norm,
-        max_length=hp.max_length,
         seed=hp.seed,
         data_seed=hp.seed,
         activation_checkpointing=hp.gradient_checkpointing,
@@ -152,8 +161,6 @@ def build_dpo_config(
         save_total_limit=2,
         report_to="none",
         disable_tqdm=True,
-        # TRL would also zero LoRA's dropout; build_trainer turns off only the base model's.
-        disable_dropout=False,
         dataloader_num_workers=0,
     )
 
@@ -162,17 +169,19 @@ def build_trainer(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     spec: JobSpec,
-    config: DPOConfig,
+    config: TrainingArguments,
     train_dataset: Dataset,
     eval_dataset: Dataset | None,
     callbacks: Sequence[TrainerCallback] = (),
-) -> DPOTrainer:
-    """A DPOTrainer that wraps `model` in a fresh float32 LoRA adapter; the reference is the bare
-    base."""
+) -> Trainer:
+    """The method's TRL trainer, wrapping `model` in a fresh float32 LoRA adapter; the
+    reference (dpo, kto) is the bare base."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from trl.trainer.dpo_trainer import DPOTrainer
 
-    trainer = DPOTrainer(
+    from gpu_worker.methods import method_trainer
+
+    trainer = method_trainer(
+        spec.method,
         model=model,
         args=config,
         train_dataset=train_dataset,

@@ -205,6 +205,9 @@ class Client:
         rejected_field: str | None = None,
         system_field: str | None = None,
         history_field: str | None = None,
+        completion_field: str | None = None,
+        label_field: str | None = None,
+        messages_field: str | None = None,
         on_invalid: str | None = None,
         max_invalid_fraction: float | None = None,
         on_progress: Callable[[int], None] | None = None,
@@ -227,6 +230,9 @@ class Client:
             "rejected_field": rejected_field,
             "system_field": system_field,
             "history_field": history_field,
+            "completion_field": completion_field,
+            "label_field": label_field,
+            "messages_field": messages_field,
             "on_invalid": on_invalid,
             "max_invalid_fraction": max_invalid_fraction,
         }
@@ -375,9 +381,12 @@ class Client:
         params = {"offset": offset, "limit": limit}
         return self._get(f"/v1/feedback/{_seg(stream)}/pairs", PairList, params)
 
-    def snapshot_feedback(self, stream: str) -> FeedbackSnapshot:
-        """Freeze every pair so far into a new dataset (409 when there is none)."""
-        response = self._send("POST", f"/v1/feedback/{_seg(stream)}/snapshot")
+    def snapshot_feedback(self, stream: str, rows: str = "pairs") -> FeedbackSnapshot:
+        """Freeze every pair (`rows="unpaired"`: every rating) so far into a new dataset (409
+        when there is none)."""
+        response = self._send(
+            "POST", f"/v1/feedback/{_seg(stream)}/snapshot", params={"rows": rows}
+        )
         return msgspec.json.decode(response.content, type=FeedbackSnapshot)
 
     # -- retraining policies ----------------------------------------------------------------

@@ -29,6 +29,7 @@ import msgspec
 
 from service.blobs import BlobStore, open_store
 from service.contract import (
+    METHOD_FIELDS,
     Artifact,
     DataReport,
     HubDestination,
@@ -396,7 +397,7 @@ def write_model_card(
         front["base_model"] = hub_base
     front["library_name"] = "peft" if kind == "adapter" else "transformers"
     front["pipeline_tag"] = "text-generation"
-    front["tags"] = ["dpo", method_tag, "trl", "ftune"]
+    front["tags"] = [spec.method, method_tag, "trl", "ftune"]
     datasets = [f"sha256:{job.dataset.sha256}"]
     if job.eval_dataset is not None:
         datasets.append(f"sha256:{job.eval_dataset.sha256}")
@@ -412,7 +413,7 @@ def write_model_card(
         "",
         f"# {title}" + (" (adapter)" if kind == "adapter" and location.path else ""),
         "",
-        f"A {what} fine-tuned with DPO ({method}) from "
+        f"A {what} fine-tuned with {spec.method.upper()} ({method}) from "
         f"`{spec.base_model}`{f' at revision `{spec.revision}`' if spec.revision else ''} "
         f"by ftune job `{job.id}`.",
         "",
@@ -437,7 +438,11 @@ def write_model_card(
         "",
         "## Hyperparameters",
         "",
-        _table(msgspec.structs.asdict(spec.hyperparameters).items()),
+        _table(
+            (name, value)
+            for name, value in msgspec.structs.asdict(spec.hyperparameters).items()
+            if spec.method in METHOD_FIELDS.get(name, (spec.method,))
+        ),
         "",
         "## LoRA",
         "",

@@ -17,8 +17,11 @@ What is counted, for TRL 1.16's DPOTrainer training a PEFT LoRA adapter (one GPU
 - the adapter: r * (in + out) per targeted linear layer, with its gradients and optimizer
   states. TRL casts the adapter of a quantized model to bf16 (2 + 2 bytes, AdamW states in the
   same dtype 2 * 2, 8-bit optimizers 2 * 1); an unquantized model's adapter is fp32 (4 + 4 + 8);
-- activations: DPO runs chosen and rejected together, so 2 * batch_size sequences of up to
-  max_length tokens. Per token and layer autograd keeps about 7h + 2kv + 4I values (norm
+- activations: DPO, ORPO and SimPO run chosen and rejected together, KTO a completion and
+  its KL completion, so 2 * batch_size sequences of up to max_length tokens; SFT one
+  sequence a row. The reference model (DPO, KTO) is the base with the adapter disabled, run
+  without gradients: no second copy of the weights, no activations kept (ORPO, SimPO and SFT
+  have none at all). Per token and layer autograd keeps about 7h + 2kv + 4I values (norm
   inputs and outputs, q/k/v/attention output, the SwiGLU gate, up, activation and product;
   SDPA attention, no seq^2 term), plus each targeted layer's dropout copy and mask when
   lora.dropout > 0. With gradient checkpointing only each layer's input is kept, and one layer
@@ -151,6 +154,10 @@ KNOWN: dict[str, Architecture] = {
         _arch("llama-3.1-70b", 8192, 80, 128256, 28672, 64, 8, tied=False),
         _arch("llama-3.3-70b", 8192, 80, 128256, 28672, 64, 8, tied=False),
         _arch("mistral-7b", 4096, 32, 32000, 14336, 32, 8, tied=False),
+        _arch("breeze-7b", 4096, 32, 61952, 14336, 32, 8, tied=False),  # Mistral, more vocab
+        # phi-2 (2.7B) has a two-layer GELU MLP (fc1, fc2: 2560 x 10240): an intermediate of
+        # 6827 in the three-matrix SwiGLU shape gives the same weights.
+        _arch("phi-2", 2560, 32, 51200, 6827, 32, 32, tied=False),
     )
 }
 """Well-known models by the start of their lowercased repo name (`Qwen2.5-14B-Instruct` is
@@ -286,6 +293,10 @@ class MemoryEstimate:
         return f"about {self.total_gb:.1f} GB ({inner})"
 
 
+SEQUENCES_PER_ROW = {"dpo": 2, "kto": 2, "orpo": 2, "simpo": 2, "sft": 1}
+"""Sequences one row puts through the model in a training step, per method."""
+
+
 def _targeted(arch: Architecture, target_modules: str | list[str]) -> dict[str, tuple[int, int]]:
     shapes = arch.linear_shapes()
     if target_modules == "all-linear":
@@ -321,7 +332,7 @@ def _adapter(arch: Architecture, spec: JobTemplate) -> int:
 def _activations(arch: Architecture, spec: JobTemplate, d: int) -> tuple[int, int]:
     """(kept for backward + the largest dequantized weight, the LM head's tiles)."""
     hp = spec.hyperparameters
-    tokens = 2 * hp.batch_size * hp.max_length
+    tokens = SEQUENCES_PER_ROW[spec.method] * hp.batch_size * hp.max_length
     h, kv, inter = arch.hidden_size, arch.kv_size, arch.intermediate_size
     per_token_layer = (7 * h + 2 * kv + 4 * inter) * d
     targets = _targeted(arch, spec.lora.target_modules)

@@ -167,6 +167,9 @@ def _mapping(**fields: str | None) -> FieldMapping | None:
             rejected_field=fields["rejected_field"] or "rejected",
             system_field=fields["system_field"],
             history_field=fields["history_field"],
+            completion_field=fields["completion_field"],
+            label_field=fields["label_field"],
+            messages_field=fields["messages_field"],
         )
     except ValueError as exc:
         raise InvalidRequest(str(exc), [FieldError(loc=["query"], msg=str(exc))]) from None
@@ -181,7 +184,7 @@ class DatasetController(Controller):
         path="/",
         status_code=201,
         request_max_body_size=None,
-        summary="Upload a preference dataset (JSONL, JSON, Parquet or CSV; gzip allowed)",
+        summary="Upload a dataset of preference, sft or unpaired rows (JSONL, JSON, Parquet, CSV)",
         description=(
             "The body is the file: JSONL, a JSON array, Parquet or CSV with a header row, any "
             "but Parquet optionally gzip-compressed (as `Content-Encoding: gzip`, a `.gz` file "
@@ -189,7 +192,9 @@ class DatasetController(Controller):
             "bytes decide the container; the declared type only tells CSV from JSONL. Rows in "
             'the layouts of the README\'s "Dataset formats" (TRL, Anthropic HH, UltraFeedback, '
             "ShareGPT/LLaMA-Factory, Axolotl, MedicalGPT, OpenAI) are read without a mapping; "
-            "other column names need one (`prompt_field`, ...)."
+            "other column names need one (`prompt_field`, ...). The rows' kind is detected: "
+            "`prompt`/`completion` or chat `messages` rows (OpenAI's chat fine-tuning JSONL) are "
+            "sft, rows with a true/false `label` too are unpaired (kto)."
         ),
         responses=responses(INVALID, TOO_LARGE, UNSUPPORTED, TIMEOUT, UNAVAILABLE),
         operation_class=UPLOAD,
@@ -232,6 +237,33 @@ class DatasetController(Controller):
                 "placed before each prompt",
             ),
         ] = None,
+        completion_field: Annotated[
+            str | None,
+            Parameter(
+                min_length=1,
+                max_length=128,
+                description="Column of the completion: the rows are sft (prompt and "
+                "completion), or unpaired with label_field",
+            ),
+        ] = None,
+        label_field: Annotated[
+            str | None,
+            Parameter(
+                min_length=1,
+                max_length=128,
+                description="Column of a true/false label (a good or a bad completion): the "
+                "rows are unpaired, for kto",
+            ),
+        ] = None,
+        messages_field: Annotated[
+            str | None,
+            Parameter(
+                min_length=1,
+                max_length=128,
+                description="Column of a whole chat: the rows are sft, the last assistant turn "
+                "the completion",
+            ),
+        ] = None,
         on_invalid: Annotated[
             OnInvalid,
             Parameter(
@@ -255,6 +287,9 @@ class DatasetController(Controller):
             rejected_field=rejected_field,
             system_field=system_field,
             history_field=history_field,
+            completion_field=completion_field,
+            label_field=label_field,
+            messages_field=messages_field,
         )
         async with uploads.slot(declared_size(request)) as tmp:
             raw = tmp / "upload"
@@ -310,6 +345,9 @@ class DatasetController(Controller):
             rejected_field=data.rejected_field,
             system_field=data.system_field,
             history_field=data.history_field,
+            completion_field=data.completion_field,
+            label_field=data.label_field,
+            messages_field=data.messages_field,
         )
         async with uploads.slot() as tmp:
             fetched = await anyio.to_thread.run_sync(

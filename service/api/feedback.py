@@ -29,6 +29,7 @@ from service.contract import (
     FeedbackStream,
     FeedbackStreamList,
     PairList,
+    SnapshotRows,
 )
 from service.datasets.validate import Limits
 from service.retraining import feedback
@@ -188,7 +189,7 @@ class FeedbackController(Controller):
         operation_id="SnapshotFeedback",
         path="/{stream:str}/snapshot",
         status_code=201,
-        summary="Freeze the pairs gathered so far into a versioned dataset",
+        summary="Freeze the pairs (or every rating, unpaired) gathered so far into a dataset",
         responses=responses(NOT_FOUND, CONFLICT, FORBIDDEN),
     )
     async def snapshot(
@@ -198,9 +199,22 @@ class FeedbackController(Controller):
         store: Store,
         blobs: BlobStore,
         settings: Settings,
+        rows: Annotated[
+            SnapshotRows,
+            Parameter(
+                description="`pairs`: the preference pairs (for dpo, orpo, simpo); `unpaired`: "
+                "every rating as a completion labelled true (up) or false (down), for kto"
+            ),
+        ] = "pairs",
         tenant: TenantParam = None,
     ) -> FeedbackSnapshot:
         limits = Limits.from_settings(settings)
         return await feedback.snapshot(
-            store, blobs, acting_tenant(principal, tenant), stream, limits=limits, by="api"
+            store,
+            blobs,
+            acting_tenant(principal, tenant),
+            stream,
+            limits=limits,
+            by="api",
+            rows=rows,
         )

@@ -31,6 +31,7 @@ from service.contract import (
     JobStatus,
     JobTemplate,
     MetricSeries,
+    kind_mismatch,
     local_model_path,
 )
 from service.settings import Principal, Settings
@@ -53,7 +54,17 @@ KEEPALIVE_MS = 15_000
 
 
 def _ref(ds: Dataset) -> DatasetRef:
-    return DatasetRef(id=ds.id, sha256=ds.sha256, rows=ds.rows, format=ds.format)
+    return DatasetRef(id=ds.id, sha256=ds.sha256, rows=ds.rows, format=ds.format, kind=ds.kind)
+
+
+def _check_kind(method: str, ds: Dataset, field: str) -> None:
+    """A 422 when the method cannot train on the dataset's kind, saying what to do."""
+    why = kind_mismatch(method, ds.kind)
+    if why is not None:
+        raise InvalidRequest(
+            f"{field} {ds.id} is a {ds.kind} dataset: {why}",
+            [FieldError(loc=["body", field], msg=why)],
+        )
 
 
 async def _dataset(store: Store, dataset_id: str, tenant: str, field: str) -> Dataset:
@@ -116,9 +127,11 @@ async def submit_job(
                 str(exc), [FieldError(loc=["body", "webhook_url"], msg=str(exc))]
             ) from None
     dataset = await _dataset(store, spec.dataset_id, tenant, "dataset_id")
+    _check_kind(spec.method, dataset, "dataset_id")
     eval_dataset = None
     if spec.eval_dataset_id is not None:
         eval_dataset = await _dataset(store, spec.eval_dataset_id, tenant, "eval_dataset_id")
+        _check_kind(spec.method, eval_dataset, "eval_dataset_id")
         if eval_dataset.format != dataset.format:
             raise InvalidRequest(
                 "the eval dataset's format differs from the training dataset's",

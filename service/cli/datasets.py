@@ -41,9 +41,19 @@ def datasets_upload(
     rejected_field: Annotated[
         str | None, typer.Option(help="Column holding the rejected answer.")
     ] = None,
+    completion_field: Annotated[
+        str | None, typer.Option(help="Column holding the completion (sft or unpaired rows).")
+    ] = None,
+    label_field: Annotated[
+        str | None, typer.Option(help="Column holding a true/false label (unpaired rows).")
+    ] = None,
+    messages_field: Annotated[
+        str | None, typer.Option(help="Column holding a whole chat (sft rows).")
+    ] = None,
     as_json: AsJson = False,
 ) -> None:
-    """Upload a JSONL preference dataset (streamed; validated by the server)."""
+    """Upload a JSONL dataset: preference, sft or unpaired rows (streamed; validated by the
+    server)."""
     size = file.stat().st_size
     with options(ctx).client() as client, _upload_progress(size, quiet=as_json) as advance:
         ds = client.upload_dataset(
@@ -52,13 +62,16 @@ def datasets_upload(
             prompt_field=prompt_field,
             chosen_field=chosen_field,
             rejected_field=rejected_field,
+            completion_field=completion_field,
+            label_field=label_field,
+            messages_field=messages_field,
             on_progress=advance,
         )
     if as_json:
         print_json(ds)
         return
     out.print(
-        f"uploaded [bold]{ds.id}[/] ({escape(ds.name)}): {ds.rows} rows, {ds.format}, "
+        f"uploaded [bold]{ds.id}[/] ({escape(ds.name)}): {ds.rows} rows, {ds.kind}, {ds.format}, "
         f"sha256 {ds.sha256[:12]}"
     )
     _print_warnings(ds)

@@ -217,17 +217,27 @@ def feedback_pairs(
 
 @feedback_app.command("snapshot")
 @handled
-def feedback_snapshot(ctx: typer.Context, stream: Stream, as_json: AsJson = False) -> None:
+def feedback_snapshot(
+    ctx: typer.Context,
+    stream: Stream,
+    unpaired: Annotated[
+        bool,
+        typer.Option(
+            "--unpaired", help="Every rating as a labelled completion (for kto) instead of pairs."
+        ),
+    ] = False,
+    as_json: AsJson = False,
+) -> None:
     """Freeze every pair so far into a new dataset (to train on with `ftune jobs submit`)."""
     with options(ctx).client() as client:
-        snap = client.snapshot_feedback(stream)
+        snap = client.snapshot_feedback(stream, "unpaired" if unpaired else "pairs")
     if as_json:
         print_json(snap)
         return
     ds = snap.dataset
     out.print(
         f"snapshot {snap.version} of {escape(stream)}: [bold]{ds.id}[/] ({ds.rows} rows, "
-        f"{ds.format}) from pairs 0-{snap.pairs_end - 1}"
+        f"{ds.format}) from {'ratings' if unpaired else 'pairs'} 0-{snap.pairs_end - 1}"
     )
 
 
@@ -238,6 +248,7 @@ def print_stream(meta: FeedbackStream) -> None:
             ("format", meta.format or "(no event yet)"),
             ("events", f"{meta.events} ({meta.duplicates} duplicates ignored)"),
             ("pairs", str(meta.pairs)),
+            ("ratings", f"{meta.ratings} (unpaired rows, for kto)"),
             ("waiting", f"{meta.pending_ratings} ratings without an opposite rating yet"),
             ("snapshots", str(meta.snapshots)),
             ("created", fmt_when(meta.created_at)),

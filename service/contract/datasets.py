@@ -8,6 +8,16 @@ import msgspec
 
 Format = Literal["standard", "conversational"]
 
+DatasetKind = Literal["preference", "sft", "unpaired"]
+"""What a dataset's rows hold: chosen/rejected pairs, prompt/completion, or prompt/completion
+with a good/bad label; it decides which methods can train on it."""
+
+KIND_DESCRIPTION = (
+    "`preference`: prompt, chosen and rejected (dpo, orpo, simpo, kto); `sft`: prompt and "
+    "completion, from prompt/completion or chat `messages` rows (sft); `unpaired`: prompt, "
+    "completion and a true/false `label` (kto)."
+)
+
 SourceFormat = Literal[
     "standard",
     "conversational",
@@ -49,6 +59,7 @@ class DatasetRef(msgspec.Struct, kw_only=True):
             "{role, content} messages."
         ),
     ]
+    kind: Annotated[DatasetKind, msgspec.Meta(description=KIND_DESCRIPTION)] = "preference"
 
 
 class DatasetWarning(msgspec.Struct, kw_only=True):
@@ -77,12 +88,27 @@ class DatasetStats(msgspec.Struct, kw_only=True):
         dict[str, float], msgspec.Meta(description="Length of the prompts in characters.")
     ]
     chosen_chars: Annotated[
-        dict[str, float], msgspec.Meta(description="Length of the chosen responses in characters.")
-    ]
+        dict[str, float],
+        msgspec.Meta(
+            description="Length of the chosen responses in characters (preference datasets)."
+        ),
+    ] = {}
     rejected_chars: Annotated[
         dict[str, float],
-        msgspec.Meta(description="Length of the rejected responses in characters."),
-    ]
+        msgspec.Meta(
+            description="Length of the rejected responses in characters (preference datasets)."
+        ),
+    ] = {}
+    completion_chars: Annotated[
+        dict[str, float],
+        msgspec.Meta(
+            description="Length of the completions in characters (sft and unpaired datasets)."
+        ),
+    ] = {}
+    desirable_rows: Annotated[
+        int | None,
+        msgspec.Meta(description="Rows labelled true (unpaired datasets); null otherwise."),
+    ] = None
 
 
 class Dataset(msgspec.Struct, kw_only=True):
@@ -125,6 +151,7 @@ class Dataset(msgspec.Struct, kw_only=True):
     created_at: Annotated[
         float, msgspec.Meta(description="When it was uploaded, in seconds since the epoch.")
     ]
+    kind: Annotated[DatasetKind, msgspec.Meta(description=KIND_DESCRIPTION)] = "preference"
     container: Annotated[
         Container,
         msgspec.Meta(description="The file's packing: jsonl, json (an array), parquet or csv."),
@@ -177,16 +204,41 @@ class FieldMapping(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             "pairs or messages."
         ),
     ] = None
+    completion_field: Annotated[
+        str | None,
+        msgspec.Meta(description="Column of the completion: the rows are sft or unpaired."),
+    ] = None
+    label_field: Annotated[
+        str | None,
+        msgspec.Meta(description="Column of the true/false label: the rows are unpaired."),
+    ] = None
+    messages_field: Annotated[
+        str | None,
+        msgspec.Meta(
+            description="Column of a whole chat (OpenAI's `messages`): the rows are sft, the "
+            "last assistant turn the completion."
+        ),
+    ] = None
+
+    def kind(self) -> DatasetKind:
+        """The kind of rows the mapping reads."""
+        if self.label_field is not None:
+            return "unpaired"
+        if self.completion_field is not None or self.messages_field is not None:
+            return "sft"
+        return "preference"
 
     def __post_init__(self) -> None:
+        extra = (self.completion_field, self.label_field, self.messages_field)
+        pairs = (self.chosen_field, self.rejected_field) if self.kind() == "preference" else ()
         names = tuple(
             n
             for n in (
                 self.prompt_field,
-                self.chosen_field,
-                self.rejected_field,
+                *pairs,
                 self.system_field,
                 self.history_field,
+                *extra,
             )
             if n is not None
         )
@@ -318,6 +370,41 @@ class DatasetImport(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         ]
         | None
     ) = None
+    completion_field: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                min_length=1,
+                max_length=128,
+                description="The column holding the completion: sft rows (unpaired with "
+                "label_field).",
+            ),
+        ]
+        | None
+    ) = None
+    label_field: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                min_length=1,
+                max_length=128,
+                description="The column holding the true/false label: unpaired rows.",
+            ),
+        ]
+        | None
+    ) = None
+    messages_field: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                min_length=1,
+                max_length=128,
+                description="The column holding a whole chat: sft rows, the last assistant "
+                "turn the completion.",
+            ),
+        ]
+        | None
+    ) = None
     on_invalid: Annotated[
         OnInvalid,
         msgspec.Meta(
@@ -346,14 +433,24 @@ class Message(msgspec.Struct, kw_only=True):
 _Text = str | list[Message]
 
 
-class DatasetRow(msgspec.Struct, kw_only=True):
+class DatasetRow(msgspec.Struct, kw_only=True, omit_defaults=True):
     """A normalized row, as training will see it."""
 
     prompt: Annotated[
         _Text, msgspec.Meta(description="The prompt: a string, or the messages before the answer.")
     ]
-    chosen: Annotated[_Text, msgspec.Meta(description="The preferred answer.")]
-    rejected: Annotated[_Text, msgspec.Meta(description="The answer not preferred.")]
+    chosen: Annotated[
+        _Text | None, msgspec.Meta(description="The preferred answer (preference rows).")
+    ] = None
+    rejected: Annotated[
+        _Text | None, msgspec.Meta(description="The answer not preferred (preference rows).")
+    ] = None
+    completion: Annotated[
+        _Text | None, msgspec.Meta(description="The answer (sft and unpaired rows).")
+    ] = None
+    label: Annotated[
+        bool | None, msgspec.Meta(description="Whether the answer is good (unpaired rows).")
+    ] = None
 
 
 class DatasetRows(msgspec.Struct, kw_only=True):

@@ -101,6 +101,13 @@ class FeedbackStream(msgspec.Struct, kw_only=True):
     pending_ratings: Annotated[
         int, msgspec.Meta(description="Ratings waiting for an opposite rating of the same prompt.")
     ] = 0
+    ratings: Annotated[
+        int,
+        msgspec.Meta(
+            description="Unpaired rows gathered so far: every rating, paired or not, as a "
+            "completion labelled good (up) or bad (down), for kto."
+        ),
+    ] = 0
     dropped_ratings: Annotated[
         int,
         msgspec.Meta(
@@ -157,6 +164,10 @@ class PairList(msgspec.Struct, kw_only=True):
     items: Annotated[list[PairRecord], msgspec.Meta(description="The pairs of this slice.")]
 
 
+SnapshotRows = Literal["pairs", "unpaired"]
+"""Which rows of a stream a snapshot freezes."""
+
+
 class FeedbackSnapshot(msgspec.Struct, kw_only=True):
     """A stream's pairs frozen into a versioned dataset."""
 
@@ -182,6 +193,13 @@ class FeedbackSnapshot(msgspec.Struct, kw_only=True):
     excluded: Annotated[
         int, msgspec.Meta(description="Pairs among those left out by the selection.")
     ]
+    rows: Annotated[
+        SnapshotRows,
+        msgspec.Meta(
+            description="`pairs`: the stream's preference pairs (a preference dataset); "
+            "`unpaired`: its ratings as labelled completions (an unpaired dataset, for kto)."
+        ),
+    ] = "pairs"
     by: Annotated[str, msgspec.Meta(description="Who asked: `api`, or `policy <name> run <n>`.")]
     created_at: Annotated[
         float, msgspec.Meta(description="When it was taken, in seconds since the epoch.")

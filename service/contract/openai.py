@@ -217,19 +217,31 @@ class DpoMethodCreate(Strict):
     ] = None
 
 
+class SupervisedMethodCreate(Strict):
+    """Configuration of the supervised method (our `sft`)."""
+
+    hyperparameters: Annotated[
+        LegacyHyperparameters | None,
+        msgspec.Meta(description="Supervised fine-tuning's hyperparameters."),
+    ] = None
+
+
 class FineTuningMethodCreate(Strict):
-    """The fine-tuning method: dpo. supervised and reinforcement are refused for now."""
+    """The fine-tuning method: dpo or supervised (sft); reinforcement is refused for now."""
 
     type: Annotated[
         Literal["dpo", "supervised", "reinforcement"],
-        msgspec.Meta(description="dpo; supervised and reinforcement answer 400 for now."),
+        msgspec.Meta(
+            description="dpo (preference pairs) or supervised (chat `messages` rows, trained "
+            "as our sft method); reinforcement answers 400 for now."
+        ),
     ]
     dpo: Annotated[DpoMethodCreate | None, msgspec.Meta(description="Configuration for dpo.")] = (
         None
     )
-    supervised: Annotated[dict[str, Any] | None, msgspec.Meta(description="Not supported yet.")] = (
-        None
-    )
+    supervised: Annotated[
+        SupervisedMethodCreate | None, msgspec.Meta(description="Configuration for supervised.")
+    ] = None
     reinforcement: Annotated[
         dict[str, Any] | None, msgspec.Meta(description="Not supported yet.")
     ] = None
@@ -335,11 +347,26 @@ class DpoMethod(msgspec.Struct, kw_only=True):
     hyperparameters: Annotated[DpoHyperparameters, msgspec.Meta(description="Values used.")]
 
 
-class FineTuningMethod(msgspec.Struct, kw_only=True):
+class SupervisedMethod(msgspec.Struct, kw_only=True):
+    """Supervised fine-tuning's configuration as used."""
+
+    hyperparameters: Annotated[FineTuningHyperparameters, msgspec.Meta(description="Values used.")]
+
+
+class FineTuningMethod(msgspec.Struct, kw_only=True, omit_defaults=True):
     """The method as used."""
 
-    type: Annotated[Literal["dpo"], msgspec.Meta(description="Always dpo for now.")]
-    dpo: Annotated[DpoMethod, msgspec.Meta(description="DPO's configuration.")]
+    type: Annotated[
+        Literal["dpo", "supervised"],
+        msgspec.Meta(description="dpo, or supervised for a job of our sft method."),
+    ]
+    dpo: Annotated[
+        DpoMethod | None, msgspec.Meta(description="DPO's configuration (type dpo).")
+    ] = None
+    supervised: Annotated[
+        SupervisedMethod | None,
+        msgspec.Meta(description="Supervised fine-tuning's configuration (type supervised)."),
+    ] = None
 
 
 class FineTuningJobError(msgspec.Struct, kw_only=True):

@@ -8,7 +8,7 @@ import msgspec
 
 from service.contract.cron import Cron
 from service.contract.datasets import DatasetRef
-from service.contract.feedback import STREAM_NAME
+from service.contract.feedback import STREAM_NAME, SnapshotRows
 from service.contract.jobs import Artifact
 from service.contract.spec import JobTemplate, Strict
 
@@ -102,7 +102,10 @@ class PolicySpec(Strict):
     ]
     template: Annotated[
         JobTemplate,
-        msgspec.Meta(description="The job each run submits, on a fresh snapshot of the stream."),
+        msgspec.Meta(
+            description="The job each run submits, on a fresh snapshot of the stream: its "
+            "method picks the rows, the pairs (dpo, orpo, simpo) or every rating unpaired (kto)."
+        ),
     ]
     trigger: Annotated[Trigger, msgspec.Meta(description="When it fires a run.")]
     gate: Annotated[
@@ -120,6 +123,18 @@ class PolicySpec(Strict):
     enabled: Annotated[
         bool, msgspec.Meta(description="false: it never fires (its history is kept).")
     ] = True
+
+    def __post_init__(self) -> None:
+        if self.template.method == "sft":
+            raise ValueError(
+                "template.method 'sft' cannot train on feedback, which gathers preference "
+                "pairs and ratings: use dpo, orpo or simpo (pairs) or kto (every rating)"
+            )
+
+    @property
+    def rows(self) -> SnapshotRows:
+        """The rows of the stream its runs train and evaluate on."""
+        return "unpaired" if self.template.method == "kto" else "pairs"
 
 
 class GateCheck(msgspec.Struct, kw_only=True):
@@ -158,6 +173,10 @@ class Holdout(msgspec.Struct, kw_only=True):
     indices: Annotated[
         list[int], msgspec.Meta(description="Positions in the stream of the held-out pairs.")
     ]
+    rows: Annotated[
+        SnapshotRows,
+        msgspec.Meta(description="Whether they are pairs or unpaired ratings (kto policies)."),
+    ] = "pairs"
     created_at: Annotated[
         float, msgspec.Meta(description="When they were drawn, in seconds since the epoch.")
     ]
@@ -247,8 +266,9 @@ class Promoted(msgspec.Struct, kw_only=True):
     ]
     base_model: Annotated[str, msgspec.Meta(description="The base model it was tuned from.")]
     revision: Annotated[str | None, msgspec.Meta(description="The base model's revision.")]
-    beta: Annotated[float, msgspec.Meta(description="The DPO beta it was trained with.")]
+    beta: Annotated[float, msgspec.Meta(description="The beta it was trained with.")]
     loss_type: Annotated[str, msgspec.Meta(description="The DPO loss it was trained with.")]
+    method: Annotated[str, msgspec.Meta(description="The method it was trained with.")] = "dpo"
     artifacts: Annotated[list[Artifact], msgspec.Meta(description="Its job's artifacts.")]
     published: Annotated[
         list[str], msgspec.Meta(description="Where it was published (Hub or S3 URIs).")

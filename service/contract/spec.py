@@ -66,32 +66,121 @@ DEFAULT_BETA = 0.1
 DEFAULT_NUM_EPOCHS = 1.0
 
 
+Method = Literal["dpo", "sft", "kto", "orpo", "simpo"]
+"""The training methods; each is a TRL trainer (gpu_worker/methods.py)."""
+
+PREFERENCE_METHODS = frozenset({"dpo", "orpo", "simpo"})
+"""The methods that train on chosen/rejected pairs (kto takes pairs too, unpaired by TRL)."""
+
+METHOD_FIELDS: dict[str, frozenset[str]] = {
+    "beta": frozenset({"dpo", "kto", "orpo", "simpo"}),
+    "loss_type": frozenset({"dpo"}),
+    "label_smoothing": frozenset({"dpo"}),
+    "desirable_weight": frozenset({"kto"}),
+    "undesirable_weight": frozenset({"kto"}),
+    "simpo_gamma": frozenset({"simpo"}),
+    "completion_only_loss": frozenset({"sft"}),
+}
+"""The hyperparameters that belong to some methods only: set on another, they are refused."""
+
+METHOD_KINDS: dict[str, frozenset[str]] = {
+    "dpo": frozenset({"preference"}),
+    "orpo": frozenset({"preference"}),
+    "simpo": frozenset({"preference"}),
+    "kto": frozenset({"unpaired", "preference"}),
+    "sft": frozenset({"sft"}),
+}
+"""The dataset kinds each method trains on (kto unpairs preference pairs, as TRL does)."""
+
+
+def kind_mismatch(method: str, kind: str) -> str | None:
+    """Why `method` cannot train on a dataset of `kind`, saying what to do; None if it can."""
+    if kind in METHOD_KINDS[method]:
+        return None
+    if method == "sft" and kind == "preference":
+        return (
+            "method 'sft' trains on prompt/completion rows, the dataset holds preference pairs: "
+            "upload the file again with completion_field=chosen to train on the chosen answers "
+            "(the rejected ones are then left out), or use a preference method (dpo, orpo, "
+            "simpo, kto)"
+        )
+    if kind == "unpaired":
+        return (
+            f"method {method!r} needs chosen/rejected pairs, the dataset holds single completions "
+            "labelled true or false: use method 'kto'"
+        )
+    if method == "kto":
+        return (
+            "method 'kto' needs completions labelled good or bad (or preference pairs), the "
+            "dataset holds unlabelled completions: use method 'sft', or upload rows with a "
+            "true/false label (label_field)"
+        )
+    return (
+        f"method {method!r} needs chosen/rejected pairs, the dataset holds prompt/completion "
+        "rows: use method 'sft'"
+    )
+
+
 class Hyperparameters(Strict):
-    """How to train: TRL's DPOConfig settings under their usual names."""
+    """How to train: TRL's config settings under their usual names (some per method)."""
 
     beta: Annotated[
         float,
         msgspec.Meta(
             gt=0.0,
             le=100.0,
-            description="DPO's beta: how far the tuned model may move from the base; higher "
-            "keeps it closer (typically 0.01-0.5).",
+            description="dpo, kto: how far the tuned model may move from the base; higher "
+            "keeps it closer (typically 0.01-0.5). orpo: the weight of the odds-ratio term "
+            "(lambda). simpo: the reward scale (the SimPO paper uses 2-2.5). Not for sft.",
         ),
     ] = DEFAULT_BETA
     loss_type: Annotated[
         LossType,
-        msgspec.Meta(description="TRL's DPO loss; `sigmoid` is the original DPO loss."),
+        msgspec.Meta(description="dpo only: TRL's DPO loss; `sigmoid` is the original DPO loss."),
     ] = LossType.sigmoid
     label_smoothing: Annotated[
         float,
         msgspec.Meta(
             ge=0.0,
             lt=0.5,
-            description="Assumed share of wrong preference labels (conservative DPO). Read "
-            "only by loss_type exo_pair (needs > 0), robust, aot and aot_unpaired; refused with "
-            "any other loss type.",
+            description="dpo only: assumed share of wrong preference labels (conservative "
+            "DPO). Read only by loss_type exo_pair (needs > 0), robust, aot and aot_unpaired; "
+            "refused with any other loss type.",
         ),
     ] = 0.0
+    desirable_weight: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0.0,
+            le=100.0,
+            description="kto only: weight of the losses of desirable (label true) rows; raise "
+            "it when they are fewer than the undesirable ones.",
+        ),
+    ] = 1.0
+    undesirable_weight: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0.0,
+            le=100.0,
+            description="kto only: weight of the losses of undesirable (label false) rows.",
+        ),
+    ] = 1.0
+    simpo_gamma: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0.0,
+            le=100.0,
+            description="simpo only: the target reward margin between chosen and rejected "
+            "(the SimPO paper's gamma).",
+        ),
+    ] = 0.5
+    completion_only_loss: Annotated[
+        bool,
+        msgspec.Meta(
+            description="sft only: train on the completions alone (true) or on the prompts "
+            "as well (false)."
+        ),
+    ] = True
     learning_rate: Annotated[
         float, msgspec.Meta(gt=0.0, le=1.0, description="Peak learning rate of the LoRA weights.")
     ] = 5e-6
@@ -118,7 +207,11 @@ class Hyperparameters(Strict):
     ) = None
     batch_size: Annotated[
         int,
-        msgspec.Meta(ge=1, le=1024, description="Preference pairs per device per forward pass."),
+        msgspec.Meta(
+            ge=1,
+            le=1024,
+            description="Rows (pairs, for preference methods) per device per forward pass.",
+        ),
     ] = 1
     gradient_accumulation_steps: Annotated[
         int,
@@ -435,7 +528,12 @@ class JobTemplate(Strict):
         ),
     ] = 0.05
     method: Annotated[
-        Literal["dpo"], msgspec.Meta(description="The training method: DPO on preference pairs.")
+        Method,
+        msgspec.Meta(
+            description="The training method: `dpo` (preference pairs), `sft` (prompt and "
+            "completion, or chat messages), `kto` (completions labelled good or bad; pairs "
+            "too), `orpo` and `simpo` (pairs, no reference model)."
+        ),
     ] = "dpo"
     hyperparameters: Annotated[
         Hyperparameters, msgspec.Meta(description="How to train; every field has a default.")
@@ -515,6 +613,7 @@ class JobTemplate(Strict):
             )
         if self.revision is not None and not _is_hub_ref(self.base_model):
             raise ValueError("revision applies only to a Hub base_model")
+        _check_method_fields(self.method, self.hyperparameters)
         no_eval_set = self.eval_dataset_id is None and self.eval_fraction == 0
         if self.hyperparameters.eval_steps is not None and no_eval_set:
             raise ValueError(
@@ -553,6 +652,20 @@ class JobSpec(JobTemplate, kw_only=True):
         super().__post_init__()
         if self.eval_dataset_id is not None and self.eval_dataset_id == self.dataset_id:
             raise ValueError("eval_dataset_id must differ from dataset_id")
+
+
+_HYPERPARAMETER_DEFAULTS = Hyperparameters()
+
+
+def _check_method_fields(method: str, hp: Hyperparameters) -> None:
+    """Refuse a hyperparameter set away from its default on a method that never reads it."""
+    for field, methods in METHOD_FIELDS.items():
+        if method not in methods and getattr(hp, field) != getattr(_HYPERPARAMETER_DEFAULTS, field):
+            users = ", ".join(sorted(methods))
+            raise ValueError(
+                f"hyperparameters.{field} does not apply to method {method!r} (only to "
+                f"{users}): remove it, or choose one of those methods"
+            )
 
 
 def _is_hub_ref(ref: str) -> bool:

@@ -17,6 +17,7 @@ import msgspec
 
 from service.contract import (
     Container,
+    DatasetKind,
     DatasetStats,
     DatasetWarning,
     FieldMapping,
@@ -116,6 +117,7 @@ class IngestResult(msgspec.Struct, kw_only=True):
     sha256: str
     """sha256 hex of the normalized JSONL written to ``dst``."""
     format: Format
+    kind: DatasetKind = "preference"
     source_format: SourceFormat
     """The layout of the first row (``mapped`` whenever a non-default mapping was used)."""
     stats: DatasetStats
@@ -127,7 +129,7 @@ class IngestResult(msgspec.Struct, kw_only=True):
     skipped: list[RowError] = []
 
 
-class _Errors:
+class ErrorTally:
     """Keeps the first ``keep`` errors and counts them all."""
 
     def __init__(self, keep: int) -> None:
@@ -172,7 +174,7 @@ class Collector:
         )
         encoder = msgspec.json.Encoder()
         self.encode, self.encode_lines = encoder.encode, encoder.encode_lines
-        self.errors = _Errors(limits.max_errors)
+        self.errors = ErrorTally(limits.max_errors)
         self.lengths = Lengths()
         self.seen = HashSet(limits.max_tracked_rows)
         self.duplicate, self.long_row, self.near = Tally(), Tally(), Tally()

@@ -95,6 +95,7 @@ def _record(result: IngestResult, *, tenant: str, name: str) -> Dataset:
         source_bytes=result.source_bytes,
         sha256=result.sha256,
         format=result.format,
+        kind=result.kind,
         source_format=result.source_format,
         stats=result.stats,
         warnings=result.warnings,

@@ -20,7 +20,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from service.contract import Container, FieldMapping, OnInvalid
+import msgspec
+
+from service.contract import Container, DatasetKind, FieldMapping, OnInvalid
 from service.datasets import parallel
 from service.datasets.collect import (
     DEFAULT_LIMITS,
@@ -39,8 +41,11 @@ from service.datasets.containers import (
     open_dataset,
     parquet_lines,
 )
+from service.datasets.kinds import KindCollector, detect_kind
 from service.datasets.output import Sink, restart
 from service.datasets.stats import WARNING_LINES
+
+Ingest = Collector | KindCollector
 
 
 def validate_jsonl(
@@ -70,7 +75,7 @@ def validate_jsonl(
     return ingest.finish(blocks.consumed, "jsonl", False)
 
 
-def _jsonl(ingest: Collector, blocks: JsonlBlocks, offset: int) -> int:
+def _jsonl(ingest: Ingest, blocks: JsonlBlocks, offset: int) -> int:
     """Feed JSONL blocks, numbering lines after ``offset``; the last line number."""
     for first, block in blocks:
         ingest.add_block(offset + first, block, file_start=first == 1)
@@ -79,9 +84,7 @@ def _jsonl(ingest: Collector, blocks: JsonlBlocks, offset: int) -> int:
     return offset + blocks.lines
 
 
-def _read(
-    ingest: Collector, source: Path, hint: Container | None, offset: int
-) -> tuple[Opened, int]:
+def _read(ingest: Ingest, source: Path, hint: Container | None, offset: int) -> tuple[Opened, int]:
     """Feed the rows of one file; (what it was, the last line or row number)."""
     limits = ingest.limits
     with open_dataset(source, hint=hint, max_bytes=limits.max_bytes) as opened:
@@ -127,6 +130,17 @@ def validate_file(
     ``limits.max_bytes``) or InvalidDataset.
     """
     files = [paths] if isinstance(paths, Path) else list(paths)
+    kind = _kind(files[0], hint, mapping, limits)
+    if kind != "preference":
+        ingest: Ingest = KindCollector(
+            dst,
+            kind=kind,
+            mapping=mapping,
+            limits=limits,
+            on_invalid=on_invalid,
+            max_invalid_fraction=max_invalid_fraction,
+        )
+        return _read_all(ingest, files, hint)
     if processes > 1 and len(files) == 1 and files[0].stat().st_size >= parallel.MIN_BYTES:
         with open_dataset(files[0], hint=hint, max_bytes=limits.max_bytes) as opened:
             plain = opened.container == "jsonl" and not opened.compressed
@@ -150,6 +164,10 @@ def validate_file(
         on_invalid=on_invalid,
         max_invalid_fraction=max_invalid_fraction,
     )
+    return _read_all(ingest, files, hint)
+
+
+def _read_all(ingest: Ingest, files: list[Path], hint: Container | None) -> IngestResult:
     last = 0
     first: Opened | None = None
     for path in files:
@@ -160,6 +178,49 @@ def validate_file(
     assert first is not None, "no file to validate"
     size = sum(path.stat().st_size for path in files)
     return ingest.finish(size, first.container, first.compressed)
+
+
+def _kind(
+    path: Path, hint: Container | None, mapping: FieldMapping | None, limits: Limits
+) -> DatasetKind:
+    """The kind of the file's rows, from the mapping or its first row (preference when the
+    first row cannot be read: that path says what is wrong)."""
+    if mapping is not None and mapping.kind() != "preference":
+        return mapping.kind()
+    try:
+        with open_dataset(path, hint=hint, max_bytes=limits.max_bytes) as opened:
+            return detect_kind(_first_row(opened, limits), mapping)
+    except Exception:  # unreadable files are reported by the full read
+        return "preference"
+
+
+def _first_row(opened: Opened, limits: Limits) -> Any:
+    if opened.container in ("jsonl", "parquet"):
+        if opened.container == "jsonl":
+            blocks = JsonlBlocks(opened.stream, limits.max_line_bytes)
+            return _first_line(blocks)
+        with parquet_lines(opened.path, limits.max_bytes) as lines:
+            return _first_line(JsonlBlocks(lines, limits.max_line_bytes))
+    objects = (
+        csv_rows(opened.stream, limits.max_line_bytes)
+        if opened.container == "csv"
+        else json_rows(opened.stream, limits.max_line_bytes)
+    )
+    for _, obj in objects:
+        return obj
+    return None
+
+
+def _first_line(blocks: JsonlBlocks) -> Any:
+    for _, block in blocks:
+        lines = block.split(b"\n") if isinstance(block, bytes) else block
+        for raw in lines:
+            if raw is None:
+                return None
+            raw = raw.removeprefix(b"\xef\xbb\xbf")
+            if raw.strip():
+                return msgspec.json.decode(raw)
+    return None
 
 
 __all__ = [

@@ -71,7 +71,11 @@ def requested(create: FineTuningJobCreate) -> Requested:
                 "give the hyperparameters in method.dpo.hyperparameters or at the top level "
                 "(OpenAI's deprecated form), not both",
             )
-        given = create.method.dpo.hyperparameters if create.method.dpo else None
+        method = create.method
+        if method.type == "supervised":
+            given = method.supervised.hyperparameters if method.supervised else None
+        else:
+            given = method.dpo.hyperparameters if method.dpo else None
     if given is None:
         return Requested()
     beta = given.beta if isinstance(given, DpoHyperparametersCreate) else None

@@ -28,6 +28,7 @@ from service.contract.openai import (
     FineTuningJobCreate,
     FineTuningJobError,
     FineTuningMethod,
+    SupervisedMethod,
 )
 from service.openai.files import result_file_id
 from service.openai.hyperparameters import SpecError, requested, resolve, splits
@@ -63,13 +64,14 @@ def openai_param(path: list[str]) -> str | None:
 def to_spec(create: FineTuningJobCreate, *, rows: int, fits: Callable[[JobSpec], bool]) -> JobSpec:
     """The JobSpec for a create body; `rows` is the training file's, `fits` says whether a spec
     fits the workers' GPUs (it picks how a batch is split). Raises SpecError."""
-    method = create.method.type if create.method else "dpo"
-    if method != "dpo":
+    kind = create.method.type if create.method else "dpo"
+    if kind == "reinforcement":
         raise SpecError(
             "method.type",
-            f"{method} fine-tuning is not available here yet; use method type 'dpo' with "
-            "preference pairs",
+            "reinforcement fine-tuning is not available here yet; use method type 'dpo' with "
+            "preference pairs or 'supervised' with chat messages",
         )
+    method = "sft" if kind == "supervised" else "dpo"
     if create.integrations:
         raise SpecError(
             "integrations",
@@ -103,6 +105,8 @@ def to_spec(create: FineTuningJobCreate, *, rows: int, fits: Callable[[JobSpec],
             "whatever the epoch): set only one of them",
         )
     values = resolve(req, rows)
+    if method == "sft":
+        del values["beta"]  # supervised fine-tuning has no beta
     if max_steps is not None:
         del values["num_epochs"]  # max_steps decides how long it trains
     batch = int(values.pop("batch"))
@@ -118,7 +122,7 @@ def to_spec(create: FineTuningJobCreate, *, rows: int, fits: Callable[[JobSpec],
         "dataset_id": create.training_file,
         "eval_dataset_id": create.validation_file,
         "labels": create.metadata or {},
-        "method": "dpo",
+        "method": method,
         "webhook_format": "openai",
     }
     spec: JobSpec | None = None
@@ -161,7 +165,13 @@ def job_object(job: Job, *, suffix: str | None = None) -> FineTuningJob:
         learning_rate_multiplier=hp.learning_rate / BASE_LEARNING_RATE,
         n_epochs=_epochs(job),
     )
-    dpo = DpoHyperparameters(**msgspec.structs.asdict(used), beta=hp.beta)
+    if spec.method == "sft":
+        method = FineTuningMethod(
+            type="supervised", supervised=SupervisedMethod(hyperparameters=used)
+        )
+    else:
+        dpo = DpoHyperparameters(**msgspec.structs.asdict(used), beta=hp.beta)
+        method = FineTuningMethod(type="dpo", dpo=DpoMethod(hyperparameters=dpo))
     return FineTuningJob(
         id=job.id,
         created_at=int(job.created_at),
@@ -173,7 +183,7 @@ def job_object(job: Job, *, suffix: str | None = None) -> FineTuningJob:
         training_file=job.dataset.id,
         validation_file=job.eval_dataset.id if job.eval_dataset else None,
         hyperparameters=used,
-        method=FineTuningMethod(type="dpo", dpo=DpoMethod(hyperparameters=dpo)),
+        method=method,
         result_files=[result_file_id(job.id)] if job.status == JobStatus.succeeded else [],
         trained_tokens=_trained_tokens(job),
         error=_error(job),

@@ -71,6 +71,8 @@ class Pending(msgspec.Struct, kw_only=True):
 
 class Applied(msgspec.Struct, kw_only=True):
     pairs: list[PairRecord]
+    unpaired: list[PairRecord]
+    """Every new rating as an unpaired row: the response labelled true (up) or false (down)."""
     accepted: list[str]
     duplicates: int
     pending: dict[str, Pending]
@@ -214,6 +216,7 @@ def apply_events(
     of a different response; if there is none, it waits.
     """
     pairs: list[PairRecord] = []
+    unpaired: list[PairRecord] = []
     accepted: list[str] = []
     duplicates = 0
     taken = set(seen)
@@ -231,6 +234,9 @@ def apply_events(
         if event.row is not None:
             pairs.append(PairRecord(row=event.row, kind=event.kind, events=[event.id], at=now))
             continue
+        labelled = {"prompt": event.prompt, "completion": event.response}
+        labelled["label"] = event.rating == "up"
+        unpaired.append(PairRecord(row=labelled, kind="rating", events=[event.id], at=now))
         key = prompt_key(event.prompt)
         queue = queues.setdefault(key, Pending(prompt=event.prompt))
         same, opposite = (queue.up, queue.down) if event.rating == "up" else (queue.down, queue.up)
@@ -252,6 +258,7 @@ def apply_events(
         pairs.append(PairRecord(row=row, kind="rating", events=[match.id, event.id], at=now))
     return Applied(
         pairs=pairs,
+        unpaired=unpaired,
         accepted=accepted,
         duplicates=duplicates,
         pending=queues,

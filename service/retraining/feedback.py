@@ -48,6 +48,7 @@ from service.contract import (
     FeedbackStream,
     PairRecord,
     Selection,
+    SnapshotRows,
 )
 from service.datasets.ingest import store_dataset
 from service.datasets.validate import InvalidDataset, Limits
@@ -93,7 +94,7 @@ def _index(tenant: str) -> str:
 
 ALL = f"{P}fb-streams-all"
 """Every stream as a JSON [tenant, stream], for admins listing across tenants."""
-_PARTS = ("meta", "seen", "pending", "waiting", "pairs", "snapshots", "versions")
+_PARTS = ("meta", "seen", "pending", "waiting", "pairs", "unpaired", "snapshots", "versions")
 
 
 _stream_decoder = msgspec.json.Decoder(FeedbackStream)
@@ -258,6 +259,9 @@ async def ingest(
         if applied.pairs:
             encoded = [_encoder.encode(pair) for pair in applied.pairs]
             pipe.rpush(_key(tenant, stream, "pairs"), *encoded)
+        if applied.unpaired:
+            encoded = [_encoder.encode(row) for row in applied.unpaired]
+            pipe.rpush(_key(tenant, stream, "unpaired"), *encoded)
         if applied.accepted:
             pipe.sadd(seen_key, *applied.accepted)
         new_meta = msgspec.structs.replace(
@@ -266,6 +270,7 @@ async def ingest(
             events=meta.events + len(applied.accepted),
             duplicates=meta.duplicates + applied.duplicates,
             pairs=meta.pairs + len(applied.pairs),
+            ratings=meta.ratings + len(applied.unpaired),
             pending_ratings=meta.pending_ratings + applied.pending_delta - dropped,
             dropped_ratings=meta.dropped_ratings + dropped,
             updated_at=now,
@@ -316,8 +321,8 @@ async def list_streams(
 
 
 async def delete_stream(store: Store, tenant: str, stream: str) -> None:
-    """Forget a stream: its pairs, pending ratings and snapshot list (the snapshots' datasets
-    stay). A policy that reads it finds no pairs until new events arrive."""
+    """Forget a stream: its pairs, unpaired ratings, pending ratings and snapshot list (the
+    snapshots' datasets stay). A policy that reads it finds no pairs until new events arrive."""
     await get_stream(store, tenant, stream)
     meta_key, prompts_key = _key(tenant, stream, "meta"), _waiting_prompts(tenant, stream)
 
@@ -334,25 +339,27 @@ async def delete_stream(store: Store, tenant: str, stream: str) -> None:
     await transact(store.redis, drop, meta_key, prompts_key)
 
 
-async def pair_count(store: Store, tenant: str, stream: str) -> int:
-    return int(await store.redis.llen(_key(tenant, stream, "pairs")))  # type: ignore[misc]  # redis-py#2399
+async def pair_count(store: Store, tenant: str, stream: str, rows: SnapshotRows = "pairs") -> int:
+    """How many pairs (or unpaired rows) the stream holds."""
+    return int(await store.redis.llen(_key(tenant, stream, rows)))  # type: ignore[misc]  # redis-py#2399
 
 
 async def read_pairs(
-    store: Store, tenant: str, stream: str, start: int, stop: int
+    store: Store, tenant: str, stream: str, start: int, stop: int, rows: SnapshotRows = "pairs"
 ) -> list[PairRecord]:
-    """Pairs start .. stop-1 (stop exclusive), in the order they were gathered."""
+    """Pairs (or unpaired rows) start .. stop-1 (stop exclusive), in the order they were
+    gathered."""
     if stop <= start:
         return []
-    raw = await store.redis.lrange(_key(tenant, stream, "pairs"), start, stop - 1)  # type: ignore[misc]  # redis-py#2399
+    raw = await store.redis.lrange(_key(tenant, stream, rows), start, stop - 1)  # type: ignore[misc]  # redis-py#2399
     return [_pair_decoder.decode(r) for r in raw]
 
 
 async def read_pairs_at(
-    store: Store, tenant: str, stream: str, indices: list[int]
+    store: Store, tenant: str, stream: str, indices: list[int], rows: SnapshotRows = "pairs"
 ) -> list[PairRecord]:
-    """The pairs at these positions (missing ones are skipped)."""
-    key = _key(tenant, stream, "pairs")
+    """The pairs (or unpaired rows) at these positions (missing ones are skipped)."""
+    key = _key(tenant, stream, rows)
     async with store.redis.pipeline(transaction=False) as pipe:
         for i in indices:
             pipe.lindex(key, i)
@@ -379,8 +386,10 @@ async def snapshot(
     selection: Selection = "all",
     by: str = "api",
     name: str | None = None,
+    rows: SnapshotRows = "pairs",
 ) -> FeedbackSnapshot:
-    """Freeze pairs 0 .. end-1 (all so far by default) into a dataset, and record it.
+    """Freeze pairs 0 .. end-1 (all so far by default) into a dataset, and record it; with
+    `rows="unpaired"`, the stream's ratings as labelled completions instead (for kto).
 
     `select(index, canonical row JSON)` keeps a pair or leaves it out (a policy's held-out
     pairs). The rows go through the same validation as an upload, so the dataset has the
@@ -388,15 +397,18 @@ async def snapshot(
     Conflict if nothing is selected.
     """
     meta = await get_stream(store, tenant, stream)
-    total = await pair_count(store, tenant, stream)
+    total = await pair_count(store, tenant, stream, rows)
     end = total if end is None else min(end, total)
+    what = "pairs" if rows == "pairs" else "ratings"
     with tempfile.TemporaryDirectory(prefix="ftune-snapshot-") as tmp:
         raw_path = Path(tmp) / "raw.jsonl"
         kept = 0
         with raw_path.open("wb") as out:
             for start in range(0, end, _READ_CHUNK):
                 for i, pair in enumerate(
-                    await read_pairs(store, tenant, stream, start, min(start + _READ_CHUNK, end)),
+                    await read_pairs(
+                        store, tenant, stream, start, min(start + _READ_CHUNK, end), rows
+                    ),
                     start,
                 ):
                     line = _encoder.encode(pair.row)
@@ -405,11 +417,12 @@ async def snapshot(
                         kept += 1
         if kept == 0:
             raise Conflict(
-                f"feedback stream {stream} has no pairs to snapshot"
+                f"feedback stream {stream} has no {what} to snapshot"
                 + (f" ({selection} of the first {end})" if end else "")
                 + (
-                    f"; {meta.pending_ratings} ratings wait for an opposite rating"
-                    if meta.pending_ratings
+                    f"; {meta.pending_ratings} ratings wait for an opposite rating (snapshot "
+                    "rows=unpaired to train kto on them)"
+                    if meta.pending_ratings and rows == "pairs"
                     else ""
                 )
             )
@@ -425,14 +438,17 @@ async def snapshot(
                 name=name or f"{stream} v{version}",
                 limits=limits,
             )
-        except InvalidDataset as exc:  # the pairs were checked on the way in; this is a bug
-            raise RuntimeError(f"stored pairs of {stream} failed validation: {exc}") from exc
+        except InvalidDataset as exc:  # the rows were checked on the way in; this is a bug
+            raise RuntimeError(f"stored {what} of {stream} failed validation: {exc}") from exc
     now = time.time()
     record = FeedbackSnapshot(
         stream=stream,
         version=version,
-        dataset=DatasetRef(id=ds.id, sha256=ds.sha256, rows=ds.rows, format=ds.format),
+        dataset=DatasetRef(
+            id=ds.id, sha256=ds.sha256, rows=ds.rows, format=ds.format, kind=ds.kind
+        ),
         selection=selection,
+        rows=rows,
         pairs_end=end,
         excluded=end - kept,
         by=by,

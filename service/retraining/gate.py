@@ -141,6 +141,11 @@ def _incomparable(job: Job, eval_dataset: DatasetRef | None, promoted: Promoted 
         return "they were evaluated on different held-out pairs"
     if (spec.base_model, spec.revision) != (promoted.base_model, promoted.revision):
         return "they fine-tune different base models"
+    if spec.method != promoted.method:
+        return (
+            f"they were trained with different methods ({spec.method} and {promoted.method}), "
+            "whose metrics measure different things"
+        )
     if (hp.beta, hp.loss_type.value) != (promoted.beta, promoted.loss_type):
         return "they use a different beta or loss_type, which scale the rewards differently"
     return ""

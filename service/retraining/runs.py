@@ -117,7 +117,7 @@ async def _advance(
     if not policy.spec.enabled:
         await set_status(store, policy, PolicyStatus(checked_at=now, message="disabled"))
         return []
-    total = await feedback.pair_count(store, tenant, policy.spec.stream)
+    total = await feedback.pair_count(store, tenant, policy.spec.stream, policy.spec.rows)
     new_pairs = total - policy.pairs_at_last_run
     fire, why, due = evaluate_trigger(
         policy.spec.trigger,
@@ -196,6 +196,7 @@ async def _fire(
             select=select,
             selection="train" if select else "all",
             by=f"policy {name} run {number}",
+            rows=spec.rows,
         )
         if eval_dataset.format != train.dataset.format:
             raise ValueError(
@@ -255,9 +256,12 @@ async def _eval_set(
             raise ValueError(
                 f"the template's eval dataset {template.eval_dataset_id} does not exist"
             ) from None
-        return DatasetRef(id=ds.id, sha256=ds.sha256, rows=ds.rows, format=ds.format), None, False
-    if policy.holdout is not None and policy.holdout.stream == policy.spec.stream:
-        return policy.holdout.dataset, policy.holdout, False
+        ref = DatasetRef(id=ds.id, sha256=ds.sha256, rows=ds.rows, format=ds.format, kind=ds.kind)
+        return ref, None, False
+    rows = policy.spec.rows
+    held = policy.holdout
+    if held is not None and (held.stream, held.rows) == (policy.spec.stream, rows):
+        return held.dataset, held, False
     k = min(MAX_HOLDOUT, max(1, round(total * policy.spec.holdout_fraction)))
     if k >= total:
         raise ValueError(
@@ -277,6 +281,7 @@ async def _eval_set(
         selection="held_out",
         by=f"policy {policy.name}",
         name=f"{policy.spec.stream} held out by policy {policy.name}",
+        rows=rows,
     )
     holdout = Holdout(
         stream=policy.spec.stream,
@@ -284,6 +289,7 @@ async def _eval_set(
         pairs_end=total,
         indices=indices,
         created_at=now,
+        rows=rows,
     )
     return snap.dataset, holdout, True
 
@@ -293,7 +299,9 @@ async def _training_filter(
 ) -> Callable[[int, bytes], bool]:
     """Keeps every pair but the held-out ones and any later copy of one."""
     chosen = set(holdout.indices)
-    pairs = await feedback.read_pairs_at(store, tenant, holdout.stream, holdout.indices)
+    pairs = await feedback.read_pairs_at(
+        store, tenant, holdout.stream, holdout.indices, holdout.rows
+    )
     rows = {_encoder.encode(pair.row) for pair in pairs}
     return lambda i, row: i not in chosen and row not in rows
 
@@ -399,6 +407,7 @@ async def _follow(
                 revision=job.spec.revision,
                 beta=hp.beta,
                 loss_type=hp.loss_type.value,
+                method=job.spec.method,
                 artifacts=job.artifacts,
                 published=published,
             )

@@ -18,7 +18,7 @@ import torch
 
 from gpu_worker.data import apply_chat_template, to_dataset
 from gpu_worker.model import load_model, load_tokenizer
-from gpu_worker.trainer import build_dpo_config, build_trainer
+from gpu_worker.trainer import build_config, build_trainer
 from service.contract import Hyperparameters, JobSpec
 
 STEPS = 4
@@ -68,7 +68,7 @@ def test_adapter_weights_stay_float32_and_every_update_lands(
         load_model(tiny_model_dir, spec, "cpu"),
         tokenizer,
         spec,
-        build_dpo_config(spec, tmp_path / "out", "cpu"),
+        build_config(spec, tmp_path / "out", "cpu"),
         to_dataset(rows),
         None,
     )

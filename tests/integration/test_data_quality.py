@@ -22,7 +22,7 @@ from gpu_worker.model import load_model, load_tokenizer
 from gpu_worker.pipeline import run
 from gpu_worker.reporter import ListReporter, QueueReporter
 from gpu_worker.supervisor import Supervisor
-from gpu_worker.trainer import build_dpo_config, build_trainer
+from gpu_worker.trainer import build_config, build_trainer
 from service.blobs import BlobStore, open_store
 from service.contract import (
     ChatTemplate,
@@ -78,7 +78,7 @@ def test_pair_tokens_are_what_trl_trains_on(tiny_model_dir: Path, tmp_path: Path
             load_model(tiny_model_dir, spec, "cpu"),
             tokenizer,
             spec,
-            build_dpo_config(spec, tmp_path / "out", "cpu"),
+            build_config(spec, tmp_path / "out", "cpu"),
             to_dataset(rows),
             None,
         )

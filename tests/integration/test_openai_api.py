@@ -188,7 +188,8 @@ def test_errors_raise_the_sdk_classes_with_our_message(
 ) -> None:
     train = upload(client, openai_rows(4))
     cases: list[tuple[dict[str, Any], str, str]] = [
-        ({"method": {"type": "supervised"}}, "method.type", "dpo"),
+        ({"method": {"type": "reinforcement"}}, "method.type", "dpo"),
+        ({"method": {"type": "supervised"}}, "training_file", "completion_field=chosen"),
         ({"model": "gpt-4o-mini"}, "model", "OpenAI model names"),
         ({"training_file": "ds_0000nothing"}, "training_file", "does not exist"),
         (
@@ -281,3 +282,29 @@ def test_a_jobs_webhook_is_openais_event(api_settings: Settings, tmp_path: Path)
             client.webhooks.unwrap(delivery.body + b" ", delivery.headers, secret=SECRET)
         assert event.data.id == job.id and event.object == "event"
         assert delivery.headers["ftune-event-type"] == "fine_tuning.job.cancelled"
+
+
+def test_supervised_jobs_train_openai_chat_files_with_sft(client: openai.OpenAI) -> None:
+    chats = [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": f"Capital number {i}?"},
+                {"role": "assistant", "content": f"City {i}."},
+            ]
+        }
+        for i in range(8)
+    ]
+    train = upload(client, chats, "chat.jsonl")
+    job = client.fine_tuning.jobs.create(
+        model=MODEL,
+        training_file=train,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}},
+    )
+    assert job.method is not None and job.method.type == "supervised"
+    assert job.method.supervised is not None and job.method.dpo is None
+    assert job.method.supervised.hyperparameters.n_epochs == 3
+    # a chat file under dpo says what it needs
+    with pytest.raises(openai.BadRequestError, match="use method 'sft'") as bad:
+        client.fine_tuning.jobs.create(model=MODEL, training_file=train)
+    assert bad.value.param == "training_file"

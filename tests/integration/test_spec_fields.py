@@ -25,13 +25,14 @@ from gpu_worker.errors import ConfigError
 from gpu_worker.model import build_quantization_config
 from gpu_worker.pipeline import run
 from gpu_worker.reporter import ListReporter
-from gpu_worker.trainer import adapt_to_device, build_dpo_config
+from gpu_worker.trainer import adapt_to_device, build_config
 from service.blobs import open_store
 from service.contract import ChatTemplate, Hyperparameters, JobSpec, Lora, Quantization
 from service.settings import Settings
 from tests.fixtures.tiny_model import preference_rows, stage_job
 
 ROWS = preference_rows(8)
+SFT_ROWS = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in ROWS]
 BASELINE: dict[str, Any] = {"hyperparameters": {"max_steps": 3}}
 """On top of stage_job's fast defaults (lr 1e-3, batch 4, max_length 128, LoRA r 8, 4-bit)."""
 
@@ -55,6 +56,15 @@ CASES = [
         "hyperparameters", "label_smoothing", 0.2, base={"hyperparameters": {"loss_type": "robust"}}
     ),
     Case("hyperparameters", "label_smoothing", 0.2, "refused"),  # sigmoid never reads it
+    # Each method's own fields change training under that method and are refused under dpo
+    # (desirable_weight and simpo_gamma also reach TRL in test_methods_match_trl.py, whose
+    # reference would differ if they were dropped).
+    Case("hyperparameters", "desirable_weight", 3.0, "refused"),
+    Case("hyperparameters", "undesirable_weight", 3.0, base={"method": "kto"}),
+    Case("hyperparameters", "undesirable_weight", 3.0, "refused"),
+    Case("hyperparameters", "simpo_gamma", 3.0, "refused"),
+    Case("hyperparameters", "completion_only_loss", False, base={"method": "sft"}),
+    Case("hyperparameters", "completion_only_loss", False, "refused"),
     Case("hyperparameters", "learning_rate", 1e-2),
     Case("hyperparameters", "num_epochs", 2.0, base={"hyperparameters": {"max_steps": None}}),
     Case("hyperparameters", "num_epochs", 2.0, "refused"),  # max_steps overrides it
@@ -141,7 +151,8 @@ def _train(model_dir: Path, workdir: Path, spec_fields: dict[str, Any]) -> Obser
     from safetensors.torch import load
 
     store = open_store((workdir / "store").as_uri())
-    job = stage_job(store, model_dir, ROWS, **spec_fields)
+    rows = SFT_ROWS if spec_fields.get("method") == "sft" else ROWS
+    job = stage_job(store, model_dir, rows, **spec_fields)
     settings = Settings(models_dir=model_dir.parent, work_dir=workdir / "w", device="cpu")
     reporter = ListReporter()
     with _attention_calls() as calls:
@@ -241,7 +252,7 @@ def test_changing_a_field_changes_training_or_is_refused(
     _, notes = adapt_to_device(spec, "cpu")
     assert any(f"{case.field} {case.value} -> " in note for note in notes), notes
     on_gpu: dict[str, Callable[[], object]] = {
-        "hyperparameters.optimizer": lambda: build_dpo_config(spec, tmp_path, "cuda").optim,
+        "hyperparameters.optimizer": lambda: build_config(spec, tmp_path, "cuda").optim,
         "quantization.compute_dtype": lambda: getattr(
             build_quantization_config(spec), "bnb_4bit_compute_dtype", None
         ),

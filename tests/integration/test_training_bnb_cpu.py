@@ -17,7 +17,7 @@ import torch
 
 from gpu_worker.data import apply_chat_template, to_dataset
 from gpu_worker.model import build_lora_config, load_model, load_tokenizer
-from gpu_worker.trainer import build_dpo_config, build_trainer
+from gpu_worker.trainer import build_config, build_trainer
 from service.contract import JobSpec
 
 SPEC = msgspec.convert(
@@ -110,7 +110,7 @@ def _train(
         model,
         tokenizer,
         SPEC,
-        build_dpo_config(SPEC, output_dir, "cpu", has_eval=True),
+        build_config(SPEC, output_dir, "cpu", has_eval=True),
         to_dataset(data[:48]),
         to_dataset(data[56:]),
     )

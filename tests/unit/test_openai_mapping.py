@@ -73,9 +73,14 @@ def test_a_batch_is_split_so_that_it_fits_the_workers_gpu(tmp_path: Path) -> Non
     assert splits == {80.0: 8, 20.0: 4, 12.0: 2}
 
 
-def test_supervised_and_both_hyperparameter_forms_are_refused_by_name() -> None:
+def test_supervised_is_sft_and_reinforcement_and_both_forms_are_refused_by_name() -> None:
+    supervised = create(
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}}
+    )
+    spec = to_spec(supervised, rows=10, fits=lambda s: True)
+    assert spec.method == "sft" and spec.hyperparameters.num_epochs == 2
     with pytest.raises(SpecError) as refused:
-        to_spec(create(method={"type": "supervised"}), rows=10, fits=lambda s: True)
+        to_spec(create(method={"type": "reinforcement"}), rows=10, fits=lambda s: True)
     assert refused.value.param == "method.type"
     both = create(method={"type": "dpo"}, hyperparameters={"n_epochs": 2})
     with pytest.raises(SpecError) as refused:

@@ -69,11 +69,26 @@ def test_other_models_get_a_generic_shape_from_the_size_in_their_name(
 
 
 @pytest.mark.parametrize(
-    "ref", ["org/mystery-model", "mistralai/Mixtral-8x7B-v0.1", "microsoft/phi-2"]
+    "ref", ["org/mystery-model", "mistralai/Mixtral-8x7B-v0.1", "openai-community/gpt2-large"]
 )
 def test_unknown_shapes_have_no_estimate(ref: str) -> None:
     assert vram.architecture_for(ref) is None
     assert vram.estimate(spec(ref)) is None
+
+
+def test_phi_2_has_its_real_size() -> None:
+    # phi-2's GELU MLP is entered as a SwiGLU of the same weights: 2.78B parameters in all
+    phi = vram.architecture_for("microsoft/phi-2")
+    assert phi is not None and phi.total_params == pytest.approx(2.78e9, rel=0.01)
+
+
+def test_sft_keeps_one_sequence_a_row_the_preference_methods_two() -> None:
+    base = {"hyperparameters": {"max_length": 2048, "batch_size": 4}}
+    sft = vram.estimate(spec("Qwen/Qwen2.5-7B-Instruct", method="sft", **base))
+    orpo = vram.estimate(spec("Qwen/Qwen2.5-7B-Instruct", method="orpo", **base))
+    assert sft is not None and orpo is not None
+    assert sft.weights == orpo.weights
+    assert 1.8 < orpo.activations / sft.activations <= 2.0
 
 
 def write_config(folder: Path, **config: Any) -> Path:

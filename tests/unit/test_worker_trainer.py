@@ -11,7 +11,7 @@ import pytest
 from gpu_worker.errors import ConfigError
 from gpu_worker.trainer import (
     adapt_to_device,
-    build_dpo_config,
+    build_config,
     mixed_precision,
     resolve_device,
 )
@@ -84,7 +84,7 @@ def test_dpo_config_carries_every_hyperparameter(tmp_path: Path) -> None:
         "cpu",
     )
 
-    config = build_dpo_config(spec, tmp_path, "cpu", has_eval=True)
+    config = build_config(spec, tmp_path, "cpu", has_eval=True)
 
     assert config.output_dir == str(tmp_path)
     assert config.use_cpu and not config.bf16 and not config.fp16
@@ -106,7 +106,7 @@ def test_dpo_config_carries_every_hyperparameter(tmp_path: Path) -> None:
 def test_dpo_config_without_eval_data_or_with_max_steps(tmp_path: Path) -> None:
     spec = _spec(hyperparameters={"eval_steps": 5, "max_steps": 7, "warmup_ratio": 0.0})
 
-    config = build_dpo_config(spec, tmp_path, "cpu", has_eval=False)
+    config = build_config(spec, tmp_path, "cpu", has_eval=False)
 
     assert config.eval_strategy == "no"
     assert config.max_steps == 7 and config.warmup_steps == 0
@@ -140,10 +140,10 @@ def test_bf16_on_a_gpu_without_it_is_refused() -> None:
 
 def test_float16_compute_trains_with_loss_scaling_on_a_gpu(tmp_path: Path) -> None:
     """fp16=True is what makes transformers' Trainer scale the loss (a GradScaler)."""
-    fp16 = build_dpo_config(_spec(quantization={"compute_dtype": "float16"}), tmp_path, "cuda")
+    fp16 = build_config(_spec(quantization={"compute_dtype": "float16"}), tmp_path, "cuda")
     assert fp16.fp16 and not fp16.bf16 and not fp16.use_cpu
 
-    default = build_dpo_config(_spec(), tmp_path, "cuda")
+    default = build_config(_spec(), tmp_path, "cuda")
     assert not default.fp16 and not default.bf16
 
 
@@ -152,7 +152,7 @@ def test_constant_scheduler_with_warmup_warms_up(tmp_path: Path) -> None:
     from transformers import get_scheduler
 
     def learning_rates(**hyperparameters: Any) -> list[float]:
-        config = build_dpo_config(
+        config = build_config(
             _spec(hyperparameters={"learning_rate": 1.0, **hyperparameters}), tmp_path, "cpu"
         )
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

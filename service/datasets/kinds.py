@@ -1,0 +1,322 @@
+"""SFT and unpaired rows: told apart from preference rows, checked, normalized and counted.
+
+A dataset holds one kind of row (:data:`service.contract.DatasetKind`). Preference rows go
+through :mod:`service.datasets.collect`; the two other kinds through :class:`KindCollector`
+here, which keeps the same interface (lines, decoded objects, ``finish``) and the same
+rules: the first errors kept and all counted, nothing stored unless the whole file passes
+(or ``on_invalid=skip`` leaves out a few), duplicates and unused columns named in warnings.
+
+Canonical rows, one JSON object a line:
+
+- sft: ``{"prompt": str, "completion": str}`` or the same with lists of ``{role, content}``
+  messages; a chat (``messages``, OpenAI's chat fine-tuning JSONL) becomes the messages
+  before its last assistant turn and that turn;
+- unpaired: the same plus ``"label": true|false`` (a good or a bad completion).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from service.contract import (
+    Container,
+    DatasetKind,
+    DatasetStats,
+    DatasetWarning,
+    FieldMapping,
+    Format,
+    OnInvalid,
+)
+from service.datasets.canonical import decode_error
+from service.datasets.collect import MAX_COLUMNS, ErrorTally, IngestResult, InvalidDataset, Limits
+from service.datasets.layouts import SYSTEM_COLUMNS
+from service.datasets.messages import (
+    Msg,
+    RowInvalid,
+    answer,
+    blank,
+    check_completion,
+    check_prompt,
+    kind,
+    messages,
+    text,
+)
+from service.datasets.output import Output, Sink
+from service.datasets.stats import HashSet, Lengths, Tally, column_warnings, row_warnings
+from service.datasets.stats import rows as count_rows
+
+_PREFERENCE_KEYS = frozenset(
+    ("chosen", "rejected", "preferred_output", "non_preferred_output", "chosen_response")
+)
+_MAX_HELD = 512
+
+
+def detect_kind(obj: object, mapping: FieldMapping | None) -> DatasetKind:
+    """The kind a row (the first of a file) is: the mapping decides if it names one."""
+    if mapping is not None and mapping.kind() != "preference":
+        return mapping.kind()
+    if not isinstance(obj, dict) or _PREFERENCE_KEYS & obj.keys():
+        return "preference"
+    if "completion" in obj:
+        return "unpaired" if "label" in obj else "sft"
+    if isinstance(obj.get("messages"), list):
+        return "sft"
+    return "preference"
+
+
+def normalize(obj: object, kind_: DatasetKind, mapping: FieldMapping | None) -> dict[str, Any]:
+    """One sft or unpaired row in canonical form; RowInvalid names the field at fault."""
+    m = mapping or FieldMapping()
+    if not isinstance(obj, dict):
+        raise RowInvalid(None, f"expected a JSON object, got {kind(obj)}")
+    messages_field = m.messages_field or "messages"
+    completion_field = m.completion_field or "completion"
+    if completion_field not in obj and isinstance(obj.get(messages_field), list):
+        row = _chat(obj[messages_field], messages_field)
+    else:
+        if m.prompt_field not in obj:
+            raise RowInvalid(m.prompt_field, f"missing field {m.prompt_field!r}")
+        if completion_field not in obj:
+            raise RowInvalid(completion_field, f"missing field {completion_field!r}")
+        row = _pair(obj[m.prompt_field], obj[completion_field], m.prompt_field, completion_field)
+    system_field = m.system_field or next((c for c in SYSTEM_COLUMNS if c in obj), None)
+    if system_field is not None and system_field in obj:
+        # A row with a system column is a conversation, even where the column is blank: a
+        # file's rows must all be texts or all conversations.
+        if isinstance(row["prompt"], str):
+            row = {
+                "prompt": [{"role": "user", "content": row["prompt"]}],
+                "completion": [{"role": "assistant", "content": row["completion"]}],
+            }
+        if not blank(obj[system_field]) and row["prompt"][0]["role"] != "system":
+            system = {"role": "system", "content": text(obj[system_field], system_field)}
+            row["prompt"] = [system, *row["prompt"]]
+    if kind_ == "unpaired":
+        label_field = m.label_field or "label"
+        if label_field not in obj:
+            raise RowInvalid(label_field, f"missing field {label_field!r} (true or false)")
+        row["label"] = _label(obj[label_field], label_field)
+    return row
+
+
+def used_columns(kind_: DatasetKind, mapping: FieldMapping | None) -> set[str]:
+    m = mapping or FieldMapping()
+    used = {m.prompt_field, m.completion_field or "completion", m.messages_field or "messages"}
+    used |= {m.system_field} if m.system_field is not None else set(SYSTEM_COLUMNS)
+    if kind_ == "unpaired":
+        used.add(m.label_field or "label")
+    return used
+
+
+def _pair(prompt: object, completion: object, pf: str, cf: str) -> dict[str, Any]:
+    if isinstance(prompt, str):
+        if not isinstance(completion, str):
+            got = kind(completion)
+            raise RowInvalid(cf, f"expected a string (the {pf} is a string), got {got}")
+        p, c = text(prompt, pf), text(completion, cf)
+        return {"prompt": p, "completion": c}
+    msgs = messages(prompt, pf)
+    check_prompt(msgs, pf)
+    done = answer(completion, cf)
+    check_completion(done, cf)
+    return {"prompt": msgs, "completion": done}
+
+
+def _chat(value: list[Any], field: str) -> dict[str, Any]:
+    """A whole chat: the messages before its last assistant turn, and that turn."""
+    msgs: list[Msg] = messages(value, field)
+    last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=-1)
+    if last <= 0:
+        raise RowInvalid(
+            field, "a chat needs an assistant message after at least one other message"
+        )
+    prompt, completion = msgs[:last], msgs[last:]
+    check_prompt(prompt, field)
+    check_completion(completion, field, 0)
+    return {"prompt": prompt, "completion": completion}
+
+
+def _label(value: object, field: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value in (0, 1) and isinstance(value, int):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")  # CSV has no booleans
+    raise RowInvalid(field, f"expected true or false, got {kind(value)} {value!r}")
+
+
+def _chars(msgs: list[Msg]) -> int:
+    return sum(len(m["content"]) for m in msgs)
+
+
+class KindCollector:
+    """The state of one validation of sft or unpaired rows (see the module's docstring)."""
+
+    def __init__(
+        self,
+        dst: Sink,
+        *,
+        kind: DatasetKind,
+        mapping: FieldMapping | None,
+        limits: Limits,
+        on_invalid: OnInvalid,
+        max_invalid_fraction: float,
+    ) -> None:
+        self.kind = kind
+        self.mapping = mapping
+        self.limits = limits
+        self.skip = on_invalid == "skip"
+        self.max_invalid_fraction = max_invalid_fraction
+        self.errors = ErrorTally(limits.max_errors)
+        self.output = Output(dst)
+        self.encode = msgspec.json.Encoder().encode
+        self.used = used_columns(kind, mapping)
+        self.lengths = Lengths()
+        self.seen = HashSet(limits.max_tracked_rows)
+        self.duplicate, self.long_row = Tally(), Tally()
+        self.ignored: dict[str, Tally] = {}
+        self.fmt: Format | None = None
+        self.records = 0
+        self.desirable = 0
+        self.stopped = False
+        self.held: list[tuple[int, dict[str, Any]]] = []
+
+    def fatal(self, line: int, msg: str) -> None:
+        self.errors.add(line, None, msg)
+        self.errors.fatal = self.stopped = True
+
+    def add_block(self, first: int, block: bytes | list[bytes | None], *, file_start: bool) -> None:
+        lines = block.split(b"\n")[:-1] if isinstance(block, bytes) else block
+        for i, raw in enumerate(lines):
+            if self.stopped:
+                return
+            line = first + i
+            if raw is None:
+                if self._record(line):
+                    self.errors.add(
+                        line, None, f"line {line} is longer than {self.limits.max_line_bytes} bytes"
+                    )
+                continue
+            if file_start and i == 0:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            if not raw or raw.isspace():
+                continue
+            if not self._record(line):
+                return
+            try:
+                obj = msgspec.json.decode(raw)
+            except (msgspec.MsgspecError, UnicodeDecodeError) as e:
+                self.errors.add(line, None, decode_error(raw, line, e))
+                continue
+            self._row(line, obj)
+
+    def add_object(self, line: int, obj: Any) -> None:
+        if self._record(line):
+            self._row(line, obj)
+
+    def _record(self, line: int) -> bool:
+        self.records += 1
+        if self.records > self.limits.max_rows:
+            self.fatal(line, f"the dataset has more than {self.limits.max_rows} rows (the limit)")
+            return False
+        return True
+
+    def _row(self, line: int, obj: Any) -> None:
+        try:
+            row = normalize(obj, self.kind, self.mapping)
+        except RowInvalid as e:
+            self.errors.add(line, e.field, e.msg)
+            return
+        fmt: Format = "standard" if isinstance(row["prompt"], str) else "conversational"
+        if self.fmt is None:
+            self.fmt = fmt
+        elif fmt != self.fmt:
+            self.errors.add(
+                line,
+                "prompt",
+                f"a {fmt} row in a {self.fmt} dataset: give every row texts, or every row messages",
+            )
+            return
+        for name in obj:
+            if name not in self.used and not blank(obj[name]) and len(self.ignored) < MAX_COLUMNS:
+                self.ignored.setdefault(name, Tally()).add(line)
+        self.held.append((line, row))
+        if len(self.held) >= _MAX_HELD:
+            self._drain()
+
+    def _drain(self) -> None:
+        if not self.held:
+            return
+        datas = [self.encode(row) for _, row in self.held]
+        lines = [line for line, _ in self.held]
+        self.output.write(datas)
+        for i in self.seen.add_many(map(hash, datas)):
+            self.duplicate.add(lines[i])
+        size = len if self.fmt == "standard" else _chars
+        ps = [size(row["prompt"]) for _, row in self.held]
+        cs = [size(row["completion"]) for _, row in self.held]
+        self.lengths.add_many(ps, cs, [0] * len(ps))
+        for line, p, c in zip(lines, ps, cs, strict=True):
+            if p + c > self.limits.long_row_chars:
+                self.long_row.add(line)
+        self.desirable += sum(bool(row.get("label")) for _, row in self.held)
+        self.held = []
+
+    def finish(self, source_bytes: int, container: Container, compressed: bool) -> IngestResult:
+        self._drain()
+        errors, invalid = self.errors, self.errors.total
+        if not errors.fatal and self.output.rows == 0 and not invalid:
+            self.fatal(0, "the dataset has no rows")
+        if errors.fatal or (invalid and not self.skip):
+            raise InvalidDataset(errors.items, errors.total)
+        if invalid and self.output.rows == 0:
+            raise InvalidDataset(
+                errors.items, errors.total, f"none of the {count_rows(self.records)} is valid"
+            )
+        if invalid > self.max_invalid_fraction * self.records:
+            raise InvalidDataset(
+                errors.items,
+                errors.total,
+                f"{invalid} of {count_rows(self.records)} are invalid, more than "
+                f"max_invalid_fraction {self.max_invalid_fraction}",
+            )
+        self.output.flush()
+        assert self.fmt is not None
+        warnings = row_warnings(
+            self.duplicate, self.seen, self.long_row, Tally(), self.limits.long_row_chars
+        )
+        warnings += column_warnings(self.ignored, mapped=self.mapping is not None)
+        if self.kind == "unpaired" and self.desirable in (0, self.output.rows):
+            side = "true" if self.desirable else "false"
+            warnings.append(
+                DatasetWarning(
+                    kind="one_label",
+                    msg=f"every row is labelled {side}: KTO learns most from both good and bad "
+                    "completions",
+                    count=self.output.rows,
+                    lines=[],
+                )
+            )
+        summary = self.lengths.stats()
+        return IngestResult(
+            rows=self.output.rows,
+            bytes=self.output.written,
+            source_bytes=source_bytes,
+            sha256=self.output.sha.hexdigest(),
+            format=self.fmt,
+            kind=self.kind,
+            source_format="mapped" if self.mapping is not None else self.fmt,
+            stats=DatasetStats(
+                prompt_chars=summary.prompt_chars,
+                completion_chars=summary.chosen_chars,
+                desirable_rows=self.desirable if self.kind == "unpaired" else None,
+            ),
+            warnings=warnings,
+            container=container,
+            compressed=compressed,
+            skipped_rows=invalid,
+            skipped=errors.items if invalid else [],
+        )

@@ -1,0 +1,172 @@
+"""Datasets say what kind of rows they hold, and jobs are checked against it at submit: each
+method meets the kind it trains on, or a 422 that says what to do."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tests.fixtures.api import ALICE, Api
+
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Capital of Peru?"},
+    {"role": "assistant", "content": "Lima."},
+]
+
+
+async def upload(api: Api, rows: list[dict[str, Any]], **params: str) -> Any:
+    body = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    return await api.client.post(
+        "/v1/datasets",
+        content=body,
+        params={"name": "d", **params},
+        headers={**ALICE, "Content-Type": "application/x-ndjson"},
+    )
+
+
+async def created(api: Api, rows: list[dict[str, Any]], **params: str) -> dict[str, Any]:
+    resp = await upload(api, rows, **params)
+    assert resp.status_code == 201, resp.text
+    return dict(resp.json())
+
+
+async def submit(api: Api, dataset_id: str, **extra: Any) -> Any:
+    body = {"base_model": MODEL, "dataset_id": dataset_id, **extra}
+    return await api.client.post("/v1/jobs", json=body, headers=ALICE)
+
+
+async def test_kinds_are_detected_from_the_rows_and_stored(api: Api) -> None:
+    pairs = await created(api, [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    sft = await created(
+        api, [{"prompt": "q", "completion": "a"}, {"prompt": "r", "completion": "b"}]
+    )
+    openai_chat = await created(api, [{"messages": CHAT}])
+    unpaired = await created(
+        api,
+        [
+            {"prompt": "q", "completion": "a", "label": True},
+            {"prompt": "q", "completion": "b", "label": False},
+        ],
+    )
+    assert [d["kind"] for d in (pairs, sft, openai_chat, unpaired)] == [
+        "preference",
+        "sft",
+        "sft",
+        "unpaired",
+    ]
+    assert sft["stats"]["completion_chars"]["max"] == 1.0
+    assert unpaired["stats"]["desirable_rows"] == 1
+    # OpenAI's chat fine-tuning rows: the last assistant turn is the completion
+    rows = (await api.client.get(f"/v1/datasets/{openai_chat['id']}/rows", headers=ALICE)).json()
+    assert rows["rows"] == [
+        {"prompt": CHAT[:2], "completion": [CHAT[2]]},
+    ]
+    got = (await api.client.get(f"/v1/datasets/{unpaired['id']}", headers=ALICE)).json()
+    assert got["kind"] == "unpaired"
+
+
+async def test_mapping_options_read_other_columns(api: Api) -> None:
+    rows = [
+        {"question": "q1", "answer": "a1", "thumbs_up": 1},
+        {"question": "q2", "answer": "a2", "thumbs_up": 0},
+    ]
+    ds = await created(
+        api, rows, prompt_field="question", completion_field="answer", label_field="thumbs_up"
+    )
+    assert ds["kind"] == "unpaired" and ds["rows"] == 2
+    chats = await created(api, [{"conversation": CHAT}], messages_field="conversation")
+    assert chats["kind"] == "sft"
+    # a preference file read as sft: train on the chosen answers
+    pairs = [{"prompt": "q", "chosen": "good", "rejected": "bad"}]
+    mapped = await created(api, pairs, completion_field="chosen")
+    assert mapped["kind"] == "sft"
+    assert [w["kind"] for w in mapped["warnings"]] == ["ignored_column"]
+
+
+async def test_bad_unpaired_rows_are_refused_with_line_and_field(api: Api) -> None:
+    resp = await upload(
+        api,
+        [
+            {"prompt": "q", "completion": "a", "label": True},
+            {"prompt": "q", "completion": "b", "label": "maybe"},
+            {"prompt": "q", "completion": "", "label": False},
+        ],
+    )
+    assert resp.status_code == 422, resp.text
+    errors = resp.json()["errors"]
+    assert [(e["line"], e["field"]) for e in errors] == [(2, "label"), (3, "completion")]
+
+
+async def test_each_method_meets_its_dataset_kind_at_submit(api: Api) -> None:
+    pairs = (await created(api, [{"prompt": "q", "chosen": "a", "rejected": "b"}]))["id"]
+    sft = (await created(api, [{"prompt": "q", "completion": "a"}]))["id"]
+    unpaired = (
+        await created(
+            api,
+            [
+                {"prompt": "q", "completion": "a", "label": True},
+                {"prompt": "r", "completion": "b", "label": False},
+            ],
+        )
+    )["id"]
+    accepted = [
+        ("dpo", pairs),
+        ("orpo", pairs),
+        ("simpo", pairs),
+        ("kto", pairs),
+        ("kto", unpaired),
+        ("sft", sft),
+    ]
+    for method, ds in accepted:
+        resp = await submit(api, ds, method=method)
+        assert resp.status_code == 201, (method, resp.text)
+        assert resp.json()["spec"]["method"] == method
+
+    refused = [
+        ("sft", pairs, "completion_field=chosen"),
+        ("dpo", unpaired, "use method 'kto'"),
+        ("simpo", sft, "use method 'sft'"),
+        ("kto", sft, "use method 'sft'"),
+    ]
+    for method, ds, hint in refused:
+        resp = await submit(api, ds, method=method)
+        assert resp.status_code == 422, (method, resp.text)
+        problem = resp.json()
+        assert hint in problem["detail"], problem
+        assert problem["errors"][0]["loc"] == ["body", "dataset_id"]
+
+
+async def test_hyperparameters_of_another_method_are_refused_by_name(api: Api) -> None:
+    sft = (await created(api, [{"prompt": "q", "completion": "a"}]))["id"]
+    pairs = (await created(api, [{"prompt": "q", "chosen": "a", "rejected": "b"}]))["id"]
+    cases = [
+        (sft, "sft", {"beta": 0.3}, "hyperparameters.beta"),
+        (sft, "sft", {"loss_type": "ipo"}, "hyperparameters.loss_type"),
+        (pairs, "dpo", {"desirable_weight": 2.0}, "hyperparameters.desirable_weight"),
+        (pairs, "orpo", {"simpo_gamma": 1.0}, "hyperparameters.simpo_gamma"),
+        (pairs, "simpo", {"completion_only_loss": False}, "hyperparameters.completion_only_loss"),
+    ]
+    for ds, method, hp, field in cases:
+        resp = await submit(api, ds, method=method, hyperparameters=hp)
+        assert resp.status_code == 422, resp.text
+        assert field in resp.json()["detail"], resp.json()
+    resp = await submit(
+        api, pairs, method="simpo", hyperparameters={"beta": 2.0, "simpo_gamma": 1.0}
+    )
+    assert resp.status_code == 201, resp.text
+
+
+async def test_a_policy_cannot_train_sft_on_feedback(api: Api) -> None:
+    body = {
+        "stream": "support",
+        "template": {"base_model": MODEL, "method": "sft"},
+        "trigger": {"min_new_pairs": 10},
+    }
+    resp = await api.client.put("/v1/policies/nightly", json=body, headers=ALICE)
+    assert resp.status_code == 422, resp.text
+    assert "kto (every rating)" in resp.json()["detail"]
+    body["template"] = {"base_model": MODEL, "method": "kto"}
+    resp = await api.client.put("/v1/policies/nightly", json=body, headers=ALICE)
+    assert resp.status_code == 200, resp.text

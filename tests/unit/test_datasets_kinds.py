@@ -1,0 +1,85 @@
+"""sft and unpaired rows: detected, normalized, refused with line and field, from any container."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.contract import FieldMapping
+from service.datasets.validate import IngestResult, InvalidDataset, validate_file
+
+
+def validate(
+    tmp_path: Path, rows: list[Any], name: str = "d.jsonl", **kwargs: Any
+) -> tuple[IngestResult, list[dict[str, Any]]]:
+    path = tmp_path / name
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    out = io.BytesIO()
+    result = validate_file(path, out, **kwargs)
+    return result, [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def test_text_and_chat_rows_do_not_mix(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "q", "completion": "a"},
+        {"prompt": [{"role": "user", "content": "q"}], "completion": "a"},
+    ]
+    with pytest.raises(InvalidDataset) as refused:
+        validate(tmp_path, rows)
+    (error,) = refused.value.errors
+    assert (error.line, error.field) == (2, "prompt")
+    assert "every row texts, or every row messages" in error.msg
+
+
+def test_csv_labels_and_a_system_column(tmp_path: Path) -> None:
+    path = tmp_path / "ratings.csv"
+    path.write_text("prompt,completion,label,system,score\nq1,a1,true,Be brief.,3\nq2,a2,0,,1\n")
+    out = io.BytesIO()
+    result = validate_file(path, out, hint="csv")
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert result.kind == "unpaired" and result.container == "csv"
+    assert result.format == "conversational"  # a system column makes every row a chat
+    assert rows == [
+        {
+            "prompt": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "q1"},
+            ],
+            "completion": [{"role": "assistant", "content": "a1"}],
+            "label": True,
+        },
+        {
+            "prompt": [{"role": "user", "content": "q2"}],
+            "completion": [{"role": "assistant", "content": "a2"}],
+            "label": False,
+        },
+    ]
+    assert [(w.kind, w.count) for w in result.warnings] == [("ignored_column", 2)]
+
+
+def test_gzip_chats_keep_tool_turns_and_name_unused_columns(tmp_path: Path) -> None:
+    chat = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "Let me look."},
+        {"role": "user", "content": "Thanks."},
+        {"role": "assistant", "content": "Sunny."},
+    ]
+    result, rows = validate(tmp_path, [{"messages": chat, "weight": 1}], "chats.jsonl.gz")
+    assert result.kind == "sft" and result.compressed
+    assert rows == [{"prompt": chat[:3], "completion": chat[3:]}]
+    assert [w.kind for w in result.warnings] == ["ignored_column"]
+
+
+def test_a_mapping_names_the_kind(tmp_path: Path) -> None:
+    rows = [{"q": "2+2?", "a": "4", "ok": True}, {"q": "3+3?", "a": "7", "ok": False}]
+    mapping = FieldMapping(prompt_field="q", completion_field="a", label_field="ok")
+    result, out = validate(tmp_path, rows, mapping=mapping)
+    assert result.kind == "unpaired" and result.source_format == "mapped"
+    assert out[1] == {"prompt": "3+3?", "completion": "7", "label": False}
+    assert result.stats.desirable_rows == 1
