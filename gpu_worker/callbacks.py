@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -111,8 +112,11 @@ class ReporterCallback(TrainerCallback):
         *,
         checkpoints: CheckpointStore | None = None,
         history: list[MetricPoint] | None = None,
+        also: Callable[[int, dict[str, float]], None] | None = None,
     ) -> None:
         self.reporter = reporter
+        self.also = also
+        """Gets every point the reporter gets (the experiment trackers)."""
         self.checkpoints = checkpoints
         self.points: list[MetricPoint] = list(history or [])
         """Every metric point of the job, including those restored from a checkpoint."""
@@ -192,6 +196,8 @@ class ReporterCallback(TrainerCallback):
         """Record and report a metric point (TRL's logs, and metrics measured after training)."""
         self.points.append(MetricPoint(step=step, time=time.time(), values=values))
         self.reporter.metrics(step, values)
+        if self.also is not None:
+            self.also(step, values)
 
     def _throughput(self, values: dict[str, float]) -> dict[str, float]:
         extra = {"memory_bytes": float(memory_bytes())}

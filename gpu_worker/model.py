@@ -32,9 +32,9 @@ def resolve_model(ref: str, revision: str | None, *, settings: Settings, workdir
     if ref.startswith("file://"):
         path = _local_model(ref, settings)
     elif ref.startswith("s3://"):
-        path = _download_s3(ref, settings, workdir / "base-model")
+        path = download_s3(ref, settings, workdir / "base-model")
     else:
-        path = _download_hub(ref.removeprefix("hf://"), revision, settings)
+        path = download_hub(ref.removeprefix("hf://"), revision, settings)
     if not (path / "config.json").is_file():
         raise ModelLoadError(
             f"base model {ref!r} is not a transformers model folder (no config.json in it): "
@@ -56,7 +56,7 @@ def _local_model(ref: str, settings: Settings) -> Path:
     return path
 
 
-def _download_s3(ref: str, settings: Settings, dest: Path) -> Path:
+def download_s3(ref: str, settings: Settings, dest: Path, *, what: str = "base model") -> Path:
     from service.blobs import BlobNotFound, open_store
 
     try:
@@ -67,19 +67,27 @@ def _download_s3(ref: str, settings: Settings, dest: Path) -> Path:
             store.close()
     except BlobNotFound:
         raise ModelLoadError(
-            f"base model {ref!r}: nothing is stored under that S3 prefix; check the bucket and "
+            f"{what} {ref!r}: nothing is stored under that S3 prefix; check the bucket and "
             "prefix (it must hold the files save_pretrained wrote)"
         ) from None
     except Exception as exc:  # boto3 raises many types: credentials, access, endpoint
         raise ModelLoadError(
-            f"base model {ref!r} could not be downloaded from S3 "
+            f"{what} {ref!r} could not be downloaded from S3 "
             f"(endpoint {settings.s3_endpoint_url or 'AWS'}): {exc}. Check the uri and that the "
             "worker's S3 credentials can read it"
         ) from exc
     return dest
 
 
-def _download_hub(repo_id: str, revision: str | None, settings: Settings) -> Path:
+def download_hub(
+    repo_id: str,
+    revision: str | None,
+    settings: Settings,
+    *,
+    what: str = "base model",
+    subfolder: str = "",
+) -> Path:
+    """A snapshot of the repo (only `subfolder` of it, if given) in the Hub cache."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -98,29 +106,30 @@ def _download_hub(repo_id: str, revision: str | None, settings: Settings) -> Pat
             token=settings.hf_tokens.get("") or False,
             cache_dir=settings.hf_home / "hub" if settings.hf_home else None,
             ignore_patterns=HUB_IGNORE_PATTERNS,
+            allow_patterns=f"{subfolder}/*" if subfolder else None,
         )
     except GatedRepoError:
         raise ModelLoadError(
-            f"base model {repo_id!r} is gated {where}: accept its terms with the account whose "
+            f"{what} {repo_id!r} is gated {where}: accept its terms with the account whose "
             "token the workers hold (HF_TOKEN)"
         ) from None
     except RepositoryNotFoundError:
         raise ModelLoadError(
-            f"base model {repo_id!r} was not found {where}: check the id, and that the worker's "
+            f"{what} {repo_id!r} was not found {where}: check the id, and that the worker's "
             "HF token can read it if it is private"
         ) from None
     except RevisionNotFoundError:
         raise ModelLoadError(
-            f"revision {revision!r} of base model {repo_id!r} was not found {where}: check the "
+            f"revision {revision!r} of {what} {repo_id!r} was not found {where}: check the "
             "branch, tag or commit"
         ) from None
     except (LocalEntryNotFoundError, OSError) as exc:
         cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
         raise ModelLoadError(
-            f"base model {repo_id!r} could not be downloaded from the Hub ({endpoint}): {cause}. "
+            f"{what} {repo_id!r} could not be downloaded from the Hub ({endpoint}): {cause}. "
             "Check the worker's network access to the Hub (HF_ENDPOINT)"
         ) from exc
-    return Path(folder)
+    return Path(folder) / subfolder if subfolder else Path(folder)
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -32,8 +33,10 @@ from gpu_worker.data import (
 )
 from gpu_worker.errors import ConfigError, DatasetError
 from gpu_worker.generations import generate_side_by_side, generate_with_merged
+from gpu_worker.init_from import fetch_adapter
 from gpu_worker.model import load_model, load_tokenizer, resolve_model
 from gpu_worker.reporter import JobCancelled, JobStopped, Reporter
+from gpu_worker.tracking import Tracking
 from gpu_worker.trainer import adapt_to_device, build_config, build_trainer, resolve_device
 from service import tenants
 from service.blobs import BlobStore
@@ -68,6 +71,32 @@ def run(
     _quiet_progress_bars()
     reporter.phase(Phase.preparing)
     _check_grants(job, settings)
+    tracking = Tracking.start(job, settings, reporter)
+    try:
+        result = _run(job, workdir, reporter, settings=settings, store=store, tracking=tracking)
+    except BaseException as exc:
+        tracking.finish(_outcome(exc))
+        raise
+    tracking.finish("succeeded", result.final_metrics, result.artifacts)
+    return result
+
+
+def _outcome(exc: BaseException) -> str:
+    """What the trackers are told: `stopped` leaves their run open for the next attempt."""
+    if isinstance(exc, JobCancelled):
+        return "cancelled"
+    return "stopped" if isinstance(exc, JobStopped) else "failed"
+
+
+def _run(
+    job: Job,
+    workdir: Path,
+    reporter: Reporter,
+    *,
+    settings: Settings,
+    store: BlobStore,
+    tracking: Tracking,
+) -> PipelineResult:
     device = resolve_device(settings.device)
     spec, notes = adapt_to_device(job.spec, device)
     for note in notes:
@@ -76,6 +105,9 @@ def run(
     eval_rows = fetch_rows(store, job.eval_dataset, workdir / "data") if job.eval_dataset else None
     model_dir = resolve_model(spec.base_model, spec.revision, settings=settings, workdir=workdir)
     tokenizer = load_tokenizer(model_dir)
+    init_adapter = fetch_adapter(
+        job, model_dir, settings=settings, store=store, dest=workdir / "init-adapter"
+    )
     rows, eval_rows, data = _prepare_rows(rows, eval_rows, tokenizer, spec, reporter)
     job = msgspec.structs.replace(job, rows_dropped=data.rows_left_out, data=data)  # for the card
     reporter.log(f"{len(rows)} training rows, {len(eval_rows)} eval rows, device {device}")
@@ -88,7 +120,9 @@ def run(
     output_dir = workdir / "output"
     checkpoints = CheckpointStore(store, job.id)
     resume_from, history = _fetch_newest_checkpoint(checkpoints, output_dir, reporter)
-    callback = ReporterCallback(reporter, checkpoints=checkpoints, history=history)
+    callback = ReporterCallback(
+        reporter, checkpoints=checkpoints, history=history, also=tracking.log
+    )
     trainer = build_trainer(
         model,
         tokenizer,
@@ -97,6 +131,7 @@ def run(
         to_dataset(rows),
         to_dataset(eval_rows) if eval_rows else None,
         [callback],
+        init_adapter=init_adapter,
     )
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if callback.stopped_at is not None:
@@ -105,6 +140,9 @@ def run(
     trainer.save_model(str(adapter_dir))
     # A pickle of the training arguments: not needed to load the adapter, unsafe to unpickle.
     (adapter_dir / "training_args.bin").unlink(missing_ok=True)
+    # The frozen reference copy TRL adds when an adapter is continued: the starting point,
+    # not part of the result.
+    shutil.rmtree(adapter_dir / "ref", ignore_errors=True)
 
     reporter.phase(Phase.evaluating)
     final_metrics = _final_train_metrics(callback)

@@ -2,9 +2,11 @@
 explicit (the per-method parts are in gpu_worker/methods.py).
 
 The reference model (dpo, kto) is the base with the adapter disabled (TRL does this when it
-gets a `peft_config`), so only one copy of the weights is in memory. Two choices differ from what a
-plain TRL script gets, on purpose (docs/training-quality.md): the adapter's weights stay float32
-on every path, and the training step's mixed precision follows the base's compute dtype.
+gets a `peft_config`), so only one copy of the weights is in memory; a job continuing an adapter
+(`init_from`) is referenced against that adapter, frozen (TRL's `ref` copy). Two choices differ
+from what a plain TRL script gets, on purpose (docs/training-quality.md): the adapter's weights
+stay float32 on every path, and the training step's mixed precision follows the base's compute
+dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from service.contract import JobSpec
 if TYPE_CHECKING:
     import torch
     from datasets import Dataset
+    from peft import LoraConfig, PeftModel
     from transformers import (
         PreTrainedModel,
         PreTrainedTokenizerBase,
@@ -173,30 +176,78 @@ def build_trainer(
     train_dataset: Dataset,
     eval_dataset: Dataset | None,
     callbacks: Sequence[TrainerCallback] = (),
+    init_adapter: Path | None = None,
 ) -> Trainer:
-    """The method's TRL trainer, wrapping `model` in a fresh float32 LoRA adapter; the
-    reference (dpo, kto) is the bare base."""
+    """The method's TRL trainer, wrapping `model` in a float32 LoRA adapter: a fresh one, whose
+    reference (dpo, kto) is the bare base, or the one in `init_adapter`, whose reference is that
+    adapter frozen."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from gpu_worker.methods import method_trainer
 
+    policy: PreTrainedModel | PeftModel = model
+    peft_config: LoraConfig | None = build_lora_config(spec)
+    if init_adapter is not None:
+        policy, peft_config = continue_adapter(model, init_adapter), None
     trainer = method_trainer(
         spec.method,
-        model=model,
+        model=policy,
         args=config,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        peft_config=build_lora_config(spec),
+        peft_config=peft_config,
         callbacks=list(callbacks),
     )
     disable_base_dropout(model)  # the LoRA layers were injected into it in place
+    disable_reference_dropout(model)
     assert trainer.model is not None
     keep_trainable_fp32(trainer.model)
+    if init_adapter is not None:
+        restore_adapter(trainer.model, init_adapter)
     # Our callback reports every log; the console printers would only duplicate it.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     return trainer
+
+
+def continue_adapter(model: PreTrainedModel, adapter_dir: Path) -> PeftModel:
+    """`model` with the LoRA adapter in `adapter_dir` loaded trainable.
+
+    Given a PeftModel and no reference model, TRL's DPOTrainer adds a frozen copy of the
+    adapter named `ref` and computes the reference log-probs with it: DPO after SFT measures
+    its rewards against the SFT model, as the DPO paper prescribes, not against the bare base.
+    """
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+
+
+def restore_adapter(model: torch.nn.Module, adapter_dir: Path) -> None:
+    """Set the continued adapter back to its exact saved (float32) weights.
+
+    TRL's trainers round trainable weights to bfloat16 on a quantized base (see
+    keep_trainable_fp32), after DPO's and KTO's copied them into their frozen `ref` adapter:
+    without this, the policy would start one rounding away from the adapter it continues (and
+    from its reference: measured rewards of about 1e-4 at step 1, not 0).
+    """
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    set_peft_model_state_dict(model, load_peft_weights(str(adapter_dir)), adapter_name="default")
+
+
+def disable_reference_dropout(model: torch.nn.Module) -> int:
+    """Turn off the dropout of TRL's frozen `ref` adapter (present when an adapter is continued),
+    so the reference log-probs, computed in train mode, are exact; returns how many."""
+    import torch
+
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and name.endswith("lora_dropout.ref"):
+            count += module.p > 0
+            module.p = 0.0
+    return count
 
 
 def disable_base_dropout(model: torch.nn.Module) -> int:

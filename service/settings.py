@@ -46,8 +46,12 @@ BOOLEANS = {"true": True, "1": True, "yes": True, "on": True}
 BOOLEANS |= {"false": False, "0": False, "no": False, "off": False}
 KEY_HASH = r"[0-9a-fA-F]{64}"
 
-ENV_NAMES = {"hf_home": "HF_HOME", "hf_endpoint": "HF_ENDPOINT"}
-"""Fields read from a variable other than FTUNE_<FIELD>: the Hub's own."""
+ENV_NAMES = {
+    "hf_home": "HF_HOME",
+    "hf_endpoint": "HF_ENDPOINT",
+    "mlflow_tracking_uri": "MLFLOW_TRACKING_URI",
+}
+"""Fields read from a variable other than FTUNE_<FIELD>: the Hub's and MLflow's own."""
 NOT_FROM_ENV = {"hf_tokens", "env_secrets"}
 """Fields gathered from several variables in `from_env`."""
 
@@ -106,6 +110,9 @@ class Settings:
     """Cache for Hub downloads (HF_HOME)."""
     hf_endpoint: HttpUrl | None = None
     """Hub endpoint (HF_ENDPOINT), for a private Hub mirror or the tests' local server."""
+    mlflow_tracking_uri: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+    """The MLflow tracking server jobs with integrations.mlflow report to (MLFLOW_TRACKING_URI);
+    MLflow reads its credentials (MLFLOW_TRACKING_TOKEN, ...) itself."""
     hf_tokens: Mapping[str, str] = field(default_factory=dict, repr=False)
     """HF tokens by name: "" for HF_TOKEN, "<name>" for FTUNE_HF_TOKEN_<NAME>. Never logged."""
     job_timeout_hours: Positive = 48.0
@@ -175,7 +182,8 @@ class Settings:
     webhook_backoff_seconds: Positive = 4.0
     """Delay after the first failed delivery; doubles after each further one (capped at 1 h)."""
     env_secrets: tuple[str, ...] = field(default=(), repr=False)
-    """Credential values from the environment (AWS keys, the Redis password): redacted in logs."""
+    """Credential values from the environment (AWS keys, the Redis password, the W&B and MLflow
+    tokens): redacted in logs."""
 
     def __post_init__(self) -> None:
         # Code that builds Settings (tests, the dev stack) gets the same checks as the env.
@@ -226,6 +234,9 @@ class Settings:
             for v in (
                 env.get("AWS_SECRET_ACCESS_KEY"),
                 env.get("AWS_SESSION_TOKEN"),
+                env.get("WANDB_API_KEY"),
+                env.get("MLFLOW_TRACKING_TOKEN"),
+                env.get("MLFLOW_TRACKING_PASSWORD"),
                 redis_password,
             )
             if v

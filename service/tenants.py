@@ -254,6 +254,9 @@ def check_job(tenants: Tenants, tenant: str, spec: JobTemplate, store_url: str) 
     grants = tenants.grants_of(tenant)
     if spec.base_model.startswith("s3://"):
         check_s3_read(tenants, tenant, spec.base_model, store_url, ["body", "base_model"])
+    adapter = spec.init_from.adapter if spec.init_from is not None else None
+    if adapter is not None and adapter.startswith("s3://"):  # an earlier job's: by job_id
+        check_s3_read(tenants, tenant, adapter, store_url, ["body", "init_from", "adapter"])
     dest = spec.output.destination
     loc = ["body", "output", "destination"]
     if isinstance(dest, HubDestination):

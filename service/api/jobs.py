@@ -34,6 +34,7 @@ from service.contract import (
     kind_mismatch,
     local_model_path,
 )
+from service.init_from import InitFromError, resolve_init_adapter
 from service.settings import Principal, Settings
 from service.store import Conflict, NotFound, Store, is_stream_id, new_id, request_fingerprint
 from service.tenants import Tenants, check_job, limits_for
@@ -128,6 +129,10 @@ async def submit_job(
             ) from None
     dataset = await _dataset(store, spec.dataset_id, tenant, "dataset_id")
     _check_kind(spec.method, dataset, "dataset_id")
+    try:
+        init_adapter = await resolve_init_adapter(store, spec, tenant)
+    except InitFromError as exc:
+        raise InvalidRequest(str(exc), [FieldError(loc=["body", *exc.loc], msg=str(exc))]) from None
     eval_dataset = None
     if spec.eval_dataset_id is not None:
         eval_dataset = await _dataset(store, spec.eval_dataset_id, tenant, "eval_dataset_id")
@@ -150,6 +155,7 @@ async def submit_job(
         spec=spec,
         dataset=_ref(dataset),
         eval_dataset=_ref(eval_dataset) if eval_dataset else None,
+        init_adapter=init_adapter,
         created_at=now,
         updated_at=now,
     )

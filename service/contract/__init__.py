@@ -5,6 +5,7 @@ cross-field rules live in ``__post_init__`` (msgspec turns their ``ValueError`` 
 ``ValidationError`` with the field path). Import from here: the submodules are its seams.
 """
 
+from service.contract.base import Strict
 from service.contract.caller import Caller
 from service.contract.datasets import (
     Container,
@@ -41,6 +42,8 @@ from service.contract.feedback import (
     Selection,
     SnapshotRows,
 )
+from service.contract.init_from import InitFrom
+from service.contract.integrations import Integrations, MlflowTracking, WandbTracking
 from service.contract.jobs import (
     Artifact,
     DataReport,
@@ -95,7 +98,6 @@ from service.contract.spec import (
     Quantization,
     S3Destination,
     StoreDestination,
-    Strict,
     kind_mismatch,
     local_model_path,
 )
@@ -158,6 +160,8 @@ __all__ = [
     "Holdout",
     "HubDestination",
     "Hyperparameters",
+    "InitFrom",
+    "Integrations",
     "Job",
     "JobError",
     "JobList",
@@ -174,6 +178,7 @@ __all__ = [
     "MetricName",
     "MetricPoint",
     "MetricSeries",
+    "MlflowTracking",
     "OnInvalid",
     "OpenAIEventType",
     "OpenAIWebhookData",
@@ -201,6 +206,7 @@ __all__ = [
     "Strict",
     "Trigger",
     "Usage",
+    "WandbTracking",
     "WebhookDelivery",
     "WebhookEvent",
     "WebhookJobData",

@@ -214,6 +214,14 @@ class Job(msgspec.Struct, kw_only=True):
         DatasetRef | None,
         msgspec.Meta(description="The eval dataset, if the spec named one."),
     ] = None
+    init_adapter: Annotated[
+        str | None,
+        msgspec.Meta(
+            description="Where the adapter it continues (`spec.init_from`) is: an earlier "
+            "job's adapter artifact, or the `hf://` / `s3://` reference given; null: it trains "
+            "a fresh adapter."
+        ),
+    ] = None
     phase: Annotated[
         Phase | None,
         msgspec.Meta(description="What a running job is doing; null while queued."),

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 
-from service.contract.spec import Hyperparameters, JobTemplate, Strict
+from service.contract.base import Strict
+from service.contract.spec import Hyperparameters, JobTemplate
 
 Auto = Literal["auto"]
 

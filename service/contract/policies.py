@@ -6,11 +6,12 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from service.contract.base import Strict
 from service.contract.cron import Cron
 from service.contract.datasets import DatasetRef
 from service.contract.feedback import STREAM_NAME, SnapshotRows
 from service.contract.jobs import Artifact
-from service.contract.spec import JobTemplate, Strict
+from service.contract.spec import JobTemplate
 
 MetricName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_./-]{1,64}(?!\n)$")]
 
@@ -123,12 +124,25 @@ class PolicySpec(Strict):
     enabled: Annotated[
         bool, msgspec.Meta(description="false: it never fires (its history is kept).")
     ] = True
+    init_from_promoted: Annotated[
+        bool,
+        msgspec.Meta(
+            description="Each run continues the promoted run's adapter instead of training a "
+            "fresh one (until a run is promoted, the template's own init_from, if any, is "
+            "used); needs template.output.artifacts `adapter` or `both`."
+        ),
+    ] = False
 
     def __post_init__(self) -> None:
         if self.template.method == "sft":
             raise ValueError(
                 "template.method 'sft' cannot train on feedback, which gathers preference "
                 "pairs and ratings: use dpo, orpo or simpo (pairs) or kto (every rating)"
+            )
+        if self.init_from_promoted and self.template.output.artifacts == "merged":
+            raise ValueError(
+                "init_from_promoted needs the promoted run's adapter: set "
+                "template.output.artifacts to 'adapter' or 'both'"
             )
 
     @property

@@ -9,6 +9,10 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from service.contract.base import Strict
+from service.contract.init_from import InitFrom
+from service.contract.integrations import Integrations
+
 # Patterns end in `(?!\n)$`: Python's `$` also matches before a final newline (a name
 # "x\n" would pass), and `\Z` is not a JSON Schema (ECMA-262) regex; this reads alike in both.
 REPO_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}(?!\n)$"
@@ -21,10 +25,6 @@ LABEL_KEY_RE = r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?(?!\n)$"
 
 Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 Label = Annotated[str, msgspec.Meta(max_length=63)]
-
-
-class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Inputs reject unknown keys: a typo in a spec must not silently train with defaults."""
 
 
 class LossType(enum.StrEnum):
@@ -604,8 +604,25 @@ class JobTemplate(Strict):
             description="Length in tokens of the before/after generations for `eval_prompts`.",
         ),
     ] = 64
+    init_from: Annotated[
+        InitFrom | None,
+        msgspec.Meta(
+            description="Continue training an existing LoRA adapter (an earlier job's, or one "
+            "on the Hub or in S3) instead of a fresh one, e.g. DPO after SFT; it keeps its own "
+            "LoRA settings, so `lora` must be left out (or, with job_id, equal that job's). "
+            "null: a fresh adapter."
+        ),
+    ] = None
+    integrations: Annotated[
+        Integrations,
+        msgspec.Meta(
+            description="Experiment trackers (MLflow, Weights & Biases) the job also reports "
+            "to; the workers hold their addresses and credentials."
+        ),
+    ] = msgspec.field(default_factory=Integrations)
 
     def __post_init__(self) -> None:
+        _check_init_from(self)
         if not MODEL_REF_RE.match(self.base_model):
             raise ValueError(
                 "base_model must be 'org/name', 'hf://org/name', 's3://bucket/prefix' "
@@ -652,6 +669,17 @@ class JobSpec(JobTemplate, kw_only=True):
         super().__post_init__()
         if self.eval_dataset_id is not None and self.eval_dataset_id == self.dataset_id:
             raise ValueError("eval_dataset_id must differ from dataset_id")
+
+
+def _check_init_from(template: JobTemplate) -> None:
+    # An adapter's rank and targets are fixed when it is made; `lora` would silently do nothing.
+    # (With job_id the API compares `lora` with that job's, which it can read.)
+    init = template.init_from
+    if init is not None and init.adapter is not None and template.lora != Lora():
+        raise ValueError(
+            "lora has no effect with init_from.adapter (the adapter keeps its own r, alpha and "
+            "target modules): leave lora out"
+        )
 
 
 _HYPERPARAMETER_DEFAULTS = Hyperparameters()

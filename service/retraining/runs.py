@@ -21,8 +21,10 @@ from service.contract import (
     Destination,
     GateCheck,
     Holdout,
+    InitFrom,
     Job,
     JobStatus,
+    JobTemplate,
     Policy,
     PolicyRun,
     PolicyStatus,
@@ -31,6 +33,7 @@ from service.contract import (
     StoreDestination,
 )
 from service.datasets.validate import Limits
+from service.init_from import promoted_adapter, resolve_init_adapter
 from service.publish import publish
 from service.retraining import feedback
 from service.retraining.gate import decide
@@ -203,13 +206,20 @@ async def _fire(
                 f"the eval dataset {eval_dataset.id} is {eval_dataset.format}, the stream's "
                 f"pairs are {train.dataset.format}"
             )
+        run_spec = job_spec(_template(policy), train.dataset.id, eval_dataset.id, policy=name)
+        init_adapter: str | None
+        if spec.init_from_promoted and policy.promoted is not None:
+            init_adapter = promoted_adapter(policy.promoted, run_spec)
+        else:
+            init_adapter = await resolve_init_adapter(store, run_spec, tenant)
         job = Job(
             id=job_id,
             tenant=tenant,
             status=JobStatus.queued,
-            spec=job_spec(spec.template, train.dataset.id, eval_dataset.id, policy=name),
+            spec=run_spec,
             dataset=train.dataset,
             eval_dataset=eval_dataset,
+            init_adapter=init_adapter,
             created_at=now,
             updated_at=now,
         )
@@ -241,6 +251,15 @@ async def _fire(
         return []
     await queue.enqueue(pool, job, queue_name=settings.queue_name)
     return [f"policy {name} of {tenant}: fired run {number} ({why}) as job {job_id}"]
+
+
+def _template(policy: Policy) -> JobTemplate:
+    """The template a run submits: set to continue the promoted adapter if the policy says so."""
+    template = policy.spec.template
+    if policy.spec.init_from_promoted and policy.promoted is not None:
+        init = InitFrom(job_id=policy.promoted.job_id)
+        template = msgspec.structs.replace(template, init_from=init)
+    return template
 
 
 async def _eval_set(

@@ -142,3 +142,21 @@ def test_a_process_with_a_malformed_tenants_file_does_not_start(tmp_path: Path) 
     result = CliRunner().invoke(app, ["scheduler"], env={"FTUNE_API_KEYS_FILE": str(bad)})
     assert result.exit_code == 2, result.output
     assert "is not s3://bucket[/prefix]" in result.stderr
+
+
+def test_an_init_from_adapter_in_s3_needs_s3_read_and_is_never_in_the_store(
+    tmp_path: Path,
+) -> None:
+    known = load(tmp_path, {"tenants": {"a": team(s3_read=["s3://data/adapters"])}})
+    tenants.check_job(known, "a", template(init_from={"adapter": "s3://data/adapters/sft/"}), STORE)
+    tenants.check_job(known, "a", template(init_from={"adapter": "hf://org/sft"}), STORE)
+    # Another tenant's artifact in the store is reached through init_from.job_id, which checks
+    # the tenant; a path into the store would skip that.
+    for uri, status in [
+        ("s3://data/other/", 403),
+        ("s3://svc-store/ftune/jobs/job_1/artifacts/adapter/", 422),
+    ]:
+        with pytest.raises(tenants.GrantMissing) as refused:
+            tenants.check_job(known, "a", template(init_from={"adapter": uri}), STORE)
+        assert refused.value.status == status
+        assert refused.value.loc == ["body", "init_from", "adapter"]
