@@ -68,4 +68,7 @@ screenshot: $(STAMP) ## regenerate the README's console screenshot (runs the con
 bench: $(STAMP) ## benchmarks, quick mode (BENCH=full for the full run)
 	$(PY) -m bench $(if $(BENCH),--$(BENCH),--quick)
 
-.PHONY: help install lock demo dev test test-fast lint fmt openapi screenshot bench
+soak: $(STAMP) ## several tenants against one API and two workers for 60 s, then a consistency check
+	$(PY) -m bench.soak
+
+.PHONY: help install lock demo dev test test-fast lint fmt openapi screenshot bench soak

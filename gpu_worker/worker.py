@@ -15,6 +15,7 @@ resumes at exactly that step. `worker_grace_seconds` bounds the wait.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import multiprocessing
@@ -25,17 +26,17 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
 import msgspec
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis, RedisSettings
 from arq.worker import Worker, func
 from prometheus_client import start_http_server
 
 from gpu_worker.supervisor import REDIS_DOWN, Backoff, Outcome, Supervisor, backoff_for
-from service import logs, queue
+from service import logs, queue, tenants
 from service.blobs import open_store
 from service.contract import (
     Job,
@@ -45,7 +46,7 @@ from service.contract import (
 from service.leases import requeue
 from service.metrics import WorkerMetrics, record_job_duration
 from service.settings import Settings
-from service.store import Conflict, NotFound, Store, TerminalHook
+from service.store import Conflict, NotFound, Store, TerminalHook, new_id
 
 log = logging.getLogger("ftune.worker")
 
@@ -150,17 +151,63 @@ def _claim(attempt: int, worker: str) -> Any:
     return change
 
 
-async def run_job(ctx: dict[str, Any], job_id: str, attempt: int) -> str:
+async def claim_next(ctx: dict[str, Any], *legacy: Any) -> Job | str:
+    """Start the attempt fair dispatch picks for this worker's token: the claimed job, or
+    why none ("idle": nothing queued; "deferred": every tenant with work is at its limit).
+
+    `legacy` are the (job id, attempt) a token queued before fair dispatch carried: that
+    attempt is not in any pending set yet, so it is added first (with a token of its own).
+    """
+    store: Store = ctx["store"]
+    settings: Settings = ctx["settings"]
+    pool: ArqRedis = ctx["redis"]
+    worker: str = ctx["worker_id"]
+    if legacy:
+        job_id, attempt = legacy
+        with contextlib.suppress(NotFound):
+            old = await store.get_job(job_id, None)
+            if old.status == JobStatus.queued and old.attempt == attempt:
+                await queue.enqueue(
+                    pool, old, queue_name=settings.queue_name, token=new_id("dispatch")
+                )
+    while True:
+        picked = await queue.pick(
+            pool, ctx["job_id"], ctx["limits"], claim_seconds=settings.lease_seconds
+        )
+        if picked is None:
+            return "idle"
+        if not isinstance(picked, queue.Picked):
+            await queue.defer(pool, queue_name=settings.queue_name)
+            return "deferred"
+        await store.renew_lease(picked.job_id, worker, settings.lease_seconds)
+        try:
+            job = await store.update_job(picked.job_id, _claim(picked.attempt, worker))
+        except (Conflict, NotFound) as exc:  # cancelled meanwhile: pick another
+            if not await _runs_elsewhere(store, picked.job_id):  # its lease is another's
+                await store.drop_lease(picked.job_id)
+            await queue.unclaim(pool, picked, dropped_by=ctx["job_id"])
+            log.info("skipping %s attempt %s: %s", picked.job_id, picked.attempt, exc)
+            continue
+        await queue.unclaim(pool, picked)
+        return job
+
+
+async def _runs_elsewhere(store: Store, job_id: str) -> bool:
+    try:
+        return (await store.get_job(job_id, None)).status == JobStatus.running
+    except NotFound:
+        return False
+
+
+async def run_job(ctx: dict[str, Any], *legacy: Any) -> str:
+    """One dispatch token: claim the fairest queued attempt and run it."""
     store: Store = ctx["store"]
     settings: Settings = ctx["settings"]
     worker: str = ctx["worker_id"]
-    await store.renew_lease(job_id, worker, settings.lease_seconds)
-    try:
-        job = await store.update_job(job_id, _claim(attempt, worker))
-    except (Conflict, NotFound) as exc:
-        await store.drop_lease(job_id)
-        log.info("skipping %s attempt %s: %s", job_id, attempt, exc)
-        return "skipped"
+    job = await claim_next(ctx, *legacy)
+    if isinstance(job, str):
+        return job
+    job_id, attempt = job.id, job.attempt
     logs.update_context(job_id=job_id, tenant=job.tenant, attempt=attempt)
     log.info("job %s attempt %s started", job_id, attempt)
     mp = multiprocessing.get_context("spawn")
@@ -181,6 +228,9 @@ async def run_job(ctx: dict[str, Any], job_id: str, attempt: int) -> str:
     try:
         await supervisor.supervise(child, events, cancel, _stop)
         status = await _finish(ctx, supervisor, child)
+        if status in TERMINAL:  # arq ends the token itself; forget which job it ran
+            token: str = ctx["job_id"]
+            await supervisor.backoff.retry(lambda: queue.finished(ctx["redis"], job_id, token))
     except asyncio.CancelledError:
         # The grace after SIGTERM ran out before the child checkpointed and stopped (or the
         # task was aborted): stop training and hand the job on; still a planned stop.
@@ -283,6 +333,21 @@ async def _finish(ctx: dict[str, Any], supervisor: Supervisor, child: Any) -> st
     return status.value
 
 
+TERMINAL = {s.value for s in JobStatus if s.terminal}
+
+
+def dispatch_shares(settings: Settings) -> Callable[[str], queue.Share]:
+    """Each tenant's share of the workers and running-jobs limit, from the tenants file (read
+    once, when the worker starts) and the settings' defaults."""
+    known = tenants.load(settings)
+
+    def share(tenant: str) -> queue.Share:
+        limits = tenants.limits_for(settings, known, tenant)
+        return queue.Share(weight=limits.share, max_running=limits.running_jobs)
+
+    return share
+
+
 # -- arq wiring --------------------------------------------------------------------------------
 
 
@@ -375,6 +440,7 @@ def build_worker(
         )
         ctx["worker_id"] = f"{socket.gethostname()}:{os.getpid()}"
         ctx["metrics"] = metrics
+        ctx["limits"] = dispatch_shares(settings)
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         await ctx["store"].close()

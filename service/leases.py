@@ -17,7 +17,7 @@ from arq.connections import ArqRedis
 from service import queue
 from service.contract import Job, JobError, JobStatus
 from service.settings import Settings
-from service.store import Conflict, NotFound, Store
+from service.store import Conflict, NotFound, Store, new_id
 
 
 async def requeue(
@@ -68,9 +68,10 @@ async def requeue(
     except (Conflict, NotFound):
         return None
     await store.drop_lease(job_id)
+    await queue.release(pool, job_id, queue_name=settings.queue_name)
     if job.status == JobStatus.queued:
         await store.add_log(job_id, f"{why}: re-queued as attempt {job.attempt}")
-        await queue.enqueue(pool, job_id, job.attempt, queue_name=settings.queue_name)
+        await queue.enqueue(pool, job, queue_name=settings.queue_name)
     return job
 
 
@@ -79,8 +80,29 @@ async def reap(store: Store, pool: ArqRedis, settings: Settings) -> list[str]:
 
     Each re-queue is a compare-and-set on the job, so two reapers racing move a job once.
     """
+    await restore_lost_claims(store, pool, settings)
+    await queue.replace_stranded_tokens(
+        pool,
+        queue_name=settings.queue_name,
+        in_progress_seconds=settings.job_timeout_hours * 3600 + 10,
+    )
     moved = []
     for job_id in await store.expired_leases():
         if await requeue(store, pool, settings, job_id, "the worker running it was lost"):
             moved.append(job_id)
     return moved
+
+
+async def restore_lost_claims(store: Store, pool: ArqRedis, settings: Settings) -> None:
+    """Attempts a worker picked but never started (it died in between) go back to their
+    tenant's pending set with a fresh dispatch token."""
+    for lost in await queue.lost_claims(pool):
+        if not await queue.unclaim(pool, lost):
+            continue  # its worker started it meanwhile, or another reaper took it
+        await queue.release(pool, lost.job_id, queue_name=settings.queue_name)
+        try:
+            job = await store.get_job(lost.job_id, None)
+        except NotFound:
+            continue
+        if job.status == JobStatus.queued and job.attempt == lost.attempt:
+            await queue.enqueue(pool, job, queue_name=settings.queue_name, token=new_id("dispatch"))

@@ -162,6 +162,9 @@ class Settings:
     """Requests per second per tenant, across all API replicas (429 past it)."""
     tenant_share: Positive = 1.0
     """A tenant's default weight when jobs are dispatched fairly across tenants."""
+    redis_max_connections: Count = 32
+    """Redis connections one API process opens for requests at most (more wait up to 5 s for
+    one); the event streams of the process share one more."""
     worker_gpu_memory_gb: Positive | None = None
     """GPU memory of each worker in GB: the API refuses (422) a job whose estimate
     (service/vram.py) exceeds it. Unset: no check (CPU workers, or not wanted)."""

@@ -115,6 +115,11 @@ def _index(kind: str, tenant: str | None, status: JobStatus | None = None) -> st
     return f"{P}{kind}:{scope}" + (f":{status.value}" if status else "")
 
 
+def job_status_index(tenant: str, status: JobStatus) -> str:
+    """The tenant's jobs in one status (kept with every status move): e.g. how many run."""
+    return _index("jobs", tenant, status)
+
+
 async def transact(
     redis: aioredis.Redis, body: Callable[[Pipeline], Awaitable[R]], *keys: str
 ) -> tuple[R, list[Any]]:
@@ -158,12 +163,23 @@ class Store:
         on_terminal: Sequence[TerminalHook] = (),
         job_keys: Sequence[JobKeys] = (),
         timeout: float | None = None,
+        max_connections: int | None = None,
     ) -> Store:
-        """`timeout`: connect and reply timeout in seconds (None: wait; the API's event streams
-        block on XREAD)."""
-        client = aioredis.Redis.from_url(
-            url, socket_connect_timeout=timeout, socket_timeout=timeout
-        )
+        """`timeout`: connect and reply timeout in seconds (None: wait). `max_connections`
+        bounds the pool: past it a command waits up to 5 s for a free connection (then
+        ConnectionError), so a burst of requests cannot exhaust Redis's `maxclients`."""
+        options: dict[str, Any] = {"socket_connect_timeout": timeout, "socket_timeout": timeout}
+        if max_connections is None:
+            client = aioredis.Redis.from_url(url, **options)
+        else:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                timeout=5,
+                client_name="ftune-store",
+                **options,
+            )
+            client = aioredis.Redis(connection_pool=pool)
         return cls(
             client, metrics_maxlen=metrics_maxlen, on_terminal=on_terminal, job_keys=job_keys
         )

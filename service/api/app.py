@@ -24,6 +24,7 @@ from service.api.auth import principal
 from service.api.console import console_router
 from service.api.datasets import DatasetController
 from service.api.docs_ui import assets_router, render_plugins
+from service.api.events import EventHub
 from service.api.feedback import FeedbackController
 from service.api.jobs import JobController
 from service.api.limits import RequestRate, rate_limiter
@@ -78,6 +79,7 @@ def _lifespan(settings: Settings) -> Any:
             metrics_maxlen=settings.metrics_maxlen,
             on_terminal=(webhooks.stage_webhook,),
             job_keys=JOB_KEYS,
+            max_connections=settings.redis_max_connections,
         )
         arq = await queue.connect(settings.redis_url)
         blobs = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
@@ -93,6 +95,9 @@ def _lifespan(settings: Settings) -> Any:
         try:
             async with contextlib.AsyncExitStack() as running:
                 await running.enter_async_context(webhooks.delivering(store.redis, config))
+                app.state.event_hub = await running.enter_async_context(
+                    EventHub(settings.redis_url).running()
+                )
                 if settings.scheduler_enabled:
                     scheduler = Scheduler(store, arq, blobs, settings)
                     await running.enter_async_context(scheduling(scheduler))

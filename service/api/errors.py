@@ -10,6 +10,8 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.datasets.containers import ACCEPTED_TYPES, DatasetTooLarge, UnsupportedFile
 from service.datasets.sources import SourceError
@@ -20,6 +22,7 @@ from service.tenants import GrantMissing
 log = logging.getLogger("ftune.api")
 
 PROBLEM = "application/problem+json"
+REDIS_RETRY_AFTER_SECONDS = 5
 _TITLES = {
     400: "Bad Request",
     401: "Unauthorized",
@@ -196,6 +199,14 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]
         return problem(429, str(exc), headers=limit_headers(exc))
     if isinstance(exc, GrantMissing):
         return problem(exc.status, exc.detail, errors=[FieldError(loc=exc.loc, msg=exc.detail)])
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        # Redis down, restarting or out of connections: the client should retry, not report.
+        log.warning("Redis unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return problem(
+            503,
+            "the service's database is unreachable for the moment; retry shortly",
+            headers={"Retry-After": str(REDIS_RETRY_AFTER_SECONDS)},
+        )
     if isinstance(exc, InvalidDataset):
         return _invalid_dataset(exc)
     if isinstance(exc, InvalidRequest):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
 from arq.connections import ArqRedis
 from litestar import Controller, Request, Response, get, post
+from litestar.datastructures import State
 from litestar.params import Body, HeaderParameter, Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
@@ -16,6 +18,7 @@ from service import queue, vram, webhooks
 from service.api import shown
 from service.api.auth import scope
 from service.api.errors import BadRequest, FieldError, InvalidRequest
+from service.api.events import EventHub, Subscription, follow
 from service.api.openapi_docs import CONFLICT, FORBIDDEN, NOT_FOUND, Cursor, PageSize, responses
 from service.api.tenancy import TenantParam, listed_tenant
 from service.contract import (
@@ -167,7 +170,7 @@ async def submit_job(
         raise InvalidRequest(str(exc)) from None
     if stored.id != job.id:
         return stored, True
-    await queue.enqueue(arq, job.id, job.attempt, queue_name=settings.queue_name)
+    await queue.enqueue(arq, stored, queue_name=settings.queue_name)
     return stored, False
 
 
@@ -212,7 +215,9 @@ async def cancel_job(
     to stop; Conflict on a finished job."""
     job = await store.update_job(job_id, _cancel, tenant=tenant)
     if job.status == JobStatus.cancelled:
-        await queue.remove(arq, job.id, job.attempt, queue_name=settings.queue_name)
+        await queue.remove(
+            arq, job.id, job.attempt, tenant=job.tenant, queue_name=settings.queue_name
+        )
     return job
 
 
@@ -364,6 +369,9 @@ class JobController(Controller):
         job_id: JobId,
         principal: Principal,
         store: Store,
+        state: State,
+        settings: Settings,
+        tenants: Tenants,
         last_event_id: Annotated[
             str | None,
             HeaderParameter(
@@ -375,32 +383,44 @@ class JobController(Controller):
             ),
         ] = None,
     ) -> ServerSentEvent:
-        await store.get_job(job_id, scope(principal))
+        job = await store.get_job(job_id, scope(principal))
         if last_event_id is not None and not is_stream_id(last_event_id):
             raise BadRequest(
                 "Last-Event-ID must be an id this stream sent (e.g. 1700000000000-0)",
                 [FieldError(loc=["header", "Last-Event-ID"], msg="not an event id")],
             )
-        return ServerSentEvent(_follow(store, job_id, last_event_id or "0-0"))
+        after = last_event_id or "0-0"
+        if job.status.terminal:  # complete: what is left, without following
+            return ServerSentEvent(_rest(store, job_id, after))
+        hub: EventHub = state.event_hub
+        limit = limits_for(settings, tenants, job.tenant).event_streams
+        sub = await hub.subscribe(store, job.tenant, job_id, limit=limit)
+        stream = _live(hub, store, sub, after)
+        weakref.finalize(stream, hub.unsubscribe, sub)  # in case it is never iterated
+        return ServerSentEvent(stream)
 
 
-async def _follow(store: Store, job_id: str, after: str) -> AsyncIterator[ServerSentEventMessage]:
-    while True:
-        # A finished job's stream is complete: read what is left without waiting.
-        finished = (await store.get_job(job_id, None)).status.terminal
-        entries = await store.read_events(
-            job_id, after=after, block_ms=None if finished else KEEPALIVE_MS
-        )
-        if not entries:
-            if finished:
-                return
-            yield ServerSentEventMessage(comment="keep-alive", data=None)  # no empty message
-            continue
+async def _rest(store: Store, job_id: str, after: str) -> AsyncIterator[ServerSentEventMessage]:
+    while entries := await store.read_events(job_id, after=after, block_ms=None):
         for entry_id, kind, data in entries:
             after = entry_id
             yield ServerSentEventMessage(event=kind, data=data.decode(), id=entry_id)
+
+
+async def _live(
+    hub: EventHub, store: Store, sub: Subscription, after: str
+) -> AsyncIterator[ServerSentEventMessage]:
+    try:
+        async for event in follow(store, sub, after, KEEPALIVE_MS / 1000):
+            if event is None:
+                yield ServerSentEventMessage(comment="keep-alive", data=None)  # no empty message
+                continue
+            entry_id, kind, data = event
+            yield ServerSentEventMessage(event=kind, data=data.decode(), id=entry_id)
             if kind == "status" and msgspec.json.decode(data)["status"] in TERMINAL:
                 return
+    finally:
+        hub.unsubscribe(sub)
 
 
 TERMINAL = {s.value for s in JobStatus if s.terminal}

@@ -140,7 +140,7 @@ class TenancyController(Controller):
             "feedback_streams": await feedback.stream_count(store, name),
             "policies": await policies.policy_count(store, name),
             "jobs_per_policy_tick": None,
-            "event_streams": None,
+            "event_streams": request.app.state.event_hub.open.get(name, 0),  # this process
             "requests_per_second": rate,
         }
         return Usage(

@@ -566,6 +566,16 @@ class JobTemplate(Strict):
             "`?label=key=value`.",
         ),
     ] = msgspec.field(default_factory=dict)
+    priority: Annotated[
+        int,
+        msgspec.Meta(
+            ge=-100,
+            le=100,
+            description="Order among your own queued jobs: higher starts first, equal ones in "
+            "the order they were submitted. It never moves a job ahead of other tenants' "
+            "(tenants take turns; see How fairness works in docs/architecture.md).",
+        ),
+    ] = 0
     webhook_url: (
         Annotated[
             str,

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -38,9 +39,13 @@ def free_port() -> int:
 class LocalRedis:
     """One server on loopback; with `data_dir` it persists (AOF), else it keeps nothing."""
 
-    def __init__(self, port: int | None = None, data_dir: Path | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, data_dir: Path | None = None, args: Sequence[str] = ()
+    ) -> None:
         self.port = port or free_port()
         self.data_dir = data_dir
+        self.args = list(args)
+        """More server options, e.g. `["--maxclients", "40"]`."""
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -54,6 +59,7 @@ class LocalRedis:
             args += ["--dir", str(self.data_dir), "--appendonly", "yes"]
         else:
             args += ["--appendonly", "no"]
+        args += self.args
         # Its own session: a Ctrl-C meant for `ftune dev` must not stop Redis before the worker
         # has re-queued its job.
         self.process = subprocess.Popen(

@@ -249,7 +249,7 @@ async def _fire(
         # Abandoned by another tick (past FIRE_GRACE_SECONDS) or deleted: nobody waits for it.
         await _cancel(store, job_id)
         return []
-    await queue.enqueue(pool, job_id, 0, queue_name=settings.queue_name)
+    await queue.enqueue(pool, job, queue_name=settings.queue_name)
     return [f"policy {name} of {tenant}: fired run {number} ({why}) as job {job_id}"]
 
 
@@ -356,7 +356,7 @@ async def _follow(
             return []
         # The firing tick died after submitting: adopt the job, make sure it is queued.
         if job.status == JobStatus.queued:
-            await queue.enqueue(pool, job.id, job.attempt, queue_name=settings.queue_name)
+            await queue.enqueue(pool, job, queue_name=settings.queue_name)
         await update_policy(
             store,
             tenant,

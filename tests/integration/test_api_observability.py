@@ -116,7 +116,7 @@ def test_events_resume_with_last_event_id_and_end_at_terminal(
     assert read_events(live_api.url, job_id, ids[-1], stop_after=None) == []
     with httpx.Client(base_url=live_api.url, headers=HEADERS, timeout=30) as http:
         bad = http.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "x"})
-        assert bad.status_code == 422
+        assert bad.status_code == 400  # issue 13: a malformed Last-Event-ID is a 400
 
 
 def test_keep_alive_comments_are_not_events(

@@ -27,8 +27,10 @@ from arq.connections import ArqRedis
 from kubernetes_validate import utils as kv
 
 from service import queue, tenants
+from service.contract import DatasetRef, Job, JobSpec, JobStatus
 from service.dev.localredis import free_port, server_binary
 from service.settings import Settings, hash_api_key
+from service.store import new_id
 from tests.fixtures.helm_chart import (
     CHART,
     CI_VALUES,
@@ -645,6 +647,18 @@ async def keda_length(pool: ArqRedis, key: str) -> int:
     return int(await cast(Awaitable[Any], pool.eval(KEDA_LENGTH, 1, key)))
 
 
+def queued_job(tenant: str) -> Job:
+    return Job(
+        id=new_id("job"),
+        tenant=tenant,
+        status=JobStatus.queued,
+        spec=JobSpec(base_model="org/model", dataset_id="ds_x"),
+        dataset=DatasetRef(id="ds_x", sha256="0" * 64, rows=1, format="standard"),
+        created_at=time.time(),
+        updated_at=time.time(),
+    )
+
+
 async def test_keda_trigger_counts_the_arq_queue(chart: helm.Chart, redis_url: str) -> None:
     manifests = render(chart, load_values("keda-values.yaml"))
     assert manifests.of_kind("Deployment") == [manifests.get("Deployment", f"{PREFIX}-api")]
@@ -662,8 +676,8 @@ async def test_keda_trigger_counts_the_arq_queue(chart: helm.Chart, redis_url: s
     pool = await queue.connect(redis_url)
     try:
         assert await keda_length(pool, meta["listName"]) == 0
-        await queue.enqueue(pool, "job_a", 0, queue_name=meta["listName"])
-        await queue.enqueue(pool, "job_b", 0, queue_name=meta["listName"])
+        for tenant in ("team-a", "team-b"):
+            await queue.enqueue(pool, queued_job(tenant), queue_name=meta["listName"])
         assert await pool.type(meta["listName"]) == b"zset"
         assert await keda_length(pool, meta["listName"]) == 2
     finally:

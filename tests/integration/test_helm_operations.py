@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,9 @@ import yaml
 
 from service import queue, webhooks
 from service.api.app import _prometheus
+from service.contract import DatasetRef, Job, JobSpec, JobStatus
 from service.metrics import ServiceCollector, WorkerMetrics
+from service.store import new_id
 from tests.fixtures.helm_chart import (
     CHART,
     CI_VALUES,
@@ -224,6 +227,18 @@ def test_scaled_job_mode_renders_and_validates(chart: helm.Chart) -> None:
     assert "one Kubernetes Job per queued job" in manifests.notes
 
 
+def unstored_job(tenant: str) -> Job:
+    return Job(
+        id=new_id("job"),
+        tenant=tenant,
+        status=JobStatus.queued,
+        spec=JobSpec(base_model="org/model", dataset_id="ds_x"),
+        dataset=DatasetRef(id="ds_x", sha256="0" * 64, rows=1, format="standard"),
+        created_at=time.time(),
+        updated_at=time.time(),
+    )
+
+
 async def test_the_burst_worker_trains_one_job_and_exits(chart: helm.Chart, redis_url: str) -> None:
     """The ScaledJob pod's command, run: it takes one job off the queue and exits 0."""
     manifests = render(chart, load_values("keda-values.yaml"))
@@ -233,9 +248,9 @@ async def test_the_burst_worker_trains_one_job_and_exits(chart: helm.Chart, redi
     ]
     pool = await queue.connect(redis_url)
     try:
-        # Ids with no job record: the worker claims each in turn and skips it, fast.
-        await queue.enqueue(pool, "job_gone_a", 0, queue_name=name)
-        await queue.enqueue(pool, "job_gone_b", 0, queue_name=name)
+        # Jobs with no record in the store: the worker picks each in turn and skips it, fast.
+        for tenant in ("team-a", "team-b"):
+            await queue.enqueue(pool, unstored_job(tenant), queue_name=name)
         env = {
             **os.environ,
             "FTUNE_REDIS_URL": redis_url,

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -10,7 +13,7 @@ from pathlib import Path
 import msgspec
 import redis
 
-from gpu_worker.worker import run_job
+from gpu_worker.worker import dispatch_shares, run_job
 from service import leases, queue
 from service.blobs import open_store
 from service.contract import DatasetRef, Job, JobSpec, JobStatus, Phase
@@ -129,21 +132,79 @@ async def test_reapers_racing_move_a_job_once(redis_url: str) -> None:
 
 
 async def test_stale_attempt_is_skipped_not_run(redis_url: str) -> None:
-    """arq may hand out an old attempt (e.g. after the reaper re-queued it): it must not train."""
+    """A queue entry of an old attempt (the record moved on to the next one) must not train."""
     store = Store.from_url(redis_url)
+    s = settings(redis_url)
+    pool = await queue.connect(redis_url)
     job = running_job()
     await store.redis.set("ftune:ds:ds_x", b"{}")
     await store.create_job(msgspec.structs.replace(job, attempt=1))
+    await queue.enqueue(pool, job, queue_name=s.queue_name)  # attempt 0's entry
     ctx = {
         "store": store,
-        "settings": settings(redis_url),
+        "settings": s,
+        "redis": pool,
         "worker_id": "w",
+        "job_id": f"{job.id}:0",
+        "limits": dispatch_shares(s),
         "metrics": WorkerMetrics(),
     }
-    assert await run_job(ctx, job.id, 0) == "skipped"
+    assert await run_job(ctx) == "idle"
     after = await store.get_job(job.id, None)
     assert after.status == JobStatus.queued and after.attempt == 1
     assert await store.redis.get(f"ftune:lease:{job.id}") is None
+    await pool.aclose()
+    await store.close()
+
+
+def start_worker(redis_url: str, tmp_path: Path) -> subprocess.Popen[bytes]:
+    """A real `ftune worker` process."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(sys.path),
+        "FTUNE_REDIS_URL": redis_url,
+        "FTUNE_STORE_URL": f"file://{tmp_path / 'store'}",
+        "FTUNE_WORK_DIR": str(tmp_path / "work"),
+        "FTUNE_LEASE_SECONDS": "2",
+        "FTUNE_MAX_ATTEMPTS": "5",
+        "FTUNE_WORKER_METRICS_PORT": "0",
+    }
+    log = (tmp_path / "worker.log").open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker"], env=env, stdout=log, stderr=log
+    )
+
+
+async def test_hard_killed_workers_leave_no_stale_queue_entries(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """SIGKILL the worker running a job twice: after each re-queue the arq queue (what KEDA
+    counts) holds exactly the live jobs, and no attempt stays 'in progress'."""
+    store, s = Store.from_url(redis_url), replace(settings(redis_url), max_attempts=5)
+    pool = await queue.connect(redis_url)
+    job = running_job()
+    await store.redis.set("ftune:ds:ds_x", b"{}")
+    await store.create_job(job)
+    await queue.enqueue(pool, job, queue_name=s.queue_name)
+    for attempt in (0, 1):
+        worker = start_worker(redis_url, tmp_path)
+        try:
+            deadline = time.monotonic() + 60
+            while (await store.get_job(job.id, None)).status != JobStatus.running:
+                assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+                await asyncio.sleep(0.05)
+            assert await pool.exists(f"arq:in-progress:{job.id}:{attempt}")
+        finally:
+            worker.kill()  # SIGKILL: no clean-up of its own
+            worker.wait(10)
+        await store.drop_lease(job.id)  # as if the lease ran out
+        assert await leases.reap(store, pool, s) == [job.id]
+        after = await store.get_job(job.id, None)
+        assert after.status == JobStatus.queued and after.attempt == attempt + 1
+        assert await pool.zrange(s.queue_name, 0, -1) == [f"{job.id}:{attempt + 1}".encode()]
+        assert await pool.keys("arq:in-progress:*") == []
+        assert await pool.keys("arq:job:*") == [f"arq:job:{job.id}:{attempt + 1}".encode()]
+    await pool.aclose()
     await store.close()
 
 

@@ -52,7 +52,7 @@ async def test_an_idle_worker_outlives_a_redis_restart_and_takes_jobs_after(
         own_redis.start()
         pool = await queue.connect(settings.redis_url)
         # An attempt of a job that does not exist: the worker takes it and skips it at once.
-        await queue.enqueue(pool, "job_gone", 0, queue_name=settings.queue_name)
+        await queue.enqueue(pool, running_job(), queue_name=settings.queue_name)  # not stored
         deadline = time.monotonic() + 15
         while await queue.depth(pool, queue_name=settings.queue_name):
             assert time.monotonic() < deadline, "the worker took no job after Redis returned"

@@ -1,0 +1,156 @@
+"""Event streams cannot take the service down: one tenant's many streams share a bounded
+number of Redis connections and are capped, and Redis trouble is a 503, never a 500."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+
+import httpx
+import msgspec
+import pytest
+import redis
+
+from service.api import events
+from service.contract import JobStatus
+from service.dev.localredis import LocalRedis
+from service.settings import Settings
+from service.store import Store
+from tests.fixtures.api import ALICE, BOB, LiveServer
+
+ROWS = b'{"prompt": "p", "chosen": "c", "rejected": "r"}\n'
+NDJSON = {"Content-Type": "application/x-ndjson"}
+MAXCLIENTS = 40
+STREAMS, CAP = 200, 150
+
+
+@pytest.fixture
+def small_redis() -> Iterator[LocalRedis]:
+    """A Redis that accepts only MAXCLIENTS connections (issue 13 saw 160 streams exhaust 150)."""
+    server = LocalRedis(args=["--maxclients", str(MAXCLIENTS)]).start()
+    yield server
+    server.stop()
+
+
+async def open_stream(
+    http: httpx.AsyncClient,
+    job_id: str,
+    streams: list[httpx.Response],
+    refused: list[httpx.Response],
+) -> None:
+    request = http.build_request("GET", f"/v1/jobs/{job_id}/events", headers=ALICE)
+    resp = await http.send(request, stream=True)
+    if resp.status_code != 200:
+        await resp.aread()
+        refused.append(resp)
+        return
+    streams.append(resp)
+
+
+async def first_event_and_end(resp: httpx.Response) -> list[str]:
+    """The `event:` lines of a stream, until the server ends it."""
+    kinds = []
+    async for line in resp.aiter_lines():
+        if line.startswith("event:"):
+            kinds.append(line.split(":", 1)[1].strip())
+    return kinds
+
+
+async def test_many_streams_of_one_tenant_leave_others_served(
+    small_redis: LocalRedis, api_settings: Settings
+) -> None:
+    settings = replace(
+        api_settings,
+        redis_url=small_redis.url,
+        max_event_streams=CAP,
+        redis_max_connections=10,
+    )
+    with LiveServer(settings) as api:
+        limits = httpx.Limits(max_connections=STREAMS + 20)
+        async with httpx.AsyncClient(base_url=api.url, timeout=30, limits=limits) as http:
+            ds = await http.post("/v1/datasets", content=ROWS, headers={**ALICE, **NDJSON})
+            job = await http.post(
+                "/v1/jobs",
+                json={"base_model": "org/m", "dataset_id": ds.json()["id"]},
+                headers=ALICE,
+            )
+            job_id = job.json()["id"]
+
+            streams: list[httpx.Response] = []
+            refused: list[httpx.Response] = []
+            await asyncio.gather(
+                *(open_stream(http, job_id, streams, refused) for _ in range(STREAMS))
+            )
+            assert len(streams) == CAP and len(refused) == STREAMS - CAP
+            for resp in refused:
+                assert resp.status_code == 429 and int(resp.headers["Retry-After"]) > 0
+                assert resp.headers["Content-Type"].startswith("application/problem+json")
+                assert "event streams" in resp.json()["detail"]
+
+            # Meanwhile another tenant is served as usual.
+            for _ in range(10):
+                assert (await http.get("/v1/jobs", headers=BOB)).status_code == 200
+                up = await http.post("/v1/datasets", content=ROWS, headers={**BOB, **NDJSON})
+                assert up.status_code == 201
+                assert (await http.get("/readyz")).status_code == 200
+            client = redis.Redis.from_url(small_redis.url)
+            connected = int(client.info("clients")["connected_clients"])
+            assert connected <= 15, f"{connected} Redis connections for {CAP} streams"
+
+            # Every stream gets the job's events live, from one reader, and ends at the end.
+            store = Store.from_url(small_redis.url)
+            readers = [asyncio.create_task(first_event_and_end(r)) for r in streams]
+            await asyncio.sleep(0.5)
+            for status in (JobStatus.running, JobStatus.succeeded):
+                await store.update_job(
+                    job_id, lambda j, s=status: msgspec.structs.replace(j, status=s)
+                )
+            started = time.monotonic()
+            seen = await asyncio.wait_for(asyncio.gather(*readers), timeout=30)
+            assert all(kinds == ["status", "status", "status"] for kinds in seen), seen[0]
+            assert time.monotonic() - started < 10
+            await store.close()
+
+            # Streams closed: the tenant may open new ones.
+            again = await http.get(f"/v1/jobs/{job_id}/events", headers=ALICE)
+            assert again.status_code == 200
+
+            # Redis gone: a 503 that says to retry, not a 500.
+            client.close()
+            small_redis.stop()
+            down = await http.get("/v1/jobs", headers=BOB)
+            assert down.status_code == 503, down.text
+            assert int(down.headers["Retry-After"]) > 0
+            assert down.headers["Content-Type"].startswith("application/problem+json")
+
+
+async def test_a_client_that_falls_behind_is_dropped_and_resumes_losing_nothing(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscriber's queue is bounded: past it the stream ends, and a reconnect with the
+    last id it got (Last-Event-ID) carries on exactly after it."""
+    monkeypatch.setattr(events, "QUEUE_SIZE", 5)
+    store = Store.from_url(redis_url)
+    async with events.EventHub(redis_url, block_ms=50).running() as hub:
+        sub = await hub.subscribe(store, "alice", "job_x", limit=5)
+        await asyncio.sleep(0.2)  # the reader follows the stream now
+        for i in range(12):  # nobody reads meanwhile
+            await store.add_log("job_x", f"line {i}")
+        await asyncio.sleep(0.5)
+        got = [e async for e in events.follow(store, sub, "0-0", keepalive=0.2) if e]
+        hub.unsubscribe(sub)
+        assert sub.dropped and len(got) == 5
+        assert hub.open == {} and hub.cursors == {}
+
+        again = await hub.subscribe(store, "alice", "job_x", limit=5)
+        rest = []
+        async for event in events.follow(store, again, got[-1][0], keepalive=0.2):
+            if event is None:
+                break
+            rest.append(event)
+        hub.unsubscribe(again)
+    lines = [msgspec.json.decode(data)["message"] for _, _, data in got + rest]
+    assert lines == [f"line {i}" for i in range(12)]
+    await store.close()
