@@ -55,6 +55,9 @@ fmt: $(STAMP) ## format the code
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+chart-readme: $(STAMP) ## regenerate helm/ftune/README.md from the chart's values.yaml
+	$(PY) tools/chart_readme.py
+
 openapi: $(STAMP) ## export openapi/openapi.json from the app
 	$(PY) -m service.api.openapi > openapi/openapi.json
 

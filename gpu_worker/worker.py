@@ -420,13 +420,15 @@ class _Worker(Worker):
                 raise
 
 
-def build_worker(settings: Settings, *, on_terminal: Sequence[TerminalHook]) -> Worker:
+def build_worker(
+    settings: Settings, *, on_terminal: Sequence[TerminalHook], burst: bool = False
+) -> Worker:
     """A worker for one GPU: one job at a time, hours of timeout, retries owned by us.
 
     arq's retries stay off (max_tries=1): a lost attempt is re-queued by the reaper as a new
     attempt with its own arq id; arq re-running the old one would train twice. `on_terminal`
     are the store's hooks for a job's end (the caller registers the webhook one): the worker
-    knows no feature.
+    knows no feature. `burst`: take one job, finish it and return (one job per pod).
     """
 
     async def startup(ctx: dict[str, Any]) -> None:
@@ -462,11 +464,15 @@ def build_worker(settings: Settings, *, on_terminal: Sequence[TerminalHook]) -> 
         job_completion_wait=settings.worker_grace_seconds,
         keep_result=timedelta(days=1),
         poll_delay=0.5,
+        burst=burst,
+        max_burst_jobs=1 if burst else -1,
     )
 
 
-def run_worker(settings: Settings, *, on_terminal: Sequence[TerminalHook]) -> None:
+def run_worker(
+    settings: Settings, *, on_terminal: Sequence[TerminalHook], burst: bool = False
+) -> None:
     logs.configure_logging(
         settings.log_level, secrets=settings.secret_values(), fmt=settings.log_format
     )
-    build_worker(settings, on_terminal=on_terminal).run()
+    build_worker(settings, on_terminal=on_terminal, burst=burst).run()

@@ -1,7 +1,8 @@
 """Prometheus figures, all named `ftune_*`.
 
-Queue depth, jobs by status and the job duration histogram are read from Redis at scrape
-time, so every API replica reports the same truth. The duration histogram's buckets are
+Queue depth, jobs by status, the job duration histogram and Redis' memory use are read from
+Redis at scrape time, so every API replica reports the same truth (and an alert on Redis
+memory needs no exporter beside it). The duration histogram's buckets are
 counted in Redis by the workers when a job ends. Request counts and latencies come from
 Litestar's Prometheus middleware, per route template.
 """
@@ -43,6 +44,7 @@ class ServiceCollector:
         self.queue_depth = 0
         self.by_status: dict[str, int] = {}
         self.durations: dict[str, float] = {}
+        self.redis_memory: dict[str, int] = {}
 
     async def refresh(self, redis: Redis, queue_name: str) -> None:
         async with redis.pipeline(transaction=False) as pipe:
@@ -50,10 +52,13 @@ class ServiceCollector:
             for status in JobStatus:
                 pipe.zcard(f"ftune:jobs:all:{status.value}")
             pipe.hgetall(_DURATIONS)
+            pipe.info("memory")
             results = await pipe.execute()
         self.queue_depth = int(results[0])
-        self.by_status = {s.value: int(n) for s, n in zip(JobStatus, results[1:-1], strict=True)}
-        self.durations = {k.decode(): float(v) for k, v in results[-1].items()}
+        self.by_status = {s.value: int(n) for s, n in zip(JobStatus, results[1:-2], strict=True)}
+        self.durations = {k.decode(): float(v) for k, v in results[-2].items()}
+        memory = results[-1]
+        self.redis_memory = {k: int(memory.get(k, 0)) for k in ("used_memory", "maxmemory")}
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
@@ -69,6 +74,16 @@ class ServiceCollector:
             (_bucket_field(upper), self.durations.get(_bucket_field(upper), 0.0))
             for upper in (*DURATION_BUCKETS, math.inf)
         ]
+        yield GaugeMetricFamily(
+            "ftune_redis_memory_used_bytes",
+            "Memory Redis uses for records, streams and the queue (INFO used_memory)",
+            value=self.redis_memory.get("used_memory", 0),
+        )
+        yield GaugeMetricFamily(
+            "ftune_redis_maxmemory_bytes",
+            "Redis' maxmemory: past it writes fail (noeviction); 0 means no limit",
+            value=self.redis_memory.get("maxmemory", 0),
+        )
         yield HistogramMetricFamily(
             "ftune_job_duration_seconds",
             "Wall time of finished jobs, from start to end",

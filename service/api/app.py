@@ -23,6 +23,7 @@ from service.api import errors
 from service.api.auth import principal
 from service.api.console import console_router
 from service.api.datasets import DatasetController
+from service.api.docs_ui import assets_router, render_plugins
 from service.api.events import EventHub
 from service.api.feedback import FeedbackController
 from service.api.jobs import JobController
@@ -66,6 +67,7 @@ def _openapi() -> OpenAPIConfig:
         ],
         use_handler_docstrings=False,
         path="/docs",
+        render_plugins=render_plugins(),
     )
 
 
@@ -167,6 +169,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             TenancyController,
             FileController,
             FineTuningController,
+            assets_router(),
             console_router(),
         ],
         dependencies=_dependencies(settings),

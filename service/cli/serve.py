@@ -67,7 +67,15 @@ def api(
 
 
 @app.command()
-def worker() -> None:
+def worker(
+    burst: Annotated[
+        bool,
+        typer.Option(
+            help="Train one job, then exit (a KEDA ScaledJob's pod); waits while the queue "
+            "holds jobs, exits at once when it is empty."
+        ),
+    ] = False,
+) -> None:
     """Run one training worker (needs the `worker` extra: torch, transformers, trl ...)."""
     try:
         from gpu_worker.worker import run_worker
@@ -80,7 +88,7 @@ def worker() -> None:
     from service import webhooks
 
     # The worker knows no feature: the webhook staged with a job's end is registered here.
-    run_worker(service_settings(), on_terminal=(webhooks.stage_webhook,))
+    run_worker(service_settings(), on_terminal=(webhooks.stage_webhook,), burst=burst)
 
 
 @app.command()

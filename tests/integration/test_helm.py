@@ -16,14 +16,13 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, cast
 
 import helm_python as helm
 import pytest
 import redis
-import yaml
 from arq.connections import ArqRedis
 from kubernetes_validate import utils as kv
 
@@ -32,92 +31,20 @@ from service.contract import DatasetRef, Job, JobSpec, JobStatus
 from service.dev.localredis import free_port, server_binary
 from service.settings import Settings, hash_api_key
 from service.store import new_id
-
-CHART = Path(__file__).resolve().parents[2] / "helm" / "ftune"
-CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
-RELEASE, NAMESPACE = "ft", "ml"
-PREFIX = f"{RELEASE}-ftune"
-
-# Kinds from CRDs (KEDA, Prometheus Operator): no schema in kubernetes-validate.
-CUSTOM_KINDS = {
-    ("keda.sh/v1alpha1", "ScaledObject"),
-    ("keda.sh/v1alpha1", "TriggerAuthentication"),
-    ("monitoring.coreos.com/v1", "ServiceMonitor"),
-}
-
-
-def _kube_versions() -> tuple[str, str]:
-    floor = yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
-    match = re.search(r"(\d+\.\d+)", floor)
-    assert match, floor
-    return match.group(1), kv.latest_version()
-
-
-KUBE_VERSIONS = _kube_versions()
-
-
-class Manifests:
-    """The rendered release: its Kubernetes objects and NOTES.txt."""
-
-    def __init__(self, rendered: dict[str, str]) -> None:
-        self.text = "\n".join(rendered.values())
-        self.notes = next((v for k, v in rendered.items() if k.endswith("NOTES.txt")), "")
-        self.objects: list[dict[str, Any]] = [
-            doc
-            for path, text in sorted(rendered.items())
-            if path.endswith(".yaml")
-            for doc in yaml.safe_load_all(text)
-            if doc
-        ]
-
-    def of_kind(self, kind: str) -> list[dict[str, Any]]:
-        return [o for o in self.objects if o["kind"] == kind]
-
-    def get(self, kind: str, name: str) -> dict[str, Any]:
-        found = [o for o in self.of_kind(kind) if o["metadata"]["name"] == name]
-        assert len(found) == 1, f"{kind}/{name} rendered {len(found)} times"
-        return found[0]
-
-    def container(self, kind: str, name: str, container: str) -> dict[str, Any]:
-        pod = self.get(kind, name)["spec"]["template"]["spec"]
-        return next(c for c in pod["containers"] if c["name"] == container)
-
-
-def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {e["name"]: e for e in container.get("env", [])}
-
-
-def secret_refs(manifests: Manifests) -> list[tuple[str, str]]:
-    """(secret name, key) of every secretKeyRef in every pod template."""
-    refs = []
-    for obj in manifests.objects:
-        pod = obj.get("spec", {}).get("template", {}).get("spec")
-        if not pod:
-            continue
-        for c in pod["containers"]:
-            for e in c.get("env", []):
-                ref = e.get("valueFrom", {}).get("secretKeyRef")
-                if ref:
-                    refs.append((ref["name"], ref["key"]))
-    return refs
-
-
-def load_values(name: str) -> dict[str, Any]:
-    values: dict[str, Any] = yaml.safe_load((CHART / "ci" / name).read_text()) or {}
-    return values
-
-
-@pytest.fixture(scope="module")
-def chart() -> Iterator[helm.Chart]:
-    with helm.Chart.load(CHART) as loaded:
-        yield loaded
-
-
-def render(chart: helm.Chart, values: dict[str, Any] | None = None, **kw: Any) -> Manifests:
-    kw.setdefault("name", RELEASE)
-    kw.setdefault("namespace", NAMESPACE)
-    return Manifests(chart.render(values or {}, **kw))
-
+from tests.fixtures.helm_chart import (
+    CHART,
+    CI_VALUES,
+    CUSTOM_KINDS,
+    KUBE_VERSIONS,
+    NAMESPACE,
+    PREFIX,
+    RELEASE,
+    env_of,
+    load_values,
+    render,
+    secret_refs,
+    validate,
+)
 
 # -- the chart as Helm and Kubernetes see it -------------------------------------------------
 
@@ -149,13 +76,8 @@ def test_every_manifest_is_valid_kubernetes(
     manifests = render(chart, load_values(values_file.name))
     assert manifests.objects
     for obj in manifests.objects:
-        if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
-            continue
-        try:
-            kv.validate(obj, kube_version, strict=True)
-        except kv.ValidationError as exc:
-            where = ".".join(str(p) for p in exc.path)
-            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} at {where}: {exc.message}")
+        if (obj["apiVersion"], obj["kind"]) not in CUSTOM_KINDS:
+            validate(obj, kube_version)
 
 
 # Branches the ci/ files do not reach, each rendered and validated the same way.
@@ -238,10 +160,11 @@ def test_custom_resources_point_at_what_the_chart_renders(
         ]
         assert len(matched) == 1, monitor["metadata"]["name"]
     auths = {a["metadata"]["name"] for a in manifests.of_kind("TriggerAuthentication")}
-    for scaled in manifests.of_kind("ScaledObject"):
-        target = scaled["spec"]["scaleTargetRef"]
-        assert target["kind"] == "Deployment"
-        manifests.get("Deployment", target["name"])
+    for scaled in manifests.of_kind("ScaledObject") + manifests.of_kind("ScaledJob"):
+        if scaled["kind"] == "ScaledObject":
+            target = scaled["spec"]["scaleTargetRef"]
+            assert target["kind"] == "Deployment"
+            manifests.get("Deployment", target["name"])
         for trigger in scaled["spec"]["triggers"]:
             assert all(isinstance(v, str) for v in trigger["metadata"].values())
             if "authenticationRef" in trigger:
@@ -327,7 +250,11 @@ def test_worker_requests_its_gpus(chart: helm.Chart) -> None:
     worker = manifests.container("Deployment", f"{PREFIX}-worker", "worker")
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert worker["resources"]["requests"]["nvidia.com/gpu"] == 1
-    assert worker["resources"]["requests"]["memory"] == "32Gi"
+    # Memory requests equal limits; the emptyDir volumes' sizes are requested as node disk
+    # (scratch 200Gi + /tmp 8Gi + cache 200Gi).
+    assert worker["resources"]["requests"]["memory"] == "48Gi"
+    assert worker["resources"]["limits"]["memory"] == "48Gi"
+    assert worker["resources"]["requests"]["ephemeral-storage"] == f"{408 * 1024}Mi"
     pod = manifests.get("Deployment", f"{PREFIX}-worker")["spec"]["template"]["spec"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
         "tolerations"
@@ -374,26 +301,29 @@ def test_worker_grace_period_covers_its_graceful_stop(chart: helm.Chart) -> None
     pod = deployment["spec"]["template"]["spec"]
     grace = pod["terminationGracePeriodSeconds"]
     env = env_of(pod["containers"][0])
-    assert grace == 600
-    assert int(env["FTUNE_WORKER_GRACE_SECONDS"]["value"]) == grace - 60
-    # The worker reads it as its own wait on SIGTERM; stopping the child and re-queueing
-    # then fit in the remaining minute.
+    # Long enough for a checkpoint at SIGTERM; the worker's own wait for it is shorter, so
+    # re-queueing the job fits in the rest.
+    assert grace == 180
     settings = Settings.from_env(
         {"FTUNE_WORKER_GRACE_SECONDS": env["FTUNE_WORKER_GRACE_SECONDS"]["value"]}
     )
-    assert settings.worker_grace_seconds == grace - 60
+    assert settings.worker_grace_seconds == 150
     # An upgrade never asks for GPUs beyond those the old pods hold.
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
 
-    longer = render(chart, {"worker": {"terminationGracePeriodSeconds": 7200}})
+    longer = render(
+        chart, {"worker": {"terminationGracePeriodSeconds": 600, "stopGraceSeconds": 540}}
+    )
     pod = longer.get("Deployment", f"{PREFIX}-worker")["spec"]["template"]["spec"]
-    assert pod["terminationGracePeriodSeconds"] == 7200
-    assert env_of(pod["containers"][0])["FTUNE_WORKER_GRACE_SECONDS"]["value"] == "7140"
+    assert pod["terminationGracePeriodSeconds"] == 600
+    assert env_of(pod["containers"][0])["FTUNE_WORKER_GRACE_SECONDS"]["value"] == "540"
+    with pytest.raises(helm.HelmRenderError, match=re.escape("worker.stopGraceSeconds (180)")):
+        render(chart, {"worker": {"stopGraceSeconds": 180}})
 
 
 def test_worker_filesystem_is_read_only_with_writable_volumes(chart: helm.Chart) -> None:
     manifests = render(chart, load_values("keda-values.yaml"))
-    pod = manifests.get("Deployment", f"{PREFIX}-worker")["spec"]["template"]["spec"]
+    pod = manifests.worker_pod()["spec"]
     worker = pod["containers"][0]
     assert worker["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -434,7 +364,7 @@ def test_ingress_and_autoscaling(chart: helm.Chart) -> None:
     hpa = manifests.get("HorizontalPodAutoscaler", f"{PREFIX}-api")
     assert {m["resource"]["name"] for m in hpa["spec"]["metrics"]} == {"cpu", "memory"}
     assert "replicas" not in manifests.get("Deployment", f"{PREFIX}-api")["spec"]
-    assert "https://ftune.example.com/healthz" in manifests.notes
+    assert "https://ftune.example.com/docs" in manifests.notes
 
 
 def test_pod_environment_is_what_settings_reads(chart: helm.Chart) -> None:
@@ -465,6 +395,8 @@ def test_pod_environment_is_what_settings_reads(chart: helm.Chart) -> None:
     assert worker.work_dir == Path("/var/lib/ftune/work")
     assert worker.hf_tokens == {"": "secret-HF_TOKEN", "research": "secret-FTUNE_HF_TOKEN_RESEARCH"}
     assert worker.job_timeout_hours == 48 and worker.max_attempts == 3
+    assert worker.job_retention_days == api.job_retention_days == 30
+    assert worker.worker_grace_seconds == 150
 
 
 # -- secrets -----------------------------------------------------------------------------------
@@ -523,7 +455,7 @@ def test_existing_secrets_are_referenced_never_inlined(chart: helm.Chart) -> Non
         assert inline not in manifests.text
         assert base64.b64encode(inline.encode()).decode() not in manifests.text
 
-    worker = env_of(manifests.container("Deployment", f"{PREFIX}-worker", "worker"))
+    worker = env_of(manifests.worker_pod()["spec"]["containers"][0])
     expected = {
         "HF_TOKEN": ("ops-hf", "token"),
         "FTUNE_HF_TOKEN_RESEARCH": ("ops-hf-research", "token"),
@@ -569,10 +501,20 @@ def test_existing_secrets_are_referenced_never_inlined(chart: helm.Chart) -> Non
     ]
 
 
-def test_generated_redis_password_when_none_is_given(chart: helm.Chart) -> None:
+def test_no_password_and_no_cluster_fails_saying_what_to_set(chart: helm.Chart) -> None:
+    """`helm template` / Argo CD: no cluster to read the generated password back from, so a
+    new random one on each render would lock the running pods out; the render refuses."""
+    with pytest.raises(helm.HelmRenderError) as failed:
+        chart.render({}, name=RELEASE, namespace=NAMESPACE)
+    message = str(failed.value)
+    assert "set redis.auth.password" in message
+    assert "redis.auth.existingSecret" in message
+    # Either answer renders, and the same way twice.
+    for values in ({"redis": {"auth": {"existingSecret": "ops-redis"}}}, {}):
+        first = render(chart, values).text
+        assert render(chart, values).text == first
     secret = render(chart).get("Secret", f"{PREFIX}-redis")
-    password = base64.b64decode(secret["data"]["redis-password"]).decode()
-    assert re.fullmatch(r"[A-Za-z0-9]{32}", password)
+    assert base64.b64decode(secret["data"]["redis-password"]) == b"ci-password-not-a-secret"
 
 
 # -- Redis -------------------------------------------------------------------------------------
@@ -634,6 +576,9 @@ def test_rendered_redis_config_runs_on_a_real_server(chart: helm.Chart, tmp_path
                     time.sleep(0.05)
             assert client.config_get("appendonly") == {"appendonly": "yes"}
             assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+            # 75% of the 4Gi container limit: writes fail before the kernel kills Redis.
+            assert client.config_get("maxmemory") == {"maxmemory": str(3 * 1024**3)}
+            assert client.config_get("protected-mode") == {"protected-mode": "yes"}
             client.set("job:1", "queued")
             assert list(data.glob("appendonly*")), "no AOF file written"
             with pytest.raises(redis.AuthenticationError):
@@ -716,9 +661,9 @@ def queued_job(tenant: str) -> Job:
 
 async def test_keda_trigger_counts_the_arq_queue(chart: helm.Chart, redis_url: str) -> None:
     manifests = render(chart, load_values("keda-values.yaml"))
-    assert "replicas" not in manifests.get("Deployment", f"{PREFIX}-worker")["spec"]
-    scaled = manifests.get("ScaledObject", f"{PREFIX}-worker")
-    assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (0, 8)
+    assert manifests.of_kind("Deployment") == [manifests.get("Deployment", f"{PREFIX}-api")]
+    scaled = manifests.get("ScaledJob", f"{PREFIX}-worker")
+    assert scaled["spec"]["maxReplicaCount"] == 8
     trigger = scaled["spec"]["triggers"][0]
     assert trigger["type"] == "redis"
     meta = trigger["metadata"]
@@ -741,7 +686,7 @@ async def test_keda_trigger_counts_the_arq_queue(chart: helm.Chart, redis_url: s
 
 def test_keda_prometheus_trigger(chart: helm.Chart) -> None:
     manifests = render(chart, load_values("external-redis-existing-secret-values.yaml"))
-    trigger = manifests.get("ScaledObject", f"{PREFIX}-worker")["spec"]["triggers"][0]
+    trigger = manifests.get("ScaledJob", f"{PREFIX}-worker")["spec"]["triggers"][0]
     assert trigger["type"] == "prometheus"
     assert trigger["metadata"]["query"] == "max(ftune_queue_depth)"
     assert trigger["metadata"]["threshold"] == "1"

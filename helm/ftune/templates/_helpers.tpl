@@ -107,6 +107,19 @@ limits (extended resources cannot be overcommitted, so both must be equal).
 {{- $resources := deepCopy (default dict .Values.worker.resources) }}
 {{- $requests := default dict $resources.requests }}
 {{- $limits := default dict $resources.limits }}
+{{- $memory := required "worker.resources.limits.memory is required: a training pod's memory is never overcommitted (requests = limits)" $limits.memory | toString }}
+{{- if and (hasKey $requests "memory") (ne (toString $requests.memory) $memory) }}
+{{- fail (printf "worker.resources.requests.memory (%v) must equal worker.resources.limits.memory (%s): a node that overcommits memory picks a training pod for its OOM killer; set both to the same size" $requests.memory $memory) }}
+{{- end }}
+{{- $_ := set $requests "memory" $memory }}
+{{- if not (hasKey $requests "ephemeral-storage") }}
+{{- /* The scheduler reserves node disk for the emptyDir volumes: scratch, /tmp and an emptyDir cache. */ -}}
+{{- $mi := add (include "ftune.quantityMi" .Values.worker.workDirSizeLimit) (include "ftune.quantityMi" .Values.worker.tmpSizeLimit) }}
+{{- if eq .Values.worker.cache.type "emptyDir" }}
+{{- $mi = add $mi (include "ftune.quantityMi" .Values.worker.cache.sizeLimit) }}
+{{- end }}
+{{- $_ := set $requests "ephemeral-storage" (printf "%dMi" (int64 $mi)) }}
+{{- end }}
 {{- $_ := set $requests $name $count }}
 {{- $_ := set $limits $name $count }}
 {{- $_ := set $resources "requests" $requests }}
@@ -139,7 +152,11 @@ Redis: the URL, secret names and keys, whichever of bundled / external / existin
 
 {{/*
 The bundled Redis password: inline, else the one already in the cluster (kept across
-upgrades), else a new random one.
+upgrades), else, on a first install against a cluster, a new random one. Where `lookup`
+cannot reach a cluster (`helm template`, Argo CD, a client-side dry run) it returns nothing:
+a random password there would change on every render and lock the running pods out of
+Redis, so the render fails and says what to set. A list of the namespace's ConfigMaps
+(never empty on a live cluster: it is a ConfigMapList even with no items) tells the two apart.
 */}}
 {{- define "ftune.redis.password" -}}
 {{- if .Values.redis.auth.password }}
@@ -148,10 +165,28 @@ upgrades), else a new random one.
 {{- $existing := lookup "v1" "Secret" .Release.Namespace (include "ftune.componentName" (list . "redis")) }}
 {{- if and $existing $existing.data (hasKey $existing.data "redis-password") }}
 {{- index $existing.data "redis-password" | b64dec }}
-{{- else }}
+{{- else if lookup "v1" "ConfigMap" .Release.Namespace "" }}
 {{- randAlphaNum 32 }}
+{{- else }}
+{{- fail "redis.auth.password is empty and no cluster can be read to find the release's password (helm template, Argo CD, --dry-run): set redis.auth.password (URL-safe characters), or redis.auth.existingSecret with the name of a Secret holding it, so every render gives the same password" }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/*
+A memory or disk quantity (Ki, Mi, Gi, Ti, k, M, G, T or plain bytes) in whole MiB, for the
+sums and percentages the chart computes.
+*/}}
+{{- define "ftune.quantityMi" -}}
+{{- $q := ternary (toString .) (printf "%d" (int64 .)) (kindIs "string" .) }}
+{{- $units := dict "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 }}
+{{- $match := regexFindAll "^([0-9]+)(Ki|Mi|Gi|Ti|k|M|G|T)?$" $q 1 }}
+{{- if not $match }}
+{{- fail (printf "cannot size %q: give memory and volume sizes the chart adds up as a whole number with Ki, Mi, Gi, Ti, k, M, G or T" $q) }}
+{{- end }}
+{{- $number := regexReplaceAll "[^0-9].*$" $q "" | int64 }}
+{{- $unit := regexReplaceAll "^[0-9]+" $q "" }}
+{{- div (mul $number (ternary (index $units $unit) 1 (ne $unit ""))) 1048576 }}
 {{- end }}
 
 {{- define "ftune.store.isFile" -}}
@@ -192,8 +227,14 @@ Fail early on combinations that would deploy but not work.
 {{- if and .Values.worker.keda.enabled (eq .Values.worker.keda.trigger "prometheus") (not .Values.worker.keda.prometheus.serverAddress) }}
 {{- fail "worker.keda.trigger is prometheus: set worker.keda.prometheus.serverAddress" }}
 {{- end }}
-{{- if le (int .Values.worker.terminationGracePeriodSeconds) (int .Values.worker.shutdownMarginSeconds) }}
-{{- fail "worker.terminationGracePeriodSeconds must be larger than worker.shutdownMarginSeconds" }}
+{{- if le (int .Values.worker.terminationGracePeriodSeconds) (int .Values.worker.stopGraceSeconds) }}
+{{- fail (printf "worker.stopGraceSeconds (%d) must be below worker.terminationGracePeriodSeconds (%d): the worker needs the rest to re-queue the job before it is killed" (int .Values.worker.stopGraceSeconds) (int .Values.worker.terminationGracePeriodSeconds)) }}
+{{- end }}
+{{- if and .Values.worker.keda.enabled (eq .Values.worker.keda.mode "scaledObject") (not .Values.worker.keda.scaleDownWhileBusy) (gt (int .Values.worker.keda.minReplicaCount) 0) }}
+{{- fail "worker.keda.minReplicaCount > 0 with scaleDownWhileBusy false: scale-down is disabled, so the workers could only ever grow; set minReplicaCount to 0 (KEDA then scales to zero once the queue is empty), or scaleDownWhileBusy true, or use mode scaledJob" }}
+{{- end }}
+{{- if and .Values.redis.enabled (not .Values.redis.auth.enabled) (not .Values.networkPolicy.enabled) }}
+{{- fail "redis.auth.enabled and networkPolicy.enabled are both false: any pod in the cluster could read and rewrite every job record. Enable one of them (both, preferably)" }}
 {{- end }}
 {{- end }}
 
@@ -253,6 +294,8 @@ Environment shared by the API and the workers: Redis, blob store, S3 credentials
   value: {{ .Values.config.maxAttempts | toString | quote }}
 - name: FTUNE_LEASE_SECONDS
   value: {{ .Values.config.leaseSeconds | toString | quote }}
+- name: FTUNE_JOB_RETENTION_DAYS
+  value: {{ .Values.config.jobRetentionDays | toString | quote }}
 {{- end }}
 
 {{/*
@@ -305,8 +348,26 @@ Volume and mount of a file:// blob store (nothing for s3://).
 {{- end }}
 
 {{/*
-Pod annotations that roll the pods when a Secret the chart renders changes.
+Pod annotations that roll a component's pods when a credential it mounts changes, and only
+then: adding an API key restarts the API, never a GPU worker in the middle of a job. The sum
+is over the values the component's Secrets are made from (inline values and the names of
+existing Secrets), so it is the same on every render of the same values.
+Usage: include "ftune.secretsChecksum" (list . "api"|"worker"|"redis")
 */}}
 {{- define "ftune.secretsChecksum" -}}
-checksum/secrets: {{ include (print .Template.BasePath "/secrets.yaml") . | sha256sum }}
+{{- $root := index . 0 }}
+{{- $component := index . 1 }}
+{{- $v := $root.Values }}
+{{- $mounted := dict "redis" (dict "auth" $v.redis.auth "external" $v.redis.external "enabled" $v.redis.enabled) }}
+{{- if ne $component "redis" }}
+{{- $_ := set $mounted "s3" $v.secrets.s3 }}
+{{- end }}
+{{- if eq $component "api" }}
+{{- $_ := set $mounted "apiKeys" $v.secrets.apiKeys }}
+{{- $_ := set $mounted "webhooks" $v.secrets.webhooks }}
+{{- end }}
+{{- if or (eq $component "worker") (and (eq $component "api") $v.api.scheduler.enabled) }}
+{{- $_ := set $mounted "hf" (dict "token" $v.secrets.hfToken "named" $v.secrets.namedHfTokens) }}
+{{- end -}}
+checksum/secrets: {{ $mounted | toJson | sha256sum }}
 {{- end }}
