@@ -66,7 +66,9 @@ def test_four_sigterms_each_resume_at_the_step_reached(stack: Stack) -> None:
     process group (systemd, dumb-init): each checkpoints the step reached and re-queues the
     job without spending one of its 3 attempts."""
     ds = stack.upload(preference_rows(64))
-    max_steps = 12
+    # Enough steps that four stops land before the end even at ~0.08 s a step on an idle
+    # machine (the test polls every 0.25 s, so a few steps pass between a wait and a signal).
+    max_steps = 60
     # No periodic checkpoint: every resume must come from a checkpoint taken at a SIGTERM.
     hp = {"max_steps": max_steps, "checkpoint_steps": 1000}
     job_id = stack.submit(spec(stack, ds["id"], hyperparameters=hp))["id"]
