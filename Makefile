@@ -40,7 +40,7 @@ dev: $(STAMP) ## start Redis, the API and one worker on this machine (Ctrl-C sto
 	$(VENV)/bin/ftune dev
 
 test: $(STAMP) ## run the test suite (unit, integration with real Redis/S3/Hub servers, end to end)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25
 
 test-fast: $(STAMP) ## the tests not marked slow (no training, no whole jobs): the inner loop
 	$(VENV)/bin/pytest -q -m "not slow"
