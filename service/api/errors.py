@@ -162,7 +162,8 @@ def _validation(exc: ValidationException) -> Response[Problem]:
         if not isinstance(item, dict):
             continue
         message = str(item.get("message", ""))
-        source = str(item.get("source", "body"))
+        raw = item.get("source", "body")
+        source = str(getattr(raw, "value", raw))  # Litestar gives a ParamType enum for parameters
         in_body = in_body or source == "body"
         loc = [source]
         if match := _AT.search(message):

@@ -100,7 +100,13 @@ async def test_an_audit_cursor_redis_cannot_read_is_a_400(api: Api, value: str) 
     await api.client.get("/v1/jobs", headers=ADMIN)  # one audited request
     resp = await api.client.get("/v1/audit", params={"cursor": value}, headers=ADMIN)
     assert resp.status_code == 400, resp.text
-    assert resp.json()["errors"][0]["loc"][-1] == "cursor"
+    assert resp.json()["errors"][0]["loc"] == ["query", "cursor"]
+
+
+async def test_a_query_parameter_out_of_bounds_is_located_in_the_query(api: Api) -> None:
+    resp = await api.client.get("/v1/jobs", params={"limit": "0"}, headers=ALICE)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["errors"][0]["loc"] == ["query", "limit"]
 
 
 async def test_names_labels_and_models_ending_in_a_newline_are_refused(api: Api) -> None:
