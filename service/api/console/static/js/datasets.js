@@ -97,7 +97,9 @@ export async function datasetPage(page, id) {
   document.title = `${ds.name} · ftune`;
   const preview = await api(`/datasets/${encodeURIComponent(id)}/rows`, { query: { limit: PREVIEW_ROWS } });
   const stats = ds.stats
-    ? Object.entries(ds.stats).map(([k, v]) => [k.replace(/_/g, " "), Object.entries(v).map(([s, n]) => `${s} ${Math.round(n)}`).join(", ")])
+    ? Object.entries(ds.stats)
+        .filter(([, v]) => v !== null && !(typeof v === "object" && Object.keys(v).length === 0))
+        .map(([k, v]) => [k.replace(/_/g, " "), typeof v === "object" ? Object.entries(v).map(([s, n]) => `${s} ${Math.round(n)}`).join(", ") : String(v)])
     : [];
   clear(
     page,
