@@ -143,6 +143,23 @@ class ErrorTally:
         if len(self.items) < self.keep:
             self.items.append(RowError(line=line, field=field, msg=msg))
 
+    def verdict(self, *, kept: int, records: int, skip: bool, max_invalid_fraction: float) -> None:
+        """Raise InvalidDataset unless the pass may be stored: no fatal error, and invalid rows
+        only when skipping them was asked for, within `max_invalid_fraction`, with rows left."""
+        invalid = self.total
+        if self.fatal or (invalid and not skip):
+            raise InvalidDataset(self.items, invalid)
+        if invalid and kept == 0:
+            raise InvalidDataset(self.items, invalid, f"none of the {rows(records)} is valid")
+        if invalid > max_invalid_fraction * records:
+            raise InvalidDataset(
+                self.items,
+                invalid,
+                f"{invalid} of {rows(records)} are invalid "
+                f"({100 * invalid / records:.2f}%), more than max_invalid_fraction "
+                f"{max_invalid_fraction}",
+            )
+
 
 class Collector:
     """The state of one validation: counters, the first errors, the output.
@@ -437,20 +454,12 @@ class Collector:
         invalid = errors.total
         if not errors.fatal and self.output.rows == 0 and not invalid:
             self.fatal(0, "the dataset has no rows")
-        if errors.fatal or (invalid and not self.skip):
-            raise InvalidDataset(errors.items, errors.total)
-        if invalid and self.output.rows == 0:
-            raise InvalidDataset(
-                errors.items, errors.total, f"none of the {rows(self.records)} is valid"
-            )
-        if invalid > self.max_invalid_fraction * self.records:
-            raise InvalidDataset(
-                errors.items,
-                errors.total,
-                f"{invalid} of {rows(self.records)} are invalid "
-                f"({100 * invalid / self.records:.2f}%), more than max_invalid_fraction "
-                f"{self.max_invalid_fraction}",
-            )
+        errors.verdict(
+            kept=self.output.rows,
+            records=self.records,
+            skip=self.skip,
+            max_invalid_fraction=self.max_invalid_fraction,
+        )
         self.flush()
         assert self.fmt is not None
         warnings = row_warnings(

@@ -30,7 +30,7 @@ from service.contract import (
     OnInvalid,
 )
 from service.datasets.canonical import decode_error
-from service.datasets.collect import MAX_COLUMNS, ErrorTally, IngestResult, InvalidDataset, Limits
+from service.datasets.collect import MAX_COLUMNS, ErrorTally, IngestResult, Limits
 from service.datasets.layouts import SYSTEM_COLUMNS
 from service.datasets.messages import (
     Msg,
@@ -45,7 +45,6 @@ from service.datasets.messages import (
 )
 from service.datasets.output import Output, Sink
 from service.datasets.stats import HashSet, Lengths, Tally, column_warnings, row_warnings
-from service.datasets.stats import rows as count_rows
 
 _PREFERENCE_KEYS = frozenset(
     ("chosen", "rejected", "preferred_output", "non_preferred_output", "chosen_response")
@@ -270,19 +269,12 @@ class KindCollector:
         errors, invalid = self.errors, self.errors.total
         if not errors.fatal and self.output.rows == 0 and not invalid:
             self.fatal(0, "the dataset has no rows")
-        if errors.fatal or (invalid and not self.skip):
-            raise InvalidDataset(errors.items, errors.total)
-        if invalid and self.output.rows == 0:
-            raise InvalidDataset(
-                errors.items, errors.total, f"none of the {count_rows(self.records)} is valid"
-            )
-        if invalid > self.max_invalid_fraction * self.records:
-            raise InvalidDataset(
-                errors.items,
-                errors.total,
-                f"{invalid} of {count_rows(self.records)} are invalid, more than "
-                f"max_invalid_fraction {self.max_invalid_fraction}",
-            )
+        errors.verdict(
+            kept=self.output.rows,
+            records=self.records,
+            skip=self.skip,
+            max_invalid_fraction=self.max_invalid_fraction,
+        )
         self.output.flush()
         assert self.fmt is not None
         warnings = row_warnings(
