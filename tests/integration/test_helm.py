@@ -386,6 +386,7 @@ def test_pod_environment_is_what_settings_reads(chart: helm.Chart) -> None:
     assert api.max_dataset_bytes == 2 * 1024**3
     assert api.models_dir == Path("/models")
     assert api.api_keys_file == Path("/etc/ftune/api-keys/keys.json")
+    assert api.max_concurrent_uploads == 2
 
     worker = settings_of("Deployment", f"{PREFIX}-worker", "worker")
     assert worker.redis_url == api.redis_url

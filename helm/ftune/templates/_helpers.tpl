@@ -296,6 +296,8 @@ Environment shared by the API and the workers: Redis, blob store, S3 credentials
   value: {{ .Values.config.leaseSeconds | toString | quote }}
 - name: FTUNE_JOB_RETENTION_DAYS
   value: {{ .Values.config.jobRetentionDays | toString | quote }}
+- name: FTUNE_MAX_CONCURRENT_UPLOADS
+  value: {{ .Values.config.maxConcurrentUploads | toString | quote }}
 {{- end }}
 
 {{/*
