@@ -343,6 +343,6 @@ def hash_api_key(key: str) -> str:
 
 
 def write_api_keys(path: Path, keys: Mapping[str, Principal]) -> None:
-    """Write a keys file from plaintext keys (used by `ftune dev` and tests)."""
+    """Write a keys file in the old form from plaintext keys (the tests of that form)."""
     data = {hash_api_key(k): {"tenant": p.tenant, "admin": p.admin} for k, p in keys.items()}
     path.write_text(json.dumps(data, indent=2))

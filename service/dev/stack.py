@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
+import msgspec
 
 from service.dev.localredis import LocalRedis, free_port
-from service.settings import Principal, write_api_keys
+from service.settings import hash_api_key
+from service.tenants import ANY, Grants, KeyEntry, TenantEntry, TenantsFile
 
 TENANT = "local"
 
@@ -52,7 +54,11 @@ def ensure_api_key(root: Path) -> tuple[str, bool]:
             f.write(key + "\n")
         created = True
     os.chmod(key_file, 0o600)
-    write_api_keys(root / "api_keys.json", {key: Principal(TENANT)})
+    # One developer's own stack: its tenant may use every Hub token, namespace and bucket this
+    # machine's credentials reach (a shared deployment grants them per tenant instead).
+    everything = Grants(hub_tokens=(ANY,), hub_namespaces=(ANY,), s3_read=(ANY,), s3_write=(ANY,))
+    entry = TenantEntry(keys=[KeyEntry(sha256=hash_api_key(key))], grants=everything)
+    (root / "api_keys.json").write_bytes(msgspec.json.encode(TenantsFile(tenants={TENANT: entry})))
     return key, created
 
 

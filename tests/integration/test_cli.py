@@ -426,12 +426,21 @@ def test_dev_stack_keeps_its_key_and_data_across_restarts(
         key_file = root / "api_key"
         assert key_file.read_text().strip() == stack.api_key
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-        keys = json.loads((root / "api_keys.json").read_text())
-        assert list(keys) == [hash_api_key(stack.api_key)]  # only the hash is served
+        local = json.loads((root / "api_keys.json").read_text())["tenants"]["local"]
+        assert local["keys"] == [{"sha256": hash_api_key(stack.api_key), "admin": False}]
+        assert set(local["grants"]["hub_namespaces"]) == {"*"}
         # The CLI finds the key in .ftune/api_key by itself.
         result = runner.invoke(app, ["--url", stack.url, "datasets", "upload", str(data)], env=env)
         assert result.exit_code == 0, result.output
         ds_id = result.stdout.split()[1]
+        # Its own stack: the developer's tenant may publish wherever their credentials reach.
+        hub_job = {
+            "base_model": "org/m",
+            "dataset_id": ds_id,
+            "output": {"destination": {"type": "hub", "repo_id": "someone/tuned"}},
+        }
+        with Client(stack.url, stack.api_key) as client:
+            assert client.submit_job(hub_job).status == "queued"
         redis_pid = stack.redis.process.pid if stack.redis and stack.redis.process else 0
         api_url = stack.url
     assert not psutil.pid_exists(redis_pid) or psutil.Process(redis_pid).status() == "zombie"
