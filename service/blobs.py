@@ -515,13 +515,7 @@ class S3BlobStore(BlobStore):
             raise
 
     def get_bytes(self, key: str) -> bytes:
-        try:
-            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
-        except Exception as exc:
-            if _is_not_found(exc):
-                raise BlobNotFound(self.uri(key)) from None
-            raise
-        with response["Body"] as body:
+        with self.open(key) as body:
             return body.read()
 
     def open(self, key: str) -> BinaryIO:

@@ -557,18 +557,29 @@ def dataset_bytes_key(tenant: str) -> str:
     return f"{P}dsbytes:{tenant}"
 
 
+async def check_count(
+    pipe: aioredis.Redis, index: str, tenant: str, limit: str, quota: int | None, hint: str
+) -> None:
+    """Refuse a tenant's next record of a kind past its quota (LimitReached), counted from the
+    kind's index inside the caller's transaction so replicas cannot both pass."""
+    if quota is None:
+        return
+    count = int(await pipe.zcard(index))
+    if count >= quota:
+        what = limit.replace("_", " ")
+        raise LimitReached(
+            f"tenant {tenant} has {count} {what}, the limit ({limit}) is {quota}; {hint}",
+            limit=limit,
+            quota=quota,
+            retry_after=3600,
+        )
+
+
 async def _check_dataset_quota(
     pipe: aioredis.Redis, tenant: str, incoming: int, quota: DatasetQuota
 ) -> None:
-    count = int(await pipe.zcard(_index("datasets", tenant)))
-    if quota.datasets is not None and count >= quota.datasets:
-        raise LimitReached(
-            f"tenant {tenant} has {count} datasets, the limit (datasets) is {quota.datasets}; "
-            "delete one first",
-            limit="datasets",
-            quota=quota.datasets,
-            retry_after=3600,
-        )
+    index = _index("datasets", tenant)
+    await check_count(pipe, index, tenant, "datasets", quota.datasets, "delete one first")
     used = int(await pipe.get(dataset_bytes_key(tenant)) or 0)
     if quota.bytes is not None and used + incoming > quota.bytes:
         raise LimitReached(

@@ -62,7 +62,7 @@ from service.retraining.events import (
     parse_events,
     prompt_key,
 )
-from service.store import Conflict, LimitReached, NotFound, P, Store, transact
+from service.store import Conflict, NotFound, P, Store, check_count, transact
 
 _READ_CHUNK = 1000
 """Pairs read from Redis per LRANGE when snapshotting."""
@@ -231,16 +231,9 @@ async def ingest(
 
     async def write(pipe: Pipeline) -> tuple[Applied, FeedbackStream]:
         raw = await pipe.get(meta_key)
-        if raw is None and max_streams is not None:
-            count = int(await pipe.zcard(_index(tenant)))
-            if count >= max_streams:
-                raise LimitReached(
-                    f"tenant {tenant} has {count} feedback streams, the limit "
-                    f"(feedback_streams) is {max_streams}; delete one or post to an existing one",
-                    limit="feedback_streams",
-                    quota=max_streams,
-                    retry_after=3600,
-                )
+        if raw is None:
+            hint = "delete one or post to an existing one"
+            await check_count(pipe, _index(tenant), tenant, "feedback_streams", max_streams, hint)
         meta = (
             _stream_decoder.decode(raw)
             if raw

@@ -23,7 +23,7 @@ from service.contract import (
     PolicySpec,
     PolicyStatus,
 )
-from service.store import Conflict, LimitReached, NotFound, P, Store, transact
+from service.store import Conflict, NotFound, P, Store, check_count, transact
 
 log = logging.getLogger("ftune.policies")
 
@@ -134,16 +134,10 @@ async def put_policy(
 
     async def put(pipe: Pipeline) -> tuple[Policy, bool]:
         raw = await pipe.get(key)
-        if raw is None and max_policies is not None:
-            count = int(await pipe.zcard(_index(tenant)))
-            if count >= max_policies:
-                raise LimitReached(
-                    f"tenant {tenant} has {count} policies, the limit (policies) is "
-                    f"{max_policies}; delete one first",
-                    limit="policies",
-                    quota=max_policies,
-                    retry_after=3600,
-                )
+        if raw is None:
+            await check_count(
+                pipe, _index(tenant), tenant, "policies", max_policies, "delete one first"
+            )
         if raw is None:
             policy = Policy(
                 name=name, tenant=tenant, spec=spec, created_at=now, updated_at=now, cron_after=now
