@@ -294,7 +294,9 @@ class Warm:
             self.ensure()
 
     async def close(self) -> None:
+        """The worker is going: the waiting process has no job and nothing to save."""
         self.closing = True
         proc, self.next = self.next, None
         if proc is not None:
-            await proc.reap(10.0)
+            proc.process.kill()
+            await proc.reap(5.0)
