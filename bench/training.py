@@ -110,14 +110,14 @@ def _run_job(
         raise RuntimeError(f"the bench job did not succeed: {done}\n{stack.logs()}")
     points = stack.http.get(f"/v1/jobs/{job['id']}/metrics").json()["points"]
     train = [p for p in points if "loss" in p["values"]]
-    events = _events(stack, job["id"])
-    phases = {data.get("phase"): at for at, kind, data in events if kind == "phase"}
+    phases = {
+        data.get("phase"): at for at, kind, data in _events(stack, job["id"]) if kind == "phase"
+    }
     return {
         "cpu_beside": cpu,
         "wall": done["finished_at"] - since,
         "claimed": done["started_at"] - posted,
         "phases": phases,
-        "progress_events": sum(1 for _, kind, _ in events if kind == "progress"),
         "finished_at": done["finished_at"],
         "started_at": done["started_at"],
         "losses": [p["values"]["loss"] for p in train],
@@ -294,15 +294,14 @@ def run(full: bool) -> Section:
     # The warm jobs only: a cold job's worker CPU also counts the worker starting up.
     worker_ms = 1000 * median([w["cpu_beside"]["worker"] for w in warm]) / steps
     redis_ms = 1000 * median([w["cpu_beside"]["redis"] for w in warm]) / steps
-    progress = median([j["progress_events"] for j in jobs])
     section.facts.append(
         f"median step compute (TRL's step alone): {ours_step:.3f} s in the service, "
         f"{plain_step:.3f} s in the plain script ({100 * (ours_step / plain_step - 1):+.0f}%). "
         f"Beside the training process, per step of a job on a warm worker, the worker process "
         f"used {worker_ms:.2f} ms of CPU (forwarding metrics, progress and logs to Redis) and "
         f"Redis {redis_ms:.2f} ms (which also counts this bench polling the job); on 2 cores "
-        f"shared with other work that competes with training. Progress events per job: "
-        f"{progress:.0f} for {steps} steps (at most two a second, and the last step)"
+        "shared with other work that competes with training. The training process sends "
+        "progress at most twice a second (and at the last step), a metric point with each log"
     )
     section.facts.append(
         f"a training process waiting for its job (training stack imported, no model, no Redis "
