@@ -108,8 +108,13 @@ def test_precomputed_reference_log_probs_train_the_same_steps_also_after_a_resum
         "hyperparameters": {"max_steps": 5, "checkpoint_steps": 2, "eval_steps": 5},
     }
     plain = ListReporter()
-    run(stage_job(store, tiny_model_dir, ROWS, job_id="job_plain", **fields), tmp_path / "p",
-        plain, settings=settings, store=store)  # fmt: skip
+    run(
+        stage_job(store, tiny_model_dir, ROWS, job_id="job_plain", **fields),
+        tmp_path / "p",
+        plain,
+        settings=settings,
+        store=store,
+    )
     fields["hyperparameters"]["precompute_ref_log_probs"] = True
     job = stage_job(store, tiny_model_dir, ROWS, job_id="job_pre", **fields)
     first = ListReporter()
@@ -142,8 +147,9 @@ def test_packed_sft_trains_the_same_loss_as_padded_in_fewer_steps(
     def train(name: str, **hp: Any) -> ListReporter:
         reporter = ListReporter()
         hp = {"max_steps": None, "num_epochs": 1.0, **hp}
-        job = stage_job(store, tiny_model_dir, SFT_ROWS, job_id=f"job_{name}", method="sft",
-                        hyperparameters=hp)  # fmt: skip
+        job = stage_job(
+            store, tiny_model_dir, SFT_ROWS, job_id=f"job_{name}", method="sft", hyperparameters=hp
+        )
         run(job, tmp_path / name, reporter, settings=settings, store=store)
         return reporter
 
@@ -155,3 +161,44 @@ def test_packed_sft_trains_the_same_loss_as_padded_in_fewer_steps(
     padded, packed = train("padded2", batch_size=2), train("packed2", batch_size=2, packing=True)
     assert len(_losses(padded)) == len(SFT_ROWS) // 2
     assert 0 < len(_losses(packed)) < len(_losses(padded)) / 2
+
+
+@pytest.mark.slow
+def test_a_continued_adapter_is_precomputed_against_itself(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """DPO after SFT: TRL's frozen `ref` copy of the continued adapter gives the precomputed
+    reference log-probs, as it gives the per-step ones; against the bare base instead, step 1
+    would show rewards away from 0 (the SFT adapter already moved the policy)."""
+    store = open_store((tmp_path / "store").as_uri())
+    settings = _settings(tiny_model_dir, tmp_path)
+    sft = stage_job(store, tiny_model_dir, SFT_ROWS, job_id="job_sft", method="sft")
+    (adapter,) = run(
+        sft, tmp_path / "sft", ListReporter(), settings=settings, store=store
+    ).artifacts
+
+    def dpo(name: str, **hp: Any) -> ListReporter:
+        job = stage_job(
+            store,
+            tiny_model_dir,
+            ROWS,
+            job_id=f"job_{name}",
+            init_from={"job_id": "job_sft"},
+            hyperparameters={"max_steps": 3, **hp},
+        )
+        reporter = ListReporter()
+        run(
+            msgspec.structs.replace(job, init_adapter=adapter.uri),
+            tmp_path / name,
+            reporter,
+            settings=settings,
+            store=store,
+        )
+        return reporter
+
+    per_step, precomputed = dpo("per_step"), dpo("pre", precompute_ref_log_probs=True)
+    first = precomputed.points[0][1]
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6)
+    assert first["rewards/rejected"] == pytest.approx(0, abs=1e-6)
+    for key in ("loss", "rewards/margins", "logps/chosen"):
+        assert _losses(precomputed, key) == pytest.approx(_losses(per_step, key), abs=1e-5), key
