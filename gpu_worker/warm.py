@@ -43,6 +43,8 @@ _PR_SET_PDEATHSIG = 1
 """prctl option: the signal the kernel sends this process when its parent dies (Linux)."""
 IDLE_POLL_SECONDS = 1.0
 """How often a waiting process looks whether it was told to go (its own SIGTERM)."""
+MAX_RESPAWN_SECONDS = 60.0
+"""The longest wait before replacing a waiting process that died (after several in a row)."""
 REAP_SECONDS = 30.0
 """How long a process that reported its outcome gets to exit before it is killed."""
 
@@ -250,6 +252,10 @@ class Warm:
         self.next: TrainingProcess | None = None
         self.busy = False
         self.closing = False
+        self.deaths = 0
+        """Waiting processes that died in a row: replacements back off (a broken install would
+        otherwise spawn one every few seconds forever)."""
+        self.retry_at = 0.0
 
     def ensure(self) -> None:
         """Spawn the next process unless one waits, a job runs or the worker is going. One that
@@ -259,17 +265,23 @@ class Warm:
         if self.next is not None:
             if self.next.alive():
                 return
-            log.warning(
-                "the waiting training process %s died (exit code %s); spawning another",
-                self.next.pid,
-                self.next.process.exitcode,
-            )
+            if self.retry_at == 0.0:
+                self.deaths += 1
+                self.retry_at = time.monotonic() + min(2.0**self.deaths, MAX_RESPAWN_SECONDS)
+                log.warning(
+                    "the waiting training process %s died (exit code %s); spawning another",
+                    self.next.pid,
+                    self.next.process.exitcode,
+                )
+            if time.monotonic() < self.retry_at:
+                return
             self.next.events.close()
+        self.retry_at = 0.0
         self.next = TrainingProcess(self.settings)
 
     def start(self, job: Job) -> TrainingProcess:
         """Hand `job` to the waiting process (a fresh one if it is gone)."""
-        self.busy = True
+        self.busy, self.retry_at = True, 0.0
         if self.once:
             self.closing = True
         proc, self.next = self.next, None
@@ -283,7 +295,7 @@ class Warm:
     async def finished(self, proc: TrainingProcess, *, respawn: bool) -> None:
         """Reap the job's process, then spawn the next one (`respawn`: the worker stays)."""
         await proc.reap()
-        self.busy = False
+        self.busy, self.deaths = False, 0
         if respawn:
             self.ensure()
 

@@ -360,8 +360,9 @@ def build_worker(
         ctx["warm_keeper"] = asyncio.create_task(warm.keep())
 
     async def shutdown(ctx: dict[str, Any]) -> None:
-        ctx["warm_keeper"].cancel()
-        await ctx["warm"].close()
+        if "warm" in ctx:
+            ctx["warm_keeper"].cancel()
+            await ctx["warm"].close()
         await ctx["store"].close()
 
     metrics = WorkerMetrics()
