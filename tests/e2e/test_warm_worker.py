@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
@@ -28,7 +29,7 @@ def waiting_process(worker: subprocess.Popen[bytes], other_than: set[int]) -> in
                 continue
             waits = "resource_tracker" not in cmdline and status != psutil.STATUS_ZOMBIE
             if waits and child.pid not in other_than:
-                return child.pid
+                return int(child.pid)
         time.sleep(0.1)
     raise AssertionError(f"the worker spawned no training process besides {other_than}")
 
@@ -42,6 +43,9 @@ def test_jobs_in_a_row_each_run_in_a_process_spawned_before_they_were_queued(
     for _ in range(2):
         waiting = waiting_process(worker, seen)  # exists before the job is queued
         seen.add(waiting)
+        redis_port = urlsplit(stack.settings.redis_url).port
+        connections = psutil.Process(waiting).net_connections()
+        assert not [c for c in connections if c.raddr and c.raddr.port == redis_port]
         job = stack.submit(spec(stack, ds["id"], hyperparameters={"max_steps": 4}))
         done = stack.wait_done(job["id"])
         assert done["status"] == "succeeded", done
@@ -66,3 +70,9 @@ def test_a_waiting_process_killed_is_replaced_and_the_next_job_succeeds(stack: S
     assert (done["attempt"], done["lost_attempts"]) == (0, 0)
     assert training_pid(stack, job["id"]) not in killed
     assert worker.poll() is None
+    # The next waiting process dies with its worker, even one killed without a word.
+    waiting = psutil.Process(waiting_process(worker, killed))
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(10)
+    gone, _ = psutil.wait_procs([waiting], timeout=30)
+    assert gone
