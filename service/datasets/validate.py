@@ -212,8 +212,7 @@ def _first_row(opened: Opened, limits: Limits) -> Any:
 
 
 def _first_line(blocks: JsonlBlocks) -> Any:
-    for _, block in blocks:
-        lines = block.split(b"\n") if isinstance(block, bytes) else block
+    for _, lines in blocks:
         for raw in lines:
             if raw is None:
                 return None
