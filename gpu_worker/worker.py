@@ -417,17 +417,21 @@ class _Worker(Worker):
             backoff.succeeded()
 
     async def _pause(self) -> None:
-        """Before each poll: a busy worker waits the poll delay (it polls then for aborts);
-        one that was free at its last poll waits for a wake-up, up to the poll delay; one
-        whose job just ended polls at once (tokens may have queued behind it)."""
-        settings: Settings = self.ctx["settings"]
+        """Before each poll: a busy worker waits the poll delay (it polls then for aborts) or
+        until its job ends, then polls at once (tokens may have queued behind it); one that
+        was free at its last poll waits for a wake-up, up to the poll delay."""
+        seconds = self.ctx["settings"].worker_poll_seconds
         wake_ups: queue.WakeUps = self.ctx["wake_ups"]
         free = self.job_counter < self.max_jobs
         if not free:
             await wake_ups.drain()
-            await asyncio.sleep(settings.worker_poll_seconds)
+            if running := [t for t in self.tasks.values() if not t.done()]:
+                # arq's own done-callback, added first, frees the job slot before this returns
+                await asyncio.wait(running, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await asyncio.sleep(seconds)
         elif self._polled_free:
-            await wake_ups.wait(settings.worker_poll_seconds)
+            await wake_ups.wait(seconds)
         self._polled_free = free
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:

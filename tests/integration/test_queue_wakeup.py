@@ -61,7 +61,7 @@ async def idle_workers(s: Settings, pool: ArqRedis, n: int) -> AsyncIterator[lis
             await worker.close()
 
 
-async def _equals(value: Awaitable[int], expected: int) -> bool:
+async def _equals(value: Awaitable[object], expected: object) -> bool:
     return await value == expected
 
 
@@ -138,6 +138,34 @@ async def test_two_idle_workers_start_two_jobs_queued_together(
                 return statuses == [JobStatus.failed] * 2
 
             await eventually(both_ended, "both jobs ended once their processes were killed")
+    finally:
+        await pool.aclose()
+        await store.close()
+
+
+async def test_a_worker_whose_job_ends_starts_the_next_queued_one_at_once(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """The second job's wake-up came while the only worker was busy: it starts when the
+    first job ends, not at the worker's next poll."""
+    s = settings(redis_url, tmp_path)
+    store, pool = Store.from_url(redis_url), await queue.connect(redis_url)
+
+    async def status(job_id: str) -> JobStatus:
+        return (await store.get_job(job_id, None)).status
+
+    try:
+        async with idle_workers(s, pool, 1):
+            first = await submit(store, pool, s)
+            await eventually(lambda: _equals(status(first), JobStatus.running), "first runs")
+            second = await submit(store, pool, s)
+            await asyncio.sleep(1.0)  # the wake-up has come and gone: the worker is busy
+            assert await status(second) == JobStatus.queued
+            kill_training_processes()
+            await eventually(lambda: _equals(status(second), JobStatus.running), "second runs")
+            assert await status(first) == JobStatus.failed
+            kill_training_processes()
+            await eventually(lambda: _equals(status(second), JobStatus.failed), "second ends")
     finally:
         await pool.aclose()
         await store.close()
