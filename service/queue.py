@@ -433,9 +433,9 @@ class WakeUps:
                 while await self._message(0.0):
                     pass
 
-    async def _message(self, timeout: float) -> bool:
-        """A wake-up within `timeout` seconds (a subscription's confirmation is none)."""
-        found = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
+    async def _message(self, within: float) -> bool:
+        """A wake-up within `within` seconds (a subscription's confirmation is none)."""
+        found = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=within)
         return found is not None
 
     async def close(self) -> None:
