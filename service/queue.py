@@ -17,7 +17,9 @@ over per-tenant pending sets, so tenants take turns however many jobs each one q
 A picked attempt is *claiming* until the worker's compare-and-set on the job record moves it
 to running; the lease reaper returns a claim whose worker died before that
 (`leases.restore_lost_claims`) and replaces a token whose worker died before picking
-(`replace_stranded_tokens`). docs/architecture.md, "How fairness works", has the whole story.
+(`replace_stranded_tokens`). Adding a token also publishes a wake-up, so an idle worker
+takes it at once rather than at its next poll (`WakeUps`). docs/architecture.md, "How fairness
+works", has the whole story.
 """
 
 from __future__ import annotations
