@@ -11,9 +11,10 @@ input raises InvalidDataset and stores nothing.
 Three ways to overlap receiving an upload with checking it were measured on 2 busy cores and
 dropped: writing the body to a validating child process's stdin, validating the spool file
 in a thread while it grows (no faster: receiving and validating share one GIL), and a child
-process running this same pass on the spool file as it grows (slower: the child's start and
-the copy of its rows into the draft cost more CPU than the overlap saved, at a load of 7).
-Spooling first, then validating, costs the least CPU (bench/README.md, ingest).
+process running this same pass on the spool file as it grows (slower at 100 MB and 1 GB:
+its start, its waits at the end of the file and the copy of its rows into the draft cost
+more CPU than the overlap saved, with load averages of 4-8). Spooling first, then
+validating, costs the least CPU (bench/README.md, ingest).
 """
 
 from __future__ import annotations
