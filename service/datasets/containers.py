@@ -271,8 +271,9 @@ class JsonlBlocks:
         while True:
             chunk = chunk or self._read()
             if not chunk:
-                if pending:
+                if pending:  # a last line without its newline
                     yield self.lines + 1, [self._line(pending)]
+                    self.lines += 1
                 return
             start = 0
             if pending:
