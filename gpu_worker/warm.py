@@ -290,6 +290,7 @@ class Warm:
                 log.warning("the waiting training process %s was gone; spawning another", proc.pid)
             proc = TrainingProcess(self.settings)
             proc.hand(job)
+        proc.process.name = f"ftune-train-{job.id}"
         return proc
 
     async def finished(self, proc: TrainingProcess, *, respawn: bool) -> None:
