@@ -45,6 +45,17 @@ JOIN_SECONDS = 120.0
 """How long rank 0 waits for the other ranks to exit after the last collective."""
 
 
+TORCHRUN_ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+"""What torchrun sets and accelerate reads; set while a process is in the group."""
+
+
 class DistributedError(JobFailure):
     """A rank other than 0 failed or vanished: the job fails instead of hanging."""
 
@@ -177,7 +188,7 @@ def leave() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for name in TORCHRUN_ENV:
         os.environ.pop(name, None)
     _forget_accelerate_state()
 

@@ -139,9 +139,7 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def build_quantization_config(
-    spec: JobSpec, *, sharded: bool = False
-) -> BitsAndBytesConfig | None:
+def build_quantization_config(spec: JobSpec, *, sharded: bool = False) -> BitsAndBytesConfig | None:
     """bitsandbytes settings from the spec: NF4/FP4 4-bit, LLM.int8, or None for plain LoRA.
 
     `sharded` (FSDP): the packed 4-bit weights are stored in the compute dtype instead of

@@ -144,9 +144,7 @@ def _run(
     )
     adapter_dir = workdir / "adapter"
     with distributed.start(plan, reporter.log) as group:
-        parallel = distributed.parallel_arguments(
-            spec, processes, device, plan.timeout_seconds
-        )
+        parallel = distributed.parallel_arguments(spec, processes, device, plan.timeout_seconds)
         trainer = build_trainer(
             model,
             tokenizer,

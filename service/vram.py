@@ -413,8 +413,7 @@ def check_fits(
     if found is None or found.total_gb <= gpu_memory_gb:
         return
     fsdp_hint = (
-        ", set parallelism.strategy 'fsdp' to shard the weights across the worker's "
-        f"{gpus} GPUs"
+        f", set parallelism.strategy 'fsdp' to shard the weights across the worker's {gpus} GPUs"
         if gpus > 1 and spec.parallelism.strategy == "ddp"
         else ""
     )

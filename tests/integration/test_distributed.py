@@ -7,14 +7,14 @@ the ranks' gradients, so the per-step losses agree up to float summation order.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gpu_worker.callbacks import CheckpointStore
 from gpu_worker.pipeline import run
-from gpu_worker.reporter import ListReporter
+from gpu_worker.reporter import JobStopped, ListReporter
 from service.blobs import open_store
 from service.settings import Settings
 from tests.fixtures.tiny_model import preference_rows, stage_job
@@ -43,7 +43,9 @@ def train(
         **spec,
     )
     settings = Settings(
-        models_dir=model_dir.parent, work_dir=tmp_path / "work", device="cpu",
+        models_dir=model_dir.parent,
+        work_dir=tmp_path / "work",
+        device="cpu",
         worker_gpus=processes,
     )
     reporter = ListReporter()
@@ -73,3 +75,32 @@ def test_two_processes_match_one_with_the_same_global_batch(
     ]
     assert any("batch_size 2 x gradient_accumulation_steps 1 x 2 = 4 rows" in x for x in two.logs)
     assert [a.kind for a in result.artifacts] == ["adapter"]
+
+
+def test_a_planned_stop_checkpoints_every_rank_and_two_processes_resume(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    store = open_store((tmp_path / "store").as_uri())
+    job = stage_job(
+        store,
+        tiny_model_dir,
+        preference_rows(32),
+        hyperparameters={"batch_size": 2, "max_steps": 6, "logging_steps": 1},
+    )
+    settings = Settings(
+        models_dir=tiny_model_dir.parent, work_dir=tmp_path / "work", device="cpu", worker_gpus=2
+    )
+    stopped = ListReporter()
+    stopped.stop_after_step = 3
+    with pytest.raises(JobStopped, match="stopped at step 3"):
+        run(job, tmp_path / "work", stopped, settings=settings, store=store)
+    assert CheckpointStore(store, job.id).steps() == [3]
+
+    resumed = ListReporter()
+    run(job, tmp_path / "work", resumed, settings=settings, store=store)
+    assert "resuming from the checkpoint at step 3" in resumed.logs
+    assert [step for step, values in resumed.points if "loss" in values] == [4, 5, 6]
+    assert (
+        "data parallel across 2 processes: rank 0 trained 3 steps, rank 1 trained 3 steps; "
+        "adapters identical on every rank"
+    ) in resumed.logs
