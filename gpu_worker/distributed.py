@@ -74,8 +74,6 @@ class Plan(msgspec.Struct, kw_only=True, frozen=True):
     world_size: int
     port: int
     timeout_seconds: int
-    log_level: str = "INFO"
-    log_format: Literal["json", "text"] = "json"
 
     @property
     def backend(self) -> str:
@@ -109,8 +107,8 @@ def check_strategy(spec: JobSpec, device: str, size: int) -> None:
         return
     if device != "cuda":
         raise ConfigError(
-            "parallelism.strategy 'fsdp' needs GPU workers (bitsandbytes' 4-bit weights are "
-            "sharded with NCCL): use strategy 'ddp' on a CPU worker"
+            "parallelism.strategy 'fsdp' needs GPU workers (on a CPU, accelerate would "
+            "silently train plain DDP instead): use strategy 'ddp' on a CPU worker"
         )
     sft_eval = spec.method == "sft" and (spec.eval_fraction > 0 or spec.eval_dataset_id is not None)
     if spec.eval_prompts or sft_eval:
@@ -123,9 +121,10 @@ def check_strategy(spec: JobSpec, device: str, size: int) -> None:
 def parallel_arguments(spec: JobSpec, size: int, device: str, timeout: int) -> dict[str, Any]:
     """The TrainingArguments of a multi-process run (none for one process).
 
-    FSDP follows the FSDP-QLoRA recipe of the peft and bitsandbytes docs (full shard, wrap per
-    decoder layer, no `use_orig_params`, weights loaded on rank 0 and broadcast); checked on
-    paper only: this machine has no GPU and bitsandbytes' 4-bit weights do not shard on gloo.
+    FSDP follows the FSDP-QLoRA recipe of the peft and bitsandbytes docs (FSDP1, full shard,
+    wrap per decoder layer, no `use_orig_params`, weights loaded on rank 0 and broadcast);
+    checked on paper only: on a CPU accelerate ignores these settings and trains plain DDP
+    (measured), so `check_strategy` refuses FSDP there.
     """
     if size == 1:
         return {}
@@ -136,8 +135,10 @@ def parallel_arguments(spec: JobSpec, size: int, device: str, timeout: int) -> d
         "ddp_find_unused_parameters": False,
     }
     if spec.parallelism.strategy == "fsdp":
-        args["fsdp"] = "full_shard auto_wrap"
+        args["fsdp"] = True
         args["fsdp_config"] = {
+            "version": 1,  # the FSDP-QLoRA guide's; transformers 5 defaults to FSDP2
+            "reshard_after_forward": "full_shard",
             "backward_prefetch": "backward_pre",
             "forward_prefetch": False,
             "use_orig_params": False,
@@ -428,6 +429,7 @@ def main(argv: list[str]) -> int:
     """`python -m gpu_worker.distributed PLAN RANK`: one of ranks 1..N-1."""
     from gpu_worker.worker import _die_with_parent
     from service import logs
+    from service.settings import Settings
 
     plan_file, rank = Path(argv[0]), int(argv[1])
     _die_with_parent(os.getppid())
@@ -435,7 +437,10 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     plan = msgspec.json.decode(plan_file.read_bytes(), type=Plan)
-    logs.configure_logging(plan.log_level, secrets=[], fmt=plan.log_format)
+    settings = Settings.from_env()  # the worker's environment: its log format and secrets
+    logs.configure_logging(
+        settings.log_level, secrets=settings.secret_values(), fmt=settings.log_format
+    )
     try:
         train_rank(plan, rank)
     except BaseException as exc:

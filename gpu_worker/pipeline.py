@@ -126,8 +126,6 @@ def _run(
         world_size=processes,
         port=distributed.free_port() if processes > 1 else 0,
         timeout_seconds=settings.worker_collective_timeout_seconds,
-        log_level=settings.log_level,
-        log_format=settings.log_format,
     )
     model = load_model(model_dir, spec, device, sharded=distributed.sharded(plan))
     _stop_if_cancelled(reporter)
