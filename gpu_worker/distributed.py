@@ -20,6 +20,7 @@ closed connection at once, NCCL at the collective timeout
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -29,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import msgspec
 from transformers import TrainerCallback
@@ -41,6 +42,7 @@ from service.contract import JobSpec
 if TYPE_CHECKING:
     from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
+PLAN_FILE = "plan.json"
 JOIN_SECONDS = 120.0
 """How long rank 0 waits for the other ranks to exit after the last collective."""
 
@@ -72,7 +74,8 @@ class Plan(msgspec.Struct, kw_only=True, frozen=True):
     output_dir: str
     device: Literal["cpu", "cuda"]
     world_size: int
-    port: int
+    port: int = 0
+    """The rendezvous port on 127.0.0.1, chosen by `Group.begin`."""
     timeout_seconds: int
 
     @property
@@ -103,7 +106,7 @@ def world_size(workers_gpus: int, device: str) -> int:
 
 def check_strategy(spec: JobSpec, device: str, size: int) -> None:
     """Refuse, before anything is downloaded, what FSDP cannot do here."""
-    if size == 1 or spec.parallelism.strategy != "fsdp":
+    if not shards(spec, size):
         return
     if device != "cuda":
         raise ConfigError(
@@ -150,8 +153,9 @@ def parallel_arguments(spec: JobSpec, size: int, device: str, timeout: int) -> d
     return args
 
 
-def sharded(plan: Plan) -> bool:
-    return plan.world_size > 1 and plan.spec.parallelism.strategy == "fsdp"
+def shards(spec: JobSpec, size: int) -> bool:
+    """Whether the base's weights are sharded across the processes (FSDP)."""
+    return size > 1 and spec.parallelism.strategy == "fsdp"
 
 
 def free_port() -> int:
@@ -235,18 +239,49 @@ def _collective_device() -> str:
 
 
 class Group:
-    """Rank 0's view of the other ranks while training; a one-process run has none and the
-    same methods do nothing, so the pipeline has one code path."""
+    """Rank 0's view of the other ranks; a one-process run has none and the same methods do
+    nothing, so the pipeline has one code path."""
 
-    def __init__(self, size: int = 1) -> None:
+    def __init__(self, size: int = 1, folder: Path | None = None) -> None:
         self.size = size
+        self.folder = folder
+        """Where the plan and the ranks' error files are written."""
         self.sync = StepSync() if size > 1 else None
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
-        self.error_dir: Path | None = None
+        self.joined = False
+
+    def begin(self, plan: Plan, log: Callable[[str], None]) -> None:
+        """Hand the other ranks the plan (with a free rendezvous port) and join them in the
+        process group; from here every rank must take the same collective steps."""
+        if self.size == 1:
+            return
+        assert self.folder is not None
+        plan = msgspec.structs.replace(plan, port=free_port())
+        staged = self.folder / "plan.json.tmp"
+        staged.write_bytes(msgspec.json.encode(plan))
+        staged.rename(self.folder / PLAN_FILE)  # atomic: a rank never reads half a plan
+        hp = plan.spec.hyperparameters
+        log(
+            f"data parallel: {plan.world_size} processes ({plan.spec.parallelism.strategy}, "
+            f"{plan.backend}); an optimizer step sees batch_size {hp.batch_size} x "
+            f"gradient_accumulation_steps {hp.gradient_accumulation_steps} x {plan.world_size}"
+            f" = {hp.batch_size * hp.gradient_accumulation_steps * plan.world_size} rows"
+        )
+        failed = self.failed_rank(wait=0)
+        if failed is not None:
+            raise DistributedError(f"data-parallel training could not start: {failed}")
+        join(plan, 0)
+        self.joined = True
 
     @property
     def callbacks(self) -> list[TrainerCallback]:
         return [self.sync] if self.sync else []
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     def agree(self, value: bool) -> bool:
         """Rank 0's `value`, on every rank (the decisions the other ranks cannot make alone)."""
@@ -270,8 +305,8 @@ class Group:
             time.sleep(0.1)
 
     def reason(self, rank: int, code: int) -> str:
-        assert self.error_dir is not None
-        error = self.error_dir / f"rank-{rank}.error"
+        assert self.folder is not None
+        error = self.folder / f"rank-{rank}.error"
         if error.is_file():
             return f"failed: {error.read_text().strip()[:2000]}"
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
@@ -318,42 +353,32 @@ def describe(summary: list[dict[str, Any]]) -> str:
 
 
 @contextlib.contextmanager
-def start(plan: Plan, log: Callable[[str], None]) -> Iterator[Group]:
-    """Rank 0: start the other ranks, join them in the process group; on leaving, wait for them
-    (normal end) or kill them (an error, a cancel, a planned stop), and name a rank that failed
-    rather than rank 0's own communication error."""
-    if plan.world_size == 1:
+def launch(size: int, folder: Path) -> Iterator[Group]:
+    """Rank 0: start ranks 1..N-1 now (they import the training stack, then wait for the plan
+    that `Group.begin` writes); on leaving, wait for them (normal end) or kill them (an error, a
+    cancel, a planned stop), and name a rank that failed rather than rank 0's own
+    communication error."""
+    if size == 1:
         yield Group()
         return
-    group = Group(plan.world_size)
-    work = Path(plan.output_dir).with_name("ranks")
-    work.mkdir(parents=True, exist_ok=True)
-    group.error_dir = work
-    plan_file = work / "plan.json"
-    plan_file.write_bytes(msgspec.json.encode(plan))
-    hp = plan.spec.hyperparameters
-    log(
-        f"data parallel: {plan.world_size} processes ({plan.spec.parallelism.strategy}, "
-        f"{plan.backend}); an optimizer step sees batch_size {hp.batch_size} x "
-        f"gradient_accumulation_steps {hp.gradient_accumulation_steps} x {plan.world_size} = "
-        f"{hp.batch_size * hp.gradient_accumulation_steps * plan.world_size} rows"
-    )
-    for rank in range(1, plan.world_size):
+    folder.mkdir(parents=True, exist_ok=True)
+    group = Group(size, folder)
+    for rank in range(1, size):
         group.procs[rank] = subprocess.Popen(
-            [sys.executable, "-m", "gpu_worker.distributed", str(plan_file), str(rank)],
+            [sys.executable, "-m", "gpu_worker.distributed", str(folder / PLAN_FILE), str(rank)],
             stdin=subprocess.DEVNULL,
         )
     try:
-        join(plan, 0)
         yield group
     except BaseException as exc:
-        # A cancel or a planned stop is rank 0's own decision; anything else may be the echo
-        # of another rank's death in a collective: give that rank a moment to be seen dead.
-        planned = isinstance(exc, JobCancelled | JobStopped)
-        failed = None if planned else group.failed_rank(wait=5.0)
+        # A cancel, a planned stop or a failure before training are rank 0's own; anything
+        # else may be the echo of another rank's death in a collective: give that rank a moment
+        # to be seen dead.
+        own = isinstance(exc, JobCancelled | JobStopped) or not group.joined
+        failed = group.failed_rank(wait=0 if own else 5.0)
         group.stop()
         leave()
-        if failed is not None and not isinstance(exc, DistributedError):
+        if failed is not None and not isinstance(exc, JobCancelled | JobStopped | DistributedError):
             raise DistributedError(f"data-parallel training failed: {failed}") from exc
         raise
     leave()
@@ -363,9 +388,7 @@ def start(plan: Plan, log: Callable[[str], None]) -> Iterator[Group]:
             code = proc.wait(max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
             group.stop()
-            raise DistributedError(
-                f"rank {rank} of {plan.world_size} did not exit after training"
-            ) from None
+            raise DistributedError(f"rank {rank} of {size} did not exit after training") from None
         if code != 0:
             raise DistributedError(f"data-parallel training failed: {group.reason(rank, code)}")
 
@@ -379,33 +402,32 @@ def train_rank(plan: Plan, rank: int) -> None:
     from gpu_worker.model import load_model, load_tokenizer
     from gpu_worker.trainer import build_config, build_trainer
 
-    join(plan, rank)
-    try:
-        spec, model_dir = plan.spec, Path(plan.model_dir)
-        group = Group(plan.world_size)
-        tokenizer = load_tokenizer(model_dir)
-        model = load_model(model_dir, spec, plan.device, local_rank=rank, sharded=sharded(plan))
-        config = build_config(
-            spec,
-            plan.rank_output_dir(rank),
-            plan.device,
-            has_eval=bool(plan.eval_rows),
-            parallel=parallel_arguments(spec, plan.world_size, plan.device, plan.timeout_seconds),
-        )
-        trainer = build_trainer(
-            model,
-            tokenizer,
-            spec,
-            config,
-            to_dataset(plan.rows),
-            to_dataset(plan.eval_rows) if plan.eval_rows else None,
-            group.callbacks,
-            init_adapter=Path(plan.init_adapter) if plan.init_adapter else None,
-        )
-        trainer.train(resume_from_checkpoint=plan.resume_from)
-        after_training(trainer, group, plan.rank_output_dir(rank) / "adapter", evaluate=False)
-    finally:
-        leave()
+    join(plan, rank)  # left by exiting: the process ends right after (see `main`)
+    spec, model_dir = plan.spec, Path(plan.model_dir)
+    group = Group(plan.world_size)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(
+        model_dir, spec, plan.device, local_rank=rank, sharded=shards(spec, plan.world_size)
+    )
+    config = build_config(
+        spec,
+        plan.rank_output_dir(rank),
+        plan.device,
+        has_eval=bool(plan.eval_rows),
+        parallel=parallel_arguments(spec, plan.world_size, plan.device, plan.timeout_seconds),
+    )
+    trainer = build_trainer(
+        model,
+        tokenizer,
+        spec,
+        config,
+        to_dataset(plan.rows),
+        to_dataset(plan.eval_rows) if plan.eval_rows else None,
+        group.callbacks,
+        init_adapter=Path(plan.init_adapter) if plan.init_adapter else None,
+    )
+    trainer.train(resume_from_checkpoint=plan.resume_from)
+    after_training(trainer, group, plan.rank_output_dir(rank) / "adapter", evaluate=False)
 
 
 def after_training(
@@ -422,11 +444,32 @@ def after_training(
     metrics: dict[str, float] = {}
     if group.agree(evaluate):
         metrics = {k: float(v) for k, v in trainer.evaluate().items()}
+    group.barrier()  # every rank done with the group before any of them leaves it
+    if group.size > 1:
+        _drop_ddp(trainer)
     return metrics, summary
 
 
-def main(argv: list[str]) -> int:
-    """`python -m gpu_worker.distributed PLAN RANK`: one of ranks 1..N-1."""
+def _drop_ddp(trainer: Trainer) -> None:
+    """Free DDP's wrapper (and its gradient reducer) while the process group is still open.
+
+    Freed after the group is destroyed, the reducer holds the last reference to the gloo
+    process group, whose destructor then waits for its worker threads: measured, one rank in
+    a few hung there for minutes after training."""
+    import gc
+
+    wrapped = trainer.model_wrapped
+    if wrapped is trainer.model:  # FSDP: the model is the wrapper
+        return
+    trainer.model_wrapped = trainer.model
+    trainer.accelerator._models = [m for m in trainer.accelerator._models if m is not wrapped]
+    del wrapped
+    gc.collect()
+
+
+def main(argv: list[str]) -> NoReturn:
+    """`python -m gpu_worker.distributed PLAN RANK`: one of ranks 1..N-1, started before PLAN
+    exists."""
     from gpu_worker.worker import _die_with_parent
     from service import logs
     from service.settings import Settings
@@ -436,18 +479,34 @@ def main(argv: list[str]) -> int:
     # Rank 0 decides when to stop (StepSync); a SIGTERM sent to the whole group reaches it too.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
-    plan = msgspec.json.decode(plan_file.read_bytes(), type=Plan)
     settings = Settings.from_env()  # the worker's environment: its log format and secrets
     logs.configure_logging(
         settings.log_level, secrets=settings.secret_values(), fmt=settings.log_format
     )
+    code = 1
     try:
+        # The imports take seconds (bitsandbytes alone pulls in torch._dynamo): done while
+        # rank 0 prepares the data and the model. Rank 0 kills this process if it fails first.
+        import bitsandbytes  # noqa: F401
+        import peft  # noqa: F401
+        import trl  # noqa: F401
+
+        while not plan_file.exists():
+            time.sleep(0.1)
+        plan = msgspec.json.decode(plan_file.read_bytes(), type=Plan)
         train_rank(plan, rank)
+        code = 0
     except BaseException as exc:
+        logging.getLogger("ftune.worker").exception("rank %s failed", rank)
         (plan_file.parent / f"rank-{rank}.error").write_text(f"{type(exc).__name__}: {exc}")
-        raise
-    return 0
+    finally:
+        # Straight out: an interpreter teardown with torch's and gloo's threads around can
+        # stall, and rank 0 is waiting for this exit.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    main(sys.argv[1:])

@@ -104,44 +104,48 @@ def _run(
     distributed.check_strategy(spec, device, processes)
     for note in notes:
         reporter.log(note)
-    rows = fetch_rows(store, job.dataset, workdir / "data")
-    eval_rows = fetch_rows(store, job.eval_dataset, workdir / "data") if job.eval_dataset else None
-    model_dir = resolve_model(spec.base_model, spec.revision, settings=settings, workdir=workdir)
-    tokenizer = load_tokenizer(model_dir)
-    init_adapter = fetch_adapter(
-        job, model_dir, settings=settings, store=store, dest=workdir / "init-adapter"
-    )
-    rows, eval_rows, data = _prepare_rows(rows, eval_rows, tokenizer, spec, reporter)
-    job = msgspec.structs.replace(job, rows_dropped=data.rows_left_out, data=data)  # for the card
-    reporter.log(f"{len(rows)} training rows, {len(eval_rows)} eval rows, device {device}")
-    plan = distributed.Plan(
-        spec=spec,
-        model_dir=str(model_dir),
-        rows=rows,
-        eval_rows=eval_rows,
-        init_adapter=str(init_adapter) if init_adapter else None,
-        resume_from=None,
-        output_dir=str(workdir / "output"),
-        device="cuda" if device == "cuda" else "cpu",
-        world_size=processes,
-        port=distributed.free_port() if processes > 1 else 0,
-        timeout_seconds=settings.worker_collective_timeout_seconds,
-    )
-    model = load_model(model_dir, spec, device, sharded=distributed.sharded(plan))
-    _stop_if_cancelled(reporter)
-    if reporter.stop_requested():  # nothing trained yet: the next attempt loses only loading
-        raise JobStopped("stopped before training")
+    # Ranks 1..N-1 (several GPUs) start now and import the training stack while this process
+    # prepares; `group.begin` hands them what they need to train alongside it.
+    with distributed.launch(processes, workdir / "ranks") as group:
+        rows = fetch_rows(store, job.dataset, workdir / "data")
+        eval_rows = (
+            fetch_rows(store, job.eval_dataset, workdir / "data") if job.eval_dataset else None
+        )
+        model_dir = resolve_model(
+            spec.base_model, spec.revision, settings=settings, workdir=workdir
+        )
+        tokenizer = load_tokenizer(model_dir)
+        init_adapter = fetch_adapter(
+            job, model_dir, settings=settings, store=store, dest=workdir / "init-adapter"
+        )
+        rows, eval_rows, data = _prepare_rows(rows, eval_rows, tokenizer, spec, reporter)
+        job = msgspec.structs.replace(job, rows_dropped=data.rows_left_out, data=data)  # card
+        reporter.log(f"{len(rows)} training rows, {len(eval_rows)} eval rows, device {device}")
+        model = load_model(model_dir, spec, device, sharded=distributed.shards(spec, processes))
+        _stop_if_cancelled(reporter)
+        if reporter.stop_requested():  # nothing trained yet: the next attempt loses only loading
+            raise JobStopped("stopped before training")
 
-    reporter.phase(Phase.training)
-    output_dir = Path(plan.output_dir)
-    checkpoints = CheckpointStore(store, job.id)
-    resume_from, history = _fetch_newest_checkpoint(checkpoints, output_dir, reporter)
-    plan = msgspec.structs.replace(plan, resume_from=str(resume_from) if resume_from else None)
-    callback = ReporterCallback(
-        reporter, checkpoints=checkpoints, history=history, also=tracking.log
-    )
-    adapter_dir = workdir / "adapter"
-    with distributed.start(plan, reporter.log) as group:
+        reporter.phase(Phase.training)
+        output_dir = workdir / "output"
+        checkpoints = CheckpointStore(store, job.id)
+        resume_from, history = _fetch_newest_checkpoint(checkpoints, output_dir, reporter)
+        callback = ReporterCallback(
+            reporter, checkpoints=checkpoints, history=history, also=tracking.log
+        )
+        plan = distributed.Plan(
+            spec=spec,
+            model_dir=str(model_dir),
+            rows=rows,
+            eval_rows=eval_rows,
+            init_adapter=str(init_adapter) if init_adapter else None,
+            resume_from=str(resume_from) if resume_from else None,
+            output_dir=str(output_dir),
+            device="cuda" if device == "cuda" else "cpu",
+            world_size=processes,
+            timeout_seconds=settings.worker_collective_timeout_seconds,
+        )
+        group.begin(plan, reporter.log)
         parallel = distributed.parallel_arguments(spec, processes, device, plan.timeout_seconds)
         trainer = build_trainer(
             model,
@@ -157,6 +161,7 @@ def _run(
         if callback.stopped_at is not None:
             raise JobStopped(f"stopped at step {callback.stopped_at}, checkpoint saved")
         reporter.phase(Phase.evaluating)
+        adapter_dir = workdir / "adapter"
         evaluated = _eval_at(callback, trainer.state.global_step) if eval_rows else {}
         final_eval, ranks = distributed.after_training(
             trainer, group, adapter_dir, evaluate=bool(eval_rows) and not evaluated
