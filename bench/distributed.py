@@ -106,11 +106,14 @@ def run(full: bool) -> Section:
             median([x for r in ones for x in r["step_seconds"]]),
             "s",
             "1 process, batch 4",
-            why="on this machine the two processes share 2 cores with other sessions' work, and "
-            "each step adds a gloo all-reduce of the adapter's gradients and the stop-flag "
-            "broadcast; the tiny model's step is too short (tens of ms) for halving its "
-            "compute to pay for that. On GPUs each rank has its own device and the all-reduce "
-            "overlaps the backward pass (NCCL): the speed-up is the point there, not here",
+            why="every optimizer step adds collectives over gloo on loopback: DDP's all-reduce "
+            "of the adapter's gradients, StepSync's broadcast of rank 0's stop decision and, "
+            "with a log every step as here, the trainer's gather of the loss and TRL's gathers "
+            "of each logged metric; each waits for the other process, which on 2 cores shared "
+            "with other work is often descheduled, and together they cost more than halving a "
+            "step of tens of milliseconds saves. On GPUs each rank has its own device and NCCL "
+            "overlaps the all-reduce with the backward pass: the speed-up is the point there, "
+            "not here",
         )
     )
     section.add(
@@ -131,8 +134,9 @@ def run(full: bool) -> Section:
             "s",
             "1 process",
             why="rank 1 is a second process that imports the training stack and loads the "
-            "model (on a GPU worker it does so in parallel with rank 0's own training set-up "
-            "on another GPU; here both compete for the same 2 cores), plus the step time above",
+            "model on the same 2 cores as rank 0 (it starts with the job, so on a GPU worker its "
+            "imports overlap rank 0's preparation instead of competing with it), plus the "
+            "training phase above",
         )
     )
     return section
