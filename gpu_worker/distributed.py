@@ -2,11 +2,13 @@
 training child.
 
 Rank 0 does everything a one-process job does (data, checkpoint to resume from, reporting,
-checkpoint uploads, evaluation, publishing). Just before training it starts ranks 1..N-1 as
-subprocesses (`python -m gpu_worker.distributed PLAN RANK`, like torchrun would), which load the
-base on their own GPU, build the same trainer from the same prepared rows, train on their share
-of every batch and exit after training; transformers/accelerate see the usual torchrun
-environment (RANK, WORLD_SIZE, MASTER_ADDR, ...) and do the DDP or FSDP wrapping.
+checkpoint uploads, evaluation, publishing). When the job starts it starts ranks 1..N-1 as
+subprocesses (`python -m gpu_worker.distributed PLAN RANK`, like torchrun would), which import
+the training stack while rank 0 prepares, then read the plan rank 0 writes just before training
+(`Group.begin`), load the base on their own GPU, build the same trainer from the same prepared
+rows, train on their share of every batch and exit after training; transformers/accelerate see
+the usual torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, ...) and do the DDP or FSDP
+wrapping.
 
 Rank 0 alone decides when training stops (a cancel, a SIGTERM, the end): `StepSync` hands its
 decision to every rank after each optimizer step, so all save the same checkpoint and leave
@@ -189,20 +191,15 @@ def join(plan: Plan, rank: int) -> None:
 
 
 def leave() -> None:
+    """Close the group and forget it: accelerate keeps the distributed setup in process-wide
+    singletons, and a later trainer in this process (a test) must start from scratch."""
     import torch.distributed as dist
+    from accelerate.state import AcceleratorState, PartialState
 
     if dist.is_initialized():
         dist.destroy_process_group()
     for name in TORCHRUN_ENV:
         os.environ.pop(name, None)
-    _forget_accelerate_state()
-
-
-def _forget_accelerate_state() -> None:
-    """accelerate keeps the distributed setup in process-wide singletons: after the group is
-    gone, a later trainer in this process (merging, a test) must start from scratch."""
-    from accelerate.state import AcceleratorState, PartialState
-
     AcceleratorState._reset_state(reset_partial_state=True)
     PartialState._reset_state()
 
@@ -285,12 +282,31 @@ class Group:
 
     def agree(self, value: bool) -> bool:
         """Rank 0's `value`, on every rank (the decisions the other ranks cannot make alone)."""
-        return agree(value) if self.size > 1 else value
+        if self.size == 1:
+            return value
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([value], dtype=torch.int32, device=_collective_device())
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
 
     def ranks_summary(self, trainer: Trainer) -> list[dict[str, Any]]:
         """Every rank's step count and the sum of its adapter weights, gathered on all ranks:
         the proof that each rank trained and that their gradients were averaged."""
-        return gather_summary(trainer, self.sync) if self.size > 1 else []
+        if self.sync is None:
+            return []
+        import torch
+        import torch.distributed as dist
+
+        assert trainer.model is not None
+        with torch.no_grad():
+            params = [p for p in trainer.model.parameters() if p.requires_grad]
+            total = sum(float(p.detach().double().sum()) for p in params)
+        mine = {"rank": dist.get_rank(), "steps": self.sync.steps, "adapter_sum": total}
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        return everyone
 
     def failed_rank(self, wait: float) -> str | None:
         """A rank that exited with an error (waiting up to `wait` s for one to do so)."""
@@ -318,30 +334,6 @@ class Group:
                 proc.kill()
         for proc in self.procs.values():
             proc.wait()
-
-
-def agree(value: bool) -> bool:
-    import torch
-    import torch.distributed as dist
-
-    flag = torch.tensor([value], dtype=torch.int32, device=_collective_device())
-    dist.broadcast(flag, src=0)
-    return bool(flag.item())
-
-
-def gather_summary(trainer: Trainer, sync: StepSync | None) -> list[dict[str, Any]]:
-    import torch
-    import torch.distributed as dist
-
-    assert trainer.model is not None
-    with torch.no_grad():
-        total = sum(
-            float(p.detach().double().sum()) for p in trainer.model.parameters() if p.requires_grad
-        )
-    mine = {"rank": dist.get_rank(), "steps": sync.steps if sync else 0, "adapter_sum": total}
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    return everyone
 
 
 def describe(summary: list[dict[str, Any]]) -> str:
@@ -458,10 +450,10 @@ def _drop_ddp(trainer: Trainer) -> None:
     a few hung there for minutes after training."""
     import gc
 
-    wrapped = trainer.model_wrapped
-    if wrapped is trainer.model:  # FSDP: the model is the wrapper
+    wrapped, model = trainer.model_wrapped, trainer.model
+    if model is None or wrapped is model:  # FSDP: the model is the wrapper
         return
-    trainer.model_wrapped = trainer.model
+    trainer.model_wrapped = model
     trainer.accelerator._models = [m for m in trainer.accelerator._models if m is not wrapped]
     del wrapped
     gc.collect()
