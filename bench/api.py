@@ -112,19 +112,19 @@ def _figures(
     if name.startswith("GET"):
         why_rps = (
             "per request our GET does what the bare one does (uvicorn's h11, Litestar routing) "
-            "plus bearer-key auth and dependency injection, one Redis round trip for the "
-            "record (about as long as the whole bare request), decoding and re-encoding the "
-            "~2 KB job record, and the Prometheus middleware (a profile shows no single "
-            "hot spot). One API process is one core: more processes (uvicorn --workers, or "
+            "plus two Redis round trips in turn (the tenant's request-rate hit, a Lua script, "
+            "then the record), bearer-key auth, decoding and re-encoding the ~2 KB job record, "
+            "the rate-limit, audit and Prometheus middleware and dependency injection: about "
+            "4x the bare request's CPU in one process. More processes (uvicorn --workers, or "
             "API replicas, which are stateless) scale it, and uvloop/httptools speed up both"
         )
     else:
         why_rps = (
-            "a submit is about 7 Redis round trips in sequence: the dataset lookup, a "
-            "WATCH/EXISTS/MULTI-EXEC transaction writing the record, its indexes and first "
-            "event, then arq's own WATCH/MULTI enqueue; plus validating the spec and encoding "
-            "the record. Folding the enqueue into the record's transaction and dropping the "
-            "separate dataset read would halve the round trips; more API processes scale it"
+            "a submit is 3 Redis round trips in turn (the request-rate hit, one MGET of the "
+            "dataset records, one MULTI/EXEC with the record's Lua script and the enqueue), "
+            "plus validating the spec, the grants and GPU memory checks, and encoding the "
+            "record into the script and the response: about 4-5x the bare request's CPU in one "
+            "process; more processes scale it"
         )
     row = f"{name} ({bare_name}), {c} client{'s' if c > 1 else ''}"
     section.add(
@@ -149,7 +149,7 @@ def _figures(
                 "ms",
                 baseline,
                 why="the per-request work above; at 16 and 64 clients requests also queue "
-                "for the one API process",
+                "for the one API process, so the tail follows the throughput",
                 row=row,
                 column=f"{q} latency",
             )
