@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import api, ingest, quality, queue_latency, training, vram
+from bench import api, cost_cutters, ingest, quality, queue_latency, training, vram
 from bench.common import Section, machine
 
 BENCHMARKS: dict[str, Callable[[bool], Section]] = {
@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, Callable[[bool], Section]] = {
     "queue": queue_latency.run,
     "training": training.run,
     "quality": quality.run,
+    "cutters": cost_cutters.run,
 }
 
 

@@ -1,17 +1,19 @@
 """Queue latency: from `POST /v1/jobs` returning to a worker starting the job.
 
-The worker is not changed for this. The moment measured is the job record's `started_at`,
-written when the worker claims the job (before it starts the training process). Each job names
-a base model that does not exist, so it would fail in `preparing`; but its training process
-spends 8-15 s importing torch and transformers first, so once the claim is seen the bench ends
-that process (by its pid, a child of the worker this bench started) and the worker records the
-job as failed at once. Jobs go one at a time, each posted once the previous one has ended and
-after a random pause of up to one poll delay (so posts do not fall in step with arq's polls):
-an idle worker is always waiting, and what is measured is queue-to-claim latency, not time
-spent behind other jobs.
+The moment measured is the job record's `started_at`, written when the worker claims the job
+(before it starts the training process). Each job names a base model that does not exist, so
+it would fail in `preparing`; but its training process spends 8-15 s importing torch and
+transformers first, so once the claim is seen the bench ends that process (by its pid, a child
+of the worker this bench started) and the worker records the job as failed at once. Jobs go one
+at a time, each posted once the previous one has ended and after a random pause of up to one
+poll delay (so posts do not fall in step with polls): an idle worker is always waiting, and
+what is measured is queue-to-claim latency, not time spent behind other jobs.
 
 The baseline is a bare arq worker with the same poll delay and one job slot, running a no-op
-task: `start_time` from arq's own job record minus the moment `enqueue_job` returned.
+task: `start_time` from arq's own job record minus the moment `enqueue_job` returned. Our
+worker is woken by the enqueue instead of waiting for its poll (`queue.WakeUps`); what that
+costs an idle worker is counted too: Redis commands per second (`INFO commandstats`) over 10 s
+of a worker alone on its own Redis, ours beside the bare arq worker.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import asyncio
 import random
 import subprocess
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
 import psutil
+import redis as redis_client
 from arq.connections import RedisSettings, create_pool
 from arq.jobs import Job as ArqJob
 
@@ -42,9 +46,11 @@ from service.dev.localredis import LocalRedis
 from service.settings import Settings
 from tests.fixtures.tiny_model import preference_rows
 
-POLL_DELAY = 0.5
+POLL_DELAY = Settings().worker_poll_seconds
+"""Our worker's poll delay (after which an idle one polls without a wake-up); the baseline
+arq worker polls this often."""
 QUEUE = Settings().queue_name
-"""Our worker's arq poll delay (gpu_worker/worker.py); the baseline uses the same."""
+IDLE_SECONDS = 10.0
 
 
 def _ours(root: Path, n: int) -> dict[str, list[float]]:
@@ -152,6 +158,44 @@ def _arq(root: Path, n: int) -> list[float]:
         log.close()
 
 
+def _idle_commands_per_second(root: Path, command: Callable[[str], list[str]]) -> float:
+    """Redis commands per second of one idle worker (`command(redis_url)`), alone on a Redis
+    of its own, once it has started: `INFO commandstats` over `IDLE_SECONDS` (the two INFO
+    calls themselves left out)."""
+    redis = LocalRedis().start()
+    client = redis_client.Redis.from_url(redis.url)
+    root.mkdir(parents=True, exist_ok=True)
+    log_path = root / "idle-worker.log"
+    log = log_path.open("wb")
+    env = {
+        **QUIET_ENV,
+        "PATH": "/usr/bin:/bin",
+        "FTUNE_REDIS_URL": redis.url,
+        "FTUNE_STORE_URL": (root / "store").as_uri(),
+        "FTUNE_WORK_DIR": str(root / "work"),
+    }
+    worker = subprocess.Popen(
+        command(redis.url), env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        time.sleep(3.0)  # started: imports, connections, its first poll
+        if worker.poll() is not None:
+            raise RuntimeError(f"the idle worker exited:\n{log_path.read_text()}")
+        before = _commands(client)
+        time.sleep(IDLE_SECONDS)
+        return (_commands(client) - before) / IDLE_SECONDS
+    finally:
+        stop_process(worker)
+        client.close()
+        redis.stop()
+        log.close()
+
+
+def _commands(client: redis_client.Redis) -> int:
+    stats: dict[str, dict[str, int]] = client.info("commandstats")
+    return sum(v["calls"] for k, v in stats.items() if k != "cmdstat_info")
+
+
 def run(full: bool) -> Section:
     n = 100 if full else 20
     section = Section(
@@ -161,6 +205,13 @@ def run(full: bool) -> Section:
     with scratch("queue") as root:
         ours = _ours(root / "ours", n)
         base = _arq(root, n)
+        idle_ours = _idle_commands_per_second(
+            root / "idle-ours", lambda _: [PY, "-m", "service.cli", "worker"]
+        )
+        idle_base = _idle_commands_per_second(
+            root / "idle-arq",
+            lambda url: [PY, "-m", "bench.arq_noop", url, "bench:noop", str(POLL_DELAY)],
+        )
     for q in (50, 99):
         section.add(
             Figure(
@@ -169,22 +220,30 @@ def run(full: bool) -> Section:
                 percentile(base, q),
                 "s",
                 f"bare arq worker, no-op task, poll_delay {POLL_DELAY} s",
-                why="both wait for arq's poll, a uniform 0-0.5 s, so with these sample counts "
-                "the p50s differ by up to ~0.06 s between runs by chance; what we add is the "
-                "claim, measured alone in the next line. A shorter poll_delay shrinks both",
             )
         )
+    section.add(
+        Figure(
+            f"Redis commands per second of an idle worker (over {IDLE_SECONDS:.0f} s)",
+            idle_ours,
+            idle_base,
+            "/s",
+            f"bare arq worker, poll_delay {POLL_DELAY} s",
+        )
+    )
     section.facts.append(
         f"split by arq's own start time of our task: POST -> arq starts it p50 "
-        f"{percentile(ours['arq'], 50):.3f} s, p99 {percentile(ours['arq'], 99):.3f} s; "
-        f"arq's start -> our claim written (lease, compare-and-set on the record) p50 "
+        f"{1000 * percentile(ours['arq'], 50):.1f} ms, p99 "
+        f"{1000 * percentile(ours['arq'], 99):.1f} ms (the wake-up, then arq's poll and "
+        f"start); arq's start -> our claim written (lease, compare-and-set on the record) p50 "
         f"{1000 * percentile(ours['claim'], 50):.1f} ms, p99 "
         f"{1000 * percentile(ours['claim'], 99):.1f} ms"
     )
     section.facts.append(
         f"measured from the record's created_at instead of the POST's return: p50 "
-        f"{percentile(ours['created'], 50):.3f} s, p99 {percentile(ours['created'], 99):.3f} s "
-        f"(arq polls every {POLL_DELAY} s: expect a p50 near {POLL_DELAY / 2} s and a p99 "
-        f"just under {POLL_DELAY} s)"
+        f"{1000 * percentile(ours['created'], 50):.1f} ms, p99 "
+        f"{1000 * percentile(ours['created'], 99):.1f} ms (the bare arq worker waits for its "
+        f"poll every {POLL_DELAY} s: a p50 near {POLL_DELAY / 2} s and a p99 just under "
+        f"{POLL_DELAY} s)"
     )
     return section

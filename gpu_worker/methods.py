@@ -32,6 +32,7 @@ def method_config(spec: JobSpec, common: dict[str, Any]) -> TrainingArguments:
             loss_type=[hp.loss_type.value],
             label_smoothing=hp.label_smoothing,
             max_length=hp.max_length,
+            precompute_ref_log_probs=hp.precompute_ref_log_probs,
         )
     if method == "sft":
         from trl.trainer.sft_config import SFTConfig
@@ -40,7 +41,11 @@ def method_config(spec: JobSpec, common: dict[str, Any]) -> TrainingArguments:
             **common,
             max_length=hp.max_length,
             completion_only_loss=hp.completion_only_loss,
-            packing=False,
+            # Best-fit packing is TRL's padding-free path: each row keeps its own positions
+            # and attends only to itself. (padding_free without packing is refused by TRL
+            # 1.16 whenever max_length is set, and DPOConfig's is disabled in 1.16.)
+            packing=hp.packing,
+            packing_strategy="bfd",
         )
     if method == "kto":
         from trl.trainer.kto_config import KTOConfig

@@ -53,16 +53,26 @@ def resolve_device(setting: str) -> str:
 def adapt_to_device(spec: JobSpec, device: str) -> tuple[JobSpec, list[str]]:
     """The spec as this device can run it, and one log line per change made.
 
-    On a CPU: bf16 mixed precision is refused (the user asked for it explicitly), 16-bit
-    compute dtypes become float32 and paged/8-bit optimizers become adamw_torch (both run on a
-    CPU, but fall back to slow paths and change nothing about the result's quality).
+    On a CPU: bf16 mixed precision and Liger's kernels are refused (the user asked for them
+    explicitly), 16-bit compute dtypes become float32, paged/8-bit optimizers become adamw_torch
+    (both run on a CPU, but fall back to slow paths and change nothing about the result's
+    quality) and torch_compile is turned off (a GPU speed-up; on a CPU its compile time
+    dominates). On a GPU, Liger's kernels are refused unless `liger-kernel` is installed.
     """
+    hp = spec.hyperparameters
+    if hp.use_liger_kernel:
+        _check_liger(device)
     if device != "cpu":
         return spec, []
     notes: list[str] = []
-    hp = spec.hyperparameters
     if hp.bf16:
         raise ConfigError("bf16 needs a GPU: set hyperparameters.bf16 false")
+    if hp.torch_compile:
+        notes.append(
+            "CPU worker: torch_compile True -> False (compiling takes longer than the short "
+            "jobs a CPU worker runs save)"
+        )
+        hp = msgspec.structs.replace(hp, torch_compile=False)
     quant = spec.quantization
     if quant.bits is not None and quant.compute_dtype != "float32":
         notes.append(
@@ -77,6 +87,23 @@ def adapt_to_device(spec: JobSpec, device: str) -> tuple[JobSpec, list[str]]:
         )
         hp = msgspec.structs.replace(hp, optimizer="adamw_torch")
     return msgspec.structs.replace(spec, hyperparameters=hp, quantization=quant), notes
+
+
+def _check_liger(device: str) -> None:
+    """Refuse Liger's kernels where they cannot run: they are Triton kernels (GPU only), and
+    `liger-kernel` is not part of the worker's dependencies (it pulls in triton)."""
+    import importlib.util
+
+    if device == "cpu":
+        raise ConfigError(
+            "hyperparameters.use_liger_kernel needs a GPU (Liger's kernels are Triton "
+            "kernels): set it false on a CPU worker"
+        )
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError(
+            "hyperparameters.use_liger_kernel: the package liger-kernel is not installed in "
+            "this worker (pip install liger-kernel in the worker image), or set it false"
+        )
 
 
 def mixed_precision(spec: JobSpec, device: str, *, bf16_supported: bool) -> Precision:
@@ -154,6 +181,8 @@ def training_arguments(
         seed=hp.seed,
         data_seed=hp.seed,
         activation_checkpointing=hp.gradient_checkpointing,
+        use_liger_kernel=hp.use_liger_kernel,
+        torch_compile=hp.torch_compile,
         optim=hp.optimizer,
         logging_strategy="steps",
         logging_steps=hp.logging_steps,

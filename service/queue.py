@@ -17,11 +17,15 @@ over per-tenant pending sets, so tenants take turns however many jobs each one q
 A picked attempt is *claiming* until the worker's compare-and-set on the job record moves it
 to running; the lease reaper returns a claim whose worker died before that
 (`leases.restore_lost_claims`) and replaces a token whose worker died before picking
-(`replace_stranded_tokens`). docs/architecture.md, "How fairness works", has the whole story.
+(`replace_stranded_tokens`). Adding a token also publishes a wake-up, so an idle worker
+takes it at once rather than at its next poll (`WakeUps`). docs/architecture.md, "How fairness
+works", has the whole story.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import pickle
 import time
 from collections.abc import Callable
@@ -38,6 +42,8 @@ from arq.constants import (
 )
 from arq.jobs import serialize_job
 from redis.asyncio.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.contract import Job, JobStatus
 from service.store import job_status_index, new_id
@@ -55,7 +61,14 @@ VTIME = f"{P}fair:vtime"
 """The pass of the last pick: where a tenant that had nothing queued joins the round."""
 DISPATCHED = f"{P}dispatched"
 """Hash: job id -> the token its current attempt was picked with (to clear it on re-queue)."""
+WAKE = f"{P}wake:"
+"""Prefix of the pub/sub channel (one per queue) the scripts adding a token publish to."""
 _RUNNING_PREFIX, _RUNNING_SUFFIX = job_status_index("\0", JobStatus.running).split("\0")
+
+
+def wake_channel(queue_name: str) -> str:
+    """Where idle workers of `queue_name` hear of a new token (see `WakeUps`)."""
+    return WAKE + queue_name
 
 
 def pending_key(tenant: str) -> str:
@@ -98,7 +111,7 @@ def _token_payload() -> bytes:
 
 
 # KEYS: pending, fair, vtime, queue, token's job key, token's result key[, required key]
-# ARGV: attempt, order, tenant, token, payload, expires ms, score ms
+# ARGV: attempt, order, tenant, token, payload, expires ms, score ms, wake channel
 _ENQUEUE = """
 if KEYS[7] and redis.call('EXISTS', KEYS[7]) == 0 then return 0 end
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
@@ -111,6 +124,7 @@ end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('SET', KEYS[5], ARGV[5], 'PX', ARGV[6])
 redis.call('ZADD', KEYS[4], ARGV[7], ARGV[4])
+redis.call('PUBLISH', ARGV[8], ARGV[4])
 return 1
 """
 
@@ -138,6 +152,7 @@ def _enqueue_call(
         _token_payload(),
         int(QUEUED_FOR.total_seconds() * 1000),
         int(time.time() * 1000),
+        wake_channel(queue_name),
     ]
     return keys, args
 
@@ -351,7 +366,7 @@ unmapped for this long was taken by a worker that died before its pick."""
 
 # KEYS: queue, fair
 # ARGV: token, in-progress prefix, job prefix, retry prefix, fresh token, payload, expires ms,
-#       score ms
+#       score ms, wake channel
 _REPLACE = """
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
 redis.call('ZREM', KEYS[1], ARGV[1])
@@ -360,6 +375,7 @@ for _, tenant in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
   if redis.call('ZCARD', 'ftune:pending:' .. tenant) > 0 then
     redis.call('SET', ARGV[3] .. ARGV[5], ARGV[6], 'PX', ARGV[7])
     redis.call('ZADD', KEYS[1], ARGV[8], ARGV[5])
+    redis.call('PUBLISH', ARGV[9], ARGV[5])
     return 1
   end
 end
@@ -397,10 +413,56 @@ async def replace_stranded_tokens(
             _token_payload(),
             int(QUEUED_FOR.total_seconds() * 1000),
             int(time.time() * 1000),
+            wake_channel(queue_name),
         ]
         if await _run(pool, _REPLACE, [queue_name, FAIR], args):
             dropped.append(token)
     return dropped
+
+
+class WakeUps:
+    """An idle worker's wait for a new token, so that it polls the moment one is added rather
+    than at its next poll: a subscription to the queue's wake channel, on a connection of its
+    own, that the scripts adding a token (`enqueue`, `replace_stranded_tokens`) publish to in
+    the same step. Every subscribed worker hears every wake-up, so none is taken by a worker
+    that then has no free slot. Waiting costs Redis no command; the worker's own poll, at the
+    end of each wait, still catches what a wake-up missed (a connection lost meanwhile, or a
+    token `defer` put back for later)."""
+
+    def __init__(self, pool: ArqRedis, queue_name: str) -> None:
+        self._pubsub = pool.pubsub()
+        self._channel = wake_channel(queue_name)
+
+    async def wait(self, seconds: float) -> bool:
+        """Until a wake-up comes (True; any others already come with it) or `seconds` pass.
+        An unreachable Redis waits the time out too (the subscription is renewed next time)."""
+        deadline = time.monotonic() + seconds
+        try:
+            if not self._pubsub.subscribed:
+                await self._pubsub.subscribe(self._channel)
+            while (left := deadline - time.monotonic()) > 0:
+                if await self._message(left):
+                    await self.drain()
+                    return True
+        except (RedisConnectionError, RedisTimeoutError):
+            await asyncio.sleep(max(deadline - time.monotonic(), 0.0))
+        return False
+
+    async def drain(self) -> None:
+        """Drop the wake-ups that arrived while the worker was busy: it polls when it is free
+        anyway, and unread they would pile up in Redis's buffer for the connection."""
+        if self._pubsub.subscribed:
+            with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+                while await self._message(0.0):
+                    pass
+
+    async def _message(self, within: float) -> bool:
+        """A wake-up within `within` seconds (a subscription's confirmation is none)."""
+        found = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=within)
+        return found is not None
+
+    async def close(self) -> None:
+        await self._pubsub.aclose()
 
 
 async def depth(pool: ArqRedis, *, queue_name: str) -> int:

@@ -140,6 +140,10 @@ class Settings:
     re-queued to resume there; this bounds the wait (a job past training, evaluating or
     uploading, may finish within it). Past it training is killed and the job resumes from its
     last checkpoint. The Helm chart sets it below terminationGracePeriodSeconds."""
+    worker_poll_seconds: Positive = 0.5
+    """How often a worker polls the queue: an idle one polls at once when a job is queued (a
+    wake-up over pub/sub) and after this at the latest (what a lost wake-up can cost); a busy
+    one polls this often for aborts."""
     worker_metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9100
     """Port of a worker's Prometheus endpoint; 0 turns it off."""
     max_queued_jobs: Count | None = 100

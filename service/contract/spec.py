@@ -80,6 +80,9 @@ METHOD_FIELDS: dict[str, frozenset[str]] = {
     "undesirable_weight": frozenset({"kto"}),
     "simpo_gamma": frozenset({"simpo"}),
     "completion_only_loss": frozenset({"sft"}),
+    "precompute_ref_log_probs": frozenset({"dpo"}),
+    "packing": frozenset({"sft"}),
+    "use_liger_kernel": frozenset({"dpo", "sft", "kto"}),
 }
 """The hyperparameters that belong to some methods only: set on another, they are refused."""
 
@@ -307,6 +310,47 @@ class Hyperparameters(Strict):
         msgspec.Meta(
             description="Mixed precision in bf16: needs an Ampere-or-newer GPU; refused on a CPU "
             "worker."
+        ),
+    ] = False
+
+    precompute_ref_log_probs: Annotated[
+        bool,
+        msgspec.Meta(
+            description="dpo only: compute the reference log-probs of every row in one pass "
+            "before training (and of the eval rows), instead of one extra no-gradient forward "
+            "per step. Off by default: with LoRA the reference is the base with the adapter "
+            "disabled, so it saves no memory, and a one-epoch job (the default) runs the same "
+            "reference forwards either way, only all up front, and again after every resume "
+            "(bench/README.md, cost cutters). Worth it for several epochs.",
+        ),
+    ] = False
+    packing: Annotated[
+        bool,
+        msgspec.Meta(
+            description="sft only: pack rows into sequences of max_length tokens without "
+            "padding (TRL's best-fit packing, padding-free; a row never attends to another). "
+            "Fewer wasted tokens when rows differ in length, but batch_size then counts packed "
+            "sequences, not rows: a job makes fewer, larger steps. Off by default for that "
+            "reason (the same settings keep meaning the same steps).",
+        ),
+    ] = False
+    use_liger_kernel: Annotated[
+        bool,
+        msgspec.Meta(
+            description="dpo, sft, kto: Liger's Triton kernels for the model's layers (RMSNorm, "
+            "RoPE, SwiGLU: less activation memory, somewhat faster). GPU only, and the worker "
+            "image must have `liger-kernel` installed: refused otherwise, by the worker. TRL "
+            "1.16 already computes the loss through its own chunked LM head, so Liger's fused "
+            "linear loss is not used. Checked on paper only (no GPU in CI). Off by default.",
+        ),
+    ] = False
+    torch_compile: Annotated[
+        bool,
+        msgspec.Meta(
+            description="Compile the model with torch.compile before training. Off by "
+            "default: compiling takes minutes, which dominates short fine-tuning jobs, and "
+            "bitsandbytes' 4-bit layers break the graph into pieces. A CPU worker turns it off "
+            "(saying so). Checked on paper only for GPUs.",
         ),
     ] = False
 

@@ -337,3 +337,27 @@ async def test_a_failure_before_the_token_is_queued_leaves_no_record(api: Api) -
         assert [j["id"] for j in listed.json()["items"]] == [job["id"]]  # in no index
     finally:
         await store.close()
+
+
+async def test_a_submit_wakes_idle_workers_and_a_refused_one_does_not(
+    api_settings: Settings,
+) -> None:
+    """The wake-up is published by the enqueue script in the submit's transaction: once for a
+    queued job, never for a submit refused at the queued-jobs limit."""
+    async with AsyncTestClient(create_app(replace(api_settings, max_queued_jobs=1))) as client:
+        api = Api(client, api_settings)
+        ds = await dataset(api)
+        listener = redis.asyncio.Redis.from_url(api_settings.redis_url)
+        pubsub = listener.pubsub()
+        try:
+            await pubsub.subscribe(queue.wake_channel(api_settings.queue_name))
+            await pubsub.get_message(timeout=1)  # the subscription's confirmation
+            job = (await client.post("/v1/jobs", json=spec(ds), headers=ALICE)).json()
+            heard = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+            assert heard is not None and heard["data"].decode() == f"{job['id']}:0"
+            over = await client.post("/v1/jobs", json=spec(ds), headers=ALICE)
+            assert over.status_code == 429
+            assert await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5) is None
+        finally:
+            await pubsub.aclose()
+            await listener.aclose()

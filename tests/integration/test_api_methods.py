@@ -147,6 +147,9 @@ async def test_hyperparameters_of_another_method_are_refused_by_name(api: Api) -
         (pairs, "dpo", {"desirable_weight": 2.0}, "hyperparameters.desirable_weight"),
         (pairs, "orpo", {"simpo_gamma": 1.0}, "hyperparameters.simpo_gamma"),
         (pairs, "simpo", {"completion_only_loss": False}, "hyperparameters.completion_only_loss"),
+        (sft, "sft", {"precompute_ref_log_probs": True}, "hyperparameters.precompute_ref_log_p"),
+        (pairs, "dpo", {"packing": True}, "hyperparameters.packing"),
+        (pairs, "orpo", {"use_liger_kernel": True}, "hyperparameters.use_liger_kernel"),
     ]
     for ds, method, hp, field in cases:
         resp = await submit(api, ds, method=method, hyperparameters=hp)

@@ -86,6 +86,15 @@ CASES = [
     Case("hyperparameters", "checkpoint_steps", 1),
     Case("hyperparameters", "optimizer", "adamw_8bit", "gpu_only"),
     Case("hyperparameters", "bf16", True, "refused_on_cpu"),
+    # The cost cutters: same training, observed as fewer reference forwards (precompute) or
+    # fewer, fuller steps (packing); test_cost_cutters.py checks the numbers stay the same.
+    Case("hyperparameters", "precompute_ref_log_probs", True),
+    Case("hyperparameters", "precompute_ref_log_probs", True, "refused", {"method": "sft"}),
+    Case("hyperparameters", "packing", True, base={"method": "sft"}),
+    Case("hyperparameters", "packing", True, "refused"),
+    Case("hyperparameters", "use_liger_kernel", True, "refused_on_cpu"),
+    Case("hyperparameters", "use_liger_kernel", True, "refused", {"method": "orpo"}),
+    Case("hyperparameters", "torch_compile", True, "gpu_only"),
     Case("lora", "r", 4),
     Case("lora", "alpha", 64.0),
     Case("lora", "dropout", 0.3),
@@ -253,12 +262,14 @@ def test_changing_a_field_changes_training_or_is_refused(
     assert any(f"{case.field} {case.value} -> " in note for note in notes), notes
     on_gpu: dict[str, Callable[[], object]] = {
         "hyperparameters.optimizer": lambda: build_config(spec, tmp_path, "cuda").optim,
+        "hyperparameters.torch_compile": lambda: build_config(spec, tmp_path, "cuda").torch_compile,
         "quantization.compute_dtype": lambda: getattr(
             build_quantization_config(spec), "bnb_4bit_compute_dtype", None
         ),
     }
     carried = on_gpu[name]()
-    assert getattr(carried, "value", str(carried).removeprefix("torch.")) == case.value
+    value = getattr(carried, "value", carried)
+    assert value is case.value or str(value).removeprefix("torch.") == case.value
 
 
 @pytest.mark.slow
