@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -102,12 +103,28 @@ def _lifespan(settings: Settings) -> Any:
                 if settings.scheduler_enabled:
                     scheduler = Scheduler(store, arq, blobs, settings)
                     await running.enter_async_context(scheduling(scheduler))
+                _freeze_startup_objects()
                 yield
         finally:
             await arq.aclose()
             await store.close()
 
     return lifespan
+
+
+_FROZEN: list[bool] = []
+
+
+def _freeze_startup_objects() -> None:
+    """Take what the process holds once started (modules, the app, its routes and schemas:
+    ~90,000 objects) out of the garbage collector's view, so that it scans only what requests
+    make. Its full collections walked them all and paused every request for 50-70 ms under
+    load here, half a GET's p99 at 64 clients. Once a process: a test session starts many
+    apps, and what later ones leave is collected as usual."""
+    if not _FROZEN:
+        gc.collect()
+        gc.freeze()
+        _FROZEN.append(True)
 
 
 async def _sweep(uploads: UploadSpace, blobs: BlobStore) -> None:
