@@ -239,15 +239,7 @@ class Collector:
         self.errors.add(line, None, msg)
         self.errors.fatal = self.stopped = True
 
-    def add_block(self, first: int, block: bytes | list[bytes | None], *, file_start: bool) -> None:
-        """What :class:`JsonlBlocks` gives: whole lines as one run of bytes, or a list."""
-        if isinstance(block, bytes):
-            lines: list[bytes | None] = block.split(b"\n")  # type: ignore[assignment]
-            lines.pop()  # after the last line ending
-            block = lines
-        self.add_lines(first, block, file_start=file_start)
-
-    def add_lines(self, first: int, lines: list[bytes | None], *, file_start: bool) -> None:
+    def add_block(self, first: int, lines: list[bytes | None], *, file_start: bool) -> None:
         """A block of JSONL lines, numbered from ``first`` (``file_start``: the first block)."""
         if file_start and lines and lines[0] is not None and lines[0].startswith(_BOM):
             lines = [lines[0][3:], *lines[1:]]

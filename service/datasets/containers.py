@@ -241,11 +241,10 @@ def open_dataset(path: Path, *, hint: Container | None, max_bytes: int) -> Itera
 
 
 class JsonlBlocks:
-    """``(first line number, lines)`` a block at a time, ``lines`` either whole lines as one
-    run of bytes (each ending with its newline; none longer than ``max_line``) or a list in
-    which ``None`` stands for a line longer than ``max_line`` bytes (its line ending not
-    counted), skipped in chunks and never held whole. In a list, line endings are cut off and
-    a ``\\r`` before them is left on. ``consumed`` counts the bytes read so far.
+    """``(first line number, lines)`` a block at a time: a list of lines, line endings cut
+    off (a ``\\r`` before them is left on), in which ``None`` stands for a line longer than
+    ``max_line`` bytes (its line ending not counted), skipped in chunks and never held whole.
+    ``consumed`` counts the bytes read so far.
 
     A line number is given before the line is counted: read ``lines`` after each block."""
 
@@ -265,15 +264,16 @@ class JsonlBlocks:
     def _line(self, line: bytes) -> bytes | None:
         return line if len(line.rstrip(b"\r")) <= self.max_line else None
 
-    def __iter__(self) -> Iterator[tuple[int, bytes | list[bytes | None]]]:
+    def __iter__(self) -> Iterator[tuple[int, list[bytes | None]]]:
         max_line = self.max_line
         self.lines = 0
         pending = chunk = b""  # pending: the start of a line cut at a chunk's end
         while True:
             chunk = chunk or self._read()
             if not chunk:
-                if pending:
+                if pending:  # a last line without its newline
                     yield self.lines + 1, [self._line(pending)]
+                    self.lines += 1
                 return
             start = 0
             if pending:
@@ -297,15 +297,13 @@ class JsonlBlocks:
                 yield self.lines + 1, [None]
                 self.lines += 1
 
-    def _run(self, run: bytes) -> Iterator[tuple[int, bytes | list[bytes | None]]]:
-        """Whole lines: as they are, or as a list if one might be too long."""
-        if len(run) <= self.max_line:
-            yield self.lines + 1, run
-            self.lines += run.count(b"\n")
-            return
+    def _run(self, run: bytes) -> Iterator[tuple[int, list[bytes | None]]]:
+        """Whole lines, each checked for its length only if one might be too long."""
         lines: list[bytes | None] = run.split(b"\n")  # type: ignore[assignment]
-        lines.pop()
-        yield self.lines + 1, [self._line(x) for x in lines]  # type: ignore[arg-type]
+        lines.pop()  # after the last line ending
+        if len(run) > self.max_line:
+            lines = [self._line(x) for x in lines]  # type: ignore[arg-type]
+        yield self.lines + 1, lines
         self.lines += len(lines)
 
 

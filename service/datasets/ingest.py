@@ -8,9 +8,13 @@ Validation runs in a worker thread: it is CPU-bound and must not stall the event
 requests are still answered: /healthz stayed under 60 ms during a 400 MB upload). Invalid
 input raises InvalidDataset and stores nothing.
 
-Two ways to overlap receiving an upload with checking it were measured on 2 busy cores and
-dropped: writing the body to a validating child process's stdin, and validating the spool
-file in a thread while it grows. Neither beat spooling first, then validating.
+Three ways to overlap receiving an upload with checking it were measured on 2 busy cores and
+dropped: writing the body to a validating child process's stdin, validating the spool file
+in a thread while it grows (no faster: receiving and validating share one GIL), and a child
+process running this same pass on the spool file as it grows (slower at 100 MB and 1 GB:
+its start, its waits at the end of the file and the copy of its rows into the draft cost
+more CPU than the overlap saved, with load averages of 4-8). Spooling first, then
+validating, costs the least CPU (bench/README.md, ingest).
 """
 
 from __future__ import annotations

@@ -187,8 +187,7 @@ class KindCollector:
         self.errors.add(line, None, msg)
         self.errors.fatal = self.stopped = True
 
-    def add_block(self, first: int, block: bytes | list[bytes | None], *, file_start: bool) -> None:
-        lines = block.split(b"\n")[:-1] if isinstance(block, bytes) else block
+    def add_block(self, first: int, lines: list[bytes | None], *, file_start: bool) -> None:
         for i, raw in enumerate(lines):
             if self.stopped:
                 return

@@ -16,7 +16,9 @@ unless ``on_invalid="skip"``: then they are left out and listed, as long as they
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -36,6 +38,7 @@ from service.datasets.containers import (
     FileProblem,
     JsonlBlocks,
     Opened,
+    UnsupportedFile,
     csv_rows,
     json_rows,
     open_dataset,
@@ -75,38 +78,73 @@ def validate_jsonl(
     return ingest.finish(blocks.consumed, "jsonl", False)
 
 
-def _jsonl(ingest: Ingest, blocks: JsonlBlocks, offset: int) -> int:
-    """Feed JSONL blocks, numbering lines after ``offset``; the last line number."""
-    for first, block in blocks:
+Blocks = Iterator[tuple[int, list[bytes | None]]]
+
+
+def _jsonl(ingest: Ingest, blocks: JsonlBlocks, offset: int, items: Blocks | None = None) -> int:
+    """Feed JSONL blocks (``items``, if some were already taken from ``blocks``), numbering
+    lines after ``offset``; the last line number."""
+    for first, block in blocks if items is None else items:
         ingest.add_block(offset + first, block, file_start=first == 1)
         if ingest.stopped:
             break
     return offset + blocks.lines
 
 
-def _read(ingest: Ingest, source: Path, hint: Container | None, offset: int) -> tuple[Opened, int]:
+class _Pass:
+    """One validation of the files of a dataset: its collector is made for the kind of the
+    first row, told from the very stream the rows are then fed from."""
+
+    def __init__(self, make: Callable[[DatasetKind], Ingest], mapping: FieldMapping | None):
+        self.make = make
+        self.mapping = mapping
+        self.ingest: Ingest | None = None
+
+    def collector(self, first_row: Any = None) -> Ingest:
+        """The pass's collector, made for the kind of ``first_row`` if there is none yet."""
+        if self.ingest is None:
+            self.ingest = self.make(detect_kind(first_row, self.mapping))
+        return self.ingest
+
+
+def _read(
+    run: _Pass, source: Path, hint: Container | None, limits: Limits, offset: int
+) -> tuple[Opened, int]:
     """Feed the rows of one file; (what it was, the last line or row number)."""
-    limits = ingest.limits
     with open_dataset(source, hint=hint, max_bytes=limits.max_bytes) as opened:
-        if opened.container == "jsonl":
-            return opened, _jsonl(ingest, JsonlBlocks(opened.stream, limits.max_line_bytes), offset)
-        if opened.container == "parquet":  # a JSON line a row: line numbers are row numbers
-            with parquet_lines(opened.path, limits.max_bytes) as lines:
-                return opened, _jsonl(ingest, JsonlBlocks(lines, limits.max_line_bytes), offset)
-        objects: Iterable[tuple[int, Any]]
+        if opened.container in ("jsonl", "parquet"):
+            # Parquet: a JSON line a row, so line numbers are row numbers.
+            with (
+                parquet_lines(opened.path, limits.max_bytes)
+                if opened.container == "parquet"
+                else contextlib.nullcontext(opened.stream)
+            ) as stream:
+                blocks = JsonlBlocks(stream, limits.max_line_bytes)
+                items: Blocks = iter(blocks)
+                if run.ingest is None:
+                    taken, row = _first_line(items)
+                    items = itertools.chain(taken, items)
+                    run.collector(row)
+                return opened, _jsonl(run.collector(), blocks, offset, items)
+        objects: Iterator[tuple[int, Any]]
         if opened.container == "csv":
             objects = csv_rows(opened.stream, limits.max_line_bytes)
         else:
             objects = json_rows(opened.stream, limits.max_line_bytes)
         last = offset
         try:
+            if run.ingest is None:
+                head = next(objects, None)
+                run.collector(head[1] if head else None)
+                objects = itertools.chain([head] if head else [], objects)
+            ingest = run.collector()
             for n, obj in objects:
                 last = offset + n
                 ingest.add_object(last, obj)
                 if ingest.stopped:
                     break
         except FileProblem as e:
-            ingest.fatal(offset + e.line, e.msg)
+            run.collector().fatal(offset + e.line, e.msg)
         return opened, last
 
 
@@ -130,97 +168,85 @@ def validate_file(
     ``limits.max_bytes``) or InvalidDataset.
     """
     files = [paths] if isinstance(paths, Path) else list(paths)
-    kind = _kind(files[0], hint, mapping, limits)
-    if kind != "preference":
-        ingest: Ingest = KindCollector(
+    if (
+        processes > 1
+        and len(files) == 1
+        and files[0].stat().st_size >= parallel.MIN_BYTES
+        and _plain_preference(files[0], hint, mapping, limits)
+    ):
+        result = parallel.validate_parallel(
+            files[0],
             dst,
-            kind=kind,
+            processes=processes,
             mapping=mapping,
             limits=limits,
             on_invalid=on_invalid,
             max_invalid_fraction=max_invalid_fraction,
         )
-        return _read_all(ingest, files, hint)
-    if processes > 1 and len(files) == 1 and files[0].stat().st_size >= parallel.MIN_BYTES:
-        with open_dataset(files[0], hint=hint, max_bytes=limits.max_bytes) as opened:
-            plain = opened.container == "jsonl" and not opened.compressed
-        if plain:
-            result = parallel.validate_parallel(
-                files[0],
+        if result is not None:
+            return result
+        restart(dst)
+
+    def make(kind: DatasetKind) -> Ingest:
+        if kind != "preference":
+            return KindCollector(
                 dst,
-                processes=processes,
+                kind=kind,
                 mapping=mapping,
                 limits=limits,
                 on_invalid=on_invalid,
                 max_invalid_fraction=max_invalid_fraction,
             )
-            if result is not None:
-                return result
-            restart(dst)
-    ingest = Collector(
-        dst,
-        mapping=mapping,
-        limits=limits,
-        on_invalid=on_invalid,
-        max_invalid_fraction=max_invalid_fraction,
-    )
-    return _read_all(ingest, files, hint)
+        return Collector(
+            dst,
+            mapping=mapping,
+            limits=limits,
+            on_invalid=on_invalid,
+            max_invalid_fraction=max_invalid_fraction,
+        )
 
-
-def _read_all(ingest: Ingest, files: list[Path], hint: Container | None) -> IngestResult:
+    run = _Pass(make, mapping)
     last = 0
     first: Opened | None = None
     for path in files:
-        opened, last = _read(ingest, path, hint, last)
+        opened, last = _read(run, path, hint, limits, last)
         first = first or opened
-        if ingest.stopped:
+        if run.collector().stopped:
             break
     assert first is not None, "no file to validate"
     size = sum(path.stat().st_size for path in files)
-    return ingest.finish(size, first.container, first.compressed)
+    return run.collector().finish(size, first.container, first.compressed)
 
 
-def _kind(
+def _plain_preference(
     path: Path, hint: Container | None, mapping: FieldMapping | None, limits: Limits
-) -> DatasetKind:
-    """The kind of the file's rows, from the mapping or its first row (preference when the
-    first row cannot be read: that path says what is wrong)."""
-    if mapping is not None and mapping.kind() != "preference":
-        return mapping.kind()
+) -> bool:
+    """Whether the file is uncompressed JSONL of preference rows (what ranges can split)."""
     try:
         with open_dataset(path, hint=hint, max_bytes=limits.max_bytes) as opened:
-            return detect_kind(_first_row(opened, limits), mapping)
-    except Exception:  # unreadable files are reported by the full read
-        return "preference"
+            if opened.container != "jsonl" or opened.compressed:
+                return False
+            _, row = _first_line(iter(JsonlBlocks(opened.stream, limits.max_line_bytes)))
+    except UnsupportedFile:  # reported by the pass
+        return False
+    return detect_kind(row, mapping) == "preference"
 
 
-def _first_row(opened: Opened, limits: Limits) -> Any:
-    if opened.container in ("jsonl", "parquet"):
-        if opened.container == "jsonl":
-            blocks = JsonlBlocks(opened.stream, limits.max_line_bytes)
-            return _first_line(blocks)
-        with parquet_lines(opened.path, limits.max_bytes) as lines:
-            return _first_line(JsonlBlocks(lines, limits.max_line_bytes))
-    objects = (
-        csv_rows(opened.stream, limits.max_line_bytes)
-        if opened.container == "csv"
-        else json_rows(opened.stream, limits.max_line_bytes)
-    )
-    for _, obj in objects:
-        return obj
-    return None
-
-
-def _first_line(blocks: JsonlBlocks) -> Any:
-    for _, block in blocks:
-        lines = block.split(b"\n") if isinstance(block, bytes) else block
-        for raw in lines:
+def _first_line(blocks: Blocks) -> tuple[list[tuple[int, list[bytes | None]]], Any]:
+    """The first row of JSONL blocks (None if there is none, or it cannot be read: the pass
+    says why), and the block it was found in, to be fed again (blocks of blank lines before
+    it are left out: they add nothing)."""
+    for item in blocks:
+        for raw in item[1]:
             if raw is None:
-                return None
+                return [item], None
             raw = raw.removeprefix(b"\xef\xbb\xbf")
             if raw.strip():
-                return msgspec.json.decode(raw)
-    return None
+                try:
+                    return [item], msgspec.json.decode(raw)
+                except Exception:  # the pass reports it at its line
+                    return [item], None
+    return [], None
 
 
 __all__ = [

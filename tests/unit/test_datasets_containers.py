@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from service.datasets.containers import DatasetTooLarge, UnsupportedFile
+from service.datasets.containers import DatasetTooLarge, JsonlBlocks, UnsupportedFile
 from service.datasets.validate import IngestResult, InvalidDataset, Limits, validate_file
 
 ROWS = [
@@ -149,3 +149,30 @@ def test_one_bad_utf8_line_among_good_ones_is_named_at_its_line(tmp_path: Path) 
     [(line, field, msg)] = errors(write(tmp_path, "a.jsonl", data))
     assert (line, field) == (6, None)
     assert msg == "line 6 is not valid UTF-8: invalid continuation byte 0xe9 at byte 15"
+
+
+@pytest.mark.parametrize("block", [4, 7, 64, 1 << 20])
+def test_jsonl_blocks_give_every_line_with_its_number_whatever_the_block_size(block: int) -> None:
+    """Lines cut by the read size come out whole, an overlong one as None, a CRLF's \\r kept
+    and a last line without its newline still given."""
+    data = b'{"a": 1}\r\n\n' + b"x" * 40 + b'\n{"b": 2}\n  \n{"c": 3}'
+    blocks = JsonlBlocks(io.BytesIO(data), max_line=20, block=block)
+    numbered = [(first + i, line) for first, lines in blocks for i, line in enumerate(lines)]
+    assert numbered == [
+        (1, b'{"a": 1}\r'),
+        (2, b""),
+        (3, None),
+        (4, b'{"b": 2}'),
+        (5, b"  "),
+        (6, b'{"c": 3}'),
+    ]
+    assert blocks.lines == 6 and blocks.consumed == len(data)
+
+
+def test_shards_number_lines_on_after_a_last_line_without_its_newline(tmp_path: Path) -> None:
+    first, second = tmp_path / "train-0.jsonl", tmp_path / "train-1.jsonl"
+    first.write_bytes(CANONICAL.rstrip(b"\n"))  # 5 lines, the last one unterminated
+    second.write_bytes(b'{"prompt": "p"}\n')
+    with pytest.raises(InvalidDataset) as exc:
+        validate_file([first, second], io.BytesIO())
+    assert [e.line for e in exc.value.errors] == [6]
