@@ -41,6 +41,7 @@ from arq.constants import (
     retry_key_prefix,
 )
 from arq.jobs import serialize_job
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -109,9 +110,10 @@ def _token_payload() -> bytes:
     return serialize_job(TASK, (), {}, None, int(time.time() * 1000), serializer=pickle.dumps)
 
 
-# KEYS: pending, fair, vtime, queue, token's job key, token's result key
+# KEYS: pending, fair, vtime, queue, token's job key, token's result key[, required key]
 # ARGV: attempt, order, tenant, token, payload, expires ms, score ms, wake channel
 _ENQUEUE = """
+if KEYS[7] and redis.call('EXISTS', KEYS[7]) == 0 then return 0 end
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
 if redis.call('EXISTS', KEYS[5], KEYS[6]) > 0 then return 0 end
 if redis.call('ZCARD', KEYS[1]) == 0 then
@@ -127,10 +129,10 @@ return 1
 """
 
 
-async def enqueue(pool: ArqRedis, job: Job, *, queue_name: str, token: str | None = None) -> bool:
-    """Queue the job's current attempt and a dispatch token at once. True if queued now,
-    False if this attempt was already queued (a repeat is a no-op). The token is named after
-    the attempt unless one is given (an attempt returned by the reaper gets a fresh one)."""
+def _enqueue_call(
+    job: Job, queue_name: str, token: str | None, requires: str | None = None
+) -> tuple[list[str], list[Any]]:
+    """The keys and arguments of `_ENQUEUE` for the job's current attempt."""
     attempt = attempt_key(job.id, job.attempt)
     token = token or attempt
     keys = [
@@ -140,6 +142,7 @@ async def enqueue(pool: ArqRedis, job: Job, *, queue_name: str, token: str | Non
         queue_name,
         job_key_prefix + token,
         result_key_prefix + token,
+        *([requires] if requires else []),
     ]
     args = [
         attempt,
@@ -151,7 +154,25 @@ async def enqueue(pool: ArqRedis, job: Job, *, queue_name: str, token: str | Non
         int(time.time() * 1000),
         wake_channel(queue_name),
     ]
+    return keys, args
+
+
+async def enqueue(pool: ArqRedis, job: Job, *, queue_name: str, token: str | None = None) -> bool:
+    """Queue the job's current attempt and a dispatch token at once. True if queued now,
+    False if this attempt was already queued (a repeat is a no-op). The token is named after
+    the attempt unless one is given (an attempt returned by the reaper gets a fresh one)."""
+    keys, args = _enqueue_call(job, queue_name, token)
     return bool(await _run(pool, _ENQUEUE, keys, args))
+
+
+def enqueue_in(pipe: Pipeline, job: Job, *, queue_name: str, requires: str) -> None:
+    """`enqueue` as one more command of the caller's MULTI/EXEC, done only if the key
+    `requires` exists when it runs: a new job's record, written by the command before it
+    (`Store.create_job`'s `then`), so that a record and its token are stored together or not
+    at all. EVAL rather than EVALSHA: a script cache emptied by a restart cannot fail the
+    command after the record was written."""
+    keys, args = _enqueue_call(job, queue_name, None, requires)
+    pipe.eval(_ENQUEUE, len(keys), *keys, *args)
 
 
 async def _run(pool: ArqRedis, source: str, keys: list[str], args: list[Any]) -> Any:

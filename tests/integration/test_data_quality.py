@@ -215,15 +215,19 @@ async def test_the_data_report_reaches_the_job_record_and_events(redis_url: str)
     reporter.log("data: 270 training rows, 28 eval rows")
     supervisor = Supervisor(store, job, Settings(redis_url=redis_url), "w", WorkerMetrics())
 
-    for _ in range(50):
+    # A multiprocessing queue hands its items over from a feeder thread: the log line can
+    # arrive a poll after the update, so wait for both.
+    for _ in range(100):
         supervisor.take(events)
         await supervisor.flush()
-        if (await store.get_job(job.id, None)).data is not None:
+        logged = await store.read_events(job.id, after="0", block_ms=None)
+        if (await store.get_job(job.id, None)).data is not None and any(
+            kind == "log" for _, kind, _ in logged
+        ):
             break
         await asyncio.sleep(0.05)
 
     stored = await store.get_job(job.id, None)
     assert stored.data == report and stored.rows_dropped == 2
-    logged = await store.read_events(job.id, after="0", block_ms=None)
     assert any(kind == "log" and b"270 training rows" in data for _, kind, data in logged)
     await store.close()
