@@ -111,7 +111,9 @@ async def submit_job(
                 str(exc), [FieldError(loc=["body", "base_model"], msg=str(exc))]
             ) from None
     try:
-        vram.check_fits(spec, settings.worker_gpu_memory_gb, settings.models_dir)
+        vram.check_fits(
+            spec, settings.worker_gpu_memory_gb, settings.models_dir, gpus=settings.worker_gpus
+        )
     except ValueError as exc:
         raise InvalidRequest(
             str(exc), [FieldError(loc=["body", "base_model"], msg=str(exc))]
@@ -177,7 +179,7 @@ async def submit_job(
 def estimate_memory(spec: JobTemplate, settings: Settings) -> GpuMemoryEstimate:
     """What `vram` makes of a spec, in the numbers the submit check compares."""
     try:
-        found = vram.estimate(spec, settings.models_dir)
+        found = vram.estimate(spec, settings.models_dir, gpus=settings.worker_gpus)
     except ValueError as exc:
         raise InvalidRequest(
             str(exc), [FieldError(loc=["body", "base_model"], msg=str(exc))]
@@ -204,7 +206,12 @@ def estimate_memory(spec: JobTemplate, settings: Settings) -> GpuMemoryEstimate:
         parts_gb={name: round(value / vram.GIB, 2) for name, value in parts.items()},
         gpu_memory_gb=limit,
         fits=None if limit is None else found.total_gb <= limit,
-        summary=found.describe(),
+        summary=(
+            f"per GPU of {settings.worker_gpus} ({spec.parallelism.strategy}): "
+            if settings.worker_gpus > 1
+            else ""
+        )
+        + found.describe(),
     )
 
 
