@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import api, cost_cutters, ingest, quality, queue_latency, training, vram
+from bench import api, cost_cutters, distributed, ingest, quality, queue_latency, training, vram
 from bench.common import Section, machine
 
 BENCHMARKS: dict[str, Callable[[bool], Section]] = {
@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, Callable[[bool], Section]] = {
     "training": training.run,
     "quality": quality.run,
     "cutters": cost_cutters.run,
+    "distributed": distributed.run,
 }
 
 

@@ -139,17 +139,23 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def build_quantization_config(spec: JobSpec) -> BitsAndBytesConfig | None:
-    """bitsandbytes settings from the spec: NF4/FP4 4-bit, LLM.int8, or None for plain LoRA."""
+def build_quantization_config(spec: JobSpec, *, sharded: bool = False) -> BitsAndBytesConfig | None:
+    """bitsandbytes settings from the spec: NF4/FP4 4-bit, LLM.int8, or None for plain LoRA.
+
+    `sharded` (FSDP): the packed 4-bit weights are stored in the compute dtype instead of
+    uint8, because FSDP shards only float tensors (FSDP-QLoRA; checked on paper only).
+    """
     from transformers import BitsAndBytesConfig
 
     quant = spec.quantization
     if quant.bits == 4:
+        extra = {"bnb_4bit_quant_storage": torch_dtype(quant.compute_dtype)} if sharded else {}
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=quant.quant_type,
             bnb_4bit_use_double_quant=quant.double_quant,
             bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
+            **extra,
         )
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -186,18 +192,21 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(path: Path, spec: JobSpec, device: str) -> PreTrainedModel:
+def load_model(
+    path: Path, spec: JobSpec, device: str, *, local_rank: int = 0, sharded: bool = False
+) -> PreTrainedModel:
     """Load the base for training on `device` ("cpu" or "cuda"), quantized as the spec says.
 
-    `spec` must already be adapted to the device (see `trainer.adapt_to_device`).
+    `spec` must already be adapted to the device (see `trainer.adapt_to_device`). Under data
+    parallelism each process loads a whole copy on its own GPU (`local_rank`); under FSDP
+    (`sharded`) without a device map, so that accelerate loads it on rank 0 and shards it.
     """
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {
-        "dtype": torch_dtype(spec.quantization.compute_dtype),
-        "device_map": {"": "cpu" if device == "cpu" else 0},
-    }
-    quantization_config = build_quantization_config(spec)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(spec.quantization.compute_dtype)}
+    if not sharded:
+        kwargs["device_map"] = {"": "cpu" if device == "cpu" else local_rank}
+    quantization_config = build_quantization_config(spec, sharded=sharded)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     try:

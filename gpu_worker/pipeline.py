@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
+from gpu_worker import distributed
 from gpu_worker.callbacks import METRICS_FILE, CheckpointStore, ReporterCallback, read_points
 from gpu_worker.callbacks import write_points as write_metrics
 from gpu_worker.data import (
@@ -99,57 +100,83 @@ def _run(
 ) -> PipelineResult:
     device = resolve_device(settings.device)
     spec, notes = adapt_to_device(job.spec, device)
+    processes = distributed.world_size(settings.worker_gpus, device)
+    distributed.check_strategy(spec, device, processes)
     for note in notes:
         reporter.log(note)
-    rows = fetch_rows(store, job.dataset, workdir / "data")
-    eval_rows = fetch_rows(store, job.eval_dataset, workdir / "data") if job.eval_dataset else None
-    model_dir = resolve_model(spec.base_model, spec.revision, settings=settings, workdir=workdir)
-    tokenizer = load_tokenizer(model_dir)
-    init_adapter = fetch_adapter(
-        job, model_dir, settings=settings, store=store, dest=workdir / "init-adapter"
-    )
-    rows, eval_rows, data = _prepare_rows(rows, eval_rows, tokenizer, spec, reporter)
-    job = msgspec.structs.replace(job, rows_dropped=data.rows_left_out, data=data)  # for the card
-    reporter.log(f"{len(rows)} training rows, {len(eval_rows)} eval rows, device {device}")
-    model = load_model(model_dir, spec, device)
-    _stop_if_cancelled(reporter)
-    if reporter.stop_requested():  # nothing trained yet: the next attempt loses only loading
-        raise JobStopped("stopped before training")
+    # Ranks 1..N-1 (several GPUs) start now and import the training stack while this process
+    # prepares; `group.begin` hands them what they need to train alongside it.
+    with distributed.launch(processes, workdir / "ranks") as group:
+        rows = fetch_rows(store, job.dataset, workdir / "data")
+        eval_rows = (
+            fetch_rows(store, job.eval_dataset, workdir / "data") if job.eval_dataset else None
+        )
+        model_dir = resolve_model(
+            spec.base_model, spec.revision, settings=settings, workdir=workdir
+        )
+        tokenizer = load_tokenizer(model_dir)
+        init_adapter = fetch_adapter(
+            job, model_dir, settings=settings, store=store, dest=workdir / "init-adapter"
+        )
+        rows, eval_rows, data = _prepare_rows(rows, eval_rows, tokenizer, spec, reporter)
+        job = msgspec.structs.replace(job, rows_dropped=data.rows_left_out, data=data)  # card
+        reporter.log(f"{len(rows)} training rows, {len(eval_rows)} eval rows, device {device}")
+        model = load_model(model_dir, spec, device, sharded=distributed.shards(spec, processes))
+        _stop_if_cancelled(reporter)
+        if reporter.stop_requested():  # nothing trained yet: the next attempt loses only loading
+            raise JobStopped("stopped before training")
 
-    reporter.phase(Phase.training)
-    output_dir = workdir / "output"
-    checkpoints = CheckpointStore(store, job.id)
-    resume_from, history = _fetch_newest_checkpoint(checkpoints, output_dir, reporter)
-    callback = ReporterCallback(
-        reporter, checkpoints=checkpoints, history=history, also=tracking.log
-    )
-    trainer = build_trainer(
-        model,
-        tokenizer,
-        spec,
-        build_config(spec, output_dir, device, has_eval=bool(eval_rows)),
-        to_dataset(rows),
-        to_dataset(eval_rows) if eval_rows else None,
-        [callback],
-        init_adapter=init_adapter,
-    )
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    if callback.stopped_at is not None:
-        raise JobStopped(f"stopped at step {callback.stopped_at}, checkpoint saved")
-    adapter_dir = workdir / "adapter"
-    trainer.save_model(str(adapter_dir))
+        reporter.phase(Phase.training)
+        output_dir = workdir / "output"
+        checkpoints = CheckpointStore(store, job.id)
+        resume_from, history = _fetch_newest_checkpoint(checkpoints, output_dir, reporter)
+        callback = ReporterCallback(
+            reporter, checkpoints=checkpoints, history=history, also=tracking.log
+        )
+        plan = distributed.Plan(
+            spec=spec,
+            model_dir=str(model_dir),
+            rows=rows,
+            eval_rows=eval_rows,
+            init_adapter=str(init_adapter) if init_adapter else None,
+            resume_from=str(resume_from) if resume_from else None,
+            output_dir=str(output_dir),
+            device="cuda" if device == "cuda" else "cpu",
+            world_size=processes,
+            timeout_seconds=settings.worker_collective_timeout_seconds,
+        )
+        group.begin(plan, reporter.log)
+        parallel = distributed.parallel_arguments(spec, processes, device, plan.timeout_seconds)
+        trainer = build_trainer(
+            model,
+            tokenizer,
+            spec,
+            build_config(spec, output_dir, device, has_eval=bool(eval_rows), parallel=parallel),
+            to_dataset(rows),
+            to_dataset(eval_rows) if eval_rows else None,
+            [callback, *group.callbacks],
+            init_adapter=init_adapter,
+        )
+        trainer.train(resume_from_checkpoint=plan.resume_from)
+        if callback.stopped_at is not None:
+            raise JobStopped(f"stopped at step {callback.stopped_at}, checkpoint saved")
+        reporter.phase(Phase.evaluating)
+        adapter_dir = workdir / "adapter"
+        evaluated = _eval_at(callback, trainer.state.global_step) if eval_rows else {}
+        final_eval, ranks = distributed.after_training(
+            trainer, group, adapter_dir, evaluate=bool(eval_rows) and not evaluated
+        )
+    if ranks:
+        reporter.log(distributed.describe(ranks))
     # A pickle of the training arguments: not needed to load the adapter, unsafe to unpickle.
     (adapter_dir / "training_args.bin").unlink(missing_ok=True)
     # The frozen reference copy TRL adds when an adapter is continued: the starting point,
     # not part of the result.
     shutil.rmtree(adapter_dir / "ref", ignore_errors=True)
 
-    reporter.phase(Phase.evaluating)
     final_metrics = _final_train_metrics(callback)
     if eval_rows:
-        final_metrics |= _eval_at(callback, trainer.state.global_step) or {
-            k: float(v) for k, v in trainer.evaluate().items()
-        }
+        final_metrics |= evaluated or final_eval
         if spec.method == "sft":
             from gpu_worker.rouge import rouge_scores
 

@@ -11,7 +11,7 @@ dtype.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -144,12 +144,19 @@ def scheduler_name(spec: JobSpec) -> str:
 
 
 def build_config(
-    spec: JobSpec, output_dir: Path, device: str, *, has_eval: bool = False
+    spec: JobSpec,
+    output_dir: Path,
+    device: str,
+    *,
+    has_eval: bool = False,
+    parallel: Mapping[str, Any] | None = None,
 ) -> TrainingArguments:
-    """TRL's config of the spec's method; `spec` must already be adapted to the device."""
+    """TRL's config of the spec's method; `spec` must already be adapted to the device.
+    `parallel`: the settings of a multi-process run (`distributed.parallel_arguments`)."""
     from gpu_worker.methods import method_config
 
-    return method_config(spec, training_arguments(spec, output_dir, device, has_eval=has_eval))
+    common = training_arguments(spec, output_dir, device, has_eval=has_eval)
+    return method_config(spec, common | dict(parallel or {}))
 
 
 def training_arguments(

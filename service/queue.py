@@ -41,6 +41,7 @@ from arq.constants import (
     retry_key_prefix,
 )
 from arq.jobs import serialize_job
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -109,9 +110,10 @@ def _token_payload() -> bytes:
     return serialize_job(TASK, (), {}, None, int(time.time() * 1000), serializer=pickle.dumps)
 
 
-# KEYS: pending, fair, vtime, queue, token's job key, token's result key
+# KEYS: pending, fair, vtime, queue, token's job key, token's result key[, required key]
 # ARGV: attempt, order, tenant, token, payload, expires ms, score ms, wake channel
 _ENQUEUE = """
+if KEYS[7] and redis.call('EXISTS', KEYS[7]) == 0 then return 0 end
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
 if redis.call('EXISTS', KEYS[5], KEYS[6]) > 0 then return 0 end
 if redis.call('ZCARD', KEYS[1]) == 0 then
@@ -127,10 +129,10 @@ return 1
 """
 
 
-async def enqueue(pool: ArqRedis, job: Job, *, queue_name: str, token: str | None = None) -> bool:
-    """Queue the job's current attempt and a dispatch token at once. True if queued now,
-    False if this attempt was already queued (a repeat is a no-op). The token is named after
-    the attempt unless one is given (an attempt returned by the reaper gets a fresh one)."""
+def _enqueue_call(
+    job: Job, queue_name: str, token: str | None, requires: str | None = None
+) -> tuple[list[str], list[Any]]:
+    """The keys and arguments of `_ENQUEUE` for the job's current attempt."""
     attempt = attempt_key(job.id, job.attempt)
     token = token or attempt
     keys = [
@@ -140,6 +142,7 @@ async def enqueue(pool: ArqRedis, job: Job, *, queue_name: str, token: str | Non
         queue_name,
         job_key_prefix + token,
         result_key_prefix + token,
+        *([requires] if requires else []),
     ]
     args = [
         attempt,
@@ -151,7 +154,25 @@ async def enqueue(pool: ArqRedis, job: Job, *, queue_name: str, token: str | Non
         int(time.time() * 1000),
         wake_channel(queue_name),
     ]
+    return keys, args
+
+
+async def enqueue(pool: ArqRedis, job: Job, *, queue_name: str, token: str | None = None) -> bool:
+    """Queue the job's current attempt and a dispatch token at once. True if queued now,
+    False if this attempt was already queued (a repeat is a no-op). The token is named after
+    the attempt unless one is given (an attempt returned by the reaper gets a fresh one)."""
+    keys, args = _enqueue_call(job, queue_name, token)
     return bool(await _run(pool, _ENQUEUE, keys, args))
+
+
+def enqueue_in(pipe: Pipeline, job: Job, *, queue_name: str, requires: str) -> None:
+    """`enqueue` as one more command of the caller's MULTI/EXEC, done only if the key
+    `requires` exists when it runs: a new job's record, written by the command before it
+    (`Store.create_job`'s `then`), so that a record and its token are stored together or not
+    at all. EVAL rather than EVALSHA: a script cache emptied by a restart cannot fail the
+    command after the record was written."""
+    keys, args = _enqueue_call(job, queue_name, None, requires)
+    pipe.eval(_ENQUEUE, len(keys), *keys, *args)
 
 
 async def _run(pool: ArqRedis, source: str, keys: list[str], args: list[Any]) -> Any:
@@ -343,6 +364,22 @@ STRANDED_AFTER = timedelta(seconds=60)
 """A live worker maps the token it took to a job (or ends it) within milliseconds; one
 unmapped for this long was taken by a worker that died before its pick."""
 
+# KEYS: queue, dispatched; ARGV: in-progress prefix, oldest ms
+# In Redis rather than a PTTL per token from the API: the reaper runs every few seconds and a
+# deep queue (10,000 tokens) made that read cost a tenth of the API's submits.
+_STRANDED = """
+local mapped = {}
+for _, token in ipairs(redis.call('HVALS', KEYS[2])) do mapped[token] = true end
+local stranded = {}
+for _, token in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if not mapped[token] then
+    local ttl = redis.call('PTTL', ARGV[1] .. token)
+    if ttl >= 0 and ttl <= tonumber(ARGV[2]) then stranded[#stranded + 1] = token end
+  end
+end
+return stranded
+"""
+
 # KEYS: queue, fair
 # ARGV: token, in-progress prefix, job prefix, retry prefix, fresh token, payload, expires ms,
 #       score ms, wake channel
@@ -370,19 +407,12 @@ async def replace_stranded_tokens(
     waits for a token. Each is dropped and, while attempts are pending, replaced by a fresh
     one. `in_progress_seconds` is arq's in-progress expiry (the workers' job timeout + 10 s).
     Returns the tokens dropped."""
-    tokens = [t.decode() for t in await pool.zrange(queue_name, 0, -1)]
-    if not tokens:
-        return []
-    mapped = {t.decode() for t in await pool.hvals(DISPATCHED)}  # type: ignore[misc]  # redis-py#2399
-    async with pool.pipeline(transaction=False) as pipe:
-        for token in tokens:
-            pipe.pttl(in_progress_key_prefix + token)
-        ttls = await pipe.execute()
-    oldest_ms = (in_progress_seconds - STRANDED_AFTER.total_seconds()) * 1000
+    oldest_ms = int((in_progress_seconds - STRANDED_AFTER.total_seconds()) * 1000)
+    stranded = await _run(
+        pool, _STRANDED, [queue_name, DISPATCHED], [in_progress_key_prefix, oldest_ms]
+    )
     dropped = []
-    for token, ttl in zip(tokens, ttls, strict=True):
-        if token in mapped or ttl < 0 or ttl > oldest_ms:
-            continue  # not taken, or taken by a worker that picked, or taken just now
+    for token in (t.decode() for t in stranded):
         args = [
             token,
             in_progress_key_prefix,

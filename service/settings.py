@@ -172,6 +172,14 @@ class Settings:
     worker_gpu_memory_gb: Positive | None = None
     """GPU memory of each worker in GB: the API refuses (422) a job whose estimate
     (service/vram.py) exceeds it. Unset: no check (CPU workers, or not wanted)."""
+    worker_gpus: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    """GPUs of each worker (the chart's `worker.gpu.count`): a worker trains each job in this
+    many processes, one per GPU (`JobSpec.parallelism`); on a CPU worker, that many gloo
+    processes. The API divides the sharded parts of an FSDP job's memory estimate by it."""
+    worker_collective_timeout_seconds: Annotated[int, msgspec.Meta(ge=10)] = 600
+    """How long a training process waits in a collective (gradient all-reduce) for the others:
+    a process that dies or hangs fails the job after this, instead of hanging it. Must exceed
+    rank 0's longest pause between steps (uploading a checkpoint)."""
     log_level: LogLevel = "INFO"
     """Root log level for the API, the worker and the training child."""
     log_format: Literal["json", "text"] = "json"

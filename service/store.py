@@ -31,6 +31,10 @@ BLOB_LOCK_SECONDS = 60
 
 TerminalHook = Callable[[Pipeline, Job], None]
 """Queues more writes into the transaction that stores a job's terminal status."""
+CreateHook = Callable[[Pipeline, str], None]
+"""Queues more writes into the transaction that creates a job, given the key of the job's
+record: they run even when the creation was refused, so each must do nothing unless that key
+exists (the record is new, so it exists only if the creation went through)."""
 JobKeys = Callable[[str], str]
 """A feature's per-job key (a webhook delivery log, ...), deleted with the job's record."""
 
@@ -242,6 +246,17 @@ class Store:
         raw = await self.redis.get(dataset_key(dataset_id))
         return _visible(raw, _dataset_decoder, tenant)
 
+    async def get_datasets(self, ids: Sequence[str], tenant: str | None) -> list[Dataset | None]:
+        """Several datasets in one round trip, in order; None for one missing or another
+        tenant's."""
+        found: list[Dataset | None] = []
+        for raw in await self.redis.mget([dataset_key(i) for i in ids]):
+            try:
+                found.append(_visible(raw, _dataset_decoder, tenant))
+            except NotFound:
+                found.append(None)
+        return found
+
     async def list_datasets(
         self, tenant: str | None, *, limit: int, cursor: str | None
     ) -> tuple[list[Dataset], str | None]:
@@ -283,55 +298,67 @@ class Store:
         idempotency: tuple[str, str] | None = None,
         idempotency_seconds: int = 24 * 3600,
         max_queued: int | None = None,
+        then: CreateHook | None = None,
     ) -> Job:
-        """Write a new job, atomically with its dataset still existing.
+        """Write a new job, atomically with its datasets still existing.
 
         `idempotency` is (key, request fingerprint): a repeat with the same key within
         `idempotency_seconds` returns the first job; the same key with a different request is
         a Conflict. `max_queued` caps the tenant's queued jobs (LimitReached past it),
-        counted in the same transaction so that concurrent submits cannot overshoot.
+        counted in the same step so that concurrent submits cannot overshoot. `then` queues
+        more writes into the same MULTI/EXEC (the job's dispatch token), so that there is never
+        one without the other.
+
+        One round trip and no WATCH: the checks and writes run as one Lua script, so that a
+        tenant's concurrent submits (which all change its queued index) never retry.
         """
         ds_keys = [dataset_key(job.dataset.id)]
         if job.eval_dataset is not None:
             ds_keys.append(dataset_key(job.eval_dataset.id))
-        idem_key = f"{P}idem:{job.tenant}:{idempotency[0]}" if idempotency else None
-        queued = _index("jobs", job.tenant, JobStatus.queued)
-
-        async def create(pipe: Pipeline) -> str:
-            if idem_key and idempotency:
-                prior = await pipe.get(idem_key)
-                if prior is not None:
-                    prior_id, _, fingerprint = prior.decode().partition(":")
-                    if fingerprint != idempotency[1]:
-                        raise Conflict("this Idempotency-Key was used for a different request")
-                    return str(prior_id)
-            for key in ds_keys:
-                if not await pipe.exists(key):
-                    raise NotFound(f"dataset {key.rsplit(':', 1)[-1]} does not exist")
-            if max_queued is not None:
-                count = int(await pipe.zcard(queued))
-                if count >= max_queued:
-                    raise LimitReached(
-                        f"tenant {job.tenant} has {count} queued jobs, the limit (queued_jobs) "
-                        f"is {max_queued}; submit again when one has started, or cancel one",
-                        limit="queued_jobs",
-                        quota=max_queued,
-                        retry_after=60,
-                    )
-            pipe.multi()
-            pipe.set(job_key(job.id), _encoder.encode(job))
-            for index in self._job_indexes(job):
-                pipe.zadd(index, {job.id: 0})
-            for key in ds_keys:
-                pipe.sadd(f"{key}:jobs", job.id)
-            if idem_key and idempotency:
-                pipe.set(idem_key, f"{job.id}:{idempotency[1]}", ex=idempotency_seconds)
-            pipe.xadd(events_key(job.id), _event("status", {"status": job.status}))
-            return job.id
-
-        watched = [*ds_keys, *([idem_key] if idem_key else []), *([queued] if max_queued else [])]
-        created, _ = await transact(self.redis, create, *watched)
-        return job if created == job.id else await self.get_job(created, job.tenant)
+        idem_key = f"{P}idem:{job.tenant}:{idempotency[0]}" if idempotency else ""
+        record = job_key(job.id)
+        keys = [
+            record,
+            events_key(job.id),
+            _index("jobs", job.tenant, JobStatus.queued),
+            idem_key,
+            *ds_keys,
+            *(f"{key}:jobs" for key in ds_keys),
+            *self._job_indexes(job),
+        ]
+        args: list[Any] = [
+            _encoder.encode(job),
+            job.id,
+            -1 if max_queued is None else max_queued,
+            f"{job.id}:{idempotency[1]}" if idempotency else "",
+            idempotency_seconds,
+            _encoder.encode({"status": job.status}),
+            repr(time.time()),
+            len(ds_keys),
+        ]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.eval(_CREATE_JOB, len(keys), *keys, *args)
+            if then is not None:
+                then(pipe, record)
+            outcome, *_ = await pipe.execute()
+        kind, *detail = (v.decode() if isinstance(v, bytes) else v for v in outcome)
+        if kind == "created":
+            return job
+        if kind == "dataset":
+            raise NotFound(f"dataset {detail[0].rsplit(':', 1)[-1]} does not exist")
+        if kind == "queued":
+            raise LimitReached(
+                f"tenant {job.tenant} has {detail[0]} queued jobs, the limit (queued_jobs) "
+                f"is {max_queued}; submit again when one has started, or cancel one",
+                limit="queued_jobs",
+                quota=max_queued or 0,
+                retry_after=60,
+            )
+        assert idempotency is not None and kind == "replay"  # the script answers nothing else
+        prior_id, _, fingerprint = detail[0].partition(":")
+        if fingerprint != idempotency[1]:
+            raise Conflict("this Idempotency-Key was used for a different request")
+        return await self.get_job(prior_id, job.tenant)
 
     async def get_job(self, job_id: str, tenant: str | None) -> Job:
         return _visible(await self.redis.get(job_key(job_id)), _job_decoder, tenant)
@@ -612,6 +639,33 @@ def _move_status(pipe: Pipeline, old: Job, new: Job) -> None:
     if new.error is not None:
         data["error"] = new.error
     pipe.xadd(events_key(new.id), _event("status", data))
+
+
+# KEYS: record, events, tenant's queued index, idempotency key ('': none), then the n datasets,
+#       their live-job sets, and the job's indexes
+# ARGV: record, job id, max queued (-1: none), idempotency value, its seconds, status event
+#       data, event time, n
+_CREATE_JOB = """
+if KEYS[4] ~= '' then
+  local prior = redis.call('GET', KEYS[4])
+  if prior then return {'replay', prior} end
+end
+local n = tonumber(ARGV[8])
+for i = 5, 4 + n do
+  if redis.call('EXISTS', KEYS[i]) == 0 then return {'dataset', KEYS[i]} end
+end
+local max = tonumber(ARGV[3])
+if max >= 0 then
+  local count = redis.call('ZCARD', KEYS[3])
+  if count >= max then return {'queued', count} end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+for i = 5 + n, 4 + 2 * n do redis.call('SADD', KEYS[i], ARGV[2]) end
+for i = 5 + 2 * n, #KEYS do redis.call('ZADD', KEYS[i], 0, ARGV[2]) end
+if KEYS[4] ~= '' then redis.call('SET', KEYS[4], ARGV[4], 'EX', ARGV[5]) end
+redis.call('XADD', KEYS[2], '*', 'type', 'status', 'data', ARGV[6], 'time', ARGV[7])
+return {'created'}
+"""
 
 
 def _event(kind: str, data: dict[str, Any]) -> dict[Any, Any]:

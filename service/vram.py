@@ -31,6 +31,12 @@ What is counted, for TRL 1.16's DPOTrainer training a PEFT LoRA adapter (one GPU
 - overhead: the CUDA context and library workspaces (0.5 GiB) and the caching allocator's
   slack on short-lived tensors (10% of activations, tiles and transients).
 
+Per GPU of a worker with several (`gpus`, `parallelism`): under DDP every GPU holds all of the
+above for its own `batch_size` rows (the batch is per GPU), plus DDP's gradient buckets (one
+more copy of the adapter's gradients). Under FSDP the base's weights and the adapter with its
+gradients and optimizer states are sharded: each GPU keeps 1/gpus of them, plus one decoder
+layer gathered whole while it computes (and one prefetched); activations are not sharded.
+
 The result is an estimate (about +-20%), in GiB, which is what GPU makers call GB.
 """
 
@@ -308,7 +314,7 @@ def _targeted(arch: Architecture, target_modules: str | list[str]) -> dict[str, 
 def _weights(arch: Architecture, spec: JobTemplate, dtype_bytes: int) -> int:
     quant = spec.quantization
     linear = arch.linear_params
-    others = (arch.embedding_params + arch.norm_params) * dtype_bytes
+    others = _weights_outside_layers(arch, dtype_bytes)
     if quant.bits == 4:
         # bytes of quantization constants per block of 64: an fp32 absmax, or (double
         # quantization) an 8-bit one plus an fp32 constant shared by 256 blocks
@@ -320,13 +326,15 @@ def _weights(arch: Architecture, spec: JobTemplate, dtype_bytes: int) -> int:
     return linear * dtype_bytes + others
 
 
-def _adapter(arch: Architecture, spec: JobTemplate) -> int:
+def _adapter(arch: Architecture, spec: JobTemplate, *, ddp_buckets: bool = False) -> int:
     targets = _targeted(arch, spec.lora.target_modules)
     params = spec.lora.r * sum(a + b for a, b in targets.values()) * arch.num_layers
     eight_bit = spec.hyperparameters.optimizer in ("adamw_8bit", "paged_adamw_8bit")
     if spec.quantization.bits is not None:  # TRL casts a quantized model's adapter to bf16
-        return params * (2 + 2 + (2 if eight_bit else 4))
-    return params * (4 + 4 + (2 if eight_bit else 8))
+        weight, grad, states = 2, 2, (2 if eight_bit else 4)
+    else:
+        weight, grad, states = 4, 4, (2 if eight_bit else 8)
+    return params * (weight + grad + states + (grad if ddp_buckets else 0))
 
 
 def _activations(arch: Architecture, spec: JobTemplate, d: int) -> tuple[int, int]:
@@ -352,30 +360,48 @@ def _activations(arch: Architecture, spec: JobTemplate, d: int) -> tuple[int, in
     return kept + dequantized, tile
 
 
-def estimate(spec: JobTemplate, models_dir: Path | None = None) -> MemoryEstimate | None:
-    """The GPU memory `spec` needs at its peak, or None when the base model's shape is unknown."""
+def estimate(
+    spec: JobTemplate, models_dir: Path | None = None, *, gpus: int = 1
+) -> MemoryEstimate | None:
+    """The GPU memory `spec` needs at its peak on each of `gpus` GPUs, or None when the base
+    model's shape is unknown."""
     arch = architecture_for(spec.base_model, models_dir)
     if arch is None:
         return None
-    return estimate_for(arch, spec)
+    return estimate_for(arch, spec, gpus=gpus)
 
 
-def estimate_for(arch: Architecture, spec: JobTemplate) -> MemoryEstimate:
-    """The GPU memory `spec` needs when its base model has the shape `arch`."""
+def estimate_for(arch: Architecture, spec: JobTemplate, *, gpus: int = 1) -> MemoryEstimate:
+    """The GPU memory `spec` needs on each of `gpus` GPUs when its base model has the shape
+    `arch` (see the module's docstring for what DDP and FSDP change)."""
     d = _DTYPE_BYTES[spec.quantization.compute_dtype]
     activations, lm_head = _activations(arch, spec, d)
     overhead = CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK * (activations + lm_head))
+    weights = _weights(arch, spec, d)
+    adapter = _adapter(arch, spec, ddp_buckets=gpus > 1 and spec.parallelism.strategy == "ddp")
+    if gpus > 1 and spec.parallelism.strategy == "fsdp":
+        gathered = 2 * (weights - _weights_outside_layers(arch, d)) // arch.num_layers
+        weights = weights // gpus + gathered
+        adapter = adapter // gpus
     return MemoryEstimate(
         architecture=arch,
-        weights=_weights(arch, spec, d),
-        adapter=_adapter(arch, spec),
+        weights=weights,
+        adapter=adapter,
         activations=activations,
         lm_head=lm_head,
         overhead=overhead,
     )
 
 
-def check_fits(spec: JobTemplate, gpu_memory_gb: float | None, models_dir: Path | None) -> None:
+def _weights_outside_layers(arch: Architecture, dtype_bytes: int) -> int:
+    """The embeddings, LM head and norms: what `_weights` counts besides the decoder's linears
+    (the norms inside layers are counted here too; they are a rounding error)."""
+    return (arch.embedding_params + arch.norm_params) * dtype_bytes
+
+
+def check_fits(
+    spec: JobTemplate, gpu_memory_gb: float | None, models_dir: Path | None, *, gpus: int = 1
+) -> None:
     """Raise ValueError saying what the job needs when it cannot fit the workers' GPUs.
 
     No limit configured (CPU workers, or the operator chose not to check) or a base model of
@@ -383,12 +409,19 @@ def check_fits(spec: JobTemplate, gpu_memory_gb: float | None, models_dir: Path 
     """
     if gpu_memory_gb is None:
         return
-    found = estimate(spec, models_dir)
+    found = estimate(spec, models_dir, gpus=gpus)
     if found is None or found.total_gb <= gpu_memory_gb:
         return
+    fsdp_hint = (
+        f", set parallelism.strategy 'fsdp' to shard the weights across the worker's {gpus} GPUs"
+        if gpus > 1 and spec.parallelism.strategy == "ddp"
+        else ""
+    )
+    per_gpu = f" per GPU ({gpus} GPUs)" if gpus > 1 else ""
     raise ValueError(
-        f"this job needs {found.describe()} of GPU memory for {found.architecture.name}, more "
-        f"than the workers' {gpu_memory_gb:g} GB: lower hyperparameters.max_length or "
-        "batch_size, turn on hyperparameters.gradient_checkpointing, use 4-bit quantization, "
-        "or choose a smaller base_model"
+        f"this job needs {found.describe()} of GPU memory{per_gpu} for "
+        f"{found.architecture.name}, more than the workers' {gpu_memory_gb:g} GB: lower "
+        "hyperparameters.max_length or batch_size, turn on "
+        f"hyperparameters.gradient_checkpointing, use 4-bit quantization{fsdp_hint}, or choose "
+        "a smaller base_model"
     )

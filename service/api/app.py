@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme, Tag
 from litestar.plugins.prometheus import PrometheusConfig
+from litestar.routes import HTTPRoute
 from prometheus_client import CollectorRegistry
 
 from service import queue, tenants, webhooks
@@ -101,12 +103,28 @@ def _lifespan(settings: Settings) -> Any:
                 if settings.scheduler_enabled:
                     scheduler = Scheduler(store, arq, blobs, settings)
                     await running.enter_async_context(scheduling(scheduler))
+                _freeze_startup_objects()
                 yield
         finally:
             await arq.aclose()
             await store.close()
 
     return lifespan
+
+
+_FROZEN: list[bool] = []
+
+
+def _freeze_startup_objects() -> None:
+    """Take what the process holds once started (modules, the app, its routes and schemas:
+    ~90,000 objects) out of the garbage collector's view, so that it scans only what requests
+    make. Its full collections walked them all and paused every request for 50-70 ms under
+    load here, half a GET's p99 at 64 clients. Once a process: a test session starts many
+    apps, and what later ones leave is collected as usual."""
+    if not _FROZEN:
+        gc.collect()
+        gc.freeze()
+        _FROZEN.append(True)
 
 
 async def _sweep(uploads: UploadSpace, blobs: BlobStore) -> None:
@@ -150,6 +168,19 @@ def _dependencies(settings: Settings) -> dict[str, Provide]:
     }
 
 
+def _resolve_dependencies_in_order(app: Litestar) -> None:
+    """Litestar resolves a handler's dependencies of one level concurrently, a task each in an
+    anyio task group; ours (`_dependencies`) are all synchronous lookups, for which that group
+    was a quarter of a `GET /v1/jobs/{id}`'s CPU. One dependency a batch resolves them in turn,
+    each still after those it depends on."""
+    for route in app.routes:
+        if isinstance(route, HTTPRoute):
+            for _, kwargs in route.route_handler_map.values():
+                kwargs.dependency_batches = [
+                    {d} for batch in kwargs.dependency_batches for d in batch
+                ]
+
+
 def _prometheus() -> PrometheusConfig:
     """Request counts and latencies per route template (`ftune_requests_total`, ...)."""
     return PrometheusConfig(
@@ -190,6 +221,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ],
         logging_config=None,
     )
+    _resolve_dependencies_in_order(app)
     app.state.settings = settings
     app.state.tenants = tenants.load(settings)
     app.state.uploads = UploadSpace(

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from litestar import Request
+from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException
 
 from service.settings import Principal, hash_api_key
 from service.tenants import Tenants
 
+_FOUND = "ftune.principal"
+"""Where a request's principal is kept once looked up: the rate limit, the audit and the
+handler each ask for it, and the key is hashed once."""
 
-def principal(request: Request[Any, Any, Any]) -> Principal:
+
+def principal(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+    scope = cast(dict[str, Any], request.scope)
+    found: Principal | None = scope.get(_FOUND)
+    if found is not None:
+        return found
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
@@ -21,6 +29,7 @@ def principal(request: Request[Any, Any, Any]) -> Principal:
     who = tenants.keys.get(hash_api_key(key.strip()))
     if who is None:
         raise NotAuthorizedException("unknown API key")
+    scope[_FOUND] = who
     return who
 
 

@@ -68,14 +68,13 @@ def _check_kind(method: str, ds: Dataset, field: str) -> None:
         )
 
 
-async def _dataset(store: Store, dataset_id: str, tenant: str, field: str) -> Dataset:
-    try:
-        return await store.get_dataset(dataset_id, tenant)
-    except NotFound:
+def _found(ds: Dataset | None, dataset_id: str, field: str) -> Dataset:
+    if ds is None:
         raise InvalidRequest(
             f"{field} {dataset_id} does not exist",
             [FieldError(loc=["body", field], msg=f"dataset {dataset_id} does not exist")],
-        ) from None
+        )
+    return ds
 
 
 def _cancel(job: Job) -> Job:
@@ -93,7 +92,6 @@ async def submit_job(
     *,
     tenant: str,
     store: Store,
-    arq: ArqRedis,
     settings: Settings,
     tenants: Tenants,
     idempotency: tuple[str, str] | None = None,
@@ -113,7 +111,9 @@ async def submit_job(
                 str(exc), [FieldError(loc=["body", "base_model"], msg=str(exc))]
             ) from None
     try:
-        vram.check_fits(spec, settings.worker_gpu_memory_gb, settings.models_dir)
+        vram.check_fits(
+            spec, settings.worker_gpu_memory_gb, settings.models_dir, gpus=settings.worker_gpus
+        )
     except ValueError as exc:
         raise InvalidRequest(
             str(exc), [FieldError(loc=["body", "base_model"], msg=str(exc))]
@@ -127,7 +127,9 @@ async def submit_job(
             raise InvalidRequest(
                 str(exc), [FieldError(loc=["body", "webhook_url"], msg=str(exc))]
             ) from None
-    dataset = await _dataset(store, spec.dataset_id, tenant, "dataset_id")
+    ids = [spec.dataset_id, *([spec.eval_dataset_id] if spec.eval_dataset_id is not None else [])]
+    found = await store.get_datasets(ids, tenant)  # both in one round trip
+    dataset = _found(found[0], spec.dataset_id, "dataset_id")
     _check_kind(spec.method, dataset, "dataset_id")
     try:
         init_adapter = await resolve_init_adapter(store, spec, tenant)
@@ -135,7 +137,7 @@ async def submit_job(
         raise InvalidRequest(str(exc), [FieldError(loc=["body", *exc.loc], msg=str(exc))]) from None
     eval_dataset = None
     if spec.eval_dataset_id is not None:
-        eval_dataset = await _dataset(store, spec.eval_dataset_id, tenant, "eval_dataset_id")
+        eval_dataset = _found(found[1], spec.eval_dataset_id, "eval_dataset_id")
         _check_kind(spec.method, eval_dataset, "eval_dataset_id")
         if eval_dataset.format != dataset.format:
             raise InvalidRequest(
@@ -165,19 +167,19 @@ async def submit_job(
             idempotency=idempotency,
             idempotency_seconds=idempotency_seconds,
             max_queued=limits_for(settings, tenants, tenant).queued_jobs,
+            then=lambda pipe, record: queue.enqueue_in(
+                pipe, job, queue_name=settings.queue_name, requires=record
+            ),
         )
     except NotFound as exc:  # the dataset was deleted while we looked
         raise InvalidRequest(str(exc)) from None
-    if stored.id != job.id:
-        return stored, True
-    await queue.enqueue(arq, stored, queue_name=settings.queue_name)
-    return stored, False
+    return stored, stored.id != job.id
 
 
 def estimate_memory(spec: JobTemplate, settings: Settings) -> GpuMemoryEstimate:
     """What `vram` makes of a spec, in the numbers the submit check compares."""
     try:
-        found = vram.estimate(spec, settings.models_dir)
+        found = vram.estimate(spec, settings.models_dir, gpus=settings.worker_gpus)
     except ValueError as exc:
         raise InvalidRequest(
             str(exc), [FieldError(loc=["body", "base_model"], msg=str(exc))]
@@ -204,7 +206,12 @@ def estimate_memory(spec: JobTemplate, settings: Settings) -> GpuMemoryEstimate:
         parts_gb={name: round(value / vram.GIB, 2) for name, value in parts.items()},
         gpu_memory_gb=limit,
         fits=None if limit is None else found.total_gb <= limit,
-        summary=found.describe(),
+        summary=(
+            f"per GPU of {settings.worker_gpus} ({spec.parallelism.strategy}): "
+            if settings.worker_gpus > 1
+            else ""
+        )
+        + found.describe(),
     )
 
 
@@ -238,7 +245,6 @@ class JobController(Controller):
         data: JobSpec,
         principal: Principal,
         store: Store,
-        arq: ArqRedis,
         settings: Settings,
         tenants: Tenants,
         idempotency_key: IdempotencyKey = None,
@@ -250,7 +256,6 @@ class JobController(Controller):
             data,
             tenant=principal.tenant,
             store=store,
-            arq=arq,
             settings=settings,
             tenants=tenants,
             idempotency=idem,

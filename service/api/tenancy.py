@@ -81,10 +81,10 @@ class Audit(ASGIMiddleware):
             who = principal(request)
         except NotAuthorizedException:
             who = None
-        named = request.query_params.get("tenant")
         if who is None or not who.admin or scope["path"].startswith(AUDIT_PATH):
             await next_app(scope, receive, send)
             return
+        named = request.query_params.get("tenant")
         status = [500]
 
         async def sending(message: Message) -> None:

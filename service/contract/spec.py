@@ -439,6 +439,23 @@ class Quantization(Strict):
     ] = "bfloat16"
 
 
+class Parallelism(Strict):
+    """How a job uses a worker's several GPUs (`FTUNE_WORKER_GPUS`, the chart's
+    `worker.gpu.count`); on a one-GPU worker both strategies train in one process."""
+
+    strategy: Annotated[
+        Literal["ddp", "fsdp"],
+        msgspec.Meta(
+            description="`ddp`: one process per GPU, each with a whole copy of the (4-bit) "
+            "base, gradients averaged. `fsdp`: the same processes, with the base's weights and "
+            "the adapter's optimizer state sharded across the GPUs (FSDP-QLoRA, for a base "
+            "whose 4-bit weights do not fit one GPU; GPU workers only, 4-bit or unquantized). "
+            "Either way `hyperparameters.batch_size` is per GPU: an optimizer step sees "
+            "batch_size * gradient_accumulation_steps * GPUs rows."
+        ),
+    ] = "ddp"
+
+
 class ChatTemplate(Strict):
     """Whether rows are rendered with the base model's chat template before training."""
 
@@ -657,6 +674,12 @@ class JobTemplate(Strict):
             "null: a fresh adapter."
         ),
     ] = None
+    parallelism: Annotated[
+        Parallelism,
+        msgspec.Meta(
+            description="How the job spans the worker's GPUs (all of them, one process each)."
+        ),
+    ] = msgspec.field(default_factory=Parallelism)
     integrations: Annotated[
         Integrations,
         msgspec.Meta(
@@ -692,6 +715,11 @@ class JobTemplate(Strict):
                 "hyperparameters.bf16 and quantization.compute_dtype 'float16' do not mix: use "
                 "compute_dtype 'bfloat16' with bf16, or bf16 false (float16 compute then "
                 "trains with fp16 loss scaling)"
+            )
+        if self.parallelism.strategy == "fsdp" and quant.bits == 8:
+            raise ValueError(
+                "parallelism.strategy 'fsdp' shards 4-bit (QLoRA) or unquantized weights, not "
+                "LLM.int8: use quantization.bits 4, or strategy 'ddp'"
             )
         if self.quantization.bits is None and self.quantization.compute_dtype != "float32":
             # Harmless but meaningless; keep the record honest.

@@ -6,15 +6,18 @@ import asyncio
 import json
 import time
 from dataclasses import replace
+from typing import Any
 
+import msgspec
 import pytest
 import redis
 from litestar.testing import AsyncTestClient
 
+from service import queue
 from service.api.app import create_app
-from service.contract import MetricPoint
+from service.contract import Job, MetricPoint
 from service.settings import Settings
-from service.store import Store
+from service.store import Store, job_key, new_id
 from tests.fixtures.api import ADMIN, ALICE, BOB, Api
 
 ROWS = b"".join(
@@ -269,3 +272,92 @@ async def test_a_tenant_at_its_queued_job_limit_gets_429(api_settings: Settings)
         await client.post(f"/v1/jobs/{ids[0]}/cancel", headers=ALICE)
         again = await client.post("/v1/jobs", json=spec(ds), headers=ALICE)
         assert again.status_code == 201, again.text
+
+
+def stored_keys(api: Api) -> set[str]:
+    """Every key in Redis but the rate limiter's and the datasets': what a submit writes."""
+    r = redis.Redis.from_url(api.settings.redis_url)
+    return {k.decode() for k in r.keys("*") if b":rate" not in k and b":ds" not in k}
+
+
+async def test_a_refused_submit_stores_nothing_and_queues_nothing(api_settings: Settings) -> None:
+    async with AsyncTestClient(create_app(replace(api_settings, max_queued_jobs=1))) as client:
+        api = Api(client, api_settings)
+        ds = await dataset(api)
+        first = await client.post("/v1/jobs", json=spec(ds), headers=ALICE)
+        assert first.status_code == 201, first.text
+        before = stored_keys(api)
+        r = redis.Redis.from_url(api_settings.redis_url)
+        queue_before = r.zrange(api_settings.queue_name, 0, -1)
+        over = await client.post("/v1/jobs", json=spec(ds), headers=ALICE)
+        assert over.status_code == 429, over.text
+        missing = await client.post(
+            "/v1/jobs", json=spec("ds_000000000000000000000000"), headers=ALICE
+        )
+        assert missing.status_code == 422, missing.text
+        assert stored_keys(api) == before  # no record, index entry, event or token
+        assert r.zrange(api_settings.queue_name, 0, -1) == queue_before
+        listed = await client.get("/v1/jobs", headers=ALICE)
+        assert [j["id"] for j in listed.json()["items"]] == [first.json()["id"]]
+
+
+async def test_concurrent_submits_never_pass_the_queued_job_limit(api_settings: Settings) -> None:
+    async with AsyncTestClient(create_app(replace(api_settings, max_queued_jobs=5))) as client:
+        api = Api(client, api_settings)
+        ds = await dataset(api)
+        answers = await asyncio.gather(
+            *(client.post("/v1/jobs", json=spec(ds), headers=ALICE) for _ in range(20))
+        )
+        codes = sorted(a.status_code for a in answers)
+        assert codes == [201] * 5 + [429] * 15
+        created = {a.json()["id"] for a in answers if a.status_code == 201}
+        assert {a.split(":")[0] for a in queued_attempts(api)} == created
+
+
+async def test_a_failure_before_the_token_is_queued_leaves_no_record(api: Api) -> None:
+    """The record and its dispatch token go to Redis in one MULTI/EXEC: a failure while the
+    token's command is being built (here a lost connection) leaves neither."""
+    ds = await dataset(api)
+    store = Store.from_url(api.settings.redis_url)
+    try:
+        job = (await api.client.post("/v1/jobs", json=spec(ds), headers=ALICE)).json()
+        record = msgspec.json.decode(json.dumps(job).encode(), type=Job)
+        fresh = msgspec.structs.replace(record, id=new_id("job"))
+
+        def token(pipe: Any, key: str) -> None:
+            queue.enqueue_in(pipe, fresh, queue_name=api.settings.queue_name, requires=key)
+            raise redis.ConnectionError("lost the connection")
+
+        with pytest.raises(redis.ConnectionError):
+            await store.create_job(fresh, then=token)
+        assert await store.redis.exists(job_key(fresh.id)) == 0
+        assert {a.split(":")[0] for a in queued_attempts(api)} == {job["id"]}
+        assert not [k for k in stored_keys(api) if fresh.id in k]  # no record, no events
+        listed = await api.client.get("/v1/jobs", headers=ALICE)
+        assert [j["id"] for j in listed.json()["items"]] == [job["id"]]  # in no index
+    finally:
+        await store.close()
+
+
+async def test_a_submit_wakes_idle_workers_and_a_refused_one_does_not(
+    api_settings: Settings,
+) -> None:
+    """The wake-up is published by the enqueue script in the submit's transaction: once for a
+    queued job, never for a submit refused at the queued-jobs limit."""
+    async with AsyncTestClient(create_app(replace(api_settings, max_queued_jobs=1))) as client:
+        api = Api(client, api_settings)
+        ds = await dataset(api)
+        listener = redis.asyncio.Redis.from_url(api_settings.redis_url)
+        pubsub = listener.pubsub()
+        try:
+            await pubsub.subscribe(queue.wake_channel(api_settings.queue_name))
+            await pubsub.get_message(timeout=1)  # the subscription's confirmation
+            job = (await client.post("/v1/jobs", json=spec(ds), headers=ALICE)).json()
+            heard = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+            assert heard is not None and heard["data"].decode() == f"{job['id']}:0"
+            over = await client.post("/v1/jobs", json=spec(ds), headers=ALICE)
+            assert over.status_code == 429
+            assert await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5) is None
+        finally:
+            await pubsub.aclose()
+            await listener.aclose()

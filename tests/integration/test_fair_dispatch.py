@@ -252,6 +252,33 @@ async def test_reaper_returns_a_claim_whose_worker_died_before_starting(redis_ur
     await pool.aclose()
 
 
+async def test_a_token_whose_worker_died_before_its_pick_is_replaced(redis_url: str) -> None:
+    """A worker took a token (arq's in-progress key) and died before it picked an attempt: the
+    reaper replaces that token with a fresh one, and leaves alone a token taken just now and one
+    whose worker picked."""
+    s = settings(redis_url)
+    store, pool = Store.from_url(redis_url), await queue.connect(redis_url)
+    for tenant in ("team-a", "team-b", "team-c"):
+        await submit(store, pool, s, tenant)
+    dead, fresh, picked = [t.decode() for t in await pool.zrange(s.queue_name, 0, -1)]
+    # arq's in-progress expiry is job timeout + 10 s (here 100 s); taken 70 s ago / just now.
+    await pool.set(f"arq:in-progress:{dead}", b"1", px=30_000)
+    await pool.set(f"arq:in-progress:{fresh}", b"1", px=99_000)
+    await pool.set(f"arq:in-progress:{picked}", b"1", px=30_000)
+    await pool.hset(queue.DISPATCHED, "job_elsewhere", picked)
+
+    dropped = await queue.replace_stranded_tokens(
+        pool, queue_name=s.queue_name, in_progress_seconds=100
+    )
+
+    assert dropped == [dead]
+    tokens = {t.decode() for t in await pool.zrange(s.queue_name, 0, -1)}
+    assert dead not in tokens and {fresh, picked} <= tokens and len(tokens) == 3
+    assert await pool.exists(f"arq:in-progress:{dead}") == 0
+    await store.close()
+    await pool.aclose()
+
+
 async def test_a_token_queued_before_fair_dispatch_still_starts_its_job(redis_url: str) -> None:
     """arq jobs queued by an older API carried (job id, attempt) and have no pending entry."""
     s = settings(redis_url)

@@ -94,3 +94,26 @@ async def test_an_estimate_of_an_unknown_shape_says_so_and_bad_specs_are_refused
     assert resp.status_code == 422 and "beta" in resp.text
     resp = await gpu24.client.post("/v1/jobs/estimate", json={"base_model": "org/m"})
     assert resp.status_code == 401
+
+
+async def test_with_four_gpus_per_worker_an_fsdp_job_is_estimated_per_gpu(
+    api_settings: Settings,
+) -> None:
+    settings = replace(api_settings, worker_gpu_memory_gb=24.0, worker_gpus=4)
+    async with AsyncTestClient(create_app(settings)) as client:
+        api = Api(client, settings)
+        big = {"base_model": "meta-llama/Llama-2-70b-hf"}
+        fsdp = {**big, "parallelism": {"strategy": "fsdp"}}
+        resp = await client.post("/v1/jobs/estimate", json=fsdp, headers=ALICE)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["fits"] is True
+        assert resp.json()["summary"].startswith("per GPU of 4 (fsdp): about 15")
+        ds = await dataset(api)
+        refused = await client.post("/v1/jobs", json=spec(ds, **big), headers=ALICE)
+        assert refused.status_code == 422
+        assert "parallelism.strategy 'fsdp'" in refused.json()["detail"]
+        accepted = await client.post("/v1/jobs", json=spec(ds, **fsdp), headers=ALICE)
+        assert accepted.status_code == 201, accepted.text
+        bad = {**big, "parallelism": {"strategy": "fsdp"}, "quantization": {"bits": 8}}
+        resp = await client.post("/v1/jobs/estimate", json=bad, headers=ALICE)
+        assert resp.status_code == 422 and "LLM.int8" in resp.text

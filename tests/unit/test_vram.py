@@ -192,3 +192,33 @@ def test_check_fits_uses_a_local_models_own_config(tmp_path: Path) -> None:
     folder = write_config(tmp_path / "big", **{**LLAMA_7B_CONFIG, "num_hidden_layers": 320})
     with pytest.raises(ValueError, match="GB"):
         vram.check_fits(spec(folder.as_uri()), 24.0, tmp_path)
+
+
+# -- several GPUs per worker ---------------------------------------------------------------------
+
+
+def test_under_ddp_each_gpu_holds_everything_plus_the_gradient_buckets() -> None:
+    job = spec("meta-llama/Llama-2-7b-hf")
+    one, four = vram.estimate(job), vram.estimate(job, gpus=4)
+    assert one is not None and four is not None
+    assert four.weights == one.weights and four.activations == one.activations
+    # DDP's buckets: one more copy of the adapter's bf16 gradients (2 of its 8 bytes a weight).
+    assert four.adapter == one.adapter * 10 // 8
+
+
+def test_under_fsdp_the_weights_and_the_optimizer_state_shard_across_the_gpus() -> None:
+    job = spec("meta-llama/Llama-2-70b-hf", parallelism={"strategy": "fsdp"})
+    one, four = vram.estimate(job), vram.estimate(job, gpus=4)
+    assert one is not None and four is not None
+    assert four.activations == one.activations  # each GPU runs its own batch_size rows
+    assert four.adapter == one.adapter // 4
+    # A quarter of the weights, plus two decoder layers gathered whole (80 layers).
+    assert one.weights / 4 < four.weights < one.weights / 4 + one.weights * 2 / 80
+    assert vram.estimate(job, gpus=1) == one  # one GPU: nothing to shard
+
+
+def test_check_fits_divides_by_the_gpus_only_where_fsdp_shards() -> None:
+    big = "meta-llama/Llama-2-70b-hf"
+    with pytest.raises(ValueError, match=r"per GPU \(4 GPUs\).*strategy 'fsdp'"):
+        vram.check_fits(spec(big), 24.0, None, gpus=4)
+    vram.check_fits(spec(big, parallelism={"strategy": "fsdp"}), 24.0, None, gpus=4)

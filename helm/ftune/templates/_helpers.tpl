@@ -298,6 +298,9 @@ Environment shared by the API and the workers: Redis, blob store, S3 credentials
   value: {{ .Values.config.jobRetentionDays | toString | quote }}
 - name: FTUNE_MAX_CONCURRENT_UPLOADS
   value: {{ .Values.config.maxConcurrentUploads | toString | quote }}
+{{- /* The workers train each job in one process per GPU; the API estimates memory per GPU. */}}
+- name: FTUNE_WORKER_GPUS
+  value: {{ .Values.worker.gpu.count | int | toString | quote }}
 {{- end }}
 
 {{/*
