@@ -52,7 +52,7 @@ REAP_SECONDS = 30.0
 # -- the training process ------------------------------------------------------------------------
 
 
-def _die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int) -> None:
     """A child orphaned by a SIGKILLed worker must not train on for nobody: not even the second a
     polling watch would take, in which the tiny test model trains a dozen steps and writes a
     checkpoint that the next attempt resumes from. On Linux the kernel kills it with its
@@ -125,7 +125,7 @@ def _main(
     parent: int,
 ) -> None:
     spawned = time.time()
-    _die_with_parent(parent)
+    die_with_parent(parent)
     _stop_on_signals(stop)
     logs.configure_logging(
         settings.log_level, secrets=settings.secret_values(), fmt=settings.log_format
