@@ -462,12 +462,12 @@ def _drop_ddp(trainer: Trainer) -> None:
 def main(argv: list[str]) -> NoReturn:
     """`python -m gpu_worker.distributed PLAN RANK`: one of ranks 1..N-1, started before PLAN
     exists."""
-    from gpu_worker.worker import _die_with_parent
+    from gpu_worker.warm import die_with_parent
     from service import logs
     from service.settings import Settings
 
     plan_file, rank = Path(argv[0]), int(argv[1])
-    _die_with_parent(os.getppid())
+    die_with_parent(os.getppid())
     # Rank 0 decides when to stop (StepSync); a SIGTERM sent to the whole group reaches it too.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)

@@ -81,9 +81,14 @@ class ListReporter:
         return self.stop_after_step is not None and step >= self.stop_after_step
 
 
+PROGRESS_EVERY_SECONDS = 0.5
+"""Progress goes to the worker at most this often (and always at the last step): an event per
+step cost the worker's process CPU beside training, for a figure that watchers poll."""
+
+
 class QueueReporter:
     """The child-process side: events go to the parent, cancel and stop come from it (stop
-    also from a SIGTERM sent to the child itself)."""
+    also from a SIGTERM sent to the child itself). Progress is throttled: see `flush`."""
 
     def __init__(
         self,
@@ -94,13 +99,28 @@ class QueueReporter:
         self._events = events
         self._cancel = cancel
         self._stop = stop
+        self._progress_sent = float("-inf")
+        self._held: Progress | None = None
 
     def phase(self, phase: Phase) -> None:
         logs.bind(phase=phase.value)
         self._events.put(("phase", phase.value))
 
     def progress(self, progress: Progress) -> None:
-        self._events.put(("progress", progress))
+        now = time.monotonic()
+        last = progress.total_steps is not None and progress.step >= progress.total_steps
+        if last or now - self._progress_sent >= PROGRESS_EVERY_SECONDS:
+            self._events.put(("progress", progress))
+            self._progress_sent, self._held = now, None
+        else:
+            self._held = progress
+
+    def flush(self) -> None:
+        """Send the newest progress held back, so that the record ends at the step reached (a
+        cancel or a planned stop ends before the last step)."""
+        if self._held is not None:
+            self._events.put(("progress", self._held))
+            self._held = None
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         self._events.put(("metrics", (step, time.time(), dict(values))))

@@ -13,6 +13,7 @@ capped well below that, so a job is not taken from a worker that is about to ren
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import multiprocessing
 import queue as stdqueue
@@ -167,6 +168,9 @@ class Supervisor:
     async def flush(self) -> None:
         """Write the buffered events in order; raises REDIS_DOWN with the rest still buffered."""
         while self.pending and not self.taken:
+            if self.pending[0][0] == "metrics":
+                await self._metrics_run()
+                continue
             await self.apply(*self.pending[0])
             self.pending.popleft()
         if self.progress is not None and not self.taken:
@@ -179,6 +183,26 @@ class Supervisor:
                 "be kept here (the artifact's metrics.jsonl has every point)",
             )
             self.dropped = 0
+
+    async def _metrics_run(self) -> None:
+        """The metric points at the head of the buffer: one record write for all of them (with a
+        log every step, one per step was most of this process's CPU), then each point appended.
+        The idempotent write first: a retry after Redis dropped in between adds no second copy
+        of a point."""
+        run = list(itertools.takewhile(lambda e: e[0] == "metrics", self.pending))
+        latest: dict[str, float] = {}
+        for _, (_, _, values) in run:
+            latest.update(values)
+        await self.store.update_job(
+            self.job_id,
+            lambda j: msgspec.structs.replace(j, latest_metrics={**j.latest_metrics, **latest}),
+        )
+        for _, (step, at, values) in run:
+            await self.store.add_metrics(
+                self.job_id, MetricPoint(step=step, time=at, values=values)
+            )
+            self.metrics.observe(values)
+            self.pending.popleft()
 
     async def apply(self, kind: str, payload: Any) -> None:
         if kind == "phase":
@@ -194,18 +218,6 @@ class Supervisor:
             await self.store.update_job(
                 self.job_id, lambda j: msgspec.structs.replace(j, progress=progress)
             )
-        elif kind == "metrics":
-            step, at, values = payload
-            # The idempotent write first: a retry after Redis dropped in between adds no
-            # second copy of the point.
-            await self.store.update_job(
-                self.job_id,
-                lambda j: msgspec.structs.replace(j, latest_metrics={**j.latest_metrics, **values}),
-            )
-            await self.store.add_metrics(
-                self.job_id, MetricPoint(step=step, time=at, values=values)
-            )
-            self.metrics.observe(values)
         elif kind == "log":
             await self.store.add_log(self.job_id, str(payload))
         elif kind == "update":
@@ -225,8 +237,9 @@ class Supervisor:
         cancel: Any,
         stop_child: Callable[[Any], None],
     ) -> None:
-        """Until the child ends: forward, renew, watch. Returns with the buffer written, or
-        with `taken` set (the child then stopped at once: its work belongs to another attempt)."""
+        """Until the child reports its outcome or ends: forward, renew, watch. Returns with the
+        buffer written (the child may still be exiting: the caller reaps it), or with `taken`
+        set (the child then stopped at once: its work belongs to another attempt)."""
         renew_every = max(self.settings.lease_seconds / 3, 0.5)
         next_renew = 0.0
         kill_at: float | None = None
@@ -257,7 +270,7 @@ class Supervisor:
                 kill_at = now + CANCEL_GRACE_SECONDS
             if kill_at is not None and now >= kill_at:
                 stop_child(child)
-            if not alive:
+            if not alive or self.outcome is not None:  # the outcome is the child's last event
                 if self.pending or self.progress is not None or self.backoff.down_since:
                     await self.backoff.retry(self.forward)
                 return

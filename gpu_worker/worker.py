@@ -1,8 +1,10 @@
 """The arq worker: claim a job, train it in a child process, write how it ended.
 
-The event loop never trains. Training runs in a spawned child so that, while it works, this
-process keeps renewing the job's lease, forwarding metrics to Redis and watching for a
-cancel (gpu_worker/supervisor.py, which also rides out a Redis outage). A worker that dies
+The event loop never trains. Each job trains in a child process of its own, spawned before the
+job while the worker waits (gpu_worker/warm.py), so that, while it works, this process keeps
+renewing the job's lease, forwarding metrics to Redis and watching for a cancel
+(gpu_worker/supervisor.py, which also rides out a Redis outage). The job's status is written
+as soon as the child reports its outcome; the child is reaped after that. A worker that dies
 stops renewing; the scheduler's reaper (service/leases.py, run by the API whether or not any
 worker exists) re-queues the job as a new attempt, which resumes from the last checkpoint.
 arq's own recovery would wait `job_timeout + 10 s`, hours for training.
@@ -16,15 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
-import multiprocessing
 import os
-import shutil
 import signal
 import socket
-import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -36,8 +33,8 @@ from arq.worker import Worker, func
 from prometheus_client import start_http_server
 
 from gpu_worker.supervisor import REDIS_DOWN, Backoff, Outcome, Supervisor, backoff_for
+from gpu_worker.warm import Warm
 from service import logs, queue, tenants
-from service.blobs import open_store
 from service.contract import (
     Job,
     JobError,
@@ -53,85 +50,6 @@ log = logging.getLogger("ftune.worker")
 REDIS_TIMEOUT_SECONDS = 10.0
 """Connect and reply timeout of the worker's Redis connections: a Redis host that vanished
 (no refusal, no reply) must count as unreachable, not hang the supervisor for minutes."""
-_PR_SET_PDEATHSIG = 1
-"""prctl option: the signal the kernel sends this process when its parent dies (Linux)."""
-
-# -- the child process ---------------------------------------------------------------------
-
-
-def _die_with_parent(parent: int) -> None:
-    """A child orphaned by a SIGKILLed worker must not train on for nobody: not even the second a
-    polling watch would take, in which the tiny test model trains a dozen steps and writes a
-    checkpoint that the next attempt resumes from. On Linux the kernel kills it with its
-    parent (PR_SET_PDEATHSIG); the watch thread covers other systems and a parent that died
-    before the request was made."""
-    if sys.platform == "linux":
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def _stop_on_signals(stop: Any) -> None:
-    """A SIGTERM (or Ctrl-C's SIGINT) sent to the whole process group (systemd, dumb-init, a
-    terminal) reaches the child too: it must checkpoint and stop like its worker asks it to,
-    not die and lose the steps since the last checkpoint."""
-
-    def handle(signum: int, frame: Any) -> None:
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handle)
-
-
-def _child(
-    job_json: bytes,
-    settings: Settings,
-    events: multiprocessing.Queue[tuple[str, Any]],
-    cancel: Any,
-    stop: Any,
-    parent: int,
-) -> None:
-    _die_with_parent(parent)
-    _stop_on_signals(stop)
-    logs.configure_logging(
-        settings.log_level, secrets=settings.secret_values(), fmt=settings.log_format
-    )
-    from gpu_worker.errors import JobFailure
-    from gpu_worker.pipeline import run
-    from gpu_worker.reporter import JobCancelled, JobStopped, QueueReporter
-    from service.publish import PublishError
-
-    job = msgspec.json.decode(job_json, type=Job)
-    logs.bind(job_id=job.id, tenant=job.tenant, attempt=job.attempt)
-    workdir = settings.work_dir / job.id
-    try:
-        store = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
-        reporter = QueueReporter(events, cancel, stop)
-        result = run(job, workdir, reporter, settings=settings, store=store)
-        outcome = Outcome(artifacts=result.artifacts, final_metrics=result.final_metrics)
-    except JobCancelled:
-        outcome = Outcome(cancelled=True)
-    except JobStopped as exc:
-        reporter.log(f"planned stop: {exc}")
-        outcome = Outcome(stopped=True)
-    except (JobFailure, PublishError) as exc:
-        outcome = Outcome(error=JobError(type=type(exc).__name__, message=str(exc)))
-    except Exception as exc:
-        logging.getLogger("ftune.worker").exception("job %s failed", job.id)
-        outcome = Outcome(error=JobError(type=type(exc).__name__, message=str(exc)))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    events.put(("outcome", msgspec.json.encode(outcome)))
-    events.close()
-    events.join_thread()
-
-
 # -- the task --------------------------------------------------------------------------------
 
 
@@ -210,31 +128,23 @@ async def run_job(ctx: dict[str, Any], *legacy: Any) -> str:
     job_id, attempt = job.id, job.attempt
     logs.update_context(job_id=job_id, tenant=job.tenant, attempt=attempt)
     log.info("job %s attempt %s started", job_id, attempt)
-    mp = multiprocessing.get_context("spawn")
-    events: multiprocessing.Queue[tuple[str, Any]] = mp.Queue()
-    cancel, stop = mp.Event(), mp.Event()
+    warm: Warm = ctx["warm"]
+    proc = warm.start(job)
     shutdown: _Shutdown = ctx["shutdown"]
-    shutdown.watch(stop)
-    child = mp.Process(
-        target=_child,
-        args=(msgspec.json.encode(job), settings, events, cancel, stop, os.getpid()),
-        name=f"ftune-train-{job_id}",
-        daemon=True,
-    )
-    child.start()
+    shutdown.watch(proc.stop)
     metrics: WorkerMetrics = ctx["metrics"]
     supervisor = Supervisor(store, job, settings, worker, metrics)
     metrics.busy.set(1)
     try:
-        await supervisor.supervise(child, events, cancel, _stop)
-        status = await _finish(ctx, supervisor, child)
+        await supervisor.supervise(proc.process, proc.events, proc.cancel, _stop)
+        status = await _finish(ctx, supervisor, proc.process)
         if status in TERMINAL:  # arq ends the token itself; forget which job it ran
             token: str = ctx["job_id"]
             await supervisor.backoff.retry(lambda: queue.finished(ctx["redis"], job_id, token))
     except asyncio.CancelledError:
         # The grace after SIGTERM ran out before the child checkpointed and stopped (or the
         # task was aborted): stop training and hand the job on; still a planned stop.
-        _stop(child)
+        _stop(proc.process)
         await asyncio.shield(
             requeue(
                 store,
@@ -248,8 +158,10 @@ async def run_job(ctx: dict[str, Any], *legacy: Any) -> str:
         )
         raise
     finally:
-        shutdown.forget(stop)
+        shutdown.forget(proc.stop)
         metrics.busy.set(0)
+        # The outcome is written: only now wait for the process to go (killed if it lingers).
+        await warm.finished(proc, respawn=not shutdown.requested)
     metrics.finished.labels(status=status).inc()
     return status
 
@@ -403,6 +315,8 @@ class _Worker(Worker):
 
     def _ask_job_to_stop(self) -> None:
         self.ctx["shutdown"].request()
+        if (warm := self.ctx.get("warm")) is not None:
+            warm.closing = True  # no new training process: the worker is going
 
     async def _poll_iteration(self) -> None:
         backoff: Backoff = self.ctx["poll_backoff"]
@@ -476,8 +390,14 @@ def build_worker(
         ctx["metrics"] = metrics
         ctx["limits"] = dispatch_shares(settings)
         ctx["wake_ups"] = queue.WakeUps(ctx["redis"], settings.queue_name)
+        ctx["warm"] = warm = Warm(settings, once=burst)
+        warm.ensure()
+        ctx["warm_keeper"] = asyncio.create_task(warm.keep())
 
     async def shutdown(ctx: dict[str, Any]) -> None:
+        if "warm" in ctx:
+            ctx["warm_keeper"].cancel()
+            await ctx["warm"].close()
         await ctx["wake_ups"].close()
         await ctx["store"].close()
 
