@@ -3,8 +3,9 @@
 Each job still trains in a process of its own that ends with it (a crashed or leaking job cannot
 poison the next), but the worker spawns that process while it waits: at start, and again as soon
 as the previous job's process is reaped. The waiting process imports the training stack (torch,
-transformers, trl, peft, bitsandbytes, our pipeline; seconds of CPU) and then blocks on a pipe,
-holding no Redis connection and no model, until the worker hands it a job. The base model is not
+transformers, trl, peft, bitsandbytes, our pipeline; seconds of CPU), makes its CUDA context on a
+GPU worker, and then blocks on a pipe, holding no Redis connection and no model, until the
+worker hands it a job. The base model is not
 kept loaded between jobs: the next job's base is unknown while the process waits, and loading
 one inside it would mean a model outliving its job, which is what the process per job avoids.
 
@@ -97,6 +98,13 @@ def _preload() -> None:
     import gpu_worker.pipeline  # noqa: F401
 
     torch.ones(2, 2) @ torch.ones(2, 2)  # initialises torch's CPU kernels and thread pool
+    if torch.cuda.is_available():
+        # The CUDA context and cuBLAS (a second or more per process) are made on the first GPU,
+        # the one a job's process trains on (rank 0 under data parallelism). Only one job
+        # process exists at a time: the next is spawned once the last one is reaped, so this
+        # holds no GPU memory a running job could need. Checked on paper (no GPU in CI).
+        x = torch.ones(2, 2, device="cuda:0")
+        (x @ x).sum().item()
 
 
 def _wait_for_job(
