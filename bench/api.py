@@ -18,6 +18,7 @@ from typing import Any
 
 from bench.common import (
     AUTH,
+    HTTP_PARSER,
     PY,
     QUIET_ENV,
     ROOT,
@@ -91,7 +92,12 @@ def run(full: bool) -> Section:
                     _figures(section, name, bare_name, c, ours, base)
         finally:
             stop_process(bare)
-    parser = "httptools, in C" if importlib.util.find_spec("httptools") else "h11, in Python"
+    parser = (
+        "httptools, in C"
+        if HTTP_PARSER == "httptools"
+        or (HTTP_PARSER == "auto" and importlib.util.find_spec("httptools"))
+        else "h11, in Python"
+    )
     section.facts.append(
         f"the generator and each server share the machine's 2 cores; both servers run uvicorn "
         f"with the same HTTP parser ({parser}) and asyncio's own loop (uvloop is not "

@@ -258,6 +258,11 @@ def tail(path: Path, chars: int = 4000) -> str:
         return ""
 
 
+HTTP_PARSER = os.environ.get("FTUNE_BENCH_HTTP", "auto")
+"""uvicorn's `--http` for every server of a run: `auto` (httptools when installed, as deployed)
+or `h11`, the parser the issue 17 figures were first measured with."""
+
+
 def uvicorn_command(factory: str, port: int) -> list[str]:
     """The one server configuration both our API and the bare baseline run under."""
     return [
@@ -270,6 +275,8 @@ def uvicorn_command(factory: str, port: int) -> list[str]:
         "127.0.0.1",
         "--port",
         str(port),
+        "--http",
+        HTTP_PARSER,
         "--log-level",
         "warning",
         "--no-access-log",
