@@ -97,6 +97,24 @@ def memory_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+class AlreadyTrained(Exception):
+    """Raised by `EndAtMaxSteps` before a step past the last one."""
+
+
+class EndAtMaxSteps(TrainerCallback):
+    """A job resumed from the checkpoint of its last step (its worker was lost while it
+    evaluated or published) must train nothing more, but transformers' loop checks `max_steps`
+    only after a step: it would train one step past it. Every rank ends before that step (all
+    have the checkpoint's state, so no collective is left waiting); `train()` has loaded the
+    checkpoint's adapter by then."""
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        if 0 < state.max_steps <= state.global_step:
+            raise AlreadyTrained(f"the checkpoint is at the last step ({state.global_step})")
+
+
 class ReporterCallback(TrainerCallback):
     """Forwards TRL's logs and the progress to a Reporter; stops on cancel; syncs checkpoints.
 

@@ -392,7 +392,7 @@ def train_rank(plan: Plan, rank: int) -> None:
     """What ranks 1..N-1 do: the collectives of rank 0's training, in the same order."""
     from gpu_worker.data import to_dataset
     from gpu_worker.model import load_model, load_tokenizer
-    from gpu_worker.trainer import build_config, build_trainer
+    from gpu_worker.trainer import build_config, build_trainer, train
 
     join(plan, rank)  # left by exiting: the process ends right after (see `main`)
     spec, model_dir = plan.spec, Path(plan.model_dir)
@@ -418,7 +418,7 @@ def train_rank(plan: Plan, rank: int) -> None:
         group.callbacks,
         init_adapter=Path(plan.init_adapter) if plan.init_adapter else None,
     )
-    trainer.train(resume_from_checkpoint=plan.resume_from)
+    train(trainer, plan.resume_from)
     after_training(trainer, group, plan.rank_output_dir(rank) / "adapter", evaluate=False)
 
 

@@ -38,7 +38,7 @@ from gpu_worker.init_from import fetch_adapter
 from gpu_worker.model import load_model, load_tokenizer, resolve_model
 from gpu_worker.reporter import JobCancelled, JobStopped, Reporter
 from gpu_worker.tracking import Tracking
-from gpu_worker.trainer import adapt_to_device, build_config, build_trainer, resolve_device
+from gpu_worker.trainer import adapt_to_device, build_config, build_trainer, resolve_device, train
 from service import tenants
 from service.blobs import BlobStore
 from service.contract import (
@@ -157,7 +157,8 @@ def _run(
             [callback, *group.callbacks],
             init_adapter=init_adapter,
         )
-        trainer.train(resume_from_checkpoint=plan.resume_from)
+        if not train(trainer, plan.resume_from):
+            reporter.log("the checkpoint is of the last step: nothing left to train")
         if callback.stopped_at is not None:
             raise JobStopped(f"stopped at step {callback.stopped_at}, checkpoint saved")
         reporter.phase(Phase.evaluating)

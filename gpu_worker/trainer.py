@@ -219,6 +219,7 @@ def build_trainer(
     adapter frozen."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    from gpu_worker.callbacks import EndAtMaxSteps
     from gpu_worker.methods import method_trainer
 
     policy: PreTrainedModel | PeftModel = model
@@ -233,7 +234,7 @@ def build_trainer(
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=list(callbacks),
+        callbacks=[EndAtMaxSteps(), *callbacks],
     )
     disable_base_dropout(model)  # the LoRA layers were injected into it in place
     disable_reference_dropout(model)
@@ -245,6 +246,18 @@ def build_trainer(
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     return trainer
+
+
+def train(trainer: Trainer, resume_from: str | None) -> bool:
+    """`trainer.train()`, resuming from the checkpoint folder `resume_from`; False when that
+    checkpoint was of the last step, so that nothing was left to train."""
+    from gpu_worker.callbacks import AlreadyTrained
+
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except AlreadyTrained:
+        return False
+    return True
 
 
 def continue_adapter(model: PreTrainedModel, adapter_dir: Path) -> PeftModel:

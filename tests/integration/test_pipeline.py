@@ -273,6 +273,35 @@ def test_cancel_stops_within_one_step(
 
 
 @pytest.mark.slow
+def test_a_job_resumed_from_its_last_steps_checkpoint_trains_no_step_more(
+    tiny_model_dir: Path,
+    tiny_preference_rows: list[dict[str, str]],
+    store: BlobStore,
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    """Its worker was lost after training (evaluating, publishing): the next attempt publishes
+    the adapter of the last step. transformers' own loop would train a step past `max_steps`."""
+    job = stage_job(
+        store,
+        tiny_model_dir,
+        tiny_preference_rows,
+        hyperparameters={"max_steps": 4, "checkpoint_steps": 4},
+    )
+    first = ListReporter()
+    run(job, tmp_path / "work-1", first, settings=settings, store=store)
+    trained = store.get_bytes(f"jobs/{job.id}/artifacts/adapter/adapter_model.safetensors")
+
+    again = ListReporter()
+    run(job, tmp_path / "work-2", again, settings=settings, store=store)
+
+    assert any("resuming from the checkpoint at step 4" in line for line in again.logs)
+    assert any("nothing left to train" in line for line in again.logs)
+    assert _losses(again) == {}
+    published = store.get_bytes(f"jobs/{job.id}/artifacts/adapter/adapter_model.safetensors")
+    assert published == trained
+
+
 def test_resume_continues_from_the_newest_checkpoint(
     tiny_model_dir: Path,
     tiny_preference_rows: list[dict[str, str]],
