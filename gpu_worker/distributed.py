@@ -25,7 +25,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import msgspec
+from torch.distributed.elastic.utils.distributed import get_free_port
 from transformers import TrainerCallback
 
 from gpu_worker.errors import ConfigError, JobFailure
@@ -160,13 +160,6 @@ def shards(spec: JobSpec, size: int) -> bool:
     return size > 1 and spec.parallelism.strategy == "fsdp"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def join(plan: Plan, rank: int) -> None:
     """Set the torchrun environment accelerate reads, and open the process group."""
     import torch
@@ -253,7 +246,7 @@ class Group:
         if self.size == 1:
             return
         assert self.folder is not None
-        plan = msgspec.structs.replace(plan, port=free_port())
+        plan = msgspec.structs.replace(plan, port=int(get_free_port()))
         staged = self.folder / "plan.json.tmp"
         staged.write_bytes(msgspec.json.encode(plan))
         staged.rename(self.folder / PLAN_FILE)  # atomic: a rank never reads half a plan
