@@ -208,24 +208,21 @@ class StepSync(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
-        import torch
-        import torch.distributed as dist
-
         self.steps += 1
-        flags = torch.tensor(
-            [control.should_training_stop, control.should_save],
-            dtype=torch.int32,
-            device=_collective_device(),
+        control.should_training_stop, control.should_save = _from_rank0(
+            [control.should_training_stop, control.should_save]
         )
-        dist.broadcast(flags, src=0)
-        control.should_training_stop, control.should_save = (bool(v) for v in flags.tolist())
 
 
-def _collective_device() -> str:
+def _from_rank0(flags: list[bool]) -> list[bool]:
+    """Rank 0's `flags`, on every rank (one broadcast, on the GPU under NCCL)."""
     import torch
     import torch.distributed as dist
 
-    return f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(flags, dtype=torch.int32, device=device)
+    dist.broadcast(tensor, src=0)
+    return [bool(v) for v in tensor.tolist()]
 
 
 class Group:
@@ -277,12 +274,8 @@ class Group:
         """Rank 0's `value`, on every rank (the decisions the other ranks cannot make alone)."""
         if self.size == 1:
             return value
-        import torch
-        import torch.distributed as dist
-
-        flag = torch.tensor([value], dtype=torch.int32, device=_collective_device())
-        dist.broadcast(flag, src=0)
-        return bool(flag.item())
+        (agreed,) = _from_rank0([value])
+        return agreed
 
     def ranks_summary(self, trainer: Trainer) -> list[dict[str, Any]]:
         """Every rank's step count and the sum of its adapter weights, gathered on all ranks:
