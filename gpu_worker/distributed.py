@@ -14,9 +14,12 @@ Rank 0 alone decides when training stops (a cancel, a SIGTERM, the end): `StepSy
 decision to every rank after each optimizer step, so all save the same checkpoint and leave
 together; a SIGTERM reaching the other ranks (sent to the process group) is ignored for that
 reason. If rank 0 leaves training with an error, a cancel or a planned stop, it kills the
-others (and the kernel kills them if rank 0 dies). A rank that dies fails the job: gloo sees the
-closed connection at once, NCCL at the collective timeout
-(`FTUNE_WORKER_COLLECTIVE_TIMEOUT_SECONDS`), and the error names the rank and what it raised.
+others (and the kernel kills them if rank 0 dies). A rank that dies fails the job, and the error
+names the rank and what it raised: gloo usually sees the closed connection at once, NCCL only
+at the collective timeout (`FTUNE_WORKER_COLLECTIVE_TIMEOUT_SECONDS`), so a watch thread in rank
+0 abandons the job (`Reporter.abandon`) if rank 0 is still in the group `STUCK_SECONDS` after
+another rank died: measured once on the CPU, gloo waited on a killed rank's connection for
+minutes.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -47,6 +51,9 @@ if TYPE_CHECKING:
 PLAN_FILE = "plan.json"
 JOIN_SECONDS = 120.0
 """How long rank 0 waits for the other ranks to exit after the last collective."""
+STUCK_SECONDS = 15.0
+"""How long rank 0 may go on after another rank died before the job is abandoned: enough for a
+collective's error to end training the ordinary way (with the planned clean-up)."""
 
 
 TORCHRUN_ENV = (
@@ -301,18 +308,20 @@ class Group:
             for rank, proc in self.procs.items():
                 code = proc.poll()
                 if code not in (None, 0):
-                    return f"rank {rank} of {self.size} {self.reason(rank, code)}"
+                    return self.reason(rank, code)
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.1)
 
     def reason(self, rank: int, code: int) -> str:
+        """How rank `rank` ended, from its error file or its exit code."""
         assert self.folder is not None
         error = self.folder / f"rank-{rank}.error"
+        who = f"rank {rank} of {self.size}"
         if error.is_file():
-            return f"failed: {error.read_text().strip()[:2000]}"
+            return f"{who} failed: {error.read_text().strip()[:2000]}"
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
-        return f"died ({how}); if it was killed for memory, lower batch_size or max_length"
+        return f"{who} died ({how}); if it was killed for memory, lower batch_size or max_length"
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -320,6 +329,20 @@ class Group:
                 proc.kill()
         for proc in self.procs.values():
             proc.wait()
+
+
+def _watch(group: Group, left: threading.Event, abandon: Callable[[JobFailure], None]) -> None:
+    """Rank 0's watch: a rank died and rank 0 is still in the group `STUCK_SECONDS` later, so
+    it waits on that rank's collective: kill the other ranks and abandon the job."""
+    while not left.wait(0.5):
+        failed = group.failed_rank(wait=0)
+        if failed is None:
+            continue
+        if left.wait(STUCK_SECONDS):
+            return
+        group.stop()
+        abandon(DistributedError(f"data-parallel training failed: {failed}"))
+        return
 
 
 def describe(summary: list[dict[str, Any]]) -> str:
@@ -331,11 +354,11 @@ def describe(summary: list[dict[str, Any]]) -> str:
 
 
 @contextlib.contextmanager
-def launch(size: int, folder: Path) -> Iterator[Group]:
+def launch(size: int, folder: Path, abandon: Callable[[JobFailure], None]) -> Iterator[Group]:
     """Rank 0: start ranks 1..N-1 now (they import the training stack, then wait for the plan
     that `Group.begin` writes); on leaving, wait for them (normal end) or kill them (an error, a
     cancel, a planned stop), and name a rank that failed rather than rank 0's own
-    communication error."""
+    communication error. While inside, a rank's death is watched for (see `STUCK_SECONDS`)."""
     if size == 1:
         yield Group()
         return
@@ -346,9 +369,15 @@ def launch(size: int, folder: Path) -> Iterator[Group]:
             [sys.executable, "-m", "gpu_worker.distributed", str(folder / PLAN_FILE), str(rank)],
             stdin=subprocess.DEVNULL,
         )
+    left = threading.Event()
+    watch = threading.Thread(
+        target=_watch, args=(group, left, abandon), name="ftune-ranks-watch", daemon=True
+    )
+    watch.start()
     try:
         yield group
     except BaseException as exc:
+        left.set()
         # A cancel, a planned stop or a failure before training are rank 0's own; anything
         # else may be the echo of another rank's death in a collective: give that rank a moment
         # to be seen dead.
@@ -359,6 +388,7 @@ def launch(size: int, folder: Path) -> Iterator[Group]:
         if failed is not None and not isinstance(exc, JobCancelled | JobStopped | DistributedError):
             raise DistributedError(f"data-parallel training failed: {failed}") from exc
         raise
+    left.set()
     leave()
     deadline = time.monotonic() + JOIN_SECONDS
     for rank, proc in group.procs.items():

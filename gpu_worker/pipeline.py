@@ -106,7 +106,7 @@ def _run(
         reporter.log(note)
     # Ranks 1..N-1 (several GPUs) start now and import the training stack while this process
     # prepares; `group.begin` hands them what they need to train alongside it.
-    with distributed.launch(processes, workdir / "ranks") as group:
+    with distributed.launch(processes, workdir / "ranks", reporter.abandon) as group:
         rows = fetch_rows(store, job.dataset, workdir / "data")
         eval_rows = (
             fetch_rows(store, job.eval_dataset, workdir / "data") if job.eval_dataset else None

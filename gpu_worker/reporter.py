@@ -7,13 +7,20 @@ multiprocessing queue to the worker's event loop, which writes them to Redis. Te
 
 from __future__ import annotations
 
+import logging
 import multiprocessing.queues
 import multiprocessing.synchronize
+import os
+import sys
 import time
 from typing import Any, Protocol
 
+import msgspec
+
+from gpu_worker.errors import JobFailure
+from gpu_worker.supervisor import Outcome
 from service import logs
-from service.contract import Phase, Progress
+from service.contract import JobError, Phase, Progress
 
 
 class JobCancelled(Exception):
@@ -44,6 +51,12 @@ class Reporter(Protocol):
         """The worker is shutting down: checkpoint at the next step boundary and stop."""
         ...
 
+    def abandon(self, error: JobFailure) -> None:
+        """The job failed with `error`, seen by another thread while the pipeline's own thread
+        is stuck where no exception reaches it (a collective waiting for a dead rank): report
+        it and end the process. Called from that other thread."""
+        ...
+
 
 class ListReporter:
     """Keeps everything in lists; for tests and standalone runs."""
@@ -56,6 +69,7 @@ class ListReporter:
         self.fields: dict[str, Any] = {}
         self.cancel_after_step: int | None = None
         self.stop_after_step: int | None = None
+        self.abandoned: JobFailure | None = None
 
     def phase(self, phase: Phase) -> None:
         self.phases.append(phase)
@@ -79,6 +93,10 @@ class ListReporter:
     def stop_requested(self) -> bool:
         step = self.progresses[-1].step if self.progresses else 0
         return self.stop_after_step is not None and step >= self.stop_after_step
+
+    def abandon(self, error: JobFailure) -> None:
+        """Kept for the test to see; the process goes on (it is the test's)."""
+        self.abandoned = error
 
 
 PROGRESS_EVERY_SECONDS = 0.5
@@ -136,3 +154,17 @@ class QueueReporter:
 
     def stop_requested(self) -> bool:
         return self._stop is not None and self._stop.is_set()
+
+    def finish(self, outcome: Outcome) -> None:
+        """Send how the job ended, as the last event, and wait until it has left the process."""
+        self.flush()
+        self._events.put(("outcome", msgspec.json.encode(outcome)))
+        self._events.close()
+        self._events.join_thread()
+
+    def abandon(self, error: JobFailure) -> None:
+        self.finish(Outcome(error=JobError(type=type(error).__name__, message=str(error))))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)

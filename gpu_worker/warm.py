@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -175,7 +176,7 @@ def _train(
 
     job = msgspec.json.decode(job_json, type=Job)
     logs.bind(job_id=job.id, tenant=job.tenant, attempt=job.attempt)
-    workdir = settings.work_dir / job.id
+    workdir = _workdir(settings, job)
     reporter = QueueReporter(events, cancel, stop)
     reporter.log(hello)
     try:
@@ -192,12 +193,13 @@ def _train(
     except Exception as exc:
         logging.getLogger("ftune.worker").exception("job %s failed", job.id)
         outcome = Outcome(error=JobError(type=type(exc).__name__, message=str(exc)))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    reporter.flush()
-    events.put(("outcome", msgspec.json.encode(outcome)))
-    events.close()
-    events.join_thread()
+    reporter.finish(outcome)
+
+
+def _workdir(settings: Settings, job: Job) -> Path:
+    """The job's local files: removed by the worker once the process is gone, however it
+    ended (an outcome, a kill for memory, an abandoned collective)."""
+    return settings.work_dir / job.id
 
 
 # -- the worker's side ---------------------------------------------------------------------------
@@ -211,6 +213,8 @@ class TrainingProcess:
         self.events: multiprocessing.Queue[tuple[str, Any]] = mp.Queue()
         self.cancel, self.stop = mp.Event(), mp.Event()
         reader, self._jobs = mp.Pipe(duplex=False)
+        self.settings = settings
+        self.workdir: Path | None = None
         self.process = mp.Process(
             target=_main,
             args=(reader, settings, self.events, self.cancel, self.stop, os.getpid()),
@@ -235,6 +239,7 @@ class TrainingProcess:
             self._jobs.send((msgspec.json.encode(job), time.time()))
         except OSError:
             return False
+        self.workdir = _workdir(self.settings, job)
         return True
 
     async def reap(self, seconds: float = REAP_SECONDS) -> None:
@@ -248,6 +253,8 @@ class TrainingProcess:
             self.process.kill()
             self.process.join(5)
         self.events.close()
+        if self.workdir is not None:
+            await asyncio.to_thread(shutil.rmtree, self.workdir, ignore_errors=True)
 
 
 class Warm:

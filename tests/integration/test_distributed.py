@@ -7,11 +7,14 @@ the ranks' gradients, so the per-step losses agree up to float summation order.
 
 from __future__ import annotations
 
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gpu_worker import distributed
 from gpu_worker.callbacks import CheckpointStore
 from gpu_worker.pipeline import run
 from gpu_worker.reporter import JobStopped, ListReporter
@@ -104,3 +107,24 @@ def test_a_planned_stop_checkpoints_every_rank_and_two_processes_resume(
         "data parallel across 2 processes: rank 0 trained 3 steps, rank 1 trained 3 steps; "
         "adapters identical on every rank"
     ) in resumed.logs
+
+
+def test_a_rank_that_dies_while_rank_0_is_stuck_abandons_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 0 stuck (here: sleeping where a collective would wait on a dead rank's connection)
+    does not hang the job: the watch kills the other ranks and abandons the job, naming the
+    rank that died."""
+    monkeypatch.setattr(distributed, "STUCK_SECONDS", 0.5)
+    reporter = ListReporter()
+    with (
+        pytest.raises(distributed.DistributedError, match="rank 1 of 3 died"),
+        distributed.launch(3, tmp_path / "ranks", reporter.abandon) as group,
+    ):
+        group.procs[1].send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while reporter.abandoned is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert group.procs[2].poll() is not None, "the other rank is killed too"
+    assert reporter.abandoned is not None
+    assert "rank 1 of 3 died (signal 9)" in str(reporter.abandoned)

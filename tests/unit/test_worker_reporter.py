@@ -6,7 +6,11 @@ import multiprocessing
 import queue
 from typing import Any
 
+import msgspec
+
+from gpu_worker.errors import JobFailure
 from gpu_worker.reporter import QueueReporter
+from gpu_worker.supervisor import Outcome
 from service.contract import Progress
 
 
@@ -44,3 +48,28 @@ def test_a_job_that_ends_early_reports_the_step_it_reached() -> None:
         reporter.progress(Progress(step=step, total_steps=200))
     reporter.flush()
     assert steps(drain(events))[-1] == 50
+
+
+def _abandon_after_progress(events: Any, cancel: Any) -> None:
+    reporter = QueueReporter(events, cancel)
+    for step in range(1, 51):
+        reporter.progress(Progress(step=step, total_steps=200))
+    reporter.abandon(JobFailure("rank 1 of 2 died (signal 9)"))
+
+
+def test_an_abandoned_job_reports_its_error_last_and_its_process_ends() -> None:
+    """Abandoning (another thread saw the job fail while training is stuck) sends the step
+    reached, then the error as the outcome, and ends the process with an error code."""
+    mp = multiprocessing.get_context("spawn")
+    events, cancel = mp.Queue(), mp.Event()
+    child = mp.Process(target=_abandon_after_progress, args=(events, cancel))
+    child.start()
+    child.join(60)  # the few events fit the pipe: the child's exit does not wait on a reader
+    sent = drain(events)
+    assert child.exitcode == 1
+    assert steps(sent)[-1] == 50
+    kind, payload = sent[-1]
+    assert kind == "outcome"
+    outcome = msgspec.json.decode(payload, type=Outcome)
+    assert outcome.error is not None and outcome.error.type == "JobFailure"
+    assert outcome.error.message == "rank 1 of 2 died (signal 9)"
