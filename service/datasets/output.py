@@ -1,5 +1,10 @@
 """The normalized rows as they are written: buffered, hashed (sha256 of exactly what is
-written) and counted, and rewritten when text rows have to become conversations."""
+written) and counted, and rewritten when text rows have to become conversations.
+
+Each full buffer is hashed and written by a thread of the output's own while the rows after it
+are validated: hashlib and file writes let go of the GIL, so that work (a third of a plain
+JSONL upload's validation, measured) runs on another core.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,9 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections import deque
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
 import msgspec
@@ -15,16 +23,21 @@ from service.blobs import Draft
 from service.datasets.canonical import Row, as_conversation
 
 FLUSH_BYTES = 1 << 20
+MAX_PENDING = 4
+"""Full buffers waiting for the writer thread, at most (memory stays flat)."""
 
 
 class Output:
     def __init__(self, dst: Sink) -> None:
         self.dst = dst
         self.sha = hashlib.sha256()
+        """Of what was written; read it after :meth:`flush`."""
         self.buffer = bytearray()
         self.written = 0
-        """Bytes written to ``dst`` so far."""
+        """Bytes given to be written to ``dst`` so far."""
         self.rows = 0
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="ftune-output")
+        self._pending: deque[Future[None]] = deque()
 
     def write(self, datas: list[bytes]) -> None:
         """Encoded rows."""
@@ -34,23 +47,44 @@ class Output:
     def write_lines(self, data: bytes, rows: int) -> None:
         """Encoded rows, each ending with a newline."""
         self.rows += rows
+        self._add(data)
+
+    def _add(self, data: bytes) -> None:
         self.buffer += data
         if len(self.buffer) >= FLUSH_BYTES:
-            self.flush()
+            self._hand_off(self.buffer)
+            self.buffer = bytearray()
 
     def flush(self) -> None:
-        self.sha.update(self.buffer)
-        self.dst.write(self.buffer)
-        self.written += len(self.buffer)
-        self.buffer.clear()
+        """Everything given so far is hashed and written to ``dst`` when this returns."""
+        if self.buffer:
+            self._hand_off(self.buffer)
+            self.buffer = bytearray()
+        while self._pending:
+            self._pending.popleft().result()
+
+    def settle(self) -> None:
+        """Wait for the writes handed off, dropping their errors: ``dst`` is about to be
+        restarted or discarded."""
+        futures.wait(self._pending)
+        self._pending.clear()
+
+    def _hand_off(self, data: bytes | bytearray) -> None:
+        self.written += len(data)
+        self._pending.append(self._writer.submit(self._put, data))
+        while len(self._pending) > MAX_PENDING:
+            self._pending.popleft().result()
+
+    def _put(self, data: bytes | bytearray) -> None:
+        self.sha.update(data)
+        self.dst.write(data)
 
     def append(self, src: BinaryIO, rows: int) -> None:
         """Rows written elsewhere (another process's range), after those here."""
         self.flush()
         while chunk := src.read(FLUSH_BYTES):
-            self.sha.update(chunk)
-            self.dst.write(chunk)
-            self.written += len(chunk)
+            self._hand_off(chunk)
+        self.flush()
         self.rows += rows
 
     def rewrite_as_conversations(self, first_rows: int) -> None:
@@ -64,9 +98,7 @@ class Output:
             for i, line in enumerate(src):
                 if i < first_rows:
                     line = encode(as_conversation(decode(line))) + b"\n"
-                self.buffer += line
-                if len(self.buffer) >= FLUSH_BYTES:
-                    self.flush()
+                self._add(line)
         self.flush()
 
 

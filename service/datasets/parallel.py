@@ -287,6 +287,7 @@ def validate_parallel(
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
+            collector.output.settle()  # when the ranges give up, the caller restarts dst
     return collector.finish(size, "jsonl", False)
 
 
