@@ -66,9 +66,10 @@ def test_four_sigterms_each_resume_at_the_step_reached(stack: Stack) -> None:
     process group (systemd, dumb-init): each checkpoints the step reached and re-queues the
     job without spending one of its 3 attempts."""
     ds = stack.upload(preference_rows(64))
-    # Enough steps that four stops land before the end even at ~0.08 s a step on an idle
-    # machine (the test polls every 0.25 s, so a few steps pass between a wait and a signal).
-    max_steps = 60
+    # Enough steps that four stops land before the end even at ~0.02 s a step on a fast idle
+    # machine (the test polls every 0.25 s, so a dozen steps may pass between a wait and a
+    # signal): with 60, a job once finished at its third attempt, before the fourth stop.
+    max_steps = 300
     # No periodic checkpoint: every resume must come from a checkpoint taken at a SIGTERM.
     hp = {"max_steps": max_steps, "checkpoint_steps": 1000}
     job_id = stack.submit(spec(stack, ds["id"], hyperparameters=hp))["id"]
@@ -93,7 +94,7 @@ def test_four_sigterms_each_resume_at_the_step_reached(stack: Stack) -> None:
             assert worker.wait(30) == 0
             worker = stack.start_worker(own_group=True)
 
-    done = stack.wait_done(job_id, timeout=180)
+    done = stack.wait_done(job_id, timeout=600)
     assert done["status"] == "succeeded", done
     assert (done["attempt"], done["lost_attempts"]) == (4, 0)
     stopped = job_logs(stack, job_id, r"planned stop: stopped at step (\d+)")
@@ -108,7 +109,9 @@ def test_redis_restart_during_training_costs_no_attempt(
 ) -> None:
     ds = stack.upload(preference_rows(64))
     worker = stack.start_worker()
-    max_steps = 30
+    # Enough steps to outlast the first progress report by far (it comes half a second in:
+    # ~25 steps at 0.02 s a step), so that Redis stops mid-training.
+    max_steps = 300
     job_id = stack.submit(spec(stack, ds["id"], hyperparameters={"max_steps": max_steps}))["id"]
     stack.wait(job_id, lambda j: j["progress"]["step"] >= 3, timeout=120)
 

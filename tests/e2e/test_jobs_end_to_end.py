@@ -146,9 +146,12 @@ def test_cancel_during_training_stops_within_seconds(stack: Stack) -> None:
 def test_killed_worker_job_resumes_from_checkpoint_elsewhere(stack: Stack) -> None:
     ds = stack.upload(preference_rows(64))
     first = stack.start_worker()
-    # Progress arrives at most twice a second: enough steps that the kill lands mid-training.
-    job = stack.submit(spec(stack, ds["id"], hyperparameters={"max_steps": 40}))
-    stack.wait(job["id"], lambda j: j["progress"]["step"] >= 6, timeout=180)
+    # Progress arrives at most twice a second (~25 steps apart at 0.02 s a step on a fast
+    # machine): enough steps that the kill lands mid-training, after a checkpoint.
+    total, every = 200, 10
+    hp = {"max_steps": total, "checkpoint_steps": every}
+    job = stack.submit(spec(stack, ds["id"], hyperparameters=hp))
+    stack.wait(job["id"], lambda j: j["progress"]["step"] >= every + 2, timeout=180)
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     # No worker exists now: the API's scheduler re-queues the lost attempt by itself.
@@ -171,11 +174,11 @@ def test_killed_worker_job_resumes_from_checkpoint_elsewhere(stack: Stack) -> No
         ]
     assert len(logs) == 1, logs
     resumed_from = int(logs[0].rsplit("step ", 1)[1])
-    assert 4 <= resumed_from < 40 and resumed_from % 4 == 0, logs
+    assert every <= resumed_from < total and resumed_from % every == 0, logs
     # attempt 1 trained only what came after the checkpoint; attempt 0 had reported 1..k
     # (k may stop short of the checkpoint when the worker died with points still in flight)
-    k = len(steps) - (40 - resumed_from)
-    assert steps == list(range(1, k + 1)) + list(range(resumed_from + 1, 41)), steps
+    k = len(steps) - (total - resumed_from)
+    assert steps == list(range(1, k + 1)) + list(range(resumed_from + 1, total + 1)), steps
 
 
 def test_failures_end_failed_with_phase_and_message(stack: Stack) -> None:
