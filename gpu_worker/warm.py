@@ -197,9 +197,11 @@ def _train(
 
 
 def _workdir(settings: Settings, job: Job) -> Path:
-    """The job's local files: removed by the worker once the process is gone, however it
-    ended (an outcome, a kill for memory, an abandoned collective)."""
-    return settings.work_dir / job.id
+    """The attempt's local files: removed by the worker once the process is gone, however it
+    ended (an outcome, a kill for memory, an abandoned collective). One folder an attempt: a
+    planned stop re-queues the job before its process is reaped, and the next attempt may
+    start at once on another worker sharing this folder (`ftune dev`, a host's workers)."""
+    return settings.work_dir / f"{job.id}.{job.attempt}"
 
 
 # -- the worker's side ---------------------------------------------------------------------------

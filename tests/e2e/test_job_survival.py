@@ -129,3 +129,26 @@ def test_redis_restart_during_training_costs_no_attempt(
     # Training went on while Redis was down, and what it reported then arrived afterwards.
     assert any(down_at < t < up_at for _, t in steps)
     assert sorted({s for s, _ in steps}) == list(range(1, max_steps + 1))
+
+
+def test_a_training_process_killed_for_memory_fails_the_job_and_leaves_no_files(
+    stack: Stack,
+) -> None:
+    """The kernel's OOM killer SIGKILLs the training process: the job fails saying so and what
+    to change, the worker lives on, and the attempt's local files go with the process."""
+    ds = stack.upload(preference_rows(64))
+    worker = stack.start_worker(own_group=True)
+    job_id = stack.submit(spec(stack, ds["id"], hyperparameters={"max_steps": 2000}))["id"]
+    stack.wait(job_id, lambda j: j["progress"]["step"] >= 1, timeout=120)
+    workdir = stack.settings.work_dir / f"{job_id}.0"
+    assert (workdir / "output").is_dir()  # the attempt's own folder, while it trains
+    training_child(worker).send_signal(signal.SIGKILL)
+    done = stack.wait_done(job_id, timeout=60)
+    assert done["status"] == "failed", done
+    assert done["error"]["type"] == "WorkerProcessDied"
+    assert "signal 9" in done["error"]["message"] and "batch_size" in done["error"]["message"]
+    deadline = time.monotonic() + 30  # removed once the process is reaped, after the status
+    while workdir.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not workdir.exists()
+    assert worker.poll() is None
