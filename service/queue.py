@@ -97,9 +97,11 @@ def attempt_key(job_id: str, attempt: int) -> str:
 
 
 def _order(priority: int, created_at: float) -> float:
-    """Pending-set score: higher priority first, then the older job to the millisecond (a
-    retried attempt keeps its job's place)."""
-    return -priority * 1e13 + int(created_at * 1000)
+    """Pending-set score: higher priority first, then the older job (a retried attempt keeps
+    its job's place). Milliseconds with their fraction: two jobs submitted within the same
+    millisecond keep their order (whole milliseconds tied them, and the tie went by the ids'
+    random part). At |priority| 100 a double still tells 1/8 ms apart, at 0 a microsecond."""
+    return -priority * 1e13 + created_at * 1000
 
 
 async def connect(redis_url: str) -> ArqRedis:

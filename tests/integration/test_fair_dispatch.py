@@ -31,11 +31,20 @@ def settings(redis_url: str, **over: Any) -> Settings:
     return replace(Settings(), redis_url=redis_url, lease_seconds=2, **over)
 
 
-async def submit(store: Store, pool: Any, s: Settings, tenant: str, priority: int = 0) -> Job:
+async def submit(
+    store: Store,
+    pool: Any,
+    s: Settings,
+    tenant: str,
+    priority: int = 0,
+    *,
+    now: float | None = None,
+    job_id: str | None = None,
+) -> Job:
     """What `POST /v1/jobs` does once the spec is checked: record the job, queue it."""
-    now = time.time()
+    now = time.time() if now is None else now
     job = Job(
-        id=new_id("job"),
+        id=job_id or new_id("job"),
         tenant=tenant,
         status=JobStatus.queued,
         spec=JobSpec(base_model="org/model", dataset_id="ds_x", priority=priority),
@@ -155,6 +164,23 @@ async def run_with(s: Settings, limits: Any) -> list[str]:
     await pool.aclose()
     await store.close()
     return order
+
+
+async def test_jobs_submitted_within_one_millisecond_start_in_submission_order(
+    redis_url: str,
+) -> None:
+    """The spec promises equal priorities start in the order submitted: a fast client submits
+    two jobs in the same millisecond, and the second's id sorts first."""
+    s = settings(redis_url)
+    store, pool = Store.from_url(redis_url), await queue.connect(redis_url)
+    t = int(time.time() * 1000) / 1000 + 0.0001
+    first = await submit(store, pool, s, "team-a", now=t, job_id="job_ffff")
+    second = await submit(store, pool, s, "team-a", now=t + 0.0004, job_id="job_0000")
+    assert int(first.created_at * 1000) == int(second.created_at * 1000)
+    order = await run_with(s, dispatch_shares(s))
+    assert order == [first.id, second.id]
+    await store.close()
+    await pool.aclose()
 
 
 async def test_a_tenant_at_its_running_limit_is_passed_over(redis_url: str) -> None:

@@ -126,7 +126,11 @@ async def test_a_lost_job_is_requeued_with_no_worker(api_alone: Api) -> None:
 
         after = await eventually(requeued, timeout=8)
         assert after.attempt == 1
-        assert f"{job.id}:1" in await queued_ids(api_alone)
+
+        async def dispatchable() -> bool:  # the token follows the record's write
+            return f"{job.id}:1" in await queued_ids(api_alone)
+
+        assert await eventually(dispatchable, timeout=5)
     finally:
         await store.close()
 
