@@ -13,11 +13,12 @@ import time
 
 import msgspec
 from arq.connections import ArqRedis
+from redis.asyncio.client import Pipeline
 
 from service import queue
 from service.contract import Job, JobError, JobStatus
 from service.settings import Settings
-from service.store import Conflict, NotFound, Store, new_id
+from service.store import Conflict, NotFound, Store, job_key, new_id
 
 
 async def requeue(
@@ -63,15 +64,25 @@ async def requeue(
             phase=None,
         )
 
+    # The running attempt's token, read before the transaction: no other can be dispatched
+    # for the job until that transaction queues the next attempt.
+    token = await queue.dispatched(pool, job_id)
+
+    def release_and_enqueue(pipe: Pipeline, job: Job) -> None:
+        """In the record's own transaction: a requeue cut short cannot leave a queued job
+        with no token to dispatch it, and the old token goes before the new one can be
+        picked (and mapped to the job in its place)."""
+        queue.release_in(pipe, job_id, token, queue_name=settings.queue_name)
+        if job.status == JobStatus.queued:
+            queue.enqueue_in(pipe, job, queue_name=settings.queue_name, requires=job_key(job_id))
+
     try:
-        job = await store.update_job(job_id, change)
+        job = await store.update_job(job_id, change, then=release_and_enqueue)
     except (Conflict, NotFound):
         return None
     await store.drop_lease(job_id)
-    await queue.release(pool, job_id, queue_name=settings.queue_name)
     if job.status == JobStatus.queued:
         await store.add_log(job_id, f"{why}: re-queued as attempt {job.attempt}")
-        await queue.enqueue(pool, job, queue_name=settings.queue_name)
     return job
 
 

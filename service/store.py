@@ -35,6 +35,9 @@ CreateHook = Callable[[Pipeline, str], None]
 """Queues more writes into the transaction that creates a job, given the key of the job's
 record: they run even when the creation was refused, so each must do nothing unless that key
 exists (the record is new, so it exists only if the creation went through)."""
+UpdateHook = Callable[[Pipeline, Job], None]
+"""Queues more writes into the transaction that updates a job, given the new record: stored
+together with it or not at all."""
 JobKeys = Callable[[str], str]
 """A feature's per-job key (a webhook delivery log, ...), deleted with the job's record."""
 
@@ -396,11 +399,13 @@ class Store:
         *,
         tenant: str | None = None,
         events: Callable[[Job, Job], Iterable[tuple[str, dict[str, Any]]]] | None = None,
+        then: UpdateHook | None = None,
     ) -> Job:
         """Apply `change` atomically; it may raise Conflict to refuse.
 
         Status moves keep the indexes, the running set and the dataset's live-job set right;
-        each move and phase change is appended to the job's event stream.
+        each move and phase change is appended to the job's event stream. `then` adds writes
+        to the same transaction.
         """
         key = job_key(job_id)
 
@@ -421,6 +426,8 @@ class Store:
                 pipe.xadd(events_key(job_id), _event("phase", {"phase": new.phase}))
             for kind, data in events(old, new) if events else ():
                 pipe.xadd(events_key(job_id), _event(kind, data))
+            if then is not None:
+                then(pipe, new)
             return new
 
         new, _ = await transact(self.redis, update, key)
