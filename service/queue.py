@@ -344,10 +344,7 @@ def release_in(pipe: Pipeline, job_id: str, token: str | None, *, queue_name: st
     if token is not None:
         pipe.zrem(queue_name, token)
         pipe.delete(
-            *(
-                prefix + token
-                for prefix in (job_key_prefix, in_progress_key_prefix, retry_key_prefix)
-            )
+            job_key_prefix + token, in_progress_key_prefix + token, retry_key_prefix + token
         )
 
 
