@@ -54,12 +54,19 @@ async def idle_workers(s: Settings, pool: ArqRedis, n: int) -> AsyncIterator[lis
     try:
         await eventually(lambda: _equals(subscribers(pool, s), n), "the workers subscribed")
         yield workers
+        # A job whose record reads ended can still be in arq's bookkeeping (its result, its
+        # token's removal), which SIGUSR1 would cancel mid-write: let it finish first.
+        await eventually(lambda: _done(workers), "the workers' jobs returned")
     finally:
         for worker in workers:
             worker.handle_sig(signal.SIGUSR1)
         await asyncio.gather(*runs, return_exceptions=True)
         for worker in workers:
             await worker.close()
+
+
+async def _done(workers: list[Worker]) -> bool:
+    return all(task.done() for worker in workers for task in worker.tasks.values())
 
 
 async def _equals(value: Awaitable[object], expected: object) -> bool:
