@@ -18,7 +18,7 @@ from redis.asyncio.client import Pipeline
 from service import queue
 from service.contract import Job, JobError, JobStatus
 from service.settings import Settings
-from service.store import Conflict, NotFound, Store, job_key, new_id
+from service.store import Conflict, NotFound, Store, job_key, new_id, transact
 
 
 async def requeue(
@@ -108,12 +108,36 @@ async def restore_lost_claims(store: Store, pool: ArqRedis, settings: Settings) 
     """Attempts a worker picked but never started (it died in between) go back to their
     tenant's pending set with a fresh dispatch token."""
     for lost in await queue.lost_claims(pool):
-        if not await queue.unclaim(pool, lost):
-            continue  # its worker started it meanwhile, or another reaper took it
-        await queue.release(pool, lost.job_id, queue_name=settings.queue_name)
+        await _restore(store, pool, settings, lost)
+
+
+async def _restore(store: Store, pool: ArqRedis, settings: Settings, lost: queue.Picked) -> None:
+    """The claim's end, the dead token's removal and the fresh token in one transaction: a
+    reaper cut short leaves the claim for its next pass, never a queued job that no token
+    dispatches. Watched: the claim (ended by its worker's own unclaim or by another reaper)
+    and the record (the worker's compare-and-set, a cancel); the token mapping changes only
+    with them."""
+    claiming = queue.claiming_key(lost.tenant)
+    attempt = queue.attempt_key(lost.job_id, lost.attempt)
+
+    async def restore(pipe: Pipeline) -> None:
+        if await pipe.zscore(claiming, attempt) is None:
+            return  # its worker started it meanwhile, or another reaper took it
+        token = await queue.dispatched(pool, lost.job_id)
         try:
-            job = await store.get_job(lost.job_id, None)
+            job: Job | None = await store.get_job(lost.job_id, None)
         except NotFound:
-            continue
-        if job.status == JobStatus.queued and job.attempt == lost.attempt:
-            await queue.enqueue(pool, job, queue_name=settings.queue_name, token=new_id("dispatch"))
+            job = None
+        pipe.multi()
+        pipe.zrem(claiming, attempt)
+        queue.release_in(pipe, lost.job_id, token, queue_name=settings.queue_name)
+        if job and job.status == JobStatus.queued and job.attempt == lost.attempt:
+            queue.enqueue_in(
+                pipe,
+                job,
+                queue_name=settings.queue_name,
+                requires=job_key(lost.job_id),
+                token=new_id("dispatch"),
+            )
+
+    await transact(store.redis, restore, claiming, job_key(lost.job_id))

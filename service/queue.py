@@ -167,13 +167,15 @@ async def enqueue(pool: ArqRedis, job: Job, *, queue_name: str, token: str | Non
     return bool(await _run(pool, _ENQUEUE, keys, args))
 
 
-def enqueue_in(pipe: Pipeline, job: Job, *, queue_name: str, requires: str) -> None:
+def enqueue_in(
+    pipe: Pipeline, job: Job, *, queue_name: str, requires: str, token: str | None = None
+) -> None:
     """`enqueue` as one more command of the caller's MULTI/EXEC, done only if the key
     `requires` exists when it runs: a new job's record, written by the command before it
     (`Store.create_job`'s `then`), so that a record and its token are stored together or not
     at all. EVAL rather than EVALSHA: a script cache emptied by a restart cannot fail the
     command after the record was written."""
-    keys, args = _enqueue_call(job, queue_name, None, requires)
+    keys, args = _enqueue_call(job, queue_name, token, requires)
     pipe.eval(_ENQUEUE, len(keys), *keys, *args)
 
 
@@ -269,8 +271,8 @@ return ended
 
 async def unclaim(pool: ArqRedis, picked: Picked, *, dropped_by: str = "") -> bool:
     """End a claim: the worker's compare-and-set moved the attempt to running, or found it
-    no longer queued (then, `dropped_by` its token, the job-to-token mapping goes too), or the
-    reaper returns it. False if it had already ended."""
+    no longer queued (then, `dropped_by` its token, the job-to-token mapping goes too). False
+    if it had already ended. (The reaper ends a lost claim in its own transaction instead.)"""
     keys = [claiming_key(picked.tenant), DISPATCHED]
     args = [attempt_key(picked.job_id, picked.attempt), picked.job_id, dropped_by]
     return bool(await _run(pool, _UNCLAIM, keys, args))
@@ -363,7 +365,7 @@ async def finished(pool: ArqRedis, job_id: str, token: str) -> None:
 
 async def lost_claims(pool: ArqRedis) -> list[Picked]:
     """Attempts picked by a worker that did not move them to running in time (it died in
-    between): the reaper returns them with `restore`."""
+    between): the reaper returns them (`leases.restore_lost_claims`)."""
     now = time.time() * 1000
     lost = []
     for raw in await pool.zrange(FAIR, 0, -1):

@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 import msgspec
+import pytest
 import redis
 from arq.connections import RedisSettings
 from arq.worker import Worker, func
@@ -274,6 +275,36 @@ async def test_reaper_returns_a_claim_whose_worker_died_before_starting(redis_ur
     assert await pool.exists(f"arq:in-progress:{job.id}:0") == 0
     again = await run_one_worker(s)
     assert again == [job.id]
+    await store.close()
+    await pool.aclose()
+
+
+async def test_a_reaper_cut_short_leaves_the_lost_claim_for_its_next_pass(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ending the claim and queueing the fresh token are one transaction: a reaper that loses
+    its connection in between changes nothing, and the next pass still returns the attempt
+    (before, the claim was gone and the queued job had no token: it never started)."""
+    s = settings(redis_url)
+    store, pool = Store.from_url(redis_url), await queue.connect(redis_url)
+    job = await submit(store, pool, s, "team-a")
+    picked = await queue.pick(pool, f"{job.id}:0", dispatch_shares(s), claim_seconds=0)
+    assert isinstance(picked, queue.Picked)
+
+    def lost_connection(*args: Any) -> None:  # while the fresh token's command is built
+        raise redis.ConnectionError("lost the connection")
+
+    enqueue_call = queue._enqueue_call
+    monkeypatch.setattr(queue, "_enqueue_call", lost_connection)
+    with pytest.raises(redis.ConnectionError):
+        await leases.reap(store, pool, s)
+    assert await queue.lost_claims(pool) == [picked]
+    assert await pool.hget(queue.DISPATCHED, job.id) == f"{job.id}:0".encode()
+
+    monkeypatch.setattr(queue, "_enqueue_call", enqueue_call)
+    await leases.reap(store, pool, s)
+    assert await queue.lost_claims(pool) == []
+    assert await run_one_worker(s) == [job.id]
     await store.close()
     await pool.aclose()
 
