@@ -42,6 +42,7 @@ JobKeys = Callable[[str], str]
 """A feature's per-job key (a webhook delivery log, ...), deleted with the job's record."""
 
 _job_decoder = msgspec.json.Decoder(Job)
+_owner_decoder = msgspec.json.Decoder(tuple[str, str])
 _dataset_decoder = msgspec.json.Decoder(Dataset)
 _encoder = msgspec.json.Encoder()
 _values_decoder = msgspec.json.Decoder(dict[str, float])
@@ -557,6 +558,23 @@ class Store:
         if len(names) > limit:
             return names[:limit], names[limit - 1]
         return names, None
+
+    async def page_owned(
+        self,
+        every: str,
+        own: Callable[[str], str],
+        tenant: str | None,
+        limit: int,
+        cursor: str | None,
+    ) -> tuple[list[tuple[str, str]], str | None]:
+        """(tenant, name) pairs of a kind of named record, in pages by name: one tenant's
+        (its index `own(tenant)`), or (None) every tenant's by tenant, then name (the index
+        `every`, whose members are JSON pairs)."""
+        if tenant is None:
+            members, next_cursor = await self.page_by_name(every, limit, cursor)
+            return [_owner_decoder.decode(m) for m in members], next_cursor
+        names, next_cursor = await self.page_by_name(own(tenant), limit, cursor)
+        return [(tenant, n) for n in names], next_cursor
 
     async def page_newest(
         self, index: str, limit: int, cursor: str | None

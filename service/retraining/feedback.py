@@ -102,7 +102,6 @@ _pending_decoder = msgspec.json.Decoder(Pending)
 _waiting_decoder = msgspec.json.Decoder(Waiting)
 _pair_decoder = msgspec.json.Decoder(PairRecord)
 _snapshot_decoder = msgspec.json.Decoder(FeedbackSnapshot)
-_member_decoder = msgspec.json.Decoder(tuple[str, str])
 
 
 MAX_WAITING = 1000
@@ -301,12 +300,7 @@ async def list_streams(
     store: Store, tenant: str | None, *, limit: int, cursor: str | None
 ) -> tuple[list[FeedbackStream], str | None]:
     """Streams by name, in pages: one tenant's, or (None) every tenant's by tenant, then name."""
-    if tenant is None:
-        members, next_cursor = await store.page_by_name(ALL, limit, cursor)
-        owners = [_member_decoder.decode(m) for m in members]
-    else:
-        names, next_cursor = await store.page_by_name(_index(tenant), limit, cursor)
-        owners = [(tenant, n) for n in names]
+    owners, next_cursor = await store.page_owned(ALL, _index, tenant, limit, cursor)
     if not owners:
         return [], None
     metas = await store.redis.mget([_key(t, n, "meta") for t, n in owners])

@@ -85,7 +85,6 @@ ALL = f"{P}policies"
 _encoder = msgspec.json.Encoder()
 _policy_decoder = msgspec.json.Decoder(Policy)
 _status_decoder = msgspec.json.Decoder(PolicyStatus)
-_member_decoder = msgspec.json.Decoder(tuple[str, str])
 
 
 async def get_policy(store: Store, tenant: str, name: str, *, with_status: bool = False) -> Policy:
@@ -103,12 +102,7 @@ async def list_policies(
     store: Store, tenant: str | None, *, limit: int, cursor: str | None
 ) -> tuple[list[Policy], str | None]:
     """One tenant's policies by name, or (None) every tenant's by tenant, then name."""
-    if tenant is None:
-        members, next_cursor = await store.page_by_name(ALL, limit, cursor)
-        owners = [_member_decoder.decode(m) for m in members]
-    else:
-        names, next_cursor = await store.page_by_name(_index(tenant), limit, cursor)
-        owners = [(tenant, n) for n in names]
+    owners, next_cursor = await store.page_owned(ALL, _index, tenant, limit, cursor)
     if not owners:
         return [], None
     records = await store.redis.mget([_key(t, n, "record") for t, n in owners])
