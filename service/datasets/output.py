@@ -63,11 +63,13 @@ class Output:
         while self._pending:
             self._pending.popleft().result()
 
-    def settle(self) -> None:
-        """Wait for the writes handed off, dropping their errors: ``dst`` is about to be
-        restarted or discarded."""
+    def stop(self) -> None:
+        """End the writer thread once the writes handed off are done (their errors dropped:
+        whoever wanted them called :meth:`flush`); what is still buffered is not written.
+        Nothing writes to ``dst`` after this returns, so it may be restarted or discarded."""
         futures.wait(self._pending)
         self._pending.clear()
+        self._writer.shutdown()
 
     def _hand_off(self, data: bytes | bytearray) -> None:
         self.written += len(data)

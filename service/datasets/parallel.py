@@ -203,8 +203,11 @@ def validate_range(
             hasher=stable_hash,
             record=True,
         )
-        lines = _feed(collector, _Window(path, start, end), options.limits, file_start=False)
-        return range_result(collector, lines)
+        try:
+            lines = _feed(collector, _Window(path, start, end), options.limits, file_start=False)
+            return range_result(collector, lines)
+        finally:
+            collector.output.stop()
 
 
 def _start(
@@ -264,31 +267,33 @@ def validate_parallel(
         hasher=stable_hash,
     )
     options = _Options(mapping=mapping, limits=limits, on_invalid=on_invalid)
-    # Beside the file (the upload's own scratch directory, swept with it).
-    with tempfile.TemporaryDirectory(prefix="ftune-ranges-", dir=path.parent) as tmp:
-        outputs = [Path(tmp) / f"part-{i}.jsonl" for i in range(1, len(bounds) - 1)]
-        procs = [
-            _start(path, bounds[i], bounds[i + 1], output, options)
-            for i, output in enumerate(outputs, 1)
-        ]
-        try:
-            offset = _feed(collector, _Window(path, 0, bounds[1]), limits, file_start=True)
-            for proc, output in zip(procs, outputs, strict=True):
-                part = None if collector.stopped else _result(proc, output)
-                if part is None:
-                    return None
-                with output.open("rb") as f:
-                    if not merge(collector, part, offset, f):
+    try:
+        # Beside the file (the upload's own scratch directory, swept with it).
+        with tempfile.TemporaryDirectory(prefix="ftune-ranges-", dir=path.parent) as tmp:
+            outputs = [Path(tmp) / f"part-{i}.jsonl" for i in range(1, len(bounds) - 1)]
+            procs = [
+                _start(path, bounds[i], bounds[i + 1], output, options)
+                for i, output in enumerate(outputs, 1)
+            ]
+            try:
+                offset = _feed(collector, _Window(path, 0, bounds[1]), limits, file_start=True)
+                for proc, output in zip(procs, outputs, strict=True):
+                    part = None if collector.stopped else _result(proc, output)
+                    if part is None:
                         return None
-                output.unlink()
-                offset += part.lines
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-            collector.output.settle()  # when the ranges give up, the caller restarts dst
-    return collector.finish(size, "jsonl", False)
+                    with output.open("rb") as f:
+                        if not merge(collector, part, offset, f):
+                            return None
+                    output.unlink()
+                    offset += part.lines
+            finally:
+                for proc in procs:
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait()
+        return collector.finish(size, "jsonl", False)
+    finally:
+        collector.output.stop()  # when the ranges give up, the caller restarts dst
 
 
 def _main(argv: list[str]) -> int:

@@ -73,9 +73,12 @@ def validate_jsonl(
         on_invalid=on_invalid,
         max_invalid_fraction=max_invalid_fraction,
     )
-    blocks = JsonlBlocks(src, limits.max_line_bytes)
-    _jsonl(ingest, blocks, 0)
-    return ingest.finish(blocks.consumed, "jsonl", False)
+    try:
+        blocks = JsonlBlocks(src, limits.max_line_bytes)
+        _jsonl(ingest, blocks, 0)
+        return ingest.finish(blocks.consumed, "jsonl", False)
+    finally:
+        ingest.output.stop()
 
 
 Blocks = Iterator[tuple[int, list[bytes | None]]]
@@ -105,6 +108,11 @@ class _Pass:
         if self.ingest is None:
             self.ingest = self.make(detect_kind(first_row, self.mapping))
         return self.ingest
+
+    def stop(self) -> None:
+        """Whatever ended the pass, no write to ``dst`` is left running."""
+        if self.ingest is not None:
+            self.ingest.output.stop()
 
 
 def _read(
@@ -208,14 +216,17 @@ def validate_file(
     run = _Pass(make, mapping)
     last = 0
     first: Opened | None = None
-    for path in files:
-        opened, last = _read(run, path, hint, limits, last)
-        first = first or opened
-        if run.collector().stopped:
-            break
-    assert first is not None, "no file to validate"
-    size = sum(path.stat().st_size for path in files)
-    return run.collector().finish(size, first.container, first.compressed)
+    try:
+        for path in files:
+            opened, last = _read(run, path, hint, limits, last)
+            first = first or opened
+            if run.collector().stopped:
+                break
+        assert first is not None, "no file to validate"
+        size = sum(path.stat().st_size for path in files)
+        return run.collector().finish(size, first.container, first.compressed)
+    finally:
+        run.stop()
 
 
 def _plain_preference(
