@@ -242,6 +242,9 @@ class Group:
         """Where the plan and the ranks' error files are written."""
         self.sync = StepSync() if size > 1 else None
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.joining = False
+        """Rank 0 is joining the group or in it: from then on another rank's death can hold it
+        in a collective (before, `begin` itself checks the ranks)."""
         self.joined = False
 
     def begin(self, plan: Plan, log: Callable[[str], None]) -> None:
@@ -261,6 +264,7 @@ class Group:
             f"gradient_accumulation_steps {hp.gradient_accumulation_steps} x {plan.world_size}"
             f" = {hp.batch_size * hp.gradient_accumulation_steps * plan.world_size} rows"
         )
+        self.joining = True
         failed = self.failed_rank(wait=0)
         if failed is not None:
             raise DistributedError(f"data-parallel training could not start: {failed}")
@@ -332,10 +336,12 @@ class Group:
 
 
 def _watch(group: Group, left: threading.Event, abandon: Callable[[JobFailure], None]) -> None:
-    """Rank 0's watch: a rank died and rank 0 is still in the group `STUCK_SECONDS` later, so
-    it waits on that rank's collective: kill the other ranks and abandon the job."""
+    """Rank 0's watch: a rank died while rank 0 joins the group or trains in it, and rank 0 is
+    still inside `STUCK_SECONDS` later, so it waits on that rank's rendezvous or collective:
+    kill the other ranks and abandon the job. (A death before rank 0 joins is `begin`'s to
+    report, through the ordinary path.)"""
     while not left.wait(0.5):
-        failed = group.failed_rank(wait=0)
+        failed = group.failed_rank(wait=0) if group.joining else None
         if failed is None:
             continue
         if left.wait(STUCK_SECONDS):

@@ -12,6 +12,7 @@ import multiprocessing.queues
 import multiprocessing.synchronize
 import os
 import sys
+import threading
 import time
 from typing import Any, Protocol
 
@@ -119,6 +120,8 @@ class QueueReporter:
         self._stop = stop
         self._progress_sent = float("-inf")
         self._held: Progress | None = None
+        self._ending = threading.Lock()
+        self._ended = False
 
     def phase(self, phase: Phase) -> None:
         logs.bind(phase=phase.value)
@@ -156,11 +159,17 @@ class QueueReporter:
         return self._stop is not None and self._stop.is_set()
 
     def finish(self, outcome: Outcome) -> None:
-        """Send how the job ended, as the last event, and wait until it has left the process."""
-        self.flush()
-        self._events.put(("outcome", msgspec.json.encode(outcome)))
-        self._events.close()
-        self._events.join_thread()
+        """Send how the job ended, as the last event, and wait until it has left the process.
+        Only the first call sends: rank 0's watch may abandon a job while its main thread
+        ends it."""
+        with self._ending:
+            if self._ended:
+                return
+            self._ended = True
+            self.flush()
+            self._events.put(("outcome", msgspec.json.encode(outcome)))
+            self._events.close()
+            self._events.join_thread()
 
     def abandon(self, error: JobFailure) -> None:
         self.finish(Outcome(error=JobError(type=type(error).__name__, message=str(error))))

@@ -121,6 +121,7 @@ def test_a_rank_that_dies_while_rank_0_is_stuck_abandons_the_job(
         pytest.raises(distributed.DistributedError, match="rank 1 of 3 died"),
         distributed.launch(3, tmp_path / "ranks", reporter.abandon) as group,
     ):
+        group.joining = True  # as `begin` marks it: rank 0 would now wait in the rendezvous
         group.procs[1].send_signal(signal.SIGKILL)
         deadline = time.monotonic() + 60
         while reporter.abandoned is None and time.monotonic() < deadline:
@@ -128,3 +129,22 @@ def test_a_rank_that_dies_while_rank_0_is_stuck_abandons_the_job(
         assert group.procs[2].poll() is not None, "the other rank is killed too"
     assert reporter.abandoned is not None
     assert "rank 1 of 3 died (signal 9)" in str(reporter.abandoned)
+
+
+def test_a_rank_that_dies_before_rank_0_joins_is_not_abandoned_by_the_watch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 0 still fetching data or loading the model is not stuck: the watch leaves the job
+    to end the ordinary way (its tracking runs closed, the error told as it is), not by
+    `os._exit` in the middle of a download."""
+    monkeypatch.setattr(distributed, "STUCK_SECONDS", 0.5)
+    reporter = ListReporter()
+    with (
+        pytest.raises(distributed.DistributedError, match="rank 1 of 2 died"),
+        distributed.launch(2, tmp_path / "ranks", reporter.abandon) as group,
+    ):
+        group.procs[1].send_signal(signal.SIGKILL)
+        group.procs[1].wait()
+        time.sleep(2.5)  # five times the watch's patience
+        meanwhile = reporter.abandoned  # (an assert here would be re-raised as the rank's error)
+    assert meanwhile is None

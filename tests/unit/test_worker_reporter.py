@@ -11,7 +11,7 @@ import msgspec
 from gpu_worker.errors import JobFailure
 from gpu_worker.reporter import QueueReporter
 from gpu_worker.supervisor import Outcome
-from service.contract import Progress
+from service.contract import JobError, Progress
 
 
 def drain(events: Any) -> list[tuple[str, Any]]:
@@ -73,3 +73,24 @@ def test_an_abandoned_job_reports_its_error_last_and_its_process_ends() -> None:
     outcome = msgspec.json.decode(payload, type=Outcome)
     assert outcome.error is not None and outcome.error.type == "JobFailure"
     assert outcome.error.message == "rank 1 of 2 died (signal 9)"
+
+
+def _finish_twice(events: Any, cancel: Any) -> None:
+    reporter = QueueReporter(events, cancel)
+    reporter.finish(Outcome(error=JobError(type="DistributedError", message="rank 1 died")))
+    reporter.finish(Outcome())
+
+
+def test_a_job_ended_twice_reports_the_first_outcome_only() -> None:
+    """Rank 0's watch may abandon a job while its main thread ends it: one outcome goes out,
+    and the later call neither sends another nor fails on the closed queue."""
+    mp = multiprocessing.get_context("spawn")
+    events, cancel = mp.Queue(), mp.Event()
+    child = mp.Process(target=_finish_twice, args=(events, cancel))
+    child.start()
+    child.join(60)
+    outcomes = [p for kind, p in drain(events) if kind == "outcome"]
+    assert child.exitcode == 0
+    assert len(outcomes) == 1
+    error = msgspec.json.decode(outcomes[0], type=Outcome).error
+    assert error is not None and error.type == "DistributedError"
