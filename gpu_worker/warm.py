@@ -36,8 +36,9 @@ import msgspec
 from gpu_worker.supervisor import Outcome
 from service import logs
 from service.blobs import open_store
-from service.contract import Job, JobError
+from service.contract import Job, JobError, JobStatus
 from service.settings import Settings
+from service.store import NotFound, Store
 
 log = logging.getLogger("ftune.worker")
 
@@ -204,6 +205,29 @@ def _workdir(settings: Settings, job: Job) -> Path:
     return settings.work_dir / f"{job.id}.{job.attempt}"
 
 
+async def sweep_workdirs(settings: Settings, store: Store) -> int:
+    """Remove the attempt folders that no running attempt owns, at the worker's start: a
+    worker that died between its training process's end and the removal left them, and no
+    later attempt reuses a folder's name. Those of attempts running (on another worker
+    sharing the folder) stay. Returns how many went."""
+    if not settings.work_dir.is_dir():
+        return 0
+    removed = 0
+    for path in settings.work_dir.iterdir():
+        job_id, _, attempt = path.name.rpartition(".")
+        if not (job_id.startswith("job_") and attempt.isdigit() and path.is_dir()):
+            continue
+        try:
+            job: Job | None = await store.get_job(job_id, None)
+        except NotFound:
+            job = None
+        if job and job.status == JobStatus.running and job.attempt == int(attempt):
+            continue
+        await asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)
+        removed += 1
+    return removed
+
+
 # -- the worker's side ---------------------------------------------------------------------------
 
 
@@ -255,7 +279,7 @@ class TrainingProcess:
             self.process.kill()
             self.process.join(5)
         self.events.close()
-        if self.workdir is not None:
+        if self.workdir is not None and not self.alive():  # else the next start sweeps it
             await asyncio.to_thread(shutil.rmtree, self.workdir, ignore_errors=True)
 
 

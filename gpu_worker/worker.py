@@ -33,7 +33,7 @@ from arq.worker import Worker, func
 from prometheus_client import start_http_server
 
 from gpu_worker.supervisor import REDIS_DOWN, Backoff, Outcome, Supervisor, backoff_for
-from gpu_worker.warm import Warm
+from gpu_worker.warm import Warm, sweep_workdirs
 from service import logs, queue, tenants
 from service.contract import (
     Job,
@@ -387,6 +387,8 @@ def build_worker(
             timeout=REDIS_TIMEOUT_SECONDS,
         )
         ctx["worker_id"] = f"{socket.gethostname()}:{os.getpid()}"
+        if swept := await sweep_workdirs(settings, ctx["store"]):
+            log.info("removed %d attempt folders left by an earlier worker", swept)
         ctx["metrics"] = metrics
         ctx["limits"] = dispatch_shares(settings)
         ctx["wake_ups"] = queue.WakeUps(ctx["redis"], settings.queue_name)

@@ -13,6 +13,7 @@ from pathlib import Path
 import msgspec
 import redis
 
+from gpu_worker.warm import sweep_workdirs
 from gpu_worker.worker import dispatch_shares, run_job
 from service import leases, queue
 from service.blobs import open_store
@@ -227,4 +228,34 @@ async def test_reaper_waits_a_lease_period_after_it_first_reaches_redis(
     await store.drop_lease(job.id)  # now it is really gone
     assert await scheduler.tick() == [f"re-queued jobs of lost workers: {job.id}"]
     await pool.aclose()
+    await store.close()
+
+
+async def test_a_starting_worker_removes_attempt_folders_no_running_attempt_owns(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A worker that died before removing its attempt's folder left it behind (merged models
+    are gigabytes): the next worker to start removes it, and keeps the folder of an attempt
+    running on another worker sharing the directory, and anything that is not an attempt's."""
+    s = replace(settings(redis_url), work_dir=tmp_path / "work")
+    store = Store.from_url(redis_url)
+    running = running_job(attempt=1)
+    await put_running(store, running)
+    finished = running_job()
+    await store.create_job(finished)
+    await store.update_job(
+        finished.id, lambda j: msgspec.structs.replace(j, status=JobStatus.cancelled)
+    )
+    keep = [s.work_dir / f"{running.id}.1", s.work_dir / "hf-cache"]
+    gone = [
+        s.work_dir / f"{running.id}.0",  # its earlier attempt, lost with its worker
+        s.work_dir / f"{finished.id}.0",
+        s.work_dir / f"{new_id('job')}.0",  # a job forgotten since
+    ]
+    for folder in keep + gone:
+        (folder / "checkpoint").mkdir(parents=True)
+        (folder / "checkpoint" / "weights.bin").write_bytes(b"0" * 1024)
+
+    assert await sweep_workdirs(s, store) == 3
+    assert [f.exists() for f in keep + gone] == [True, True, False, False, False]
     await store.close()
