@@ -130,6 +130,8 @@ async def _restore(store: Store, pool: ArqRedis, settings: Settings, lost: queue
             job = None
         pipe.multi()
         pipe.zrem(claiming, attempt)
+        if job and job.status == JobStatus.running and job.attempt == lost.attempt:
+            return  # started late, its claim not yet ended: the running attempt keeps its token
         queue.release_in(pipe, lost.job_id, token, queue_name=settings.queue_name)
         if job and job.status == JobStatus.queued and job.attempt == lost.attempt:
             queue.enqueue_in(

@@ -324,16 +324,6 @@ async def remove(
     )
 
 
-async def release(pool: ArqRedis, job_id: str, *, queue_name: str) -> None:
-    """Forget the token the job's attempt ran with and drop its arq entries (queue entry,
-    `arq:job:`, `arq:in-progress:`): a worker that died hard leaves them for `job_timeout +
-    10 s`, and KEDA would count them as live jobs."""
-    token = await dispatched(pool, job_id)
-    async with pool.pipeline(transaction=True) as tr:
-        release_in(tr, job_id, token, queue_name=queue_name)
-        await tr.execute()
-
-
 async def dispatched(pool: ArqRedis, job_id: str) -> str | None:
     """The token the job's current attempt was picked with, if any."""
     token = await pool.hget(DISPATCHED, job_id)  # type: ignore[misc]  # redis-py#2399
@@ -341,7 +331,10 @@ async def dispatched(pool: ArqRedis, job_id: str) -> str | None:
 
 
 def release_in(pipe: Pipeline, job_id: str, token: str | None, *, queue_name: str) -> None:
-    """`release` as more commands of the caller's MULTI/EXEC, `token` read before it."""
+    """Forget the token the job's attempt ran with (read before, by `dispatched`) and drop
+    its arq entries (queue entry, `arq:job:`, `arq:in-progress:`), as more commands of the
+    caller's MULTI/EXEC: a worker that died hard leaves them for `job_timeout + 10 s`, and
+    KEDA would count them as live jobs."""
     pipe.hdel(DISPATCHED, job_id)
     if token is not None:
         pipe.zrem(queue_name, token)

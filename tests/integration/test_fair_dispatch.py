@@ -309,6 +309,28 @@ async def test_a_reaper_cut_short_leaves_the_lost_claim_for_its_next_pass(
     await pool.aclose()
 
 
+async def test_a_claim_whose_worker_started_it_late_keeps_its_token(redis_url: str) -> None:
+    """The worker's compare-and-set came after the claim's deadline, and the reaper looked
+    before the worker ended the claim: the claim ends, but the running attempt keeps its
+    token (a lost worker's re-queue later drops it; KEDA counts the job meanwhile)."""
+    s = settings(redis_url)
+    store, pool = Store.from_url(redis_url), await queue.connect(redis_url)
+    job = await submit(store, pool, s, "team-a")
+    token = f"{job.id}:0"
+    picked = await queue.pick(pool, token, dispatch_shares(s), claim_seconds=0)
+    assert isinstance(picked, queue.Picked)
+    run = lambda j: msgspec.structs.replace(j, status=JobStatus.running)  # noqa: E731
+    await store.update_job(job.id, run)
+
+    await leases.restore_lost_claims(store, pool, s)
+
+    assert await queue.lost_claims(pool) == []
+    assert await queue.dispatched(pool, job.id) == token
+    assert [t.decode() for t in await pool.zrange(s.queue_name, 0, -1)] == [token]
+    await store.close()
+    await pool.aclose()
+
+
 async def test_a_token_whose_worker_died_before_its_pick_is_replaced(redis_url: str) -> None:
     """A worker took a token (arq's in-progress key) and died before it picked an attempt: the
     reaper replaces that token with a fresh one, and leaves alone a token taken just now and one
