@@ -90,11 +90,20 @@ def is_stream_id(value: str) -> bool:
 
 
 def job_key(job_id: str) -> str:
-    return f"{P}job:{job_id}"
+    return f"{P}job:{_record_id(job_id)}"
 
 
 def dataset_key(dataset_id: str) -> str:
-    return f"{P}ds:{dataset_id}"
+    return f"{P}ds:{_record_id(dataset_id)}"
+
+
+def _record_id(value: str) -> str:
+    """An id as it goes into its record's key. Ours never hold a ':'; one that does (from a
+    request) names no record: it would reach another key of the family, such as a dataset's
+    set of live jobs, which a GET cannot read."""
+    if ":" in value:
+        raise NotFound
+    return value
 
 
 def metrics_key(job_id: str) -> str:
@@ -253,10 +262,13 @@ class Store:
     async def get_datasets(self, ids: Sequence[str], tenant: str | None) -> list[Dataset | None]:
         """Several datasets in one round trip, in order; None for one missing or another
         tenant's."""
+        named = [i for i in ids if ":" not in i]  # see `_record_id`
+        stored = await self.redis.mget([dataset_key(i) for i in named]) if named else []
+        raws = dict(zip(named, stored, strict=True))
         found: list[Dataset | None] = []
-        for raw in await self.redis.mget([dataset_key(i) for i in ids]):
+        for i in ids:
             try:
-                found.append(_visible(raw, _dataset_decoder, tenant))
+                found.append(_visible(raws.get(i), _dataset_decoder, tenant))
             except NotFound:
                 found.append(None)
         return found

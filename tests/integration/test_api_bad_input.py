@@ -123,3 +123,30 @@ async def test_names_labels_and_models_ending_in_a_newline_are_refused(api: Api)
     resp = await api.client.get("/v1/feedback/chat%0A", headers=ALICE)
     assert resp.status_code in (400, 422), resp.text
     assert resp.json()["errors"][0]["loc"][-1] == "stream"
+
+
+async def test_an_id_naming_another_key_of_its_record_is_not_found(api: Api) -> None:
+    """`ds_...:jobs` is no dataset's id, but its key is the dataset's set of live jobs (a
+    GET of it was Redis's WRONGTYPE, a 500): every way in answers as for a missing id."""
+    ds = await dataset(api)
+    job = (await api.client.post("/v1/jobs", json=spec(ds), headers=ALICE)).json()
+    alias = f"{ds}:jobs"  # exists while the job is live
+    for method, path in [
+        ("GET", f"/v1/datasets/{alias}"),
+        ("GET", f"/v1/datasets/{alias}/rows"),
+        ("DELETE", f"/v1/datasets/{alias}"),
+        ("GET", f"/v1/files/{alias}"),
+        ("GET", f"/v1/files/{alias}/content"),
+        ("GET", f"/v1/jobs/{job['id']}:x"),
+        ("POST", f"/v1/jobs/{job['id']}:x/cancel"),
+    ]:
+        answer = await api.client.request(method, path, headers=ALICE)
+        assert answer.status_code == 404, (method, path, answer.text)
+    submit = await api.client.post("/v1/jobs", json=spec(alias), headers=ALICE)
+    assert submit.status_code == 422 and "dataset_id" in submit.text, submit.text
+    fine_tune = await api.client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "training_file": alias},
+        headers=ALICE,
+    )
+    assert 400 <= fine_tune.status_code < 500, fine_tune.text
