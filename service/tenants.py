@@ -73,12 +73,17 @@ class TenantEntry(msgspec.Struct, forbid_unknown_fields=True):
     limits: LimitOverrides = LimitOverrides()
 
 
+TenantName = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[^:\s]+$")]
+"""No ':' (it separates the parts of Redis keys: tenants `a` and `a:queued` would share an
+index) and no white space."""
+
+
 class TenantsFile(msgspec.Struct, forbid_unknown_fields=True):
-    tenants: dict[Annotated[str, msgspec.Meta(min_length=1, max_length=128)], TenantEntry]
+    tenants: dict[TenantName, TenantEntry]
 
 
 class OldKey(msgspec.Struct, forbid_unknown_fields=True):
-    tenant: Annotated[str, msgspec.Meta(min_length=1)]
+    tenant: TenantName
     admin: bool = False
 
 

@@ -49,6 +49,9 @@ def test_the_old_form_still_works_and_grants_nothing(tmp_path: Path) -> None:
         ({"tenants": {"a": {"limits": {"queued_jobs": 0}}}}, "must be"),
         ({"tenants": {"a": {"limits": {"unknown": 1}}}}, "must be"),
         ({"tenants": {"a": team(), "b": team()}}, "listed twice"),
+        # A ':' would make tenant `acme:queued`'s index of jobs acme's queued ones.
+        ({"tenants": {"acme:queued": team()}}, "matching regex"),
+        ({hash_api_key("k"): {"tenant": "acme:queued"}}, "matching regex"),
     ],
 )
 def test_a_malformed_tenants_file_is_named(tmp_path: Path, doc: Any, says: str) -> None:
