@@ -122,6 +122,9 @@ RUNNING = f"{P}running"
 """Ids of jobs in `running`, scanned by the reaper for expired leases."""
 FINISHED = f"{P}finished"
 """Ids of finished jobs scored by when they finished, swept after the retention period."""
+LABEL_SCAN = 2_000
+"""Job records a label-filtered list reads per request at most: a filter that few jobs match
+answers a short page and a cursor, not one request reading the whole index."""
 EVENTS_PER_METRIC = 2
 """A job's event stream is capped at this many times its metric stream (each point is also an
 event; the rest are logs, phases and statuses)."""
@@ -392,18 +395,22 @@ class Store:
         if not labels:
             ids, next_cursor = await self.page_newest(index, limit, cursor)
             return await self._load(ids, job_key, _job_decoder), next_cursor
-        # Labels are filtered here: pages are read until enough match or the index ends.
+        # Labels are filtered here: pages are read until enough match, the index ends, or
+        # LABEL_SCAN records were read (then a short page and the cursor to go on from).
         found: list[Job] = []
-        while len(found) < limit:
-            ids, cursor = await self.page_newest(index, limit * 4, cursor)
+        scanned = 0
+        while True:
+            ids, cursor = await self.page_newest(
+                index, min(limit * 4, LABEL_SCAN - scanned), cursor
+            )
+            scanned += len(ids)
             for job in await self._load(ids, job_key, _job_decoder):
                 if all(job.spec.labels.get(k) == v for k, v in labels.items()):
                     found.append(job)
                     if len(found) == limit:
                         return found, job.id
-            if cursor is None:
-                break
-        return found, None
+            if cursor is None or scanned >= LABEL_SCAN:
+                return found, cursor
 
     async def update_job(
         self,

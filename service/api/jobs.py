@@ -296,7 +296,9 @@ class JobController(Controller):
         label: Annotated[
             list[str] | None,
             Parameter(
-                description="Only jobs with this label, as `key=value`; repeat to require several.",
+                description="Only jobs with this label, as `key=value`; repeat to require "
+                "several. A page may then hold fewer than `limit` jobs (at most 2,000 are "
+                "looked at per request): go on while `next_cursor` is not null.",
                 max_items=16,
             ),
         ] = None,

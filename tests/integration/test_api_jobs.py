@@ -14,6 +14,7 @@ import redis
 from litestar.testing import AsyncTestClient
 
 from service import queue
+from service import store as store_module
 from service.api.app import create_app
 from service.contract import Job, MetricPoint
 from service.settings import Settings
@@ -218,6 +219,28 @@ async def test_list_filters_and_pages(api: Api) -> None:
     assert len((await api.client.get("/v1/jobs", headers=ADMIN)).json()["items"]) == 5
     bad = await api.client.get("/v1/jobs", params={"status": "nope"}, headers=ALICE)
     assert bad.status_code == 400
+
+
+async def test_a_label_filter_few_jobs_match_reads_a_bounded_share_per_request(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filter that only the oldest job matches does not read the whole index in one
+    request: each page looks at LABEL_SCAN records, and the cursor leads on to the match."""
+    monkeypatch.setattr(store_module, "LABEL_SCAN", 3)
+    ds = await dataset(api)
+    ids = []
+    for i in range(8):
+        labels = {"team": "a" if i == 0 else "b"}
+        resp = await api.client.post("/v1/jobs", json=spec(ds, labels=labels), headers=ALICE)
+        ids.append(resp.json()["id"])
+    pages, cursor = [], None
+    while True:
+        params = {"label": "team=a", "limit": 5, **({"cursor": cursor} if cursor else {})}
+        page = (await api.client.get("/v1/jobs", params=params, headers=ALICE)).json()
+        pages.append([j["id"] for j in page["items"]])
+        if (cursor := page["next_cursor"]) is None:
+            break
+    assert pages == [[], [], [ids[0]]]  # 3 + 3 + 2 records looked at
 
 
 async def test_metrics_since_step(api: Api) -> None:

@@ -18,6 +18,7 @@ import openai
 import pytest
 from openai.types.webhooks import FineTuningJobCancelledWebhookEvent
 
+from service import store as store_module
 from service.openai.hyperparameters import auto_batch_size, auto_epochs
 from service.settings import Settings
 from tests.fixtures.api import LiveServer
@@ -157,6 +158,23 @@ def test_jobs_page_newest_first_and_filter_by_metadata(client: openai.OpenAI) ->
     assert [j.id for j in client.fine_tuning.jobs.list(limit=2)] == ids[::-1]  # every page
     odd = client.fine_tuning.jobs.list(metadata={"batch": "1"})
     assert [j.id for j in odd] == [ids[3], ids[1]]
+
+
+def test_a_metadata_filter_past_the_per_request_scan_still_lists_every_match(
+    client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our own list reads LABEL_SCAN records a request; the SDK's pages go on from their last
+    item, so an empty page would end its listing: the match below six others is still found."""
+    monkeypatch.setattr(store_module, "LABEL_SCAN", 2)
+    train = upload(client, openai_rows(8))
+    ids = [
+        client.fine_tuning.jobs.create(
+            model=MODEL, training_file=train, seed=i, metadata={"rare": "no" if i else "yes"}
+        ).id
+        for i in range(7)
+    ]
+    assert len(set(ids)) == 7
+    assert [j.id for j in client.fine_tuning.jobs.list(metadata={"rare": "yes"})] == [ids[0]]
 
 
 def test_a_retried_create_does_not_start_a_second_job(live_api: LiveServer) -> None:

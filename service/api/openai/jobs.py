@@ -148,13 +148,15 @@ class FineTuningController(Controller):
         ] = None,
         limit: Annotated[int, Parameter(ge=1, le=100, description="Jobs per page.")] = 20,
     ) -> FineTuningJobList:
-        jobs, next_cursor = await store.list_jobs(
-            scope(principal),
-            status=None,
-            labels=_metadata_filter(request.query_params),
-            limit=limit,
-            cursor=after,
-        )
+        labels, next_cursor = _metadata_filter(request.query_params), after
+        while True:
+            # OpenAI's pages go on from their last item: an empty page with more to read would
+            # end a client's listing, so a metadata filter reads on to a match or the end.
+            jobs, next_cursor = await store.list_jobs(
+                scope(principal), status=None, labels=labels, limit=limit, cursor=next_cursor
+            )
+            if jobs or next_cursor is None:
+                break
         suffixes = await records.suffixes(store, [j.id for j in jobs])
         return FineTuningJobList(
             data=[job_object(j, suffix=suffixes.get(j.id)) for j in jobs],
