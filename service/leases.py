@@ -128,12 +128,13 @@ async def _restore(store: Store, pool: ArqRedis, settings: Settings, lost: queue
             job: Job | None = await store.get_job(lost.job_id, None)
         except NotFound:
             job = None
+        status = job.status if job and job.attempt == lost.attempt else None
         pipe.multi()
         pipe.zrem(claiming, attempt)
-        if job and job.status == JobStatus.running and job.attempt == lost.attempt:
+        if status == JobStatus.running:
             return  # started late, its claim not yet ended: the running attempt keeps its token
         queue.release_in(pipe, lost.job_id, token, queue_name=settings.queue_name)
-        if job and job.status == JobStatus.queued and job.attempt == lost.attempt:
+        if job and status == JobStatus.queued:
             queue.enqueue_in(
                 pipe,
                 job,

@@ -97,11 +97,16 @@ def dataset_key(dataset_id: str) -> str:
     return f"{P}ds:{_record_id(dataset_id)}"
 
 
+def _names_a_record(value: str) -> bool:
+    """Ours never hold a ':'; an id that does (from a request) names no record: in a key it
+    would reach another key of the family, such as a dataset's set of live jobs, which a GET
+    cannot read."""
+    return ":" not in value
+
+
 def _record_id(value: str) -> str:
-    """An id as it goes into its record's key. Ours never hold a ':'; one that does (from a
-    request) names no record: it would reach another key of the family, such as a dataset's
-    set of live jobs, which a GET cannot read."""
-    if ":" in value:
+    """An id as it goes into its record's key (NotFound if it names no record)."""
+    if not _names_a_record(value):
         raise NotFound
     return value
 
@@ -265,7 +270,7 @@ class Store:
     async def get_datasets(self, ids: Sequence[str], tenant: str | None) -> list[Dataset | None]:
         """Several datasets in one round trip, in order; None for one missing or another
         tenant's."""
-        named = [i for i in ids if ":" not in i]  # see `_record_id`
+        named = [i for i in ids if _names_a_record(i)]
         stored = await self.redis.mget([dataset_key(i) for i in named]) if named else []
         raws = dict(zip(named, stored, strict=True))
         found: list[Dataset | None] = []
