@@ -89,6 +89,12 @@ def is_stream_id(value: str) -> bool:
     )
 
 
+def stream_position(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as numbers, so that ids compare in stream order."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def job_key(job_id: str) -> str:
     return f"{P}job:{_record_id(job_id)}"
 

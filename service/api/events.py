@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from service.store import LimitReached, Store, events_key
+from service.store import LimitReached, Store, events_key, stream_position
 
 log = logging.getLogger("ftune.api.events")
 
@@ -32,11 +32,6 @@ QUEUE_SIZE = 1000
 BLOCK_MS = 500
 """The reader's XREAD wait: how late a stream subscribed meanwhile joins the next read."""
 RETRY_AFTER_SECONDS = 10
-
-
-def _id(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 @dataclass(eq=False)
@@ -167,14 +162,14 @@ async def follow(
     """The stream's events after `after`, then live ones; None when `keepalive` seconds
     passed with none. Ends when the subscriber was dropped for falling behind."""
     key = sub.key
-    last = _id(after)
-    while _id(sub.start) > last:  # what came before the reader took over
+    last = stream_position(after)
+    while stream_position(sub.start) > last:  # what came before the reader took over
         page = await store.redis.xrange(key, min=f"({after}", max=sub.start, count=100)
         if not page:
             break
         for entry_id, fields in page:
             after = entry_id.decode()
-            last = _id(after)
+            last = stream_position(after)
             yield after, fields[b"type"].decode(), fields[b"data"]
     while not sub.dropped or not sub.queue.empty():
         try:
@@ -182,6 +177,6 @@ async def follow(
         except TimeoutError:
             yield None
             continue
-        if _id(event[0]) > last:
-            last = _id(event[0])
+        if stream_position(event[0]) > last:
+            last = stream_position(event[0])
             yield event

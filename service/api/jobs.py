@@ -19,7 +19,15 @@ from service.api import shown
 from service.api.auth import scope
 from service.api.errors import BadRequest, FieldError, InvalidRequest
 from service.api.events import EventHub, Subscription, follow
-from service.api.openapi_docs import CONFLICT, FORBIDDEN, NOT_FOUND, Cursor, PageSize, responses
+from service.api.openapi_docs import (
+    BAD_REQUEST,
+    CONFLICT,
+    FORBIDDEN,
+    NOT_FOUND,
+    Cursor,
+    PageSize,
+    responses,
+)
 from service.api.tenancy import TenantParam, listed_tenant
 from service.contract import (
     Dataset,
@@ -36,7 +44,15 @@ from service.contract import (
 )
 from service.init_from import InitFromError, resolve_init_adapter
 from service.settings import Principal, Settings
-from service.store import Conflict, NotFound, Store, is_stream_id, new_id, request_fingerprint
+from service.store import (
+    Conflict,
+    NotFound,
+    Store,
+    is_stream_id,
+    new_id,
+    request_fingerprint,
+    stream_position,
+)
 from service.tenants import Tenants, check_job, limits_for
 
 JobId = Annotated[str, Parameter(description="The job's id (`job_...`).")]
@@ -368,8 +384,9 @@ class JobController(Controller):
         media_type="text/event-stream",
         summary="Server-Sent Events: status, phase, metrics and log lines, until the job ends",
         description="Each event's `id` is its position; reconnect with `Last-Event-ID` to "
-        "resume exactly after it. The stream closes after the terminal status event.",
-        responses=responses(NOT_FOUND),
+        "resume exactly after it (400 for an id past the newest event). The stream closes "
+        "after the terminal status event.",
+        responses=responses(BAD_REQUEST, NOT_FOUND),
     )
     async def job_events(
         self,
@@ -397,6 +414,8 @@ class JobController(Controller):
                 [FieldError(loc=["header", "Last-Event-ID"], msg="not an event id")],
             )
         after = last_event_id or "0-0"
+        if last_event_id is not None:
+            await _sent_by_stream(store, job_id, last_event_id)
         if job.status.terminal:  # complete: what is left, without following
             return ServerSentEvent(_rest(store, job_id, after))
         hub: EventHub = state.event_hub
@@ -405,6 +424,19 @@ class JobController(Controller):
         stream = _live(hub, store, sub, after)
         weakref.finalize(stream, hub.unsubscribe, sub)  # in case it is never iterated
         return ServerSentEvent(stream)
+
+
+async def _sent_by_stream(store: Store, job_id: str, last_event_id: str) -> None:
+    """A 400 for an id past the stream's newest event: the stream never sent it, and a
+    follower waiting for events after it would miss the terminal one and stay open for good."""
+    newest = await store.events_before(job_id, before=None, count=1)
+    tip = newest[0][0] if newest else "0-0"
+    if stream_position(last_event_id) > stream_position(tip):
+        raise BadRequest(
+            f"Last-Event-ID {last_event_id} is past this job's newest event ({tip}): "
+            "this stream did not send it; reconnect without it to read from the start",
+            [FieldError(loc=["header", "Last-Event-ID"], msg="past the newest event")],
+        )
 
 
 async def _rest(store: Store, job_id: str, after: str) -> AsyncIterator[ServerSentEventMessage]:

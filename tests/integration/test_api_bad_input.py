@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
+from service.store import events_key
 from tests.fixtures.api import ADMIN, ALICE, Api, LiveServer
 from tests.integration.test_api_datasets import ROW, jsonl, stored_nothing, upload
 from tests.integration.test_api_jobs import dataset, spec
@@ -93,6 +95,32 @@ async def test_a_malformed_last_event_id_is_a_400(api: Api, value: str) -> None:
     )
     assert resp.status_code == 400, resp.text
     assert resp.json()["errors"][0]["loc"] == ["header", "Last-Event-ID"]
+
+
+async def test_a_last_event_id_past_the_newest_event_is_a_400(api: Api) -> None:
+    """Such an id was never sent: a follower after it would miss the terminal event and hold
+    one of the tenant's event streams for good."""
+    job = (await api.client.post("/v1/jobs", json=spec(await dataset(api)), headers=ALICE)).json()
+    url = f"/v1/jobs/{job['id']}/events"
+    newest = await _newest_event(api, job["id"])
+    ms, _, seq = newest.partition("-")
+    for ahead in (f"{ms}-{int(seq) + 1}", f"{int(ms) + 1}-0"):
+        resp = await api.client.get(url, headers={**ALICE, "Last-Event-ID": ahead})
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["errors"][0]["loc"] == ["header", "Last-Event-ID"]
+        assert newest in resp.json()["detail"]
+    cancelled = await api.client.post(f"/v1/jobs/{job['id']}/cancel", headers=ALICE)
+    assert cancelled.status_code == 202, cancelled.text
+    # Resuming after the newest event (here the cancellation) is still what it was.
+    newest = await _newest_event(api, job["id"])
+    resp = await api.client.get(url, headers={**ALICE, "Last-Event-ID": newest})
+    assert resp.status_code == 200, resp.text
+
+
+async def _newest_event(api: Api, job_id: str) -> str:
+    async with Redis.from_url(api.settings.redis_url) as redis:
+        newest = await redis.xrevrange(events_key(job_id), count=1)
+    return str(newest[0][0].decode())
 
 
 @pytest.mark.parametrize("value", ["99999999999999999999-0", "1-0\n"])
