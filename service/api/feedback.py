@@ -117,7 +117,14 @@ class FeedbackController(Controller):
         owner = acting_tenant(principal, tenant)
         most = limits_for(settings, tenants, owner).feedback_streams
         try:
-            return await feedback.ingest(store, owner, stream, data.events, max_streams=most)
+            return await feedback.ingest(
+                store,
+                owner,
+                stream,
+                data.events,
+                max_streams=most,
+                max_line_bytes=settings.max_line_bytes,
+            )
         except InvalidFeedback as exc:
             raise _invalid(exc) from None
 

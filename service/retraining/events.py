@@ -197,6 +197,35 @@ def parse_events(
     return parsed
 
 
+def check_row_sizes(
+    applied: Applied, events: list[ParsedEvent], max_bytes: int, *, max_errors: int = 100
+) -> None:
+    """InvalidFeedback for each new row longer than a dataset's line may be (`max_bytes`),
+    located at the batch's event that made it: a snapshot of the stream could never hold it.
+    A pair of two ratings is checked here too, when the second rating arrives."""
+    index = {e.id: e.index for e in events}
+    errors: list[EventError] = []
+    total = 0
+    for record in (*applied.pairs, *applied.unpaired):
+        size = len(msgspec.json.encode(record.row))
+        if size <= max_bytes:
+            continue
+        total += 1
+        if len(errors) < max_errors:
+            what = "the pair it completes" if len(record.events) > 1 else "its row"
+            errors.append(
+                EventError(
+                    index=index[record.events[-1]],
+                    field=None,
+                    msg=f"{what} would be {size:,} bytes of JSON, past a dataset's line limit "
+                    f"of {max_bytes:,} (FTUNE_MAX_LINE_BYTES)",
+                )
+            )
+    if total:
+        errors.sort(key=lambda e: e.index)
+        raise InvalidFeedback(errors, total)
+
+
 def prompt_key(prompt: Any) -> str:
     """Ratings pair up when their normalized prompts are equal: this digest names one."""
     return hashlib.sha256(_encoder.encode(prompt)).hexdigest()[:32]

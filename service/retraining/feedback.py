@@ -59,6 +59,7 @@ from service.retraining.events import (
     Pending,
     Waiting,
     apply_events,
+    check_row_sizes,
     parse_events,
     prompt_key,
 )
@@ -220,10 +221,12 @@ async def ingest(
     *,
     now: float | None = None,
     max_streams: int | None = None,
+    max_line_bytes: int,
 ) -> FeedbackReceipt:
     """Check a batch and store what is new of it, all or nothing (InvalidFeedback). A batch
     that would start the tenant's stream number `max_streams` + 1 is refused (LimitReached),
-    counted in the same transaction."""
+    counted in the same transaction; so is one with a row past `max_line_bytes`, which no
+    snapshot could hold."""
     now = time.time() if now is None else now
     meta_key = _key(tenant, stream, "meta")
     seen_key = _key(tenant, stream, "seen")
@@ -246,6 +249,7 @@ async def ingest(
         # guards them.
         queues = await _read_queues(store, tenant, stream, parsed)
         applied = apply_events(parsed, seen, {q.key: q.pending() for q in queues}, now=now)
+        check_row_sizes(applied, parsed, max_line_bytes)
         pipe.multi()
         dropped = sum(_write_queue(pipe, tenant, stream, q, applied.pending[q.key]) for q in queues)
         if applied.pairs:
@@ -381,7 +385,8 @@ async def snapshot(
     `select(index, canonical row JSON)` keeps a pair or leaves it out (a policy's held-out
     pairs). The rows go through the same validation as an upload, so the dataset has the
     same stats and warnings and the same sha256 as uploading those rows would give.
-    Conflict if nothing is selected.
+    Conflict if nothing is selected, or if it holds more than a dataset may (the operator's
+    limits), found before the temp file grows past them.
     """
     meta = await get_stream(store, tenant, stream)
     total = await pair_count(store, tenant, stream, rows)
@@ -389,7 +394,7 @@ async def snapshot(
     what = "pairs" if rows == "pairs" else "ratings"
     with tempfile.TemporaryDirectory(prefix="ftune-snapshot-") as tmp:
         raw_path = Path(tmp) / "raw.jsonl"
-        kept = 0
+        kept = size = 0
         with raw_path.open("wb") as out:
             for start in range(0, end, _READ_CHUNK):
                 for i, pair in enumerate(
@@ -402,6 +407,9 @@ async def snapshot(
                     if select is None or select(i, line):
                         out.write(line + b"\n")
                         kept += 1
+                        size += len(line) + 1
+                        if kept > limits.max_rows or size > limits.max_bytes:
+                            raise _too_large(stream, what, limits)
         if kept == 0:
             raise Conflict(
                 f"feedback stream {stream} has no {what} to snapshot"
@@ -452,6 +460,15 @@ async def snapshot(
 
     await transact(store.redis, count, meta_key)
     return record
+
+
+def _too_large(stream: str, what: str, limits: Limits) -> Conflict:
+    return Conflict(
+        f"feedback stream {stream} holds more {what} than a dataset may: at most "
+        f"{limits.max_rows:,} rows and {limits.max_bytes:,} bytes (the operator's "
+        "FTUNE_MAX_DATASET_ROWS and FTUNE_MAX_DATASET_BYTES); start a new stream for new "
+        "feedback, or ask the operator to raise them"
+    )
 
 
 async def stream_count(store: Store, tenant: str) -> int:
