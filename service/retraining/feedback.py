@@ -404,6 +404,12 @@ async def snapshot(
                     start,
                 ):
                     line = _encoder.encode(pair.row)
+                    if len(line) > limits.max_line_bytes:  # stored before the limit was lowered
+                        raise Conflict(
+                            f"{what[:-1]} {i} of feedback stream {stream} is {len(line):,} bytes, "
+                            f"past a dataset's line limit of {limits.max_line_bytes:,} "
+                            "(the operator's FTUNE_MAX_LINE_BYTES)"
+                        )
                     if select is None or select(i, line):
                         out.write(line + b"\n")
                         kept += 1

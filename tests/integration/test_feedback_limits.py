@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from litestar.testing import AsyncTestClient
 
+from service.api.app import create_app
 from service.settings import Settings
 from tests.fixtures.api import ALICE, Api
 from tests.integration.test_feedback import pair, post, rating
@@ -64,3 +66,13 @@ async def test_a_snapshot_past_the_dataset_size_limit_is_a_409(api: Api) -> None
     resp = await api.client.post("/v1/feedback/wide/snapshot", headers=ALICE)
     assert resp.status_code == 409, resp.text
     assert f"{limit:,} bytes" in resp.json()["detail"]
+
+
+async def test_a_row_past_a_lowered_line_limit_is_a_409_when_snapshot(api: Api) -> None:
+    """Stored while the operator's limit was higher: the snapshot says which pair."""
+    assert (await post(api, "old", [pair(0), pair(1, chosen="z" * 5000)])).status_code == 200
+    lowered = replace(api.settings, max_line_bytes=4096)
+    async with AsyncTestClient(create_app(lowered)) as client:
+        resp = await client.post("/v1/feedback/old/snapshot", headers=ALICE)
+    assert resp.status_code == 409, resp.text
+    assert "pair 1 of feedback stream old is" in resp.json()["detail"]
