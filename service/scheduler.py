@@ -28,7 +28,7 @@ from redis.exceptions import LockError, RedisError
 
 from service import leases, logs, queue, webhooks
 from service.blobs import BlobStore, open_store
-from service.openai.records import suffix_key
+from service.openai.records import result_bytes_key, suffix_key
 from service.retraining import runs
 from service.settings import Settings
 from service.store import P, Store
@@ -36,7 +36,7 @@ from service.store import P, Store
 log = logging.getLogger("ftune.scheduler")
 
 LEADER_KEY = f"{P}lock:scheduler"
-JOB_KEYS = (webhooks.log_key, suffix_key)
+JOB_KEYS = (webhooks.log_key, suffix_key, result_bytes_key)
 """Features' per-job keys, deleted with a job past its retention."""
 
 

@@ -5,6 +5,8 @@
   and deleted like OpenAI's files in status `error`.
 - Suffixes: the `suffix` a job was created with (OpenAI's objects show it; ours have no
   field for it).
+- Result sizes: the bytes of a succeeded job's metrics CSV (its `res_...` file), made once:
+  a listing of files would otherwise read every job's whole metrics stream again.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import msgspec
 
 from service.contract.openai import FileObject
+from service.openai.files import metrics_csv
 from service.store import NotFound, Store, new_id
 
 P = "ftune:openai:"
@@ -51,6 +54,28 @@ def failed_index(tenant: str | None) -> str:
 def suffix_key(job_id: str) -> str:
     """A job's OpenAI suffix; deleted with the job (Store's `job_keys`)."""
     return f"{P}suffix:{job_id}"
+
+
+def result_bytes_key(job_id: str) -> str:
+    """A succeeded job's result file size; deleted with the job (Store's `job_keys`)."""
+    return f"{P}result-bytes:{job_id}"
+
+
+async def result_sizes(store: Store, job_ids: list[str]) -> list[int]:
+    """The size of each succeeded job's metrics CSV, kept once made: a succeeded job's
+    metrics no longer change."""
+    if not job_ids:
+        return []
+    raws = await store.redis.mget([result_bytes_key(j) for j in job_ids])
+    sizes = []
+    for job_id, raw in zip(job_ids, raws, strict=True):
+        if raw is None:
+            size = len(metrics_csv(await store.get_metrics(job_id)))
+            await store.redis.set(result_bytes_key(job_id), size)
+        else:
+            size = int(raw)
+        sizes.append(size)
+    return sizes
 
 
 async def add_failed_upload(

@@ -6,6 +6,7 @@ tests/e2e/test_openai_e2e.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from typing import Any
 import httpx2
 import openai
 import pytest
+import redis
 from openai.types.webhooks import FineTuningJobCancelledWebhookEvent
 
 from service import store as store_module
@@ -23,6 +25,7 @@ from service.openai.hyperparameters import auto_batch_size, auto_epochs
 from service.settings import Settings
 from tests.fixtures.api import LiveServer
 from tests.fixtures.openai_sdk import OPENAI_EXAMPLE_ROW, jsonl, openai_rows, sdk
+from tests.integration.test_api_observability import drive
 from tests.integration.test_webhooks import SECRET, Receiver, _serve
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -326,3 +329,27 @@ def test_supervised_jobs_train_openai_chat_files_with_sft(client: openai.OpenAI)
     with pytest.raises(openai.BadRequestError, match="use method 'sft'") as bad:
         client.fine_tuning.jobs.create(model=MODEL, training_file=train)
     assert bad.value.param == "training_file"
+
+
+def test_result_files_list_with_their_size_read_once(
+    client: openai.OpenAI, api_settings: Settings
+) -> None:
+    """A listing names each succeeded job's metrics CSV with its size, measured the first
+    time and kept: later listings do not read the job's whole metrics stream again."""
+    train = upload(client, openai_rows(8))
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=train)
+    client.fine_tuning.jobs.create(model=MODEL, training_file=train)  # stays queued
+
+    async def finish() -> None:
+        store = store_module.Store.from_url(api_settings.redis_url)
+        await drive(store, job.id)
+        await store.close()
+
+    asyncio.run(finish())
+    [listed] = client.files.list(purpose="fine-tune-results")
+    [result_id] = client.fine_tuning.jobs.retrieve(job.id).result_files
+    content = client.files.content(result_id).read()
+    assert listed.id == result_id and listed.bytes == len(content) > 0
+    with redis.Redis.from_url(api_settings.redis_url) as r:
+        r.delete(store_module.metrics_key(job.id))
+    assert [f.bytes for f in client.files.list(purpose="fine-tune-results")] == [len(content)]

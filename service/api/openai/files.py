@@ -184,13 +184,11 @@ class FileController(Controller):
                 limit=n,
                 cursor=cursor and f"job_{cursor}",
             )
-            found = []
-            for job in jobs:
-                size = len(metrics_csv(await store.get_metrics(job.id)))
-                found.append(
-                    (_suffix(job.id), result_file(job.id, created_at=job.created_at, size=size))
-                )
-            return found
+            sizes = await records.result_sizes(store, [job.id for job in jobs])
+            return [
+                (_suffix(job.id), result_file(job.id, created_at=job.created_at, size=size))
+                for job, size in zip(jobs, sizes, strict=True)
+            ]
 
         sources: dict[str | None, list[Page]] = {
             None: [datasets, failed, results],
