@@ -371,7 +371,7 @@ class JobController(Controller):
         principal: Principal,
         store: Store,
         since_step: Annotated[
-            int, Parameter(ge=0, description="Only points after this step; 0: all of them.")
+            int, Parameter(ge=0, description="Only points at this step or later; 0: all of them.")
         ] = 0,
     ) -> MetricSeries:
         await store.get_job(job_id, scope(principal))
