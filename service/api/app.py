@@ -35,9 +35,9 @@ from service.api.openapi_docs import ContractSchemas
 from service.api.policies import PolicyController
 from service.api.system import SystemController
 from service.api.tenancy import Audit, TenancyController
-from service.api.uploads import UploadSpace
 from service.blobs import DATASETS, DRAFT_MAX_AGE_SECONDS, BlobStore, open_store
 from service.contract import MAX_REQUEST_BYTES
+from service.datasets.space import UploadSpace
 from service.metrics import ServiceCollector
 from service.scheduler import JOB_KEYS, Scheduler, scheduling
 from service.settings import Settings
@@ -220,11 +220,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     _resolve_dependencies_in_order(app)
     app.state.settings = settings
     app.state.tenants = tenants.load(settings)
-    app.state.uploads = UploadSpace(
-        settings.upload_dir,
-        max_uploads=settings.max_concurrent_uploads,
-        reserve_bytes=settings.max_dataset_bytes,
-    )
+    app.state.uploads = UploadSpace.from_settings(settings)
     app.state.collector = ServiceCollector()
     app.state.registry = CollectorRegistry()
     app.state.registry.register(app.state.collector)

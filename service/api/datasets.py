@@ -1,6 +1,6 @@
 """Dataset upload, import, preview, listing and deletion.
 
-An upload takes a slot of the host's upload space (`service.api.uploads`), is spooled there as
+An upload takes a slot of the host's upload space (`service.datasets.space`), is spooled there as
 it arrives (`service.api.spool`: size limit and pace enforced on the way), then validated
 and normalized in a thread straight into the blob store, and only then recorded: invalid
 input stores nothing. An import downloads its source into such a slot first, then goes the
@@ -40,7 +40,6 @@ from service.api.openapi_docs import (
 )
 from service.api.spool import JSONL_TYPES, declared_size, spool_upload
 from service.api.tenancy import TenantParam, listed_tenant
-from service.api.uploads import UploadSpace
 from service.blobs import BlobStore, dataset_blob_key
 from service.contract import (
     Dataset,
@@ -53,6 +52,7 @@ from service.contract import (
 )
 from service.datasets.ingest import delete_dataset, store_dataset
 from service.datasets.sources import fetch
+from service.datasets.space import UploadSpace
 from service.datasets.validate import Limits
 from service.settings import Principal, Settings
 from service.store import Store

@@ -15,6 +15,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.datasets.containers import ACCEPTED_TYPES, DatasetTooLarge, UnsupportedFile
 from service.datasets.sources import SourceError
+from service.datasets.space import SpaceBusy
 from service.datasets.validate import InvalidDataset
 from service.store import Conflict, LimitReached, NotFound
 from service.tenants import GrantMissing
@@ -98,17 +99,8 @@ class BadRequest(Exception):
         self.errors = errors
 
 
-class Unavailable(Exception):
-    """The service cannot take the request now (e.g. no temp space for an upload); retrying
-    after ``retry_after`` seconds may work: 503 with Retry-After."""
-
-    def __init__(self, detail: str, retry_after: int) -> None:
-        super().__init__(detail)
-        self.retry_after = retry_after
-
-
 class UploadTimeout(Exception):
-    """The body came too slowly (see ``service.api.uploads.paced``): 408."""
+    """The body came too slowly (see ``service.api.spool.paced``): 408."""
 
 
 class PayloadTooLarge(Exception):
@@ -214,7 +206,7 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]
         return problem(422, exc.detail, errors=exc.errors)
     if isinstance(exc, BadRequest):
         return problem(400, str(exc), errors=exc.errors)
-    if isinstance(exc, Unavailable):
+    if isinstance(exc, SpaceBusy):
         return problem(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, UploadTimeout):
         return problem(408, str(exc), headers={"Connection": "close"})

@@ -14,6 +14,7 @@ from service.api.openapi_docs import (
     CONFLICT,
     FORBIDDEN,
     NOT_FOUND,
+    UNAVAILABLE,
     PageSize,
     request_body,
     responses,
@@ -31,6 +32,7 @@ from service.contract import (
     PairList,
     SnapshotRows,
 )
+from service.datasets.space import UploadSpace
 from service.datasets.validate import Limits
 from service.retraining import feedback
 from service.retraining.events import InvalidFeedback
@@ -197,7 +199,7 @@ class FeedbackController(Controller):
         path="/{stream:str}/snapshot",
         status_code=201,
         summary="Freeze the pairs (or every rating, unpaired) gathered so far into a dataset",
-        responses=responses(NOT_FOUND, CONFLICT, FORBIDDEN),
+        responses=responses(NOT_FOUND, CONFLICT, FORBIDDEN, UNAVAILABLE),
     )
     async def snapshot(
         self,
@@ -206,6 +208,7 @@ class FeedbackController(Controller):
         store: Store,
         blobs: BlobStore,
         settings: Settings,
+        uploads: UploadSpace,
         rows: Annotated[
             SnapshotRows,
             Parameter(
@@ -216,12 +219,14 @@ class FeedbackController(Controller):
         tenant: TenantParam = None,
     ) -> FeedbackSnapshot:
         limits = Limits.from_settings(settings)
-        return await feedback.snapshot(
-            store,
-            blobs,
-            acting_tenant(principal, tenant),
-            stream,
-            limits=limits,
-            by="api",
-            rows=rows,
-        )
+        async with uploads.slot() as workdir:
+            return await feedback.snapshot(
+                store,
+                blobs,
+                acting_tenant(principal, tenant),
+                stream,
+                limits=limits,
+                workdir=workdir,
+                by="api",
+                rows=rows,
+            )

@@ -1,18 +1,23 @@
 """Receiving an uploaded file: the raw body or the first file of a multipart form, spooled to
 a file as it arrives, within the size limit and at a minimum pace. Shared by our upload and
-OpenAI's `POST /v1/files`."""
+OpenAI's `POST /v1/files`.
+
+A body must keep coming: after a grace period, at an average rate of at least
+``upload_min_bytes_per_second``, or the upload is cut off with 408 (a client trickling a few
+bytes a second would otherwise hold a slot of the upload space for ever)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+import anyio
 from litestar import Request
 from multipart import MultipartError, MultipartSegment, PushMultipartParser
 
-from service.api.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from service.api.uploads import paced
+from service.api.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, UploadTimeout
 from service.contract import Container
 from service.datasets.containers import ACCEPTED_TYPES
 from service.datasets.sources import hint_of
@@ -162,3 +167,27 @@ async def _parse_multipart(
         if not done:
             raise UnsupportedMediaType("the multipart form has no file part")
     return spooled
+
+
+async def paced(
+    chunks: AsyncIterator[bytes], *, min_rate: float, grace: float
+) -> AsyncIterator[bytes]:
+    """``chunks`` as long as they keep coming: by any moment, ``grace`` seconds plus one per
+    ``min_rate`` bytes received so far; UploadTimeout when the body falls behind."""
+    start = time.monotonic()
+    received = 0
+    while True:
+        allowed = start + grace + received / min_rate - time.monotonic()
+        try:
+            with anyio.fail_after(max(allowed, 0)):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise UploadTimeout(
+                f"the upload came too slowly: {received} bytes in "
+                f"{time.monotonic() - start:.0f} s; after {grace:g} s a body must arrive at "
+                f"{min_rate:g} bytes a second or more"
+            ) from None
+        received += len(chunk)
+        yield chunk

@@ -31,8 +31,8 @@ went in) into a normal content-addressed dataset, validated like an upload.
 
 from __future__ import annotations
 
-import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -372,6 +372,7 @@ async def snapshot(
     stream: str,
     *,
     limits: Limits,
+    workdir: Path,
     end: int | None = None,
     select: Callable[[int, bytes], bool] | None = None,
     selection: Selection = "all",
@@ -382,6 +383,8 @@ async def snapshot(
     """Freeze pairs 0 .. end-1 (all so far by default) into a dataset, and record it; with
     `rows="unpaired"`, the stream's ratings as labelled completions instead (for kto).
 
+    The rows are written to a file in `workdir` (a slot of the host's upload space, which
+    bounds how many such files there are at once), removed at the end.
     `select(index, canonical row JSON)` keeps a pair or leaves it out (a policy's held-out
     pairs). The rows go through the same validation as an upload, so the dataset has the
     same stats and warnings and the same sha256 as uploading those rows would give.
@@ -392,8 +395,8 @@ async def snapshot(
     total = await pair_count(store, tenant, stream, rows)
     end = total if end is None else min(end, total)
     what = "pairs" if rows == "pairs" else "ratings"
-    with tempfile.TemporaryDirectory(prefix="ftune-snapshot-") as tmp:
-        raw_path = Path(tmp) / "raw.jsonl"
+    raw_path = workdir / f"snapshot-{uuid.uuid4().hex}.jsonl"
+    try:
         kept = size = 0
         with raw_path.open("wb") as out:
             for start in range(0, end, _READ_CHUNK):
@@ -441,6 +444,8 @@ async def snapshot(
             )
         except InvalidDataset as exc:  # the rows were checked on the way in; this is a bug
             raise RuntimeError(f"stored {what} of {stream} failed validation: {exc}") from exc
+    finally:
+        raw_path.unlink(missing_ok=True)
     now = time.time()
     record = FeedbackSnapshot(
         stream=stream,

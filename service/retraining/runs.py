@@ -32,6 +32,7 @@ from service.contract import (
     RunStatus,
     StoreDestination,
 )
+from service.datasets.space import SpaceBusy, UploadSpace
 from service.datasets.validate import Limits
 from service.init_from import promoted_adapter, resolve_init_adapter
 from service.publish import publish
@@ -138,7 +139,14 @@ async def _advance(
         return []
     if left is not None:
         budget[tenant] = left - 1
-    return await _fire(store, pool, blobs, settings, policy, total, why, now=now)
+    try:  # the snapshots are written in a slot of the host's upload space, taken before firing
+        async with UploadSpace.from_settings(settings).slot() as workdir:
+            return await _fire(store, pool, blobs, settings, policy, total, why, workdir, now=now)
+    except SpaceBusy as exc:
+        message = f"due ({why}), waiting for temp space to snapshot the stream: {exc}"
+        status = PolicyStatus(checked_at=now, message=message, new_pairs=new_pairs)
+        await set_status(store, policy, status)
+        return []
 
 
 async def _fire(
@@ -149,6 +157,7 @@ async def _fire(
     seen: Policy,
     total: int,
     why: str,
+    workdir: Path,
     *,
     now: float,
 ) -> list[str]:
@@ -187,7 +196,9 @@ async def _fire(
     )
     limits = Limits.from_settings(settings)
     try:
-        eval_dataset, held, drawn = await _eval_set(store, blobs, policy, total, limits, now=now)
+        eval_dataset, held, drawn = await _eval_set(
+            store, blobs, policy, total, limits, workdir, now=now
+        )
         select = await _training_filter(store, tenant, held) if held else None
         train = await feedback.snapshot(
             store,
@@ -195,6 +206,7 @@ async def _fire(
             tenant,
             spec.stream,
             limits=limits,
+            workdir=workdir,
             end=total,
             select=select,
             selection="train" if select else "all",
@@ -263,7 +275,14 @@ def _template(policy: Policy) -> JobTemplate:
 
 
 async def _eval_set(
-    store: Store, blobs: BlobStore, policy: Policy, total: int, limits: Limits, *, now: float
+    store: Store,
+    blobs: BlobStore,
+    policy: Policy,
+    total: int,
+    limits: Limits,
+    workdir: Path,
+    *,
+    now: float,
 ) -> tuple[DatasetRef, Holdout | None, bool]:
     """The run's eval dataset; the held-out pairs it is made of, if they come from the
     stream; and whether this run drew them (the first run does)."""
@@ -295,6 +314,7 @@ async def _eval_set(
         policy.tenant,
         policy.spec.stream,
         limits=limits,
+        workdir=workdir,
         end=total,
         select=lambda i, _row: i in chosen,
         selection="held_out",

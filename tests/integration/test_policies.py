@@ -21,6 +21,7 @@ from arq.connections import ArqRedis
 from service import queue
 from service.blobs import BlobStore, open_store
 from service.contract import Artifact, Job, JobError, JobStatus
+from service.datasets.space import UploadSpace
 from service.retraining import policies
 from service.retraining.runs import tick
 from service.settings import Settings
@@ -350,6 +351,31 @@ async def test_template_eval_dataset_is_the_fixed_held_out_set(api: Api, loop: L
     assert run["eval_dataset"]["id"] == eval_id and run["dataset"]["rows"] == 4
     stream = (await api.client.get("/v1/feedback/chat", headers=ALICE)).json()
     assert stream["recent_snapshots"][0]["selection"] == "all"
+
+
+async def test_a_due_policy_waits_for_temp_space_and_fires_once_there_is(
+    api: Api, loop: Loop
+) -> None:
+    """Its snapshots take a slot of the host's upload space: with every slot taken, the run
+    is not spent but put off to a later tick."""
+    await put(api, "p", policy_body())
+    await feed(api, "chat", events(0, 10))
+    host = UploadSpace(
+        loop.settings.upload_dir, max_uploads=loop.settings.max_concurrent_uploads, reserve_bytes=0
+    )
+    taken = [host._admit() for _ in range(loop.settings.max_concurrent_uploads)]
+    assert await loop.tick() == []
+    policy = await get(api, "p")
+    assert policy["runs"] == [] and policy["status"]["new_pairs"] == 10
+    assert "waiting for temp space" in policy["status"]["message"]
+    assert "uploads, its limit" in policy["status"]["message"]
+    for _, lock in taken:  # those uploads end
+        lock.close()
+    [line] = await loop.tick()
+    assert "fired run 1" in line
+    [run] = (await get(api, "p"))["runs"]
+    assert run["status"] == "queued"
+    assert [p.name for p in loop.settings.upload_dir.iterdir()] == [".admit"]
 
 
 async def test_cron_policy_fires_on_its_schedule(api: Api, loop: Loop) -> None:

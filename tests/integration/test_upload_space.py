@@ -1,6 +1,6 @@
-"""Uploads share a host's temp space fairly: a bounded number at once (503 + Retry-After past
-it, or when space is short), a body that trickles in is cut off, and what a killed upload left
-is removed when the API starts again."""
+"""Uploads share a host's temp space fairly (feedback snapshots too): a bounded number at
+once (503 + Retry-After past it, or when space is short), a body that trickles in is cut off,
+and what a killed upload left is removed when the API starts again."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from service.api.app import create_app
-from service.api.uploads import UploadSpace
+from service.datasets.space import UploadSpace
 from service.settings import Settings
 from tests.fixtures.api import ALICE, ApiProcess, LiveServer
 from tests.integration.test_api_datasets import ROW, jsonl
@@ -46,6 +46,24 @@ async def test_past_the_concurrent_uploads_an_upload_gets_503(
         assert not path.exists() and list(settings.upload_dir.iterdir()) == [
             settings.upload_dir / ".admit"
         ]
+
+
+async def test_a_feedback_snapshot_takes_a_slot_of_the_upload_space(
+    api_settings: Settings,
+) -> None:
+    settings = replace(api_settings, max_concurrent_uploads=1)
+    async with AsyncTestClient(create_app(settings)) as client:
+        events = [{"id": "p1", "prompt": "Hi?", "chosen": "Hello!", "rejected": "Go."}]
+        posted = await client.post("/v1/feedback/chat", json={"events": events}, headers=ALICE)
+        assert posted.status_code == 200, posted.text
+        _, lock = space(settings)._admit()  # an upload in flight in another process
+        resp = await client.post("/v1/feedback/chat/snapshot", headers=ALICE)
+        assert resp.status_code == 503, resp.text
+        assert resp.headers["Retry-After"] == "30"
+        lock.close()
+        resp = await client.post("/v1/feedback/chat/snapshot", headers=ALICE)
+        assert resp.status_code == 201, resp.text
+        assert list(settings.upload_dir.iterdir()) == [settings.upload_dir / ".admit"]
 
 
 def test_an_upload_the_temp_space_may_not_hold_gets_503(api_settings: Settings) -> None:

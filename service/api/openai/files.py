@@ -15,11 +15,11 @@ from litestar.response import Stream
 from service.api.auth import scope
 from service.api.openai.errors import handle, responses
 from service.api.spool import declared_size, spool_upload
-from service.api.uploads import UploadSpace
 from service.blobs import BlobStore, dataset_blob_key
 from service.contract import JobStatus
 from service.contract.openai import FileDeleted, FileList, FileObject
 from service.datasets.ingest import delete_dataset, store_dataset
+from service.datasets.space import UploadSpace
 from service.datasets.validate import InvalidDataset, Limits
 from service.openai import records
 from service.openai.files import (

@@ -1,16 +1,14 @@
-"""The temp space uploads are spooled to: bounded, cleaned after a crash, and never waited on.
+"""The temp space datasets are made in (uploads, imports, feedback snapshots): bounded,
+cleaned after a crash, and never waited on.
 
-Each upload (or import) gets its own directory under one root, with a lock file held
+Each upload (or import, or snapshot) gets its own directory under one root, with a lock file held
 (``flock``) for as long as it runs. The kernel drops the lock when its process dies, however
 it dies, so a directory whose lock can be taken belongs to a killed upload: it is removed at
 start-up and whenever uploads are counted. Every process of a host shares the root, so the
 count (``max_concurrent_uploads``) is the host's, which is what its temp space is sized by
 (the chart: ``tmpSizeLimit`` ≥ that many times ``maxDatasetBytes``). Past the count, or with
-less free space than one more upload may take, the answer is 503 with Retry-After.
-
-A body must also keep coming: after a grace period, at an average rate of at least
-``upload_min_bytes_per_second``, or the upload is cut off with 408 (a client trickling a few
-bytes a second would otherwise hold a slot for ever).
+less free space than one more upload may take, admission fails at once (SpaceBusy: 503 with
+Retry-After for a request; a policy's run waits for a later tick).
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ import fcntl
 import logging
 import os
 import shutil
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
@@ -28,14 +25,23 @@ from typing import IO
 
 import anyio
 
-from service.api.errors import Unavailable, UploadTimeout
+from service.settings import Settings
 
-log = logging.getLogger("ftune.api")
+log = logging.getLogger("ftune.datasets")
 
 RETRY_AFTER_SECONDS = 30
 """What a refused upload is told to wait: about as long as an upload of ordinary size takes."""
 _LOCK = ".lock"
 _ADMIT = ".admit"
+
+
+class SpaceBusy(Exception):
+    """No room for one more upload on this host now; trying again after ``retry_after``
+    seconds may work."""
+
+    def __init__(self, detail: str, retry_after: int = RETRY_AFTER_SECONDS) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
 
 
 class UploadSpace:
@@ -47,6 +53,15 @@ class UploadSpace:
         self.root = root
         self.max_uploads = max_uploads
         self.reserve_bytes = reserve_bytes
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> UploadSpace:
+        """The host's space: every instance made from the same settings shares its count."""
+        return cls(
+            settings.upload_dir,
+            max_uploads=settings.max_concurrent_uploads,
+            reserve_bytes=settings.max_dataset_bytes,
+        )
 
     def sweep(self) -> int:
         """Remove the directories of uploads whose process died; how many are still live."""
@@ -77,7 +92,7 @@ class UploadSpace:
     @asynccontextmanager
     async def slot(self, size: int | None = None) -> AsyncIterator[Path]:
         """A directory of one's own for one upload of ``size`` bytes (None: unknown), removed
-        after; Unavailable (503) when the host is at its count of uploads or short of space."""
+        after; SpaceBusy when the host is at its count of uploads or short of space."""
         path, lock = await anyio.to_thread.run_sync(self._admit, size)
         try:
             yield path
@@ -90,16 +105,14 @@ class UploadSpace:
         with self._admitting():
             live = self._sweep()
             if live >= self.max_uploads:
-                raise Unavailable(
-                    f"this server is taking {live} uploads, its limit; try again shortly",
-                    RETRY_AFTER_SECONDS,
+                raise SpaceBusy(
+                    f"this server is taking {live} uploads, its limit; try again shortly"
                 )
             free = shutil.disk_usage(self.root).free
             if free < needed:
-                raise Unavailable(
+                raise SpaceBusy(
                     f"this server's temp space is short ({free} bytes free, the upload may "
-                    f"take {needed}); try again shortly",
-                    RETRY_AFTER_SECONDS,
+                    f"take {needed}); try again shortly"
                 )
             path = self.root / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
             path.mkdir()
@@ -129,27 +142,3 @@ def _release(path: Path, lock: IO[bytes]) -> None:
     shutil.rmtree(path, ignore_errors=True)
     with suppress(OSError):
         lock.close()
-
-
-async def paced(
-    chunks: AsyncIterator[bytes], *, min_rate: float, grace: float
-) -> AsyncIterator[bytes]:
-    """``chunks`` as long as they keep coming: by any moment, ``grace`` seconds plus one per
-    ``min_rate`` bytes received so far; UploadTimeout when the body falls behind."""
-    start = time.monotonic()
-    received = 0
-    while True:
-        allowed = start + grace + received / min_rate - time.monotonic()
-        try:
-            with anyio.fail_after(max(allowed, 0)):
-                chunk = await anext(chunks)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            raise UploadTimeout(
-                f"the upload came too slowly: {received} bytes in "
-                f"{time.monotonic() - start:.0f} s; after {grace:g} s a body must arrive at "
-                f"{min_rate:g} bytes a second or more"
-            ) from None
-        received += len(chunk)
-        yield chunk
