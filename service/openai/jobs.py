@@ -61,9 +61,15 @@ def openai_param(path: list[str]) -> str | None:
     return ".".join([_RENAMED.get(head, head), *rest])
 
 
-def to_spec(create: FineTuningJobCreate, *, rows: int, fits: Callable[[JobSpec], bool]) -> JobSpec:
+def to_spec(
+    create: FineTuningJobCreate, *, rows: int, fits: Callable[[JobSpec], bool], gpus: int = 1
+) -> JobSpec:
     """The JobSpec for a create body; `rows` is the training file's, `fits` says whether a spec
-    fits the workers' GPUs (it picks how a batch is split). Raises SpecError."""
+    fits the workers' GPUs (it picks how a batch is split). Raises SpecError.
+
+    OpenAI's batch_size is the examples per optimizer step; ours is per GPU, and a worker of
+    `gpus` GPUs trains on each of them: the batch is divided among them (an auto batch is
+    rounded up to a multiple of `gpus`; an explicit one must be one)."""
     kind = create.method.type if create.method else "dpo"
     if kind == "reinforcement":
         raise SpecError(
@@ -109,7 +115,16 @@ def to_spec(create: FineTuningJobCreate, *, rows: int, fits: Callable[[JobSpec],
         del values["beta"]  # supervised fine-tuning has no beta
     if max_steps is not None:
         del values["num_epochs"]  # max_steps decides how long it trains
-    batch = int(values.pop("batch"))
+    batch, left = divmod(int(values.pop("batch")), gpus)
+    if left or not batch:
+        if req.batch_size is not None:
+            param = openai_param(["hyperparameters", "batch_size"])
+            raise SpecError(
+                param,
+                f"{param}: {req.batch_size} is not a multiple of the workers' {gpus} GPUs: each "
+                "optimizer step divides its batch among them",
+            )
+        batch += 1
     hyperparameters: dict[str, Any] = {
         **(msgspec.to_builtins(create.training) if create.training else {}),
         **values,
@@ -148,22 +163,23 @@ def _convert(doc: dict[str, Any]) -> JobSpec:
         raise SpecError(param, f"{param}: {message[: match.start()]}") from None
 
 
-def _epochs(job: Job) -> float:
+def _epochs(job: Job, batch: int) -> float:
     """The epochs the job trains: its num_epochs, or as many as its max_steps amount to."""
     hp = job.spec.hyperparameters
     if hp.max_steps is None:
         return hp.num_epochs
-    pairs = hp.max_steps * hp.batch_size * hp.gradient_accumulation_steps
-    return float(max(1, math.ceil(pairs / max(1, job.dataset.rows))))
+    return float(max(1, math.ceil(hp.max_steps * batch / max(1, job.dataset.rows))))
 
 
-def job_object(job: Job, *, suffix: str | None = None) -> FineTuningJob:
-    """OpenAI's view of one of our jobs, whichever API created it."""
+def job_object(job: Job, *, suffix: str | None = None, gpus: int = 1) -> FineTuningJob:
+    """OpenAI's view of one of our jobs, whichever API created it, as trained by workers of
+    `gpus` GPUs (its batch_size is the examples of an optimizer step on all of them)."""
     spec, hp = job.spec, job.spec.hyperparameters
+    batch = hp.batch_size * hp.gradient_accumulation_steps * gpus
     used = FineTuningHyperparameters(
-        batch_size=hp.batch_size * hp.gradient_accumulation_steps,
+        batch_size=batch,
         learning_rate_multiplier=hp.learning_rate / BASE_LEARNING_RATE,
-        n_epochs=_epochs(job),
+        n_epochs=_epochs(job, batch),
     )
     if spec.method == "sft":
         method = FineTuningMethod(

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import httpx2
 import openai
 import pytest
@@ -264,6 +265,27 @@ def test_a_tenant_past_its_queued_job_limit_meets_rate_limit_error(api_settings:
         assert retries_taken(limited.value) == 0
         client.fine_tuning.jobs.cancel(first.id)
         client.fine_tuning.jobs.create(model=MODEL, training_file=train, seed=2)
+
+
+def test_on_workers_of_two_gpus_a_batch_is_divided_between_them(api_settings: Settings) -> None:
+    """OpenAI's batch_size is the examples per optimizer step; ours is per GPU."""
+    with LiveServer(replace(api_settings, worker_gpus=2)) as live, sdk(live.url) as client:
+        train = upload(client, openai_rows(40))
+        dpo = {"type": "dpo", "dpo": {"hyperparameters": {"batch_size": 8}}}
+        job = client.fine_tuning.jobs.create(model=MODEL, training_file=train, method=dpo)
+        for shown in (job, client.fine_tuning.jobs.retrieve(job.id)):
+            assert shown.method is not None and shown.method.dpo is not None
+            assert shown.method.dpo.hyperparameters is not None
+            assert shown.method.dpo.hyperparameters.batch_size == 8
+        ours = httpx.get(
+            f"{live.url}/v1/jobs/{job.id}", headers={"Authorization": "Bearer key-alice"}
+        )
+        hp = ours.json()["spec"]["hyperparameters"]
+        assert hp["batch_size"] * hp["gradient_accumulation_steps"] == 4
+        odd = {"type": "dpo", "dpo": {"hyperparameters": {"batch_size": 9}}}
+        with pytest.raises(openai.BadRequestError, match="multiple of the workers' 2 GPUs") as bad:
+            client.fine_tuning.jobs.create(model=MODEL, training_file=train, method=odd)
+        assert bad.value.param == "method.dpo.hyperparameters.batch_size"
 
 
 def test_events_of_a_queued_job(client: openai.OpenAI) -> None:

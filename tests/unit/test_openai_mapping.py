@@ -111,3 +111,18 @@ def test_a_failure_reads_as_an_error_event_with_its_cause() -> None:
     assert event.level == "error" and event.created_at == 1_700_000_000
     assert event.message == "Job failed: DatasetError: no rows"
     assert event.id == "ftevent-1700000000123-0"
+
+
+def test_a_batch_is_divided_among_the_workers_gpus() -> None:
+    """Our batch_size is per GPU: OpenAI's batch of 8 on 2 GPUs is 4 on each, so that an
+    optimizer step still sees 8 examples."""
+    always = lambda spec: True  # noqa: E731
+    hp = to_spec(create(hyperparameters={"batch_size": 8}), rows=500, fits=always, gpus=2)
+    assert hp.hyperparameters.batch_size * hp.hyperparameters.gradient_accumulation_steps == 4
+    auto = to_spec(create(), rows=4_500, fits=always, gpus=2).hyperparameters  # auto: 9
+    assert auto.batch_size * auto.gradient_accumulation_steps == 5  # 10 across the two
+    odd = create(method={"type": "dpo", "dpo": {"hyperparameters": {"batch_size": 9}}})
+    with pytest.raises(SpecError) as refused:
+        to_spec(odd, rows=500, fits=always, gpus=2)
+    assert refused.value.param == "method.dpo.hyperparameters.batch_size"
+    assert "not a multiple of the workers' 2 GPUs" in str(refused.value)

@@ -17,7 +17,7 @@ from service.api.jobs import IdempotencyKey, JobId, cancel_job, submit_job
 from service.api.openai.errors import handle, responses
 from service.blobs import BlobStore
 from service.checkpoints import checkpoint_prefix, checkpoints_prefix, complete_steps
-from service.contract import Dataset, JobSpec
+from service.contract import Dataset, Job, JobSpec
 from service.contract.openai import (
     FineTuningJob,
     FineTuningJobCheckpointList,
@@ -105,12 +105,17 @@ class FineTuningController(Controller):
 
         def fits(spec: JobSpec) -> bool:
             try:
-                vram.check_fits(spec, settings.worker_gpu_memory_gb, settings.models_dir)
+                vram.check_fits(
+                    spec,
+                    settings.worker_gpu_memory_gb,
+                    settings.models_dir,
+                    gpus=settings.worker_gpus,
+                )
             except ValueError:
                 return False
             return True
 
-        spec = to_spec(data, rows=training.rows, fits=fits)
+        spec = to_spec(data, rows=training.rows, fits=fits, gpus=settings.worker_gpus)
         fingerprint = request_fingerprint(await request.body())
         if idempotency_key:
             idem, seconds = (idempotency_key, fingerprint), 24 * 3600
@@ -127,7 +132,7 @@ class FineTuningController(Controller):
         )
         if data.suffix and not replayed:
             await records.set_suffix(store, job.id, data.suffix)
-        return job_object(job, suffix=data.suffix)
+        return job_object(job, suffix=data.suffix, gpus=settings.worker_gpus)
 
     @get(
         operation_id="ListFineTuningJobs",
@@ -142,6 +147,7 @@ class FineTuningController(Controller):
         request: Request[Any, Any, Any],
         principal: Principal,
         store: Store,
+        settings: Settings,
         after: Annotated[
             str | None,
             Parameter(pattern=JOB_ID, description="A job id: list the jobs created before it."),
@@ -159,7 +165,9 @@ class FineTuningController(Controller):
                 break
         suffixes = await records.suffixes(store, [j.id for j in jobs])
         return FineTuningJobList(
-            data=[job_object(j, suffix=suffixes.get(j.id)) for j in jobs],
+            data=[
+                job_object(j, suffix=suffixes.get(j.id), gpus=settings.worker_gpus) for j in jobs
+            ],
             has_more=next_cursor is not None,
         )
 
@@ -170,10 +178,10 @@ class FineTuningController(Controller):
         responses=responses(404),
     )
     async def retrieve_job(
-        self, job_id: JobId, principal: Principal, store: Store
+        self, job_id: JobId, principal: Principal, store: Store, settings: Settings
     ) -> FineTuningJob:
         job = await store.get_job(job_id, scope(principal))
-        return job_object(job, suffix=(await records.suffixes(store, [job.id])).get(job.id))
+        return await _shown(store, job, settings)
 
     @post(
         operation_id="CancelFineTuningJob",
@@ -188,7 +196,7 @@ class FineTuningController(Controller):
         job = await cancel_job(
             job_id, tenant=scope(principal), store=store, arq=arq, settings=settings
         )
-        return job_object(job, suffix=(await records.suffixes(store, [job.id])).get(job.id))
+        return await _shown(store, job, settings)
 
     @get(
         operation_id="ListFineTuningEvents",
@@ -267,3 +275,8 @@ class FineTuningController(Controller):
             first_id=data[0].id if data else None,
             last_id=data[-1].id if data else None,
         )
+
+
+async def _shown(store: Store, job: Job, settings: Settings) -> FineTuningJob:
+    suffix = (await records.suffixes(store, [job.id])).get(job.id)
+    return job_object(job, suffix=suffix, gpus=settings.worker_gpus)
