@@ -9,6 +9,7 @@ function over lists of dicts, so it can be tested without a trainer.
 from __future__ import annotations
 
 import hashlib
+import random
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -296,6 +297,25 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def kto_rows(rows: list[Row], seed: int) -> list[Row]:
+    """kto's training rows: each pair as its chosen (label true) and rejected (label false)
+    completion, then every row in a seeded random order.
+
+    TRL's KTOTrainer reads its rows in order (its KL term pairs each row with its neighbours
+    in a batch), and unpairs a block of pairs into all its chosen, then all its rejected: left
+    to it, every batch held one label, and unpaired rows trained in upload order.
+    """
+    unpaired: list[Row] = []
+    for row in rows:
+        if "label" in row:
+            unpaired.append(row)
+            continue
+        unpaired.append({"prompt": row["prompt"], "completion": row["chosen"], "label": True})
+        unpaired.append({"prompt": row["prompt"], "completion": row["rejected"], "label": False})
+    random.Random(seed).shuffle(unpaired)
+    return unpaired
 
 
 def to_dataset(rows: list[Row]) -> Dataset:

@@ -27,6 +27,7 @@ from gpu_worker.data import (
     apply_chat_template,
     fetch_rows,
     fit_max_length,
+    kto_rows,
     prompt_key,
     remove_duplicates,
     split_eval,
@@ -133,6 +134,8 @@ def _run(
         callback = ReporterCallback(
             reporter, checkpoints=checkpoints, history=history, also=tracking.log
         )
+        if spec.method == "kto":
+            rows = kto_rows(rows, spec.hyperparameters.seed)
         plan = distributed.Plan(
             spec=spec,
             model_dir=str(model_dir),

@@ -56,6 +56,10 @@ LABEL_SMOOTHING_LOSSES = frozenset(
 """The loss types whose TRL formula reads label_smoothing; every other one ignores it."""
 
 
+SORTED_LOSSES = frozenset({LossType.aot, LossType.aot_unpaired})
+"""The loss types that sort rewards across a batch's rows: with one row, sigmoid DPO."""
+
+
 BETA_FREE_LOSSES = frozenset({LossType.sft})
 """The loss types whose TRL formula does not read beta."""
 
@@ -213,7 +217,9 @@ class Hyperparameters(Strict):
         msgspec.Meta(
             ge=1,
             le=1024,
-            description="Rows (pairs, for preference methods) per device per forward pass.",
+            description="Rows (pairs, for preference methods) per device per forward pass. "
+            "kto needs 2 or more: with it, 1 becomes 2 and gradient_accumulation_steps is halved "
+            "(when even), the same rows a step.",
         ),
     ] = 1
     gradient_accumulation_steps: Annotated[
@@ -698,6 +704,8 @@ class JobTemplate(Strict):
         if self.revision is not None and not _is_hub_ref(self.base_model):
             raise ValueError("revision applies only to a Hub base_model")
         _check_method_fields(self.method, self.hyperparameters)
+        self.hyperparameters = _kto_batch(self.method, self.hyperparameters)
+        _check_batch_rules(self.method, self.hyperparameters, self.lora)
         no_eval_set = self.eval_dataset_id is None and self.eval_fraction == 0
         if self.hyperparameters.eval_steps is not None and no_eval_set:
             raise ValueError(
@@ -766,6 +774,37 @@ def _check_method_fields(method: str, hp: Hyperparameters) -> None:
                 f"hyperparameters.{field} does not apply to method {method!r} (only to "
                 f"{users}): remove it, or choose one of those methods"
             )
+
+
+def _kto_batch(method: str, hp: Hyperparameters) -> Hyperparameters:
+    """kto estimates its KL term from the other rows of a batch, so TRL refuses batch_size 1:
+    the default (1 row x 8 accumulation steps) becomes 2 x 4, the same rows a step."""
+    if method != "kto" or hp.batch_size > 1 or hp.gradient_accumulation_steps % 2:
+        return hp
+    steps = hp.gradient_accumulation_steps // 2
+    return msgspec.structs.replace(hp, batch_size=2, gradient_accumulation_steps=steps)
+
+
+def _check_batch_rules(method: str, hp: Hyperparameters, lora: Lora) -> None:
+    """Refuse what TRL would refuse only after the model is loaded, or turn into another loss."""
+    if method == "kto" and hp.batch_size < 2:
+        raise ValueError(
+            "method 'kto' needs hyperparameters.batch_size 2 or more: TRL estimates its KL term "
+            "from the other rows of a batch (with an even gradient_accumulation_steps, batch_size "
+            "1 becomes 2 and the steps are halved; with an odd one, set batch_size yourself)"
+        )
+    if method == "dpo" and hp.loss_type in SORTED_LOSSES and hp.batch_size < 2:
+        raise ValueError(
+            f"loss_type {hp.loss_type.value!r} sorts the rewards across the rows of a batch: "
+            "with batch_size 1 it is plain sigmoid DPO; set hyperparameters.batch_size to 2 or "
+            "more (larger is closer to the paper)"
+        )
+    if method in ("dpo", "kto") and "lm_head" in list(lora.target_modules):
+        raise ValueError(
+            f"lora.target_modules: method {method!r} computes its log-probabilities from the "
+            "output head's own weights, so an adapter on 'lm_head' would never train (TRL "
+            "refuses it); remove 'lm_head'"
+        )
 
 
 def _is_hub_ref(ref: str) -> bool:

@@ -161,6 +161,30 @@ async def test_hyperparameters_of_another_method_are_refused_by_name(api: Api) -
     assert resp.status_code == 201, resp.text
 
 
+async def test_batch_rules_trl_would_refuse_after_loading_the_model(api: Api) -> None:
+    """kto's KL term needs 2 rows a batch: its default becomes 2 x 4 (the same 8 rows a
+    step); what TRL would refuse or quietly turn into another loss is a 422 at submit."""
+    pairs = (await created(api, [{"prompt": "q", "chosen": "a", "rejected": "b"}]))["id"]
+    resp = await submit(api, pairs, method="kto")
+    assert resp.status_code == 201, resp.text
+    hp = resp.json()["spec"]["hyperparameters"]
+    assert (hp["batch_size"], hp["gradient_accumulation_steps"]) == (2, 4)
+    cases = [
+        ("kto", {"gradient_accumulation_steps": 3}, {}, "needs hyperparameters.batch_size 2"),
+        ("dpo", {"loss_type": "aot"}, {}, "with batch_size 1 it is plain sigmoid DPO"),
+        ("dpo", {}, {"target_modules": ["q_proj", "lm_head"]}, "remove 'lm_head'"),
+        ("kto", {"batch_size": 2}, {"target_modules": ["lm_head"]}, "remove 'lm_head'"),
+    ]
+    for method, hyperparameters, lora, hint in cases:
+        resp = await submit(api, pairs, method=method, hyperparameters=hyperparameters, lora=lora)
+        assert resp.status_code == 422, (method, resp.text)
+        assert hint in resp.json()["detail"], resp.json()
+    resp = await submit(
+        api, pairs, method="dpo", hyperparameters={"loss_type": "aot", "batch_size": 2}
+    )
+    assert resp.status_code == 201, resp.text
+
+
 async def test_a_policy_cannot_train_sft_on_feedback(api: Api) -> None:
     body = {
         "stream": "support",

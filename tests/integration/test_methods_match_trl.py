@@ -8,6 +8,7 @@ of the spec into a method's config shows up as different per-step losses.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,9 @@ def _plain_trl_losses(
 
         args = CPOConfig(**common, loss_type="simpo", cpo_alpha=0.0, simpo_gamma=0.7, beta=2.0)
         trainer_cls = CPOTrainer
+    if method == "kto":  # as documented: kto's rows are shuffled once with the job's seed
+        rows = list(rows)
+        random.Random(7).shuffle(rows)
     trainer = trainer_cls(
         model=model,
         args=args,

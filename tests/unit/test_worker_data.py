@@ -13,6 +13,7 @@ from gpu_worker.data import (
     apply_chat_template,
     fetch_rows,
     fit_max_length,
+    kto_rows,
     pair_token_ids,
     prompt_ids,
     prompt_key,
@@ -250,3 +251,22 @@ def test_eval_prompts_are_rendered_like_training_prompts(tokenizer: Any) -> None
     assert text.endswith("How was the park?<|im_end|>\n<|im_start|>assistant\n")
     raw = prompt_ids("How was the park?", tokenizer, ChatTemplate(apply=False))
     assert tokenizer.decode(raw) == "How was the park?"
+
+
+def test_kto_rows_unpair_each_pair_and_mix_the_labels_in_a_seeded_order() -> None:
+    """TRL reads kto's rows in order: left to it, 40 pairs trained as 40 chosen then 40
+    rejected, and every batch held one label."""
+    pairs = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(40)]
+    rows = kto_rows(pairs, seed=3)
+    assert len(rows) == 80
+    assert sorted((r["prompt"], r["completion"], r["label"]) for r in rows) == sorted(
+        [(p["prompt"], p["chosen"], True) for p in pairs]
+        + [(p["prompt"], p["rejected"], False) for p in pairs]
+    )
+    labels = [r["label"] for r in rows]
+    mixed = sum(len(set(labels[i : i + 4])) == 2 for i in range(0, 80, 4))
+    assert mixed >= 10, labels  # most batches of 4 hold both labels
+    assert kto_rows(pairs, seed=3) == rows and kto_rows(pairs, seed=4) != rows
+    unpaired = [{"prompt": f"q{i}", "completion": "c", "label": i < 20} for i in range(40)]
+    shuffled = kto_rows(unpaired, seed=3)
+    assert sorted(shuffled, key=str) == sorted(unpaired, key=str) and shuffled != unpaired
