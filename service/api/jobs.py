@@ -41,6 +41,7 @@ from service.contract import (
     MetricSeries,
     kind_mismatch,
     local_model_path,
+    multi_process_conflict,
 )
 from service.init_from import InitFromError, resolve_init_adapter
 from service.settings import Principal, Settings
@@ -126,6 +127,12 @@ async def submit_job(
             raise InvalidRequest(
                 str(exc), [FieldError(loc=["body", "base_model"], msg=str(exc))]
             ) from None
+    conflict = multi_process_conflict(spec, settings.worker_gpus)
+    if conflict is not None:
+        raise InvalidRequest(
+            conflict,
+            [FieldError(loc=["body", "hyperparameters", "precompute_ref_log_probs"], msg=conflict)],
+        )
     try:
         vram.check_fits(
             spec, settings.worker_gpu_memory_gb, settings.models_dir, gpus=settings.worker_gpus

@@ -101,6 +101,7 @@ from service.contract.spec import (
     StoreDestination,
     kind_mismatch,
     local_model_path,
+    multi_process_conflict,
 )
 from service.contract.tenants import AuditEntry, AuditPage, LimitUsage, Usage
 from service.contract.webhooks import (
@@ -214,4 +215,5 @@ __all__ = [
     "WebhookJobData",
     "kind_mismatch",
     "local_model_path",
+    "multi_process_conflict",
 ]

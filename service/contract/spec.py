@@ -807,6 +807,17 @@ def _check_batch_rules(method: str, hp: Hyperparameters, lora: Lora) -> None:
         )
 
 
+def multi_process_conflict(spec: JobTemplate, processes: int) -> str | None:
+    """Why the spec cannot train in `processes` processes (a worker's GPUs), if it cannot."""
+    if processes > 1 and spec.hyperparameters.precompute_ref_log_probs:
+        return (
+            "hyperparameters.precompute_ref_log_probs cannot train on workers of several GPUs "
+            "yet: TRL writes the reference log-probs to a cache file only rank 0 can find. "
+            "Turn it off (each step then runs the reference forward)"
+        )
+    return None
+
+
 def _is_hub_ref(ref: str) -> bool:
     return not ref.startswith(("s3://", "file://"))
 

@@ -6,19 +6,24 @@ Their speed is measured in bench/cost_cutters.py, never here.
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from litestar.testing import AsyncTestClient
 
 from gpu_worker.errors import ConfigError
 from gpu_worker.pipeline import run
 from gpu_worker.reporter import JobCancelled, ListReporter
 from gpu_worker.trainer import adapt_to_device
-from service.blobs import open_store
+from service.api.app import create_app
+from service.blobs import dataset_blob_key, open_store
 from service.contract import Hyperparameters, JobSpec
 from service.settings import Settings
+from tests.fixtures.api import ALICE
 from tests.fixtures.tiny_model import preference_rows, stage_job
 
 ROWS = preference_rows(16)
@@ -130,6 +135,35 @@ def test_precomputed_reference_log_probs_train_the_same_steps_also_after_a_resum
         assert list(resumed) == list(_losses(plain, key)), key
         assert resumed == pytest.approx(_losses(plain, key), abs=1e-5, rel=0), key
     assert _losses(plain, "rewards/margins")[5] != 0  # the reference did matter
+
+
+def test_precomputed_reference_log_probs_are_refused_on_several_processes(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """TRL caches them in a file only rank 0 finds: refused before anything is downloaded
+    (this job's dataset is not even in the store)."""
+    store = open_store((tmp_path / "store").as_uri())
+    job = stage_job(store, tiny_model_dir, ROWS, hyperparameters={"precompute_ref_log_probs": True})
+    store.delete(dataset_blob_key(job.dataset.sha256))
+    settings = replace(_settings(tiny_model_dir, tmp_path), worker_gpus=2)
+    with pytest.raises(ConfigError, match="cannot train on workers of several GPUs"):
+        run(job, tmp_path / "work", ListReporter(), settings=settings, store=store)
+
+
+async def test_the_api_refuses_them_when_its_workers_have_several_gpus(
+    api_settings: Settings,
+) -> None:
+    async with AsyncTestClient(create_app(replace(api_settings, worker_gpus=2))) as client:
+        rows = "".join(json.dumps(r) + "\n" for r in ROWS)
+        headers = {**ALICE, "Content-Type": "application/x-ndjson"}
+        ds = (await client.post("/v1/datasets", content=rows, headers=headers)).json()
+        body = {"base_model": "org/tiny", "dataset_id": ds["id"]}
+        hp = {"precompute_ref_log_probs": True}
+        resp = await client.post("/v1/jobs", json={**body, "hyperparameters": hp}, headers=ALICE)
+        assert resp.status_code == 422, resp.text
+        loc = ["body", "hyperparameters", "precompute_ref_log_probs"]
+        assert resp.json()["errors"][0]["loc"] == loc
+        assert (await client.post("/v1/jobs", json=body, headers=ALICE)).status_code == 201
 
 
 @pytest.mark.slow
