@@ -100,6 +100,7 @@ from service.contract.spec import (
     S3Destination,
     StoreDestination,
     kind_mismatch,
+    learning_rate,
     local_model_path,
     multi_process_conflict,
 )
@@ -214,6 +215,7 @@ __all__ = [
     "WebhookEvent",
     "WebhookJobData",
     "kind_mismatch",
+    "learning_rate",
     "local_model_path",
     "multi_process_conflict",
 ]

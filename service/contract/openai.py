@@ -14,11 +14,15 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import msgspec
 
 from service.contract.base import Strict
-from service.contract.spec import Hyperparameters, JobTemplate
+from service.contract.spec import DEFAULT_LEARNING_RATES, Hyperparameters, JobTemplate
 
 Auto = Literal["auto"]
 
-BASE_LEARNING_RATE = Hyperparameters().learning_rate
+BASE_LEARNING_RATES = {
+    "dpo": DEFAULT_LEARNING_RATES["dpo"],
+    "supervised": DEFAULT_LEARNING_RATES["sft"],
+}
+"""What learning_rate_multiplier 1 means, per OpenAI method: our default for it."""
 """What a learning_rate_multiplier multiplies: our DPO default learning rate."""
 
 OUR_JOB_OPTIONS = (
@@ -192,7 +196,9 @@ class LegacyHyperparameters(Strict):
     learning_rate_multiplier: Annotated[
         Auto | LearningRateMultiplier | None,
         msgspec.Meta(
-            description=f"learning_rate = this x {BASE_LEARNING_RATE:g} (our DPO default); auto: 1."
+            description="learning_rate = this x our default for the method "
+            f"({BASE_LEARNING_RATES['dpo']:g} for dpo, {BASE_LEARNING_RATES['supervised']:g} "
+            "for supervised); auto: 1."
         ),
     ] = None
     n_epochs: Annotated[
@@ -331,7 +337,12 @@ class FineTuningHyperparameters(msgspec.Struct, kw_only=True):
         int, msgspec.Meta(description="Examples per optimizer step (batch x accumulation).")
     ]
     learning_rate_multiplier: Annotated[
-        float, msgspec.Meta(description=f"learning_rate / {BASE_LEARNING_RATE:g}.")
+        float,
+        msgspec.Meta(
+            description="learning_rate / our default for the method "
+            f"({BASE_LEARNING_RATES['dpo']:g} for dpo, {BASE_LEARNING_RATES['supervised']:g} "
+            "for supervised)."
+        ),
     ]
     n_epochs: Annotated[float, msgspec.Meta(description="Passes over the dataset.")]
 

@@ -70,6 +70,18 @@ DEFAULT_BETA = 0.1
 DEFAULT_NUM_EPOCHS = 1.0
 
 
+DEFAULT_LEARNING_RATES: dict[str, float] = {
+    "sft": 2e-4,
+    "dpo": 5e-6,
+    "kto": 5e-6,
+    "orpo": 5e-6,
+    "simpo": 5e-6,
+}
+"""Each method's learning rate when a spec leaves it out: those of the QLoRA recipes of the
+alignment handbook (SFT 2e-4, DPO 5e-6). One rate for all was 5e-6, which left a LoRA SFT
+adapter nearly where it started."""
+
+
 Method = Literal["dpo", "sft", "kto", "orpo", "simpo"]
 """The training methods; each is a TRL trainer (gpu_worker/methods.py)."""
 
@@ -188,9 +200,19 @@ class Hyperparameters(Strict):
             "as well (false)."
         ),
     ] = True
-    learning_rate: Annotated[
-        float, msgspec.Meta(gt=0.0, le=1.0, description="Peak learning rate of the LoRA weights.")
-    ] = 5e-6
+    learning_rate: (
+        Annotated[
+            float,
+            msgspec.Meta(
+                gt=0.0,
+                le=1.0,
+                description="Peak learning rate of the LoRA weights; left out: the method's "
+                "default (2e-4 for sft, 5e-6 for the preference methods), which the job's record "
+                "then shows.",
+            ),
+        ]
+        | None
+    ) = None
     num_epochs: Annotated[
         float,
         msgspec.Meta(
@@ -705,6 +727,9 @@ class JobTemplate(Strict):
             raise ValueError("revision applies only to a Hub base_model")
         _check_method_fields(self.method, self.hyperparameters)
         self.hyperparameters = _kto_batch(self.method, self.hyperparameters)
+        if self.hyperparameters.learning_rate is None:  # the record shows the rate used
+            rate = learning_rate(self)
+            self.hyperparameters = msgspec.structs.replace(self.hyperparameters, learning_rate=rate)
         _check_batch_rules(self.method, self.hyperparameters, self.lora)
         no_eval_set = self.eval_dataset_id is None and self.eval_fraction == 0
         if self.hyperparameters.eval_steps is not None and no_eval_set:
@@ -805,6 +830,11 @@ def _check_batch_rules(method: str, hp: Hyperparameters, lora: Lora) -> None:
             "output head's own weights, so an adapter on 'lm_head' would never train (TRL "
             "refuses it); remove 'lm_head'"
         )
+
+
+def learning_rate(spec: JobTemplate) -> float:
+    """The spec's learning rate: its own, else its method's default."""
+    return spec.hyperparameters.learning_rate or DEFAULT_LEARNING_RATES[spec.method]
 
 
 def multi_process_conflict(spec: JobTemplate, processes: int) -> str | None:

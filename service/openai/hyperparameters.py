@@ -10,7 +10,8 @@ The rules (the README's migration section repeats them):
   largest divisor of the batch up to 8 whose GPU memory estimate (service/vram.py, from the
   model's shape) fits the workers (`FTUNE_WORKER_GPU_MEMORY_GB`); the rest is accumulated.
   An explicit batch_size is split the same way.
-- `learning_rate_multiplier`: 1, i.e. our DPO default learning rate (5e-6).
+- `learning_rate_multiplier`: 1, i.e. our default learning rate for the method (5e-6 for dpo,
+  2e-4 for supervised).
 - `beta`: 0.1, TRL's and the DPO paper's default.
 
 `rows` is the training file's row count (before any eval split).
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from service.contract.openai import (
-    BASE_LEARNING_RATE,
+    BASE_LEARNING_RATES,
     DpoHyperparametersCreate,
     FineTuningJobCreate,
     LegacyHyperparameters,
@@ -114,13 +115,13 @@ def splits(batch_size: int) -> Iterator[tuple[int, int]]:
             yield micro, batch_size // micro
 
 
-def resolve(req: Requested, rows: int) -> dict[str, float | int]:
+def resolve(req: Requested, rows: int, kind: str) -> dict[str, float | int]:
     """Our hyperparameter values for OpenAI's four (batch split aside: `batch` is the batch
-    per optimizer step, for `splits`)."""
+    per optimizer step, for `splits`), for OpenAI method `kind` (dpo or supervised)."""
     multiplier = req.learning_rate_multiplier or AUTO_MULTIPLIER
     return {
         "beta": req.beta if req.beta is not None else AUTO_BETA,
-        "learning_rate": multiplier * BASE_LEARNING_RATE,
+        "learning_rate": multiplier * BASE_LEARNING_RATES[kind],
         "num_epochs": float(req.n_epochs if req.n_epochs is not None else auto_epochs(rows)),
         "batch": req.batch_size if req.batch_size is not None else auto_batch_size(rows),
     }

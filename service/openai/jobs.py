@@ -17,9 +17,16 @@ from typing import Any
 
 import msgspec
 
-from service.contract import LABEL_KEY_RE, MODEL_REF_RE, Job, JobSpec, JobStatus
+from service.contract import (
+    LABEL_KEY_RE,
+    MODEL_REF_RE,
+    Job,
+    JobSpec,
+    JobStatus,
+    learning_rate,
+)
 from service.contract.openai import (
-    BASE_LEARNING_RATE,
+    BASE_LEARNING_RATES,
     OUR_JOB_OPTIONS,
     DpoHyperparameters,
     DpoMethod,
@@ -110,7 +117,7 @@ def to_spec(
             "n_epochs has no effect when training.max_steps is set (training stops at max_steps "
             "whatever the epoch): set only one of them",
         )
-    values = resolve(req, rows)
+    values = resolve(req, rows, kind)
     if method == "sft":
         del values["beta"]  # supervised fine-tuning has no beta
     if max_steps is not None:
@@ -175,10 +182,11 @@ def job_object(job: Job, *, suffix: str | None = None, gpus: int = 1) -> FineTun
     """OpenAI's view of one of our jobs, whichever API created it, as trained by workers of
     `gpus` GPUs (its batch_size is the examples of an optimizer step on all of them)."""
     spec, hp = job.spec, job.spec.hyperparameters
+    kind = "supervised" if spec.method == "sft" else "dpo"
     batch = hp.batch_size * hp.gradient_accumulation_steps * gpus
     used = FineTuningHyperparameters(
         batch_size=batch,
-        learning_rate_multiplier=hp.learning_rate / BASE_LEARNING_RATE,
+        learning_rate_multiplier=learning_rate(spec) / BASE_LEARNING_RATES[kind],
         n_epochs=_epochs(job, batch),
     )
     if spec.method == "sft":

@@ -19,7 +19,8 @@ import torch
 from gpu_worker.data import apply_chat_template, to_dataset
 from gpu_worker.model import load_model, load_tokenizer
 from gpu_worker.trainer import build_config, build_trainer
-from service.contract import Hyperparameters, JobSpec
+from service.contract import JobSpec
+from service.contract.spec import DEFAULT_LEARNING_RATES
 
 STEPS = 4
 
@@ -61,7 +62,7 @@ def test_adapter_weights_stay_float32_and_every_update_lands(
     from safetensors.torch import load_file
 
     spec = _spec(bits, compute_dtype)
-    assert spec.hyperparameters.learning_rate == Hyperparameters().learning_rate  # our default
+    assert spec.hyperparameters.learning_rate == DEFAULT_LEARNING_RATES["dpo"]  # our default
     tokenizer = load_tokenizer(tiny_model_dir)
     rows = apply_chat_template(tiny_preference_rows, tokenizer, spec.chat_template, print)
     trainer = build_trainer(

@@ -161,6 +161,19 @@ async def test_hyperparameters_of_another_method_are_refused_by_name(api: Api) -
     assert resp.status_code == 201, resp.text
 
 
+async def test_a_left_out_learning_rate_is_the_methods_and_the_record_shows_it(api: Api) -> None:
+    """LoRA SFT trains at 2e-4 (the QLoRA recipes' rate), the preference methods at 5e-6; at
+    5e-6 an SFT adapter barely moved."""
+    sft = (await created(api, [{"prompt": "q", "completion": "a"}]))["id"]
+    pairs = (await created(api, [{"prompt": "q", "chosen": "a", "rejected": "b"}]))["id"]
+    for ds, method, rate in ((sft, "sft", 2e-4), (pairs, "dpo", 5e-6), (pairs, "orpo", 5e-6)):
+        resp = await submit(api, ds, method=method)
+        assert resp.status_code == 201, resp.text
+        assert resp.json()["spec"]["hyperparameters"]["learning_rate"] == rate
+    resp = await submit(api, sft, method="sft", hyperparameters={"learning_rate": 5e-6})
+    assert resp.json()["spec"]["hyperparameters"]["learning_rate"] == 5e-6
+
+
 async def test_batch_rules_trl_would_refuse_after_loading_the_model(api: Api) -> None:
     """kto's KL term needs 2 rows a batch: its default becomes 2 x 4 (the same 8 rows a
     step); what TRL would refuse or quietly turn into another loss is a 422 at submit."""

@@ -79,6 +79,7 @@ def test_supervised_is_sft_and_reinforcement_and_both_forms_are_refused_by_name(
     )
     spec = to_spec(supervised, rows=10, fits=lambda s: True)
     assert spec.method == "sft" and spec.hyperparameters.num_epochs == 2
+    assert spec.hyperparameters.learning_rate == 2e-4  # multiplier 1: our sft default
     with pytest.raises(SpecError) as refused:
         to_spec(create(method={"type": "reinforcement"}), rows=10, fits=lambda s: True)
     assert refused.value.param == "method.type"

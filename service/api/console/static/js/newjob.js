@@ -66,7 +66,7 @@ export async function newJobPage(page, params) {
     ),
     method: h("select", { name: "method" }, [].concat(tpl.method.enum || tpl.method.const).map((m) => h("option", { value: m, selected: m === tpl.method.default }, m))),
     beta: numberInput(hp.beta, "beta"),
-    learning_rate: numberInput(hp.learning_rate, "learning_rate"),
+    learning_rate: numberInput(hp.learning_rate, "learning_rate", { optional: true }),
     num_epochs: numberInput(hp.num_epochs, "num_epochs"),
     max_steps: numberInput(hp.max_steps, "max_steps", { optional: true }),
     r: numberInput(lora.r, "lora_r"),
