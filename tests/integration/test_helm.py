@@ -481,8 +481,8 @@ def test_existing_secrets_are_referenced_never_inlined(chart: helm.Chart) -> Non
     }
     api_env = env_of(api_pod["containers"][0])
     assert api_env["FTUNE_API_KEYS_FILE"]["value"] == "/etc/ftune/api-keys/api-keys.json"
-    # The API's scheduler publishes promoted models: it gets the Hub tokens by reference too,
-    # and none when the scheduler runs elsewhere.
+    # The API imports datasets from the Hub and its scheduler publishes promoted models: it
+    # gets the Hub tokens by reference too, also when the scheduler runs elsewhere.
     assert api_env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "ops-hf", "key": "token"}
     no_scheduler = render(
         chart,
@@ -492,7 +492,8 @@ def test_existing_secrets_are_referenced_never_inlined(chart: helm.Chart) -> Non
         },
     )
     api_alone = no_scheduler.get("Deployment", f"{PREFIX}-api")["spec"]["template"]["spec"]
-    assert "HF_TOKEN" not in env_of(api_alone["containers"][0])
+    alone_env = env_of(api_alone["containers"][0])
+    assert alone_env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "ops-hf", "key": "token"}
 
     redis_env = env_of(manifests.container("StatefulSet", f"{PREFIX}-redis", "redis"))
     assert redis_env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "ops-redis"
