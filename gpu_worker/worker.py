@@ -25,6 +25,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -42,7 +43,7 @@ from service.contract import (
 )
 from service.leases import requeue
 from service.metrics import WorkerMetrics, record_job_duration
-from service.settings import Settings
+from service.settings import Settings, SettingsError
 from service.store import Conflict, NotFound, Store, TerminalHook, new_id
 
 log = logging.getLogger("ftune.worker")
@@ -249,15 +250,36 @@ TERMINAL = {s.value for s in JobStatus if s.terminal}
 
 
 def dispatch_shares(settings: Settings) -> Callable[[str], queue.Share]:
-    """Each tenant's share of the workers and running-jobs limit, from the tenants file (read
-    once, when the worker starts) and the settings' defaults."""
-    known = tenants.load(settings)
+    """Each tenant's share of the workers and running-jobs limit, from the tenants file and
+    the settings' defaults. The file is read again when it changes (the kubelet refreshes a
+    mounted Secret in place), as grants are for each job: workers started at different times
+    enforce the same limits. A file that no longer reads keeps the last good one, logged."""
+    path = settings.api_keys_file
+    stamp, known = _stamp(path), tenants.load(settings)
 
     def share(tenant: str) -> queue.Share:
+        nonlocal stamp, known
+        if (now := _stamp(path)) != stamp:
+            stamp = now
+            try:
+                known = tenants.load(settings)
+            except SettingsError as exc:
+                log.error("the tenants file changed but cannot be used, keeping the last: %s", exc)
         limits = tenants.limits_for(settings, known, tenant)
         return queue.Share(weight=limits.share, max_running=limits.running_jobs)
 
     return share
+
+
+def _stamp(path: Path | None) -> tuple[int, int, int] | None:
+    """What changes when the file is replaced or rewritten (None: no file)."""
+    if path is None:
+        return None
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 # -- arq wiring --------------------------------------------------------------------------------

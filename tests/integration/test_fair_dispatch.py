@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -20,9 +21,9 @@ from gpu_worker.worker import claim_next, dispatch_shares
 from service import leases, queue
 from service.api.jobs import cancel_job
 from service.contract import DatasetRef, Job, JobSpec, JobStatus
-from service.settings import Settings
+from service.settings import Principal, Settings
 from service.store import Store, new_id
-from tests.fixtures.api import ADMIN, ALICE, BOB, Api
+from tests.fixtures.api import ADMIN, ALICE, BOB, Api, write_tenants
 
 ROWS = b'{"prompt": "p", "chosen": "c", "rejected": "r"}\n'
 NDJSON = {"Content-Type": "application/x-ndjson"}
@@ -182,6 +183,22 @@ async def test_jobs_submitted_within_one_millisecond_start_in_submission_order(
     assert order == [first.id, second.id]
     await store.close()
     await pool.aclose()
+
+
+def test_a_changed_tenants_file_changes_the_shares_of_a_running_worker(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """As grants are read for each job: an operator who lowers a tenant's running_jobs sees
+    it on every worker, not only on those started after."""
+    keys = tmp_path / "tenants.json"
+    who = {"key-a": Principal("team-a")}
+    write_tenants(keys, who, {"team-a": {"limits": {"running_jobs": 1, "share": 2.0}}})
+    limits = dispatch_shares(settings(redis_url, api_keys_file=keys))
+    assert limits("team-a") == queue.Share(weight=2.0, max_running=1)
+    write_tenants(keys, who, {"team-a": {"limits": {"running_jobs": 3}}})
+    assert limits("team-a") == queue.Share(weight=1.0, max_running=3)
+    keys.write_text("{not json")  # a bad edit: the last good file stays in force
+    assert limits("team-a") == queue.Share(weight=1.0, max_running=3)
 
 
 async def test_a_tenant_at_its_running_limit_is_passed_over(redis_url: str) -> None:
