@@ -15,9 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
+import threading
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from types import FrameType
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -28,6 +31,8 @@ log = logging.getLogger("ftune.api.events")
 
 Event = tuple[str, str, bytes]
 """(stream id, type, JSON data)"""
+CLOSED: Event = ("", "", b"")
+"""Put in a subscriber's queue when the process shuts down: its stream ends there."""
 QUEUE_SIZE = 1000
 BLOCK_MS = 500
 """The reader's XREAD wait: how late a stream subscribed meanwhile joins the next read."""
@@ -57,13 +62,16 @@ class EventHub:
         self.open: Counter[str] = Counter()
         self._wake = asyncio.Event()
         self._register = asyncio.Lock()
+        self.closing = False
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[EventHub]:
         task = asyncio.create_task(self._read_forever(), name="ftune-event-hub")
+        restore = _on_sigterm(asyncio.get_running_loop(), self.close_all)
         try:
             yield self
         finally:
+            restore()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -94,11 +102,23 @@ class EventHub:
                     self.cursors[key] = last[0][0].decode() if last else "0-0"
                 sub.start = self.cursors[key]
                 self.subscribers.setdefault(key, set()).add(sub)
+                sub.dropped = self.closing  # shutting down: it reads what is stored, then ends
         except BaseException:
             self.unsubscribe(sub)
             raise
         self._wake.set()
         return sub
+
+    def close_all(self) -> None:
+        """End every stream of this process now (it is shutting down): each ends after what
+        it has already been sent, and its client resumes elsewhere with Last-Event-ID. Left
+        open, a stream would hold the server past its graceful shutdown."""
+        self.closing = True
+        for subs in list(self.subscribers.values()):
+            for sub in list(subs):
+                sub.dropped = True
+                with contextlib.suppress(asyncio.QueueFull):
+                    sub.queue.put_nowait(CLOSED)
 
     def unsubscribe(self, sub: Subscription) -> None:
         """Idempotent: also called when the response's stream object is collected unused."""
@@ -177,6 +197,28 @@ async def follow(
         except TimeoutError:
             yield None
             continue
+        if event is CLOSED:
+            return
         if stream_position(event[0]) > last:
             last = stream_position(event[0])
             yield event
+
+
+def _on_sigterm(loop: asyncio.AbstractEventLoop, close: Callable[[], None]) -> Callable[[], None]:
+    """Call `close` on the loop when SIGTERM arrives, then the handler already there (uvicorn's,
+    which starts its graceful shutdown); returns what puts that handler back. uvicorn waits for
+    open connections before it tells the app anything, and an event stream is never done."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous) or threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    chained = previous
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(close)
+        chained(signum, frame)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, chained)
+
+    signal.signal(signal.SIGTERM, handle)
+    return restore

@@ -465,6 +465,10 @@ async def _live(
             yield ServerSentEventMessage(event=kind, data=data.decode(), id=entry_id)
             if kind == "status" and msgspec.json.decode(data)["status"] in TERMINAL:
                 return
+        if hub.closing:  # a comment, so that a client knows the job is not over: it resumes
+            yield ServerSentEventMessage(
+                comment="the server is shutting down; resume with Last-Event-ID"
+            )
     finally:
         hub.unsubscribe(sub)
 

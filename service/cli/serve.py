@@ -63,6 +63,7 @@ def api(
             settings.log_level, secrets=settings.secret_values(), fmt=settings.log_format
         ),
         proxy_headers=True,
+        timeout_graceful_shutdown=settings.api_grace_seconds,
     )
 
 

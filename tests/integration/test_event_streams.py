@@ -4,9 +4,11 @@ number of Redis connections and are capped, and Redis trouble is a 503, never a 
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import httpx
 import msgspec
@@ -18,7 +20,7 @@ from service.contract import JobStatus
 from service.dev.localredis import LocalRedis
 from service.settings import Settings
 from service.store import Store
-from tests.fixtures.api import ALICE, BOB, LiveServer
+from tests.fixtures.api import ALICE, BOB, ApiProcess, LiveServer
 
 ROWS = b'{"prompt": "p", "chosen": "c", "rejected": "r"}\n'
 NDJSON = {"Content-Type": "application/x-ndjson"}
@@ -154,3 +156,32 @@ async def test_a_client_that_falls_behind_is_dropped_and_resumes_losing_nothing(
     lines = [msgspec.json.decode(data)["message"] for _, _, data in got + rest]
     assert lines == [f"line {i}" for i in range(12)]
     await store.close()
+
+
+def test_on_sigterm_open_streams_end_and_the_api_shuts_down_at_once(
+    api_settings: Settings, tmp_path: Path
+) -> None:
+    """A stream never ends by itself, and uvicorn waits for open connections before it tells
+    the app anything: on SIGTERM each stream ends now, with a comment that tells its client to
+    resume (on another replica), and the API shuts down cleanly instead of waiting out its
+    grace period (then a SIGKILL, or uvicorn cancelling the stream with an error logged)."""
+    log = tmp_path / "api.log"
+    with (
+        ApiProcess(api_settings, log, FTUNE_API_GRACE_SECONDS="60") as api,
+        httpx.Client(base_url=api.url, headers=ALICE, timeout=30) as http,
+    ):
+        ds = http.post("/v1/datasets", content=ROWS, headers=NDJSON).json()
+        job = http.post("/v1/jobs", json={"base_model": "org/m", "dataset_id": ds["id"]}).json()
+        with http.stream("GET", f"/v1/jobs/{job['id']}/events") as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("id: ")  # the stream is open: the job was queued
+            assert api.proc is not None
+            started = time.monotonic()
+            api.proc.send_signal(signal.SIGTERM)
+            rest = list(lines)
+        assert ": the server is shutting down; resume with Last-Event-ID" in rest
+        api.proc.wait(30)
+        assert time.monotonic() - started < 10  # not the 60 s grace
+    text = log.read_text()
+    assert "Application shutdown complete" in text
+    assert "Traceback" not in text and "CancelledError" not in text
