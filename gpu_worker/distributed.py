@@ -43,7 +43,7 @@ from transformers import TrainerCallback
 
 from gpu_worker.errors import ConfigError, JobFailure
 from gpu_worker.reporter import JobCancelled, JobStopped
-from service.contract import JobSpec, multi_process_conflict
+from service.contract import JobSpec, Untrainable, check_trainable
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
@@ -114,10 +114,12 @@ def world_size(workers_gpus: int, device: str) -> int:
 
 
 def check_strategy(spec: JobSpec, device: str, size: int) -> None:
-    """Refuse, before anything is downloaded, what several processes or FSDP cannot do here."""
-    conflict = multi_process_conflict(spec, size)
-    if conflict is not None:
-        raise ConfigError(conflict)
+    """Refuse, before anything is downloaded, what TRL would refuse once the model is loaded
+    (a job queued before the API checked it) and what FSDP cannot do here."""
+    try:
+        check_trainable(spec, size)
+    except Untrainable as exc:
+        raise ConfigError(str(exc)) from None
     if not shards(spec, size):
         return
     if device != "cuda":

@@ -39,9 +39,10 @@ from service.contract import (
     JobStatus,
     JobTemplate,
     MetricSeries,
+    Untrainable,
+    check_trainable,
     kind_mismatch,
     local_model_path,
-    multi_process_conflict,
 )
 from service.init_from import InitFromError, resolve_init_adapter
 from service.settings import Principal, Settings
@@ -127,12 +128,11 @@ async def submit_job(
             raise InvalidRequest(
                 str(exc), [FieldError(loc=["body", "base_model"], msg=str(exc))]
             ) from None
-    conflict = multi_process_conflict(spec, settings.worker_gpus)
-    if conflict is not None:
-        raise InvalidRequest(
-            conflict,
-            [FieldError(loc=["body", "hyperparameters", "precompute_ref_log_probs"], msg=conflict)],
-        )
+    try:
+        check_trainable(spec, settings.worker_gpus)
+    except Untrainable as exc:
+        loc = ["body", *exc.field.split(".")]
+        raise InvalidRequest(str(exc), [FieldError(loc=loc, msg=str(exc))]) from None
     try:
         vram.check_fits(
             spec, settings.worker_gpu_memory_gb, settings.models_dir, gpus=settings.worker_gpus

@@ -12,7 +12,14 @@ from service.api import shown
 from service.api.errors import FieldError, InvalidRequest
 from service.api.openapi_docs import FORBIDDEN, NOT_FOUND, TOO_MANY, PageSize, responses
 from service.api.tenancy import ListCursor, TenantParam, acting_tenant, listed_tenant
-from service.contract import Policy, PolicyList, PolicySpec, local_model_path
+from service.contract import (
+    Policy,
+    PolicyList,
+    PolicySpec,
+    Untrainable,
+    check_trainable,
+    local_model_path,
+)
 from service.retraining import policies
 from service.settings import Principal, Settings
 from service.store import NotFound, Store
@@ -38,6 +45,11 @@ async def _check_template(
     except GrantMissing as exc:
         exc.loc[1:1] = ["template"]
         raise
+    try:
+        check_trainable(template, settings.worker_gpus)
+    except Untrainable as exc:
+        loc = ["body", "template", *exc.field.split(".")]
+        raise InvalidRequest(str(exc), [FieldError(loc=loc, msg=str(exc))]) from None
     try:
         policies.job_spec(template, "ds_template", template.eval_dataset_id)
     except (ValueError, msgspec.ValidationError) as exc:

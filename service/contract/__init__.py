@@ -99,10 +99,11 @@ from service.contract.spec import (
     Quantization,
     S3Destination,
     StoreDestination,
+    Untrainable,
+    check_trainable,
     kind_mismatch,
     learning_rate,
     local_model_path,
-    multi_process_conflict,
 )
 from service.contract.tenants import AuditEntry, AuditPage, LimitUsage, Usage
 from service.contract.webhooks import (
@@ -209,13 +210,14 @@ __all__ = [
     "StoreDestination",
     "Strict",
     "Trigger",
+    "Untrainable",
     "Usage",
     "WandbTracking",
     "WebhookDelivery",
     "WebhookEvent",
     "WebhookJobData",
+    "check_trainable",
     "kind_mismatch",
     "learning_rate",
     "local_model_path",
-    "multi_process_conflict",
 ]

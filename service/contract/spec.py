@@ -730,7 +730,6 @@ class JobTemplate(Strict):
         if self.hyperparameters.learning_rate is None:  # the record shows the rate used
             rate = learning_rate(self)
             self.hyperparameters = msgspec.structs.replace(self.hyperparameters, learning_rate=rate)
-        _check_batch_rules(self.method, self.hyperparameters, self.lora)
         no_eval_set = self.eval_dataset_id is None and self.eval_fraction == 0
         if self.hyperparameters.eval_steps is not None and no_eval_set:
             raise ValueError(
@@ -810,42 +809,54 @@ def _kto_batch(method: str, hp: Hyperparameters) -> Hyperparameters:
     return msgspec.structs.replace(hp, batch_size=2, gradient_accumulation_steps=steps)
 
 
-def _check_batch_rules(method: str, hp: Hyperparameters, lora: Lora) -> None:
-    """Refuse what TRL would refuse only after the model is loaded, or turn into another loss."""
+class Untrainable(ValueError):
+    """A spec TRL would refuse only once the model is loaded, or train as something else;
+    `field` is its path in the spec (e.g. `hyperparameters.batch_size`)."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(detail)
+        self.field = field
+
+
+def check_trainable(spec: JobTemplate, processes: int) -> None:
+    """Untrainable for what would fail or change meaning in `processes` training processes
+    (a worker's GPUs). Checked when a job or a policy's template is submitted and by the
+    worker before it downloads anything, never when a stored record is read: a record made
+    before a rule existed must still load."""
+    hp, method = spec.hyperparameters, spec.method
     if method == "kto" and hp.batch_size < 2:
-        raise ValueError(
+        raise Untrainable(
+            "hyperparameters.batch_size",
             "method 'kto' needs hyperparameters.batch_size 2 or more: TRL estimates its KL term "
             "from the other rows of a batch (with an even gradient_accumulation_steps, batch_size "
-            "1 becomes 2 and the steps are halved; with an odd one, set batch_size yourself)"
+            "1 becomes 2 and the steps are halved; with an odd one, set batch_size yourself)",
         )
     if method == "dpo" and hp.loss_type in SORTED_LOSSES and hp.batch_size < 2:
-        raise ValueError(
+        raise Untrainable(
+            "hyperparameters.batch_size",
             f"loss_type {hp.loss_type.value!r} sorts the rewards across the rows of a batch: "
             "with batch_size 1 it is plain sigmoid DPO; set hyperparameters.batch_size to 2 or "
-            "more (larger is closer to the paper)"
+            "more (larger is closer to the paper)",
         )
-    if method in ("dpo", "kto") and "lm_head" in list(lora.target_modules):
-        raise ValueError(
+    if method in ("dpo", "kto") and "lm_head" in list(spec.lora.target_modules):
+        raise Untrainable(
+            "lora.target_modules",
             f"lora.target_modules: method {method!r} computes its log-probabilities from the "
             "output head's own weights, so an adapter on 'lm_head' would never train (TRL "
-            "refuses it); remove 'lm_head'"
+            "refuses it); remove 'lm_head'",
+        )
+    if processes > 1 and hp.precompute_ref_log_probs:
+        raise Untrainable(
+            "hyperparameters.precompute_ref_log_probs",
+            "hyperparameters.precompute_ref_log_probs cannot train on workers of several GPUs "
+            "yet: TRL writes the reference log-probs to a cache file only rank 0 can find. "
+            "Turn it off (each step then runs the reference forward)",
         )
 
 
 def learning_rate(spec: JobTemplate) -> float:
     """The spec's learning rate: its own, else its method's default."""
     return spec.hyperparameters.learning_rate or DEFAULT_LEARNING_RATES[spec.method]
-
-
-def multi_process_conflict(spec: JobTemplate, processes: int) -> str | None:
-    """Why the spec cannot train in `processes` processes (a worker's GPUs), if it cannot."""
-    if processes > 1 and spec.hyperparameters.precompute_ref_log_probs:
-        return (
-            "hyperparameters.precompute_ref_log_probs cannot train on workers of several GPUs "
-            "yet: TRL writes the reference log-probs to a cache file only rank 0 can find. "
-            "Turn it off (each step then runs the reference forward)"
-        )
-    return None
 
 
 def _is_hub_ref(ref: str) -> bool:

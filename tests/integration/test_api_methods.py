@@ -6,6 +6,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import msgspec
+from redis.asyncio import Redis
+
+from service.contract import JobSpec
+from service.store import job_key
 from tests.fixtures.api import ALICE, Api
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -196,6 +201,20 @@ async def test_batch_rules_trl_would_refuse_after_loading_the_model(api: Api) ->
         api, pairs, method="dpo", hyperparameters={"loss_type": "aot", "batch_size": 2}
     )
     assert resp.status_code == 201, resp.text
+    # A job stored before these rules still reads: they are checked at submit, not on load.
+    spec = msgspec.convert(
+        {"base_model": MODEL, "dataset_id": pairs, "hyperparameters": {"loss_type": "aot"}},
+        JobSpec,
+    )
+    job = (await submit(api, pairs)).json()
+    async with Redis.from_url(api.settings.redis_url) as redis:
+        raw = await redis.get(job_key(job["id"]))
+        record = msgspec.json.decode(raw)
+        record["spec"] = msgspec.to_builtins(spec)
+        await redis.set(job_key(job["id"]), msgspec.json.encode(record))
+    got = await api.client.get(f"/v1/jobs/{job['id']}", headers=ALICE)
+    assert got.status_code == 200, got.text
+    assert got.json()["spec"]["hyperparameters"]["loss_type"] == "aot"
 
 
 async def test_a_policy_cannot_train_sft_on_feedback(api: Api) -> None:
@@ -210,3 +229,7 @@ async def test_a_policy_cannot_train_sft_on_feedback(api: Api) -> None:
     body["template"] = {"base_model": MODEL, "method": "kto"}
     resp = await api.client.put("/v1/policies/nightly", json=body, headers=ALICE)
     assert resp.status_code == 200, resp.text
+    body["template"] = {**body["template"], "hyperparameters": {"gradient_accumulation_steps": 3}}
+    resp = await api.client.put("/v1/policies/nightly", json=body, headers=ALICE)
+    assert resp.status_code == 422, resp.text  # as a job of it would be at submit
+    assert resp.json()["errors"][0]["loc"] == ["body", "template", "hyperparameters", "batch_size"]
