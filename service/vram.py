@@ -311,10 +311,20 @@ def _targeted(arch: Architecture, target_modules: str | list[str]) -> dict[str, 
     return {name: shape for name, shape in shapes.items() if name in wanted}
 
 
+def _outside_bytes(spec: JobTemplate, dtype_bytes: int) -> int:
+    """Bytes per parameter of the weights outside the decoder's linears. orpo and simpo are
+    TRL's experimental trainers, which prepare a 4/8-bit base with peft's
+    `prepare_model_for_kbit_training`: that casts the embeddings, the LM head and the norms to
+    float32 (about 2 GB more for a 7B model with a 150k vocabulary), and only bf16 training
+    casts the embeddings and head back."""
+    upcast = spec.method in ("orpo", "simpo") and spec.quantization.bits is not None
+    return 4 if upcast and not spec.hyperparameters.bf16 else dtype_bytes
+
+
 def _weights(arch: Architecture, spec: JobTemplate, dtype_bytes: int) -> int:
     quant = spec.quantization
     linear = arch.linear_params
-    others = _weights_outside_layers(arch, dtype_bytes)
+    others = _weights_outside_layers(arch, _outside_bytes(spec, dtype_bytes))
     if quant.bits == 4:
         # bytes of quantization constants per block of 64: an fp32 absmax, or (double
         # quantization) an 8-bit one plus an fp32 constant shared by 256 blocks
@@ -380,7 +390,11 @@ def estimate_for(arch: Architecture, spec: JobTemplate, *, gpus: int = 1) -> Mem
     weights = _weights(arch, spec, d)
     adapter = _adapter(arch, spec, ddp_buckets=gpus > 1 and spec.parallelism.strategy == "ddp")
     if gpus > 1 and spec.parallelism.strategy == "fsdp":
-        gathered = 2 * (weights - _weights_outside_layers(arch, d)) // arch.num_layers
+        gathered = (
+            2
+            * (weights - _weights_outside_layers(arch, _outside_bytes(spec, d)))
+            // arch.num_layers
+        )
         weights = weights // gpus + gathered
         adapter = adapter // gpus
     return MemoryEstimate(

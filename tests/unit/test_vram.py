@@ -85,10 +85,10 @@ def test_phi_2_has_its_real_size() -> None:
 def test_sft_keeps_one_sequence_a_row_the_preference_methods_two() -> None:
     base = {"hyperparameters": {"max_length": 2048, "batch_size": 4}}
     sft = vram.estimate(spec("Qwen/Qwen2.5-7B-Instruct", method="sft", **base))
-    orpo = vram.estimate(spec("Qwen/Qwen2.5-7B-Instruct", method="orpo", **base))
-    assert sft is not None and orpo is not None
-    assert sft.weights == orpo.weights
-    assert 1.8 < orpo.activations / sft.activations <= 2.0
+    dpo = vram.estimate(spec("Qwen/Qwen2.5-7B-Instruct", method="dpo", **base))
+    assert sft is not None and dpo is not None
+    assert sft.weights == dpo.weights
+    assert 1.8 < dpo.activations / sft.activations <= 2.0
 
 
 def write_config(folder: Path, **config: Any) -> Path:
@@ -222,3 +222,19 @@ def test_check_fits_divides_by_the_gpus_only_where_fsdp_shards() -> None:
     with pytest.raises(ValueError, match=r"per GPU \(4 GPUs\).*strategy 'fsdp'"):
         vram.check_fits(spec(big), 24.0, None, gpus=4)
     vram.check_fits(spec(big, parallelism={"strategy": "fsdp"}), 24.0, None, gpus=4)
+
+
+def test_orpo_and_simpo_hold_the_embeddings_and_head_in_float32_on_a_quantized_base() -> None:
+    """TRL's experimental trainers prepare a 4-bit base with peft, which upcasts them (the
+    dpo path keeps them in the compute dtype); bf16 training casts them back."""
+    arch = vram.architecture_for("Qwen/Qwen2.5-7B-Instruct", None)
+    assert arch is not None
+    outside = arch.embedding_params + arch.norm_params
+
+    def weights(method: str, **hp: Any) -> int:
+        job = spec("Qwen/Qwen2.5-7B-Instruct", method=method, hyperparameters=hp)
+        return vram.estimate_for(arch, job).weights
+
+    assert weights("orpo") - weights("dpo") == weights("simpo") - weights("dpo") == 2 * outside
+    assert 2.0 < 2 * outside / 2**30 < 2.3  # GiB, for a 152k vocabulary and an untied head
+    assert weights("orpo", bf16=True) == weights("dpo")
