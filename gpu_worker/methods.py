@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from service.contract import JobSpec
+from service.contract import JobSpec, beta_of
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainingArguments
@@ -20,7 +20,7 @@ def method_config(spec: JobSpec, common: dict[str, Any]) -> TrainingArguments:
     """The TRL config of the spec's method: `common` plus the method's own settings."""
     # TRL's preference trainers would zero LoRA's dropout too (disable_dropout): build_trainer
     # turns off only the base model's. SFTTrainer leaves dropout alone.
-    hp = spec.hyperparameters
+    hp, beta = spec.hyperparameters, beta_of(spec)
     method = spec.method
     if method == "dpo":
         from trl.trainer.dpo_config import DPOConfig
@@ -28,7 +28,7 @@ def method_config(spec: JobSpec, common: dict[str, Any]) -> TrainingArguments:
         return DPOConfig(
             **common,
             disable_dropout=False,
-            beta=hp.beta,
+            beta=beta,
             loss_type=[hp.loss_type.value],
             label_smoothing=hp.label_smoothing,
             max_length=hp.max_length,
@@ -53,7 +53,7 @@ def method_config(spec: JobSpec, common: dict[str, Any]) -> TrainingArguments:
         return KTOConfig(
             **common,
             disable_dropout=False,
-            beta=hp.beta,
+            beta=beta,
             desirable_weight=hp.desirable_weight,
             undesirable_weight=hp.undesirable_weight,
             max_length=hp.max_length,
@@ -62,13 +62,13 @@ def method_config(spec: JobSpec, common: dict[str, Any]) -> TrainingArguments:
 
     if method == "orpo":
         return trl_experimental.orpo_config(
-            **common, disable_dropout=False, beta=hp.beta, max_length=hp.max_length
+            **common, disable_dropout=False, beta=beta, max_length=hp.max_length
         )
     assert method == "simpo", method
     return trl_experimental.simpo_config(
         **common,
         disable_dropout=False,
-        beta=hp.beta,
+        beta=beta,
         simpo_gamma=hp.simpo_gamma,
         max_length=hp.max_length,
     )

@@ -19,7 +19,7 @@ import msgspec
 
 from gpu_worker.errors import ConfigError
 from gpu_worker.model import build_lora_config
-from service.contract import JobSpec, learning_rate
+from service.contract import JobSpec, learning_rate_of
 
 if TYPE_CHECKING:
     import torch
@@ -174,7 +174,7 @@ def training_arguments(
         use_cpu=device == "cpu",
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        learning_rate=learning_rate(spec),
+        learning_rate=learning_rate_of(spec),
         num_train_epochs=hp.num_epochs,
         max_steps=hp.max_steps if hp.max_steps is not None else -1,
         per_device_train_batch_size=hp.batch_size,

@@ -100,9 +100,10 @@ from service.contract.spec import (
     S3Destination,
     StoreDestination,
     Untrainable,
+    beta_of,
     check_trainable,
     kind_mismatch,
-    learning_rate,
+    learning_rate_of,
     local_model_path,
 )
 from service.contract.tenants import AuditEntry, AuditPage, LimitUsage, Usage
@@ -216,8 +217,9 @@ __all__ = [
     "WebhookDelivery",
     "WebhookEvent",
     "WebhookJobData",
+    "beta_of",
     "check_trainable",
     "kind_mismatch",
-    "learning_rate",
+    "learning_rate_of",
     "local_model_path",
 ]

@@ -23,7 +23,8 @@ from service.contract import (
     Job,
     JobSpec,
     JobStatus,
-    learning_rate,
+    beta_of,
+    learning_rate_of,
 )
 from service.contract.openai import (
     BASE_LEARNING_RATES,
@@ -186,7 +187,7 @@ def job_object(job: Job, *, suffix: str | None = None, gpus: int = 1) -> FineTun
     batch = hp.batch_size * hp.gradient_accumulation_steps * gpus
     used = FineTuningHyperparameters(
         batch_size=batch,
-        learning_rate_multiplier=learning_rate(spec) / BASE_LEARNING_RATES[kind],
+        learning_rate_multiplier=learning_rate_of(spec) / BASE_LEARNING_RATES[kind],
         n_epochs=_epochs(job, batch),
     )
     if spec.method == "sft":
@@ -194,7 +195,7 @@ def job_object(job: Job, *, suffix: str | None = None, gpus: int = 1) -> FineTun
             type="supervised", supervised=SupervisedMethod(hyperparameters=used)
         )
     else:
-        dpo = DpoHyperparameters(**msgspec.structs.asdict(used), beta=hp.beta)
+        dpo = DpoHyperparameters(**msgspec.structs.asdict(used), beta=beta_of(spec))
         method = FineTuningMethod(type="dpo", dpo=DpoMethod(hyperparameters=dpo))
     return FineTuningJob(
         id=job.id,

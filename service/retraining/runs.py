@@ -31,6 +31,7 @@ from service.contract import (
     Promoted,
     RunStatus,
     StoreDestination,
+    beta_of,
 )
 from service.datasets.space import SpaceBusy, UploadSpace
 from service.datasets.validate import Limits
@@ -444,7 +445,7 @@ async def _follow(
                 eval_dataset=run.eval_dataset,
                 base_model=job.spec.base_model,
                 revision=job.spec.revision,
-                beta=hp.beta,
+                beta=beta_of(job.spec),
                 loss_type=hp.loss_type.value,
                 method=job.spec.method,
                 artifacts=job.artifacts,

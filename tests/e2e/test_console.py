@@ -246,7 +246,8 @@ def test_the_console_drives_a_job_and_a_policy_end_to_end(
     # The form: defaults from the contract, the GPU memory estimate, the JSON it POSTs.
     page.click("text=Train on it")
     expect(page.locator("#page h1")).to_have_text("New job")
-    expect(page.locator("input[name=beta]")).to_have_value("0.1")
+    expect(page.locator("input[name=beta]")).to_have_value("")  # the method's default
+    expect(page.locator("input[name=beta]")).to_have_attribute("placeholder", "not set")
     page.fill("input[name=base_model]", tiny)
     page.fill("input[name=learning_rate]", "0.001")
     page.fill("input[name=max_steps]", str(STEPS))

@@ -65,7 +65,7 @@ export async function newJobPage(page, params) {
       datasets.items.map((d) => h("option", { value: d.id, selected: d.id === params.get("dataset") }, `${d.name} · ${d.rows} rows · ${d.id}`)),
     ),
     method: h("select", { name: "method" }, [].concat(tpl.method.enum || tpl.method.const).map((m) => h("option", { value: m, selected: m === tpl.method.default }, m))),
-    beta: numberInput(hp.beta, "beta"),
+    beta: numberInput(hp.beta, "beta", { optional: true }),
     learning_rate: numberInput(hp.learning_rate, "learning_rate", { optional: true }),
     num_epochs: numberInput(hp.num_epochs, "num_epochs"),
     max_steps: numberInput(hp.max_steps, "max_steps", { optional: true }),
