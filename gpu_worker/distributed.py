@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -207,6 +208,35 @@ def leave() -> None:
         os.environ.pop(name, None)
     AcceleratorState._reset_state(reset_partial_state=True)
     PartialState._reset_state()
+
+
+class RankStates(TrainerCallback):
+    """Every rank's RNG state goes into rank 0's checkpoint, which is the job's: a resumed
+    rank looks there for its `rng_state_<rank>.pth`, and without it draws dropout masks unlike
+    an uninterrupted run's. Ranks 1..N-1 write theirs to folders of their own; after a barrier
+    (each rank has written), rank 0 copies them in, before any other callback uploads."""
+
+    def __init__(self, plan: Plan, rank: int) -> None:
+        self.plan, self.rank = plan, rank
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if self.rank != 0:
+            return
+        name = f"checkpoint-{state.global_step}"
+        for rank in range(1, self.plan.world_size):
+            own = self.plan.rank_output_dir(rank) / name / f"rng_state_{rank}.pth"
+            if own.is_file():
+                shutil.copy2(own, self.plan.rank_output_dir(0) / name / own.name)
+
+
+def rank_states(plan: Plan, rank: int) -> list[TrainerCallback]:
+    """`RankStates` where there are several ranks; to come before any callback that uploads."""
+    return [RankStates(plan, rank)] if plan.world_size > 1 else []
 
 
 class StepSync(TrainerCallback):
@@ -442,7 +472,7 @@ def train_rank(plan: Plan, rank: int) -> None:
         config,
         to_dataset(plan.rows),
         to_dataset(plan.eval_rows) if plan.eval_rows else None,
-        group.callbacks,
+        [*rank_states(plan, rank), *group.callbacks],
         init_adapter=Path(plan.init_adapter) if plan.init_adapter else None,
     )
     train(trainer, plan.resume_from)

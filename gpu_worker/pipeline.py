@@ -157,7 +157,7 @@ def _run(
             build_config(spec, output_dir, device, has_eval=bool(eval_rows), parallel=parallel),
             to_dataset(rows),
             to_dataset(eval_rows) if eval_rows else None,
-            [callback, *group.callbacks],
+            [*distributed.rank_states(plan, 0), callback, *group.callbacks],
             init_adapter=init_adapter,
         )
         if not train(trainer, plan.resume_from):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from gpu_worker import distributed
@@ -89,6 +90,7 @@ def test_a_planned_stop_checkpoints_every_rank_and_two_processes_resume(
         tiny_model_dir,
         preference_rows(32),
         hyperparameters={"batch_size": 2, "max_steps": 6, "logging_steps": 1},
+        lora={"r": 8, "alpha": 16, "dropout": 0.2},
     )
     settings = Settings(
         models_dir=tiny_model_dir.parent, work_dir=tmp_path / "work", device="cpu", worker_gpus=2
@@ -103,6 +105,13 @@ def test_a_planned_stop_checkpoints_every_rank_and_two_processes_resume(
     run(job, tmp_path / "work", resumed, settings=settings, store=store)
     assert "resuming from the checkpoint at step 3" in resumed.logs
     assert [step for step, values in resumed.points if "loss" in values] == [4, 5, 6]
+    # Every rank's RNG state was in the checkpoint: with LoRA dropout on, the resumed steps
+    # are those of an uninterrupted run (rank 1 used to start from a fresh RNG).
+    assert job.spec.lora.dropout > 0
+    whole = ListReporter()
+    again = msgspec.structs.replace(job, id=job.id + "0")
+    run(again, tmp_path / "work", whole, settings=settings, store=store)
+    assert losses(resumed) == pytest.approx(losses(whole)[3:], abs=1e-6)
     assert (
         "data parallel across 2 processes: rank 0 trained 3 steps, rank 1 trained 3 steps; "
         "adapters identical on every rank"
