@@ -90,6 +90,7 @@ OPTION_VARIANTS: dict[str, dict[str, Any]] = {
         }
     },
     "existing-claims-and-models-volume": {
+        "api": {"mountModels": True},
         "store": {"persistence": {"existingClaim": "shared-store"}},
         "worker": {
             "cache": {"type": "persistentVolumeClaim", "existingClaim": "hf-cache"},
@@ -126,6 +127,14 @@ def test_option_variants_are_valid_kubernetes(chart: helm.Chart, variant: str) -
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "base-models"
         assert volumes["store"]["persistentVolumeClaim"]["claimName"] == "shared-store"
+        # The API reads the models' config.json to check a file:// job's GPU memory.
+        api_pod = manifests.get("Deployment", f"{PREFIX}-api")["spec"]["template"]["spec"]
+        api_volumes = {v["name"]: v for v in api_pod["volumes"]}
+        assert api_volumes["models"]["persistentVolumeClaim"]["claimName"] == "base-models"
+        mounts = {m["name"]: m for m in api_pod["containers"][0]["volumeMounts"]}
+        assert mounts["models"] == {"name": "models", "mountPath": "/models", "readOnly": True}
+        default_api = render(chart).get("Deployment", f"{PREFIX}-api")["spec"]["template"]
+        assert "models" not in {v["name"] for v in default_api["spec"]["volumes"]}
     if variant == "pinned-digests-and-load-balancer":
         api = manifests.container("Deployment", f"{PREFIX}-api", "api")
         assert api["image"] == "ftune-api@sha256:" + "a" * 64
