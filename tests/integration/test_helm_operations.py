@@ -177,9 +177,14 @@ def test_a_secret_change_restarts_only_the_pods_that_mount_it(chart: helm.Chart)
     assert changed({"secrets": {**base["secrets"], "apiKeys": {"keys": keys}}}) == {"api"}
     hooks = {"secrets": {"search": "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"}}
     assert changed({"secrets": {**base["secrets"], "webhooks": hooks}}) == {"api"}
-    # A Hub token: the workers, and the API whose scheduler publishes promoted models.
+    # A Hub token: the workers, and the API, which imports datasets from the Hub (and whose
+    # scheduler publishes promoted models): also with the scheduler elsewhere.
     hf = {"value": "hf_rotated"}
     assert changed({"secrets": {**base["secrets"], "hfToken": hf}}) == {"api", "worker"}
+    alone = {**base, "api": {**base.get("api", {}), "scheduler": {"enabled": False}}}
+    before_alone = checksums(render(chart, alone))
+    rotated = checksums(render(chart, {**alone, "secrets": {**base["secrets"], "hfToken": hf}}))
+    assert rotated["api"] != before_alone["api"]
     # The Redis password: everyone who connects, and Redis itself.
     password = {"auth": {"password": "rotated-password"}}
     assert changed({"redis": password}) == {"api", "worker", "redis"}

@@ -371,7 +371,7 @@ Usage: include "ftune.secretsChecksum" (list . "api"|"worker"|"redis")
 {{- $_ := set $mounted "apiKeys" $v.secrets.apiKeys }}
 {{- $_ := set $mounted "webhooks" $v.secrets.webhooks }}
 {{- end }}
-{{- if or (eq $component "worker") (and (eq $component "api") $v.api.scheduler.enabled) }}
+{{- if or (eq $component "worker") (eq $component "api") }}
 {{- $_ := set $mounted "hf" (dict "token" $v.secrets.hfToken "named" $v.secrets.namedHfTokens) }}
 {{- end -}}
 checksum/secrets: {{ $mounted | toJson | sha256sum }}
