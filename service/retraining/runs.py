@@ -31,7 +31,9 @@ from service.contract import (
     Promoted,
     RunStatus,
     StoreDestination,
+    Untrainable,
     beta_of,
+    check_trainable,
 )
 from service.datasets.space import SpaceBusy, UploadSpace
 from service.datasets.validate import Limits
@@ -138,10 +140,16 @@ async def _advance(
         status = PolicyStatus(checked_at=now, message=why, new_pairs=new_pairs, next_cron_at=due)
         await set_status(store, policy, status)
         return []
-    if left is not None:
-        budget[tenant] = left - 1
+    try:  # a template saved before a rule existed, or before the workers had more GPUs
+        check_trainable(policy.spec.template, settings.worker_gpus)
+    except Untrainable as exc:
+        message = f"due ({why}), but its template cannot train: {exc}"
+        await set_status(store, policy, PolicyStatus(checked_at=now, message=message))
+        return []
     try:  # the snapshots are written in a slot of the host's upload space, taken before firing
         async with UploadSpace.from_settings(settings).slot() as workdir:
+            if left is not None:
+                budget[tenant] = left - 1
             return await _fire(store, pool, blobs, settings, policy, total, why, workdir, now=now)
     except SpaceBusy as exc:
         message = f"due ({why}), waiting for temp space to snapshot the stream: {exc}"

@@ -378,6 +378,25 @@ async def test_a_due_policy_waits_for_temp_space_and_fires_once_there_is(
     assert [p.name for p in loop.settings.upload_dir.iterdir()] == [".admit"]
 
 
+async def test_a_due_policy_whose_template_cannot_train_here_does_not_fire(
+    api: Api, loop: Loop
+) -> None:
+    """Saved while the workers had one GPU; with two, a job of it would fail at the worker
+    on every trigger: the policy says why instead and spends no run."""
+    body = policy_body()
+    body["template"]["hyperparameters"]["precompute_ref_log_probs"] = True
+    assert (await put(api, "p", body)).status_code == 200
+    await feed(api, "chat", events(0, 10))
+    two_gpus = replace(loop, settings=replace(loop.settings, worker_gpus=2))
+    assert await two_gpus.tick() == []
+    policy = await get(api, "p")
+    assert policy["runs"] == [] and policy["pairs_at_last_run"] == 0
+    assert "its template cannot train" in policy["status"]["message"]
+    assert "precompute_ref_log_probs" in policy["status"]["message"]
+    [line] = await loop.tick()  # on one GPU it trains
+    assert "fired run 1" in line
+
+
 async def test_cron_policy_fires_on_its_schedule(api: Api, loop: Loop) -> None:
     await put(api, "p", policy_body(trigger={"cron": "0 * * * *"}))
     await feed(api, "chat", events(0, 3))
