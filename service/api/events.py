@@ -214,11 +214,13 @@ def _on_sigterm(loop: asyncio.AbstractEventLoop, close: Callable[[], None]) -> C
     chained = previous
 
     def handle(signum: int, frame: FrameType | None) -> None:
-        loop.call_soon_threadsafe(close)
+        with contextlib.suppress(RuntimeError):  # that loop has closed: nothing to end
+            loop.call_soon_threadsafe(close)
         chained(signum, frame)
 
     def restore() -> None:
-        signal.signal(signal.SIGTERM, chained)
+        if signal.getsignal(signal.SIGTERM) is handle:  # else another chained after us
+            signal.signal(signal.SIGTERM, chained)
 
     signal.signal(signal.SIGTERM, handle)
     return restore

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
@@ -139,6 +139,8 @@ class ContractSchemas(StructSchemaPlugin):
         if cls.__doc__:
             schema.description = inspect.cleandoc(cls.__doc__)
         info = msgspec.inspect.type_info(cls)
+        if isinstance(info, msgspec.inspect.StructType) and schema.properties:
+            _exclusive_bounds(info, schema.properties)
         if isinstance(info, msgspec.inspect.StructType) and info.tag_field and schema.properties:
             tag = schema.properties[info.tag_field]
             if isinstance(tag, Schema):
@@ -146,3 +148,20 @@ class ContractSchemas(StructSchemaPlugin):
                     f"Always `{info.tag}`: the discriminator that selects this variant."
                 )
         return schema
+
+
+def _exclusive_bounds(info: msgspec.inspect.StructType, properties: dict[str, Any]) -> None:
+    """An optional number's `gt`/`lt` (e.g. a learning rate > 0 or left out): Litestar keeps
+    its `ge`/`le` but drops these."""
+    for field in info.fields:
+        prop = properties.get(field.encode_name)
+        kinds = field.type.types if isinstance(field.type, msgspec.inspect.UnionType) else ()
+        if not isinstance(prop, Schema):
+            continue
+        for member in kinds:
+            kind = member.type if isinstance(member, msgspec.inspect.Metadata) else member
+            if isinstance(kind, msgspec.inspect.FloatType | msgspec.inspect.IntType):
+                if kind.gt is not None and prop.exclusive_minimum is None:
+                    prop.exclusive_minimum = kind.gt
+                if kind.lt is not None and prop.exclusive_maximum is None:
+                    prop.exclusive_maximum = kind.lt

@@ -23,7 +23,6 @@ BASE_LEARNING_RATES = {
     "supervised": DEFAULT_LEARNING_RATES["sft"],
 }
 """What learning_rate_multiplier 1 means, per OpenAI method: our default for it."""
-"""What a learning_rate_multiplier multiplies: our DPO default learning rate."""
 
 OUR_JOB_OPTIONS = (
     "revision",

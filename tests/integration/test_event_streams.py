@@ -185,3 +185,26 @@ def test_on_sigterm_open_streams_end_and_the_api_shuts_down_at_once(
     text = log.read_text()
     assert "Application shutdown complete" in text
     assert "Traceback" not in text and "CancelledError" not in text
+
+
+def test_sigterm_hooks_of_two_apps_ended_out_of_order_leave_the_original_handler() -> None:
+    """Two apps in one process (tests do this) may end in either order: SIGTERM still reaches
+    the handler that was there before both, through a hook whose loop has closed too."""
+    seen: list[str] = []
+    original = signal.signal(signal.SIGTERM, lambda s, f: seen.append("original"))
+    try:
+        first_loop, second_loop = asyncio.new_event_loop(), asyncio.new_event_loop()
+        restore_first = events._on_sigterm(first_loop, lambda: seen.append("first"))
+        restore_second = events._on_sigterm(second_loop, lambda: seen.append("second"))
+        first_loop.close()
+        restore_first()  # the first app ends before the second
+        signal.raise_signal(signal.SIGTERM)
+        second_loop.run_until_complete(asyncio.sleep(0))
+        assert seen == ["original", "second"]
+        restore_second()
+        seen.clear()
+        signal.raise_signal(signal.SIGTERM)
+        assert seen == ["original"]
+        second_loop.close()
+    finally:
+        signal.signal(signal.SIGTERM, original)

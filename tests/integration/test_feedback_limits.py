@@ -31,7 +31,7 @@ async def test_a_snapshot_past_the_dataset_row_limit_is_a_409(api: Api) -> None:
     assert stream["snapshots"] == 0
     listed = (await api.client.get("/v1/datasets", headers=ALICE)).json()
     assert listed["items"] == []
-    # Within the limit, the same stream still snapshots, as version 1.
+    # A stream within the limit snapshots, as version 1.
     assert (await post(api, "small", [pair(i) for i in range(5)])).status_code == 200
     resp = await api.client.post("/v1/feedback/small/snapshot", headers=ALICE)
     assert resp.status_code == 201, resp.text

@@ -375,3 +375,4 @@ def test_result_files_list_with_their_size_read_once(
     with redis.Redis.from_url(api_settings.redis_url) as r:
         r.delete(store_module.metrics_key(job.id))
     assert [f.bytes for f in client.files.list(purpose="fine-tune-results")] == [len(content)]
+    assert client.files.retrieve(result_id).bytes == len(content)  # what wait_for_processing polls

@@ -16,7 +16,7 @@ from service.api.auth import scope
 from service.api.openai.errors import handle, responses
 from service.api.spool import declared_size, spool_upload
 from service.blobs import BlobStore, dataset_blob_key
-from service.contract import JobStatus
+from service.contract import Job, JobStatus
 from service.contract.openai import FileDeleted, FileList, FileObject
 from service.datasets.ingest import delete_dataset, store_dataset
 from service.datasets.space import UploadSpace
@@ -61,8 +61,8 @@ async def _chunks(body: BinaryIO) -> AsyncIterator[bytes]:
         body.close()
 
 
-async def _result(store: Store, file_id: str, tenant: str | None) -> tuple[str, bytes]:
-    """A result file's job id and CSV; NotFound unless its job succeeded."""
+async def _result_job(store: Store, file_id: str, tenant: str | None) -> Job:
+    """A result file's job; NotFound unless it succeeded."""
     job_id = job_of_result_file(file_id)
     if job_id is not None:
         try:
@@ -70,7 +70,7 @@ async def _result(store: Store, file_id: str, tenant: str | None) -> tuple[str, 
         except NotFound:
             job = None
         if job is not None and job.status == JobStatus.succeeded:
-            return job.id, metrics_csv(await store.get_metrics(job.id))
+            return job
     raise NotFound(f"no file {file_id}")
 
 
@@ -220,9 +220,9 @@ class FileController(Controller):
         if file_id.startswith("file_"):
             return (await records.get_failed_upload(store, file_id, tenant)).file()
         if job_of_result_file(file_id) is not None:
-            job_id, content = await _result(store, file_id, tenant)
-            job = await store.get_job(job_id, tenant)
-            return result_file(job_id, created_at=job.created_at, size=len(content))
+            job = await _result_job(store, file_id, tenant)
+            [size] = await records.result_sizes(store, [job.id])  # polled: not the CSV again
+            return result_file(job.id, created_at=job.created_at, size=size)
         return dataset_file(await store.get_dataset(file_id, tenant))
 
     @get(
@@ -240,7 +240,8 @@ class FileController(Controller):
             failed = await records.get_failed_upload(store, file_id, tenant)
             raise NotFound(f"file {failed.id} failed validation: nothing of it was stored")
         if job_of_result_file(file_id) is not None:
-            _, content = await _result(store, file_id, tenant)
+            job = await _result_job(store, file_id, tenant)
+            content = metrics_csv(await store.get_metrics(job.id))
             return Response(content, media_type="text/csv")
         ds = await store.get_dataset(file_id, tenant)
         # Streamed from the store as it is read: a download takes no temp space.
@@ -271,7 +272,7 @@ class FileController(Controller):
         if file_id.startswith("file_"):
             await records.delete_failed_upload(store, file_id, tenant)
         elif job_of_result_file(file_id) is not None:
-            await _result(store, file_id, tenant)
+            await _result_job(store, file_id, tenant)
             raise SpecError(
                 "file_id", "a result file goes with its job and cannot be deleted on its own"
             )
