@@ -390,6 +390,11 @@ class Store:
             raise Conflict("this Idempotency-Key was used for a different request")
         return await self.get_job(prior_id, job.tenant)
 
+    async def forget_idempotency(self, tenant: str, key: str, job_id: str) -> None:
+        """A repeat with idempotency `key` starts a new job again, if the key still names
+        `job_id` (a concurrent repeat may have moved it on already)."""
+        await self.redis.eval(_FORGET_IDEMPOTENCY, 1, f"{P}idem:{tenant}:{key}", f"{job_id}:")  # type: ignore[misc]
+
     async def get_job(self, job_id: str, tenant: str | None) -> Job:
         return _visible(await self.redis.get(job_key(job_id)), _job_decoder, tenant)
 
@@ -695,6 +700,11 @@ def _move_status(pipe: Pipeline, old: Job, new: Job) -> None:
         data["error"] = new.error
     pipe.xadd(events_key(new.id), _event("status", data))
 
+
+_FORGET_IDEMPOTENCY = """
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, 1, #ARGV[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+"""
 
 # KEYS: record, events, tenant's queued index, idempotency key ('': none), then the n datasets,
 #       their live-job sets, and the job's indexes

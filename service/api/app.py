@@ -21,7 +21,6 @@ from litestar.routes import HTTPRoute
 from prometheus_client import CollectorRegistry
 
 from service import queue, tenants, webhooks
-from service.api import errors
 from service.api.auth import principal
 from service.api.console import console_router
 from service.api.datasets import DatasetController
@@ -31,8 +30,10 @@ from service.api.feedback import FeedbackController
 from service.api.jobs import JobController
 from service.api.limits import RequestRate, rate_limiter
 from service.api.openai import FileController, FineTuningController
+from service.api.openai import errors as openai_errors
 from service.api.openapi_docs import ContractSchemas
 from service.api.policies import PolicyController
+from service.api.request_id import RequestId
 from service.api.system import SystemController
 from service.api.tenancy import Audit, TenancyController
 from service.blobs import DATASETS, DRAFT_MAX_AGE_SECONDS, BlobStore, open_store
@@ -200,9 +201,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
             console_router(),
         ],
         dependencies=_dependencies(settings),
-        exception_handlers={Exception: errors.handle},
+        exception_handlers={Exception: openai_errors.by_path},
         lifespan=[_lifespan(settings)],
-        middleware=[_prometheus().middleware, RequestRate(), Audit()],  # refused: not audited
+        middleware=[
+            RequestId(),
+            _prometheus().middleware,
+            RequestRate(),
+            Audit(),
+        ],  # refused: not audited
         openapi_config=_openapi(),
         plugins=[ContractSchemas()],
         request_max_body_size=MAX_REQUEST_BYTES,

@@ -13,6 +13,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from service.api.request_id import request_id
 from service.datasets.containers import ACCEPTED_TYPES, DatasetTooLarge, UnsupportedFile
 from service.datasets.sources import SourceError
 from service.datasets.space import SpaceBusy
@@ -194,7 +195,13 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]
         return problem(exc.status, exc.detail, errors=[FieldError(loc=exc.loc, msg=exc.detail)])
     if isinstance(exc, RedisConnectionError | RedisTimeoutError):
         # Redis down, restarting or out of connections: the client should retry, not report.
-        log.warning("Redis unavailable on %s %s: %s", request.method, request.url.path, exc)
+        log.warning(
+            "Redis unavailable on %s %s (%s): %s",
+            request.method,
+            request.url.path,
+            request_id(request),
+            exc,
+        )
         return problem(
             503,
             "the service's database is unreachable for the moment; retry shortly",
@@ -227,5 +234,8 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]
         return problem(401, str(exc.detail), headers={"WWW-Authenticate": "Bearer"})
     if isinstance(exc, HTTPException):
         return problem(exc.status_code, str(exc.detail), headers=exc.headers)
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return problem(HTTP_500_INTERNAL_SERVER_ERROR, "internal error; it has been logged")
+    rid = request_id(request)
+    log.exception("unhandled error on %s %s (%s)", request.method, request.url.path, rid)
+    return problem(
+        HTTP_500_INTERNAL_SERVER_ERROR, f"internal error; it has been logged as request {rid}"
+    )

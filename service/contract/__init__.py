@@ -77,8 +77,10 @@ from service.contract.policies import (
 )
 from service.contract.spec import (
     BETA_FREE_LOSSES,
+    DEFAULT_LEARNING_RATES,
     LABEL_KEY_RE,
     LABEL_SMOOTHING_LOSSES,
+    MAX_LEARNING_RATE,
     METHOD_FIELDS,
     MODEL_REF_RE,
     PREFERENCE_METHODS,
@@ -119,10 +121,12 @@ from service.contract.webhooks import (
 
 __all__ = [
     "BETA_FREE_LOSSES",
+    "DEFAULT_LEARNING_RATES",
     "EVENTS_EXAMPLE",
     "LABEL_KEY_RE",
     "LABEL_SMOOTHING_LOSSES",
     "MAX_BATCH",
+    "MAX_LEARNING_RATE",
     "MAX_REQUEST_BYTES",
     "METHOD_FIELDS",
     "MODEL_REF_RE",

@@ -368,8 +368,12 @@ class FineTuningMethod(msgspec.Struct, kw_only=True, omit_defaults=True):
     """The method as used."""
 
     type: Annotated[
-        Literal["dpo", "supervised"],
-        msgspec.Meta(description="dpo, or supervised for a job of our sft method."),
+        Literal["dpo", "supervised", "kto", "orpo", "simpo"],
+        msgspec.Meta(
+            description="dpo, or supervised for a job of our sft method; a job made with "
+            "POST /v1/jobs for one of our other preference methods names it (kto, orpo, simpo: "
+            "OpenAI has none of them, and its create takes only dpo and supervised)."
+        ),
     ]
     dpo: Annotated[
         DpoMethod | None, msgspec.Meta(description="DPO's configuration (type dpo).")
@@ -377,6 +381,16 @@ class FineTuningMethod(msgspec.Struct, kw_only=True, omit_defaults=True):
     supervised: Annotated[
         SupervisedMethod | None,
         msgspec.Meta(description="Supervised fine-tuning's configuration (type supervised)."),
+    ] = None
+    kto: Annotated[
+        DpoMethod | None, msgspec.Meta(description="KTO's configuration (type kto).")
+    ] = None
+    orpo: Annotated[
+        DpoMethod | None,
+        msgspec.Meta(description="ORPO's configuration (type orpo; beta is its lambda)."),
+    ] = None
+    simpo: Annotated[
+        DpoMethod | None, msgspec.Meta(description="SimPO's configuration (type simpo).")
     ] = None
 
 

@@ -72,6 +72,8 @@ DEFAULT_BETAS = {"simpo": 2.0}
 DEFAULT_NUM_EPOCHS = 1.0
 
 
+MAX_LEARNING_RATE = 1.0
+
 DEFAULT_LEARNING_RATES: dict[str, float] = {
     "sft": 2e-4,
     "dpo": 5e-6,
@@ -211,7 +213,7 @@ class Hyperparameters(Strict):
             float,
             msgspec.Meta(
                 gt=0.0,
-                le=1.0,
+                le=MAX_LEARNING_RATE,
                 description="Peak learning rate of the LoRA weights; left out: the method's "
                 "default (2e-4 for sft, 5e-6 for the preference methods), which the job's record "
                 "then shows.",

@@ -124,17 +124,33 @@ def _pair(prompt: object, completion: object, pf: str, cf: str) -> dict[str, Any
 
 
 def _chat(value: list[Any], field: str) -> dict[str, Any]:
-    """A whole chat: the messages before its last assistant turn, and that turn."""
+    """A whole chat: the messages before its last assistant turn to train on (OpenAI's
+    ``weight`` 0 marks one not to), and that turn; what follows a weight-0 answer is left out."""
     msgs: list[Msg] = messages(value, field)
-    last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=-1)
+    answers = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    trained = [i for i in answers if _weight(value[i], f"{field}[{i}]")]
+    last = max(trained, default=-1)
     if last <= 0:
+        why = "every assistant message has weight 0" if answers and not trained else None
         raise RowInvalid(
-            field, "a chat needs an assistant message after at least one other message"
+            field,
+            f"{why}: nothing to train on"
+            if why
+            else "a chat needs an assistant message after at least one other message",
         )
-    prompt, completion = msgs[:last], msgs[last:]
+    prompt = msgs[:last]
+    completion = msgs[last:] if last == answers[-1] else msgs[last : last + 1]
     check_prompt(prompt, field)
     check_completion(completion, field, 0)
     return {"prompt": prompt, "completion": completion}
+
+
+def _weight(message: Any, where: str) -> bool:
+    """Whether an assistant message is trained on: OpenAI's ``weight``, 1 when left out."""
+    weight = message.get("weight", 1) if isinstance(message, dict) else 1
+    if weight not in (0, 1) or isinstance(weight, float | bool):
+        raise RowInvalid(f"{where}.weight", f"expected 0 or 1, got {kind(weight)} {weight!r}")
+    return bool(weight)
 
 
 def _label(value: object, field: str) -> bool:

@@ -153,6 +153,12 @@ def message(value: object, where: str) -> Msg:
             f"{where}.role",
             f"unknown role {short(role)}; expected one of system, developer, user, assistant, tool",
         )
+    if value.get("content") is None and ("tool_calls" in value or "function_call" in value):
+        raise RowInvalid(
+            f"{where}.tool_calls",
+            "tool calls are not trained on here yet: leave rows with tool_calls out (or upload "
+            "with on_invalid=skip)",
+        )
     if "content" not in value:
         raise RowInvalid(f"{where}.content", "missing field 'content'")
     return {"role": name, "content": content(value["content"], f"{where}.content")}

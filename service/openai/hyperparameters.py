@@ -54,7 +54,7 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class Requested:
-    """OpenAI's four DPO hyperparameters as asked for; None means auto."""
+    """OpenAI's hyperparameters as asked for (beta: DPO's only); None means auto."""
 
     beta: float | None = None
     batch_size: int | None = None
@@ -69,8 +69,8 @@ def requested(create: FineTuningJobCreate) -> Requested:
         if create.hyperparameters is not None:
             raise SpecError(
                 "hyperparameters",
-                "give the hyperparameters in method.dpo.hyperparameters or at the top level "
-                "(OpenAI's deprecated form), not both",
+                f"give the hyperparameters in method.{create.method.type}.hyperparameters or "
+                "at the top level (OpenAI's deprecated form), not both",
             )
         method = create.method
         if method.type == "supervised":

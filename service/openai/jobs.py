@@ -18,7 +18,9 @@ from typing import Any
 import msgspec
 
 from service.contract import (
+    DEFAULT_LEARNING_RATES,
     LABEL_KEY_RE,
+    MAX_LEARNING_RATE,
     MODEL_REF_RE,
     Job,
     JobSpec,
@@ -48,37 +50,85 @@ _RENAMED = {
     "labels": "metadata",
 }
 _HYPERPARAMETERS = {
-    "beta": "method.dpo.hyperparameters.beta",
-    "learning_rate": "method.dpo.hyperparameters.learning_rate_multiplier",
-    "num_epochs": "method.dpo.hyperparameters.n_epochs",
-    "batch_size": "method.dpo.hyperparameters.batch_size",
-    "gradient_accumulation_steps": "method.dpo.hyperparameters.batch_size",
-    "seed": "seed",
+    "beta": "beta",
+    "learning_rate": "learning_rate_multiplier",
+    "num_epochs": "n_epochs",
+    "batch_size": "batch_size",
+    "gradient_accumulation_steps": "batch_size",
 }
+"""Our hyperparameters by OpenAI's name (learning_rate is set through the multiplier, the
+batch split through batch_size)."""
 LABEL_KEY = re.compile(LABEL_KEY_RE)
 _AT = re.compile(r"\s*-\s*at `(?:key` in `)?\$\.?(?P<path>[^`]*)`$")
+_FILE_KINDS = {"supervised": "sft", "dpo": "preference"}
+_HELD = {
+    "sft": "chat examples (messages)",
+    "preference": "preference pairs (input, preferred_output, non_preferred_output)",
+    "unpaired": "single completions labelled good or bad (KTO rows)",
+}
 
 
-def openai_param(path: list[str]) -> str | None:
-    """The create-body field (OpenAI's name, or ours riding along) for a JobSpec field path."""
+def openai_param(
+    path: list[str], hyperparameters: str = "method.dpo.hyperparameters"
+) -> str | None:
+    """The create-body field (OpenAI's name, or ours riding along) for a JobSpec field path;
+    OpenAI's hyperparameters are named under ``hyperparameters`` (where the body gave them)."""
     if not path:
         return None
     head, rest = path[0], path[1:]
     if head == "hyperparameters" and rest:
-        return _HYPERPARAMETERS.get(rest[0]) or ".".join(["training", *rest])
+        if rest[0] == "seed":
+            return "seed"
+        name = _HYPERPARAMETERS.get(rest[0])
+        return f"{hyperparameters}.{name}" if name else ".".join(["training", *rest])
     return ".".join([_RENAMED.get(head, head), *rest])
 
 
+def method_of(create: FineTuningJobCreate, dataset_kind: str) -> str:
+    """OpenAI's method type of a create: the one it names, else the training file's (chat
+    examples: supervised, which is what OpenAI takes when none is named; pairs: dpo)."""
+    if create.method is not None:
+        return create.method.type
+    return "supervised" if dataset_kind == "sft" else "dpo"
+
+
+def hyperparameters_at(create: FineTuningJobCreate, kind: str) -> str:
+    """Where the create body gives its hyperparameters, to name them in errors."""
+    return f"method.{kind}.hyperparameters" if create.method is not None else "hyperparameters"
+
+
+def check_file_kind(kind: str, dataset_kind: str, param: str, file_id: str) -> None:
+    """SpecError, in OpenAI's terms, when method ``kind`` cannot train on the file."""
+    if kind not in _FILE_KINDS or _FILE_KINDS[kind] == dataset_kind:
+        return
+    if dataset_kind == "unpaired":
+        advice = "OpenAI's API has no method for them: create the job with POST /v1/jobs and "
+        advice += "method 'kto'"
+    else:
+        advice = f"use method type '{'dpo' if kind == 'supervised' else 'supervised'}'"
+    raise SpecError(
+        param,
+        f"{param} {file_id} holds {_HELD[dataset_kind]}; method '{kind}' trains on "
+        f"{_HELD[_FILE_KINDS[kind]]}: {advice}",
+    )
+
+
 def to_spec(
-    create: FineTuningJobCreate, *, rows: int, fits: Callable[[JobSpec], bool], gpus: int = 1
+    create: FineTuningJobCreate,
+    *,
+    rows: int,
+    fits: Callable[[JobSpec], bool],
+    gpus: int = 1,
+    dataset_kind: str = "preference",
 ) -> JobSpec:
-    """The JobSpec for a create body; `rows` is the training file's, `fits` says whether a spec
-    fits the workers' GPUs (it picks how a batch is split). Raises SpecError.
+    """The JobSpec for a create body; `rows` and `dataset_kind` are the training file's, `fits`
+    says whether a spec fits the workers' GPUs (it picks how a batch is split). Raises
+    SpecError.
 
     OpenAI's batch_size is the examples per optimizer step; ours is per GPU, and a worker of
     `gpus` GPUs trains on each of them: the batch is divided among them (an auto batch is
     rounded up to a multiple of `gpus`; an explicit one must be one)."""
-    kind = create.method.type if create.method else "dpo"
+    kind = method_of(create, dataset_kind)
     if kind == "reinforcement":
         raise SpecError(
             "method.type",
@@ -110,15 +160,24 @@ def to_spec(
     if create.validation_file is not None and create.validation_file == create.training_file:
         raise SpecError("validation_file", "validation_file must differ from training_file")
     req = requested(create)
+    at = hyperparameters_at(create, kind)
     # TrainingOptions is derived from Hyperparameters at import, so typed loosely here.
     max_steps = getattr(create.training, "max_steps", None)
     if max_steps is not None and req.n_epochs is not None:
         raise SpecError(
-            _HYPERPARAMETERS["num_epochs"],
+            f"{at}.n_epochs",
             "n_epochs has no effect when training.max_steps is set (training stops at max_steps "
             "whatever the epoch): set only one of them",
         )
     values = resolve(req, rows, kind)
+    if values["learning_rate"] > MAX_LEARNING_RATE:
+        raise SpecError(
+            f"{at}.learning_rate_multiplier",
+            f"learning_rate_multiplier {req.learning_rate_multiplier:g} gives a learning rate of "
+            f"{values['learning_rate']:g} ({kind}'s base {BASE_LEARNING_RATES[kind]:g} times "
+            f"it), over the limit of {MAX_LEARNING_RATE:g}: give at most "
+            f"{MAX_LEARNING_RATE / BASE_LEARNING_RATES[kind]:g}",
+        )
     if method == "sft":
         del values["beta"]  # supervised fine-tuning has no beta
     if max_steps is not None:
@@ -126,7 +185,7 @@ def to_spec(
     batch, left = divmod(int(values.pop("batch")), gpus)
     if left or not batch:
         if req.batch_size is not None:
-            param = openai_param(["hyperparameters", "batch_size"])
+            param = f"{at}.batch_size"
             raise SpecError(
                 param,
                 f"{param}: {req.batch_size} is not a multiple of the workers' {gpus} GPUs: each "
@@ -151,14 +210,14 @@ def to_spec(
     spec: JobSpec | None = None
     for micro, accumulation in splits(batch):
         hyperparameters |= {"batch_size": micro, "gradient_accumulation_steps": accumulation}
-        spec = _convert({**doc, "hyperparameters": hyperparameters})
+        spec = _convert({**doc, "hyperparameters": hyperparameters}, at)
         if fits(spec):
             break
     assert spec is not None  # splits() always yields (1, batch) last
     return spec
 
 
-def _convert(doc: dict[str, Any]) -> JobSpec:
+def _convert(doc: dict[str, Any], at: str) -> JobSpec:
     try:
         return msgspec.convert(doc, JobSpec)
     except msgspec.ValidationError as exc:
@@ -167,7 +226,7 @@ def _convert(doc: dict[str, Any]) -> JobSpec:
         if match is None:
             raise SpecError(None, message) from None
         path = [p for p in re.split(r"[.\[\]]", match.group("path")) if p]
-        param = openai_param(path)
+        param = openai_param(path, at)
         raise SpecError(param, f"{param}: {message[: match.start()]}") from None
 
 
@@ -183,11 +242,10 @@ def job_object(job: Job, *, suffix: str | None = None, gpus: int = 1) -> FineTun
     """OpenAI's view of one of our jobs, whichever API created it, as trained by workers of
     `gpus` GPUs (its batch_size is the examples of an optimizer step on all of them)."""
     spec, hp = job.spec, job.spec.hyperparameters
-    kind = "supervised" if spec.method == "sft" else "dpo"
     batch = hp.batch_size * hp.gradient_accumulation_steps * gpus
     used = FineTuningHyperparameters(
         batch_size=batch,
-        learning_rate_multiplier=learning_rate_of(spec) / BASE_LEARNING_RATES[kind],
+        learning_rate_multiplier=learning_rate_of(spec) / DEFAULT_LEARNING_RATES[spec.method],
         n_epochs=_epochs(job, batch),
     )
     if spec.method == "sft":
@@ -195,8 +253,9 @@ def job_object(job: Job, *, suffix: str | None = None, gpus: int = 1) -> FineTun
             type="supervised", supervised=SupervisedMethod(hyperparameters=used)
         )
     else:
-        dpo = DpoHyperparameters(**msgspec.structs.asdict(used), beta=beta_of(spec))
-        method = FineTuningMethod(type="dpo", dpo=DpoMethod(hyperparameters=dpo))
+        given = DpoHyperparameters(**msgspec.structs.asdict(used), beta=beta_of(spec))
+        block = {spec.method: DpoMethod(hyperparameters=given)}
+        method = FineTuningMethod(type=spec.method, **block)  # type: ignore[arg-type]
     return FineTuningJob(
         id=job.id,
         created_at=int(job.created_at),

@@ -146,7 +146,7 @@ def test_explicit_hyperparameters_and_our_options(client: openai.OpenAI) -> None
             hyperparameters={"n_epochs": 2},
             extra_body={"training": {"max_steps": 30}},
         )
-    assert bad.value.param == "method.dpo.hyperparameters.n_epochs"
+    assert bad.value.param == "hyperparameters.n_epochs"  # where this body gave it
 
 
 def test_jobs_page_newest_first_and_filter_by_metadata(client: openai.OpenAI) -> None:
@@ -211,7 +211,7 @@ def test_errors_raise_the_sdk_classes_with_our_message(
     train = upload(client, openai_rows(4))
     cases: list[tuple[dict[str, Any], str, str]] = [
         ({"method": {"type": "reinforcement"}}, "method.type", "dpo"),
-        ({"method": {"type": "supervised"}}, "training_file", "completion_field=chosen"),
+        ({"method": {"type": "supervised"}}, "training_file", "use method type 'dpo'"),
         ({"model": "gpt-4o-mini"}, "model", "OpenAI model names"),
         ({"training_file": "ds_0000nothing"}, "training_file", "does not exist"),
         (
@@ -347,10 +347,89 @@ def test_supervised_jobs_train_openai_chat_files_with_sft(client: openai.OpenAI)
     assert job.method is not None and job.method.type == "supervised"
     assert job.method.supervised is not None and job.method.dpo is None
     assert job.method.supervised.hyperparameters.n_epochs == 3
-    # a chat file under dpo says what it needs
-    with pytest.raises(openai.BadRequestError, match="use method 'sft'") as bad:
-        client.fine_tuning.jobs.create(model=MODEL, training_file=train)
-    assert bad.value.param == "training_file"
+    # no method named: a chat file is supervised, as on OpenAI (and as its legacy form)
+    legacy = client.fine_tuning.jobs.create(
+        model=MODEL, training_file=train, hyperparameters={"n_epochs": 2}
+    )
+    assert legacy.method is not None and legacy.method.type == "supervised"
+    assert legacy.hyperparameters.n_epochs == 2
+    multiplier = {"learning_rate_multiplier": 10_000}
+    too_fast: Any = {"type": "supervised", "supervised": {"hyperparameters": multiplier}}
+    with pytest.raises(openai.BadRequestError, match="give at most 5000") as bad:
+        client.fine_tuning.jobs.create(model=MODEL, training_file=train, method=too_fast)
+    assert bad.value.param == "method.supervised.hyperparameters.learning_rate_multiplier"
+    # a chat file under dpo says what it needs, in the SDK's terms
+    dpo = {"type": "dpo"}
+    with pytest.raises(openai.BadRequestError, match="use method type 'supervised'") as bad:
+        client.fine_tuning.jobs.create(model=MODEL, training_file=train, method=dpo)
+    assert bad.value.param == "training_file" and "dataset_id" not in bad.value.message
+
+
+def test_a_create_repeated_after_its_job_ended_starts_a_new_job(client: openai.OpenAI) -> None:
+    """A repeat within the retry window is a retry only while the first job lives."""
+    train = upload(client, openai_rows(4))
+    first = client.fine_tuning.jobs.create(model=MODEL, training_file=train)
+    assert client.fine_tuning.jobs.create(model=MODEL, training_file=train).id == first.id
+    client.fine_tuning.jobs.cancel(first.id)
+    second = client.fine_tuning.jobs.create(model=MODEL, training_file=train)
+    assert second.id != first.id and second.status == "queued"
+    assert [j.id for j in client.fine_tuning.jobs.list()] == [second.id, first.id]
+
+
+def test_what_this_service_lacks_answers_in_openais_envelope(
+    client: openai.OpenAI, live_api: LiveServer
+) -> None:
+    train = upload(client, openai_rows(4))
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=train)
+    with pytest.raises(openai.BadRequestError, match="cannot be paused or resumed") as bad:
+        client.fine_tuning.jobs.pause(job.id)
+    assert retries_taken(bad.value) == 0
+    with pytest.raises(openai.BadRequestError, match="cannot be resumed"):
+        client.fine_tuning.jobs.resume(job.id)
+    with sdk(live_api.url, key="key-bob") as bob, pytest.raises(openai.NotFoundError):
+        bob.fine_tuning.jobs.pause(job.id)
+    for path in (f"/fine_tuning/jobs/{job.id}/unknown", "/files/nothing/here"):
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.get(path, cast_to=object)
+        assert missing.value.body is not None and missing.value.message  # not an empty 404
+        assert isinstance(missing.value.body, dict) and missing.value.body["type"]
+
+
+def test_every_answer_carries_a_request_id(client: openai.OpenAI, live_api: LiveServer) -> None:
+    raw = client.fine_tuning.jobs.with_raw_response.list()
+    assert raw.request_id is not None and raw.request_id.startswith("req_")
+    assert (
+        raw.parse().data == []
+        and client.fine_tuning.jobs.with_raw_response.list().request_id != raw.request_id
+    )
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.fine_tuning.jobs.retrieve("job_0000nothing")
+    assert missing.value.request_id is not None
+    given = httpx.get(f"{live_api.url}/healthz", headers={"x-request-id": "edge-1f2e"}, timeout=10)
+    assert given.headers["x-request-id"] == "edge-1f2e"  # a proxy's id is kept
+    forged = httpx.get(
+        f"{live_api.url}/healthz", headers={"x-request-id": "a b <script>" + "x" * 200}, timeout=10
+    )
+    assert forged.headers["x-request-id"].startswith("req_")
+
+
+def test_our_other_preference_methods_are_named_not_shown_as_dpo(
+    client: openai.OpenAI, live_api: LiveServer
+) -> None:
+    train = upload(client, openai_rows(8))
+    for method in ("kto", "orpo", "simpo"):
+        answer = httpx.post(
+            f"{live_api.url}/v1/jobs",
+            headers={"Authorization": "Bearer key-alice"},
+            json={"base_model": MODEL, "dataset_id": train, "method": method},
+            timeout=10,
+        )
+        assert answer.status_code == 201, answer.text
+    shown = {j.method.type: j.method for j in client.fine_tuning.jobs.list() if j.method}
+    assert set(shown) == {"kto", "orpo", "simpo"}
+    simpo = shown["simpo"].model_extra or {}
+    assert simpo["simpo"]["hyperparameters"]["beta"] == 2.0  # SimPO's own default
+    assert shown["kto"].dpo is None
 
 
 def test_result_files_list_with_their_size_read_once(

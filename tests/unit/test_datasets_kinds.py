@@ -83,3 +83,43 @@ def test_a_mapping_names_the_kind(tmp_path: Path) -> None:
     assert result.kind == "unpaired" and result.source_format == "mapped"
     assert out[1] == {"prompt": "3+3?", "completion": "7", "label": False}
     assert result.stats.desirable_rows == 1
+
+
+def test_openai_chat_weights_pick_the_answer_trained_and_tool_calls_say_why(
+    tmp_path: Path,
+) -> None:
+    """OpenAI's chat rows mark answers not to train on with weight 0: the last answer of
+    weight 1 is the completion (what follows it is left out), not the weight-0 one."""
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris.", "weight": 1},
+        {"role": "user", "content": "And of Spain?"},
+        {"role": "assistant", "content": "Lisbon.", "weight": 0},
+    ]
+    result, rows = validate(tmp_path, [{"messages": chat}])
+    assert result.kind == "sft"
+    assert rows == [
+        {"prompt": chat[:2], "completion": [{"role": "assistant", "content": "Paris."}]}
+    ]
+    none_trained = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in chat]
+    called = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "assistant", "content": "Sunny."},
+    ]
+    with pytest.raises(InvalidDataset) as refused:
+        validate(tmp_path, [{"messages": chat}, {"messages": none_trained}, {"messages": called}])
+    assert [(e.line, e.field) for e in refused.value.errors] == [
+        (2, "messages"),
+        (3, "messages[1].tool_calls"),
+    ]
+    assert "every assistant message has weight 0" in refused.value.errors[0].msg
+    assert "tool calls are not trained on here yet" in refused.value.errors[1].msg

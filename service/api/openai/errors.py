@@ -1,4 +1,9 @@
-"""Errors on the OpenAI-compatible routes, in OpenAI's envelope.
+"""Errors on the OpenAI-compatible paths, in OpenAI's envelope.
+
+The app's one error handler (:func:`by_path`) answers every error under `/v1/files` and
+`/v1/fine_tuning/` so, whatever raised it: a route, the auth or rate-limit middleware, or no
+route at all (a path or method this service does not have, which OpenAI's SDK would otherwise
+show as an empty message).
 
 The status comes from the one error mapper (`service.api.errors.handle`), then the Problem
 Details become `{"error": {"message", "type", "param", "code"}}` with the statuses the SDK
@@ -34,6 +39,16 @@ _TYPES = {
 }
 _CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded"}
 _SOURCES = {"body", "query", "path", "header", "cookie"}
+
+
+OPENAI_PATHS = ("/v1/files", "/v1/fine_tuning/")
+
+
+def by_path(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """OpenAI's envelope under OpenAI's paths, Problem Details elsewhere."""
+    if request.scope["path"].startswith(OPENAI_PATHS):
+        return handle(request, exc)
+    return errors.handle(request, exc)
 
 
 def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[OpenAIErrorResponse]:

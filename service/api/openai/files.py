@@ -13,7 +13,7 @@ from litestar.params import Parameter
 from litestar.response import Stream
 
 from service.api.auth import scope
-from service.api.openai.errors import handle, responses
+from service.api.openai.errors import responses
 from service.api.spool import declared_size, spool_upload
 from service.blobs import BlobStore, dataset_blob_key
 from service.contract import Job, JobStatus
@@ -77,7 +77,6 @@ async def _result_job(store: Store, file_id: str, tenant: str | None) -> Job:
 class FileController(Controller):
     path = "/v1/files"
     tags = ["openai"]
-    exception_handlers = {Exception: handle}
 
     @post(
         operation_id="CreateFile",

@@ -13,8 +13,9 @@ from litestar.params import Parameter
 
 from service import vram
 from service.api.auth import scope
+from service.api.errors import InvalidRequest
 from service.api.jobs import IdempotencyKey, JobId, cancel_job, submit_job
-from service.api.openai.errors import handle, responses
+from service.api.openai.errors import responses
 from service.blobs import BlobStore
 from service.checkpoints import checkpoint_prefix, checkpoints_prefix, complete_steps
 from service.contract import Dataset, Job, JobSpec
@@ -28,15 +29,24 @@ from service.contract.openai import (
 from service.openai import records
 from service.openai.events import checkpoint_object, entry_of, event_object, step_of_checkpoint
 from service.openai.hyperparameters import SpecError
-from service.openai.jobs import job_object, to_spec
+from service.openai.jobs import (
+    check_file_kind,
+    hyperparameters_at,
+    job_object,
+    method_of,
+    openai_param,
+    to_spec,
+)
 from service.settings import Principal, Settings
 from service.store import NotFound, Store, request_fingerprint
 from service.tenants import Tenants
 
 RETRY_WINDOW_SECONDS = 600
 """A create whose body (for the same tenant) repeats one from this long ago gets the first job
-back: the SDK retries a create that timed out or met a 409/429/5xx, without an idempotency
-key. An `Idempotency-Key` header, when sent, is honoured for 24 h instead."""
+back while that job has not ended: the SDK retries a create that timed out or met a
+409/429/5xx, without an idempotency key, and a job that has ended is no retry's answer (a
+cancelled job created again is a new job). An `Idempotency-Key` header, when sent, is
+honoured for 24 h instead, whatever became of the job."""
 JOB_ID = r"^job_[A-Za-z0-9]{1,64}(?!\n)$"
 
 
@@ -72,7 +82,6 @@ def _metadata_filter(query: MultiDict[Any]) -> dict[str, str]:
 class FineTuningController(Controller):
     path = "/v1/fine_tuning/jobs"
     tags = ["openai"]
-    exception_handlers = {Exception: handle}
 
     @post(
         operation_id="CreateFineTuningJob",
@@ -82,7 +91,8 @@ class FineTuningController(Controller):
         description="The same path as POST /v1/jobs: the job is one of ours. Hyperparameters "
         'left out or "auto" are resolved from the dataset size and the model (the job '
         "object reports the values used). A repeat of the same body within 10 minutes returns "
-        "the first job (the SDK retries without an idempotency key).",
+        "the first job while that job is queued or running (the SDK retries without an idempotency "
+        "key); once it has ended, the same body starts a new job.",
         responses=responses(429),
     )
     async def create_job(
@@ -98,10 +108,13 @@ class FineTuningController(Controller):
         training = await _training_dataset(
             store, data.training_file, principal.tenant, "training_file"
         )
+        kind = method_of(data, training.kind)
+        check_file_kind(kind, training.kind, "training_file", training.id)
         if data.validation_file is not None:
-            await _training_dataset(
+            validation = await _training_dataset(
                 store, data.validation_file, principal.tenant, "validation_file"
             )
+            check_file_kind(kind, validation.kind, "validation_file", validation.id)
 
         def fits(spec: JobSpec) -> bool:
             try:
@@ -115,21 +128,40 @@ class FineTuningController(Controller):
                 return False
             return True
 
-        spec = to_spec(data, rows=training.rows, fits=fits, gpus=settings.worker_gpus)
+        spec = to_spec(
+            data,
+            rows=training.rows,
+            fits=fits,
+            gpus=settings.worker_gpus,
+            dataset_kind=training.kind,
+        )
         fingerprint = request_fingerprint(await request.body())
         if idempotency_key:
             idem, seconds = (idempotency_key, fingerprint), 24 * 3600
         else:
             idem, seconds = (f"openai-body:{fingerprint}", fingerprint), RETRY_WINDOW_SECONDS
-        job, replayed = await submit_job(
-            spec,
-            tenant=principal.tenant,
-            store=store,
-            settings=settings,
-            tenants=tenants,
-            idempotency=idem,
-            idempotency_seconds=seconds,
-        )
+
+        async def submit() -> tuple[Job, bool]:
+            try:
+                return await submit_job(
+                    spec,
+                    tenant=principal.tenant,
+                    store=store,
+                    settings=settings,
+                    tenants=tenants,
+                    idempotency=idem,
+                    idempotency_seconds=seconds,
+                )
+            except InvalidRequest as exc:  # named in the body's terms, under its method
+                loc = [p for p in (exc.errors[0].loc or []) if p != "body"] if exc.errors else []
+                param = openai_param(loc, hyperparameters_at(data, kind))
+                raise SpecError(param, exc.detail) from None
+
+        job, replayed = await submit()
+        if replayed and job.status.terminal and not idempotency_key:
+            # The body repeats one whose job has ended: a new job is asked for, not a retry.
+            await store.forget_idempotency(principal.tenant, idem[0], job.id)
+            job, replayed = await submit()
         if data.suffix and not replayed:
             await records.set_suffix(store, job.id, data.suffix)
         return job_object(job, suffix=data.suffix, gpus=settings.worker_gpus)
@@ -197,6 +229,30 @@ class FineTuningController(Controller):
             job_id, tenant=scope(principal), store=store, arq=arq, settings=settings
         )
         return await _shown(store, job, settings)
+
+    @post(
+        operation_id="PauseFineTuningJob",
+        path="/{job_id:str}/pause",
+        status_code=200,
+        summary="Pause a job: not available here (400 saying so)",
+        description="A job cannot be paused here: cancel it, and create it again when wanted. "
+        "Answered in OpenAI's error envelope so that the SDK's `pause` says why.",
+        responses=responses(404),
+    )
+    async def pause(self, job_id: JobId, principal: Principal, store: Store) -> FineTuningJob:
+        raise await _no_pausing(store, job_id, principal, "paused")
+
+    @post(
+        operation_id="ResumeFineTuningJob",
+        path="/{job_id:str}/resume",
+        status_code=200,
+        summary="Resume a paused job: not available here (400 saying so)",
+        description="No job is ever paused here. Answered in OpenAI's error envelope so that "
+        "the SDK's `resume` says why.",
+        responses=responses(404),
+    )
+    async def resume(self, job_id: JobId, principal: Principal, store: Store) -> FineTuningJob:
+        raise await _no_pausing(store, job_id, principal, "resumed")
 
     @get(
         operation_id="ListFineTuningEvents",
@@ -275,6 +331,15 @@ class FineTuningController(Controller):
             first_id=data[0].id if data else None,
             last_id=data[-1].id if data else None,
         )
+
+
+async def _no_pausing(store: Store, job_id: str, principal: Principal, done: str) -> SpecError:
+    job = await store.get_job(job_id, scope(principal))  # another tenant's: 404
+    return SpecError(
+        None,
+        f"jobs cannot be paused or resumed on this service, so {job.id} cannot be {done}: "
+        f"cancel it (POST /v1/fine_tuning/jobs/{job.id}/cancel) and create it again when wanted",
+    )
 
 
 async def _shown(store: Store, job: Job, settings: Settings) -> FineTuningJob:
