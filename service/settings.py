@@ -166,7 +166,12 @@ class Settings:
     max_jobs_per_policy_tick: Count | None = 10
     """Jobs one tenant's policies may start in one scheduler pass; the rest wait a pass."""
     max_event_streams: Count | None = 50
-    """Server-Sent Event streams one tenant may hold open at once."""
+    """Server-Sent Event streams one tenant may hold open at once (those of finished jobs and
+    those an admin opens on its jobs count for whoever opened them)."""
+    event_stream_seconds: Annotated[int, msgspec.Meta(ge=1)] = 3600
+    """A stream ends after this long, with a comment saying so; its client resumes with
+    Last-Event-ID (EventSource does by itself). A stream on a job that stays queued for a day
+    would otherwise hold its slot and connection that long."""
     max_requests_per_second: Count | None = 100
     """Requests per second per tenant, across all API replicas (429 past it)."""
     tenant_share: Positive = 1.0

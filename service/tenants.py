@@ -73,7 +73,8 @@ class TenantEntry(msgspec.Struct, forbid_unknown_fields=True):
     limits: LimitOverrides = LimitOverrides()
 
 
-TenantName = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[^:\s]+$")]
+TENANT_NAME_RE = r"^[^:\s]+$"
+TenantName = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=TENANT_NAME_RE)]
 """No ':' (it separates the parts of Redis keys: tenants `a` and `a:queued` would share an
 index) and no white space."""
 

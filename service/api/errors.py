@@ -217,6 +217,8 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]
         return problem(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, UploadTimeout):
         return problem(408, str(exc), headers={"Connection": "close"})
+    if isinstance(exc, UnicodeDecodeError):  # Litestar decodes a JSON body as UTF-8 first
+        return problem(400, f"the request body is not UTF-8 text: {exc.reason} at byte {exc.start}")
     if isinstance(exc, RecursionError) and "deserializing" in str(exc):
         # msgspec's depth limit on a request body: Litestar lets it through undecorated.
         return problem(400, "the JSON body is nested too deeply to be read")

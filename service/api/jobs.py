@@ -392,7 +392,9 @@ class JobController(Controller):
         summary="Server-Sent Events: status, phase, metrics and log lines, until the job ends",
         description="Each event's `id` is its position; reconnect with `Last-Event-ID` to "
         "resume exactly after it (400 for an id past the newest event). The stream closes "
-        "after the terminal status event.",
+        "after the terminal status event, or after `FTUNE_EVENT_STREAM_SECONDS` (an hour) "
+        "with a comment saying so: resume then. Each open stream takes one of the caller's "
+        "`event_streams` (429 past them).",
         responses=responses(BAD_REQUEST, NOT_FOUND),
     )
     async def job_events(
@@ -423,12 +425,15 @@ class JobController(Controller):
         after = last_event_id or "0-0"
         if last_event_id is not None:
             await _sent_by_stream(store, job_id, last_event_id)
-        if job.status.terminal:  # complete: what is left, without following
-            return ServerSentEvent(_rest(store, job_id, after))
         hub: EventHub = state.event_hub
-        limit = limits_for(settings, tenants, job.tenant).event_streams
-        sub = await hub.subscribe(store, job.tenant, job_id, limit=limit)
-        stream = _live(hub, store, sub, after)
+        # Counted for the caller: an admin's streams must not take a tenant's slots.
+        limit = limits_for(settings, tenants, principal.tenant).event_streams
+        sub = await hub.subscribe(store, principal.tenant, job_id, limit=limit)
+        if job.status.terminal:  # complete: what is left, without following
+            events = _rest(store, job_id, after)
+        else:
+            events = _live(hub, store, sub, after, settings.event_stream_seconds)
+        stream = _held(hub, sub, events)
         weakref.finalize(stream, hub.unsubscribe, sub)  # in case it is never iterated
         return ServerSentEvent(stream)
 
@@ -453,24 +458,38 @@ async def _rest(store: Store, job_id: str, after: str) -> AsyncIterator[ServerSe
             yield ServerSentEventMessage(event=kind, data=data.decode(), id=entry_id)
 
 
-async def _live(
-    hub: EventHub, store: Store, sub: Subscription, after: str
+async def _held(
+    hub: EventHub, sub: Subscription, events: AsyncIterator[ServerSentEventMessage]
 ) -> AsyncIterator[ServerSentEventMessage]:
+    """``events``, holding the caller's stream slot until they end or the client leaves."""
     try:
-        async for event in follow(store, sub, after, KEEPALIVE_MS / 1000):
-            if event is None:
-                yield ServerSentEventMessage(comment="keep-alive", data=None)  # no empty message
-                continue
+        async for event in events:
+            yield event
+    finally:
+        hub.unsubscribe(sub)
+
+
+async def _live(
+    hub: EventHub, store: Store, sub: Subscription, after: str, seconds: float
+) -> AsyncIterator[ServerSentEventMessage]:
+    ends = time.monotonic() + seconds
+    async for event in follow(store, sub, after, KEEPALIVE_MS / 1000):
+        if event is None:
+            yield ServerSentEventMessage(comment="keep-alive", data=None)  # no empty message
+        else:
             entry_id, kind, data = event
             yield ServerSentEventMessage(event=kind, data=data.decode(), id=entry_id)
             if kind == "status" and msgspec.json.decode(data)["status"] in TERMINAL:
                 return
-        if hub.closing:  # a comment, so that a client knows the job is not over: it resumes
+        if time.monotonic() >= ends:  # a comment: the job is not over, the client resumes
             yield ServerSentEventMessage(
-                comment="the server is shutting down; resume with Last-Event-ID"
+                comment=f"this stream ends after {seconds:g} s; resume with Last-Event-ID"
             )
-    finally:
-        hub.unsubscribe(sub)
+            return
+    if hub.closing:  # a comment, so that a client knows the job is not over: it resumes
+        yield ServerSentEventMessage(
+            comment="the server is shutting down; resume with Last-Event-ID"
+        )
 
 
 TERMINAL = {s.value for s in JobStatus if s.terminal}

@@ -27,7 +27,7 @@ from service.contract import AuditEntry, AuditPage, JobStatus, LimitUsage, Usage
 from service.retraining import feedback, policies
 from service.settings import Principal, Settings
 from service.store import P, Store, is_stream_id
-from service.tenants import Tenants, limits_for
+from service.tenants import TENANT_NAME_RE, Tenants, limits_for
 
 log = logging.getLogger("ftune.api")
 
@@ -41,8 +41,10 @@ TenantParam = Annotated[
     Parameter(
         min_length=1,
         max_length=128,
+        pattern=TENANT_NAME_RE,
         description="Admin keys only: act on (or list) this tenant's records instead of their "
-        "own; other keys may name only their own tenant.",
+        "own; other keys may name only their own tenant. A tenant name has no ':' and no "
+        "white space.",
     ),
 ]
 

@@ -78,6 +78,11 @@ async def result_sizes(store: Store, job_ids: list[str]) -> list[int]:
     return sizes
 
 
+MAX_FAILED_UPLOADS = 100
+"""A tenant's failed uploads kept, the newest: each only says why a file was refused, and past
+this the oldest go, so that refused uploads cannot pile up in Redis without bound."""
+
+
 async def add_failed_upload(
     store: Store, *, tenant: str, filename: str, size: int, created_at: float, details: str
 ) -> FailedUpload:
@@ -93,7 +98,14 @@ async def add_failed_upload(
         pipe.set(_failed_key(record.id), msgspec.json.encode(record))
         pipe.zadd(failed_index(tenant), {record.id: 0})
         pipe.zadd(failed_index(None), {record.id: 0})
-        await pipe.execute()
+        pipe.zrange(failed_index(tenant), 0, -MAX_FAILED_UPLOADS - 1)  # ids sort by time
+        *_, oldest = await pipe.execute()
+    if oldest:
+        async with store.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(*(_failed_key(i.decode()) for i in oldest))
+            pipe.zrem(failed_index(tenant), *oldest)
+            pipe.zrem(failed_index(None), *oldest)
+            await pipe.execute()
     return record
 
 

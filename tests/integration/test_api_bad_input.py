@@ -35,6 +35,24 @@ async def test_a_request_body_nested_thousands_deep_is_a_400(api: Api) -> None:
     assert "nested too deeply" in resp.json()["detail"]
 
 
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/jobs", "/v1/jobs/estimate", "/v1/fine_tuning/jobs", "/v1/datasets/import"],
+)
+async def test_a_json_body_that_is_not_utf8_is_a_400(api: Api, path: str) -> None:
+    body = b'{"base_model": "org/m", "dataset_id": "ds_\xff"}'
+    resp = await api.client.post(
+        path, content=body, headers={**ALICE, "Content-Type": "application/json"}
+    )
+    assert resp.status_code == 400, resp.text
+    assert "not UTF-8" in resp.text
+
+
+async def test_a_console_name_no_file_can_have_is_a_404(api: Api) -> None:
+    for name in ("x" * 255, "x" * 256, "a/" + "y" * 300 + "/b.js"):
+        assert (await api.client.get(f"/ui/{name}")).status_code == 404
+
+
 def form(*parts: bytes, boundary: str = "b0und") -> tuple[bytes, dict[str, str]]:
     body = b"".join(b"--" + boundary.encode() + b"\r\n" + p + b"\r\n" for p in parts)
     body += b"--" + boundary.encode() + b"--\r\n"

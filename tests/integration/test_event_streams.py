@@ -20,7 +20,7 @@ from service.contract import JobStatus
 from service.dev.localredis import LocalRedis
 from service.settings import Settings
 from service.store import Store
-from tests.fixtures.api import ALICE, BOB, ApiProcess, LiveServer
+from tests.fixtures.api import ADMIN, ALICE, BOB, ApiProcess, LiveServer
 
 ROWS = b'{"prompt": "p", "chosen": "c", "rejected": "r"}\n'
 NDJSON = {"Content-Type": "application/x-ndjson"}
@@ -208,3 +208,47 @@ def test_sigterm_hooks_of_two_apps_ended_out_of_order_leave_the_original_handler
         second_loop.close()
     finally:
         signal.signal(signal.SIGTERM, original)
+
+
+async def test_streams_are_counted_for_whoever_opens_them_and_end_in_time(
+    api_settings: Settings,
+) -> None:
+    """An admin watching a tenant's job takes its own slots, not the tenant's; a finished
+    job's stream takes one too while it is read; a live stream ends after
+    event_stream_seconds with a comment, and resumes with Last-Event-ID."""
+    settings = replace(api_settings, max_event_streams=2, event_stream_seconds=2)
+    with LiveServer(settings) as api:
+        async with httpx.AsyncClient(base_url=api.url, timeout=30) as http:
+            ds = await http.post("/v1/datasets", content=ROWS, headers={**BOB, **NDJSON})
+            spec = {"base_model": "org/m", "dataset_id": ds.json()["id"]}
+            live = (await http.post("/v1/jobs", json=spec, headers=BOB)).json()["id"]
+            ended = await http.post("/v1/jobs", json={**spec, "labels": {"n": "2"}}, headers=BOB)
+            ended_id = ended.json()["id"]
+            assert (await http.post(f"/v1/jobs/{ended_id}/cancel", headers=BOB)).is_success
+
+            async def open_(job_id: str, who: dict[str, str]) -> httpx.Response:
+                request = http.build_request("GET", f"/v1/jobs/{job_id}/events", headers=who)
+                return await http.send(request, stream=True)
+
+            admins = [await open_(live, ADMIN) for _ in range(2)]
+            assert [r.status_code for r in admins] == [200, 200]
+            assert (await open_(live, ADMIN)).status_code == 429  # the admin's own limit
+            bobs = [await open_(live, BOB), await open_(live, BOB)]
+            assert [r.status_code for r in bobs] == [200, 200]  # untouched by the admin's
+            third = await open_(ended_id, BOB)  # a finished job's stream takes a slot too
+            assert third.status_code == 429
+            usage = (await http.get("/v1/usage", headers=BOB)).json()["limits"]
+            assert {u["name"]: u["used"] for u in usage}["event_streams"] == 2
+
+            started = time.monotonic()
+            lines = [line async for line in bobs[0].aiter_lines()]
+            assert 2 <= time.monotonic() - started < 15
+            assert any("ends after 2 s; resume with Last-Event-ID" in line for line in lines)
+            last_id = [line for line in lines if line.startswith("id:")][-1].split(":", 1)[1]
+            for resp in [*admins, bobs[1]]:
+                await resp.aclose()
+            resumed = await http.get(
+                f"/v1/jobs/{live}/events",
+                headers={**BOB, "Last-Event-ID": last_id.strip()},
+            )
+            assert resumed.status_code == 200 and "event:" not in resumed.text  # nothing new

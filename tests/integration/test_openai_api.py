@@ -22,6 +22,7 @@ import redis
 from openai.types.webhooks import FineTuningJobCancelledWebhookEvent
 
 from service import store as store_module
+from service.openai import records
 from service.openai.hyperparameters import auto_batch_size, auto_epochs
 from service.settings import Settings
 from tests.fixtures.api import LiveServer
@@ -82,6 +83,20 @@ def test_an_invalid_file_ends_in_error_with_its_lines(client: openai.OpenAI) -> 
     assert bad.value.param == "training_file"
     assert client.files.delete(file.id).deleted
     assert list(client.files.list()) == []
+
+
+def test_only_a_tenants_newest_failed_uploads_are_kept(
+    client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(records, "MAX_FAILED_UPLOADS", 2)
+    kept = upload(client, openai_rows(3))
+    broken = [
+        client.files.create(file=(f"b{i}.jsonl", b"{not json\n"), purpose="fine-tune").id
+        for i in range(4)
+    ]
+    assert [f.id for f in client.files.list()] == [broken[3], broken[2], kept]
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(broken[0])
 
 
 def test_files_page_newest_first_across_kinds(client: openai.OpenAI) -> None:

@@ -378,3 +378,14 @@ async def test_admins_see_and_manage_every_tenants_streams_and_policies(api: Api
     assert ("GET", "/v1/feedback", None) in entries
     assert all(e["actor"] == "ops" for e in older.json()["items"])  # tenants are not audited
     assert (await api.client.get("/v1/audit", headers=ALICE)).status_code == 403
+
+
+async def test_an_admin_cannot_name_a_tenant_no_tenants_file_can_hold(api: Api) -> None:
+    """A ':' would reach into another tenant's Redis keys (they are split on it)."""
+    event = {"id": "e1", "prompt": "p", "chosen": "c", "rejected": "r"}
+    for name in ("a:b", "bob queued", "alice:"):
+        resp = await api.client.post(
+            "/v1/feedback/s", params={"tenant": name}, json={"events": [event]}, headers=ADMIN
+        )
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["errors"][0]["loc"] == ["query", "tenant"]

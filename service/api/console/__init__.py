@@ -14,9 +14,11 @@ which the console reads with fetch() because EventSource cannot send an Authoriz
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from litestar import Response, Router
+from litestar import Request, Response, Router
 from litestar.datastructures import CacheControlHeader
+from litestar.exceptions import NotFoundException
 from litestar.static_files import create_static_files_router
 
 STATIC = Path(__file__).parent / "static"
@@ -45,6 +47,16 @@ HEADERS = {
 }
 
 
+MAX_NAME_BYTES = 255
+"""The longest file name the file system holds: a longer one is no file of ours."""
+
+
+def _known_name(request: Request[Any, Any, Any]) -> None:
+    """404 for a name no file can have (the file system's ENAMETOOLONG was a 500)."""
+    if any(len(part.encode()) > MAX_NAME_BYTES for part in request.url.path.split("/")):
+        raise NotFoundException()
+
+
 async def _secure(response: Response[object]) -> Response[object]:
     response.headers.update(HEADERS)
     return response
@@ -60,6 +72,7 @@ def console_router() -> Router:
         directories=[STATIC],
         html_mode=True,
         name="console",
+        before_request=_known_name,
         after_request=_secure,
         cache_control=CacheControlHeader(no_cache=True),
         include_in_schema=False,
