@@ -38,7 +38,7 @@ from service.retraining import feedback
 from service.retraining.events import InvalidFeedback
 from service.settings import Principal, Settings
 from service.store import Store
-from service.tenants import Tenants, limits_for
+from service.tenants import Tenants, dataset_quota, limits_for
 
 StreamName = Annotated[
     str,
@@ -126,6 +126,7 @@ class FeedbackController(Controller):
                 data.events,
                 max_streams=most,
                 max_line_bytes=settings.max_line_bytes,
+                max_rows=settings.max_dataset_rows,
             )
         except InvalidFeedback as exc:
             raise _invalid(exc) from None
@@ -199,6 +200,8 @@ class FeedbackController(Controller):
         path="/{stream:str}/snapshot",
         status_code=201,
         summary="Freeze the pairs (or every rating, unpaired) gathered so far into a dataset",
+        description="The dataset counts against the tenant's dataset limits: 429 past them "
+        "(a retraining policy's own snapshots are never refused).",
         responses=responses(NOT_FOUND, CONFLICT, FORBIDDEN, UNAVAILABLE),
     )
     async def snapshot(
@@ -209,6 +212,7 @@ class FeedbackController(Controller):
         blobs: BlobStore,
         settings: Settings,
         uploads: UploadSpace,
+        tenants: Tenants,
         rows: Annotated[
             SnapshotRows,
             Parameter(
@@ -219,14 +223,16 @@ class FeedbackController(Controller):
         tenant: TenantParam = None,
     ) -> FeedbackSnapshot:
         limits = Limits.from_settings(settings)
+        owner = acting_tenant(principal, tenant)
         async with uploads.slot() as workdir:
             return await feedback.snapshot(
                 store,
                 blobs,
-                acting_tenant(principal, tenant),
+                owner,
                 stream,
                 limits=limits,
                 workdir=workdir,
                 by="api",
                 rows=rows,
+                quota=dataset_quota(limits_for(settings, tenants, owner)),
             )

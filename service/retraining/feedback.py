@@ -63,7 +63,7 @@ from service.retraining.events import (
     parse_events,
     prompt_key,
 )
-from service.store import Conflict, NotFound, P, Store, check_count, transact
+from service.store import Conflict, DatasetQuota, NotFound, P, Store, check_count, transact
 
 _READ_CHUNK = 1000
 """Pairs read from Redis per LRANGE when snapshotting."""
@@ -222,11 +222,14 @@ async def ingest(
     now: float | None = None,
     max_streams: int | None = None,
     max_line_bytes: int,
+    max_rows: int,
 ) -> FeedbackReceipt:
     """Check a batch and store what is new of it, all or nothing (InvalidFeedback). A batch
     that would start the tenant's stream number `max_streams` + 1 is refused (LimitReached),
     counted in the same transaction; so is one with a row past `max_line_bytes`, which no
-    snapshot could hold."""
+    snapshot could hold, and one that would take the stream past `max_rows` pairs or ratings
+    (Conflict): no snapshot could hold them, and a stream must not grow in
+    Redis for ever."""
     now = time.time() if now is None else now
     meta_key = _key(tenant, stream, "meta")
     seen_key = _key(tenant, stream, "seen")
@@ -250,6 +253,7 @@ async def ingest(
         queues = await _read_queues(store, tenant, stream, parsed)
         applied = apply_events(parsed, seen, {q.key: q.pending() for q in queues}, now=now)
         check_row_sizes(applied, parsed, max_line_bytes)
+        _check_room(stream, meta, applied, max_rows)
         pipe.multi()
         dropped = sum(_write_queue(pipe, tenant, stream, q, applied.pending[q.key]) for q in queues)
         if applied.pairs:
@@ -287,6 +291,21 @@ async def ingest(
         ratings_waiting=applied.waiting_from_batch,
         pairs_total=new_meta.pairs,
     )
+
+
+def _check_room(stream: str, meta: FeedbackStream, applied: Applied, max_rows: int) -> None:
+    """Conflict when the batch would leave the stream holding more rows than a dataset may."""
+    held = {  # every rating is kept as a row (for kto), those waiting for a pair among them
+        "pairs": meta.pairs + len(applied.pairs),
+        "ratings": meta.ratings + len(applied.unpaired),
+    }
+    for what, count in held.items():
+        if count > max_rows:
+            raise Conflict(
+                f"feedback stream {stream} would hold {count:,} {what}, more than a dataset may "
+                f"({max_rows:,} rows, the operator's FTUNE_MAX_DATASET_ROWS): nothing of this "
+                "batch was stored; snapshot the stream and send new feedback to a new one"
+            )
 
 
 async def get_stream(store: Store, tenant: str, stream: str, *, recent: int = 0) -> FeedbackStream:
@@ -379,9 +398,11 @@ async def snapshot(
     by: str = "api",
     name: str | None = None,
     rows: SnapshotRows = "pairs",
+    quota: DatasetQuota | None = None,
 ) -> FeedbackSnapshot:
     """Freeze pairs 0 .. end-1 (all so far by default) into a dataset, and record it; with
     `rows="unpaired"`, the stream's ratings as labelled completions instead (for kto).
+    `quota`: the tenant's dataset limits (LimitReached past them), for a snapshot asked for.
 
     The rows are written to a file in `workdir` (a slot of the host's upload space, which
     bounds how many such files there are at once), removed at the end.
@@ -441,6 +462,7 @@ async def snapshot(
                 tenant=tenant,
                 name=name or f"{stream} v{version}",
                 limits=limits,
+                quota=quota,
             )
         except InvalidDataset as exc:  # the rows were checked on the way in; this is a bug
             raise RuntimeError(f"stored {what} of {stream} failed validation: {exc}") from exc

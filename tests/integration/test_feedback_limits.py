@@ -21,21 +21,44 @@ def api_settings(api_settings: Settings) -> Settings:
     return replace(api_settings, max_dataset_rows=5)
 
 
-async def test_a_snapshot_past_the_dataset_row_limit_is_a_409(api: Api) -> None:
-    assert (await post(api, "big", [pair(i) for i in range(6)])).status_code == 200
-    resp = await api.client.post("/v1/feedback/big/snapshot", headers=ALICE)
+async def test_a_stream_holds_at_most_a_datasets_rows(api: Api) -> None:
+    """Past them a batch is refused whole (the stream would outgrow every snapshot, in Redis
+    for ever); a limit lowered later makes the snapshot a 409 naming it, storing nothing."""
+    assert (await post(api, "big", [pair(i) for i in range(4)])).status_code == 200
+    resp = await post(api, "big", [pair(4), pair(5)])
     assert resp.status_code == 409, resp.text
-    assert "at most 5 rows" in resp.json()["detail"]
+    assert "would hold 6 pairs" in resp.json()["detail"]
     assert "FTUNE_MAX_DATASET_ROWS" in resp.json()["detail"]
+    waiting = [rating(f"r{i}", f"prompt {i}?", "an answer", "up") for i in range(6)]
+    resp = await post(api, "waits", waiting)  # each a row for kto, waiting for a pair
+    assert resp.status_code == 409 and "would hold 6 ratings" in resp.json()["detail"]
+    assert (await post(api, "big", [pair(4)])).status_code == 200
     stream = (await api.client.get("/v1/feedback/big", headers=ALICE)).json()
-    assert stream["snapshots"] == 0
+    assert (stream["pairs"], stream["snapshots"]) == (5, 0)
+
+    lowered = replace(api.settings, max_dataset_rows=4)
+    async with AsyncTestClient(create_app(lowered)) as client:
+        resp = await client.post("/v1/feedback/big/snapshot", headers=ALICE)
+    assert resp.status_code == 409, resp.text
+    assert "at most 4 rows" in resp.json()["detail"]
     listed = (await api.client.get("/v1/datasets", headers=ALICE)).json()
     assert listed["items"] == []
-    # A stream within the limit snapshots, as version 1.
-    assert (await post(api, "small", [pair(i) for i in range(5)])).status_code == 200
-    resp = await api.client.post("/v1/feedback/small/snapshot", headers=ALICE)
+    # Within the limit it snapshots, as version 1.
+    resp = await api.client.post("/v1/feedback/big/snapshot", headers=ALICE)
     assert resp.status_code == 201, resp.text
     assert (resp.json()["version"], resp.json()["dataset"]["rows"]) == (1, 5)
+
+
+async def test_a_snapshot_asked_for_counts_against_the_tenants_datasets(api: Api) -> None:
+    assert (await post(api, "s", [pair(i) for i in range(3)])).status_code == 200
+    capped = replace(api.settings, max_datasets=1)
+    async with AsyncTestClient(create_app(capped)) as client:
+        assert (await client.post("/v1/feedback/s/snapshot", headers=ALICE)).status_code == 201
+        resp = await client.post("/v1/feedback/s/snapshot", headers=ALICE)
+        assert resp.status_code == 429, resp.text
+        assert "datasets" in resp.json()["detail"]
+    listed = (await api.client.get("/v1/datasets", headers=ALICE)).json()
+    assert len(listed["items"]) == 1
 
 
 async def test_a_row_past_the_line_limit_is_refused_when_posted(api: Api) -> None:
@@ -61,8 +84,14 @@ async def test_a_row_past_the_line_limit_is_refused_when_posted(api: Api) -> Non
 async def test_a_snapshot_past_the_dataset_size_limit_is_a_409(api: Api) -> None:
     limit = api.settings.max_dataset_bytes
     long = "x" * (api.settings.max_line_bytes - 200)
-    for i in range(limit // len(long) + 1):  # a batch each: every one fits a request
-        assert (await post(api, "wide", [pair(i, chosen=long)])).status_code == 200
+    rows = limit // len(long) + 1
+    roomy = replace(api.settings, max_dataset_rows=rows)
+    async with AsyncTestClient(create_app(roomy)) as client:
+        for i in range(rows):  # a batch each: every one fits a request
+            resp = await client.post(
+                "/v1/feedback/wide", json={"events": [pair(i, chosen=long)]}, headers=ALICE
+            )
+            assert resp.status_code == 200, resp.text
     resp = await api.client.post("/v1/feedback/wide/snapshot", headers=ALICE)
     assert resp.status_code == 409, resp.text
     assert f"{limit:,} bytes" in resp.json()["detail"]
