@@ -20,6 +20,7 @@ from service.contract import (
     check_trainable,
     local_model_path,
 )
+from service.init_from import InitFromError, resolve_init_adapter
 from service.retraining import policies
 from service.settings import Principal, Settings
 from service.store import NotFound, Store
@@ -62,6 +63,11 @@ async def _check_template(
             raise InvalidRequest(
                 str(exc), [FieldError(loc=["body", "template", "base_model"], msg=str(exc))]
             ) from None
+    try:
+        await resolve_init_adapter(store, template, tenant)
+    except InitFromError as exc:
+        loc = ["body", "template", *exc.loc]
+        raise InvalidRequest(str(exc), [FieldError(loc=loc, msg=str(exc))]) from None
     if template.eval_dataset_id is not None:
         try:
             await store.get_dataset(template.eval_dataset_id, tenant)

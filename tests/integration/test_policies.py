@@ -186,6 +186,10 @@ async def test_policies_belong_to_their_tenant(api: Api) -> None:
             {"template": {"base_model": "org/m", "eval_dataset_id": "ds_missing"}},
             ["body", "template", "eval_dataset_id"],
         ),
+        (
+            {"template": {"base_model": "org/m", "init_from": {"job_id": "job_abc"}}},
+            ["body", "template", "init_from", "job_id"],
+        ),
     ],
     ids=[
         "no-trigger",
@@ -199,6 +203,7 @@ async def test_policies_belong_to_their_tenant(api: Api) -> None:
         "cross-field",
         "outside-models-dir",
         "eval-dataset",
+        "init-from-missing-job",
     ],
 )
 async def test_bad_policies_are_refused_with_where(
