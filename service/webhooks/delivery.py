@@ -31,10 +31,12 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgspec
@@ -76,7 +78,10 @@ class WebhookConfig:
     claim_seconds: float = 60.0
     """A claimed event is due again after this long if its sender vanished."""
     batch: int = 16
-    """Events sent concurrently per pass."""
+    """Events sent at once (per pass of `deliver_due`; in flight, for `run_deliveries`)."""
+    per_tenant: int = 4
+    """Of those, at most this many for one tenant: a tenant whose receivers hang holds these
+    slots for `timeout_seconds` each, never the others' (`run_deliveries`)."""
     verify: ssl.SSLContext | bool = True
     """TLS verification of receivers: a context trusting a private CA, or True (system CAs)."""
 
@@ -284,17 +289,76 @@ async def deliver_due(
 
 
 async def run_deliveries(redis: Redis, config: WebhookConfig, stop: asyncio.Event) -> None:
-    """Deliver due webhooks until `stop` is set. Safe to run in every API replica."""
+    """Deliver due webhooks until `stop` is set. Safe to run in every API replica.
+
+    Each send holds a slot (of `config.batch`) only while it runs, so a receiver that never
+    answers delays nobody else's events, and one tenant holds at most `config.per_tenant` of
+    them: an event claimed while its tenant has that many in flight is put back, due in a
+    moment, behind the events already due (which the next claim then takes)."""
+    inflight: dict[asyncio.Task[WebhookDelivery | None], str] = {}
+
+    def finished(task: asyncio.Task[WebhookDelivery | None]) -> None:
+        inflight.pop(task, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("webhook delivery failed", exc_info=task.exception())
+
     async with _client(config) as client:
-        while not stop.is_set():
-            sent: list[WebhookDelivery] = []
-            try:
-                sent = await deliver_due(redis, config, client=client)
-            except Exception:
-                log.exception("webhook delivery pass failed")
-            if len(sent) < config.batch:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), config.poll_seconds)
+        try:
+            while not stop.is_set():
+                started = 0
+                if len(inflight) < config.batch:
+                    try:
+                        started = await _start_due(redis, config, client, inflight, finished)
+                    except Exception:
+                        log.exception("webhook delivery pass failed")
+                if started and len(inflight) < config.batch:
+                    continue  # more may be due
+                waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(stop.wait()), *inflight}
+                _, pending = await asyncio.wait(
+                    waits, timeout=config.poll_seconds, return_when=asyncio.FIRST_COMPLETED
+                )
+                for waiter in pending - set(inflight):
+                    waiter.cancel()
+        finally:
+            for task in list(inflight):
+                task.cancel()  # its claim lapses and it is sent again later
+            await asyncio.gather(*inflight, return_exceptions=True)
+
+
+async def _start_due(
+    redis: Redis,
+    config: WebhookConfig,
+    client: httpx.AsyncClient,
+    inflight: dict[asyncio.Task[WebhookDelivery | None], str],
+    finished: Callable[[asyncio.Task[WebhookDelivery | None]], None],
+) -> int:
+    """Claim what is due for the free slots and start sending it; how many were started."""
+    now = time.time()
+    free = config.batch - len(inflight)
+    claimed = await redis.eval(  # type: ignore[misc]  # redis-py#2399
+        _CLAIM, 1, DUE, repr(now), repr(now + config.claim_seconds), str(free)
+    )
+    if not claimed:
+        return 0
+    ids = [raw.decode() for raw in claimed]
+    async with redis.pipeline(transaction=False) as pipe:
+        for eid in ids:
+            pipe.hget(event_key(eid), "tenant")
+        owners = await pipe.execute()
+    held = Counter(inflight.values())
+    later: dict[str, float] = {}
+    for eid, owner in zip(ids, owners, strict=True):
+        tenant = owner.decode() if owner else ""
+        if held[tenant] >= config.per_tenant:
+            later[eid] = now + min(config.poll_seconds, 0.5)
+            continue
+        held[tenant] += 1
+        task = asyncio.create_task(_deliver(redis, config, client, eid))
+        inflight[task] = tenant
+        task.add_done_callback(finished)
+    if later:
+        await redis.zadd(DUE, later)
+    return len(ids) - len(later)
 
 
 @contextlib.asynccontextmanager

@@ -543,3 +543,37 @@ async def test_submit_refuses_a_loopback_webhook_with_422(api: Api) -> None:
         "/v1/jobs", json={**spec, "webhook_url": "https://93.184.215.14/hook"}, headers=ALICE
     )
     assert ok.status_code == 201, ok.text
+
+
+async def test_a_tenant_whose_receivers_hang_does_not_hold_up_the_others(
+    r: Any, receiver: Receiver
+) -> None:
+    """Bob's receivers never answer: his events hold at most per_tenant slots, each only for
+    its own timeout, and Alice's event goes out at once (it waited for whole passes of
+    timeouts before)."""
+    hang = socket.socket()
+    hang.bind(("127.0.0.1", 0))
+    hang.listen(64)  # accepts, never answers
+    slow = f"http://127.0.0.1:{hang.getsockname()[1]}/hook"
+    try:
+        for i in range(8):
+            job = msgspec.structs.replace(
+                finished_job(slow), id=f"job_{i:012x}b0b0b0b0b0b0", tenant="bob"
+            )
+            await webhooks.enqueue_webhook(r, job)
+        await asyncio.sleep(0.01)  # Alice's event is due after all of Bob's
+        alice = finished_job(receiver.url)
+        await webhooks.enqueue_webhook(r, alice)
+        config = dataclasses.replace(
+            FAST, batch=4, per_tenant=2, timeout_seconds=3.0, backoff_seconds=60
+        )
+        started = time.monotonic()
+        async with webhooks.delivering(r, config):
+            await wait_for(r, alice.id, 1, timeout=10)
+            took = time.monotonic() - started
+        assert took < 1.5, f"Alice's webhook waited {took:.1f} s behind Bob's"
+        assert len(receiver.requests) == 1
+        # Bob's events were not dropped: put back or in flight, each still due.
+        assert await r.zcard(webhooks.DUE) == 8
+    finally:
+        hang.close()
