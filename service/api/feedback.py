@@ -127,6 +127,7 @@ class FeedbackController(Controller):
                 max_streams=most,
                 max_line_bytes=settings.max_line_bytes,
                 max_rows=settings.max_dataset_rows,
+                max_bytes=settings.max_dataset_bytes,
             )
         except InvalidFeedback as exc:
             raise _invalid(exc) from None

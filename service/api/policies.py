@@ -35,11 +35,32 @@ PolicyName = Annotated[
 ]
 
 
+def _check_gate(spec: PolicySpec) -> None:
+    """A gate on a metric the template's trainer never reports rejects every run but the
+    first (which has nothing to beat): refused here instead. TRL's KTO reports no accuracies."""
+    if spec.template.method != "kto":
+        return
+    gate = spec.gate
+    for rule in ("at_least", "at_most", "not_worse_than_promoted"):
+        for metric in getattr(gate, rule) or {}:
+            if metric.endswith("rewards/accuracies"):
+                msg = (
+                    f"TRL's KTO reports no {metric}, so every run would be rejected: gate a kto "
+                    "policy on eval_loss, eval_rewards/margins or eval_kl"
+                )
+                raise InvalidRequest(msg, [FieldError(loc=["body", "gate", rule], msg=msg)])
+
+
 async def _check_template(
-    spec: PolicySpec, tenant: str, store: Store, settings: Settings, tenants: Tenants
+    spec: PolicySpec,
+    name: str,
+    tenant: str,
+    store: Store,
+    settings: Settings,
+    tenants: Tenants,
 ) -> None:
-    """The template must make a valid job, exactly as POST /v1/jobs would judge it, with
-    the grants of the tenant that will own its jobs."""
+    """The template must make a valid job, exactly as POST /v1/jobs would judge it (with the
+    label each run's job gets), with the grants of the tenant that will own its jobs."""
     template = spec.template
     try:
         check_job(tenants, tenant, template, settings.store_url)
@@ -52,7 +73,7 @@ async def _check_template(
         loc = ["body", "template", *exc.field.split(".")]
         raise InvalidRequest(str(exc), [FieldError(loc=loc, msg=str(exc))]) from None
     try:
-        policies.job_spec(template, "ds_template", template.eval_dataset_id)
+        policies.job_spec(template, "ds_template", template.eval_dataset_id, policy=name)
     except (ValueError, msgspec.ValidationError) as exc:
         msg = str(exc).split(" - at `$")[0]
         raise InvalidRequest(msg, [FieldError(loc=["body", "template"], msg=msg)]) from None
@@ -102,7 +123,8 @@ class PolicyController(Controller):
         tenant: TenantParam = None,
     ) -> Policy:
         owner = acting_tenant(principal, tenant)
-        await _check_template(data, owner, store, settings, tenants)
+        _check_gate(data)
+        await _check_template(data, name, owner, store, settings, tenants)
         most = limits_for(settings, tenants, owner).policies
         await policies.put_policy(store, owner, name, data, max_policies=most)
         return shown.policy(await policies.get_policy(store, owner, name, with_status=True))

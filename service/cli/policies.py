@@ -224,7 +224,7 @@ def gate_text(gate: Gate) -> str:
     tolerance = f" within {gate.tolerance:g}" if gate.tolerance else ""
     rules += [
         f"{m} not worse than the promoted run's ({way} is better){tolerance}"
-        for m, way in gate.not_worse_than_promoted.items()
+        for m, way in (gate.not_worse_than_promoted or {}).items()
     ]
     return "; ".join(rules) or "none: every run that succeeds is promoted"
 

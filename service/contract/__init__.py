@@ -61,6 +61,7 @@ from service.contract.jobs import (
     Progress,
 )
 from service.contract.policies import (
+    DEFAULT_NOT_WORSE,
     Gate,
     GateCheck,
     GateDecision,
@@ -122,6 +123,7 @@ from service.contract.webhooks import (
 __all__ = [
     "BETA_FREE_LOSSES",
     "DEFAULT_LEARNING_RATES",
+    "DEFAULT_NOT_WORSE",
     "EVENTS_EXAMPLE",
     "LABEL_KEY_RE",
     "LABEL_SMOOTHING_LOSSES",

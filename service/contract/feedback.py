@@ -115,6 +115,12 @@ class FeedbackStream(msgspec.Struct, kw_only=True):
             "than 1,000 waiting in one direction."
         ),
     ] = 0
+    pair_bytes: Annotated[
+        int, msgspec.Meta(description="Bytes the pairs take as a dataset's JSON lines.")
+    ] = 0
+    rating_bytes: Annotated[
+        int, msgspec.Meta(description="Bytes the ratings take as a dataset's JSON lines.")
+    ] = 0
     snapshots: Annotated[int, msgspec.Meta(description="Snapshots taken so far.")] = 0
     created_at: Annotated[
         float, msgspec.Meta(description="When its first event arrived, in seconds since the epoch.")

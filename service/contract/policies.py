@@ -57,6 +57,17 @@ class Trigger(Strict):
             Cron(self.cron)
 
 
+DEFAULT_NOT_WORSE: dict[str, dict[str, Literal["higher", "lower"]]] = {
+    "dpo": {"eval_rewards/accuracies": "higher"},
+    "orpo": {"eval_rewards/accuracies": "higher"},
+    "simpo": {"eval_rewards/accuracies": "higher"},
+    "kto": {"eval_loss": "lower"},
+    "sft": {"eval_loss": "lower"},
+}
+"""A gate's comparison with the promoted run when the policy names none, per template method:
+a metric that method's TRL trainer reports on the held-out rows."""
+
+
 class Gate(Strict):
     """What a run's final metrics must show for it to be promoted. Eval metrics are scored on
     the policy's fixed held-out pairs (TRL's keys with `eval_`)."""
@@ -74,14 +85,19 @@ class Gate(Strict):
             max_length=16, description='Each metric at most this, e.g. `{"eval_loss": 0.6}`.'
         ),
     ] = {}
-    not_worse_than_promoted: Annotated[
-        dict[MetricName, Literal["higher", "lower"]],
-        msgspec.Meta(
-            max_length=16,
-            description="Each metric, in the direction that is better, no worse than the "
-            "promoted run's (the first run has none to beat).",
-        ),
-    ] = msgspec.field(default_factory=lambda: {"eval_rewards/accuracies": "higher"})
+    not_worse_than_promoted: (
+        Annotated[
+            dict[MetricName, Literal["higher", "lower"]],
+            msgspec.Meta(
+                max_length=16,
+                description="Each metric, in the direction that is better, no worse than the "
+                "promoted run's (the first run has none to beat). Left out: "
+                '`{"eval_rewards/accuracies": "higher"}`, or `{"eval_loss": "lower"}` for a kto '
+                "template (TRL's KTO reports no accuracies); the policy's record shows it.",
+            ),
+        ]
+        | None
+    ) = None
     tolerance: Annotated[
         float,
         msgspec.Meta(
@@ -134,6 +150,8 @@ class PolicySpec(Strict):
     ] = False
 
     def __post_init__(self) -> None:
+        if self.gate.not_worse_than_promoted is None:
+            self.gate.not_worse_than_promoted = dict(DEFAULT_NOT_WORSE[self.template.method])
         if self.template.method == "sft":
             raise ValueError(
                 "template.method 'sft' cannot train on feedback, which gathers preference "
@@ -323,6 +341,13 @@ class Policy(msgspec.Struct, kw_only=True):
     pairs_at_last_run: Annotated[
         int, msgspec.Meta(description="The stream's pair count when it last fired.")
     ] = 0
+    stream_created_at: Annotated[
+        float | None,
+        msgspec.Meta(
+            description="When the stream it counted was created: a stream deleted and made "
+            "again is another stream, whose pairs are all new and held out afresh."
+        ),
+    ] = None
     last_fired_at: Annotated[
         float | None, msgspec.Meta(description="When it last fired; null if never.")
     ] = None

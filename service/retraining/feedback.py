@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -223,13 +223,14 @@ async def ingest(
     max_streams: int | None = None,
     max_line_bytes: int,
     max_rows: int,
+    max_bytes: int,
 ) -> FeedbackReceipt:
     """Check a batch and store what is new of it, all or nothing (InvalidFeedback). A batch
     that would start the tenant's stream number `max_streams` + 1 is refused (LimitReached),
     counted in the same transaction; so is one with a row past `max_line_bytes`, which no
-    snapshot could hold, and one that would take the stream past `max_rows` pairs or ratings
-    (Conflict): no snapshot could hold them, and a stream must not grow in
-    Redis for ever."""
+    snapshot could hold, and one that would take the stream past `max_rows` pairs or ratings,
+    or past `max_bytes` of either (Conflict): no snapshot could hold them, and a stream must
+    not grow in Redis for ever."""
     now = time.time() if now is None else now
     meta_key = _key(tenant, stream, "meta")
     seen_key = _key(tenant, stream, "seen")
@@ -253,7 +254,8 @@ async def ingest(
         queues = await _read_queues(store, tenant, stream, parsed)
         applied = apply_events(parsed, seen, {q.key: q.pending() for q in queues}, now=now)
         check_row_sizes(applied, parsed, max_line_bytes)
-        _check_room(stream, meta, applied, max_rows)
+        pair_bytes, rating_bytes = _row_bytes(applied.pairs), _row_bytes(applied.unpaired)
+        _check_room(stream, meta, applied, max_rows, max_bytes, pair_bytes, rating_bytes)
         pipe.multi()
         dropped = sum(_write_queue(pipe, tenant, stream, q, applied.pending[q.key]) for q in queues)
         if applied.pairs:
@@ -272,6 +274,8 @@ async def ingest(
             pairs=meta.pairs + len(applied.pairs),
             ratings=meta.ratings + len(applied.unpaired),
             pending_ratings=meta.pending_ratings + applied.pending_delta - dropped,
+            pair_bytes=meta.pair_bytes + pair_bytes,
+            rating_bytes=meta.rating_bytes + rating_bytes,
             dropped_ratings=meta.dropped_ratings + dropped,
             updated_at=now,
         )
@@ -293,18 +297,34 @@ async def ingest(
     )
 
 
-def _check_room(stream: str, meta: FeedbackStream, applied: Applied, max_rows: int) -> None:
-    """Conflict when the batch would leave the stream holding more rows than a dataset may."""
-    held = {  # every rating is kept as a row (for kto), those waiting for a pair among them
-        "pairs": meta.pairs + len(applied.pairs),
-        "ratings": meta.ratings + len(applied.unpaired),
-    }
-    for what, count in held.items():
-        if count > max_rows:
+def _row_bytes(records: Sequence[PairRecord]) -> int:
+    """What the rows take as a dataset's JSON lines."""
+    return sum(len(_encoder.encode(record.row)) + 1 for record in records)
+
+
+def _check_room(
+    stream: str,
+    meta: FeedbackStream,
+    applied: Applied,
+    max_rows: int,
+    max_bytes: int,
+    pair_bytes: int,
+    rating_bytes: int,
+) -> None:
+    """Conflict when the batch would leave the stream holding more than a dataset may."""
+    held = (  # every rating is kept as a row (for kto), those waiting for a pair among them
+        ("pairs", meta.pairs + len(applied.pairs), meta.pair_bytes + pair_bytes),
+        ("ratings", meta.ratings + len(applied.unpaired), meta.rating_bytes + rating_bytes),
+    )
+    for what, rows, size in held:
+        if rows > max_rows or size > max_bytes:
+            much = f"{rows:,} {what}" if rows > max_rows else f"{size:,} bytes of {what}"
+            limit = f"{max_rows:,} rows" if rows > max_rows else f"{max_bytes:,} bytes"
+            name = "FTUNE_MAX_DATASET_ROWS" if rows > max_rows else "FTUNE_MAX_DATASET_BYTES"
             raise Conflict(
-                f"feedback stream {stream} would hold {count:,} {what}, more than a dataset may "
-                f"({max_rows:,} rows, the operator's FTUNE_MAX_DATASET_ROWS): nothing of this "
-                "batch was stored; snapshot the stream and send new feedback to a new one"
+                f"feedback stream {stream} would hold {much}, more than a dataset may "
+                f"({limit}, the operator's {name}): nothing of this batch was stored; snapshot "
+                "the stream and send new feedback to a new one"
             )
 
 

@@ -6,6 +6,7 @@ import math
 from typing import Literal
 
 from service.contract import (
+    DEFAULT_NOT_WORSE,
     DatasetRef,
     Gate,
     GateCheck,
@@ -74,7 +75,10 @@ def decide(
                 )
             )
     incomparable = _incomparable(job, eval_dataset, promoted)
-    for metric, better in gate.not_worse_than_promoted.items():
+    compared = gate.not_worse_than_promoted
+    if compared is None:  # a gate outside a policy spec: the job's method's comparison
+        compared = DEFAULT_NOT_WORSE[job.spec.method]
+    for metric, better in compared.items():
         value = present(metric)
         if promoted is None or incomparable:
             note = (

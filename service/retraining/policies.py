@@ -141,8 +141,10 @@ async def put_policy(
             policy = msgspec.structs.replace(
                 old, spec=spec, revision=old.revision + 1, updated_at=now
             )
-            if spec.stream != old.spec.stream:
+            if (spec.stream, spec.rows) != (old.spec.stream, old.spec.rows):
+                # Another stream, or its ratings instead of its pairs: other rows, counted anew.
                 policy.pairs_at_last_run = 0
+                policy.stream_created_at = None
                 policy.holdout = None
             if spec.trigger.cron != old.spec.trigger.cron:
                 policy.cron_after = now

@@ -125,7 +125,8 @@ async def _advance(
         await set_status(store, policy, PolicyStatus(checked_at=now, message="disabled"))
         return []
     total = await feedback.pair_count(store, tenant, policy.spec.stream, policy.spec.rows)
-    new_pairs = total - policy.pairs_at_last_run
+    created = await _stream_created(store, tenant, policy.spec.stream)
+    new_pairs = total - _counted(policy, created)
     fire, why, due = evaluate_trigger(
         policy.spec.trigger,
         new_pairs=new_pairs,
@@ -150,7 +151,9 @@ async def _advance(
         async with UploadSpace.from_settings(settings).slot() as workdir:
             if left is not None:
                 budget[tenant] = left - 1
-            return await _fire(store, pool, blobs, settings, policy, total, why, workdir, now=now)
+            return await _fire(
+                store, pool, blobs, settings, policy, total, created, why, workdir, now=now
+            )
     except SpaceBusy as exc:
         message = f"due ({why}), waiting for temp space to snapshot the stream: {exc}"
         status = PolicyStatus(checked_at=now, message=message, new_pairs=new_pairs)
@@ -165,6 +168,7 @@ async def _fire(
     settings: Settings,
     seen: Policy,
     total: int,
+    created: float | None,
     why: str,
     workdir: Path,
     *,
@@ -184,14 +188,17 @@ async def _fire(
             fired_at=now,
             reason=why,
             pairs_end=total,
-            new_pairs=total - policy.pairs_at_last_run,
+            new_pairs=total - _counted(policy, created),
             job_id=job_id,
         )
+        same = policy.stream_created_at in (None, created)
         return msgspec.structs.replace(
             policy,
             active_run=run_id,
             runs=[run, *policy.runs][:MAX_RUNS],
             pairs_at_last_run=total,
+            stream_created_at=created,
+            holdout=policy.holdout if same else None,
             last_fired_at=now,
             cron_after=now,
         )
@@ -208,6 +215,10 @@ async def _fire(
         eval_dataset, held, drawn = await _eval_set(
             store, blobs, policy, total, limits, workdir, now=now
         )
+        if drawn and held is not None:  # kept at once: a run adopted later is judged on them
+            await update_policy(
+                store, tenant, name, lambda p: msgspec.structs.replace(p, holdout=held)
+            )
         select = await _training_filter(store, tenant, held) if held else None
         train = await feedback.snapshot(
             store,
@@ -252,7 +263,7 @@ async def _fire(
         return [f"policy {name} of {tenant}: run {number} {reason}"]
 
     def started(p: Policy) -> Policy:
-        p = with_run(
+        return with_run(
             p,
             run_id,
             status="queued",
@@ -260,9 +271,6 @@ async def _fire(
             eval_dataset=eval_dataset,
             snapshot_version=train.version,
         )
-        if drawn and held is not None:
-            p = msgspec.structs.replace(p, holdout=held)
-        return p
 
     try:
         await update_policy(store, tenant, name, started)
@@ -272,6 +280,19 @@ async def _fire(
         return []
     await queue.enqueue(pool, job, queue_name=settings.queue_name)
     return [f"policy {name} of {tenant}: fired run {number} ({why}) as job {job_id}"]
+
+
+async def _stream_created(store: Store, tenant: str, stream: str) -> float | None:
+    """When the stream was created; None while it does not exist."""
+    try:
+        return (await feedback.get_stream(store, tenant, stream)).created_at
+    except NotFound:
+        return None
+
+
+def _counted(policy: Policy, created: float | None) -> int:
+    """The stream's rows the policy has already fired on: none of a stream made again since."""
+    return policy.pairs_at_last_run if policy.stream_created_at in (None, created) else 0
 
 
 def _template(policy: Policy) -> JobTemplate:

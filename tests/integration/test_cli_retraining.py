@@ -30,8 +30,14 @@ Cli = Callable[..., Result]
 
 @pytest.fixture
 def api_settings(api_settings: Settings) -> Settings:
-    """The API runs its scheduler, as deployed, and ticks fast."""
-    return replace(api_settings, scheduler_enabled=True, scheduler_interval_seconds=0.2)
+    """The API runs its scheduler, as deployed, and ticks fast; a stream may hold more than
+    one request's worth of bytes (a dataset's limit bounds it)."""
+    return replace(
+        api_settings,
+        scheduler_enabled=True,
+        scheduler_interval_seconds=0.2,
+        max_dataset_bytes=8 * 1024 * 1024,
+    )
 
 
 def ok(result: Result) -> str:

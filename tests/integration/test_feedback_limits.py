@@ -81,7 +81,9 @@ async def test_a_row_past_the_line_limit_is_refused_when_posted(api: Api) -> Non
     assert (stream["events"], stream["pairs"]) == (1, 0)
 
 
-async def test_a_snapshot_past_the_dataset_size_limit_is_a_409(api: Api) -> None:
+async def test_a_stream_holds_at_most_a_datasets_bytes(api: Api) -> None:
+    """Past them a batch is refused (every snapshot would be a 409, and every policy run
+    not_started); a limit lowered later makes the snapshot the 409."""
     limit = api.settings.max_dataset_bytes
     long = "x" * (api.settings.max_line_bytes - 200)
     rows = limit // len(long) + 1
@@ -91,10 +93,15 @@ async def test_a_snapshot_past_the_dataset_size_limit_is_a_409(api: Api) -> None
             resp = await client.post(
                 "/v1/feedback/wide", json={"events": [pair(i, chosen=long)]}, headers=ALICE
             )
-            assert resp.status_code == 200, resp.text
-    resp = await api.client.post("/v1/feedback/wide/snapshot", headers=ALICE)
+            assert resp.status_code == (200 if i < rows - 1 else 409), resp.text
+        assert f"{limit:,} bytes, the operator's FTUNE_MAX_DATASET_BYTES" in resp.text
+        stream = (await client.get("/v1/feedback/wide", headers=ALICE)).json()
+        assert stream["pairs"] == rows - 1 and 0 < stream["pair_bytes"] <= limit
+    lowered = replace(api.settings, max_dataset_bytes=stream["pair_bytes"] - 1)
+    async with AsyncTestClient(create_app(lowered)) as client:
+        resp = await client.post("/v1/feedback/wide/snapshot", headers=ALICE)
     assert resp.status_code == 409, resp.text
-    assert f"{limit:,} bytes" in resp.json()["detail"]
+    assert f"{stream['pair_bytes'] - 1:,} bytes" in resp.json()["detail"]
 
 
 async def test_a_row_past_a_lowered_line_limit_is_a_409_when_snapshot(api: Api) -> None:

@@ -22,7 +22,7 @@ from service import queue
 from service.blobs import BlobStore, open_store
 from service.contract import Artifact, Job, JobError, JobStatus
 from service.datasets.space import UploadSpace
-from service.retraining import policies
+from service.retraining import policies, runs
 from service.retraining.runs import tick
 from service.settings import Settings
 from service.store import Store
@@ -526,3 +526,88 @@ async def test_a_failed_publish_is_recorded(
         "no-such-bucket-ftune" in run["publish_error"] and "does not exist" in run["publish_error"]
     )
     assert policy["promoted"]["run_id"] == run["id"]
+
+
+async def test_a_kto_gate_is_on_a_metric_kto_reports(api: Api) -> None:
+    """TRL's KTO logs no accuracies: by default a kto policy compares eval_loss, and a gate
+    on accuracies (which rejected every run after the first) is refused when saved."""
+    kto = {"base_model": "org/model", "method": "kto", "hyperparameters": {"max_steps": 4}}
+    resp = await put(api, "k", policy_body(template=kto, gate={}))
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["spec"]["gate"]["not_worse_than_promoted"] == {"eval_loss": "lower"}
+    resp = await put(api, "d", policy_body(gate={}))  # dpo keeps comparing accuracies
+    assert resp.json()["spec"]["gate"]["not_worse_than_promoted"] == {ACC: "higher"}
+    resp = await put(api, "k", policy_body(template=kto))  # the body's gate names ACC
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["errors"][0]["loc"] == ["body", "gate", "at_least"]
+    assert "KTO reports no eval_rewards/accuracies" in resp.json()["detail"]
+
+
+async def test_a_template_is_checked_with_the_label_its_runs_add(api: Api) -> None:
+    labels = {f"k{i}": "v" for i in range(32)}  # the most a job has; runs add `policy`
+    template = {"base_model": "org/model", "labels": labels}
+    resp = await put(api, "p", policy_body(template=template))
+    assert resp.status_code == 422, resp.text
+    assert "32" in resp.text
+
+
+async def test_a_stream_made_again_or_other_rows_are_counted_anew(
+    api: Api, loop: Loop, tmp_path: Path
+) -> None:
+    """Deleting the stream, or switching the template between pairs and ratings (kto),
+    gives the policy other rows: all of them new, and held out afresh."""
+    await feed(api, "chat", events(0, 20))
+    assert (await put(api, "p", policy_body(gate={}))).status_code == 200
+    await loop.tick()
+    first = await get(api, "p")
+    run = first["runs"][0]
+    await loop.finish(run["job_id"], metrics={ACC: 0.9})
+    await loop.tick()
+    old_holdout = (await get(api, "p"))["holdout"]["dataset"]["id"]
+
+    assert (await api.client.delete("/v1/feedback/chat", headers=ALICE)).status_code == 204
+    await feed(api, "chat", events(20, 32, prefix="n"))  # 12 pairs: new, past 10
+    await loop.tick()
+    again = await get(api, "p")
+    second = again["runs"][0]
+    assert second["number"] == 2 and second["new_pairs"] == 12, again["status"]
+    assert again["holdout"]["dataset"]["id"] != old_holdout
+    assert again["holdout"]["pairs_end"] == 12
+    trained = blob_rows(api, second["dataset"]["sha256"])
+    held = blob_rows(api, again["holdout"]["dataset"]["sha256"])
+    assert len(trained) + len(held) == 12
+    await loop.finish(second["job_id"], metrics={ACC: 0.9})
+    await loop.tick()
+
+    kto = {"base_model": "org/model", "method": "kto", "hyperparameters": {"max_steps": 4}}
+    assert (await put(api, "p", policy_body(template=kto, gate={}))).status_code == 200
+    switched = await get(api, "p")
+    assert switched["pairs_at_last_run"] == 0 and switched["holdout"] is None
+
+
+async def test_a_run_adopted_after_its_tick_died_keeps_its_held_out_pairs(
+    api: Api, loop: Loop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tick dies after submitting the job: the adopted run is judged, and the next run
+    scored, on the pairs drawn for it (they were kept only once the run was recorded)."""
+    await put(api, "p", policy_body())
+    await feed(api, "chat", events(0, 10))
+    with_run = runs.with_run
+
+    def dies_once_submitted(p: Any, run_id: str, **fields: Any) -> Any:
+        if fields.get("status") == "queued":
+            raise RuntimeError("the scheduler's pod was killed")
+        return with_run(p, run_id, **fields)
+
+    monkeypatch.setattr(runs, "with_run", dies_once_submitted)
+    await loop.tick()
+    monkeypatch.undo()
+    policy = await get(api, "p")
+    assert policy["runs"][0]["status"] == "starting"
+    later = time.time() + policies.FIRE_GRACE_SECONDS + 1
+    [line] = await loop.tick(now=later)
+    assert line.endswith(f"adopted job {policy['runs'][0]['job_id']}")
+    adopted = await get(api, "p")
+    job = (await api.client.get(f"/v1/jobs/{adopted['runs'][0]['job_id']}", headers=ALICE)).json()
+    assert adopted["holdout"] is not None
+    assert adopted["holdout"]["dataset"]["id"] == job["eval_dataset"]["id"]
