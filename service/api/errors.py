@@ -178,7 +178,7 @@ def _invalid_dataset(exc: InvalidDataset) -> Response[Problem]:
     head = exc.reason or (f"the dataset has {exc.total} invalid row{'s' if exc.total != 1 else ''}")
     first = exc.errors[0] if exc.errors else None
     where = ""
-    if first is not None:
+    if first is not None and first.msg != exc.reason:  # not the fault the reason names
         at = f"line {first.line}" if first.line else "the file"
         where = f" (first: {at}" + (f", {first.field}" if first.field else "") + f": {first.msg})"
     return problem(422, head + where, errors=errors, total=exc.total)

@@ -137,16 +137,27 @@ class ErrorTally:
         self.items: list[RowError] = []
         self.total = 0
         self.fatal = False
+        self.fatal_msg: str | None = None
+        """What stopped the pass: the whole file's fault, not one more invalid row."""
 
     def add(self, line: int, field: str | None, msg: str) -> None:
         self.total += 1
         if len(self.items) < self.keep:
             self.items.append(RowError(line=line, field=field, msg=msg))
 
+    def stop(self, line: int, msg: str) -> None:
+        """An error no row after ``line`` can be read past (or the file as a whole: line 0)."""
+        self.add(line, None, msg)
+        self.fatal, self.fatal_msg = True, msg
+
     def verdict(self, *, kept: int, records: int, skip: bool, max_invalid_fraction: float) -> None:
         """Raise InvalidDataset unless the pass may be stored: no fatal error, and invalid rows
         only when skipping them was asked for, within `max_invalid_fraction`, with rows left."""
         invalid = self.total
+        if self.fatal_msg is not None:
+            before = invalid - 1
+            also = f"; {rows(before)} before it {'are' if before > 1 else 'is'} invalid"
+            raise InvalidDataset(self.items, invalid, self.fatal_msg + (also if before else ""))
         if self.fatal or (invalid and not skip):
             raise InvalidDataset(self.items, invalid)
         if invalid and kept == 0:
@@ -225,10 +236,10 @@ class Collector:
         """Count a row; False (and stop) once there are more than the limit."""
         self.records += 1
         if self.records > self.limits.max_rows:
-            self.errors.add(
-                line, None, f"the dataset has more than {self.limits.max_rows} rows (the limit)"
+            self.errors.stop(
+                line, f"the dataset has more than {self.limits.max_rows} rows (the limit)"
             )
-            self.errors.fatal = self.stopped = True
+            self.stopped = True
             return False
         return True
 
@@ -236,8 +247,8 @@ class Collector:
         self.errors.add(line, field, msg)
 
     def fatal(self, line: int, msg: str) -> None:
-        self.errors.add(line, None, msg)
-        self.errors.fatal = self.stopped = True
+        self.errors.stop(line, msg)
+        self.stopped = True
 
     def add_block(self, first: int, lines: list[bytes | None], *, file_start: bool) -> None:
         """A block of JSONL lines, numbered from ``first`` (``file_start``: the first block)."""

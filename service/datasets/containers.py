@@ -99,7 +99,13 @@ class _Counted(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        data = self.inner.read(len(buffer))
+        try:
+            data = self.inner.read(len(buffer))
+        except (OSError, EOFError, zlib.error) as e:  # gzip's own errors, past the sniffed head
+            raise UnsupportedFile(
+                f"the gzip stream breaks off after {self.total:,} decompressed bytes ({e}): "
+                "the file was cut short or damaged; compress it again and upload the whole file"
+            ) from None
         self.total += len(data)
         if self.total > self.limit:
             raise DatasetTooLarge(

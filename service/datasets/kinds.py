@@ -200,8 +200,8 @@ class KindCollector:
         self.held: list[tuple[int, dict[str, Any]]] = []
 
     def fatal(self, line: int, msg: str) -> None:
-        self.errors.add(line, None, msg)
-        self.errors.fatal = self.stopped = True
+        self.errors.stop(line, msg)
+        self.stopped = True
 
     def add_block(self, first: int, lines: list[bytes | None], *, file_start: bool) -> None:
         for i, raw in enumerate(lines):

@@ -143,10 +143,18 @@ async def test_bad_rows_answer_422_with_line_and_store_nothing(
 
 
 async def test_empty_file_is_422(api: Api) -> None:
-    resp = await upload(api, b"")
-    assert resp.status_code == 422
-    assert "no rows" in resp.json()["detail"] + json.dumps(resp.json()["errors"])
+    for body in (b"", b"\n\n  \n"):
+        resp = await upload(api, body)
+        assert resp.status_code == 422
+        assert resp.json()["detail"] == "the dataset has no rows"  # not "1 invalid row"
     assert stored_nothing(api)
+    # A file that breaks off says so, with the rows invalid before it.
+    broken = b'[{"prompt": "p", "chosen": "c"}, {"prompt": "q", '
+    resp = await upload(api, broken, {"Content-Type": "application/json"})
+    assert resp.status_code == 422
+    detail = resp.json()["detail"]
+    assert detail.startswith("the JSON array is malformed after row 1"), detail
+    assert "; 1 row before it is invalid (first: line 1, rejected:" in detail
 
 
 async def test_errors_are_capped_at_100_with_total(api: Api) -> None:

@@ -102,6 +102,13 @@ def test_gzip_is_limited_decompressed_and_must_be_gzip(tmp_path: Path) -> None:
     fake = write(tmp_path, "fake.gz", b"\x1f\x8b" + b"not really gzip" * 10)
     with pytest.raises(UnsupportedFile, match="looks gzip-compressed but is not"):
         ingest(fake)
+    # Cut short or damaged past the first 64 KiB sniffed: one clear refusal, not a crash.
+    whole = gzip.compress(CANONICAL * 3000)
+    damaged = bytearray(whole)
+    damaged[len(whole) // 2] ^= 0xFF
+    for name, data in (("cut.jsonl.gz", whole[: len(whole) * 2 // 3]), ("bad.gz", damaged)):
+        with pytest.raises(UnsupportedFile, match="the gzip stream breaks off after"):
+            ingest(write(tmp_path, name, bytes(data)))
 
 
 def test_csv_cells_quoted_across_lines_and_ragged_rows(tmp_path: Path) -> None:

@@ -124,3 +124,17 @@ def test_a_conversational_row_in_a_later_range_falls_back_to_one_pass(
     expected, expected_bytes = one_pass(path)
     assert (result, out.getvalue()) == (expected, expected_bytes)
     assert result.format == "conversational"
+
+
+def test_row_hashes_spread_over_the_duplicate_tables_slots() -> None:
+    """The table takes a row's slot from its hash's low bits: for templated rows ("What is
+    a + b?") those must still spread, or counting duplicates degrades to a crawl (adler32
+    there put 100,000 such rows in 806 of 65,536 slots, and a 70 MB file took minutes)."""
+    rng = random.Random(1)
+    rows = []
+    for _ in range(100_000):
+        a, b = rng.randint(0, 9999), rng.randint(0, 9999)
+        row = {"prompt": f"What is {a} + {b}?", "chosen": f"{a + b}.", "rejected": f"{a - b}."}
+        rows.append(msgspec.json.encode(row))
+    slots = {parallel.stable_hash(row) & 0xFFFF for row in rows}
+    assert len(slots) > 45_000  # uniform hashing fills about 51,000
