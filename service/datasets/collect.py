@@ -172,6 +172,23 @@ class ErrorTally:
             )
 
 
+def made_conversational(standard_rows: int, converted: Tally) -> list[DatasetWarning]:
+    """The warning, if any, that text rows (the first ``standard_rows``, and ``converted``
+    after them) became conversations to match rows with system messages or turns."""
+    count = standard_rows + converted.count
+    if not count:
+        return []
+    return [
+        DatasetWarning(
+            kind="made_conversational",
+            msg=f"{rows(count)} with a text prompt became conversations (one user message, one "
+            "answer) to match the rows with system messages or turns",
+            count=count,
+            lines=sorted(converted.lines)[:WARNING_LINES],
+        )
+    ]
+
+
 class Collector:
     """The state of one validation: counters, the first errors, the output.
 
@@ -470,18 +487,8 @@ class Collector:
         )
         if self.standard_rows:
             self.output.rewrite_as_conversations(self.standard_rows)
-        if self.fmt == "conversational" and (self.standard_rows or self.converted.count):
-            count = self.standard_rows + self.converted.count
-            lines = sorted(self.converted.lines)[:WARNING_LINES]
-            warnings.append(
-                DatasetWarning(
-                    kind="made_conversational",
-                    msg=f"{rows(count)} with a text prompt became conversations (one user "
-                    "message, one answer) to match the rows with system messages or turns",
-                    count=count,
-                    lines=lines,
-                )
-            )
+        if self.fmt == "conversational":
+            warnings += made_conversational(self.standard_rows, self.converted)
         return IngestResult(
             rows=self.output.rows,
             bytes=self.output.written,

@@ -41,7 +41,10 @@ ACCEPTED_TYPES = (
 SNIFF_BYTES = 64 * 1024
 _BLOCK = 1 << 20
 _BOM = b"\xef\xbb\xbf"
-_CSV_HEADER = re.compile(r"^[\ufeff]?[\w .-]{1,64}([,\t;][\w .-]{1,64})+\r?$")
+_CSV_NAME = r'(?:"[^"\r\n]{1,64}"|[^",\t;{}\[\]\r\n]{1,64})'
+_CSV_HEADER = re.compile(rf"^[\ufeff]?{_CSV_NAME}(?:[,\t;]{_CSV_NAME})+\r?$")
+"""A header row: names (quoted, as R's write.csv and QUOTE_ALL write them, or bare, with any
+punctuation but JSON's brackets) and a separator between them."""
 
 
 _SOURCE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -169,9 +172,10 @@ def _not_utf8(head: bytes) -> str | None:
     if not bad or len(bad) * 2 < len(lines):
         return None
     sample = b"\n".join(lines[:50])
+    fits = []
     for encoding, label in (
-        ("big5", "Big5 (Traditional Chinese)"),
         ("gb18030", "GBK/GB18030 (Simplified Chinese)"),
+        ("big5", "Big5 (Traditional Chinese)"),
         ("shift_jis", "Shift JIS (Japanese)"),
         ("euc_kr", "EUC-KR (Korean)"),
         ("cp1252", "Windows-1252/Latin-1"),
@@ -180,10 +184,20 @@ def _not_utf8(head: bytes) -> str | None:
             sample.decode(encoding)
         except UnicodeDecodeError:
             continue
+        fits.append((encoding.upper(), label))
+    if len(fits) > 1:  # Windows-1252 decodes nearly every byte: a CJK reading is likelier
+        fits = [fit for fit in fits if fit[0] != "CP1252"]
+    if len(fits) == 1:
         guess = (
-            f"it reads as {label}: convert it, e.g. iconv -f {encoding.upper()} -t UTF-8 in > out"
+            f"it reads as {fits[0][1]}: convert it, e.g. iconv -f {fits[0][0]} -t UTF-8 in > out"
         )
-        break
+    elif fits:
+        # Several legacy encodings decode most CJK bytes: naming one would be a guess.
+        names = ", ".join(label for _, label in fits[:-1]) + f" or {fits[-1][1]}"
+        guess = (
+            f"it reads as {names}: find out which (e.g. file -i, or Python's charset_normalizer) "
+            f"and convert it, e.g. iconv -f {fits[0][0]} -t UTF-8 in > out"
+        )
     else:
         guess = "convert it to UTF-8"
     where = f"line {bad[0] + 1}"

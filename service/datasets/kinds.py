@@ -30,7 +30,13 @@ from service.contract import (
     OnInvalid,
 )
 from service.datasets.canonical import decode_error
-from service.datasets.collect import MAX_COLUMNS, ErrorTally, IngestResult, Limits
+from service.datasets.collect import (
+    MAX_COLUMNS,
+    ErrorTally,
+    IngestResult,
+    Limits,
+    made_conversational,
+)
 from service.datasets.layouts import SYSTEM_COLUMNS
 from service.datasets.messages import (
     Msg,
@@ -44,7 +50,14 @@ from service.datasets.messages import (
     text,
 )
 from service.datasets.output import Output, Sink
-from service.datasets.stats import HashSet, Lengths, Tally, column_warnings, row_warnings
+from service.datasets.stats import (
+    WARNING_LINES,
+    HashSet,
+    Lengths,
+    Tally,
+    column_warnings,
+    row_warnings,
+)
 
 _PREFERENCE_KEYS = frozenset(
     ("chosen", "rejected", "preferred_output", "non_preferred_output", "chosen_response")
@@ -85,10 +98,7 @@ def normalize(obj: object, kind_: DatasetKind, mapping: FieldMapping | None) -> 
         # A row with a system column is a conversation, even where the column is blank: a
         # file's rows must all be texts or all conversations.
         if isinstance(row["prompt"], str):
-            row = {
-                "prompt": [{"role": "user", "content": row["prompt"]}],
-                "completion": [{"role": "assistant", "content": row["completion"]}],
-            }
+            row = as_conversation(row)
         if not blank(obj[system_field]) and row["prompt"][0]["role"] != "system":
             system = {"role": "system", "content": text(obj[system_field], system_field)}
             row["prompt"] = [system, *row["prompt"]]
@@ -163,6 +173,15 @@ def _label(value: object, field: str) -> bool:
     raise RowInvalid(field, f"expected true or false, got {kind(value)} {value!r}")
 
 
+def as_conversation(row: dict[str, Any]) -> dict[str, Any]:
+    """A text row as the conversation it stands for: one user message, one answer."""
+    return {
+        **row,
+        "prompt": [{"role": "user", "content": row["prompt"]}],
+        "completion": [{"role": "assistant", "content": row["completion"]}],
+    }
+
+
 def _chars(msgs: list[Msg]) -> int:
     return sum(len(m["content"]) for m in msgs)
 
@@ -198,6 +217,9 @@ class KindCollector:
         self.desirable = 0
         self.stopped = False
         self.held: list[tuple[int, dict[str, Any]]] = []
+        self.standard_rows = 0
+        """Text rows written before the first conversation, rewritten as ones at the end."""
+        self.converted = Tally()
 
     def fatal(self, line: int, msg: str) -> None:
         self.errors.stop(line, msg)
@@ -248,12 +270,20 @@ class KindCollector:
         if self.fmt is None:
             self.fmt = fmt
         elif fmt != self.fmt:
-            self.errors.add(
-                line,
-                "prompt",
-                f"a {fmt} row in a {self.fmt} dataset: give every row texts, or every row messages",
-            )
-            return
+            # Texts and conversations in one file (a system column in some rows only): the
+            # dataset is a conversation, and a text row reads as one user turn and one answer.
+            if fmt == "standard":
+                row = as_conversation(row)
+                self.converted.add(line)
+            else:
+                self._drain()
+                self.fmt, self.standard_rows = "conversational", self.output.rows
+        if (
+            fmt == "standard"
+            and self.fmt == "standard"
+            and len(self.converted.lines) < WARNING_LINES
+        ):
+            self.converted.lines.append(line)  # the first text rows, in case they turn
         for name in obj:
             if name not in self.used and not blank(obj[name]) and len(self.ignored) < MAX_COLUMNS:
                 self.ignored.setdefault(name, Tally()).add(line)
@@ -295,6 +325,13 @@ class KindCollector:
         warnings = row_warnings(
             self.duplicate, self.seen, self.long_row, Tally(), self.limits.long_row_chars
         )
+        if self.standard_rows:
+            decode, encode = msgspec.json.decode, self.encode
+            self.output.rewrite_as_conversations(
+                self.standard_rows, lambda line: encode(as_conversation(decode(line)))
+            )
+        if self.fmt == "conversational":
+            warnings += made_conversational(self.standard_rows, self.converted)
         warnings += column_warnings(self.ignored, mapped=self.mapping is not None)
         if self.kind == "unpaired" and self.desirable in (0, self.output.rows):
             side = "true" if self.desirable else "false"

@@ -350,6 +350,19 @@ def _mapped(obj: dict[str, Any], m: FieldMapping) -> Normalized:
     if pf in obj:
         row, _ = _with_prompt(obj, pf, cf, rf, m.system_field, m.history_field, used)
         prompt = pf
+    elif pf != DEFAULT_MAPPING.prompt_field:  # named, so meant to be there
+        raise _missing(
+            pf,
+            obj,
+            " (prompt_field); leave prompt_field out if chosen and rejected "
+            "hold the prompt themselves",
+        )
+    elif m.history_field is not None:
+        raise RowInvalid(
+            m.history_field,
+            "history_field needs a prompt column: rows whose prompt is inside chosen and "
+            "rejected hold their earlier turns there too",
+        )
     else:
         row, _, prompt = _without_prompt(obj, cf, rf, m.system_field, used, mapped=True)
     mapping = _describe(prompt, cf, rf, m.system_field, m.history_field)

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from collections import deque
+from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
@@ -89,17 +90,25 @@ class Output:
         self.flush()
         self.rows += rows
 
-    def rewrite_as_conversations(self, first_rows: int) -> None:
+    def rewrite_as_conversations(
+        self, first_rows: int, convert: Callable[[bytes], bytes] | None = None
+    ) -> None:
         """Rewrite the first ``first_rows`` rows of ``dst`` (standard ones) as the
-        conversations they stand for, digest and size with them."""
+        conversations they stand for (``convert``: one encoded row to another; preference
+        rows by default), digest and size with them."""
         self.flush()
-        decode = msgspec.json.Decoder(Row).decode
-        encode = msgspec.json.Encoder().encode
+        if convert is None:
+            decode = msgspec.json.Decoder(Row).decode
+            encode = msgspec.json.Encoder().encode
+
+            def convert(line: bytes) -> bytes:
+                return encode(as_conversation(decode(line)))
+
         self.sha, self.written = hashlib.sha256(), 0
         with reread(self.dst) as src:
             for i, line in enumerate(src):
                 if i < first_rows:
-                    line = encode(as_conversation(decode(line))) + b"\n"
+                    line = convert(line) + b"\n"
                 self._add(line)
         self.flush()
 

@@ -328,11 +328,25 @@ async def test_a_json_array_counts_invalid_rows_not_lines(api: Api) -> None:
             ),
             "Big5",
         ),
+        (  # GBK: Big5 decodes it too, so both are named (naming Big5 alone gave mojibake)
+            "\n".join(
+                ['{"prompt": "头疼怎么办", "chosen": "多休息", "rejected": "没事"}'] * 3
+            ).encode("gbk"),
+            "it reads as GBK/GB18030 (Simplified Chinese), Big5",
+        ),
+        (
+            b'"prompt","chosen","rejected","source/url"\n"Hi","Hello","Go away","x"\n',
+            "",  # a quoted header is CSV: read, not refused (checked below)
+        ),
     ],
-    ids=["utf-16", "zip", "pickle", "big5"],
+    ids=["utf-16", "zip", "pickle", "big5", "gbk", "quoted-csv"],
 )
 async def test_files_that_are_not_rows_get_one_415(api: Api, body: bytes, found: str) -> None:
     resp = await upload(api, body, {"Content-Type": "application/octet-stream"})
+    if not found:
+        assert resp.status_code == 201, resp.text
+        assert resp.json()["container"] == "csv" and resp.json()["rows"] == 1
+        return
     assert resp.status_code == 415, resp.text
     assert found in resp.json()["detail"] and "errors" not in resp.json()
     assert "text/csv" in resp.headers["accept-post"]

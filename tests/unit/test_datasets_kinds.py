@@ -25,16 +25,33 @@ def validate(
     return result, [json.loads(line) for line in out.getvalue().splitlines()]
 
 
-def test_text_and_chat_rows_do_not_mix(tmp_path: Path) -> None:
+def test_text_rows_among_chats_become_chats_in_either_order(tmp_path: Path) -> None:
+    """As preference files do: a system column in some rows only (or chats after texts)
+    makes the dataset conversational, each text row one user turn and one answer, said in a
+    warning (it was refused: "give every row texts, or every row messages")."""
     rows = [
-        {"prompt": "q", "completion": "a"},
-        {"prompt": [{"role": "user", "content": "q"}], "completion": "a"},
+        {"prompt": "Hi", "completion": "Hello", "label": True},
+        {"system": "Be brief.", "prompt": "Hi2", "completion": "Hello2", "label": False},
+        {"prompt": "Hi3", "completion": "Hello3", "label": True},
     ]
-    with pytest.raises(InvalidDataset) as refused:
-        validate(tmp_path, rows)
-    (error,) = refused.value.errors
-    assert (error.line, error.field) == (2, "prompt")
-    assert "every row texts, or every row messages" in error.msg
+    result, out = validate(tmp_path, rows)
+    assert (result.kind, result.format, result.rows) == ("unpaired", "conversational", 3)
+    assert out[0] == {
+        "prompt": [{"role": "user", "content": "Hi"}],
+        "completion": [{"role": "assistant", "content": "Hello"}],
+        "label": True,
+    }
+    assert out[1]["prompt"][0] == {"role": "system", "content": "Be brief."}
+    assert out[2]["completion"] == [{"role": "assistant", "content": "Hello3"}]
+    [warning] = result.warnings
+    assert (warning.kind, warning.count, warning.lines) == ("made_conversational", 2, [1, 3])
+    chats_first = [{"prompt": [{"role": "user", "content": "q"}], "completion": "a"}, rows[0]]
+    result, out = validate(
+        tmp_path, [{k: v for k, v in r.items() if k != "label"} for r in chats_first]
+    )
+    assert result.format == "conversational" and out[1]["prompt"] == [
+        {"role": "user", "content": "Hi"}
+    ]
 
 
 def test_csv_labels_and_a_system_column(tmp_path: Path) -> None:

@@ -458,6 +458,33 @@ def test_a_mapping_takes_system_and_history_columns(tmp_path: Path) -> None:
     assert warning.msg.startswith("column 'context' holds text in 1 row but the mapping")
 
 
+def test_a_mapping_names_a_missing_prompt_column_and_history_without_a_prompt(
+    tmp_path: Path,
+) -> None:
+    """A prompt_field the rows lack is that field missing (it read as an implicit prompt and
+    blamed chosen); a history_field with the prompt inside chosen and rejected is refused,
+    not dropped while the record claimed it."""
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"question": "2+2?", "good": "4", "bad": "5", "turns": []}) + "\n")
+    cases = [
+        (
+            FieldMapping(prompt_field="q", chosen_field="good", rejected_field="bad"),
+            "q",
+            "missing field 'q' (the row has: 'question', 'good', 'bad', 'turns')",
+        ),
+        (
+            FieldMapping(chosen_field="good", rejected_field="bad", history_field="turns"),
+            "turns",
+            "history_field needs a prompt column",
+        ),
+    ]
+    for mapping, field, words in cases:
+        with pytest.raises(InvalidDataset) as refused:
+            ingest(path, mapping=mapping)
+        [error] = refused.value.errors
+        assert error.field == field and error.msg.startswith(words), error
+
+
 def test_a_mapping_without_system_field_warns_about_the_system_column() -> None:
     mapping = FieldMapping(prompt_field="question")
     result, rows, _ = ingest(FIXTURES / "axolotl_intel.jsonl", mapping=mapping)
