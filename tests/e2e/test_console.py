@@ -164,6 +164,58 @@ def test_a_wrong_key_shows_the_sign_in_page_with_an_error(
     assert tab.errors == []  # no script error, no CSP violation, no missing file
 
 
+def test_chat_and_rating_datasets_preview_their_own_columns_on_a_phone(
+    live_api: LiveServer, console_for: Any
+) -> None:
+    """An sft or kto dataset's page shows its completions (and labels): the preview read
+    chosen/rejected of every row and the page broke. Long unbroken text wraps on a phone.
+    The skip link moves the focus and leaves the page as it is."""
+    long = "https://example.org/" + "x" * 220
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Q{i}?"},
+                {"role": "assistant", "content": long},
+            ]
+        }
+        for i in range(3)
+    ]
+    ratings = [{"prompt": f"P{i}", "completion": f"C{i}", "label": i % 2 == 0} for i in range(4)]
+    ids = []
+    for name, rows in (("chats", chats), ("ratings", ratings)):
+        resp = httpx.post(
+            f"{live_api.url}/v1/datasets",
+            params={"name": name},
+            content="".join(json.dumps(r) + "\n" for r in rows),
+            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/x-ndjson"},
+            timeout=30,
+        )
+        assert resp.status_code == 201, resp.text
+        ids.append(resp.json()["id"])
+    tab = console_for(live_api.url)
+    tab.page.set_viewport_size({"width": 390, "height": 800})
+    tab.open("#/jobs")
+    tab.sign_in(KEY)
+    tab.open(f"#/datasets/{ids[0]}")
+    expect(tab.page.locator("th", has_text="Completion")).to_be_visible()
+    completions = tab.page.locator("td pre.cell", has_text="assistant: https://example.org/")
+    expect(completions).to_have_count(3)
+    assert tab.page.evaluate("document.documentElement.scrollWidth") <= 390
+    tab.open(f"#/datasets/{ids[1]}")
+    expect(tab.page.locator("th", has_text="Label")).to_be_visible()
+    expect(tab.page.locator("td pre.cell", has_text="true (good)")).to_have_count(2)
+    tab.page.focus("a.skip")  # the first stop of a keyboard user coming to the page
+    tab.page.keyboard.press("Enter")
+    expect(tab.page.locator("#page h1")).to_have_text("ratings")
+    assert tab.page.url.endswith(f"#/datasets/{ids[1]}")
+    assert tab.page.evaluate("document.activeElement.id") == "main"
+    # Chart values as a person reads them: a learning rate of 5e-6 read "0" on its axis.
+    values = "[5e-6, -3.75e-6, 0.693147, 0, 12345.6]"
+    shown = f"import('/ui/js/charts.js').then((m) => {values}.map(m.number))"
+    assert tab.page.evaluate(shown) == ["5.00e-6", "-3.75e-6", "0.6931", "0", "12350"]
+    assert tab.errors == []
+
+
 def test_a_dropped_event_stream_resumes_after_the_last_event(
     live_api: LiveServer, console_for: Any
 ) -> None:
@@ -193,6 +245,9 @@ def test_a_dropped_event_stream_resumes_after_the_last_event(
         asked.append(route.request.headers.get("last-event-id"))
         if len(asked) == 1:  # the connection ends after one event, the job still queued
             route.fulfill(status=200, content_type="text/event-stream", body=first)
+        elif len(asked) == 2:  # then the tenant is at its open streams for a moment
+            headers = {"Retry-After": "1"}
+            route.fulfill(status=429, content_type="application/problem+json", headers=headers)
         else:
             route.continue_()
 
@@ -200,9 +255,10 @@ def test_a_dropped_event_stream_resumes_after_the_last_event(
     tab.open(f"#/jobs/{job_id}")
     tab.sign_in(KEY)
     expect(tab.page.locator(".log")).to_contain_text("[status] queued")
-    tab.wait_for(lambda: len(asked) >= 2)
+    expect(tab.page.locator(".stream-state")).to_contain_text("429")  # said, and retried
+    tab.wait_for(lambda: len(asked) >= 3)
     expect(tab.page.locator(".stream-state")).to_have_text("live")
-    assert asked[:2] == [None, sent_id]  # resumed right after the last event it had
+    assert asked[:3] == [None, sent_id, sent_id]  # resumed right after the last event it had
     tab.page.wait_for_timeout(500)
     assert tab.page.locator(".log").inner_text().count("[status] queued") == 1  # not replayed
     assert tab.errors == []

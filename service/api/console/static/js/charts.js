@@ -5,6 +5,14 @@
 import uPlot from "../vendor/uplot/uPlot.esm.js";
 import { h } from "./dom.js";
 
+/** A metric for a person: learning rates (5e-6) and small rewards in scientific notation,
+ * the rest to 4 significant digits (uPlot's default of 3 decimals showed them all as 0). */
+export function number(v) {
+  if (v === null || v === undefined || Number.isNaN(v)) return "—";
+  if (v !== 0 && Math.abs(v) < 1e-3) return v.toExponential(2);
+  return String(Number(v.toPrecision(4)));
+}
+
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563", "#ca8a04"];
 const SMOOTHING = 0.6; // TensorBoard's default weight for its exponential moving average
 
@@ -106,7 +114,7 @@ export class Charts {
           width: this.width(),
           height: 220,
           scales: { x: { time: false } },
-          axes: [{ label: "step" }, {}],
+          axes: [{ label: "step" }, { values: (u, splits) => splits.map(number), size: 72 }],
           series: [
             { label: "step" },
             ...series.map((name, i) => ({
@@ -116,6 +124,7 @@ export class Charts {
               dash: name.startsWith("eval_") ? [6, 4] : undefined,
               points: { show: name.startsWith("eval_") },
               spanGaps: true,
+              value: (u, v) => number(v),
             })),
           ],
         },

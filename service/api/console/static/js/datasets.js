@@ -7,9 +7,18 @@ import { bytes, clear, dl, field, h, problem, table, when } from "./dom.js";
 const PREVIEW_ROWS = 10;
 
 function text(value) {
+  if (value === undefined || value === null) return "";
   if (typeof value === "string") return value;
+  if (typeof value === "boolean") return value ? "true (good)" : "false (bad)";
   return value.map((m) => `${m.role}: ${m.content}`).join("\n");
 }
+
+// The preview's columns for each kind of dataset (what training sees of its rows).
+const COLUMNS = {
+  preference: [["Prompt", "prompt"], ["Chosen", "chosen"], ["Rejected", "rejected"]],
+  sft: [["Prompt", "prompt"], ["Completion", "completion"]],
+  unpaired: [["Prompt", "prompt"], ["Completion", "completion"], ["Label", "label"]],
+};
 
 function uploader(onDone) {
   const name = h("input", { name: "name", value: "dataset", required: true, maxlength: 128 });
@@ -80,8 +89,20 @@ export async function datasetsPage(page) {
   document.title = "Datasets · ftune";
   const rows = [];
 
+  const failed = h("div", { class: "error", role: "alert", hidden: true });
+  more.after(failed);
+
   async function load(next) {
-    const found = await api("/datasets", { query: { limit: 20, cursor: next ? cursors.at(-1) : null } });
+    let found;
+    try {
+      found = await api("/datasets", { query: { limit: 20, cursor: next ? cursors.at(-1) : null } });
+    } catch (err) {
+      if (!next) throw err; // the page itself could not load: the router shows why
+      failed.hidden = false;
+      failed.textContent = `Could not load more datasets: ${err.message}`;
+      return;
+    }
+    failed.hidden = true;
     rows.push(...found.items.map(datasetRow));
     cursors.push(found.next_cursor);
     more.hidden = !found.next_cursor;
@@ -96,6 +117,7 @@ export async function datasetPage(page, id) {
   const ds = await api(`/datasets/${encodeURIComponent(id)}`);
   document.title = `${ds.name} · ftune`;
   const preview = await api(`/datasets/${encodeURIComponent(id)}/rows`, { query: { limit: PREVIEW_ROWS } });
+  const columns = COLUMNS[ds.kind] || COLUMNS.preference;
   const stats = ds.stats
     ? Object.entries(ds.stats)
         .filter(([, v]) => v !== null && !(typeof v === "object" && Object.keys(v).length === 0))
@@ -121,8 +143,8 @@ export async function datasetPage(page, id) {
     ds.skipped?.length ? [h("h2", {}, "Skipped rows"), h("ul", { class: "problems" }, ds.skipped.map((p) => h("li", {}, h("strong", {}, `line ${p.line}${p.field ? ` (${p.field})` : ""}: `), p.msg)))] : null,
     h("h2", {}, `Preview: the first ${preview.rows.length} rows as training sees them`),
     table(
-      ["#", "Prompt", "Chosen", "Rejected"],
-      preview.rows.map((r, i) => h("tr", {}, h("td", {}, String(i + 1)), ...[r.prompt, r.chosen, r.rejected].map((v) => h("td", {}, h("pre", { class: "cell" }, text(v)))))),
+      ["#", ...columns.map(([title]) => title)],
+      preview.rows.map((r, i) => h("tr", {}, h("td", {}, String(i + 1)), ...columns.map(([, key]) => h("td", {}, h("pre", { class: "cell" }, text(r[key])))))),
     ),
   );
 }

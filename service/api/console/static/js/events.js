@@ -18,6 +18,13 @@ export function follow(jobId, onEvent, onState = () => {}) {
 
   async function once() {
     const resp = await stream(`/jobs/${encodeURIComponent(jobId)}/events`, { lastEventId: lastId, signal: ctrl.signal });
+    if (resp.status === 429) {
+      // The tenant's open streams or request rate: it frees up, so wait as told and retry.
+      const wait = Math.max(1, Number(resp.headers.get("Retry-After")) || 5);
+      onState(`too many streams or requests for now (429); retrying in ${wait} s`);
+      await sleep(wait * 1000);
+      return;
+    }
     if (resp.status >= 400 && resp.status < 500) {
       ended = refused = true;
       onState(`the stream was refused (${resp.status})`);

@@ -38,25 +38,41 @@ function showSignIn(message) {
   $("api-key").focus();
 }
 
+// Navigations in turn: a page whose data came after the user had moved on drew over the newer
+// page, so it is left (its streams stopped) and the current one drawn again.
+let navigation = 0;
+let drawn = 0;
+
 async function route() {
   if (!session.key()) return showSignIn();
   leave();
   leave = () => {};
   const hash = location.hash || "#/jobs";
+  const mine = ++navigation;
   for (const [pattern, render] of ROUTES) {
     const m = hash.match(pattern);
     if (m) {
       markNav(hash);
       clear(page, h("p", { class: "muted" }, "Loading…"));
+      let left = () => {};
       try {
-        leave = (await render(m)) || (() => {});
+        left = (await render(m)) || (() => {});
       } catch (err) {
-        if (err.status !== 401) clear(page, h("div", { class: "error", role: "alert" }, err.message));
+        if (mine === navigation && err.status !== 401) clear(page, h("div", { class: "error", role: "alert" }, err.message));
       }
+      if (mine !== navigation) {
+        left();
+        if (drawn === navigation) route(); // the newer page was drawn before this one: again
+        return;
+      }
+      leave = left;
+      drawn = mine;
       $("main").focus({ preventScroll: true });
       return;
     }
   }
+  drawn = mine;
+  document.title = "Not found · ftune";
   clear(page, h("h1", {}, "Not found"), h("p", {}, h("a", { href: "#/jobs" }, "Back to jobs")));
 }
 
@@ -92,6 +108,11 @@ $("sign-in-form").addEventListener("submit", (event) => {
   if (key) signIn(key);
 });
 $("sign-out").addEventListener("click", () => showSignIn());
+// The skip link moves the focus, not the route (a "#main" hash read as a page: "Not found").
+document.querySelector("a.skip").addEventListener("click", (event) => {
+  event.preventDefault();
+  $("main").focus();
+});
 window.addEventListener("hashchange", () => {
   if (session.caller) route();
 });

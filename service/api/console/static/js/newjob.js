@@ -180,7 +180,13 @@ export async function newJobPage(page, params) {
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const spec = await update();
-    if (!spec) return;
+    if (!spec) {
+      // Nothing was sent: say why here, not under an answer to an earlier submit.
+      clear(result, h("div", { class: "error", role: "alert" }, preview.textContent));
+      inputs.extra.focus();
+      return;
+    }
+    clear(result);
     try {
       const job = await api("/jobs", { method: "POST", json: spec });
       location.hash = `#/jobs/${job.id}`;
