@@ -25,6 +25,11 @@ _RATING_FIELDS = FieldMapping(
 
 _EDIT_FIELDS = FieldMapping(prompt_field="prompt", chosen_field="edited", rejected_field="response")
 
+# A `system` field makes the prompt a conversation that starts with it, as a pair's does: a
+# rating under one system prompt is never paired with one under another.
+_RATING_SYSTEM = msgspec.structs.replace(_RATING_FIELDS, system_field="system")
+_EDIT_SYSTEM = msgspec.structs.replace(_EDIT_FIELDS, system_field="system")
+
 
 class InvalidFeedback(Exception):
     """The batch was refused: the first errors (in batch order) and how many there were."""
@@ -131,9 +136,10 @@ def _parse_one(obj: object, index: int) -> ParsedEvent:
     if kind == "pair":
         row, _ = normalize_row(obj)
         return ParsedEvent(index=index, id=event_id, kind=kind, format=row_format(row), row=row)
+    system = {"system": obj["system"]} if "system" in obj else {}
     if kind == "edit":
         _need(obj, "prompt", "response")
-        row, _ = normalize_row(obj, mapping=_EDIT_FIELDS)
+        row, _ = normalize_row(obj, mapping=_EDIT_FIELDS if not system else _EDIT_SYSTEM)
         return ParsedEvent(index=index, id=event_id, kind=kind, format=row_format(row), row=row)
     _need(obj, "prompt", "response")
     rating = obj["rating"]
@@ -144,8 +150,8 @@ def _parse_one(obj: object, index: int) -> ParsedEvent:
         [{"role": "assistant", "content": _STAND_IN}] if isinstance(response, list) else _STAND_IN
     )
     checked, _ = normalize_row(
-        {"prompt": obj["prompt"], "response": response, _STAND_IN: stand_in},
-        mapping=_RATING_FIELDS,
+        {"prompt": obj["prompt"], "response": response, _STAND_IN: stand_in, **system},
+        mapping=_RATING_FIELDS if not system else _RATING_SYSTEM,
     )
     return ParsedEvent(
         index=index,

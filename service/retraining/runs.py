@@ -13,6 +13,7 @@ from pathlib import Path
 import anyio.to_thread
 import msgspec
 from arq.connections import ArqRedis
+from redis.exceptions import LockError
 
 from service import queue, tenants
 from service.blobs import BlobStore
@@ -54,11 +55,14 @@ from service.retraining.policies import (
 )
 from service.retraining.triggers import evaluate_trigger
 from service.settings import Settings
-from service.store import Conflict, NotFound, Store, new_id
+from service.store import Conflict, NotFound, P, Store, new_id
 
 _encoder = msgspec.json.Encoder()
 
 log = logging.getLogger("ftune.policies")
+PUBLISH_LOCK_SECONDS = 3600
+"""How long a tick holds a run while it decides and publishes it (a merged model's upload may
+take long); a tick that died lets it lapse, and a later one decides the run then."""
 _member_decoder = msgspec.json.Decoder(tuple[str, str])
 
 Publisher = Callable[[Job, Destination, BlobStore, Settings], list[str]]
@@ -180,7 +184,13 @@ async def _fire(
     number = (seen.runs[0].number if seen.runs else 0) + 1
 
     def claim(policy: Policy) -> Policy:
-        if policy.active_run is not None or policy.revision != seen.revision:
+        # Another tick may have fired (and even closed) a run since `seen` was read.
+        fired = policy.runs[0].id if policy.runs else None
+        if (
+            policy.active_run is not None
+            or policy.revision != seen.revision
+            or fired != (seen.runs[0].id if seen.runs else None)
+        ):
             raise Conflict("the policy changed while it was evaluated")
         run = PolicyRun(
             id=run_id,
@@ -438,6 +448,33 @@ async def _follow(
         )
         return []
 
+    # One tick decides (and publishes) a run: another one overlapping it (a leader that lost
+    # its lock mid-pass) waits its turn, then finds the run closed.
+    lock = store.redis.lock(f"{P}lock:run:{run.id}", timeout=PUBLISH_LOCK_SECONDS)
+    if not await lock.acquire(blocking=False):
+        return []
+    try:
+        current = await get_policy(store, tenant, name)
+        if current.active_run != run.id:
+            return []
+        return await _decide(store, blobs, settings, current, run, job, now, publisher, label)
+    finally:
+        with contextlib.suppress(LockError):
+            await lock.release()
+
+
+async def _decide(
+    store: Store,
+    blobs: BlobStore,
+    settings: Settings,
+    policy: Policy,
+    run: PolicyRun,
+    job: Job,
+    now: float,
+    publisher: Publisher,
+    label: str,
+) -> list[str]:
+    tenant, name = policy.tenant, policy.name
     decision = decide(policy.spec.gate, job, run.eval_dataset, policy.promoted)
     published: list[str] = []
     publish_error = None

@@ -611,3 +611,56 @@ async def test_a_run_adopted_after_its_tick_died_keeps_its_held_out_pairs(
     job = (await api.client.get(f"/v1/jobs/{adopted['runs'][0]['job_id']}", headers=ALICE)).json()
     assert adopted["holdout"] is not None
     assert adopted["holdout"]["dataset"]["id"] == job["eval_dataset"]["id"]
+
+
+async def test_a_tick_that_read_the_policy_before_another_fired_does_not_fire_again(
+    api: Api, loop: Loop, tmp_path: Path
+) -> None:
+    """A whole other tick (fire, then decide) between one tick's read and its claim: the
+    claim sees a newer run and stands down (it fired run 1 a second time, with 0 new pairs)."""
+    await put(api, "p", policy_body())
+    await feed(api, "chat", events(0, 10))
+    stale = await policies.get_policy(loop.store, "alice", "p")
+    await loop.tick()
+    run = (await get(api, "p"))["runs"][0]
+    await loop.finish(run["job_id"], metrics={ACC: 0.9})
+    await loop.tick()
+    assert (await get(api, "p"))["active_run"] is None
+    fired = await runs._fire(
+        loop.store,
+        loop.pool,
+        loop.blobs,
+        loop.settings,
+        stale,
+        10,
+        None,
+        "stale",
+        tmp_path,
+        now=time.time(),
+    )
+    assert fired == []
+    assert [r["number"] for r in (await get(api, "p"))["runs"]] == [1]
+
+
+async def test_overlapping_ticks_publish_a_promoted_run_once(
+    api: Api, loop: Loop, tmp_path: Path
+) -> None:
+    calls: list[str] = []
+
+    def slow_publisher(job: Job, destination: Any, blobs: Any, settings: Any) -> list[str]:
+        calls.append(job.id)
+        time.sleep(0.5)  # still uploading when the other tick comes
+        return ["hf://org/chat"]
+
+    destination = {"type": "hub", "repo_id": "org/chat"}
+    template = {"base_model": "org/model", "output": {"destination": destination}}
+    await put(api, "p", policy_body(template=template))
+    await feed(api, "chat", events(0, 10))
+    await loop.tick()
+    run = (await get(api, "p"))["runs"][0]
+    artifact = stage_adapter(loop, run["job_id"], tmp_path)
+    await loop.finish(run["job_id"], metrics={ACC: 1.0}, artifacts=[artifact])
+    results = await asyncio.gather(*(loop.tick(publisher=slow_publisher) for _ in range(3)))
+    assert calls == [run["job_id"]]
+    assert sum(len(r) for r in results) == 1
+    assert (await get(api, "p"))["promoted"]["published"] == ["hf://org/chat"]

@@ -46,6 +46,27 @@ def test_ratings_of_different_prompts_never_pair() -> None:
     assert applied.pairs == [] and applied.pending_delta == 2
 
 
+def test_a_system_prompt_is_kept_and_ratings_under_different_ones_never_pair() -> None:
+    """Was dropped from ratings and edits: a "pirate" up and a "butler" down on the same
+    question became one pair with no system message."""
+    pirate = {**rate("u", "Greet me.", "Arr, ahoy!", "up"), "system": "You are a pirate."}
+    butler = {**rate("d", "Greet me.", "Good evening.", "down"), "system": "You are a butler."}
+    applied = run([pirate, butler])
+    assert applied.pairs == [] and applied.pending_delta == 2
+    [up, _] = applied.unpaired
+    assert up.row["prompt"] == [
+        {"role": "system", "content": "You are a pirate."},
+        {"role": "user", "content": "Greet me."},
+    ]
+    again = {**rate("d2", "Greet me.", "Avast.", "down"), "system": "You are a pirate."}
+    [pair] = run([pirate, again]).pairs
+    assert pair.row["prompt"][0] == {"role": "system", "content": "You are a pirate."}
+    edit = {"id": "e", "prompt": "Hi", "response": "Yo", "edited": "Hello.", "system": "Be kind."}
+    [edited] = run([edit]).pairs
+    assert edited.row["prompt"][0] == {"role": "system", "content": "Be kind."}
+    assert edited.row["chosen"] == [{"role": "assistant", "content": "Hello."}]
+
+
 def test_waiting_ratings_from_earlier_batches_pair_and_seen_ids_are_skipped() -> None:
     first = run([rate("u1", "Q?", "Good.", "up")])
     pending: dict[str, Pending] = first.pending
