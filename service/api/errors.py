@@ -148,6 +148,9 @@ def limit_headers(exc: LimitReached) -> dict[str, str]:
 _AT = re.compile(r"\s*-\s*at `\$(?P<path>[^`]*)`$")
 
 
+_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]+)`")
+
+
 def _validation(exc: ValidationException) -> Response[Problem]:
     errors: list[FieldError] = []
     in_body = False
@@ -162,8 +165,10 @@ def _validation(exc: ValidationException) -> Response[Problem]:
         if match := _AT.search(message):
             message = message[: match.start()]
             loc += [p for p in re.split(r"[.\[\]]", match.group("path")) if p]
-        elif item.get("key"):
-            loc += str(item["key"]).split(".")
+        elif item.get("key") and not (source == "body" and item["key"] == "data"):
+            loc += str(item["key"]).split(".")  # a parameter's name ("data" is the body's own)
+        if unknown := _UNKNOWN.match(message):  # the field itself is where it is wrong
+            loc.append(unknown.group("field"))
         errors.append(FieldError(msg=message, loc=loc))
     if not errors:
         errors.append(FieldError(msg=str(exc.detail), loc=["body"]))

@@ -182,6 +182,13 @@ def to_spec(
         del values["beta"]  # supervised fine-tuning has no beta
     if max_steps is not None:
         del values["num_epochs"]  # max_steps decides how long it trains
+    if req.batch_size is not None and req.batch_size > rows:
+        raise SpecError(
+            f"{at}.batch_size",
+            f"batch_size {req.batch_size} is more than the training file's {rows} examples: a "
+            "step can take each example once at most (the job would report a batch it never "
+            f"trained); give at most {rows}, or leave it auto",
+        )
     batch, left = divmod(int(values.pop("batch")), gpus)
     if left or not batch:
         if req.batch_size is not None:

@@ -196,3 +196,24 @@ async def test_an_id_naming_another_key_of_its_record_is_not_found(api: Api) -> 
         headers=ALICE,
     )
     assert 400 <= fine_tune.status_code < 500, fine_tune.text
+
+
+async def test_an_unknown_field_is_located_at_itself(api: Api) -> None:
+    """Not at `body.data` (the handler's parameter): at the field a client mistyped."""
+    for body, loc in (
+        ({"base_model": "org/m", "dataset_id": "ds_x", "foo": 1}, ["body", "foo"]),
+        (
+            {"base_model": "org/m", "dataset_id": "ds_x", "hyperparameters": {"lr": 1}},
+            ["body", "hyperparameters", "lr"],
+        ),
+    ):
+        resp = await api.client.post("/v1/jobs", json=body, headers=ALICE)
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["errors"][0]["loc"] == loc, resp.json()
+        assert resp.json()["detail"].startswith(".".join(loc) + ": Object contains unknown field")
+    resp = await api.client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "org/m", "training_file": "ds_x", "foo": 1},
+        headers=ALICE,
+    )
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "foo", resp.json()

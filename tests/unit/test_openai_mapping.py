@@ -127,3 +127,7 @@ def test_a_batch_is_divided_among_the_workers_gpus() -> None:
         to_spec(odd, rows=500, fits=always, gpus=2)
     assert refused.value.param == "method.dpo.hyperparameters.batch_size"
     assert "not a multiple of the workers' 2 GPUs" in str(refused.value)
+    # More than the file's examples: refused, not reported as a batch it never trained.
+    with pytest.raises(SpecError, match="more than the training file's 20 examples") as refused:
+        to_spec(create(hyperparameters={"batch_size": 4096}), rows=20, fits=always)
+    assert refused.value.param == "hyperparameters.batch_size"
