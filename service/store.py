@@ -136,6 +136,9 @@ FINISHED = f"{P}finished"
 LABEL_SCAN = 2_000
 """Job records a label-filtered list reads per request at most: a filter that few jobs match
 answers a short page and a cursor, not one request reading the whole index."""
+LABEL_PAGE = 100
+"""Records read a round trip while filtering by labels, however small the page asked for (a
+page of 1 read 4 at a time: OpenAI's SDK listing 6,000 jobs took 1,500 round trips)."""
 EVENTS_PER_METRIC = 2
 """A job's event stream is capped at this many times its metric stream (each point is also an
 event; the rest are logs, phases and statuses)."""
@@ -417,7 +420,7 @@ class Store:
         scanned = 0
         while True:
             ids, cursor = await self.page_newest(
-                index, min(limit * 4, LABEL_SCAN - scanned), cursor
+                index, min(max(limit * 4, LABEL_PAGE), LABEL_SCAN - scanned), cursor
             )
             scanned += len(ids)
             for job in await self._load(ids, job_key, _job_decoder):

@@ -243,6 +243,26 @@ async def test_a_label_filter_few_jobs_match_reads_a_bounded_share_per_request(
     assert pages == [[], [], [ids[0]]]  # 3 + 3 + 2 records looked at
 
 
+async def test_a_label_filter_reads_label_page_records_a_round_trip(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LABEL_PAGE records (100) however small the page: a page of 1 read 4 records a round
+    trip, and OpenAI's SDK listing a tenant's jobs by metadata took one per 4 jobs."""
+    monkeypatch.setattr(store_module, "LABEL_PAGE", 10)
+    ds = await dataset(api)
+    for i in range(40):
+        labels = {"team": "a" if i == 0 else "b"}
+        resp = await api.client.post("/v1/jobs", json=spec(ds, labels=labels), headers=ALICE)
+        assert resp.status_code == 201
+    r = redis.Redis.from_url(api.settings.redis_url)
+    r.config_resetstat()
+    page = await api.client.get("/v1/jobs", params={"label": "team=a", "limit": 1}, headers=ALICE)
+    stats = r.info("commandstats")
+    r.close()
+    assert len(page.json()["items"]) == 1
+    assert stats["cmdstat_mget"]["calls"] == 4  # 40 records, 10 a round trip
+
+
 async def test_metrics_since_step(api: Api) -> None:
     ds = await dataset(api)
     job = (await api.client.post("/v1/jobs", json=spec(ds), headers=ALICE)).json()
