@@ -172,6 +172,18 @@ class ErrorTally:
             )
 
 
+def _single_turn_hash(prompt: Any, chosen: Any, rejected: Any, data: bytes) -> int:
+    """A one-turn conversation's hash as its text row's (user text, answers); else its
+    encoding's."""
+    if (
+        len(prompt) == len(chosen) == len(rejected) == 1
+        and prompt[0].role == "user"
+        and chosen[0].role == rejected[0].role == "assistant"
+    ):
+        return hash((prompt[0].content, chosen[0].content, rejected[0].content))
+    return hash(data)
+
+
 def made_conversational(standard_rows: int, converted: Tally) -> list[DatasetWarning]:
     """The warning, if any, that text rows (the first ``standard_rows``, and ``converted``
     after them) became conversations to match rows with system messages or turns."""
@@ -421,6 +433,11 @@ class Collector:
         sizes = (list(map(size, prompts)), list(map(size, chosen)), list(map(size, rejected)))
         if self._tuple_hashes and std:
             hashes: Iterable[int] = map(hash, zip(prompts, chosen, rejected, strict=True))
+        elif self._tuple_hashes and self.standard_rows + self.converted.count:
+            # A file of texts and conversations: a one-turn conversation (a text row made one,
+            # or written so) hashes as the texts do, so a repeat across the switch is counted.
+            assert datas is not None
+            hashes = list(map(_single_turn_hash, prompts, chosen, rejected, datas))
         else:
             assert datas is not None
             hashes = map(self.hasher, datas)

@@ -676,6 +676,24 @@ def test_duplicates_are_counted_after_normalization() -> None:
     assert warning.msg.startswith("3 rows exactly repeating an earlier row")
 
 
+def test_duplicates_are_counted_across_a_switch_to_conversations() -> None:
+    """Text rows, then one with a system column (the file becomes conversations), then the
+    first row again: still a duplicate (text rows and conversations hashed apart missed it)."""
+    rows = [
+        {"prompt": "Q", "chosen": "A", "rejected": "B"},
+        {"system": "S", "prompt": "Q2", "chosen": "A2", "rejected": "B2"},
+        {"prompt": "Q", "chosen": "A", "rejected": "B"},
+        {
+            "prompt": [{"role": "user", "content": "Q"}],
+            "chosen": [{"role": "assistant", "content": "A"}],
+            "rejected": [{"role": "assistant", "content": "B"}],
+        },
+    ]
+    result, _ = ingest(jsonl(*rows))
+    [warning] = [w for w in result.warnings if w.kind == "duplicate"]
+    assert (warning.count, warning.lines) == (2, [3, 4])
+
+
 def test_warning_lines_are_the_first_ten() -> None:
     result, _ = ingest(jsonl(*[CONV] * 30))
     [warning] = result.warnings
