@@ -132,6 +132,7 @@ def _main(
     events: multiprocessing.Queue[tuple[str, Any]],
     cancel: Any,
     stop: Any,
+    took: Any,
     parent: int,
 ) -> None:
     spawned = time.time()
@@ -144,6 +145,7 @@ def _main(
     ready = time.time()
     handed = _wait_for_job(jobs, stop)
     if handed is not None:
+        took.set()
         job_json, handed_at = handed
         if ready <= handed_at:
             how = (
@@ -238,12 +240,14 @@ class TrainingProcess:
         mp = multiprocessing.get_context("spawn")
         self.events: multiprocessing.Queue[tuple[str, Any]] = mp.Queue()
         self.cancel, self.stop = mp.Event(), mp.Event()
+        self.took = mp.Event()
+        """Set once the process has read its job: one that dies before never started it."""
         reader, self._jobs = mp.Pipe(duplex=False)
         self.settings = settings
         self.workdir: Path | None = None
         self.process = mp.Process(
             target=_main,
-            args=(reader, settings, self.events, self.cancel, self.stop, os.getpid()),
+            args=(reader, settings, self.events, self.cancel, self.stop, self.took, os.getpid()),
             name="ftune-train",
             daemon=True,
         )

@@ -34,7 +34,7 @@ from arq.worker import Worker, func
 from prometheus_client import start_http_server
 
 from gpu_worker.supervisor import REDIS_DOWN, Backoff, Outcome, Supervisor, backoff_for
-from gpu_worker.warm import Warm, sweep_workdirs
+from gpu_worker.warm import TrainingProcess, Warm, sweep_workdirs
 from service import logs, queue, tenants
 from service.contract import (
     Job,
@@ -138,7 +138,7 @@ async def run_job(ctx: dict[str, Any], *legacy: Any) -> str:
     metrics.busy.set(1)
     try:
         await supervisor.supervise(proc.process, proc.events, proc.cancel, _stop)
-        status = await _finish(ctx, supervisor, proc.process)
+        status = await _finish(ctx, supervisor, proc)
         if status in TERMINAL:  # arq ends the token itself; forget which job it ran
             token: str = ctx["job_id"]
             await supervisor.backoff.retry(lambda: queue.finished(ctx["redis"], job_id, token))
@@ -178,26 +178,34 @@ def _stop(child: Any) -> None:
         child.join(5)
 
 
-async def _finish(ctx: dict[str, Any], supervisor: Supervisor, child: Any) -> str:
+async def _finish(ctx: dict[str, Any], supervisor: Supervisor, proc: TrainingProcess) -> str:
     """Write how the attempt ended (retrying while Redis is unreachable): a terminal status,
-    or, after a planned stop, the job back on the queue as its next attempt."""
+    or, after a planned stop (or a process that died before it read the job, killed while it
+    waited: the job never started), the job back on the queue as its next attempt."""
     store, backoff, job_id = supervisor.store, supervisor.backoff, supervisor.job_id
+    child = proc.process
     if supervisor.taken:
         return "taken"
     outcome = supervisor.outcome
-    if outcome is not None and outcome.stopped:
+    never_took = outcome is None and not proc.took.is_set()
+    if never_took or (outcome is not None and outcome.stopped):
+        why = (
+            "the waiting training process died before it read the job; a fresh one takes it"
+            if never_took
+            else "the worker stopped (planned: checkpoint saved)"
+        )
         await backoff.retry(
             lambda: requeue(
                 store,
                 ctx["redis"],
                 supervisor.settings,
                 job_id,
-                "the worker stopped (planned: checkpoint saved)",
+                why,
                 planned=True,
                 attempt=supervisor.attempt,
             )
         )
-        log.info("job %s attempt %s stopped and re-queued", job_id, supervisor.attempt)
+        log.info("job %s attempt %s re-queued: %s", job_id, supervisor.attempt, why)
         return "requeued"
     phase = supervisor.phase
     now = time.time()

@@ -67,7 +67,9 @@ def test_a_waiting_process_killed_is_replaced_and_the_next_job_succeeds(stack: S
     job = stack.submit(spec(stack, ds["id"], hyperparameters={"max_steps": 4}))
     done = stack.wait_done(job["id"])
     assert done["status"] == "succeeded", done
-    assert (done["attempt"], done["lost_attempts"]) == (0, 0)
+    # Handed to a process that was dying but not yet dead (the kill and the claim raced), the
+    # job is queued again as attempt 1, never failed, and spends no attempt.
+    assert done["attempt"] in (0, 1) and done["lost_attempts"] == 0
     assert training_pid(stack, job["id"]) not in killed
     assert worker.poll() is None
     # The next waiting process dies with its worker, even one killed without a word.

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgspec
 import redis
 
+from gpu_worker import supervisor, worker
 from gpu_worker.warm import sweep_workdirs
 from gpu_worker.worker import dispatch_shares, run_job
 from service import leases, queue
@@ -259,3 +262,39 @@ async def test_a_starting_worker_removes_attempt_folders_no_running_attempt_owns
     assert await sweep_workdirs(s, store) == 3
     assert [f.exists() for f in keep + gone] == [True, True, False, False, False]
     await store.close()
+
+
+def _exit_at_once() -> None:
+    os._exit(9)  # dies as a waiting process killed for memory does: no outcome, no event
+
+
+async def test_a_process_that_died_before_reading_its_job_requeues_it(redis_url: str) -> None:
+    """Killed while waiting, in the moment its job was handed over (it still looked alive):
+    the job never started, so it is queued again without spending an attempt; it failed as
+    'the training process died' before. One that read its job and died still fails."""
+    s = settings(redis_url)
+    store = Store.from_url(redis_url)
+    pool = await queue.connect(redis_url)
+    mp = multiprocessing.get_context("spawn")
+    try:
+        for took, expected in ((False, JobStatus.queued), (True, JobStatus.failed)):
+            job = running_job()
+            await put_running(store, job)
+            process = mp.Process(target=_exit_at_once)
+            process.start()
+            process.join(30)
+            proc = SimpleNamespace(process=process, took=mp.Event())
+            if took:
+                proc.took.set()
+            sup = supervisor.Supervisor(store, job, s, "w", WorkerMetrics())
+            status = await worker._finish({"redis": pool}, sup, proc)  # type: ignore[arg-type]
+            after = await store.get_job(job.id, None)
+            assert after.status == expected, (took, after)
+            if not took:
+                assert status == "requeued" and after.lost_attempts == 0
+                assert after.attempt == 1 and after.error is None
+            else:
+                assert after.error is not None and after.error.type == "WorkerProcessDied"
+    finally:
+        await pool.aclose()
+        await store.close()
