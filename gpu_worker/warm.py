@@ -132,6 +132,7 @@ def _main(
     events: multiprocessing.Queue[tuple[str, Any]],
     cancel: Any,
     stop: Any,
+    ready_event: Any,
     took: Any,
     parent: int,
 ) -> None:
@@ -143,6 +144,7 @@ def _main(
     )
     _preload()
     ready = time.time()
+    ready_event.set()
     handed = _wait_for_job(jobs, stop)
     if handed is not None:
         took.set()
@@ -240,14 +242,25 @@ class TrainingProcess:
         mp = multiprocessing.get_context("spawn")
         self.events: multiprocessing.Queue[tuple[str, Any]] = mp.Queue()
         self.cancel, self.stop = mp.Event(), mp.Event()
-        self.took = mp.Event()
-        """Set once the process has read its job: one that dies before never started it."""
+        self.ready, self.took = mp.Event(), mp.Event()
+        """`ready`: the training stack is imported; `took`: the job is read. One that dies
+        ready but before it took the job never started it; one that dies still importing is
+        broken (or short of memory) and must not be retried for free."""
         reader, self._jobs = mp.Pipe(duplex=False)
         self.settings = settings
         self.workdir: Path | None = None
         self.process = mp.Process(
             target=_main,
-            args=(reader, settings, self.events, self.cancel, self.stop, self.took, os.getpid()),
+            args=(
+                reader,
+                settings,
+                self.events,
+                self.cancel,
+                self.stop,
+                self.ready,
+                self.took,
+                os.getpid(),
+            ),
             name="ftune-train",
             daemon=True,
         )

@@ -181,13 +181,26 @@ def _stop(child: Any) -> None:
 async def _finish(ctx: dict[str, Any], supervisor: Supervisor, proc: TrainingProcess) -> str:
     """Write how the attempt ended (retrying while Redis is unreachable): a terminal status,
     or, after a planned stop (or a process that died before it read the job, killed while it
-    waited: the job never started), the job back on the queue as its next attempt."""
+    waited: the job never started), the job back on the queue as its next attempt. A process
+    that died while still importing re-queues the job spending an attempt: an image that
+    cannot import would otherwise loop for ever."""
     store, backoff, job_id = supervisor.store, supervisor.backoff, supervisor.job_id
     child = proc.process
     if supervisor.taken:
         return "taken"
     outcome = supervisor.outcome
     never_took = outcome is None and not proc.took.is_set()
+    if never_took and not proc.ready.is_set():
+        code = child.exitcode
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        why = f"the training process died ({how}) while it imported the training stack"
+        await backoff.retry(
+            lambda: requeue(
+                store, ctx["redis"], supervisor.settings, job_id, why, attempt=supervisor.attempt
+            )
+        )
+        log.warning("job %s attempt %s: %s", job_id, supervisor.attempt, why)
+        return "requeued"
     if never_took or (outcome is not None and outcome.stopped):
         why = (
             "the waiting training process died before it read the job; a fresh one takes it"

@@ -271,28 +271,44 @@ def _exit_at_once() -> None:
 async def test_a_process_that_died_before_reading_its_job_requeues_it(redis_url: str) -> None:
     """Killed while waiting, in the moment its job was handed over (it still looked alive):
     the job never started, so it is queued again without spending an attempt; it failed as
-    'the training process died' before. One that read its job and died still fails."""
+    'the training process died' before. One that died still importing the training stack
+    (a broken image, too little memory) re-queues spending an attempt, so it cannot loop for
+    ever. One that read its job and died still fails."""
     s = settings(redis_url)
     store = Store.from_url(redis_url)
     pool = await queue.connect(redis_url)
     mp = multiprocessing.get_context("spawn")
+    cases = (
+        (True, False, JobStatus.queued, 0),
+        (False, False, JobStatus.queued, 1),
+        (True, True, JobStatus.failed, 0),
+    )
     try:
-        for took, expected in ((False, JobStatus.queued), (True, JobStatus.failed)):
+        for ready, took, expected, lost in cases:
             job = running_job()
             await put_running(store, job)
             process = mp.Process(target=_exit_at_once)
             process.start()
             process.join(30)
-            proc = SimpleNamespace(process=process, took=mp.Event())
+            proc = SimpleNamespace(process=process, ready=mp.Event(), took=mp.Event())
+            if ready:
+                proc.ready.set()
             if took:
                 proc.took.set()
             sup = supervisor.Supervisor(store, job, s, "w", WorkerMetrics())
             status = await worker._finish({"redis": pool}, sup, proc)  # type: ignore[arg-type]
             after = await store.get_job(job.id, None)
-            assert after.status == expected, (took, after)
+            assert after.status == expected, (ready, took, after)
+            assert after.lost_attempts == lost, (ready, took, after)
             if not took:
-                assert status == "requeued" and after.lost_attempts == 0
-                assert after.attempt == 1 and after.error is None
+                assert status == "requeued" and after.attempt == 1 and after.error is None
+                events = await store.read_events(job.id, after="0", block_ms=None)
+                said = [
+                    msgspec.json.decode(data).get("message")
+                    for _, kind, data in events
+                    if kind == "log"
+                ]
+                assert ("while it imported" in said[-1]) == (not ready), said
             else:
                 assert after.error is not None and after.error.type == "WorkerProcessDied"
     finally:
