@@ -433,9 +433,9 @@ class Collector:
         sizes = (list(map(size, prompts)), list(map(size, chosen)), list(map(size, rejected)))
         if self._tuple_hashes and std:
             hashes: Iterable[int] = map(hash, zip(prompts, chosen, rejected, strict=True))
-        elif self._tuple_hashes and self.standard_rows + self.converted.count:
-            # A file of texts and conversations: a one-turn conversation (a text row made one,
-            # or written so) hashes as the texts do, so a repeat across the switch is counted.
+        elif self._tuple_hashes:
+            # A one-turn conversation (a text row made one, or written so) hashes as the texts
+            # do, whether or not text rows came yet: a repeat across a switch is counted.
             assert datas is not None
             hashes = list(map(_single_turn_hash, prompts, chosen, rejected, datas))
         else:

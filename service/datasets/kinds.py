@@ -186,6 +186,22 @@ def _chars(msgs: list[Msg]) -> int:
     return sum(len(m["content"]) for m in msgs)
 
 
+def _row_hash(row: dict[str, Any], data: bytes) -> int:
+    """A text row and the one-turn conversation it would become hash alike, so a row repeated
+    across a file's switch from texts to conversations is a duplicate; else the encoding's."""
+    prompt, completion, label = row["prompt"], row["completion"], row.get("label")
+    if isinstance(prompt, str):
+        return hash((prompt, completion, label))
+    if (
+        len(prompt) == len(completion) == 1
+        and prompt[0].keys() == completion[0].keys() == {"role", "content"}
+        and prompt[0]["role"] == "user"
+        and completion[0]["role"] == "assistant"
+    ):
+        return hash((prompt[0]["content"], completion[0]["content"], label))
+    return hash(data)
+
+
 class KindCollector:
     """The state of one validation of sft or unpaired rows (see the module's docstring)."""
 
@@ -297,7 +313,8 @@ class KindCollector:
         datas = [self.encode(row) for _, row in self.held]
         lines = [line for line, _ in self.held]
         self.output.write(datas)
-        for i in self.seen.add_many(map(hash, datas)):
+        rows = [row for _, row in self.held]
+        for i in self.seen.add_many(map(_row_hash, rows, datas)):
             self.duplicate.add(lines[i])
         size = len if self.fmt == "standard" else _chars
         ps = [size(row["prompt"]) for _, row in self.held]

@@ -694,6 +694,29 @@ def test_duplicates_are_counted_across_a_switch_to_conversations() -> None:
     assert (warning.count, warning.lines) == (2, [3, 4])
 
 
+def test_duplicates_are_counted_when_conversations_come_before_text_rows() -> None:
+    """A one-turn conversation first, a text row repeating it in a later block (over 1 MiB
+    on): a duplicate too (conversations counted before the first text row were hashed as
+    their encodings, those after as their texts)."""
+    one_turn = {
+        "prompt": [{"role": "user", "content": "Q"}],
+        "chosen": [{"role": "assistant", "content": "A"}],
+        "rejected": [{"role": "assistant", "content": "B"}],
+    }
+    filler = [
+        {
+            "prompt": [{"role": "user", "content": f"{i} " + "x" * 100_000}],
+            "chosen": [{"role": "assistant", "content": "A"}],
+            "rejected": [{"role": "assistant", "content": "B"}],
+        }
+        for i in range(12)
+    ]
+    rows = [one_turn, *filler, {"prompt": "Q", "chosen": "A", "rejected": "B"}, one_turn]
+    result, _ = ingest(jsonl(*rows))
+    [warning] = [w for w in result.warnings if w.kind == "duplicate"]
+    assert (warning.count, warning.lines) == (2, [14, 15])
+
+
 def test_warning_lines_are_the_first_ten() -> None:
     result, _ = ingest(jsonl(*[CONV] * 30))
     [warning] = result.warnings

@@ -54,6 +54,26 @@ def test_text_rows_among_chats_become_chats_in_either_order(tmp_path: Path) -> N
     ]
 
 
+def test_a_row_repeated_across_the_switch_to_chats_is_a_duplicate(tmp_path: Path) -> None:
+    """A text row, a chat (the file becomes conversations), the text row again and as the
+    chat it stands for: both repeats are duplicates (texts and chats were hashed apart). The
+    same texts with the other label are not."""
+    rows = [
+        {"prompt": "Hi", "completion": "Hello", "label": True},
+        {"system": "Be brief.", "prompt": "Hi2", "completion": "Hello2", "label": False},
+        {"prompt": "Hi", "completion": "Hello", "label": True},
+        {
+            "prompt": [{"role": "user", "content": "Hi"}],
+            "completion": [{"role": "assistant", "content": "Hello"}],
+            "label": True,
+        },
+        {"prompt": "Hi", "completion": "Hello", "label": False},
+    ]
+    result, _ = validate(tmp_path, rows)
+    [warning] = [w for w in result.warnings if w.kind == "duplicate"]
+    assert (warning.count, warning.lines) == (2, [3, 4])
+
+
 def test_csv_labels_and_a_system_column(tmp_path: Path) -> None:
     path = tmp_path / "ratings.csv"
     path.write_text("prompt,completion,label,system,score\nq1,a1,true,Be brief.,3\nq2,a2,0,,1\n")
