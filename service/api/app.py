@@ -33,7 +33,7 @@ from service.api.openai import FileController, FineTuningController
 from service.api.openai import errors as openai_errors
 from service.api.openapi_docs import ContractSchemas
 from service.api.policies import PolicyController
-from service.api.request_id import RequestId
+from service.api.request_id import add_request_id
 from service.api.system import SystemController
 from service.api.tenancy import Audit, TenancyController
 from service.blobs import DATASETS, DRAFT_MAX_AGE_SECONDS, BlobStore, open_store
@@ -203,8 +203,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         dependencies=_dependencies(settings),
         exception_handlers={Exception: openai_errors.by_path},
         lifespan=[_lifespan(settings)],
+        before_send=[add_request_id],
         middleware=[
-            RequestId(),
             _prometheus().middleware,
             RequestRate(),
             Audit(),

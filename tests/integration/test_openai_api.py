@@ -426,6 +426,10 @@ def test_every_answer_carries_a_request_id(client: openai.OpenAI, live_api: Live
         f"{live_api.url}/healthz", headers={"x-request-id": "a b <script>" + "x" * 200}, timeout=10
     )
     assert forged.headers["x-request-id"].startswith("req_")
+    for method, path in (("GET", "/v1/no-such-route"), ("DELETE", "/healthz")):  # 404, 405
+        unmatched = httpx.request(method, f"{live_api.url}{path}", timeout=10)
+        assert unmatched.status_code in (404, 405)
+        assert unmatched.headers["x-request-id"].startswith("req_")
 
 
 def test_our_other_preference_methods_are_named_not_shown_as_dpo(
