@@ -155,10 +155,60 @@ def _signature(secrets: Sequence[str], event_id: str, timestamp: int, body: byte
 # -- delivery ------------------------------------------------------------------------------
 
 _CLAIM = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
-for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
-return ids
+local free, cap = tonumber(ARGV[3]), tonumber(ARGV[5])
+local held = {}
+for i = 8, #ARGV, 2 do held[ARGV[i]] = tonumber(ARGV[i + 1]) end
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[4])
+local out = {}
+for _, id in ipairs(ids) do
+  if free == 0 then break end
+  local tenant = redis.call('HGET', ARGV[7] .. id, 'tenant') or ''
+  local n = held[tenant] or 0
+  if n < cap then
+    held[tenant] = n + 1
+    free = free - 1
+    redis.call('ZADD', KEYS[1], ARGV[2], id)
+    table.insert(out, id)
+    table.insert(out, tenant)
+  else
+    redis.call('ZADD', KEYS[1], ARGV[6], id)
+  end
+end
+return out
 """
+SCAN = 1000
+"""Due events one claim looks at: a tenant's backlog of more delays the others' events by a
+pass (each skipped one goes behind them) but never makes a claim long."""
+
+
+async def _claim(
+    redis: Redis, config: WebhookConfig, free: int, held: Counter[str]
+) -> list[tuple[str, str]]:
+    """Claim up to `free` due events, oldest first, in one script: (event id, tenant) each.
+
+    One tenant gets at most `config.per_tenant` slots counting `held` (those in flight): its
+    further due events are skipped and put back due in a moment, behind those already due,
+    so a tenant with a backlog of hanging receivers never fills a claim with events it cannot
+    send. The script reads the events' records by name (no cluster mode: ftune's Redis is one
+    primary)."""
+    now = time.time()
+    later = now + min(config.poll_seconds, 0.5)
+    pairs = [str(x) for tenant, n in held.items() for x in (tenant, n)]
+    claimed = await redis.eval(  # type: ignore[misc]  # redis-py#2399
+        _CLAIM,
+        1,
+        DUE,
+        repr(now),
+        repr(now + config.claim_seconds),
+        str(free),
+        str(SCAN),
+        str(config.per_tenant),
+        repr(later),
+        event_key(""),
+        *pairs,
+    )
+    it = iter(claimed)
+    return [(eid.decode(), tenant.decode()) for eid, tenant in zip(it, it, strict=True)]
 
 
 def _client(config: WebhookConfig) -> httpx.AsyncClient:
@@ -272,18 +322,16 @@ async def _deliver(
 async def deliver_due(
     redis: Redis, config: WebhookConfig, *, client: httpx.AsyncClient | None = None
 ) -> list[WebhookDelivery]:
-    """One pass: claim the events due now (at most `config.batch`) and send them."""
-    now = time.time()
-    claimed = await redis.eval(  # type: ignore[misc]  # redis-py#2399
-        _CLAIM, 1, DUE, repr(now), repr(now + config.claim_seconds), str(config.batch)
-    )
+    """One pass: claim the events due now (at most `config.batch`, `config.per_tenant` of
+    one tenant) and send them."""
+    claimed = await _claim(redis, config, config.batch, Counter())
     if not claimed:
         return []
     async with contextlib.AsyncExitStack() as stack:
         if client is None:
             client = await stack.enter_async_context(_client(config))
         results = await asyncio.gather(
-            *(_deliver(redis, config, client, raw.decode()) for raw in claimed)
+            *(_deliver(redis, config, client, eid) for eid, _ in claimed)
         )
     return [r for r in results if r is not None]
 
@@ -293,8 +341,7 @@ async def run_deliveries(redis: Redis, config: WebhookConfig, stop: asyncio.Even
 
     Each send holds a slot (of `config.batch`) only while it runs, so a receiver that never
     answers delays nobody else's events, and one tenant holds at most `config.per_tenant` of
-    them: an event claimed while its tenant has that many in flight is put back, due in a
-    moment, behind the events already due (which the next claim then takes)."""
+    them (see :func:`_claim`)."""
     inflight: dict[asyncio.Task[WebhookDelivery | None], str] = {}
 
     def finished(task: asyncio.Task[WebhookDelivery | None]) -> None:
@@ -333,32 +380,12 @@ async def _start_due(
     finished: Callable[[asyncio.Task[WebhookDelivery | None]], None],
 ) -> int:
     """Claim what is due for the free slots and start sending it; how many were started."""
-    now = time.time()
-    free = config.batch - len(inflight)
-    claimed = await redis.eval(  # type: ignore[misc]  # redis-py#2399
-        _CLAIM, 1, DUE, repr(now), repr(now + config.claim_seconds), str(free)
-    )
-    if not claimed:
-        return 0
-    ids = [raw.decode() for raw in claimed]
-    async with redis.pipeline(transaction=False) as pipe:
-        for eid in ids:
-            pipe.hget(event_key(eid), "tenant")
-        owners = await pipe.execute()
-    held = Counter(inflight.values())
-    later: dict[str, float] = {}
-    for eid, owner in zip(ids, owners, strict=True):
-        tenant = owner.decode() if owner else ""
-        if held[tenant] >= config.per_tenant:
-            later[eid] = now + min(config.poll_seconds, 0.5)
-            continue
-        held[tenant] += 1
+    claimed = await _claim(redis, config, config.batch - len(inflight), Counter(inflight.values()))
+    for eid, tenant in claimed:
         task = asyncio.create_task(_deliver(redis, config, client, eid))
         inflight[task] = tenant
         task.add_done_callback(finished)
-    if later:
-        await redis.zadd(DUE, later)
-    return len(ids) - len(later)
+    return len(claimed)
 
 
 @contextlib.asynccontextmanager
