@@ -8,6 +8,7 @@ from typing import Any, Literal
 import msgspec
 
 from service.contract import EventError, FieldMapping, Format, Kind, PairRecord
+from service.datasets.messages import blank
 from service.datasets.rows import RowInvalid, normalize_row, row_format
 
 _encoder = msgspec.json.Encoder()
@@ -133,6 +134,10 @@ def _parse_one(obj: object, index: int) -> ParsedEvent:
         raise RowInvalid(None, "expected an event object")
     event_id = _event_id(obj)
     kind = _kind(obj)
+    if "system" in obj and blank(obj["system"]):
+        # A client that serializes an unset system prompt as null or "" sends none: the
+        # event stays in a stream of texts (a dataset's system column makes a chat instead).
+        obj = {k: v for k, v in obj.items() if k != "system"}
     if kind == "pair":
         row, _ = normalize_row(obj)
         return ParsedEvent(index=index, id=event_id, kind=kind, format=row_format(row), row=row)

@@ -67,6 +67,23 @@ def test_a_system_prompt_is_kept_and_ratings_under_different_ones_never_pair() -
     assert edited.row["chosen"] == [{"role": "assistant", "content": "Hello."}]
 
 
+def test_a_null_or_empty_system_prompt_is_no_system_prompt() -> None:
+    """JavaScript clients send an unset field as null: such ratings, edits and pairs stay in
+    a stream of texts (they were conversations, refused as 'a stream holds one format')."""
+    events = [
+        rate("u", "Greet me.", "Hello!", "up"),
+        {**rate("d", "Greet me.", "Go away.", "down"), "system": None},
+        {"id": "e", "prompt": "Hi", "response": "Yo", "edited": "Hello.", "system": ""},
+        {"id": "p", "prompt": "Hi", "chosen": "Hello.", "rejected": "Yo", "system": None},
+    ]
+    applied = run(events)
+    assert [(p.row["prompt"], p.row["chosen"]) for p in applied.pairs] == [
+        ("Greet me.", "Hello!"),
+        ("Hi", "Hello."),
+        ("Hi", "Hello."),
+    ]
+
+
 def test_waiting_ratings_from_earlier_batches_pair_and_seen_ids_are_skipped() -> None:
     first = run([rate("u1", "Q?", "Good.", "up")])
     pending: dict[str, Pending] = first.pending
