@@ -201,7 +201,7 @@ async def _fire(
             new_pairs=total - _counted(policy, created),
             job_id=job_id,
         )
-        same = policy.stream_created_at in (None, created)
+        same = _same_stream(policy, created)
         return msgspec.structs.replace(
             policy,
             active_run=run_id,
@@ -300,9 +300,17 @@ async def _stream_created(store: Store, tenant: str, stream: str) -> float | Non
         return None
 
 
+def _same_stream(policy: Policy, created: float | None) -> bool:
+    """Whether the stream is the one the policy last fired on, not one made again since. A
+    policy saved before streams' times were kept goes by its last run's time."""
+    if policy.stream_created_at is not None:
+        return policy.stream_created_at == created
+    return created is None or not policy.runs or created <= policy.runs[0].fired_at
+
+
 def _counted(policy: Policy, created: float | None) -> int:
     """The stream's rows the policy has already fired on: none of a stream made again since."""
-    return policy.pairs_at_last_run if policy.stream_created_at in (None, created) else 0
+    return policy.pairs_at_last_run if _same_stream(policy, created) else 0
 
 
 def _template(policy: Policy) -> JobTemplate:

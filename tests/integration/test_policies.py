@@ -551,11 +551,13 @@ async def test_a_template_is_checked_with_the_label_its_runs_add(api: Api) -> No
     assert "32" in resp.text
 
 
+@pytest.mark.parametrize("saved_before", [False, True], ids=["now", "saved-before-upgrade"])
 async def test_a_stream_made_again_or_other_rows_are_counted_anew(
-    api: Api, loop: Loop, tmp_path: Path
+    api: Api, loop: Loop, tmp_path: Path, saved_before: bool
 ) -> None:
     """Deleting the stream, or switching the template between pairs and ratings (kto),
-    gives the policy other rows: all of them new, and held out afresh."""
+    gives the policy other rows: all of them new, and held out afresh. A policy saved before
+    its stream's time was kept tells a stream made since by its last run's time."""
     await feed(api, "chat", events(0, 20))
     assert (await put(api, "p", policy_body(gate={}))).status_code == 200
     await loop.tick()
@@ -564,6 +566,10 @@ async def test_a_stream_made_again_or_other_rows_are_counted_anew(
     await loop.finish(run["job_id"], metrics={ACC: 0.9})
     await loop.tick()
     old_holdout = (await get(api, "p"))["holdout"]["dataset"]["id"]
+    if saved_before:
+        await policies.update_policy(
+            loop.store, "alice", "p", lambda p: msgspec.structs.replace(p, stream_created_at=None)
+        )
 
     assert (await api.client.delete("/v1/feedback/chat", headers=ALICE)).status_code == 204
     await feed(api, "chat", events(20, 32, prefix="n"))  # 12 pairs: new, past 10
