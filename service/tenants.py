@@ -99,6 +99,11 @@ class Tenants:
     def grants_of(self, tenant: str) -> Grants:
         return self.grants.get(tenant, Grants())
 
+    def has_keys(self, tenant: str) -> bool:
+        """Whether the tenant can still call the API: a team removed from the file, or left
+        with no key, has none."""
+        return any(p.tenant == tenant for p in self.keys.values())
+
 
 class TenantLimits(msgspec.Struct, frozen=True, kw_only=True):
     """Where a tenant must stop; None: no limit."""

@@ -68,6 +68,10 @@ _member_decoder = msgspec.json.Decoder(tuple[str, str])
 Publisher = Callable[[Job, Destination, BlobStore, Settings], list[str]]
 
 
+_KEYLESS = -1
+"""The budget of a tenant with no API key: it fires nothing."""
+
+
 async def tick(
     store: Store,
     pool: ArqRedis,
@@ -82,7 +86,8 @@ async def tick(
     The scheduler's leader runs it; each step is also a compare-and-set on the policy record,
     so two ticks that overlap (a leader that lost its lock mid-tick) cannot fire twice. A
     tenant's policies start at most its `jobs_per_policy_tick` jobs per pass; the others fire
-    on a later pass.
+    on a later pass. A tenant with no API key left in the tenants file (a team removed) fires
+    none: nobody could see or stop its jobs.
     """
     done: list[str] = []
     known = tenants.load(settings)
@@ -91,6 +96,8 @@ async def tick(
         tenant, name = _member_decoder.decode(raw)
         if tenant not in budget:
             budget[tenant] = tenants.limits_for(settings, known, tenant).jobs_per_policy_tick
+            if settings.api_keys_file is not None and not known.has_keys(tenant):
+                budget[tenant] = _KEYLESS
         try:
             done += await _advance(
                 store,
@@ -139,7 +146,9 @@ async def _advance(
         now=now,
     )
     left = budget.get(tenant)
-    if fire and left is not None and left <= 0:
+    if fire and left == _KEYLESS:
+        fire, why = False, "due, but the tenant has no API key in the tenants file: not fired"
+    elif fire and left is not None and left <= 0:
         fire, why = False, "waiting: the tenant's policies started their jobs_per_policy_tick"
     if not fire:
         status = PolicyStatus(checked_at=now, message=why, new_pairs=new_pairs, next_cron_at=due)

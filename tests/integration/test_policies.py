@@ -26,7 +26,7 @@ from service.retraining import policies, runs
 from service.retraining.runs import tick
 from service.settings import Settings
 from service.store import Store
-from tests.fixtures.api import ALICE, BOB, Api
+from tests.fixtures.api import ALICE, BOB, KEYS, Api, write_tenants
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.tiny_model import preference_rows
 
@@ -399,6 +399,22 @@ async def test_a_due_policy_whose_template_cannot_train_here_does_not_fire(
     assert "its template cannot train" in policy["status"]["message"]
     assert "precompute_ref_log_probs" in policy["status"]["message"]
     [line] = await loop.tick()  # on one GPU it trains
+    assert "fired run 1" in line
+
+
+async def test_a_tenant_removed_from_the_tenants_file_fires_nothing(api: Api, loop: Loop) -> None:
+    """An operator removes a team's keys: its policies stop starting jobs (nobody could see or
+    cancel them), say why, and fire again once the team has a key."""
+    await put(api, "p", policy_body())
+    await feed(api, "chat", events(0, 10))
+    assert loop.settings.api_keys_file is not None
+    without = {k: v for k, v in KEYS.items() if v.tenant != "alice"}
+    write_tenants(loop.settings.api_keys_file, without, {})
+    assert await loop.tick() == []
+    write_tenants(loop.settings.api_keys_file, KEYS, {})
+    policy = await get(api, "p")
+    assert policy["runs"] == [] and "no API key" in policy["status"]["message"]
+    [line] = await loop.tick()
     assert "fired run 1" in line
 
 
