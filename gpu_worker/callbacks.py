@@ -8,6 +8,7 @@ checkpoint (and one stopped on purpose from the step it reached).
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -139,6 +140,7 @@ class ReporterCallback(TrainerCallback):
         self.points: list[MetricPoint] = list(history or [])
         """Every metric point of the job, including those restored from a checkpoint."""
         self.summary: dict[str, float] = {}
+        self._non_finite: set[str] = set()
         self.cancel_seen = False
         self.stopped_at: int | None = None
         """The step at which a planned stop saved its checkpoint and ended training."""
@@ -200,7 +202,10 @@ class ReporterCallback(TrainerCallback):
         logs: dict[str, Any] | None = None,
         **kw: Any,
     ) -> None:
-        values = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, int | float)}
+        values = self._finite(
+            state.global_step,
+            {k: float(v) for k, v in (logs or {}).items() if isinstance(v, int | float)},
+        )
         if not values:
             return
         if "train_runtime" in values:
@@ -210,8 +215,25 @@ class ReporterCallback(TrainerCallback):
             values.update(self._throughput(values))
         self.add_point(state.global_step, values)
 
+    def _finite(self, step: int, values: dict[str, float]) -> dict[str, float]:
+        """The values that are numbers. JSON has no NaN or infinity: stored, they read back as
+        null and the job's record could not be read. The first of each name is said in the
+        job's log (a diverged loss, a gradient that overflowed)."""
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        for name in bad:
+            if name not in self._non_finite:
+                self._non_finite.add(name)
+                self.reporter.log(
+                    f"step {step}: {name} is {values[name]}; such values are left out of the "
+                    "metrics (a loss that diverged, or a gradient that overflowed)"
+                )
+        return {k: v for k, v in values.items() if k not in bad} if bad else values
+
     def add_point(self, step: int, values: dict[str, float]) -> None:
         """Record and report a metric point (TRL's logs, and metrics measured after training)."""
+        values = self._finite(step, values)
+        if not values:
+            return
         self.points.append(MetricPoint(step=step, time=time.time(), values=values))
         self.reporter.metrics(step, values)
         if self.also is not None:

@@ -100,6 +100,30 @@ def test_train_logs_pass_through_with_our_keys_and_progress(tmp_path: Path) -> N
     assert [p.step for p in callback.points] == [1, 2, 2]
 
 
+def test_nan_and_infinite_values_are_left_out_and_said_once(tmp_path: Path) -> None:
+    """A diverged loss or an overflowed gradient norm: JSON has no NaN, so stored it read
+    back as null and the job's record could no longer be read (every GET and list a 500)."""
+    reporter = ListReporter()
+    callback = ReporterCallback(reporter)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    state = TrainerState(max_steps=4, global_step=1)
+    control = TrainerControl()
+    callback.on_log(args, state, control, logs={"loss": 0.7, "grad_norm": float("nan")})
+    state.global_step = 2
+    callback.on_log(args, state, control, logs={"loss": float("inf"), "grad_norm": float("nan")})
+    callback.on_log(args, state, control, logs={"train_runtime": 3.0, "train_loss": float("nan")})
+    callback.add_point(2, {"eval_rouge": float("-inf")})
+    [(step, values)] = reporter.points  # step 2 had no number left
+    assert step == 1 and values["loss"] == 0.7 and "grad_norm" not in values
+    assert callback.summary == {"train_runtime": 3.0}
+    assert [line.split(";")[0] for line in reporter.logs] == [
+        "step 1: grad_norm is nan",
+        "step 2: loss is inf",
+        "step 2: train_loss is nan",
+        "step 2: eval_rouge is -inf",
+    ]
+
+
 def test_cancel_stops_after_the_step_is_logged(tmp_path: Path) -> None:
     reporter = ListReporter()
     reporter.cancel_after_step = 2
