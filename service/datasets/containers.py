@@ -42,9 +42,10 @@ SNIFF_BYTES = 64 * 1024
 _BLOCK = 1 << 20
 _BOM = b"\xef\xbb\xbf"
 _CSV_NAME = r'(?:"[^"\r\n]{1,64}"|[^",\t;{}\[\]\r\n]{1,64})'
-_CSV_HEADER = re.compile(rf"^[\ufeff]?{_CSV_NAME}(?:[,\t;]{_CSV_NAME})+\r?$")
+_CSV_HEADER = re.compile(rf"^[\ufeff]?(?:{_CSV_NAME})?(?:[,\t;]{_CSV_NAME})+\r?$")
 """A header row: names (quoted, as R's write.csv and QUOTE_ALL write them, or bare, with any
-punctuation but JSON's brackets) and a separator between them."""
+punctuation but JSON's brackets) and a separator between them; the first may be empty (the
+index column pandas' `to_csv` writes)."""
 
 
 _SOURCE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -471,7 +472,25 @@ def _parquet_to_jsonl(path: Path, max_bytes: int, out: IO[bytes]) -> None:
         )
     encoder = msgspec.json.Encoder(enc_hook=str)
     for batch in pf.iter_batches(batch_size=1024):
-        out.write(encoder.encode_lines(batch.to_pylist()))
+        out.write(encoder.encode_lines(_as_text(batch).to_pylist()))
+
+
+def _as_text(batch: Any) -> Any:
+    """Binary columns as the UTF-8 text they hold (writers that do not mark strings as such
+    store them so); their bytes would be encoded as base64 and trained on as such."""
+    import pyarrow as pa
+
+    for i, field in enumerate(batch.schema):
+        if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
+            try:
+                text = batch.column(i).cast(pa.large_string())
+            except pa.ArrowInvalid:
+                raise UnsupportedFile(
+                    f"column {field.name!r} is binary and holds bytes that are not UTF-8 text; "
+                    "write its text as a string column"
+                ) from None
+            batch = batch.set_column(i, field.name, text)
+    return batch
 
 
 if __name__ == "__main__":

@@ -256,6 +256,8 @@ def column_warnings(ignored: dict[str, Tally], *, mapped: bool) -> list[DatasetW
         else:
             kind = "ignored_column"
             msg = f"column {name!r} ignored in {rows(tally.count)}"
+            if not name:
+                msg += " (an unnamed column: a CSV's row index, as pandas writes it)"
             if name in PROMPT_LIKE:
                 msg += (
                     ": its text is in no prompt (map the columns to use it: prompt_field, "

@@ -80,6 +80,20 @@ def test_parquet_row_groups_and_its_refusals(tmp_path: Path) -> None:
         ingest(write(tmp_path, "a.parquet.gz", gzip.compress(path.read_bytes())))
 
 
+def test_parquet_binary_columns_are_read_as_their_text(tmp_path: Path) -> None:
+    """Writers that do not mark strings store text as binary: it is its UTF-8 text (it was
+    stored as base64, 201 and no warning); bytes that are not UTF-8 are refused, named."""
+    path = tmp_path / "binary.parquet"
+    columns = {k: pa.array([r[k].encode() for r in ROWS], pa.binary()) for k in ROWS[0]}
+    pq.write_table(pa.table(columns), path)
+    result, out = ingest(path)
+    assert (out, result.rows) == (CANONICAL, 5)
+    columns["chosen"] = pa.array([b"caf\xe9"] * 5, pa.binary())
+    pq.write_table(pa.table(columns), path)
+    with pytest.raises(UnsupportedFile, match="column 'chosen' is binary and holds bytes that"):
+        ingest(path)
+
+
 def test_a_broken_json_array_is_one_error_where_it_breaks(tmp_path: Path) -> None:
     text = json.dumps(ROWS, indent=2)
     path = write(tmp_path, "cut.json", text[: len(text) // 2].encode())
@@ -130,6 +144,21 @@ def test_csv_cells_quoted_across_lines_and_ragged_rows(tmp_path: Path) -> None:
         {"prompt": "Plain?", "chosen": "Sure.", "rejected": "Never."},
     ]
     assert [w.msg for w in result.warnings] == ["column '(column 4)' ignored in 1 row"]
+
+
+def test_a_pandas_csv_with_its_index_column_is_read_as_csv_unhinted(tmp_path: Path) -> None:
+    """`df.to_csv("data.csv.gz")` writes an unnamed index column first; sent as gzip (what the
+    CLI sends for .gz) it was read as JSONL, every line 'not valid JSON'."""
+    data = b",prompt,chosen,rejected\n0,Hi?,Hello,Go away\n1,Q2,A2,B2\n"
+    result, out = ingest(write(tmp_path, "data.csv.gz", gzip.compress(data)))
+    assert (result.container, result.rows) == ("csv", 2)
+    assert msgspec.json.decode(out.splitlines()[0]) == {
+        "prompt": "Hi?",
+        "chosen": "Hello",
+        "rejected": "Go away",
+    }
+    [warning] = result.warnings
+    assert warning.msg.startswith("column '' ignored in 2 rows (an unnamed column")
 
 
 @pytest.mark.parametrize(
