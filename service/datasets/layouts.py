@@ -39,6 +39,9 @@ SYSTEM_COLUMNS = ("system", "system_prompt", "system_message")
 CONVERSATION_COLUMNS = ("conversations", "messages")
 PROMPT_LIKE = frozenset((*SYSTEM_COLUMNS, "instruction", "input", "history", "context"))
 """Columns whose text belongs in the prompt: a mapping that leaves one unused gets a warning."""
+_PROMPT_HOLDERS = ("instruction", "question", "query", "input", "messages", "conversations")
+"""Columns that hold a row's prompt in the layouts we read: a mapping with no prompt column
+must not split chosen and rejected for one (they share only a first letter or word)."""
 
 _OPENAI_KEYS = ("input", "preferred_output", "non_preferred_output")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
@@ -364,6 +367,14 @@ def _mapped(obj: dict[str, Any], m: FieldMapping) -> Normalized:
             "rejected hold their earlier turns there too",
         )
     else:
+        for name in _PROMPT_HOLDERS:
+            if not blank(obj.get(name)):
+                raise RowInvalid(
+                    name,
+                    "the mapping names no prompt_field and the row has no 'prompt', so chosen "
+                    f"and rejected would be split where they stop agreeing, but {name!r} holds "
+                    f"the prompt: map it (prompt_field={name}), or leave the mapping out",
+                )
         row, _, prompt = _without_prompt(obj, cf, rf, m.system_field, used, mapped=True)
     mapping = _describe(prompt, cf, rf, m.system_field, m.history_field)
     return Normalized(row, "mapped", mapping, _ignored(obj, used))

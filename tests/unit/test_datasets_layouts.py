@@ -485,6 +485,25 @@ def test_a_mapping_names_a_missing_prompt_column_and_history_without_a_prompt(
         assert error.field == field and error.msg.startswith(words), error
 
 
+def test_a_mapping_of_the_answers_only_never_splits_them_for_a_prompt(tmp_path: Path) -> None:
+    """Argilla rows mapped by their answer columns only: 'An apple.' and 'A car.' were split
+    into the prompt 'A' (their common start) while 'instruction' held the real prompt."""
+    path = tmp_path / "argilla.jsonl"
+    row = {
+        "instruction": "Name a fruit.",
+        "chosen_response": "An apple.",
+        "rejected_response": "A car.",
+    }
+    path.write_text(json.dumps(row) + "\n")
+    mapping = FieldMapping(chosen_field="chosen_response", rejected_field="rejected_response")
+    with pytest.raises(InvalidDataset) as refused:
+        ingest(path, mapping=mapping)
+    [error] = refused.value.errors
+    assert error.field == "instruction" and "prompt_field=instruction" in error.msg
+    result, rows, _ = ingest(path)  # the same file with no mapping is read as argilla's
+    assert rows[0]["prompt"] == "Name a fruit." and rows[0]["chosen"] == "An apple."
+
+
 def test_a_mapping_without_system_field_warns_about_the_system_column() -> None:
     mapping = FieldMapping(prompt_field="question")
     result, rows, _ = ingest(FIXTURES / "axolotl_intel.jsonl", mapping=mapping)
