@@ -37,7 +37,7 @@ from service.datasets.collect import (
     Limits,
     made_conversational,
 )
-from service.datasets.layouts import SYSTEM_COLUMNS
+from service.datasets.layouts import SYSTEM_COLUMNS, preamble
 from service.datasets.messages import (
     Msg,
     RowInvalid,
@@ -78,8 +78,11 @@ def detect_kind(obj: object, mapping: FieldMapping | None) -> DatasetKind:
     return "preference"
 
 
-def normalize(obj: object, kind_: DatasetKind, mapping: FieldMapping | None) -> dict[str, Any]:
-    """One sft or unpaired row in canonical form; RowInvalid names the field at fault."""
+def normalize(
+    obj: object, kind_: DatasetKind, mapping: FieldMapping | None
+) -> tuple[dict[str, Any], set[str]]:
+    """One sft or unpaired row in canonical form, and the system and history columns it used
+    (others are named as ignored); RowInvalid names the field at fault."""
     m = mapping or FieldMapping()
     if not isinstance(obj, dict):
         raise RowInvalid(None, f"expected a JSON object, got {kind(obj)}")
@@ -93,27 +96,29 @@ def normalize(obj: object, kind_: DatasetKind, mapping: FieldMapping | None) -> 
         if completion_field not in obj:
             raise RowInvalid(completion_field, f"missing field {completion_field!r}")
         row = _pair(obj[m.prompt_field], obj[completion_field], m.prompt_field, completion_field)
-    system_field = m.system_field or next((c for c in SYSTEM_COLUMNS if c in obj), None)
-    if system_field is not None and system_field in obj:
+    present = [c for c in SYSTEM_COLUMNS if c in obj]
+    system_field = m.system_field or next((c for c in present if not blank(obj[c])), None)
+    system_field = system_field or next(iter(present), None)
+    history_field = m.history_field if m.history_field in obj else None
+    used: set[str] = set()
+    if system_field in obj or history_field is not None:
         # A row with a system column is a conversation, even where the column is blank: a
         # file's rows must all be texts or all conversations.
         if isinstance(row["prompt"], str):
             row = as_conversation(row)
-        if not blank(obj[system_field]) and row["prompt"][0]["role"] != "system":
-            system = {"role": "system", "content": text(obj[system_field], system_field)}
-            row["prompt"] = [system, *row["prompt"]]
+        row["prompt"] = preamble(obj, row["prompt"], system_field, history_field, used)
     if kind_ == "unpaired":
         label_field = m.label_field or "label"
         if label_field not in obj:
             raise RowInvalid(label_field, f"missing field {label_field!r} (true or false)")
         row["label"] = _label(obj[label_field], label_field)
-    return row
+    return row, used
 
 
 def used_columns(kind_: DatasetKind, mapping: FieldMapping | None) -> set[str]:
+    """The columns every row uses; a row's system and history columns are its own."""
     m = mapping or FieldMapping()
     used = {m.prompt_field, m.completion_field or "completion", m.messages_field or "messages"}
-    used |= {m.system_field} if m.system_field is not None else set(SYSTEM_COLUMNS)
     if kind_ == "unpaired":
         used.add(m.label_field or "label")
     return used
@@ -278,7 +283,7 @@ class KindCollector:
 
     def _row(self, line: int, obj: Any) -> None:
         try:
-            row = normalize(obj, self.kind, self.mapping)
+            row, own = normalize(obj, self.kind, self.mapping)
         except RowInvalid as e:
             self.errors.add(line, e.field, e.msg)
             return
@@ -301,7 +306,9 @@ class KindCollector:
         ):
             self.converted.lines.append(line)  # the first text rows, in case they turn
         for name in obj:
-            if name not in self.used and not blank(obj[name]) and len(self.ignored) < MAX_COLUMNS:
+            if name in self.used or name in own:
+                continue
+            if not blank(obj[name]) and len(self.ignored) < MAX_COLUMNS:
                 self.ignored.setdefault(name, Tally()).add(line)
         self.held.append((line, row))
         if len(self.held) >= _MAX_HELD:

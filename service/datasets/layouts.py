@@ -74,7 +74,7 @@ def _missing(field: str, obj: dict[str, Any], hint: str) -> RowInvalid:
     return RowInvalid(field, f"missing field {field!r} (the row has: {keys}){hint}")
 
 
-def _preamble(
+def preamble(
     obj: dict[str, Any],
     shared: list[Msg],
     system_col: str | None,
@@ -137,7 +137,7 @@ def _text_prompt(
         c, r = _texts(chosen, rejected, cf, rf, pf)
         return {"prompt": prompt, "chosen": c, "rejected": r}
     shared = [{"role": "user", "content": prompt}]
-    msgs = _preamble(obj, shared, system_col, history_col, used)
+    msgs = preamble(obj, shared, system_col, history_col, used)
     cm, rm = _answers(chosen, rejected, cf, rf)
     return {"prompt": msgs, "chosen": cm, "rejected": rm}
 
@@ -168,7 +168,7 @@ def _prompt_and_conversations(
                 f"the {pf} is not the last user message of the conversation {cf} and {rf} "
                 f"share ({short(last)}): which one is the prompt?",
             )
-    msgs = _preamble(obj, shared, system_col, history_col, used)
+    msgs = preamble(obj, shared, system_col, history_col, used)
     return {"prompt": msgs, "chosen": c, "rejected": r}
 
 
@@ -289,18 +289,18 @@ def _without_prompt(
     if isinstance(chosen, list) and isinstance(rejected, list):
         c, r = messages(chosen, cf), messages(rejected, rf)
         shared, cm, rm = split_conversations(c, r, cf, rf)
-        msgs = _preamble(obj, shared, system_col, None, used)
+        msgs = preamble(obj, shared, system_col, None, used)
         row: dict[str, Any] = {"prompt": msgs, "chosen": cm, "rejected": rm}
         return row, "mapped" if mapped else "implicit_prompt", f"shared start of {cf} and {rf}"
     if isinstance(chosen, str) and isinstance(rejected, str):
         if chosen.lstrip().startswith(_HH_START) or rejected.lstrip().startswith(_HH_START):
             row = _hh(chosen, rejected, cf, rf)
-            row["prompt"] = _preamble(obj, row["prompt"], system_col, None, used)
+            row["prompt"] = preamble(obj, row["prompt"], system_col, None, used)
             return row, "mapped" if mapped else "hh", f"shared turns of {cf} and {rf} (HH)"
         row = _implicit_text(chosen, rejected, cf, rf)
         if system_col is not None:
             row = {
-                "prompt": _preamble(
+                "prompt": preamble(
                     obj, [{"role": "user", "content": row["prompt"]}], system_col, None, used
                 ),
                 "chosen": [{"role": "assistant", "content": row["chosen"]}],
@@ -333,7 +333,7 @@ def _with_prompt(
             return _prompt_and_conversations(obj, p, cols, chosen, rejected, used), True
         return _text_prompt(obj, p, cols, chosen, rejected, used, strict=True), False
     if isinstance(prompt, list):
-        msgs = _preamble(obj, messages(prompt, pf), system_col, history_col, used)
+        msgs = preamble(obj, messages(prompt, pf), system_col, history_col, used)
         check_prompt(msgs, pf)
         c, r = messages(chosen, cf, pf), messages(rejected, rf, pf)
         check_completion(c, cf)
@@ -471,7 +471,7 @@ def normalize(obj: object, mapping: FieldMapping | None = None) -> Normalized:
     conv = _first(obj, CONVERSATION_COLUMNS)
     if conv is not None and isinstance(obj[conv], list):
         used.add(conv)
-        msgs = _preamble(obj, messages(obj[conv], conv), system_col, history_col, used)
+        msgs = preamble(obj, messages(obj[conv], conv), system_col, history_col, used)
         check_prompt(msgs, conv)
         c, r = _answers(obj[cf], obj[rf], cf, rf)
         sharegpt = isinstance(obj[conv][0], dict) and "from" in obj[conv][0]

@@ -74,6 +74,49 @@ def test_a_row_repeated_across_the_switch_to_chats_is_a_duplicate(tmp_path: Path
     assert (warning.count, warning.lines) == (2, [3, 4])
 
 
+def test_a_history_field_puts_the_earlier_turns_first(tmp_path: Path) -> None:
+    """sft and kto rows take history_field as preference rows do (it was accepted and the
+    earlier turns dropped, while a warning said to map the column that was mapped)."""
+    row = {"q": "Hi", "a": "Hello", "l": False, "turns": [["Earlier q", "Earlier a"]]}
+    mapping = FieldMapping(
+        prompt_field="q", completion_field="a", label_field="l", history_field="turns"
+    )
+    result, out = validate(tmp_path, [row], mapping=mapping)
+    assert result.kind == "unpaired"
+    assert [w.kind for w in result.warnings] == ["one_label"]  # no column left out
+    assert out[0] == {
+        "prompt": [
+            {"role": "user", "content": "Earlier q"},
+            {"role": "assistant", "content": "Earlier a"},
+            {"role": "user", "content": "Hi"},
+        ],
+        "completion": [{"role": "assistant", "content": "Hello"}],
+        "label": False,
+    }
+
+
+def test_a_system_column_left_out_is_named(tmp_path: Path) -> None:
+    """Every system column counted as used, so one left out went silently: the blank
+    'system' was taken over the pirate's 'system_prompt', the second of two columns was
+    dropped, and so was a column beside a chat that opens with its own system message."""
+    chat = [
+        {"role": "system", "content": "S1"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": "a"},
+    ]
+    rows = [
+        {"prompt": "Hi", "completion": "Hello", "system": "", "system_prompt": "A pirate."},
+        {"prompt": "Hi2", "completion": "Hello2", "system_message": "Nice.", "system": "Mean."},
+        {"messages": chat, "system": "S2"},
+    ]
+    result, out = validate(tmp_path, rows)
+    assert out[0]["prompt"][0] == {"role": "system", "content": "A pirate."}
+    assert out[1]["prompt"][0] == {"role": "system", "content": "Mean."}
+    assert out[2]["prompt"][0] == {"role": "system", "content": "S1"}
+    ignored = {w.msg.split(" ignored")[0]: w.lines for w in result.warnings}
+    assert ignored == {"column 'system_message'": [2], "column 'system'": [3]}
+
+
 def test_csv_labels_and_a_system_column(tmp_path: Path) -> None:
     path = tmp_path / "ratings.csv"
     path.write_text("prompt,completion,label,system,score\nq1,a1,true,Be brief.,3\nq2,a2,0,,1\n")
