@@ -500,7 +500,7 @@ def test_a_mapping_of_the_answers_only_never_splits_them_for_a_prompt(tmp_path: 
         ingest(path, mapping=mapping)
     [error] = refused.value.errors
     assert error.field == "instruction" and "prompt_field=instruction" in error.msg
-    result, rows, _ = ingest(path)  # the same file with no mapping is read as argilla's
+    _, rows, _ = ingest(path)  # the same file with no mapping is read as argilla's
     assert rows[0]["prompt"] == "Name a fruit." and rows[0]["chosen"] == "An apple."
 
 
