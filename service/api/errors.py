@@ -151,6 +151,11 @@ _AT = re.compile(r"\s*-\s*at `\$(?P<path>[^`]*)`$")
 _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]+)`")
 
 
+def _path(path: str) -> list[str]:
+    """msgspec's `a.b[0]` as its parts; a mapping's value, `[...]` (no key), ends at the map."""
+    return [p for p in re.split(r"[.\[\]]", path) if p]
+
+
 def _validation(exc: ValidationException) -> Response[Problem]:
     errors: list[FieldError] = []
     in_body = False
@@ -164,9 +169,9 @@ def _validation(exc: ValidationException) -> Response[Problem]:
         loc = [source]
         if match := _AT.search(message):
             message = message[: match.start()]
-            loc += [p for p in re.split(r"[.\[\]]", match.group("path")) if p]
+            loc += _path(match.group("path"))
         elif item.get("key") and not (source == "body" and item["key"] == "data"):
-            loc += str(item["key"]).split(".")  # a parameter's name ("data" is the body's own)
+            loc += _path(str(item["key"]))  # a parameter's name ("data" is the body's own)
         if unknown := _UNKNOWN.match(message):  # the field itself is where it is wrong
             loc.append(unknown.group("field"))
         errors.append(FieldError(msg=message, loc=loc))

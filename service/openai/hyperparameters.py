@@ -73,6 +73,13 @@ def requested(create: FineTuningJobCreate) -> Requested:
                 "at the top level (OpenAI's deprecated form), not both",
             )
         method = create.method
+        for other in ("dpo", "supervised"):
+            if other != method.type and getattr(method, other) is not None:
+                raise SpecError(
+                    f"method.{other}",
+                    f"method.type is {method.type!r}: give its settings in "
+                    f"method.{method.type}, not method.{other} (they would be ignored)",
+                )
         if method.type == "supervised":
             given = method.supervised.hyperparameters if method.supervised else None
         else:

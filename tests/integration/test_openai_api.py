@@ -162,6 +162,20 @@ def test_explicit_hyperparameters_and_our_options(client: openai.OpenAI) -> None
             extra_body={"training": {"max_steps": 30}},
         )
     assert bad.value.param == "hyperparameters.n_epochs"  # where this body gave it
+    with pytest.raises(openai.BadRequestError) as bad:  # the settings of another method
+        client.fine_tuning.jobs.create(
+            model=MODEL,
+            training_file=train,
+            method={"type": "dpo", "supervised": {"hyperparameters": {"n_epochs": 7}}},
+        )
+    assert bad.value.param == "method.supervised" and "method.dpo" in bad.value.message
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.fine_tuning.jobs.create(
+            model=MODEL,
+            training_file=train,
+            metadata={"team": 5},  # type: ignore[dict-item]
+        )
+    assert bad.value.param == "metadata"  # was "metadata[...]"
 
 
 def test_jobs_page_newest_first_and_filter_by_metadata(client: openai.OpenAI) -> None:
