@@ -353,6 +353,11 @@ class Collector:
             return
         self._normalize(line, obj)
 
+    def add_invalid(self, line: int, field: str | None, msg: str) -> None:
+        """A row that could not be read, numbered ``line``."""
+        if self._record(line):
+            self.error(line, field, msg)
+
     def add_object(self, line: int, obj: Any) -> None:
         """A row already decoded (from a JSON array, Parquet or CSV), numbered ``line``."""
         if self._record(line):

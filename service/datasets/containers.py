@@ -69,6 +69,15 @@ class DatasetTooLarge(Exception):
     """The dataset (decompressed) is over the size limit (answered with 413)."""
 
 
+@dataclass(frozen=True)
+class BadCell:
+    """A row that cannot be read (a CSV cell not UTF-8): an error at its row, as for a JSONL
+    line, so `on_invalid=skip` can leave it out."""
+
+    column: str
+    msg: str
+
+
 class FileProblem(Exception):
     """The file broke off in a way no later row can be read from (e.g. a JSON array cut short)."""
 
@@ -396,27 +405,53 @@ class _Chained(io.RawIOBase):
         return len(data)
 
 
-def csv_rows(src: IO[bytes], max_field_bytes: int) -> Iterator[tuple[int, dict[str, Any]]]:
+def csv_rows(
+    src: IO[bytes], max_field_bytes: int
+) -> Iterator[tuple[int, dict[str, Any] | BadCell]]:
     """Rows of a CSV file with a header row, as ``{column: text}`` (every column in every
-    row, so a ``system`` column makes every row a conversation, empty cells or not)."""
-    text = io.TextIOWrapper(src, encoding="utf-8-sig", newline="")
+    row, so a ``system`` column makes every row a conversation, empty cells or not). Bytes
+    that are not UTF-8 are a :class:`BadCell` at their row (a whole file in a legacy encoding
+    is refused before, by its first bytes)."""
+    text = io.TextIOWrapper(src, encoding="utf-8-sig", errors="surrogateescape", newline="")
     first = text.readline()
     delimiter = max((",", "\t", ";"), key=first.count)
     if csv.field_size_limit() < max_field_bytes:
         csv.field_size_limit(max_field_bytes)
     reader = csv.reader(_lines(first, text), delimiter=delimiter)
     header = next(reader)
+    if any(map(_ESCAPED.search, header)):
+        raise FileProblem(1, "the CSV header row is not UTF-8 text: save the file as UTF-8")
     n = 0
     try:
         for n, cells in enumerate(reader, 1):
             if not any(cells):
                 continue
+            bad = next((i for i, cell in enumerate(cells) if _ESCAPED.search(cell)), None)
+            if bad is not None:
+                yield n, _undecoded(header, cells, bad)
+                continue
             row: dict[str, Any] = dict(zip(header, cells, strict=False))
             if len(cells) > len(header):
                 row[f"(column {len(header) + 1})"] = cells[len(header)]
             yield n, row
-    except (csv.Error, UnicodeDecodeError) as e:
+    except csv.Error as e:
         raise FileProblem(n + 1, f"row {n + 1} of the CSV file cannot be read: {e}") from None
+
+
+_ESCAPED = re.compile("[\udc80-\udcff]")
+"""A byte that was not UTF-8, as the decoder's surrogateescape keeps it."""
+
+
+def _undecoded(header: list[str], cells: list[str], i: int) -> BadCell:
+    column = header[i] if i < len(header) else f"(column {i + 1})"
+    match = _ESCAPED.search(cells[i])
+    assert match is not None
+    byte = ord(match.group()) - 0xDC00
+    return BadCell(
+        column,
+        f"the text is not UTF-8: byte 0x{byte:02x} at character {match.start()}; "
+        "save the file as UTF-8",
+    )
 
 
 def _lines(first: str, rest: IO[str]) -> Iterator[str]:

@@ -65,15 +65,22 @@ _PREFERENCE_KEYS = frozenset(
 _MAX_HELD = 512
 
 
-def detect_kind(obj: object, mapping: FieldMapping | None) -> DatasetKind:
-    """The kind a row (the first of a file) is: the mapping decides if it names one."""
+HEAD_ROWS = 16
+"""Rows a file's kind is told from: its first rows that can be read (one cut short, or a kto
+row that lacks its label, does not decide alone)."""
+
+
+def detect_kind(rows: list[Any], mapping: FieldMapping | None) -> DatasetKind:
+    """The kind a file's first readable rows are: the mapping decides if it names one."""
     if mapping is not None and mapping.kind() != "preference":
         return mapping.kind()
-    if not isinstance(obj, dict) or _PREFERENCE_KEYS & obj.keys():
+    first = rows[0] if rows else None
+    if not isinstance(first, dict) or _PREFERENCE_KEYS & first.keys():
         return "preference"
-    if "completion" in obj:
-        return "unpaired" if "label" in obj else "sft"
-    if isinstance(obj.get("messages"), list):
+    if "completion" in first:
+        labelled = any(isinstance(r, dict) and "label" in r for r in rows)
+        return "unpaired" if labelled else "sft"
+    if isinstance(first.get("messages"), list):
         return "sft"
     return "preference"
 
@@ -269,6 +276,11 @@ class KindCollector:
                 self.errors.add(line, None, decode_error(raw, line, e))
                 continue
             self._row(line, obj)
+
+    def add_invalid(self, line: int, field: str | None, msg: str) -> None:
+        """A row that could not be read, numbered ``line``."""
+        if self._record(line):
+            self.errors.add(line, field, msg)
 
     def add_object(self, line: int, obj: Any) -> None:
         if self._record(line):

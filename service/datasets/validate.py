@@ -35,6 +35,7 @@ from service.datasets.collect import (
     RowError,
 )
 from service.datasets.containers import (
+    BadCell,
     FileProblem,
     JsonlBlocks,
     Opened,
@@ -44,7 +45,7 @@ from service.datasets.containers import (
     open_dataset,
     parquet_lines,
 )
-from service.datasets.kinds import KindCollector, detect_kind
+from service.datasets.kinds import HEAD_ROWS, KindCollector, detect_kind
 from service.datasets.output import Sink, restart
 from service.datasets.stats import WARNING_LINES
 
@@ -103,10 +104,10 @@ class _Pass:
         self.mapping = mapping
         self.ingest: Ingest | None = None
 
-    def collector(self, first_row: Any = None) -> Ingest:
-        """The pass's collector, made for the kind of ``first_row`` if there is none yet."""
+    def collector(self, head: list[Any] | None = None) -> Ingest:
+        """The pass's collector, made for the kind of the ``head`` rows if there is none yet."""
         if self.ingest is None:
-            self.ingest = self.make(detect_kind(first_row, self.mapping))
+            self.ingest = self.make(detect_kind(head or [], self.mapping))
         return self.ingest
 
     def stop(self) -> None:
@@ -130,9 +131,9 @@ def _read(
                 blocks = JsonlBlocks(stream, limits.max_line_bytes)
                 items: Blocks = iter(blocks)
                 if run.ingest is None:
-                    taken, row = _first_line(items)
+                    taken, head = _head_lines(items)
                     items = itertools.chain(taken, items)
-                    run.collector(row)
+                    run.collector(head)
                 return opened, _jsonl(run.collector(), blocks, offset, items)
         objects: Iterator[tuple[int, Any]]
         if opened.container == "csv":
@@ -142,13 +143,15 @@ def _read(
         last = offset
         try:
             if run.ingest is None:
-                head = next(objects, None)
-                run.collector(head[1] if head else None)
-                objects = itertools.chain([head] if head else [], objects)
+                peeked, objects = _peek(objects)
+                run.collector([obj for _, obj in peeked if not isinstance(obj, BadCell)])
             ingest = run.collector()
             for n, obj in objects:
                 last = offset + n
-                ingest.add_object(last, obj)
+                if isinstance(obj, BadCell):
+                    ingest.add_invalid(last, obj.column, obj.msg)
+                else:
+                    ingest.add_object(last, obj)
                 if ingest.stopped:
                     break
         except FileProblem as e:
@@ -237,27 +240,51 @@ def _plain_preference(
         with open_dataset(path, hint=hint, max_bytes=limits.max_bytes) as opened:
             if opened.container != "jsonl" or opened.compressed:
                 return False
-            _, row = _first_line(iter(JsonlBlocks(opened.stream, limits.max_line_bytes)))
+            _, head = _head_lines(iter(JsonlBlocks(opened.stream, limits.max_line_bytes)))
     except UnsupportedFile:  # reported by the pass
         return False
-    return detect_kind(row, mapping) == "preference"
+    return detect_kind(head, mapping) == "preference"
 
 
-def _first_line(blocks: Blocks) -> tuple[list[tuple[int, list[bytes | None]]], Any]:
-    """The first row of JSONL blocks (None if there is none, or it cannot be read: the pass
-    says why), and the block it was found in, to be fed again (blocks of blank lines before
-    it are left out: they add nothing)."""
+def _peek(
+    objects: Iterator[tuple[int, Any]],
+) -> tuple[list[tuple[int, Any]], Iterator[tuple[int, Any]]]:
+    """The first :data:`HEAD_ROWS` objects, and all of them again (a file that breaks off
+    among the first still has the rows before fed, then its problem raised)."""
+    peeked: list[tuple[int, Any]] = []
+    try:
+        peeked.extend(itertools.islice(objects, HEAD_ROWS))
+    except FileProblem as problem:
+        caught = problem
+
+        def then_raise() -> Iterator[tuple[int, Any]]:
+            raise caught
+            yield  # a generator
+
+        return peeked, itertools.chain(list(peeked), then_raise())
+    return peeked, itertools.chain(list(peeked), objects)
+
+
+def _head_lines(blocks: Blocks) -> tuple[list[tuple[int, list[bytes | None]]], list[Any]]:
+    """The first rows of JSONL blocks that can be read (up to :data:`HEAD_ROWS` lines; the
+    pass reports the others), and the blocks they were found in, to be fed again (blocks of
+    blank lines before them are left out: they add nothing)."""
+    taken: list[tuple[int, list[bytes | None]]] = []
+    rows: list[Any] = []
+    seen = 0
     for item in blocks:
+        if taken or any(raw is None or raw.strip() for raw in item[1]):
+            taken.append(item)
         for raw in item[1]:
-            if raw is None:
-                return [item], None
-            raw = raw.removeprefix(b"\xef\xbb\xbf")
-            if raw.strip():
-                try:
-                    return [item], msgspec.json.decode(raw)
-                except Exception:  # the pass reports it at its line
-                    return [item], None
-    return [], None
+            if raw is None or not raw.strip():
+                seen += raw is None
+                continue
+            seen += 1
+            with contextlib.suppress(Exception):  # the pass reports it at its line
+                rows.append(msgspec.json.decode(raw.removeprefix(b"\xef\xbb\xbf")))
+            if seen >= HEAD_ROWS:
+                return taken, rows
+    return taken, rows
 
 
 __all__ = [

@@ -161,6 +161,20 @@ def test_a_pandas_csv_with_its_index_column_is_read_as_csv_unhinted(tmp_path: Pa
     assert warning.msg.startswith("column '' ignored in 2 rows (an unnamed column")
 
 
+@pytest.mark.parametrize("at", [2, 401], ids=["first-block", "later"])
+def test_a_csv_byte_that_is_not_utf8_is_an_error_at_its_row(tmp_path: Path, at: int) -> None:
+    """As a JSONL line's: at its row, skippable (it was a 400 'the request body is not UTF-8'
+    near the start, and later an error at a row the decoder's read-ahead chose, unskippable)."""
+    rows = [f"q{i},a{i},b{i}\n".encode() for i in range(1, 501)]
+    rows[at - 1] = b"caf\xe9,a,b\n"
+    path = write(tmp_path, "a.csv", b"prompt,chosen,rejected\n" + b"".join(rows))
+    assert errors(path, hint="csv") == [
+        (at, "prompt", "the text is not UTF-8: byte 0xe9 at character 3; save the file as UTF-8")
+    ]
+    result, out = ingest(path, hint="csv", on_invalid="skip")
+    assert result.rows == 499 and b"caf" not in out
+
+
 @pytest.mark.parametrize(
     ("data", "found"),
     [

@@ -117,6 +117,26 @@ def test_a_system_column_left_out_is_named(tmp_path: Path) -> None:
     assert ignored == {"column 'system_message'": [2], "column 'system'": [3]}
 
 
+def test_the_kind_is_told_from_the_first_rows_that_can_be_read(tmp_path: Path) -> None:
+    """A first line cut short made an sft file a preference one (every row 'missing field
+    chosen', even with skip); a kto file whose first row lacks its label was taken as sft,
+    its labels ignored."""
+    path = tmp_path / "cut.jsonl"
+    good = [json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) for i in range(3)]
+    path.write_text('{"prompt": "a", "completion": "b"\n' + "\n".join(good) + "\n")
+    result = validate_file(path, io.BytesIO(), on_invalid="skip", max_invalid_fraction=0.5)
+    assert (result.kind, result.rows) == ("sft", 3)
+    rows = [
+        {"prompt": "q0", "completion": "a0"},
+        {"prompt": "q1", "completion": "a1", "label": True},
+        {"prompt": "q2", "completion": "a2", "label": False},
+    ]
+    with pytest.raises(InvalidDataset) as refused:
+        validate(tmp_path, rows)
+    [error] = refused.value.errors
+    assert (error.line, error.field) == (1, "label")
+
+
 def test_csv_labels_and_a_system_column(tmp_path: Path) -> None:
     path = tmp_path / "ratings.csv"
     path.write_text("prompt,completion,label,system,score\nq1,a1,true,Be brief.,3\nq2,a2,0,,1\n")
