@@ -71,10 +71,10 @@ class DatasetTooLarge(Exception):
 
 @dataclass(frozen=True)
 class BadCell:
-    """A row that cannot be read (a CSV cell not UTF-8): an error at its row, as for a JSONL
-    line, so `on_invalid=skip` can leave it out."""
+    """A row that cannot be read (a CSV cell not UTF-8, a row past the size limit): an error
+    at its row, as for a JSONL line, so `on_invalid=skip` can leave it out."""
 
-    column: str
+    column: str | None
     msg: str
 
 
@@ -357,6 +357,16 @@ class _Guarded(io.RawIOBase):
         return len(data)
 
 
+def _sized(n: int, row: Any, limit: int) -> Any:
+    """The row, or a BadCell if it is longer than a JSONL line may be (written as one)."""
+    import msgspec
+
+    size = len(msgspec.json.encode(row))
+    if size <= limit:
+        return row
+    return BadCell(None, f"row {n} is longer than the limit of {limit} bytes ({size} as one line)")
+
+
 def json_rows(src: IO[bytes], max_row_bytes: int) -> Iterator[tuple[int, Any]]:
     """Rows of a JSON array, or of JSON values one after another, streamed."""
     import ijson
@@ -374,7 +384,7 @@ def json_rows(src: IO[bytes], max_row_bytes: int) -> Iterator[tuple[int, Any]]:
     try:
         for n, item in enumerate(items, 1):
             guard.since = 0
-            yield n, item
+            yield n, _sized(n, item, max_row_bytes)
     except FileProblem as e:
         raise FileProblem(n + 1, f"row {n + 1}: {e.msg}") from None
     except ijson.JSONError as e:
@@ -430,6 +440,12 @@ def csv_rows(
             if bad is not None:
                 yield n, _undecoded(header, cells, bad)
                 continue
+            if sum(map(len, cells)) * 4 > max_field_bytes:  # else its UTF-8 cannot be longer
+                size = sum(len(cell.encode()) for cell in cells)
+                if size > max_field_bytes:
+                    msg = f"row {n} is longer than the limit of {max_field_bytes} bytes ({size})"
+                    yield n, BadCell(None, msg)
+                    continue
             row: dict[str, Any] = dict(zip(header, cells, strict=False))
             if len(cells) > len(header):
                 row[f"(column {len(header) + 1})"] = cells[len(header)]

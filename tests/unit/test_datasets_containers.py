@@ -109,6 +109,24 @@ def test_a_json_array_row_over_the_line_limit_stops_the_read(tmp_path: Path) -> 
     assert line == 2 and "longer than the limit of" in msg
 
 
+def test_a_row_over_the_limit_is_refused_in_arrays_and_csv_as_in_jsonl(tmp_path: Path) -> None:
+    """A row a little over the limit passed as a JSON array element (the read's guard allows
+    the limit plus what it reads ahead) and as a CSV row of fields each under it."""
+    limits = Limits(max_line_bytes=64 * 1024)
+    rows = [ROWS[0], {**ROWS[1], "prompt": "x" * 100_000}, ROWS[2]]
+    array = write(tmp_path, "a.json", json.dumps(rows).encode())
+    [(line, _, msg)] = errors(array, limits=limits)
+    assert line == 2 and msg.startswith("row 2 is longer than the limit of 65536 bytes")
+    cells = ",".join(["y" * 60_000] * 3)
+    csv_file = write(tmp_path, "a.csv", f"prompt,chosen,rejected\nq,a,b\n{cells}\n".encode())
+    [(line, _, msg)] = errors(csv_file, hint="csv", limits=limits)
+    assert line == 2 and msg == "row 2 is longer than the limit of 65536 bytes (180000)"
+    result, _ = ingest(
+        csv_file, hint="csv", limits=limits, on_invalid="skip", max_invalid_fraction=0.5
+    )
+    assert result.rows == 1
+
+
 def test_gzip_is_limited_decompressed_and_must_be_gzip(tmp_path: Path) -> None:
     bomb = write(tmp_path, "bomb.gz", gzip.compress(CANONICAL * 1000))
     with pytest.raises(DatasetTooLarge, match="decompresses to more than the limit of 4096"):
