@@ -37,7 +37,7 @@ from service.datasets.collect import (
     Limits,
     made_conversational,
 )
-from service.datasets.layouts import SYSTEM_COLUMNS, preamble
+from service.datasets.layouts import SYSTEM_COLUMNS, alpaca_prompt, preamble
 from service.datasets.messages import (
     Msg,
     RowInvalid,
@@ -65,6 +65,8 @@ _PREFERENCE_KEYS = frozenset(
 _MAX_HELD = 512
 
 
+_LABELS = frozenset(("label", "kto_tag"))
+"""Where a row says whether its answer is good: ours (TRL's), LLaMA-Factory's KTO column."""
 HEAD_ROWS = 16
 """Rows a file's kind is told from: its first rows that can be read (one cut short, or a kto
 row that lacks its label, does not decide alone)."""
@@ -77,11 +79,12 @@ def detect_kind(rows: list[Any], mapping: FieldMapping | None) -> DatasetKind:
     first = rows[0] if rows else None
     if not isinstance(first, dict) or _PREFERENCE_KEYS & first.keys():
         return "preference"
+    labelled = any(isinstance(r, dict) and _LABELS & r.keys() for r in rows)
     if "completion" in first:
-        labelled = any(isinstance(r, dict) and "label" in r for r in rows)
         return "unpaired" if labelled else "sft"
-    if isinstance(first.get("messages"), list):
-        return "sft"
+    chat = any(isinstance(first.get(c), list) for c in ("messages", "conversations"))
+    if chat or ("instruction" in first and isinstance(first.get("output"), str)):
+        return "unpaired" if labelled else "sft"
     return "preference"
 
 
@@ -93,10 +96,21 @@ def normalize(
     m = mapping or FieldMapping()
     if not isinstance(obj, dict):
         raise RowInvalid(None, f"expected a JSON object, got {kind(obj)}")
-    messages_field = m.messages_field or "messages"
+    messages_field = m.messages_field or (
+        "conversations" if mapping is None and "messages" not in obj else "messages"
+    )
     completion_field = m.completion_field or "completion"
+    used: set[str] = set()
+    history_field = m.history_field if m.history_field in obj else None
     if completion_field not in obj and isinstance(obj.get(messages_field), list):
-        row = _chat(obj[messages_field], messages_field)
+        row = _chat(obj[messages_field], messages_field)  # OpenAI's chats, ShareGPT's
+        used.add(messages_field)
+    elif mapping is None and "instruction" in obj and "output" in obj and "prompt" not in obj:
+        # LLaMA-Factory's alpaca form: instruction, then input; output; history, system
+        prompt, _ = alpaca_prompt(obj, used)
+        row = _pair(prompt, obj["output"], "instruction", "output")
+        used.add("output")
+        history_field = "history" if "history" in obj else None
     else:
         if m.prompt_field not in obj:
             raise RowInvalid(m.prompt_field, f"missing field {m.prompt_field!r}")
@@ -106,8 +120,6 @@ def normalize(
     present = [c for c in SYSTEM_COLUMNS if c in obj]
     system_field = m.system_field or next((c for c in present if not blank(obj[c])), None)
     system_field = system_field or next(iter(present), None)
-    history_field = m.history_field if m.history_field in obj else None
-    used: set[str] = set()
     if system_field in obj or history_field is not None:
         # A row with a system column is a conversation, even where the column is blank: a
         # file's rows must all be texts or all conversations.
@@ -115,7 +127,8 @@ def normalize(
             row = as_conversation(row)
         row["prompt"] = preamble(obj, row["prompt"], system_field, history_field, used)
     if kind_ == "unpaired":
-        label_field = m.label_field or "label"
+        label_field = m.label_field or ("kto_tag" if "kto_tag" in obj else "label")
+        used.add(label_field)
         if label_field not in obj:
             raise RowInvalid(label_field, f"missing field {label_field!r} (true or false)")
         row["label"] = _label(obj[label_field], label_field)

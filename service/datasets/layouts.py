@@ -380,7 +380,7 @@ def _mapped(obj: dict[str, Any], m: FieldMapping) -> Normalized:
     return Normalized(row, "mapped", mapping, _ignored(obj, used))
 
 
-def _alpaca_prompt(obj: dict[str, Any], used: set[str]) -> tuple[str, str]:
+def alpaca_prompt(obj: dict[str, Any], used: set[str]) -> tuple[str, str]:
     """LLaMA-Factory's alpaca prompt: ``instruction``, then ``input`` on the next line."""
     parts, names = [], []
     for name in ("instruction", "input"):
@@ -458,7 +458,7 @@ def normalize(obj: object, mapping: FieldMapping | None = None) -> Normalized:
         else:
             if "instruction" in obj:
                 pf = "instruction"
-                prompt, prompt_name = _alpaca_prompt(obj, used)
+                prompt, prompt_name = alpaca_prompt(obj, used)
             else:
                 pf = prompt_name = "question" if "question" in obj else "input"
                 used.add(pf)
@@ -497,7 +497,7 @@ def _alpaca_pair(obj: dict[str, Any]) -> Normalized:
     used = {"output"}
     system_col = _first(obj, SYSTEM_COLUMNS)
     history_col = "history" if "history" in obj else None
-    prompt, prompt_name = _alpaca_prompt(obj, used)
+    prompt, prompt_name = alpaca_prompt(obj, used)
     cols = ("instruction", "output[0]", "output[1]", system_col, history_col)
     row = _text_prompt(obj, prompt, cols, output[0], output[1], used, strict=False)
     mapping = _describe(prompt_name, "output[0]", "output[1]", system_col, history_col)

@@ -137,6 +137,61 @@ def test_the_kind_is_told_from_the_first_rows_that_can_be_read(tmp_path: Path) -
     assert (error.line, error.field) == (1, "label")
 
 
+def test_llama_factory_sft_and_kto_layouts_as_shipped(tmp_path: Path) -> None:
+    """LLaMA-Factory's data/README.md: alpaca SFT rows (instruction, input, output, system,
+    history), ShareGPT SFT rows (conversations of from/value, system, tools) and its KTO rows
+    (ShareGPT plus kto_tag). They were read as preference rows: "missing field 'chosen'"."""
+    alpaca = {
+        "instruction": "Traduis en anglais.",
+        "input": "Où est la gare ?",
+        "output": "Where is the station?",
+        "system": "Réponds brièvement.",
+        "history": [["Bonjour", "Hello"]],
+    }
+    result, out = validate(tmp_path, [alpaca, {"instruction": "2+2?", "output": "4"}])
+    assert (result.kind, result.format, result.warnings[0].kind) == (
+        "sft",
+        "conversational",
+        "made_conversational",
+    )
+    assert out[0] == {
+        "prompt": [
+            {"role": "system", "content": "Réponds brièvement."},
+            {"role": "user", "content": "Bonjour"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Traduis en anglais.\nOù est la gare ?"},
+        ],
+        "completion": [{"role": "assistant", "content": "Where is the station?"}],
+    }
+    sharegpt = {
+        "conversations": [
+            {"from": "human", "value": "Weather in Paris?"},
+            {"from": "function_call", "value": '{"name": "weather", "arguments": {}}'},
+            {"from": "observation", "value": '{"temp": 21}'},
+            {"from": "gpt", "value": "21 °C."},
+        ],
+        "system": "You check the weather.",
+        "tools": '[{"name": "weather"}]',
+    }
+    result, out = validate(tmp_path, [sharegpt])
+    assert result.kind == "sft"
+    assert [m["role"] for m in out[0]["prompt"]] == ["system", "user", "assistant", "tool"]
+    assert out[0]["completion"] == [{"role": "assistant", "content": "21 °C."}]
+    assert [w.msg for w in result.warnings] == ["column 'tools' ignored in 1 row"]
+    kto = [
+        {**sharegpt, "tools": "", "kto_tag": True},
+        {
+            "conversations": [
+                {"from": "human", "value": "Weather in Paris?"},
+                {"from": "gpt", "value": "No idea."},
+            ],
+            "kto_tag": False,
+        },
+    ]
+    result, out = validate(tmp_path, kto)
+    assert (result.kind, [r["label"] for r in out]) == ("unpaired", [True, False])
+
+
 def test_csv_labels_and_a_system_column(tmp_path: Path) -> None:
     path = tmp_path / "ratings.csv"
     path.write_text("prompt,completion,label,system,score\nq1,a1,true,Be brief.,3\nq2,a2,0,,1\n")
