@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -181,6 +182,7 @@ def _run(
     final_metrics = _final_train_metrics(callback)
     if eval_rows:
         final_metrics |= evaluated or final_eval
+        final_metrics = {k: v for k, v in final_metrics.items() if math.isfinite(v)}
         if spec.method == "sft":
             from gpu_worker.rouge import rouge_scores
 

@@ -82,8 +82,13 @@ def detect_kind(rows: list[Any], mapping: FieldMapping | None) -> DatasetKind:
     labelled = any(isinstance(r, dict) and _LABELS & r.keys() for r in rows)
     if "completion" in first:
         return "unpaired" if labelled else "sft"
-    chat = any(isinstance(first.get(c), list) for c in ("messages", "conversations"))
-    if chat or ("instruction" in first and isinstance(first.get("output"), str)):
+    if isinstance(first.get("messages"), list):
+        return "unpaired" if labelled else "sft"
+    if mapping is not None:  # it names the preference columns: LLaMA-Factory's forms aside
+        return "preference"
+    if isinstance(first.get("conversations"), list) or (
+        "instruction" in first and isinstance(first.get("output"), str)
+    ):
         return "unpaired" if labelled else "sft"
     return "preference"
 

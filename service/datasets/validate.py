@@ -265,6 +265,10 @@ def _peek(
     return peeked, itertools.chain(list(peeked), objects)
 
 
+_HEAD_LINES = 4096
+"""Lines (blank ones too) the head is looked for in: what is held for it stays small."""
+
+
 def _head_lines(blocks: Blocks) -> tuple[list[tuple[int, list[bytes | None]]], list[Any]]:
     """The first rows of JSONL blocks that can be read (up to :data:`HEAD_ROWS` lines; the
     pass reports the others), and the blocks they were found in, to be fed again (blocks of
@@ -276,13 +280,12 @@ def _head_lines(blocks: Blocks) -> tuple[list[tuple[int, list[bytes | None]]], l
         if taken or any(raw is None or raw.strip() for raw in item[1]):
             taken.append(item)
         for raw in item[1]:
+            seen += 1  # blank lines count too: the blocks kept stay few
             if raw is None or not raw.strip():
-                seen += raw is None
                 continue
-            seen += 1
             with contextlib.suppress(Exception):  # the pass reports it at its line
                 rows.append(msgspec.json.decode(raw.removeprefix(b"\xef\xbb\xbf")))
-            if seen >= HEAD_ROWS:
+            if len(rows) >= HEAD_ROWS or seen >= _HEAD_LINES:
                 return taken, rows
     return taken, rows
 

@@ -192,6 +192,15 @@ def test_llama_factory_sft_and_kto_layouts_as_shipped(tmp_path: Path) -> None:
     assert (result.kind, [r["label"] for r in out]) == ("unpaired", [True, False])
 
 
+def test_a_preference_mapping_is_not_taken_for_llama_factory_sft(tmp_path: Path) -> None:
+    """Rows with instruction and a string output, mapped as preference columns, stay
+    preference rows (the LLaMA-Factory guesses refused every row as missing completion)."""
+    rows = [{"instruction": f"q{i}", "output": "x", "good": "a", "bad": "b"} for i in range(3)]
+    mapping = FieldMapping(prompt_field="instruction", chosen_field="good", rejected_field="bad")
+    result, out = validate(tmp_path, rows, mapping=mapping)
+    assert (result.kind, out[0]["chosen"]) == ("preference", "a")
+
+
 def test_csv_labels_and_a_system_column(tmp_path: Path) -> None:
     path = tmp_path / "ratings.csv"
     path.write_text("prompt,completion,label,system,score\nq1,a1,true,Be brief.,3\nq2,a2,0,,1\n")
