@@ -436,16 +436,15 @@ def csv_rows(
         for n, cells in enumerate(reader, 1):
             if not any(cells):
                 continue
-            bad = next((i for i, cell in enumerate(cells) if _ESCAPED.search(cell)), None)
-            if bad is not None:
-                yield n, _undecoded(header, cells, bad)
+            try:  # one encoding a row: its size, and a kept byte that was not UTF-8 fails it
+                size = len("".join(cells).encode())
+            except UnicodeEncodeError:
+                yield n, _undecoded(header, cells)
                 continue
-            if sum(map(len, cells)) * 4 > max_field_bytes:  # else its UTF-8 cannot be longer
-                size = sum(len(cell.encode()) for cell in cells)
-                if size > max_field_bytes:
-                    msg = f"row {n} is longer than the limit of {max_field_bytes} bytes ({size})"
-                    yield n, BadCell(None, msg)
-                    continue
+            if size > max_field_bytes:
+                msg = f"row {n} is longer than the limit of {max_field_bytes} bytes ({size})"
+                yield n, BadCell(None, msg)
+                continue
             row: dict[str, Any] = dict(zip(header, cells, strict=False))
             if len(cells) > len(header):
                 row[f"(column {len(header) + 1})"] = cells[len(header)]
@@ -458,10 +457,9 @@ _ESCAPED = re.compile("[\udc80-\udcff]")
 """A byte that was not UTF-8, as the decoder's surrogateescape keeps it."""
 
 
-def _undecoded(header: list[str], cells: list[str], i: int) -> BadCell:
+def _undecoded(header: list[str], cells: list[str]) -> BadCell:
+    i, match = next((i, m) for i, cell in enumerate(cells) if (m := _ESCAPED.search(cell)))
     column = header[i] if i < len(header) else f"(column {i + 1})"
-    match = _ESCAPED.search(cells[i])
-    assert match is not None
     byte = ord(match.group()) - 0xDC00
     return BadCell(
         column,
