@@ -383,8 +383,10 @@ def json_rows(src: IO[bytes], max_row_bytes: int) -> Iterator[tuple[int, Any]]:
     n = 0
     try:
         for n, item in enumerate(items, 1):
+            # Only a row read across more than the limit less a read-ahead can be too long.
+            long = guard.since + SNIFF_BYTES > max_row_bytes
             guard.since = 0
-            yield n, _sized(n, item, max_row_bytes)
+            yield n, _sized(n, item, max_row_bytes) if long else item
     except FileProblem as e:
         raise FileProblem(n + 1, f"row {n + 1}: {e.msg}") from None
     except ijson.JSONError as e:

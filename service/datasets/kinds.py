@@ -37,7 +37,12 @@ from service.datasets.collect import (
     Limits,
     made_conversational,
 )
-from service.datasets.layouts import SYSTEM_COLUMNS, alpaca_prompt, preamble
+from service.datasets.layouts import (
+    DEFAULT_MAPPING,
+    SYSTEM_COLUMNS,
+    alpaca_prompt,
+    preamble,
+)
 from service.datasets.messages import (
     Msg,
     RowInvalid,
@@ -79,16 +84,13 @@ def detect_kind(rows: list[Any], mapping: FieldMapping | None) -> DatasetKind:
     first = rows[0] if rows else None
     if not isinstance(first, dict) or _PREFERENCE_KEYS & first.keys():
         return "preference"
-    labelled = any(isinstance(r, dict) and _LABELS & r.keys() for r in rows)
-    if "completion" in first:
-        return "unpaired" if labelled else "sft"
-    if isinstance(first.get("messages"), list):
-        return "unpaired" if labelled else "sft"
-    if mapping is not None:  # it names the preference columns: LLaMA-Factory's forms aside
-        return "preference"
-    if isinstance(first.get("conversations"), list) or (
-        "instruction" in first and isinstance(first.get("output"), str)
-    ):
+    # LLaMA-Factory's forms only unmapped: a mapping names the preference columns
+    llama = mapping is None and (
+        isinstance(first.get("conversations"), list)
+        or ("instruction" in first and isinstance(first.get("output"), str))
+    )
+    if "completion" in first or isinstance(first.get("messages"), list) or llama:
+        labelled = any(isinstance(r, dict) and _LABELS & r.keys() for r in rows)
         return "unpaired" if labelled else "sft"
     return "preference"
 
@@ -98,7 +100,7 @@ def normalize(
 ) -> tuple[dict[str, Any], set[str]]:
     """One sft or unpaired row in canonical form, and the system and history columns it used
     (others are named as ignored); RowInvalid names the field at fault."""
-    m = mapping or FieldMapping()
+    m = mapping or DEFAULT_MAPPING
     if not isinstance(obj, dict):
         raise RowInvalid(None, f"expected a JSON object, got {kind(obj)}")
     messages_field = m.messages_field or (
@@ -142,7 +144,7 @@ def normalize(
 
 def used_columns(kind_: DatasetKind, mapping: FieldMapping | None) -> set[str]:
     """The columns every row uses; a row's system and history columns are its own."""
-    m = mapping or FieldMapping()
+    m = mapping or DEFAULT_MAPPING
     used = {m.prompt_field, m.completion_field or "completion", m.messages_field or "messages"}
     if kind_ == "unpaired":
         used.add(m.label_field or "label")
