@@ -29,7 +29,7 @@ from redis.exceptions import LockError, RedisError
 from service import leases, logs, queue, webhooks
 from service.blobs import BlobStore, open_store
 from service.openai.records import result_bytes_key, suffix_key
-from service.retraining import runs
+from service.retraining import runs, verdicts
 from service.settings import Settings
 from service.store import P, Store
 
@@ -48,7 +48,7 @@ class Scheduler:
         blobs: BlobStore,
         settings: Settings,
         *,
-        publisher: runs.Publisher | None = None,
+        publisher: verdicts.Publisher | None = None,
     ) -> None:
         self.store, self.pool, self.blobs, self.settings = store, pool, blobs, settings
         self.publisher = publisher

@@ -1,26 +1,22 @@
-"""Policy runs: fire a run, follow its job, apply the gate, promote and publish."""
+"""Policy runs: each tick takes every policy a step (`verdicts` follows and judges a fired
+run); fire a run when its trigger is due."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import random
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import anyio.to_thread
 import msgspec
 from arq.connections import ArqRedis
-from redis.exceptions import LockError
 
 from service import queue, tenants
 from service.blobs import BlobStore
 from service.contract import (
     DatasetRef,
-    Destination,
-    GateCheck,
     Holdout,
     InitFrom,
     Job,
@@ -29,22 +25,15 @@ from service.contract import (
     Policy,
     PolicyRun,
     PolicyStatus,
-    Promoted,
-    RunStatus,
-    StoreDestination,
     Untrainable,
-    beta_of,
     check_trainable,
 )
 from service.datasets.space import SpaceBusy, UploadSpace
 from service.datasets.validate import Limits
 from service.init_from import promoted_adapter, resolve_init_adapter
-from service.publish import publish
 from service.retraining import feedback
-from service.retraining.gate import decide
 from service.retraining.policies import (
     ALL,
-    FIRE_GRACE_SECONDS,
     MAX_HOLDOUT,
     MAX_RUNS,
     get_policy,
@@ -54,19 +43,14 @@ from service.retraining.policies import (
     with_run,
 )
 from service.retraining.triggers import evaluate_trigger
+from service.retraining.verdicts import Publisher, close_run, follow, publish_promoted
 from service.settings import Settings
-from service.store import Conflict, NotFound, P, Store, new_id
+from service.store import Conflict, NotFound, Store, new_id
 
 _encoder = msgspec.json.Encoder()
 
 log = logging.getLogger("ftune.policies")
-PUBLISH_LOCK_SECONDS = 3600
-"""How long a tick holds a run while it decides and publishes it (a merged model's upload may
-take long); a tick that died lets it lapse, and a later one decides the run then."""
 _member_decoder = msgspec.json.Decoder(tuple[str, str])
-
-Publisher = Callable[[Job, Destination, BlobStore, Settings], list[str]]
-
 
 _KEYLESS = -1
 """The budget of a tenant with no API key: it fires nothing."""
@@ -131,7 +115,7 @@ async def _advance(
 ) -> list[str]:
     policy = await get_policy(store, tenant, name)
     if policy.active_run is not None:
-        return await _follow(store, pool, blobs, settings, policy, now=now, publisher=publisher)
+        return await follow(store, pool, blobs, settings, policy, now=now, publisher=publisher)
     if not policy.spec.enabled:
         await set_status(store, policy, PolicyStatus(checked_at=now, message="disabled"))
         return []
@@ -278,7 +262,7 @@ async def _fire(
     except Exception as exc:
         reason = f"could not start: {type(exc).__name__}: {exc}"
         log.warning("policy %s of %s: run %s %s", name, tenant, number, reason)
-        await _close_run(store, tenant, name, run_id, status="not_started", reason=reason, now=now)
+        await close_run(store, tenant, name, run_id, status="not_started", reason=reason, now=now)
         return [f"policy {name} of {tenant}: run {number} {reason}"]
 
     def started(p: Policy) -> Policy:
@@ -402,172 +386,6 @@ async def _training_filter(
     return lambda i, row: i not in chosen and row not in rows
 
 
-async def _follow(
-    store: Store,
-    pool: ArqRedis,
-    blobs: BlobStore,
-    settings: Settings,
-    policy: Policy,
-    *,
-    now: float,
-    publisher: Publisher,
-) -> list[str]:
-    """A run is in flight: watch its job; when it has ended, apply the gate."""
-    tenant, name = policy.tenant, policy.name
-    run = next(r for r in policy.runs if r.id == policy.active_run)
-    label = f"policy {name} of {tenant}: run {run.number}"
-    try:
-        job = await store.get_job(run.job_id, None)
-    except NotFound:
-        if run.status == "starting" and now - run.fired_at < FIRE_GRACE_SECONDS:
-            return []  # the firing tick is still at work
-        reason = (
-            "the firing was interrupted before its job was submitted"
-            if run.status == "starting"
-            else f"its job {run.job_id} no longer exists"
-        )
-        await _close_run(store, tenant, name, run.id, status="lost", reason=reason, now=now)
-        return [f"{label} lost: {reason}"]
-    if run.status == "starting":
-        if now - run.fired_at < FIRE_GRACE_SECONDS:
-            return []
-        # The firing tick died after submitting: adopt the job, make sure it is queued.
-        if job.status == JobStatus.queued:
-            await queue.enqueue(pool, job, queue_name=settings.queue_name)
-        await update_policy(
-            store,
-            tenant,
-            name,
-            lambda p: with_run(
-                p,
-                run.id,
-                status=job.status.value,
-                dataset=job.dataset,
-                eval_dataset=job.eval_dataset,
-            ),
-        )
-        return [f"{label} adopted job {job.id}"]
-    if not job.status.terminal:
-        if run.status != job.status.value:
-            await update_policy(
-                store, tenant, name, lambda p: with_run(p, run.id, status=job.status.value)
-            )
-        step = job.progress.step
-        total = job.progress.total_steps
-        await set_status(
-            store,
-            policy,
-            PolicyStatus(
-                checked_at=now,
-                message=f"run {run.number}: job {job.id} is {job.status.value} "
-                f"(step {step}" + (f" of {total})" if total else ")"),
-            ),
-        )
-        return []
-
-    # One tick decides (and publishes) a run: another one overlapping it (a leader that lost
-    # its lock mid-pass) waits its turn, then finds the run closed.
-    lock = store.redis.lock(f"{P}lock:run:{run.id}", timeout=PUBLISH_LOCK_SECONDS)
-    if not await lock.acquire(blocking=False):
-        return []
-    try:
-        current = await get_policy(store, tenant, name)
-        if current.active_run != run.id:
-            return []
-        return await _decide(store, blobs, settings, current, run, job, now, publisher, label)
-    finally:
-        with contextlib.suppress(LockError):
-            await lock.release()
-
-
-async def _decide(
-    store: Store,
-    blobs: BlobStore,
-    settings: Settings,
-    policy: Policy,
-    run: PolicyRun,
-    job: Job,
-    now: float,
-    publisher: Publisher,
-    label: str,
-) -> list[str]:
-    tenant, name = policy.tenant, policy.name
-    decision = decide(policy.spec.gate, job, run.eval_dataset, policy.promoted)
-    published: list[str] = []
-    publish_error = None
-    destination = policy.spec.template.output.destination
-    if decision.promote and not isinstance(destination, StoreDestination):
-        try:
-            published = await anyio.to_thread.run_sync(publisher, job, destination, blobs, settings)
-        except Exception as exc:
-            publish_error = f"{type(exc).__name__}: {exc}"
-            log.warning("%s: publishing failed: %s", label, publish_error)
-
-    def finish(p: Policy) -> Policy:
-        p = with_run(
-            p,
-            run.id,
-            status=job.status.value,
-            metrics=dict(job.latest_metrics),
-            decision="promoted" if decision.promote else "rejected",
-            gate=decision.checks,
-            decision_reason=decision.reason,
-            decided_at=now,
-            published=published,
-            publish_error=publish_error,
-        )
-        promoted = p.promoted
-        if decision.promote and run.eval_dataset is not None:
-            hp = job.spec.hyperparameters
-            promoted = Promoted(
-                run_id=run.id,
-                number=run.number,
-                job_id=job.id,
-                promoted_at=now,
-                metrics=dict(job.latest_metrics),
-                eval_dataset=run.eval_dataset,
-                base_model=job.spec.base_model,
-                revision=job.spec.revision,
-                beta=beta_of(job.spec),
-                loss_type=hp.loss_type.value,
-                method=job.spec.method,
-                artifacts=job.artifacts,
-                published=published,
-            )
-        return msgspec.structs.replace(p, active_run=None, promoted=promoted)
-
-    try:
-        await update_policy(store, tenant, name, finish)
-    except Conflict:
-        return []
-    verdict = "promoted" if decision.promote else "rejected"
-    await set_status(
-        store,
-        policy,
-        PolicyStatus(checked_at=now, message=f"run {run.number} {verdict}: {decision.reason}"),
-    )
-    return [f"{label} {verdict}: {decision.reason}"]
-
-
-async def _close_run(
-    store: Store, tenant: str, name: str, run_id: str, *, status: RunStatus, reason: str, now: float
-) -> None:
-    def close(p: Policy) -> Policy:
-        p = with_run(
-            p,
-            run_id,
-            status=status,
-            decision="rejected",
-            gate=[GateCheck(rule="job", passed=False, note=reason)],
-            decision_reason=reason,
-            decided_at=now,
-        )
-        return msgspec.structs.replace(p, active_run=None)
-
-    with contextlib.suppress(Conflict, NotFound):
-        await update_policy(store, tenant, name, close)
-
-
 async def _cancel(store: Store, job_id: str) -> None:
     def cancel(job: Job) -> Job:
         if job.status.terminal:
@@ -578,41 +396,3 @@ async def _cancel(store: Store, job_id: str) -> None:
 
     with contextlib.suppress(Conflict, NotFound):
         await store.update_job(job_id, cancel)
-
-
-def publish_promoted(
-    job: Job, destination: Destination, blobs: BlobStore, settings: Settings
-) -> list[str]:
-    """Copy a promoted run's artifacts from the service's store to the template's destination.
-
-    Runs in the scheduler (which holds the Hub token and S3 credentials, as the workers do)
-    with the same publisher the workers use. Returns the published URIs.
-    """
-    final = msgspec.structs.replace(
-        job,
-        spec=msgspec.structs.replace(
-            job.spec, output=msgspec.structs.replace(job.spec.output, destination=destination)
-        ),
-    )
-    tenants.check_job(tenants.load(settings), job.tenant, final.spec, settings.store_url)
-    uris = []
-    base = blobs.url + "/"
-    settings.work_dir.mkdir(parents=True, exist_ok=True)
-    for artifact in job.artifacts:
-        if not artifact.uri.startswith(base):
-            raise ValueError(f"artifact {artifact.uri} is not in the service's store")
-        # One artifact on disk at a time: merged weights are the size of the model.
-        with tempfile.TemporaryDirectory(prefix="ftune-promote-", dir=settings.work_dir) as tmp:
-            folder = Path(tmp) / artifact.kind
-            blobs.download_dir(artifact.uri.removeprefix(base), folder)
-            uris.append(
-                publish(
-                    folder,
-                    kind=artifact.kind,
-                    job=final,
-                    settings=settings,
-                    store=blobs,
-                    final_metrics=job.latest_metrics,
-                ).uri
-            )
-    return uris
