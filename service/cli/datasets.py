@@ -136,24 +136,36 @@ def datasets_show(
         ]
     )
     stats = Table("chars", "min", "mean", "p95", "max", box=None)
-    for label, values in (
-        ("prompt", ds.stats.prompt_chars),
-        ("chosen", ds.stats.chosen_chars),
-        ("rejected", ds.stats.rejected_chars),
-    ):
+    for label, values in _length_rows(ds):
         stats.add_row(label, *(fmt_num(values.get(k)) for k in ("min", "mean", "p95", "max")))
     out.print(stats)
+    if ds.stats.desirable_rows is not None:
+        out.print(f"desirable rows: {ds.stats.desirable_rows} of {ds.rows}")
     _print_warnings(ds)
     for i, row in enumerate(page.rows if page else [], 1):
         out.print(f"[bold]row {i}[/]")
-        for part in ("prompt", "chosen", "rejected"):
+        for part in ("prompt", "chosen", "rejected", "completion"):
             value = getattr(row, part)
+            if value is None:
+                continue
             turns = (
                 [(None, value)] if isinstance(value, str) else [(m.role, m.content) for m in value]
             )
             for role, text in turns:
                 tag = f"[{role}] " if role else ""
-                out.print(f"  {part:<9}" + escape(tag + text), highlight=False)
+                out.print(f"  {part:<11}" + escape(tag + text), highlight=False)
+        if row.label is not None:
+            out.print(f"  {'label':<11}{'desirable' if row.label else 'undesirable'}")
+
+
+def _length_rows(ds: Dataset) -> list[tuple[str, dict[str, float]]]:
+    """The answer columns a dataset's kind has: a pair for preference rows, one otherwise."""
+    answers = (
+        [("chosen", ds.stats.chosen_chars), ("rejected", ds.stats.rejected_chars)]
+        if ds.kind == "preference"
+        else [("completion", ds.stats.completion_chars)]
+    )
+    return [("prompt", ds.stats.prompt_chars), *answers]
 
 
 @datasets_app.command("delete")

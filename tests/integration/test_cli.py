@@ -101,13 +101,48 @@ def test_show_prints_the_rows_as_training_sees_them(cli: Callable[..., Result]) 
     ds_id = json.loads(uploaded.stdout)["id"]
     shown = cli("datasets", "show", ds_id, "--rows", "2")
     assert shown.exit_code == 0, shown.output
-    assert "prompt   [system] Answer in one sentence." in shown.stdout
-    assert "chosen   [assistant] About 14 million in the city proper." in shown.stdout
+    assert "prompt     [system] Answer in one sentence." in shown.stdout
+    assert "chosen     [assistant] About 14 million in the city proper." in shown.stdout
     assert "[user] 台北有什麼好吃的？" in shown.stdout  # noqa: RUF001 - the text itself
     assert "row 3" not in shown.stdout
     as_json = json.loads(cli("datasets", "show", ds_id, "--rows", "1", "--json").stdout)
     assert as_json["dataset"]["source_format"] == "sharegpt"
     assert as_json["rows"][0]["rejected"] == [{"role": "assistant", "content": "Tokyo."}]
+
+
+def test_show_prints_sft_and_unpaired_rows(cli: Callable[..., Result], tmp_path: Path) -> None:
+    """Datasets without a chosen/rejected pair show their completion, lengths and labels."""
+    sft = write_jsonl(
+        tmp_path / "sft.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": "Hi?"},
+                    {"role": "assistant", "content": "Hello."},
+                ]
+            }
+        ],
+    )
+    ds_id = json.loads(cli("datasets", "upload", str(sft), "--json").stdout)["id"]
+    shown = cli("datasets", "show", ds_id, "--rows", "1")
+    assert shown.exit_code == 0, shown.output
+    assert "completion [assistant] Hello." in shown.stdout
+    assert "prompt     [user] Hi?" in shown.stdout and "rejected" not in shown.stdout
+
+    kto = write_jsonl(
+        tmp_path / "kto.jsonl",
+        [
+            {"prompt": "2+2?", "completion": "4.", "label": True},
+            {"prompt": "2+3?", "completion": "6.", "label": False},
+        ],
+    )
+    ds_id = json.loads(cli("datasets", "upload", str(kto), "--json").stdout)["id"]
+    shown = cli("datasets", "show", ds_id, "--rows", "2")
+    assert shown.exit_code == 0, shown.output
+    assert "desirable rows: 1 of 2" in shown.stdout
+    assert "completion 6." in shown.stdout and "label      undesirable" in shown.stdout
+    stats = [line.split() for line in shown.stdout.splitlines()]
+    assert ["completion", "2", "2", "2", "2"] in stats  # lengths of "4." and "6."
 
 
 def test_upload_with_a_column_mapping(cli: Callable[..., Result], tmp_path: Path) -> None:
