@@ -238,7 +238,7 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]
         return problem(415, str(exc), headers={"Accept-Post": ", ".join(ACCEPTED_TYPES)})
     if isinstance(exc, SourceError):
         return problem(
-            exc.status, exc.msg, errors=[FieldError(msg=exc.msg, loc=["body", "source"])]
+            exc.status, exc.msg, errors=[FieldError(msg=exc.msg, loc=["body", exc.field])]
         )
     if isinstance(exc, ValidationException):
         return _validation(exc)

@@ -283,7 +283,11 @@ class DatasetImport(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     revision: (
         Annotated[
             str,
-            msgspec.Meta(max_length=256, description="Hub branch, tag or commit (default: main)."),
+            msgspec.Meta(
+                min_length=1,
+                max_length=256,
+                description="Hub branch, tag or commit (default: main).",
+            ),
         ]
         | None
     ) = None
@@ -293,7 +297,21 @@ class DatasetImport(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             msgspec.Meta(
                 max_length=128,
                 pattern=r"^[\w.-]+(?!\n)$",
-                description="Hub split: the files named SPLIT.* or SPLIT-* (default: train).",
+                description="Hub split (default: train): its files as the `configs:` of the "
+                "repo's README card list them, else the files named SPLIT.* or SPLIT-* or in a "
+                "SPLIT/ folder.",
+            ),
+        ]
+        | None
+    ) = None
+    config: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                max_length=128,
+                pattern=r"^[\w.-]+(?!\n)$",
+                description="Hub config (subset) among the `configs:` of the repo's README card "
+                "(default: the one marked default, or named `default`, or the only one).",
             ),
         ]
         | None

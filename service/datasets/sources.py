@@ -1,6 +1,10 @@
 """Datasets imported by reference: the files of a Hub dataset split, or one S3 object,
 downloaded to local files so they are validated exactly like an upload.
 
+A Hub split is chosen as ``datasets.load_dataset`` chooses it: by the ``configs:`` of the
+repo's README card when it declares them (a config's ``data_files`` per split, globs relative
+to its ``data_dir``), else by file names (``SPLIT.*``, ``SPLIT-*`` or a ``SPLIT/`` folder).
+
 Blocking (huggingface_hub and boto3 are): the API calls :func:`fetch` from a worker thread.
 The Hub is read with the service's default token (``HF_TOKEN``) and S3 with its credentials,
 as base models are; so a source inside the service's own store is refused, or any tenant
@@ -12,6 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from service.contract import Container, DatasetImport
 from service.datasets.containers import DatasetTooLarge
@@ -30,16 +35,21 @@ DATA_SUFFIXES = (
     ".csv.gz",
 )
 _NAME_UNSAFE = re.compile(r"[^\w .,:()+-]+")
+CARD_MAX_BYTES = 4 * 1024 * 1024
+"""A README card larger than this is not read for its configs (the largest cards, with long
+``dataset_info`` blocks, are a few hundred KB)."""
 
 
 class SourceError(Exception):
     """The source cannot be read as given: ``status`` 422 (fix the request) or 502 (the Hub or
     S3 did not answer as it should)."""
 
-    def __init__(self, msg: str, status: int = 422) -> None:
+    def __init__(self, msg: str, status: int = 422, field: str = "source") -> None:
         super().__init__(msg)
         self.msg = msg
         self.status = status
+        self.field = field
+        """The request's field to fix."""
 
 
 @dataclass(frozen=True)
@@ -105,21 +115,8 @@ def _fetch_hub(req: DatasetImport, settings: Settings, dest: Path, max_bytes: in
             )
             if isinstance(f, RepoFile)
         ]
-        if sub and any(f.path == sub for f in tree):
-            chosen = [f for f in tree if f.path == sub]
-        else:
-            inside = [f for f in tree if not sub or f.path.startswith(sub + "/")]
-            data = [f for f in inside if f.path.lower().endswith(DATA_SUFFIXES)]
-            chosen = sorted((f for f in data if _split_match(f.path, split)), key=lambda f: f.path)
-            if not chosen:
-                found = sorted(
-                    {PurePosixPath(f.path).name.split(".")[0].split("-")[0] for f in data}
-                )
-                raise SourceError(
-                    f"source: {where} has no data files for split {split!r}"
-                    + (f" under {sub!r}" if sub else "")
-                    + (f"; splits found: {', '.join(found)}" if found else "; it has no data files")
-                )
+        card = _card(tree, repo_id, req.revision, settings, token, dest) if not sub else None
+        chosen, label = _choose(tree, sub, card, req, where)
         total = sum(f.size for f in chosen)
         if total > max_bytes:
             raise DatasetTooLarge(
@@ -149,7 +146,10 @@ def _fetch_hub(req: DatasetImport, settings: Settings, dest: Path, max_bytes: in
     except RepositoryNotFoundError:
         raise _not_found(where, settings) from None
     except RevisionNotFoundError:
-        raise SourceError(f"source: revision {req.revision!r} of {where} does not exist") from None
+        raise SourceError(
+            f"revision: hf://datasets/{repo_id} has no branch, tag or commit {req.revision!r}",
+            field="revision",
+        ) from None
     except EntryNotFoundError:
         raise SourceError(f"source: a file of {where} vanished while it was read") from None
     except (HfHubHTTPError, OSError, httpx2.HTTPError) as e:
@@ -160,8 +160,183 @@ def _fetch_hub(req: DatasetImport, settings: Settings, dest: Path, max_bytes: in
             raise _not_found(where, settings) from None
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise SourceError(f"the Hub could not be read for {where}: {cause}", 502) from None
-    default = _safe_name(f"{name}{'-' + sub.replace('/', '-') if sub else ''} {split}")
+    default = _safe_name(f"{name}{'-' + label if label else ''} {split}")
     return Fetched(files, default, hint_of(chosen[0].path))
+
+
+def _card(
+    tree: list[Any], repo_id: str, revision: str | None, settings: Settings, token: Any, dest: Path
+) -> dict[str, Any] | None:
+    """The YAML header of the repo's README card, if it has one small enough to read."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.repocard import metadata_load
+
+    readme = next((f for f in tree if f.path == "README.md"), None)
+    if readme is None or readme.size > CARD_MAX_BYTES:
+        return None
+    path = hf_hub_download(
+        repo_id,
+        "README.md",
+        repo_type="dataset",
+        revision=revision,
+        endpoint=settings.hf_endpoint,
+        token=token,
+        local_dir=dest / ".card",
+    )
+    try:
+        return metadata_load(path)
+    except Exception:  # yaml's errors: a card the Hub itself would show as broken
+        return None
+
+
+def _choose(
+    tree: list[Any], sub: str, card: dict[str, Any] | None, req: DatasetImport, where: str
+) -> tuple[list[Any], str]:
+    """The files of the split asked for, in name order, and what names them in the default
+    dataset name (the folder, or a config other than the default)."""
+    split = req.split or "train"
+    if sub and req.config:
+        raise SourceError(
+            f"config: give a folder in the source or a config, not both ({sub!r} and "
+            f"{req.config!r})",
+            field="config",
+        )
+    if sub and any(f.path == sub for f in tree):
+        return [f for f in tree if f.path == sub], sub.replace("/", "-")
+    configs, default = _configs(card) if not sub else ({}, None)
+    if req.config and not configs:
+        raise SourceError(
+            f"config: {where} declares no configs in its README; leave config out",
+            field="config",
+        )
+    label = sub.replace("/", "-")
+    if configs:
+        config = _Config.pick(configs, req.config or default, where)
+        label = "" if config.name == default else config.name
+        if config.splits is None:  # data_dir alone: split files found by name under it
+            sub = config.base
+        else:
+            return config.files(tree, split, where), label
+    inside = [f for f in tree if not sub or f.path.startswith(sub + "/")]
+    data = [f for f in inside if f.path.lower().endswith(DATA_SUFFIXES)]
+    chosen = sorted((f for f in data if _split_match(f.path, split)), key=lambda f: f.path)
+    if not chosen:
+        found = sorted({PurePosixPath(f.path).name.split(".")[0].split("-")[0] for f in data})
+        field = "split" if found else "source"
+        raise SourceError(
+            f"{field}: {where} has no data files for split {split!r}"
+            + (f" under {sub!r}" if sub else "")
+            + (f"; splits found: {', '.join(found)}" if found else "; it has no data files"),
+            field=field,
+        )
+    return chosen, label
+
+
+@dataclass(frozen=True)
+class _Config:
+    """One of the ``configs:`` a README card declares."""
+
+    name: str
+    base: str
+    """Its ``data_dir``: the folder its patterns are relative to."""
+    splits: dict[str, list[str]] | None
+    """Each split's glob patterns; None when only ``data_dir`` is given."""
+
+    @staticmethod
+    def pick(configs: dict[str, _Config], name: str | None, where: str) -> _Config:
+        names = ", ".join(configs)
+        if name is None:
+            raise SourceError(
+                f"config: {where} declares configs {names} in its README; choose one with config",
+                field="config",
+            )
+        if name not in configs:
+            raise SourceError(
+                f"config: {where} has no config {name!r}; its README declares {names}",
+                field="config",
+            )
+        return configs[name]
+
+    def files(self, tree: list[Any], split: str, where: str) -> list[Any]:
+        assert self.splits is not None
+        if split not in self.splits:
+            raise SourceError(
+                f"split: config {self.name!r} of {where} has no split {split!r}; its splits: "
+                + ", ".join(self.splits),
+                field="split",
+            )
+        patterns = [
+            f"{self.base}/{p.removeprefix('./')}" if self.base else p.removeprefix("./")
+            for p in self.splits[split]
+        ]
+        rules = [_glob(p) for p in patterns]
+        chosen = sorted((f for f in tree if any(r.match(f.path) for r in rules)), key=_path)
+        if not chosen:
+            raise SourceError(
+                f"split: no file of {where} matches {', '.join(patterns)}, the files of split "
+                f"{split!r} in config {self.name!r} of its README",
+                field="split",
+            )
+        return chosen
+
+
+def _path(f: Any) -> str:
+    return str(f.path)
+
+
+def _configs(card: dict[str, Any] | None) -> tuple[dict[str, _Config], str | None]:
+    """The card's configs by name, and the one ``load_dataset`` takes without a name: the one
+    marked ``default: true``, else the one named ``default``, else the only one."""
+    declared = (card or {}).get("configs")
+    configs: dict[str, _Config] = {}
+    marked = None
+    for entry in declared if isinstance(declared, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        name = str(entry.get("config_name") or "default")
+        base = str(entry.get("data_dir") or "").strip("/")
+        configs[name] = _Config(name, base, _data_files(entry.get("data_files")))
+        if entry.get("default") is True:
+            marked = name
+    if marked is None and "default" in configs:
+        marked = "default"
+    return configs, (marked or (next(iter(configs)) if len(configs) == 1 else None))
+
+
+def _data_files(spec: Any) -> dict[str, list[str]] | None:
+    """A config's ``data_files`` in any of the card's forms: one pattern, a list of patterns
+    (both the train split), a list of ``{split, path}``, or a mapping of split to patterns."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        return {"train": [spec]}
+    if isinstance(spec, dict):
+        return {str(k): _patterns(v) for k, v in spec.items()}
+    if isinstance(spec, list) and all(isinstance(x, str) for x in spec):
+        return {"train": list(spec)}
+    splits: dict[str, list[str]] = {}
+    for entry in spec if isinstance(spec, list) else []:
+        if isinstance(entry, dict) and "path" in entry:
+            splits.setdefault(str(entry.get("split") or "train"), []).extend(
+                _patterns(entry["path"])
+            )
+    return splits
+
+
+def _patterns(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else [str(v) for v in value or []]
+
+
+_GLOB_PARTS = re.compile(r"(\*\*/|\*\*|\*|\?)")
+
+
+def _glob(pattern: str) -> re.Pattern[str]:
+    """A data_files pattern as the Hub reads it: ``*`` and ``?`` stay within a folder, ``**``
+    crosses folders."""
+    parts = {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}
+    return re.compile(
+        "".join(parts.get(t, re.escape(t)) for t in _GLOB_PARTS.split(pattern)) + r"\Z"
+    )
 
 
 def _fetch_s3(source: str, settings: Settings, dest: Path, max_bytes: int) -> Fetched:

@@ -135,7 +135,7 @@ async def test_import_parquet_shards_of_a_named_split_at_a_revision(
     missing = await post_import(importer, source=f"hf://datasets/{repo}")
     assert missing.status_code == 422
     assert missing.json()["detail"] == (
-        f"source: hf://datasets/{repo} has no data files for split 'train'; splits found: "
+        f"split: hf://datasets/{repo} has no data files for split 'train'; splits found: "
         "train_prefs, train_sft"
     )
 
@@ -145,7 +145,7 @@ async def test_import_errors_say_what_is_wrong(importer: Api, hh_repo: str) -> N
     assert resp.status_code == 422 and "was not found on the Hub" in resp.json()["detail"]
     assert resp.json()["errors"] == [{"msg": resp.json()["detail"], "loc": ["body", "source"]}]
     resp = await post_import(importer, source=f"hf://datasets/{hh_repo}", revision="nope")
-    assert resp.status_code == 422 and "revision 'nope'" in resp.json()["detail"]
+    assert resp.status_code == 422 and "commit 'nope'" in resp.json()["detail"]
     resp = await post_import(importer, source="https://example.com/data.jsonl")
     assert resp.status_code == 422 and resp.json()["errors"][0]["loc"] == ["body", "source"]
 
@@ -206,3 +206,110 @@ async def test_a_name_the_hub_cannot_have_is_a_422(importer: Api) -> None:
     resp = await post_import(importer, source="hf://datasets/org/name.")
     assert resp.status_code == 422, resp.text
     assert "not a valid Hub dataset name" in resp.json()["detail"]
+
+
+CARD = b"""---
+license: mit
+configs:
+- config_name: en
+  data_files:
+  - split: train
+    path: en/train-*.jsonl
+  - split: test
+    path: "en/holdout/*.jsonl"
+- config_name: zh
+  default: true
+  data_dir: zh
+  data_files: "*.jsonl"
+---
+# A set with two subsets
+"""
+
+
+@pytest.fixture
+def configs_repo(hub_server: HubServer) -> str:
+    """A repo whose README card lists two configs, one marked default, with file names the
+    split-name rules alone would not find."""
+    repo = f"{USER}/cfg-{uuid.uuid4().hex[:8]}"
+    hub_server.seed_dataset(
+        repo,
+        {
+            "README.md": CARD,
+            "en/train-00000.jsonl": (FIXTURES / "trl_implicit.jsonl").read_bytes(),
+            "en/train-00001.jsonl": (FIXTURES / "medicalgpt.jsonl").read_bytes(),
+            "en/holdout/v2.jsonl": (FIXTURES / "axolotl_intel.jsonl").read_bytes(),
+            "en/train-extra/ignored.jsonl": (FIXTURES / "hh.jsonl").read_bytes(),
+            "zh/prefs.jsonl": (FIXTURES / "ultrafeedback.jsonl").read_bytes(),
+        },
+    )
+    return repo
+
+
+async def test_import_follows_the_configs_of_the_readme_card(
+    importer: Api, configs_repo: str
+) -> None:
+    """As load_dataset: the default config's files only (never every subset merged), a named
+    config's split by its data_files globs (``*`` within a folder), data_dir as their base."""
+    source = f"hf://datasets/{configs_repo}"
+    default = await post_import(importer, source=source)
+    assert default.status_code == 201, default.text
+    assert (default.json()["rows"], default.json()["source_format"]) == (2, "ultrafeedback")
+    assert default.json()["name"] == f"{configs_repo.split('/')[1]} train"
+
+    en = await post_import(importer, source=source, config="en")
+    assert en.status_code == 201, en.text
+    assert en.json()["rows"] == 5  # 3 + 2 rows of the two shards; not train-extra/
+    assert en.json()["name"] == f"{configs_repo.split('/')[1]}-en train"
+    held = await post_import(importer, source=source, config="en", split="test")
+    assert (held.status_code, held.json()["source_format"]) == (201, "intel")
+
+
+async def test_import_config_and_split_errors_name_the_field(
+    importer: Api, configs_repo: str, hh_repo: str
+) -> None:
+    source = f"hf://datasets/{configs_repo}"
+    resp = await post_import(importer, source=source, config="fr")
+    assert resp.status_code == 422
+    assert resp.json()["detail"] == (
+        f"config: {source} has no config 'fr'; its README declares en, zh"
+    )
+    assert resp.json()["errors"][0]["loc"] == ["body", "config"]
+    resp = await post_import(importer, source=source, config="en", split="validation")
+    assert resp.status_code == 422 and resp.json()["errors"][0]["loc"] == ["body", "split"]
+    assert "has no split 'validation'; its splits: train, test" in resp.json()["detail"]
+    resp = await post_import(importer, source=f"{source}/en", config="en")
+    assert resp.status_code == 422 and "not both" in resp.json()["detail"]
+
+    resp = await post_import(importer, source=f"hf://datasets/{hh_repo}", config="en")
+    assert resp.status_code == 422 and "declares no configs" in resp.json()["detail"]
+    resp = await post_import(importer, source=f"hf://datasets/{hh_repo}", split="dev")
+    assert resp.status_code == 422 and resp.json()["errors"][0]["loc"] == ["body", "split"]
+    resp = await post_import(importer, source=f"hf://datasets/{hh_repo}", revision="nope")
+    assert resp.status_code == 422 and resp.json()["errors"][0]["loc"] == ["body", "revision"]
+    assert resp.json()["detail"] == (
+        f"revision: hf://datasets/{hh_repo} has no branch, tag or commit 'nope'"
+    )
+    resp = await post_import(importer, source=f"hf://datasets/{hh_repo}", revision="")
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["errors"][0]["loc"] == ["body", "revision"]
+
+
+async def test_a_card_with_configs_but_no_default_asks_for_one(
+    importer: Api, hub_server: HubServer
+) -> None:
+    repo = f"{USER}/two-{uuid.uuid4().hex[:8]}"
+    hub_server.seed_dataset(
+        repo,
+        {
+            "README.md": b"---\nconfigs:\n- config_name: a\n  data_files: a.jsonl\n"
+            b"- config_name: b\n  data_dir: b\n---\n",
+            "a.jsonl": (FIXTURES / "trl_implicit.jsonl").read_bytes(),
+            "b/train.jsonl": (FIXTURES / "medicalgpt.jsonl").read_bytes(),
+            "b/test.jsonl": (FIXTURES / "hh.jsonl").read_bytes(),
+        },
+    )
+    resp = await post_import(importer, source=f"hf://datasets/{repo}")
+    assert resp.status_code == 422 and resp.json()["errors"][0]["loc"] == ["body", "config"]
+    assert "declares configs a, b in its README; choose one with config" in resp.json()["detail"]
+    b = await post_import(importer, source=f"hf://datasets/{repo}", config="b")  # data_dir only
+    assert (b.status_code, b.json()["source_format"]) == (201, "medicalgpt"), b.text
