@@ -34,6 +34,7 @@ from service.contract import (
     Policy,
     PolicyList,
     PolicySpec,
+    dataset_name,
 )
 
 T = TypeVar("T")
@@ -224,7 +225,7 @@ class Client:
                     yield chunk
 
         params = {
-            "name": name or path.stem,
+            "name": name or dataset_name(Path(path.name.removesuffix(".gz")).stem),
             "prompt_field": prompt_field,
             "chosen_field": chosen_field,
             "rejected_field": rejected_field,

@@ -42,6 +42,7 @@ from service.api.spool import JSONL_TYPES, declared_size, spool_upload
 from service.api.tenancy import TenantParam, listed_tenant
 from service.blobs import BlobStore, dataset_blob_key
 from service.contract import (
+    NAME_PATTERN,
     Dataset,
     DatasetImport,
     DatasetList,
@@ -213,7 +214,7 @@ class DatasetController(Controller):
             Parameter(
                 min_length=1,
                 max_length=128,
-                pattern=r"^[\w .,:()+-]+(?!\n)$",
+                pattern=NAME_PATTERN,
                 description="Dataset name, for people",
             ),
         ] = "dataset",
@@ -316,9 +317,11 @@ class DatasetController(Controller):
         status_code=201,
         summary="Import a dataset from the Hub or S3, validated like an upload",
         description=(
-            "`hf://datasets/ORG/NAME` takes the files of `split` (default train: files named "
-            "`train.*` or `train-*`, or in a `train/` folder) at `revision`; add a folder or a "
-            "file after the name to narrow it (`hf://datasets/Anthropic/hh-rlhf/harmless-base`). "
+            "`hf://datasets/ORG/NAME` takes the files of `split` (default train) at `revision` "
+            "as `datasets.load_dataset` does: those of `config` when the repo's README card "
+            "declares `configs:`, else files named `train.*` or `train-*`, or in a `train/` "
+            "folder. Add a folder or a file after the name to take that instead "
+            "(`hf://datasets/Anthropic/hh-rlhf/harmless-base`). "
             "`s3://bucket/key` takes one object. The service reads them with its own Hub token "
             "and S3 credentials; its own store is never a source."
         ),

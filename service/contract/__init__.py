@@ -8,6 +8,7 @@ cross-field rules live in ``__post_init__`` (msgspec turns their ``ValueError`` 
 from service.contract.base import Strict
 from service.contract.caller import Caller
 from service.contract.datasets import (
+    NAME_PATTERN,
     Container,
     Dataset,
     DatasetImport,
@@ -24,6 +25,7 @@ from service.contract.datasets import (
     OnInvalid,
     RowProblem,
     SourceFormat,
+    dataset_name,
 )
 from service.contract.feedback import (
     EVENTS_EXAMPLE,
@@ -132,6 +134,7 @@ __all__ = [
     "MAX_REQUEST_BYTES",
     "METHOD_FIELDS",
     "MODEL_REF_RE",
+    "NAME_PATTERN",
     "PREFERENCE_METHODS",
     "REPO_ID_RE",
     "STREAM_NAME",
@@ -225,6 +228,7 @@ __all__ = [
     "WebhookJobData",
     "beta_of",
     "check_trainable",
+    "dataset_name",
     "kind_mismatch",
     "learning_rate_of",
     "local_model_path",

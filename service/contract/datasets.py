@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 import msgspec
+
+NAME_PATTERN = r"^[\w .,:()+-]+(?!\n)$"
+_NAME_UNSAFE = re.compile(r"[^\w .,:()+-]+")
+
+
+def dataset_name(text: str) -> str:
+    """A valid dataset name made of a file's or a repo's name: other characters become `_`."""
+    return (_NAME_UNSAFE.sub("_", text).strip() or "dataset")[:128]
+
 
 Format = Literal["standard", "conversational"]
 
@@ -322,7 +332,7 @@ class DatasetImport(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             msgspec.Meta(
                 min_length=1,
                 max_length=128,
-                pattern=r"^[\w .,:()+-]+(?!\n)$",
+                pattern=NAME_PATTERN,
                 description="Dataset name (default: the repo's name and split, or the file name).",
             ),
         ]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from service.contract import Container, DatasetImport
+from service.contract import Container, DatasetImport, dataset_name
 from service.datasets.containers import DatasetTooLarge
 from service.settings import Settings
 from service.tenants import inside_store
@@ -34,7 +34,6 @@ DATA_SUFFIXES = (
     ".json.gz",
     ".csv.gz",
 )
-_NAME_UNSAFE = re.compile(r"[^\w .,:()+-]+")
 CARD_MAX_BYTES = 4 * 1024 * 1024
 """A README card larger than this is not read for its configs (the largest cards, with long
 ``dataset_info`` blocks, are a few hundred KB)."""
@@ -68,10 +67,6 @@ def hint_of(filename: str) -> Container | None:
         if name.endswith(suffix):
             return container  # type: ignore[return-value]
     return None
-
-
-def _safe_name(text: str) -> str:
-    return (_NAME_UNSAFE.sub("_", text).strip() or "dataset")[:128]
 
 
 def fetch(req: DatasetImport, settings: Settings, dest: Path, max_bytes: int) -> Fetched:
@@ -160,7 +155,7 @@ def _fetch_hub(req: DatasetImport, settings: Settings, dest: Path, max_bytes: in
             raise _not_found(where, settings) from None
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise SourceError(f"the Hub could not be read for {where}: {cause}", 502) from None
-    default = _safe_name(f"{name}{'-' + label if label else ''} {split}")
+    default = dataset_name(f"{name}{'-' + label if label else ''} {split}")
     return Fetched(files, default, hint_of(chosen[0].path))
 
 
@@ -378,7 +373,7 @@ def _fetch_s3(source: str, settings: Settings, dest: Path, max_bytes: int) -> Fe
         raise
     finally:
         store.close()
-    return Fetched([local], _safe_name(local.name), hint_of(key))
+    return Fetched([local], dataset_name(local.name), hint_of(key))
 
 
 def _not_found(where: str, settings: Settings) -> SourceError:

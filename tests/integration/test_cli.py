@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import gzip
 import io
 import json
 import os
@@ -143,6 +144,17 @@ def test_show_prints_sft_and_unpaired_rows(cli: Callable[..., Result], tmp_path:
     assert "completion 6." in shown.stdout and "label      undesirable" in shown.stdout
     stats = [line.split() for line in shown.stdout.splitlines()]
     assert ["completion", "2", "2", "2", "2"] in stats  # lengths of "4." and "6."
+
+
+def test_the_default_name_is_the_file_name_made_valid(
+    cli: Callable[..., Result], tmp_path: Path
+) -> None:
+    """A file name the name rules refuse ([], #, a gzip suffix) still uploads without --name."""
+    path = tmp_path / "prefs [v2] #3.jsonl.gz"
+    path.write_bytes(gzip.compress(write_jsonl(tmp_path / "p.jsonl", ROWS).read_bytes()))
+    result = cli("datasets", "upload", str(path), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["name"] == "prefs _v2_ _3"
 
 
 def test_upload_with_a_column_mapping(cli: Callable[..., Result], tmp_path: Path) -> None:
