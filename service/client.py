@@ -19,6 +19,7 @@ from httpx_sse import connect_sse
 
 from service.contract import (
     Dataset,
+    DatasetImport,
     DatasetList,
     DatasetRows,
     FeedbackReceipt,
@@ -245,6 +246,17 @@ class Client:
             # With an explicit length httpx sends the body as-is, not chunked, and the
             # server can answer 413 before reading it.
             headers={"Content-Type": _media_type(path), "Content-Length": str(size)},
+            timeout=httpx.Timeout(600.0, connect=5.0),
+        )
+        return msgspec.json.decode(response.content, type=Dataset)
+
+    def import_dataset(self, req: DatasetImport) -> Dataset:
+        """Have the server fetch a dataset from the Hub or S3 and validate it like an upload."""
+        response = self._send(
+            "POST",
+            "/v1/datasets/import",
+            content=msgspec.json.encode(req),
+            headers={"Content-Type": "application/json"},
             timeout=httpx.Timeout(600.0, connect=5.0),
         )
         return msgspec.json.decode(response.content, type=Dataset)

@@ -1,9 +1,10 @@
-"""`ftune datasets ...`: upload (streamed, with a progress bar when it is worth one), list,
-show and delete preference datasets."""
+"""`ftune datasets ...`: upload (streamed, with a progress bar when it is worth one), import
+from the Hub or S3, list, show and delete datasets."""
 
 from __future__ import annotations
 
 import contextlib
+import enum
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -22,10 +23,40 @@ from rich.table import Table
 
 from service.cli.app import AsJson, app, handled, options
 from service.cli.output import err, fmt_num, fmt_when, listing, out, print_json, print_kv
-from service.contract import Dataset
+from service.contract import Dataset, DatasetImport
+
+
+class OnInvalidChoice(str, enum.Enum):
+    reject = "reject"
+    skip = "skip"
+
 
 datasets_app = typer.Typer(help="Upload and manage preference datasets.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
+
+
+Prompt = Annotated[str | None, typer.Option(help="Column holding the prompt.")]
+Chosen = Annotated[str | None, typer.Option(help="Column holding the chosen answer.")]
+Rejected = Annotated[str | None, typer.Option(help="Column holding the rejected answer.")]
+System = Annotated[str | None, typer.Option(help="Column holding each prompt's system message.")]
+History = Annotated[
+    str | None, typer.Option(help="Column holding earlier turns placed before each prompt.")
+]
+Completion = Annotated[
+    str | None, typer.Option(help="Column holding the completion (sft or unpaired rows).")
+]
+Label = Annotated[
+    str | None, typer.Option(help="Column holding a true/false label (unpaired rows).")
+]
+Messages = Annotated[str | None, typer.Option(help="Column holding a whole chat (sft rows).")]
+OnInvalidOpt = Annotated[
+    OnInvalidChoice,
+    typer.Option(help="reject: one bad row refuses the file; skip: bad rows are left out."),
+]
+MaxInvalid = Annotated[
+    float,
+    typer.Option(min=0.0, max=1.0, help="With --on-invalid skip, the most rows that may be bad."),
+]
 
 
 @datasets_app.command("upload")
@@ -33,26 +64,28 @@ app.add_typer(datasets_app, name="datasets")
 def datasets_upload(
     ctx: typer.Context,
     file: Annotated[
-        Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="A JSONL file.")
+        Path,
+        typer.Argument(
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help="A JSONL, JSON, Parquet or CSV file, gzipped or not.",
+        ),
     ],
     name: Annotated[str | None, typer.Option(help="Dataset name (default: file name).")] = None,
-    prompt_field: Annotated[str | None, typer.Option(help="Column holding the prompt.")] = None,
-    chosen_field: Annotated[str | None, typer.Option(help="Column holding the chosen.")] = None,
-    rejected_field: Annotated[
-        str | None, typer.Option(help="Column holding the rejected answer.")
-    ] = None,
-    completion_field: Annotated[
-        str | None, typer.Option(help="Column holding the completion (sft or unpaired rows).")
-    ] = None,
-    label_field: Annotated[
-        str | None, typer.Option(help="Column holding a true/false label (unpaired rows).")
-    ] = None,
-    messages_field: Annotated[
-        str | None, typer.Option(help="Column holding a whole chat (sft rows).")
-    ] = None,
+    prompt_field: Prompt = None,
+    chosen_field: Chosen = None,
+    rejected_field: Rejected = None,
+    system_field: System = None,
+    history_field: History = None,
+    completion_field: Completion = None,
+    label_field: Label = None,
+    messages_field: Messages = None,
+    on_invalid: OnInvalidOpt = OnInvalidChoice.reject,
+    max_invalid_fraction: MaxInvalid = 0.01,
     as_json: AsJson = False,
 ) -> None:
-    """Upload a JSONL dataset: preference, sft or unpaired rows (streamed; validated by the
+    """Upload a dataset: preference, sft or unpaired rows (streamed; validated by the
     server)."""
     size = file.stat().st_size
     with options(ctx).client() as client, _upload_progress(size, quiet=as_json) as advance:
@@ -62,18 +95,86 @@ def datasets_upload(
             prompt_field=prompt_field,
             chosen_field=chosen_field,
             rejected_field=rejected_field,
+            system_field=system_field,
+            history_field=history_field,
             completion_field=completion_field,
             label_field=label_field,
             messages_field=messages_field,
+            on_invalid=on_invalid.value,
+            max_invalid_fraction=max_invalid_fraction,
             on_progress=advance,
         )
+    _print_stored(ds, "uploaded", as_json)
+
+
+@datasets_app.command("import")
+@handled
+def datasets_import(
+    ctx: typer.Context,
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="hf://datasets/ORG/NAME[/folder or file] or s3://bucket/key.", show_default=False
+        ),
+    ],
+    split: Annotated[str | None, typer.Option(help="Hub split (default: train).")] = None,
+    config: Annotated[
+        str | None, typer.Option(help="Hub config, among those of the repo's README card.")
+    ] = None,
+    revision: Annotated[
+        str | None, typer.Option(help="Hub branch, tag or commit (default: main).")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Dataset name (default: the repo's name and split).")
+    ] = None,
+    prompt_field: Prompt = None,
+    chosen_field: Chosen = None,
+    rejected_field: Rejected = None,
+    system_field: System = None,
+    history_field: History = None,
+    completion_field: Completion = None,
+    label_field: Label = None,
+    messages_field: Messages = None,
+    on_invalid: OnInvalidOpt = OnInvalidChoice.reject,
+    max_invalid_fraction: MaxInvalid = 0.01,
+    as_json: AsJson = False,
+) -> None:
+    """Import a dataset from where it is published (the Hub or S3): the server fetches it and
+    validates it like an upload."""
+    req = DatasetImport(
+        source=source,
+        revision=revision,
+        split=split,
+        config=config,
+        name=name,
+        prompt_field=prompt_field,
+        chosen_field=chosen_field,
+        rejected_field=rejected_field,
+        system_field=system_field,
+        history_field=history_field,
+        completion_field=completion_field,
+        label_field=label_field,
+        messages_field=messages_field,
+        on_invalid=on_invalid.value,
+        max_invalid_fraction=max_invalid_fraction,
+    )
+    with options(ctx).client() as client:
+        ds = client.import_dataset(req)
+    _print_stored(ds, "imported", as_json)
+
+
+def _print_stored(ds: Dataset, verb: str, as_json: bool) -> None:
     if as_json:
         print_json(ds)
         return
     out.print(
-        f"uploaded [bold]{ds.id}[/] ({escape(ds.name)}): {ds.rows} rows, {ds.kind}, {ds.format}, "
+        f"{verb} [bold]{ds.id}[/] ({escape(ds.name)}): {ds.rows} rows, {ds.kind}, {ds.format}, "
         f"sha256 {ds.sha256[:12]}"
     )
+    if ds.skipped_rows:
+        err.print(f"[yellow]skipped {ds.skipped_rows} invalid rows:[/]")
+        for problem in ds.skipped[:10]:
+            err.print(f"  line {problem.line}: {escape(problem.field)}: {escape(problem.msg)}")
     _print_warnings(ds)
 
 

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from service.settings import Settings, hash_api_key
 from service.store import Store
 from tests.fixtures.api import LiveServer
 from tests.fixtures.cli import KEY
+from tests.fixtures.hub import USER, HubServer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -155,6 +157,37 @@ def test_the_default_name_is_the_file_name_made_valid(
     result = cli("datasets", "upload", str(path), "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["name"] == "prefs _v2_ _3"
+
+
+def test_import_from_the_hub_with_bad_rows_skipped(
+    api_settings: Settings, hub_server: HubServer, tmp_path: Path
+) -> None:
+    """`ftune datasets import` fetches a published set server-side; HH's empty answers need
+    --on-invalid skip, and what was skipped is said."""
+    repo = f"{USER}/hh-{tmp_path.name[-8:]}"
+    hh = (ROOT / "tests" / "fixtures" / "datasets" / "hh.jsonl").read_bytes()
+    hub_server.seed_dataset(repo, {"harmless-base/train.jsonl.gz": gzip.compress(hh)})
+    settings = replace(
+        api_settings, hf_endpoint=hub_server.endpoint, hf_tokens={"": hub_server.read_token}
+    )
+    with LiveServer(settings) as server:
+        runner = CliRunner()
+
+        def cli(*args: str) -> Result:
+            head = ["--url", server.url, "--api-key", KEY]
+            return runner.invoke(app, [*head, *args], env={"COLUMNS": "200"})
+
+        source = f"hf://datasets/{repo}/harmless-base"
+        refused = cli("datasets", "import", source)
+        assert refused.exit_code == 1 and "422" in refused.stderr and "line 2" in refused.stderr
+        imported = cli(
+            "datasets", "import", source, "--on-invalid", "skip", "--max-invalid-fraction", "0.5"
+        )
+        assert imported.exit_code == 0, imported.output
+        assert "imported ds_" in imported.stdout and ": 2 rows, preference" in imported.stdout
+        assert "skipped 1 invalid rows" in imported.stderr and "line 2: rejected" in imported.stderr
+        wrong = cli("datasets", "import", f"hf://datasets/{repo}", "--config", "en")
+        assert wrong.exit_code == 1 and "declares no configs" in wrong.stderr
 
 
 def test_upload_with_a_column_mapping(cli: Callable[..., Result], tmp_path: Path) -> None:
