@@ -26,7 +26,7 @@ from service.cli.output import err, fmt_num, fmt_when, listing, out, print_json,
 from service.contract import Dataset, DatasetImport
 
 
-class OnInvalidChoice(str, enum.Enum):
+class OnInvalidChoice(enum.StrEnum):
     reject = "reject"
     skip = "skip"
 
