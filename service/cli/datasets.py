@@ -174,7 +174,8 @@ def _print_stored(ds: Dataset, verb: str, as_json: bool) -> None:
     if ds.skipped_rows:
         err.print(f"[yellow]skipped {ds.skipped_rows} invalid rows:[/]")
         for problem in ds.skipped[:10]:
-            err.print(f"  line {problem.line}: {escape(problem.field)}: {escape(problem.msg)}")
+            where = f"{problem.field}: " if problem.field else ""
+            err.print(f"  line {problem.line}: " + escape(where + problem.msg))
     _print_warnings(ds)
 
 
