@@ -39,9 +39,9 @@ from service.datasets.collect import (
 )
 from service.datasets.layouts import (
     DEFAULT_MAPPING,
-    SYSTEM_COLUMNS,
     alpaca_prompt,
     preamble,
+    system_column,
 )
 from service.datasets.messages import (
     Msg,
@@ -124,9 +124,7 @@ def normalize(
         if completion_field not in obj:
             raise RowInvalid(completion_field, f"missing field {completion_field!r}")
         row = _pair(obj[m.prompt_field], obj[completion_field], m.prompt_field, completion_field)
-    present = [c for c in SYSTEM_COLUMNS if c in obj]
-    system_field = m.system_field or next((c for c in present if not blank(obj[c])), None)
-    system_field = system_field or next(iter(present), None)
+    system_field = m.system_field or system_column(obj)
     if system_field in obj or history_field is not None:
         # A row with a system column is a conversation, even where the column is blank: a
         # file's rows must all be texts or all conversations.

@@ -65,6 +65,13 @@ def _first(obj: dict[str, Any], names: tuple[str, ...]) -> str | None:
     return None
 
 
+def system_column(obj: dict[str, Any]) -> str | None:
+    """The row's system column: the first of SYSTEM_COLUMNS that holds text, else the first
+    present (a blank one still makes the row a conversation)."""
+    present = [c for c in SYSTEM_COLUMNS if c in obj]
+    return next((c for c in present if not blank(obj[c])), None) or next(iter(present), None)
+
+
 def _ignored(obj: dict[str, Any], used: set[str]) -> list[str]:
     return [k for k, v in obj.items() if k not in used and not blank(v)]
 
@@ -433,7 +440,7 @@ def normalize(obj: object, mapping: FieldMapping | None = None) -> Normalized:
             "preferred_output and non_preferred_output; ...); other column names need a field "
             "mapping",
         )
-    system_col = _first(obj, SYSTEM_COLUMNS)
+    system_col = system_column(obj)
     history_col = "history" if "history" in obj else None
     used = {cf, rf}
     chat = system_col is not None or history_col is not None
@@ -495,7 +502,7 @@ def _alpaca_pair(obj: dict[str, Any]) -> Normalized:
             f"a preference row's output is [chosen, rejected], got a list of {len(output)}",
         )
     used = {"output"}
-    system_col = _first(obj, SYSTEM_COLUMNS)
+    system_col = system_column(obj)
     history_col = "history" if "history" in obj else None
     prompt, prompt_name = alpaca_prompt(obj, used)
     cols = ("instruction", "output[0]", "output[1]", system_col, history_col)

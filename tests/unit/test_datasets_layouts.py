@@ -297,6 +297,28 @@ def test_axolotl_chatml_intel_keeps_the_system_prompt() -> None:
     assert (result.source_format, result.warnings) == ("intel", [])
 
 
+def test_a_blank_system_column_gives_way_to_one_that_holds_text(tmp_path: Path) -> None:
+    """Exports that carry both `system` (empty) and `system_prompt` keep the one with text,
+    for preference rows as for sft rows, and warn about nothing."""
+    path = tmp_path / "two_systems.jsonl"
+    path.write_text(
+        json.dumps(
+            {
+                "system": "",
+                "system_prompt": "Réponds en français.",
+                "question": "Capital of France?",
+                "chosen": "Paris.",
+                "rejected": "Lyon.",
+            },
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
+    result, rows, _ = ingest(path)
+    assert rows[0]["prompt"] == [system("Réponds en français."), user("Capital of France?")]
+    assert result.warnings == []
+
+
 def test_axolotl_chatml_argilla() -> None:
     result, rows, _ = ingest(FIXTURES / "axolotl_argilla.jsonl")
     assert rows == [
