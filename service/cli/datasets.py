@@ -7,7 +7,7 @@ import contextlib
 import enum
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -89,21 +89,7 @@ def datasets_upload(
     server)."""
     size = file.stat().st_size
     with options(ctx).client() as client, _upload_progress(size, quiet=as_json) as advance:
-        ds = client.upload_dataset(
-            file,
-            name,
-            prompt_field=prompt_field,
-            chosen_field=chosen_field,
-            rejected_field=rejected_field,
-            system_field=system_field,
-            history_field=history_field,
-            completion_field=completion_field,
-            label_field=label_field,
-            messages_field=messages_field,
-            on_invalid=on_invalid.value,
-            max_invalid_fraction=max_invalid_fraction,
-            on_progress=advance,
-        )
+        ds = client.upload_dataset(file, name, on_progress=advance, **_reading(ctx))
     _print_stored(ds, "uploaded", as_json)
 
 
@@ -141,26 +127,36 @@ def datasets_import(
 ) -> None:
     """Import a dataset from where it is published (the Hub or S3): the server fetches it and
     validates it like an upload."""
-    req = DatasetImport(
-        source=source,
-        revision=revision,
-        split=split,
-        config=config,
-        name=name,
-        prompt_field=prompt_field,
-        chosen_field=chosen_field,
-        rejected_field=rejected_field,
-        system_field=system_field,
-        history_field=history_field,
-        completion_field=completion_field,
-        label_field=label_field,
-        messages_field=messages_field,
-        on_invalid=on_invalid.value,
-        max_invalid_fraction=max_invalid_fraction,
-    )
+    where: dict[str, Any] = {
+        "source": source,
+        "revision": revision,
+        "split": split,
+        "config": config,
+    }
+    req = DatasetImport(name=name, **where, **_reading(ctx))
     with options(ctx).client() as client:
         ds = client.import_dataset(req)
     _print_stored(ds, "imported", as_json)
+
+
+_READING = (
+    "prompt_field",
+    "chosen_field",
+    "rejected_field",
+    "system_field",
+    "history_field",
+    "completion_field",
+    "label_field",
+    "messages_field",
+    "on_invalid",
+    "max_invalid_fraction",
+)
+
+
+def _reading(ctx: typer.Context) -> dict[str, Any]:
+    """How to read the rows: the options upload and import share, as given."""
+    given = {k: ctx.params[k] for k in _READING if ctx.params[k] is not None}
+    return {k: str(v) if isinstance(v, enum.Enum) else v for k, v in given.items()}
 
 
 def _print_stored(ds: Dataset, verb: str, as_json: bool) -> None:
