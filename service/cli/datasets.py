@@ -167,11 +167,6 @@ def _print_stored(ds: Dataset, verb: str, as_json: bool) -> None:
         f"{verb} [bold]{ds.id}[/] ({escape(ds.name)}): {ds.rows} rows, {ds.kind}, {ds.format}, "
         f"sha256 {ds.sha256[:12]}"
     )
-    if ds.skipped_rows:
-        err.print(f"[yellow]skipped {ds.skipped_rows} invalid rows:[/]")
-        for problem in ds.skipped[:10]:
-            where = f"{problem.field}: " if problem.field else ""
-            err.print(f"  line {problem.line}: " + escape(where + problem.msg))
     _print_warnings(ds)
 
 
@@ -278,6 +273,12 @@ def datasets_delete(
 
 
 def _print_warnings(ds: Dataset) -> None:
+    """What the upload left out or probably did not mean, on stderr."""
+    if ds.skipped_rows:
+        err.print(f"[yellow]skipped {ds.skipped_rows} invalid rows:[/]")
+        for problem in ds.skipped[:10]:
+            where = f"{problem.field}: " if problem.field else ""
+            err.print(f"  line {problem.line}: " + escape(where + problem.msg))
     for w in ds.warnings:
         lines = ", ".join(str(n) for n in w.lines[:5])
         err.print(f"[yellow]warning:[/] {escape(w.msg)} ({w.count} rows; lines {lines})")

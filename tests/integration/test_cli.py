@@ -186,6 +186,9 @@ def test_import_from_the_hub_with_bad_rows_skipped(
         assert imported.exit_code == 0, imported.output
         assert "imported ds_" in imported.stdout and ": 2 rows, preference" in imported.stdout
         assert "skipped 1 invalid rows" in imported.stderr and "line 2: rejected" in imported.stderr
+        ds_id = imported.stdout.split()[1]
+        shown = cli("datasets", "show", ds_id)
+        assert shown.exit_code == 0 and "line 2: rejected" in shown.stderr
         wrong = cli("datasets", "import", f"hf://datasets/{repo}", "--config", "en")
         assert wrong.exit_code == 1 and "declares no configs" in wrong.stderr
 
