@@ -8,7 +8,13 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
+from litestar.exceptions import (
+    ClientException,
+    HTTPException,
+    NotAuthorizedException,
+    SerializationException,
+    ValidationException,
+)
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -242,6 +248,10 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]
         )
     if isinstance(exc, ValidationException):
         return _validation(exc)
+    if isinstance(exc, ClientException) and isinstance(exc.__cause__, SerializationException):
+        why = str(exc.detail).removeprefix("JSON is malformed: ")
+        msg = f"the request body is not valid JSON: {why[:1].lower()}{why[1:]}"
+        return problem(400, msg, errors=[FieldError(msg=msg, loc=["body"])])
     if isinstance(exc, NotAuthorizedException):
         return problem(401, str(exc.detail), headers={"WWW-Authenticate": "Bearer"})
     if isinstance(exc, HTTPException):

@@ -36,6 +36,25 @@ async def test_a_request_body_nested_thousands_deep_is_a_400(api: Api) -> None:
 
 
 @pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        (b'{"source": ', "the request body is not valid JSON: input data was truncated"),
+        (b'{"source": "s3://b/k",}', "the request body is not valid JSON: trailing comma in "),
+    ],
+)
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/datasets/import", "/v1/jobs/estimate"])
+async def test_a_json_body_that_is_not_json_says_so_at_the_body(
+    api: Api, path: str, body: bytes, detail: str
+) -> None:
+    resp = await api.client.post(
+        path, content=body, headers={**ALICE, "Content-Type": "application/json"}
+    )
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["detail"].startswith(detail)
+    assert resp.json()["errors"] == [{"msg": resp.json()["detail"], "loc": ["body"]}]
+
+
+@pytest.mark.parametrize(
     "path",
     ["/v1/jobs", "/v1/jobs/estimate", "/v1/fine_tuning/jobs", "/v1/datasets/import"],
 )
