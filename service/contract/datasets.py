@@ -285,7 +285,7 @@ class DatasetImport(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         msgspec.Meta(
             max_length=1024,
             pattern=r"^(hf://datasets/[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
-            r"(/[^\s]*)?|s3://[a-z0-9][a-z0-9.-]{1,62}/[^\s]+)(?!\n)$",
+            r"(/(\S( *\S)*)?)?|s3://[a-z0-9][a-z0-9.-]{1,62}/\S( *\S)*)(?!\n)$",
             description="hf://datasets/ORG/NAME[/folder or file] on the Hub, or "
             "s3://bucket/key (one object: JSONL, JSON, Parquet or CSV, optionally gzip).",
         ),

@@ -159,6 +159,12 @@ async def test_import_an_s3_object(importer: Api, s3_server: S3Server, s3_bucket
     assert (ds["name"], ds["source_format"], ds["rows"]) == ("prefs.jsonl.gz", "medicalgpt", 2)
     assert ds["source_bytes"] == len(gz("medicalgpt.jsonl"))
 
+    intel = (FIXTURES / "axolotl_intel.jsonl").read_bytes()
+    client.put_object(Bucket=s3_bucket, Key="team exports/prefs 2024.jsonl", Body=intel)
+    spaced = await post_import(importer, source=f"s3://{s3_bucket}/team exports/prefs 2024.jsonl")
+    assert spaced.status_code == 201, spaced.text
+    assert (spaced.json()["name"], spaced.json()["rows"]) == ("prefs 2024.jsonl", 2)
+
     resp = await post_import(importer, source=f"s3://{s3_bucket}/exports/missing.jsonl")
     assert resp.status_code == 422
     assert (
