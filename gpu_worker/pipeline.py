@@ -375,8 +375,12 @@ def _merge_dtype(model_dir: Path) -> str:
 def _describe(
     folder: Path, spec: JobSpec, points: list[MetricPoint], generations: list[Generation]
 ) -> None:
-    """spec.json, metrics.jsonl (and eval_generations.jsonl): the artifact explains itself."""
-    (folder / "spec.json").write_bytes(msgspec.json.format(msgspec.json.encode(spec)) + b"\n")
+    """spec.json, metrics.jsonl (and eval_generations.jsonl): the artifact explains itself.
+
+    The spec goes without its webhook_url: it says nothing of the training, may hold
+    credentials, and the artifact is published as it is."""
+    shown = msgspec.structs.replace(spec, webhook_url=None)
+    (folder / "spec.json").write_bytes(msgspec.json.format(msgspec.json.encode(shown)) + b"\n")
     write_metrics(folder / "metrics.jsonl", points)
     if generations:
         lines = [msgspec.json.encode(g) + b"\n" for g in generations]

@@ -83,6 +83,7 @@ def test_qlora_job_trains_reports_and_publishes_the_adapter(
             "optimizer": "paged_adamw_8bit",
         },
         quantization={"bits": 4, "quant_type": "nf4", "compute_dtype": "bfloat16"},
+        webhook_url="https://ci:hunter2@hooks.example.com/ftune?token=s3cret",
     )
     reporter = ListReporter()
 
@@ -145,8 +146,11 @@ def test_qlora_job_trains_reports_and_publishes_the_adapter(
         assert name in artifact.files
         assert store.exists(prefix + name)
     assert "training_args.bin" not in artifact.files
-    spec = msgspec.json.decode(store.get_bytes(prefix + "spec.json"), type=JobSpec)
-    assert spec == job.spec
+    spec_json = store.get_bytes(prefix + "spec.json")
+    spec = msgspec.json.decode(spec_json, type=JobSpec)
+    # The artifact is published as it is: the webhook's URL (credentials and all) stays out.
+    assert spec == msgspec.structs.replace(job.spec, webhook_url=None)
+    assert b"hunter2" not in spec_json and b"s3cret" not in spec_json
     metrics_lines = store.get_bytes(prefix + "metrics.jsonl").splitlines()
     assert [json.loads(line)["step"] for line in metrics_lines] == [2, 4, 6, 8, 10, 10]
     saved_generations = store.get_bytes(prefix + "eval_generations.jsonl").splitlines()
