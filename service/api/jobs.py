@@ -55,7 +55,7 @@ from service.store import (
     request_fingerprint,
     stream_position,
 )
-from service.tenants import Tenants, check_job, limits_for
+from service.tenants import GrantMissing, Tenants, check_job, limits_for
 
 JobId = Annotated[str, Parameter(description="The job's id (`job_...`).")]
 IdempotencyKey = Annotated[
@@ -105,6 +105,45 @@ def _cancel(job: Job) -> Job:
     return msgspec.structs.replace(job, cancel_requested=True)
 
 
+async def check_template(
+    spec: JobTemplate, tenant: str, settings: Settings, tenants: Tenants, *, at: list[str]
+) -> None:
+    """What a job's spec or a policy's template must pass before anything is stored: the
+    tenant's grants, the models dir, trainability, GPU memory and the webhook's address.
+    Errors are located under `at` (the body, or the body's template)."""
+    try:
+        check_job(tenants, tenant, spec, settings.store_url)
+    except GrantMissing as exc:
+        exc.loc[1:1] = at[1:]
+        raise
+
+    def invalid(exc: Exception, *field: str) -> InvalidRequest:
+        return InvalidRequest(str(exc), [FieldError(loc=[*at, *field], msg=str(exc))])
+
+    if spec.base_model.startswith("file://"):
+        try:
+            local_model_path(spec.base_model, settings.models_dir)
+        except ValueError as exc:
+            raise invalid(exc, "base_model") from None
+    try:
+        check_trainable(spec, settings.worker_gpus)
+    except Untrainable as exc:
+        raise invalid(exc, *exc.field.split(".")) from None
+    try:
+        vram.check_fits(
+            spec, settings.worker_gpu_memory_gb, settings.models_dir, gpus=settings.worker_gpus
+        )
+    except ValueError as exc:
+        raise invalid(exc, "base_model") from None
+    if spec.webhook_url is not None:
+        try:
+            await webhooks.check_url_async(
+                spec.webhook_url, allow_private=settings.webhook_allow_private
+            )
+        except ValueError as exc:
+            raise invalid(exc, "webhook_url") from None
+
+
 async def submit_job(
     spec: JobSpec,
     *,
@@ -120,36 +159,7 @@ async def submit_job(
     the one path of `POST /v1/jobs` and the OpenAI-compatible `POST /v1/fine_tuning/jobs`.
     Returns the job and whether it is an earlier one replayed (same idempotency key), which
     is not queued again."""
-    check_job(tenants, tenant, spec, settings.store_url)
-    if spec.base_model.startswith("file://"):
-        try:
-            local_model_path(spec.base_model, settings.models_dir)
-        except ValueError as exc:
-            raise InvalidRequest(
-                str(exc), [FieldError(loc=["body", "base_model"], msg=str(exc))]
-            ) from None
-    try:
-        check_trainable(spec, settings.worker_gpus)
-    except Untrainable as exc:
-        loc = ["body", *exc.field.split(".")]
-        raise InvalidRequest(str(exc), [FieldError(loc=loc, msg=str(exc))]) from None
-    try:
-        vram.check_fits(
-            spec, settings.worker_gpu_memory_gb, settings.models_dir, gpus=settings.worker_gpus
-        )
-    except ValueError as exc:
-        raise InvalidRequest(
-            str(exc), [FieldError(loc=["body", "base_model"], msg=str(exc))]
-        ) from None
-    if spec.webhook_url is not None:
-        try:
-            await webhooks.check_url_async(
-                spec.webhook_url, allow_private=settings.webhook_allow_private
-            )
-        except ValueError as exc:
-            raise InvalidRequest(
-                str(exc), [FieldError(loc=["body", "webhook_url"], msg=str(exc))]
-            ) from None
+    await check_template(spec, tenant, settings, tenants, at=["body"])
     ids = [spec.dataset_id, *([spec.eval_dataset_id] if spec.eval_dataset_id is not None else [])]
     found = await store.get_datasets(ids, tenant)  # both in one round trip
     dataset = _found(found[0], spec.dataset_id, "dataset_id")

@@ -10,21 +10,19 @@ from litestar.params import Parameter
 
 from service.api import shown
 from service.api.errors import FieldError, InvalidRequest
+from service.api.jobs import check_template
 from service.api.openapi_docs import FORBIDDEN, NOT_FOUND, TOO_MANY, PageSize, responses
 from service.api.tenancy import ListCursor, TenantParam, acting_tenant, listed_tenant
 from service.contract import (
     Policy,
     PolicyList,
     PolicySpec,
-    Untrainable,
-    check_trainable,
-    local_model_path,
 )
 from service.init_from import InitFromError, resolve_init_adapter
 from service.retraining import policies
 from service.settings import Principal, Settings
 from service.store import NotFound, Store
-from service.tenants import GrantMissing, Tenants, check_job, limits_for
+from service.tenants import Tenants, limits_for
 
 PolicyName = Annotated[
     str,
@@ -62,28 +60,12 @@ async def _check_template(
     """The template must make a valid job, exactly as POST /v1/jobs would judge it (with the
     label each run's job gets), with the grants of the tenant that will own its jobs."""
     template = spec.template
-    try:
-        check_job(tenants, tenant, template, settings.store_url)
-    except GrantMissing as exc:
-        exc.loc[1:1] = ["template"]
-        raise
-    try:
-        check_trainable(template, settings.worker_gpus)
-    except Untrainable as exc:
-        loc = ["body", "template", *exc.field.split(".")]
-        raise InvalidRequest(str(exc), [FieldError(loc=loc, msg=str(exc))]) from None
+    await check_template(template, tenant, settings, tenants, at=["body", "template"])
     try:
         policies.job_spec(template, "ds_template", template.eval_dataset_id, policy=name)
     except (ValueError, msgspec.ValidationError) as exc:
         msg = str(exc).split(" - at `$")[0]
         raise InvalidRequest(msg, [FieldError(loc=["body", "template"], msg=msg)]) from None
-    if template.base_model.startswith("file://"):
-        try:
-            local_model_path(template.base_model, settings.models_dir)
-        except ValueError as exc:
-            raise InvalidRequest(
-                str(exc), [FieldError(loc=["body", "template", "base_model"], msg=str(exc))]
-            ) from None
     try:
         await resolve_init_adapter(store, template, tenant)
     except InitFromError as exc:

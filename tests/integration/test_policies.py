@@ -190,6 +190,10 @@ async def test_policies_belong_to_their_tenant(api: Api) -> None:
             {"template": {"base_model": "org/m", "init_from": {"job_id": "job_abc"}}},
             ["body", "template", "init_from", "job_id"],
         ),
+        (
+            {"template": {"base_model": "org/m", "webhook_url": "http://127.0.0.1:8080/hook"}},
+            ["body", "template", "webhook_url"],
+        ),
     ],
     ids=[
         "no-trigger",
@@ -204,6 +208,7 @@ async def test_policies_belong_to_their_tenant(api: Api) -> None:
         "outside-models-dir",
         "eval-dataset",
         "init-from-missing-job",
+        "loopback-webhook",
     ],
 )
 async def test_bad_policies_are_refused_with_where(
