@@ -161,6 +161,9 @@ class Settings:
     """Bytes of stored (normalized) datasets one tenant may keep."""
     max_feedback_streams: Count | None = 100
     """Feedback streams one tenant may have."""
+    max_feedback_bytes: Count | None = 1024**3
+    """About the bytes one tenant's feedback streams may take in Redis (pairs, ratings, event
+    ids): Redis is shared and evicts nothing, so one tenant's feedback must not fill it."""
     max_policies: Count | None = 100
     """Retraining policies one tenant may have."""
     max_jobs_per_policy_tick: Count | None = 10

@@ -60,6 +60,7 @@ class LimitOverrides(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     datasets: Limit | None = None
     dataset_bytes: Limit | None = None
     feedback_streams: Limit | None = None
+    feedback_bytes: Limit | None = None
     policies: Limit | None = None
     jobs_per_policy_tick: Limit | None = None
     event_streams: Limit | None = None
@@ -113,6 +114,7 @@ class TenantLimits(msgspec.Struct, frozen=True, kw_only=True):
     datasets: int | None
     dataset_bytes: int | None
     feedback_streams: int | None
+    feedback_bytes: int | None
     policies: int | None
     jobs_per_policy_tick: int | None
     event_streams: int | None
@@ -129,6 +131,7 @@ def limits_for(settings: Settings, tenants: Tenants, tenant: str) -> TenantLimit
         datasets=settings.max_datasets,
         dataset_bytes=settings.max_stored_dataset_bytes,
         feedback_streams=settings.max_feedback_streams,
+        feedback_bytes=settings.max_feedback_bytes,
         policies=settings.max_policies,
         jobs_per_policy_tick=settings.max_jobs_per_policy_tick,
         event_streams=settings.max_event_streams,

@@ -117,14 +117,15 @@ class FeedbackController(Controller):
         tenant: TenantParam = None,
     ) -> FeedbackReceipt:
         owner = acting_tenant(principal, tenant)
-        most = limits_for(settings, tenants, owner).feedback_streams
+        limits = limits_for(settings, tenants, owner)
         try:
             return await feedback.ingest(
                 store,
                 owner,
                 stream,
                 data.events,
-                max_streams=most,
+                max_streams=limits.feedback_streams,
+                max_tenant_bytes=limits.feedback_bytes,
                 max_line_bytes=settings.max_line_bytes,
                 max_rows=settings.max_dataset_rows,
                 max_bytes=settings.max_dataset_bytes,

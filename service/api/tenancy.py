@@ -140,6 +140,7 @@ class TenancyController(Controller):
             "datasets": datasets,
             "dataset_bytes": stored,
             "feedback_streams": await feedback.stream_count(store, name),
+            "feedback_bytes": await feedback.stored_bytes(store, name),
             "policies": await policies.policy_count(store, name),
             "jobs_per_policy_tick": None,
             "event_streams": request.app.state.event_hub.open.get(name, 0),  # this process

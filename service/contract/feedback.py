@@ -121,6 +121,14 @@ class FeedbackStream(msgspec.Struct, kw_only=True):
     rating_bytes: Annotated[
         int, msgspec.Meta(description="Bytes the ratings take as a dataset's JSON lines.")
     ] = 0
+    stored_bytes: Annotated[
+        int,
+        msgspec.Meta(
+            description="About what the stream takes in the service's database: its pairs, "
+            "ratings, waiting ratings and event ids, as counted against the tenant's "
+            "`feedback_bytes` limit (0 for a stream made before that limit existed)."
+        ),
+    ] = 0
     snapshots: Annotated[int, msgspec.Meta(description="Snapshots taken so far.")] = 0
     created_at: Annotated[
         float, msgspec.Meta(description="When its first event arrived, in seconds since the epoch.")

@@ -63,7 +63,16 @@ from service.retraining.events import (
     parse_events,
     prompt_key,
 )
-from service.store import Conflict, DatasetQuota, NotFound, P, Store, check_count, transact
+from service.store import (
+    Conflict,
+    DatasetQuota,
+    LimitReached,
+    NotFound,
+    P,
+    Store,
+    check_count,
+    transact,
+)
 
 _READ_CHUNK = 1000
 """Pairs read from Redis per LRANGE when snapshotting."""
@@ -91,6 +100,18 @@ def _key(tenant: str, stream: str, part: str) -> str:
 
 def _index(tenant: str) -> str:
     return f"{P}fb-streams:{tenant}"
+
+
+def _bytes_key(tenant: str) -> str:
+    """About the bytes the tenant's streams take in Redis (their `stored_bytes`, summed)."""
+    return f"{P}fb-bytes:{tenant}"
+
+
+_ID_COST = 80
+"""What an event id costs in a stream's ``:seen`` set beyond its own bytes (Redis's entry and
+string headers)."""
+_ITEM_COST = 24
+"""What a list item costs beyond its own bytes."""
 
 
 ALL = f"{P}fb-streams-all"
@@ -224,13 +245,16 @@ async def ingest(
     max_line_bytes: int,
     max_rows: int,
     max_bytes: int,
+    max_tenant_bytes: int | None = None,
 ) -> FeedbackReceipt:
     """Check a batch and store what is new of it, all or nothing (InvalidFeedback). A batch
     that would start the tenant's stream number `max_streams` + 1 is refused (LimitReached),
     counted in the same transaction; so is one with a row past `max_line_bytes`, which no
     snapshot could hold, and one that would take the stream past `max_rows` pairs or ratings,
     or past `max_bytes` of either (Conflict): no snapshot could hold them, and a stream must
-    not grow in Redis for ever."""
+    not grow in Redis for ever. A batch that would take the tenant's streams past
+    `max_tenant_bytes` in Redis is refused too (LimitReached); that count is read, not
+    watched, so concurrent batches of one tenant may pass it by what they add together."""
     now = time.time() if now is None else now
     meta_key = _key(tenant, stream, "meta")
     seen_key = _key(tenant, stream, "seen")
@@ -256,16 +280,20 @@ async def ingest(
         check_row_sizes(applied, parsed, max_line_bytes)
         pair_bytes, rating_bytes = _row_bytes(applied.pairs), _row_bytes(applied.unpaired)
         _check_room(stream, meta, applied, max_rows, max_bytes, pair_bytes, rating_bytes)
+        pairs = [_encoder.encode(pair) for pair in applied.pairs]
+        ratings = [_encoder.encode(row) for row in applied.unpaired]
+        stored = _stored_bytes(applied.accepted, pairs, ratings)
+        await _check_budget(pipe, tenant, stored, max_tenant_bytes)
         pipe.multi()
         dropped = sum(_write_queue(pipe, tenant, stream, q, applied.pending[q.key]) for q in queues)
-        if applied.pairs:
-            encoded = [_encoder.encode(pair) for pair in applied.pairs]
-            pipe.rpush(_key(tenant, stream, "pairs"), *encoded)
-        if applied.unpaired:
-            encoded = [_encoder.encode(row) for row in applied.unpaired]
-            pipe.rpush(_key(tenant, stream, "unpaired"), *encoded)
+        if pairs:
+            pipe.rpush(_key(tenant, stream, "pairs"), *pairs)
+        if ratings:
+            pipe.rpush(_key(tenant, stream, "unpaired"), *ratings)
         if applied.accepted:
             pipe.sadd(seen_key, *applied.accepted)
+        if stored:
+            pipe.incrby(_bytes_key(tenant), stored)
         new_meta = msgspec.structs.replace(
             meta,
             format=meta.format or (parsed[0].format if parsed else None),
@@ -276,6 +304,7 @@ async def ingest(
             pending_ratings=meta.pending_ratings + applied.pending_delta - dropped,
             pair_bytes=meta.pair_bytes + pair_bytes,
             rating_bytes=meta.rating_bytes + rating_bytes,
+            stored_bytes=meta.stored_bytes + stored,
             dropped_ratings=meta.dropped_ratings + dropped,
             updated_at=now,
         )
@@ -295,6 +324,31 @@ async def ingest(
         ratings_waiting=applied.waiting_from_batch,
         pairs_total=new_meta.pairs,
     )
+
+
+def _stored_bytes(ids: Sequence[str], pairs: list[bytes], ratings: list[bytes]) -> int:
+    """About what a batch adds to Redis: its ids, its pairs and its ratings, each rating twice
+    (kept for kto, and waiting for its opposite until one comes or it is dropped)."""
+    return (
+        sum(len(i.encode()) + _ID_COST for i in ids)
+        + sum(len(p) + _ITEM_COST for p in pairs)
+        + 2 * sum(len(r) + _ITEM_COST for r in ratings)
+    )
+
+
+async def _check_budget(pipe: Pipeline, tenant: str, adding: int, limit: int | None) -> None:
+    if limit is None or not adding:
+        return
+    used = int(await pipe.get(_bytes_key(tenant)) or 0)
+    if used + adding > limit:
+        raise LimitReached(
+            f"tenant {tenant}'s feedback streams take about {used:,} bytes and this batch "
+            f"{adding:,} more; the limit (feedback_bytes) is {limit:,}: nothing of it was "
+            "stored; snapshot the streams you need and delete them",
+            limit="feedback_bytes",
+            quota=limit,
+            retry_after=3600,
+        )
 
 
 def _row_bytes(records: Sequence[PairRecord]) -> int:
@@ -358,8 +412,12 @@ async def delete_stream(store: Store, tenant: str, stream: str) -> None:
 
     async def drop(pipe: Pipeline) -> None:
         prompts = await pipe.smembers(prompts_key)  # type: ignore[misc]  # redis-py#2399
+        raw = await pipe.get(meta_key)
+        stored = _stream_decoder.decode(raw).stored_bytes if raw else 0
         lists = [_waiting_key(tenant, stream, p.decode(), w) for p in prompts for w in WAYS]
         pipe.multi()
+        if stored:
+            pipe.decrby(_bytes_key(tenant), stored)
         for i in range(0, len(lists), _READ_CHUNK):
             pipe.unlink(*lists[i : i + _READ_CHUNK])
         pipe.unlink(*(_key(tenant, stream, part) for part in _PARTS))
@@ -522,6 +580,11 @@ def _too_large(stream: str, what: str, limits: Limits) -> Conflict:
         "FTUNE_MAX_DATASET_ROWS and FTUNE_MAX_DATASET_BYTES); start a new stream for new "
         "feedback, or ask the operator to raise them"
     )
+
+
+async def stored_bytes(store: Store, tenant: str) -> int:
+    """About the bytes the tenant's feedback streams take in Redis."""
+    return int(await store.redis.get(_bytes_key(tenant)) or 0)
 
 
 async def stream_count(store: Store, tenant: str) -> int:

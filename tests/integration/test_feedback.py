@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
+import redis
+from litestar.testing import AsyncTestClient
 
+from service.api.app import create_app
 from tests.fixtures.api import ALICE, BOB, Api
 
 
@@ -249,3 +253,41 @@ async def test_snapshot_needs_pairs(api: Api) -> None:
     resp = await api.client.post("/v1/feedback/lonely/snapshot", headers=ALICE)
     assert resp.status_code == 409
     assert "1 ratings wait" in resp.json()["detail"]
+
+
+async def test_a_tenants_feedback_has_a_byte_budget_in_redis(api: Api, redis_url: str) -> None:
+    """Streams live in the shared Redis, which evicts nothing: what a tenant's take (ids and
+    waiting ratings too, not only the rows) counts against its feedback_bytes, refused whole
+    past it (429) and freed when a stream is deleted; other tenants are not touched."""
+    long_id = "e" * 190  # a client's UUID-ish ids with a prefix: most of what Redis holds
+    ratings = [rating(f"{long_id}{i}", f"prompt {i}?", "ok", "up") for i in range(200)]
+    assert (await post(api, "thumbs", ratings)).status_code == 200
+    stream = (await api.client.get("/v1/feedback/thumbs", headers=ALICE)).json()
+    rows = stream["rating_bytes"]
+    # The estimate follows what Redis itself says the stream's keys take, ids and all.
+    r = redis.Redis.from_url(redis_url)
+    keys = list(r.scan_iter(match="ftune:fb:alice:thumbs:*", count=1000))
+    used = sum(r.memory_usage(k) or 0 for k in keys)
+    assert rows * 3 < used and used / 2 < stream["stored_bytes"] < used * 2, (rows, used, stream)
+
+    capped = replace(api.settings, max_feedback_bytes=stream["stored_bytes"] + 10_000)
+    async with AsyncTestClient(create_app(capped)) as client:
+        more = [rating(f"{long_id}x{i}", f"prompt {i}?", "fine", "up") for i in range(200)]
+        resp = await client.post("/v1/feedback/more", json={"events": more}, headers=ALICE)
+        assert resp.status_code == 429, resp.text
+        assert "(feedback_bytes)" in resp.json()["detail"]
+        assert (await client.get("/v1/feedback/more", headers=ALICE)).status_code == 404
+        usage = (await client.get("/v1/usage", headers=ALICE)).json()
+        (budget,) = [u for u in usage["limits"] if u["name"] == "feedback_bytes"]
+        assert budget == {
+            "name": "feedback_bytes",
+            "used": stream["stored_bytes"],
+            "limit": capped.max_feedback_bytes,
+        }
+        # Another tenant has a budget of its own.
+        resp = await client.post("/v1/feedback/more", json={"events": more}, headers=BOB)
+        assert resp.status_code == 200, resp.text
+        # Deleting a stream gives its bytes back.
+        assert (await client.delete("/v1/feedback/thumbs", headers=ALICE)).status_code == 204
+        resp = await client.post("/v1/feedback/more", json={"events": more}, headers=ALICE)
+        assert resp.status_code == 200, resp.text
