@@ -40,6 +40,7 @@ FLAGS = [
 ]
 SHOTS = Path(os.environ.get("FTUNE_SCREENSHOTS", "test-artifacts/console"))
 KEY = "key-alice"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "datasets"
 WAIT_MS = 300_000  # an upper bound for a loaded machine; idle, a job takes ~15 s
 STEPS = 20
 # Elements wider than the viewport: a page that scrolls sideways on a phone.
@@ -261,6 +262,156 @@ def test_a_dropped_event_stream_resumes_after_the_last_event(
     assert asked[:3] == [None, sent_id, sent_id]  # resumed right after the last event it had
     tab.page.wait_for_timeout(500)
     assert tab.page.locator(".log").inner_text().count("[status] queued") == 1  # not replayed
+    assert tab.errors == []
+
+
+def test_uploads_and_submits_do_what_the_user_meant(
+    live_api: LiveServer, console_for: Any, tmp_path: Path
+) -> None:
+    """What a person does in a hurry: an upload named after its file, with invalid rows left
+    out or its columns named; moving on while it goes up; a double click on Submit; a form
+    sent half filled; "Train on it" on an old dataset; the service gone for a moment."""
+    http = httpx.Client(base_url=live_api.url, headers={"Authorization": f"Bearer {KEY}"})
+    tab = console_for(live_api.url)
+    page = tab.page
+    tab.open("#/datasets")
+    tab.sign_in(KEY)
+    expect(page.locator("#page h1")).to_have_text("Datasets")
+    hint = page.locator("input[name=name]").get_attribute("aria-describedby")
+    expect(page.locator(f"#{hint}")).to_contain_text("name the dataset after its file")
+
+    # HH's harmless split has empty final answers: refused whole, then taken with them left out.
+    hh = tmp_path / "hh [harmless].jsonl"
+    hh.write_bytes((FIXTURES / "hh.jsonl").read_bytes())
+    page.set_input_files("#dataset-file", str(hh))
+    expect(page.locator("#upload-result")).to_contain_text("line 2")
+    page.click("text=Columns and invalid rows")
+    page.check("input[name=skip_invalid]")
+    page.fill("input[name=max_invalid_fraction]", "0.5")
+    page.set_input_files("#dataset-file", str(hh))
+    page.wait_for_url(re.compile(r"#/datasets/ds_"))
+    expect(page.locator("#page h1")).to_have_text("hh _harmless_")
+    expect(page.locator("ul.problems")).to_contain_text("line 2 (rejected)")
+
+    # Columns of its own: named in the upload's options.
+    tab.open("#/datasets")
+    csv_file = tmp_path / "votes.csv"
+    csv_file.write_text("question,good,bad\nCapital of Peru?,Lima.,Quito.\n2+2?,4.,5.\n")
+    page.click("text=Columns and invalid rows")
+    page.fill("input[name=prompt_field]", "question")
+    page.fill("input[name=chosen_field]", "good")
+    page.fill("input[name=rejected_field]", "bad")
+    page.set_input_files("#dataset-file", str(csv_file))
+    page.wait_for_url(re.compile(r"#/datasets/ds_"))
+    expect(page.locator("#page h1")).to_have_text("votes")
+    expect(page.locator(".facts")).to_contain_text("read as mapped")
+
+    # Moving on while a file goes up: the user stays where they went, and is told.
+    held: list[Route] = []
+
+    def hold_uploads(route: Route) -> None:
+        if route.request.method == "POST":
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route(re.compile(r"/v1/datasets\?"), hold_uploads)
+    tab.open("#/datasets")
+    page.set_input_files("#dataset-file", str(jsonl(tmp_path / "late.jsonl", preference_rows(3))))
+    tab.wait_for(lambda: len(held))
+    tab.open("#/new")
+    expect(page.locator("#page h1")).to_have_text("New job")
+    held[0].continue_()
+    expect(page.locator("#notice")).to_contain_text("late.jsonl: stored 3 rows as ds_")
+    assert page.url.endswith("#/new")
+    page.unroute(re.compile(r"/v1/datasets\?"))
+
+    # A form sent half filled says what is missing, beside it; nothing is sent.
+    page.click(".job-form button[type=submit]")
+    expect(page.locator(".job-form .error")).to_have_text(re.compile("^Name a base model"))
+    assert page.evaluate("document.activeElement.name") == "base_model"
+    page.fill("input[name=base_model]", "org/model")
+    page.click(".job-form button[type=submit]")
+    expect(page.locator(".job-form .error")).to_have_text(re.compile("^Choose a dataset"))
+    assert page.evaluate("document.activeElement.name") == "dataset_id"
+    assert http.get("/v1/jobs").json()["items"] == []
+
+    # "Train on it" on a dataset older than the newest hundred the form lists.
+    old = http.get("/v1/datasets", params={"limit": 1}).json()["items"][0]["id"]
+    for i in range(100):
+        resp = http.post(
+            "/v1/datasets",
+            params={"name": f"newer {i}"},
+            content=json.dumps({"prompt": f"Q{i}?", "chosen": "Yes.", "rejected": "No."}),
+            headers={"Content-Type": "application/x-ndjson"},
+        )
+        assert resp.status_code == 201, resp.text
+    tab.open(f"#/new?dataset={old}")
+    expect(page.locator("select[name=dataset_id]")).to_have_value(old)
+    expect(page.locator("select[name=dataset_id] option:checked")).to_contain_text(
+        "preference pairs"
+    )
+
+    # A double click makes one job.
+    page.fill("input[name=base_model]", "org/model")
+    page.dblclick(".job-form button[type=submit]")
+    page.wait_for_url(re.compile(r"#/jobs/job_"))
+    page.wait_for_timeout(500)
+    jobs = http.get("/v1/jobs").json()["items"]
+    assert [j["id"] for j in jobs] == [page.url.rsplit("/", 1)[-1]]
+    # Its page: the first attempt is attempt 1, and an adapter job has no merging phase.
+    expect(page.locator(".facts")).to_contain_text("Attempt1")
+    expect(page.locator(".timeline li")).to_have_count(4)
+    page.click("text=Cancel job…")
+    page.click("dialog button[value=cancel]")
+    expect(page.locator(".summary .badge")).to_have_text("cancelled")
+    expect(page.locator("#page")).not_to_contain_text("Cancel requested")
+    expect(page.locator("#page")).to_contain_text("None: the job was cancelled.")
+
+    # The service gone for a moment: said plainly, and the page comes back by itself.
+    page.route(re.compile(r"/v1/"), lambda route: route.abort())
+    tab.open("#/datasets")
+    expect(page.locator("#page .error")).to_contain_text("The service did not answer")
+    expect(page.locator("#page button", has_text="Try again")).to_be_visible()
+    page.unroute(re.compile(r"/v1/"))
+    expect(page.locator("#page h1")).to_have_text("Datasets", timeout=15_000)
+    http.close()
+    tab.errors = [e for e in tab.errors if "ERR_FAILED" not in e]
+    assert tab.errors == []
+
+
+def test_the_jobs_list_follows_its_jobs_and_keeps_its_page(
+    live_api: LiveServer, console_for: Any
+) -> None:
+    with httpx.Client(base_url=live_api.url, headers={"Authorization": f"Bearer {KEY}"}) as http:
+        ds = http.post(
+            "/v1/datasets",
+            content="".join(json.dumps(r) + "\n" for r in preference_rows(4)),
+            headers={"Content-Type": "application/x-ndjson"},
+        ).json()
+        ids = [
+            http.post("/v1/jobs", json={"base_model": "org/m", "dataset_id": ds["id"]}).json()["id"]
+            for _ in range(22)
+        ]
+        tab = console_for(live_api.url)
+        page = tab.page
+        tab.open("#/jobs")
+        tab.sign_in(KEY)
+        expect(page.locator("tbody tr")).to_have_count(20)
+        # A job that changes is shown changed, without a reload.
+        assert http.post(f"/v1/jobs/{ids[-1]}/cancel").is_success
+        row = page.locator("tbody tr", has=page.locator(f"a[href='#/jobs/{ids[-1]}']"))
+        expect(row.locator(".badge")).to_have_text("cancelled", timeout=15_000)
+        # The older page is in the URL: Back from one of its jobs returns to it.
+        page.click("text=Older →")
+        expect(page.locator("tbody tr")).to_have_count(2)
+        assert "cursor=" in page.url
+        page.click(f"a[href='#/jobs/{ids[0]}']")
+        expect(page.locator("#page h1")).to_have_text(ids[0])
+        page.go_back()
+        expect(page.locator("tbody tr")).to_have_count(2)
+        page.click("text=← Newest")
+        expect(page.locator("tbody tr")).to_have_count(20)
     assert tab.errors == []
 
 

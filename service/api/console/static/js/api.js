@@ -47,19 +47,29 @@ async function problemOf(resp) {
   }
 }
 
-/** fetch() against /v1 with the key; JSON in and out; throws ApiError on a non-2xx answer. */
-export async function api(path, { method = "GET", query, json, body, type, signal } = {}) {
-  const extra = {};
+/** The service gave no answer at all (down, restarting, the network gone): status 0. */
+export const UNREACHABLE = "The service did not answer: it may be restarting, or the network is down. Try again in a moment.";
+
+/** fetch() against /v1 with the key; JSON in and out; throws ApiError on a non-2xx answer,
+ * and on no answer at all (status 0) with a message a person can act on. */
+export async function api(path, { method = "GET", query, json, body, type, signal, headers: more } = {}) {
+  const extra = { ...more };
   if (json !== undefined) extra["Content-Type"] = "application/json";
   if (type) extra["Content-Type"] = type;
-  const resp = await fetch(url(path, query), {
-    method,
-    headers: headers(extra),
-    body: json !== undefined ? JSON.stringify(json) : body,
-    signal,
-    cache: "no-store",
-    referrerPolicy: "no-referrer",
-  });
+  let resp;
+  try {
+    resp = await fetch(url(path, query), {
+      method,
+      headers: headers(extra),
+      body: json !== undefined ? JSON.stringify(json) : body,
+      signal,
+      cache: "no-store",
+      referrerPolicy: "no-referrer",
+    });
+  } catch (err) {
+    if (err.name === "AbortError") throw err;
+    throw new ApiError(0, { detail: UNREACHABLE });
+  }
   if (resp.status === 401) {
     onUnauthorized("The API refused the key (401): sign in again.");
     throw new ApiError(401, await problemOf(resp));

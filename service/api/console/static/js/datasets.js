@@ -2,7 +2,7 @@
 // validation errors line by line, and a dataset's page with its report and preview rows.
 
 import { api, session } from "./api.js";
-import { bytes, clear, dl, field, h, problem, table, when } from "./dom.js";
+import { bytes, clear, dl, field, h, notify, problem, table, when } from "./dom.js";
 
 const PREVIEW_ROWS = 10;
 
@@ -20,10 +20,32 @@ const COLUMNS = {
   unpaired: [["Prompt", "prompt"], ["Completion", "completion"], ["Label", "label"]],
 };
 
+// Columns a file of another layout names (the upload's *_field parameters).
+const MAPPED = [
+  ["prompt_field", "Prompt column"],
+  ["chosen_field", "Chosen column"],
+  ["rejected_field", "Rejected column"],
+  ["system_field", "System column"],
+  ["history_field", "History column"],
+  ["completion_field", "Completion column (sft, kto)"],
+  ["label_field", "Label column (kto)"],
+  ["messages_field", "Messages column (sft chats)"],
+];
+
+/** A valid dataset name made of a file's name (as the CLI makes one): without its
+ * extensions, other characters than a name may hold made `_`. */
+export function nameOf(fileName) {
+  const stem = fileName.replace(/\.gz$/i, "").replace(/\.[^.]*$/, "") || fileName;
+  return stem.replace(/[^\p{L}\p{N}_ .,:()+-]+/gu, "_").trim().slice(0, 128) || "dataset";
+}
+
 function uploader(onDone) {
-  const name = h("input", { name: "name", value: "dataset", required: true, maxlength: 128 });
-  const input = h("input", { type: "file", id: "dataset-file", accept: ".jsonl,.json,.csv,.parquet,.gz,.ndjson" });
+  const name = h("input", { name: "name", maxlength: 128, placeholder: "the file's name" });
+  const input = h("input", { type: "file", id: "dataset-file", accept: ".jsonl,.json,.csv,.parquet,.gz,.ndjson", tabindex: "-1" });
   const result = h("div", { "aria-live": "polite", id: "upload-result" });
+  const skip = h("input", { type: "checkbox", name: "skip_invalid" });
+  const fraction = h("input", { type: "number", name: "max_invalid_fraction", min: 0, max: 1, step: "any", value: "0.01", inputmode: "decimal" });
+  const columns = Object.fromEntries(MAPPED.map(([key]) => [key, h("input", { name: key, spellcheck: "false", maxlength: 128 })]));
   const zone = h(
     "label",
     { class: "drop", for: "dataset-file", tabindex: "0" },
@@ -51,19 +73,43 @@ function uploader(onDone) {
   input.addEventListener("change", () => input.files.length && send(input.files[0]));
 
   async function send(file) {
+    const from = location.hash; // the user may go on elsewhere while a large file goes up
     clear(result, h("p", { class: "muted" }, `Uploading ${file.name} (${bytes(file.size)})…`));
     const type = /\.csv$/i.test(file.name) ? "text/csv" : file.type || "application/octet-stream";
+    const query = { name: name.value.trim() || nameOf(file.name) };
+    for (const [key, el] of Object.entries(columns)) query[key] = el.value.trim();
+    if (skip.checked) Object.assign(query, { on_invalid: "skip", max_invalid_fraction: fraction.value });
     try {
-      const ds = await api("/datasets", { method: "POST", query: { name: name.value || file.name }, body: file, type });
-      clear(result, h("p", { class: "ok" }, `Stored ${ds.rows} rows as `, h("a", { href: `#/datasets/${ds.id}` }, ds.id)));
-      onDone(ds);
+      const ds = await api("/datasets", { method: "POST", query, body: file, type });
+      const link = h("a", { href: `#/datasets/${ds.id}` }, ds.id);
+      clear(result, h("p", { class: "ok" }, `Stored ${ds.rows} rows as `, link));
+      if (location.hash === from) onDone(ds);
+      else notify(h("p", { class: "ok" }, `${file.name}: stored ${ds.rows} rows as `, h("a", { href: `#/datasets/${ds.id}` }, ds.id)));
     } catch (err) {
       clear(result, h("h3", {}, `${file.name} was not stored`), problem(err));
+      if (location.hash !== from) notify(h("p", {}, `${file.name} was not stored: ${err.message} `, h("a", { href: from }, "Details")));
     }
     input.value = "";
   }
 
-  return h("section", { class: "card", "aria-labelledby": "h-upload" }, h("h2", { id: "h-upload" }, "Upload"), field("Name", name), zone, input, result);
+  return h(
+    "section",
+    { class: "card", "aria-labelledby": "h-upload" },
+    h("h2", { id: "h-upload" }, "Upload"),
+    field("Name", name, "Leave it empty to name the dataset after its file."),
+    h(
+      "details",
+      { class: "upload-options" },
+      h("summary", {}, "Columns and invalid rows"),
+      h("p", { class: "muted" }, "For a file whose layout is not read as it is (README, \"Dataset formats\"): the columns that hold each part."),
+      h("div", { class: "columns" }, MAPPED.map(([key, label]) => field(label, columns[key]))),
+      h("label", { class: "inline" }, skip, " Leave invalid rows out (listed with the dataset) instead of refusing the file"),
+      field("Most invalid rows, as a fraction", fraction, "With invalid rows left out: past this share of the rows the file is refused."),
+    ),
+    zone,
+    input,
+    result,
+  );
 }
 
 function datasetRow(ds) {

@@ -61,15 +61,26 @@ export function badge(status) {
   return h("span", { class: `badge ${status}` }, status);
 }
 
-/** A Problem Details error as a block: the detail, then each error with its line or place. */
-export function problem(err) {
+/** A Problem Details error as a block: the detail, then each error with its line or place
+ * (left out when the detail already says all of it). `alert: false` for a box that is
+ * redrawn as the user types, which a screen reader would otherwise announce each time. */
+export function problem(err, { alert = true } = {}) {
   const p = err.problem || {};
-  const items = (p.errors || []).map((e) => {
-    const where = e.line ? `line ${e.line}` : e.loc ? e.loc.join(".") : "";
-    return h("li", {}, where ? h("strong", {}, `${where}${e.field ? ` (${e.field})` : ""}: `) : "", e.msg);
-  });
+  const errors = p.errors || [];
+  const where = (e) => (e.line ? `line ${e.line}` : e.loc ? e.loc.join(".") : "");
+  const said = errors.length === 1 && err.message.endsWith(errors[0].msg);
+  const items = said ? [] : errors.map((e) => h("li", {}, where(e) ? h("strong", {}, `${where(e)}${e.field ? ` (${e.field})` : ""}: `) : "", e.msg));
   const more = p.total_errors && p.total_errors > items.length ? h("p", {}, `${p.total_errors} problems in all.`) : null;
-  return h("div", { class: "error", role: "alert" }, h("p", {}, err.message), items.length ? h("ul", { class: "problems" }, items) : null, more);
+  return h("div", { class: "error", role: alert ? "alert" : null }, h("p", {}, err.message), items.length ? h("ul", { class: "problems" }, items) : null, more);
+}
+
+/** A message that outlives the page it came from (an upload that ended after the user moved
+ * on), in the status region of the header, until it is dismissed or replaced. */
+export function notify(...children) {
+  const box = document.getElementById("notice");
+  const close = h("button", { type: "button", class: "close", "aria-label": "Dismiss" }, "×");
+  close.addEventListener("click", () => clear(box));
+  clear(box, h("div", { class: "card notice" }, children, close));
 }
 
 export function table(headers, rows, caption) {
@@ -86,10 +97,17 @@ export function table(headers, rows, caption) {
   );
 }
 
+/** Text with `code` spans (the API's descriptions use them) as text and <code> nodes. */
+export function prose(text) {
+  return text.split("`").map((part, i) => (i % 2 ? h("code", {}, part) : part));
+}
+
+/** A labelled input; its hint is tied to it (aria-describedby) so a screen reader reads it. */
 export function field(label, input, hint) {
   const id = input.id || `f-${label.toLowerCase().replace(/[^a-z0-9]+/g, "-")}`;
   input.id = id;
-  return h("div", { class: "field" }, h("label", { for: id }, label), input, hint ? h("small", {}, hint) : null);
+  if (hint) input.setAttribute("aria-describedby", `${id}-hint`);
+  return h("div", { class: "field" }, h("label", { for: id }, label), input, hint ? h("small", { id: `${id}-hint` }, prose(hint)) : null);
 }
 
 export function dl(pairs) {

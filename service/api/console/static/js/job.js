@@ -10,13 +10,18 @@ const PHASES = ["preparing", "training", "evaluating", "merging", "uploading"];
 const MAX_LOG_LINES = 500;
 const REFRESH_MS = 2000;
 
+const TERMINAL = ["succeeded", "failed", "cancelled"];
+
 function timeline(job) {
-  const at = PHASES.indexOf(job.phase);
+  // Merging runs only for merged weights: an adapter-only job never passes through it.
+  const merges = ["merged", "both"].includes(job.spec.output?.artifacts);
+  const phases = PHASES.filter((phase) => phase !== "merging" || merges);
+  const at = phases.indexOf(job.phase);
   const finished = job.status === "succeeded";
   return h(
     "ol",
     { class: "timeline", "aria-label": "Phases" },
-    PHASES.map((phase, i) => {
+    phases.map((phase, i) => {
       let state = "pending";
       if (finished || (at >= 0 && i < at)) state = "done";
       else if (i === at) state = job.status === "running" ? "current" : job.status;
@@ -42,7 +47,7 @@ function summary(job) {
       ["Created", when(job.created_at)],
       ["Started", when(job.started_at)],
       ["Finished", when(job.finished_at)],
-      ["Attempt", String(job.attempt)],
+      ["Attempt", String(job.attempt + 1)],
       ["Tenant", job.tenant],
     ]),
     job.error ? h("div", { class: "error", role: "alert" }, h("strong", {}, `${job.error.type}: `), job.error.message) : null,
@@ -51,7 +56,8 @@ function summary(job) {
 
 function generations(job) {
   if (!job.eval_generations?.length) {
-    return h("p", { class: "muted" }, job.status === "succeeded" ? "No eval prompts in the spec." : "Shown when the job succeeds.");
+    const why = job.status === "succeeded" ? "No eval prompts in the spec." : TERMINAL.includes(job.status) ? `None: the job ${job.status === "failed" ? "failed" : "was cancelled"}.` : "Shown when the job succeeds.";
+    return h("p", { class: "muted" }, why);
   }
   return h(
     "div",
@@ -72,7 +78,7 @@ function generations(job) {
 }
 
 function artifacts(job) {
-  if (!job.artifacts?.length) return h("p", { class: "muted" }, "None yet.");
+  if (!job.artifacts?.length) return h("p", { class: "muted" }, TERMINAL.includes(job.status) ? "None." : "None yet.");
   return job.artifacts.map((a) =>
     h(
       "div",
@@ -117,7 +123,7 @@ export async function jobPage(page, jobId) {
     if (dialog.returnValue !== "cancel") return;
     try {
       show(await api(`/jobs/${encodeURIComponent(job.id)}/cancel`, { method: "POST" }));
-      clear(cancelMsg, h("p", { class: "ok" }, "Cancel requested."));
+      if (!TERMINAL.includes(job.status)) clear(cancelMsg, h("p", { class: "ok" }, "Cancel requested: the job stops at its next step."));
     } catch (err) {
       clear(cancelMsg, problem(err));
     }
@@ -152,7 +158,8 @@ export async function jobPage(page, jobId) {
     clear(status, timeline(job), summary(job));
     clear(gens, generations(job));
     clear(arts, artifacts(job));
-    cancelBtn.hidden = ["succeeded", "failed", "cancelled"].includes(job.status);
+    cancelBtn.hidden = TERMINAL.includes(job.status);
+    if (cancelBtn.hidden) clear(cancelMsg); // "Cancel requested." said its part
   }
   show(job);
 

@@ -1,11 +1,14 @@
 // The jobs list: status and label filters, cursor paging, an admin's tenant filter. The
-// filters live in the fragment (#/jobs?status=running), so a page can be bookmarked.
+// filters and the page live in the fragment (#/jobs?status=running&cursor=...), so a page can
+// be bookmarked and Back returns to the page a job was opened from. While a job in view is
+// queued or running, the page is read again every few seconds.
 
 import { api, session } from "./api.js";
 import { badge, clear, duration, field, h, table, when } from "./dom.js";
 
 const STATUSES = ["", "queued", "running", "succeeded", "failed", "cancelled"];
 const PAGE = 20;
+const REFRESH_MS = 5000;
 
 function progress(job) {
   const p = job.progress || {};
@@ -46,7 +49,7 @@ export async function jobsPage(page, params) {
     label: params.get("label") || "",
     tenant: params.get("tenant") || "",
   };
-  const cursors = [null]; // cursor of each page seen, to go back
+  const cursor = params.get("cursor");
   const status = h("select", { name: "status" }, STATUSES.map((s) => h("option", { value: s, selected: s === filters.status }, s || "any")));
   const label = h("input", { name: "label", value: filters.label, placeholder: "key=value", pattern: "[^=]+=.*" });
   const tenant = session.caller?.admin ? h("input", { name: "tenant", value: filters.tenant, placeholder: "every tenant" }) : null;
@@ -59,8 +62,8 @@ export async function jobsPage(page, params) {
     h("button", { type: "submit" }, "Filter"),
   );
   const results = h("div", { "aria-live": "polite" });
-  const prev = h("button", { type: "button", disabled: true, onclick: () => load(cursors.length - 3) }, "← Newer");
-  const next = h("button", { type: "button", disabled: true, onclick: () => load(cursors.length - 1) }, "Older →");
+  const prev = h("button", { type: "button", disabled: !cursor, onclick: () => go(null) }, "← Newest");
+  const next = h("button", { type: "button", disabled: true }, "Older →");
   clear(
     page,
     h("div", { class: "page-head" }, h("h1", {}, "Jobs"), h("a", { class: "button", href: "#/new" }, "New job")),
@@ -70,37 +73,53 @@ export async function jobsPage(page, params) {
   );
   document.title = "Jobs · ftune";
 
-  function apply() {
+  function go(at, { fromFilters = false } = {}) {
     const q = new URLSearchParams();
-    if (status.value) q.set("status", status.value);
-    if (label.value.trim()) q.set("label", label.value.trim());
-    if (tenant && tenant.value.trim()) q.set("tenant", tenant.value.trim());
+    const shown = fromFilters ? { status: status.value, label: label.value.trim(), tenant: tenant?.value.trim() || "" } : filters;
+    for (const [k, v] of Object.entries(shown)) if (v) q.set(k, v);
+    if (at) q.set("cursor", at);
     location.hash = `#/jobs${q.toString() ? `?${q}` : ""}`;
   }
+  const apply = () => go(null, { fromFilters: true });
 
-  async function load(index) {
-    cursors.length = index + 1;
+  let timer = null;
+  let left = false;
+  async function load() {
+    if (document.hidden && results.childNodes.length) {
+      timer = setTimeout(load, REFRESH_MS); // nobody is looking: no request
+      return;
+    }
     let list;
     try {
       list = await api("/jobs", {
-        query: { status: filters.status, label: filters.label, tenant: filters.tenant, limit: PAGE, cursor: cursors[index] },
+        query: { status: filters.status, label: filters.label, tenant: filters.tenant, limit: PAGE, cursor },
       });
     } catch (err) {
       clear(results, h("div", { class: "error", role: "alert" }, err.message));
-      return;
+      list = null;
     }
-    cursors.push(list.next_cursor);
-    const headers = ["Job", "Status", "Phase", "Progress", "ETA", "Base model", "Method", "Labels", "Created"];
-    if (session.caller?.admin) headers.push("Tenant");
-    clear(
-      results,
-      list.items.length
-        ? table(headers, list.items.map(jobRow), `Jobs, newest first (page ${index + 1})`)
-        : h("p", { class: "muted" }, "No jobs match."),
-    );
-    prev.disabled = index === 0;
-    next.disabled = !list.next_cursor;
+    if (left) return;
+    if (list) {
+      const headers = ["Job", "Status", "Phase", "Progress", "ETA", "Base model", "Method", "Labels", "Created"];
+      if (session.caller?.admin) headers.push("Tenant");
+      clear(
+        results,
+        list.items.length
+          ? table(headers, list.items.map(jobRow), cursor ? "Jobs, newest first (an older page)" : "Jobs, newest first")
+          : h("p", { class: "muted" }, "No jobs match."),
+      );
+      next.disabled = !list.next_cursor;
+      next.onclick = () => go(list.next_cursor);
+    }
+    // Moving jobs (or an answer that did not come) are read again; a page of finished jobs
+    // does not change and is left alone.
+    const moving = !list || list.items.some((j) => j.status === "queued" || j.status === "running");
+    if (moving) timer = setTimeout(load, REFRESH_MS);
   }
 
-  await load(0);
+  await load();
+  return () => {
+    left = true;
+    clearTimeout(timer);
+  };
 }

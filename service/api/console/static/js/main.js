@@ -58,7 +58,7 @@ async function route() {
       try {
         left = (await render(m)) || (() => {});
       } catch (err) {
-        if (mine === navigation && err.status !== 401) clear(page, h("div", { class: "error", role: "alert" }, err.message));
+        if (mine === navigation && err.status !== 401) failed(err, mine);
       }
       if (mine !== navigation) {
         left();
@@ -74,6 +74,23 @@ async function route() {
   drawn = mine;
   document.title = "Not found · ftune";
   clear(page, h("h1", {}, "Not found"), h("p", {}, h("a", { href: "#/jobs" }, "Back to jobs")));
+}
+
+const RETRY_MS = 5000;
+
+/** A page that could not load says why, with a way to try again; while the service does not
+ * answer at all, it tries again by itself, for as long as the user stays on that page. */
+function failed(err, mine) {
+  clear(
+    page,
+    h("div", { class: "error", role: "alert" }, h("p", {}, err.message)),
+    h("button", { type: "button", onclick: () => route() }, "Try again"),
+  );
+  if (err.status === 0) {
+    setTimeout(() => {
+      if (mine === navigation && session.caller) route();
+    }, RETRY_MS);
+  }
 }
 
 function markNav(hash) {

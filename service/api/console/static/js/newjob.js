@@ -34,6 +34,15 @@ function hint(prop) {
   return `${prop.description || ""}${def}`;
 }
 
+// What a dataset's rows are, in the dataset list: which methods can train on it.
+const KINDS = { preference: "preference pairs", sft: "prompt/completion rows (sft)", unpaired: "rated completions (kto)" };
+
+/** A random key; crypto.randomUUID exists only on https or localhost, and a console may be
+ * served over plain http inside a cluster. */
+function newKey() {
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
 function isObject(v) {
   return v && typeof v === "object" && !Array.isArray(v);
 }
@@ -54,6 +63,15 @@ export async function newJobPage(page, params) {
   const quant = s.Quantization.properties;
   // A job trains on its own tenant's data: an admin's list is narrowed to the admin's tenant.
   const datasets = await api("/datasets", { query: { limit: 100, tenant: session.caller?.admin ? session.caller.tenant : null } });
+  const wanted = params.get("dataset");
+  if (wanted && !datasets.items.some((d) => d.id === wanted)) {
+    // "Train on it" on a dataset older than the newest 100: fetched on its own.
+    try {
+      datasets.items.unshift(await api(`/datasets/${encodeURIComponent(wanted)}`));
+    } catch {
+      /* gone, or another tenant's: the list stays as it is and nothing is chosen */
+    }
+  }
   document.title = "New job · ftune";
 
   const inputs = {
@@ -62,7 +80,7 @@ export async function newJobPage(page, params) {
       "select",
       { name: "dataset_id", required: true },
       h("option", { value: "" }, "choose a dataset"),
-      datasets.items.map((d) => h("option", { value: d.id, selected: d.id === params.get("dataset") }, `${d.name} · ${d.rows} rows · ${d.id}`)),
+      datasets.items.map((d) => h("option", { value: d.id, selected: d.id === wanted }, `${d.name} · ${d.rows} ${KINDS[d.kind] || "rows"} · ${d.id}`)),
     ),
     method: h("select", { name: "method" }, [].concat(tpl.method.enum || tpl.method.const).map((m) => h("option", { value: m, selected: m === tpl.method.default }, m))),
     beta: numberInput(hp.beta, "beta", { optional: true }),
@@ -80,6 +98,7 @@ export async function newJobPage(page, params) {
   const estimate = h("div", { class: "estimate", "aria-live": "polite", id: "estimate" });
   const preview = h("pre", { class: "json", id: "spec-json" });
   const result = h("div", { "aria-live": "polite" });
+  const submit = h("button", { type: "submit" }, "Submit job");
   const form = h(
     "form",
     { class: "job-form", novalidate: true },
@@ -106,7 +125,7 @@ export async function newJobPage(page, params) {
     estimate,
     h("h2", {}, "The JSON it will POST to /v1/jobs"),
     preview,
-    h("button", { type: "submit" }, "Submit job"),
+    submit,
     result,
   );
   clear(page, h("h1", {}, "New job"), form);
@@ -170,15 +189,33 @@ export async function newJobPage(page, params) {
         e.fits === null ? (e.gpu_memory_gb ? "" : " No GPU memory limit is configured, so it is not checked at submit.")
           : e.fits ? ` Fits the workers' ${e.gpu_memory_gb} GB.`
             : ` More than the workers' ${e.gpu_memory_gb} GB: the submit will be refused.`;
-      clear(estimate, h("p", { class: e.fits === false ? "error" : "" }, e.total_gb === null ? e.summary : `${e.architecture}: ${e.summary}.`, verdict));
+      const said = e.total_gb === null ? e.summary : `${e.architecture}: ${e.summary}`;
+      clear(estimate, h("p", { class: e.fits === false ? "error" : "" }, said.endsWith(".") ? said : `${said}.`, verdict));
     } catch (err) {
-      if (mine === asked) clear(estimate, problem(err));
+      if (mine === asked) clear(estimate, problem(err, { alert: false }));
     }
   }
 
+  // What the form must hold before anything is sent, said beside the field (the API would
+  // answer with a pattern that names no field of this form).
+  function missing(spec) {
+    const dest = inputs.destination.value;
+    if (!spec.base_model) return [inputs.base_model, "Name a base model: org/name on the Hub, or file:///models/..."];
+    if (!spec.dataset_id) return [inputs.dataset_id, "Choose a dataset (upload one on the Datasets page)."];
+    if (dest !== "store" && !inputs.target.value.trim()) {
+      return [inputs.target, dest === "hub" ? "Name the Hub repository: org/name." : "Give the S3 prefix: s3://bucket/prefix/."];
+    }
+    return null;
+  }
+
+  // One submit, one job: the button waits for the answer, and a submit sent again with the
+  // same spec (a retry after no answer) carries the same Idempotency-Key, which the API
+  // answers with the job the first one made.
+  let sent = { body: null, key: null };
   form.addEventListener("input", update);
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
+    if (submit.disabled) return;
     const spec = await update();
     if (!spec) {
       // Nothing was sent: say why here, not under an answer to an earlier submit.
@@ -186,12 +223,26 @@ export async function newJobPage(page, params) {
       inputs.extra.focus();
       return;
     }
-    clear(result);
+    for (const el of Object.values(inputs)) el.removeAttribute("aria-invalid");
+    const gap = missing(spec);
+    if (gap) {
+      const [el, why] = gap;
+      el.setAttribute("aria-invalid", "true");
+      clear(result, h("div", { class: "error", role: "alert" }, why));
+      el.focus();
+      return;
+    }
+    const body = JSON.stringify(spec);
+    if (sent.body !== body) sent = { body, key: newKey() };
+    clear(result, h("p", { class: "muted" }, "Submitting…"));
+    submit.disabled = true;
     try {
-      const job = await api("/jobs", { method: "POST", json: spec });
+      const job = await api("/jobs", { method: "POST", json: spec, headers: { "Idempotency-Key": sent.key } });
       location.hash = `#/jobs/${job.id}`;
     } catch (err) {
       clear(result, problem(err));
+    } finally {
+      submit.disabled = false;
     }
   });
   await update();
