@@ -140,11 +140,13 @@ def _parse_one(obj: object, index: int) -> ParsedEvent:
         obj = {k: v for k, v in obj.items() if k != "system"}
     if kind == "pair":
         row, _ = normalize_row(obj)
+        _one_system(obj, row["prompt"])
         return ParsedEvent(index=index, id=event_id, kind=kind, format=row_format(row), row=row)
     system = {"system": obj["system"]} if "system" in obj else {}
     if kind == "edit":
         _need(obj, "prompt", "response")
         row, _ = normalize_row(obj, mapping=_EDIT_FIELDS if not system else _EDIT_SYSTEM)
+        _one_system(obj, row["prompt"])
         return ParsedEvent(index=index, id=event_id, kind=kind, format=row_format(row), row=row)
     _need(obj, "prompt", "response")
     rating = obj["rating"]
@@ -158,6 +160,7 @@ def _parse_one(obj: object, index: int) -> ParsedEvent:
         {"prompt": obj["prompt"], "response": response, _STAND_IN: stand_in, **system},
         mapping=_RATING_FIELDS if not system else _RATING_SYSTEM,
     )
+    _one_system(obj, checked["prompt"])
     return ParsedEvent(
         index=index,
         id=event_id,
@@ -169,43 +172,85 @@ def _parse_one(obj: object, index: int) -> ParsedEvent:
     )
 
 
+def _one_system(obj: dict[str, Any], prompt: Any) -> None:
+    """A `system` beside a prompt that opens with a system message of its own would be lost
+    (the prompt's is kept, as in datasets): refused instead, unless they say the same."""
+    if "system" not in obj or not isinstance(prompt, list) or not prompt:
+        return
+    first = prompt[0]
+    if first["role"] == "system" and first["content"] != obj["system"]:
+        raise RowInvalid(
+            "system",
+            "the prompt opens with a system message of its own, and a different one is given "
+            "as system: give the system prompt once, in one place",
+        )
+
+
 def parse_events(
     events: list[Any], stream_format: Format | None, *, max_errors: int = 100
 ) -> list[ParsedEvent]:
     """Check and normalize a batch; InvalidFeedback lists every bad event by its index.
 
-    The first event fixes the format of a new stream; every event must match it.
+    A stream holds one format, as a dataset does. A new stream holds conversations if any
+    event of its first batch is one (a system prompt makes one), else texts. A text event
+    joins a stream of conversations as the one-turn conversation it stands for, as an
+    upload's text rows do; a conversation cannot join a stream of texts.
     """
     parsed: list[ParsedEvent] = []
     errors: list[EventError] = []
     total = 0
-    fmt, fmt_from = stream_format, "the stream"
+
+    def refuse(i: int, field: str | None, msg: str) -> None:
+        nonlocal total
+        total += 1
+        if len(errors) < max_errors:
+            errors.append(EventError(index=i, field=field, msg=msg))
+
     for i, obj in enumerate(events):
         try:
-            event = _parse_one(obj, i)
+            parsed.append(_parse_one(obj, i))
         except RowInvalid as exc:
-            total += 1
-            if len(errors) < max_errors:
-                errors.append(EventError(index=i, field=exc.field, msg=exc.msg))
-            continue
-        if fmt is None:
-            fmt, fmt_from = event.format, f"events[{i}]"
-        elif event.format != fmt:
-            total += 1
-            if len(errors) < max_errors:
-                errors.append(
-                    EventError(
-                        index=i,
-                        field="prompt",
-                        msg=f"the event is {event.format} but {fmt_from} is {fmt}; a stream "
-                        "holds one format",
-                    )
-                )
-            continue
-        parsed.append(event)
+            refuse(i, exc.field, exc.msg)
+    fmt = stream_format or (
+        "conversational" if any(e.format == "conversational" for e in parsed) else "standard"
+    )
+    kept: list[ParsedEvent] = []
+    for event in parsed:
+        if event.format == fmt:
+            kept.append(event)
+        elif fmt == "conversational":
+            kept.append(_conversational(event))
+        else:
+            refuse(
+                event.index,
+                "prompt",
+                "the event is a conversation (a system prompt or a list of messages) but the "
+                "stream holds texts, as its first events did; send conversations to a stream "
+                "of their own, or give this stream's events as conversations from its start",
+            )
     if total:
+        errors.sort(key=lambda e: e.index)
         raise InvalidFeedback(errors, total)
-    return parsed
+    return kept
+
+
+def _conversational(event: ParsedEvent) -> ParsedEvent:
+    """A text event as the one-turn conversation it stands for."""
+    if event.row is not None:
+        row = {
+            k: _as_chat(v, "user" if k == "prompt" else "assistant") for k, v in event.row.items()
+        }
+        return msgspec.structs.replace(event, format="conversational", row=row)
+    return msgspec.structs.replace(
+        event,
+        format="conversational",
+        prompt=_as_chat(event.prompt, "user"),
+        response=_as_chat(event.response, "assistant"),
+    )
+
+
+def _as_chat(value: Any, role: str) -> Any:
+    return [{"role": role, "content": value}] if isinstance(value, str) else value
 
 
 def check_row_sizes(

@@ -12,7 +12,8 @@ A client posts batches of events to a named stream. Three kinds are understood:
 Events are checked with the dataset row checks (:func:`service.datasets.normalize_row`); a
 batch with any bad event stores nothing. Every event carries an id and a repeated id is
 ignored, so clients can retry a batch. One stream holds one format (standard or
-conversational), fixed by its first event, because a dataset does.
+conversational), fixed by its first batch, because a dataset does (see
+:func:`service.retraining.events.parse_events`).
 
 Redis layout per stream (``{tenant}`` and ``{stream}`` never contain the separators that
 follow them): ``ftune:fb:{tenant}:{stream}:meta`` (the :class:`FeedbackStream` record),

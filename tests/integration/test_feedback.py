@@ -159,9 +159,43 @@ async def test_conversational_events_and_one_format_per_stream(api: Api) -> None
     assert (await api.client.get("/v1/feedback/conv", headers=ALICE)).json()["format"] == (
         "conversational"
     )
+    # A text event joins a stream of conversations as the one-turn chat it stands for ...
     resp = await post(api, "conv", [pair(9)])
+    assert resp.status_code == 200, resp.text
+    snap = await api.client.post("/v1/feedback/conv/snapshot", headers=ALICE)
+    rows = await api.client.get(f"/v1/datasets/{snap.json()['dataset']['id']}/rows", headers=ALICE)
+    assert rows.json()["rows"][-1]["prompt"] == [{"role": "user", "content": pair(9)["prompt"]}]
+    # ... but a conversation cannot join a stream of texts: it says how to go on.
+    assert (await post(api, "texts", [pair(1)])).status_code == 200
+    resp = await post(api, "texts", [{**pair(2), "system": "Be brief."}])
     assert resp.status_code == 422
-    assert "conversational" in resp.json()["errors"][0]["msg"]
+    assert "the stream holds texts" in resp.json()["errors"][0]["msg"]
+
+
+async def test_a_first_batch_with_one_system_prompt_makes_a_stream_of_conversations(
+    api: Api,
+) -> None:
+    """A product that sets a system prompt only sometimes: its first batch decides, whatever
+    the order of its events; and a system given twice, differently, is refused, not lost."""
+    events = [pair(1), {**pair(2), "system": "Answer in French."}, rating("r", "Hi?", "Yo.", "up")]
+    resp = await post(api, "mixed", events)
+    assert resp.status_code == 200, resp.text
+    stream = (await api.client.get("/v1/feedback/mixed", headers=ALICE)).json()
+    assert stream["format"] == "conversational"
+    own = [{"role": "system", "content": "Be verbose."}, {"role": "user", "content": "Hi?"}]
+    twice = {
+        "id": "t",
+        "prompt": own,
+        "chosen": [{"role": "assistant", "content": "Hello there, friend."}],
+        "rejected": [{"role": "assistant", "content": "Hi."}],
+        "system": "Be brief.",
+    }
+    resp = await post(api, "mixed", [twice])
+    assert resp.status_code == 422
+    assert resp.json()["errors"][0]["loc"] == ["body", "events", "0", "system"]
+    assert "give the system prompt once" in resp.json()["errors"][0]["msg"]
+    same = {**twice, "system": "Be verbose."}  # the same words in both places: one system
+    assert (await post(api, "mixed", [same])).status_code == 200
 
 
 async def test_streams_belong_to_their_tenant(api: Api) -> None:
