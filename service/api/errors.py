@@ -15,11 +15,13 @@ from litestar.exceptions import (
     SerializationException,
     ValidationException,
 )
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.api.request_id import request_id
+from service.contract import MAX_REQUEST_BYTES
 from service.datasets.containers import ACCEPTED_TYPES, DatasetTooLarge, UnsupportedFile
 from service.datasets.sources import SourceError
 from service.datasets.space import SpaceBusy
@@ -248,6 +250,13 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]
         )
     if isinstance(exc, ValidationException):
         return _validation(exc)
+    if isinstance(exc, RequestEntityTooLarge):  # Litestar's own, past the app's body limit
+        return problem(
+            413,
+            f"the request body is larger than {MAX_REQUEST_BYTES:,} bytes, the most a JSON "
+            "request may be: send feedback in smaller batches; datasets go up with POST "
+            "/v1/datasets, which streams files up to the dataset limit",
+        )
     if isinstance(exc, ClientException) and isinstance(exc.__cause__, SerializationException):
         why = str(exc.detail).removeprefix("JSON is malformed: ")
         msg = f"the request body is not valid JSON: {why[:1].lower()}{why[1:]}"

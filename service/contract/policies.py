@@ -107,6 +107,15 @@ class Gate(Strict):
         ),
     ] = 0.0
 
+    def __post_init__(self) -> None:
+        for metric, low in self.at_least.items():
+            high = self.at_most.get(metric)
+            if high is not None and low > high:
+                raise ValueError(
+                    f"{metric} must be at least {low} and at most {high}: no run can pass; "
+                    "swap or drop a bound"
+                )
+
 
 class PolicySpec(Strict):
     """A retraining policy: which stream, how to train, when, and what a run must show."""

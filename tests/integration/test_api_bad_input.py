@@ -114,6 +114,16 @@ async def test_every_part_of_a_form_counts_against_the_size_limit(api: Api) -> N
     assert resp.status_code == 413, resp.text  # refused from its Content-Length
 
 
+async def test_a_json_body_past_the_request_limit_says_the_limit(api: Api) -> None:
+    events = [
+        {"id": str(i), "prompt": "p" * 2000, "chosen": "a", "rejected": "b"} for i in range(600)
+    ]
+    resp = await api.client.post("/v1/feedback/big", json={"events": events}, headers=ALICE)
+    assert resp.status_code == 413, resp.text
+    assert "larger than 1,048,576 bytes" in resp.json()["detail"]
+    assert "smaller batches" in resp.json()["detail"]
+
+
 def test_a_chunked_form_is_counted_as_it_streams_in(live_api: LiveServer) -> None:
     """No Content-Length to refuse it by: the parts are counted as they arrive."""
     pad = b'Content-Disposition: form-data; name="f"; filename="pad.bin"\r\n\r\n'

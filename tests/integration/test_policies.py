@@ -172,6 +172,10 @@ async def test_policies_belong_to_their_tenant(api: Api) -> None:
         ({"holdout_fraction": 0.9}, ["body", "holdout_fraction"]),
         ({"gate": {"at_least": {"bad metric!": 1}}}, ["body", "gate", "at_least"]),
         ({"gate": {"not_worse_than_promoted": {ACC: "up"}}}, ["body", "gate"]),
+        (
+            {"gate": {"at_least": {"eval_loss": 0.9}, "at_most": {"eval_loss": 0.1}}},
+            ["body", "gate"],
+        ),
         ({"template": {"base_model": "not a model"}}, ["body", "template"]),
         ({"template": {"base_model": "org/m", "dataset_id": "ds_1"}}, ["body", "template"]),
         (
@@ -202,6 +206,7 @@ async def test_policies_belong_to_their_tenant(api: Api) -> None:
         "holdout",
         "metric-name",
         "direction",
+        "bounds-no-run-can-pass",
         "base-model",
         "dataset-in-template",
         "cross-field",
