@@ -221,6 +221,19 @@ class Holdout(msgspec.Struct, kw_only=True):
     created_at: Annotated[
         float, msgspec.Meta(description="When they were drawn, in seconds since the epoch.")
     ]
+    by: Annotated[
+        Literal["prompt", "pair"],
+        msgspec.Meta(
+            description="`prompt`: every pair of each held-out prompt is held out, now and "
+            "later, so no prompt is both trained and scored on; `pair`: pairs drawn one by "
+            "one (when every prompt drawn holds too many of the stream's pairs to keep out of "
+            "training, e.g. a stream of one prompt), and later copies of them kept out."
+        ),
+    ] = "pair"
+    prompts: Annotated[
+        list[str],
+        msgspec.Meta(description="With `by: prompt`, digests of the held-out prompts."),
+    ] = []
 
 
 RunStatus = Literal[

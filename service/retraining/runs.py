@@ -9,6 +9,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Literal
 
 import msgspec
 from arq.connections import ArqRedis
@@ -25,6 +26,7 @@ from service.contract import (
     Policy,
     PolicyRun,
     PolicyStatus,
+    SnapshotRows,
     Untrainable,
     check_trainable,
 )
@@ -32,6 +34,7 @@ from service.datasets.space import SpaceBusy, UploadSpace
 from service.datasets.validate import Limits
 from service.init_from import promoted_adapter, resolve_init_adapter
 from service.retraining import feedback
+from service.retraining.events import prompt_key
 from service.retraining.policies import (
     ALL,
     MAX_HOLDOUT,
@@ -51,6 +54,9 @@ _encoder = msgspec.json.Encoder()
 
 log = logging.getLogger("ftune.policies")
 _member_decoder = msgspec.json.Decoder(tuple[str, str])
+_row_decoder = msgspec.json.Decoder(dict[str, Any])
+_SCAN = 1000
+"""Pairs read from Redis at once while the held-out prompts are counted."""
 
 _KEYLESS = -1
 """The budget of a tenant with no API key: it fires nothing."""
@@ -347,7 +353,11 @@ async def _eval_set(
             f"{total} pairs are too few to hold {k} out for evaluation and train on the rest"
         )
     seed = template.hyperparameters.seed
-    indices = sorted(random.Random(seed).sample(range(total), k))
+    stream, kind = policy.spec.stream, policy.spec.rows
+    indices, prompts = await _draw_prompts(store, policy.tenant, stream, kind, total, k, seed)
+    by: Literal["prompt", "pair"] = "prompt"
+    if not indices:  # every prompt drawn is too frequent to keep out of training
+        indices, by = sorted(random.Random(seed).sample(range(total), k)), "pair"
     chosen = set(indices)
     snap = await feedback.snapshot(
         store,
@@ -370,14 +380,53 @@ async def _eval_set(
         indices=indices,
         created_at=now,
         rows=rows,
+        by=by,
+        prompts=prompts,
     )
     return snap.dataset, holdout, True
+
+
+async def _draw_prompts(
+    store: Store, tenant: str, stream: str, rows: SnapshotRows, total: int, k: int, seed: int
+) -> tuple[list[int], list[str]]:
+    """About `k` of the first `total` pairs, held out by prompt: the prompts of `k` pairs
+    drawn at random, taken in random order until `k` pairs are held, each with every pair
+    of it. A prompt with more than half of `k` pairs stays in training: holding it out would
+    make most of the eval set one prompt and take that much from training. Returns
+    the positions (sorted) and the prompts' digests; none when no prompt qualifies."""
+    rng = random.Random(seed)
+    drawn = await feedback.read_pairs_at(store, tenant, stream, rng.sample(range(total), k), rows)
+    candidates = list(dict.fromkeys(prompt_key(p.row["prompt"]) for p in drawn))
+    rng.shuffle(candidates)
+    cap = max(1, k // 2)
+    at: dict[str, list[int]] = {p: [] for p in candidates}
+    for start in range(0, total, _SCAN):
+        pairs = await feedback.read_pairs(
+            store, tenant, stream, start, min(start + _SCAN, total), rows
+        )
+        for i, pair in enumerate(pairs, start):
+            seen = at.get(prompt_key(pair.row["prompt"]))
+            if seen is not None and len(seen) <= cap:
+                seen.append(i)
+    held: list[int] = []
+    chosen: list[str] = []
+    for prompt in candidates:
+        if len(held) >= k:
+            break
+        if len(at[prompt]) <= cap:
+            held += at[prompt]
+            chosen.append(prompt)
+    return sorted(held), chosen
 
 
 async def _training_filter(
     store: Store, tenant: str, holdout: Holdout
 ) -> Callable[[int, bytes], bool]:
-    """Keeps every pair but the held-out ones and any later copy of one."""
+    """Keeps every pair but the held-out ones: those of a held-out prompt, or (held out by
+    pair) those drawn and any later copy of one."""
+    if holdout.by == "prompt":
+        prompts = set(holdout.prompts)
+        return lambda _i, row: prompt_key(_row_decoder.decode(row)["prompt"]) not in prompts
     chosen = set(holdout.indices)
     pairs = await feedback.read_pairs_at(
         store, tenant, holdout.stream, holdout.indices, holdout.rows

@@ -349,6 +349,63 @@ async def test_a_later_copy_of_a_held_out_pair_never_trains(api: Api, loop: Loop
     assert blob_rows(api, run["dataset"]["sha256"]) == kept + kept
 
 
+async def test_held_out_prompts_are_never_trained_on(api: Api, loop: Loop) -> None:
+    """Feedback repeats its prompts: every pair of a held-out prompt is held out, now and
+    later, so the gate scores prompts the run never trained on. A stream of one prompt has
+    none to spare: its pairs are held out one by one, as before."""
+    answers = [("Sure, here it is.", "No."), ("Yes, gladly.", "Go away."), ("Of course.", "?")]
+    rows = [
+        {"prompt": f"Question {q}?", "chosen": f"{good} ({q})", "rejected": f"{bad} ({q})"}
+        for q in range(10)
+        for good, bad in answers
+    ]
+    await put(api, "p", policy_body(trigger={"min_new_pairs": 30}, holdout_fraction=0.2))
+    await feed(api, "chat", [{**r, "id": f"r{i}"} for i, r in enumerate(rows)])
+    await loop.tick()
+    policy = await get(api, "p")
+    holdout, run = policy["holdout"], policy["runs"][0]
+    assert holdout["by"] == "prompt" and len(holdout["prompts"]) == 2
+    held = {r["prompt"] for r in blob_rows(api, holdout["dataset"]["sha256"])}
+    trained = {r["prompt"] for r in blob_rows(api, run["dataset"]["sha256"])}
+    assert len(held) == 2 and not held & trained and len(trained) == 8
+    assert run["eval_dataset"]["rows"] == 6 and run["dataset"]["rows"] == 24
+    await loop.finish(run["job_id"], metrics={ACC: 1.0})
+    await loop.tick()
+    # New answers to a held-out prompt, later: still never trained on.
+    again = sorted(held)[0]
+    await feed(
+        api,
+        "chat",
+        [
+            {"id": f"n{i}", "prompt": again, "chosen": f"Yes {i}.", "rejected": f"No {i}."}
+            for i in range(30)
+        ],
+    )
+    await loop.tick()
+    second = (await get(api, "p"))["runs"][0]
+    assert second["number"] == 2
+    assert again not in {r["prompt"] for r in blob_rows(api, second["dataset"]["sha256"])}
+
+    await put(api, "one", policy_body(stream="faq", trigger={"min_new_pairs": 20}))
+    await feed(
+        api,
+        "faq",
+        [
+            {
+                "id": f"f{i}",
+                "prompt": "Reset my password?",
+                "chosen": f"Settings {i}.",
+                "rejected": f"No {i}.",
+            }
+            for i in range(20)
+        ],
+    )
+    await loop.tick()
+    one = await get(api, "one")
+    assert one["holdout"]["by"] == "pair" and one["holdout"]["prompts"] == []
+    assert one["runs"][0]["eval_dataset"]["rows"] == 4  # 0.2 of 20, one by one
+
+
 async def test_template_eval_dataset_is_the_fixed_held_out_set(api: Api, loop: Loop) -> None:
     upload = await api.client.post(
         "/v1/datasets",
