@@ -20,7 +20,8 @@ goes into training (a stream too concentrated on a few prompts is held out pair 
 any later pair identical to one stays out). DPO's eval metrics (``eval_rewards/accuracies``,
 ``eval_loss``...) are relative to the reference model, which is the base model with the
 adapter off; so two runs compare only when they share the eval dataset, the base model and
-``beta``/``loss_type``. When they do not, the "not worse" check is skipped with a note and the absolute thresholds alone decide.
+``beta``/``loss_type``. When they do not, the "not worse" check is skipped with a note and
+the absolute thresholds alone decide.
 
 Modules: `events` (parse a feedback batch, pure), `feedback` (streams in Redis, snapshots),
 `triggers`, `gate` (pure decisions), `policies` (records), `runs` (fire, follow, promote).
