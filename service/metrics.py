@@ -13,7 +13,12 @@ import math
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from redis.asyncio import Redis
 
 from service.contract import JobStatus
@@ -37,6 +42,12 @@ async def record_job_duration(redis: Redis, seconds: float) -> None:
         await pipe.execute()
 
 
+WEBHOOK_OUTCOMES = "ftune:webhook-outcomes"
+"""Webhook delivery attempts by outcome (`delivered`, `retrying`, `given_up`), counted in Redis
+so that every API replica reports all of them."""
+WEBHOOK_OUTCOME_NAMES = ("delivered", "retrying", "given_up")
+
+
 class ServiceCollector:
     """Figures read from Redis just before each scrape (`refresh`), served by `collect`."""
 
@@ -45,6 +56,7 @@ class ServiceCollector:
         self.by_status: dict[str, int] = {}
         self.durations: dict[str, float] = {}
         self.redis_memory: dict[str, int] = {}
+        self.webhooks: dict[str, int] = {}
 
     async def refresh(self, redis: Redis, queue_name: str) -> None:
         async with redis.pipeline(transaction=False) as pipe:
@@ -53,11 +65,13 @@ class ServiceCollector:
                 pipe.zcard(f"ftune:jobs:all:{status.value}")
             pipe.hgetall(_DURATIONS)
             pipe.info("memory")
+            pipe.hgetall(WEBHOOK_OUTCOMES)
             results = await pipe.execute()
         self.queue_depth = int(results[0])
-        self.by_status = {s.value: int(n) for s, n in zip(JobStatus, results[1:-2], strict=True)}
-        self.durations = {k.decode(): float(v) for k, v in results[-2].items()}
-        memory = results[-1]
+        self.by_status = {s.value: int(n) for s, n in zip(JobStatus, results[1:-3], strict=True)}
+        self.durations = {k.decode(): float(v) for k, v in results[-3].items()}
+        self.webhooks = {k.decode(): int(v) for k, v in results[-1].items()}
+        memory = results[-2]
         self.redis_memory = {k: int(memory.get(k, 0)) for k in ("used_memory", "maxmemory")}
 
     def collect(self) -> Iterator[Metric]:
@@ -84,6 +98,15 @@ class ServiceCollector:
             "Redis' maxmemory: past it writes fail (noeviction); 0 means no limit",
             value=self.redis_memory.get("maxmemory", 0),
         )
+        webhooks = CounterMetricFamily(
+            "ftune_webhook_deliveries",
+            "Webhook delivery attempts by outcome: delivered (2xx), retrying (failed, another "
+            "attempt due) or given_up (failed, the last attempt)",
+            labels=["outcome"],
+        )
+        for outcome in WEBHOOK_OUTCOME_NAMES:
+            webhooks.add_metric([outcome], self.webhooks.get(outcome, 0))
+        yield webhooks
         yield HistogramMetricFamily(
             "ftune_job_duration_seconds",
             "Wall time of finished jobs, from start to end",

@@ -40,6 +40,7 @@ from service.contract import (
     JobTemplate,
     MetricSeries,
     Untrainable,
+    WebhookDeliveries,
     check_trainable,
     kind_mismatch,
     local_model_path,
@@ -394,6 +395,23 @@ class JobController(Controller):
         await store.get_job(job_id, scope(principal))
         points = await store.get_metrics(job_id, since_step=since_step)
         return MetricSeries(job_id=job_id, points=points)
+
+    @get(
+        operation_id="ListJobWebhookDeliveries",
+        path="/{job_id:str}/webhook-deliveries",
+        summary="The attempts to deliver the job's webhook: what the receiver answered",
+        description="Each attempt with its status code or error and when the next one is due "
+        "(none once delivered or given up after FTUNE_WEBHOOK_MAX_ATTEMPTS): a receiver that "
+        "never got its event can see why here.",
+        responses=responses(NOT_FOUND),
+    )
+    async def webhook_deliveries(
+        self, job_id: JobId, principal: Principal, store: Store
+    ) -> WebhookDeliveries:
+        await store.get_job(job_id, scope(principal))
+        return WebhookDeliveries(
+            job_id=job_id, deliveries=await webhooks.delivery_log(store.redis, job_id)
+        )
 
     @get(
         operation_id="StreamJobEvents",

@@ -75,13 +75,29 @@ class OpenAIWebhookEvent(msgspec.Struct, kw_only=True):
 class WebhookDelivery(msgspec.Struct, kw_only=True):
     """One delivery attempt, as kept in `ftune:webhook:{job_id}`."""
 
-    event_id: str
-    type: str
-    attempt: int
-    at: float
-    ok: bool
-    status_code: int | None = None
-    error: str | None = None
-    duration_ms: float = 0.0
-    next_attempt_at: float | None = None
-    """When the next attempt is due; null when none will follow (delivered or given up)."""
+    event_id: Annotated[str, msgspec.Meta(description="The event's id (`webhook-id`).")]
+    type: Annotated[str, msgspec.Meta(description="The event type, e.g. `job.succeeded`.")]
+    attempt: Annotated[int, msgspec.Meta(description="1 for the first attempt.")]
+    at: Annotated[float, msgspec.Meta(description="When it was sent, in seconds since the epoch.")]
+    ok: Annotated[bool, msgspec.Meta(description="Whether the receiver answered 2xx.")]
+    status_code: Annotated[
+        int | None, msgspec.Meta(description="The receiver's HTTP status; null if none came.")
+    ] = None
+    error: Annotated[
+        str | None, msgspec.Meta(description="What went wrong (a status, a timeout, ...).")
+    ] = None
+    duration_ms: Annotated[float, msgspec.Meta(description="How long the attempt took.")] = 0.0
+    next_attempt_at: Annotated[
+        float | None,
+        msgspec.Meta(
+            description="When the next attempt is due; null when none will follow (delivered "
+            "or given up)."
+        ),
+    ] = None
+
+
+class WebhookDeliveries(msgspec.Struct, kw_only=True):
+    """A job's webhook delivery attempts, oldest first (the newest 100 are kept)."""
+
+    job_id: Annotated[str, msgspec.Meta(description="The job's id.")]
+    deliveries: Annotated[list[WebhookDelivery], msgspec.Meta(description="The attempts.")]

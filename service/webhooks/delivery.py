@@ -44,6 +44,7 @@ from redis.asyncio import Redis
 from standardwebhooks import Webhook
 
 from service.contract import WebhookDelivery
+from service.metrics import WEBHOOK_OUTCOMES
 from service.webhooks.addresses import Target, UnsafeWebhookURL, resolve
 from service.webhooks.events import DUE, EVENT_TTL_SECONDS, LOG_MAX, event_key, log_key
 
@@ -303,6 +304,7 @@ async def _deliver(
     async with redis.pipeline(transaction=True) as pipe:
         pipe.rpush(log_key(job_id), _encoder.encode(record))
         pipe.ltrim(log_key(job_id), -LOG_MAX, -1)
+        pipe.hincrby(WEBHOOK_OUTCOMES, "delivered" if ok else "retrying" if more else "given_up")
         if next_at is not None:
             pipe.zadd(DUE, {eid: next_at})
         else:

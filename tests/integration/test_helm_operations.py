@@ -430,6 +430,7 @@ def test_alerts_and_dashboard_query_what_ftune_exports(chart: helm.Chart) -> Non
         "FtuneJobsWaitingWithoutWorkers",
         "FtuneJobFailureRateHigh",
         "FtuneRedisMemoryHigh",
+        "FtuneWebhooksGivenUp",
     }
     dashboard_map = manifests.get("ConfigMap", f"{PREFIX}-dashboard")
     assert dashboard_map["metadata"]["labels"]["grafana_dashboard"] == "1"

@@ -17,7 +17,7 @@ from service import webhooks
 from service.api.app import create_app
 from service.contract import WebhookDelivery
 from service.settings import Settings
-from tests.fixtures.api import ALICE
+from tests.fixtures.api import ALICE, BOB
 from tests.integration.test_webhooks import SECRET, Receiver, _serve
 
 
@@ -55,6 +55,19 @@ async def test_a_job_cancelled_over_http_is_delivered_signed(
                 await asyncio.sleep(0.05)
                 log = await webhooks.delivery_log(r, job["id"])
             await r.aclose()
+            # The team can see what its receiver answered, and only its own jobs'.
+            path = f"/v1/jobs/{job['id']}/webhook-deliveries"
+            shown = (await client.get(path, headers=ALICE)).json()
+            assert [(d["attempt"], d["ok"], d["status_code"]) for d in shown["deliveries"]] == [
+                (1, False, 500),
+                (2, True, 200),
+            ]
+            assert (await client.get(path, headers=BOB)).status_code == 404
+            # Operators see the outcomes on /metrics, across replicas (counted in Redis).
+            metrics = (await client.get("/metrics")).text
+            assert 'ftune_webhook_deliveries_total{outcome="delivered"} 1.0' in metrics
+            assert 'ftune_webhook_deliveries_total{outcome="retrying"} 1.0' in metrics
+            assert 'ftune_webhook_deliveries_total{outcome="given_up"} 0.0' in metrics
         assert [a.status_code for a in log] == [500, 200]
         last = receiver.requests[-1]
         assert Webhook(SECRET).verify(last.body, last.headers)["type"] == "job.cancelled"
