@@ -134,7 +134,10 @@ async def _advance(
         last_fired_at=policy.last_fired_at,
         cron_after=policy.cron_after,
         now=now,
+        what="ratings" if policy.spec.rows == "unpaired" else "pairs",
     )
+    if created is None:
+        why = f"stream {policy.spec.stream} does not exist (yet): {why}"
     left = budget.get(tenant)
     if fire and left == _KEYLESS:
         fire, why = False, "due, but the tenant has no API key in the tenants file: not fired"

@@ -626,6 +626,24 @@ async def test_a_kto_gate_is_on_a_metric_kto_reports(api: Api) -> None:
     assert "KTO reports no eval_rewards/accuracies" in resp.json()["detail"]
 
 
+async def test_a_policys_status_says_what_it_counts_and_when_its_stream_is_gone(
+    api: Api, loop: Loop
+) -> None:
+    kto = {"base_model": "org/model", "method": "kto", "hyperparameters": {"max_steps": 4}}
+    assert (await put(api, "k", policy_body(stream="rt", template=kto, gate={}))).status_code == 200
+    ratings = [
+        {"id": f"r{i}", "prompt": f"Q{i}?", "response": "A.", "rating": "up"} for i in range(3)
+    ]
+    await feed(api, "rt", ratings)
+    await loop.tick()
+    assert (await get(api, "k"))["status"]["message"] == "waiting for ratings: 3 new of 10"
+    assert (await api.client.delete("/v1/feedback/rt", headers=ALICE)).status_code == 204
+    await loop.tick()
+    assert (await get(api, "k"))["status"]["message"] == (
+        "stream rt does not exist (yet): waiting for ratings: 0 new of 10"
+    )
+
+
 async def test_a_template_is_checked_with_the_label_its_runs_add(api: Api) -> None:
     labels = {f"k{i}": "v" for i in range(32)}  # the most a job has; runs add `policy`
     template = {"base_model": "org/model", "labels": labels}
