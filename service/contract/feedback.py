@@ -79,6 +79,13 @@ class FeedbackReceipt(msgspec.Struct, kw_only=True):
         ),
     ]
     pairs_total: Annotated[int, msgspec.Meta(description="Pairs in the stream after this batch.")]
+    ratings_dropped: Annotated[
+        int,
+        msgspec.Meta(
+            description="Waiting ratings this batch pushed out, oldest first: one prompt keeps "
+            "at most 1,000 waiting in each direction (they stay as unpaired rows for kto)."
+        ),
+    ] = 0
 
 
 class FeedbackStream(msgspec.Struct, kw_only=True):

@@ -260,7 +260,7 @@ async def ingest(
     meta_key = _key(tenant, stream, "meta")
     seen_key = _key(tenant, stream, "seen")
 
-    async def write(pipe: Pipeline) -> tuple[Applied, FeedbackStream]:
+    async def write(pipe: Pipeline) -> tuple[Applied, FeedbackStream, int]:
         raw = await pipe.get(meta_key)
         if raw is None:
             hint = "delete one or post to an existing one"
@@ -312,10 +312,10 @@ async def ingest(
         pipe.set(meta_key, _encoder.encode(new_meta))
         pipe.zadd(_index(tenant), {stream: 0})
         pipe.zadd(ALL, {_encoder.encode((tenant, stream)): 0})
-        return applied, new_meta
+        return applied, new_meta, dropped
 
     watched = (meta_key, _index(tenant)) if max_streams is not None else (meta_key,)
-    (applied, new_meta), _ = await transact(store.redis, write, *watched)
+    (applied, new_meta, dropped), _ = await transact(store.redis, write, *watched)
     return FeedbackReceipt(
         stream=stream,
         received=len(events),
@@ -324,6 +324,7 @@ async def ingest(
         pairs_added=len(applied.pairs),
         ratings_waiting=applied.waiting_from_batch,
         pairs_total=new_meta.pairs,
+        ratings_dropped=dropped,
     )
 
 

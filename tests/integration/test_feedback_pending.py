@@ -28,8 +28,12 @@ def waiting_key(way: str) -> str:
 
 async def test_one_prompt_rated_up_thousands_of_times_stays_bounded(api: Api) -> None:
     r = redis.Redis.from_url(api.settings.redis_url)
+    dropped = []
     for start in range(0, 2500, 500):
-        assert (await post(api, "chat", ups(start, 500))).status_code == 200
+        resp = await post(api, "chat", ups(start, 500))
+        assert resp.status_code == 200
+        dropped.append(resp.json()["ratings_dropped"])
+    assert dropped == [0, 0, 500, 500, 500]  # each batch says what it pushed out
     stream = (await api.client.get("/v1/feedback/chat", headers=ALICE)).json()
     assert stream["pending_ratings"] == MAX_WAITING and stream["dropped_ratings"] == 1500
     assert r.llen(waiting_key("up")) == MAX_WAITING
