@@ -34,11 +34,21 @@ PolicyName = Annotated[
 
 
 def _check_gate(spec: PolicySpec) -> None:
-    """A gate on a metric the template's trainer never reports rejects every run but the
-    first (which has nothing to beat): refused here instead. TRL's KTO reports no accuracies."""
+    """A gate no run can pass is refused when saved: bounds that contradict each other, or a
+    metric the template's trainer never reports (TRL's KTO reports no accuracies), which
+    rejects every run but the first (nothing to beat). Checked here, not in the Gate type,
+    which also reads the policies stored before."""
+    gate = spec.gate
+    for metric, low in gate.at_least.items():
+        high = gate.at_most.get(metric)
+        if high is not None and low > high:
+            msg = (
+                f"{metric} must be at least {low} and at most {high}: no run can pass; swap or "
+                "drop a bound"
+            )
+            raise InvalidRequest(msg, [FieldError(loc=["body", "gate", "at_least"], msg=msg)])
     if spec.template.method != "kto":
         return
-    gate = spec.gate
     for rule in ("at_least", "at_most", "not_worse_than_promoted"):
         for metric in getattr(gate, rule) or {}:
             if metric.endswith("rewards/accuracies"):

@@ -107,15 +107,6 @@ class Gate(Strict):
         ),
     ] = 0.0
 
-    def __post_init__(self) -> None:
-        for metric, low in self.at_least.items():
-            high = self.at_most.get(metric)
-            if high is not None and low > high:
-                raise ValueError(
-                    f"{metric} must be at least {low} and at most {high}: no run can pass; "
-                    "swap or drop a bound"
-                )
-
 
 class PolicySpec(Strict):
     """A retraining policy: which stream, how to train, when, and what a run must show."""
@@ -226,8 +217,9 @@ class Holdout(msgspec.Struct, kw_only=True):
         msgspec.Meta(
             description="`prompt`: every pair of each held-out prompt is held out, now and "
             "later, so no prompt is both trained and scored on; `pair`: pairs drawn one by "
-            "one (when every prompt drawn holds too many of the stream's pairs to keep out of "
-            "training, e.g. a stream of one prompt), and later copies of them kept out."
+            "one, and later copies of them kept out (a stream whose pairs gather on a few "
+            "prompts, too many to keep out of training; and every set drawn before held-out "
+            "sets were drawn by prompt)."
         ),
     ] = "pair"
     prompts: Annotated[

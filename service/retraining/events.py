@@ -8,6 +8,7 @@ from typing import Any, Literal
 import msgspec
 
 from service.contract import EventError, FieldMapping, Format, Kind, PairRecord
+from service.datasets.layouts import system_column
 from service.datasets.messages import blank
 from service.datasets.rows import RowInvalid, normalize_row, row_format
 
@@ -173,16 +174,18 @@ def _parse_one(obj: object, index: int) -> ParsedEvent:
 
 
 def _one_system(obj: dict[str, Any], prompt: Any) -> None:
-    """A `system` beside a prompt that opens with a system message of its own would be lost
-    (the prompt's is kept, as in datasets): refused instead, unless they say the same."""
-    if "system" not in obj or not isinstance(prompt, list) or not prompt:
+    """A system column (`system`, `system_prompt`, ...) beside a prompt that opens with a
+    system message of its own would be lost (the prompt's is kept, as in datasets): refused
+    instead, unless they say the same."""
+    column = system_column(obj)
+    if column is None or blank(obj[column]) or not isinstance(prompt, list) or not prompt:
         return
     first = prompt[0]
-    if first["role"] == "system" and first["content"] != obj["system"]:
+    if first["role"] == "system" and first["content"] != obj[column]:
         raise RowInvalid(
-            "system",
+            column,
             "the prompt opens with a system message of its own, and a different one is given "
-            "as system: give the system prompt once, in one place",
+            f"as {column}: give the system prompt once, in one place",
         )
 
 
@@ -284,7 +287,24 @@ def check_row_sizes(
 
 def prompt_key(prompt: Any) -> str:
     """Ratings pair up when their normalized prompts are equal: this digest names one."""
-    return hashlib.sha256(_encoder.encode(prompt)).hexdigest()[:32]
+    return _digest(_encoder.encode(prompt))
+
+
+def row_prompt_key(row_json: bytes) -> str:
+    """`prompt_key` of a row as stored (msgspec's JSON of it), without decoding the rest of
+    the row: its prompt's JSON is the same bytes `prompt_key` hashes."""
+    return _digest(_prompt_decoder.decode(row_json).prompt)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+class _Prompt(msgspec.Struct):
+    prompt: msgspec.Raw
+
+
+_prompt_decoder = msgspec.json.Decoder(_Prompt)
 
 
 def apply_events(

@@ -9,7 +9,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 from arq.connections import ArqRedis
@@ -34,7 +34,7 @@ from service.datasets.space import SpaceBusy, UploadSpace
 from service.datasets.validate import Limits
 from service.init_from import promoted_adapter, resolve_init_adapter
 from service.retraining import feedback
-from service.retraining.events import prompt_key
+from service.retraining.events import prompt_key, row_prompt_key
 from service.retraining.policies import (
     ALL,
     MAX_HOLDOUT,
@@ -54,7 +54,6 @@ _encoder = msgspec.json.Encoder()
 
 log = logging.getLogger("ftune.policies")
 _member_decoder = msgspec.json.Decoder(tuple[str, str])
-_row_decoder = msgspec.json.Decoder(dict[str, Any])
 _SCAN = 1000
 """Pairs read from Redis at once while the held-out prompts are counted."""
 
@@ -359,8 +358,8 @@ async def _eval_set(
     stream, kind = policy.spec.stream, policy.spec.rows
     indices, prompts = await _draw_prompts(store, policy.tenant, stream, kind, total, k, seed)
     by: Literal["prompt", "pair"] = "prompt"
-    if not indices:  # every prompt drawn is too frequent to keep out of training
-        indices, by = sorted(random.Random(seed).sample(range(total), k)), "pair"
+    if len(indices) < k / 2:  # the pairs gather on a few prompts, too many to keep out
+        indices, prompts, by = sorted(random.Random(seed).sample(range(total), k)), [], "pair"
     chosen = set(indices)
     snap = await feedback.snapshot(
         store,
@@ -392,11 +391,11 @@ async def _eval_set(
 async def _draw_prompts(
     store: Store, tenant: str, stream: str, rows: SnapshotRows, total: int, k: int, seed: int
 ) -> tuple[list[int], list[str]]:
-    """About `k` of the first `total` pairs, held out by prompt: the prompts of `k` pairs
-    drawn at random, taken in random order until `k` pairs are held, each with every pair
-    of it. A prompt with more than half of `k` pairs stays in training: holding it out would
-    make most of the eval set one prompt and take that much from training. Returns
-    the positions (sorted) and the prompts' digests; none when no prompt qualifies."""
+    """At most `k` of the first `total` pairs, held out by prompt: the prompts of `k` pairs
+    drawn at random, taken in random order while their pairs fit in `k`, each with every
+    pair of it. A prompt with more than half of `k` pairs stays in training: holding it out
+    would make most of the eval set one prompt and take that much from training. Returns
+    the positions (sorted) and the prompts' digests."""
     rng = random.Random(seed)
     drawn = await feedback.read_pairs_at(store, tenant, stream, rng.sample(range(total), k), rows)
     candidates = list(dict.fromkeys(prompt_key(p.row["prompt"]) for p in drawn))
@@ -414,9 +413,7 @@ async def _draw_prompts(
     held: list[int] = []
     chosen: list[str] = []
     for prompt in candidates:
-        if len(held) >= k:
-            break
-        if len(at[prompt]) <= cap:
+        if len(at[prompt]) <= cap and len(held) + len(at[prompt]) <= k:
             held += at[prompt]
             chosen.append(prompt)
     return sorted(held), chosen
@@ -429,7 +426,7 @@ async def _training_filter(
     pair) those drawn and any later copy of one."""
     if holdout.by == "prompt":
         prompts = set(holdout.prompts)
-        return lambda _i, row: prompt_key(_row_decoder.decode(row)["prompt"]) not in prompts
+        return lambda _i, row: row_prompt_key(row) not in prompts
     chosen = set(holdout.indices)
     pairs = await feedback.read_pairs_at(
         store, tenant, holdout.stream, holdout.indices, holdout.rows

@@ -359,8 +359,8 @@ def test_uploads_and_submits_do_what_the_user_meant(
     page.wait_for_timeout(500)
     jobs = http.get("/v1/jobs").json()["items"]
     assert [j["id"] for j in jobs] == [page.url.rsplit("/", 1)[-1]]
-    # Its page: the first attempt is attempt 1, and an adapter job has no merging phase.
-    expect(page.locator(".facts")).to_contain_text("Attempt1")
+    # Its page: never re-queued (the record's attempt 0), no merging phase for an adapter.
+    expect(page.locator(".facts")).to_contain_text("Re-queuedno")
     expect(page.locator(".timeline li")).to_have_count(4)
     page.click("text=Cancel job…")
     page.click("dialog button[value=cancel]")

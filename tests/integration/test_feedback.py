@@ -51,6 +51,7 @@ async def test_every_kind_of_event_becomes_pairs_and_retries_are_ignored(api: Ap
         "pairs_added": 2,
         "ratings_waiting": 2,
         "pairs_total": 2,
+        "ratings_dropped": 0,
     }
     retry = (await post(api, "chat", batch)).json()
     assert (retry["accepted"], retry["duplicates"], retry["pairs_added"]) == (0, 4, 0)
@@ -196,6 +197,10 @@ async def test_a_first_batch_with_one_system_prompt_makes_a_stream_of_conversati
     assert "give the system prompt once" in resp.json()["errors"][0]["msg"]
     same = {**twice, "system": "Be verbose."}  # the same words in both places: one system
     assert (await post(api, "mixed", [same])).status_code == 200
+    other = {k: v for k, v in twice.items() if k != "system"} | {"id": "t2", "system_prompt": "X"}
+    resp = await post(api, "mixed", [other])  # under any of the names a system column has
+    assert resp.status_code == 422
+    assert resp.json()["errors"][0]["loc"] == ["body", "events", "0", "system_prompt"]
 
 
 async def test_streams_belong_to_their_tenant(api: Api) -> None:

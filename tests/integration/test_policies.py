@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import redis
 from arq.connections import ArqRedis
 
 from service import queue
@@ -225,6 +226,22 @@ async def test_bad_policies_are_refused_with_where(
     assert (await api.client.get("/v1/policies/p", headers=ALICE)).status_code == 404
 
 
+async def test_a_stored_policy_no_run_can_pass_still_reads(api: Api) -> None:
+    """Contradictory bounds are refused when saved, not when read: a policy stored before
+    the rule existed can still be shown, fixed and deleted."""
+    assert (await put(api, "old", policy_body())).status_code == 200
+    r = redis.Redis.from_url(api.settings.redis_url)
+    key = "ftune:policy:alice:old:record"
+    record = json.loads(r.get(key) or b"{}")
+    record["spec"]["gate"]["at_least"] = {"eval_loss": 0.9}
+    record["spec"]["gate"]["at_most"] = {"eval_loss": 0.1}
+    r.set(key, json.dumps(record))
+    assert (await api.client.get("/v1/policies/old", headers=ALICE)).status_code == 200
+    assert (await api.client.get("/v1/policies", headers=ALICE)).status_code == 200
+    assert (await put(api, "old", policy_body())).status_code == 200
+    assert (await api.client.delete("/v1/policies/old", headers=ALICE)).status_code == 204
+
+
 async def test_policy_names_are_checked(api: Api) -> None:
     assert (await put(api, "bad:name", policy_body())).status_code == 400
     assert (await put(api, "x" * 64, policy_body())).status_code == 400
@@ -404,6 +421,21 @@ async def test_held_out_prompts_are_never_trained_on(api: Api, loop: Loop) -> No
     one = await get(api, "one")
     assert one["holdout"]["by"] == "pair" and one["holdout"]["prompts"] == []
     assert one["runs"][0]["eval_dataset"]["rows"] == 4  # 0.2 of 20, one by one
+
+    # Mostly a few prompts, and some asked once: held out by prompt, only the rare ones would
+    # qualify, a handful of pairs for good; so pair by pair, the whole 0.2 of them.
+    skewed = [
+        {"id": f"s{i}", "prompt": f"Top {i % 4}?", "chosen": f"Y{i}.", "rejected": f"N{i}."}
+        for i in range(160)
+    ]
+    skewed += [
+        {"id": f"o{i}", "prompt": f"Once {i}?", "chosen": "Y.", "rejected": "N."} for i in range(40)
+    ]
+    await put(api, "skew", policy_body(stream="skew", trigger={"min_new_pairs": 200}))
+    await feed(api, "skew", skewed)
+    await loop.tick()
+    skew = await get(api, "skew")
+    assert skew["holdout"]["by"] == "pair" and skew["runs"][0]["eval_dataset"]["rows"] == 40
 
 
 async def test_template_eval_dataset_is_the_fixed_held_out_set(api: Api, loop: Loop) -> None:

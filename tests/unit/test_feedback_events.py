@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 
 from service.retraining.events import (
@@ -12,6 +13,7 @@ from service.retraining.events import (
     apply_events,
     parse_events,
     prompt_key,
+    row_prompt_key,
 )
 
 
@@ -144,3 +146,19 @@ def test_bad_events_name_their_field(event: dict[str, Any], field: str | None, n
     [error] = caught.value.errors
     assert (error.index, error.field) == (1, field)
     assert needle in error.msg, error.msg
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "What is 2+2?",
+        '台北有什麼好吃的？ "quoted" \\ back\nslash',  # noqa: RUF001 - the text itself
+        [{"role": "system", "content": "Sé breve."}, {"role": "user", "content": "¿Hola?"}],
+    ],
+)
+def test_a_stored_rows_prompt_key_is_read_from_its_json(prompt: Any) -> None:
+    """Held-out prompts are matched on every stored row without decoding it whole."""
+    row = {"prompt": prompt, "chosen": "a", "rejected": "b", "metadata": {"k": [1, 2]}}
+    line = msgspec.json.encode(row)
+    assert row_prompt_key(line) == prompt_key(prompt)
+    assert row_prompt_key(msgspec.json.encode({**row, "prompt": "other"})) != prompt_key(prompt)

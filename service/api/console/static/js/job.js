@@ -47,7 +47,7 @@ function summary(job) {
       ["Created", when(job.created_at)],
       ["Started", when(job.started_at)],
       ["Finished", when(job.finished_at)],
-      ["Attempt", String(job.attempt + 1)],
+      ["Re-queued", job.attempt ? `${job.attempt} time${job.attempt === 1 ? "" : "s"} (resumed from a checkpoint)` : "no"],
       ["Tenant", job.tenant],
     ]),
     job.error ? h("div", { class: "error", role: "alert" }, h("strong", {}, `${job.error.type}: `), job.error.message) : null,

@@ -89,14 +89,15 @@ export async function jobsPage(page, params) {
       timer = setTimeout(load, REFRESH_MS); // nobody is looking: no request
       return;
     }
-    let list;
+    let list = null;
+    let unanswered = false;
     try {
       list = await api("/jobs", {
         query: { status: filters.status, label: filters.label, tenant: filters.tenant, limit: PAGE, cursor },
       });
     } catch (err) {
       clear(results, h("div", { class: "error", role: "alert" }, err.message));
-      list = null;
+      unanswered = err.status === 0; // a refusal (a stale cursor, a 403) would only repeat
     }
     if (left) return;
     if (list) {
@@ -113,7 +114,7 @@ export async function jobsPage(page, params) {
     }
     // Moving jobs (or an answer that did not come) are read again; a page of finished jobs
     // does not change and is left alone.
-    const moving = !list || list.items.some((j) => j.status === "queued" || j.status === "running");
+    const moving = unanswered || (list && list.items.some((j) => j.status === "queued" || j.status === "running"));
     if (moving) timer = setTimeout(load, REFRESH_MS);
   }
 
