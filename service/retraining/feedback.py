@@ -339,9 +339,23 @@ def _stored_bytes(ids: Sequence[str], pairs: list[bytes], ratings: list[bytes]) 
 
 
 async def _check_budget(pipe: Pipeline, tenant: str, adding: int, limit: int | None) -> None:
+    """LimitReached past the tenant's budget. The running count is trusted below the limit;
+    at it, the streams' own figures are summed and the count set right by the difference: a
+    stream rewritten by a replica of the release before (which drops `stored_bytes`) or one
+    deleted half-way leaves the count too high, and would refuse a tenant for good."""
     if limit is None or not adding:
         return
-    used = int(await pipe.get(_bytes_key(tenant)) or 0)
+    key = _bytes_key(tenant)
+    used = int(await pipe.get(key) or 0)
+    if used + adding > limit:
+        names = await pipe.zrange(_index(tenant), 0, -1)
+        metas = await pipe.mget([_key(tenant, n.decode(), "meta") for n in names]) if names else []
+        held = sum(_stream_decoder.decode(m).stored_bytes for m in metas if m)
+        if held != used:
+            await pipe.incrby(
+                key, held - used
+            )  # by the difference: concurrent batches' count stays
+            used = held
     if used + adding > limit:
         raise LimitReached(
             f"tenant {tenant}'s feedback streams take about {used:,} bytes and this batch "
