@@ -1,9 +1,10 @@
 """Datasets imported by reference: the files of a Hub dataset split, or one S3 object,
 downloaded to local files so they are validated exactly like an upload.
 
-A Hub split is chosen as ``datasets.load_dataset`` chooses it: by the ``configs:`` of the
-repo's README card when it declares them (a config's ``data_files`` per split, globs relative
-to its ``data_dir``), else by file names (``SPLIT.*``, ``SPLIT-*`` or a ``SPLIT/`` folder).
+A Hub split is chosen as ``datasets.load_dataset`` chooses it in the common cases: by the
+``configs:`` of the repo's README card when it declares them (a config's ``data_files`` per
+split, globs relative to its ``data_dir``), else by file names (``SPLIT.*``, ``SPLIT-*``, a
+``SPLIT/`` folder, the standard splits' other names), else all files as train.
 
 Blocking (huggingface_hub and boto3 are): the API calls :func:`fetch` from a worker thread.
 The Hub is read with the service's default token (``HF_TOKEN``) and S3 with its credentials,
@@ -75,11 +76,41 @@ def fetch(req: DatasetImport, settings: Settings, dest: Path, max_bytes: int) ->
     return _fetch_s3(req.source, settings, dest, max_bytes)
 
 
+_SPLIT_NAMES = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "dev", "val"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
+"""The names `load_dataset` reads as each standard split, in file and folder names."""
+
+
 def _split_match(path: str, split: str) -> bool:
     p = PurePosixPath(path)
     base = p.name
-    return base.startswith((f"{split}.", f"{split}-")) or (
-        p.parent.name == split and base.lower().endswith(DATA_SUFFIXES)
+    return any(
+        base.startswith((f"{name}.", f"{name}-")) or p.parent.name == name
+        for name in _SPLIT_NAMES.get(split, (split,))
+    )
+
+
+_SHARD = re.compile(r"[\w.]+-\d{5}-of-\d{5}")
+"""The Hub's shard names (`train_prefs-00000-of-00001.parquet`): the split is its first part."""
+
+
+def _names_a_split(path: str) -> bool:
+    return bool(_SHARD.match(PurePosixPath(path).name)) or any(
+        _split_match(path, split) for split in _SPLIT_NAMES
+    )
+
+
+def _is_data(path: str) -> bool:
+    """A data file as `load_dataset` sees one: a data suffix, nothing hidden (`.x`) or
+    private (`__x`) on its path, no card or metadata file."""
+    parts = PurePosixPath(path).parts
+    return (
+        path.lower().endswith(DATA_SUFFIXES)
+        and not any(part.startswith((".", "__")) for part in parts)
+        and parts[-1] not in ("dataset_info.json", "dataset_infos.json", "config.json")
     )
 
 
@@ -213,8 +244,10 @@ def _choose(
         else:
             return config.files(tree, split, where), label
     inside = [f for f in tree if not sub or f.path.startswith(sub + "/")]
-    data = [f for f in inside if f.path.lower().endswith(DATA_SUFFIXES)]
-    chosen = sorted((f for f in data if _split_match(f.path, split)), key=lambda f: f.path)
+    data = sorted((f for f in inside if _is_data(f.path)), key=_path)
+    chosen = [f for f in data if _split_match(f.path, split)]
+    if not chosen and split == "train" and not any(_names_a_split(f.path) for f in data):
+        chosen = data  # no file named for any split (a lone data.jsonl): all of them are train
     if not chosen:
         found = sorted({PurePosixPath(f.path).name.split(".")[0].split("-")[0] for f in data})
         field = "split" if found else "source"
@@ -265,7 +298,10 @@ class _Config:
             for p in self.splits[split]
         ]
         rules = [_glob(p) for p in patterns]
-        chosen = sorted((f for f in tree if any(r.match(f.path) for r in rules)), key=_path)
+        chosen = sorted(
+            (f for f in tree if _is_data(f.path) and any(r.match(f.path) for r in rules)),
+            key=_path,
+        )
         if not chosen:
             raise SourceError(
                 f"split: no file of {where} matches {', '.join(patterns)}, the files of split "
@@ -289,7 +325,7 @@ def _configs(card: dict[str, Any] | None) -> tuple[dict[str, _Config], str | Non
         if not isinstance(entry, dict):
             continue
         name = str(entry.get("config_name") or "default")
-        base = str(entry.get("data_dir") or "").strip("/")
+        base = str(entry.get("data_dir") or "").removeprefix("./").strip("/")
         configs[name] = _Config(name, base, _data_files(entry.get("data_files")))
         if entry.get("default") is True:
             marked = name
@@ -322,16 +358,25 @@ def _patterns(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else [str(v) for v in value or []]
 
 
-_GLOB_PARTS = re.compile(r"(\*\*/|\*\*|\*|\?)")
+_GLOB_PARTS = re.compile(r"(\*\*/|\*\*|\*|\?|\[!?[^\]/]+\])")
 
 
 def _glob(pattern: str) -> re.Pattern[str]:
     """A data_files pattern as the Hub reads it: ``*`` and ``?`` stay within a folder, ``**``
     crosses folders."""
     parts = {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}
-    return re.compile(
-        "".join(parts.get(t, re.escape(t)) for t in _GLOB_PARTS.split(pattern)) + r"\Z"
-    )
+
+    def part(token: str) -> str:
+        if token in parts:
+            return parts[token]
+        if token.startswith("[") and token.endswith("]") and len(token) > 2:  # [0-9], [!a]
+            inner = token[1:-1]
+            negated = inner.startswith("!")
+            body = re.escape(inner[1:] if negated else inner).replace("\\-", "-")
+            return f"[{'^' if negated else ''}{body}]"
+        return re.escape(token)
+
+    return re.compile("".join(part(t) for t in _GLOB_PARTS.split(pattern)) + r"\Z")
 
 
 def _fetch_s3(source: str, settings: Settings, dest: Path, max_bytes: int) -> Fetched:

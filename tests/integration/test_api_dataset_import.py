@@ -319,3 +319,41 @@ async def test_a_card_with_configs_but_no_default_asks_for_one(
     assert "declares configs a, b in its README; choose one with config" in resp.json()["detail"]
     b = await post_import(importer, source=f"hf://datasets/{repo}", config="b")  # data_dir only
     assert (b.status_code, b.json()["source_format"]) == (201, "medicalgpt"), b.text
+
+
+async def test_import_reads_file_names_as_load_dataset_does(
+    importer: Api, hub_server: HubServer
+) -> None:
+    """A lone data file is the train split; `training/` and `dev.*` name train and
+    validation; metadata and hidden files are never rows; a config's data_dir may start
+    with ./ and its patterns may hold character classes."""
+    intel = (FIXTURES / "axolotl_intel.jsonl").read_bytes()
+    lone = f"{USER}/lone-{uuid.uuid4().hex[:8]}"
+    hub_server.seed_dataset(lone, {"data.jsonl": intel, ".hidden/x.jsonl": b"not rows"})
+    resp = await post_import(importer, source=f"hf://datasets/{lone}")
+    assert (resp.status_code, resp.json().get("rows")) == (201, 2), resp.text
+
+    named = f"{USER}/named-{uuid.uuid4().hex[:8]}"
+    hub_server.seed_dataset(
+        named,
+        {"training/part1.jsonl": intel, "dev.jsonl": (FIXTURES / "medicalgpt.jsonl").read_bytes()},
+    )
+    resp = await post_import(importer, source=f"hf://datasets/{named}")
+    assert (resp.status_code, resp.json().get("source_format")) == (201, "intel"), resp.text
+    resp = await post_import(importer, source=f"hf://datasets/{named}", split="validation")
+    assert (resp.status_code, resp.json().get("source_format")) == (201, "medicalgpt"), resp.text
+
+    card = b"---\nconfigs:\n- config_name: default\n  data_dir: ./sub\n  data_files:\n"
+    card += b"  - split: train\n    path: 'shard-0[0-9].json*'\n---\n"
+    shaped = f"{USER}/shaped-{uuid.uuid4().hex[:8]}"
+    hub_server.seed_dataset(
+        shaped,
+        {
+            "README.md": card,
+            "sub/shard-01.jsonl": intel,
+            "sub/shard-x1.jsonl": b"not rows",
+            "sub/shard-02.json": json.dumps([json.loads(x) for x in intel.splitlines()]).encode(),
+        },
+    )
+    resp = await post_import(importer, source=f"hf://datasets/{shaped}")
+    assert (resp.status_code, resp.json().get("rows")) == (201, 4), resp.text  # not shard-x1
