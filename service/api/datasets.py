@@ -318,9 +318,10 @@ class DatasetController(Controller):
         summary="Import a dataset from the Hub or S3, validated like an upload",
         description=(
             "`hf://datasets/ORG/NAME` takes the files of `split` (default train) at `revision` "
-            "as `datasets.load_dataset` does: those of `config` when the repo's README card "
-            "declares `configs:`, else files named `train.*` or `train-*`, or in a `train/` "
-            "folder. Add a folder or a file after the name to take that instead "
+            "as `datasets.load_dataset` reads them in the common cases: those of `config` when "
+            "the repo's README card declares `configs:`, else the files named for the split "
+            "(`train.*`, `train-*`, a `train/` folder; README, \"Import by reference\"). Add a "
+            "folder or a file after the name to take that instead "
             "(`hf://datasets/Anthropic/hh-rlhf/harmless-base`). "
             "`s3://bucket/key` takes one object. The service reads them with its own Hub token "
             "and S3 credentials; its own store is never a source."
