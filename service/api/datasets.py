@@ -320,7 +320,7 @@ class DatasetController(Controller):
             "`hf://datasets/ORG/NAME` takes the files of `split` (default train) at `revision` "
             "as `datasets.load_dataset` reads them in the common cases: those of `config` when "
             "the repo's README card declares `configs:`, else the files named for the split "
-            "(`train.*`, `train-*`, a `train/` folder; README, \"Import by reference\"). Add a "
+            '(`train.*`, `train-*`, a `train/` folder; README, "Import by reference"). Add a '
             "folder or a file after the name to take that instead "
             "(`hf://datasets/Anthropic/hh-rlhf/harmless-base`). "
             "`s3://bucket/key` takes one object. The service reads them with its own Hub token "
