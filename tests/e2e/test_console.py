@@ -352,8 +352,15 @@ def test_uploads_and_submits_do_what_the_user_meant(
         "preference pairs"
     )
 
-    # A double click makes one job.
+    # A value the API refuses is said with the form's label, at that field.
     page.fill("input[name=base_model]", "org/model")
+    page.fill("input[name=lora_r]", "0")
+    page.click(".job-form button[type=submit]")
+    expect(page.locator(".job-form .error[role=alert]")).to_contain_text("LoRA r: ")
+    assert page.evaluate("document.activeElement.name") == "lora_r"
+    page.fill("input[name=lora_r]", "8")
+
+    # A double click makes one job.
     page.dblclick(".job-form button[type=submit]")
     page.wait_for_url(re.compile(r"#/jobs/job_"))
     page.wait_for_timeout(500)

@@ -196,6 +196,34 @@ export async function newJobPage(page, params) {
     }
   }
 
+  // The API's field paths, as the form's own fields (the rest stay as the API says them).
+  const FIELDS = {
+    "body.base_model": [inputs.base_model, "Base model"],
+    "body.dataset_id": [inputs.dataset_id, "Dataset"],
+    "body.method": [inputs.method, "Method"],
+    "body.hyperparameters.beta": [inputs.beta, "Beta"],
+    "body.hyperparameters.learning_rate": [inputs.learning_rate, "Learning rate"],
+    "body.hyperparameters.num_epochs": [inputs.num_epochs, "Epochs"],
+    "body.hyperparameters.max_steps": [inputs.max_steps, "Max steps"],
+    "body.lora.r": [inputs.r, "LoRA r"],
+    "body.lora.alpha": [inputs.alpha, "LoRA alpha"],
+    "body.quantization.bits": [inputs.bits, "Quantization"],
+    "body.output.destination.repo_id": [inputs.target, "Repository or S3 prefix"],
+    "body.output.destination.uri": [inputs.target, "Repository or S3 prefix"],
+    "body.eval_prompts": [inputs.eval_prompts, "Eval prompts"],
+  };
+
+  /** The first error the API located in one of the form's fields: said with its label,
+   * beside the submit button, the field marked and focused. */
+  function showRefusal(err) {
+    const located = (err.problem?.errors || []).find((e) => e.loc && FIELDS[e.loc.join(".")]);
+    if (!located) return clear(result, problem(err));
+    const [el, label] = FIELDS[located.loc.join(".")];
+    el.setAttribute("aria-invalid", "true");
+    clear(result, h("div", { class: "error", role: "alert" }, h("strong", {}, `${label}: `), located.msg));
+    el.focus();
+  }
+
   // What the form must hold before anything is sent, said beside the field (the API would
   // answer with a pattern that names no field of this form).
   function missing(spec) {
@@ -240,7 +268,7 @@ export async function newJobPage(page, params) {
       const job = await api("/jobs", { method: "POST", json: spec, headers: { "Idempotency-Key": sent.key } });
       location.hash = `#/jobs/${job.id}`;
     } catch (err) {
-      clear(result, problem(err));
+      showRefusal(err);
     } finally {
       submit.disabled = false;
     }
