@@ -152,22 +152,26 @@ async def test_one_replica_leads_and_another_takes_over(scheduled: Settings) -> 
 
 
 async def test_a_dead_leaders_lock_lapses_and_the_api_takes_over(scheduled: Settings) -> None:
-    """A leader killed outright never releases its lock: it lapses, then another leads."""
+    """A leader killed outright never releases its lock: it lapses, then another leads. The
+    lock outlives the app's start, the policy and the feedback with room to spare (on a busy
+    CI machine those took more than the 1.5 s it once had)."""
     store = Store.from_url(scheduled.redis_url)
     try:
-        await store.redis.set(LEADER_KEY, b"dead-process", px=1500)
+        await store.redis.set(LEADER_KEY, b"dead-process", px=4000)
         async with AsyncTestClient(create_app(scheduled)) as client:
             api = Api(client, scheduled)
             assert (await put(api, "p", policy_body())).status_code == 200
             await feed(api, "chat", events(0, 12))
             await asyncio.sleep(0.8)
-            assert (await get(api, "p"))["runs"] == []  # nobody leads yet
-            await eventually(lambda: _other_holder(store, b"dead-process"), timeout=5)
+            runs = (await get(api, "p"))["runs"]
+            assert await store.redis.get(LEADER_KEY) == b"dead-process", "too slow to tell"
+            assert runs == []  # nobody led yet when they were read
+            await eventually(lambda: _other_holder(store, b"dead-process"), timeout=10)
 
             async def fired() -> bool:
                 return bool((await get(api, "p"))["runs"])
 
-            await eventually(fired, timeout=5)
+            await eventually(fired, timeout=10)
     finally:
         await store.close()
 
