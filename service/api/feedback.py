@@ -34,7 +34,7 @@ from service.contract import (
 )
 from service.datasets.space import UploadSpace
 from service.datasets.validate import Limits
-from service.retraining import feedback
+from service.retraining import feedback, snapshots
 from service.retraining.events import InvalidFeedback
 from service.settings import Principal, Settings
 from service.store import Store
@@ -227,7 +227,7 @@ class FeedbackController(Controller):
         limits = Limits.from_settings(settings)
         owner = acting_tenant(principal, tenant)
         async with uploads.slot() as workdir:
-            return await feedback.snapshot(
+            return await snapshots.snapshot(
                 store,
                 blobs,
                 owner,

@@ -23,6 +23,7 @@ adapter off; so two runs compare only when they share the eval dataset, the base
 ``beta``/``loss_type``. When they do not, the "not worse" check is skipped with a note and
 the absolute thresholds alone decide.
 
-Modules: `events` (parse a feedback batch, pure), `feedback` (streams in Redis, snapshots),
-`triggers`, `gate` (pure decisions), `policies` (records), `runs` (fire, follow, promote).
+Modules: `events` (parse a feedback batch, pure), `feedback` (streams in Redis),
+`snapshots` (a stream's pairs frozen into a dataset), `triggers`, `gate` (pure decisions),
+`policies` (records), `runs` (fire), `verdicts` (follow, judge, promote).
 """

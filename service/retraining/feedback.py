@@ -26,33 +26,26 @@ that have such lists, so that deleting the stream finds them), ``:snapshots`` (l
 first).
 An ingest writes all of them in one MULTI, watched on ``:meta``, which every ingest changes.
 
-A snapshot freezes the first N pairs (the list only grows, so "pairs 0..N" names exactly what
-went in) into a normal content-addressed dataset, validated like an upload.
+Snapshots of a stream (its first N pairs frozen into a dataset) are written by
+:mod:`service.retraining.snapshots`; this module numbers and lists them.
 """
 
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 from redis.asyncio.client import Pipeline
 
-from service.blobs import BlobStore
 from service.contract import (
-    DatasetRef,
     FeedbackReceipt,
     FeedbackSnapshot,
     FeedbackStream,
     PairRecord,
-    Selection,
     SnapshotRows,
 )
-from service.datasets.ingest import store_dataset
-from service.datasets.validate import InvalidDataset, Limits
 from service.retraining.events import (
     WAYS,
     Applied,
@@ -66,7 +59,6 @@ from service.retraining.events import (
 )
 from service.store import (
     Conflict,
-    DatasetQuota,
     LimitReached,
     NotFound,
     P,
@@ -75,8 +67,8 @@ from service.store import (
     transact,
 )
 
-_READ_CHUNK = 1000
-"""Pairs read from Redis per LRANGE when snapshotting."""
+CHUNK = 1000
+"""Pairs read, or keys unlinked, per Redis command in a loop over a whole stream."""
 
 
 # The checks of a rated response are the dataset row checks with the response in the place
@@ -434,8 +426,8 @@ async def delete_stream(store: Store, tenant: str, stream: str) -> None:
         pipe.multi()
         if stored:
             pipe.decrby(_bytes_key(tenant), stored)
-        for i in range(0, len(lists), _READ_CHUNK):
-            pipe.unlink(*lists[i : i + _READ_CHUNK])
+        for i in range(0, len(lists), CHUNK):
+            pipe.unlink(*lists[i : i + CHUNK])
         pipe.unlink(*(_key(tenant, stream, part) for part in _PARTS))
         pipe.zrem(_index(tenant), stream)
         pipe.zrem(ALL, _encoder.encode((tenant, stream)))
@@ -478,104 +470,13 @@ async def list_snapshots(
     return [_snapshot_decoder.decode(r) for r in raw]
 
 
-async def snapshot(
-    store: Store,
-    blobs: BlobStore,
-    tenant: str,
-    stream: str,
-    *,
-    limits: Limits,
-    workdir: Path,
-    end: int | None = None,
-    select: Callable[[int, bytes], bool] | None = None,
-    selection: Selection = "all",
-    by: str = "api",
-    name: str | None = None,
-    rows: SnapshotRows = "pairs",
-    quota: DatasetQuota | None = None,
-) -> FeedbackSnapshot:
-    """Freeze pairs 0 .. end-1 (all so far by default) into a dataset, and record it; with
-    `rows="unpaired"`, the stream's ratings as labelled completions instead (for kto).
-    `quota`: the tenant's dataset limits (LimitReached past them), for a snapshot asked for.
+async def next_version(store: Store, tenant: str, stream: str) -> int:
+    """The number of the stream's next snapshot (1, 2, ...; never reused)."""
+    return int(await store.redis.incr(_key(tenant, stream, "versions")))
 
-    The rows are written to a file in `workdir` (a slot of the host's upload space, which
-    bounds how many such files there are at once), removed at the end.
-    `select(index, canonical row JSON)` keeps a pair or leaves it out (a policy's held-out
-    pairs). The rows go through the same validation as an upload, so the dataset has the
-    same stats and warnings and the same sha256 as uploading those rows would give.
-    Conflict if nothing is selected, or if it holds more than a dataset may (the operator's
-    limits), found before the temp file grows past them.
-    """
-    meta = await get_stream(store, tenant, stream)
-    total = await pair_count(store, tenant, stream, rows)
-    end = total if end is None else min(end, total)
-    what = "pairs" if rows == "pairs" else "ratings"
-    raw_path = workdir / f"snapshot-{uuid.uuid4().hex}.jsonl"
-    try:
-        kept = size = 0
-        with raw_path.open("wb") as out:
-            for start in range(0, end, _READ_CHUNK):
-                for i, pair in enumerate(
-                    await read_pairs(
-                        store, tenant, stream, start, min(start + _READ_CHUNK, end), rows
-                    ),
-                    start,
-                ):
-                    line = _encoder.encode(pair.row)
-                    if len(line) > limits.max_line_bytes:  # stored before the limit was lowered
-                        raise Conflict(
-                            f"{what[:-1]} {i} of feedback stream {stream} is {len(line):,} bytes, "
-                            f"past a dataset's line limit of {limits.max_line_bytes:,} "
-                            "(the operator's FTUNE_MAX_LINE_BYTES)"
-                        )
-                    if select is None or select(i, line):
-                        out.write(line + b"\n")
-                        kept += 1
-                        size += len(line) + 1
-                        if kept > limits.max_rows or size > limits.max_bytes:
-                            raise _too_large(stream, what, limits)
-        if kept == 0:
-            raise Conflict(
-                f"feedback stream {stream} has no {what} to snapshot"
-                + (f" ({selection} of the first {end})" if end else "")
-                + (
-                    f"; {meta.pending_ratings} ratings wait for an opposite rating (snapshot "
-                    "rows=unpaired to train kto on them)"
-                    if meta.pending_ratings and rows == "pairs"
-                    else ""
-                )
-            )
 
-        version = int(await store.redis.incr(_key(tenant, stream, "versions")))
-
-        try:
-            ds = await store_dataset(
-                store,
-                blobs,
-                raw_path,
-                tenant=tenant,
-                name=name or f"{stream} v{version}",
-                limits=limits,
-                quota=quota,
-            )
-        except InvalidDataset as exc:  # the rows were checked on the way in; this is a bug
-            raise RuntimeError(f"stored {what} of {stream} failed validation: {exc}") from exc
-    finally:
-        raw_path.unlink(missing_ok=True)
-    now = time.time()
-    record = FeedbackSnapshot(
-        stream=stream,
-        version=version,
-        dataset=DatasetRef(
-            id=ds.id, sha256=ds.sha256, rows=ds.rows, format=ds.format, kind=ds.kind
-        ),
-        selection=selection,
-        rows=rows,
-        pairs_end=end,
-        excluded=end - kept,
-        by=by,
-        created_at=now,
-    )
+async def record_snapshot(store: Store, tenant: str, stream: str, record: FeedbackSnapshot) -> None:
+    """Count the snapshot in the stream's record and put it first in its list."""
     meta_key = _key(tenant, stream, "meta")
 
     async def count(pipe: Pipeline) -> None:
@@ -586,16 +487,6 @@ async def snapshot(
         pipe.lpush(_key(tenant, stream, "snapshots"), _encoder.encode(record))
 
     await transact(store.redis, count, meta_key)
-    return record
-
-
-def _too_large(stream: str, what: str, limits: Limits) -> Conflict:
-    return Conflict(
-        f"feedback stream {stream} holds more {what} than a dataset may: at most "
-        f"{limits.max_rows:,} rows and {limits.max_bytes:,} bytes (the operator's "
-        "FTUNE_MAX_DATASET_ROWS and FTUNE_MAX_DATASET_BYTES); start a new stream for new "
-        "feedback, or ask the operator to raise them"
-    )
 
 
 async def stored_bytes(store: Store, tenant: str) -> int:

@@ -33,7 +33,7 @@ from service.contract import (
 from service.datasets.space import SpaceBusy, UploadSpace
 from service.datasets.validate import Limits
 from service.init_from import promoted_adapter, resolve_init_adapter
-from service.retraining import feedback
+from service.retraining import feedback, snapshots
 from service.retraining.events import prompt_key, row_prompt_key
 from service.retraining.policies import (
     ALL,
@@ -54,8 +54,6 @@ _encoder = msgspec.json.Encoder()
 
 log = logging.getLogger("ftune.policies")
 _member_decoder = msgspec.json.Decoder(tuple[str, str])
-_SCAN = 1000
-"""Pairs read from Redis at once while the held-out prompts are counted."""
 
 _KEYLESS = -1
 """The budget of a tenant with no API key: it fires nothing."""
@@ -231,7 +229,7 @@ async def _fire(
                 store, tenant, name, lambda p: msgspec.structs.replace(p, holdout=held)
             )
         select = await _training_filter(store, tenant, held) if held else None
-        train = await feedback.snapshot(
+        train = await snapshots.snapshot(
             store,
             blobs,
             tenant,
@@ -361,7 +359,7 @@ async def _eval_set(
     if len(indices) < k / 2:  # the pairs gather on a few prompts, too many to keep out
         indices, prompts, by = sorted(random.Random(seed).sample(range(total), k)), [], "pair"
     chosen = set(indices)
-    snap = await feedback.snapshot(
+    snap = await snapshots.snapshot(
         store,
         blobs,
         policy.tenant,
@@ -402,9 +400,9 @@ async def _draw_prompts(
     rng.shuffle(candidates)
     cap = max(1, k // 2)
     at: dict[str, list[int]] = {p: [] for p in candidates}
-    for start in range(0, total, _SCAN):
+    for start in range(0, total, feedback.CHUNK):
         pairs = await feedback.read_pairs(
-            store, tenant, stream, start, min(start + _SCAN, total), rows
+            store, tenant, stream, start, min(start + feedback.CHUNK, total), rows
         )
         for i, pair in enumerate(pairs, start):
             seen = at.get(prompt_key(pair.row["prompt"]))
