@@ -358,25 +358,12 @@ def _patterns(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else [str(v) for v in value or []]
 
 
-_GLOB_PARTS = re.compile(r"(\*\*/|\*\*|\*|\?|\[!?[^\]/]+\])")
-
-
 def _glob(pattern: str) -> re.Pattern[str]:
-    """A data_files pattern as the Hub reads it: ``*`` and ``?`` stay within a folder, ``**``
-    crosses folders."""
-    parts = {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}
+    """A data_files pattern as the Hub reads it (fsspec's, as huggingface_hub's file system):
+    ``*`` and ``?`` stay within a folder, ``**`` crosses folders, ``[..]`` classes."""
+    from fsspec.utils import glob_translate
 
-    def part(token: str) -> str:
-        if token in parts:
-            return parts[token]
-        if token.startswith("[") and token.endswith("]") and len(token) > 2:  # [0-9], [!a]
-            inner = token[1:-1]
-            negated = inner.startswith("!")
-            body = re.escape(inner[1:] if negated else inner).replace("\\-", "-")
-            return f"[{'^' if negated else ''}{body}]"
-        return re.escape(token)
-
-    return re.compile("".join(part(t) for t in _GLOB_PARTS.split(pattern)) + r"\Z")
+    return re.compile(glob_translate(pattern))
 
 
 def _fetch_s3(source: str, settings: Settings, dest: Path, max_bytes: int) -> Fetched:
