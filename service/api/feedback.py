@@ -19,7 +19,7 @@ from service.api.openapi_docs import (
     request_body,
     responses,
 )
-from service.api.tenancy import ListCursor, TenantParam, acting_tenant, listed_tenant
+from service.api.tenancy import ListCursor, TenantParam, acting_tenant, listed_tenant, owning_tenant
 from service.blobs import BlobStore
 from service.contract import (
     EVENTS_EXAMPLE,
@@ -116,7 +116,7 @@ class FeedbackController(Controller):
         tenants: Tenants,
         tenant: TenantParam = None,
     ) -> FeedbackReceipt:
-        owner = acting_tenant(principal, tenant)
+        owner = owning_tenant(principal, tenant, tenants)
         limits = limits_for(settings, tenants, owner)
         try:
             return await feedback.ingest(
@@ -225,7 +225,7 @@ class FeedbackController(Controller):
         tenant: TenantParam = None,
     ) -> FeedbackSnapshot:
         limits = Limits.from_settings(settings)
-        owner = acting_tenant(principal, tenant)
+        owner = owning_tenant(principal, tenant, tenants)
         async with uploads.slot() as workdir:
             return await snapshots.snapshot(
                 store,

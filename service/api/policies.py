@@ -12,7 +12,7 @@ from service.api import shown
 from service.api.errors import FieldError, InvalidRequest
 from service.api.jobs import check_template
 from service.api.openapi_docs import FORBIDDEN, NOT_FOUND, TOO_MANY, PageSize, responses
-from service.api.tenancy import ListCursor, TenantParam, acting_tenant, listed_tenant
+from service.api.tenancy import ListCursor, TenantParam, acting_tenant, listed_tenant, owning_tenant
 from service.contract import (
     Policy,
     PolicyList,
@@ -114,7 +114,7 @@ class PolicyController(Controller):
         tenants: Tenants,
         tenant: TenantParam = None,
     ) -> Policy:
-        owner = acting_tenant(principal, tenant)
+        owner = owning_tenant(principal, tenant, tenants)
         _check_gate(data)
         await _check_template(data, name, owner, store, settings, tenants)
         most = limits_for(settings, tenants, owner).policies

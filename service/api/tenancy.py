@@ -20,7 +20,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from redis.exceptions import RedisError
 
 from service.api.auth import principal
-from service.api.errors import BadRequest, FieldError
+from service.api.errors import BadRequest, FieldError, InvalidRequest
 from service.api.limits import remaining
 from service.api.openapi_docs import FORBIDDEN, PageSize, responses
 from service.contract import AuditEntry, AuditPage, JobStatus, LimitUsage, Usage
@@ -44,7 +44,7 @@ TenantParam = Annotated[
         pattern=TENANT_NAME_RE,
         description="Admin keys only: act on (or list) this tenant's records instead of their "
         "own; other keys may name only their own tenant. A tenant name has no ':' and no "
-        "white space.",
+        "white space. Records are made only for a tenant with a key in the tenants file (422).",
     ),
 ]
 
@@ -65,6 +65,20 @@ def acting_tenant(who: Principal, tenant: str | None) -> str:
     if not who.admin:
         raise PermissionDeniedException("only an admin key may name another tenant")
     return tenant
+
+
+def owning_tenant(who: Principal, tenant: str | None, tenants: Tenants) -> str:
+    """The tenant a new record goes to, as :func:`acting_tenant`; an admin may not make one
+    for a tenant with no key in the tenants file (a typo, or a team removed): no key could
+    ever read it, and its limits would be the defaults'."""
+    name = acting_tenant(who, tenant)
+    if name != who.tenant and not tenants.has_keys(name):
+        raise InvalidRequest(
+            f"tenant {name!r} has no API key in the tenants file (FTUNE_API_KEYS_FILE): "
+            "nothing is made for a tenant that could never read it",
+            [FieldError(loc=["query", "tenant"], msg="no such tenant")],
+        )
+    return name
 
 
 def listed_tenant(who: Principal, tenant: str | None) -> str | None:

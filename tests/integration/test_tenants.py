@@ -389,3 +389,33 @@ async def test_an_admin_cannot_name_a_tenant_no_tenants_file_can_hold(api: Api) 
         )
         assert resp.status_code == 400, resp.text
         assert resp.json()["errors"][0]["loc"] == ["query", "tenant"]
+
+
+async def test_an_admin_cannot_make_records_for_a_tenant_the_file_does_not_hold(api: Api) -> None:
+    """A typo in `?tenant=` would otherwise leave a stream or policy no key could ever read."""
+    event = {"id": "e1", "prompt": "p", "chosen": "c", "rejected": "r"}
+    made = {
+        "feedback": await api.client.post(
+            "/v1/feedback/s", params={"tenant": "bobb"}, json={"events": [event]}, headers=ADMIN
+        ),
+        "policy": await api.client.put(
+            "/v1/policies/s", params={"tenant": "bobb"}, json=policy("s"), headers=ADMIN
+        ),
+        "snapshot": await api.client.post(
+            "/v1/feedback/s/snapshot", params={"tenant": "bobb"}, headers=ADMIN
+        ),
+    }
+    for what, resp in made.items():
+        assert resp.status_code == 422, (what, resp.text)
+        assert "'bobb' has no API key" in resp.json()["detail"], what
+        assert resp.json()["errors"][0]["loc"] == ["query", "tenant"], what
+    everyone = await api.client.get("/v1/feedback", headers=ADMIN)
+    assert everyone.json()["items"] == []
+    assert (await api.client.get("/v1/policies", headers=ADMIN)).json()["items"] == []
+    # A tenant the file holds is still served, and reading an unknown one is harmless.
+    ok = await api.client.post(
+        "/v1/feedback/s", params={"tenant": "bob"}, json={"events": [event]}, headers=ADMIN
+    )
+    assert ok.status_code == 200, ok.text
+    gone = await api.client.get("/v1/feedback/s", params={"tenant": "bobb"}, headers=ADMIN)
+    assert gone.status_code == 404
