@@ -432,7 +432,10 @@ class FineTuningJob(msgspec.Struct, kw_only=True):
     organization_id: Annotated[str, msgspec.Meta(description="The tenant.")]
     status: Annotated[
         JobStatusName,
-        msgspec.Meta(description="queued, running, succeeded, failed or cancelled."),
+        msgspec.Meta(
+            description="queued, running, succeeded, failed or cancelled; `cancelled` as soon "
+            "as a cancel is asked (the worker stops the job at its next step)."
+        ),
     ]
     training_file: Annotated[str, msgspec.Meta(description="The training dataset's id.")]
     validation_file: Annotated[

@@ -38,6 +38,7 @@ from service.contract.openai import (
     FineTuningJobCreate,
     FineTuningJobError,
     FineTuningMethod,
+    JobStatusName,
     SupervisedMethod,
 )
 from service.openai.files import result_file_id
@@ -270,7 +271,7 @@ def job_object(job: Job, *, suffix: str | None = None, gpus: int = 1) -> FineTun
         model=spec.base_model,
         fine_tuned_model=fine_tuned_model(job),
         organization_id=job.tenant,
-        status=job.status.value,
+        status=_status(job),
         training_file=job.dataset.id,
         validation_file=job.eval_dataset.id if job.eval_dataset else None,
         hyperparameters=used,
@@ -283,6 +284,15 @@ def job_object(job: Job, *, suffix: str | None = None, gpus: int = 1) -> FineTun
         metadata=dict(spec.labels) or None,
         suffix=suffix,
     )
+
+
+def _status(job: Job) -> JobStatusName:
+    """A running job asked to stop is `cancelled` at once, as OpenAI answers a cancel: a client
+    polling for a terminal status stops there (our own view says `running` with
+    `cancel_requested` until the worker has stopped it, and then `cancelled`)."""
+    if job.cancel_requested and not job.status.terminal:
+        return "cancelled"
+    return job.status.value
 
 
 def fine_tuned_model(job: Job) -> str | None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import httpx2
 import openai
 import pytest
@@ -24,6 +25,7 @@ from openai.types.webhooks import FineTuningJobCancelledWebhookEvent
 from service import store as store_module
 from service.openai import records
 from service.openai.hyperparameters import auto_batch_size, auto_epochs
+from service.contract import JobStatus
 from service.settings import Settings
 from tests.fixtures.api import LiveServer
 from tests.fixtures.openai_sdk import OPENAI_EXAMPLE_ROW, jsonl, openai_rows, sdk
@@ -403,6 +405,39 @@ def test_a_create_repeated_after_its_job_ended_starts_a_new_job(client: openai.O
     second = client.fine_tuning.jobs.create(model=MODEL, training_file=train)
     assert second.id != first.id and second.status == "queued"
     assert [j.id for j in client.fine_tuning.jobs.list()] == [second.id, first.id]
+
+
+def test_a_running_job_is_cancelled_from_the_first_cancel(
+    client: openai.OpenAI, api_settings: Settings
+) -> None:
+    """As on OpenAI: the cancel's answer and every read after say `cancelled` (a client
+    polling for a terminal status stops), while our own view waits for the worker."""
+    train = upload(client, openai_rows(4))
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=train)
+
+    async def claim() -> None:  # what a worker's claim writes
+        store = store_module.Store.from_url(api_settings.redis_url)
+        await store.update_job(
+            job.id, lambda j: msgspec.structs.replace(j, status=JobStatus.running)
+        )
+        await store.close()
+
+    asyncio.run(claim())
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "running"
+    cancelled = client.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled" and cancelled.finished_at is None
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
+    assert [j.status for j in client.fine_tuning.jobs.list()] == ["cancelled"]
+    with pytest.raises(openai.ConflictError, match="already cancelled"):
+        client.fine_tuning.jobs.cancel(job.id)
+    ours = httpx.get(
+        f"{str(client.base_url).rstrip('/')}/jobs/{job.id}",
+        headers={"Authorization": f"Bearer {client.api_key}"},
+    ).json()
+    assert ours["status"] == "running" and ours["cancel_requested"] is True
+    # The same body again is a new job, not the one shown cancelled.
+    again = client.fine_tuning.jobs.create(model=MODEL, training_file=train)
+    assert again.id != job.id and again.status == "queued"
 
 
 def test_what_this_service_lacks_answers_in_openais_envelope(

@@ -38,7 +38,7 @@ from service.openai.jobs import (
     to_spec,
 )
 from service.settings import Principal, Settings
-from service.store import NotFound, Store, request_fingerprint
+from service.store import Conflict, NotFound, Store, request_fingerprint
 from service.tenants import Tenants
 
 RETRY_WINDOW_SECONDS = 600
@@ -158,8 +158,9 @@ class FineTuningController(Controller):
                 raise SpecError(param, exc.detail) from None
 
         job, replayed = await submit()
-        if replayed and job.status.terminal and not idempotency_key:
-            # The body repeats one whose job has ended: a new job is asked for, not a retry.
+        if replayed and (job.status.terminal or job.cancel_requested) and not idempotency_key:
+            # The body repeats one whose job has ended (or is shown `cancelled`, its worker
+            # stopping it): a new job is asked for, not a retry.
             await store.forget_idempotency(principal.tenant, idem[0], job.id)
             job, replayed = await submit()
         if data.suffix and not replayed:
@@ -225,6 +226,10 @@ class FineTuningController(Controller):
     async def cancel(
         self, job_id: JobId, principal: Principal, store: Store, arq: ArqRedis, settings: Settings
     ) -> FineTuningJob:
+        current = await store.get_job(job_id, scope(principal))
+        if current.cancel_requested and not current.status.terminal:
+            # Shown `cancelled` since the first cancel, as OpenAI's are: a second is refused.
+            raise Conflict(f"job {job_id} is already cancelled")
         job = await cancel_job(
             job_id, tenant=scope(principal), store=store, arq=arq, settings=settings
         )
