@@ -15,17 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import msgspec
 import httpx2
+import msgspec
 import openai
 import pytest
 import redis
 from openai.types.webhooks import FineTuningJobCancelledWebhookEvent
 
 from service import store as store_module
+from service.contract import JobStatus
 from service.openai import records
 from service.openai.hyperparameters import auto_batch_size, auto_epochs
-from service.contract import JobStatus
 from service.settings import Settings
 from tests.fixtures.api import LiveServer
 from tests.fixtures.openai_sdk import OPENAI_EXAMPLE_ROW, jsonl, openai_rows, sdk
