@@ -76,7 +76,12 @@ class Scheduler:
             if lost:
                 done.append("re-queued jobs of lost workers: " + ", ".join(lost))
         done += await runs.tick(
-            self.store, self.pool, self.blobs, self.settings, publisher=self.publisher
+            self.store,
+            self.pool,
+            self.blobs,
+            self.settings,
+            publisher=self.publisher,
+            announce=webhooks.stage_verdict,
         )
         retention = self.settings.job_retention_days * 86400
         if forgotten := await self.store.forget_finished(time.time() - retention):

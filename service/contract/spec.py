@@ -680,7 +680,8 @@ class JobTemplate(Strict):
                 pattern=r"^https?://[^\s]+(?!\n)$",
                 max_length=2048,
                 description="Receives a signed POST when the job ends (succeeded, failed or "
-                "cancelled); null: none.",
+                "cancelled); in a policy's template, also one per run the gate decides "
+                "(`policy.run.promoted` or `policy.run.rejected`); null: none.",
             ),
         ]
         | None

@@ -7,11 +7,14 @@ from typing import Annotated, Literal
 import msgspec
 
 from service.contract.jobs import Artifact, JobError, JobStatus
+from service.contract.policies import PolicyRun, Promoted
 
 EventType = Literal["job.succeeded", "job.failed", "job.cancelled"]
 OpenAIEventType = Literal[
     "fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled"
 ]
+
+PolicyEventType = Literal["policy.run.promoted", "policy.run.rejected"]
 
 
 class WebhookJobData(msgspec.Struct, kw_only=True):
@@ -55,6 +58,45 @@ class WebhookEvent(msgspec.Struct, kw_only=True):
         float, msgspec.Meta(description="When the event was made, in seconds since the epoch.")
     ]
     data: Annotated[WebhookJobData, msgspec.Meta(description="The job as it ended.")]
+
+
+class PolicyWebhookEvent(msgspec.Struct, kw_only=True):
+    """The body a policy's template `webhook_url` gets when the gate has decided a run, after
+    the run's job's own event: whether the retrained model is now the one to serve."""
+
+    id: Annotated[
+        str, msgspec.Meta(description="Stable per run: a redelivery carries the same id.")
+    ]
+    type: Annotated[
+        PolicyEventType,
+        msgspec.Meta(
+            description="`policy.run.promoted` (the run's model is the policy's model now) or "
+            "`policy.run.rejected` (the gate refused it, its job did not succeed, or the run "
+            "could not start)."
+        ),
+    ]
+    policy: Annotated[str, msgspec.Meta(description="The policy's name.")]
+    job_id: Annotated[
+        str | None,
+        msgspec.Meta(
+            description="The run's job (its delivery log lists this event too); null for a run "
+            "that has none (`not_started`, `lost`)."
+        ),
+    ]
+    created_at: Annotated[
+        float, msgspec.Meta(description="When the event was made, in seconds since the epoch.")
+    ]
+    run: Annotated[
+        PolicyRun,
+        msgspec.Meta(description="The run as decided: its gate checks, metrics and reason."),
+    ]
+    promoted: Annotated[
+        Promoted | None,
+        msgspec.Meta(
+            description="The policy's promoted model after this decision (this run's when "
+            "promoted; otherwise the one still served, or null)."
+        ),
+    ]
 
 
 class OpenAIWebhookData(msgspec.Struct, kw_only=True):

@@ -171,9 +171,15 @@ async def delete_policy(store: Store, tenant: str, name: str) -> Policy:
 
 
 async def update_policy(
-    store: Store, tenant: str, name: str, change: Callable[[Policy], Policy]
+    store: Store,
+    tenant: str,
+    name: str,
+    change: Callable[[Policy], Policy],
+    *,
+    then: Callable[[Pipeline, Policy], None] | None = None,
 ) -> Policy:
-    """Apply `change` atomically (it may raise Conflict to refuse); NotFound if deleted."""
+    """Apply `change` atomically (it may raise Conflict to refuse); NotFound if deleted.
+    `then` adds its commands to the same transaction, given the changed policy."""
     key = _key(tenant, name, "record")
 
     async def update(pipe: Pipeline) -> Policy:
@@ -183,6 +189,8 @@ async def update_policy(
         new = change(_policy_decoder.decode(raw))
         pipe.multi()
         pipe.set(key, _encoder.encode(new))
+        if then is not None:
+            then(pipe, new)
         return new
 
     policy, _ = await transact(store.redis, update, key)

@@ -46,7 +46,13 @@ from service.retraining.policies import (
     with_run,
 )
 from service.retraining.triggers import evaluate_trigger
-from service.retraining.verdicts import Publisher, close_run, follow, publish_promoted
+from service.retraining.verdicts import (
+    Announcer,
+    Publisher,
+    close_run,
+    follow,
+    publish_promoted,
+)
 from service.settings import Settings
 from service.store import Conflict, NotFound, Store, new_id
 
@@ -67,6 +73,7 @@ async def tick(
     *,
     now: float | None = None,
     publisher: Publisher | None = None,
+    announce: Announcer | None = None,
 ) -> list[str]:
     """Take every policy one step further; returns what happened, one line per action.
 
@@ -95,6 +102,7 @@ async def tick(
                 name,
                 now=time.time() if now is None else now,
                 publisher=publisher or publish_promoted,
+                announce=announce,
                 budget=budget,
             )
         except NotFound:
@@ -114,11 +122,14 @@ async def _advance(
     *,
     now: float,
     publisher: Publisher,
+    announce: Announcer | None,
     budget: dict[str, int | None],
 ) -> list[str]:
     policy = await get_policy(store, tenant, name)
     if policy.active_run is not None:
-        return await follow(store, pool, blobs, settings, policy, now=now, publisher=publisher)
+        return await follow(
+            store, pool, blobs, settings, policy, now=now, publisher=publisher, announce=announce
+        )
     if not policy.spec.enabled:
         await set_status(store, policy, PolicyStatus(checked_at=now, message="disabled"))
         return []
@@ -155,7 +166,17 @@ async def _advance(
             if left is not None:
                 budget[tenant] = left - 1
             return await _fire(
-                store, pool, blobs, settings, policy, total, created, why, workdir, now=now
+                store,
+                pool,
+                blobs,
+                settings,
+                policy,
+                total,
+                created,
+                why,
+                workdir,
+                now=now,
+                announce=announce,
             )
     except SpaceBusy as exc:
         message = f"due ({why}), waiting for temp space to snapshot the stream: {exc}"
@@ -176,6 +197,7 @@ async def _fire(
     workdir: Path,
     *,
     now: float,
+    announce: Announcer | None,
 ) -> list[str]:
     tenant, name, spec = seen.tenant, seen.name, seen.spec
     run_id = new_id("run")
@@ -268,7 +290,16 @@ async def _fire(
     except Exception as exc:
         reason = f"could not start: {type(exc).__name__}: {exc}"
         log.warning("policy %s of %s: run %s %s", name, tenant, number, reason)
-        await close_run(store, tenant, name, run_id, status="not_started", reason=reason, now=now)
+        await close_run(
+            store,
+            tenant,
+            name,
+            run_id,
+            status="not_started",
+            reason=reason,
+            now=now,
+            announce=announce,
+        )
         return [f"policy {name} of {tenant}: run {number} {reason}"]
 
     def started(p: Policy) -> Policy:

@@ -11,6 +11,7 @@ from pathlib import Path
 import anyio.to_thread
 import msgspec
 from arq.connections import ArqRedis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import LockError
 
 from service import queue, tenants
@@ -46,6 +47,9 @@ PUBLISH_LOCK_SECONDS = 3600
 take long); a tick that died lets it lapse, and a later one decides the run then."""
 
 Publisher = Callable[[Job, Destination, BlobStore, Settings], list[str]]
+Announcer = Callable[[Pipeline, Policy, str], None]
+"""Stages the event of a decided run (the policy as recorded, the run's id) in the
+transaction that records the decision; the scheduler's is `webhooks.stage_verdict`."""
 
 
 async def follow(
@@ -57,6 +61,7 @@ async def follow(
     *,
     now: float,
     publisher: Publisher,
+    announce: Announcer | None = None,
 ) -> list[str]:
     """A run is in flight: watch its job; when it has ended, apply the gate."""
     tenant, name = policy.tenant, policy.name
@@ -72,7 +77,9 @@ async def follow(
             if run.status == "starting"
             else f"its job {run.job_id} no longer exists"
         )
-        await close_run(store, tenant, name, run.id, status="lost", reason=reason, now=now)
+        await close_run(
+            store, tenant, name, run.id, status="lost", reason=reason, now=now, announce=announce
+        )
         return [f"{label} lost: {reason}"]
     if run.status == "starting":
         if now - run.fired_at < FIRE_GRACE_SECONDS:
@@ -120,7 +127,9 @@ async def follow(
         current = await get_policy(store, tenant, name)
         if current.active_run != run.id:
             return []
-        return await _decide(store, blobs, settings, current, run, job, now, publisher, label)
+        return await _decide(
+            store, blobs, settings, current, run, job, now, publisher, label, announce
+        )
     finally:
         with contextlib.suppress(LockError):
             await lock.release()
@@ -136,6 +145,7 @@ async def _decide(
     now: float,
     publisher: Publisher,
     label: str,
+    announce: Announcer | None,
 ) -> list[str]:
     tenant, name = policy.tenant, policy.name
     decision = decide(policy.spec.gate, job, run.eval_dataset, policy.promoted)
@@ -183,7 +193,7 @@ async def _decide(
         return msgspec.structs.replace(p, active_run=None, promoted=promoted)
 
     try:
-        await update_policy(store, tenant, name, finish)
+        await update_policy(store, tenant, name, finish, then=_announcing(announce, run.id))
     except Conflict:
         return []
     verdict = "promoted" if decision.promote else "rejected"
@@ -195,8 +205,24 @@ async def _decide(
     return [f"{label} {verdict}: {decision.reason}"]
 
 
+def _announcing(
+    announce: Announcer | None, run_id: str
+) -> Callable[[Pipeline, Policy], None] | None:
+    if announce is None:
+        return None
+    return lambda pipe, policy: announce(pipe, policy, run_id)
+
+
 async def close_run(
-    store: Store, tenant: str, name: str, run_id: str, *, status: RunStatus, reason: str, now: float
+    store: Store,
+    tenant: str,
+    name: str,
+    run_id: str,
+    *,
+    status: RunStatus,
+    reason: str,
+    now: float,
+    announce: Announcer | None = None,
 ) -> None:
     def close(p: Policy) -> Policy:
         p = with_run(
@@ -211,7 +237,7 @@ async def close_run(
         return msgspec.structs.replace(p, active_run=None)
 
     with contextlib.suppress(Conflict, NotFound):
-        await update_policy(store, tenant, name, close)
+        await update_policy(store, tenant, name, close, then=_announcing(announce, run_id))
 
 
 def publish_promoted(

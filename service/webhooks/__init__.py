@@ -6,7 +6,9 @@ How it flows:
    store runs inside the same Redis transaction as the status change: the API and the worker
    register it as the store's terminal hook) snapshots the event body and puts the event id
    in a sorted set scored by when it is due. The event id is derived from the job id and its
-   terminal status, so enqueueing twice is a no-op and receivers can dedupe on it.
+   terminal status, so enqueueing twice is a no-op and receivers can dedupe on it. A policy's
+   gate decision on a run is an event too (`stage_verdict`, staged by the scheduler in the
+   transaction that records the decision), to the run's template's URL, logged with its job.
 2. `run_deliveries`, a loop every API replica runs, claims due events and POSTs them. A claim
    atomically pushes the event's due time forward by a lease, so one replica sends it; a
    replica that dies mid-send lets the lease lapse and another one sends it again (at least
@@ -43,6 +45,7 @@ from service.webhooks.events import (
     event_id,
     event_key,
     log_key,
+    stage_verdict,
     stage_webhook,
 )
 
@@ -63,5 +66,6 @@ __all__ = [
     "load_secrets",
     "log_key",
     "run_deliveries",
+    "stage_verdict",
     "stage_webhook",
 ]

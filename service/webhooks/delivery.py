@@ -302,8 +302,9 @@ async def _deliver(
         next_attempt_at=next_at,
     )
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.rpush(log_key(job_id), _encoder.encode(record))
-        pipe.ltrim(log_key(job_id), -LOG_MAX, -1)
+        if job_id:  # a policy's run that never had a job has no log
+            pipe.rpush(log_key(job_id), _encoder.encode(record))
+            pipe.ltrim(log_key(job_id), -LOG_MAX, -1)
         pipe.hincrby(WEBHOOK_OUTCOMES, "delivered" if ok else "retrying" if more else "given_up")
         if next_at is not None:
             pipe.zadd(DUE, {eid: next_at})

@@ -17,6 +17,8 @@ from service.contract import (
     OpenAIEventType,
     OpenAIWebhookData,
     OpenAIWebhookEvent,
+    Policy,
+    PolicyWebhookEvent,
     WebhookDelivery,
     WebhookEvent,
     WebhookJobData,
@@ -65,7 +67,11 @@ _encoder = msgspec.json.Encoder()
 
 def event_id(job_id: str, status: JobStatus) -> str:
     """Stable per (job, terminal status): a job ends once, so this names its one event."""
-    return "evt_" + hashlib.sha256(f"{job_id}:{status.value}".encode()).hexdigest()[:24]
+    return _named(f"{job_id}:{status.value}")
+
+
+def _named(what: str) -> str:
+    return "evt_" + hashlib.sha256(what.encode()).hexdigest()[:24]
 
 
 def build_event(job: Job, *, now: float | None = None) -> WebhookEvent:
@@ -117,6 +123,16 @@ def _enqueue_args(job: Job) -> tuple[Any, ...] | None:
     event: WebhookEvent | OpenAIWebhookEvent = (
         build_openai_event(job) if job.spec.webhook_format == "openai" else build_event(job)
     )
+    return _queued(event, job.id, job.tenant, job.spec.webhook_url)
+
+
+def _queued(
+    event: WebhookEvent | OpenAIWebhookEvent | PolicyWebhookEvent,
+    job_id: str,
+    tenant: str,
+    url: str,
+) -> tuple[Any, ...]:
+    """The script's call that queues `event` once (its attempts are logged with the job's)."""
     return (
         _ENQUEUE,
         2,
@@ -124,12 +140,33 @@ def _enqueue_args(job: Job) -> tuple[Any, ...] | None:
         DUE,
         event.id,
         repr(time.time()),
-        job.id,
-        job.tenant,
-        job.spec.webhook_url,
+        job_id,
+        tenant,
+        url,
         event.type,
         _encoder.encode(event),
     )
+
+
+def stage_verdict(pipe: Pipeline, policy: Policy, run_id: str) -> None:
+    """Add the event of a decided run to the transaction that records the decision, for a
+    template with a `webhook_url` (OpenAI's format has no such event: none is sent)."""
+    template = policy.spec.template
+    if template.webhook_url is None or template.webhook_format == "openai":
+        return
+    run = next(r for r in policy.runs if r.id == run_id)
+    job_id = None if run.status in ("not_started", "lost") else run.job_id
+    event = PolicyWebhookEvent(
+        id=_named(f"{policy.tenant}:{policy.name}:{run.id}:decided"),
+        type="policy.run.promoted" if run.decision == "promoted" else "policy.run.rejected",
+        policy=policy.name,
+        job_id=job_id,
+        created_at=time.time(),
+        run=run,
+        promoted=policy.promoted,
+    )
+    # A run without a job has no delivery log to keep its attempts in ("" keeps none).
+    pipe.eval(*_queued(event, job_id or "", policy.tenant, template.webhook_url))
 
 
 async def enqueue_webhook(redis: Redis, job: Job) -> bool:

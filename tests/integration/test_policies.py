@@ -19,7 +19,7 @@ import pytest
 import redis
 from arq.connections import ArqRedis
 
-from service import queue
+from service import queue, webhooks
 from service.blobs import BlobStore, open_store
 from service.contract import Artifact, Job, JobError, JobStatus
 from service.datasets.space import UploadSpace
@@ -585,6 +585,43 @@ async def test_an_interrupted_firing_is_cleared_or_adopted(api: Api, loop: Loop)
     assert (await get(api, "p"))["active_run"] is None
 
 
+async def test_a_run_that_is_lost_or_cannot_start_is_announced_as_rejected(
+    api: Api, loop: Loop
+) -> None:
+    """The template's receiver hears of every run the gate closes, not only the trained ones."""
+    hook = "https://93.184.216.34/hooks/ftune"  # a public address: no lookup, never sent here
+    template = {**policy_body()["template"], "webhook_url": hook}
+    body = policy_body(template=template, trigger={"min_new_pairs": 1})
+    assert (await put(api, "p", body)).is_success
+    sync_redis = redis.Redis.from_url(loop.settings.redis_url)
+
+    def queued() -> dict[str, dict[str, Any]]:
+        keys = sync_redis.keys(webhooks.event_key("*"))
+        events = [json.loads(sync_redis.hget(k, "body") or b"{}") for k in keys]
+        return {e["run"]["status"]: e for e in events}
+
+    await feed(api, "chat", events(0, 1))  # too few pairs to hold one out
+    [line] = await loop.tick(announce=webhooks.stage_verdict)
+    assert "could not start" in line
+    [not_started] = queued().values()
+    assert (not_started["type"], not_started["policy"]) == ("policy.run.rejected", "p")
+    assert "too few to hold 1 out" in not_started["run"]["decision_reason"]
+    assert not_started["promoted"] is None
+    assert sync_redis.hget(webhooks.event_key(not_started["id"]), "url") == hook.encode()
+
+    await feed(api, "chat", events(1, 10))
+    await loop.tick(announce=webhooks.stage_verdict)
+    run = (await get(api, "p"))["runs"][0]
+    await loop.store.redis.delete(f"ftune:job:{run['job_id']}")
+    [line] = await loop.tick(announce=webhooks.stage_verdict)
+    assert "lost: its job" in line
+    lost = queued()["lost"]
+    assert (lost["type"], lost["run"]["job_id"]) == ("policy.run.rejected", run["job_id"])
+    assert lost["job_id"] is None and not_started["job_id"] is None  # no job to look up
+    assert len(queued()) == 2
+    sync_redis.close()
+
+
 async def test_a_promoted_run_is_published_where_the_template_says(
     api: Api, loop: Loop, s3_server: S3Server, s3_bucket: str, tmp_path: Path
 ) -> None:
@@ -776,6 +813,7 @@ async def test_a_tick_that_read_the_policy_before_another_fired_does_not_fire_ag
         "stale",
         tmp_path,
         now=time.time(),
+        announce=None,
     )
     assert fired == []
     assert [r["number"] for r in (await get(api, "p"))["runs"]] == [1]
