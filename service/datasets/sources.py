@@ -229,7 +229,14 @@ def _choose(
         )
     if sub and any(f.path == sub for f in tree):
         return [f for f in tree if f.path == sub], sub.replace("/", "-")
-    configs, default = _configs(card) if not sub else ({}, None)
+    configs, defaults = _configs(card) if not sub else ({}, [])
+    default = defaults[0] if len(defaults) == 1 else None
+    if req.config is None and len(defaults) > 1:
+        raise SourceError(
+            f"config: the README of {where} makes both {defaults[0]!r} and {defaults[1]!r} its "
+            "default config (load_dataset refuses it too); choose one with config",
+            field="config",
+        )
     if req.config and not configs:
         raise SourceError(
             f"config: {where} declares no configs in its README; leave config out",
@@ -315,23 +322,22 @@ def _path(f: Any) -> str:
     return str(f.path)
 
 
-def _configs(card: dict[str, Any] | None) -> tuple[dict[str, _Config], str | None]:
-    """The card's configs by name, and the one ``load_dataset`` takes without a name: the one
-    marked ``default: true``, else the one named ``default``, else the only one."""
+def _configs(card: dict[str, Any] | None) -> tuple[dict[str, _Config], list[str]]:
+    """The card's configs by name, and those ``load_dataset`` would take without a name (it
+    refuses more than one): the only one, or those marked ``default: true`` or named
+    ``default``."""
     declared = (card or {}).get("configs")
     configs: dict[str, _Config] = {}
-    marked = None
+    marked: list[str] = []
     for entry in declared if isinstance(declared, list) else []:
         if not isinstance(entry, dict):
             continue
         name = str(entry.get("config_name") or "default")
         base = str(entry.get("data_dir") or "").removeprefix("./").strip("/")
         configs[name] = _Config(name, base, _data_files(entry.get("data_files")))
-        if entry.get("default") is True:
-            marked = name
-    if marked is None and "default" in configs:
-        marked = "default"
-    return configs, (marked or (next(iter(configs)) if len(configs) == 1 else None))
+        if (name == "default" or entry.get("default")) and name not in marked:
+            marked.append(name)
+    return configs, list(configs) if len(configs) == 1 else marked
 
 
 def _data_files(spec: Any) -> dict[str, list[str]] | None:

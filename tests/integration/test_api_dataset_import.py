@@ -320,6 +320,23 @@ async def test_a_card_with_configs_but_no_default_asks_for_one(
     b = await post_import(importer, source=f"hf://datasets/{repo}", config="b")  # data_dir only
     assert (b.status_code, b.json()["source_format"]) == (201, "medicalgpt"), b.text
 
+    # Two defaults (one marked, one named so): load_dataset refuses it; so do we, unless named.
+    both = f"{USER}/both-{uuid.uuid4().hex[:8]}"
+    hub_server.seed_dataset(
+        both,
+        {
+            "README.md": b"---\nconfigs:\n- config_name: default\n  data_files: a.jsonl\n"
+            b"- config_name: b\n  default: true\n  data_dir: b\n---\n",
+            "a.jsonl": (FIXTURES / "trl_implicit.jsonl").read_bytes(),
+            "b/train.jsonl": (FIXTURES / "medicalgpt.jsonl").read_bytes(),
+        },
+    )
+    resp = await post_import(importer, source=f"hf://datasets/{both}")
+    assert resp.status_code == 422 and resp.json()["errors"][0]["loc"] == ["body", "config"]
+    assert "makes both 'default' and 'b' its default config" in resp.json()["detail"]
+    b = await post_import(importer, source=f"hf://datasets/{both}", config="b")
+    assert (b.status_code, b.json()["source_format"]) == (201, "medicalgpt"), b.text
+
 
 async def test_import_reads_file_names_as_load_dataset_does(
     importer: Api, hub_server: HubServer
