@@ -359,6 +359,14 @@ def test_uploads_and_submits_do_what_the_user_meant(
     expect(page.locator(".job-form .error[role=alert]")).to_contain_text("LoRA r: ")
     assert page.evaluate("document.activeElement.name") == "lora_r"
     page.fill("input[name=lora_r]", "8")
+    # One in the JSON typed under "More of the spec": named by its path there, not the API's.
+    page.fill("textarea[name=extra]", json.dumps({"hyperparameters": {"warmup_ratio": 2}}))
+    page.click(".job-form button[type=submit]")
+    refusal = page.locator(".job-form .error[role=alert]")
+    expect(refusal).to_contain_text("More of the spec, hyperparameters.warmup_ratio: ")
+    expect(refusal).not_to_contain_text("body.")
+    assert page.evaluate("document.activeElement.name") == "extra"
+    page.fill("textarea[name=extra]", "")
 
     # A double click makes one job.
     page.dblclick(".job-form button[type=submit]")

@@ -213,12 +213,37 @@ export async function newJobPage(page, params) {
     "body.eval_prompts": [inputs.eval_prompts, "Eval prompts"],
   };
 
+  /** Whether the JSON of "More of the spec" holds the field at `path` (the API's loc after
+   * "body"): an error there is the user's own JSON, named by its path in it. */
+  function inExtra(path) {
+    let node;
+    try {
+      node = JSON.parse(inputs.extra.value.trim() || "{}");
+    } catch {
+      return false;
+    }
+    for (const key of path) {
+      if (!isObject(node) && !Array.isArray(node)) return false;
+      if (!(key in node)) return false;
+      node = node[key];
+    }
+    return path.length > 0;
+  }
+
+  /** Where the form holds the field an API error names: [element, label], or null. */
+  function fieldOf(e) {
+    if (!e.loc) return null;
+    if (FIELDS[e.loc.join(".")]) return FIELDS[e.loc.join(".")];
+    const path = e.loc[0] === "body" ? e.loc.slice(1) : null;
+    return path && inExtra(path) ? [inputs.extra, `More of the spec, ${path.join(".")}`] : null;
+  }
+
   /** The first error the API located in one of the form's fields: said with its label,
    * beside the submit button, the field marked and focused. */
   function showRefusal(err) {
-    const located = (err.problem?.errors || []).find((e) => e.loc && FIELDS[e.loc.join(".")]);
+    const located = (err.problem?.errors || []).find(fieldOf);
     if (!located) return clear(result, problem(err));
-    const [el, label] = FIELDS[located.loc.join(".")];
+    const [el, label] = fieldOf(located);
     el.setAttribute("aria-invalid", "true");
     clear(result, h("div", { class: "error", role: "alert" }, h("strong", {}, `${label}: `), located.msg));
     el.focus();
