@@ -214,6 +214,7 @@ def _run(
                 model_dir, outputs["merged"], tokenizer, spec, device, dtype=dtype
             )
             reporter.update(eval_generations=generations)
+        _stop_if_cancelled(reporter)  # merging takes minutes on a real model
 
     reporter.phase(Phase.uploading)
     from service.publish import publish

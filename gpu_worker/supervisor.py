@@ -48,6 +48,9 @@ REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 """What an unreachable Redis raises; anything else is a bug and is not retried."""
 CANCEL_GRACE_SECONDS = 30.0
 """How long a cancelled child gets to stop by itself before it is killed."""
+CANCEL_POLL_SECONDS = 1.0
+"""How often the record is read for a cancel between lease renewals: one small GET a second
+while a job runs (the API has answered `cancelled` already)."""
 MAX_PENDING = 10_000
 """Events kept while Redis is unreachable; past it, metric points and log lines are dropped."""
 _DROPPABLE = ("metrics", "log")
@@ -153,9 +156,11 @@ class Supervisor:
             else:
                 self.pending.append((kind, payload))
 
-    async def sync(self) -> None:
-        """Renew the lease and read the record (cancel asked? still ours?); raises REDIS_DOWN."""
-        await self.store.renew_lease(self.job_id, self.worker, self.settings.lease_seconds)
+    async def sync(self, renew: bool = True) -> None:
+        """Renew the lease (unless told not to) and read the record (cancel asked? still
+        ours?); raises REDIS_DOWN."""
+        if renew:
+            await self.store.renew_lease(self.job_id, self.worker, self.settings.lease_seconds)
         job = await self.store.get_job(self.job_id, None)
         self.cancel_requested = job.cancel_requested
         if job.status != JobStatus.running or job.attempt != self.attempt:
@@ -241,7 +246,7 @@ class Supervisor:
         buffer written (the child may still be exiting: the caller reaps it), or with `taken`
         set (the child then stopped at once: its work belongs to another attempt)."""
         renew_every = max(self.settings.lease_seconds / 3, 0.5)
-        next_renew = 0.0
+        next_renew = next_look = 0.0
         kill_at: float | None = None
         while True:
             self.take(events)
@@ -254,7 +259,10 @@ class Supervisor:
                 try:
                     if now >= next_renew or self.backoff.down_since is not None:
                         await self.sync()  # the lease first: it is what a long outage risks
-                        next_renew = now + renew_every
+                        next_renew = next_look = now + renew_every
+                    elif now >= next_look:  # a cancel is seen within a second
+                        await self.sync(renew=False)
+                        next_look = now + CANCEL_POLL_SECONDS
                     await self.flush()
                     self.backoff.succeeded()
                 except REDIS_DOWN as exc:

@@ -233,18 +233,21 @@ async def _finish(ctx: dict[str, Any], supervisor: Supervisor, proc: TrainingPro
             phase=phase,
         )
         outcome = Outcome(cancelled=current.cancel_requested, error=died)
-    error: JobError | None = None
-    if outcome.cancelled or (current.cancel_requested and outcome.error is not None):
-        status = JobStatus.cancelled
-    elif outcome.error is not None:
-        status, error = JobStatus.failed, msgspec.structs.replace(outcome.error, phase=phase)
-    else:
-        status = JobStatus.succeeded
     attempt = supervisor.attempt
 
     def finish(job: Job) -> Job:
         if job.status != JobStatus.running or job.attempt != attempt:
             raise Conflict(f"job {job.id} attempt {attempt} is no longer running")
+        # Read in the transaction that ends the job: a cancel asked before it (the API has
+        # answered `cancelled`) ends it cancelled, even one that came after the last step;
+        # one asked after it is refused as too late.
+        error: JobError | None = None
+        if outcome.cancelled or job.cancel_requested:
+            status = JobStatus.cancelled
+        elif outcome.error is not None:
+            status, error = JobStatus.failed, msgspec.structs.replace(outcome.error, phase=phase)
+        else:
+            status = JobStatus.succeeded
         return msgspec.structs.replace(
             job,
             status=status,
@@ -260,6 +263,14 @@ async def _finish(ctx: dict[str, Any], supervisor: Supervisor, proc: TrainingPro
     except Conflict as exc:
         log.warning("%s", exc)
         return "taken"
+    status = job.status
+    if status == JobStatus.cancelled and job.artifacts:
+        where = ", ".join(a.uri for a in job.artifacts)
+        await backoff.retry(
+            lambda: store.add_log(
+                job_id, f"cancelled after its artifacts were published; they stay at {where}"
+            )
+        )
     await backoff.retry(lambda: store.drop_lease(job_id))
     if (started := job.started_at) is not None:
         await backoff.retry(lambda: record_job_duration(store.redis, now - started))

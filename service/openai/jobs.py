@@ -296,7 +296,10 @@ def _status(job: Job) -> JobStatusName:
 
 
 def fine_tuned_model(job: Job) -> str | None:
-    """Where the model is: the merged model if one was made, else the adapter."""
+    """Where the model is: the merged model if one was made, else the adapter; null unless
+    the job succeeded (one cancelled while it uploaded keeps its artifacts' record)."""
+    if job.status != JobStatus.succeeded:
+        return None
     by_kind = {a.kind: a.uri for a in job.artifacts}
     return by_kind.get("merged") or by_kind.get("adapter")
 

@@ -20,8 +20,9 @@ from gpu_worker.warm import sweep_workdirs
 from gpu_worker.worker import dispatch_shares, run_job
 from service import leases, queue
 from service.blobs import open_store
-from service.contract import DatasetRef, Job, JobSpec, JobStatus, Phase
+from service.contract import Artifact, DatasetRef, Job, JobSpec, JobStatus, Phase
 from service.metrics import WorkerMetrics
+from service.openai.jobs import job_object
 from service.scheduler import Scheduler
 from service.settings import Settings
 from service.store import Store, new_id
@@ -311,6 +312,52 @@ async def test_a_process_that_died_before_reading_its_job_requeues_it(redis_url:
                 assert ("while it imported" in said[-1]) == (not ready), said
             else:
                 assert after.error is not None and after.error.type == "WorkerProcessDied"
+    finally:
+        await pool.aclose()
+        await store.close()
+
+
+async def test_a_cancel_asked_after_the_last_step_still_ends_the_job_cancelled(
+    redis_url: str,
+) -> None:
+    """The API answers `cancelled` at once: a job its training process finished anyway (the
+    cancel came while it merged or uploaded) must not end `succeeded`. A cancel the record
+    never saw leaves a finished job succeeded."""
+    s = settings(redis_url)
+    store = Store.from_url(redis_url)
+    pool = await queue.connect(redis_url)
+    adapter = Artifact(
+        kind="adapter",
+        uri="file:///store/jobs/x/artifacts/adapter/",
+        files=["adapter_config.json"],
+        sha256={"adapter_config.json": "0" * 64},
+    )
+    try:
+        for asked, expected in ((True, JobStatus.cancelled), (False, JobStatus.succeeded)):
+            job = running_job()
+            await put_running(store, job)
+            if asked:  # what POST /v1/jobs/{id}/cancel writes for a running job
+                await store.update_job(
+                    job.id, lambda j: msgspec.structs.replace(j, cancel_requested=True)
+                )
+            sup = supervisor.Supervisor(store, job, s, "w", WorkerMetrics())
+            sup.outcome = supervisor.Outcome(artifacts=[adapter], final_metrics={"loss": 0.5})
+            events = multiprocessing.get_context("spawn")
+            proc = SimpleNamespace(process=None, ready=events.Event(), took=events.Event())
+            proc.ready.set()
+            proc.took.set()
+            status = await worker._finish({"redis": pool}, sup, proc)  # type: ignore[arg-type]
+            after = await store.get_job(job.id, None)
+            assert (status, after.status) == (expected.value, expected), after
+            assert after.artifacts == [adapter] and after.finished_at is not None
+            shown = job_object(after).fine_tuned_model  # as the openai SDK reads the job
+            assert shown == (None if asked else adapter.uri)
+            logged = [
+                msgspec.json.decode(data).get("message")
+                for _, kind, data in await store.read_events(job.id, after="0", block_ms=None)
+                if kind == "log"
+            ]
+            assert any("cancelled after its artifacts were published" in m for m in logged) is asked
     finally:
         await pool.aclose()
         await store.close()
