@@ -279,9 +279,9 @@ def _print_warnings(ds: Dataset) -> None:
         for problem in ds.skipped[:10]:
             where = f"{problem.field}: " if problem.field else ""
             err.print(f"  line {problem.line}: " + escape(where + problem.msg))
-    for w in ds.warnings:
-        lines = ", ".join(str(n) for n in w.lines[:5])
-        err.print(f"[yellow]warning:[/] {escape(w.msg)} ({w.count} rows; lines {lines})")
+    for w in ds.warnings:  # each message says its count of rows
+        lines = ", ".join(str(n) for n in w.lines[:5]) + (", ..." if w.count > 5 else "")
+        err.print(f"[yellow]warning:[/] {escape(w.msg)}" + (f" (lines {lines})" if w.lines else ""))
 
 
 class _Upload:

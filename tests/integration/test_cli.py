@@ -203,6 +203,12 @@ def test_upload_with_a_column_mapping(cli: Callable[..., Result], tmp_path: Path
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["source_format"] == "mapped"
 
+    extra = write_jsonl(tmp_path / "extra.jsonl", [{**r, "score": 1} for r in ROWS])
+    result = cli("datasets", "upload", str(extra))
+    assert result.exit_code == 0, result.output
+    # The message says its count once, then where.
+    assert "column 'score' ignored in 3 rows (lines 1, 2, 3)\n" in result.stderr
+
 
 def test_a_bad_dataset_is_refused_with_line_numbers(
     cli: Callable[..., Result], tmp_path: Path

@@ -55,6 +55,12 @@ def test_files_are_datasets(client: openai.OpenAI) -> None:
     file = client.files.create(file=("my prefs [v2].jsonl", jsonl(rows)), purpose="fine-tune")
     assert file.id.startswith("ds_") and file.object == "file" and file.purpose == "fine-tune"
     assert file.status == "processed" and file.filename == "my prefs _v2_.jsonl"
+    scored = client.files.create(
+        file=("scored.jsonl", jsonl([{**r, "score": 1} for r in rows[:3]])), purpose="fine-tune"
+    )
+    assert scored.status_details is not None
+    assert "column 'score' ignored in 3 rows;" in scored.status_details + ";"  # said once
+    client.files.delete(scored.id)
     assert client.files.wait_for_processing(file.id, poll_interval=0.1) == file
     content = client.files.content(file.id).read()
     assert file.bytes == len(content)
