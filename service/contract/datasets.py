@@ -277,7 +277,25 @@ class RowProblem(msgspec.Struct, kw_only=True):
     msg: Annotated[str, msgspec.Meta(description="What is wrong with it and how to fix it.")]
 
 
-class DatasetImport(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class InvalidRows(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What an upload or an import does with invalid rows."""
+
+    on_invalid: Annotated[
+        OnInvalid,
+        msgspec.Meta(
+            description="reject: any invalid row rejects the dataset; skip: invalid rows are "
+            "left out and listed, up to max_invalid_fraction."
+        ),
+    ] = "reject"
+    max_invalid_fraction: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0.0, le=1.0, description="With on_invalid=skip, the most rows that may be invalid."
+        ),
+    ] = 0.01
+
+
+class DatasetImport(InvalidRows, kw_only=True, forbid_unknown_fields=True):
     """A dataset to fetch from where it is published, validated exactly like an upload."""
 
     source: Annotated[
@@ -433,19 +451,6 @@ class DatasetImport(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         ]
         | None
     ) = None
-    on_invalid: Annotated[
-        OnInvalid,
-        msgspec.Meta(
-            description="reject: any invalid row rejects the dataset; skip: invalid rows are "
-            "left out and listed, up to max_invalid_fraction."
-        ),
-    ] = "reject"
-    max_invalid_fraction: Annotated[
-        float,
-        msgspec.Meta(
-            ge=0.0, le=1.0, description="With on_invalid=skip, the most rows that may be invalid."
-        ),
-    ] = 0.01
 
 
 class Message(msgspec.Struct, kw_only=True):

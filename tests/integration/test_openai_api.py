@@ -92,6 +92,22 @@ def test_an_invalid_file_ends_in_error_with_its_lines(client: openai.OpenAI) -> 
     assert client.files.delete(file.id).deleted
     assert list(client.files.list()) == []
 
+    # Bad rows left out, as POST /v1/datasets does with on_invalid=skip, sent in extra_body.
+    skip: Any = {"on_invalid": "skip", "max_invalid_fraction": "0.5"}
+    kept = client.files.create(file=("ok.jsonl", jsonl(rows)), purpose="fine-tune", extra_body=skip)
+    assert kept.status == "processed" and kept.id.startswith("ds_")
+    assert len(client.files.content(kept.id).read().splitlines()) == 3
+    for field, value, said in (
+        ("on_invalid", "drop", "on_invalid: Invalid enum value 'drop'"),
+        ("max_invalid_fraction", "2", "max_invalid_fraction: Expected `float` <= 1.0"),
+        ("expires_after", "1", "expires_after is not supported here"),
+    ):
+        with pytest.raises(openai.BadRequestError, match=said) as refused:
+            client.files.create(
+                file=("x.jsonl", jsonl(rows)), purpose="fine-tune", extra_body={field: value}
+            )
+        assert refused.value.param == field
+
 
 def test_only_a_tenants_newest_failed_uploads_are_kept(
     client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch

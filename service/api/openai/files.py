@@ -8,6 +8,7 @@ from typing import Annotated, Any, BinaryIO, Literal
 from urllib.parse import quote
 
 import anyio.to_thread
+import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.params import Parameter
 from litestar.response import Stream
@@ -16,7 +17,7 @@ from service.api.auth import scope
 from service.api.openai.errors import responses
 from service.api.spool import declared_size, spool_upload
 from service.blobs import BlobStore, dataset_blob_key
-from service.contract import Job, JobStatus
+from service.contract import InvalidRows, Job, JobStatus
 from service.contract.openai import FileDeleted, FileList, FileObject
 from service.datasets.ingest import delete_dataset, store_dataset
 from service.datasets.space import UploadSpace
@@ -109,9 +110,7 @@ class FileController(Controller):
                 raise SpecError(
                     "purpose", f"purpose must be 'fine-tune' here, got {purpose or 'none'}"
                 )
-            if spooled.fields:
-                name = sorted(spooled.fields)[0]
-                raise SpecError(name, f"{name} is not supported here; leave it out")
+            rows = _invalid_rows(spooled.fields)
             name = dataset_name(spooled.filename)
             try:
                 ds = await store_dataset(
@@ -121,6 +120,8 @@ class FileController(Controller):
                     tenant=principal.tenant,
                     name=name,
                     limits=limits,
+                    on_invalid=rows.on_invalid,
+                    max_invalid_fraction=rows.max_invalid_fraction,
                     quota=dataset_quota(tenant_limits),
                 )
             except InvalidDataset as exc:
@@ -278,3 +279,16 @@ class FileController(Controller):
         else:
             await delete_dataset(store, blobs, file_id, tenant)
         return FileDeleted(id=file_id)
+
+
+def _invalid_rows(fields: dict[str, str]) -> InvalidRows:
+    """Our extra form fields (`extra_body` in the SDK): what to do with invalid rows, as
+    `POST /v1/datasets` takes it; any other field is refused by name."""
+    if unknown := sorted(set(fields) - set(InvalidRows.__struct_fields__)):
+        raise SpecError(unknown[0], f"{unknown[0]} is not supported here; leave it out")
+    try:
+        return msgspec.convert(fields, InvalidRows, strict=False)
+    except msgspec.ValidationError as exc:
+        message, _, at = str(exc).partition(" - at `$.")
+        param = at.rstrip("`")
+        raise SpecError(param, f"{param}: {message}") from None
