@@ -479,6 +479,16 @@ def test_what_this_service_lacks_answers_in_openais_envelope(
             client.get(path, cast_to=object)
         assert missing.value.body is not None and missing.value.message  # not an empty 404
         assert isinstance(missing.value.body, dict) and missing.value.body["type"]
+    # OpenAI's resources this service does not have say what to do instead.
+    with pytest.raises(openai.NotFoundError, match="name the base model") as missing:
+        client.models.list()
+    assert retries_taken(missing.value) == 0
+    with pytest.raises(openai.NotFoundError, match=r"files\.create"):
+        client.uploads.create(
+            bytes=10, filename="big.jsonl", mime_type="text/jsonl", purpose="fine-tune"
+        )
+    with pytest.raises(openai.NotFoundError, match="does not serve models"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
 
 
 def test_every_answer_carries_a_request_id(client: openai.OpenAI, live_api: LiveServer) -> None:

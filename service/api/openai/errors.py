@@ -1,7 +1,8 @@
 """Errors on the OpenAI-compatible paths, in OpenAI's envelope.
 
-The app's one error handler (:func:`by_path`) answers every error under `/v1/files` and
-`/v1/fine_tuning/` so, whatever raised it: a route, the auth or rate-limit middleware, or no
+The app's one error handler (:func:`by_path`) answers every error under `/v1/files`,
+`/v1/fine_tuning/` and OpenAI's other resources (`/v1/models`, `/v1/uploads`, ...) so,
+whatever raised it: a route, the auth or rate-limit middleware, or no
 route at all (a path or method this service does not have, which OpenAI's SDK would otherwise
 show as an empty message).
 
@@ -41,7 +42,21 @@ _CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded"}
 _SOURCES = {"body", "query", "path", "header", "cookie"}
 
 
-OPENAI_PATHS = ("/v1/files", "/v1/fine_tuning/")
+_LACKED = {
+    "/v1/uploads": "upload a fine-tuning file in one request with files.create (up to the "
+    "dataset size limit); there are no multi-part uploads",
+    "/v1/models": "there is no model list: name the base model in fine_tuning.jobs.create (a "
+    "Hub id, s3://... or file://...), and a job's fine_tuned_model says where its model went",
+    "/v1/chat/": "this service fine-tunes but does not serve models: load the fine_tuned_model "
+    "in your inference server",
+    "/v1/completions": "this service fine-tunes but does not serve models",
+    "/v1/responses": "this service fine-tunes but does not serve models",
+    "/v1/embeddings": "this service fine-tunes but does not serve models",
+    "/v1/batches": "there are no batches here",
+}
+"""OpenAI's other resources, which an SDK pointed here may call: answered in its envelope,
+saying what to do instead (the SDK shows a bare 404 otherwise)."""
+OPENAI_PATHS = ("/v1/files", "/v1/fine_tuning/", *_LACKED)
 
 
 def by_path(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
@@ -67,6 +82,11 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[OpenAIEr
             param = openai_param(loc)  # raised with our JobSpec's field names
         elif isinstance(exc, ValidationException) and loc:
             param = ".".join(loc)
+    path = request.scope["path"]
+    if status in (404, 405):
+        lacked = next((why for prefix, why in _LACKED.items() if path.startswith(prefix)), None)
+        if lacked is not None:
+            status, message = 404, f"{path} is not part of this service's OpenAI API: {lacked}"
     if 400 <= status < 500 and not _passes(exc):
         headers["x-should-retry"] = "false"
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
