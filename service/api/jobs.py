@@ -123,9 +123,17 @@ async def check_template(
 
     if spec.base_model.startswith("file://"):
         try:
-            local_model_path(spec.base_model, settings.models_dir)
+            path = local_model_path(spec.base_model, settings.models_dir)
         except ValueError as exc:
             raise invalid(exc, "base_model") from None
+        # Where this process sees the workers' models dir (dev, or the chart's
+        # api.mountModels), a model that is not there is refused now, not by a worker later.
+        if settings.models_dir.is_dir() and not (path / "config.json").is_file():
+            missing = ValueError(
+                f"base_model {spec.base_model!r}: no model there (no config.json in {path}); "
+                "file:// models are read from the workers' models dir (FTUNE_MODELS_DIR)"
+            )
+            raise invalid(missing, "base_model")
     try:
         check_trainable(spec, settings.worker_gpus)
     except Untrainable as exc:

@@ -155,11 +155,22 @@ async def test_model_outside_models_dir_and_foreign_dataset_are_refused(api: Api
         "/v1/jobs", json=spec(ds, base_model="file:///etc/passwd"), headers=ALICE
     )
     assert resp.status_code == 422 and "models dir" in resp.json()["detail"]
+    # Inside it but not there (a typo): said now, not when a worker fails to load it.
+    models = api.settings.models_dir
+    typo = spec(ds, base_model=f"file://{models}/tinny")
+    resp = await api.client.post("/v1/jobs", json=typo, headers=ALICE)
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["errors"][0]["loc"] == ["body", "base_model"]
+    assert f"no config.json in {models}/tinny" in resp.json()["detail"]
+    (models / "tiny").mkdir()
+    (models / "tiny" / "config.json").write_text("{}")
+    there = spec(ds, base_model=f"file://{models}/tiny")
+    assert (await api.client.post("/v1/jobs", json=there, headers=ALICE)).status_code == 201
     bobs = await dataset(api, BOB)
     resp = await api.client.post("/v1/jobs", json=spec(bobs), headers=ALICE)
     assert resp.status_code == 422
     assert resp.json()["errors"][0]["loc"] == ["body", "dataset_id"]
-    assert queued_attempts(api) == []
+    assert len(queued_attempts(api)) == 1  # the one whose model is there
 
 
 async def test_idempotency_key_returns_the_first_job(api: Api) -> None:
