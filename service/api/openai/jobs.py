@@ -42,12 +42,16 @@ from service.store import Conflict, NotFound, Store, request_fingerprint
 from service.tenants import Tenants
 
 RETRY_WINDOW_SECONDS = 600
-"""A create whose body (for the same tenant) repeats one from this long ago gets the first job
-back while that job has not ended: the SDK retries a create that timed out or met a
-409/429/5xx, without an idempotency key, and a job that has ended is no retry's answer (a
-cancelled job created again is a new job). An `Idempotency-Key` header, when sent, is
-honoured for 24 h instead, whatever became of the job."""
+"""A create retried by the SDK (it retries one that timed out or met a 409/429/5xx, without an
+idempotency key) whose body repeats one from this long ago gets that job back while it has
+not ended; so does a repeat from a client that does not number its tries. A job that has
+ended is no retry's answer (a cancelled job created again is a new job). An
+`Idempotency-Key` header, when sent, is honoured for 24 h instead, whatever became of the
+job."""
 JOB_ID = r"^job_[A-Za-z0-9]{1,64}(?!\n)$"
+SDK_RETRY_COUNT = "x-stainless-retry-count"
+"""The `openai` SDK numbers each try of a request (0 for the first): a first try is never a
+retry, so the same create sent twice on purpose makes two jobs, as on OpenAI."""
 
 
 async def _training_dataset(store: Store, file_id: str, tenant: str, param: str) -> Dataset:
@@ -90,9 +94,10 @@ class FineTuningController(Controller):
         summary="Create a fine-tuning job (OpenAI's body; our options as extra fields)",
         description="The same path as POST /v1/jobs: the job is one of ours. Hyperparameters "
         'left out or "auto" are resolved from the dataset size and the model (the job '
-        "object reports the values used). A repeat of the same body within 10 minutes returns "
-        "the first job while that job is queued or running (the SDK retries without an idempotency "
-        "key); once it has ended, the same body starts a new job.",
+        "object reports the values used). A retry of the same body within 10 minutes (the "
+        "SDK's `x-stainless-retry-count` 1 or more, or a client that does not number its tries) "
+        "returns the first job while it is queued or running; the SDK's first try, or a body "
+        "whose job has ended, starts a new job.",
         responses=responses(429),
     )
     async def create_job(
@@ -158,9 +163,15 @@ class FineTuningController(Controller):
                 raise SpecError(param, exc.detail) from None
 
         job, replayed = await submit()
-        if replayed and (job.status.terminal or job.cancel_requested) and not idempotency_key:
-            # The body repeats one whose job has ended (or is shown `cancelled`, its worker
-            # stopping it): a new job is asked for, not a retry.
+        first_try = request.headers.get(SDK_RETRY_COUNT) == "0"
+        if (
+            replayed
+            and not idempotency_key
+            and (first_try or job.status.terminal or job.cancel_requested)
+        ):
+            # The body repeats an earlier one, but this is the SDK's first try (not a retry),
+            # or that job has ended (or is shown `cancelled`, its worker stopping it): a new
+            # job is asked for, and a retry of this request will find it.
             await store.forget_idempotency(principal.tenant, idem[0], job.id)
             job, replayed = await submit()
         if data.suffix and not replayed:
