@@ -155,6 +155,12 @@ def test_auto_hyperparameters_are_resolved_and_reported(client: openai.OpenAI) -
     assert job.fine_tuned_model is None and job.result_files == []
     again = client.fine_tuning.jobs.retrieve(job.id)
     assert again == job and again.model_extra == {"suffix": "first-try"}
+    # No validation_file: every row trains, as on OpenAI (no 5% held out as POST /v1/jobs does).
+    ours = httpx.get(
+        f"{str(client.base_url).rstrip('/')}/jobs/{job.id}",
+        headers={"Authorization": f"Bearer {client.api_key}"},
+    ).json()
+    assert ours["spec"]["eval_fraction"] == 0.0 and ours["eval_dataset"] is None
 
 
 def test_explicit_hyperparameters_and_our_options(client: openai.OpenAI) -> None:
