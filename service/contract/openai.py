@@ -355,7 +355,13 @@ class FineTuningHyperparameters(msgspec.Struct, kw_only=True):
             "for supervised)."
         ),
     ]
-    n_epochs: Annotated[float, msgspec.Meta(description="Passes over the dataset.")]
+    n_epochs: Annotated[
+        int | float,
+        msgspec.Meta(
+            description="Passes over the dataset: a whole number, as OpenAI's, unless the job "
+            "was made with fractional epochs through POST /v1/jobs."
+        ),
+    ]
 
 
 class DpoHyperparameters(FineTuningHyperparameters, kw_only=True):

@@ -238,12 +238,13 @@ def _convert(doc: dict[str, Any], at: str) -> JobSpec:
         raise SpecError(param, f"{param}: {message[: match.start()]}") from None
 
 
-def _epochs(job: Job, batch: int) -> float:
-    """The epochs the job trains: its num_epochs, or as many as its max_steps amount to."""
+def _epochs(job: Job, batch: int) -> int | float:
+    """The epochs the job trains: its num_epochs, or as many as its max_steps amount to; a
+    whole number as an int (the SDK types n_epochs as one)."""
     hp = job.spec.hyperparameters
     if hp.max_steps is None:
-        return hp.num_epochs
-    return float(max(1, math.ceil(hp.max_steps * batch / max(1, job.dataset.rows))))
+        return int(hp.num_epochs) if hp.num_epochs.is_integer() else hp.num_epochs
+    return max(1, math.ceil(hp.max_steps * batch / max(1, job.dataset.rows)))
 
 
 def job_object(job: Job, *, suffix: str | None = None, gpus: int = 1) -> FineTuningJob:
