@@ -150,7 +150,8 @@ def test_auto_hyperparameters_are_resolved_and_reported(client: openai.OpenAI) -
     assert job.method.dpo is not None and job.method.dpo.hyperparameters is not None
     used = job.method.dpo.hyperparameters
     assert used.n_epochs == auto_epochs(40) and used.batch_size == auto_batch_size(40)
-    assert type(used.n_epochs) is int  # as the SDK types it (it was sent as 3.0)
+    raw = client.fine_tuning.jobs.with_raw_response.retrieve(job.id).http_response.json()
+    assert type(raw["hyperparameters"]["n_epochs"]) is int  # as OpenAI sends it (was 3.0)
     assert used.beta == 0.1 and used.learning_rate_multiplier == 1.0
     assert job.hyperparameters.batch_size == used.batch_size and job.seed == 42
     assert job.fine_tuned_model is None and job.result_files == []
