@@ -15,6 +15,7 @@ from rich.table import Table
 
 from service.cli.app import AsJson, Fail, app, handled, load_object, options
 from service.cli.output import (
+    err,
     fmt_metrics,
     fmt_num,
     fmt_status,
@@ -77,6 +78,11 @@ def jobs_submit(
     ):
         if value is not None:
             hp[key] = value
+    # One length of training: a flag for one drops the file's other (both are refused).
+    if max_steps is not None:
+        hp.pop("num_epochs", None)
+    elif num_epochs is not None:
+        hp.pop("max_steps", None)
     if hp:
         spec["hyperparameters"] = hp
     if base_model:
@@ -103,12 +109,17 @@ def jobs_submit(
         raise Fail(f"a job needs {' and '.join(missing)} (or a SPEC.json that sets them)", 2)
     with options(ctx).client() as client:
         job = client.submit_job(spec, idempotency_key=idempotency_key)
-        if as_json:
+        if as_json and not watch:
             print_json(job)
-        else:
-            out.print(f"submitted [bold]{job.id}[/] ({job.status.value})")
+            return
+        # With --json --watch, stdout holds one JSON document, the job as it ended: what is
+        # said while it runs goes to stderr.
+        said = err if as_json else out
+        said.print(f"submitted [bold]{job.id}[/] ({job.status.value})")
         if watch:
-            final = watch_job(client, job.id)
+            final = watch_job(client, job.id, console=said)
+            if as_json:
+                print_json(final)
             raise typer.Exit(0 if final.status == JobStatus.succeeded else 1)
 
 

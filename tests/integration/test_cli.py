@@ -411,6 +411,38 @@ def test_watch_exits_1_and_prints_the_error_of_a_failed_job(
     assert "ModelNotFound while preparing: no model at org/model" in result.stdout
 
 
+def test_submit_json_watch_prints_one_json_document_the_job_as_it_ended(
+    cli: Callable[..., Result], tmp_path: Path, live_api: LiveServer
+) -> None:
+    """A script reads stdout as JSON: the watch goes to stderr. A flag for the length of
+    training replaces the file's other one (both are refused)."""
+    ds = upload(cli, tmp_path)
+    spec = tmp_path / "spec.json"
+    body = {"base_model": "org/model", "dataset_id": ds["id"], "hyperparameters": {"max_steps": 5}}
+    spec.write_text(json.dumps(body))
+
+    def cancel_it() -> None:  # no worker here: the job ends by its cancel
+        with Client(live_api.url, KEY) as client:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                page = client.list_jobs()
+                if page.items:
+                    client.cancel_job(page.items[0].id)
+                    return
+                time.sleep(0.05)
+
+    canceller = threading.Thread(target=cancel_it)
+    canceller.start()
+    result = cli("jobs", "submit", str(spec), "--num-epochs", "2", "--watch", "--json")
+    canceller.join()
+    assert result.exit_code == 1, result.output
+    final = json.loads(result.stdout)  # one document
+    assert final["status"] == "cancelled"
+    assert final["spec"]["hyperparameters"]["num_epochs"] == 2
+    assert final["spec"]["hyperparameters"]["max_steps"] is None
+    assert f"submitted {final['id']}" in result.stderr and "cancelled" in result.stderr
+
+
 class WithoutEvents(httpx.HTTPTransport):
     """The live API, except that its events endpoint answers like a server without SSE."""
 
