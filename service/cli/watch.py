@@ -52,8 +52,9 @@ class JobView:
             self.metrics.update(p.values)
 
     def announce(self, job_id: str, status: str, phase: str | None) -> None:
-        """Print a line when the status or phase differs from the last one printed."""
-        state = (status, phase or "")
+        """Print a line when the status or phase differs from the last one printed (the phase
+        counts only while running: an ended job keeps the one it ended in)."""
+        state = (status, (phase or "") if status == JobStatus.running else "")
         if state != self.last:
             where = f" ({state[1]})" if state[1] and status == JobStatus.running else ""
             colored = fmt_status(JobStatus(status)) if status in STATUSES else escape(status)
@@ -69,7 +70,8 @@ class JobView:
         eta = job.progress.eta_seconds
         metrics = fmt_metrics(self.metrics)
         eta_text = f"ETA {_duration(eta)}" if eta is not None and not job.status.terminal else ""
-        desc = job.phase.value if job.phase and not job.status.terminal else job.status.value
+        # Once ended, the bar keeps the steps and metrics; its status line says how it ended.
+        desc = "" if job.status.terminal else job.phase.value if job.phase else job.status.value
         if self.task is None:
             self.task = self.progress.add_task(
                 desc, total=total, completed=step, metrics=metrics, eta=eta_text
@@ -147,18 +149,16 @@ def _follow_polling(client: Client, job: Job, view: JobView, poll: float) -> Job
 
 
 def print_outcome(job: Job, console: Console) -> None:
+    """What the status line just printed does not say: the steps and where the artifacts
+    went, or why the job failed."""
     if job.status == JobStatus.succeeded:
-        console.print(f"[green]{job.id} succeeded[/] after {fmt_steps(job)} steps")
+        console.print(f"  after {fmt_steps(job)} steps")
         for art in job.artifacts:
             console.print(f"  {art.kind}: {escape(art.uri)}")
-    elif job.status == JobStatus.failed:
+    elif job.status == JobStatus.failed and job.error is not None:
         error = job.error
-        console.print(f"[red]{job.id} failed[/]")
-        if error is not None:
-            phase = f" while {error.phase.value}" if error.phase else ""
-            console.print(f"  {escape(error.type)}{phase}: {escape(error.message)}")
-    else:
-        console.print(f"[yellow]{job.id} {job.status.value}[/]")
+        phase = f" while {error.phase.value}" if error.phase else ""
+        console.print(f"  [red]{escape(error.type)}{phase}[/]: {escape(error.message)}")
 
 
 def _duration(seconds: float) -> str:
