@@ -22,7 +22,16 @@ from rich.progress import (
 from rich.table import Table
 
 from service.cli.app import AsJson, app, handled, options
-from service.cli.output import err, fmt_num, fmt_when, listing, out, print_json, print_kv
+from service.cli.output import (
+    err,
+    fmt_num,
+    fmt_when,
+    listing,
+    out,
+    print_json,
+    print_kv,
+    print_table,
+)
 from service.contract import Dataset, DatasetImport
 
 
@@ -194,7 +203,7 @@ def datasets_list(
             _size(ds.bytes),
             fmt_when(ds.created_at),
         )
-    out.print(table)
+    print_table(table)
     if page.next_cursor:
         out.print(f"more: --cursor {page.next_cursor}")
 

@@ -32,7 +32,7 @@ from service.cli.app import (
     report_api_error,
     report_unreachable,
 )
-from service.cli.output import err, fmt_when, listing, out, print_json, print_kv
+from service.cli.output import err, fmt_when, listing, out, print_json, print_kv, print_table
 from service.client import ApiError, Unreachable
 from service.contract import MAX_BATCH, MAX_REQUEST_BYTES, FeedbackSnapshot, FeedbackStream
 
@@ -166,7 +166,7 @@ def feedback_list(
             str(s.snapshots),
             fmt_when(s.updated_at),
         )
-    out.print(table)
+    print_table(table)
     if page.next_cursor:
         out.print(f"more: --cursor {page.next_cursor}")
 
@@ -207,7 +207,7 @@ def feedback_pairs(
             *(escape(_excerpt(row.get(key))) for key in ("prompt", "chosen", "rejected")),
             escape(", ".join(pair.events)),
         )
-    out.print(table)
+    print_table(table)
     end = page.offset + len(page.items)
     shown = f"pairs {page.offset}-{end - 1}" if page.items else "no pairs"
     out.print(f"{shown} of {page.total}")

@@ -25,6 +25,7 @@ from service.cli.output import (
     out,
     print_json,
     print_kv,
+    print_table,
 )
 from service.cli.watch import watch_job
 from service.contract import Job, JobStatus, MetricPoint
@@ -152,7 +153,7 @@ def jobs_list(
             job.dataset.id,
             fmt_when(job.created_at),
         )
-    out.print(table)
+    print_table(table)
     if page.next_cursor:
         out.print(f"more: --cursor {page.next_cursor}")
 
@@ -214,7 +215,7 @@ def jobs_metrics(
         column.no_wrap = True
     for point in series.points:
         table.add_row(str(point.step), *(fmt_num(point.values.get(k)) for k in keys))
-    out.print(table)
+    print_table(table)
 
 
 TABLE_METRICS = (
@@ -268,7 +269,7 @@ def print_job(job: Job) -> None:
         table = Table("prompt", "base", "tuned", show_lines=True)
         for g in job.eval_generations:
             table.add_row(escape(g.prompt), escape(g.base), escape(g.tuned))
-        out.print(table)
+        print_table(table)
 
 
 def parse_destination(value: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from service.contract import Job, JobStatus
@@ -40,20 +41,29 @@ def print_json(value: Any) -> None:
 
 
 def listing(*headers: str, no_wrap: Sequence[str] = NO_WRAP) -> Table:
-    """A plain listing whose ids and dates never wrap or get cut: they are for copying."""
+    """A plain listing whose ids and dates never wrap or get cut: they are for copying (the
+    other columns fold); print it with :func:`print_table`."""
     table = Table(box=None)
     for header in headers:
-        table.add_column(header, no_wrap=header in no_wrap, min_width=len(header))
+        table.add_column(header, no_wrap=header in no_wrap, min_width=len(header), overflow="fold")
     return table
+
+
+def print_table(table: Table) -> None:
+    """Print a table whole: wider than the terminal (or the 80 columns a pipe gets) rather
+    than with an id cut short or a column left out."""
+    need = Measurement.get(out, out.options.update(width=10_000), table).minimum
+    wide = need > out.width
+    (Console(highlight=False, soft_wrap=True, width=need) if wide else out).print(table)
 
 
 def print_kv(rows: Sequence[tuple[str, str]]) -> None:
     table = Table(show_header=False, box=None)
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")  # a long URI folds, whole, rather than being cut
     for key, value in rows:
         table.add_row(key, value)
-    out.print(table)
+    print_table(table)
 
 
 def fmt_metrics(metrics: dict[str, float], every: bool = False) -> str:

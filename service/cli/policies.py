@@ -19,6 +19,7 @@ from service.cli.output import (
     out,
     print_json,
     print_kv,
+    print_table,
 )
 from service.contract import (
     Gate,
@@ -94,7 +95,7 @@ def policies_list(
             _run_state(last) if last else "",
             f"run {p.promoted.number}" if p.promoted else "",
         )
-    out.print(table)
+    print_table(table)
     if page.next_cursor:
         out.print(f"more: --cursor {page.next_cursor}")
 
@@ -178,7 +179,7 @@ def print_policy(policy: Policy, shown_runs: int) -> None:
             fmt_status(run.decision) if run.decision else "",
             escape(run.reason),
         )
-    out.print(table)
+    print_table(table)
     if len(policy.runs) > len(shown):
         out.print(f"{len(policy.runs) - len(shown)} older runs: --runs {len(policy.runs)}")
     for run in shown:

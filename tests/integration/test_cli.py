@@ -411,6 +411,28 @@ def test_watch_exits_1_and_prints_the_error_of_a_failed_job(
     assert "ModelNotFound while preparing: no model at org/model" in result.stdout
 
 
+def test_on_80_columns_ids_and_uris_are_printed_whole(
+    cli: Callable[..., Result], tmp_path: Path, api_settings: Settings
+) -> None:
+    """What a user copies from a listing or a job (its id, where its model went) is never cut
+    short, and no column is left out: a pipe gets 80 columns."""
+    ds = upload(cli, tmp_path)
+    job_id = submit_queued(cli, ds["id"], "--base-model", "Qwen/Qwen2.5-0.5B-Instruct")
+    uri = f"s3://a-rather-long-bucket-name/teams/search/fine-tunes/2026-12/{job_id}/adapter/"
+    artifact = Artifact(kind="adapter", uri=uri, files=[], sha256={})
+    set_job(api_settings.redis_url, job_id, status=JobStatus.running, phase=Phase.training)
+    set_job(api_settings.redis_url, job_id, status=JobStatus.succeeded, artifacts=[artifact])
+    listed = cli("jobs", "list", columns=80)
+    assert listed.exit_code == 0, listed.output
+    assert job_id in listed.stdout and ds["id"] in listed.stdout and "…" not in listed.stdout
+    assert "BASE MODEL" in listed.stdout and "succeeded" in listed.stdout
+    shown = cli("jobs", "show", job_id, columns=80)
+    assert "…" not in shown.stdout
+    assert uri in "".join(line.strip() for line in shown.stdout.splitlines())  # folded, whole
+    datasets = cli("datasets", "list", columns=80)
+    assert ds["id"] in datasets.stdout and "…" not in datasets.stdout
+
+
 def test_submit_json_watch_prints_one_json_document_the_job_as_it_ended(
     cli: Callable[..., Result], tmp_path: Path, live_api: LiveServer
 ) -> None:
