@@ -123,9 +123,9 @@ def kind_mismatch(method: str, kind: str) -> str | None:
     if method == "sft" and kind == "preference":
         return (
             "method 'sft' trains on prompt/completion rows, the dataset holds preference pairs: "
-            "upload the file again with completion_field=chosen to train on the chosen answers "
-            "(the rejected ones are then left out), or use a preference method (dpo, orpo, "
-            "simpo, kto)"
+            "upload the file again with completion_field=chosen (`ftune datasets upload FILE "
+            "--completion-field chosen`) to train on the chosen answers (the rejected ones are "
+            "then left out), or use a preference method (dpo, orpo, simpo, kto)"
         )
     if kind == "unpaired":
         return (

@@ -38,11 +38,13 @@ from service.datasets.collect import (
     made_conversational,
 )
 from service.datasets.layouts import (
+    CHOSEN_COLUMNS,
     DEFAULT_MAPPING,
     alpaca_prompt,
     preamble,
     system_column,
 )
+from service.datasets.layouts import normalize as preference_row
 from service.datasets.messages import (
     Msg,
     RowInvalid,
@@ -103,6 +105,8 @@ def normalize(
     m = mapping or DEFAULT_MAPPING
     if not isinstance(obj, dict):
         raise RowInvalid(None, f"expected a JSON object, got {kind(obj)}")
+    if kind_ == "sft" and _chosen_answers_asked(mapping):
+        return _chosen_answers(obj)
     messages_field = m.messages_field or (
         "conversations" if mapping is None and "messages" not in obj else "messages"
     )
@@ -138,6 +142,29 @@ def normalize(
             raise RowInvalid(label_field, f"missing field {label_field!r} (true or false)")
         row["label"] = _label(obj[label_field], label_field)
     return row, used
+
+
+_ANSWERS = frozenset((*CHOSEN_COLUMNS, "preferred_output"))
+
+
+def _chosen_answers_asked(mapping: FieldMapping | None) -> bool:
+    """`completion_field=chosen` (or the layout's own name of the chosen answer) and nothing
+    else: sft on the chosen answers of a preference file, whatever its layout."""
+    return (
+        mapping is not None
+        and mapping.completion_field in _ANSWERS
+        and mapping == FieldMapping(completion_field=mapping.completion_field)
+    )
+
+
+def _chosen_answers(obj: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+    """The prompt and chosen answer of a preference row, read as a preference upload reads
+    it (HH transcripts, implicit prompts, OpenAI's rows, system and history columns...); its
+    rejected answer is left out, and so named in a warning."""
+    norm = preference_row(obj)
+    rejected = norm.mapping.get("rejected")
+    used = {k for k in obj if k not in norm.ignored and k != rejected}
+    return {"prompt": norm.row["prompt"], "completion": norm.row["chosen"]}, used
 
 
 def used_columns(kind_: DatasetKind, mapping: FieldMapping | None) -> set[str]:

@@ -8,6 +8,7 @@ import json
 import pickle
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -213,6 +214,41 @@ async def test_list_pages_newest_first_and_delete_frees_the_blob(api: Api) -> No
 # --------------------------------------------------------------------------- formats as shipped
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "datasets"
+
+
+@pytest.mark.parametrize(
+    ("fixture", "rejected"),
+    [
+        ("hh.jsonl", "rejected"),
+        ("ultrafeedback.jsonl", "rejected"),
+        ("trl_implicit.jsonl", "rejected"),
+        ("axolotl_intel.jsonl", "rejected"),
+        ("openai_dpo.jsonl", "non_preferred_output"),
+        ("medicalgpt.jsonl", "response_rejected"),
+        ("alpaca_preference.json", "rejected"),
+    ],
+)
+async def test_completion_field_chosen_trains_sft_on_the_chosen_answers_of_any_layout(
+    api: Api, fixture: str, rejected: str
+) -> None:
+    """What the README and a kind mismatch advise: the same prompts (system and history too)
+    as the file read as preference pairs, the chosen answers as completions."""
+    body = (FIXTURES / fixture).read_bytes()
+    params = {"on_invalid": "skip", "max_invalid_fraction": "0.5"}  # HH has an empty answer
+    pairs = await upload(api, body, **params)
+    sft = await upload(api, body, completion_field="chosen", **params)
+    assert (pairs.status_code, sft.status_code) == (201, 201), sft.text
+    assert sft.json()["kind"] == "sft" and sft.json()["rows"] == pairs.json()["rows"]
+    assert f"column {rejected!r} ignored" in " ".join(w["msg"] for w in sft.json()["warnings"])
+
+    async def rows(ds: dict[str, Any]) -> list[dict[str, Any]]:
+        page = await api.client.get(f"/v1/datasets/{ds['id']}/rows", headers=ALICE)
+        return list(page.json()["rows"])
+
+    expected = [
+        {"prompt": r["prompt"], "completion": r["chosen"]} for r in await rows(pairs.json())
+    ]
+    assert await rows(sft.json()) == expected
 
 
 async def test_gzip_hh_with_skip_lists_the_rows_left_out_and_previews_the_rest(api: Api) -> None:
