@@ -32,7 +32,7 @@ from service.cli.output import (
     print_kv,
     print_table,
 )
-from service.contract import Dataset, DatasetImport
+from service.contract import Dataset, DatasetImport, trained_by
 
 
 class OnInvalidChoice(enum.StrEnum):
@@ -193,11 +193,12 @@ def datasets_list(
     if as_json:
         print_json(page)
         return
-    table = listing("ID", "NAME", "ROWS", "FORMAT", "SIZE", "CREATED")
+    table = listing("ID", "NAME", "KIND", "ROWS", "FORMAT", "SIZE", "CREATED")
     for ds in page.items:
         table.add_row(
             ds.id,
             escape(ds.name),
+            ds.kind,
             str(ds.rows),
             ds.format,
             _size(ds.bytes),
@@ -231,6 +232,7 @@ def datasets_show(
             ("id", ds.id),
             ("name", ds.name),
             ("rows", str(ds.rows)),
+            ("kind", f"{ds.kind}: trains {', '.join(trained_by(ds.kind))}"),
             ("format", f"{ds.format} (uploaded as {ds.source_format})"),
             ("size", f"{_size(ds.bytes)} normalized, {_size(ds.source_bytes)} uploaded"),
             ("sha256", ds.sha256),

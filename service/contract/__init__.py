@@ -111,6 +111,7 @@ from service.contract.spec import (
     kind_mismatch,
     learning_rate_of,
     local_model_path,
+    trained_by,
 )
 from service.contract.tenants import AuditEntry, AuditPage, LimitUsage, Usage
 from service.contract.webhooks import (
@@ -240,4 +241,5 @@ __all__ = [
     "kind_mismatch",
     "learning_rate_of",
     "local_model_path",
+    "trained_by",
 ]

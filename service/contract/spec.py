@@ -116,6 +116,11 @@ METHOD_KINDS: dict[str, frozenset[str]] = {
 """The dataset kinds each method trains on (kto unpairs preference pairs, as TRL does)."""
 
 
+def trained_by(kind: str) -> list[str]:
+    """The methods that train on a dataset of `kind`."""
+    return [method for method, kinds in METHOD_KINDS.items() if kind in kinds]
+
+
 def kind_mismatch(method: str, kind: str) -> str | None:
     """Why `method` cannot train on a dataset of `kind`, saying what to do; None if it can."""
     if kind in METHOD_KINDS[method]:

@@ -87,6 +87,8 @@ def test_upload_list_show_and_delete_a_dataset(cli: Callable[..., Result], tmp_p
     shown = cli("datasets", "show", ds_id)
     assert shown.exit_code == 0, shown.output
     assert "rows" in shown.stdout and "3" in shown.stdout and "prompt" in shown.stdout
+    assert "preference: trains dpo, orpo, simpo, kto" in shown.stdout  # what it can train
+    assert "preference" in listed.stdout.splitlines()[1]
     as_json = json.loads(cli("datasets", "show", ds_id, "--json").stdout)
     assert as_json["id"] == ds_id and as_json["rows"] == 3 and as_json["name"] == "tiny prefs"
 
