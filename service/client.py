@@ -89,7 +89,7 @@ class ApiError(Exception):
         lines = []
         for err in self.errors[:limit]:
             msg = str(err.get("msg", ""))
-            if err.get("line") is not None:
+            if err.get("line"):  # 0: the whole file, as "the dataset has no rows"
                 where = f"line {err['line']}"
                 if err.get("field"):
                     where += f", {err['field']}"

@@ -158,4 +158,14 @@ def _root(
         ),
     ] = None,
 ) -> None:
-    ctx.obj = Options(url=url.rstrip("/"), api_key=api_key or read_key_file())
+    ctx.obj = Options(url=_base_url(url), api_key=api_key or read_key_file())
+
+
+def _base_url(url: str) -> str:
+    """The API's base URL as given, or refused saying what is wanted: a scheme is needed, and
+    the `/v1` an OpenAI client's base_url ends with is the CLI's to add."""
+    if not url.startswith(("http://", "https://")):
+        raise typer.BadParameter(
+            f"{url!r} has no scheme: give http://HOST:PORT (e.g. {DEFAULT_URL})", param_hint="--url"
+        )
+    return url.rstrip("/").removesuffix("/v1")

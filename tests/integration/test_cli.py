@@ -225,6 +225,9 @@ def test_a_bad_dataset_is_refused_with_line_numbers(
     assert "line 2" in result.stderr and "line 3" in result.stderr
     assert "Traceback" not in result.output
     assert cli("datasets", "list", "--json").stdout.count('"id"') == 0  # nothing stored
+    empty = cli("datasets", "upload", str(write_jsonl(tmp_path / "empty.jsonl", [])))
+    assert empty.exit_code == 1 and "the dataset has no rows" in empty.stderr
+    assert "line 0" not in empty.stderr  # a whole-file problem has no line
 
 
 def test_a_bad_spec_gets_a_readable_error(cli: Callable[..., Result], tmp_path: Path) -> None:
@@ -553,6 +556,14 @@ def test_an_unreachable_url_is_explained(cli: Callable[..., Result]) -> None:
     assert result.exit_code == 1
     assert f"cannot reach the ftune API at {url}: is `ftune dev` running?" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_a_url_is_taken_as_users_write_it(cli: Callable[..., Result], live_api: LiveServer) -> None:
+    """The base_url an OpenAI client is given (ending in /v1) works; one without a scheme is
+    refused saying so (it was reported as a server that is not running)."""
+    assert cli("jobs", "list", url=f"{live_api.url}/v1/").exit_code == 0
+    bare = cli("jobs", "list", url=live_api.url.removeprefix("http://"))
+    assert bare.exit_code == 2 and "has no scheme" in bare.output
 
 
 # -- the dev stack ----------------------------------------------------------------------------
