@@ -28,6 +28,7 @@ from service.cli.output import (
     print_table,
 )
 from service.cli.watch import watch_job
+from service.client import Event
 from service.contract import Job, JobStatus, MetricPoint
 
 jobs_app = typer.Typer(help="Submit, follow and manage fine-tuning jobs.", no_args_is_help=True)
@@ -193,6 +194,40 @@ def jobs_watch(ctx: typer.Context, job_id: Annotated[str, typer.Argument(metavar
     with options(ctx).client() as client:
         job = watch_job(client, job_id)
     raise typer.Exit(0 if job.status == JobStatus.succeeded else 1)
+
+
+@jobs_app.command("logs")
+@handled
+def jobs_logs(ctx: typer.Context, job_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+    """Print a job's log from its start (log lines, status and phase changes); while it runs,
+    follow it until it ends (Ctrl-C stops following)."""
+    with options(ctx).client() as client:
+        client.get_job(job_id)  # a 404 before anything else
+        last: str | None = None
+        while True:
+            for event in client.events(job_id, last_event_id=last):
+                last = event.id or last
+                if (line := _log_line(event)) is not None:
+                    out.print(line, highlight=False)
+                if event.event == "status" and event.data.get("status") in TERMINAL:
+                    return
+            # The stream closed before the job's end (a server's time limit): resume.
+            if client.get_job(job_id).status.terminal:
+                return
+
+
+def _log_line(event: Event) -> str | None:
+    """One event as a line of the log, when it was written (its id is the ms timestamp)."""
+    data = event.data if isinstance(event.data, dict) else {}
+    when = fmt_when(int((event.id or "0").split("-")[0]) / 1000) if event.id else ""
+    if event.event == "log":
+        return f"{when} {escape(str(data.get('message', '')))}"
+    if event.event in ("status", "phase") and data.get(event.event):
+        return f"{when} [bold]{event.event}[/] {escape(str(data[event.event]))}"
+    return None
+
+
+TERMINAL = {s.value for s in JobStatus if s.terminal}
 
 
 @jobs_app.command("metrics")

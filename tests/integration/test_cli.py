@@ -402,6 +402,40 @@ def test_watch_follows_a_job_to_success(
     assert "adapter: file:///store/jobs/x/adapter/" in out
 
 
+def test_logs_prints_a_jobs_log_from_its_start_and_follows_it_to_its_end(
+    cli: Callable[..., Result], tmp_path: Path, api_settings: Settings
+) -> None:
+    job_id = submit_queued(cli, upload(cli, tmp_path)["id"])
+    url = api_settings.redis_url
+    set_job(url, job_id, status=JobStatus.running, phase=Phase.preparing)
+    run_async(lambda store: store.add_log(job_id, "loading org/model in 4-bit"), url)
+
+    def worker() -> None:  # the rest arrives while `logs` follows
+        time.sleep(0.5)
+        set_job(url, job_id, phase=Phase.training)
+        run_async(lambda store: store.add_log(job_id, "saved checkpoint-3"), url)
+        set_job(url, job_id, status=JobStatus.succeeded, phase=None, finished_at=time.time())
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    result = cli("jobs", "logs", job_id)
+    thread.join()
+    assert result.exit_code == 0, result.output
+    said = [line.split(" ", 2)[2] for line in result.stdout.splitlines()]  # after the time
+    assert said == [
+        "status queued",
+        "status running",
+        "phase preparing",
+        "loading org/model in 4-bit",
+        "phase training",
+        "saved checkpoint-3",
+        "status succeeded",
+    ]
+    again = cli("jobs", "logs", job_id)  # an ended job: its whole log, at once
+    assert again.exit_code == 0 and again.stdout.count("\n") == len(said)
+    assert cli("jobs", "logs", "job_nosuch").exit_code == 1
+
+
 def test_watch_exits_1_and_prints_the_error_of_a_failed_job(
     cli: Callable[..., Result], tmp_path: Path, api_settings: Settings
 ) -> None:
