@@ -7,11 +7,13 @@ callers print one readable message instead of a traceback.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 import msgspec
@@ -324,6 +326,28 @@ class Client:
     def cancel_job(self, job_id: str) -> Job:
         response = self._send("POST", f"/v1/jobs/{_seg(job_id)}/cancel")
         return msgspec.json.decode(response.content, type=Job)
+
+    def download_artifact_file(self, job_id: str, kind: str, name: str, dest: Path) -> str:
+        """Save one file of a job's artifact kept in the service's store to `dest`, streamed
+        (written beside it, then renamed: never a half file under its name); its sha256."""
+        digest = hashlib.sha256()
+        part = dest.with_name(dest.name + ".part")
+        path = f"/v1/jobs/{_seg(job_id)}/artifacts/{_seg(kind)}/{quote(name)}"
+        try:
+            with self._http.stream("GET", path, timeout=httpx.Timeout(10.0, read=300.0)) as got:
+                if got.is_error:
+                    got.read()
+                    raise ApiError.from_response(got)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with part.open("wb") as out:
+                    for chunk in got.iter_bytes(1 << 20):
+                        digest.update(chunk)
+                        out.write(chunk)
+        except httpx.TransportError as exc:
+            part.unlink(missing_ok=True)
+            raise Unreachable(self.url, str(exc) or type(exc).__name__) from None
+        part.replace(dest)
+        return digest.hexdigest()
 
     def metrics(self, job_id: str, since_step: int = 0) -> MetricSeries:
         params = {"since_step": since_step} if since_step else None

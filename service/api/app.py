@@ -21,6 +21,7 @@ from litestar.routes import HTTPRoute
 from prometheus_client import CollectorRegistry
 
 from service import queue, tenants, webhooks
+from service.api.artifacts import ArtifactController
 from service.api.auth import principal
 from service.api.console import console_router
 from service.api.datasets import DatasetController
@@ -192,6 +193,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             SystemController,
             DatasetController,
             JobController,
+            ArtifactController,
             FeedbackController,
             PolicyController,
             TenancyController,

@@ -4,6 +4,7 @@ read a job's metrics as a table or CSV."""
 from __future__ import annotations
 
 import csv
+import enum
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ from service.cli.output import (
 )
 from service.cli.watch import watch_job
 from service.client import Event
-from service.contract import Job, JobStatus, MetricPoint
+from service.contract import Artifact, Job, JobStatus, MetricPoint
 
 jobs_app = typer.Typer(help="Submit, follow and manage fine-tuning jobs.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
@@ -194,6 +195,48 @@ def jobs_watch(ctx: typer.Context, job_id: Annotated[str, typer.Argument(metavar
     with options(ctx).client() as client:
         job = watch_job(client, job_id)
     raise typer.Exit(0 if job.status == JobStatus.succeeded else 1)
+
+
+class ArtifactKind(enum.StrEnum):
+    adapter = "adapter"
+    merged = "merged"
+
+
+@jobs_app.command("download")
+@handled
+def jobs_download(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(metavar="ID")],
+    kind: Annotated[
+        ArtifactKind | None,
+        typer.Option(help="Which artifact (default: the adapter, else the merged model)."),
+    ] = None,
+    to: Annotated[Path, typer.Option(file_okay=False, help="Where to save it: TO/<kind>/.")] = Path(
+        "."
+    ),
+) -> None:
+    """Save a job's adapter or merged model kept in the service's store, each file checked
+    against its sha256 (one published to the Hub or S3 is fetched from there)."""
+    with options(ctx).client() as client:
+        job = client.get_job(job_id)
+        made: dict[str, Artifact] = {a.kind: a for a in job.artifacts}
+        name = kind.value if kind else "adapter" if "adapter" in made else "merged"
+        artifact = made.get(name)
+        if artifact is None:
+            said = ", ".join(made) or "none yet"
+            raise Fail(f"job {job_id} ({job.status.value}) has no {name}; its artifacts: {said}")
+        folder = to / name
+        for file in artifact.files:
+            sha = client.download_artifact_file(job_id, name, file, folder / file)
+            if artifact.sha256.get(file, sha) != sha:
+                listed = artifact.sha256[file]
+                raise Fail(f"{file}: its sha256 is {sha}, the manifest says {listed}")
+        size = sum(artifact.sizes.values())
+        out.print(
+            f"saved the {name} of {job_id} to {escape(str(folder))} ({len(artifact.files)} files"
+            + (f", {size / 1e6:.1f} MB" if size else "")
+            + "), each checked against its sha256"
+        )
 
 
 @jobs_app.command("logs")

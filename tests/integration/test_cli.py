@@ -33,6 +33,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner, Result
 
+from service.blobs import open_store
 from service.cli import app, watch_job
 from service.cli.demo import DATASET_FILE, heldout_prompts, length_measure
 from service.client import Client, EventsUnsupported
@@ -41,7 +42,7 @@ from service.dev.localredis import free_port
 from service.dev.stack import DevStack, StackError
 from service.settings import Settings, hash_api_key
 from service.store import Store
-from tests.fixtures.api import LiveServer
+from tests.fixtures.api import LiveServer, auth
 from tests.fixtures.cli import KEY
 from tests.fixtures.hub import USER, HubServer
 
@@ -434,6 +435,55 @@ def test_logs_prints_a_jobs_log_from_its_start_and_follows_it_to_its_end(
     again = cli("jobs", "logs", job_id)  # an ended job: its whole log, at once
     assert again.exit_code == 0 and again.stdout.count("\n") == len(said)
     assert cli("jobs", "logs", "job_nosuch").exit_code == 1
+
+
+def test_download_saves_a_jobs_adapter_from_the_store_checked_file_by_file(
+    cli: Callable[..., Result], tmp_path: Path, api_settings: Settings, live_api: LiveServer
+) -> None:
+    """A team gets its model from the service without a shell on the store's host."""
+    job_id = submit_queued(cli, upload(cli, tmp_path)["id"])
+    made = tmp_path / "made"
+    (made / "nested").mkdir(parents=True)
+    (made / "adapter_model.safetensors").write_bytes(os.urandom(3 << 20))  # several chunks
+    (made / "adapter_config.json").write_text('{"r": 8}')
+    (made / "nested" / "tokenizer.json").write_text("{}")
+    blobs = open_store(api_settings.store_url)
+    prefix = f"jobs/{job_id}/artifacts/adapter/"
+    sha = blobs.upload_dir(prefix, made)
+    sizes = {name: (made / name).stat().st_size for name in sha}
+    adapter = Artifact(
+        kind="adapter", uri=f"{blobs.url}/{prefix}", files=sorted(sha), sha256=sha, sizes=sizes
+    )
+    set_job(api_settings.redis_url, job_id, status=JobStatus.succeeded, artifacts=[adapter])
+
+    result = cli("jobs", "download", job_id, "--to", str(tmp_path / "got"))
+    assert result.exit_code == 0, result.output
+    assert "3 files, 3.1 MB), each checked against its sha256" in result.stdout
+    for name in sha:
+        assert (tmp_path / "got" / "adapter" / name).read_bytes() == (made / name).read_bytes()
+    assert not list((tmp_path / "got").rglob("*.part"))
+
+    # Only its tenant gets it; a file it does not have is named with those it has.
+    url = f"{live_api.url}/v1/jobs/{job_id}/artifacts/adapter/adapter_config.json"
+    got = httpx.get(url, headers=auth(KEY))
+    assert got.content == b'{"r": 8}' and got.headers["etag"] == f'"{sha["adapter_config.json"]}"'
+    assert httpx.get(url, headers=auth("key-bob")).status_code == 404
+    missing = httpx.get(url.replace("adapter_config", "nope"), headers=auth(KEY))
+    assert missing.status_code == 404 and "its files: adapter_config.json" in missing.text
+
+    # What was stored is not what the manifest says: refused, and said.
+    blobs.put_bytes(prefix + "adapter_config.json", b'{"r": 9}')
+    tampered = cli("jobs", "download", job_id, "--to", str(tmp_path / "again"))
+    assert tampered.exit_code == 1 and "adapter_config.json: its sha256 is" in tampered.stderr
+
+    # Published to the Hub: fetched from there, as the API says.
+    hub = Artifact(kind="adapter", uri="hf://team/model/adapter", files=["a"], sha256={})
+    published = submit_queued(cli, upload(cli, tmp_path)["id"])
+    set_job(api_settings.redis_url, published, status=JobStatus.succeeded, artifacts=[hub])
+    elsewhere = cli("jobs", "download", published, "--to", str(tmp_path / "hub"))
+    assert elsewhere.exit_code == 1 and "published to hf://team/model/adapter" in elsewhere.stderr
+    no_merged = cli("jobs", "download", published, "--kind", "merged")
+    assert no_merged.exit_code == 1 and "has no merged; its artifacts: adapter" in no_merged.stderr
 
 
 def test_watch_exits_1_and_prints_the_error_of_a_failed_job(

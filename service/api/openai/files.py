@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated, Any, BinaryIO, Literal
-from urllib.parse import quote
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal
 
 import anyio.to_thread
 import msgspec
@@ -14,6 +13,7 @@ from litestar.params import Parameter
 from litestar.response import Stream
 
 from service.api.auth import scope
+from service.api.downloads import attachment, blob_chunks
 from service.api.openai.errors import responses
 from service.api.spool import declared_size, spool_upload
 from service.blobs import BlobStore, dataset_blob_key
@@ -51,15 +51,6 @@ FileId = Annotated[
 def _suffix(file_id: str) -> str:
     """The time-sortable part of any of our ids (`ds_<suffix>`, `file_...`, `res_...`)."""
     return file_id.partition("_")[2]
-
-
-async def _chunks(body: BinaryIO) -> AsyncIterator[bytes]:
-    """A blob's bytes a MiB at a time, read off the event loop; closed at the end."""
-    try:
-        while chunk := await anyio.to_thread.run_sync(body.read, 1 << 20):
-            yield chunk
-    finally:
-        body.close()
 
 
 async def _result_job(store: Store, file_id: str, tenant: str | None) -> Job:
@@ -246,16 +237,10 @@ class FileController(Controller):
         ds = await store.get_dataset(file_id, tenant)
         # Streamed from the store as it is read: a download takes no temp space.
         body = await anyio.to_thread.run_sync(blobs.open, dataset_blob_key(ds.sha256))
-        quoted = quote(ds.name)
-        disposition = (
-            f'attachment; filename="{ds.name}"'
-            if quoted == ds.name
-            else f"attachment; filename*=utf-8''{quoted}"
-        )
         return Stream(
-            _chunks(body),
+            blob_chunks(body),
             media_type="application/jsonl",
-            headers={"Content-Length": str(ds.bytes), "Content-Disposition": disposition},
+            headers={"Content-Length": str(ds.bytes), "Content-Disposition": attachment(ds.name)},
         )
 
     @delete(
