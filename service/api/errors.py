@@ -21,13 +21,20 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.api.request_id import request_id
-from service.contract import MAX_REQUEST_BYTES
+from service.contract import (
+    LABEL_KEY_RE,
+    MAX_REQUEST_BYTES,
+    NAME_PATTERN,
+    REPO_ID_RE,
+    STREAM_NAME,
+)
+from service.contract.datasets import SOURCE_PATTERN
 from service.datasets.containers import ACCEPTED_TYPES, DatasetTooLarge, UnsupportedFile
 from service.datasets.sources import SourceError
 from service.datasets.space import SpaceBusy
 from service.datasets.validate import InvalidDataset
 from service.store import Conflict, LimitReached, NotFound
-from service.tenants import GrantMissing
+from service.tenants import TENANT_NAME_RE, GrantMissing
 
 log = logging.getLogger("ftune.api")
 
@@ -157,6 +164,29 @@ _AT = re.compile(r"\s*-\s*at `\$(?P<path>[^`]*)`$")
 
 
 _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]+)`")
+_PATTERN_WORDS = {
+    NAME_PATTERN: "a name of letters, digits, spaces and . , : ( ) + - _",
+    STREAM_NAME: "a name of letters, digits, '.', '_' and '-' that starts with a letter or "
+    "digit (at most 63)",
+    SOURCE_PATTERN: "hf://datasets/ORG/NAME (then a folder or file in it, if wanted) or "
+    "s3://BUCKET/KEY",
+    REPO_ID_RE: "a Hub repository, org/name",
+    LABEL_KEY_RE: "lowercase letters, digits, '.', '_' and '-' that start and end with a letter "
+    "or digit (at most 63)",
+    TENANT_NAME_RE: "a tenant name (no ':' and no white space)",
+}
+"""The patterns users meet most, in words: an error says what is wanted, not the regex."""
+_REGEX = re.compile(r"^Expected `str` matching regex (?P<pattern>'.*')$")
+
+
+def _in_words(message: str) -> str:
+    match = _REGEX.match(message)
+    if match is None:
+        return message
+    for pattern, words in _PATTERN_WORDS.items():
+        if match.group("pattern") == repr(pattern):
+            return f"expected {words}"
+    return message
 
 
 def _path(path: str) -> list[str]:
@@ -182,7 +212,7 @@ def _validation(exc: ValidationException) -> Response[Problem]:
             loc += _path(str(item["key"]))  # a parameter's name ("data" is the body's own)
         if unknown := _UNKNOWN.match(message):  # the field itself is where it is wrong
             loc.append(unknown.group("field"))
-        errors.append(FieldError(msg=message, loc=loc))
+        errors.append(FieldError(msg=_in_words(message), loc=loc))
     if not errors:
         errors.append(FieldError(msg=str(exc.detail), loc=["body"]))
         in_body = True

@@ -8,6 +8,10 @@ from typing import Annotated, Literal
 import msgspec
 
 NAME_PATTERN = r"^[\w .,:()+-]+(?!\n)$"
+SOURCE_PATTERN = (
+    r"^(hf://datasets/[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
+    r"(/(\S( *\S)*)?)?|s3://[a-z0-9][a-z0-9.-]{1,62}/\S( *\S)*)(?!\n)$"
+)
 _NAME_UNSAFE = re.compile(r"[^\w .,:()+-]+")
 
 
@@ -302,8 +306,7 @@ class DatasetImport(InvalidRows, kw_only=True, forbid_unknown_fields=True):
         str,
         msgspec.Meta(
             max_length=1024,
-            pattern=r"^(hf://datasets/[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
-            r"(/(\S( *\S)*)?)?|s3://[a-z0-9][a-z0-9.-]{1,62}/\S( *\S)*)(?!\n)$",
+            pattern=SOURCE_PATTERN,
             description="hf://datasets/ORG/NAME[/folder or file] on the Hub, or "
             "s3://bucket/key (one object: JSONL, JSON, Parquet or CSV, optionally gzip).",
         ),

@@ -246,3 +246,24 @@ async def test_an_unknown_field_is_located_at_itself(api: Api) -> None:
         headers=ALICE,
     )
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "foo", resp.json()
+
+
+async def test_a_value_of_the_wrong_form_is_said_in_words_not_as_a_regex(api: Api) -> None:
+    resp = await upload(api, jsonl(ROW), name="a/b c?d#e")
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["errors"][0] == {
+        "loc": ["query", "name"],
+        "msg": "expected a name of letters, digits, spaces and . , : ( ) + - _",
+    }
+    resp = await api.client.post(
+        "/v1/datasets/import", json={"source": "file:///data/prefs.jsonl"}, headers=ALICE
+    )
+    assert resp.status_code == 422, resp.text
+    assert "expected hf://datasets/ORG/NAME" in resp.json()["detail"]
+    assert "regex" not in resp.text
+    ds = await dataset(api)
+    resp = await api.client.post(
+        "/v1/jobs", json={**spec(ds), "labels": {"Team": "a"}}, headers=ALICE
+    )
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["errors"][0]["msg"].startswith("expected lowercase letters, digits")
