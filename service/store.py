@@ -113,7 +113,7 @@ def _names_a_record(value: str) -> bool:
 def _record_id(value: str) -> str:
     """An id as it goes into its record's key (NotFound if it names no record)."""
     if not _names_a_record(value):
-        raise NotFound
+        raise NotFound(f"{value} does not exist")
     return value
 
 
@@ -274,7 +274,7 @@ class Store:
 
     async def get_dataset(self, dataset_id: str, tenant: str | None) -> Dataset:
         raw = await self.redis.get(dataset_key(dataset_id))
-        return _visible(raw, _dataset_decoder, tenant)
+        return _visible(raw, _dataset_decoder, tenant, f"dataset {dataset_id}")
 
     async def get_datasets(self, ids: Sequence[str], tenant: str | None) -> list[Dataset | None]:
         """Several datasets in one round trip, in order; None for one missing or another
@@ -285,7 +285,7 @@ class Store:
         found: list[Dataset | None] = []
         for i in ids:
             try:
-                found.append(_visible(raws.get(i), _dataset_decoder, tenant))
+                found.append(_visible(raws.get(i), _dataset_decoder, tenant, f"dataset {i}"))
             except NotFound:
                 found.append(None)
         return found
@@ -306,7 +306,7 @@ class Store:
         users = f"{key}:jobs"
 
         async def delete(pipe: Pipeline) -> Dataset:
-            ds = _visible(await pipe.get(key), _dataset_decoder, tenant)
+            ds = _visible(await pipe.get(key), _dataset_decoder, tenant, f"dataset {dataset_id}")
             live = await pipe.smembers(users)  # type: ignore[misc]  # redis-py#2399
             if live:
                 names = ", ".join(sorted(m.decode() for m in live)[:5])
@@ -399,7 +399,9 @@ class Store:
         await self.redis.eval(_FORGET_IDEMPOTENCY, 1, f"{P}idem:{tenant}:{key}", f"{job_id}:")  # type: ignore[misc]
 
     async def get_job(self, job_id: str, tenant: str | None) -> Job:
-        return _visible(await self.redis.get(job_key(job_id)), _job_decoder, tenant)
+        return _visible(
+            await self.redis.get(job_key(job_id)), _job_decoder, tenant, f"job {job_id}"
+        )
 
     async def list_jobs(
         self,
@@ -449,7 +451,7 @@ class Store:
         key = job_key(job_id)
 
         async def update(pipe: Pipeline) -> Job:
-            old = _visible(await pipe.get(key), _job_decoder, tenant)
+            old = _visible(await pipe.get(key), _job_decoder, tenant, f"job {job_id}")
             new = change(old)
             if old.status.terminal and new != old:
                 raise Conflict(f"job {job_id} is already {old.status.value}")
@@ -632,13 +634,16 @@ class Store:
         return [decoder.decode(raw) for raw in await self.redis.mget([key(i) for i in ids]) if raw]
 
 
-def _visible(raw: bytes | None, decoder: msgspec.json.Decoder[T], tenant: str | None) -> T:
-    """Another tenant's record answers exactly like a missing one."""
+def _visible(
+    raw: bytes | None, decoder: msgspec.json.Decoder[T], tenant: str | None, what: str
+) -> T:
+    """Another tenant's record answers exactly like a missing one (`what`, e.g. "job job_1",
+    does not exist)."""
     if raw is None:
-        raise NotFound
+        raise NotFound(f"{what} does not exist")
     record = decoder.decode(raw)
     if tenant is not None and record.tenant != tenant:
-        raise NotFound
+        raise NotFound(f"{what} does not exist")
     return record
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -321,4 +322,4 @@ def _estimated_finish(job: Job) -> int | None:
     eta = job.progress.eta_seconds
     if job.status != JobStatus.running or eta is None:
         return None
-    return int(job.updated_at + eta)
+    return int(max(job.updated_at + eta, time.time()))  # the ETA of the last step, never past

@@ -188,7 +188,11 @@ async def test_idempotency_key_returns_the_first_job(api: Api) -> None:
 async def test_cancel_queued_then_conflict(api: Api) -> None:
     ds = await dataset(api)
     job = (await api.client.post("/v1/jobs", json=spec(ds), headers=ALICE)).json()
-    assert (await api.client.post(f"/v1/jobs/{job['id']}/cancel", headers=BOB)).status_code == 404
+    nosy = await api.client.post(f"/v1/jobs/{job['id']}/cancel", headers=BOB)
+    # Named, and just as for a job that does not exist at all: bob learns nothing of alice's.
+    assert (nosy.status_code, nosy.json()["detail"]) == (404, f"job {job['id']} does not exist")
+    missing = await api.client.get("/v1/jobs/job_nosuch", headers=BOB)
+    assert missing.json()["detail"] == "job job_nosuch does not exist"
     resp = await api.client.post(f"/v1/jobs/{job['id']}/cancel", headers=ALICE)
     assert resp.status_code == 202 and resp.json()["status"] == "cancelled"
     assert queued_attempts(api) == []

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 from pathlib import Path
 
 import msgspec
 import pytest
 
 from service import vram
-from service.contract import JobSpec, MetricPoint
+from service.contract import DatasetRef, Job, JobSpec, JobStatus, MetricPoint, Progress
 from service.contract.openai import FineTuningJobCreate
 from service.openai.events import event_object
 from service.openai.files import metrics_csv
 from service.openai.hyperparameters import SpecError, auto_batch_size, auto_epochs
-from service.openai.jobs import to_spec
+from service.openai.jobs import job_object, to_spec
 
 
 def create(**body: object) -> FineTuningJobCreate:
@@ -131,3 +132,24 @@ def test_a_batch_is_divided_among_the_workers_gpus() -> None:
     with pytest.raises(SpecError, match="more than the training file's 20 examples") as refused:
         to_spec(create(hyperparameters={"batch_size": 4096}), rows=20, fits=always)
     assert refused.value.param == "hyperparameters.batch_size"
+
+
+def test_a_running_jobs_estimated_finish_is_never_in_the_past() -> None:
+    """The ETA is the last step's (written then): a job read a while after it says "now" at
+    the earliest, not a moment that has gone by."""
+    now = time.time()
+    spec = JobSpec(base_model="org/model", dataset_id="ds_x")
+    job = Job(
+        id="job_x",
+        tenant="alice",
+        status=JobStatus.running,
+        spec=spec,
+        dataset=DatasetRef(id="ds_x", sha256="0" * 64, rows=8, format="standard"),
+        created_at=now - 120,
+        updated_at=now - 60,
+        progress=Progress(step=5, total_steps=10, eta_seconds=30.0),
+    )
+    finish = job_object(job).estimated_finish
+    assert finish is not None and finish >= int(now)
+    later = msgspec.structs.replace(job, updated_at=now, progress=Progress(step=5, eta_seconds=90))
+    assert job_object(later).estimated_finish == int(now + 90)
