@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -183,11 +184,14 @@ def test_killed_worker_job_resumes_from_checkpoint_elsewhere(stack: Stack) -> No
 
 def test_failures_end_failed_with_phase_and_message(stack: Stack) -> None:
     ds = stack.upload(preference_rows(16))
-    stack.start_worker({"FTUNE_S3_ENDPOINT_URL": "http://127.0.0.1:9"})
     short = {"hyperparameters": {"max_steps": 2}}
-    missing_model = stack.submit(
-        {**spec(stack, ds["id"], **short), "base_model": f"file://{stack.settings.models_dir}/gone"}
-    )
+    # There at submit (the API checks what it can see), gone when the worker loads it.
+    gone = stack.settings.models_dir / "gone"
+    gone.mkdir()
+    (gone / "config.json").write_text("{}")
+    missing_model = stack.submit({**spec(stack, ds["id"], **short), "base_model": f"file://{gone}"})
+    shutil.rmtree(gone)
+    stack.start_worker({"FTUNE_S3_ENDPOINT_URL": "http://127.0.0.1:9"})
     bad_upload = stack.submit(
         spec(
             stack,
