@@ -259,7 +259,7 @@ class Supervisor:
                 try:
                     if now >= next_renew or self.backoff.down_since is not None:
                         await self.sync()  # the lease first: it is what a long outage risks
-                        next_renew = next_look = now + renew_every
+                        next_renew, next_look = now + renew_every, now + CANCEL_POLL_SECONDS
                     elif now >= next_look:  # a cancel is seen within a second
                         await self.sync(renew=False)
                         next_look = now + CANCEL_POLL_SECONDS

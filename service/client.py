@@ -55,6 +55,10 @@ def _media_type(path: Path) -> str:
     return _MEDIA_TYPES.get(path.suffix.lower(), "application/x-ndjson")
 
 
+class ChecksumMismatch(Exception):
+    """A downloaded file is not what its manifest says: it was not kept."""
+
+
 class Unreachable(Exception):
     """Nothing answers at the API's URL (connection refused, DNS failure, timeout)."""
 
@@ -327,9 +331,12 @@ class Client:
         response = self._send("POST", f"/v1/jobs/{_seg(job_id)}/cancel")
         return msgspec.json.decode(response.content, type=Job)
 
-    def download_artifact_file(self, job_id: str, kind: str, name: str, dest: Path) -> str:
+    def download_artifact_file(
+        self, job_id: str, kind: str, name: str, dest: Path, sha256: str | None
+    ) -> None:
         """Save one file of a job's artifact kept in the service's store to `dest`, streamed
-        (written beside it, then renamed: never a half file under its name); its sha256."""
+        beside it and renamed only once whole and, given its `sha256`, matching it: never a
+        half or altered file under its name. ChecksumMismatch when it does not match."""
         digest = hashlib.sha256()
         part = dest.with_name(dest.name + ".part")
         path = f"/v1/jobs/{_seg(job_id)}/artifacts/{_seg(kind)}/{quote(name)}"
@@ -343,11 +350,15 @@ class Client:
                     for chunk in got.iter_bytes(1 << 20):
                         digest.update(chunk)
                         out.write(chunk)
+            if sha256 is not None and digest.hexdigest() != sha256:
+                raise ChecksumMismatch(
+                    f"{name}: its sha256 is {digest.hexdigest()}, the manifest says {sha256}"
+                )
+            part.replace(dest)
         except httpx.TransportError as exc:
-            part.unlink(missing_ok=True)
             raise Unreachable(self.url, str(exc) or type(exc).__name__) from None
-        part.replace(dest)
-        return digest.hexdigest()
+        finally:
+            part.unlink(missing_ok=True)
 
     def metrics(self, job_id: str, since_step: int = 0) -> MetricSeries:
         params = {"since_step": since_step} if since_step else None

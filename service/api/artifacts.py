@@ -15,7 +15,7 @@ from service.api.auth import scope
 from service.api.downloads import attachment, blob_chunks
 from service.api.jobs import JobId
 from service.api.openapi_docs import NOT_FOUND, responses
-from service.blobs import BlobStore
+from service.blobs import BlobNotFound, BlobStore
 from service.settings import Principal
 from service.store import NotFound, Store
 
@@ -54,8 +54,8 @@ class ArtifactController(Controller):
         if artifact is None:
             made = ", ".join(a.kind for a in job.artifacts) or "none"
             raise NotFound(f"job {job_id} has no {kind} artifact (its artifacts: {made})")
-        base = blobs.url + "/"
-        if not artifact.uri.startswith(base):
+        prefix = blobs.key_of(artifact.uri)
+        if prefix is None:
             raise NotFound(
                 f"the {kind} of job {job_id} was published to {artifact.uri}, not kept in the "
                 "service's store: fetch it from there"
@@ -71,7 +71,12 @@ class ArtifactController(Controller):
             raise NotFound(
                 f"the {kind} of job {job_id} has no file {name!r}; its files: {listed}{more}"
             )
-        body = await anyio.to_thread.run_sync(blobs.open, artifact.uri[len(base) :] + name)
+        try:
+            body = await anyio.to_thread.run_sync(blobs.open, prefix + name)
+        except BlobNotFound:  # the record lists it, the store lost it
+            raise NotFound(
+                f"the {kind} of job {job_id} lists {name!r} but the store has no such file"
+            ) from None
         # No Content-Length from the record: sent as stored, which the ETag lets a client check.
         headers = {"Content-Disposition": attachment(name.rsplit("/", 1)[-1])}
         if name in artifact.sha256:

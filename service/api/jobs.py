@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated, Any
 
+import anyio.to_thread
 import msgspec
 from arq.connections import ArqRedis
 from litestar import Controller, Request, Response, get, post
@@ -128,7 +130,7 @@ async def check_template(
             raise invalid(exc, "base_model") from None
         # Where this process sees the workers' models dir (dev, or the chart's
         # api.mountModels), a model that is not there is refused now, not by a worker later.
-        if settings.models_dir.is_dir() and not (path / "config.json").is_file():
+        if await anyio.to_thread.run_sync(_missing_model, settings.models_dir, path):
             missing = ValueError(
                 f"base_model {spec.base_model!r}: no model there (no config.json in {path}); "
                 "file:// models are read from the workers' models dir (FTUNE_MODELS_DIR)"
@@ -151,6 +153,12 @@ async def check_template(
             )
         except ValueError as exc:
             raise invalid(exc, "webhook_url") from None
+
+
+def _missing_model(models_dir: Path, path: Path) -> bool:
+    """Whether the models dir is here and the model is not in it (a file system call: run it
+    off the event loop, it may be a network mount)."""
+    return models_dir.is_dir() and not (path / "config.json").is_file()
 
 
 async def submit_job(

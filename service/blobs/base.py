@@ -138,6 +138,12 @@ class BlobStore(abc.ABC):
         """The full uri of ``key`` (what job records and artifact lists show)."""
         return f"{self.url}/{check_key(key)}"
 
+    def key_of(self, uri: str) -> str | None:
+        """The key (or prefix) a uri of this store names, as artifact records hold them;
+        None for a uri elsewhere (the Hub, another bucket)."""
+        base = self.url + "/"
+        return uri[len(base) :] if uri.startswith(base) else None
+
     @abc.abstractmethod
     def put_file(self, key: str, path: Path) -> None:
         """Store the contents of a local file under ``key``, replacing any old value."""

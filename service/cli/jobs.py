@@ -28,8 +28,8 @@ from service.cli.output import (
     print_kv,
     print_table,
 )
-from service.cli.watch import watch_job
-from service.client import Event
+from service.cli.watch import TERMINAL_STATUSES, watch_job
+from service.client import ChecksumMismatch, Event, EventsUnsupported
 from service.contract import Artifact, Job, JobStatus, MetricPoint
 
 jobs_app = typer.Typer(help="Submit, follow and manage fine-tuning jobs.", no_args_is_help=True)
@@ -71,6 +71,12 @@ def jobs_submit(
     """Submit a job from a spec file and/or flags (flags override the file)."""
     spec = load_object(spec_file, "a JobSpec") if spec_file else {}
     hp: dict[str, Any] = dict(spec.get("hyperparameters") or {})
+    # One length of training: a flag for one drops the file's other (the API refuses both,
+    # as it does both flags).
+    if max_steps is not None:
+        hp.pop("num_epochs", None)
+    if num_epochs is not None:
+        hp.pop("max_steps", None)
     for key, value in (
         ("max_steps", max_steps),
         ("num_epochs", num_epochs),
@@ -81,11 +87,6 @@ def jobs_submit(
     ):
         if value is not None:
             hp[key] = value
-    # One length of training: a flag for one drops the file's other (both are refused).
-    if max_steps is not None:
-        hp.pop("num_epochs", None)
-    elif num_epochs is not None:
-        hp.pop("max_steps", None)
     if hp:
         spec["hyperparameters"] = hp
     if base_model:
@@ -225,12 +226,15 @@ def jobs_download(
         if artifact is None:
             said = ", ".join(made) or "none yet"
             raise Fail(f"job {job_id} ({job.status.value}) has no {name}; its artifacts: {said}")
-        folder = to / name
+        folder = (to / name).resolve()
         for file in artifact.files:
-            sha = client.download_artifact_file(job_id, name, file, folder / file)
-            if artifact.sha256.get(file, sha) != sha:
-                listed = artifact.sha256[file]
-                raise Fail(f"{file}: its sha256 is {sha}, the manifest says {listed}")
+            dest = (folder / file).resolve()
+            if not dest.is_relative_to(folder):  # names come from the server
+                raise Fail(f"{file!r} would be saved outside {folder}: not saved")
+            try:
+                client.download_artifact_file(job_id, name, file, dest, artifact.sha256.get(file))
+            except ChecksumMismatch as exc:
+                raise Fail(f"{exc}; not saved") from None
         size = sum(artifact.sizes.values())
         out.print(
             f"saved the {name} of {job_id} to {escape(str(folder))} ({len(artifact.files)} files"
@@ -245,18 +249,25 @@ def jobs_logs(ctx: typer.Context, job_id: Annotated[str, typer.Argument(metavar=
     """Print a job's log from its start (log lines, status and phase changes); while it runs,
     follow it until it ends (Ctrl-C stops following)."""
     with options(ctx).client() as client:
-        client.get_job(job_id)  # a 404 before anything else
         last: str | None = None
         while True:
-            for event in client.events(job_id, last_event_id=last):
-                last = event.id or last
-                if (line := _log_line(event)) is not None:
-                    out.print(line, highlight=False)
-                if event.event == "status" and event.data.get("status") in TERMINAL:
-                    return
-            # The stream closed before the job's end (a server's time limit): resume.
-            if client.get_job(job_id).status.terminal:
+            # Read before the stream: an ended job's stream gives what is left, then closes.
+            ended = client.get_job(job_id).status.terminal  # a 404 before anything else
+            try:
+                for event in client.events(job_id, last_event_id=last):
+                    last = event.id or last
+                    if (line := _log_line(event)) is not None:
+                        out.print(line, highlight=False)
+                    if event.event == "status" and event.data.get("status") in TERMINAL_STATUSES:
+                        return
+            except EventsUnsupported:
+                raise Fail(
+                    "the server does not stream job events (a proxy in between?): "
+                    f"`ftune jobs watch {job_id}` follows the job by polling"
+                ) from None
+            if ended:
                 return
+            # The stream closed before the job's end (a server's time limit): resume.
 
 
 def _log_line(event: Event) -> str | None:
@@ -268,9 +279,6 @@ def _log_line(event: Event) -> str | None:
     if event.event in ("status", "phase") and data.get(event.event):
         return f"{when} [bold]{event.event}[/] {escape(str(data[event.event]))}"
     return None
-
-
-TERMINAL = {s.value for s in JobStatus if s.terminal}
 
 
 @jobs_app.command("metrics")

@@ -356,7 +356,7 @@ class FineTuningHyperparameters(msgspec.Struct, kw_only=True):
         ),
     ]
     n_epochs: Annotated[
-        int | float,
+        float,  # a whole one is sent as an int (the SDK's type), which "number" takes
         msgspec.Meta(
             description="Passes over the dataset: a whole number, as OpenAI's, unless the job "
             "was made with fractional epochs through POST /v1/jobs."

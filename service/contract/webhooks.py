@@ -61,8 +61,9 @@ class WebhookEvent(msgspec.Struct, kw_only=True):
 
 
 class PolicyWebhookEvent(msgspec.Struct, kw_only=True):
-    """The body a policy's template `webhook_url` gets when the gate has decided a run, after
-    the run's job's own event: whether the retrained model is now the one to serve."""
+    """The body a policy's template `webhook_url` gets when the gate has decided a run (beside
+    the run's job's own event, in either order): whether the retrained model is now the one
+    to serve."""
 
     id: Annotated[
         str, msgspec.Meta(description="Stable per run: a redelivery carries the same id.")

@@ -40,6 +40,7 @@ from service.datasets.collect import (
 from service.datasets.layouts import (
     CHOSEN_COLUMNS,
     DEFAULT_MAPPING,
+    REJECTED_COLUMNS,
     alpaca_prompt,
     preamble,
     system_column,
@@ -102,11 +103,24 @@ def normalize(
 ) -> tuple[dict[str, Any], set[str]]:
     """One sft or unpaired row in canonical form, and the system and history columns it used
     (others are named as ignored); RowInvalid names the field at fault."""
-    m = mapping or DEFAULT_MAPPING
     if not isinstance(obj, dict):
         raise RowInvalid(None, f"expected a JSON object, got {kind(obj)}")
-    if kind_ == "sft" and _chosen_answers_asked(mapping):
-        return _chosen_answers(obj)
+    if kind_ == "sft" and _chosen_answers_asked(mapping) and _has_rejected(obj):
+        try:
+            return _chosen_answers(obj)
+        except RowInvalid as exc:  # a row the plain reading takes (e.g. equal answers) still is
+            try:
+                return _plain(obj, kind_, mapping)
+            except RowInvalid:
+                raise exc from None
+    return _plain(obj, kind_, mapping)
+
+
+def _plain(
+    obj: dict[str, Any], kind_: DatasetKind, mapping: FieldMapping | None
+) -> tuple[dict[str, Any], set[str]]:
+    """A row read column by column: a prompt and a completion (or a chat), as mapped."""
+    m = mapping or DEFAULT_MAPPING
     messages_field = m.messages_field or (
         "conversations" if mapping is None and "messages" not in obj else "messages"
     )
@@ -154,6 +168,13 @@ def _chosen_answers_asked(mapping: FieldMapping | None) -> bool:
         mapping is not None
         and mapping.completion_field in _ANSWERS
         and mapping == FieldMapping(completion_field=mapping.completion_field)
+    )
+
+
+def _has_rejected(obj: dict[str, Any]) -> bool:
+    """Whether a row holds a rejected answer beside its chosen one: a preference row."""
+    return any(c in obj for c in (*REJECTED_COLUMNS, "non_preferred_output")) or (
+        isinstance(obj.get("output"), list)
     )
 
 

@@ -256,15 +256,15 @@ def publish_promoted(
     )
     tenants.check_job(tenants.load(settings), job.tenant, final.spec, settings.store_url)
     uris = []
-    base = blobs.url + "/"
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     for artifact in job.artifacts:
-        if not artifact.uri.startswith(base):
+        prefix = blobs.key_of(artifact.uri)
+        if prefix is None:
             raise ValueError(f"artifact {artifact.uri} is not in the service's store")
         # One artifact on disk at a time: merged weights are the size of the model.
         with tempfile.TemporaryDirectory(prefix="ftune-promote-", dir=settings.work_dir) as tmp:
             folder = Path(tmp) / artifact.kind
-            blobs.download_dir(artifact.uri.removeprefix(base), folder)
+            blobs.download_dir(prefix, folder)
             uris.append(
                 publish(
                     folder,

@@ -251,6 +251,22 @@ async def test_completion_field_chosen_trains_sft_on_the_chosen_answers_of_any_l
     assert await rows(sft.json()) == expected
 
 
+async def test_completion_field_chosen_still_reads_a_plain_chosen_column(api: Api) -> None:
+    """An sft file whose answer column is named `chosen` (no rejected one), and a pair whose
+    answers are equal (no preference, still an example), are read column by column."""
+    body = jsonl(
+        {"prompt": "Hi", "chosen": "Hello!"},
+        {"prompt": "Bye", "chosen": "See you.", "rejected": "See you."},
+    )
+    resp = await upload(api, body, completion_field="chosen")
+    assert resp.status_code == 201, resp.text
+    page = await api.client.get(f"/v1/datasets/{resp.json()['id']}/rows", headers=ALICE)
+    assert [(r["prompt"], r["completion"]) for r in page.json()["rows"]] == [
+        ("Hi", "Hello!"),
+        ("Bye", "See you."),
+    ]
+
+
 async def test_gzip_hh_with_skip_lists_the_rows_left_out_and_previews_the_rest(api: Api) -> None:
     body = gzip.compress((FIXTURES / "hh.jsonl").read_bytes())
     strict = await upload(api, body, {"Content-Encoding": "gzip"})

@@ -470,11 +470,17 @@ def test_download_saves_a_jobs_adapter_from_the_store_checked_file_by_file(
     assert httpx.get(url, headers=auth("key-bob")).status_code == 404
     missing = httpx.get(url.replace("adapter_config", "nope"), headers=auth(KEY))
     assert missing.status_code == 404 and "its files: adapter_config.json" in missing.text
+    blobs.delete(prefix + "nested/tokenizer.json")  # listed, but lost from the store
+    lost = httpx.get(url.replace("adapter_config.json", "nested/tokenizer.json"), headers=auth(KEY))
+    assert lost.status_code == 404 and "the store has no such file" in lost.text
 
     # What was stored is not what the manifest says: refused, and said.
     blobs.put_bytes(prefix + "adapter_config.json", b'{"r": 9}')
     tampered = cli("jobs", "download", job_id, "--to", str(tmp_path / "again"))
     assert tampered.exit_code == 1 and "adapter_config.json: its sha256 is" in tampered.stderr
+    assert "not saved" in tampered.stderr
+    kept = {p.name for p in (tmp_path / "again").rglob("*") if p.is_file()}
+    assert "adapter_config.json" not in kept and not any(n.endswith(".part") for n in kept)
 
     # Published to the Hub: fetched from there, as the API says.
     hub = Artifact(kind="adapter", uri="hf://team/model/adapter", files=["a"], sha256={})
@@ -544,6 +550,8 @@ def test_submit_json_watch_prints_one_json_document_the_job_as_it_ended(
 
     canceller = threading.Thread(target=cancel_it)
     canceller.start()
+    both = cli("jobs", "submit", str(spec), "--num-epochs", "2", "--max-steps", "3")
+    assert both.exit_code == 1 and "set only one of them" in both.stderr, both.output
     result = cli("jobs", "submit", str(spec), "--num-epochs", "2", "--watch", "--json")
     canceller.join()
     assert result.exit_code == 1, result.output

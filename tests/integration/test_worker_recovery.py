@@ -361,3 +361,36 @@ async def test_a_cancel_asked_after_the_last_step_still_ends_the_job_cancelled(
     finally:
         await pool.aclose()
         await store.close()
+
+
+class _Alive:
+    """A training process that stays alive until a moment (then ends without an outcome)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.until = time.monotonic() + seconds
+
+    def is_alive(self) -> bool:
+        return time.monotonic() < self.until
+
+
+async def test_a_cancel_reaches_the_training_process_before_the_next_lease_renewal(
+    redis_url: str,
+) -> None:
+    """The lease is renewed every 10 s at the default 30 s lease; a cancel is seen sooner."""
+    s = replace(Settings(), redis_url=redis_url, lease_seconds=30.0)
+    store = Store.from_url(redis_url)
+    job = running_job()
+    await put_running(store, job)
+    sup = supervisor.Supervisor(store, job, s, "w", WorkerMetrics())
+    spawn = multiprocessing.get_context("spawn")
+    cancel = spawn.Event()
+
+    async def cancel_soon() -> None:  # what POST /v1/jobs/{id}/cancel writes
+        await asyncio.sleep(0.3)
+        await store.update_job(job.id, lambda j: msgspec.structs.replace(j, cancel_requested=True))
+
+    asked = asyncio.create_task(cancel_soon())
+    await sup.supervise(_Alive(2.5), spawn.Queue(), cancel, lambda child: None)
+    await asked
+    assert cancel.is_set()  # handed to the process within the 2.5 s it lived
+    await store.close()
