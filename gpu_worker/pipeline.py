@@ -48,6 +48,7 @@ from service.contract import (
     DataReport,
     DroppedRows,
     Generation,
+    HubDestination,
     Job,
     JobSpec,
     MetricPoint,
@@ -335,6 +336,14 @@ def _check_grants(job: Job, settings: Settings) -> None:
         raise ConfigError(f"refused before any download or upload: {exc.detail}") from None
     except SettingsError as exc:
         raise ConfigError(f"the workers' tenants file cannot be read: {exc}") from None
+    destination = job.spec.output.destination
+    if isinstance(destination, HubDestination):
+        from service.publish import PublishError, hub_token
+
+        try:  # said before hours of training, not when the upload finds it missing
+            hub_token(destination, settings)
+        except PublishError as exc:
+            raise ConfigError(f"refused before training: {exc}") from None
 
 
 def _fetch_newest_checkpoint(

@@ -148,7 +148,34 @@ class _Location(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def token_variable(self) -> str:
-        return f"FTUNE_HF_TOKEN_{self.token_name.upper()}" if self.token_name else "HF_TOKEN"
+        return token_variable(self.token_name)
+
+
+def token_variable(name: str) -> str:
+    """The environment variable a named Hub token comes from ("" names HF_TOKEN; a '-' of
+    the name is a '_' there, as a variable name cannot hold one)."""
+    return f"FTUNE_HF_TOKEN_{name.upper().replace('-', '_')}" if name else "HF_TOKEN"
+
+
+def hub_token(dest: HubDestination, settings: Settings) -> str:
+    """The token a Hub destination publishes with (its `credentials`, else HF_TOKEN);
+    PublishError saying which variable to set when this process has none. The worker asks
+    before it trains, not only when it uploads."""
+    name = dest.credentials or ""
+    token = settings.hf_tokens.get(name) or settings.hf_tokens.get(name.replace("-", "_"))
+    if token:
+        return token
+    if name:
+        raise PublishError(
+            f"no HF token named {name!r} on this worker: set {token_variable(name)} in "
+            f"the workers' environment (a token with write access to {dest.repo_id}), or fix "
+            "output.destination.credentials"
+        )
+    raise PublishError(
+        "no HF token on this worker: set HF_TOKEN in the workers' environment (a token with "
+        f"write access to {dest.repo_id}), or name another token in "
+        "output.destination.credentials"
+    )
 
 
 def _upload_hub(
@@ -160,19 +187,7 @@ def _upload_hub(
     settings: Settings,
     location: _Location,
 ) -> None:
-    token = settings.hf_tokens.get(location.token_name)
-    if not token:
-        if location.token_name:
-            raise PublishError(
-                f"no HF token named {location.token_name!r} on this worker: set "
-                f"{location.token_variable} in the workers' environment (a token with write "
-                f"access to {dest.repo_id}), or fix output.destination.credentials"
-            )
-        raise PublishError(
-            "no HF token on this worker: set HF_TOKEN in the workers' environment (a token with "
-            f"write access to {dest.repo_id}), or name another token in "
-            "output.destination.credentials"
-        )
+    token = hub_token(dest, settings)
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError
 

@@ -252,7 +252,8 @@ def test_hub_named_credentials(hub_server: HubServer, hub_repo_id: str, tmp_path
     store = open_store(f"file://{tmp_path / 'store'}")
     src = fake_adapter(tmp_path / "adapter", job)
 
-    with pytest.raises(PublishError, match="FTUNE_HF_TOKEN_TEAM-B") as caught:
+    # A variable name holds no '-': the name's '-' is a '_' there.
+    with pytest.raises(PublishError, match="FTUNE_HF_TOKEN_TEAM_B") as caught:
         publish(
             src,
             kind="adapter",
@@ -264,7 +265,8 @@ def test_hub_named_credentials(hub_server: HubServer, hub_repo_id: str, tmp_path
     assert "no HF token named 'team-b'" in str(caught.value)
     assert hub_repo_id not in hub_server.repos  # failed before touching the Hub
 
-    settings = hub_settings(hub_server, **{"team-b": hub_server.token, "": "hf_" + "0" * 30})
+    # What FTUNE_HF_TOKEN_TEAM_B gives the settings: the name "team_b".
+    settings = hub_settings(hub_server, **{"team_b": hub_server.token, "": "hf_" + "0" * 30})
     publish(src, kind="adapter", job=job, settings=settings, store=store, final_metrics={})
     assert "adapter_config.json" in hub_server.repos[hub_repo_id]["files"]
 

@@ -19,6 +19,7 @@ from service import queue
 from service.api.app import create_app
 from service.blobs import open_store
 from service.contract import Job
+from service.publish import hub_token
 from service.retraining import runs
 from service.settings import Principal, Settings
 from service.store import Store, job_key
@@ -189,6 +190,38 @@ async def test_a_record_edited_in_redis_fails_in_the_worker_before_any_transfer(
     assert len(hub_server.requests) == seen  # the Hub was never asked anything
     assert not (tmp_path / "job").exists()  # nothing was downloaded
     assert [p.value for p in reporter.phases] == ["preparing"]
+
+
+async def test_a_granted_hub_token_the_workers_lack_fails_the_job_before_it_trains(
+    carol_api: Api, hub_server: HubServer, tmp_path: Path
+) -> None:
+    """The grant is the tenants file's; the token itself is the workers' environment. A
+    deployment that granted a name but never gave the workers its variable (docs/deploy.md)
+    would train for hours and fail at the upload; it fails while preparing, saying which
+    variable to set."""
+    from gpu_worker.errors import ConfigError
+    from gpu_worker.pipeline import run
+    from gpu_worker.reporter import ListReporter
+
+    ds = await dataset(carol_api, CAROL)
+    body = {**spec(ds), "output": hub("carol-org/m", "team-c")}
+    created = await carol_api.client.post("/v1/jobs", json=body, headers=CAROL)
+    assert created.status_code == 201, created.text
+    r = redis.Redis.from_url(carol_api.settings.redis_url)
+    job = msgspec.json.decode(r.get(job_key(created.json()["id"])) or b"", type=Job)
+    worker = replace(
+        carol_api.settings, work_dir=tmp_path / "work", hf_endpoint=hub_server.endpoint
+    )
+    assert "team-c" not in worker.hf_tokens
+    reporter = ListReporter()
+    with pytest.raises(ConfigError, match="refused before training") as failed:
+        run(job, tmp_path / "job", reporter, settings=worker, store=open_store(worker.store_url))
+    assert "set FTUNE_HF_TOKEN_TEAM_C in the workers' environment" in str(failed.value)
+    assert [p.value for p in reporter.phases] == ["preparing"] and reporter.points == []
+    assert not (tmp_path / "job").exists()  # nothing was downloaded
+    # The variable it names is the one the workers' settings read the token from.
+    given = Settings.from_env({"FTUNE_HF_TOKEN_TEAM_C": "hf_team_c"})
+    assert hub_token(job.spec.output.destination, given) == "hf_team_c"  # type: ignore[arg-type]  # a HubDestination here
 
 
 # -- quotas and the request rate ---------------------------------------------------------------
