@@ -301,6 +301,11 @@ Environment shared by the API and the workers: Redis, blob store, S3 credentials
 {{- /* The workers train each job in one process per GPU; the API estimates memory per GPU. */}}
 - name: FTUNE_WORKER_GPUS
   value: {{ .Values.worker.gpu.count | int | toString | quote }}
+{{- with .Values.worker.gpu.memoryGb }}
+{{- /* The API refuses at submit a job whose estimate does not fit; the workers log it. */}}
+- name: FTUNE_WORKER_GPU_MEMORY_GB
+  value: {{ . | toString | quote }}
+{{- end }}
 {{- end }}
 
 {{/*
