@@ -336,6 +336,8 @@ def test_worker_filesystem_is_read_only_with_writable_volumes(chart: helm.Chart)
     worker = pod["containers"][0]
     assert worker["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True
+    # A 500Gi shared model cache is not re-owned file by file at every pod (every job) start.
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
     mounts = {m["mountPath"]: m["name"] for m in worker["volumeMounts"]}
     env = env_of(worker)
     for var in ("HF_HOME", "FTUNE_WORK_DIR", "HOME"):
