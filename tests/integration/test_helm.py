@@ -330,6 +330,21 @@ def test_worker_grace_period_covers_its_graceful_stop(chart: helm.Chart) -> None
         render(chart, {"worker": {"stopGraceSeconds": 180}})
 
 
+def test_the_apis_shutdown_grace_can_be_raised_for_long_uploads(chart: helm.Chart) -> None:
+    """A rollout must not cut off a 2 GB upload: the pod's grace and the API's own wait for
+    open requests are set together, the API's the shorter."""
+    default = render(chart).get("Deployment", f"{PREFIX}-api")["spec"]["template"]["spec"]
+    assert default["terminationGracePeriodSeconds"] == 30
+    grace = env_of(default["containers"][0])["FTUNE_API_GRACE_SECONDS"]["value"]
+    assert Settings.from_env({"FTUNE_API_GRACE_SECONDS": grace}).api_grace_seconds == 20
+    longer = render(chart, {"api": {"terminationGracePeriodSeconds": 300, "stopGraceSeconds": 280}})
+    pod = longer.get("Deployment", f"{PREFIX}-api")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 300
+    assert env_of(pod["containers"][0])["FTUNE_API_GRACE_SECONDS"]["value"] == "280"
+    with pytest.raises(helm.HelmRenderError, match=re.escape("api.stopGraceSeconds (30)")):
+        render(chart, {"api": {"stopGraceSeconds": 30}})
+
+
 def test_worker_filesystem_is_read_only_with_writable_volumes(chart: helm.Chart) -> None:
     manifests = render(chart, load_values("keda-values.yaml"))
     pod = manifests.worker_pod()["spec"]

@@ -227,6 +227,9 @@ Fail early on combinations that would deploy but not work.
 {{- if and .Values.worker.keda.enabled (eq .Values.worker.keda.trigger "prometheus") (not .Values.worker.keda.prometheus.serverAddress) }}
 {{- fail "worker.keda.trigger is prometheus: set worker.keda.prometheus.serverAddress" }}
 {{- end }}
+{{- if le (int .Values.api.terminationGracePeriodSeconds) (int .Values.api.stopGraceSeconds) }}
+{{- fail (printf "api.stopGraceSeconds (%d) must be below api.terminationGracePeriodSeconds (%d): the API needs the rest to end its streams and exit before it is killed" (int .Values.api.stopGraceSeconds) (int .Values.api.terminationGracePeriodSeconds)) }}
+{{- end }}
 {{- if le (int .Values.worker.terminationGracePeriodSeconds) (int .Values.worker.stopGraceSeconds) }}
 {{- fail (printf "worker.stopGraceSeconds (%d) must be below worker.terminationGracePeriodSeconds (%d): the worker needs the rest to re-queue the job before it is killed" (int .Values.worker.stopGraceSeconds) (int .Values.worker.terminationGracePeriodSeconds)) }}
 {{- end }}
