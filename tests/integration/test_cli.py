@@ -35,6 +35,7 @@ from typer.testing import CliRunner, Result
 
 from service.blobs import open_store
 from service.cli import app, watch_job
+from service.cli.app import Options
 from service.cli.demo import DATASET_FILE, heldout_prompts, length_measure
 from service.client import Client, EventsUnsupported
 from service.contract import Artifact, Generation, JobError, JobStatus, MetricPoint, Phase, Progress
@@ -577,6 +578,21 @@ class WithoutEvents(httpx.HTTPTransport):
                 self.status, headers={"Content-Type": self.content_type}, content=body
             )
         return super().handle_request(request)
+
+
+def test_logs_says_so_when_the_server_streams_no_events(
+    cli: Callable[..., Result], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy that answers the events route itself: a message and exit code 1, no traceback."""
+    job_id = submit_queued(cli, upload(cli, tmp_path)["id"])
+    monkeypatch.setattr(
+        Options,
+        "client",
+        lambda self: Client(self.url, self.api_key, transport=WithoutEvents(404, "text/html")),
+    )
+    result = cli("jobs", "logs", job_id)
+    assert result.exit_code == 1 and "does not stream job events" in result.stderr
+    assert f"ftune jobs watch {job_id}" in result.stderr and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize(
