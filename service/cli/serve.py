@@ -158,13 +158,16 @@ def demo(
 
 @contextlib.contextmanager
 def _stop_on_sigterm() -> Iterator[None]:
-    """SIGTERM behaves like Ctrl-C, so `with DevStack` unwinds and stops the children."""
+    """SIGTERM behaves like Ctrl-C, so `with DevStack` unwinds and stops the children; and
+    Ctrl-C stops them even when `ftune dev` was started with SIGINT ignored (a shell script's
+    background job, `nohup`): Python would leave it ignored, and the stack would never stop."""
 
     def raise_interrupt(signum: int, frame: object) -> NoReturn:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    previous = {sig: signal.signal(sig, raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -745,10 +745,13 @@ def test_api_with_a_bad_variable_says_which_and_never_listens(tmp_path: Path) ->
 @pytest.mark.slow
 def test_ftune_dev_runs_api_and_worker_and_stops_them_on_ctrl_c(tmp_path: Path) -> None:
     port = free_port()
+    # Started with SIGINT ignored, as a shell script's background job (or `nohup`) starts it:
+    # Ctrl-C must stop it all the same.
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "dev", "--port", str(port),
          "--state-dir", str(tmp_path / ".ftune")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )  # fmt: skip
     assert proc.stdout is not None
     lines: list[str] = []
