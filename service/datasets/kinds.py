@@ -28,6 +28,7 @@ from service.contract import (
     FieldMapping,
     Format,
     OnInvalid,
+    SourceFormat,
 )
 from service.datasets.canonical import decode_error
 from service.datasets.collect import (
@@ -188,6 +189,20 @@ def _chosen_answers(obj: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
     return {"prompt": norm.row["prompt"], "completion": norm.row["chosen"]}, used
 
 
+def _chosen_source(obj: dict[str, Any]) -> tuple[SourceFormat, dict[str, str]] | None:
+    """The layout of a row read for its chosen answer, and its parts' columns (the chosen
+    answer as the completion); None for a row read column by column."""
+    if not _has_rejected(obj):
+        return None
+    try:
+        norm = preference_row(obj)
+    except RowInvalid:
+        return None
+    parts = {("completion" if k == "chosen" else k): v for k, v in norm.mapping.items()}
+    parts.pop("rejected", None)
+    return norm.layout, parts
+
+
 def used_columns(kind_: DatasetKind, mapping: FieldMapping | None) -> set[str]:
     """The columns every row uses; a row's system and history columns are its own."""
     m = mapping or DEFAULT_MAPPING
@@ -295,6 +310,10 @@ class KindCollector:
     ) -> None:
         self.kind = kind
         self.mapping = mapping
+        self.source: tuple[SourceFormat, dict[str, str]] | None = None
+        """The preference layout read for `completion_field=chosen`, and where each part of
+        the row came from (told from the first valid row)."""
+        self.told = False
         self.limits = limits
         self.skip = on_invalid == "skip"
         self.max_invalid_fraction = max_invalid_fraction
@@ -365,6 +384,8 @@ class KindCollector:
         except RowInvalid as e:
             self.errors.add(line, e.field, e.msg)
             return
+        if not self.told and self.kind == "sft" and _chosen_answers_asked(self.mapping):
+            self.source, self.told = _chosen_source(obj), True
         fmt: Format = "standard" if isinstance(row["prompt"], str) else "conversational"
         if self.fmt is None:
             self.fmt = fmt
@@ -454,7 +475,12 @@ class KindCollector:
             sha256=self.output.sha.hexdigest(),
             format=self.fmt,
             kind=self.kind,
-            source_format="mapped" if self.mapping is not None else self.fmt,
+            source_format=self.source[0]
+            if self.source
+            else "mapped"
+            if self.mapping is not None
+            else self.fmt,
+            mapping=self.source[1] if self.source else {},
             stats=DatasetStats(
                 prompt_chars=summary.prompt_chars,
                 completion_chars=summary.chosen_chars,

@@ -239,6 +239,14 @@ async def test_completion_field_chosen_trains_sft_on_the_chosen_answers_of_any_l
     sft = await upload(api, body, completion_field="chosen", **params)
     assert (pairs.status_code, sft.status_code) == (201, 201), sft.text
     assert sft.json()["kind"] == "sft" and sft.json()["rows"] == pairs.json()["rows"]
+    # The record says which layout it read and where the parts came from, as for the pairs.
+    assert sft.json()["source_format"] == pairs.json()["source_format"]
+    expected_mapping = {
+        ("completion" if part == "chosen" else part): column
+        for part, column in pairs.json()["mapping"].items()
+        if part != "rejected"
+    }
+    assert sft.json()["mapping"] == expected_mapping
     assert f"column {rejected!r} ignored" in " ".join(w["msg"] for w in sft.json()["warnings"])
 
     async def rows(ds: dict[str, Any]) -> list[dict[str, Any]]:
@@ -260,6 +268,7 @@ async def test_completion_field_chosen_still_reads_a_plain_chosen_column(api: Ap
     )
     resp = await upload(api, body, completion_field="chosen")
     assert resp.status_code == 201, resp.text
+    assert (resp.json()["source_format"], resp.json()["mapping"]) == ("mapped", {})
     page = await api.client.get(f"/v1/datasets/{resp.json()['id']}/rows", headers=ALICE)
     assert [(r["prompt"], r["completion"]) for r in page.json()["rows"]] == [
         ("Hi", "Hello!"),
