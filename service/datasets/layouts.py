@@ -78,7 +78,23 @@ def _ignored(obj: dict[str, Any], used: set[str]) -> list[str]:
 
 def _missing(field: str, obj: dict[str, Any], hint: str) -> RowInvalid:
     keys = ", ".join(short(k, 30) for k in list(obj)[:10]) or "none"
+    if (wrapped := _wrapped_rows(obj)) is not None:
+        hint = (
+            f"; this looks like a whole file of rows under {wrapped!r} (one JSON object): "
+            f"upload those rows instead, one per line or as a JSON array (jq -c '.{wrapped}[]' "
+            "FILE > rows.jsonl)"
+        )
     return RowInvalid(field, f"missing field {field!r} (the row has: {keys}){hint}")
+
+
+def _wrapped_rows(obj: dict[str, Any]) -> str | None:
+    """The key of an object that only wraps a list of rows (`{"data": [{...}, ...]}`, as some
+    exports write a whole dataset), or None."""
+    if len(obj) != 1:
+        return None
+    ((key, value),) = obj.items()
+    rows = isinstance(value, list) and value and all(isinstance(v, dict) for v in value[:3])
+    return key if rows and key not in CONVERSATION_COLUMNS else None
 
 
 def preamble(

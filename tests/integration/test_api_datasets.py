@@ -457,3 +457,12 @@ async def test_rows_of_another_tenant_are_404_and_limits_are_checked(api: Api) -
         f"/v1/datasets/{ds['id']}/rows", params={"offset": 5}, headers=ALICE
     )
     assert past.json() == {"dataset_id": ds["id"], "offset": 5, "rows": [], "next_offset": None}
+
+
+async def test_a_file_that_wraps_its_rows_in_one_object_says_where_they_are(api: Api) -> None:
+    """Some exports write a whole dataset as {"data": [...]}: one "row" without the fields."""
+    body = json.dumps({"data": [ROW, ROW]}).encode()
+    resp = await upload(api, body, {"Content-Type": "application/json"})
+    assert resp.status_code == 422, resp.text
+    assert "a whole file of rows under 'data'" in resp.json()["detail"]
+    assert "jq -c '.data[]' FILE > rows.jsonl" in resp.json()["detail"]
