@@ -527,6 +527,13 @@ def test_the_console_drives_a_job_and_a_policy_end_to_end(
     expect(page.locator(".generation .answer.base")).to_be_visible()
     expect(page.locator(".generation .answer.tuned")).to_be_visible()
     expect(page.locator(".artifact code.hash").first).to_have_text(re.compile("^[0-9a-f]{64}$"))
+    # Its files, kept in the service's store, come down with the key the page holds.
+    with page.expect_download() as saving:
+        page.click("button[aria-label='Download adapter_config.json']")
+    saved = Path(saving.value.path()).read_bytes()
+    stored = stack.store_dir / "jobs" / job_id / "artifacts" / "adapter" / "adapter_config.json"
+    assert saving.value.suggested_filename == "adapter_config.json"
+    assert saved == stored.read_bytes()
     points = tab.points("loss")
     page.check("#smoothing")  # the same points, drawn smoothed
     assert tab.points("loss") == points

@@ -79,6 +79,25 @@ export async function api(path, { method = "GET", query, json, body, type, signa
   return resp.json();
 }
 
+/** Save the answer to a GET with the key as a file named `filename` (a link cannot send an
+ * Authorization header): read whole into memory first, so for files of a few GB at most. */
+export async function download(path, filename) {
+  let resp;
+  try {
+    resp = await fetch(url(path), { headers: headers({}), cache: "no-store", referrerPolicy: "no-referrer" });
+  } catch {
+    throw new ApiError(0, { detail: UNREACHABLE });
+  }
+  if (resp.status === 401) onUnauthorized("The API refused the key (401): sign in again.");
+  if (!resp.ok) throw new ApiError(resp.status, await problemOf(resp));
+  const href = URL.createObjectURL(await resp.blob());
+  const link = Object.assign(document.createElement("a"), { href, download: filename });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(href), 60_000);
+}
+
 /** A streaming GET with the key (EventSource cannot send an Authorization header). */
 export async function stream(path, { lastEventId, signal }) {
   const extra = { Accept: "text/event-stream" };

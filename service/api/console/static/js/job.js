@@ -1,7 +1,7 @@
 // One job: phases as a timeline, progress and ETA, live charts from the event stream, the
 // base and tuned answers side by side, artifacts, the spec, the log, and cancel.
 
-import { api } from "./api.js";
+import { api, download } from "./api.js";
 import { Charts } from "./charts.js";
 import { badge, bytes, clear, dl, duration, h, num, problem, table, when } from "./dom.js";
 import { follow } from "./events.js";
@@ -77,19 +77,44 @@ function generations(job) {
   );
 }
 
+// Files larger than this are left to `ftune jobs download` (a browser download is read into
+// memory first: it cannot send the key on a plain link).
+const MAX_BROWSER_DOWNLOAD = 2 * 1024 ** 3;
+
 function artifacts(job) {
   if (!job.artifacts?.length) return h("p", { class: "muted" }, TERMINAL.includes(job.status) ? "None." : "None yet.");
-  return job.artifacts.map((a) =>
-    h(
+  return job.artifacts.map((a) => {
+    // Kept in the service's store (not published to the Hub or S3): the API serves its files.
+    const kept = a.uri.includes(`/jobs/${job.id}/artifacts/${a.kind}/`);
+    const said = h("div", { role: "status" });
+    const save = (f) => {
+      if (!kept) return "";
+      if ((a.sizes?.[f] || 0) > MAX_BROWSER_DOWNLOAD) return h("span", { class: "muted" }, "ftune jobs download");
+      const path = `/jobs/${encodeURIComponent(job.id)}/artifacts/${a.kind}/${f.split("/").map(encodeURIComponent).join("/")}`;
+      return h("button", {
+        type: "button",
+        "aria-label": `Download ${f}`,
+        onclick: async () => {
+          clear(said);
+          try {
+            await download(path, f.split("/").pop());
+          } catch (err) {
+            clear(said, problem(err));
+          }
+        },
+      }, "Download");
+    };
+    return h(
       "div",
       { class: "artifact" },
       h("h3", {}, a.kind, " → ", h("code", {}, a.uri)),
       table(
-        ["File", "Size", "sha256"],
-        a.files.map((f) => h("tr", {}, h("td", {}, f), h("td", {}, bytes(a.sizes?.[f])), h("td", {}, h("code", { class: "hash" }, a.sha256[f] || "—")))),
+        ["File", "Size", "sha256", ""],
+        a.files.map((f) => h("tr", {}, h("td", {}, f), h("td", {}, bytes(a.sizes?.[f])), h("td", {}, h("code", { class: "hash" }, a.sha256[f] || "—")), h("td", {}, save(f)))),
       ),
-    ),
-  );
+      said,
+    );
+  });
 }
 
 export async function jobPage(page, jobId) {
