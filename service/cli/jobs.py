@@ -30,7 +30,7 @@ from service.cli.output import (
 )
 from service.cli.watch import TERMINAL_STATUSES, watch_job
 from service.client import ChecksumMismatch, Event, EventsUnsupported
-from service.contract import Artifact, Job, JobStatus, MetricPoint
+from service.contract import Artifact, Job, JobStatus, Method, MetricPoint
 
 jobs_app = typer.Typer(help="Submit, follow and manage fine-tuning jobs.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
@@ -50,6 +50,10 @@ def jobs_submit(
         str | None, typer.Option(help="Hub id, s3://... or file:///... (overrides the spec).")
     ] = None,
     dataset: Annotated[str | None, typer.Option(help="Dataset id (ds_...).")] = None,
+    method: Annotated[
+        Method | None,
+        typer.Option(help="The training method (default dpo); it must fit the dataset's kind."),
+    ] = None,
     max_steps: Annotated[int | None, typer.Option()] = None,
     num_epochs: Annotated[float | None, typer.Option()] = None,
     beta: Annotated[float | None, typer.Option()] = None,
@@ -93,6 +97,8 @@ def jobs_submit(
         spec["base_model"] = base_model
     if dataset:
         spec["dataset_id"] = dataset
+    if method:
+        spec["method"] = method
     output: dict[str, Any] = dict(spec.get("output") or {})
     if artifacts:
         output["artifacts"] = artifacts

@@ -232,6 +232,17 @@ def test_a_bad_dataset_is_refused_with_line_numbers(
     assert "line 0" not in empty.stderr  # a whole-file problem has no line
 
 
+def test_submit_takes_the_method_as_a_flag(cli: Callable[..., Result], tmp_path: Path) -> None:
+    """An sft or kto job without writing a spec file; the method must fit the dataset."""
+    pairs = upload(cli, tmp_path)["id"]
+    job_id = submit_queued(cli, pairs, "--method", "kto")
+    shown = json.loads(cli("jobs", "show", job_id, "--json").stdout)
+    assert shown["spec"]["method"] == "kto"
+    sft = cli("jobs", "submit", "--base-model", "org/model", "--dataset", pairs, "--method", "sft")
+    assert sft.exit_code == 1 and "completion_field=chosen" in sft.stderr  # pairs: no sft
+    assert cli("jobs", "submit", "--dataset", pairs, "--method", "ppo").exit_code == 2
+
+
 def test_a_bad_spec_gets_a_readable_error(cli: Callable[..., Result], tmp_path: Path) -> None:
     ds = upload(cli, tmp_path)
     spec = tmp_path / "spec.json"
