@@ -31,6 +31,7 @@ from service.blobs import BlobStore, open_store
 from service.contract import (
     METHOD_FIELDS,
     Artifact,
+    ArtifactKind,
     DataReport,
     HubDestination,
     Job,
@@ -45,7 +46,6 @@ class PublishError(Exception):
     """The artifact could not be written to its destination; the message says what to fix."""
 
 
-Kind = Literal["adapter", "merged"]
 MANIFEST = "manifest.json"
 MODEL_CARD = "README.md"
 MANIFEST_FORMAT = "ftune.manifest/1"
@@ -56,7 +56,7 @@ ADAPTER_SUBDIR = "adapter"
 def publish(
     src_dir: Path,
     *,
-    kind: Kind,
+    kind: ArtifactKind,
     job: Job,
     settings: Settings,
     store: BlobStore,
@@ -122,7 +122,7 @@ class _Location(msgspec.Struct, frozen=True, kw_only=True):
     token_name: str = ""
 
     @classmethod
-    def of(cls, dest: Any, *, kind: Kind, job: Job, store: BlobStore) -> _Location:
+    def of(cls, dest: Any, *, kind: ArtifactKind, job: Job, store: BlobStore) -> _Location:
         if isinstance(dest, HubDestination):
             path = "" if kind == "merged" or job.spec.output.artifacts == "adapter" else "adapter"
             uri = f"hf://{dest.repo_id}"
@@ -182,7 +182,7 @@ def _upload_hub(
     src_dir: Path,
     dest: HubDestination,
     *,
-    kind: Kind,
+    kind: ArtifactKind,
     job: Job,
     settings: Settings,
     location: _Location,
@@ -372,7 +372,7 @@ def _scrub(text: str, secrets: Iterable[str]) -> str:
 # --------------------------------------------------------------------------- manifest, card
 
 
-def write_manifest(src_dir: Path, *, kind: Kind, job: Job) -> dict[str, Any]:
+def write_manifest(src_dir: Path, *, kind: ArtifactKind, job: Job) -> dict[str, Any]:
     """Write ``manifest.json``: sha256 and size of every other file in ``src_dir``."""
     files = {
         rel: {"sha256": _sha256(path), "size": path.stat().st_size}
@@ -395,7 +395,7 @@ def write_manifest(src_dir: Path, *, kind: Kind, job: Job) -> dict[str, Any]:
 def write_model_card(
     src_dir: Path,
     *,
-    kind: Kind,
+    kind: ArtifactKind,
     job: Job,
     final_metrics: Mapping[str, float],
     location: _Location,
@@ -488,7 +488,7 @@ def write_model_card(
     (src_dir / MODEL_CARD).write_text("\n".join(lines))
 
 
-def _how_to_load(src_dir: Path, kind: Kind, spec: JobSpec, location: _Location) -> str:
+def _how_to_load(src_dir: Path, kind: ArtifactKind, spec: JobSpec, location: _Location) -> str:
     if location.type == "hub":
         ref = json.dumps(location.base)
         options = ""

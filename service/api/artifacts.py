@@ -4,7 +4,7 @@ bucket. Artifacts published to the Hub or a team's S3 prefix are fetched from th
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import anyio.to_thread
 from litestar import Controller, Response, get
@@ -16,6 +16,7 @@ from service.api.downloads import attachment, blob_chunks
 from service.api.jobs import JobId
 from service.api.openapi_docs import NOT_FOUND, responses
 from service.blobs import BlobNotFound, BlobStore
+from service.contract import ArtifactKind
 from service.settings import Principal
 from service.store import NotFound, Store
 
@@ -41,9 +42,7 @@ class ArtifactController(Controller):
     async def artifact_file(
         self,
         job_id: JobId,
-        kind: Annotated[
-            Literal["adapter", "merged"], Parameter(description="`adapter` or `merged`.")
-        ],
+        kind: Annotated[ArtifactKind, Parameter(description="`adapter` or `merged`.")],
         file: Annotated[str, Parameter(description="The file's name in the artifact.")],
         principal: Principal,
         store: Store,

@@ -4,7 +4,6 @@ read a job's metrics as a table or CSV."""
 from __future__ import annotations
 
 import csv
-import enum
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +29,7 @@ from service.cli.output import (
 )
 from service.cli.watch import TERMINAL_STATUSES, watch_job
 from service.client import ChecksumMismatch, Event, EventsUnsupported
-from service.contract import Artifact, Job, JobStatus, Method, MetricPoint
+from service.contract import Artifact, ArtifactKind, Job, JobStatus, Method, MetricPoint
 
 jobs_app = typer.Typer(help="Submit, follow and manage fine-tuning jobs.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
@@ -204,11 +203,6 @@ def jobs_watch(ctx: typer.Context, job_id: Annotated[str, typer.Argument(metavar
     raise typer.Exit(0 if job.status == JobStatus.succeeded else 1)
 
 
-class ArtifactKind(enum.StrEnum):
-    adapter = "adapter"
-    merged = "merged"
-
-
 @jobs_app.command("download")
 @handled
 def jobs_download(
@@ -227,7 +221,7 @@ def jobs_download(
     with options(ctx).client() as client:
         job = client.get_job(job_id)
         made: dict[str, Artifact] = {a.kind: a for a in job.artifacts}
-        name = kind.value if kind else "adapter" if "adapter" in made else "merged"
+        name = kind or ("adapter" if "adapter" in made else "merged")
         artifact = made.get(name)
         if artifact is None:
             said = ", ".join(made) or "none yet"

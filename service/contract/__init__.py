@@ -49,6 +49,7 @@ from service.contract.init_from import InitFrom
 from service.contract.integrations import Integrations, MlflowTracking, WandbTracking
 from service.contract.jobs import (
     Artifact,
+    ArtifactKind,
     DataReport,
     DroppedRows,
     GeneratedBy,
@@ -144,6 +145,7 @@ __all__ = [
     "REPO_ID_RE",
     "STREAM_NAME",
     "Artifact",
+    "ArtifactKind",
     "AuditEntry",
     "AuditPage",
     "Caller",

@@ -52,11 +52,15 @@ class Progress(msgspec.Struct, kw_only=True):
     ] = None
 
 
+ArtifactKind = Literal["adapter", "merged"]
+"""What a job publishes: its LoRA adapter, or the model merged with it."""
+
+
 class Artifact(msgspec.Struct, kw_only=True):
     """A published result: its files and their checksums."""
 
     kind: Annotated[
-        Literal["adapter", "merged"],
+        ArtifactKind,
         msgspec.Meta(
             description="`adapter`: LoRA weights to load on the base; `merged`: a full model."
         ),
