@@ -98,9 +98,11 @@ def _found(ds: Dataset | None, dataset_id: str, field: str) -> Dataset:
     return ds
 
 
-def _cancel(job: Job) -> Job:
+def _cancel(job: Job, *, again: bool = True) -> Job:
     if job.status.terminal:
         raise Conflict(f"job {job.id} is already {job.status.value}")
+    if job.cancel_requested and not again:
+        raise Conflict(f"job {job.id} is already cancelled")
     if job.status == JobStatus.queued:
         return msgspec.structs.replace(
             job, status=JobStatus.cancelled, cancel_requested=True, finished_at=time.time()
@@ -266,11 +268,17 @@ def estimate_memory(spec: JobTemplate, settings: Settings) -> GpuMemoryEstimate:
 
 
 async def cancel_job(
-    job_id: str, *, tenant: str | None, store: Store, arq: ArqRedis, settings: Settings
+    job_id: str,
+    *,
+    tenant: str | None,
+    store: Store,
+    arq: ArqRedis,
+    settings: Settings,
+    again: bool = True,
 ) -> Job:
     """Cancel a queued job at once (and take it off the queue), or ask a running job's worker
-    to stop; Conflict on a finished job."""
-    job = await store.update_job(job_id, _cancel, tenant=tenant)
+    to stop; Conflict on a finished job, and (`again` false) on one already asked to stop."""
+    job = await store.update_job(job_id, lambda j: _cancel(j, again=again), tenant=tenant)
     if job.status == JobStatus.cancelled:
         await queue.remove(
             arq, job.id, job.attempt, tenant=job.tenant, queue_name=settings.queue_name

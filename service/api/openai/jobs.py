@@ -38,7 +38,7 @@ from service.openai.jobs import (
     to_spec,
 )
 from service.settings import Principal, Settings
-from service.store import Conflict, NotFound, Store, request_fingerprint
+from service.store import NotFound, Store, request_fingerprint
 from service.tenants import Tenants
 
 RETRY_WINDOW_SECONDS = 600
@@ -237,12 +237,9 @@ class FineTuningController(Controller):
     async def cancel(
         self, job_id: JobId, principal: Principal, store: Store, arq: ArqRedis, settings: Settings
     ) -> FineTuningJob:
-        current = await store.get_job(job_id, scope(principal))
-        if current.cancel_requested and not current.status.terminal:
-            # Shown `cancelled` since the first cancel, as OpenAI's are: a second is refused.
-            raise Conflict(f"job {job_id} is already cancelled")
+        # Shown `cancelled` since the first cancel, as OpenAI's are: a second is refused.
         job = await cancel_job(
-            job_id, tenant=scope(principal), store=store, arq=arq, settings=settings
+            job_id, tenant=scope(principal), store=store, arq=arq, settings=settings, again=False
         )
         return await _shown(store, job, settings)
 
