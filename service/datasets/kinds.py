@@ -100,13 +100,14 @@ def detect_kind(rows: list[Any], mapping: FieldMapping | None) -> DatasetKind:
 
 
 def normalize(
-    obj: object, kind_: DatasetKind, mapping: FieldMapping | None
+    obj: object, kind_: DatasetKind, mapping: FieldMapping | None, *, chosen: bool = False
 ) -> tuple[dict[str, Any], set[str]]:
     """One sft or unpaired row in canonical form, and the system and history columns it used
-    (others are named as ignored); RowInvalid names the field at fault."""
+    (others are named as ignored); RowInvalid names the field at fault. `chosen`: the mapping
+    asks for a preference row's chosen answers (:func:`_chosen_answers_asked`)."""
     if not isinstance(obj, dict):
         raise RowInvalid(None, f"expected a JSON object, got {kind(obj)}")
-    if kind_ == "sft" and _chosen_answers_asked(mapping) and _has_rejected(obj):
+    if chosen and _has_rejected(obj):
         try:
             return _chosen_answers(obj)
         except RowInvalid as exc:  # a row the plain reading takes (e.g. equal answers) still is
@@ -162,11 +163,12 @@ def _plain(
 _ANSWERS = frozenset((*CHOSEN_COLUMNS, "preferred_output"))
 
 
-def _chosen_answers_asked(mapping: FieldMapping | None) -> bool:
+def _chosen_answers_asked(kind_: DatasetKind, mapping: FieldMapping | None) -> bool:
     """`completion_field=chosen` (or the layout's own name of the chosen answer) and nothing
     else: sft on the chosen answers of a preference file, whatever its layout."""
     return (
-        mapping is not None
+        kind_ == "sft"
+        and mapping is not None
         and mapping.completion_field in _ANSWERS
         and mapping == FieldMapping(completion_field=mapping.completion_field)
     )
@@ -310,10 +312,11 @@ class KindCollector:
     ) -> None:
         self.kind = kind
         self.mapping = mapping
+        self.chosen = _chosen_answers_asked(kind, mapping)
         self.source: tuple[SourceFormat, dict[str, str]] | None = None
         """The preference layout read for `completion_field=chosen`, and where each part of
         the row came from (told from the first valid row)."""
-        self.told = False
+        self.told = not self.chosen
         self.limits = limits
         self.skip = on_invalid == "skip"
         self.max_invalid_fraction = max_invalid_fraction
@@ -380,11 +383,11 @@ class KindCollector:
 
     def _row(self, line: int, obj: Any) -> None:
         try:
-            row, own = normalize(obj, self.kind, self.mapping)
+            row, own = normalize(obj, self.kind, self.mapping, chosen=self.chosen)
         except RowInvalid as e:
             self.errors.add(line, e.field, e.msg)
             return
-        if not self.told and self.kind == "sft" and _chosen_answers_asked(self.mapping):
+        if not self.told:
             self.source, self.told = _chosen_source(obj), True
         fmt: Format = "standard" if isinstance(row["prompt"], str) else "conversational"
         if self.fmt is None:
