@@ -2,7 +2,8 @@
 
 Rows arrive canonical (the API normalized them): preference `{"prompt", "chosen", "rejected"}`,
 sft `{"prompt", "completion"}` or unpaired `{"prompt", "completion", "label"}`, as standard
-strings or conversational lists of `{role, content}` messages. Everything here is a plain
+strings or conversational lists of `{role, content}` messages (an sft prompt's answers marked
+`"weight": 1` are trained too: `tokenized_turns`). Everything here is a plain
 function over lists of dicts, so it can be tested without a trainer.
 """
 
@@ -206,6 +207,16 @@ def fit_max_length(
     """
     kept: list[Row] = []
     dropped = DroppedRows()
+    if trains_earlier_turns(rows):  # several answers a row: counted by their trained tokens
+        for row, (_, mask) in zip(rows, turn_token_ids(rows, tokenizer), strict=True):
+            inside = sum(mask[:max_length])
+            if not inside:
+                dropped.prompt_too_long += 1
+            elif inside < sum(mask) and inside < MIN_COMPLETION_TOKENS:
+                dropped.completion_budget_too_small += 1
+            else:
+                kept.append(row)
+        return kept, dropped
     found: Iterable[tuple[int, list[int], list[int] | None]]
     if rows and "completion" in rows[0]:  # one answer a row: nothing can become identical
         found = ((n, c, None) for n, c in completion_token_ids(rows, tokenizer))
@@ -267,6 +278,64 @@ def completion_token_ids(
         for p, c in zip(prompts, full, strict=True):
             n = _common_prefix(p, c)
             yield n, c[n:]
+
+
+def trains_earlier_turns(rows: list[Row]) -> bool:
+    """Whether a row's prompt holds answers an sft job trains on as well (``"weight": 1``: a
+    chat's earlier answers, see service/datasets/kinds.py)."""
+    return any(
+        isinstance(r["prompt"], list) and any(m.get("weight") == 1 for m in r["prompt"][1:])
+        for r in rows
+        if "completion" in r
+    )
+
+
+def tokenized_turns(rows: list[Row], tokenizer: PreTrainedTokenizerBase) -> list[Row]:
+    """sft rows for TRL: tokenized here when some prompt holds answers to train on, as
+    `input_ids` and a `completion_mask` over those answers and the completion (TRL makes the
+    labels from it, then cuts at max_length or packs). Else as they are: TRL's own
+    prompt-completion tokenizing gives the same mask over the completion alone."""
+    if not trains_earlier_turns(rows):
+        return rows
+    return [
+        {"input_ids": ids, "completion_mask": mask} for ids, mask in turn_token_ids(rows, tokenizer)
+    ]
+
+
+def turn_token_ids(
+    rows: list[Row], tokenizer: PreTrainedTokenizerBase
+) -> Iterator[tuple[list[int], list[int]]]:
+    """(ids, mask) per conversational sft row: the whole chat rendered, and 1 on the tokens of
+    each trained answer and of the completion. An answer spans from where the chat up to it
+    with the generation prompt stops matching the whole chat to where the chat up to and
+    with it does: its text and end-of-turn tokens, split as TRL splits a completion."""
+    for start in range(0, len(rows), _TOKENIZE_BATCH):
+        batch = rows[start : start + _TOKENIZE_BATCH]
+        chats = [[{"role": m["role"], "content": m["content"]} for m in r["prompt"]] for r in batch]
+        turns = [
+            [i for i, m in enumerate(r["prompt"]) if i and m.get("weight") == 1] for r in batch
+        ]
+        whole = _chat_ids(
+            tokenizer, [c + r["completion"] for c, r in zip(chats, batch, strict=True)]
+        )
+        heads = iter(
+            _chat_ids(
+                tokenizer,
+                [c[:i] for c, t in zip(chats, turns, strict=True) for i in [*t, len(c)]],
+                generation_prompt=True,
+            )
+        )
+        answered = [c[: i + 1] for c, t in zip(chats, turns, strict=True) for i in t]
+        ends = iter(_chat_ids(tokenizer, answered) if answered else [])
+        for ids, trained in zip(whole, turns, strict=True):
+            mask = [0] * len(ids)
+            for _ in trained:
+                begin, end = _common_prefix(next(heads), ids), _common_prefix(next(ends), ids)
+                if end > begin:
+                    mask[begin:end] = [1] * (end - begin)
+            begin = _common_prefix(next(heads), ids)
+            mask[begin:] = [1] * (len(ids) - begin)
+            yield ids, mask
 
 
 def _chat_ids(

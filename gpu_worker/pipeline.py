@@ -33,6 +33,7 @@ from gpu_worker.data import (
     remove_duplicates,
     split_eval,
     to_dataset,
+    tokenized_turns,
 )
 from gpu_worker.errors import ConfigError, DatasetError
 from gpu_worker.generations import generate_side_by_side, generate_with_merged
@@ -138,11 +139,15 @@ def _run(
         )
         if spec.method == "kto":
             rows = kto_rows(rows, spec.hyperparameters.seed)
+        trained_rows, trained_eval = rows, eval_rows  # as the trainer takes them
+        if spec.method == "sft":
+            trained_rows = tokenized_turns(rows, tokenizer)
+            trained_eval = tokenized_turns(eval_rows, tokenizer)
         plan = distributed.Plan(
             spec=spec,
             model_dir=str(model_dir),
-            rows=rows,
-            eval_rows=eval_rows,
+            rows=trained_rows,
+            eval_rows=trained_eval,
             init_adapter=str(init_adapter) if init_adapter else None,
             resume_from=str(resume_from) if resume_from else None,
             output_dir=str(output_dir),
@@ -157,8 +162,8 @@ def _run(
             tokenizer,
             spec,
             build_config(spec, output_dir, device, has_eval=bool(eval_rows), parallel=parallel),
-            to_dataset(rows),
-            to_dataset(eval_rows) if eval_rows else None,
+            to_dataset(plan.rows),
+            to_dataset(plan.eval_rows) if plan.eval_rows else None,
             [*distributed.rank_states(plan, 0), callback, *group.callbacks],
             init_adapter=init_adapter,
         )

@@ -262,7 +262,7 @@ class DatasetController(Controller):
                 min_length=1,
                 max_length=128,
                 description="Column of a whole chat: the rows are sft, the last assistant turn "
-                "the completion",
+                "the completion, the earlier answers trained too (unless of weight 0)",
             ),
         ] = None,
         on_invalid: Annotated[

@@ -253,7 +253,9 @@ def datasets_show(
             if value is None:
                 continue
             turns = (
-                [(None, value)] if isinstance(value, str) else [(m.role, m.content) for m in value]
+                [(None, value)]
+                if isinstance(value, str)
+                else [(m.role + (", trained" if m.weight else ""), m.content) for m in value]
             )
             for role, text in turns:
                 tag = f"[{role}] " if role else ""

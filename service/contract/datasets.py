@@ -230,7 +230,8 @@ class FieldMapping(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         str | None,
         msgspec.Meta(
             description="Column of a whole chat (OpenAI's `messages`): the rows are sft, the "
-            "last assistant turn the completion."
+            "last assistant turn the completion, the earlier answers trained too (unless of "
+            "weight 0)."
         ),
     ] = None
 
@@ -449,14 +450,14 @@ class DatasetImport(InvalidRows, kw_only=True, forbid_unknown_fields=True):
                 min_length=1,
                 max_length=128,
                 description="The column holding a whole chat: sft rows, the last assistant "
-                "turn the completion.",
+                "turn the completion, the earlier answers trained too (unless of weight 0).",
             ),
         ]
         | None
     ) = None
 
 
-class Message(msgspec.Struct, kw_only=True):
+class Message(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One chat message of a conversational row."""
 
     role: Annotated[
@@ -464,6 +465,14 @@ class Message(msgspec.Struct, kw_only=True):
         msgspec.Meta(description="Who speaks (a `developer` message is read as `system`)."),
     ]
     content: Annotated[str, msgspec.Meta(description="The message's text.")]
+    weight: Annotated[
+        Literal[1] | None,
+        msgspec.Meta(
+            description="1 on an answer in an sft row's prompt that is trained on as well as "
+            "the completion: a chat's earlier answers (those without OpenAI's `weight` 0) and "
+            "a `history` column's answers. Left out: the message is context only."
+        ),
+    ] = None
 
 
 _Text = str | list[Message]

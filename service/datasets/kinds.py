@@ -10,7 +10,10 @@ Canonical rows, one JSON object a line:
 
 - sft: ``{"prompt": str, "completion": str}`` or the same with lists of ``{role, content}``
   messages; a chat (``messages``, OpenAI's chat fine-tuning JSONL) becomes the messages
-  before its last assistant turn and that turn;
+  before its last assistant turn and that turn, its earlier answers marked ``"weight": 1``
+  in the prompt: trained as well, as OpenAI, LLaMA-Factory and Axolotl train every answer
+  of a chat (so are the answers of a ``history`` column). A prompt given as a prompt is
+  context only, as in TRL;
 - unpaired: the same plus ``"label": true|false`` (a good or a bad completion).
 """
 
@@ -57,6 +60,7 @@ from service.datasets.messages import (
     kind,
     messages,
     text,
+    trained,
 )
 from service.datasets.output import Output, Sink
 from service.datasets.stats import (
@@ -130,7 +134,8 @@ def _plain(
     used: set[str] = set()
     history_field = m.history_field if m.history_field in obj else None
     if completion_field not in obj and isinstance(obj.get(messages_field), list):
-        row = _chat(obj[messages_field], messages_field)  # OpenAI's chats, ShareGPT's
+        # OpenAI's chats, ShareGPT's
+        row = _chat(obj[messages_field], messages_field, earlier=kind_ == "sft")
         used.add(messages_field)
     elif mapping is None and "instruction" in obj and "output" in obj and "prompt" not in obj:
         # LLaMA-Factory's alpaca form: instruction, then input; output; history, system
@@ -150,7 +155,9 @@ def _plain(
         # file's rows must all be texts or all conversations.
         if isinstance(row["prompt"], str):
             row = as_conversation(row)
-        row["prompt"] = preamble(obj, row["prompt"], system_field, history_field, used)
+        row["prompt"] = preamble(
+            obj, row["prompt"], system_field, history_field, used, train_history=kind_ == "sft"
+        )
     if kind_ == "unpaired":
         label_field = m.label_field or ("kto_tag" if "kto_tag" in obj else "label")
         used.add(label_field)
@@ -228,15 +235,16 @@ def _pair(prompt: object, completion: object, pf: str, cf: str) -> dict[str, Any
     return {"prompt": msgs, "completion": done}
 
 
-def _chat(value: list[Any], field: str) -> dict[str, Any]:
+def _chat(value: list[Any], field: str, *, earlier: bool) -> dict[str, Any]:
     """A whole chat: the messages before its last assistant turn to train on (OpenAI's
-    ``weight`` 0 marks one not to), and that turn; what follows a weight-0 answer is left out."""
+    ``weight`` 0 marks one not to), and that turn; what follows a weight-0 answer is left out.
+    `earlier`: the answers before it that are trained on too are marked in the prompt."""
     msgs: list[Msg] = messages(value, field)
     answers = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
-    trained = [i for i in answers if _weight(value[i], f"{field}[{i}]")]
-    last = max(trained, default=-1)
+    answered = [i for i in answers if _weight(value[i], f"{field}[{i}]")]
+    last = max(answered, default=-1)
     if last <= 0:
-        why = "every assistant message has weight 0" if answers and not trained else None
+        why = "every assistant message has weight 0" if answers and not answered else None
         raise RowInvalid(
             field,
             f"{why}: nothing to train on"
@@ -247,6 +255,8 @@ def _chat(value: list[Any], field: str) -> dict[str, Any]:
     completion = msgs[last:] if last == answers[-1] else msgs[last : last + 1]
     check_prompt(prompt, field)
     check_completion(completion, field, 0)
+    if earlier:
+        prompt = [trained(m) if i in answered[:-1] else m for i, m in enumerate(prompt)]
     return {"prompt": prompt, "completion": completion}
 
 

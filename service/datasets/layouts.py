@@ -29,6 +29,7 @@ from service.datasets.messages import (
     short,
     split_conversations,
     text,
+    trained,
 )
 
 DEFAULT_MAPPING = FieldMapping()
@@ -103,11 +104,14 @@ def preamble(
     system_col: str | None,
     history_col: str | None,
     used: set[str],
+    *,
+    train_history: bool = False,
 ) -> list[Msg]:
     """The prompt with the row's system column and earlier turns put in front of it.
 
     A conversation that already opens with a system message keeps it (as LLaMA-Factory does);
-    the column then counts as unused, so the caller warns about it.
+    the column then counts as unused, so the caller warns about it. `train_history`: the
+    history's answers are marked ``"weight": 1`` (an sft row trains on them, as LLaMA-Factory does).
     """
     own = shared[0]["role"] == "system"
     head, rest = (shared[:1], shared[1:]) if own else ([], shared)
@@ -121,7 +125,13 @@ def preamble(
     if history_col is not None:
         used.add(history_col)
         if not blank(obj.get(history_col)):
-            head = head + history(obj[history_col], history_col)
+            turns = history(obj[history_col], history_col)
+            if train_history:  # an answer that opens the chat answers nothing: not marked
+                turns = [
+                    trained(m) if m["role"] == "assistant" and (head or i) else m
+                    for i, m in enumerate(turns)
+                ]
+            head = head + turns
     return head + rest if head else shared
 
 

@@ -1,6 +1,7 @@
 """The pieces of a canonical row: texts and chat messages, checked and named when wrong.
 
-A message is kept as ``{"role", "content"}`` with one of the four roles chat templates know.
+A message is kept as ``{"role", "content"}`` with one of the four roles chat templates know
+(and ``"weight": 1`` on an answer an sft row trains on in its prompt, :func:`trained`).
 Publishers spell messages two ways, and both are read: ``{role, content}`` (OpenAI, TRL;
 ``developer`` is OpenAI's newer name for ``system``, ``function`` its older one for a tool
 result) and ShareGPT's ``{from, value}`` (LLaMA-Factory: ``human``, ``gpt``, ``system``,
@@ -10,7 +11,7 @@ string or OpenAI's list of text parts, joined with newlines.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 ROLES = ("system", "user", "assistant", "tool")
 """Message roles a normalized row holds (the roles chat templates know)."""
@@ -35,6 +36,12 @@ SHAREGPT_ROLES = {
 """ShareGPT ``from`` values (LLaMA-Factory's tags) and the role each becomes."""
 
 Msg = dict[str, str]
+
+
+def trained(msg: Msg) -> Msg:
+    """An answer before the completion that an sft row trains on too (OpenAI's ``weight`` 1;
+    a prompt's messages are context otherwise, as in TRL)."""
+    return cast(Msg, {**msg, "weight": 1})
 
 
 class RowInvalid(Exception):

@@ -181,6 +181,10 @@ def test_chat_and_rating_datasets_preview_their_own_columns_on_a_phone(
         }
         for i in range(3)
     ]
+    chats[0]["messages"][:0] = [  # an earlier answer: trained too, and said so
+        {"role": "user", "content": "Hello?"},
+        {"role": "assistant", "content": "Hi, how can I help?"},
+    ]
     ratings = [{"prompt": f"P{i}", "completion": f"C{i}", "label": i % 2 == 0} for i in range(4)]
     ids = []
     for name, rows in (("chats", chats), ("ratings", ratings)):
@@ -201,6 +205,8 @@ def test_chat_and_rating_datasets_preview_their_own_columns_on_a_phone(
     expect(tab.page.locator("th", has_text="Completion")).to_be_visible()
     completions = tab.page.locator("td pre.cell", has_text="assistant: https://example.org/")
     expect(completions).to_have_count(3)
+    trained = tab.page.locator("td pre.cell", has_text="assistant (trained): Hi, how can I help?")
+    expect(trained).to_have_count(1)
     assert tab.page.evaluate("document.documentElement.scrollWidth") <= 390
     tab.open(f"#/datasets/{ids[1]}")
     expect(tab.page.locator("th", has_text="Label")).to_be_visible()

@@ -125,6 +125,8 @@ def test_show_prints_sft_and_unpaired_rows(cli: Callable[..., Result], tmp_path:
             {
                 "messages": [
                     {"role": "user", "content": "Hi?"},
+                    {"role": "assistant", "content": "Hi there."},
+                    {"role": "user", "content": "Again?"},
                     {"role": "assistant", "content": "Hello."},
                 ]
             }
@@ -135,6 +137,7 @@ def test_show_prints_sft_and_unpaired_rows(cli: Callable[..., Result], tmp_path:
     assert shown.exit_code == 0, shown.output
     assert "completion [assistant] Hello." in shown.stdout
     assert "prompt     [user] Hi?" in shown.stdout and "rejected" not in shown.stdout
+    assert "prompt     [assistant, trained] Hi there." in shown.stdout  # a chat's earlier answer
 
     kto = write_jsonl(
         tmp_path / "kto.jsonl",

@@ -58,8 +58,24 @@ def _rows(method: str) -> list[dict[str, Any]]:
     return pairs
 
 
+ASSISTANT_TURNS_TEMPLATE = (  # renders as tiny_model.CHAT_TEMPLATE, answers marked for TRL
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}"
+    "{{ message['content'] + '<|im_end|>' + '\n' }}{% endgeneration %}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' "
+    "+ '\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
 def _plain_trl_losses(
-    method: str, model_dir: Path, rows: list[dict[str, Any]], output_dir: Path
+    method: str,
+    model_dir: Path,
+    rows: list[dict[str, Any]],
+    output_dir: Path,
+    *,
+    assistant_only_loss: bool = False,
+    max_length: int = 96,
 ) -> list[float]:
     import torch
     from bitsandbytes.nn.modules import Linear4bit
@@ -92,7 +108,7 @@ def _plain_trl_losses(
         lr_scheduler_type="cosine",
         weight_decay=0.01,
         max_grad_norm=0.5,
-        max_length=96,
+        max_length=max_length,
         seed=7,
         logging_steps=1,
         activation_checkpointing=False,
@@ -102,7 +118,7 @@ def _plain_trl_losses(
     if method == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        args: Any = SFTConfig(**common)
+        args: Any = SFTConfig(**common, assistant_only_loss=assistant_only_loss)
         trainer_cls: Any = SFTTrainer
     elif method == "kto":
         from trl import KTOConfig, KTOTrainer
@@ -120,11 +136,14 @@ def _plain_trl_losses(
     if method == "kto":  # as documented: kto's rows are shuffled once with the job's seed
         rows = list(rows)
         random.Random(7).shuffle(rows)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if assistant_only_loss:
+        tokenizer.chat_template = ASSISTANT_TURNS_TEMPLATE
     trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(rows),
-        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        processing_class=tokenizer,
         peft_config=LoraConfig(
             r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
         ),
@@ -163,3 +182,56 @@ def test_per_step_losses_equal_a_plain_trl_run(
     assert len(ours) == len(reference) == 3
     assert ours == pytest.approx(reference, abs=1e-4)
     assert ours[-1] != ours[0]  # the adapter moved
+
+
+@pytest.mark.slow
+def test_sft_on_chats_trains_every_answer_like_trls_assistant_only_loss(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A chat's earlier answers (marked weight 1 by the upload) train as TRL trains every
+    assistant turn of a `messages` row with `assistant_only_loss` (the template's
+    generation marks): same tokens in the loss, same per-step losses."""
+    pairs = conversational_rows(16)
+    chats = [
+        [
+            *pairs[i]["prompt"],
+            *pairs[i]["chosen"],
+            *pairs[(i + 1) % 16]["prompt"][-1:],
+            *pairs[(i + 1) % 16]["chosen"],
+        ]
+        for i in range(16)
+    ]
+    rows = [
+        {
+            "prompt": [{**m, "weight": 1} if m["role"] == "assistant" else m for m in chat[:-1]],
+            "completion": chat[-1:],
+        }
+        for chat in chats
+    ]
+    store = open_store((tmp_path / "store").as_uri())
+    job = stage_job(
+        store,
+        tiny_model_dir,
+        rows,
+        method="sft",
+        eval_fraction=0.0,
+        hyperparameters=COMMON | {"max_length": 160},
+        lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+        quantization={"bits": 4, "quant_type": "nf4", "double_quant": True},
+    )
+    settings = Settings(models_dir=tiny_model_dir.parent, work_dir=tmp_path, device="cpu")
+    reporter = ListReporter()
+    run(job, tmp_path / "work", reporter, settings=settings, store=store)
+    ours = [values["loss"] for _, values in reporter.points if "loss" in values]
+
+    reference = _plain_trl_losses(
+        "sft",
+        tiny_model_dir,
+        [{"messages": chat} for chat in chats],
+        tmp_path / "trl",
+        assistant_only_loss=True,
+        max_length=160,
+    )
+
+    assert len(ours) == len(reference) == 3
+    assert ours == pytest.approx(reference, abs=1e-4)

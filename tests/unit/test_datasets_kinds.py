@@ -158,7 +158,8 @@ def test_llama_factory_sft_and_kto_layouts_as_shipped(tmp_path: Path) -> None:
         "prompt": [
             {"role": "system", "content": "Réponds brièvement."},
             {"role": "user", "content": "Bonjour"},
-            {"role": "assistant", "content": "Hello"},
+            # trained too: LLaMA-Factory trains the history's answers (mask_history false)
+            {"role": "assistant", "content": "Hello", "weight": 1},
             {"role": "user", "content": "Traduis en anglais.\nOù est la gare ?"},
         ],
         "completion": [{"role": "assistant", "content": "Where is the station?"}],
@@ -236,8 +237,44 @@ def test_gzip_chats_keep_tool_turns_and_name_unused_columns(tmp_path: Path) -> N
     ]
     result, rows = validate(tmp_path, [{"messages": chat, "weight": 1}], "chats.jsonl.gz")
     assert result.kind == "sft" and result.compressed
-    assert rows == [{"prompt": chat[:3], "completion": chat[3:]}]
+    assert rows == [
+        {"prompt": [chat[0], {**chat[1], "weight": 1}, chat[2]], "completion": chat[3:]}
+    ]
     assert [w.kind for w in result.warnings] == ["ignored_column"]
+
+
+def test_a_chat_trains_every_answer_not_of_weight_0_as_openai_does(tmp_path: Path) -> None:
+    """OpenAI trains each assistant message of a chat (weight 1 unless set to 0): the earlier
+    ones are marked in an sft row's prompt. A kto row's label is about its last answer alone,
+    and a prompt given as a prompt (TRL's prompt-completion rows) is context only."""
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "Of Spain?"},
+        {"role": "assistant", "content": "Lisbon.", "weight": 0},
+        {"role": "user", "content": "Of Spain, please."},
+        {"role": "assistant", "content": "Madrid."},
+    ]
+    _, rows = validate(tmp_path, [{"messages": chat}])
+    assert rows == [
+        {
+            "prompt": [
+                chat[0],
+                chat[1],
+                {"role": "assistant", "content": "Paris.", "weight": 1},
+                chat[3],
+                {"role": "assistant", "content": "Lisbon."},
+                chat[5],
+            ],
+            "completion": [chat[6]],
+        }
+    ]
+    _, rows = validate(tmp_path, [{"messages": chat, "label": True}])
+    assert all("weight" not in m for m in rows[0]["prompt"])
+    explicit = {"prompt": chat[:4], "completion": [chat[6]]}
+    _, rows = validate(tmp_path, [explicit])
+    assert rows == [explicit]
 
 
 def test_a_mapping_names_the_kind(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from gpu_worker.data import (
     prompt_key,
     remove_duplicates,
     split_eval,
+    tokenized_turns,
 )
 from gpu_worker.errors import ConfigError, DatasetError
 from gpu_worker.model import load_tokenizer
@@ -145,6 +146,74 @@ def test_pair_tokens_split_prompt_and_completions_like_the_rendered_chat(tokeniz
     plain = {"prompt": "How was the park? ", "chosen": "Great.", "rejected": "Awful."}
     ((_, chosen, _),) = pair_token_ids([plain], tokenizer)
     assert chosen[-1] == tokenizer.eos_token_id
+
+
+def _trained_text(tokenizer: Any, *rows: dict[str, Any]) -> list[str]:
+    """The runs of tokens the first of some sft rows trains on, decoded."""
+    tokenized = tokenized_turns(list(rows), tokenizer)[0]
+    ids, mask = tokenized["input_ids"], tokenized["completion_mask"]
+    runs: list[list[int]] = []
+    for i, (token, on) in enumerate(zip(ids, mask, strict=True)):
+        if on:
+            if i == 0 or not mask[i - 1]:
+                runs.append([])
+            runs[-1].append(token)
+    return [tokenizer.decode(run) for run in runs]
+
+
+def test_a_chats_earlier_answers_are_trained_with_its_last(tokenizer: Any) -> None:
+    """An sft chat trains every answer marked weight 1 and the completion, each with its
+    end-of-turn tokens; the system and user turns and an unmarked answer are context."""
+    chat = {
+        "prompt": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "How was the park?"},
+            {"role": "assistant", "content": "It was great.", "weight": 1},
+            {"role": "user", "content": "And the museum?"},
+            {"role": "assistant", "content": "Closed."},
+            {"role": "user", "content": "And the beach?"},
+        ],
+        "completion": [{"role": "assistant", "content": "Lovely and sunny."}],
+    }
+    assert _trained_text(tokenizer, chat) == [
+        "It was great.<|im_end|>\n",
+        "Lovely and sunny.<|im_end|>\n",
+    ]
+    whole = tokenizer.apply_chat_template(
+        [{"role": m["role"], "content": m["content"]} for m in chat["prompt"]] + chat["completion"],
+        tokenize=False,
+    )
+    ((tokenized),) = tokenized_turns([chat], tokenizer)
+    assert tokenizer.decode(tokenized["input_ids"]) == whole  # the chat as the model reads it
+
+    # Rows without earlier answers stay as they are: TRL tokenizes them the same way itself.
+    single = {"prompt": chat["prompt"][:2], "completion": chat["completion"]}
+    assert tokenized_turns([single], tokenizer) == [single]
+    # ... unless another row of the set needs its own tokenizing: then its completion alone.
+    assert _trained_text(tokenizer, single, chat) == ["Lovely and sunny.<|im_end|>\n"]
+
+
+def test_fit_max_length_counts_a_chat_by_the_answers_it_still_trains(tokenizer: Any) -> None:
+    chat = {
+        "prompt": [
+            {"role": "user", "content": "How was the park?"},
+            {"role": "assistant", "content": "It was great, I loved every minute.", "weight": 1},
+            {"role": "user", "content": "the weather " * 40},
+        ],
+        "completion": [{"role": "assistant", "content": "Lovely."}],
+    }
+    ((tokenized),) = tokenized_turns([chat], tokenizer)
+    ids, mask = tokenized["input_ids"], tokenized["completion_mask"]
+    first = mask.index(1)
+    # The last prompt fills max_length, but the first answer still trains whole: kept.
+    kept, dropped = fit_max_length([chat], tokenizer, first + 20)
+    assert kept == [chat] and dropped.total == 0
+    # Cut inside the first answer, with the completion gone: too few tokens left to train.
+    kept, dropped = fit_max_length([chat], tokenizer, first + 2)
+    assert kept == [] and dropped == DroppedRows(completion_budget_too_small=1)
+    kept, dropped = fit_max_length([chat], tokenizer, first)
+    assert kept == [] and dropped == DroppedRows(prompt_too_long=1)
+    assert len(ids) > first + 20
 
 
 def test_fit_max_length_drops_and_counts_pairs_without_a_preference_left(tokenizer: Any) -> None:

@@ -10,7 +10,8 @@ function text(value) {
   if (value === undefined || value === null) return "";
   if (typeof value === "string") return value;
   if (typeof value === "boolean") return value ? "true (good)" : "false (bad)";
-  return value.map((m) => `${m.role}: ${m.content}`).join("\n");
+  // An answer a chat trains on before its completion is marked as the CLI marks it.
+  return value.map((m) => `${m.role}${m.weight ? " (trained)" : ""}: ${m.content}`).join("\n");
 }
 
 // The preview's columns for each kind of dataset (what training sees of its rows).
