@@ -290,52 +290,160 @@ def trains_earlier_turns(rows: list[Row]) -> bool:
     )
 
 
-def tokenized_turns(rows: list[Row], tokenizer: PreTrainedTokenizerBase) -> list[Row]:
+def tokenized_turns(
+    rows: list[Row], tokenizer: PreTrainedTokenizerBase, log: Callable[[str], None]
+) -> list[Row]:
     """sft rows for TRL: tokenized here when some prompt holds answers to train on, as
     `input_ids` and a `completion_mask` over those answers and the completion (TRL makes the
     labels from it, then cuts at max_length or packs). Else as they are: TRL's own
     prompt-completion tokenizing gives the same mask over the completion alone."""
     if not trains_earlier_turns(rows):
         return rows
-    return [
-        {"input_ids": ids, "completion_mask": mask} for ids, mask in turn_token_ids(rows, tokenizer)
+    lost = Tally()
+    out = [
+        {"input_ids": ids, "completion_mask": mask}
+        for ids, mask in turn_token_ids(rows, tokenizer, lost)
     ]
+    if lost.count:
+        log(
+            f"{lost.count} of {lost.of} earlier answers are not trained: the base model's chat "
+            "template renders a chat cut after them otherwise than the whole chat, and TRL has "
+            "no training template for it (one with {% generation %} marks would train them)"
+        )
+    return out
+
+
+class Tally:
+    """Earlier answers to train on (`of`), and those no span could be found for (`count`)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.of = 0
 
 
 def turn_token_ids(
-    rows: list[Row], tokenizer: PreTrainedTokenizerBase
+    rows: list[Row], tokenizer: PreTrainedTokenizerBase, lost: Tally | None = None
 ) -> Iterator[tuple[list[int], list[int]]]:
     """(ids, mask) per conversational sft row: the whole chat rendered, and 1 on the tokens of
-    each trained answer and of the completion. An answer spans from where the chat up to it
-    with the generation prompt stops matching the whole chat to where the chat up to and
-    with it does: its text and end-of-turn tokens, split as TRL splits a completion."""
+    each trained answer (its text and end-of-turn tokens) and of the completion.
+
+    With a template that marks answers (its own `{% generation %}` marks, or TRL's training
+    template for the model family: Qwen, Llama 3, Gemma, Phi, DeepSeek, gpt-oss, ...) the marks
+    say where each answer is, as for TRL's `assistant_only_loss`. Otherwise an answer spans
+    from the end of the chat up to it with the generation prompt to the end of the chat up to
+    and with it, both checked to render as the start of the whole chat; an answer for which
+    they do not is left untrained and counted in `lost`."""
+    marked = _training_template(tokenizer)
+    lost = lost if lost is not None else Tally()
     for start in range(0, len(rows), _TOKENIZE_BATCH):
         batch = rows[start : start + _TOKENIZE_BATCH]
         chats = [[{"role": m["role"], "content": m["content"]} for m in r["prompt"]] for r in batch]
         turns = [
             [i for i, m in enumerate(r["prompt"]) if i and m.get("weight") == 1] for r in batch
         ]
-        whole = _chat_ids(
-            tokenizer, [c + r["completion"] for c, r in zip(chats, batch, strict=True)]
-        )
-        heads = iter(
-            _chat_ids(
-                tokenizer,
-                [c[:i] for c, t in zip(chats, turns, strict=True) for i in [*t, len(c)]],
-                generation_prompt=True,
-            )
-        )
-        answered = [c[: i + 1] for c, t in zip(chats, turns, strict=True) for i in t]
-        ends = iter(_chat_ids(tokenizer, answered) if answered else [])
-        for ids, trained in zip(whole, turns, strict=True):
+        lost.of += sum(map(len, turns))
+        wholes = [c + r["completion"] for c, r in zip(chats, batch, strict=True)]
+        if marked is not None:
+            found = _marked_spans(tokenizer, marked, wholes, chats, turns)
+        else:
+            found = _prefix_spans(tokenizer, wholes, chats, turns)
+        for ids, spans in found:
             mask = [0] * len(ids)
-            for _ in trained:
-                begin, end = _common_prefix(next(heads), ids), _common_prefix(next(ends), ids)
-                if end > begin:
-                    mask[begin:end] = [1] * (end - begin)
-            begin = _common_prefix(next(heads), ids)
-            mask[begin:] = [1] * (len(ids) - begin)
+            for span in spans:
+                if span is None:
+                    lost.count += 1
+                else:
+                    mask[span[0] : span[1]] = [1] * (span[1] - span[0])
             yield ids, mask
+
+
+Span = tuple[int, int] | None
+"""Where one trained answer's tokens are; None: not found. The last span is the completion's."""
+
+
+def _training_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """A template of the tokenizer's family whose `{% generation %}` marks say where answers
+    are (its own, or TRL's patched one); None where TRL has none for it."""
+    from trl.chat_template_utils import get_training_chat_template
+
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template.get("default")
+    try:
+        patched = get_training_chat_template(tokenizer)
+    except ValueError:  # TRL knows no training template for this one
+        return None
+    return patched or template
+
+
+def _marked_spans(
+    tokenizer: PreTrainedTokenizerBase,
+    template: str,
+    wholes: list[list[Message]],
+    chats: list[list[Message]],
+    turns: list[list[int]],
+) -> Iterator[tuple[list[int], list[Span]]]:
+    """Spans from the template's answer marks: the nth run of marked tokens is the chat's nth
+    assistant message. A chat whose runs do not match its answers is split by prefixes."""
+    encoded: Any = tokenizer.apply_chat_template(
+        wholes,
+        chat_template=template,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    for ids, marks, whole, chat, trained in zip(
+        encoded["input_ids"], encoded["assistant_masks"], wholes, chats, turns, strict=True
+    ):
+        runs = _runs(list(marks))
+        answers = [i for i, m in enumerate(whole) if m["role"] == "assistant"]
+        if len(runs) != len(answers):
+            yield from _prefix_spans(tokenizer, [whole], [chat], [trained])
+            continue
+        at: dict[int, Span] = dict(zip(answers, runs, strict=True))
+        completion = [runs[n] for n, i in enumerate(answers) if i >= len(chat)]
+        last = (completion[0][0], completion[-1][1]) if completion else None
+        yield list(ids), [at[i] for i in trained] + [last]
+
+
+def _runs(marks: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of each run of 1s."""
+    runs: list[tuple[int, int]] = []
+    for i, on in enumerate(marks):
+        if on and (i == 0 or not marks[i - 1]):
+            runs.append((i, i + 1))
+        elif on:
+            runs[-1] = (runs[-1][0], i + 1)
+    return runs
+
+
+def _prefix_spans(
+    tokenizer: PreTrainedTokenizerBase,
+    wholes: list[list[Message]],
+    chats: list[list[Message]],
+    turns: list[list[int]],
+) -> Iterator[tuple[list[int], list[Span]]]:
+    """Spans from renderings of the chat cut before and after each answer; the completion
+    starts where the prompt with the generation prompt stops matching, as TRL splits it."""
+    whole_ids = _chat_ids(tokenizer, wholes)
+    heads = iter(
+        _chat_ids(
+            tokenizer,
+            [c[:i] for c, t in zip(chats, turns, strict=True) for i in [*t, len(c)]],
+            generation_prompt=True,
+        )
+    )
+    answered = [c[: i + 1] for c, t in zip(chats, turns, strict=True) for i in t]
+    ends = iter(_chat_ids(tokenizer, answered) if answered else [])
+    for ids, trained in zip(whole_ids, turns, strict=True):
+        spans: list[Span] = []
+        for _ in trained:
+            head, end = next(heads), next(ends)
+            fits = ids[: len(head)] == head and ids[: len(end)] == end and len(end) > len(head)
+            spans.append((len(head), len(end)) if fits else None)
+        begin = _common_prefix(next(heads), ids)
+        spans.append((begin, len(ids)))
+        yield ids, spans
 
 
 def _chat_ids(

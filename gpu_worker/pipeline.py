@@ -141,8 +141,8 @@ def _run(
             rows = kto_rows(rows, spec.hyperparameters.seed)
         trained_rows, trained_eval = rows, eval_rows  # as the trainer takes them
         if spec.method == "sft":
-            trained_rows = tokenized_turns(rows, tokenizer)
-            trained_eval = tokenized_turns(eval_rows, tokenizer)
+            trained_rows = tokenized_turns(rows, tokenizer, reporter.log)
+            trained_eval = tokenized_turns(eval_rows, tokenizer, lambda _: None)  # said once
         plan = distributed.Plan(
             spec=spec,
             model_dir=str(model_dir),

@@ -149,6 +149,8 @@ def _plain(
         if completion_field not in obj:
             raise RowInvalid(completion_field, f"missing field {completion_field!r}")
         row = _pair(obj[m.prompt_field], obj[completion_field], m.prompt_field, completion_field)
+        if kind_ == "sft" and isinstance(row["prompt"], list):
+            row["prompt"] = _marked(obj[m.prompt_field], row["prompt"])
     system_field = m.system_field or system_column(obj)
     if system_field in obj or history_field is not None:
         # A row with a system column is a conversation, even where the column is blank: a
@@ -256,8 +258,20 @@ def _chat(value: list[Any], field: str, *, earlier: bool) -> dict[str, Any]:
     check_prompt(prompt, field)
     check_completion(completion, field, 0)
     if earlier:
-        prompt = [trained(m) if i in answered[:-1] else m for i, m in enumerate(prompt)]
+        # an answer that opens the chat answers nothing: context, as in preamble
+        prompt = [trained(m) if i and i in answered[:-1] else m for i, m in enumerate(prompt)]
     return {"prompt": prompt, "completion": completion}
+
+
+def _marked(source: list[Any], msgs: list[Msg]) -> list[Msg]:
+    """An sft prompt given as messages keeps the answers it marks ``"weight": 1`` (rows this
+    service stored, downloaded and uploaded again); the others are context, as in TRL."""
+    return [
+        trained(m)
+        if i and m["role"] == "assistant" and isinstance(s, dict) and s.get("weight") == 1
+        else m
+        for i, (s, m) in enumerate(zip(source, msgs, strict=True))
+    ]
 
 
 def _weight(message: Any, where: str) -> bool:

@@ -275,6 +275,14 @@ def test_a_chat_trains_every_answer_not_of_weight_0_as_openai_does(tmp_path: Pat
     explicit = {"prompt": chat[:4], "completion": [chat[6]]}
     _, rows = validate(tmp_path, [explicit])
     assert rows == [explicit]
+    # The rows stored, downloaded and uploaded again keep their marks.
+    _, again = validate(tmp_path, [{"messages": chat}])
+    _, rows = validate(tmp_path, again)
+    assert rows == again
+    # An answer that opens a chat answers nothing: context, not marked.
+    opening = [{"role": "assistant", "content": "Hi, I am a bot."}, *chat[1:3]]
+    _, rows = validate(tmp_path, [{"messages": opening}])
+    assert rows == [{"prompt": opening[:2], "completion": opening[2:]}]
 
 
 def test_a_mapping_names_the_kind(tmp_path: Path) -> None:

@@ -150,7 +150,7 @@ def test_pair_tokens_split_prompt_and_completions_like_the_rendered_chat(tokeniz
 
 def _trained_text(tokenizer: Any, *rows: dict[str, Any]) -> list[str]:
     """The runs of tokens the first of some sft rows trains on, decoded."""
-    tokenized = tokenized_turns(list(rows), tokenizer)[0]
+    tokenized = tokenized_turns(list(rows), tokenizer, print)[0]
     ids, mask = tokenized["input_ids"], tokenized["completion_mask"]
     runs: list[list[int]] = []
     for i, (token, on) in enumerate(zip(ids, mask, strict=True)):
@@ -183,14 +183,67 @@ def test_a_chats_earlier_answers_are_trained_with_its_last(tokenizer: Any) -> No
         [{"role": m["role"], "content": m["content"]} for m in chat["prompt"]] + chat["completion"],
         tokenize=False,
     )
-    ((tokenized),) = tokenized_turns([chat], tokenizer)
+    ((tokenized),) = tokenized_turns([chat], tokenizer, print)
     assert tokenizer.decode(tokenized["input_ids"]) == whole  # the chat as the model reads it
 
     # Rows without earlier answers stay as they are: TRL tokenizes them the same way itself.
     single = {"prompt": chat["prompt"][:2], "completion": chat["completion"]}
-    assert tokenized_turns([single], tokenizer) == [single]
+    assert tokenized_turns([single], tokenizer, print) == [single]
     # ... unless another row of the set needs its own tokenizing: then its completion alone.
     assert _trained_text(tokenizer, single, chat) == ["Lovely and sunny.<|im_end|>\n"]
+
+
+MARKED_TEMPLATE = (  # the tiny template with TRL's answer marks (as TRL's training templates)
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+THINKING_TEMPLATE = (  # like Qwen3's: only the chat's last answer carries its (empty) thoughts
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+    "{% if loop.last and m['role'] == 'assistant' %}{{ '<think></think>' }}{% endif %}"
+    "{{ m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think></think>' }}{% endif %}"
+)
+
+
+def _chat_of_three() -> dict[str, Any]:
+    return {
+        "prompt": [
+            {"role": "user", "content": "How was the park?"},
+            {"role": "assistant", "content": "It was great.", "weight": 1},
+            {"role": "user", "content": "And the museum?"},
+            {"role": "assistant", "content": "Closed."},  # weight 0 in the file: context
+            {"role": "user", "content": "And the beach?"},
+        ],
+        "completion": [{"role": "assistant", "content": "Lovely."}],
+    }
+
+
+def test_a_template_that_marks_answers_says_where_they_are(tiny_model_dir: Path) -> None:
+    """Templates with {% generation %} marks (a model's own, or TRL's training template for its
+    family) locate the answers; an answer the file left out stays context."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    tokenizer.chat_template = MARKED_TEMPLATE
+    assert _trained_text(tokenizer, _chat_of_three()) == [
+        "It was great.<|im_end|>",
+        "Lovely.<|im_end|>",
+    ]
+
+
+def test_answers_a_template_renders_otherwise_once_cut_are_left_and_counted(
+    tiny_model_dir: Path,
+) -> None:
+    """A template that renders the chat's last answer otherwise (Qwen3's thoughts) and that
+    TRL has no training template for: an earlier answer cannot be located, so it is not
+    trained (rather than training the wrong tokens) and the job's log says how many."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    tokenizer.chat_template = THINKING_TEMPLATE
+    said: list[str] = []
+    ((row),) = tokenized_turns([_chat_of_three()], tokenizer, said.append)
+    trained = [t for t, on in zip(row["input_ids"], row["completion_mask"], strict=True) if on]
+    assert tokenizer.decode(trained) == "Lovely.<|im_end|>\n"
+    assert len(said) == 1 and said[0].startswith("1 of 1 earlier answers are not trained")
 
 
 def test_fit_max_length_counts_a_chat_by_the_answers_it_still_trains(tokenizer: Any) -> None:
@@ -202,7 +255,7 @@ def test_fit_max_length_counts_a_chat_by_the_answers_it_still_trains(tokenizer: 
         ],
         "completion": [{"role": "assistant", "content": "Lovely."}],
     }
-    ((tokenized),) = tokenized_turns([chat], tokenizer)
+    ((tokenized),) = tokenized_turns([chat], tokenizer, print)
     ids, mask = tokenized["input_ids"], tokenized["completion_mask"]
     first = mask.index(1)
     # The last prompt fills max_length, but the first answer still trains whole: kept.
