@@ -371,7 +371,7 @@ def _training_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
         template = template.get("default")
     try:
         patched = get_training_chat_template(tokenizer)
-    except ValueError:  # TRL knows no training template for this one
+    except Exception:  # TRL knows none for it, or its probes fail on it (a template that raises)
         return None
     return patched or template
 
