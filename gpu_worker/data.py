@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 Row = dict[str, Any]
-Message = dict[str, str]
+Message = dict[str, Any]
 
 _TOKENIZE_BATCH = 512
 ANSWER_FIELDS = ("chosen", "rejected", "completion")
@@ -95,6 +95,15 @@ def apply_chat_template(
         if chat_template.system_prompt is not None:
             log("chat_template.system_prompt is ignored: the rows are used as raw text")
         return rows
+    if calls_functions(rows):
+        from trl.chat_template_utils import supports_tool_calling
+
+        if not supports_tool_calling(tokenizer):
+            raise ConfigError(
+                "the rows call functions (tools, tool_calls), but the base model's chat "
+                "template does not render function calls and their results: use a model whose "
+                "template does (Qwen2.5 and later, Llama 3.1 and later, Mistral's, ...)"
+            )
     system = chat_template.system_prompt
     out = []
     for row in rows:
@@ -207,7 +216,7 @@ def fit_max_length(
     """
     kept: list[Row] = []
     dropped = DroppedRows()
-    if trains_earlier_turns(rows):  # several answers a row: counted by their trained tokens
+    if own_tokenizing(rows):  # several answers a row, or calls: counted by trained tokens
         for row, (_, mask) in zip(rows, turn_token_ids(rows, tokenizer), strict=True):
             inside = sum(mask[:max_length])
             if not inside:
@@ -280,14 +289,27 @@ def completion_token_ids(
             yield n, c[n:]
 
 
-def trains_earlier_turns(rows: list[Row]) -> bool:
-    """Whether a row's prompt holds answers an sft job trains on as well (``"weight": 1``: a
-    chat's earlier answers, see service/datasets/kinds.py)."""
-    return any(
-        isinstance(r["prompt"], list) and any(m.get("weight") == 1 for m in r["prompt"][1:])
-        for r in rows
-        if "completion" in r
+def own_tokenizing(rows: list[Row]) -> bool:
+    """Whether sft rows need tokenizing here: a prompt holds answers trained as well
+    (``"weight": 1``: a chat's earlier answers, see service/datasets/kinds.py), or the rows
+    call functions (tools vary in shape from row to row, which TRL's Arrow columns cannot
+    hold)."""
+    return calls_functions(rows) or any(
+        m.get("weight") == 1 for r in rows if "completion" in r for m in _msgs(r, "prompt")
     )
+
+
+def calls_functions(rows: list[Row]) -> bool:
+    """Whether any row lists tools or holds a function call (only sft chats do)."""
+    return any(
+        "tools" in r or any("tool_calls" in m for m in _msgs(r, "prompt") + _msgs(r, "completion"))
+        for r in rows
+    )
+
+
+def _msgs(row: Row, part: str) -> list[Message]:
+    value = row.get(part)
+    return value if isinstance(value, list) else []
 
 
 def tokenized_turns(
@@ -297,7 +319,7 @@ def tokenized_turns(
     `input_ids` and a `completion_mask` over those answers and the completion (TRL makes the
     labels from it, then cuts at max_length or packs). Else as they are: TRL's own
     prompt-completion tokenizing gives the same mask over the completion alone."""
-    if not trains_earlier_turns(rows):
+    if not own_tokenizing(rows):
         return rows
     lost = Tally()
     out = [
@@ -337,16 +359,19 @@ def turn_token_ids(
     lost = lost if lost is not None else Tally()
     for start in range(0, len(rows), _TOKENIZE_BATCH):
         batch = rows[start : start + _TOKENIZE_BATCH]
-        chats = [[{"role": m["role"], "content": m["content"]} for m in r["prompt"]] for r in batch]
+        chats = [
+            [{k: v for k, v in m.items() if k != "weight"} for m in r["prompt"]] for r in batch
+        ]
+        tools = [r.get("tools") for r in batch]
         turns = [
             [i for i, m in enumerate(r["prompt"]) if i and m.get("weight") == 1] for r in batch
         ]
         lost.of += sum(map(len, turns))
         wholes = [c + r["completion"] for c, r in zip(chats, batch, strict=True)]
         if marked is not None:
-            found = _marked_spans(tokenizer, marked, wholes, chats, turns)
+            found = _marked_spans(tokenizer, marked, wholes, chats, turns, tools)
         else:
-            found = _prefix_spans(tokenizer, wholes, chats, turns)
+            found = _prefix_spans(tokenizer, wholes, chats, turns, tools)
         for ids, spans in found:
             mask = [0] * len(ids)
             for span in spans:
@@ -382,23 +407,20 @@ def _marked_spans(
     wholes: list[list[Message]],
     chats: list[list[Message]],
     turns: list[list[int]],
+    tools: list[Any],
 ) -> Iterator[tuple[list[int], list[Span]]]:
     """Spans from the template's answer marks: the nth run of marked tokens is the chat's nth
     assistant message. A chat whose runs do not match its answers is split by prefixes."""
-    encoded: Any = tokenizer.apply_chat_template(
-        wholes,
-        chat_template=template,
-        tokenize=True,
-        return_dict=True,
-        return_assistant_tokens_mask=True,
+    encoded = _chat_encodings(
+        tokenizer, wholes, tools, chat_template=template, return_assistant_tokens_mask=True
     )
-    for ids, marks, whole, chat, trained in zip(
-        encoded["input_ids"], encoded["assistant_masks"], wholes, chats, turns, strict=True
+    for (ids, marks), whole, chat, trained, tool in zip(
+        encoded, wholes, chats, turns, tools, strict=True
     ):
         runs = _runs(list(marks))
         answers = [i for i, m in enumerate(whole) if m["role"] == "assistant"]
         if len(runs) != len(answers):
-            yield from _prefix_spans(tokenizer, [whole], [chat], [trained])
+            yield from _prefix_spans(tokenizer, [whole], [chat], [trained], [tool])
             continue
         at: dict[int, Span] = dict(zip(answers, runs, strict=True))
         completion = [runs[n] for n, i in enumerate(answers) if i >= len(chat)]
@@ -422,19 +444,23 @@ def _prefix_spans(
     wholes: list[list[Message]],
     chats: list[list[Message]],
     turns: list[list[int]],
+    tools: list[Any],
 ) -> Iterator[tuple[list[int], list[Span]]]:
     """Spans from renderings of the chat cut before and after each answer; the completion
     starts where the prompt with the generation prompt stops matching, as TRL splits it."""
-    whole_ids = _chat_ids(tokenizer, wholes)
+    whole_ids = _chat_ids(tokenizer, wholes, tools=tools)
+    cuts = [(c, i, f) for c, t, f in zip(chats, turns, tools, strict=True) for i in [*t, len(c)]]
     heads = iter(
         _chat_ids(
             tokenizer,
-            [c[:i] for c, t in zip(chats, turns, strict=True) for i in [*t, len(c)]],
+            [c[:i] for c, i, _ in cuts],
             generation_prompt=True,
+            tools=[f for _, _, f in cuts],
         )
     )
-    answered = [c[: i + 1] for c, t in zip(chats, turns, strict=True) for i in t]
-    ends = iter(_chat_ids(tokenizer, answered) if answered else [])
+    after = [(c, i, f) for c, t, f in zip(chats, turns, tools, strict=True) for i in t]
+    answered = [c[: i + 1] for c, i, _ in after]
+    ends = iter(_chat_ids(tokenizer, answered, tools=[f for _, _, f in after]) if answered else [])
     for ids, trained in zip(whole_ids, turns, strict=True):
         spans: list[Span] = []
         for _ in trained:
@@ -451,11 +477,34 @@ def _chat_ids(
     conversations: list[list[Message]],
     *,
     generation_prompt: bool = False,
+    tools: list[Any] | None = None,
 ) -> list[list[int]]:
-    encoded: Any = tokenizer.apply_chat_template(
-        conversations, add_generation_prompt=generation_prompt, tokenize=True, return_dict=True
+    encoded = _chat_encodings(
+        tokenizer, conversations, tools or [None], add_generation_prompt=generation_prompt
     )
-    return [list(ids) for ids in encoded["input_ids"]]
+    return [ids for ids, _ in encoded]
+
+
+def _chat_encodings(
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[list[Message]],
+    tools: list[Any],
+    **kwargs: Any,
+) -> list[tuple[list[int], list[int]]]:
+    """(ids, assistant marks or []) per conversation: in one batch, or one by one when rows
+    list their own tools (the template takes one list for a whole batch)."""
+    if not any(tools):
+        groups = [(conversations, None)]
+    else:
+        groups = [([c], t) for c, t in zip(conversations, tools, strict=True)]
+    out = []
+    for batch, tool in groups:
+        encoded: Any = tokenizer.apply_chat_template(
+            batch, tools=tool, tokenize=True, return_dict=True, **kwargs
+        )
+        marks = encoded.get("assistant_masks") or [[] for _ in batch]
+        out += [(list(ids), list(m)) for ids, m in zip(encoded["input_ids"], marks, strict=True)]
+    return out
 
 
 def _text_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:

@@ -49,7 +49,11 @@ def _prompt_ids(row: Row, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The row's prompt as training rendered it (chat template if the rows are messages)."""
     if is_conversational(row):
         encoded: Any = tokenizer.apply_chat_template(
-            row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
+            row["prompt"],
+            tools=row.get("tools"),
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
         )
     else:
         encoded = tokenizer(row["prompt"])

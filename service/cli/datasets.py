@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,7 +33,7 @@ from service.cli.output import (
     print_kv,
     print_table,
 )
-from service.contract import Dataset, DatasetImport, trained_by
+from service.contract import Dataset, DatasetImport, Message, trained_by
 
 
 class OnInvalidChoice(enum.StrEnum):
@@ -255,13 +256,22 @@ def datasets_show(
             turns = (
                 [(None, value)]
                 if isinstance(value, str)
-                else [(m.role + (", trained" if m.weight else ""), m.content) for m in value]
+                else [(m.role + (", trained" if m.weight else ""), _said(m)) for m in value]
             )
             for role, text in turns:
                 tag = f"[{role}] " if role else ""
                 out.print(f"  {part:<11}" + escape(tag + text), highlight=False)
         if row.label is not None:
             out.print(f"  {'label':<11}{'desirable' if row.label else 'undesirable'}")
+
+
+def _said(m: Message) -> str:
+    """A message's text, and the functions it calls as name(arguments)."""
+    calls = [
+        f"{c.function.name}({json.dumps(c.function.arguments, ensure_ascii=False)})"
+        for c in m.tool_calls or []
+    ]
+    return " ".join([m.content, *calls] if m.content else calls)
 
 
 def _length_rows(ds: Dataset) -> list[tuple[str, dict[str, float]]]:

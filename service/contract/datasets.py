@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -457,6 +457,31 @@ class DatasetImport(InvalidRows, kw_only=True, forbid_unknown_fields=True):
     ) = None
 
 
+class FunctionCall(msgspec.Struct, kw_only=True):
+    """What a tool call asks for."""
+
+    name: Annotated[str, msgspec.Meta(description="The function's name.")]
+    arguments: Annotated[
+        dict[str, Any],
+        msgspec.Meta(
+            description="Its arguments as an object (OpenAI's JSON string, parsed: the form "
+            "chat templates read)."
+        ),
+    ]
+
+
+class ToolCall(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One function an answer calls."""
+
+    type: Annotated[Literal["function"], msgspec.Meta(description="Always `function`.")]
+    function: Annotated[
+        FunctionCall, msgspec.Meta(description="The function called, with its arguments.")
+    ]
+    id: Annotated[
+        str | None, msgspec.Meta(description="The call's id, which its result names.")
+    ] = None
+
+
 class Message(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One chat message of a conversational row."""
 
@@ -472,6 +497,16 @@ class Message(msgspec.Struct, kw_only=True, omit_defaults=True):
             "the completion: a chat's earlier answers (those without OpenAI's `weight` 0) and "
             "a `history` column's answers. Left out: the message is context only."
         ),
+    ] = None
+    tool_calls: Annotated[
+        list[ToolCall] | None,
+        msgspec.Meta(description="The functions an assistant message calls (sft chats)."),
+    ] = None
+    tool_call_id: Annotated[
+        str | None, msgspec.Meta(description="The call a `tool` message gives the result of.")
+    ] = None
+    name: Annotated[
+        str | None, msgspec.Meta(description="The function a `tool` message's result is of.")
     ] = None
 
 
@@ -495,6 +530,14 @@ class DatasetRow(msgspec.Struct, kw_only=True, omit_defaults=True):
     ] = None
     label: Annotated[
         bool | None, msgspec.Meta(description="Whether the answer is good (unpaired rows).")
+    ] = None
+    tools: Annotated[
+        list[dict[str, Any]] | None,
+        msgspec.Meta(
+            description="The functions the row's answers may call, each "
+            '`{"type": "function", "function": {"name", "description", "parameters"}}` '
+            "(sft chats; OpenAI's `functions` are given this form)."
+        ),
     ] = None
 
 

@@ -51,6 +51,7 @@ from service.datasets.layouts import (
 )
 from service.datasets.layouts import normalize as preference_row
 from service.datasets.messages import (
+    TOOL_COLUMNS,
     Msg,
     RowInvalid,
     answer,
@@ -60,6 +61,7 @@ from service.datasets.messages import (
     kind,
     messages,
     text,
+    tools,
     trained,
 )
 from service.datasets.output import Output, Sink
@@ -135,8 +137,10 @@ def _plain(
     history_field = m.history_field if m.history_field in obj else None
     if completion_field not in obj and isinstance(obj.get(messages_field), list):
         # OpenAI's chats, ShareGPT's
-        row = _chat(obj[messages_field], messages_field, earlier=kind_ == "sft")
+        row = _chat(obj[messages_field], messages_field, sft=kind_ == "sft")
         used.add(messages_field)
+        if kind_ == "sft":
+            _add_tools(obj, row, used)
     elif mapping is None and "instruction" in obj and "output" in obj and "prompt" not in obj:
         # LLaMA-Factory's alpaca form: instruction, then input; output; history, system
         prompt, _ = alpaca_prompt(obj, used)
@@ -237,11 +241,12 @@ def _pair(prompt: object, completion: object, pf: str, cf: str) -> dict[str, Any
     return {"prompt": msgs, "completion": done}
 
 
-def _chat(value: list[Any], field: str, *, earlier: bool) -> dict[str, Any]:
+def _chat(value: list[Any], field: str, *, sft: bool) -> dict[str, Any]:
     """A whole chat: the messages before its last assistant turn to train on (OpenAI's
     ``weight`` 0 marks one not to), and that turn; what follows a weight-0 answer is left out.
-    `earlier`: the answers before it that are trained on too are marked in the prompt."""
-    msgs: list[Msg] = messages(value, field)
+    `sft`: the answers before it that are trained on too are marked in the prompt, and
+    function calls are kept."""
+    msgs: list[Msg] = messages(value, field, calls=sft)
     answers = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
     answered = [i for i in answers if _weight(value[i], f"{field}[{i}]")]
     last = max(answered, default=-1)
@@ -257,10 +262,23 @@ def _chat(value: list[Any], field: str, *, earlier: bool) -> dict[str, Any]:
     completion = msgs[last:] if last == answers[-1] else msgs[last : last + 1]
     check_prompt(prompt, field)
     check_completion(completion, field, 0)
-    if earlier:
+    if sft:
         # an answer that opens the chat answers nothing: context, as in preamble
         prompt = [trained(m) if i and i in answered[:-1] else m for i, m in enumerate(prompt)]
     return {"prompt": prompt, "completion": completion}
+
+
+def _add_tools(obj: dict[str, Any], row: dict[str, Any], used: set[str]) -> None:
+    """A chat's functions (``tools``, or OpenAI's older ``functions``), kept with the row for
+    the chat template; ``parallel_tool_calls`` says nothing training needs. LLaMA-Factory's
+    ``tools`` (a JSON string, its calls plain text) is left out and named in a warning."""
+    used.add("parallel_tool_calls")
+    for column in TOOL_COLUMNS:
+        if column in obj and not isinstance(obj[column], str):
+            used.add(column)
+            if not blank(obj[column]):
+                row["tools"] = tools(obj[column], column)
+            return
 
 
 def _marked(source: list[Any], msgs: list[Msg]) -> list[Msg]:

@@ -11,7 +11,8 @@ string or OpenAI's list of text parts, joined with newlines.
 
 from __future__ import annotations
 
-from typing import Any, cast
+import json
+from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
 """Message roles a normalized row holds (the roles chat templates know)."""
@@ -35,13 +36,14 @@ SHAREGPT_ROLES = {
 }
 """ShareGPT ``from`` values (LLaMA-Factory's tags) and the role each becomes."""
 
-Msg = dict[str, str]
+Msg = dict[str, Any]
+"""``{"role", "content"}``; in an sft chat also ``tool_calls``, ``tool_call_id``, ``name``."""
 
 
 def trained(msg: Msg) -> Msg:
     """An answer before the completion that an sft row trains on too (OpenAI's ``weight`` 1;
     a prompt's messages are context otherwise, as in TRL)."""
-    return cast(Msg, {**msg, "weight": 1})
+    return {**msg, "weight": 1}
 
 
 class RowInvalid(Exception):
@@ -137,7 +139,9 @@ def _sharegpt(value: dict[str, Any], where: str) -> Msg:
     return {"role": role, "content": content(value["value"], f"{where}.value")}
 
 
-def message(value: object, where: str) -> Msg:
+def message(value: object, where: str, *, calls: bool = False) -> Msg:
+    """One message checked and normalized; `calls`: function calls and their results are kept
+    (sft chats), else a message that calls a function is refused, saying so."""
     if not isinstance(value, dict):
         raise RowInvalid(
             where,
@@ -160,18 +164,32 @@ def message(value: object, where: str) -> Msg:
             f"{where}.role",
             f"unknown role {short(role)}; expected one of system, developer, user, assistant, tool",
         )
-    if value.get("content") is None and ("tool_calls" in value or "function_call" in value):
-        raise RowInvalid(
-            f"{where}.tool_calls",
-            "tool calls are not trained on here yet: leave rows with tool_calls out (or upload "
-            "with on_invalid=skip)",
-        )
+    if "tool_calls" in value or "function_call" in value:
+        if not calls:
+            raise RowInvalid(
+                f"{where}.tool_calls",
+                "tool calls are trained in sft chats only (OpenAI's messages with tools), not "
+                "in preference or kto rows yet: leave these rows out (or upload with "
+                "on_invalid=skip)",
+            )
+        if name != "assistant":
+            raise RowInvalid(f"{where}.role", f"only assistant messages call tools, got {role!r}")
+        said = value.get("content")
+        text_ = "" if said is None or said == "" else content(said, f"{where}.content")
+        return {"role": name, "content": text_, "tool_calls": tool_calls(value, where)}
     if "content" not in value:
         raise RowInvalid(f"{where}.content", "missing field 'content'")
-    return {"role": name, "content": content(value["content"], f"{where}.content")}
+    out: Msg = {"role": name, "content": content(value["content"], f"{where}.content")}
+    if calls and name == "tool":  # which call it answers: templates name it so
+        for key in ("tool_call_id", "name"):
+            if isinstance(value.get(key), str):
+                out[key] = value[key]
+    return out
 
 
-def messages(value: object, field: str, prompt_field: str | None = None) -> list[Msg]:
+def messages(
+    value: object, field: str, prompt_field: str | None = None, *, calls: bool = False
+) -> list[Msg]:
     if not isinstance(value, list):
         hint = f" (the {prompt_field} is a list of messages)" if prompt_field else ""
         raise RowInvalid(field, f"expected a list of messages{hint}, got {kind(value)}")
@@ -182,6 +200,7 @@ def messages(value: object, field: str, prompt_field: str | None = None) -> list
         # Fast path for a well-formed message; message() explains what is wrong otherwise.
         if (
             m.__class__ is dict
+            and len(m) == 2  # nothing else to keep or refuse (tool_calls, weight, name, ...)
             and (role := m.get("role")).__class__ is str
             and role in _ROLE_SET
             and (body := m.get("content")).__class__ is str
@@ -190,7 +209,7 @@ def messages(value: object, field: str, prompt_field: str | None = None) -> list
         ):
             out.append({"role": role, "content": body})
         else:
-            out.append(message(m, f"{field}[{i}]"))
+            out.append(message(m, f"{field}[{i}]", calls=calls))
     return out
 
 
@@ -283,4 +302,93 @@ def history(value: object, field: str) -> list[Msg]:
             )
         out.append({"role": "user", "content": text(pair[0], f"{field}[{i}][0]")})
         out.append({"role": "assistant", "content": text(pair[1], f"{field}[{i}][1]")})
+    return out
+
+
+# -- function calling -------------------------------------------------------------------------
+# OpenAI's chat rows give a row's ``tools`` (or the older ``functions``), assistant messages that
+# call them (``tool_calls``, or the older ``function_call``) with ``arguments`` as a JSON string,
+# and ``tool`` (older: ``function``) messages with the results. Chat templates (Qwen, Llama 3.1,
+# Mistral, ...) and TRL read the Hugging Face form: ``arguments`` as an object, each tool as
+# ``{"type": "function", "function": {...}}``; that is what is stored.
+
+TOOL_COLUMNS = ("tools", "functions")
+"""Where a row lists the functions its answers may call: OpenAI's names, newer first."""
+
+
+def tool_calls(value: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """An assistant message's calls, from ``tool_calls`` or the older ``function_call``."""
+    if "tool_calls" not in value:
+        return [{"type": "function", "function": _call(value["function_call"], where)}]
+    calls = value["tool_calls"]
+    field = f"{where}.tool_calls"
+    if not isinstance(calls, list) or not calls:
+        raise RowInvalid(field, f"expected a non-empty list of tool calls, got {kind(calls)}")
+    out = []
+    for i, call in enumerate(calls):
+        at = f"{field}[{i}]"
+        if not isinstance(call, dict):
+            raise RowInvalid(at, f"expected a tool call object, got {kind(call)}")
+        if call.get("type", "function") != "function":
+            raise RowInvalid(
+                f"{at}.type", f"only function calls are supported, got {short(call['type'])}"
+            )
+        if "function" not in call:
+            raise RowInvalid(f"{at}.function", "missing field 'function' (its name and arguments)")
+        made: dict[str, Any] = {"type": "function", "function": _call(call["function"], at)}
+        if "id" in call:
+            if not isinstance(call["id"], str):
+                raise RowInvalid(f"{at}.id", f"expected a string, got {kind(call['id'])}")
+            made["id"] = call["id"]
+        out.append(made)
+    return out
+
+
+def _call(value: object, where: str) -> dict[str, Any]:
+    """``{name, arguments}`` with the arguments as an object (OpenAI sends a JSON string)."""
+    field = f"{where}.function" if not where.endswith("function_call") else where
+    if not isinstance(value, dict):
+        raise RowInvalid(field, f"expected an object with name and arguments, got {kind(value)}")
+    name = value.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise RowInvalid(f"{field}.name", f"expected the function's name, got {short(name)}")
+    arguments = value.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise RowInvalid(
+                f"{field}.arguments", f"expected a JSON object in a string, got invalid JSON: {exc}"
+            ) from None
+    if not isinstance(arguments, dict):
+        raise RowInvalid(f"{field}.arguments", f"expected a JSON object, got {kind(arguments)}")
+    return {"name": name, "arguments": arguments}
+
+
+def tools(value: object, column: str) -> list[dict[str, Any]]:
+    """A row's functions as ``{"type": "function", "function": {name, ...}}``; the older
+    ``functions`` column lists the functions themselves."""
+    if not isinstance(value, list):
+        raise RowInvalid(column, f"expected a list of tools, got {kind(value)}")
+    out = []
+    for i, tool in enumerate(value):
+        at = f"{column}[{i}]"
+        if not isinstance(tool, dict):
+            raise RowInvalid(at, f"expected a tool object, got {kind(tool)}")
+        if column == "functions":
+            tool = {"type": "function", "function": tool}
+        elif tool.get("type") != "function":
+            got = short(tool.get("type"))
+            raise RowInvalid(f"{at}.type", f"only function tools are supported, got {got}")
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise RowInvalid(f"{at}.function", f"expected an object, got {kind(function)}")
+        name = function.get("name")
+        if not isinstance(name, str) or not name.strip():
+            where = at if column == "functions" else f"{at}.function"
+            raise RowInvalid(f"{where}.name", f"expected the function's name, got {short(name)}")
+        if not isinstance(function.get("parameters", {}), dict):
+            where = at if column == "functions" else f"{at}.function"
+            raise RowInvalid(f"{where}.parameters", "expected a JSON Schema object")
+        out.append({"type": "function", "function": function})
     return out

@@ -185,6 +185,10 @@ def test_chat_and_rating_datasets_preview_their_own_columns_on_a_phone(
         {"role": "user", "content": "Hello?"},
         {"role": "assistant", "content": "Hi, how can I help?"},
     ]
+    call = {"type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    chats.append(
+        {"messages": [chats[1]["messages"][0], {"role": "assistant", "tool_calls": [call]}]}
+    )
     ratings = [{"prompt": f"P{i}", "completion": f"C{i}", "label": i % 2 == 0} for i in range(4)]
     ids = []
     for name, rows in (("chats", chats), ("ratings", ratings)):
@@ -207,6 +211,8 @@ def test_chat_and_rating_datasets_preview_their_own_columns_on_a_phone(
     expect(completions).to_have_count(3)
     trained = tab.page.locator("td pre.cell", has_text="assistant (trained): Hi, how can I help?")
     expect(trained).to_have_count(1)
+    called = tab.page.locator("td pre.cell", has_text='assistant: weather({"city":"Paris"})')
+    expect(called).to_have_count(1)
     assert tab.page.evaluate("document.documentElement.scrollWidth") <= 390
     tab.open(f"#/datasets/{ids[1]}")
     expect(tab.page.locator("th", has_text="Label")).to_be_visible()

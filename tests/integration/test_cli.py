@@ -129,11 +129,26 @@ def test_show_prints_sft_and_unpaired_rows(cli: Callable[..., Result], tmp_path:
                     {"role": "user", "content": "Again?"},
                     {"role": "assistant", "content": "Hello."},
                 ]
-            }
+            },
+            {
+                "messages": [
+                    {"role": "user", "content": "Weather?"},
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "type": "function",
+                                "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
+                            }
+                        ],
+                    },
+                ]
+            },
         ],
     )
     ds_id = json.loads(cli("datasets", "upload", str(sft), "--json").stdout)["id"]
-    shown = cli("datasets", "show", ds_id, "--rows", "1")
+    shown = cli("datasets", "show", ds_id, "--rows", "2")
+    assert 'completion [assistant] weather({"city": "Paris"})' in shown.stdout
     assert shown.exit_code == 0, shown.output
     assert "completion [assistant] Hello." in shown.stdout
     assert "prompt     [user] Hi?" in shown.stdout and "rejected" not in shown.stdout

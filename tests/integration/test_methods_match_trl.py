@@ -59,9 +59,14 @@ def _rows(method: str) -> list[dict[str, Any]]:
 
 
 ASSISTANT_TURNS_TEMPLATE = (  # renders as tiny_model.CHAT_TEMPLATE, answers marked for TRL
+    "{% if tools %}{{ '<|im_start|>system\nTools: ' + (tools | tojson) + '<|im_end|>\n' }}"
+    "{% endif %}"
     "{% for message in messages %}{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\n' }}{% generation %}"
-    "{{ message['content'] + '<|im_end|>' + '\n' }}{% endgeneration %}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] or '' }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{{ '<tool_call>' + ({'name': call['function']['name'], "
+    "'arguments': call['function']['arguments']} | tojson) + '</tool_call>' }}"
+    "{% endfor %}{{ '<|im_end|>' + '\n' }}{% endgeneration %}"
     "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' "
     "+ '\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -184,27 +189,40 @@ def test_per_step_losses_equal_a_plain_trl_run(
     assert ours[-1] != ours[0]  # the adapter moved
 
 
+WEATHER = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+
+
+def _chats(pairs: list[dict[str, Any]], tools: bool) -> list[list[dict[str, Any]]]:
+    """Two answers a chat; with `tools`, the first is a function call and its result."""
+    chats = []
+    for i, pair in enumerate(pairs):
+        after = pairs[(i + 1) % len(pairs)]
+        first = pair["chosen"]
+        if tools:
+            city = {"city": f"City {i}"}
+            call = {"type": "function", "function": {"name": "weather", "arguments": city}}
+            first = [
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": pair["chosen"][0]["content"]},
+            ]
+        chats.append([*pair["prompt"], *first, *after["prompt"][-1:], *after["chosen"]])
+    return chats
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("tools", [False, True], ids=["answers", "function-calls"])
 def test_sft_on_chats_trains_every_answer_like_trls_assistant_only_loss(
-    tiny_model_dir: Path, tmp_path: Path
+    tools: bool, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    """A chat's earlier answers (marked weight 1 by the upload) train as TRL trains every
-    assistant turn of a `messages` row with `assistant_only_loss` (the template's
-    generation marks): same tokens in the loss, same per-step losses."""
-    pairs = conversational_rows(16)
-    chats = [
-        [
-            *pairs[i]["prompt"],
-            *pairs[i]["chosen"],
-            *pairs[(i + 1) % 16]["prompt"][-1:],
-            *pairs[(i + 1) % 16]["chosen"],
-        ]
-        for i in range(16)
-    ]
+    """A chat's earlier answers (marked weight 1 by the upload), function calls among them,
+    train as TRL trains every assistant turn of a `messages` row with `assistant_only_loss`
+    (the template's generation marks): same tokens in the loss, same per-step losses."""
+    chats = _chats(conversational_rows(16), tools)
     rows = [
         {
             "prompt": [{**m, "weight": 1} if m["role"] == "assistant" else m for m in chat[:-1]],
             "completion": chat[-1:],
+            **({"tools": WEATHER} if tools else {}),
         }
         for chat in chats
     ]
@@ -227,7 +245,7 @@ def test_sft_on_chats_trains_every_answer_like_trls_assistant_only_loss(
     reference = _plain_trl_losses(
         "sft",
         tiny_model_dir,
-        [{"messages": chat} for chat in chats],
+        [{"messages": chat, **({"tools": WEATHER} if tools else {})} for chat in chats],
         tmp_path / "trl",
         assistant_only_loss=True,
         max_length=160,

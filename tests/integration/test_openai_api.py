@@ -426,6 +426,53 @@ def test_supervised_jobs_train_openai_chat_files_with_sft(client: openai.OpenAI)
     assert bad.value.param == "training_file" and "dataset_id" not in bad.value.message
 
 
+def test_function_calling_chat_files_upload_as_openais_guide_writes_them(
+    client: openai.OpenAI,
+) -> None:
+    """A tool-calling file (calls with JSON-string arguments, their results, the row's tools)
+    is processed and becomes a supervised job; it was an `error` file."""
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_current_weather",
+            "description": "Get the current weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"location": {"type": "string"}},
+                "required": ["location"],
+            },
+        },
+    }
+    arguments = json.dumps({"location": "San Francisco, USA"})
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": tool["function"]["name"], "arguments": arguments},
+    }
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Weather in San Francisco, take {i}?"},
+                {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "21 C"},
+                {"role": "assistant", "content": "It is 21 C."},
+            ],
+            "tools": [tool],
+            "parallel_tool_calls": False,
+        }
+        for i in range(4)
+    ]
+    train = upload(client, chats, "tools.jsonl")
+    stored = [json.loads(line) for line in client.files.content(train).text.splitlines()]
+    assert stored[0]["tools"] == [tool]
+    assert stored[0]["prompt"][1]["tool_calls"] == [
+        {**call, "function": {**call["function"], "arguments": {"location": "San Francisco, USA"}}}
+    ]
+    assert stored[0]["prompt"][1]["weight"] == 1  # trained, as on OpenAI
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=train)
+    assert job.method is not None and job.method.type == "supervised"
+
+
 def test_a_create_repeated_after_its_job_ended_starts_a_new_job(
     client: openai.OpenAI, live_api: LiveServer
 ) -> None:

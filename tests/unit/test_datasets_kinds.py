@@ -294,9 +294,7 @@ def test_a_mapping_names_the_kind(tmp_path: Path) -> None:
     assert result.stats.desirable_rows == 1
 
 
-def test_openai_chat_weights_pick_the_answer_trained_and_tool_calls_say_why(
-    tmp_path: Path,
-) -> None:
+def test_openai_chat_weights_pick_the_answer_trained(tmp_path: Path) -> None:
     """OpenAI's chat rows mark answers not to train on with weight 0: the last answer of
     weight 1 is the completion (what follows it is left out), not the weight-0 one."""
     chat = [
@@ -312,23 +310,120 @@ def test_openai_chat_weights_pick_the_answer_trained_and_tool_calls_say_why(
         {"prompt": chat[:2], "completion": [{"role": "assistant", "content": "Paris."}]}
     ]
     none_trained = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in chat]
-    called = [
-        {"role": "user", "content": "Weather in Paris?"},
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}
-            ],
+    with pytest.raises(InvalidDataset) as refused:
+        validate(tmp_path, [{"messages": chat}, {"messages": none_trained}])
+    assert [(e.line, e.field) for e in refused.value.errors] == [(2, "messages")]
+    assert "every assistant message has weight 0" in refused.value.errors[0].msg
+
+
+WEATHER_TOOL = {  # OpenAI's fine-tuning guide, "Tool calling"
+    "type": "function",
+    "function": {
+        "name": "get_current_weather",
+        "description": "Get the current weather",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "location": {
+                    "type": "string",
+                    "description": "The city and country, eg. San Francisco, USA",
+                },
+                "format": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["location", "format"],
         },
-        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
-        {"role": "assistant", "content": "Sunny."},
+    },
+}
+ARGUMENTS = '{"location": "San Francisco, USA", "format": "celsius"}'
+
+
+def test_openai_tool_calling_rows_keep_their_calls_results_and_tools(tmp_path: Path) -> None:
+    """OpenAI's function-calling chats as its guide shows them (a call as the answer, with
+    no content; a call, its result, then the answer; the older functions/function_call
+    form) are sft rows that keep the calls (arguments as an object, as chat templates read
+    them), the results and the row's tools. They were refused."""
+    question = {"role": "user", "content": "What is the weather in San Francisco?"}
+    call = {
+        "role": "assistant",
+        "tool_calls": [
+            {
+                "id": "call_id",
+                "type": "function",
+                "function": {"name": "get_current_weather", "arguments": ARGUMENTS},
+            }
+        ],
+    }
+    result_ = {"role": "tool", "tool_call_id": "call_id", "content": "21 degrees, sunny"}
+    answer = {"role": "assistant", "content": "It is 21 °C and sunny."}
+    rows = [
+        {"messages": [question, call], "parallel_tool_calls": False, "tools": [WEATHER_TOOL]},
+        {"messages": [question, call, result_, answer], "tools": [WEATHER_TOOL]},
+        {
+            "messages": [
+                question,
+                {
+                    "role": "assistant",
+                    "function_call": {"name": "get_current_weather", "arguments": ARGUMENTS},
+                },
+            ],
+            "functions": [WEATHER_TOOL["function"]],
+        },
+    ]
+    result, out = validate(tmp_path, rows)
+    assert (result.kind, result.warnings) == ("sft", [])
+    called = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_current_weather",
+                    "arguments": {"location": "San Francisco, USA", "format": "celsius"},
+                },
+                "id": "call_id",
+            }
+        ],
+    }
+    assert out[0] == {"prompt": [question], "completion": [called], "tools": [WEATHER_TOOL]}
+    assert out[1] == {
+        "prompt": [question, {**called, "weight": 1}, result_],
+        "completion": [answer],
+        "tools": [WEATHER_TOOL],
+    }
+    older = {
+        **called,
+        "tool_calls": [{k: v for k, v in called["tool_calls"][0].items() if k != "id"}],
+    }
+    assert out[2] == {"prompt": [question], "completion": [older], "tools": [WEATHER_TOOL]}
+
+
+def test_tool_calls_that_cannot_be_read_say_where(tmp_path: Path) -> None:
+    question = {"role": "user", "content": "Weather?"}
+
+    def calling(arguments: object) -> dict[str, Any]:
+        call = {"type": "function", "function": {"name": "w", "arguments": arguments}}
+        return {"messages": [question, {"role": "assistant", "tool_calls": [call]}]}
+
+    rows = [
+        calling('{"city": "Paris"'),
+        calling("[1, 2]"),
+        {"messages": [question, {"role": "user", "tool_calls": []}]},
+        {**calling("{}"), "tools": [{"type": "function", "function": {"description": "x"}}]},
     ]
     with pytest.raises(InvalidDataset) as refused:
-        validate(tmp_path, [{"messages": chat}, {"messages": none_trained}, {"messages": called}])
+        validate(tmp_path, rows)
     assert [(e.line, e.field) for e in refused.value.errors] == [
-        (2, "messages"),
-        (3, "messages[1].tool_calls"),
+        (1, "messages[1].tool_calls[0].function.arguments"),
+        (2, "messages[1].tool_calls[0].function.arguments"),
+        (3, "messages[1].role"),
+        (4, "tools[0].function.name"),
     ]
-    assert "every assistant message has weight 0" in refused.value.errors[0].msg
-    assert "tool calls are not trained on here yet" in refused.value.errors[1].msg
+    assert "invalid JSON" in refused.value.errors[0].msg
+    # With text beside the call, the call was dropped without a word; now it is said.
+    said = {**calling("{}")["messages"][1], "content": "Let me check."}
+    pair = {"prompt": [question], "chosen": [said], "rejected": "No."}
+    with pytest.raises(InvalidDataset) as refused:
+        validate(tmp_path, [pair])
+    [error] = refused.value.errors
+    assert error.field == "chosen[0].tool_calls" and "sft chats only" in error.msg

@@ -246,6 +246,49 @@ def test_answers_a_template_renders_otherwise_once_cut_are_left_and_counted(
     assert len(said) == 1 and said[0].startswith("1 of 1 earlier answers are not trained")
 
 
+WEATHER = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+
+
+def _tool_chat() -> dict[str, Any]:
+    """OpenAI's tool-calling chat, as the upload stores it (arguments an object)."""
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}
+    return {
+        "prompt": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [call], "weight": 1},
+            {"role": "tool", "content": "21 degrees", "tool_call_id": "c1"},
+        ],
+        "completion": [{"role": "assistant", "content": "It is 21 degrees."}],
+        "tools": WEATHER,
+    }
+
+
+def test_function_calls_train_and_their_results_are_context(tokenizer: Any) -> None:
+    """A chat that calls a function trains the call and the answer after its result; the
+    result (the tool's words) and the tools listed are what the model reads, not writes."""
+    row = _tool_chat()
+    assert _trained_text(tokenizer, row) == [
+        '<tool_call>{"name": "weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>\n',
+        "It is 21 degrees.<|im_end|>\n",
+    ]
+    ((tokenized),) = tokenized_turns([row], tokenizer, print)
+    assert tokenizer.decode(tokenized["input_ids"]).startswith(
+        '<|im_start|>system\nTools: [{"type": "function", "function": {"name": "weather"'
+    )
+    # A call as the answer itself, no earlier answer: tokenized here too (the tools).
+    alone = {"prompt": row["prompt"][:1], "completion": row["prompt"][1:2], "tools": WEATHER}
+    assert _trained_text(tokenizer, alone) == [
+        '<tool_call>{"name": "weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>\n'
+    ]
+
+
+def test_function_calls_need_a_template_that_renders_them(tiny_model_dir: Path) -> None:
+    tokenizer = load_tokenizer(tiny_model_dir)
+    tokenizer.chat_template = THINKING_TEMPLATE  # renders content alone: calls would vanish
+    with pytest.raises(ConfigError, match="does not render function calls"):
+        apply_chat_template([_tool_chat()], tokenizer, ChatTemplate(), print)
+
+
 def test_fit_max_length_counts_a_chat_by_the_answers_it_still_trains(tokenizer: Any) -> None:
     chat = {
         "prompt": [

@@ -10,8 +10,10 @@ function text(value) {
   if (value === undefined || value === null) return "";
   if (typeof value === "string") return value;
   if (typeof value === "boolean") return value ? "true (good)" : "false (bad)";
-  // An answer a chat trains on before its completion is marked as the CLI marks it.
-  return value.map((m) => `${m.role}${m.weight ? " (trained)" : ""}: ${m.content}`).join("\n");
+  // An answer a chat trains on before its completion is marked as the CLI marks it, and the
+  // functions a message calls are shown as name(arguments).
+  const said = (m) => [m.content, ...(m.tool_calls || []).map((c) => `${c.function.name}(${JSON.stringify(c.function.arguments)})`)].filter(Boolean).join(" ");
+  return value.map((m) => `${m.role}${m.weight ? " (trained)" : ""}: ${said(m)}`).join("\n");
 }
 
 // The preview's columns for each kind of dataset (what training sees of its rows).
