@@ -3,13 +3,14 @@
 Rows arrive canonical (the API normalized them): preference `{"prompt", "chosen", "rejected"}`,
 sft `{"prompt", "completion"}` or unpaired `{"prompt", "completion", "label"}`, as standard
 strings or conversational lists of `{role, content}` messages (an sft prompt's answers marked
-`"weight": 1` are trained too: `tokenized_turns`). Everything here is a plain
+`"weight": 1` are trained too: `to_dataset`). Everything here is a plain
 function over lists of dicts, so it can be tested without a trainer.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 import unicodedata
 from collections import Counter
@@ -102,7 +103,7 @@ def apply_chat_template(
             raise ConfigError(
                 "the rows call functions (tools, tool_calls), but the base model's chat "
                 "template does not render function calls and their results: use a model whose "
-                "template does (Qwen2.5 and later, Llama 3.1 and later, Mistral's, ...)"
+                "template does (Qwen2.5 and later, Llama 3.1 and later, ...)"
             )
     system = chat_template.system_prompt
     out = []
@@ -312,29 +313,6 @@ def _msgs(row: Row, part: str) -> list[Message]:
     return value if isinstance(value, list) else []
 
 
-def tokenized_turns(
-    rows: list[Row], tokenizer: PreTrainedTokenizerBase, log: Callable[[str], None]
-) -> list[Row]:
-    """sft rows for TRL: tokenized here when some prompt holds answers to train on, as
-    `input_ids` and a `completion_mask` over those answers and the completion (TRL makes the
-    labels from it, then cuts at max_length or packs). Else as they are: TRL's own
-    prompt-completion tokenizing gives the same mask over the completion alone."""
-    if not own_tokenizing(rows):
-        return rows
-    lost = Tally()
-    out = [
-        {"input_ids": ids, "completion_mask": mask}
-        for ids, mask in turn_token_ids(rows, tokenizer, lost)
-    ]
-    if lost.count:
-        log(
-            f"{lost.count} of {lost.of} earlier answers are not trained: the base model's chat "
-            "template renders a chat cut after them otherwise than the whole chat, and TRL has "
-            "no training template for it (one with {% generation %} marks would train them)"
-        )
-    return out
-
-
 class Tally:
     """Earlier answers to train on (`of`), and those no span could be found for (`count`)."""
 
@@ -497,11 +475,21 @@ def _chat_encodings(
         groups = [(conversations, None)]
     else:
         groups = [([c], t) for c, t in zip(conversations, tools, strict=True)]
+    from jinja2.exceptions import TemplateError
+
     out = []
     for batch, tool in groups:
-        encoded: Any = tokenizer.apply_chat_template(
-            batch, tools=tool, tokenize=True, return_dict=True, **kwargs
-        )
+        try:
+            encoded: Any = tokenizer.apply_chat_template(
+                batch, tools=tool, tokenize=True, return_dict=True, **kwargs
+            )
+        except TemplateError as exc:  # the template's own refusal, e.g. Llama 3.1's one call
+            first = next((m["content"] for m in batch[0] if m["role"] == "user"), "")
+            raise DatasetError(
+                f"the base model's chat template refuses a row: {exc} (the row asking "
+                f"{first[:80]!r}{' and others' if len(batch) > 1 else ''}). Leave such rows out "
+                "or train a model whose template takes them"
+            ) from None
         marks = encoded.get("assistant_masks") or [[] for _ in batch]
         out += [(list(ids), list(m)) for ids, m in zip(encoded["input_ids"], marks, strict=True)]
     return out
@@ -544,7 +532,38 @@ def kto_rows(rows: list[Row], seed: int) -> list[Row]:
     return unpaired
 
 
-def to_dataset(rows: list[Row]) -> Dataset:
+def to_dataset(
+    rows: list[Row],
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Dataset:
+    """The rows as TRL's trainers take them. With the tokenizer, sft rows that need it
+    (:func:`own_tokenizing`) are tokenized here: `input_ids` and a `completion_mask` over the
+    answers trained and the completion (TRL makes the labels from it, then cuts at max_length
+    or packs), built into Arrow a batch at a time (4 bytes a token where Python lists hold
+    about 40). The others as they are: TRL's own prompt-completion tokenizing gives the same
+    mask over the completion alone. `log` hears of answers that could not be placed."""
     from datasets import Dataset
+    from datasets.table import InMemoryTable
 
-    return Dataset.from_list(rows)
+    if tokenizer is None or not own_tokenizing(rows):
+        return Dataset.from_list(rows)
+    import pyarrow as pa
+
+    lost = Tally()
+    tokens = turn_token_ids(rows, tokenizer, lost)
+    tables = []
+    while batch := list(itertools.islice(tokens, _TOKENIZE_BATCH)):
+        ids, masks = zip(*batch, strict=True)
+        columns = {
+            "input_ids": pa.array(ids, pa.list_(pa.int32())),
+            "completion_mask": pa.array(masks, pa.list_(pa.int8())),
+        }
+        tables.append(pa.table(columns))
+    if lost.count and log is not None:
+        log(
+            f"{lost.count} of {lost.of} earlier answers are not trained: the base model's chat "
+            "template renders a chat cut after them otherwise than the whole chat, and TRL has "
+            "no training template for it (one with {% generation %} marks would train them)"
+        )
+    return Dataset(InMemoryTable(pa.concat_tables(tables)))

@@ -33,7 +33,6 @@ from gpu_worker.data import (
     remove_duplicates,
     split_eval,
     to_dataset,
-    tokenized_turns,
 )
 from gpu_worker.errors import ConfigError, DatasetError
 from gpu_worker.generations import generate_side_by_side, generate_with_merged
@@ -139,15 +138,11 @@ def _run(
         )
         if spec.method == "kto":
             rows = kto_rows(rows, spec.hyperparameters.seed)
-        trained_rows, trained_eval = rows, eval_rows  # as the trainer takes them
-        if spec.method == "sft":
-            trained_rows = tokenized_turns(rows, tokenizer, reporter.log)
-            trained_eval = tokenized_turns(eval_rows, tokenizer, lambda _: None)  # said once
         plan = distributed.Plan(
             spec=spec,
             model_dir=str(model_dir),
-            rows=trained_rows,
-            eval_rows=trained_eval,
+            rows=rows,
+            eval_rows=eval_rows,
             init_adapter=str(init_adapter) if init_adapter else None,
             resume_from=str(resume_from) if resume_from else None,
             output_dir=str(output_dir),
@@ -162,8 +157,8 @@ def _run(
             tokenizer,
             spec,
             build_config(spec, output_dir, device, has_eval=bool(eval_rows), parallel=parallel),
-            to_dataset(plan.rows),
-            to_dataset(plan.eval_rows) if plan.eval_rows else None,
+            to_dataset(rows, tokenizer, reporter.log),
+            to_dataset(eval_rows, tokenizer) if eval_rows else None,
             [*distributed.rank_states(plan, 0), callback, *group.callbacks],
             init_adapter=init_adapter,
         )

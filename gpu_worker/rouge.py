@@ -9,6 +9,7 @@ MAX_ROUGE_ROWS eval rows, logged as `eval_rouge1`, `eval_rouge2` and `eval_rouge
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 from gpu_worker.data import Row, is_conversational
@@ -64,4 +65,5 @@ def _reference(row: Row) -> str:
     completion = row["completion"]
     if isinstance(completion, str):
         return completion
-    return "\n".join(m["content"] for m in completion)
+    # a function call is compared as the JSON of its calls
+    return "\n".join(m["content"] or json.dumps(m.get("tool_calls", "")) for m in completion)

@@ -152,9 +152,13 @@ def _plain(
             raise RowInvalid(m.prompt_field, f"missing field {m.prompt_field!r}")
         if completion_field not in obj:
             raise RowInvalid(completion_field, f"missing field {completion_field!r}")
-        row = _pair(obj[m.prompt_field], obj[completion_field], m.prompt_field, completion_field)
-        if kind_ == "sft" and isinstance(row["prompt"], list):
+        sft = kind_ == "sft"
+        row = _pair(
+            obj[m.prompt_field], obj[completion_field], m.prompt_field, completion_field, calls=sft
+        )
+        if sft and isinstance(row["prompt"], list):  # rows this service stores read back as is
             row["prompt"] = _marked(obj[m.prompt_field], row["prompt"])
+            _add_tools(obj, row, used)
     system_field = m.system_field or system_column(obj)
     if system_field in obj or history_field is not None:
         # A row with a system column is a conversation, even where the column is blank: a
@@ -227,16 +231,19 @@ def used_columns(kind_: DatasetKind, mapping: FieldMapping | None) -> set[str]:
     return used
 
 
-def _pair(prompt: object, completion: object, pf: str, cf: str) -> dict[str, Any]:
+def _pair(
+    prompt: object, completion: object, pf: str, cf: str, *, calls: bool = False
+) -> dict[str, Any]:
+    """A prompt and its answer; `calls`: function calls kept (sft rows, as they are stored)."""
     if isinstance(prompt, str):
         if not isinstance(completion, str):
             got = kind(completion)
             raise RowInvalid(cf, f"expected a string (the {pf} is a string), got {got}")
         p, c = text(prompt, pf), text(completion, cf)
         return {"prompt": p, "completion": c}
-    msgs = messages(prompt, pf)
+    msgs = messages(prompt, pf, calls=calls)
     check_prompt(msgs, pf)
-    done = answer(completion, cf)
+    done = answer(completion, cf, calls=calls)
     check_completion(done, cf)
     return {"prompt": msgs, "completion": done}
 
@@ -258,8 +265,8 @@ def _chat(value: list[Any], field: str, *, sft: bool) -> dict[str, Any]:
             if why
             else "a chat needs an assistant message after at least one other message",
         )
-    prompt = msgs[:last]
-    completion = msgs[last:] if last == answers[-1] else msgs[last : last + 1]
+    # What follows the last answer trained (a tool's result, a weight-0 answer) trains nothing.
+    prompt, completion = msgs[:last], msgs[last : last + 1]
     check_prompt(prompt, field)
     check_completion(completion, field, 0)
     if sft:
@@ -320,7 +327,11 @@ def as_conversation(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _chars(msgs: list[Msg]) -> int:
-    return sum(len(m["content"]) for m in msgs)
+    """Characters of the messages, a function call's as its JSON."""
+    return sum(
+        len(m["content"]) + (len(msgspec.json.encode(m["tool_calls"])) if "tool_calls" in m else 0)
+        for m in msgs
+    )
 
 
 def _row_hash(row: dict[str, Any], data: bytes) -> int:
@@ -330,7 +341,8 @@ def _row_hash(row: dict[str, Any], data: bytes) -> int:
     if isinstance(prompt, str):
         return hash((prompt, completion, label))
     if (
-        len(prompt) == len(completion) == 1
+        "tools" not in row
+        and len(prompt) == len(completion) == 1
         and prompt[0].keys() == completion[0].keys() == {"role", "content"}
         and prompt[0]["role"] == "user"
         and completion[0]["role"] == "assistant"

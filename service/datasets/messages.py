@@ -164,7 +164,8 @@ def message(value: object, where: str, *, calls: bool = False) -> Msg:
             f"{where}.role",
             f"unknown role {short(role)}; expected one of system, developer, user, assistant, tool",
         )
-    if "tool_calls" in value or "function_call" in value:
+    if not blank(value.get("tool_calls")) or not blank(value.get("function_call")):
+        # null or [] is no call: the openai SDK's model_dump() writes both on every message
         if not calls:
             raise RowInvalid(
                 f"{where}.tool_calls",
@@ -175,11 +176,14 @@ def message(value: object, where: str, *, calls: bool = False) -> Msg:
         if name != "assistant":
             raise RowInvalid(f"{where}.role", f"only assistant messages call tools, got {role!r}")
         said = value.get("content")
-        text_ = "" if said is None or said == "" else content(said, f"{where}.content")
+        text_ = "" if blank(said) else content(said, f"{where}.content")
         return {"role": name, "content": text_, "tool_calls": tool_calls(value, where)}
     if "content" not in value:
         raise RowInvalid(f"{where}.content", "missing field 'content'")
-    out: Msg = {"role": name, "content": content(value["content"], f"{where}.content")}
+    if calls and name == "tool" and value["content"] == "":  # a function may return nothing
+        out: Msg = {"role": name, "content": ""}
+    else:
+        out = {"role": name, "content": content(value["content"], f"{where}.content")}
     if calls and name == "tool":  # which call it answers: templates name it so
         for key in ("tool_call_id", "name"):
             if isinstance(value.get(key), str):
@@ -275,11 +279,14 @@ def split_conversations(
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def answer(value: object, field: str) -> list[Msg]:
+def answer(value: object, field: str, *, calls: bool = False) -> list[Msg]:
     """An answer column: a text, one message object, or a list of messages."""
     if isinstance(value, str):
         return [{"role": "assistant", "content": text(value, field)}]
-    msgs = [message(value, field)] if isinstance(value, dict) else messages(value, field)
+    if isinstance(value, dict):
+        msgs = [message(value, field, calls=calls)]
+    else:
+        msgs = messages(value, field, calls=calls)
     check_completion(msgs, field)
     return msgs
 
@@ -356,9 +363,10 @@ def _call(value: object, where: str) -> dict[str, Any]:
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested past Python's stack
+            why = exc if isinstance(exc, ValueError) else "nested too deeply"
             raise RowInvalid(
-                f"{field}.arguments", f"expected a JSON object in a string, got invalid JSON: {exc}"
+                f"{field}.arguments", f"expected a JSON object in a string, got invalid JSON: {why}"
             ) from None
     if not isinstance(arguments, dict):
         raise RowInvalid(f"{field}.arguments", f"expected a JSON object, got {kind(arguments)}")

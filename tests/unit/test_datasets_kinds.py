@@ -398,6 +398,57 @@ def test_openai_tool_calling_rows_keep_their_calls_results_and_tools(tmp_path: P
     assert out[2] == {"prompt": [question], "completion": [older], "tools": [WEATHER_TOOL]}
 
 
+def test_messages_as_the_openai_sdk_dumps_them_call_nothing(tmp_path: Path) -> None:
+    """The SDK's model_dump() writes tool_calls, function_call, refusal, audio ... as null on
+    every message: no call, in every kind of row (refused in each by the first version)."""
+    from openai.types.chat import ChatCompletionMessage
+
+    said = ChatCompletionMessage(role="assistant", content="Paris.").model_dump()
+    assert said["tool_calls"] is None and said["function_call"] is None
+    empty = {**said, "content": "Lyon.", "tool_calls": []}
+    question = {"role": "user", "content": "Capital of France?"}
+    _, rows = validate(tmp_path, [{"messages": [question, said]}])
+    assert rows == [
+        {"prompt": [question], "completion": [{"role": "assistant", "content": "Paris."}]}
+    ]
+    _, rows = validate(tmp_path, [{"prompt": [question], "chosen": [said], "rejected": [empty]}])
+    assert rows[0]["rejected"] == [{"role": "assistant", "content": "Lyon."}]
+    _, rows = validate(tmp_path, [{"messages": [question, said], "label": True}])
+    assert rows[0]["label"] is True
+
+
+def test_function_calling_rows_at_their_edges(tmp_path: Path) -> None:
+    """A chat ending in a call and its result trains the call (the result trains nothing);
+    text of only whitespace beside a call and a function returning nothing are OpenAI's too;
+    rows as stored read back as they are; the same chat with other tools is no duplicate."""
+    question = {"role": "user", "content": "Weather?"}
+    call = {"type": "function", "function": {"name": "w", "arguments": "{}"}}
+    calling = {"role": "assistant", "content": "\n", "tool_calls": [call]}
+    empty_result = {"role": "tool", "content": "", "tool_call_id": "c1"}
+    tool = {"type": "function", "function": {"name": "w"}}
+    rows = [
+        {"messages": [question, calling, empty_result], "tools": [tool]},
+        {
+            "messages": [question, calling, empty_result],
+            "tools": [{"type": "function", "function": {"name": "w", "description": "x"}}],
+        },
+    ]
+    result, out = validate(tmp_path, rows)
+    stored_call = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": {}}}],
+    }
+    assert out[0] == {"prompt": [question], "completion": [stored_call], "tools": [tool]}
+    assert result.warnings == [] and len(out) == 2  # other tools: not a repeat
+    assert result.stats.completion_chars["min"] > 0  # a call counts its JSON
+    _, again = validate(tmp_path, out)
+    assert again == out
+    answered = [question, calling, empty_result, {"role": "assistant", "content": "Sunny."}]
+    _, out = validate(tmp_path, [{"messages": answered}])
+    assert out[0]["prompt"][2] == empty_result
+
+
 def test_tool_calls_that_cannot_be_read_say_where(tmp_path: Path) -> None:
     question = {"role": "user", "content": "Weather?"}
 
@@ -408,8 +459,9 @@ def test_tool_calls_that_cannot_be_read_say_where(tmp_path: Path) -> None:
     rows = [
         calling('{"city": "Paris"'),
         calling("[1, 2]"),
-        {"messages": [question, {"role": "user", "tool_calls": []}]},
+        {"messages": [question, {**calling("{}")["messages"][1], "role": "user"}]},
         {**calling("{}"), "tools": [{"type": "function", "function": {"description": "x"}}]},
+        calling("[" * 100_000 + "]" * 100_000),  # past Python's recursion limit
     ]
     with pytest.raises(InvalidDataset) as refused:
         validate(tmp_path, rows)
@@ -418,6 +470,7 @@ def test_tool_calls_that_cannot_be_read_say_where(tmp_path: Path) -> None:
         (2, "messages[1].tool_calls[0].function.arguments"),
         (3, "messages[1].role"),
         (4, "tools[0].function.name"),
+        (5, "messages[1].tool_calls[0].function.arguments"),
     ]
     assert "invalid JSON" in refused.value.errors[0].msg
     # With text beside the call, the call was dropped without a word; now it is said.

@@ -19,7 +19,7 @@ from gpu_worker.data import (
     prompt_key,
     remove_duplicates,
     split_eval,
-    tokenized_turns,
+    to_dataset,
 )
 from gpu_worker.errors import ConfigError, DatasetError
 from gpu_worker.model import load_tokenizer
@@ -150,7 +150,7 @@ def test_pair_tokens_split_prompt_and_completions_like_the_rendered_chat(tokeniz
 
 def _trained_text(tokenizer: Any, *rows: dict[str, Any]) -> list[str]:
     """The runs of tokens the first of some sft rows trains on, decoded."""
-    tokenized = tokenized_turns(list(rows), tokenizer, print)[0]
+    tokenized = to_dataset(list(rows), tokenizer, print)[0]
     ids, mask = tokenized["input_ids"], tokenized["completion_mask"]
     runs: list[list[int]] = []
     for i, (token, on) in enumerate(zip(ids, mask, strict=True)):
@@ -183,12 +183,12 @@ def test_a_chats_earlier_answers_are_trained_with_its_last(tokenizer: Any) -> No
         [{"role": m["role"], "content": m["content"]} for m in chat["prompt"]] + chat["completion"],
         tokenize=False,
     )
-    ((tokenized),) = tokenized_turns([chat], tokenizer, print)
+    tokenized = to_dataset([chat], tokenizer, print)[0]
     assert tokenizer.decode(tokenized["input_ids"]) == whole  # the chat as the model reads it
 
     # Rows without earlier answers stay as they are: TRL tokenizes them the same way itself.
     single = {"prompt": chat["prompt"][:2], "completion": chat["completion"]}
-    assert tokenized_turns([single], tokenizer, print) == [single]
+    assert to_dataset([single], tokenizer, print).to_list() == [single]
     # ... unless another row of the set needs its own tokenizing: then its completion alone.
     assert _trained_text(tokenizer, single, chat) == ["Lovely and sunny.<|im_end|>\n"]
 
@@ -240,7 +240,7 @@ def test_answers_a_template_renders_otherwise_once_cut_are_left_and_counted(
     tokenizer = load_tokenizer(tiny_model_dir)
     tokenizer.chat_template = THINKING_TEMPLATE
     said: list[str] = []
-    ((row),) = tokenized_turns([_chat_of_three()], tokenizer, said.append)
+    row = to_dataset([_chat_of_three()], tokenizer, said.append)[0]
     trained = [t for t, on in zip(row["input_ids"], row["completion_mask"], strict=True) if on]
     assert tokenizer.decode(trained) == "Lovely.<|im_end|>\n"
     assert len(said) == 1 and said[0].startswith("1 of 1 earlier answers are not trained")
@@ -271,7 +271,7 @@ def test_function_calls_train_and_their_results_are_context(tokenizer: Any) -> N
         '<tool_call>{"name": "weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>\n',
         "It is 21 degrees.<|im_end|>\n",
     ]
-    ((tokenized),) = tokenized_turns([row], tokenizer, print)
+    tokenized = to_dataset([row], tokenizer, print)[0]
     assert tokenizer.decode(tokenized["input_ids"]).startswith(
         '<|im_start|>system\nTools: [{"type": "function", "function": {"name": "weather"'
     )
@@ -289,6 +289,23 @@ def test_function_calls_need_a_template_that_renders_them(tiny_model_dir: Path) 
         apply_chat_template([_tool_chat()], tokenizer, ChatTemplate(), print)
 
 
+def test_a_row_the_template_refuses_fails_saying_which(tiny_model_dir: Path) -> None:
+    """Llama 3.1's template raises on a message of several calls: the job says so and which
+    row, instead of a bare TemplateError from deep inside the preparation."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    tokenizer.chat_template = tokenizer.chat_template.replace(
+        "{% for call in",
+        "{% if (message['tool_calls'] or []) | length > 1 %}"
+        "{{ raise_exception('This model only supports single tool-calls at once!') }}"
+        "{% endif %}{% for call in",
+    )
+    row = _tool_chat()
+    row["prompt"][1] = {**row["prompt"][1], "tool_calls": row["prompt"][1]["tool_calls"] * 2}
+    with pytest.raises(DatasetError, match="single tool-calls at once") as failed:
+        fit_max_length([row], tokenizer, 512)
+    assert "'Weather in Paris?'" in str(failed.value)
+
+
 def test_fit_max_length_counts_a_chat_by_the_answers_it_still_trains(tokenizer: Any) -> None:
     chat = {
         "prompt": [
@@ -298,7 +315,7 @@ def test_fit_max_length_counts_a_chat_by_the_answers_it_still_trains(tokenizer: 
         ],
         "completion": [{"role": "assistant", "content": "Lovely."}],
     }
-    ((tokenized),) = tokenized_turns([chat], tokenizer, print)
+    tokenized = to_dataset([chat], tokenizer, print)[0]
     ids, mask = tokenized["input_ids"], tokenized["completion_mask"]
     first = mask.index(1)
     # The last prompt fills max_length, but the first answer still trains whole: kept.
