@@ -32,6 +32,9 @@ Row = dict[str, Any]
 Message = dict[str, Any]
 
 _TOKENIZE_BATCH = 512
+_CHAT_BATCH = 64
+"""Chats rendered at once by turn_token_ids: each is rendered up to twice an answer, and a
+fast tokenizer's batch keeps every token's offsets and text (512 long chats held ~1.5 GB)."""
 ANSWER_FIELDS = ("chosen", "rejected", "completion")
 """The fields of a row that hold an answer (the rest: prompt, and an unpaired row's label)."""
 
@@ -335,8 +338,8 @@ def turn_token_ids(
     they do not is left untrained and counted in `lost`."""
     marked = _training_template(tokenizer)
     lost = lost if lost is not None else Tally()
-    for start in range(0, len(rows), _TOKENIZE_BATCH):
-        batch = rows[start : start + _TOKENIZE_BATCH]
+    for start in range(0, len(rows), _CHAT_BATCH):
+        batch = rows[start : start + _CHAT_BATCH]
         chats = [
             [{k: v for k, v in m.items() if k != "weight"} for m in r["prompt"]] for r in batch
         ]
