@@ -21,6 +21,16 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from gpu_worker.errors import ConfigError, DatasetError
+from gpu_worker.turns import (
+    Message,
+    Row,
+    Tally,
+    calls_functions,
+    chat_ids,
+    common_prefix,
+    own_tokenizing,
+    turn_token_ids,
+)
 from service.blobs import BlobNotFound, BlobStore, dataset_blob_key
 from service.contract import ChatTemplate, DatasetRef, DroppedRows
 
@@ -28,13 +38,8 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
 
-Row = dict[str, Any]
-Message = dict[str, Any]
 
 _TOKENIZE_BATCH = 512
-_CHAT_BATCH = 64
-"""Chats rendered at once by turn_token_ids: each is rendered up to twice an answer, and a
-fast tokenizer's batch keeps every token's offsets and text (512 long chats held ~1.5 GB)."""
 ANSWER_FIELDS = ("chosen", "rejected", "completion")
 """The fields of a row that hold an answer (the rest: prompt, and an unpaired row's label)."""
 
@@ -259,9 +264,9 @@ def pair_token_ids(
     for start in range(0, len(rows), _TOKENIZE_BATCH):
         batch = rows[start : start + _TOKENIZE_BATCH]
         if is_conversational(batch[0]):
-            prompts = _chat_ids(tokenizer, [r["prompt"] for r in batch], generation_prompt=True)
-            chosen = _chat_ids(tokenizer, [r["prompt"] + r["chosen"] for r in batch])
-            rejected = _chat_ids(tokenizer, [r["prompt"] + r["rejected"] for r in batch])
+            prompts = chat_ids(tokenizer, [r["prompt"] for r in batch], generation_prompt=True)
+            chosen = chat_ids(tokenizer, [r["prompt"] + r["chosen"] for r in batch])
+            rejected = chat_ids(tokenizer, [r["prompt"] + r["rejected"] for r in batch])
         else:
             prompts = _text_ids(tokenizer, [r["prompt"] for r in batch])
             chosen = _text_ids(tokenizer, [r["prompt"] + _ending(r["chosen"], eos) for r in batch])
@@ -269,7 +274,7 @@ def pair_token_ids(
                 tokenizer, [r["prompt"] + _ending(r["rejected"], eos) for r in batch]
             )
         for p, c, r in zip(prompts, chosen, rejected, strict=True):
-            n = min(_common_prefix(p, c), _common_prefix(p, r))
+            n = min(common_prefix(p, c), common_prefix(p, r))
             yield n, c[n:], r[n:]
 
 
@@ -281,221 +286,16 @@ def completion_token_ids(
     for start in range(0, len(rows), _TOKENIZE_BATCH):
         batch = rows[start : start + _TOKENIZE_BATCH]
         if is_conversational(batch[0]):
-            prompts = _chat_ids(tokenizer, [r["prompt"] for r in batch], generation_prompt=True)
-            full = _chat_ids(tokenizer, [r["prompt"] + r["completion"] for r in batch])
+            prompts = chat_ids(tokenizer, [r["prompt"] for r in batch], generation_prompt=True)
+            full = chat_ids(tokenizer, [r["prompt"] + r["completion"] for r in batch])
         else:
             prompts = _text_ids(tokenizer, [r["prompt"] for r in batch])
             full = _text_ids(
                 tokenizer, [r["prompt"] + _ending(r["completion"], eos) for r in batch]
             )
         for p, c in zip(prompts, full, strict=True):
-            n = _common_prefix(p, c)
+            n = common_prefix(p, c)
             yield n, c[n:]
-
-
-def own_tokenizing(rows: list[Row]) -> bool:
-    """Whether sft rows need tokenizing here: a prompt holds answers trained as well
-    (``"weight": 1``: a chat's earlier answers, see service/datasets/kinds.py), or the rows
-    call functions (tools vary in shape from row to row, which TRL's Arrow columns cannot
-    hold)."""
-    return calls_functions(rows) or any(
-        m.get("weight") == 1 for r in rows if "completion" in r for m in _msgs(r, "prompt")
-    )
-
-
-def calls_functions(rows: list[Row]) -> bool:
-    """Whether any row lists tools or holds a function call (only sft chats do)."""
-    return any(
-        "tools" in r or any("tool_calls" in m for m in _msgs(r, "prompt") + _msgs(r, "completion"))
-        for r in rows
-    )
-
-
-def _msgs(row: Row, part: str) -> list[Message]:
-    value = row.get(part)
-    return value if isinstance(value, list) else []
-
-
-class Tally:
-    """Earlier answers to train on (`of`), and those no span could be found for (`count`)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.of = 0
-
-
-def turn_token_ids(
-    rows: list[Row], tokenizer: PreTrainedTokenizerBase, lost: Tally | None = None
-) -> Iterator[tuple[list[int], list[int]]]:
-    """(ids, mask) per conversational sft row: the whole chat rendered, and 1 on the tokens of
-    each trained answer (its text and end-of-turn tokens) and of the completion.
-
-    With a template that marks answers (its own `{% generation %}` marks, or TRL's training
-    template for the model family: Qwen, Llama 3, Gemma, Phi, DeepSeek, gpt-oss, ...) the marks
-    say where each answer is, as for TRL's `assistant_only_loss`. Otherwise an answer spans
-    from the end of the chat up to it with the generation prompt to the end of the chat up to
-    and with it, both checked to render as the start of the whole chat; an answer for which
-    they do not is left untrained and counted in `lost`."""
-    marked = _training_template(tokenizer)
-    lost = lost if lost is not None else Tally()
-    for start in range(0, len(rows), _CHAT_BATCH):
-        batch = rows[start : start + _CHAT_BATCH]
-        chats = [
-            [{k: v for k, v in m.items() if k != "weight"} for m in r["prompt"]] for r in batch
-        ]
-        tools = [r.get("tools") for r in batch]
-        turns = [
-            [i for i, m in enumerate(r["prompt"]) if i and m.get("weight") == 1] for r in batch
-        ]
-        lost.of += sum(map(len, turns))
-        wholes = [c + r["completion"] for c, r in zip(chats, batch, strict=True)]
-        if marked is not None:
-            found = _marked_spans(tokenizer, marked, wholes, chats, turns, tools)
-        else:
-            found = _prefix_spans(tokenizer, wholes, chats, turns, tools)
-        for ids, spans in found:
-            mask = [0] * len(ids)
-            for span in spans:
-                if span is None:
-                    lost.count += 1
-                else:
-                    mask[span[0] : span[1]] = [1] * (span[1] - span[0])
-            yield ids, mask
-
-
-Span = tuple[int, int] | None
-"""Where one trained answer's tokens are; None: not found. The last span is the completion's."""
-
-
-def _training_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
-    """A template of the tokenizer's family whose `{% generation %}` marks say where answers
-    are (its own, or TRL's patched one); None where TRL has none for it."""
-    from trl.chat_template_utils import get_training_chat_template
-
-    template = tokenizer.chat_template
-    if isinstance(template, dict):
-        template = template.get("default")
-    try:
-        patched = get_training_chat_template(tokenizer)
-    except Exception:  # TRL knows none for it, or its probes fail on it (a template that raises)
-        return None
-    return patched or template
-
-
-def _marked_spans(
-    tokenizer: PreTrainedTokenizerBase,
-    template: str,
-    wholes: list[list[Message]],
-    chats: list[list[Message]],
-    turns: list[list[int]],
-    tools: list[Any],
-) -> Iterator[tuple[list[int], list[Span]]]:
-    """Spans from the template's answer marks: the nth run of marked tokens is the chat's nth
-    assistant message. A chat whose runs do not match its answers is split by prefixes."""
-    encoded = _chat_encodings(
-        tokenizer, wholes, tools, chat_template=template, return_assistant_tokens_mask=True
-    )
-    for (ids, marks), whole, chat, trained, tool in zip(
-        encoded, wholes, chats, turns, tools, strict=True
-    ):
-        runs = _runs(list(marks))
-        answers = [i for i, m in enumerate(whole) if m["role"] == "assistant"]
-        if len(runs) != len(answers):
-            yield from _prefix_spans(tokenizer, [whole], [chat], [trained], [tool])
-            continue
-        at: dict[int, Span] = dict(zip(answers, runs, strict=True))
-        completion = [runs[n] for n, i in enumerate(answers) if i >= len(chat)]
-        last = (completion[0][0], completion[-1][1]) if completion else None
-        yield list(ids), [at[i] for i in trained] + [last]
-
-
-def _runs(marks: list[int]) -> list[tuple[int, int]]:
-    """(start, end) of each run of 1s."""
-    runs: list[tuple[int, int]] = []
-    for i, on in enumerate(marks):
-        if on and (i == 0 or not marks[i - 1]):
-            runs.append((i, i + 1))
-        elif on:
-            runs[-1] = (runs[-1][0], i + 1)
-    return runs
-
-
-def _prefix_spans(
-    tokenizer: PreTrainedTokenizerBase,
-    wholes: list[list[Message]],
-    chats: list[list[Message]],
-    turns: list[list[int]],
-    tools: list[Any],
-) -> Iterator[tuple[list[int], list[Span]]]:
-    """Spans from renderings of the chat cut before and after each answer; the completion
-    starts where the prompt with the generation prompt stops matching, as TRL splits it."""
-    whole_ids = _chat_ids(tokenizer, wholes, tools=tools)
-    cuts = [(c, i, f) for c, t, f in zip(chats, turns, tools, strict=True) for i in [*t, len(c)]]
-    heads = iter(
-        _chat_ids(
-            tokenizer,
-            [c[:i] for c, i, _ in cuts],
-            generation_prompt=True,
-            tools=[f for _, _, f in cuts],
-        )
-    )
-    after = [(c, i, f) for c, t, f in zip(chats, turns, tools, strict=True) for i in t]
-    answered = [c[: i + 1] for c, i, _ in after]
-    ends = iter(_chat_ids(tokenizer, answered, tools=[f for _, _, f in after]) if answered else [])
-    for ids, trained in zip(whole_ids, turns, strict=True):
-        spans: list[Span] = []
-        for _ in trained:
-            head, end = next(heads), next(ends)
-            fits = ids[: len(head)] == head and ids[: len(end)] == end and len(end) > len(head)
-            spans.append((len(head), len(end)) if fits else None)
-        begin = _common_prefix(next(heads), ids)
-        spans.append((begin, len(ids)))
-        yield ids, spans
-
-
-def _chat_ids(
-    tokenizer: PreTrainedTokenizerBase,
-    conversations: list[list[Message]],
-    *,
-    generation_prompt: bool = False,
-    tools: list[Any] | None = None,
-) -> list[list[int]]:
-    encoded = _chat_encodings(
-        tokenizer, conversations, tools or [None], add_generation_prompt=generation_prompt
-    )
-    return [ids for ids, _ in encoded]
-
-
-def _chat_encodings(
-    tokenizer: PreTrainedTokenizerBase,
-    conversations: list[list[Message]],
-    tools: list[Any],
-    **kwargs: Any,
-) -> list[tuple[list[int], list[int]]]:
-    """(ids, assistant marks or []) per conversation: in one batch, or one by one when rows
-    list their own tools (the template takes one list for a whole batch)."""
-    if not any(tools):
-        groups = [(conversations, None)]
-    else:
-        groups = [([c], t) for c, t in zip(conversations, tools, strict=True)]
-    from jinja2.exceptions import TemplateError
-
-    out = []
-    for batch, tool in groups:
-        try:
-            encoded: Any = tokenizer.apply_chat_template(
-                batch, tools=tool, tokenize=True, return_dict=True, **kwargs
-            )
-        except TemplateError as exc:  # the template's own refusal, e.g. Llama 3.1's one call
-            first = next((m["content"] for m in batch[0] if m["role"] == "user"), "")
-            raise DatasetError(
-                f"the base model's chat template refuses a row: {exc} (the row asking "
-                f"{first[:80]!r}{' and others' if len(batch) > 1 else ''}). Leave such rows out "
-                "or train a model whose template takes them"
-            ) from None
-        marks = encoded.get("assistant_masks") or [[] for _ in batch]
-        out += [(list(ids), list(m)) for ids, m in zip(encoded["input_ids"], marks, strict=True)]
-    return out
 
 
 def _text_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
@@ -505,15 +305,6 @@ def _text_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list
 
 def _ending(text: str, eos: str) -> str:
     return text if text.endswith(eos) else text + eos
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def kto_rows(rows: list[Row], seed: int) -> list[Row]:
@@ -563,10 +354,6 @@ def to_dataset(
             "completion_mask": pa.array(masks, pa.list_(pa.int8())),
         }
         tables.append(pa.table(columns))
-    if lost.count and log is not None:
-        log(
-            f"{lost.count} of {lost.of} earlier answers are not trained: the base model's chat "
-            "template renders a chat cut after them otherwise than the whole chat, and TRL has "
-            "no training template for it (one with {% generation %} marks would train them)"
-        )
+    if (said := lost.said()) and log is not None:
+        log(said)
     return Dataset(InMemoryTable(pa.concat_tables(tables)))

@@ -24,7 +24,6 @@ from gpu_worker import distributed
 from gpu_worker.callbacks import METRICS_FILE, CheckpointStore, ReporterCallback, read_points
 from gpu_worker.callbacks import write_points as write_metrics
 from gpu_worker.data import (
-    Row,
     apply_chat_template,
     fetch_rows,
     fit_max_length,
@@ -41,6 +40,7 @@ from gpu_worker.model import load_model, load_tokenizer, resolve_model
 from gpu_worker.reporter import JobCancelled, JobStopped, Reporter
 from gpu_worker.tracking import Tracking
 from gpu_worker.trainer import adapt_to_device, build_config, build_trainer, resolve_device, train
+from gpu_worker.turns import Row
 from service import tenants
 from service.blobs import BlobStore
 from service.contract import (

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from gpu_worker.data import Row, is_conversational
+from gpu_worker.data import is_conversational
 from gpu_worker.generations import generate_one
+from gpu_worker.turns import Row
 from service.contract import JobSpec
 
 if TYPE_CHECKING:

@@ -261,8 +261,9 @@ class DatasetController(Controller):
             Parameter(
                 min_length=1,
                 max_length=128,
-                description="Column of a whole chat: the rows are sft, the last assistant turn "
-                "the completion, the earlier answers trained too (unless of weight 0)",
+                description="Column of a whole chat: sft rows (kto with a label), the last "
+                "assistant turn the completion; for sft the earlier answers are trained too "
+                "(unless of weight 0)",
             ),
         ] = None,
         on_invalid: Annotated[

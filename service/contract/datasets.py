@@ -229,9 +229,9 @@ class FieldMapping(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     messages_field: Annotated[
         str | None,
         msgspec.Meta(
-            description="Column of a whole chat (OpenAI's `messages`): the rows are sft, the "
-            "last assistant turn the completion, the earlier answers trained too (unless of "
-            "weight 0)."
+            description="Column of a whole chat (OpenAI's `messages`): sft rows (kto with a "
+            "label), the last assistant turn the completion; for sft the earlier answers are "
+            "trained too (unless of weight 0)."
         ),
     ] = None
 
@@ -449,8 +449,9 @@ class DatasetImport(InvalidRows, kw_only=True, forbid_unknown_fields=True):
             msgspec.Meta(
                 min_length=1,
                 max_length=128,
-                description="The column holding a whole chat: sft rows, the last assistant "
-                "turn the completion, the earlier answers trained too (unless of weight 0).",
+                description="The column holding a whole chat: sft rows (kto with a label), the "
+                "last assistant turn the completion; for sft the earlier answers are trained "
+                "too (unless of weight 0).",
             ),
         ]
         | None
@@ -495,7 +496,8 @@ class Message(msgspec.Struct, kw_only=True, omit_defaults=True):
         msgspec.Meta(
             description="1 on an answer in an sft row's prompt that is trained on as well as "
             "the completion: a chat's earlier answers (those without OpenAI's `weight` 0) and "
-            "a `history` column's answers. Left out: the message is context only."
+            "a `history` column's answers, and answers so marked in an uploaded prompt. Left "
+            "out: the message is context only."
         ),
     ] = None
     tool_calls: Annotated[

@@ -13,7 +13,7 @@ Canonical rows, one JSON object a line:
   before its last assistant turn and that turn, its earlier answers marked ``"weight": 1``
   in the prompt: trained as well, as OpenAI, LLaMA-Factory and Axolotl train every answer
   of a chat (so are the answers of a ``history`` column). A prompt given as a prompt is
-  context only, as in TRL;
+  context only, as in TRL, but for answers it marks so (rows stored here, uploaded again);
 - unpaired: the same plus ``"label": true|false`` (a good or a bad completion).
 """
 
@@ -59,10 +59,10 @@ from service.datasets.messages import (
     check_completion,
     check_prompt,
     kind,
+    mark_trained,
     messages,
     text,
     tools,
-    trained,
 )
 from service.datasets.output import Output, Sink
 from service.datasets.stats import (
@@ -157,7 +157,7 @@ def _plain(
             obj[m.prompt_field], obj[completion_field], m.prompt_field, completion_field, calls=sft
         )
         if sft and isinstance(row["prompt"], list):  # rows this service stores read back as is
-            row["prompt"] = _marked(obj[m.prompt_field], row["prompt"])
+            row["prompt"] = _marked(obj[m.prompt_field], row["prompt"], m.prompt_field)
             _add_tools(obj, row, used)
     system_field = m.system_field or system_column(obj)
     if system_field in obj or history_field is not None:
@@ -270,8 +270,7 @@ def _chat(value: list[Any], field: str, *, sft: bool) -> dict[str, Any]:
     check_prompt(prompt, field)
     check_completion(completion, field, 0)
     if sft:
-        # an answer that opens the chat answers nothing: context, as in preamble
-        prompt = [trained(m) if i and i in answered[:-1] else m for i, m in enumerate(prompt)]
+        prompt = mark_trained(prompt, answered[:-1])
     return {"prompt": prompt, "completion": completion}
 
 
@@ -281,22 +280,25 @@ def _add_tools(obj: dict[str, Any], row: dict[str, Any], used: set[str]) -> None
     ``tools`` (a JSON string, its calls plain text) is left out and named in a warning."""
     used.add("parallel_tool_calls")
     for column in TOOL_COLUMNS:
-        if column in obj and not isinstance(obj[column], str):
-            used.add(column)
-            if not blank(obj[column]):
-                row["tools"] = tools(obj[column], column)
+        if column not in obj or isinstance(obj[column], str):
+            continue
+        used.add(column)
+        if not blank(obj[column]):  # "tools": null beside "functions": the functions
+            row["tools"] = tools(obj[column], column)
             return
 
 
-def _marked(source: list[Any], msgs: list[Msg]) -> list[Msg]:
+def _marked(source: list[Any], msgs: list[Msg], field: str) -> list[Msg]:
     """An sft prompt given as messages keeps the answers it marks ``"weight": 1`` (rows this
     service stored, downloaded and uploaded again); the others are context, as in TRL."""
-    return [
-        trained(m)
-        if i and m["role"] == "assistant" and isinstance(s, dict) and s.get("weight") == 1
-        else m
-        for i, (s, m) in enumerate(zip(source, msgs, strict=True))
-    ]
+    return mark_trained(
+        msgs,
+        (
+            i
+            for i, m in enumerate(source)
+            if isinstance(m, dict) and "weight" in m and _weight(m, f"{field}[{i}]")
+        ),
+    )
 
 
 def _weight(message: Any, where: str) -> bool:

@@ -25,11 +25,11 @@ from service.datasets.messages import (
     history,
     identical,
     kind,
+    mark_trained,
     messages,
     short,
     split_conversations,
     text,
-    trained,
 )
 
 DEFAULT_MAPPING = FieldMapping()
@@ -126,12 +126,11 @@ def preamble(
         used.add(history_col)
         if not blank(obj.get(history_col)):
             turns = history(obj[history_col], history_col)
-            if train_history:  # an answer that opens the chat answers nothing: not marked
-                turns = [
-                    trained(m) if m["role"] == "assistant" and (head or i) else m
-                    for i, m in enumerate(turns)
-                ]
-            head = head + turns
+            if train_history:
+                start = len(head)
+                head = mark_trained(head + turns, range(start, start + len(turns)))
+            else:
+                head = head + turns
     return head + rest if head else shared
 
 

@@ -1,7 +1,7 @@
 """The pieces of a canonical row: texts and chat messages, checked and named when wrong.
 
 A message is kept as ``{"role", "content"}`` with one of the four roles chat templates know
-(and ``"weight": 1`` on an answer an sft row trains on in its prompt, :func:`trained`).
+(and ``"weight": 1`` on an answer an sft row trains on in its prompt, :func:`mark_trained`).
 Publishers spell messages two ways, and both are read: ``{role, content}`` (OpenAI, TRL;
 ``developer`` is OpenAI's newer name for ``system``, ``function`` its older one for a tool
 result) and ShareGPT's ``{from, value}`` (LLaMA-Factory: ``human``, ``gpt``, ``system``,
@@ -12,6 +12,7 @@ string or OpenAI's list of text parts, joined with newlines.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -40,10 +41,15 @@ Msg = dict[str, Any]
 """``{"role", "content"}``; in an sft chat also ``tool_calls``, ``tool_call_id``, ``name``."""
 
 
-def trained(msg: Msg) -> Msg:
-    """An answer before the completion that an sft row trains on too (OpenAI's ``weight`` 1;
-    a prompt's messages are context otherwise, as in TRL)."""
-    return {**msg, "weight": 1}
+def mark_trained(msgs: list[Msg], answers: Iterable[int]) -> list[Msg]:
+    """`msgs` with the assistant messages at `answers` marked ``"weight": 1``: answers before
+    the completion that an sft row trains on too (a prompt's messages are context otherwise,
+    as in TRL). The chat's first message answers nothing, so it is never marked."""
+    picked = set(answers)
+    return [
+        {**m, "weight": 1} if i in picked and i > 0 and m["role"] == "assistant" else m
+        for i, m in enumerate(msgs)
+    ]
 
 
 class RowInvalid(Exception):
@@ -325,8 +331,9 @@ TOOL_COLUMNS = ("tools", "functions")
 
 def tool_calls(value: dict[str, Any], where: str) -> list[dict[str, Any]]:
     """An assistant message's calls, from ``tool_calls`` or the older ``function_call``."""
-    if "tool_calls" not in value:
-        return [{"type": "function", "function": _call(value["function_call"], where)}]
+    if blank(value.get("tool_calls")):  # null beside a function_call: the SDK's model_dump()
+        call = _call(value["function_call"], f"{where}.function_call")
+        return [{"type": "function", "function": call}]
     calls = value["tool_calls"]
     field = f"{where}.tool_calls"
     if not isinstance(calls, list) or not calls:
@@ -342,7 +349,10 @@ def tool_calls(value: dict[str, Any], where: str) -> list[dict[str, Any]]:
             )
         if "function" not in call:
             raise RowInvalid(f"{at}.function", "missing field 'function' (its name and arguments)")
-        made: dict[str, Any] = {"type": "function", "function": _call(call["function"], at)}
+        made: dict[str, Any] = {
+            "type": "function",
+            "function": _call(call["function"], f"{at}.function"),
+        }
         if "id" in call:
             if not isinstance(call["id"], str):
                 raise RowInvalid(f"{at}.id", f"expected a string, got {kind(call['id'])}")
@@ -351,9 +361,8 @@ def tool_calls(value: dict[str, Any], where: str) -> list[dict[str, Any]]:
     return out
 
 
-def _call(value: object, where: str) -> dict[str, Any]:
+def _call(value: object, field: str) -> dict[str, Any]:
     """``{name, arguments}`` with the arguments as an object (OpenAI sends a JSON string)."""
-    field = f"{where}.function" if not where.endswith("function_call") else where
     if not isinstance(value, dict):
         raise RowInvalid(field, f"expected an object with name and arguments, got {kind(value)}")
     name = value.get("name")

@@ -415,6 +415,23 @@ def test_messages_as_the_openai_sdk_dumps_them_call_nothing(tmp_path: Path) -> N
     assert rows[0]["rejected"] == [{"role": "assistant", "content": "Lyon."}]
     _, rows = validate(tmp_path, [{"messages": [question, said], "label": True}])
     assert rows[0]["label"] is True
+    # The older function_call as the SDK dumps it (tool_calls null beside it), and tools
+    # null beside the older functions: the call and the functions are read.
+    old_call = ChatCompletionMessage.model_validate(
+        {"role": "assistant", "function_call": {"name": "w", "arguments": '{"city": "Paris"}'}}
+    ).model_dump()
+    assert old_call["tool_calls"] is None
+    row = {"messages": [question, old_call], "tools": None, "functions": [{"name": "w"}]}
+    result, rows = validate(tmp_path, [row])
+    assert rows[0]["completion"][0]["tool_calls"] == [
+        {"type": "function", "function": {"name": "w", "arguments": {"city": "Paris"}}}
+    ]
+    assert rows[0]["tools"] == [{"type": "function", "function": {"name": "w"}}]
+    assert result.warnings == []
+    broken = {**old_call, "function_call": {"name": "w", "arguments": "{"}}
+    with pytest.raises(InvalidDataset) as refused:
+        validate(tmp_path, [{"messages": [question, broken]}])
+    assert refused.value.errors[0].field == "messages[1].function_call.arguments"
 
 
 def test_function_calling_rows_at_their_edges(tmp_path: Path) -> None:

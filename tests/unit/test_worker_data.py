@@ -231,6 +231,53 @@ def test_a_template_that_marks_answers_says_where_they_are(tiny_model_dir: Path)
     ]
 
 
+def test_marks_that_leave_the_end_of_turn_out_are_not_trusted(tiny_model_dir: Path) -> None:
+    """A template whose own marks end before its end-of-turn token (TRL warns of it) would
+    train answers the model never learns to stop after: the prefixes place them instead."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    tokenizer.chat_template = MARKED_TEMPLATE.replace(
+        "{{ m['content'] + '<|im_end|>' }}{% endgeneration %}",
+        "{{ m['content'] }}{% endgeneration %}{{ '<|im_end|>' }}",
+    )
+    assert _trained_text(tokenizer, _chat_of_three()) == [
+        "It was great.<|im_end|>\n",
+        "Lovely.<|im_end|>\n",
+    ]
+
+
+def test_the_row_a_template_refuses_is_the_one_named(tiny_model_dir: Path) -> None:
+    tokenizer = load_tokenizer(tiny_model_dir)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if 'museum' in m['content'] %}"
+        "{{ raise_exception('no museums') }}{% endif %}{% endfor %}" + tokenizer.chat_template
+    )
+    fine = {
+        **_chat_of_three(),
+        "prompt": [*_chat_of_three()["prompt"][:2], {"role": "user", "content": "And the zoo?"}],
+    }
+    refused = {
+        **_chat_of_three(),
+        "prompt": [
+            {"role": "user", "content": "How was the museum?"},
+            *_chat_of_three()["prompt"][1:],
+        ],
+    }
+    with pytest.raises(DatasetError, match="no museums") as failed:
+        to_dataset([fine, refused], tokenizer, print)
+    assert "'How was the museum?'" in str(failed.value)
+    # A chat cut after an answer that the template refuses leaves that answer unplaced.
+    tokenizer.chat_template = (
+        "{% if messages[-1]['content'] == 'It was great.' %}"
+        "{{ raise_exception('a chat ends with a question') }}{% endif %}"
+        + load_tokenizer(tiny_model_dir).chat_template
+    )
+    said: list[str] = []
+    row = to_dataset([fine], tokenizer, said.append)[0]
+    trained = [t for t, on in zip(row["input_ids"], row["completion_mask"], strict=True) if on]
+    assert tokenizer.decode(trained) == "Lovely.<|im_end|>\n"
+    assert said[0].startswith("1 of 1 earlier answers are not trained")
+
+
 def test_answers_a_template_renders_otherwise_once_cut_are_left_and_counted(
     tiny_model_dir: Path,
 ) -> None:
