@@ -160,27 +160,38 @@ def _plain_trl_losses(
     return [log["loss"] for log in trainer.state.log_history if "loss" in log]
 
 
+def _our_losses(
+    method: str,
+    rows: list[dict[str, Any]],
+    hyperparameters: dict[str, Any],
+    model_dir: Path,
+    tmp_path: Path,
+) -> list[float]:
+    """The per-step losses of a job of ours on `rows`, with the reference's LoRA and 4-bit."""
+    store = open_store((tmp_path / "store").as_uri())
+    job = stage_job(
+        store,
+        model_dir,
+        rows,
+        method=method,
+        eval_fraction=0.0,
+        hyperparameters=hyperparameters,
+        lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+        quantization={"bits": 4, "quant_type": "nf4", "double_quant": True},
+    )
+    settings = Settings(models_dir=model_dir.parent, work_dir=tmp_path, device="cpu")
+    reporter = ListReporter()
+    run(job, tmp_path / "work", reporter, settings=settings, store=store)
+    return [values["loss"] for _, values in reporter.points if "loss" in values]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["sft", "kto", "orpo", "simpo"])
 def test_per_step_losses_equal_a_plain_trl_run(
     method: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     rows = _rows(method)
-    store = open_store((tmp_path / "store").as_uri())
-    job = stage_job(
-        store,
-        tiny_model_dir,
-        rows,
-        method=method,
-        eval_fraction=0.0,
-        hyperparameters=COMMON | OWN[method],
-        lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
-        quantization={"bits": 4, "quant_type": "nf4", "double_quant": True},
-    )
-    settings = Settings(models_dir=tiny_model_dir.parent, work_dir=tmp_path, device="cpu")
-    reporter = ListReporter()
-    run(job, tmp_path / "work", reporter, settings=settings, store=store)
-    ours = [values["loss"] for _, values in reporter.points if "loss" in values]
+    ours = _our_losses(method, rows, COMMON | OWN[method], tiny_model_dir, tmp_path)
 
     reference = _plain_trl_losses(method, tiny_model_dir, rows, tmp_path / "trl")
 
@@ -226,21 +237,7 @@ def test_sft_on_chats_trains_every_answer_like_trls_assistant_only_loss(
         }
         for chat in chats
     ]
-    store = open_store((tmp_path / "store").as_uri())
-    job = stage_job(
-        store,
-        tiny_model_dir,
-        rows,
-        method="sft",
-        eval_fraction=0.0,
-        hyperparameters=COMMON | {"max_length": 160},
-        lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
-        quantization={"bits": 4, "quant_type": "nf4", "double_quant": True},
-    )
-    settings = Settings(models_dir=tiny_model_dir.parent, work_dir=tmp_path, device="cpu")
-    reporter = ListReporter()
-    run(job, tmp_path / "work", reporter, settings=settings, store=store)
-    ours = [values["loss"] for _, values in reporter.points if "loss" in values]
+    ours = _our_losses("sft", rows, COMMON | {"max_length": 160}, tiny_model_dir, tmp_path)
 
     reference = _plain_trl_losses(
         "sft",

@@ -28,7 +28,13 @@ from service.openai import records
 from service.openai.hyperparameters import auto_batch_size, auto_epochs
 from service.settings import Settings
 from tests.fixtures.api import LiveServer
-from tests.fixtures.openai_sdk import OPENAI_EXAMPLE_ROW, jsonl, openai_rows, sdk
+from tests.fixtures.openai_sdk import (
+    OPENAI_EXAMPLE_ROW,
+    OPENAI_WEATHER_TOOL,
+    jsonl,
+    openai_rows,
+    sdk,
+)
 from tests.integration.test_api_observability import drive
 from tests.integration.test_webhooks import SECRET, Receiver, _serve
 
@@ -431,18 +437,7 @@ def test_function_calling_chat_files_upload_as_openais_guide_writes_them(
 ) -> None:
     """A tool-calling file (calls with JSON-string arguments, their results, the row's tools)
     is processed and becomes a supervised job; it was an `error` file."""
-    tool = {
-        "type": "function",
-        "function": {
-            "name": "get_current_weather",
-            "description": "Get the current weather",
-            "parameters": {
-                "type": "object",
-                "properties": {"location": {"type": "string"}},
-                "required": ["location"],
-            },
-        },
-    }
+    tool = OPENAI_WEATHER_TOOL
     arguments = json.dumps({"location": "San Francisco, USA"})
     call = {
         "id": "call_1",

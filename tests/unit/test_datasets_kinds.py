@@ -12,6 +12,7 @@ import pytest
 
 from service.contract import FieldMapping
 from service.datasets.validate import IngestResult, InvalidDataset, validate_file
+from tests.fixtures.openai_sdk import OPENAI_WEATHER_TOOL
 
 
 def validate(
@@ -316,24 +317,6 @@ def test_openai_chat_weights_pick_the_answer_trained(tmp_path: Path) -> None:
     assert "every assistant message has weight 0" in refused.value.errors[0].msg
 
 
-WEATHER_TOOL = {  # OpenAI's fine-tuning guide, "Tool calling"
-    "type": "function",
-    "function": {
-        "name": "get_current_weather",
-        "description": "Get the current weather",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "location": {
-                    "type": "string",
-                    "description": "The city and country, eg. San Francisco, USA",
-                },
-                "format": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["location", "format"],
-        },
-    },
-}
 ARGUMENTS = '{"location": "San Francisco, USA", "format": "celsius"}'
 
 
@@ -356,8 +339,12 @@ def test_openai_tool_calling_rows_keep_their_calls_results_and_tools(tmp_path: P
     result_ = {"role": "tool", "tool_call_id": "call_id", "content": "21 degrees, sunny"}
     answer = {"role": "assistant", "content": "It is 21 °C and sunny."}
     rows = [
-        {"messages": [question, call], "parallel_tool_calls": False, "tools": [WEATHER_TOOL]},
-        {"messages": [question, call, result_, answer], "tools": [WEATHER_TOOL]},
+        {
+            "messages": [question, call],
+            "parallel_tool_calls": False,
+            "tools": [OPENAI_WEATHER_TOOL],
+        },
+        {"messages": [question, call, result_, answer], "tools": [OPENAI_WEATHER_TOOL]},
         {
             "messages": [
                 question,
@@ -366,7 +353,7 @@ def test_openai_tool_calling_rows_keep_their_calls_results_and_tools(tmp_path: P
                     "function_call": {"name": "get_current_weather", "arguments": ARGUMENTS},
                 },
             ],
-            "functions": [WEATHER_TOOL["function"]],
+            "functions": [OPENAI_WEATHER_TOOL["function"]],
         },
     ]
     result, out = validate(tmp_path, rows)
@@ -385,17 +372,17 @@ def test_openai_tool_calling_rows_keep_their_calls_results_and_tools(tmp_path: P
             }
         ],
     }
-    assert out[0] == {"prompt": [question], "completion": [called], "tools": [WEATHER_TOOL]}
+    assert out[0] == {"prompt": [question], "completion": [called], "tools": [OPENAI_WEATHER_TOOL]}
     assert out[1] == {
         "prompt": [question, {**called, "weight": 1}, result_],
         "completion": [answer],
-        "tools": [WEATHER_TOOL],
+        "tools": [OPENAI_WEATHER_TOOL],
     }
     older = {
         **called,
         "tool_calls": [{k: v for k, v in called["tool_calls"][0].items() if k != "id"}],
     }
-    assert out[2] == {"prompt": [question], "completion": [older], "tools": [WEATHER_TOOL]}
+    assert out[2] == {"prompt": [question], "completion": [older], "tools": [OPENAI_WEATHER_TOOL]}
 
 
 def test_messages_as_the_openai_sdk_dumps_them_call_nothing(tmp_path: Path) -> None:
