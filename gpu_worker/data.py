@@ -264,9 +264,14 @@ def pair_token_ids(
     for start in range(0, len(rows), _TOKENIZE_BATCH):
         batch = rows[start : start + _TOKENIZE_BATCH]
         if is_conversational(batch[0]):
-            prompts = chat_ids(tokenizer, [r["prompt"] for r in batch], generation_prompt=True)
-            chosen = chat_ids(tokenizer, [r["prompt"] + r["chosen"] for r in batch])
-            rejected = chat_ids(tokenizer, [r["prompt"] + r["rejected"] for r in batch])
+            tools = [r.get("tools") for r in batch]
+            prompts = chat_ids(
+                tokenizer, [r["prompt"] for r in batch], generation_prompt=True, tools=tools
+            )
+            chosen = chat_ids(tokenizer, [r["prompt"] + r["chosen"] for r in batch], tools=tools)
+            rejected = chat_ids(
+                tokenizer, [r["prompt"] + r["rejected"] for r in batch], tools=tools
+            )
         else:
             prompts = _text_ids(tokenizer, [r["prompt"] for r in batch])
             chosen = _text_ids(tokenizer, [r["prompt"] + _ending(r["chosen"], eos) for r in batch])
@@ -326,6 +331,29 @@ def kto_rows(rows: list[Row], seed: int) -> list[Row]:
     return unpaired
 
 
+def _json_cells(rows: list[Row]) -> Dataset:
+    """Preference rows that call functions, each message and list of tools a JSON cell: the
+    structs Arrow infers would give every message every key and every call every argument
+    of every other row (as nulls, which templates render)."""
+    from datasets import Dataset, Features, Json, List
+
+    messages = List(Json())
+    columns = {name: messages for name in ("prompt", "chosen", "rejected")}
+    features = Features({**columns, "tools": Json()})
+    return Dataset.from_list([{**r, "tools": r.get("tools")} for r in rows], features=features)
+
+
+def check_calls_trainable(rows: list[Row], method: str) -> None:
+    """Rows that list functions or call them train with sft and dpo only: TRL's other
+    trainers render a row without its tools."""
+    if method not in ("sft", "dpo") and calls_functions(rows):
+        raise ConfigError(
+            f"the rows list functions (tools) or call them, which {method} does not train: "
+            "TRL's trainer for it renders rows without their tools. Train them with dpo (or "
+            "sft), or leave those rows out"
+        )
+
+
 def to_dataset(
     rows: list[Row],
     tokenizer: PreTrainedTokenizerBase | None = None,
@@ -341,6 +369,8 @@ def to_dataset(
     from datasets.table import InMemoryTable
 
     if tokenizer is None or not own_tokenizing(rows):
+        if calls_functions(rows):
+            return _json_cells(rows)
         return Dataset.from_list(rows)
     import pyarrow as pa
 

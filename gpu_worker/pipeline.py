@@ -25,6 +25,7 @@ from gpu_worker.callbacks import METRICS_FILE, CheckpointStore, ReporterCallback
 from gpu_worker.callbacks import write_points as write_metrics
 from gpu_worker.data import (
     apply_chat_template,
+    check_calls_trainable,
     fetch_rows,
     fit_max_length,
     kto_rows,
@@ -250,6 +251,7 @@ def _prepare_rows(
     depend on max_length.
     """
     max_length = spec.hyperparameters.max_length
+    check_calls_trainable([*rows, *(eval_rows or [])], spec.method)
     rows, duplicates = remove_duplicates(rows)
     rows = apply_chat_template(rows, tokenizer, spec.chat_template, reporter.log)
     if eval_rows is None:

@@ -34,16 +34,21 @@ def trained_answers(prompt: list[Message]) -> list[int]:
 
 def own_tokenizing(rows: list[Row]) -> bool:
     """Whether sft rows need tokenizing here: a prompt marks answers to train, or the rows
-    call functions."""
+    call functions (preference rows never: TRL's DPOTrainer renders each row's tools)."""
+    if not rows or "completion" not in rows[0]:
+        return False
     return calls_functions(rows) or any(
-        trained_answers(r["prompt"]) for r in rows if "completion" in r and _msgs(r, "prompt")
+        trained_answers(r["prompt"]) for r in rows if _msgs(r, "prompt")
     )
 
 
+_PARTS = ("prompt", "completion", "chosen", "rejected")
+
+
 def calls_functions(rows: list[Row]) -> bool:
-    """Whether any row lists tools or holds a function call (only sft chats do)."""
+    """Whether any row lists tools or holds a function call."""
     return any(
-        "tools" in r or any("tool_calls" in m for m in _msgs(r, "prompt") + _msgs(r, "completion"))
+        "tools" in r or any("tool_calls" in m for part in _PARTS for m in _msgs(r, part))
         for r in rows
     )
 

@@ -17,12 +17,25 @@ import msgspec
 from service.datasets.messages import COMPLETION_ROLES
 
 
-class RowMessage(msgspec.Struct, gc=False):
+class RowCall(msgspec.Struct, gc=False, omit_defaults=True):
+    """A function call as stored: `function` is ``{name, arguments}``, arguments an object."""
+
+    type: Literal["function"]
+    function: dict[str, Any]
+    id: str | None = None
+
+
+class RowMessage(msgspec.Struct, gc=False, omit_defaults=True):
+    """A message; what a function call adds is left out of the JSON when it is not there."""
+
     role: Literal["system", "user", "assistant", "tool"]
     content: str
+    tool_calls: list[RowCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
-class Row(msgspec.Struct, gc=False, forbid_unknown_fields=True):
+class Row(msgspec.Struct, gc=False, forbid_unknown_fields=True, omit_defaults=True):
     """A canonical row, and the type the fast path decodes lines into.
 
     Decoding straight into it checks types and roles in C and refuses any other key (a row
@@ -33,9 +46,19 @@ class Row(msgspec.Struct, gc=False, forbid_unknown_fields=True):
     prompt: str | list[RowMessage]
     chosen: str | list[RowMessage]
     rejected: str | list[RowMessage]
+    tools: list[dict[str, Any]] | None = None
+    """The functions the row's answers may call, for the chat template."""
 
 
 _role_of = operator.attrgetter("role")
+
+
+def _calls(m: RowMessage) -> bool:
+    """Whether a message takes part in a function call (a call, or a result naming one)."""
+    return m.tool_calls is not None or m.tool_call_id is not None or m.name is not None
+
+
+tools_of = operator.attrgetter("tools")
 prompt_of = operator.attrgetter("prompt")
 chosen_of = operator.attrgetter("chosen")
 rejected_of = operator.attrgetter("rejected")
@@ -47,7 +70,8 @@ def passes(row: Row) -> bool:
     p, c, r = row.prompt, row.chosen, row.rejected
     if isinstance(p, str):
         return (
-            isinstance(c, str)
+            row.tools is None
+            and isinstance(c, str)
             and isinstance(r, str)
             and bool(p and c and r)
             and c != r
@@ -55,6 +79,8 @@ def passes(row: Row) -> bool:
         )
     if not (isinstance(c, list) and isinstance(r, list) and p and c and r):
         return False
+    if row.tools is not None or any(map(_calls, p)) or any(map(_calls, c)) or any(map(_calls, r)):
+        return False  # what a function call may hold is checked by normalize
     if p[-1].role == "assistant" or c[0].role != "assistant" or r[0].role != "assistant":
         return False
     for msgs in (p, c, r):

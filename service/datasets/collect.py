@@ -36,6 +36,7 @@ from service.datasets.canonical import (
     parts,
     passes,
     texts_pass,
+    tools_of,
 )
 from service.datasets.layouts import DEFAULT_MAPPING, normalize
 from service.datasets.messages import RowInvalid
@@ -172,13 +173,19 @@ class ErrorTally:
             )
 
 
-def _single_turn_hash(prompt: Any, chosen: Any, rejected: Any, data: bytes) -> int:
+def _single_turn_hash(row: Row, data: bytes) -> int:
     """A one-turn conversation's hash as its text row's (user text, answers); else its
-    encoding's."""
+    encoding's (a row with functions or calls is never a text row's)."""
+    prompt: Any = row.prompt
+    chosen: Any = row.chosen
+    rejected: Any = row.rejected
     if (
         len(prompt) == len(chosen) == len(rejected) == 1
         and prompt[0].role == "user"
         and chosen[0].role == rejected[0].role == "assistant"
+        and row.tools is None
+        and chosen[0].tool_calls is None
+        and rejected[0].tool_calls is None
     ):
         return hash((prompt[0].content, chosen[0].content, rejected[0].content))
     return hash(data)
@@ -186,7 +193,7 @@ def _single_turn_hash(prompt: Any, chosen: Any, rejected: Any, data: bytes) -> i
 
 def made_conversational(standard_rows: int, converted: Tally) -> list[DatasetWarning]:
     """The warning, if any, that text rows (the first ``standard_rows``, and ``converted``
-    after them) became conversations to match rows with system messages or turns."""
+    after them) became conversations to match rows with system messages, turns or functions."""
     count = standard_rows + converted.count
     if not count:
         return []
@@ -194,7 +201,7 @@ def made_conversational(standard_rows: int, converted: Tally) -> list[DatasetWar
         DatasetWarning(
             kind="made_conversational",
             msg=f"{rows(count)} with a text prompt became conversations (one user message, one "
-            "answer) to match the rows with system messages or turns",
+            "answer) to match the rows with system messages, turns or functions",
             count=count,
             lines=sorted(converted.lines)[:WARNING_LINES],
         )
@@ -306,18 +313,22 @@ class Collector:
         """Rows decoded a block at a time, numbered from ``first``, if they all pass."""
         columns = parts(decoded)
         std = self.fmt == "standard"
-        if not (texts_pass(*columns) if std else conversations_pass(decoded, columns[0])):
+        if not (
+            (texts_pass(*columns) and not any(map(tools_of, decoded)))
+            if std
+            else conversations_pass(decoded, columns[0])
+        ):
             return False
         self.records += len(decoded)
         self.drain()
         lines = range(first, first + len(decoded))
         if self._tuple_hashes and std:  # no row encoded on its own: one call for the block
             self.output.write_lines(self.encode_lines(decoded), len(decoded))
-            self._count(lines, columns, None, std)
+            self._count(lines, decoded, columns, None, std)
         else:
             datas = list(map(self.encode, decoded))
             self.output.write(datas)
-            self._count(lines, columns, datas, std)
+            self._count(lines, decoded, columns, datas, std)
         return True
 
     def _line(self, line: int, raw: bytes | None) -> None:
@@ -420,19 +431,20 @@ class Collector:
         if self.held:
             self.output.write(self.held_datas)
             std = self.fmt == "standard"
-            self._count(self.held_lines, parts(self.held), self.held_datas, std)
+            self._count(self.held_lines, self.held, parts(self.held), self.held_datas, std)
             self.held, self.held_lines, self.held_datas, self.held_bytes = [], [], [], 0
 
     def _count(
         self,
         lines: Sequence[int],
+        accepted: list[Row],
         parts: tuple[list[Any], ...],
         datas: list[bytes] | None,
         std: bool,
     ) -> None:
-        """Duplicates, near-identical pairs, long rows and lengths of accepted rows (``lines``
-        in order; ``parts``: their prompts, chosen and rejected; ``datas``: their encodings,
-        unless texts are hashed as they are)."""
+        """Duplicates, near-identical pairs, long rows and lengths of ``accepted`` rows
+        (``lines`` in order; ``parts``: their prompts, chosen and rejected; ``datas``: their
+        encodings, unless texts are hashed as they are)."""
         prompts, chosen, rejected = parts
         size: Callable[[Any], int] = len if std else chars
         sizes = (list(map(size, prompts)), list(map(size, chosen)), list(map(size, rejected)))
@@ -442,7 +454,7 @@ class Collector:
             # A one-turn conversation (a text row made one, or written so) hashes as the texts
             # do, whether or not text rows came yet: a repeat across a switch is counted.
             assert datas is not None
-            hashes = list(map(_single_turn_hash, prompts, chosen, rejected, datas))
+            hashes = list(map(_single_turn_hash, accepted, datas))
         else:
             assert datas is not None
             hashes = map(self.hasher, datas)

@@ -51,9 +51,9 @@ from service.datasets.layouts import (
 )
 from service.datasets.layouts import normalize as preference_row
 from service.datasets.messages import (
-    TOOL_COLUMNS,
     Msg,
     RowInvalid,
+    add_tools,
     answer,
     blank,
     check_completion,
@@ -62,7 +62,6 @@ from service.datasets.messages import (
     mark_trained,
     messages,
     text,
-    tools,
 )
 from service.datasets.output import Output, Sink
 from service.datasets.stats import (
@@ -140,7 +139,7 @@ def _plain(
         row = _chat(obj[messages_field], messages_field, sft=kind_ == "sft")
         used.add(messages_field)
         if kind_ == "sft":
-            _add_tools(obj, row, used)
+            add_tools(obj, row, used)
     elif mapping is None and "instruction" in obj and "output" in obj and "prompt" not in obj:
         # LLaMA-Factory's alpaca form: instruction, then input; output; history, system
         prompt, _ = alpaca_prompt(obj, used)
@@ -158,7 +157,7 @@ def _plain(
         )
         if sft and isinstance(row["prompt"], list):  # rows this service stores read back as is
             row["prompt"] = _marked(obj[m.prompt_field], row["prompt"], m.prompt_field)
-            _add_tools(obj, row, used)
+            add_tools(obj, row, used)
     system_field = m.system_field or system_column(obj)
     if system_field in obj or history_field is not None:
         # A row with a system column is a conversation, even where the column is blank: a
@@ -205,7 +204,10 @@ def _chosen_answers(obj: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
     norm = preference_row(obj)
     rejected = norm.mapping.get("rejected")
     used = {k for k in obj if k not in norm.ignored and k != rejected}
-    return {"prompt": norm.row["prompt"], "completion": norm.row["chosen"]}, used
+    row = {"prompt": norm.row["prompt"], "completion": norm.row["chosen"]}
+    if "tools" in norm.row:
+        row["tools"] = norm.row["tools"]
+    return row, used
 
 
 def _chosen_source(obj: dict[str, Any]) -> tuple[SourceFormat, dict[str, str]] | None:
@@ -272,20 +274,6 @@ def _chat(value: list[Any], field: str, *, sft: bool) -> dict[str, Any]:
     if sft:
         prompt = mark_trained(prompt, answered[:-1])
     return {"prompt": prompt, "completion": completion}
-
-
-def _add_tools(obj: dict[str, Any], row: dict[str, Any], used: set[str]) -> None:
-    """A chat's functions (``tools``, or OpenAI's older ``functions``), kept with the row for
-    the chat template; ``parallel_tool_calls`` says nothing training needs. LLaMA-Factory's
-    ``tools`` (a JSON string, its calls plain text) is left out and named in a warning."""
-    used.add("parallel_tool_calls")
-    for column in TOOL_COLUMNS:
-        if column not in obj or isinstance(obj[column], str):
-            continue
-        used.add(column)
-        if not blank(obj[column]):  # "tools": null beside "functions": the functions
-            row["tools"] = tools(obj[column], column)
-            return
 
 
 def _marked(source: list[Any], msgs: list[Msg], field: str) -> list[Msg]:

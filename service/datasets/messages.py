@@ -175,9 +175,8 @@ def message(value: object, where: str, *, calls: bool = False) -> Msg:
         if not calls:
             raise RowInvalid(
                 f"{where}.tool_calls",
-                "tool calls are trained in sft chats only (OpenAI's messages with tools), not "
-                "in preference or kto rows yet: leave these rows out (or upload with "
-                "on_invalid=skip)",
+                "tool calls are trained in sft and preference rows, not in kto rows: leave "
+                "these rows out (or upload with on_invalid=skip)",
             )
         if name != "assistant":
             raise RowInvalid(f"{where}.role", f"only assistant messages call tools, got {role!r}")
@@ -382,14 +381,15 @@ def _call(value: object, field: str) -> dict[str, Any]:
     return {"name": name, "arguments": arguments}
 
 
-def tools(value: object, column: str) -> list[dict[str, Any]]:
+def tools(value: object, column: str, within: str = "") -> list[dict[str, Any]]:
     """A row's functions as ``{"type": "function", "function": {name, ...}}``; the older
-    ``functions`` column lists the functions themselves."""
+    ``functions`` column lists the functions themselves. `within`: where the column is, as
+    errors name it."""
     if not isinstance(value, list):
-        raise RowInvalid(column, f"expected a list of tools, got {kind(value)}")
+        raise RowInvalid(within + column, f"expected a list of tools, got {kind(value)}")
     out = []
     for i, tool in enumerate(value):
-        at = f"{column}[{i}]"
+        at = f"{within}{column}[{i}]"
         if not isinstance(tool, dict):
             raise RowInvalid(at, f"expected a tool object, got {kind(tool)}")
         if column == "functions":
@@ -409,3 +409,18 @@ def tools(value: object, column: str) -> list[dict[str, Any]]:
             raise RowInvalid(f"{where}.parameters", "expected a JSON Schema object")
         out.append({"type": "function", "function": function})
     return out
+
+
+def add_tools(obj: dict[str, Any], row: dict[str, Any], used: set[str], within: str = "") -> None:
+    """A row's functions (``tools``, or OpenAI's older ``functions``; `within`: the object
+    they are in, as errors name it), kept with the row for the chat template;
+    ``parallel_tool_calls`` says nothing training needs. LLaMA-Factory's ``tools`` (a JSON
+    string, its calls plain text) is left out, for the caller to name in a warning."""
+    used.add("parallel_tool_calls")
+    for column in TOOL_COLUMNS:
+        if column not in obj or isinstance(obj[column], str):
+            continue
+        used.add(column)
+        if not blank(obj[column]):  # "tools": null beside "functions": the functions
+            row["tools"] = tools(obj[column], column, within)
+            return

@@ -15,6 +15,8 @@ from array import array
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import msgspec
+
 from service.contract import DatasetStats, DatasetWarning
 from service.datasets.layouts import PROMPT_LIKE
 
@@ -191,20 +193,27 @@ def near_identical(a: str, b: str) -> bool:
 
 _content_of = operator.attrgetter("content")
 _role_of = operator.attrgetter("role")
+_calls_of = operator.attrgetter("tool_calls")
 
 
 def near_identical_messages(a: list[Any], b: list[Any]) -> bool:
-    """Answers with the same roles whose contents differ only in whitespace and case."""
+    """Answers with the same roles and function calls whose contents differ only in
+    whitespace and case."""
     if len(a) == 1 == len(b):
-        return near_identical(a[0].content, b[0].content)
-    return list(map(_role_of, a)) == list(map(_role_of, b)) and near_identical(
-        "\n".join(map(_content_of, a)), "\n".join(map(_content_of, b))
-    )
+        same = near_identical(a[0].content, b[0].content)
+    else:
+        same = list(map(_role_of, a)) == list(map(_role_of, b)) and near_identical(
+            "\n".join(map(_content_of, a)), "\n".join(map(_content_of, b))
+        )
+    return same and list(map(_calls_of, a)) == list(map(_calls_of, b))
 
 
 def chars(msgs: list[Any]) -> int:
-    """Characters of content in a list of messages."""
-    return sum(map(len, map(_content_of, msgs)))
+    """Characters of content in a list of messages, a function call's as its JSON."""
+    n = sum(map(len, map(_content_of, msgs)))
+    if any(map(_calls_of, msgs)):
+        n += sum(len(msgspec.json.encode(m.tool_calls)) for m in msgs if m.tool_calls)
+    return n
 
 
 def rows(n: int) -> str:

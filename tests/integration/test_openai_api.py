@@ -468,6 +468,45 @@ def test_function_calling_chat_files_upload_as_openais_guide_writes_them(
     assert job.method is not None and job.method.type == "supervised"
 
 
+def test_dpo_files_that_list_functions_keep_them(client: openai.OpenAI) -> None:
+    """A DPO file whose rows list functions and prefer a call (Azure OpenAI's guide: tools in
+    `input`, outputs of assistant and tool messages): stored with its tools and calls, and a
+    dpo job; the tools were left out with a warning and the calls refused."""
+    tool = OPENAI_WEATHER_TOOL
+    arguments = json.dumps({"location": "Paris, France", "format": "celsius"})
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_current_weather", "arguments": arguments},
+    }
+    rows = [
+        {
+            "input": {
+                "messages": [{"role": "user", "content": f"Weather in Paris, take {i}?"}],
+                "tools": [tool],
+                "parallel_tool_calls": True,
+            },
+            "preferred_output": [{"role": "assistant", "content": None, "tool_calls": [call]}],
+            "non_preferred_output": [{"role": "assistant", "content": "Sunny, surely."}],
+        }
+        for i in range(4)
+    ]
+    train = upload(client, rows, "dpo-tools.jsonl")
+    stored = [json.loads(line) for line in client.files.content(train).text.splitlines()]
+    assert stored[0]["tools"] == [tool]
+    assert stored[0]["chosen"] == [
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {**call, "function": {**call["function"], "arguments": json.loads(arguments)}}
+            ],
+        }
+    ]
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=train, method={"type": "dpo"})
+    assert job.method is not None and job.method.type == "dpo"
+
+
 def test_a_create_repeated_after_its_job_ended_starts_a_new_job(
     client: openai.OpenAI, live_api: LiveServer
 ) -> None:

@@ -10,6 +10,7 @@ weights (TRL casts them to bfloat16 on a quantized base).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ HYPERPARAMETERS: dict[str, Any] = {
 
 
 def _standalone_trl_losses(
-    model_dir: Path, rows: list[dict[str, Any]], output_dir: Path
+    model_dir: Path, rows: list[dict[str, Any]], output_dir: Path, max_length: int = 96
 ) -> list[float]:
     import torch
     from bitsandbytes.nn.modules import Linear4bit
@@ -75,7 +76,7 @@ def _standalone_trl_losses(
         lr_scheduler_type="cosine",
         weight_decay=0.01,
         max_grad_norm=0.5,
-        max_length=96,
+        max_length=max_length,
         seed=7,
         logging_steps=1,
         activation_checkpointing=False,
@@ -99,17 +100,39 @@ def _standalone_trl_losses(
     return [log["loss"] for log in trainer.state.log_history if "loss" in log]
 
 
+WEATHER = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+
+
+def _calling(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pairs whose chosen answer calls a function (the same arguments in every row: a plain
+    `Dataset.from_list` then holds them as they are, so the reference reads what we do)."""
+    rows = []
+    for i, pair in enumerate(pairs):
+        call = {"type": "function", "function": {"name": "weather", "arguments": {"city": f"C{i}"}}}
+        chosen = [{"role": "assistant", "content": "", "tool_calls": [call]}]
+        rows.append({**pair, "chosen": chosen, "tools": WEATHER})
+    return rows
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("tools", [False, True], ids=["answers", "function-calls"])
 def test_per_step_losses_equal_a_plain_trl_run(
-    tiny_model_dir: Path, tiny_conversational_rows: list[dict[str, Any]], tmp_path: Path
+    tools: bool,
+    tiny_model_dir: Path,
+    tiny_conversational_rows: list[dict[str, Any]],
+    tmp_path: Path,
 ) -> None:
+    """With `tools`, each row lists functions and its chosen answer calls one (OpenAI's and
+    Azure's DPO files): TRL renders each row with its own tools, from a JSON string column."""
+    rows = _calling(tiny_conversational_rows) if tools else tiny_conversational_rows
+    max_length = 160 if tools else 96  # the tools' schema is in every prompt
     store = open_store((tmp_path / "store").as_uri())
     job = stage_job(
         store,
         tiny_model_dir,
-        tiny_conversational_rows,
+        rows,
         eval_fraction=0.0,
-        hyperparameters=HYPERPARAMETERS,
+        hyperparameters=HYPERPARAMETERS | {"max_length": max_length},
         lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
         quantization={"bits": 4, "quant_type": "nf4", "double_quant": True},
     )
@@ -118,7 +141,8 @@ def test_per_step_losses_equal_a_plain_trl_run(
     run(job, tmp_path / "work", reporter, settings=settings, store=store)
     ours = [values["loss"] for _, values in reporter.points if "loss" in values]
 
-    reference = _standalone_trl_losses(tiny_model_dir, tiny_conversational_rows, tmp_path / "trl")
+    given = [{**r, "tools": json.dumps(r["tools"])} for r in rows] if tools else rows
+    reference = _standalone_trl_losses(tiny_model_dir, given, tmp_path / "trl", max_length)
 
     assert len(ours) == len(reference) == 4
     assert ours == pytest.approx(reference, abs=1e-4)

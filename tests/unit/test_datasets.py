@@ -74,7 +74,7 @@ def test_standard_rows_are_written_canonically() -> None:
     ]
 
 
-def test_conversational_rows_keep_only_role_and_content() -> None:
+def test_conversational_rows_keep_role_content_and_what_a_function_call_needs() -> None:
     row = {
         "prompt": [
             {"content": "Be brief.", "role": "system"},
@@ -88,7 +88,7 @@ def test_conversational_rows_keep_only_role_and_content() -> None:
     assert msgspec.json.decode(out) == {
         "prompt": [system("Be brief."), user("Capital of France?")],
         "chosen": [bot("Paris.")],
-        "rejected": [bot("Lyon."), {"role": "tool", "content": "{}"}],
+        "rejected": [bot("Lyon."), {"role": "tool", "content": "{}", "tool_call_id": "x"}],
     }
     assert out.startswith(b'{"prompt":[{"role":"system","content":"Be brief."}')
     assert (result.format, result.source_format) == ("conversational", "conversational")
@@ -117,7 +117,7 @@ def test_implicit_prompt_is_the_longest_shared_prefix() -> None:
     assert (result.format, result.source_format) == ("conversational", "implicit_prompt")
 
 
-def test_openai_dpo_rows_are_accepted_unchanged() -> None:
+def test_openai_dpo_rows_are_accepted_with_their_functions() -> None:
     row = {
         "input": {
             "messages": [system("You are terse."), user("2+2?")],
@@ -132,8 +132,10 @@ def test_openai_dpo_rows_are_accepted_unchanged() -> None:
         "prompt": [system("You are terse."), user("2+2?")],
         "chosen": [bot("4")],
         "rejected": [bot("It is four, I believe.")],
+        "tools": [{"type": "function", "function": {"name": "calc"}}],
     }
     assert (result.format, result.source_format) == ("conversational", "openai")
+    assert result.warnings == []  # parallel_tool_calls says nothing training needs
 
 
 MAPPING = FieldMapping(prompt_field="question", chosen_field="support", rejected_field="oppose")
@@ -795,3 +797,162 @@ def test_conversational_stats_add_up_message_contents() -> None:
     assert result.stats.prompt_chars["max"] == 8
     assert result.stats.chosen_chars["max"] == 6
     assert result.stats.rejected_chars["max"] == 1
+
+
+# -- preference rows that list functions and call them (OpenAI's and Azure's DPO files) -------
+
+WEATHER_CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {
+        "name": "get_current_weather",
+        "arguments": '{"location": "Paris, France", "format": "celsius"}',
+    },
+}
+STORED_CALL = {  # as chat templates read it: the arguments an object
+    "type": "function",
+    "function": {
+        "name": "get_current_weather",
+        "arguments": {"location": "Paris, France", "format": "celsius"},
+    },
+    "id": "call_1",
+}
+
+
+def test_openai_dpo_rows_keep_functions_calls_and_results() -> None:
+    from tests.fixtures.openai_sdk import OPENAI_WEATHER_TOOL
+
+    ask = user("Weather in Paris?")
+    calling = {"role": "assistant", "content": None, "tool_calls": [WEATHER_CALL]}
+    result_ = {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'}
+    rows = [
+        {  # the call preferred over a guess
+            "input": {
+                "messages": [ask],
+                "tools": [OPENAI_WEATHER_TOOL],
+                "parallel_tool_calls": False,
+            },
+            "preferred_output": [calling],
+            "non_preferred_output": [bot("It is always sunny in Paris.")],
+        },
+        {  # the result in the prompt; answers that use it or not (Azure: the older functions)
+            "input": {
+                "messages": [ask, calling, result_],
+                "functions": [OPENAI_WEATHER_TOOL["function"]],
+            },
+            "preferred_output": [bot("21 °C in Paris.")],
+            "non_preferred_output": [bot("I cannot know that.")],
+        },
+    ]
+    result, out = ingest(jsonl(*rows))
+    stored = [msgspec.json.decode(x) for x in out.splitlines()]
+    stored_calling = {"role": "assistant", "content": "", "tool_calls": [STORED_CALL]}
+    assert stored == [
+        {
+            "prompt": [ask],
+            "chosen": [stored_calling],
+            "rejected": [bot("It is always sunny in Paris.")],
+            "tools": [OPENAI_WEATHER_TOOL],
+        },
+        {
+            "prompt": [ask, stored_calling, result_],
+            "chosen": [bot("21 °C in Paris.")],
+            "rejected": [bot("I cannot know that.")],
+            "tools": [OPENAI_WEATHER_TOOL],
+        },
+    ]
+    assert (result.format, result.source_format, result.warnings) == (
+        "conversational",
+        "openai",
+        [],
+    )
+    assert result.stats.chosen_chars["min"] > 0  # a call counts its JSON
+    again, same = ingest(out)  # stored rows read back as they are
+    assert (same, again.rows) == (out, 2)
+
+
+def test_trl_preference_rows_with_a_tools_column() -> None:
+    """TRL's own form: prompt, chosen and rejected messages beside a ``tools`` column; a text
+    row that lists functions becomes a conversation, the form a template renders them in."""
+    tool = {"type": "function", "function": {"name": "calc", "parameters": {"type": "object"}}}
+    call = {"role": "assistant", "content": "", "tool_calls": [STORED_CALL]}
+    rows = [
+        {
+            "prompt": [user("Weather?")],
+            "chosen": [call],
+            "rejected": [bot("Nice.")],
+            "tools": [tool],
+        },
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5", "tools": [tool]},
+        {"prompt": "3+3?", "chosen": "6", "rejected": "7", "tools": []},
+    ]
+    result, out = ingest(jsonl(*rows))
+    assert [msgspec.json.decode(x) for x in out.splitlines()] == [
+        {
+            "prompt": [user("Weather?")],
+            "chosen": [call],
+            "rejected": [bot("Nice.")],
+            "tools": [tool],
+        },
+        {"prompt": [user("2+2?")], "chosen": [bot("4")], "rejected": [bot("5")], "tools": [tool]},
+        {"prompt": [user("3+3?")], "chosen": [bot("6")], "rejected": [bot("7")]},
+    ]
+    assert [(w.kind, w.lines) for w in result.warnings] == [("made_conversational", [3])]
+    assert "functions" in result.warnings[0].msg
+
+
+def test_rows_that_differ_only_in_their_calls_or_functions_are_not_repeats() -> None:
+    """A call's answer has no text: two rows whose calls differ are different rows, and a
+    call preferred over another call is no near-identical pair."""
+    tool = {"type": "function", "function": {"name": "get_current_weather"}}
+    london = {
+        **STORED_CALL,
+        "function": {"name": "get_current_weather", "arguments": {"location": "London"}},
+    }
+
+    def calls(*made: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"role": "assistant", "content": "", "tool_calls": list(made)}]
+
+    rows = [
+        {
+            "prompt": [user("Weather?")],
+            "chosen": calls(STORED_CALL),
+            "rejected": calls(london),
+            "tools": [tool],
+        },
+        {
+            "prompt": [user("Weather?")],
+            "chosen": calls(london),
+            "rejected": calls(STORED_CALL),
+            "tools": [tool],
+        },
+        {"prompt": [user("2+2?")], "chosen": [bot("4")], "rejected": [bot("5")]},
+        {"prompt": [user("2+2?")], "chosen": [bot("4")], "rejected": [bot("5")], "tools": [tool]},
+    ]
+    result, _ = ingest(jsonl(*rows))
+    assert result.rows == 4
+    assert result.warnings == []  # neither duplicate nor near-identical
+    result, _ = ingest(jsonl(rows[0], rows[0]))
+    assert [(w.kind, w.lines) for w in result.warnings] == [("duplicate", [2])]
+
+
+def test_what_a_preference_row_cannot_call_says_where() -> None:
+    bad_call = {"role": "user", "content": "", "tool_calls": [WEATHER_CALL]}
+    rows = [
+        {
+            "input": {"messages": [user("Hi")], "tools": "[]"},
+            "preferred_output": [bot("a")],
+            "non_preferred_output": [bot("b")],
+        },
+        {
+            "input": {"messages": [user("Hi")], "tools": [{"type": "web_search"}]},
+            "preferred_output": [bot("a")],
+            "non_preferred_output": [bot("b")],
+        },
+        {"prompt": [user("Hi"), bad_call], "chosen": [bot("a")], "rejected": [bot("b")]},
+    ]
+    found = errors(jsonl(*rows))
+    assert [(n, field) for n, field, _ in found] == [
+        (2, "input.tools[0].type"),
+        (3, "prompt[1].role"),
+    ]

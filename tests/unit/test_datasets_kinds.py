@@ -477,10 +477,16 @@ def test_tool_calls_that_cannot_be_read_say_where(tmp_path: Path) -> None:
         (5, "messages[1].tool_calls[0].function.arguments"),
     ]
     assert "invalid JSON" in refused.value.errors[0].msg
-    # With text beside the call, the call was dropped without a word; now it is said.
+    # With text beside the call, the call was dropped without a word. A preference row keeps
+    # both; a kto row is refused, saying so.
     said = {**calling("{}")["messages"][1], "content": "Let me check."}
-    pair = {"prompt": [question], "chosen": [said], "rejected": "No."}
+    no = {"role": "assistant", "content": "No."}
+    _, out = validate(tmp_path, [{"prompt": [question], "chosen": [said], "rejected": [no]}])
+    call = {"type": "function", "function": {"name": "w", "arguments": {}}}
+    assert out[0]["chosen"] == [
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [call]}
+    ]
     with pytest.raises(InvalidDataset) as refused:
-        validate(tmp_path, [pair])
+        validate(tmp_path, [{"prompt": [question], "completion": [said], "label": True}])
     [error] = refused.value.errors
-    assert error.field == "chosen[0].tool_calls" and "sft chats only" in error.msg
+    assert error.field == "completion[0].tool_calls" and "not in kto rows" in error.msg

@@ -411,7 +411,7 @@ def test_openai_dpo_with_developer_role_and_text_parts() -> None:
         }
     ]
     assert result.source_format == "openai"
-    assert ignored(result) == {"input.parallel_tool_calls": 1}
+    assert ignored(result) == {}  # parallel_tool_calls says nothing training needs
 
 
 def test_csv_with_a_header_row() -> None:

@@ -11,6 +11,7 @@ import pytest
 from gpu_worker.data import (
     MIN_COMPLETION_TOKENS,
     apply_chat_template,
+    check_calls_trainable,
     fetch_rows,
     fit_max_length,
     kto_rows,
@@ -499,3 +500,50 @@ def test_kto_rows_unpair_each_pair_and_mix_the_labels_in_a_seeded_order() -> Non
     unpaired = [{"prompt": f"q{i}", "completion": "c", "label": i < 20} for i in range(40)]
     shuffled = kto_rows(unpaired, seed=3)
     assert sorted(shuffled, key=str) == sorted(unpaired, key=str) and shuffled != unpaired
+
+
+def _calling_pair(arguments: dict[str, Any], tools: Any = WEATHER) -> dict[str, Any]:
+    """A preference row as the upload stores OpenAI's DPO rows that list functions."""
+    call = {"type": "function", "function": {"name": "weather", "arguments": arguments}}
+    return {
+        "prompt": [{"role": "user", "content": "Weather?"}],
+        "chosen": [{"role": "assistant", "content": "", "tool_calls": [call]}],
+        "rejected": [{"role": "assistant", "content": "Sunny, I guess."}],
+        **({"tools": tools} if tools else {}),
+    }
+
+
+def test_preference_rows_that_call_functions_reach_trl_as_they_are(tokenizer: Any) -> None:
+    """Rows whose calls take other arguments, and rows without tools: each reaches TRL as it
+    was stored. Arrow's inferred structs gave every call every other row's arguments as null
+    (which the template renders) and every message a null tool_calls."""
+    rows = [
+        _calling_pair({"city": "Paris"}),
+        _calling_pair({"lat": 48.8, "lon": 2.3}, [*WEATHER, *WEATHER]),
+        _calling_pair({"city": "Rome"}, None),
+    ]
+    dataset = to_dataset(rows, tokenizer)
+    assert [dataset[i] for i in range(3)] == [{**r, "tools": r.get("tools")} for r in rows]
+
+
+def test_preference_rows_are_fitted_to_length_with_their_tools(tokenizer: Any) -> None:
+    """The tools' schema is part of every prompt: a prompt it makes too long is counted."""
+    many = [
+        {"type": "function", "function": {"name": f"tool_{i}", "parameters": {}}} for i in range(20)
+    ]
+    rows = [_calling_pair({"city": "Paris"}), _calling_pair({"city": "Paris"}, many)]
+    [(n_short, *_), (n_long, *_)] = pair_token_ids(rows, tokenizer)
+    assert n_long > n_short + 100
+    kept, dropped = fit_max_length(rows, tokenizer, n_short + 40)
+    assert (kept, dropped.prompt_too_long) == ([rows[0]], 1)
+
+
+@pytest.mark.parametrize("method", ["kto", "orpo", "simpo"])
+def test_function_calls_train_with_sft_and_dpo_only(method: str) -> None:
+    plain = {**_calling_pair({}, None), "chosen": [{"role": "assistant", "content": "Rain."}]}
+    check_calls_trainable([plain], method)
+    check_calls_trainable([plain, _calling_pair({"city": "Paris"})], "dpo")
+    check_calls_trainable([_tool_chat()], "sft")
+    for calling in (_calling_pair({"city": "Paris"}, None), {**plain, "tools": WEATHER}):
+        with pytest.raises(ConfigError, match=f"which {method} does not train"):
+            check_calls_trainable([plain, calling], method)
