@@ -46,11 +46,14 @@ _PARTS = ("prompt", "completion", "chosen", "rejected")
 
 
 def calls_functions(rows: list[Row]) -> bool:
-    """Whether any row lists tools or holds a function call."""
+    """Whether any row lists tools or holds a function call or result."""
     return any(
-        "tools" in r or any("tool_calls" in m for part in _PARTS for m in _msgs(r, part))
+        "tools" in r or any(_CALL_KEYS & m.keys() for part in _PARTS for m in _msgs(r, part))
         for r in rows
     )
+
+
+_CALL_KEYS = frozenset(("tool_calls", "tool_call_id", "name"))
 
 
 def _msgs(row: Row, part: str) -> list[Message]:

@@ -81,7 +81,7 @@ def _ref(ds: Dataset) -> DatasetRef:
 
 def _check_kind(method: str, ds: Dataset, field: str) -> None:
     """A 422 when the method cannot train on the dataset's kind, saying what to do."""
-    why = kind_mismatch(method, ds.kind)
+    why = kind_mismatch(method, ds.kind, ds.functions)
     if why is not None:
         raise InvalidRequest(
             f"{field} {ds.id} is a {ds.kind} dataset: {why}",

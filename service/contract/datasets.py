@@ -181,6 +181,13 @@ class Dataset(msgspec.Struct, kw_only=True):
             "(for the first row; rows of other layouts say so in source_format only)."
         ),
     ] = {}
+    functions: Annotated[
+        bool,
+        msgspec.Meta(
+            description="Whether rows list functions (tools) or call them: such a dataset "
+            "trains with sft or dpo, whose trainers render each row with its own tools."
+        ),
+    ] = False
     skipped_rows: Annotated[
         int,
         msgspec.Meta(ge=0, description="Invalid rows left out (on_invalid=skip); 0 otherwise."),
@@ -502,7 +509,9 @@ class Message(msgspec.Struct, kw_only=True, omit_defaults=True):
     ] = None
     tool_calls: Annotated[
         list[ToolCall] | None,
-        msgspec.Meta(description="The functions an assistant message calls (sft chats)."),
+        msgspec.Meta(
+            description="The functions an assistant message calls (sft chats and preference rows)."
+        ),
     ] = None
     tool_call_id: Annotated[
         str | None, msgspec.Meta(description="The call a `tool` message gives the result of.")
@@ -538,7 +547,7 @@ class DatasetRow(msgspec.Struct, kw_only=True, omit_defaults=True):
         msgspec.Meta(
             description="The functions the row's answers may call, each "
             '`{"type": "function", "function": {"name", "description", "parameters"}}` '
-            "(sft chats; OpenAI's `functions` are given this form)."
+            "(sft chats and preference rows; OpenAI's `functions` are given this form)."
         ),
     ] = None
 

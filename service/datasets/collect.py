@@ -10,7 +10,7 @@ from __future__ import annotations
 import operator
 from array import array
 from collections.abc import Callable, Iterable, Sequence
-from itertools import compress
+from itertools import compress, repeat
 from typing import Any
 
 import msgspec
@@ -39,7 +39,7 @@ from service.datasets.canonical import (
     tools_of,
 )
 from service.datasets.layouts import DEFAULT_MAPPING, normalize
-from service.datasets.messages import RowInvalid
+from service.datasets.messages import RowInvalid, uses_functions
 from service.datasets.output import Output, Sink
 from service.datasets.rows import LONG_ROW_CHARS
 from service.datasets.stats import (
@@ -126,6 +126,8 @@ class IngestResult(msgspec.Struct, kw_only=True):
     container: Container = "jsonl"
     compressed: bool = False
     mapping: dict[str, str] = {}
+    functions: bool = False
+    """Whether a row lists functions or calls one."""
     skipped_rows: int = 0
     skipped: list[RowError] = []
 
@@ -245,6 +247,8 @@ class Collector:
         self.ignored: dict[str, Tally] = {}
         self.output = Output(dst)
         self.records = 0
+        self.functions = False
+        """Whether a row lists functions or calls one (only rows normalize took can)."""
         self.fmt: Format | None = None
         self.standard_rows = 0
         """Rows written as standard before a conversational one made the dataset a
@@ -314,7 +318,10 @@ class Collector:
         columns = parts(decoded)
         std = self.fmt == "standard"
         if not (
-            (texts_pass(*columns) and not any(map(tools_of, decoded)))
+            (
+                texts_pass(*columns)
+                and not any(map(operator.is_not, map(tools_of, decoded), repeat(None)))
+            )
             if std
             else conversations_pass(decoded, columns[0])
         ):
@@ -380,6 +387,7 @@ class Collector:
         except RowInvalid as e:
             self.error(line, e.field, e.msg)
             return
+        self.functions = self.functions or uses_functions(found.row)
         row = msgspec.convert(found.row, Row)
         self._accept(line, row, found.layout, found.mapping, found.ignored)
 
@@ -535,6 +543,7 @@ class Collector:
             container=container,
             compressed=compressed,
             mapping=self.described,
+            functions=self.functions,
             skipped_rows=invalid,
             skipped=errors.items if invalid else [],
         )

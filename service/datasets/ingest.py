@@ -107,6 +107,7 @@ def _record(result: IngestResult, *, tenant: str, name: str) -> Dataset:
         container=result.container,
         compressed=result.compressed,
         mapping=result.mapping,
+        functions=result.functions,
         skipped_rows=result.skipped_rows,
         skipped=result.skipped,
     )

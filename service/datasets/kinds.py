@@ -62,6 +62,7 @@ from service.datasets.messages import (
     mark_trained,
     messages,
     text,
+    uses_functions,
 )
 from service.datasets.output import Output, Sink
 from service.datasets.stats import (
@@ -374,6 +375,7 @@ class KindCollector:
         self.ignored: dict[str, Tally] = {}
         self.fmt: Format | None = None
         self.records = 0
+        self.functions = False
         self.desirable = 0
         self.stopped = False
         self.held: list[tuple[int, dict[str, Any]]] = []
@@ -433,6 +435,7 @@ class KindCollector:
             return
         if not self.told:
             self.source, self.told = _chosen_source(obj), True
+        self.functions = self.functions or uses_functions(row)
         fmt: Format = "standard" if isinstance(row["prompt"], str) else "conversational"
         if self.fmt is None:
             self.fmt = fmt
@@ -528,6 +531,7 @@ class KindCollector:
             if self.mapping is not None
             else self.fmt,
             mapping=self.source[1] if self.source else {},
+            functions=self.functions,
             stats=DatasetStats(
                 prompt_chars=summary.prompt_chars,
                 completion_chars=summary.chosen_chars,

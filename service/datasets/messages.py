@@ -175,8 +175,9 @@ def message(value: object, where: str, *, calls: bool = False) -> Msg:
         if not calls:
             raise RowInvalid(
                 f"{where}.tool_calls",
-                "tool calls are trained in sft and preference rows, not in kto rows: leave "
-                "these rows out (or upload with on_invalid=skip)",
+                "a tool call is not trained here: calls train in sft chats and preference "
+                "rows, not in kto rows or a history column; leave these rows out (or upload "
+                "with on_invalid=skip)",
             )
         if name != "assistant":
             raise RowInvalid(f"{where}.role", f"only assistant messages call tools, got {role!r}")
@@ -383,8 +384,8 @@ def _call(value: object, field: str) -> dict[str, Any]:
 
 def tools(value: object, column: str, within: str = "") -> list[dict[str, Any]]:
     """A row's functions as ``{"type": "function", "function": {name, ...}}``; the older
-    ``functions`` column lists the functions themselves. `within`: where the column is, as
-    errors name it."""
+    ``functions`` column lists the functions themselves, as some ``tools`` columns do.
+    `within`: where the column is, as errors name it."""
     if not isinstance(value, list):
         raise RowInvalid(within + column, f"expected a list of tools, got {kind(value)}")
     out = []
@@ -392,7 +393,8 @@ def tools(value: object, column: str, within: str = "") -> list[dict[str, Any]]:
         at = f"{within}{column}[{i}]"
         if not isinstance(tool, dict):
             raise RowInvalid(at, f"expected a tool object, got {kind(tool)}")
-        if column == "functions":
+        bare = column == "functions" or ("type" not in tool and "name" in tool)
+        if bare:
             tool = {"type": "function", "function": tool}
         elif tool.get("type") != "function":
             got = short(tool.get("type"))
@@ -402,25 +404,54 @@ def tools(value: object, column: str, within: str = "") -> list[dict[str, Any]]:
             raise RowInvalid(f"{at}.function", f"expected an object, got {kind(function)}")
         name = function.get("name")
         if not isinstance(name, str) or not name.strip():
-            where = at if column == "functions" else f"{at}.function"
+            where = at if bare else f"{at}.function"
             raise RowInvalid(f"{where}.name", f"expected the function's name, got {short(name)}")
         if not isinstance(function.get("parameters", {}), dict):
-            where = at if column == "functions" else f"{at}.function"
+            where = at if bare else f"{at}.function"
             raise RowInvalid(f"{where}.parameters", "expected a JSON Schema object")
         out.append({"type": "function", "function": function})
     return out
 
 
+def uses_functions(row: dict[str, Any]) -> bool:
+    """Whether a normalized row lists functions or calls one (then only sft and dpo train it:
+    the service's contract, ``METHODS_FOR_FUNCTIONS``)."""
+    return "tools" in row or any(
+        "tool_calls" in m or "tool_call_id" in m or "name" in m
+        for part in ("prompt", "chosen", "rejected", "completion")
+        if isinstance(row.get(part), list)
+        for m in row[part]
+    )
+
+
 def add_tools(obj: dict[str, Any], row: dict[str, Any], used: set[str], within: str = "") -> None:
     """A row's functions (``tools``, or OpenAI's older ``functions``; `within`: the object
     they are in, as errors name it), kept with the row for the chat template;
-    ``parallel_tool_calls`` says nothing training needs. LLaMA-Factory's ``tools`` (a JSON
-    string, its calls plain text) is left out, for the caller to name in a warning."""
+    ``parallel_tool_calls`` says nothing training needs. TRL's tools as a JSON string are
+    read; LLaMA-Factory's (a JSON string of bare functions, its calls plain text) is left
+    out, for the caller to name in a warning."""
     used.add("parallel_tool_calls")
     for column in TOOL_COLUMNS:
-        if column not in obj or isinstance(obj[column], str):
+        if column not in obj:
+            continue
+        value = obj[column]
+        if isinstance(value, str) and (value := _typed_tools(value)) is None:
             continue
         used.add(column)
-        if not blank(obj[column]):  # "tools": null beside "functions": the functions
-            row["tools"] = tools(obj[column], column, within)
+        if not blank(value):  # "tools": null beside "functions": the functions
+            row["tools"] = tools(value, column, within)
             return
+
+
+def _typed_tools(text_: str) -> list[Any] | None:
+    """Tools given as a JSON string (TRL's form, which keeps Arrow from merging their
+    shapes), if each is ``{"type": "function", ...}``; None for any other string."""
+    try:
+        value = json.loads(text_)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(value, list) and all(
+        isinstance(t, dict) and t.get("type") == "function" for t in value
+    ):
+        return value
+    return None

@@ -112,6 +112,7 @@ class RangeResult(msgspec.Struct):
     described: dict[str, str]
     mixed: bool
     """Text and conversational rows met in the range: the merge gives up."""
+    functions: bool
     ignored: dict[str, tuple[int, list[int]]]
     near: tuple[int, list[int]]
     long_row: tuple[int, list[int]]
@@ -138,6 +139,7 @@ def range_result(collector: Collector, lines: int) -> RangeResult:
         layout=collector.layout,
         described=collector.described,
         mixed=bool(collector.standard_rows or collector.converted.count),
+        functions=collector.functions,
         ignored={name: tally(t) for name, t in collector.ignored.items()},
         near=tally(collector.near),
         long_row=tally(collector.long_row),
@@ -166,6 +168,7 @@ def merge(collector: Collector, part: RangeResult, offset: int, output: BinaryIO
     if collector.fmt is None and part.fmt is not None:
         collector.fmt, collector.layout, collector.described = part.fmt, part.layout, part.described
     collector.records += part.records
+    collector.functions = collector.functions or part.functions
     for e in part.errors:
         collector.errors.add(offset + e.line, e.field, e.msg)
     collector.errors.total += part.error_total - len(part.errors)

@@ -170,6 +170,27 @@ def test_show_prints_sft_and_unpaired_rows(cli: Callable[..., Result], tmp_path:
     assert ["completion", "2", "2", "2", "2"] in stats  # lengths of "4." and "6."
 
 
+def test_show_says_a_dataset_that_calls_functions_trains_with_dpo(
+    cli: Callable[..., Result], tmp_path: Path
+) -> None:
+    call = {"type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+    row = {
+        "input": {
+            "messages": [{"role": "user", "content": "Weather in Oslo?"}],
+            "tools": [{"type": "function", "function": {"name": "weather"}}],
+        },
+        "preferred_output": [{"role": "assistant", "content": None, "tool_calls": [call]}],
+        "non_preferred_output": [{"role": "assistant", "content": "Cold."}],
+    }
+    path = write_jsonl(tmp_path / "dpo-tools.jsonl", [row])
+    ds_id = json.loads(cli("datasets", "upload", str(path), "--json").stdout)["id"]
+    shown = cli("datasets", "show", ds_id, "--rows", "1")
+    assert shown.exit_code == 0, shown.output
+    [kind] = [line.split() for line in shown.stdout.splitlines() if line.startswith(" kind ")]
+    assert kind == ["kind", "preference:", "trains", "dpo"]  # orpo, simpo, kto: not with tools
+    assert 'chosen     [assistant] weather({"city": "Oslo"})' in shown.stdout
+
+
 def test_the_default_name_is_the_file_name_made_valid(
     cli: Callable[..., Result], tmp_path: Path
 ) -> None:

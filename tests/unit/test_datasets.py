@@ -956,3 +956,60 @@ def test_what_a_preference_row_cannot_call_says_where() -> None:
         (2, "input.tools[0].type"),
         (3, "prompt[1].role"),
     ]
+
+
+def test_text_rows_with_no_tools_stay_text_rows_in_every_block() -> None:
+    """`"tools": []` lists nothing: every row is stored without it, those read a block at a
+    time as well as the first, read one by one."""
+    rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b", "tools": []} for i in range(60_000)]
+    result, out = ingest(jsonl(*rows))
+    assert (result.rows, result.format, result.functions) == (60_000, "standard", False)
+    assert b"tools" not in out
+
+
+def test_tools_as_trl_and_others_write_them() -> None:
+    """TRL's tools as a JSON string, and bare functions in a `tools` column, are the row's
+    tools; LLaMA-Factory's string of bare functions (its calls are plain text) is named."""
+    weather = {"type": "function", "function": {"name": "weather"}}
+    rows = [
+        {
+            "prompt": [user("a?")],
+            "chosen": [bot("1")],
+            "rejected": [bot("2")],
+            "tools": msgspec.json.encode([weather]).decode(),
+        },
+        {
+            "prompt": [user("b?")],
+            "chosen": [bot("1")],
+            "rejected": [bot("2")],
+            "tools": [weather["function"]],
+        },
+        {
+            "prompt": [user("c?")],
+            "chosen": [bot("1")],
+            "rejected": [bot("2")],
+            "tools": '[{"name": "weather"}]',
+        },
+    ]
+    result, out = ingest(jsonl(*rows))
+    stored = [msgspec.json.decode(x) for x in out.splitlines()]
+    assert [r.get("tools") for r in stored] == [[weather], [weather], None]
+    assert [(w.kind, w.msg) for w in result.warnings] == [
+        ("ignored_column", "column 'tools' ignored in 1 row")
+    ]
+    assert result.functions
+
+
+def test_what_marks_a_dataset_as_calling_functions() -> None:
+    """A row that lists functions, calls one, or holds a call's result; not a plain row."""
+    plain = {"prompt": [user("Hi")], "chosen": [bot("a")], "rejected": [bot("b")]}
+    result_ = {"role": "tool", "tool_call_id": "call_1", "content": "21"}
+    assert not ingest(jsonl(plain))[0].functions
+    assert ingest(jsonl(plain, {**plain, "chosen": [bot("a"), result_]}))[0].functions
+
+
+def test_a_call_in_a_history_column_is_refused_saying_where_calls_train() -> None:
+    calling = {"role": "assistant", "content": None, "tool_calls": [WEATHER_CALL]}
+    row = {"prompt": "Hi", "chosen": "a", "rejected": "b", "history": [user("Weather?"), calling]}
+    [(_, field, msg)] = errors(jsonl(row))
+    assert field == "history[1].tool_calls" and "not in kto rows or a history column" in msg
