@@ -6,14 +6,31 @@ from apt; falls back to `redis-server` on PATH.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import redis
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """A child in a session of its own (a Ctrl-C meant for its parent does not reach it) that
+    Linux sends SIGTERM when the parent is killed, even with SIGKILL, so nothing is orphaned.
+    The signal comes when the thread that started the child ends: start it from one that
+    lasts as long as the child should."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def server_binary() -> str:
@@ -61,9 +78,9 @@ class LocalRedis:
             args += ["--appendonly", "no"]
         args += self.args
         # Its own session: a Ctrl-C meant for `ftune dev` must not stop Redis before the worker
-        # has re-queued its job.
+        # has re-queued its job; but a killed `ftune dev` (or test run) takes it along.
         self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout

@@ -8,7 +8,6 @@ Ctrl-C reaches only us, and we stop them in order (worker, API, Redis).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import signal
@@ -23,7 +22,7 @@ from typing import IO, Any
 import httpx
 import msgspec
 
-from service.dev.localredis import LocalRedis, free_port
+from service.dev.localredis import LocalRedis, die_with_parent, free_port
 from service.settings import hash_api_key
 from service.tenants import ANY, Grants, KeyEntry, TenantEntry, TenantsFile
 
@@ -69,16 +68,6 @@ def _port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: SIGTERM the child if `ftune dev` itself is killed, so nothing is orphaned."""
-    os.setsid()
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class DevStack:
@@ -191,7 +180,7 @@ class DevStack:
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
     def wait_ready(self) -> None:

@@ -727,6 +727,26 @@ def test_a_url_is_taken_as_users_write_it(cli: Callable[..., Result], live_api: 
 # -- the dev stack ----------------------------------------------------------------------------
 
 
+def test_a_killed_dev_stack_takes_its_redis_along(tmp_path: Path) -> None:
+    """`ftune dev` (or a test run) killed with SIGKILL gets no chance to stop its Redis: the
+    kernel does (it kept the port and its data files locked until killed by hand)."""
+    script = (
+        "import sys, time\n"
+        "from service.dev.localredis import LocalRedis\n"
+        "print(LocalRedis().start().process.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    assert parent.stdout is not None
+    redis_pid = int(parent.stdout.readline())
+    server = psutil.Process(redis_pid)
+    assert server.is_running() and server.status() != psutil.STATUS_ZOMBIE
+    parent.kill()
+    parent.wait()
+    gone, _ = psutil.wait_procs([server], timeout=10)
+    assert gone, "Redis outlived its killed parent"
+
+
 def test_dev_stack_keeps_its_key_and_data_across_restarts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
