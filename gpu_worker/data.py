@@ -32,7 +32,7 @@ from gpu_worker.turns import (
     turn_token_ids,
 )
 from service.blobs import BlobNotFound, BlobStore, dataset_blob_key
-from service.contract import ChatTemplate, DatasetRef, DroppedRows
+from service.contract import METHODS_FOR_FUNCTIONS, ChatTemplate, DatasetRef, DroppedRows
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -291,8 +291,11 @@ def completion_token_ids(
     for start in range(0, len(rows), _TOKENIZE_BATCH):
         batch = rows[start : start + _TOKENIZE_BATCH]
         if is_conversational(batch[0]):
-            prompts = chat_ids(tokenizer, [r["prompt"] for r in batch], generation_prompt=True)
-            full = chat_ids(tokenizer, [r["prompt"] + r["completion"] for r in batch])
+            tools = [r.get("tools") for r in batch]
+            prompts = chat_ids(
+                tokenizer, [r["prompt"] for r in batch], generation_prompt=True, tools=tools
+            )
+            full = chat_ids(tokenizer, [r["prompt"] + r["completion"] for r in batch], tools=tools)
         else:
             prompts = _text_ids(tokenizer, [r["prompt"] for r in batch])
             full = _text_ids(
@@ -325,32 +328,36 @@ def kto_rows(rows: list[Row], seed: int) -> list[Row]:
         if "label" in row:
             unpaired.append(row)
             continue
-        unpaired.append({"prompt": row["prompt"], "completion": row["chosen"], "label": True})
-        unpaired.append({"prompt": row["prompt"], "completion": row["rejected"], "label": False})
+        tools = {"tools": row["tools"]} if "tools" in row else {}
+        for answer, label in (("chosen", True), ("rejected", False)):
+            unpaired.append(
+                {"prompt": row["prompt"], "completion": row[answer], "label": label, **tools}
+            )
     random.Random(seed).shuffle(unpaired)
     return unpaired
 
 
 def _json_cells(rows: list[Row]) -> Dataset:
-    """Preference rows that call functions, each message and list of tools a JSON cell: the
-    structs Arrow infers would give every message every key and every call every argument
-    of every other row (as nulls, which templates render)."""
-    from datasets import Dataset, Features, Json, List
+    """Preference or kto rows that call functions, each message and list of tools a JSON
+    cell: the structs Arrow infers would give every message every key and every call every
+    argument of every other row (as nulls, which templates render)."""
+    from datasets import Dataset, Features, Json, List, Value
 
-    messages = List(Json())
-    columns = {name: messages for name in ("prompt", "chosen", "rejected")}
-    features = Features({**columns, "tools": Json()})
+    columns = {name: List(Json()) for name in rows[0] if name not in ("tools", "label")}
+    label = {"label": Value("bool")} if "label" in rows[0] else {}
+    features = Features({**columns, **label, "tools": Json()})
     return Dataset.from_list([{**r, "tools": r.get("tools")} for r in rows], features=features)
 
 
 def check_calls_trainable(rows: list[Row], method: str) -> None:
-    """Rows that list functions or call them train with sft and dpo only: TRL's other
-    trainers render a row without its tools."""
-    if method not in ("sft", "dpo") and calls_functions(rows):
+    """Rows that list functions or call them train with the methods of
+    ``METHODS_FOR_FUNCTIONS``: TRL's trainers for the others render a row without its tools
+    (the API refuses such jobs; this catches datasets stored before it knew)."""
+    if method not in METHODS_FOR_FUNCTIONS and calls_functions(rows):
         raise ConfigError(
             f"the rows list functions (tools) or call them, which {method} does not train: "
             "TRL's trainer for it renders rows without their tools. Train them with dpo (or "
-            "sft), or leave those rows out"
+            "sft, kto), or leave those rows out"
         )
 
 

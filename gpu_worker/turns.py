@@ -34,8 +34,9 @@ def trained_answers(prompt: list[Message]) -> list[int]:
 
 def own_tokenizing(rows: list[Row]) -> bool:
     """Whether sft rows need tokenizing here: a prompt marks answers to train, or the rows
-    call functions (preference rows never: TRL's DPOTrainer renders each row's tools)."""
-    if not rows or "completion" not in rows[0]:
+    call functions (preference and kto rows never: TRL's DPO and KTO trainers render each
+    row with its own tools)."""
+    if not rows or "completion" not in rows[0] or "label" in rows[0]:
         return False
     return calls_functions(rows) or any(
         trained_answers(r["prompt"]) for r in rows if _msgs(r, "prompt")

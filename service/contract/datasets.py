@@ -185,7 +185,7 @@ class Dataset(msgspec.Struct, kw_only=True):
         bool,
         msgspec.Meta(
             description="Whether rows list functions (tools) or call them: such a dataset "
-            "trains with sft or dpo, whose trainers render each row with its own tools."
+            "trains with sft, dpo or kto, whose trainers render each row with its own tools."
         ),
     ] = False
     skipped_rows: Annotated[
@@ -509,9 +509,7 @@ class Message(msgspec.Struct, kw_only=True, omit_defaults=True):
     ] = None
     tool_calls: Annotated[
         list[ToolCall] | None,
-        msgspec.Meta(
-            description="The functions an assistant message calls (sft chats and preference rows)."
-        ),
+        msgspec.Meta(description="The functions an assistant message calls."),
     ] = None
     tool_call_id: Annotated[
         str | None, msgspec.Meta(description="The call a `tool` message gives the result of.")
@@ -547,7 +545,7 @@ class DatasetRow(msgspec.Struct, kw_only=True, omit_defaults=True):
         msgspec.Meta(
             description="The functions the row's answers may call, each "
             '`{"type": "function", "function": {"name", "description", "parameters"}}` '
-            "(sft chats and preference rows; OpenAI's `functions` are given this form)."
+            "(OpenAI's `functions` are given this form)."
         ),
     ] = None
 

@@ -116,7 +116,7 @@ METHOD_KINDS: dict[str, frozenset[str]] = {
 """The dataset kinds each method trains on (kto unpairs preference pairs, as TRL does)."""
 
 
-METHODS_FOR_FUNCTIONS = frozenset({"sft", "dpo"})
+METHODS_FOR_FUNCTIONS = frozenset({"sft", "dpo", "kto"})
 """The methods that train rows listing functions or calling them: TRL's trainers for the
 others render a row without its tools."""
 
@@ -138,7 +138,7 @@ def kind_mismatch(method: str, kind: str, functions: bool = False) -> str | None
             return (
                 f"its rows list functions (tools) or call them, which method {method!r} does "
                 "not train (TRL's trainer for it renders rows without their tools): use "
-                "method 'dpo', or leave those rows out"
+                "method 'dpo' or 'kto', or leave those rows out"
             )
         return None
     if method == "sft" and kind == "preference":

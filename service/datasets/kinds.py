@@ -139,8 +139,7 @@ def _plain(
         # OpenAI's chats, ShareGPT's
         row = _chat(obj[messages_field], messages_field, sft=kind_ == "sft")
         used.add(messages_field)
-        if kind_ == "sft":
-            add_tools(obj, row, used)
+        add_tools(obj, row, used)
     elif mapping is None and "instruction" in obj and "output" in obj and "prompt" not in obj:
         # LLaMA-Factory's alpaca form: instruction, then input; output; history, system
         prompt, _ = alpaca_prompt(obj, used)
@@ -152,12 +151,10 @@ def _plain(
             raise RowInvalid(m.prompt_field, f"missing field {m.prompt_field!r}")
         if completion_field not in obj:
             raise RowInvalid(completion_field, f"missing field {completion_field!r}")
-        sft = kind_ == "sft"
-        row = _pair(
-            obj[m.prompt_field], obj[completion_field], m.prompt_field, completion_field, calls=sft
-        )
-        if sft and isinstance(row["prompt"], list):  # rows this service stores read back as is
-            row["prompt"] = _marked(obj[m.prompt_field], row["prompt"], m.prompt_field)
+        row = _pair(obj[m.prompt_field], obj[completion_field], m.prompt_field, completion_field)
+        if isinstance(row["prompt"], list):
+            if kind_ == "sft":  # rows this service stores read back as is
+                row["prompt"] = _marked(obj[m.prompt_field], row["prompt"], m.prompt_field)
             add_tools(obj, row, used)
     system_field = m.system_field or system_column(obj)
     if system_field in obj or history_field is not None:
@@ -234,19 +231,17 @@ def used_columns(kind_: DatasetKind, mapping: FieldMapping | None) -> set[str]:
     return used
 
 
-def _pair(
-    prompt: object, completion: object, pf: str, cf: str, *, calls: bool = False
-) -> dict[str, Any]:
-    """A prompt and its answer; `calls`: function calls kept (sft rows, as they are stored)."""
+def _pair(prompt: object, completion: object, pf: str, cf: str) -> dict[str, Any]:
+    """A prompt and its answer, function calls kept."""
     if isinstance(prompt, str):
         if not isinstance(completion, str):
             got = kind(completion)
             raise RowInvalid(cf, f"expected a string (the {pf} is a string), got {got}")
         p, c = text(prompt, pf), text(completion, cf)
         return {"prompt": p, "completion": c}
-    msgs = messages(prompt, pf, calls=calls)
+    msgs = messages(prompt, pf)
     check_prompt(msgs, pf)
-    done = answer(completion, cf, calls=calls)
+    done = answer(completion, cf)
     check_completion(done, cf)
     return {"prompt": msgs, "completion": done}
 
@@ -254,9 +249,9 @@ def _pair(
 def _chat(value: list[Any], field: str, *, sft: bool) -> dict[str, Any]:
     """A whole chat: the messages before its last assistant turn to train on (OpenAI's
     ``weight`` 0 marks one not to), and that turn; what follows a weight-0 answer is left out.
-    `sft`: the answers before it that are trained on too are marked in the prompt, and
-    function calls are kept."""
-    msgs: list[Msg] = messages(value, field, calls=sft)
+    `sft`: the answers before it that are trained on too are marked in the prompt (a kto
+    label is about the last answer alone)."""
+    msgs: list[Msg] = messages(value, field)
     answers = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
     answered = [i for i in answers if _weight(value[i], f"{field}[{i}]")]
     last = max(answered, default=-1)

@@ -143,7 +143,7 @@ def _texts(chosen: object, rejected: object, cf: str, rf: str, pf: str) -> tuple
 
 
 def _answers(chosen: object, rejected: object, cf: str, rf: str) -> tuple[list[Msg], list[Msg]]:
-    c, r = answer(chosen, cf, calls=True), answer(rejected, rf, calls=True)
+    c, r = answer(chosen, cf), answer(rejected, rf)
     if c == r:
         raise identical(cf, rf)
     return c, r
@@ -185,7 +185,7 @@ def _prompt_and_conversations(
 ) -> dict[str, Any]:
     """UltraFeedback / Argilla: a prompt column and whole conversations that start with it."""
     pf, cf, rf, system_col, history_col = cols
-    c, r = messages(chosen, cf, pf, calls=True), messages(rejected, rf, pf, calls=True)
+    c, r = messages(chosen, cf, pf), messages(rejected, rf, pf)
     if c[0]["role"] == "assistant" and r[0]["role"] == "assistant":
         check_completion(c, cf)
         check_completion(r, rf)
@@ -281,11 +281,11 @@ def _openai(obj: dict[str, Any]) -> Normalized:
         raise RowInvalid("input", f"expected an object with 'messages', got {kind(inp)}")
     if "messages" not in inp:
         raise RowInvalid("input.messages", "missing field 'messages'")
-    prompt = messages(inp["messages"], "input.messages", calls=True)
+    prompt = messages(inp["messages"], "input.messages")
     check_prompt(prompt, "input.messages")
-    chosen = messages(obj["preferred_output"], "preferred_output", calls=True)
+    chosen = messages(obj["preferred_output"], "preferred_output")
     check_completion(chosen, "preferred_output")
-    rejected = messages(obj["non_preferred_output"], "non_preferred_output", calls=True)
+    rejected = messages(obj["non_preferred_output"], "non_preferred_output")
     check_completion(rejected, "non_preferred_output")
     if chosen == rejected:
         raise identical("preferred_output", "non_preferred_output")
@@ -320,7 +320,7 @@ def _without_prompt(
     """Rows whose prompt is inside chosen and rejected: TRL's implicit prompt or HH."""
     chosen, rejected = obj[cf], obj[rf]
     if isinstance(chosen, list) and isinstance(rejected, list):
-        c, r = messages(chosen, cf, calls=True), messages(rejected, rf, calls=True)
+        c, r = messages(chosen, cf), messages(rejected, rf)
         shared, cm, rm = split_conversations(c, r, cf, rf)
         msgs = preamble(obj, shared, system_col, None, used)
         row: dict[str, Any] = {"prompt": msgs, "chosen": cm, "rejected": rm}
@@ -366,9 +366,9 @@ def _with_prompt(
             return _prompt_and_conversations(obj, p, cols, chosen, rejected, used), True
         return _text_prompt(obj, p, cols, chosen, rejected, used, strict=True), False
     if isinstance(prompt, list):
-        msgs = preamble(obj, messages(prompt, pf, calls=True), system_col, history_col, used)
+        msgs = preamble(obj, messages(prompt, pf), system_col, history_col, used)
         check_prompt(msgs, pf)
-        c, r = messages(chosen, cf, pf, calls=True), messages(rejected, rf, pf, calls=True)
+        c, r = messages(chosen, cf, pf), messages(rejected, rf, pf)
         check_completion(c, cf)
         check_completion(r, rf)
         if c == r:
@@ -526,7 +526,7 @@ def _unmapped(obj: dict[str, Any]) -> Normalized:
     conv = _first(obj, CONVERSATION_COLUMNS)
     if conv is not None and isinstance(obj[conv], list):
         used.add(conv)
-        msgs = preamble(obj, messages(obj[conv], conv, calls=True), system_col, history_col, used)
+        msgs = preamble(obj, messages(obj[conv], conv), system_col, history_col, used)
         check_prompt(msgs, conv)
         c, r = _answers(obj[cf], obj[rf], cf, rf)
         sharegpt = isinstance(obj[conv][0], dict) and "from" in obj[conv][0]

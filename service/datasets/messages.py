@@ -145,9 +145,9 @@ def _sharegpt(value: dict[str, Any], where: str) -> Msg:
     return {"role": role, "content": content(value["value"], f"{where}.value")}
 
 
-def message(value: object, where: str, *, calls: bool = False) -> Msg:
-    """One message checked and normalized; `calls`: function calls and their results are kept
-    (sft chats), else a message that calls a function is refused, saying so."""
+def message(value: object, where: str, *, calls: bool = True) -> Msg:
+    """One message checked and normalized, function calls and their results kept; without
+    `calls` (a history column) a message that calls a function is refused, saying so."""
     if not isinstance(value, dict):
         raise RowInvalid(
             where,
@@ -175,9 +175,9 @@ def message(value: object, where: str, *, calls: bool = False) -> Msg:
         if not calls:
             raise RowInvalid(
                 f"{where}.tool_calls",
-                "a tool call is not trained here: calls train in sft chats and preference "
-                "rows, not in kto rows or a history column; leave these rows out (or upload "
-                "with on_invalid=skip)",
+                "a history column holds earlier turns as text: function calls are read from "
+                "the row's own messages (put the turns there, or upload with "
+                "on_invalid=skip)",
             )
         if name != "assistant":
             raise RowInvalid(f"{where}.role", f"only assistant messages call tools, got {role!r}")
@@ -198,7 +198,7 @@ def message(value: object, where: str, *, calls: bool = False) -> Msg:
 
 
 def messages(
-    value: object, field: str, prompt_field: str | None = None, *, calls: bool = False
+    value: object, field: str, prompt_field: str | None = None, *, calls: bool = True
 ) -> list[Msg]:
     if not isinstance(value, list):
         hint = f" (the {prompt_field} is a list of messages)" if prompt_field else ""
@@ -285,14 +285,11 @@ def split_conversations(
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def answer(value: object, field: str, *, calls: bool = False) -> list[Msg]:
+def answer(value: object, field: str) -> list[Msg]:
     """An answer column: a text, one message object, or a list of messages."""
     if isinstance(value, str):
         return [{"role": "assistant", "content": text(value, field)}]
-    if isinstance(value, dict):
-        msgs = [message(value, field, calls=calls)]
-    else:
-        msgs = messages(value, field, calls=calls)
+    msgs = [message(value, field)] if isinstance(value, dict) else messages(value, field)
     check_completion(msgs, field)
     return msgs
 
@@ -304,7 +301,7 @@ def history(value: object, field: str) -> list[Msg]:
             field, f"expected a list of [prompt, answer] pairs or of messages, got {kind(value)}"
         )
     if value and isinstance(value[0], dict):
-        return messages(value, field)
+        return messages(value, field, calls=False)
     out: list[Msg] = []
     for i, pair in enumerate(value):
         if not isinstance(pair, list | tuple) or len(pair) != 2:

@@ -144,9 +144,9 @@ async def test_each_method_meets_its_dataset_kind_at_submit(api: Api) -> None:
 
 
 async def test_rows_that_call_functions_meet_sft_and_dpo_only(api: Api) -> None:
-    """A dataset whose rows list functions says so; kto, orpo and simpo (whose TRL trainers
-    render rows without their tools) are refused at submit, not after the model is loaded,
-    and so is an eval dataset of such rows."""
+    """A dataset whose rows list functions says so; orpo and simpo (whose TRL trainers render
+    rows without their tools) are refused at submit, not after the model is loaded, and so is
+    an eval dataset of such rows."""
     weather = [{"type": "function", "function": {"name": "weather"}}]
     call = {"type": "function", "function": {"name": "weather", "arguments": '{"city": "Lima"}'}}
     ask = {"role": "user", "content": "Weather in Lima?"}
@@ -161,13 +161,16 @@ async def test_rows_that_call_functions_meet_sft_and_dpo_only(api: Api) -> None:
     chats = await created(api, [{"messages": [ask, {"role": "assistant", "tool_calls": [call]}]}])
     plain = await created(api, [{"prompt": "q", "chosen": "a", "rejected": "b"}])
     assert [d["functions"] for d in (functions, chats, plain)] == [True, True, False]
-    assert (await submit(api, functions["id"], method="dpo")).status_code == 201
-    assert (await submit(api, chats["id"], method="sft")).status_code == 201
-    for method in ("kto", "orpo", "simpo"):
+    for method, ds in (("dpo", functions), ("kto", functions), ("sft", chats)):
+        assert (await submit(api, ds["id"], method=method)).status_code == 201, method
+    for method in ("orpo", "simpo"):
         resp = await submit(api, functions["id"], method=method)
         assert resp.status_code == 422, (method, resp.text)
         problem = resp.json()
-        assert "list functions" in problem["detail"] and "use method 'dpo'" in problem["detail"]
+        assert (
+            "list functions" in problem["detail"]
+            and "use method 'dpo' or 'kto'" in problem["detail"]
+        )
         assert problem["errors"][0]["loc"] == ["body", "dataset_id"]
     resp = await submit(api, plain["id"], method="orpo", eval_dataset_id=functions["id"])
     assert resp.status_code == 422

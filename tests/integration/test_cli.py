@@ -187,7 +187,7 @@ def test_show_says_a_dataset_that_calls_functions_trains_with_dpo(
     shown = cli("datasets", "show", ds_id, "--rows", "1")
     assert shown.exit_code == 0, shown.output
     [kind] = [line.split() for line in shown.stdout.splitlines() if line.startswith(" kind ")]
-    assert kind == ["kind", "preference:", "trains", "dpo"]  # orpo, simpo, kto: not with tools
+    assert kind == ["kind", "preference:", "trains", "dpo,", "kto"]  # not orpo, simpo: tools
     assert 'chosen     [assistant] weather({"city": "Oslo"})' in shown.stdout
 
 

@@ -8,6 +8,7 @@ of the spec into a method's config shows up as different per-step losses.
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -247,6 +248,29 @@ def test_sft_on_chats_trains_every_answer_like_trls_assistant_only_loss(
         assistant_only_loss=True,
         max_length=160,
     )
+
+    assert len(ours) == len(reference) == 3
+    assert ours == pytest.approx(reference, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_kto_rows_that_call_functions_train_like_trl(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Each row lists functions and the desirable completions call one: TRL's KTOTrainer
+    renders each row with its own tools (from a JSON string column), and so do we."""
+    rows = []
+    for i, row in enumerate(_rows("kto")):
+        if row["label"]:
+            call = {"type": "function", "function": {"name": "weather", "arguments": {"n": i}}}
+            row = {
+                **row,
+                "completion": [{"role": "assistant", "content": "", "tool_calls": [call]}],
+            }
+        rows.append({**row, "tools": WEATHER})
+    hyperparameters = COMMON | OWN["kto"] | {"max_length": 160}
+    ours = _our_losses("kto", rows, hyperparameters, tiny_model_dir, tmp_path)
+
+    given = [{**r, "tools": json.dumps(r["tools"])} for r in rows]
+    reference = _plain_trl_losses("kto", tiny_model_dir, given, tmp_path / "trl", max_length=160)
 
     assert len(ours) == len(reference) == 3
     assert ours == pytest.approx(reference, abs=1e-4)

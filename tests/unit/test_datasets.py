@@ -1012,4 +1012,4 @@ def test_a_call_in_a_history_column_is_refused_saying_where_calls_train() -> Non
     calling = {"role": "assistant", "content": None, "tool_calls": [WEATHER_CALL]}
     row = {"prompt": "Hi", "chosen": "a", "rejected": "b", "history": [user("Weather?"), calling]}
     [(_, field, msg)] = errors(jsonl(row))
-    assert field == "history[1].tool_calls" and "not in kto rows or a history column" in msg
+    assert field == "history[1].tool_calls" and "history column holds earlier turns" in msg

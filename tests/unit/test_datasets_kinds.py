@@ -477,8 +477,8 @@ def test_tool_calls_that_cannot_be_read_say_where(tmp_path: Path) -> None:
         (5, "messages[1].tool_calls[0].function.arguments"),
     ]
     assert "invalid JSON" in refused.value.errors[0].msg
-    # With text beside the call, the call was dropped without a word. A preference row keeps
-    # both; a kto row is refused, saying so.
+    # With text beside the call, the call was dropped without a word: preference and kto rows
+    # keep both, as sft rows do.
     said = {**calling("{}")["messages"][1], "content": "Let me check."}
     no = {"role": "assistant", "content": "No."}
     _, out = validate(tmp_path, [{"prompt": [question], "chosen": [said], "rejected": [no]}])
@@ -486,7 +486,9 @@ def test_tool_calls_that_cannot_be_read_say_where(tmp_path: Path) -> None:
     assert out[0]["chosen"] == [
         {"role": "assistant", "content": "Let me check.", "tool_calls": [call]}
     ]
-    with pytest.raises(InvalidDataset) as refused:
-        validate(tmp_path, [{"prompt": [question], "completion": [said], "label": True}])
-    [error] = refused.value.errors
-    assert error.field == "completion[0].tool_calls" and "not in kto rows" in error.msg
+    tool = {"type": "function", "function": {"name": "w"}}
+    labelled = {"prompt": [question], "completion": [said], "label": True, "tools": [tool]}
+    result, out = validate(tmp_path, [labelled, {**labelled, "label": False}])
+    assert result.kind == "unpaired" and result.functions
+    kept = {"role": "assistant", "content": "Let me check.", "tool_calls": [call]}
+    assert out[0] == {"prompt": [question], "completion": [kept], "tools": [tool], "label": True}

@@ -12,6 +12,7 @@ from gpu_worker.data import (
     MIN_COMPLETION_TOKENS,
     apply_chat_template,
     check_calls_trainable,
+    completion_token_ids,
     fetch_rows,
     fit_max_length,
     kto_rows,
@@ -538,12 +539,31 @@ def test_preference_rows_are_fitted_to_length_with_their_tools(tokenizer: Any) -
     assert (kept, dropped.prompt_too_long) == ([rows[0]], 1)
 
 
-@pytest.mark.parametrize("method", ["kto", "orpo", "simpo"])
-def test_function_calls_train_with_sft_and_dpo_only(method: str) -> None:
+@pytest.mark.parametrize("method", ["orpo", "simpo"])
+def test_function_calls_train_with_sft_dpo_and_kto_only(method: str) -> None:
     plain = {**_calling_pair({}, None), "chosen": [{"role": "assistant", "content": "Rain."}]}
     check_calls_trainable([plain], method)
-    check_calls_trainable([plain, _calling_pair({"city": "Paris"})], "dpo")
+    for other in ("dpo", "kto"):
+        check_calls_trainable([plain, _calling_pair({"city": "Paris"})], other)
     check_calls_trainable([_tool_chat()], "sft")
     for calling in (_calling_pair({"city": "Paris"}, None), {**plain, "tools": WEATHER}):
         with pytest.raises(ConfigError, match=f"which {method} does not train"):
             check_calls_trainable([plain, calling], method)
+
+
+def test_kto_unpairs_rows_with_their_tools_and_hands_them_to_trl_as_they_are(
+    tokenizer: Any,
+) -> None:
+    """TRL's KTOTrainer renders each row with its own tools, as its DPOTrainer does."""
+    pairs = [_calling_pair({"city": "Paris"}), _calling_pair({"lat": 1.5}, None)]
+    unpaired = kto_rows(pairs, seed=3)
+    assert sorted((r["label"], "tools" in r) for r in unpaired) == [
+        (False, False), (False, True), (True, False), (True, True)
+    ]  # fmt: skip
+    dataset = to_dataset(unpaired, tokenizer)
+    assert [dataset[i] for i in range(4)] == [{**r, "tools": r.get("tools")} for r in unpaired]
+    prompt_tokens = {
+        ("tools" in r, r["label"]): n
+        for r, (n, _) in zip(unpaired, completion_token_ids(unpaired, tokenizer), strict=True)
+    }
+    assert prompt_tokens[True, True] > prompt_tokens[False, True]  # the tools' schema
