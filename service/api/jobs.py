@@ -33,7 +33,6 @@ from service.api.openapi_docs import (
 from service.api.tenancy import TenantParam, listed_tenant
 from service.contract import (
     Dataset,
-    DatasetRef,
     GpuMemoryEstimate,
     Job,
     JobList,
@@ -73,10 +72,6 @@ IdempotencyKey = Annotated[
     ),
 ]
 KEEPALIVE_MS = 15_000
-
-
-def _ref(ds: Dataset) -> DatasetRef:
-    return DatasetRef(id=ds.id, sha256=ds.sha256, rows=ds.rows, format=ds.format, kind=ds.kind)
 
 
 def _check_kind(method: str, ds: Dataset, field: str) -> None:
@@ -207,8 +202,8 @@ async def submit_job(
         tenant=tenant,
         status=JobStatus.queued,
         spec=spec,
-        dataset=_ref(dataset),
-        eval_dataset=_ref(eval_dataset) if eval_dataset else None,
+        dataset=dataset.ref(),
+        eval_dataset=eval_dataset.ref() if eval_dataset else None,
         init_adapter=init_adapter,
         created_at=now,
         updated_at=now,

@@ -74,6 +74,9 @@ class DatasetRef(msgspec.Struct, kw_only=True):
         ),
     ]
     kind: Annotated[DatasetKind, msgspec.Meta(description=KIND_DESCRIPTION)] = "preference"
+    functions: Annotated[
+        bool, msgspec.Meta(description="Whether its rows list functions (tools) or call them.")
+    ] = False
 
 
 class DatasetWarning(msgspec.Struct, kw_only=True):
@@ -196,6 +199,17 @@ class Dataset(msgspec.Struct, kw_only=True):
         list[RowProblem],
         msgspec.Meta(description="The first 100 rows left out, each with where and why."),
     ] = []
+
+    def ref(self) -> DatasetRef:
+        """What a job or snapshot made from it records of it."""
+        return DatasetRef(
+            id=self.id,
+            sha256=self.sha256,
+            rows=self.rows,
+            format=self.format,
+            kind=self.kind,
+            functions=self.functions,
+        )
 
 
 class DatasetList(msgspec.Struct, kw_only=True):

@@ -139,7 +139,6 @@ def _plain(
         # OpenAI's chats, ShareGPT's
         row = _chat(obj[messages_field], messages_field, sft=kind_ == "sft")
         used.add(messages_field)
-        add_tools(obj, row, used)
     elif mapping is None and "instruction" in obj and "output" in obj and "prompt" not in obj:
         # LLaMA-Factory's alpaca form: instruction, then input; output; history, system
         prompt, _ = alpaca_prompt(obj, used)
@@ -152,10 +151,11 @@ def _plain(
         if completion_field not in obj:
             raise RowInvalid(completion_field, f"missing field {completion_field!r}")
         row = _pair(obj[m.prompt_field], obj[completion_field], m.prompt_field, completion_field)
-        if isinstance(row["prompt"], list):
-            if kind_ == "sft":  # rows this service stores read back as is
-                row["prompt"] = _marked(obj[m.prompt_field], row["prompt"], m.prompt_field)
-            add_tools(obj, row, used)
+        if isinstance(row["prompt"], list) and kind_ == "sft":  # stored rows read back as is
+            row["prompt"] = _marked(obj[m.prompt_field], row["prompt"], m.prompt_field)
+    add_tools(obj, row, used)
+    if "tools" in row and isinstance(row["prompt"], str):  # only a chat can list functions
+        row = as_conversation(row)
     system_field = m.system_field or system_column(obj)
     if system_field in obj or history_field is not None:
         # A row with a system column is a conversation, even where the column is blank: a

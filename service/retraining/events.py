@@ -9,7 +9,7 @@ import msgspec
 
 from service.contract import EventError, FieldMapping, Format, Kind, PairRecord
 from service.datasets.layouts import system_column
-from service.datasets.messages import blank
+from service.datasets.messages import TOOL_COLUMNS, blank
 from service.datasets.rows import RowInvalid, normalize_row, row_format
 
 _encoder = msgspec.json.Encoder()
@@ -58,6 +58,8 @@ class ParsedEvent(msgspec.Struct, kw_only=True):
     """Ratings: the canonical prompt and response, and which way."""
     response: Any = None
     rating: Literal["up", "down"] | None = None
+    tools: Any = None
+    """Ratings: the functions the prompt lists, if any."""
 
 
 WAYS = ("up", "down")
@@ -74,6 +76,8 @@ class Pending(msgspec.Struct, kw_only=True):
     prompt: Any
     up: list[Waiting] = []
     down: list[Waiting] = []
+    tools: Any = None
+    """The functions the prompt lists: part of what a rating is about."""
 
 
 class Applied(msgspec.Struct, kw_only=True):
@@ -157,8 +161,9 @@ def _parse_one(obj: object, index: int) -> ParsedEvent:
     stand_in: Any = (
         [{"role": "assistant", "content": _STAND_IN}] if isinstance(response, list) else _STAND_IN
     )
+    tools = {k: obj[k] for k in TOOL_COLUMNS if k in obj}
     checked, _ = normalize_row(
-        {"prompt": obj["prompt"], "response": response, _STAND_IN: stand_in, **system},
+        {"prompt": obj["prompt"], "response": response, _STAND_IN: stand_in, **system, **tools},
         mapping=_RATING_FIELDS if not system else _RATING_SYSTEM,
     )
     _one_system(obj, checked["prompt"])
@@ -170,6 +175,7 @@ def _parse_one(obj: object, index: int) -> ParsedEvent:
         prompt=checked["prompt"],
         response=checked["chosen"],
         rating=rating,
+        tools=checked.get("tools"),
     )
 
 
@@ -290,6 +296,11 @@ def prompt_key(prompt: Any) -> str:
     return _digest(_encoder.encode(prompt))
 
 
+def rating_key(event: ParsedEvent) -> str:
+    """What a rating is about: its prompt, and the functions the prompt lists."""
+    return prompt_key(event.prompt if event.tools is None else [event.prompt, event.tools])
+
+
 def row_prompt_key(row_json: bytes) -> str:
     """`prompt_key` of a row as stored (msgspec's JSON of it), without decoding the rest of
     the row: its prompt's JSON is the same bytes `prompt_key` hashes."""
@@ -339,11 +350,12 @@ def apply_events(
         if event.row is not None:
             pairs.append(PairRecord(row=event.row, kind=event.kind, events=[event.id], at=now))
             continue
-        labelled = {"prompt": event.prompt, "completion": event.response}
+        tools = {} if event.tools is None else {"tools": event.tools}
+        labelled = {"prompt": event.prompt, "completion": event.response, **tools}
         labelled["label"] = event.rating == "up"
         unpaired.append(PairRecord(row=labelled, kind="rating", events=[event.id], at=now))
-        key = prompt_key(event.prompt)
-        queue = queues.setdefault(key, Pending(prompt=event.prompt))
+        key = rating_key(event)
+        queue = queues.setdefault(key, Pending(prompt=event.prompt, tools=event.tools))
         same, opposite = (queue.up, queue.down) if event.rating == "up" else (queue.down, queue.up)
         match = next((w for w in opposite if w.response != event.response), None)
         if match is None:
@@ -360,6 +372,8 @@ def apply_events(
             else (match.response, event.response)
         )
         row = {"prompt": queue.prompt, "chosen": good, "rejected": bad}
+        if queue.tools is not None:
+            row["tools"] = queue.tools
         pairs.append(PairRecord(row=row, kind="rating", events=[match.id, event.id], at=now))
     return Applied(
         pairs=pairs,

@@ -55,7 +55,7 @@ from service.retraining.events import (
     apply_events,
     check_row_sizes,
     parse_events,
-    prompt_key,
+    rating_key,
 )
 from service.store import (
     Conflict,
@@ -142,6 +142,7 @@ class _Queue(msgspec.Struct, kw_only=True):
 
     key: str
     prompt: Any
+    tools: Any
     head: dict[str, list[bytes]]
     """The first stored ratings of each direction, as stored."""
     lengths: dict[str, int]
@@ -152,6 +153,7 @@ class _Queue(msgspec.Struct, kw_only=True):
         decode = _waiting_decoder.decode
         return Pending(
             prompt=self.prompt,
+            tools=self.tools,
             up=[decode(w) for w in self.head["up"]],
             down=[decode(w) for w in self.head["down"]],
         )
@@ -164,7 +166,7 @@ async def _read_queues(
     ratings: dict[str, list[ParsedEvent]] = {}
     for event in parsed:
         if event.row is None:
-            ratings.setdefault(prompt_key(event.prompt), []).append(event)
+            ratings.setdefault(rating_key(event), []).append(event)
     if not ratings:
         return []
     keys = list(ratings)
@@ -181,6 +183,7 @@ async def _read_queues(
         queue = _Queue(
             key=key,
             prompt=ratings[key][0].prompt,
+            tools=ratings[key][0].tools,
             head={"up": up, "down": down},
             lengths={"up": up_len, "down": down_len},
         )

@@ -12,7 +12,7 @@ from pathlib import Path
 import msgspec
 
 from service.blobs import BlobStore
-from service.contract import DatasetRef, FeedbackSnapshot, Selection, SnapshotRows
+from service.contract import FeedbackSnapshot, Selection, SnapshotRows
 from service.datasets.ingest import store_dataset
 from service.datasets.validate import InvalidDataset, Limits
 from service.retraining import feedback
@@ -109,9 +109,7 @@ async def snapshot(
     record = FeedbackSnapshot(
         stream=stream,
         version=version,
-        dataset=DatasetRef(
-            id=ds.id, sha256=ds.sha256, rows=ds.rows, format=ds.format, kind=ds.kind
-        ),
+        dataset=ds.ref(),
         selection=selection,
         rows=rows,
         pairs_end=end,

@@ -492,3 +492,20 @@ def test_tool_calls_that_cannot_be_read_say_where(tmp_path: Path) -> None:
     assert result.kind == "unpaired" and result.functions
     kept = {"role": "assistant", "content": "Let me check.", "tool_calls": [call]}
     assert out[0] == {"prompt": [question], "completion": [kept], "tools": [tool], "label": True}
+
+
+def test_text_rows_that_list_functions_become_chats(tmp_path: Path) -> None:
+    """sft and kto text rows keep the functions they list: only a chat can hold them (they
+    were named as an ignored column)."""
+    tool = {"type": "function", "function": {"name": "w"}}
+    user = {"role": "user", "content": "Weather?"}
+    said = {"role": "assistant", "content": "Let me look."}
+    result, out = validate(
+        tmp_path, [{"prompt": "Weather?", "completion": "Let me look.", "tools": [tool]}]
+    )
+    assert out == [{"prompt": [user], "completion": [said], "tools": [tool]}]
+    assert (result.format, result.functions, result.warnings) == ("conversational", True, [])
+    rated = {"prompt": "Weather?", "completion": "Let me look.", "label": True, "tools": [tool]}
+    _, out = validate(tmp_path, [rated, {**rated, "label": False, "system": "Be brief."}])
+    assert [r["tools"] for r in out] == [[tool], [tool]]
+    assert out[1]["prompt"] == [{"role": "system", "content": "Be brief."}, user]

@@ -69,6 +69,39 @@ def test_a_system_prompt_is_kept_and_ratings_under_different_ones_never_pair() -
     assert edited.row["chosen"] == [{"role": "assistant", "content": "Hello."}]
 
 
+def test_ratings_of_function_calls_keep_the_functions_and_pair_under_them() -> None:
+    """An agent's answers rated up or down: the functions its prompt listed stay with the
+    rows (they were dropped while the calls were kept), and ratings under other functions
+    are about another prompt."""
+    weather = [{"type": "function", "function": {"name": "weather"}}]
+    clock = [{"type": "function", "function": {"name": "clock"}}]
+    ask = [{"role": "user", "content": "Weather in Lima?"}]
+    call = {"type": "function", "function": {"name": "weather", "arguments": '{"city": "Lima"}'}}
+    calling = [{"role": "assistant", "content": None, "tool_calls": [call]}]
+    guess = [{"role": "assistant", "content": "Sunny."}]
+    applied = run(
+        [
+            {**rate("d1", ask, guess, "down"), "tools": weather},
+            {**rate("u0", ask, calling, "up"), "tools": clock},  # other functions: waits
+            {**rate("u1", ask, calling, "up"), "tools": weather},
+        ]
+    )
+    stored_call = {**call, "function": {"name": "weather", "arguments": {"city": "Lima"}}}
+    stored_calling = [{"role": "assistant", "content": "", "tool_calls": [stored_call]}]
+    assert [(p.row, p.events) for p in applied.pairs] == [
+        (
+            {"prompt": ask, "chosen": stored_calling, "rejected": guess, "tools": weather},
+            ["d1", "u1"],
+        )
+    ]
+    assert [(r.row["tools"], r.row["label"]) for r in applied.unpaired] == [
+        (weather, False),
+        (clock, True),
+        (weather, True),
+    ]
+    assert applied.pending_delta == 1  # u0
+
+
 def test_a_null_or_empty_system_prompt_is_no_system_prompt() -> None:
     """JavaScript clients send an unset field as null: such ratings, edits and pairs stay in
     a stream of texts (they were conversations, refused as 'a stream holds one format')."""
