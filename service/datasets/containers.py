@@ -522,8 +522,60 @@ def _parquet_to_jsonl(path: Path, max_bytes: int, out: IO[bytes]) -> None:
             f"the Parquet file holds {size} bytes of data uncompressed; the limit is {max_bytes}"
         )
     encoder = msgspec.json.Encoder(enc_hook=str)
+    nested = [field.name for field in pf.schema_arrow if _has_structs(field.type)]
     for batch in pf.iter_batches(batch_size=1024):
-        out.write(encoder.encode_lines(_as_text(batch).to_pylist()))
+        rows = _as_text(batch).to_pylist()
+        padded = [name for name in nested if _nulls_inside(batch.column(name))]
+        for row in rows if padded else ():
+            for name in padded:
+                row[name] = _without_nulls(row[name])
+        out.write(encoder.encode_lines(rows))
+
+
+def _has_structs(type_: Any) -> bool:
+    """Whether a column holds objects (structs), at any depth."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(type_):
+        return True
+    if (
+        pa.types.is_list(type_)
+        or pa.types.is_large_list(type_)
+        or pa.types.is_fixed_size_list(type_)
+    ):
+        return _has_structs(type_.value_type)
+    if pa.types.is_map(type_):
+        return _has_structs(type_.item_type)
+    return False
+
+
+def _nulls_inside(array: Any) -> bool:
+    """Whether any object of a column has a null key (most columns of messages have none:
+    they are left as they are, at no cost)."""
+    import pyarrow as pa
+
+    if isinstance(array, pa.StructArray):
+        return any(
+            array.field(i).null_count or _nulls_inside(array.field(i))
+            for i in range(array.type.num_fields)
+        )
+    if isinstance(array, pa.ListArray | pa.LargeListArray | pa.FixedSizeListArray):
+        return _nulls_inside(array.values)
+    if isinstance(array, pa.MapArray):
+        return _nulls_inside(array.items)
+    return False
+
+
+def _without_nulls(value: Any) -> Any:
+    """Objects without their null keys. Arrow gives every object of a column every key any
+    of them has, null where it had none: a call's arguments would gain the other calls'
+    arguments (``{"city": "Paris", "zone": null}``), a tool's parameters the other tools',
+    which chat templates render; Parquet cannot tell those from a null given on purpose."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def _as_text(batch: Any) -> Any:

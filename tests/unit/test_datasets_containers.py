@@ -244,3 +244,33 @@ def test_shards_number_lines_on_after_a_last_line_without_its_newline(tmp_path: 
     with pytest.raises(InvalidDataset) as exc:
         validate_file([first, second], io.BytesIO())
     assert [e.line for e in exc.value.errors] == [6]
+
+
+def test_parquet_of_function_calls_stores_each_call_as_written(tmp_path: Path) -> None:
+    """Arrow gives every object of a column every key any of them has: each call gained the
+    other calls' arguments as nulls, each tool the other tools' parameters (and each message
+    a null tool_calls), which templates render. The Parquet file now stores what the same
+    rows as JSONL store."""
+
+    def row(i: int, arguments: dict[str, str], parameter: str) -> dict[str, Any]:
+        call = {"type": "function", "function": {"name": "weather", "arguments": arguments}}
+        parameters = {"type": "object", "properties": {parameter: {"type": "string"}}}
+        return {
+            "input": {
+                "messages": [{"role": "user", "content": f"Weather {i}?"}],
+                "tools": [
+                    {"type": "function", "function": {"name": "w", "parameters": parameters}}
+                ],
+            },
+            "preferred_output": [{"role": "assistant", "tool_calls": [call]}],
+            "non_preferred_output": [{"role": "assistant", "content": "Sunny."}],
+        }
+
+    rows = [row(0, {"city": "Lima"}, "city"), row(1, {"zone": "UTC"}, "zone")]
+    path = tmp_path / "tools.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    _, from_parquet = ingest(path)
+    jsonl = b"".join(msgspec.json.encode(r) + b"\n" for r in rows)
+    _, from_jsonl = ingest(write(tmp_path, "tools.jsonl", jsonl))
+    assert from_parquet == from_jsonl
+    assert b"null" not in from_parquet
