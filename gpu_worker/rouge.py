@@ -9,10 +9,9 @@ MAX_ROUGE_ROWS eval rows, logged as `eval_rouge1`, `eval_rouge2` and `eval_rouge
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
-from gpu_worker.data import is_conversational
+from gpu_worker.data import completion_token_ids, is_conversational
 from gpu_worker.generations import generate_one
 from gpu_worker.turns import Row
 from service.contract import JobSpec
@@ -41,7 +40,7 @@ def rouge_scores(
         ids = torch.tensor([_prompt_ids(row, tokenizer)], device=device)
         with torch.no_grad():
             answer = generate_one(model, tokenizer, ids, spec.max_new_tokens)
-        scores = scorer.score(_reference(row), answer)
+        scores = scorer.score(reference(row, tokenizer), answer)
         for name in ROUGE_TYPES:
             totals[name] += scores[name].fmeasure
     return {f"eval_{name}": total / len(sample) for name, total in totals.items()}
@@ -62,9 +61,13 @@ def _prompt_ids(row: Row, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return list(encoded["input_ids"])
 
 
-def _reference(row: Row) -> str:
+def reference(row: Row, tokenizer: PreTrainedTokenizerBase) -> str:
+    """What the model should write for the row: its completion as training rendered it,
+    without special tokens, as the model's answer is decoded. A function call is then
+    scored in the template's own form (e.g. Qwen's ``<tool_call>{...}</tool_call>``), which
+    is what a model writes, not as the JSON it was uploaded as."""
     completion = row["completion"]
     if isinstance(completion, str):
         return completion
-    # a function call is compared as the JSON of its calls
-    return "\n".join(m["content"] or json.dumps(m.get("tool_calls", "")) for m in completion)
+    [(_, ids)] = completion_token_ids([row], tokenizer)
+    return str(tokenizer.decode(ids, skip_special_tokens=True)).strip()
