@@ -32,7 +32,7 @@ from gpu_worker.turns import (
     turn_token_ids,
 )
 from service.blobs import BlobNotFound, BlobStore, dataset_blob_key
-from service.contract import METHODS_FOR_FUNCTIONS, ChatTemplate, DatasetRef, DroppedRows
+from service.contract import ChatTemplate, DatasetRef, DroppedRows
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -349,34 +349,37 @@ def _json_cells(rows: list[Row]) -> Dataset:
     return Dataset.from_list([{**r, "tools": r.get("tools")} for r in rows], features=features)
 
 
-def check_calls_trainable(rows: list[Row], method: str) -> None:
-    """Rows that list functions or call them train with the methods of
-    ``METHODS_FOR_FUNCTIONS``: TRL's trainers for the others render a row without its tools
-    (the API refuses such jobs; this catches datasets stored before it knew)."""
-    if method not in METHODS_FOR_FUNCTIONS and calls_functions(rows):
-        raise ConfigError(
-            f"the rows list functions (tools) or call them, which {method} does not train: "
-            "TRL's trainer for it renders rows without their tools. Train them with dpo (or "
-            "sft, kto), or leave those rows out"
-        )
+def _rendered(rows: list[Row], tokenizer: PreTrainedTokenizerBase) -> list[Row]:
+    """Preference rows as texts rendered by TRL's own ``apply_chat_template``, each with its
+    tools: what TRL's ORPO and CPO trainers render a conversational row into, except that
+    they pass no tools."""
+    from trl.data_utils import apply_chat_template as render
+
+    return [render(row, tokenizer, tools=row.get("tools")) for row in rows]
 
 
 def to_dataset(
     rows: list[Row],
     tokenizer: PreTrainedTokenizerBase | None = None,
     log: Callable[[str], None] | None = None,
+    method: str = "dpo",
 ) -> Dataset:
-    """The rows as TRL's trainers take them. With the tokenizer, sft rows that need it
-    (:func:`own_tokenizing`) are tokenized here: `input_ids` and a `completion_mask` over the
-    answers trained and the completion (TRL makes the labels from it, then cuts at max_length
-    or packs), built into Arrow a batch at a time (4 bytes a token where Python lists hold
-    about 40). The others as they are: TRL's own prompt-completion tokenizing gives the same
-    mask over the completion alone. `log` hears of answers that could not be placed."""
+    """The rows as `method`'s TRL trainer takes them. With the tokenizer, sft rows that need
+    it (:func:`own_tokenizing`) are tokenized here: `input_ids` and a `completion_mask` over
+    the answers trained and the completion (TRL makes the labels from it, then cuts at
+    max_length or packs), built into Arrow a batch at a time (4 bytes a token where Python
+    lists hold about 40). Rows that call functions go as JSON cells (DPO and KTO render each
+    row with its tools) or rendered here (ORPO and CPO pass none). The others as they are:
+    TRL's own prompt-completion tokenizing gives the same mask over the completion alone.
+    `log` hears of answers that could not be placed."""
     from datasets import Dataset
     from datasets.table import InMemoryTable
 
     if tokenizer is None or not own_tokenizing(rows):
         if calls_functions(rows):
+            if method in ("orpo", "simpo"):
+                assert tokenizer is not None, "rendering rows needs the tokenizer"
+                return Dataset.from_list(_rendered(rows, tokenizer))
             return _json_cells(rows)
         return Dataset.from_list(rows)
     import pyarrow as pa

@@ -470,8 +470,9 @@ def train_rank(plan: Plan, rank: int) -> None:
         tokenizer,
         spec,
         config,
-        to_dataset(plan.rows, tokenizer),  # tokenized as rank 0 does, each rank for itself
-        to_dataset(plan.eval_rows, tokenizer) if plan.eval_rows else None,
+        # tokenized as rank 0 does, each rank for itself
+        to_dataset(plan.rows, tokenizer, method=plan.spec.method),
+        to_dataset(plan.eval_rows, tokenizer, method=plan.spec.method) if plan.eval_rows else None,
         [*rank_states(plan, rank), *group.callbacks],
         init_adapter=Path(plan.init_adapter) if plan.init_adapter else None,
     )

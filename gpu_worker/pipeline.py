@@ -25,7 +25,6 @@ from gpu_worker.callbacks import METRICS_FILE, CheckpointStore, ReporterCallback
 from gpu_worker.callbacks import write_points as write_metrics
 from gpu_worker.data import (
     apply_chat_template,
-    check_calls_trainable,
     fetch_rows,
     fit_max_length,
     kto_rows,
@@ -158,8 +157,8 @@ def _run(
             tokenizer,
             spec,
             build_config(spec, output_dir, device, has_eval=bool(eval_rows), parallel=parallel),
-            to_dataset(rows, tokenizer, reporter.log),
-            to_dataset(eval_rows, tokenizer) if eval_rows else None,
+            to_dataset(rows, tokenizer, reporter.log, spec.method),
+            to_dataset(eval_rows, tokenizer, method=spec.method) if eval_rows else None,
             [*distributed.rank_states(plan, 0), callback, *group.callbacks],
             init_adapter=init_adapter,
         )
@@ -251,7 +250,6 @@ def _prepare_rows(
     depend on max_length.
     """
     max_length = spec.hyperparameters.max_length
-    check_calls_trainable([*rows, *(eval_rows or [])], spec.method)
     rows, duplicates = remove_duplicates(rows)
     rows = apply_chat_template(rows, tokenizer, spec.chat_template, reporter.log)
     if eval_rows is None:

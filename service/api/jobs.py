@@ -76,7 +76,7 @@ KEEPALIVE_MS = 15_000
 
 def _check_kind(method: str, ds: Dataset, field: str) -> None:
     """A 422 when the method cannot train on the dataset's kind, saying what to do."""
-    why = kind_mismatch(method, ds.kind, ds.functions)
+    why = kind_mismatch(method, ds.kind)
     if why is not None:
         raise InvalidRequest(
             f"{field} {ds.id} is a {ds.kind} dataset: {why}",

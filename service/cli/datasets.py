@@ -233,7 +233,7 @@ def datasets_show(
             ("id", ds.id),
             ("name", ds.name),
             ("rows", str(ds.rows)),
-            ("kind", f"{ds.kind}: trains {', '.join(trained_by(ds.kind, ds.functions))}"),
+            ("kind", f"{ds.kind}: trains {', '.join(trained_by(ds.kind))}"),
             ("format", f"{ds.format} (uploaded as {ds.source_format})"),
             ("size", f"{_size(ds.bytes)} normalized, {_size(ds.source_bytes)} uploaded"),
             ("sha256", ds.sha256),

@@ -187,8 +187,9 @@ class Dataset(msgspec.Struct, kw_only=True):
     functions: Annotated[
         bool,
         msgspec.Meta(
-            description="Whether rows list functions (tools) or call them: such a dataset "
-            "trains with sft, dpo or kto, whose trainers render each row with its own tools."
+            description="Whether rows list functions (tools) or call them: each row is then "
+            "rendered with its own tools, and a job needs a base model whose chat template "
+            "renders calls."
         ),
     ] = False
     skipped_rows: Annotated[

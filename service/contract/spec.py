@@ -116,30 +116,14 @@ METHOD_KINDS: dict[str, frozenset[str]] = {
 """The dataset kinds each method trains on (kto unpairs preference pairs, as TRL does)."""
 
 
-METHODS_FOR_FUNCTIONS = frozenset({"sft", "dpo", "kto"})
-"""The methods that train rows listing functions or calling them: TRL's trainers for the
-others render a row without its tools."""
+def trained_by(kind: str) -> list[str]:
+    """The methods that train on a dataset of `kind`."""
+    return [method for method, kinds in METHOD_KINDS.items() if kind in kinds]
 
 
-def trained_by(kind: str, functions: bool = False) -> list[str]:
-    """The methods that train on a dataset of `kind` (whose rows list `functions`)."""
-    return [
-        method
-        for method, kinds in METHOD_KINDS.items()
-        if kind in kinds and (method in METHODS_FOR_FUNCTIONS or not functions)
-    ]
-
-
-def kind_mismatch(method: str, kind: str, functions: bool = False) -> str | None:
-    """Why `method` cannot train on a dataset of `kind` (whose rows list `functions`), saying
-    what to do; None if it can."""
+def kind_mismatch(method: str, kind: str) -> str | None:
+    """Why `method` cannot train on a dataset of `kind`, saying what to do; None if it can."""
     if kind in METHOD_KINDS[method]:
-        if functions and method not in METHODS_FOR_FUNCTIONS:
-            return (
-                f"its rows list functions (tools) or call them, which method {method!r} does "
-                "not train (TRL's trainer for it renders rows without their tools): use "
-                "method 'dpo' or 'kto', or leave those rows out"
-            )
         return None
     if method == "sft" and kind == "preference":
         return (

@@ -411,8 +411,8 @@ def tools(value: object, column: str, within: str = "") -> list[dict[str, Any]]:
 
 
 def uses_functions(row: dict[str, Any]) -> bool:
-    """Whether a normalized row lists functions or calls one (then only sft and dpo train it:
-    the service's contract, ``METHODS_FOR_FUNCTIONS``)."""
+    """Whether a normalized row lists functions or calls one (the dataset record says so: a
+    job on it needs a base model whose chat template renders calls)."""
     return "tools" in row or any(
         "tool_calls" in m or "tool_call_id" in m or "name" in m
         for part in ("prompt", "chosen", "rejected", "completion")

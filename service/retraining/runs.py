@@ -29,7 +29,6 @@ from service.contract import (
     SnapshotRows,
     Untrainable,
     check_trainable,
-    kind_mismatch,
 )
 from service.datasets.space import SpaceBusy, UploadSpace
 from service.datasets.validate import Limits
@@ -271,10 +270,6 @@ async def _fire(
                 f"pairs are {train.dataset.format}"
             )
         run_spec = job_spec(_template(policy), train.dataset.id, eval_dataset.id, policy=name)
-        for ds in (train.dataset, eval_dataset):  # what only the rows tell: functions
-            mismatch = kind_mismatch(run_spec.method, ds.kind, ds.functions)
-            if mismatch is not None:
-                raise ValueError(f"dataset {ds.id} is a {ds.kind} dataset: {mismatch}")
         init_adapter: str | None
         if spec.init_from_promoted and policy.promoted is not None:
             init_adapter = promoted_adapter(policy.promoted, run_spec)

@@ -143,10 +143,8 @@ async def test_each_method_meets_its_dataset_kind_at_submit(api: Api) -> None:
         assert problem["errors"][0]["loc"] == ["body", "dataset_id"]
 
 
-async def test_rows_that_call_functions_meet_sft_and_dpo_only(api: Api) -> None:
-    """A dataset whose rows list functions says so; orpo and simpo (whose TRL trainers render
-    rows without their tools) are refused at submit, not after the model is loaded, and so is
-    an eval dataset of such rows."""
+async def test_a_dataset_says_its_rows_call_functions_and_every_method_takes_it(api: Api) -> None:
+    """The record says so, and so does a job's reference to it."""
     weather = [{"type": "function", "function": {"name": "weather"}}]
     call = {"type": "function", "function": {"name": "weather", "arguments": '{"city": "Lima"}'}}
     ask = {"role": "user", "content": "Weather in Lima?"}
@@ -159,22 +157,22 @@ async def test_rows_that_call_functions_meet_sft_and_dpo_only(api: Api) -> None:
     ]
     functions = await created(api, calling)
     chats = await created(api, [{"messages": [ask, {"role": "assistant", "tool_calls": [call]}]}])
-    plain = await created(api, [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    said = [{"role": "assistant", "content": "Sunny."}]
+    plain = await created(
+        api, [{"prompt": [ask], "chosen": said, "rejected": [{**said[0], "content": "Rain."}]}]
+    )
     assert [d["functions"] for d in (functions, chats, plain)] == [True, True, False]
-    for method, ds in (("dpo", functions), ("kto", functions), ("sft", chats)):
-        assert (await submit(api, ds["id"], method=method)).status_code == 201, method
-    for method in ("orpo", "simpo"):
-        resp = await submit(api, functions["id"], method=method)
-        assert resp.status_code == 422, (method, resp.text)
-        problem = resp.json()
-        assert (
-            "list functions" in problem["detail"]
-            and "use method 'dpo' or 'kto'" in problem["detail"]
-        )
-        assert problem["errors"][0]["loc"] == ["body", "dataset_id"]
+    accepted = [(m, functions) for m in ("dpo", "kto", "orpo", "simpo")] + [("sft", chats)]
+    for method, ds in accepted:
+        resp = await submit(api, ds["id"], method=method)
+        assert resp.status_code == 201, (method, resp.text)
+        assert resp.json()["dataset"]["functions"] is True
     resp = await submit(api, plain["id"], method="orpo", eval_dataset_id=functions["id"])
-    assert resp.status_code == 422
-    assert resp.json()["errors"][0]["loc"] == ["body", "eval_dataset_id"]
+    assert resp.status_code == 201
+    assert (resp.json()["dataset"]["functions"], resp.json()["eval_dataset"]["functions"]) == (
+        False,
+        True,
+    )
 
 
 async def test_hyperparameters_of_another_method_are_refused_by_name(api: Api) -> None:

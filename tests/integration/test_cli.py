@@ -170,7 +170,7 @@ def test_show_prints_sft_and_unpaired_rows(cli: Callable[..., Result], tmp_path:
     assert ["completion", "2", "2", "2", "2"] in stats  # lengths of "4." and "6."
 
 
-def test_show_says_a_dataset_that_calls_functions_trains_with_dpo(
+def test_show_prints_the_calls_of_a_preference_dataset(
     cli: Callable[..., Result], tmp_path: Path
 ) -> None:
     call = {"type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
@@ -187,7 +187,7 @@ def test_show_says_a_dataset_that_calls_functions_trains_with_dpo(
     shown = cli("datasets", "show", ds_id, "--rows", "1")
     assert shown.exit_code == 0, shown.output
     [kind] = [line.split() for line in shown.stdout.splitlines() if line.startswith(" kind ")]
-    assert kind == ["kind", "preference:", "trains", "dpo,", "kto"]  # not orpo, simpo: tools
+    assert kind == ["kind", "preference:", "trains", "dpo,", "orpo,", "simpo,", "kto"]
     assert 'chosen     [assistant] weather({"city": "Oslo"})' in shown.stdout
 
 

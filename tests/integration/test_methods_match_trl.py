@@ -274,3 +274,31 @@ def test_kto_rows_that_call_functions_train_like_trl(tiny_model_dir: Path, tmp_p
 
     assert len(ours) == len(reference) == 3
     assert ours == pytest.approx(reference, abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["orpo", "simpo"])
+def test_orpo_and_simpo_rows_that_call_functions_train_as_trl_does_them_rendered(
+    method: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """TRL's ORPO and CPO trainers render a conversational row without its tools: a TRL user
+    renders such rows first, with TRL's own `apply_chat_template` and each row's tools, and
+    so do we."""
+    from transformers import AutoTokenizer
+    from trl.data_utils import apply_chat_template
+
+    rows = []
+    for i, pair in enumerate(_rows(method)):
+        call = {"type": "function", "function": {"name": "weather", "arguments": {"n": i}}}
+        chosen = [{"role": "assistant", "content": "", "tool_calls": [call]}]
+        rows.append({**pair, "chosen": chosen, "tools": WEATHER})
+    hyperparameters = COMMON | OWN[method] | {"max_length": 160}
+    ours = _our_losses(method, rows, hyperparameters, tiny_model_dir, tmp_path)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    given = [apply_chat_template(r, tokenizer, tools=r["tools"]) for r in rows]
+    assert "Tools: " in given[0]["prompt"]
+    reference = _plain_trl_losses(method, tiny_model_dir, given, tmp_path / "trl", max_length=160)
+
+    assert len(ours) == len(reference) == 3
+    assert ours == pytest.approx(reference, abs=1e-4)

@@ -545,21 +545,20 @@ async def test_disabled_policy_and_too_few_pairs_to_hold_out(api: Api, loop: Loo
     assert "too few to hold 1 out" in policy["runs"][0]["decision_reason"]
 
 
-async def test_a_run_on_feedback_that_calls_functions_needs_a_method_that_trains_it(
+async def test_a_run_on_feedback_that_calls_functions_says_so_in_its_job(
     api: Api, loop: Loop
 ) -> None:
-    """orpo renders rows without their tools: a run on pairs that list functions is refused
-    when it fires, saying so, instead of failing in a worker after the model is fetched."""
     weather = [{"type": "function", "function": {"name": "weather"}}]
     template = {"base_model": "org/model", "method": "orpo", "hyperparameters": {"max_steps": 4}}
     await put(api, "p", policy_body(template=template, trigger={"min_new_pairs": 5}))
     await feed(api, "chat", [{**e, "tools": weather} for e in events(0, 10)])
     [line] = await loop.tick()
-    assert "could not start" in line and "list functions" in line
+    assert "fired run 1" in line
     [run_] = (await get(api, "p"))["runs"]
-    assert (
-        run_["status"] == "not_started" and "use method 'dpo' or 'kto'" in run_["decision_reason"]
-    )
+    job = (await api.client.get(f"/v1/jobs/{run_['job_id']}", headers=ALICE)).json()
+    assert job["dataset"]["functions"] is True
+    rows = blob_rows(api, job["dataset"]["sha256"])
+    assert all(row["tools"] == weather for row in rows)
 
 
 async def test_concurrent_ticks_fire_once(api: Api, loop: Loop) -> None:

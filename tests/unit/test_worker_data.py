@@ -11,7 +11,6 @@ import pytest
 from gpu_worker.data import (
     MIN_COMPLETION_TOKENS,
     apply_chat_template,
-    check_calls_trainable,
     completion_token_ids,
     fetch_rows,
     fit_max_length,
@@ -540,15 +539,20 @@ def test_preference_rows_are_fitted_to_length_with_their_tools(tokenizer: Any) -
 
 
 @pytest.mark.parametrize("method", ["orpo", "simpo"])
-def test_function_calls_train_with_sft_dpo_and_kto_only(method: str) -> None:
+def test_orpo_and_simpo_rows_are_rendered_with_their_tools(method: str, tokenizer: Any) -> None:
+    """TRL's ORPO and CPO trainers render a conversational row without its tools: rows that
+    call functions reach them rendered, each with its own tools (and the others without)."""
     plain = {**_calling_pair({}, None), "chosen": [{"role": "assistant", "content": "Rain."}]}
-    check_calls_trainable([plain], method)
-    for other in ("dpo", "kto"):
-        check_calls_trainable([plain, _calling_pair({"city": "Paris"})], other)
-    check_calls_trainable([_tool_chat()], "sft")
-    for calling in (_calling_pair({"city": "Paris"}, None), {**plain, "tools": WEATHER}):
-        with pytest.raises(ConfigError, match=f"which {method} does not train"):
-            check_calls_trainable([plain, calling], method)
+    dataset = to_dataset([_calling_pair({"city": "Paris"}), plain], tokenizer, method=method)
+    calling, rendered_plain = dataset[0], dataset[1]
+    assert calling["prompt"].startswith('<|im_start|>system\nTools: [{"type": "function"')
+    assert calling["chosen"] == (
+        '<tool_call>{"name": "weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>\n'
+    )
+    assert (
+        rendered_plain["prompt"] == "<|im_start|>user\nWeather?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert rendered_plain["chosen"] == "Rain.<|im_end|>\n"
 
 
 def test_kto_unpairs_rows_with_their_tools_and_hands_them_to_trl_as_they_are(
