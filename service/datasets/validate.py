@@ -43,10 +43,10 @@ from service.datasets.containers import (
     csv_rows,
     json_rows,
     open_dataset,
-    parquet_lines,
 )
 from service.datasets.kinds import HEAD_ROWS, KindCollector, detect_kind
 from service.datasets.output import Sink, restart
+from service.datasets.parquet import parquet_lines
 from service.datasets.stats import WARNING_LINES
 
 Ingest = Collector | KindCollector
