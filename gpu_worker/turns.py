@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from gpu_worker.errors import DatasetError
+from service.contract import uses_functions
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -43,18 +44,9 @@ def own_tokenizing(rows: list[Row]) -> bool:
     )
 
 
-_PARTS = ("prompt", "completion", "chosen", "rejected")
-
-
 def calls_functions(rows: list[Row]) -> bool:
     """Whether any row lists tools or holds a function call or result."""
-    return any(
-        "tools" in r or any(_CALL_KEYS & m.keys() for part in _PARTS for m in _msgs(r, part))
-        for r in rows
-    )
-
-
-_CALL_KEYS = frozenset(("tool_calls", "tool_call_id", "name"))
+    return any(map(uses_functions, rows))
 
 
 def _msgs(row: Row, part: str) -> list[Message]:

@@ -29,6 +29,7 @@ from service.contract.datasets import (
     SourceFormat,
     ToolCall,
     dataset_name,
+    uses_functions,
 )
 from service.contract.feedback import (
     EVENTS_EXAMPLE,
@@ -248,4 +249,5 @@ __all__ = [
     "learning_rate_of",
     "local_model_path",
     "trained_by",
+    "uses_functions",
 ]

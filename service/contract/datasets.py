@@ -213,6 +213,20 @@ class Dataset(msgspec.Struct, kw_only=True):
         )
 
 
+_CALL_KEYS = frozenset(("tool_calls", "tool_call_id", "name"))
+
+
+def uses_functions(row: dict[str, Any]) -> bool:
+    """Whether a canonical row lists functions or holds a call or a call's result: what
+    `Dataset.functions` says of its rows (the upload and the worker both ask)."""
+    return "tools" in row or any(
+        not _CALL_KEYS.isdisjoint(m)
+        for part in ("prompt", "chosen", "rejected", "completion")
+        if isinstance(row.get(part), list)
+        for m in row[part]
+    )
+
+
 class DatasetList(msgspec.Struct, kw_only=True):
     """One page of datasets, newest first."""
 

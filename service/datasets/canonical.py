@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable
+from itertools import repeat
 from typing import Any, Literal
 
 import msgspec
@@ -58,7 +59,7 @@ def _calls(m: RowMessage) -> bool:
     return m.tool_calls is not None or m.tool_call_id is not None or m.name is not None
 
 
-tools_of = operator.attrgetter("tools")
+_tools_of = operator.attrgetter("tools")
 prompt_of = operator.attrgetter("prompt")
 chosen_of = operator.attrgetter("chosen")
 rejected_of = operator.attrgetter("rejected")
@@ -108,6 +109,12 @@ def texts_pass(*columns: list[Any]) -> bool:
         if set(map(type, texts)) != {str} or not all(texts) or any(map(str.isspace, texts)):
             return False
     return not any(map(operator.eq, columns[1], columns[2]))
+
+
+def list_no_tools(rows: list[Row]) -> bool:
+    """Whether no row of a block lists functions (`"tools": []` too goes to normalize, which
+    drops it), in C."""
+    return not any(map(operator.is_not, map(_tools_of, rows), repeat(None)))
 
 
 def conversations_pass(rows: list[Row], prompts: list[Any]) -> bool:

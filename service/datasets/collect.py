@@ -10,7 +10,7 @@ from __future__ import annotations
 import operator
 from array import array
 from collections.abc import Callable, Iterable, Sequence
-from itertools import compress, repeat
+from itertools import compress
 from typing import Any
 
 import msgspec
@@ -25,6 +25,7 @@ from service.contract import (
     OnInvalid,
     RowProblem,
     SourceFormat,
+    uses_functions,
 )
 from service.datasets.canonical import (
     CANONICAL_MAPPING,
@@ -33,13 +34,13 @@ from service.datasets.canonical import (
     conversations_pass,
     decode_error,
     first_letters,
+    list_no_tools,
     parts,
     passes,
     texts_pass,
-    tools_of,
 )
 from service.datasets.layouts import DEFAULT_MAPPING, normalize
-from service.datasets.messages import RowInvalid, uses_functions
+from service.datasets.messages import RowInvalid
 from service.datasets.output import Output, Sink
 from service.datasets.rows import LONG_ROW_CHARS
 from service.datasets.stats import (
@@ -318,10 +319,7 @@ class Collector:
         columns = parts(decoded)
         std = self.fmt == "standard"
         if not (
-            (
-                texts_pass(*columns)
-                and not any(map(operator.is_not, map(tools_of, decoded), repeat(None)))
-            )
+            texts_pass(*columns) and list_no_tools(decoded)
             if std
             else conversations_pass(decoded, columns[0])
         ):

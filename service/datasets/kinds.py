@@ -32,6 +32,7 @@ from service.contract import (
     Format,
     OnInvalid,
     SourceFormat,
+    uses_functions,
 )
 from service.datasets.canonical import decode_error
 from service.datasets.collect import (
@@ -62,7 +63,6 @@ from service.datasets.messages import (
     mark_trained,
     messages,
     text,
-    uses_functions,
 )
 from service.datasets.output import Output, Sink
 from service.datasets.stats import (

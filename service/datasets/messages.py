@@ -410,17 +410,6 @@ def tools(value: object, column: str, within: str = "") -> list[dict[str, Any]]:
     return out
 
 
-def uses_functions(row: dict[str, Any]) -> bool:
-    """Whether a normalized row lists functions or calls one (the dataset record says so: a
-    job on it needs a base model whose chat template renders calls)."""
-    return "tools" in row or any(
-        "tool_calls" in m or "tool_call_id" in m or "name" in m
-        for part in ("prompt", "chosen", "rejected", "completion")
-        if isinstance(row.get(part), list)
-        for m in row[part]
-    )
-
-
 def add_tools(obj: dict[str, Any], row: dict[str, Any], used: set[str], within: str = "") -> None:
     """A row's functions (``tools``, or OpenAI's older ``functions``; `within`: the object
     they are in, as errors name it), kept with the row for the chat template;
