@@ -94,7 +94,24 @@ class Opened:
     compressed: bool
     stream: IO[bytes]
     """The (decompressed) bytes from the start (not for Parquet)."""
-    path: Path
+    path: Path | None
+    """The file, for Parquet."""
+
+
+class Counting(io.RawIOBase):
+    """A stream's bytes as they are read, counted (what a streamed upload's size is)."""
+
+    def __init__(self, inner: io.RawIOBase) -> None:
+        self.inner = inner
+        self.total = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self.inner.readinto(buffer) or 0
+        self.total += n
+        return n
 
 
 class _Counted(io.RawIOBase):
@@ -241,9 +258,24 @@ def _kind_of_text(head: bytes, hint: Container | None) -> Container:
 @contextlib.contextmanager
 def open_dataset(path: Path, *, hint: Container | None, max_bytes: int) -> Iterator[Opened]:
     """Tell what a file holds and open it for reading rows; UnsupportedFile if nothing can."""
-    with path.open("rb", buffering=0) as file, io.BufferedReader(file, _BLOCK) as raw:
+    with (
+        path.open("rb", buffering=0) as file,
+        open_stream(file, hint=hint, max_bytes=max_bytes, path=path) as opened,
+    ):
+        yield opened
+
+
+@contextlib.contextmanager
+def open_stream(
+    src: io.RawIOBase, *, hint: Container | None, max_bytes: int, path: Path | None = None
+) -> Iterator[Opened]:
+    """:func:`open_dataset` for bytes read once from the start (an upload's body as it
+    arrives); Parquet, which is read from its end, only from the file at ``path``."""
+    with io.BufferedReader(src, _BLOCK) as raw:
         head = raw.read(SNIFF_BYTES)
         if head.startswith(b"PAR1"):
+            if path is None:
+                raise UnsupportedFile("a Parquet file is read from its end: save it first")
             yield Opened("parquet", False, raw, path)
             return
         stream: IO[bytes] = io.BufferedReader(_Chained(head, raw), buffer_size=_BLOCK)

@@ -17,10 +17,11 @@ unless ``on_invalid="skip"``: then they are left out and listed, as long as they
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import msgspec
 
@@ -36,6 +37,7 @@ from service.datasets.collect import (
 )
 from service.datasets.containers import (
     BadCell,
+    Counting,
     FileProblem,
     JsonlBlocks,
     Opened,
@@ -43,6 +45,7 @@ from service.datasets.containers import (
     csv_rows,
     json_rows,
     open_dataset,
+    open_stream,
 )
 from service.datasets.kinds import HEAD_ROWS, KindCollector, detect_kind
 from service.datasets.output import Sink, restart
@@ -116,47 +119,44 @@ class _Pass:
             self.ingest.output.stop()
 
 
-def _read(
-    run: _Pass, source: Path, hint: Container | None, limits: Limits, offset: int
-) -> tuple[Opened, int]:
-    """Feed the rows of one file; (what it was, the last line or row number)."""
-    with open_dataset(source, hint=hint, max_bytes=limits.max_bytes) as opened:
-        if opened.container in ("jsonl", "parquet"):
-            # Parquet: a JSON line a row, so line numbers are row numbers.
-            with (
-                parquet_lines(opened.path, limits.max_bytes)
-                if opened.container == "parquet"
-                else contextlib.nullcontext(opened.stream)
-            ) as stream:
-                blocks = JsonlBlocks(stream, limits.max_line_bytes)
-                items: Blocks = iter(blocks)
-                if run.ingest is None:
-                    taken, head = _head_lines(items)
-                    items = itertools.chain(taken, items)
-                    run.collector(head)
-                return opened, _jsonl(run.collector(), blocks, offset, items)
-        objects: Iterator[tuple[int, Any]]
-        if opened.container == "csv":
-            objects = csv_rows(opened.stream, limits.max_line_bytes)
-        else:
-            objects = json_rows(opened.stream, limits.max_line_bytes)
-        last = offset
-        try:
+def _read(run: _Pass, opened: Opened, limits: Limits, offset: int) -> int:
+    """Feed the rows of one opened file; the last line or row number."""
+    if opened.container in ("jsonl", "parquet"):
+        # Parquet: a JSON line a row, so line numbers are row numbers.
+        lines: contextlib.AbstractContextManager[IO[bytes]] = contextlib.nullcontext(opened.stream)
+        if opened.container == "parquet":
+            assert opened.path is not None, "open_stream gives Parquet only with its file"
+            lines = parquet_lines(opened.path, limits.max_bytes)
+        with lines as stream:
+            blocks = JsonlBlocks(stream, limits.max_line_bytes)
+            items: Blocks = iter(blocks)
             if run.ingest is None:
-                peeked, objects = _peek(objects)
-                run.collector([obj for _, obj in peeked if not isinstance(obj, BadCell)])
-            ingest = run.collector()
-            for n, obj in objects:
-                last = offset + n
-                if isinstance(obj, BadCell):
-                    ingest.add_invalid(last, obj.column, obj.msg)
-                else:
-                    ingest.add_object(last, obj)
-                if ingest.stopped:
-                    break
-        except FileProblem as e:
-            run.collector().fatal(offset + e.line, e.msg)
-        return opened, last
+                taken, head = _head_lines(items)
+                items = itertools.chain(taken, items)
+                run.collector(head)
+            return _jsonl(run.collector(), blocks, offset, items)
+    objects: Iterator[tuple[int, Any]]
+    if opened.container == "csv":
+        objects = csv_rows(opened.stream, limits.max_line_bytes)
+    else:
+        objects = json_rows(opened.stream, limits.max_line_bytes)
+    last = offset
+    try:
+        if run.ingest is None:
+            peeked, objects = _peek(objects)
+            run.collector([obj for _, obj in peeked if not isinstance(obj, BadCell)])
+        ingest = run.collector()
+        for n, obj in objects:
+            last = offset + n
+            if isinstance(obj, BadCell):
+                ingest.add_invalid(last, obj.column, obj.msg)
+            else:
+                ingest.add_object(last, obj)
+            if ingest.stopped:
+                break
+    except FileProblem as e:
+        run.collector().fatal(offset + e.line, e.msg)
+    return last
 
 
 def validate_file(
@@ -197,6 +197,53 @@ def validate_file(
         if result is not None:
             return result
         restart(dst)
+    opens = (open_dataset(path, hint=hint, max_bytes=limits.max_bytes) for path in files)
+    return _validate(
+        opens,
+        dst,
+        lambda: sum(path.stat().st_size for path in files),
+        mapping=mapping,
+        limits=limits,
+        on_invalid=on_invalid,
+        max_invalid_fraction=max_invalid_fraction,
+    )
+
+
+def validate_stream(
+    src: io.RawIOBase,
+    dst: Sink,
+    *,
+    hint: Container | None = None,
+    mapping: FieldMapping | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    on_invalid: OnInvalid = "reject",
+    max_invalid_fraction: float = 0.01,
+) -> IngestResult:
+    """:func:`validate_file` for bytes read once as they come (an upload's body, checked
+    while it arrives instead of saved first); any container but Parquet."""
+    counted = Counting(src)
+    return _validate(
+        [open_stream(counted, hint=hint, max_bytes=limits.max_bytes)],
+        dst,
+        lambda: counted.total,
+        mapping=mapping,
+        limits=limits,
+        on_invalid=on_invalid,
+        max_invalid_fraction=max_invalid_fraction,
+    )
+
+
+def _validate(
+    opens: Iterable[contextlib.AbstractContextManager[Opened]],
+    dst: Sink,
+    size: Callable[[], int],
+    *,
+    mapping: FieldMapping | None,
+    limits: Limits,
+    on_invalid: OnInvalid,
+    max_invalid_fraction: float,
+) -> IngestResult:
+    """One pass over the files ``opens`` opens in turn (``size``: their bytes, once read)."""
 
     def make(kind: DatasetKind) -> Ingest:
         if kind != "preference":
@@ -220,14 +267,14 @@ def validate_file(
     last = 0
     first: Opened | None = None
     try:
-        for path in files:
-            opened, last = _read(run, path, hint, limits, last)
+        for opening in opens:
+            with opening as opened:
+                last = _read(run, opened, limits, last)
             first = first or opened
             if run.collector().stopped:
                 break
         assert first is not None, "no file to validate"
-        size = sum(path.stat().st_size for path in files)
-        return run.collector().finish(size, first.container, first.compressed)
+        return run.collector().finish(size(), first.container, first.compressed)
     finally:
         run.stop()
 
@@ -299,4 +346,5 @@ __all__ = [
     "RowError",
     "validate_file",
     "validate_jsonl",
+    "validate_stream",
 ]
