@@ -1,14 +1,16 @@
 """Dataset upload, import, preview, listing and deletion.
 
-An upload takes a slot of the host's upload space (`service.datasets.space`), is spooled there as
-it arrives (`service.api.spool`: size limit and pace enforced on the way), then validated
-and normalized in a thread straight into the blob store, and only then recorded: invalid
-input stores nothing. An import downloads its source into such a slot first, then goes the
-same way.
+An upload takes a slot of the host's upload space (`service.datasets.space`). A raw body is
+validated and normalized while it arrives, in a thread, straight into the blob store
+(`service.api.spool`: size limit and pace enforced on the way); a multipart form, a Parquet
+file (read from its end) and a file for several processes to split are saved in the slot
+first. The dataset is recorded only at the end: invalid input, or a body that stops short,
+stores nothing. An import downloads its source into such a slot first, then goes the same way.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any
 
 import anyio.to_thread
@@ -38,7 +40,14 @@ from service.api.openapi_docs import (
     request_body,
     responses,
 )
-from service.api.spool import JSONL_TYPES, declared_size, spool_upload
+from service.api.spool import (
+    JSONL_TYPES,
+    Upload,
+    declared_size,
+    receive_upload,
+    spool,
+    stream_upload,
+)
 from service.api.tenancy import TenantParam, listed_tenant
 from service.blobs import BlobStore, dataset_blob_key
 from service.contract import (
@@ -293,24 +302,28 @@ class DatasetController(Controller):
             label_field=label_field,
             messages_field=messages_field,
         )
+        store_as = partial(
+            store_dataset,
+            store,
+            blobs,
+            tenant=principal.tenant,
+            name=name,
+            limits=Limits.from_settings(settings),
+            mapping=mapping,
+            on_invalid=on_invalid,
+            max_invalid_fraction=max_invalid_fraction,
+            processes=settings.ingest_processes,
+            quota=dataset_quota(tenant_limits),
+        )
+        body = receive_upload(request, settings)
+        if await _streams(body, settings):
+            async with uploads.slot(0):  # counted among the uploads, but no file is saved
+                return await stream_upload(body, partial(store_as, hint=body.hint))
         async with uploads.slot(declared_size(request)) as tmp:
             raw = tmp / "upload"
             with raw.open("wb") as out:
-                spooled = await spool_upload(request, out, settings)
-            return await store_dataset(
-                store,
-                blobs,
-                raw,
-                tenant=principal.tenant,
-                name=name,
-                limits=Limits.from_settings(settings),
-                mapping=mapping,
-                hint=spooled.hint,
-                on_invalid=on_invalid,
-                max_invalid_fraction=max_invalid_fraction,
-                processes=settings.ingest_processes,
-                quota=dataset_quota(tenant_limits),
-            )
+                spooled = await spool(body, out)
+            return await store_as(raw, hint=spooled.hint)
 
     @post(
         operation_id="ImportDataset",
@@ -457,3 +470,11 @@ def _read_rows(blobs: BlobStore, key: str, offset: int, limit: int) -> list[Data
                 if len(out) == limit:
                     break
     return out
+
+
+async def _streams(body: Upload, settings: Settings) -> bool:
+    """Whether the body is checked as it arrives rather than saved first: all but a multipart
+    form, Parquet (read from its end) and a file for several processes to split."""
+    if body.boundary or settings.ingest_processes > 1:
+        return False
+    return not (await body.peek(4)).startswith(b"PAR1")

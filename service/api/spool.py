@@ -1,6 +1,7 @@
-"""Receiving an uploaded file: the raw body or the first file of a multipart form, spooled to
-a file as it arrives, within the size limit and at a minimum pace. Shared by our upload and
-OpenAI's `POST /v1/files`.
+"""Receiving an uploaded file: the raw body or the first file of a multipart form, within the
+size limit and at a minimum pace, either spooled to a file as it arrives or handed to a thread
+that checks it meanwhile (:func:`stream_upload`). Shared by our upload and OpenAI's
+`POST /v1/files`.
 
 A body must keep coming: after a grace period, at an average rate of at least
 ``upload_min_bytes_per_second``, or the upload is cut off with 408 (a client trickling a few
@@ -8,10 +9,13 @@ bytes a second would otherwise hold a slot of the upload space for ever)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import queue
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import anyio
 from litestar import Request
@@ -22,6 +26,8 @@ from service.contract import Container
 from service.datasets.containers import ACCEPTED_TYPES
 from service.datasets.sources import hint_of
 from service.settings import Settings
+
+T = TypeVar("T")
 
 JSONL_TYPES = {"application/x-ndjson", "application/jsonl", "application/json-lines", "text/plain"}
 _HINTS: dict[str, Container | None] = {
@@ -72,14 +78,40 @@ MAX_FORM_OVERHEAD = 64 * 1024
 """What a multipart form may add to the size limit: boundaries, part headers, text fields."""
 
 
-async def spool_upload(
-    request: Request[Any, Any, Any], out: IO[bytes], settings: Settings
-) -> Spooled:
-    """Copy the uploaded file (the raw body, or the first file of a multipart form) into `out`,
-    the size limit and the pace checked on the way. Shared by our upload and OpenAI's
+class Upload:
+    """An upload's body once its headers passed: its chunks as they arrive, the pace enforced
+    and, for a raw body, the size limit; ``peek`` looks at its first bytes without taking them."""
+
+    def __init__(
+        self, chunks: AsyncIterator[bytes], limit: int, hint: Container | None, boundary: bytes
+    ) -> None:
+        self.chunks = chunks
+        self.limit = limit
+        self.hint = hint
+        self.boundary = boundary
+        """A multipart form's boundary; empty for a raw body."""
+        self.head = b""
+
+    async def peek(self, n: int) -> bytes:
+        """The body's first ``n`` bytes (fewer if it is shorter), still to be read."""
+        while len(self.head) < n and (chunk := await anext(self.chunks, b"")):
+            self.head += chunk
+        return self.head[:n]
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self.head:
+            head, self.head = self.head, b""
+            yield head
+        async for chunk in self.chunks:
+            yield chunk
+
+
+def receive_upload(request: Request[Any, Any, Any], settings: Settings) -> Upload:
+    """The uploaded file's body (the raw body, or a multipart form holding it), once the
+    declared size, encoding and media type pass. Shared by our upload and OpenAI's
     `POST /v1/files`."""
     limit = settings.max_dataset_bytes
-    body = paced(
+    chunks = paced(
         request.stream(),
         min_rate=settings.upload_min_bytes_per_second,
         grace=settings.upload_grace_seconds,
@@ -99,18 +131,156 @@ async def spool_upload(
         boundary = options.get("boundary")
         if not boundary:
             raise UnsupportedMediaType("multipart/form-data without a boundary")
-        spooled = await _spool_multipart(body, out, boundary.encode(), limit)
-        spooled.hint = hint_of(spooled.filename or "")
-        return spooled
+        return Upload(chunks, limit, None, boundary.encode())
     if ctype not in _HINTS:
         raise _unsupported_type(ctype)
+    return Upload(_within(chunks, limit), limit, _HINTS[ctype], b"")
+
+
+async def _within(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
     size = 0
-    async for chunk in body:
+    async for chunk in chunks:
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"the upload is over the limit of {limit} bytes")
+        yield chunk
+
+
+async def spool_upload(
+    request: Request[Any, Any, Any], out: IO[bytes], settings: Settings
+) -> Spooled:
+    """Copy the uploaded file (the raw body, or the first file of a multipart form) into `out`,
+    the size limit and the pace checked on the way."""
+    return await spool(receive_upload(request, settings), out)
+
+
+async def spool(body: Upload, out: IO[bytes]) -> Spooled:
+    """Copy the body's file into ``out``."""
+    if body.boundary:
+        spooled = await _spool_multipart(aiter(body), out, body.boundary, body.limit)
+        spooled.hint = hint_of(spooled.filename or "")
+        return spooled
+    size = 0
+    async for chunk in body:
+        size += len(chunk)
         out.write(chunk)
-    return Spooled(size=size, hint=_HINTS[ctype])
+    return Spooled(size=size, hint=body.hint)
+
+
+QUEUED_BATCHES = 4
+BATCH_BYTES = 2 << 20
+"""A streamed body is handed over in batches of uvicorn's chunks (up to 256 KB each) while
+its reader is behind: one hand-over (a thread's wake-up, the GIL passed back and forth) for
+up to 2 MiB instead of one a chunk. At most this many batches and one being filled are held."""
+
+
+class BodyReader(io.RawIOBase):
+    """An upload's body for a thread to read while it arrives: chunks handed over through a
+    bounded queue (memory stays flat; the body waits while the reader is behind). The reader
+    sees the end only when the whole body came: a body cut off raises :class:`BodyCutOff`."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[list[bytes] | BaseException | None] = queue.Queue(QUEUED_BATCHES)
+        self.batch: list[bytes] = []
+        self.batch_bytes = 0
+        self.pending: list[memoryview] = []
+        self.ended = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if not self.pending:
+            if self.ended:
+                return 0
+            item = self.queue.get()
+            if not isinstance(item, list):
+                self.ended = True
+                if item is None:
+                    return 0
+                raise item
+            self.pending = [memoryview(chunk) for chunk in reversed(item)]
+        chunk = self.pending[-1]
+        n = min(len(buffer), len(chunk))
+        buffer[:n] = chunk[:n]
+        if n == len(chunk):
+            self.pending.pop()
+        else:
+            self.pending[-1] = chunk[n:]
+        return n
+
+    def close(self) -> None:
+        """The reader is done (at the end, or given up): whatever waits to hand it a chunk
+        goes on."""
+        super().close()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.queue.get_nowait()
+
+    async def put(self, chunk: bytes) -> None:
+        """Hand over a chunk, waiting only while the reader is behind by a whole batch."""
+        self.batch.append(chunk)
+        self.batch_bytes += len(chunk)
+        if self.closed:
+            self.batch, self.batch_bytes = [], 0  # dropped: the reader is done
+            return
+        try:
+            self.queue.put_nowait(self.batch)
+        except queue.Full:
+            if self.batch_bytes < BATCH_BYTES:
+                return
+            await self._put(self.batch)
+        self.batch, self.batch_bytes = [], 0
+
+    async def end(self, cut_off: BaseException | None) -> None:
+        """The body's end (``cut_off``: it stopped short), after what is left of it."""
+        if self.batch:
+            await self._put(self.batch)
+            self.batch, self.batch_bytes = [], 0
+        await self._put(cut_off)
+
+    async def _put(self, item: list[bytes] | BaseException | None) -> None:
+        if not self.closed:
+            await anyio.to_thread.run_sync(self.queue.put, item)
+
+
+class BodyCutOff(Exception):
+    """The body stopped before its end (too large, too slow, the client gone): nothing it
+    held may be stored."""
+
+
+async def stream_upload(body: Upload, consume: Callable[[BodyReader], Awaitable[T]]) -> T:
+    """``consume``'s answer for the raw body's bytes, which it reads in a thread while they
+    arrive: no spool file, and the checking overlaps the receiving. If ``consume`` gives up
+    early, the rest of the body is still received (and dropped), so the client, still
+    sending, reads the answer."""
+    reader = BodyReader()
+    answer: list[T] = []
+    failed: list[Exception] = []
+
+    async def run() -> None:
+        try:
+            answer.append(await consume(reader))
+        except Exception as e:
+            failed.append(e)
+        finally:
+            reader.close()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        end: BaseException | None = BodyCutOff("the upload stopped before its end")
+        try:
+            async for chunk in body:
+                await reader.put(chunk)
+            end = None
+        except Exception as e:
+            failed.insert(0, e)  # the body's own fault is the answer
+        finally:
+            with anyio.CancelScope(shield=True):
+                await reader.end(end)
+    if failed:
+        raise failed[0]
+    return answer[0]
 
 
 async def _spool_multipart(

@@ -23,6 +23,7 @@ from tests.fixtures.api import ALICE, ApiProcess, LiveServer
 from tests.integration.test_api_datasets import ROW, jsonl
 
 NDJSON = {**ALICE, "Content-Type": "application/x-ndjson"}
+PARQUET = {**ALICE, "Content-Type": "application/vnd.apache.parquet"}
 
 
 def space(settings: Settings) -> UploadSpace:
@@ -67,15 +68,22 @@ async def test_a_feedback_snapshot_takes_a_slot_of_the_upload_space(
 
 
 def test_an_upload_the_temp_space_may_not_hold_gets_503(api_settings: Settings) -> None:
-    """Space is reserved for the declared size, or for the largest upload when the body is
-    chunked: more than any disk has here."""
+    """A file that is saved before it is read (Parquet, a multipart form) reserves space for
+    its declared size, or for the largest upload when the body is chunked: more than any disk
+    has here. A JSONL body is checked as it arrives and needs no space."""
     with LiveServer(replace(api_settings, max_dataset_bytes=1 << 60)) as api:
         small = httpx.post(f"{api.url}/v1/datasets", content=jsonl(ROW), headers=NDJSON)
         assert small.status_code == 201, small.text
         chunked = httpx.post(f"{api.url}/v1/datasets", content=iter([jsonl(ROW)]), headers=NDJSON)
-        assert chunked.status_code == 503, chunked.text
-        assert "temp space is short" in chunked.json()["detail"]
-        assert chunked.headers["Retry-After"] == "30"
+        assert chunked.status_code == 201, chunked.text
+        parquet = httpx.post(
+            f"{api.url}/v1/datasets",
+            content=iter([b"PAR1", b"\0" * 100]),
+            headers=PARQUET,
+        )
+        assert parquet.status_code == 503, parquet.text
+        assert "temp space is short" in parquet.json()["detail"]
+        assert parquet.headers["Retry-After"] == "30"
 
 
 @pytest.fixture
@@ -111,17 +119,17 @@ def test_a_killed_uploads_temp_files_are_removed_at_start_up(
     settings = replace(api_settings, max_concurrent_uploads=1)
     sent, killed = threading.Event(), threading.Event()
 
-    def body() -> Iterator[bytes]:
-        yield jsonl(ROW) * 100
+    def body() -> Iterator[bytes]:  # a Parquet file is saved before it is read
+        yield b"PAR1" + b"\0" * 5000
         sent.set()
         killed.wait(10)
-        yield jsonl(ROW)
+        yield b"PAR1"
 
     with ApiProcess(settings, tmp_path / "a.log") as api:
 
         def post() -> None:
             with contextlib.suppress(httpx.TransportError):  # the API dies mid-upload
-                httpx.post(f"{api.url}/v1/datasets", content=body(), headers=NDJSON, timeout=10)
+                httpx.post(f"{api.url}/v1/datasets", content=body(), headers=PARQUET, timeout=10)
 
         upload = threading.Thread(target=post, daemon=True)
         upload.start()
