@@ -343,11 +343,14 @@ async def paced(
     chunks: AsyncIterator[bytes], *, min_rate: float, grace: float
 ) -> AsyncIterator[bytes]:
     """``chunks`` as long as they keep coming: by any moment, ``grace`` seconds plus one per
-    ``min_rate`` bytes received so far; UploadTimeout when the body falls behind."""
-    start = time.monotonic()
+    ``min_rate`` bytes received so far; UploadTimeout when the body falls behind. Only the
+    time spent waiting for the client counts: while the server holds the body back (its
+    reader behind, a slow store), the client is not the one that is late."""
+    waited = 0.0
     received = 0
     while True:
-        allowed = start + grace + received / min_rate - time.monotonic()
+        allowed = grace + received / min_rate - waited
+        asked = time.monotonic()
         try:
             with anyio.fail_after(max(allowed, 0)):
                 chunk = await anext(chunks)
@@ -356,8 +359,9 @@ async def paced(
         except TimeoutError:
             raise UploadTimeout(
                 f"the upload came too slowly: {received} bytes in "
-                f"{time.monotonic() - start:.0f} s; after {grace:g} s a body must arrive at "
-                f"{min_rate:g} bytes a second or more"
+                f"{waited + time.monotonic() - asked:.0f} s; after {grace:g} s a body must "
+                f"arrive at {min_rate:g} bytes a second or more"
             ) from None
+        waited += time.monotonic() - asked
         received += len(chunk)
         yield chunk
