@@ -3,14 +3,17 @@
 An upload takes a slot of the host's upload space (`service.datasets.space`). A raw body is
 validated and normalized while it arrives, in a thread, straight into the blob store
 (`service.api.spool`: size limit and pace enforced on the way); a multipart form, a Parquet
-file (read from its end) and a file for several processes to split are saved in the slot
-first. The dataset is recorded only at the end: invalid input, or a body that stops short,
-stores nothing. An import downloads its source into such a slot first, then goes the same way.
+file (read from its end) and, with several ingest processes, every upload (they split a
+file) are saved in the slot first. The dataset is recorded only at the end: invalid input, or
+a body that stops short, stores nothing. An import downloads its source into such a slot
+first, then goes the same way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from functools import partial
+from pathlib import Path
 from typing import Annotated, Any
 
 import anyio.to_thread
@@ -316,14 +319,18 @@ class DatasetController(Controller):
             quota=dataset_quota(tenant_limits),
         )
         body = receive_upload(request, settings)
-        if await _streams(body, settings):
-            async with uploads.slot(0):  # counted among the uploads, but no file is saved
+        size = declared_size(request)
+        if body.boundary or body.hint == "parquet" or settings.ingest_processes > 1:
+            async with uploads.slot(size) as tmp:
+                return await _spooled(body, tmp, store_as)
+        # Admitted before the body is read (a client that sent `Expect: 100-continue` gets a
+        # 503 before it sends), with no room taken: the body is checked as it arrives...
+        async with uploads.slot(0) as tmp:
+            if not (await body.peek(4)).startswith(b"PAR1"):
                 return await stream_upload(body, partial(store_as, hint=body.hint))
-        async with uploads.slot(declared_size(request)) as tmp:
-            raw = tmp / "upload"
-            with raw.open("wb") as out:
-                spooled = await spool(body, out)
-            return await store_as(raw, hint=spooled.hint)
+            # ...unless it is Parquet under another media type, read from its end.
+            await anyio.to_thread.run_sync(uploads.ensure_room, size)
+            return await _spooled(body, tmp, store_as)
 
     @post(
         operation_id="ImportDataset",
@@ -472,9 +479,9 @@ def _read_rows(blobs: BlobStore, key: str, offset: int, limit: int) -> list[Data
     return out
 
 
-async def _streams(body: Upload, settings: Settings) -> bool:
-    """Whether the body is checked as it arrives rather than saved first: all but a multipart
-    form, Parquet (read from its end) and a file for several processes to split."""
-    if body.boundary or settings.ingest_processes > 1:
-        return False
-    return not (await body.peek(4)).startswith(b"PAR1")
+async def _spooled(body: Upload, tmp: Path, store_as: Callable[..., Awaitable[Dataset]]) -> Dataset:
+    """The body saved in the upload's slot ``tmp``, then stored."""
+    raw = tmp / "upload"
+    with raw.open("wb") as out:
+        spooled = await spool(body, out)
+    return await store_as(raw, hint=spooled.hint)

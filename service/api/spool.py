@@ -185,6 +185,9 @@ class BodyReader(io.RawIOBase):
         self.batch_bytes = 0
         self.pending: list[memoryview] = []
         self.ended = False
+        self.waiting = anyio.CapacityLimiter(1)
+        """The thread a hand-over waits in while the reader is behind: its own, so uploads
+        waiting on their readers never hold the threads the readers themselves need."""
 
     def readable(self) -> bool:
         return True
@@ -219,6 +222,8 @@ class BodyReader(io.RawIOBase):
 
     async def put(self, chunk: bytes) -> None:
         """Hand over a chunk, waiting only while the reader is behind by a whole batch."""
+        if not chunk:  # an empty read is the end to the reader: only :meth:`end` says so
+            return
         self.batch.append(chunk)
         self.batch_bytes += len(chunk)
         if self.closed:
@@ -241,7 +246,7 @@ class BodyReader(io.RawIOBase):
 
     async def _put(self, item: list[bytes] | BaseException | None) -> None:
         if not self.closed:
-            await anyio.to_thread.run_sync(self.queue.put, item)
+            await anyio.to_thread.run_sync(self.queue.put, item, limiter=self.waiting)
 
 
 class BodyCutOff(Exception):

@@ -9,11 +9,12 @@ Validation runs in a worker thread: it is CPU-bound and must not stall the event
 requests are still answered: /healthz stayed under 60 ms during a 400 MB upload). Invalid
 input raises InvalidDataset and stores nothing.
 
-Reading the body in that thread as it arrives beat saving it first: 1 GB took 5.6-6.0 s
-against 6.4-6.8 s, and 2 CPU s less (no spool file written and read back), on 2 cores where
-the client sent it (bench/README.md, ingest). Both passes hold the GIL, so receiving and
-checking still mostly take turns; a child process doing the same from the spool file as it
-grows, or from the body on its stdin, was measured slower (its start and the copies).
+Reading the body in that thread as it arrives beat saving it first: 1 GB took 6.5-6.9 s
+against 8.5 s in the same bench, and 2-3 CPU s less (no spool file written and read back),
+on 2 cores where the client sent it (bench/README.md, ingest). Both passes hold the GIL, so
+receiving and checking still mostly take turns; a child process doing the same from the
+spool file as it grows, or from the body on its stdin, was measured slower (its start and the
+copies).
 """
 
 from __future__ import annotations

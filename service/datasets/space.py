@@ -100,20 +100,25 @@ class UploadSpace:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(_release, path, lock)
 
-    def _admit(self, size: int | None = None) -> tuple[Path, IO[bytes]]:
+    def ensure_room(self, size: int | None) -> None:
+        """SpaceBusy unless the space has room for a file of ``size`` bytes (None: unknown),
+        for an upload admitted without any that turns out to need some."""
         needed = self.reserve_bytes if size is None else min(size, self.reserve_bytes)
+        free = shutil.disk_usage(self.root).free
+        if free < needed:
+            raise SpaceBusy(
+                f"this server's temp space is short ({free} bytes free, the upload may "
+                f"take {needed}); try again shortly"
+            )
+
+    def _admit(self, size: int | None = None) -> tuple[Path, IO[bytes]]:
         with self._admitting():
             live = self._sweep()
             if live >= self.max_uploads:
                 raise SpaceBusy(
                     f"this server is taking {live} uploads, its limit; try again shortly"
                 )
-            free = shutil.disk_usage(self.root).free
-            if free < needed:
-                raise SpaceBusy(
-                    f"this server's temp space is short ({free} bytes free, the upload may "
-                    f"take {needed}); try again shortly"
-                )
+            self.ensure_room(size)
             path = self.root / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
             path.mkdir()
             lock = (path / _LOCK).open("ab")

@@ -4,17 +4,22 @@ still gets its answer."""
 
 from __future__ import annotations
 
+import io
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import anyio.to_thread
 import httpx
 import pytest
 import redis
 
+from service.api.spool import BodyReader, Upload, stream_upload
+from service.datasets.space import UploadSpace
+from service.datasets.validate import validate_stream
 from service.settings import Settings
 from tests.fixtures.api import ALICE, LiveServer
 from tests.integration.test_api_datasets import ROW, jsonl
@@ -129,3 +134,49 @@ def test_a_file_refused_by_its_first_bytes_is_answered_to_a_client_still_sending
     assert resp.status_code == 415, resp.text
     assert "UTF-16" in resp.json()["detail"]
     assert stored_nothing(api_settings) and slots_freed(api_settings)
+
+
+def test_a_busy_server_answers_expect_100_continue_with_503_before_the_body_is_sent(
+    api_settings: Settings,
+) -> None:
+    """curl sends `Expect: 100-continue` for a large file: told 503 at once, it never sends
+    the gigabytes it would have to send again."""
+    settings = replace(api_settings, max_concurrent_uploads=1)
+    with LiveServer(settings) as api:
+        _, lock = UploadSpace(settings.upload_dir, max_uploads=1, reserve_bytes=0)._admit()
+        try:  # another process's upload holds the host's one slot
+            host, port = api.url.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port)), timeout=10) as conn:
+                conn.sendall(
+                    b"POST /v1/datasets HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-alice\r\n"
+                    b"Content-Type: application/x-ndjson\r\nContent-Length: 500000\r\n"
+                    b"Expect: 100-continue\r\n\r\n"
+                )
+                first = conn.recv(200)
+        finally:
+            lock.close()
+    assert first.startswith(b"HTTP/1.1 503"), first
+
+
+async def test_uploads_waiting_on_their_readers_leave_the_readers_threads_free() -> None:
+    """A body's hand-over waits in a thread of its own while its reader is behind; in the
+    threads the readers run in (anyio's shared pool), it would take the one a reader needs."""
+    line = jsonl(ROW)
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    tokens, limiter.total_tokens = limiter.total_tokens, 1
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(300):
+            yield line * 400
+
+    async def consume(reader: BodyReader) -> int:
+        await anyio.sleep(0.2)  # as store_dataset, which looks at the quota first
+        result = await anyio.to_thread.run_sync(validate_stream, reader, io.BytesIO())
+        return result.rows
+
+    try:
+        with anyio.fail_after(20):
+            rows = await stream_upload(Upload(chunks(), 1 << 30, None, b""), consume)
+    finally:
+        limiter.total_tokens = tokens
+    assert rows == 300 * 400
