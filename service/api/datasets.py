@@ -2,7 +2,8 @@
 
 An upload takes a slot of the host's upload space (`service.datasets.space`). A raw body is
 validated and normalized while it arrives, in a thread, straight into the blob store
-(`service.api.spool`: size limit and pace enforced on the way); a multipart form, a Parquet
+(`service.api.body_stream`; `service.api.spool` enforces the size limit and the pace on the
+way); a multipart form, a Parquet
 file (read from its end) and, with several ingest processes, every upload (they split a
 file) are saved in the slot first. The dataset is recorded only at the end: invalid input, or
 a body that stops short, stores nothing. An import downloads its source into such a slot
@@ -11,7 +12,6 @@ first, then goes the same way.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,6 +24,7 @@ from litestar.openapi.spec.enums import OpenAPIFormat, OpenAPIType
 from litestar.params import Body, Parameter, ParameterKwarg
 
 from service.api.auth import scope
+from service.api.body_stream import stream_upload
 from service.api.errors import (
     FieldError,
     InvalidRequest,
@@ -43,18 +44,12 @@ from service.api.openapi_docs import (
     request_body,
     responses,
 )
-from service.api.spool import (
-    JSONL_TYPES,
-    Upload,
-    declared_size,
-    receive_upload,
-    spool,
-    stream_upload,
-)
+from service.api.spool import JSONL_TYPES, Upload, declared_size, receive_upload, spool
 from service.api.tenancy import TenantParam, listed_tenant
 from service.blobs import BlobStore, dataset_blob_key
 from service.contract import (
     NAME_PATTERN,
+    Container,
     Dataset,
     DatasetImport,
     DatasetList,
@@ -322,7 +317,8 @@ class DatasetController(Controller):
         size = declared_size(request)
         if body.boundary or body.hint == "parquet" or settings.ingest_processes > 1:
             async with uploads.slot(size) as tmp:
-                return await _spooled(body, tmp, store_as)
+                raw, hint = await _spooled(body, tmp)
+                return await store_as(raw, hint=hint)
         # Admitted before the body is read (a client that sent `Expect: 100-continue` gets a
         # 503 before it sends), with no room taken: the body is checked as it arrives...
         async with uploads.slot(0) as tmp:
@@ -330,7 +326,8 @@ class DatasetController(Controller):
                 return await stream_upload(body, partial(store_as, hint=body.hint))
             # ...unless it is Parquet under another media type, read from its end.
             await anyio.to_thread.run_sync(uploads.ensure_room, size)
-            return await _spooled(body, tmp, store_as)
+            raw, hint = await _spooled(body, tmp)
+            return await store_as(raw, hint=hint)
 
     @post(
         operation_id="ImportDataset",
@@ -479,9 +476,10 @@ def _read_rows(blobs: BlobStore, key: str, offset: int, limit: int) -> list[Data
     return out
 
 
-async def _spooled(body: Upload, tmp: Path, store_as: Callable[..., Awaitable[Dataset]]) -> Dataset:
-    """The body saved in the upload's slot ``tmp``, then stored."""
+async def _spooled(body: Upload, tmp: Path) -> tuple[Path, Container | None]:
+    """The body saved in the upload's slot ``tmp``: the file, and the container its media
+    type or name suggests."""
     raw = tmp / "upload"
     with raw.open("wb") as out:
         spooled = await spool(body, out)
-    return await store_as(raw, hint=spooled.hint)
+    return raw, spooled.hint

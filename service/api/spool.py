@@ -1,7 +1,7 @@
 """Receiving an uploaded file: the raw body or the first file of a multipart form, within the
-size limit and at a minimum pace, either spooled to a file as it arrives or handed to a thread
-that checks it meanwhile (:func:`stream_upload`). Shared by our upload and OpenAI's
-`POST /v1/files`.
+size limit and at a minimum pace, to be spooled to a file as it arrives (here) or handed to a
+thread that checks it meanwhile (:mod:`service.api.body_stream`). Shared by our upload and
+OpenAI's `POST /v1/files`.
 
 A body must keep coming: after a grace period, at an average rate of at least
 ``upload_min_bytes_per_second``, or the upload is cut off with 408 (a client trickling a few
@@ -9,13 +9,10 @@ bytes a second would otherwise hold a slot of the upload space for ever)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import queue
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 import anyio
 from litestar import Request
@@ -26,8 +23,6 @@ from service.contract import Container
 from service.datasets.containers import ACCEPTED_TYPES
 from service.datasets.sources import hint_of
 from service.settings import Settings
-
-T = TypeVar("T")
 
 JSONL_TYPES = {"application/x-ndjson", "application/jsonl", "application/json-lines", "text/plain"}
 _HINTS: dict[str, Container | None] = {
@@ -59,7 +54,7 @@ def declared_size(request: Request[Any, Any, Any]) -> int | None:
 
 @dataclass
 class Spooled:
-    """What an upload held besides its bytes (which went to the spool file)."""
+    """What a spooled upload held besides its bytes (which went to the spool file)."""
 
     size: int
     hint: Container | None = None
@@ -165,127 +160,6 @@ async def spool(body: Upload, out: IO[bytes]) -> Spooled:
         size += len(chunk)
         out.write(chunk)
     return Spooled(size=size, hint=body.hint)
-
-
-QUEUED_BATCHES = 4
-BATCH_BYTES = 2 << 20
-"""A streamed body is handed over in batches of uvicorn's chunks (up to 256 KB each) while
-its reader is behind: one hand-over (a thread's wake-up, the GIL passed back and forth) for
-up to 2 MiB instead of one a chunk. At most this many batches and one being filled are held."""
-
-
-class BodyReader(io.RawIOBase):
-    """An upload's body for a thread to read while it arrives: chunks handed over through a
-    bounded queue (memory stays flat; the body waits while the reader is behind). The reader
-    sees the end only when the whole body came: a body cut off raises :class:`BodyCutOff`."""
-
-    def __init__(self) -> None:
-        self.queue: queue.Queue[list[bytes] | BaseException | None] = queue.Queue(QUEUED_BATCHES)
-        self.batch: list[bytes] = []
-        self.batch_bytes = 0
-        self.pending: list[memoryview] = []
-        self.ended = False
-        self.waiting = anyio.CapacityLimiter(1)
-        """The thread a hand-over waits in while the reader is behind: its own, so uploads
-        waiting on their readers never hold the threads the readers themselves need."""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        if not self.pending:
-            if self.ended:
-                return 0
-            item = self.queue.get()
-            if not isinstance(item, list):
-                self.ended = True
-                if item is None:
-                    return 0
-                raise item
-            self.pending = [memoryview(chunk) for chunk in reversed(item)]
-        chunk = self.pending[-1]
-        n = min(len(buffer), len(chunk))
-        buffer[:n] = chunk[:n]
-        if n == len(chunk):
-            self.pending.pop()
-        else:
-            self.pending[-1] = chunk[n:]
-        return n
-
-    def close(self) -> None:
-        """The reader is done (at the end, or given up): whatever waits to hand it a chunk
-        goes on."""
-        super().close()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self.queue.get_nowait()
-
-    async def put(self, chunk: bytes) -> None:
-        """Hand over a chunk, waiting only while the reader is behind by a whole batch."""
-        if not chunk:  # an empty read is the end to the reader: only :meth:`end` says so
-            return
-        self.batch.append(chunk)
-        self.batch_bytes += len(chunk)
-        if self.closed:
-            self.batch, self.batch_bytes = [], 0  # dropped: the reader is done
-            return
-        try:
-            self.queue.put_nowait(self.batch)
-        except queue.Full:
-            if self.batch_bytes < BATCH_BYTES:
-                return
-            await self._put(self.batch)
-        self.batch, self.batch_bytes = [], 0
-
-    async def end(self, cut_off: BaseException | None) -> None:
-        """The body's end (``cut_off``: it stopped short), after what is left of it."""
-        if self.batch:
-            await self._put(self.batch)
-            self.batch, self.batch_bytes = [], 0
-        await self._put(cut_off)
-
-    async def _put(self, item: list[bytes] | BaseException | None) -> None:
-        if not self.closed:
-            await anyio.to_thread.run_sync(self.queue.put, item, limiter=self.waiting)
-
-
-class BodyCutOff(Exception):
-    """The body stopped before its end (too large, too slow, the client gone): nothing it
-    held may be stored."""
-
-
-async def stream_upload(body: Upload, consume: Callable[[BodyReader], Awaitable[T]]) -> T:
-    """``consume``'s answer for the raw body's bytes, which it reads in a thread while they
-    arrive: no spool file, and the checking overlaps the receiving. If ``consume`` gives up
-    early, the rest of the body is still received (and dropped), so the client, still
-    sending, reads the answer."""
-    reader = BodyReader()
-    answer: list[T] = []
-    failed: list[Exception] = []
-
-    async def run() -> None:
-        try:
-            answer.append(await consume(reader))
-        except Exception as e:
-            failed.append(e)
-        finally:
-            reader.close()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(run)
-        end: BaseException | None = BodyCutOff("the upload stopped before its end")
-        try:
-            async for chunk in body:
-                await reader.put(chunk)
-            end = None
-        except Exception as e:
-            failed.insert(0, e)  # the body's own fault is the answer
-        finally:
-            with anyio.CancelScope(shield=True):
-                await reader.end(end)
-    if failed:
-        raise failed[0]
-    return answer[0]
 
 
 async def _spool_multipart(

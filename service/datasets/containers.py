@@ -98,10 +98,14 @@ class Opened:
     """The file, for Parquet."""
 
 
+class _IntoReadable(Protocol):
+    def readinto(self, buffer: Any, /) -> int | None: ...
+
+
 class Counting(io.RawIOBase):
     """A stream's bytes as they are read, counted (what a streamed upload's size is)."""
 
-    def __init__(self, inner: io.RawIOBase) -> None:
+    def __init__(self, inner: _IntoReadable) -> None:
         self.inner = inner
         self.total = 0
 
@@ -114,32 +118,27 @@ class Counting(io.RawIOBase):
         return n
 
 
-class _Counted(io.RawIOBase):
+class _Counted(Counting):
     """Decompressed bytes, refusing to go past ``limit`` (a gzip bomb gets 413, not an OOM)."""
 
-    def __init__(self, inner: _Readable, limit: int) -> None:
-        self.inner = inner
+    def __init__(self, inner: gzip.GzipFile, limit: int) -> None:
+        super().__init__(inner)
+        self.gzip = inner
         self.limit = limit
-        self.total = 0
-
-    def readable(self) -> bool:
-        return True
 
     def readinto(self, buffer: Any) -> int:
         try:
-            data = self.inner.read(len(buffer))
+            n = super().readinto(buffer)
         except (OSError, EOFError, zlib.error) as e:  # gzip's own errors, past the sniffed head
             raise UnsupportedFile(
                 f"the gzip stream breaks off after {self.total:,} decompressed bytes ({e}): "
                 "the file was cut short or damaged; compress it again and upload the whole file"
             ) from None
-        self.total += len(data)
         if self.total > self.limit:
             raise DatasetTooLarge(
                 f"the dataset decompresses to more than the limit of {self.limit} bytes"
             )
-        buffer[: len(data)] = data
-        return len(data)
+        return n
 
 
 def _binary(head: bytes) -> str | None:
@@ -283,7 +282,7 @@ def open_stream(
         if compressed:
             counted = _Counted(gzip.GzipFile(fileobj=stream, mode="rb"), max_bytes)
             try:
-                head = counted.inner.read(SNIFF_BYTES)
+                head = counted.gzip.read(SNIFF_BYTES)
             except (OSError, EOFError, zlib.error) as e:
                 raise UnsupportedFile(f"the file looks gzip-compressed but is not: {e}") from None
             counted.total = len(head)

@@ -13,9 +13,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import redis
 
 from tests.fixtures.api import ADMIN, ALICE, BOB, Api
+from tests.fixtures.api import stored_nothing as stored_nothing_in
 
 NDJSON = {"Content-Type": "application/x-ndjson"}
 
@@ -44,10 +44,7 @@ async def upload(api: Api, body: bytes, headers: dict[str, str] | None = None, *
 
 
 def stored_nothing(api: Api) -> bool:
-    r = redis.Redis.from_url(api.settings.redis_url)
-    keys = [k for k in r.keys("ftune:ds:*")]
-    blobs = list(api.store_dir.rglob("*.jsonl")) if api.store_dir.exists() else []
-    return not keys and not blobs
+    return stored_nothing_in(api.settings)
 
 
 async def test_upload_standard_rows_is_stored_under_its_sha256(api: Api) -> None:

@@ -17,18 +17,12 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from service.api.app import create_app
-from service.datasets.space import UploadSpace
 from service.settings import Settings
-from tests.fixtures.api import ALICE, ApiProcess, LiveServer
+from tests.fixtures.api import ALICE, ApiProcess, LiveServer, other_upload, slots_freed
 from tests.integration.test_api_datasets import ROW, jsonl
 
 NDJSON = {**ALICE, "Content-Type": "application/x-ndjson"}
 PARQUET = {**ALICE, "Content-Type": "application/vnd.apache.parquet"}
-
-
-def space(settings: Settings) -> UploadSpace:
-    """The host's upload space as another process of the host sees it."""
-    return UploadSpace(settings.upload_dir, max_uploads=1, reserve_bytes=0)
 
 
 async def test_past_the_concurrent_uploads_an_upload_gets_503(
@@ -36,7 +30,7 @@ async def test_past_the_concurrent_uploads_an_upload_gets_503(
 ) -> None:
     settings = replace(api_settings, max_concurrent_uploads=1)
     async with AsyncTestClient(create_app(settings)) as client:
-        path, lock = space(settings)._admit()  # an upload in flight in another process
+        path, lock = other_upload(settings)._admit()  # an upload in flight in another process
         resp = await client.post("/v1/datasets", content=jsonl(ROW), headers=NDJSON)
         assert resp.status_code == 503, resp.text
         assert resp.headers["Retry-After"] == "30"
@@ -57,7 +51,7 @@ async def test_a_feedback_snapshot_takes_a_slot_of_the_upload_space(
         events = [{"id": "p1", "prompt": "Hi?", "chosen": "Hello!", "rejected": "Go."}]
         posted = await client.post("/v1/feedback/chat", json={"events": events}, headers=ALICE)
         assert posted.status_code == 200, posted.text
-        _, lock = space(settings)._admit()  # an upload in flight in another process
+        _, lock = other_upload(settings)._admit()  # an upload in flight in another process
         resp = await client.post("/v1/feedback/chat/snapshot", headers=ALICE)
         assert resp.status_code == 503, resp.text
         assert resp.headers["Retry-After"] == "30"
@@ -84,6 +78,14 @@ def test_an_upload_the_temp_space_may_not_hold_gets_503(api_settings: Settings) 
         assert parquet.status_code == 503, parquet.text
         assert "temp space is short" in parquet.json()["detail"]
         assert parquet.headers["Retry-After"] == "30"
+        # The same under a media type that does not say Parquet: its first bytes do.
+        unnamed = httpx.post(
+            f"{api.url}/v1/datasets",
+            content=iter([b"PAR1", b"\0" * 100]),
+            headers={**ALICE, "Content-Type": "application/octet-stream"},
+        )
+        assert unnamed.status_code == 503, unnamed.text
+        assert "temp space is short" in unnamed.json()["detail"]
 
 
 @pytest.fixture
@@ -96,8 +98,7 @@ def slow_api(api_settings: Settings) -> Iterator[LiveServer]:
 def test_a_body_that_trickles_in_is_cut_off_with_408(
     slow_api: LiveServer, api_settings: Settings
 ) -> None:
-    host, port = slow_api.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as conn:
+    with socket.create_connection(("127.0.0.1", slow_api.port), timeout=10) as conn:
         conn.sendall(
             b"POST /v1/datasets HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-alice\r\n"
             b"Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -110,7 +111,7 @@ def test_a_body_that_trickles_in_is_cut_off_with_408(
         waited = time.monotonic() - started
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert b"the upload came too slowly" in answer and 0.8 < waited < 5, waited
-    assert [p.name for p in api_settings.upload_dir.iterdir()] == [".admit"]  # slot freed
+    assert slots_freed(api_settings)
 
 
 def test_a_killed_uploads_temp_files_are_removed_at_start_up(
@@ -134,15 +135,13 @@ def test_a_killed_uploads_temp_files_are_removed_at_start_up(
         upload = threading.Thread(target=post, daemon=True)
         upload.start()
         assert sent.wait(10)
-        time.sleep(0.3)
-        [left] = [p for p in settings.upload_dir.iterdir() if p.is_dir()]
-        assert (left / "upload").stat().st_size > 0
+        left = _spooling(settings.upload_dir)
         second = httpx.post(f"{api.url}/v1/datasets", content=jsonl(ROW), headers=NDJSON)
         assert second.status_code == 503, second.text  # the one slot is taken
         api.kill()
         killed.set()
     assert left.exists()  # nothing of the killed process cleaned up
-    live, lock = space(settings)._admit()  # another process's upload, still running
+    live, lock = other_upload(settings)._admit()  # another process's upload, still running
     try:
         with ApiProcess(settings, tmp_path / "b.log") as again:
             assert not left.exists() and live.exists()
@@ -152,3 +151,14 @@ def test_a_killed_uploads_temp_files_are_removed_at_start_up(
     finally:
         lock.close()
     upload.join(10)
+
+
+def _spooling(root: Path) -> Path:
+    """The slot of the one upload being saved, once its first bytes are in its file."""
+    deadline = time.monotonic() + 20
+    while True:
+        files = [p for p in root.glob("*/upload") if p.stat().st_size > 0]
+        if files:
+            return files[0].parent
+        assert time.monotonic() < deadline, "no upload is being saved"
+        time.sleep(0.05)
