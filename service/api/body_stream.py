@@ -73,14 +73,12 @@ class BodyReader(io.RawIOBase):
                 self.queue.get_nowait()
 
     async def put(self, chunk: bytes) -> None:
-        """Hand over a chunk, waiting only while the reader is behind by a whole batch."""
+        """Hand over a chunk (the reader still reading), waiting only while the reader is
+        behind by a whole batch."""
         if not chunk:  # an empty read is the end to the reader: only :meth:`end` says so
             return
         self.batch.append(chunk)
         self.batch_bytes += len(chunk)
-        if self.closed:
-            self.batch, self.batch_bytes = [], 0  # dropped: the reader is done
-            return
         try:
             self.queue.put_nowait(self.batch)
         except queue.Full:

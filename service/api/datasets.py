@@ -3,11 +3,10 @@
 An upload takes a slot of the host's upload space (`service.datasets.space`). A raw body is
 validated and normalized while it arrives, in a thread, straight into the blob store
 (`service.api.body_stream`; `service.api.spool` enforces the size limit and the pace on the
-way); a multipart form, a Parquet
-file (read from its end) and, with several ingest processes, every upload (they split a
-file) are saved in the slot first. The dataset is recorded only at the end: invalid input, or
-a body that stops short, stores nothing. An import downloads its source into such a slot
-first, then goes the same way.
+way); a multipart form, a Parquet file (read from its end) and, with several ingest
+processes, every upload (they split a file) are saved in the slot first. The dataset is
+recorded only at the end: invalid input, or a body that stops short, stores nothing. An
+import downloads its source into such a slot first, then goes the same way.
 """
 
 from __future__ import annotations
