@@ -42,7 +42,7 @@ def redis_url(aof_redis: LocalRedis) -> str:
 
 def training_child(worker: subprocess.Popen[bytes]) -> psutil.Process:
     for child in psutil.Process(worker.pid).children():
-        if "resource_tracker" not in " ".join(child.cmdline()):
+        if "spawn_main" in " ".join(child.cmdline()):  # not the resource tracker
             return child
     raise AssertionError("the worker has no training process")
 

@@ -27,7 +27,9 @@ def waiting_process(worker: subprocess.Popen[bytes], other_than: set[int]) -> in
                 cmdline, status = " ".join(child.cmdline()), child.status()
             except psutil.NoSuchProcess:
                 continue
-            waits = "resource_tracker" not in cmdline and status != psutil.STATUS_ZOMBIE
+            # Matched by what it runs: the resource tracker, or any child caught between its
+            # fork and its exec, still shows the worker's own command line.
+            waits = "spawn_main" in cmdline and status != psutil.STATUS_ZOMBIE
             if waits and child.pid not in other_than:
                 return int(child.pid)
         time.sleep(0.1)

@@ -19,7 +19,14 @@ import pytest
 
 from service.api.body_stream import stream_upload
 from service.settings import Settings
-from tests.fixtures.api import ALICE, LiveServer, other_upload, slots_freed, stored_nothing
+from tests.fixtures.api import (
+    ALICE,
+    LiveServer,
+    other_upload,
+    slot_taken,
+    slots_freed,
+    stored_nothing,
+)
 from tests.integration.test_api_datasets import FIXTURES, ROW, jsonl
 
 NDJSON = {**ALICE, "Content-Type": "application/x-ndjson"}
@@ -91,6 +98,9 @@ def test_a_body_that_stops_short_stores_nothing(
         sent = head + b"Content-Length: %d\r\n\r\n" % len(body) + body[:cut]
     with socket.create_connection(("127.0.0.1", live_api.port), timeout=10) as conn:
         conn.sendall(sent)
+        # Gone only once the server is reading the body: a check made before it even took the
+        # request would see nothing stored yet, or a draft it is still writing.
+        assert slot_taken(api_settings)
     assert slots_freed(api_settings)
     assert stored_nothing(api_settings)
 
