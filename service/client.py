@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 from urllib.parse import quote
 
 import httpx
@@ -20,6 +20,7 @@ import msgspec
 from httpx_sse import connect_sse
 
 from service.contract import (
+    Container,
     Dataset,
     DatasetImport,
     DatasetList,
@@ -38,6 +39,7 @@ from service.contract import (
     PolicyList,
     PolicySpec,
     dataset_name,
+    numbered_as,
 )
 
 T = TypeVar("T")
@@ -85,6 +87,8 @@ class ApiError(Exception):
     detail: str = ""
     errors: list[dict[str, Any]] = field(default_factory=list)
     total_errors: int | None = None
+    container: Container | None = None
+    """For a dataset's errors: what their numbers count (lines of JSONL, else rows)."""
 
     def __str__(self) -> str:
         head = f"{self.status} {self.title}"
@@ -96,7 +100,7 @@ class ApiError(Exception):
         for err in self.errors[:limit]:
             msg = str(err.get("msg", ""))
             if err.get("line"):  # 0: the whole file, as "the dataset has no rows"
-                where = f"line {err['line']}"
+                where = f"{numbered_as(self.container)} {err['line']}"
                 if err.get("field"):
                     where += f", {err['field']}"
             elif err.get("loc"):
@@ -120,12 +124,14 @@ class ApiError(Exception):
             return cls(response.status_code, response.reason_phrase or "Error", text)
         errors = body.get("errors")
         total = body.get("total_errors")
+        container = body.get("container")
         return cls(
             status=int(body.get("status") or response.status_code),
             title=str(body.get("title") or response.reason_phrase or "Error"),
             detail=str(body.get("detail") or ""),
             errors=[e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else [],
             total_errors=total if isinstance(total, int) else None,
+            container=container if container in get_args(Container) else None,
         )
 
 

@@ -27,6 +27,8 @@ from service.contract import (
     NAME_PATTERN,
     REPO_ID_RE,
     STREAM_NAME,
+    Container,
+    numbered_as,
 )
 from service.contract.datasets import SOURCE_PATTERN
 from service.datasets.containers import ACCEPTED_TYPES, DatasetTooLarge, UnsupportedFile
@@ -70,7 +72,11 @@ class FieldError(msgspec.Struct, omit_defaults=True):
         ),
     ] = None
     line: Annotated[
-        int | None, msgspec.Meta(description="For a dataset: the 1-based line of the bad row.")
+        int | None,
+        msgspec.Meta(
+            description="For a dataset: the bad row's 1-based line of a JSONL file, else its "
+            "row of the JSON array, Parquet or CSV file (the problem's `container` says which)."
+        ),
     ] = None
     field: Annotated[
         str | None, msgspec.Meta(description="For a dataset row or feedback event: its field.")
@@ -94,6 +100,13 @@ class Problem(msgspec.Struct, omit_defaults=True):
         int | None,
         msgspec.Meta(
             description="How many problems a dataset had in all (errors lists the first)."
+        ),
+    ] = None
+    container: Annotated[
+        Container | None,
+        msgspec.Meta(
+            description="For a dataset: how its rows were packed, which says what the errors' "
+            "`line` counts (lines of `jsonl`, else rows)."
         ),
     ] = None
 
@@ -133,6 +146,7 @@ def problem(
     *,
     errors: list[FieldError] | None = None,
     total: int | None = None,
+    container: Container | None = None,
     headers: dict[str, str] | None = None,
 ) -> Response[Problem]:
     title = _TITLES.get(status, "Error")
@@ -144,6 +158,7 @@ def problem(
         detail=detail,
         errors=errors,
         total_errors=total,
+        container=container,
     )
     return Response(body, status_code=status, media_type=PROBLEM, headers=headers)
 
@@ -227,9 +242,9 @@ def _invalid_dataset(exc: InvalidDataset) -> Response[Problem]:
     first = exc.errors[0] if exc.errors else None
     where = ""
     if first is not None and first.msg != exc.reason:  # not the fault the reason names
-        at = f"line {first.line}" if first.line else "the file"
+        at = f"{numbered_as(exc.container)} {first.line}" if first.line else "the file"
         where = f" (first: {at}" + (f", {first.field}" if first.field else "") + f": {first.msg})"
-    return problem(422, head + where, errors=errors, total=exc.total)
+    return problem(422, head + where, errors=errors, total=exc.total, container=exc.container)
 
 
 def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:

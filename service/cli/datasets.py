@@ -33,7 +33,7 @@ from service.cli.output import (
     print_kv,
     print_table,
 )
-from service.contract import Dataset, DatasetImport, Message, trained_by
+from service.contract import Dataset, DatasetImport, Message, numbered_as, trained_by
 
 
 class OnInvalidChoice(enum.StrEnum):
@@ -297,14 +297,15 @@ def datasets_delete(
 
 def _print_warnings(ds: Dataset) -> None:
     """What the upload left out or probably did not mean, on stderr."""
+    unit = numbered_as(ds.container)
     if ds.skipped_rows:
         err.print(f"[yellow]skipped {ds.skipped_rows} invalid rows:[/]")
         for problem in ds.skipped[:10]:
             where = f"{problem.field}: " if problem.field else ""
-            err.print(f"  line {problem.line}: " + escape(where + problem.msg))
+            err.print(f"  {unit} {problem.line}: " + escape(where + problem.msg))
     for w in ds.warnings:  # each message says its count of rows
-        lines = ", ".join(str(n) for n in w.lines[:5]) + (", ..." if w.count > 5 else "")
-        err.print(f"[yellow]warning:[/] {escape(w.msg)}" + (f" (lines {lines})" if w.lines else ""))
+        at = ", ".join(str(n) for n in w.lines[:5]) + (", ..." if w.count > 5 else "")
+        err.print(f"[yellow]warning:[/] {escape(w.msg)}" + (f" ({unit}s {at})" if w.lines else ""))
 
 
 class _Upload:

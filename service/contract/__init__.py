@@ -29,6 +29,7 @@ from service.contract.datasets import (
     SourceFormat,
     ToolCall,
     dataset_name,
+    numbered_as,
     uses_functions,
 )
 from service.contract.feedback import (
@@ -248,6 +249,7 @@ __all__ = [
     "kind_mismatch",
     "learning_rate_of",
     "local_model_path",
+    "numbered_as",
     "trained_by",
     "uses_functions",
 ]

@@ -54,6 +54,13 @@ SourceFormat = Literal[
 Container = Literal["jsonl", "json", "parquet", "csv"]
 """How the rows were packed in the file (gzip is told apart by ``compressed``)."""
 
+
+def numbered_as(container: Container | None) -> Literal["line", "row"]:
+    """What a dataset error's or warning's number counts: a JSONL file's lines (blank ones
+    too), else the rows of the JSON array, Parquet or CSV file (its header not counted)."""
+    return "row" if container in ("json", "parquet", "csv") else "line"
+
+
 OnInvalid = Literal["reject", "skip"]
 ColumnName = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
@@ -94,7 +101,10 @@ class DatasetWarning(msgspec.Struct, kw_only=True):
     count: Annotated[int, msgspec.Meta(description="How many rows it concerns.")]
     lines: Annotated[
         list[int],
-        msgspec.Meta(description="The first few line numbers (1-based) where it happens."),
+        msgspec.Meta(
+            description="The first few (1-based) where it happens: lines of a JSONL file, "
+            "else rows of the JSON array, Parquet or CSV file (see `container`)."
+        ),
     ]
 
 

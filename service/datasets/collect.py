@@ -25,6 +25,7 @@ from service.contract import (
     OnInvalid,
     RowProblem,
     SourceFormat,
+    numbered_as,
     uses_functions,
 )
 from service.datasets.canonical import (
@@ -98,12 +99,22 @@ DEFAULT_LIMITS = Limits()
 class InvalidDataset(Exception):
     """The dataset was rejected: the first errors (in line order) and how many there were."""
 
-    def __init__(self, errors: list[RowError], total: int, reason: str | None = None) -> None:
+    def __init__(
+        self,
+        errors: list[RowError],
+        total: int,
+        reason: str | None = None,
+        container: Container = "jsonl",
+    ) -> None:
         self.errors = errors
         self.total = total
         self.reason = reason
+        self.container = container
+        """What the errors' numbers count (:func:`numbered_as`): lines of JSONL, else rows."""
+        unit = numbered_as(container)
         shown = "; ".join(
-            f"line {e.line}" + (f" {e.field}" if e.field else "") + f": {e.msg}" for e in errors[:3]
+            f"{unit} {e.line}" + (f" {e.field}" if e.field else "") + f": {e.msg}"
+            for e in errors[:3]
         )
         more = f" (and {total - len(errors[:3])} more)" if total > len(errors[:3]) else ""
         head = reason or f"{total} error{'s' if total != 1 else ''} in the dataset"
@@ -154,25 +165,35 @@ class ErrorTally:
         self.add(line, None, msg)
         self.fatal, self.fatal_msg = True, msg
 
-    def verdict(self, *, kept: int, records: int, skip: bool, max_invalid_fraction: float) -> None:
+    def verdict(
+        self,
+        *,
+        kept: int,
+        records: int,
+        skip: bool,
+        max_invalid_fraction: float,
+        container: Container,
+    ) -> None:
         """Raise InvalidDataset unless the pass may be stored: no fatal error, and invalid rows
         only when skipping them was asked for, within `max_invalid_fraction`, with rows left."""
         invalid = self.total
+
+        def refused(reason: str | None = None) -> InvalidDataset:
+            return InvalidDataset(self.items, invalid, reason, container)
+
         if self.fatal_msg is not None:
             before = invalid - 1
             also = f"; {rows(before)} before it {'are' if before > 1 else 'is'} invalid"
-            raise InvalidDataset(self.items, invalid, self.fatal_msg + (also if before else ""))
+            raise refused(self.fatal_msg + (also if before else ""))
         if self.fatal or (invalid and not skip):
-            raise InvalidDataset(self.items, invalid)
+            raise refused()
         if invalid and kept == 0:
-            raise InvalidDataset(self.items, invalid, f"none of the {rows(records)} is valid")
+            raise refused(f"none of the {rows(records)} is valid")
         if invalid > max_invalid_fraction * records:
-            raise InvalidDataset(
-                self.items,
-                invalid,
+            raise refused(
                 f"{invalid} of {rows(records)} are invalid "
                 f"({100 * invalid / records:.2f}%), more than max_invalid_fraction "
-                f"{max_invalid_fraction}",
+                f"{max_invalid_fraction}"
             )
 
 
@@ -519,6 +540,7 @@ class Collector:
             records=self.records,
             skip=self.skip,
             max_invalid_fraction=self.max_invalid_fraction,
+            container=container,
         )
         self.flush()
         assert self.fmt is not None

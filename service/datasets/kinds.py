@@ -487,6 +487,7 @@ class KindCollector:
             records=self.records,
             skip=self.skip,
             max_invalid_fraction=self.max_invalid_fraction,
+            container=container,
         )
         self.output.flush()
         assert self.fmt is not None

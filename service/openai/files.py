@@ -70,12 +70,15 @@ def result_file(job_id: str, *, created_at: float, size: int) -> FileObject:
     )
 
 
-def status_details(errors: Sequence[tuple[int | None, str | None, str]], total: int) -> str:
-    """`(line, field, message)` validation errors as one line of text, the first few spelled out."""
+def status_details(
+    errors: Sequence[tuple[int | None, str | None, str]], total: int, unit: str = "line"
+) -> str:
+    """`(line, field, message)` validation errors as one line of text, the first few spelled out
+    (``unit``: what the numbers count, :func:`service.contract.numbered_as`)."""
     shown = [
         " ".join(
             part
-            for part in (f"line {line}:" if line else "", f"{field}:" if field else "", msg)
+            for part in (f"{unit} {line}:" if line else "", f"{field}:" if field else "", msg)
             if part
         )
         for line, field, msg in errors[:MAX_DETAILS]

@@ -308,15 +308,21 @@ def test_uploads_and_submits_do_what_the_user_meant(
     # Columns of its own: named in the upload's options.
     tab.open("#/datasets")
     csv_file = tmp_path / "votes.csv"
-    csv_file.write_text("question,good,bad\nCapital of Peru?,Lima.,Quito.\n2+2?,4.,5.\n")
+    csv_file.write_text(
+        'question,good,bad\n"Capital of\nPeru?",Lima.,Quito.\n2+2?,,5.\n3+3?,6.,7.\n'
+    )
     page.click("text=Columns and invalid rows")
     page.fill("input[name=prompt_field]", "question")
     page.fill("input[name=chosen_field]", "good")
     page.fill("input[name=rejected_field]", "bad")
+    page.check("input[name=skip_invalid]")
+    page.fill("input[name=max_invalid_fraction]", "0.5")
     page.set_input_files("#dataset-file", str(csv_file))
     page.wait_for_url(re.compile(r"#/datasets/ds_"))
     expect(page.locator("#page h1")).to_have_text("votes")
     expect(page.locator(".facts")).to_contain_text("read as mapped")
+    # The second record, on the file's fourth line: a CSV file's problems are told by row.
+    expect(page.locator("ul.problems")).to_contain_text("row 2 (good)")
 
     # Moving on while a file goes up: the user stays where they went, and is told.
     held: list[Route] = []

@@ -152,7 +152,7 @@ async def test_empty_file_is_422(api: Api) -> None:
     assert resp.status_code == 422
     detail = resp.json()["detail"]
     assert detail.startswith("the JSON array is malformed after row 1"), detail
-    assert "; 1 row before it is invalid (first: line 1, rejected:" in detail
+    assert "; 1 row before it is invalid (first: row 1, rejected:" in detail
 
 
 async def test_errors_are_capped_at_100_with_total(api: Api) -> None:
@@ -372,6 +372,26 @@ async def test_a_json_array_counts_invalid_rows_not_lines(api: Api) -> None:
     problem = resp.json()
     assert problem["total_errors"] == 1
     assert problem["errors"] == [{"line": 2, "field": "chosen", "msg": "the text is empty"}]
+    # The second element, on lines 7-11 of the file: a row, not a line.
+    assert problem["container"] == "json"
+    assert problem["detail"].endswith("(first: row 2, chosen: the text is empty)")
+
+
+async def test_a_csv_files_errors_name_rows_and_a_jsonl_files_lines(api: Api) -> None:
+    # A quoted prompt over two lines, as spreadsheets write one: the bad row is the second
+    # record, on the file's fourth line.
+    sheet = b'prompt,chosen,rejected\n"Two\nlines",Yes.,No.\nHi,,Bye.\n'
+    resp = await upload(api, sheet, {"Content-Type": "text/csv"})
+    assert resp.status_code == 422, resp.text
+    problem = resp.json()
+    assert problem["container"] == "csv"
+    assert problem["errors"] == [{"line": 2, "field": "chosen", "msg": "the text is empty"}]
+    assert problem["detail"].endswith("(first: row 2, chosen: the text is empty)")
+
+    resp = await upload(api, jsonl(ROW, {**ROW, "chosen": ""}))
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["container"] == "jsonl"
+    assert resp.json()["detail"].endswith("(first: line 2, chosen: the text is empty)")
 
 
 @pytest.mark.parametrize(

@@ -271,6 +271,24 @@ def test_a_bad_dataset_is_refused_with_line_numbers(
     assert "line 0" not in empty.stderr  # a whole-file problem has no line
 
 
+def test_a_csv_files_problems_are_told_by_row(cli: Callable[..., Result], tmp_path: Path) -> None:
+    """A CSV record may span lines (a quoted text with a line break): its number is a row's."""
+    sheet = tmp_path / "votes.csv"
+    sheet.write_text(
+        'prompt,chosen,rejected,score\n"Two\nlines",Yes.,No.,1\nHi,,Bye.,2\n'
+        "Why?,Because.,No idea.,3\n"
+    )
+    refused = cli("datasets", "upload", str(sheet))
+    assert refused.exit_code == 1 and "row 2, chosen: the text is empty" in refused.stderr
+    assert "line 2" not in refused.stderr
+    taken = cli(
+        "datasets", "upload", str(sheet), "--on-invalid", "skip", "--max-invalid-fraction", "0.5"
+    )
+    assert taken.exit_code == 0, taken.output
+    assert "row 2: chosen: the text is empty" in taken.stderr
+    assert "column 'score' ignored in 2 rows (rows 1, 3)" in taken.stderr
+
+
 def test_submit_takes_the_method_as_a_flag(cli: Callable[..., Result], tmp_path: Path) -> None:
     """An sft or kto job without writing a spec file; the method must fit the dataset."""
     pairs = upload(cli, tmp_path)["id"]

@@ -17,7 +17,7 @@ from service.api.downloads import attachment, blob_chunks
 from service.api.openai.errors import responses
 from service.api.spool import declared_size, spool_upload
 from service.blobs import BlobStore, dataset_blob_key
-from service.contract import InvalidRows, Job, JobStatus
+from service.contract import InvalidRows, Job, JobStatus, numbered_as
 from service.contract.openai import FileDeleted, FileList, FileObject
 from service.datasets.ingest import delete_dataset, store_dataset
 from service.datasets.space import UploadSpace
@@ -123,7 +123,7 @@ class FileController(Controller):
                     filename=name,
                     size=spooled.size,
                     created_at=time.time(),
-                    details=status_details(errors, exc.total),
+                    details=status_details(errors, exc.total, numbered_as(exc.container)),
                 )
                 return failed.file()
         return dataset_file(ds)

@@ -2,7 +2,7 @@
 // validation errors line by line, and a dataset's page with its report and preview rows.
 
 import { api, session } from "./api.js";
-import { bytes, clear, dl, field, h, notify, problem, table, when } from "./dom.js";
+import { bytes, clear, dl, field, h, notify, numberedAs, problem, table, when } from "./dom.js";
 
 const PREVIEW_ROWS = 10;
 
@@ -187,9 +187,9 @@ export async function datasetPage(page, id) {
     ]),
     h("h2", {}, "Warnings"),
     ds.warnings?.length
-      ? h("ul", { class: "warnings" }, ds.warnings.map((w) => h("li", {}, h("strong", {}, `${w.kind} (${w.count}): `), w.msg, w.lines?.length ? ` — lines ${w.lines.join(", ")}` : "")))
+      ? h("ul", { class: "warnings" }, ds.warnings.map((w) => h("li", {}, h("strong", {}, `${w.kind} (${w.count}): `), w.msg, w.lines?.length ? ` — ${numberedAs(ds.container)}s ${w.lines.join(", ")}` : "")))
       : h("p", { class: "muted" }, "None."),
-    ds.skipped?.length ? [h("h2", {}, "Skipped rows"), h("ul", { class: "problems" }, ds.skipped.map((p) => h("li", {}, h("strong", {}, `line ${p.line}${p.field ? ` (${p.field})` : ""}: `), p.msg)))] : null,
+    ds.skipped?.length ? [h("h2", {}, "Skipped rows"), h("ul", { class: "problems" }, ds.skipped.map((p) => h("li", {}, h("strong", {}, `${numberedAs(ds.container)} ${p.line}${p.field ? ` (${p.field})` : ""}: `), p.msg)))] : null,
     h("h2", {}, `Preview: the first ${preview.rows.length} rows as training sees them`),
     table(
       ["#", ...columns.map(([title]) => title)],

@@ -67,11 +67,17 @@ export function badge(status) {
 export function problem(err, { alert = true } = {}) {
   const p = err.problem || {};
   const errors = p.errors || [];
-  const where = (e) => (e.line ? `line ${e.line}` : e.loc ? e.loc.join(".") : "");
+  const where = (e) => (e.line ? `${numberedAs(p.container)} ${e.line}` : e.loc ? e.loc.join(".") : "");
   const said = errors.length === 1 && err.message.endsWith(errors[0].msg);
   const items = said ? [] : errors.map((e) => h("li", {}, where(e) ? h("strong", {}, `${where(e)}${e.field ? ` (${e.field})` : ""}: `) : "", e.msg));
   const more = p.total_errors && p.total_errors > items.length ? h("p", {}, `${p.total_errors} problems in all.`) : null;
   return h("div", { class: "error", role: alert ? "alert" : null }, h("p", {}, err.message), items.length ? h("ul", { class: "problems" }, items) : null, more);
+}
+
+/** What a dataset error's or warning's number counts (service.contract.numbered_as): a JSONL
+ * file's lines, else the rows of a JSON array, Parquet or CSV file. */
+export function numberedAs(container) {
+  return ["json", "parquet", "csv"].includes(container) ? "row" : "line";
 }
 
 /** A message that outlives the page it came from (an upload that ended after the user moved
