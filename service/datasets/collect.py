@@ -40,6 +40,7 @@ from service.datasets.canonical import (
     passes,
     texts_pass,
 )
+from service.datasets.containers import Lines
 from service.datasets.layouts import DEFAULT_MAPPING, normalize
 from service.datasets.messages import RowInvalid
 from service.datasets.output import Output, Sink
@@ -257,9 +258,9 @@ class Collector:
         self.limits = limits
         self.skip = on_invalid == "skip"
         self.max_invalid_fraction = max_invalid_fraction
-        self.fast_decode: Callable[[bytes], Row] | None = (
-            None if self.mapped else msgspec.json.Decoder(Row).decode
-        )
+        decoder = None if self.mapped else msgspec.json.Decoder(Row)
+        self.fast_decode: Callable[[bytes], Row] | None = decoder and decoder.decode
+        self.decode_lines: Callable[[bytes], list[Row]] | None = decoder and decoder.decode_lines
         encoder = msgspec.json.Encoder()
         self.encode, self.encode_lines = encoder.encode, encoder.encode_lines
         self.errors = ErrorTally(limits.max_errors)
@@ -312,25 +313,37 @@ class Collector:
         self.errors.stop(line, msg)
         self.stopped = True
 
-    def add_block(self, first: int, lines: list[bytes | None], *, file_start: bool) -> None:
+    def add_block(self, first: int, block: Lines, *, file_start: bool) -> None:
         """A block of JSONL lines, numbered from ``first`` (``file_start``: the first block)."""
+        if file_start and block.data is not None and block.data.startswith(_BOM):
+            block = Lines(block.data[3:])
+        if self.fast_decode is not None and self.fmt is not None and self._block(first, block):
+            return
+        lines = block.lines
         if file_start and lines and lines[0] is not None and lines[0].startswith(_BOM):
             lines = [lines[0][3:], *lines[1:]]
-        if self.fast_decode is not None and self.fmt is not None and self._block(first, lines):
-            return
         for i, raw in enumerate(lines):
             if self.stopped:
                 return
             self._line(first + i, raw)
 
-    def _block(self, first: int, lines: list[bytes | None]) -> bool:
+    def _block(self, first: int, block: Lines) -> bool:
         """The whole block in one go, if every line is a canonical row of the dataset's format
         (no blank line, no other key): True when it was taken."""
-        if self.records + len(lines) > self.limits.max_rows or not all(lines):
+        if self.records + block.count > self.limits.max_rows:
             return False
-        assert self.fast_decode is not None
+        assert self.fast_decode is not None and self.decode_lines is not None
         try:
-            decoded = list(map(self.fast_decode, lines))  # type: ignore[arg-type]
+            if block.data is not None:
+                # One value a line, each ending at its line's end: as many as there are lines
+                # unless one is blank or a value spans lines (then each line says its own).
+                decoded = self.decode_lines(block.data)
+                if len(decoded) != block.count:
+                    return False
+            elif all(block.lines):
+                decoded = list(map(self.fast_decode, block.lines))  # type: ignore[arg-type]
+            else:
+                return False
         except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
             return False
         return self._take(first, decoded)

@@ -42,6 +42,7 @@ from service.datasets.collect import (
     Limits,
     made_conversational,
 )
+from service.datasets.containers import Lines
 from service.datasets.layouts import (
     CHOSEN_COLUMNS,
     DEFAULT_MAPPING,
@@ -382,8 +383,8 @@ class KindCollector:
         self.errors.stop(line, msg)
         self.stopped = True
 
-    def add_block(self, first: int, lines: list[bytes | None], *, file_start: bool) -> None:
-        for i, raw in enumerate(lines):
+    def add_block(self, first: int, block: Lines, *, file_start: bool) -> None:
+        for i, raw in enumerate(block.lines):
             if self.stopped:
                 return
             line = first + i

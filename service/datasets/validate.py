@@ -40,6 +40,7 @@ from service.datasets.containers import (
     Counting,
     FileProblem,
     JsonlBlocks,
+    Lines,
     Opened,
     UnsupportedFile,
     csv_rows,
@@ -85,7 +86,7 @@ def validate_jsonl(
         ingest.output.stop()
 
 
-Blocks = Iterator[tuple[int, list[bytes | None]]]
+Blocks = Iterator[tuple[int, Lines]]
 
 
 def _jsonl(ingest: Ingest, blocks: JsonlBlocks, offset: int, items: Blocks | None = None) -> int:
@@ -316,17 +317,18 @@ _HEAD_LINES = 4096
 """Lines (blank ones too) the head is looked for in: what is held for it stays small."""
 
 
-def _head_lines(blocks: Blocks) -> tuple[list[tuple[int, list[bytes | None]]], list[Any]]:
+def _head_lines(blocks: Blocks) -> tuple[list[tuple[int, Lines]], list[Any]]:
     """The first rows of JSONL blocks that can be read (up to :data:`HEAD_ROWS` lines; the
     pass reports the others), and the blocks they were found in, to be fed again (blocks of
     blank lines before them are left out: they add nothing)."""
-    taken: list[tuple[int, list[bytes | None]]] = []
+    taken: list[tuple[int, Lines]] = []
     rows: list[Any] = []
     seen = 0
     for item in blocks:
-        if taken or any(raw is None or raw.strip() for raw in item[1]):
+        lines = item[1].lines
+        if taken or any(raw is None or raw.strip() for raw in lines):
             taken.append(item)
-        for raw in item[1]:
+        for raw in lines:
             seen += 1  # blank lines count too: the blocks kept stay few
             if raw is None or not raw.strip():
                 continue

@@ -225,7 +225,7 @@ def test_jsonl_blocks_give_every_line_with_its_number_whatever_the_block_size(bl
     and a last line without its newline still given."""
     data = b'{"a": 1}\r\n\n' + b"x" * 40 + b'\n{"b": 2}\n  \n{"c": 3}'
     blocks = JsonlBlocks(io.BytesIO(data), max_line=20, block=block)
-    numbered = [(first + i, line) for first, lines in blocks for i, line in enumerate(lines)]
+    numbered = [(first + i, line) for first, b in blocks for i, line in enumerate(b.lines)]
     assert numbered == [
         (1, b'{"a": 1}\r'),
         (2, b""),
@@ -235,6 +235,21 @@ def test_jsonl_blocks_give_every_line_with_its_number_whatever_the_block_size(bl
         (6, b'{"c": 3}'),
     ]
     assert blocks.lines == 6 and blocks.consumed == len(data)
+
+
+@pytest.mark.parametrize("width", [0, 10, 255, 256, 3000])
+def test_a_block_counts_its_lines_short_or_long_without_splitting_them(width: int) -> None:
+    """Lines are counted apart from being split (the fast path decodes a block whole): the
+    numbers stay right for short lines and long ones."""
+    data = b"".join(b"x" * (width + i % 7) + b"\n" for i in range(300))
+    blocks = JsonlBlocks(io.BytesIO(data + b"last"), max_line=1 << 20)
+    counted = [(first, b.count) for first, b in blocks]
+    assert sum(n for _, n in counted) == blocks.lines == 301
+    assert [first for first, _ in counted] == [
+        1 + sum(n for _, n in counted[:i]) for i in range(len(counted))
+    ]
+    whole = [b for _, b in JsonlBlocks(io.BytesIO(data), max_line=1 << 20)]
+    assert [line for b in whole for line in b.lines] == data.split(b"\n")[:-1]
 
 
 def test_shards_number_lines_on_after_a_last_line_without_its_newline(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.datasets.collect import Collector
+from service.datasets.containers import Lines
 from service.datasets.rows import RowInvalid, normalize_row
 from service.datasets.validate import InvalidDataset, Limits, validate_jsonl
 
@@ -269,8 +270,8 @@ def test_lines_read_a_block_at_a_time_are_judged_like_lines_read_one_by_one(
     taken = []
     whole_block = Collector._block
 
-    def spy(self: Collector, first: int, lines: list[bytes | None]) -> bool:
-        taken.append(whole_block(self, first, lines))
+    def spy(self: Collector, first: int, block: Lines) -> bool:
+        taken.append(whole_block(self, first, block))
         return taken[-1]
 
     monkeypatch.setattr(Collector, "_block", spy)
