@@ -62,14 +62,31 @@ def _parquet_to_jsonl(path: Path, max_bytes: int, out: IO[bytes]) -> None:
             f"the Parquet file holds {size} bytes of data uncompressed; the limit is {max_bytes}"
         )
     encoder = msgspec.json.Encoder(enc_hook=str)
-    nested = [field.name for field in pf.schema_arrow if _has_structs(field.type)]
+    names = pf.schema_arrow.names
+    nested = [i for i, field in enumerate(pf.schema_arrow) if _has_structs(field.type)]
+    row = _row_type(names)
     for batch in pf.iter_batches(batch_size=1024):
-        rows = _as_text(batch).to_pylist()
-        padded = [name for name in nested if _nulls_inside(batch.column(name))]
-        for row in rows if padded else ():
-            for name in padded:
-                row[name] = _without_nulls(row[name])
+        columns = [column.to_pylist() for column in _as_text(batch).columns]
+        for i in nested:
+            if _nulls_inside(batch.column(i)):
+                columns[i] = [_without_nulls(value) for value in columns[i]]
+        if row is not None:
+            rows: list[Any] = list(map(row, *columns))
+        else:
+            rows = [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
         out.write(encoder.encode_lines(rows))
+
+
+def _row_type(names: list[str]) -> Any:
+    """A Struct type whose fields encode under the column names, in order: a batch's rows
+    made from its columns (in C) cost a third less than Arrow's ``to_pylist`` dicts. None
+    when names repeat (Arrow allows it; the last one wins, as in a dict)."""
+    import msgspec
+
+    if len(set(names)) != len(names):
+        return None
+    fields = [f"f{i}" for i in range(len(names))]
+    return msgspec.defstruct("ParquetRow", fields, rename=dict(zip(fields, names, strict=True)))
 
 
 def _has_structs(type_: Any) -> bool:

@@ -80,6 +80,28 @@ def test_parquet_row_groups_and_its_refusals(tmp_path: Path) -> None:
         ingest(write(tmp_path, "a.parquet.gz", gzip.compress(path.read_bytes())))
 
 
+def test_parquet_columns_keep_their_names_whatever_they_are(tmp_path: Path) -> None:
+    """A column named as no Python name could be, or twice (Arrow allows it), still names
+    its values; of two columns of one name the last is read, as Arrow's own dicts do."""
+    path = tmp_path / "names.parquet"
+    table = pa.Table.from_pylist(ROWS).append_column("score-chosen", pa.array([1.5] * 5))
+    pq.write_table(table.append_column("Unnamed: 0", pa.array(range(5))), path)
+    result, out = ingest(path)
+    assert out == CANONICAL
+    assert {w.msg for w in result.warnings} == {
+        "column 'score-chosen' ignored in 5 rows",
+        "column 'Unnamed: 0' ignored in 5 rows",
+    }
+    twice = pa.table(
+        [pa.array([r[k] for r in ROWS]) for k in ("prompt", "chosen", "rejected")]
+        + [pa.array(["unused"] * 5)],
+        names=["prompt", "chosen", "rejected", "chosen"],
+    )
+    pq.write_table(twice, path)
+    result, out = ingest(path)
+    assert out == b"".join(msgspec.json.encode({**r, "chosen": "unused"}) + b"\n" for r in ROWS)
+
+
 def test_parquet_binary_columns_are_read_as_their_text(tmp_path: Path) -> None:
     """Writers that do not mark strings store text as binary: it is its UTF-8 text (it was
     stored as base64, 201 and no warning); bytes that are not UTF-8 are refused, named."""
