@@ -8,12 +8,10 @@ from __future__ import annotations
 import contextlib
 import io
 import queue
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
-
-from service.api.spool import Upload
 
 T = TypeVar("T")
 
@@ -104,7 +102,9 @@ class BodyCutOff(Exception):
     held may be stored."""
 
 
-async def stream_upload(body: Upload, consume: Callable[[BodyReader], Awaitable[T]]) -> T:
+async def stream_upload(
+    body: AsyncIterable[bytes], consume: Callable[[BodyReader], Awaitable[T]]
+) -> T:
     """``consume``'s answer for the raw body's bytes, which it reads in a thread while they
     arrive: no spool file, and the checking overlaps the receiving. If ``consume`` gives up
     early (a file refused by its first bytes, the tenant's quota), it answers at once and

@@ -1,10 +1,10 @@
 """Dataset upload, import, preview, listing and deletion.
 
-An upload takes a slot of the host's upload space (`service.datasets.space`). A raw body is
-validated and normalized while it arrives, in a thread, straight into the blob store
-(`service.api.body_stream`; `service.api.spool` enforces the size limit and the pace on the
-way); a multipart form, a Parquet file (read from its end) and, with several ingest
-processes, every upload (they split a file) are saved in the slot first. The dataset is
+An upload takes a slot of the host's upload space (`service.datasets.space`). A raw body, or
+the file of a multipart form, is validated and normalized while it arrives, in a thread,
+straight into the blob store (`service.api.body_stream`; `service.api.spool` enforces the
+size limit and the pace on the way); a Parquet file (read from its end) and, with several
+ingest processes, every upload (they split a file) are saved in the slot first. The dataset is
 recorded only at the end: invalid input, or a body that stops short, stores nothing. An
 import downloads its source into such a slot first, then goes the same way.
 """
@@ -43,7 +43,7 @@ from service.api.openapi_docs import (
     request_body,
     responses,
 )
-from service.api.spool import JSONL_TYPES, Upload, declared_size, receive_upload, spool
+from service.api.spool import JSONL_TYPES, Form, Upload, declared_size, receive_upload, spool
 from service.api.tenancy import TenantParam, listed_tenant
 from service.blobs import BlobStore, dataset_blob_key
 from service.contract import (
@@ -312,18 +312,20 @@ class DatasetController(Controller):
             processes=settings.ingest_processes,
             quota=dataset_quota(tenant_limits),
         )
-        body = receive_upload(request, settings)
+        upload = receive_upload(request, settings)
+        body = Form(upload) if upload.boundary else upload
         size = declared_size(request)
-        if body.boundary or body.hint == "parquet" or settings.ingest_processes > 1:
+        if upload.hint == "parquet" or settings.ingest_processes > 1:
             async with uploads.slot(size) as tmp:
                 raw, hint = await _spooled(body, tmp)
                 return await store_as(raw, hint=hint)
         # Admitted before the body is read (a client that sent `Expect: 100-continue` gets a
-        # 503 before it sends), with no room taken: the body is checked as it arrives...
+        # 503 before it sends), with no room taken: the file is checked as it arrives...
         async with uploads.slot(0) as tmp:
-            if not (await body.peek(4)).startswith(b"PAR1"):
+            if not (await body.peek(4)).startswith(b"PAR1") and body.hint != "parquet":
                 return await stream_upload(body, partial(store_as, hint=body.hint))
-            # ...unless it is Parquet under another media type, read from its end.
+            # ...unless it is Parquet (its media type, its name or its first bytes say so),
+            # read from its end.
             await anyio.to_thread.run_sync(uploads.ensure_room, size)
             raw, hint = await _spooled(body, tmp)
             return await store_as(raw, hint=hint)
@@ -475,7 +477,7 @@ def _read_rows(blobs: BlobStore, key: str, offset: int, limit: int) -> list[Data
     return out
 
 
-async def _spooled(body: Upload, tmp: Path) -> tuple[Path, Container | None]:
+async def _spooled(body: Upload | Form, tmp: Path) -> tuple[Path, Container | None]:
     """The body saved in the upload's slot ``tmp``: the file, and the container its media
     type or name suggests."""
     raw = tmp / "upload"

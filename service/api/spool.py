@@ -86,6 +86,8 @@ class Upload:
         self.boundary = boundary
         """A multipart form's boundary; empty for a raw body."""
         self.head = b""
+        self.size = 0
+        """The bytes of it taken so far."""
 
     async def peek(self, n: int) -> bytes:
         """The body's first ``n`` bytes (fewer if it is shorter), still to be read."""
@@ -96,8 +98,10 @@ class Upload:
     async def __aiter__(self) -> AsyncIterator[bytes]:
         if self.head:
             head, self.head = self.head, b""
+            self.size += len(head)
             yield head
         async for chunk in self.chunks:
+            self.size += len(chunk)
             yield chunk
 
 
@@ -141,81 +145,102 @@ async def _within(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[byt
         yield chunk
 
 
-async def spool_upload(
-    request: Request[Any, Any, Any], out: IO[bytes], settings: Settings
-) -> Spooled:
-    """Copy the uploaded file (the raw body, or the first file of a multipart form) into `out`,
-    the size limit and the pace checked on the way."""
-    return await spool(receive_upload(request, settings), out)
-
-
-async def spool(body: Upload, out: IO[bytes]) -> Spooled:
+async def spool(body: Upload | Form, out: IO[bytes]) -> Spooled:
     """Copy the body's file into ``out``."""
-    if body.boundary:
-        spooled = await _spool_multipart(aiter(body), out, body.boundary, body.limit)
-        spooled.hint = hint_of(spooled.filename or "")
-        return spooled
-    size = 0
     async for chunk in body:
-        size += len(chunk)
         out.write(chunk)
-    return Spooled(size=size, hint=body.hint)
+    if isinstance(body, Form):
+        return Spooled(size=body.size, hint=body.hint, filename=body.filename, fields=body.fields)
+    return Spooled(size=body.size, hint=body.hint)
 
 
-async def _spool_multipart(
-    body: AsyncIterator[bytes], out: IO[bytes], boundary: bytes, limit: int
-) -> Spooled:
-    """The first file part into ``out``; the whole form (boundaries, headers, text fields)
-    may be at most ``MAX_FORM_OVERHEAD`` bytes over the limit, and a form that is not
-    well-formed multipart is a 400."""
-    try:
-        return await _parse_multipart(body, out, boundary, limit)
-    except MultipartError as exc:
-        raise BadRequest(f"the multipart/form-data body is malformed: {exc}") from None
+class Form:
+    """A multipart form's first file, read as the form arrives: its bytes (iterate), with
+    :meth:`peek` and ``hint`` as a raw :class:`Upload` has them. Once ``peek`` returned,
+    ``filename`` is known and ``fields`` holds the text fields before the file; once the
+    file's bytes were all taken, the form was read to its closing boundary (a form cut short
+    raises, so a cut-off file is never taken for a shorter one) and ``fields`` holds those
+    after it too. The whole form may be at most ``MAX_FORM_OVERHEAD`` bytes over the limit;
+    one that is not well-formed multipart is a 400."""
 
+    def __init__(self, body: Upload) -> None:
+        self.limit = body.limit
+        self.filename: str | None = None
+        self.fields: dict[str, str] = {}
+        self.hint: Container | None = None
+        self.size = 0
+        """The file's bytes taken so far."""
+        self._parts = self._parse(aiter(body), body.boundary)
+        self._head = b""
+        self._started = False
 
-async def _parse_multipart(
-    body: AsyncIterator[bytes], out: IO[bytes], boundary: bytes, limit: int
-) -> Spooled:
-    spooled = Spooled(size=0)
-    in_file = done = False
-    text: tuple[str, bytearray] | None = None
-    received = 0
-    with PushMultipartParser(boundary, max_segment_count=MAX_FORM_PARTS) as parser:
-        async for chunk in body:
-            received += len(chunk)
-            if received > limit + MAX_FORM_OVERHEAD:
-                raise PayloadTooLarge(
-                    f"the form is over the limit of {limit} bytes (plus {MAX_FORM_OVERHEAD} "
-                    "for its other fields)"
-                )
-            for part in parser.parse(chunk):
-                if isinstance(part, MultipartSegment):
-                    in_file = part.filename is not None and not done
-                    if in_file:
-                        spooled.filename = part.filename
-                    elif part.filename is None and part.name:
-                        text = (part.name, bytearray())
-                elif part and in_file:
-                    spooled.size += len(part)
-                    if spooled.size > limit:
-                        raise PayloadTooLarge(f"the upload is over the limit of {limit} bytes")
-                    out.write(part)
-                elif part and text is not None:
-                    text[1].extend(part)
-                    if len(text[1]) > MAX_FIELD_BYTES:
-                        raise PayloadTooLarge(
-                            f"form field {text[0]!r} is over {MAX_FIELD_BYTES} bytes"
-                        )
-                elif not part:
-                    if in_file:
-                        in_file, done = False, True
-                    elif text is not None:
-                        spooled.fields[text[0]] = text[1].decode(errors="replace")
-                        text = None
+    async def peek(self, n: int) -> bytes:
+        """The file's first ``n`` bytes (fewer if it is shorter), still to be read; the form
+        is read up to them."""
+        if not self._started:
+            self._started = True
+            await anext(self._parts)  # the file part's start
+        while len(self._head) < n and (chunk := await anext(self._parts, b"")):
+            self._head += chunk
+        return self._head[:n]
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        await self.peek(0)
+        if self._head:
+            head, self._head = self._head, b""
+            yield head
+        async for chunk in self._parts:
+            yield chunk
+
+    async def _parse(self, body: AsyncIterator[bytes], boundary: bytes) -> AsyncIterator[bytes]:
+        """The file's bytes, after an empty chunk when its part starts."""
+        try:
+            async for data in self._file(body, boundary):
+                yield data
+        except MultipartError as exc:
+            raise BadRequest(f"the multipart/form-data body is malformed: {exc}") from None
+
+    async def _file(self, body: AsyncIterator[bytes], boundary: bytes) -> AsyncIterator[bytes]:
+        limit = self.limit
+        received = 0
+        in_file = done = False
+        text: tuple[str, bytearray] | None = None
+        with PushMultipartParser(boundary, max_segment_count=MAX_FORM_PARTS) as parser:
+            async for chunk in body:
+                received += len(chunk)
+                if received > limit + MAX_FORM_OVERHEAD:
+                    raise PayloadTooLarge(
+                        f"the form is over the limit of {limit} bytes (plus "
+                        f"{MAX_FORM_OVERHEAD} for its other fields)"
+                    )
+                for part in parser.parse(chunk):
+                    if isinstance(part, MultipartSegment):
+                        in_file = part.filename is not None and not done
+                        if in_file:
+                            self.filename = part.filename
+                            self.hint = hint_of(part.filename or "")
+                            yield b""
+                        elif part.filename is None and part.name:
+                            text = (part.name, bytearray())
+                    elif part and in_file:
+                        self.size += len(part)
+                        if self.size > limit:
+                            raise PayloadTooLarge(f"the upload is over the limit of {limit} bytes")
+                        yield part
+                    elif part and text is not None:
+                        text[1].extend(part)
+                        if len(text[1]) > MAX_FIELD_BYTES:
+                            raise PayloadTooLarge(
+                                f"form field {text[0]!r} is over {MAX_FIELD_BYTES} bytes"
+                            )
+                    elif not part:
+                        if in_file:
+                            in_file, done = False, True
+                        elif text is not None:
+                            self.fields[text[0]] = text[1].decode(errors="replace")
+                            text = None
         if not done:
             raise UnsupportedMediaType("the multipart form has no file part")
-    return spooled
 
 
 async def paced(

@@ -23,6 +23,7 @@ import redis
 from openai.types.webhooks import FineTuningJobCancelledWebhookEvent
 
 from service import store as store_module
+from service.api.body_stream import stream_upload
 from service.contract import JobStatus
 from service.openai import records
 from service.openai.hyperparameters import auto_batch_size, auto_epochs
@@ -36,6 +37,7 @@ from tests.fixtures.openai_sdk import (
     sdk,
 )
 from tests.integration.test_api_observability import drive
+from tests.integration.test_upload_streaming import with_field_after
 from tests.integration.test_webhooks import SECRET, Receiver, _serve
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -113,6 +115,49 @@ def test_an_invalid_file_ends_in_error_with_its_lines(client: openai.OpenAI) -> 
                 file=("x.jsonl", jsonl(rows)), purpose="fine-tune", extra_body={field: value}
             )
         assert refused.value.param == field
+
+
+def test_the_sdks_file_is_checked_as_it_arrives_and_curls_order_is_saved_first(
+    client: openai.OpenAI, live_api: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK sends `purpose` (and extra_body) before the file: the file is checked as it
+    arrives, with no temp file. `curl -F file=@x -F purpose=fine-tune` sends it after: that
+    file is saved first, its fields then checked; a bad field after a streamed file leaves
+    nothing stored."""
+    streamed: list[str] = []
+
+    async def seen(body: Any, consume: Any) -> Any:
+        streamed.append(body.filename)
+        return await stream_upload(body, consume)
+
+    monkeypatch.setattr("service.api.openai.files.stream_upload", seen)
+    rows = openai_rows(3)
+    assert upload(client, rows, "sdk.jsonl").startswith("ds_")
+    assert streamed == ["sdk.jsonl"]
+
+    url, key = f"{live_api.url}/v1/files", {"Authorization": "Bearer key-alice"}
+    request = httpx.Request("POST", url, files={"file": ("curl.jsonl", jsonl(rows))})
+    form, headers = request.read(), {**key, "Content-Type": request.headers["Content-Type"]}
+    after = with_field_after(form, headers, "purpose", b"fine-tune")
+    resp = httpx.post(url, content=after, headers=headers)
+    assert resp.status_code == 200, resp.text
+    assert (resp.json()["status"], resp.json()["filename"]) == ("processed", "curl.jsonl")
+    assert streamed == ["sdk.jsonl"]  # saved first: its purpose came after it
+    wrong = httpx.post(
+        url, content=with_field_after(form, headers, "purpose", b"batch"), headers=headers
+    )
+    assert wrong.status_code == 400 and "purpose must be 'fine-tune'" in wrong.text
+
+    request = httpx.Request(
+        "POST", url, data={"purpose": "fine-tune"}, files={"file": ("late.jsonl", jsonl(rows))}
+    )
+    form, headers = request.read(), {**key, "Content-Type": request.headers["Content-Type"]}
+    late = httpx.post(
+        url, content=with_field_after(form, headers, "expires_after", b"1"), headers=headers
+    )
+    assert late.status_code == 400 and "expires_after is not supported here" in late.text
+    assert streamed[-1] == "late.jsonl"  # checked as it came, then refused for its field
+    assert len(client.files.list().data) == 2  # the SDK's file and curl's: not the refused
 
 
 def test_only_a_tenants_newest_failed_uploads_are_kept(

@@ -34,9 +34,24 @@ ROWS = [{**ROW, "prompt": f"Question {i}: what is {i}+{i}?"} for i in range(2000
 HEAD = b"POST /v1/datasets HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-alice\r\n"
 
 
+def as_form(data: bytes, name: str = "rows.jsonl") -> tuple[bytes, dict[str, str]]:
+    """A multipart form holding ``data`` as its file, as httpx (and so the openai SDK)
+    encodes one: the text fields first, then the file."""
+    request = httpx.Request(
+        "POST",
+        "http://x/",
+        data={"note": "from a form"},
+        files={"file": (name, data, "application/octet-stream")},
+    )
+    return request.read(), {**ALICE, "Content-Type": request.headers["Content-Type"]}
+
+
+@pytest.mark.parametrize("sent", ["raw", "multipart"])
 def test_a_jsonl_body_is_checked_while_it_arrives_and_never_saved(
-    api_settings: Settings, monkeypatch: pytest.MonkeyPatch
+    api_settings: Settings, monkeypatch: pytest.MonkeyPatch, sent: str
 ) -> None:
+    """A raw body, or the file of a multipart form (what a browser's FormData or an SDK
+    sends): either is checked as it arrives, with no temp file."""
     streaming = threading.Event()
 
     async def seen(*args: Any) -> Any:
@@ -45,19 +60,20 @@ def test_a_jsonl_body_is_checked_while_it_arrives_and_never_saved(
 
     monkeypatch.setattr("service.api.datasets.stream_upload", seen)
     body = jsonl(*ROWS)
-    half = body.index(b"\n", len(body) // 2) + 1
+    sending, headers = as_form(body) if sent == "multipart" else (body, NDJSON)
+    half = len(sending) // 2
     looked = threading.Event()
 
     def chunks() -> Iterator[bytes]:
-        yield body[:half]
+        yield sending[:half]
         looked.wait(20)
-        yield body[half:]
+        yield sending[half:]
 
     with LiveServer(api_settings) as api:
         answer: list[httpx.Response] = []
         upload = threading.Thread(
             target=lambda: answer.append(
-                httpx.post(f"{api.url}/v1/datasets", content=chunks(), headers=NDJSON)
+                httpx.post(f"{api.url}/v1/datasets", content=chunks(), headers=headers)
             )
         )
         upload.start()
@@ -82,16 +98,22 @@ def test_a_jsonl_body_is_checked_while_it_arrives_and_never_saved(
     assert slots_freed(api_settings)
 
 
-@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("framing", ["content-length", "chunked", "form", "form-unclosed"])
 def test_a_body_that_stops_short_stores_nothing(
     live_api: LiveServer, api_settings: Settings, framing: str
 ) -> None:
     """The client goes away after whole rows: what came is a valid dataset, but not the one
     it was sending, so none is stored (tests/unit/test_body_stream.py makes the same cut
-    without a socket's timing)."""
+    without a socket's timing). A form cut in its file, or after its file but before its
+    closing boundary, stores nothing either."""
     body = jsonl(*ROWS)
     cut = body.index(b"\n", len(body) // 2) + 1
     head = HEAD + b"Content-Type: application/x-ndjson\r\n"
+    if framing.startswith("form"):
+        form, headers = as_form(body)
+        cut = form.index(body[cut:]) if framing == "form" else len(form) - len(b"--\r\n")
+        head = HEAD + b"Content-Type: " + headers["Content-Type"].encode() + b"\r\n"
+        body = form
     if framing == "chunked":
         sent = head + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % cut + body[:cut] + b"\r\n"
     else:
@@ -103,6 +125,34 @@ def test_a_body_that_stops_short_stores_nothing(
         assert slot_taken(api_settings)
     assert slots_freed(api_settings)
     assert stored_nothing(api_settings)
+
+
+def with_field_after(form: bytes, headers: dict[str, str], name: str, value: bytes) -> bytes:
+    """``form`` with one more text field after its file, as `curl -F file=@x -F name=v`
+    sends it."""
+    tail = b"--" + headers["Content-Type"].split("boundary=")[1].encode()
+    field = b'\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n' % (
+        name.encode(),
+        value,
+    )
+    return form.removesuffix(tail + b"--\r\n") + tail + field + tail + b"--\r\n"
+
+
+def test_a_form_with_a_field_after_its_file_is_read_to_its_end(live_api: LiveServer) -> None:
+    form, headers = as_form(jsonl(*ROWS[:3]))
+    resp = httpx.post(
+        f"{live_api.url}/v1/datasets",
+        content=with_field_after(form, headers, "after", b"yes"),
+        headers=headers,
+    )
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["rows"] == 3
+    big = with_field_after(form, headers, "after", b"x" * 5000)
+    resp = httpx.post(f"{live_api.url}/v1/datasets", content=big, headers=headers)
+    assert resp.status_code == 413, resp.text
+    assert resp.json()["detail"] == "form field 'after' is over 4096 bytes"
+    listed = httpx.get(f"{live_api.url}/v1/datasets", headers=ALICE).json()["items"]
+    assert len(listed) == 1  # the refused form's file, valid as it was, is not stored
 
 
 def test_a_chunked_body_past_the_limit_is_413_and_stores_nothing(
@@ -143,6 +193,12 @@ def test_a_parquet_file_sent_as_octet_stream_is_saved_then_read(
         content=(data[at : at + 1000] for at in range(0, len(data), 1000)),
         headers={**ALICE, "Content-Type": "application/octet-stream"},
     )
+    assert resp.status_code == 201, resp.text
+    assert (resp.json()["container"], resp.json()["rows"]) == ("parquet", len(source))
+    # The same file in a form, with a field after it (curl -F puts them in the order given).
+    form, headers = as_form(data, "train.parquet")
+    form = with_field_after(form, headers, "after", b"yes")
+    resp = httpx.post(f"{live_api.url}/v1/datasets", content=form, headers=headers)
     assert resp.status_code == 201, resp.text
     assert (resp.json()["container"], resp.json()["rows"]) == ("parquet", len(source))
 

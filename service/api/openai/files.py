@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Annotated, Any, Literal
 
 import anyio.to_thread
@@ -13,9 +14,10 @@ from litestar.params import Parameter
 from litestar.response import Stream
 
 from service.api.auth import scope
+from service.api.body_stream import stream_upload
 from service.api.downloads import attachment, blob_chunks
 from service.api.openai.errors import responses
-from service.api.spool import declared_size, spool_upload
+from service.api.spool import Form, Upload, declared_size, receive_upload, spool
 from service.blobs import BlobStore, dataset_blob_key
 from service.contract import InvalidRows, Job, JobStatus, numbered_as
 from service.contract.openai import FileDeleted, FileList, FileObject
@@ -51,6 +53,23 @@ FileId = Annotated[
 def _suffix(file_id: str) -> str:
     """The time-sortable part of any of our ids (`ds_<suffix>`, `file_...`, `res_...`)."""
     return file_id.partition("_")[2]
+
+
+async def _failed(
+    store: Store, tenant: str, name: str, body: Upload | Form, exc: InvalidDataset
+) -> FileObject:
+    """A file that failed validation: stored as nothing but a failed upload, in status
+    `error` with its numbered errors, as OpenAI answers one."""
+    errors = [(e.line, e.field, e.msg) for e in exc.errors]
+    failed = await records.add_failed_upload(
+        store,
+        tenant=tenant,
+        filename=name,
+        size=body.size,
+        created_at=time.time(),
+        details=status_details(errors, exc.total, numbered_as(exc.container)),
+    )
+    return failed.file()
 
 
 async def _result_job(store: Store, file_id: str, tenant: str | None) -> Job:
@@ -91,41 +110,65 @@ class FileController(Controller):
         uploads: UploadSpace,
         tenant_limits: TenantLimits,
     ) -> FileObject:
-        limits = Limits.from_settings(settings)
-        async with uploads.slot(declared_size(request)) as tmp:
-            raw = tmp / "raw.jsonl"
-            with raw.open("wb") as out:
-                spooled = await spool_upload(request, out, settings)
-            purpose = spooled.fields.pop("purpose", None)
-            if purpose != "fine-tune":
-                raise SpecError(
-                    "purpose", f"purpose must be 'fine-tune' here, got {purpose or 'none'}"
-                )
-            rows = _invalid_rows(spooled.fields)
-            name = dataset_name(spooled.filename)
-            try:
-                ds = await store_dataset(
-                    store,
-                    blobs,
-                    raw,
-                    tenant=principal.tenant,
+        upload = receive_upload(request, settings)
+        body = Form(upload) if upload.boundary else upload
+        store_as = partial(
+            store_dataset,
+            store,
+            blobs,
+            tenant=principal.tenant,
+            limits=Limits.from_settings(settings),
+            quota=dataset_quota(tenant_limits),
+        )
+        # Admitted before the body is read, with no room taken: the SDK (httpx) sends its
+        # fields before the file, so the file is checked as it arrives once they pass...
+        async with uploads.slot(0) as tmp:
+            head = await body.peek(4)
+            before = dict(body.fields) if isinstance(body, Form) else {}
+            if (
+                "purpose" in before
+                and not head.startswith(b"PAR1")
+                and body.hint != "parquet"
+                and settings.ingest_processes == 1
+            ):
+                rows = _fields(before)
+                name = dataset_name(body.filename if isinstance(body, Form) else None)
+                store_rows = partial(
+                    store_as,
                     name=name,
-                    limits=limits,
+                    hint=body.hint,
                     on_invalid=rows.on_invalid,
                     max_invalid_fraction=rows.max_invalid_fraction,
-                    quota=dataset_quota(tenant_limits),
+                )
+                try:
+                    ds = await stream_upload(body, store_rows)
+                except InvalidDataset as exc:
+                    return await _failed(store, principal.tenant, name, body, exc)
+                after = body.fields if isinstance(body, Form) else {}
+                if after != before:  # a field after the file (curl -F in that order)
+                    try:
+                        _fields(after)
+                    except SpecError:
+                        await delete_dataset(store, blobs, ds.id, principal.tenant)
+                        raise
+                return dataset_file(ds)
+            # ...else (fields after the file, Parquet, ranges in processes) it is saved first.
+            await anyio.to_thread.run_sync(uploads.ensure_room, declared_size(request))
+            raw = tmp / "raw.jsonl"
+            with raw.open("wb") as out:
+                spooled = await spool(body, out)
+            rows = _fields(spooled.fields)
+            name = dataset_name(spooled.filename)
+            try:
+                ds = await store_as(
+                    raw,
+                    name=name,
+                    hint=spooled.hint,
+                    on_invalid=rows.on_invalid,
+                    max_invalid_fraction=rows.max_invalid_fraction,
                 )
             except InvalidDataset as exc:
-                errors = [(e.line, e.field, e.msg) for e in exc.errors]
-                failed = await records.add_failed_upload(
-                    store,
-                    tenant=principal.tenant,
-                    filename=name,
-                    size=spooled.size,
-                    created_at=time.time(),
-                    details=status_details(errors, exc.total, numbered_as(exc.container)),
-                )
-                return failed.file()
+                return await _failed(store, principal.tenant, name, body, exc)
         return dataset_file(ds)
 
     @get(
@@ -266,9 +309,14 @@ class FileController(Controller):
         return FileDeleted(id=file_id)
 
 
-def _invalid_rows(fields: dict[str, str]) -> InvalidRows:
-    """Our extra form fields (`extra_body` in the SDK): what to do with invalid rows, as
-    `POST /v1/datasets` takes it; any other field is refused by name."""
+def _fields(form: dict[str, str]) -> InvalidRows:
+    """The form's `purpose` (fine-tune only) and our extra fields (`extra_body` in the SDK):
+    what to do with invalid rows, as `POST /v1/datasets` takes it; any other field is
+    refused by name."""
+    fields = dict(form)
+    purpose = fields.pop("purpose", None)
+    if purpose != "fine-tune":
+        raise SpecError("purpose", f"purpose must be 'fine-tune' here, got {purpose or 'none'}")
     if unknown := sorted(set(fields) - set(InvalidRows.__struct_fields__)):
         raise SpecError(unknown[0], f"{unknown[0]} is not supported here; leave it out")
     try:
