@@ -1,7 +1,8 @@
-"""An upload's body handed to a thread that checks it while it arrives: no spool file, and
-the checking overlaps the receiving (`POST /v1/datasets` for a raw body). The thread reads a
-:class:`BodyReader`; a body that stops short makes it raise, so a cut-off upload is never
-taken for a shorter file."""
+"""An upload's file handed to a thread that checks it while it arrives: no spool file, and
+the checking overlaps the receiving (`POST /v1/datasets` for a raw body or a form's file,
+OpenAI's `POST /v1/files` for the SDK's form). The thread reads a :class:`BodyReader`; a
+body that stops short makes it raise, so a cut-off upload is never taken for a shorter
+file."""
 
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ class BodyCutOff(Exception):
 async def stream_upload(
     body: AsyncIterable[bytes], consume: Callable[[BodyReader], Awaitable[T]]
 ) -> T:
-    """``consume``'s answer for the raw body's bytes, which it reads in a thread while they
+    """``consume``'s answer for the file's bytes (``body``), which it reads in a thread while they
     arrive: no spool file, and the checking overlaps the receiving. If ``consume`` gives up
     early (a file refused by its first bytes, the tenant's quota), it answers at once and
     frees its slot; the server drops what the client still sends."""
