@@ -17,6 +17,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -177,10 +178,11 @@ class EventHub:
 
 
 async def follow(
-    store: Store, sub: Subscription, after: str, keepalive: float
+    store: Store, sub: Subscription, after: str, keepalive: float, until: float | None = None
 ) -> AsyncIterator[Event | None]:
     """The stream's events after `after`, then live ones; None when `keepalive` seconds
-    passed with none. Ends when the subscriber was dropped for falling behind."""
+    passed with none, or when the time `until` (`time.monotonic`) came first. Ends when the
+    subscriber was dropped for falling behind."""
     key = sub.key
     last = stream_position(after)
     while stream_position(sub.start) > last:  # what came before the reader took over
@@ -192,8 +194,9 @@ async def follow(
             last = stream_position(after)
             yield after, fields[b"type"].decode(), fields[b"data"]
     while not sub.dropped or not sub.queue.empty():
+        wait = keepalive if until is None else max(0.0, min(keepalive, until - time.monotonic()))
         try:
-            event = await asyncio.wait_for(sub.queue.get(), keepalive)
+            event = await asyncio.wait_for(sub.queue.get(), wait)
         except TimeoutError:
             yield None
             continue

@@ -520,9 +520,10 @@ async def _live(
     hub: EventHub, store: Store, sub: Subscription, after: str, seconds: float
 ) -> AsyncIterator[ServerSentEventMessage]:
     ends = time.monotonic() + seconds
-    async for event in follow(store, sub, after, KEEPALIVE_MS / 1000):
+    async for event in follow(store, sub, after, KEEPALIVE_MS / 1000, until=ends):
         if event is None:
-            yield ServerSentEventMessage(comment="keep-alive", data=None)  # no empty message
+            if time.monotonic() < ends:  # else the stream ends just below
+                yield ServerSentEventMessage(comment="keep-alive", data=None)  # not empty
         else:
             entry_id, kind, data = event
             yield ServerSentEventMessage(event=kind, data=data.decode(), id=entry_id)
