@@ -80,12 +80,15 @@ def kill_training_processes() -> None:
 
 
 def settings(redis_url: str, tmp_path: Path) -> Settings:
+    """One attempt: a training process killed while it still imports torch would otherwise
+    cost the job an attempt and a second import before it fails, inside each wait below."""
     return replace(
         Settings(),
         redis_url=redis_url,
         work_dir=tmp_path / "work",
         worker_poll_seconds=POLL_SECONDS,
         worker_metrics_port=0,
+        max_attempts=1,
     )
 
 
