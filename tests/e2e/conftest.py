@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,17 @@ import pytest
 from service.dev.localredis import free_port
 from service.settings import Settings
 from tests.fixtures.api import ALICE, LiveServer
+
+
+def soon(check: Callable[[], bool], within: float = 10.0) -> bool:
+    """Whether ``check`` holds within ``within`` seconds: for what a worker does just after a
+    job's status is written (reaping its process, counting it in its metrics)."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 @dataclass

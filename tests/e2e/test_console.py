@@ -259,7 +259,7 @@ def test_a_dropped_event_stream_resumes_after_the_last_event(
         if len(asked) == 1:  # the connection ends after one event, the job still queued
             route.fulfill(status=200, content_type="text/event-stream", body=first)
         elif len(asked) == 2:  # then the tenant is at its open streams for a moment
-            headers = {"Retry-After": "1"}
+            headers = {"Retry-After": "3"}  # shown that long: over a check's interval
             route.fulfill(status=429, content_type="application/problem+json", headers=headers)
         else:
             route.continue_()

@@ -24,8 +24,12 @@ def _ranks(stack: Stack) -> list[psutil.Process]:
     """The worker's training processes of rank 1 and up (rank 0 is the training child)."""
     found = []
     for worker in stack.workers:
-        with_children = psutil.Process(worker.pid).children(recursive=True)
-        found += [p for p in with_children if "gpu_worker.distributed" in " ".join(p.cmdline())]
+        for child in psutil.Process(worker.pid).children(recursive=True):
+            try:
+                if "gpu_worker.distributed" in " ".join(child.cmdline()):
+                    found.append(child)
+            except psutil.NoSuchProcess:  # exiting as it was listed
+                continue
     return found
 
 

@@ -42,8 +42,11 @@ def redis_url(aof_redis: LocalRedis) -> str:
 
 def training_child(worker: subprocess.Popen[bytes]) -> psutil.Process:
     for child in psutil.Process(worker.pid).children():
-        if "spawn_main" in " ".join(child.cmdline()):  # not the resource tracker
-            return child
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):  # not the resource tracker
+                return child
+        except psutil.NoSuchProcess:  # exiting as it was listed
+            continue
     raise AssertionError("the worker has no training process")
 
 

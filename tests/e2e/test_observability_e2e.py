@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.client import Client
-from tests.e2e.conftest import Stack
+from tests.e2e.conftest import Stack, soon
 from tests.e2e.test_jobs_end_to_end import spec
 from tests.fixtures.tiny_model import preference_rows
 
@@ -89,9 +89,10 @@ def test_a_job_seen_from_outside(stack: Stack, caplog: pytest.LogCaptureFixture)
     busy = [s for s in samples if s.get("ftune_worker_busy") == 1]
     assert busy and max(s["ftune_worker_step"] for s in busy) > 0
     assert any(s.get("ftune_worker_tokens_per_second", 0) > 0 for s in busy)
-    final = worker_metrics(stack.metrics_ports[0])
-    assert final["ftune_worker_busy"] == 0
-    assert final["ftune_worker_jobs_finished_total,status=succeeded"] == 1
+    # Counted just after the status is written: the worker reaps the process first.
+    finished = "ftune_worker_jobs_finished_total,status=succeeded"
+    assert soon(lambda: worker_metrics(stack.metrics_ports[0]).get(finished) == 1)
+    assert worker_metrics(stack.metrics_ports[0])["ftune_worker_busy"] == 0
 
     everything = stack.logs() + "\n".join(r.getMessage() for r in caplog.records)
     everything += json.dumps(seen) + json.dumps(done)

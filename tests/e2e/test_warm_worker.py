@@ -5,12 +5,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from functools import partial
 from urllib.parse import urlsplit
 
 import psutil
 import pytest
 
-from tests.e2e.conftest import Stack
+from tests.e2e.conftest import Stack, soon
 from tests.e2e.test_jobs_end_to_end import spec, training_pid
 from tests.fixtures.tiny_model import preference_rows
 
@@ -36,6 +37,14 @@ def waiting_process(worker: subprocess.Popen[bytes], other_than: set[int]) -> in
     raise AssertionError(f"the worker spawned no training process besides {other_than}")
 
 
+def left(worker: subprocess.Popen[bytes], pid: int) -> bool:
+    """Whether ``pid`` is no longer a child of the worker: it exited and was reaped."""
+    try:
+        return psutil.Process(pid).ppid() != worker.pid
+    except psutil.NoSuchProcess:
+        return True
+
+
 def test_jobs_in_a_row_each_run_in_a_process_spawned_before_they_were_queued(
     stack: Stack,
 ) -> None:
@@ -53,7 +62,7 @@ def test_jobs_in_a_row_each_run_in_a_process_spawned_before_they_were_queued(
         assert done["status"] == "succeeded", done
         assert training_pid(stack, job["id"]) == waiting
         # The job's process is gone with its job; the worker waits with a new one.
-        assert not psutil.pid_exists(waiting) or psutil.Process(waiting).ppid() != worker.pid
+        assert soon(partial(left, worker, waiting))
     assert len(seen) == 2
 
 
