@@ -157,7 +157,25 @@ def test_the_sdks_file_is_checked_as_it_arrives_and_curls_order_is_saved_first(
     )
     assert late.status_code == 400 and "expires_after is not supported here" in late.text
     assert streamed[-1] == "late.jsonl"  # checked as it came, then refused for its field
-    assert len(client.files.list().data) == 2  # the SDK's file and curl's: not the refused
+    # A file read without the on_invalid that follows it is not taken as read with it.
+    bad = [*rows, {**rows[0], "non_preferred_output": rows[0]["preferred_output"]}]
+    request = httpx.Request(
+        "POST", url, data={"purpose": "fine-tune"}, files={"file": ("bad.jsonl", jsonl(bad))}
+    )
+    form, headers = request.read(), {**key, "Content-Type": request.headers["Content-Type"]}
+    for field, value, said in (
+        ("on_invalid", b"skip", "on_invalid came after the file in the form"),
+        ("foo", b"1", "foo is not supported here"),
+    ):
+        resp = httpx.post(
+            url, content=with_field_after(form, headers, field, value), headers=headers
+        )
+        assert resp.status_code == 400 and said in resp.text, resp.text
+    assert streamed[-2:] == ["bad.jsonl", "bad.jsonl"]
+    kept = client.files.list().data
+    assert len(kept) == 2  # the SDK's file and curl's: not the refused
+    usage = httpx.get(f"{live_api.url}/v1/usage", headers=key).json()["limits"]
+    assert {u["name"]: u["used"] for u in usage}["dataset_bytes"] == sum(f.bytes for f in kept)
 
 
 def test_only_a_tenants_newest_failed_uploads_are_kept(

@@ -138,6 +138,19 @@ def with_field_after(form: bytes, headers: dict[str, str], name: str, value: byt
     return form.removesuffix(tail + b"--\r\n") + tail + field + tail + b"--\r\n"
 
 
+def test_a_form_that_ends_without_its_closing_boundary_stores_nothing(
+    live_api: LiveServer, api_settings: Settings
+) -> None:
+    """The body ends in good order (chunked, its last chunk sent), the file's rows whole, but
+    the form never closed: it is malformed, not a shorter file."""
+    form, headers = as_form(jsonl(*ROWS[:50]))
+    unclosed = form[: -len(b"--\r\n")]
+    resp = httpx.post(f"{live_api.url}/v1/datasets", content=iter([unclosed]), headers=headers)
+    assert resp.status_code == 400, resp.text
+    assert "multipart/form-data body is malformed" in resp.json()["detail"]
+    assert stored_nothing(api_settings) and slots_freed(api_settings)
+
+
 def test_a_form_with_a_field_after_its_file_is_read_to_its_end(live_api: LiveServer) -> None:
     form, headers = as_form(jsonl(*ROWS[:3]))
     resp = httpx.post(

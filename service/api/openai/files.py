@@ -124,35 +124,28 @@ class FileController(Controller):
         # fields before the file, so the file is checked as it arrives once they pass...
         async with uploads.slot(0) as tmp:
             head = await body.peek(4)
-            before = dict(body.fields) if isinstance(body, Form) else {}
-            if (
-                "purpose" in before
-                and not head.startswith(b"PAR1")
-                and body.hint != "parquet"
-                and settings.ingest_processes == 1
-            ):
-                rows = _fields(before)
-                name = dataset_name(body.filename if isinstance(body, Form) else None)
+            rows = _passing(body.fields) if isinstance(body, Form) else None
+            if isinstance(body, Form) and rows is not None and not head.startswith(b"PAR1"):
+                name = dataset_name(body.filename)
                 store_rows = partial(
                     store_as,
                     name=name,
-                    hint=body.hint,
                     on_invalid=rows.on_invalid,
                     max_invalid_fraction=rows.max_invalid_fraction,
                 )
                 try:
                     ds = await stream_upload(body, store_rows)
                 except InvalidDataset as exc:
+                    _read_as_sent(body, rows)
                     return await _failed(store, principal.tenant, name, body, exc)
-                after = body.fields if isinstance(body, Form) else {}
-                if after != before:  # a field after the file (curl -F in that order)
-                    try:
-                        _fields(after)
-                    except SpecError:
+                try:
+                    _read_as_sent(body, rows)
+                except SpecError:
+                    with anyio.CancelScope(shield=True):  # the answer says nothing is stored
                         await delete_dataset(store, blobs, ds.id, principal.tenant)
-                        raise
+                    raise
                 return dataset_file(ds)
-            # ...else (fields after the file, Parquet, ranges in processes) it is saved first.
+            # ...else (no purpose yet, Parquet) it is saved first, its fields read to the end.
             await anyio.to_thread.run_sync(uploads.ensure_room, declared_size(request))
             raw = tmp / "raw.jsonl"
             with raw.open("wb") as out:
@@ -163,7 +156,6 @@ class FileController(Controller):
                 ds = await store_as(
                     raw,
                     name=name,
-                    hint=spooled.hint,
                     on_invalid=rows.on_invalid,
                     max_invalid_fraction=rows.max_invalid_fraction,
                 )
@@ -307,6 +299,29 @@ class FileController(Controller):
         else:
             await delete_dataset(store, blobs, file_id, tenant)
         return FileDeleted(id=file_id)
+
+
+def _passing(form: dict[str, str]) -> InvalidRows | None:
+    """:func:`_fields` of the fields sent so far, None while they do not pass (a field after
+    the file may still set `purpose`: the last of a name counts)."""
+    try:
+        return _fields(form)
+    except SpecError:
+        return None
+
+
+def _read_as_sent(form: Form, rows: InvalidRows) -> None:
+    """A field after a file checked as it arrived may not change how it was read: a bad one
+    is refused by name, as before the file, and `on_invalid` or `max_invalid_fraction` that
+    differ from what was applied are refused too (the file was read without them)."""
+    final = _fields(form.fields)
+    for name in InvalidRows.__struct_fields__:
+        if getattr(final, name) != getattr(rows, name):
+            raise SpecError(
+                name,
+                f"{name} came after the file in the form: send it before the file (the SDK's "
+                "extra_body does), it decides how the file is read",
+            )
 
 
 def _fields(form: dict[str, str]) -> InvalidRows:
