@@ -194,51 +194,49 @@ class Form:
 
     async def _parse(self, body: AsyncIterator[bytes], boundary: bytes) -> AsyncIterator[bytes]:
         """The file's bytes, after an empty chunk when its part starts."""
-        try:
-            async for data in self._file(body, boundary):
-                yield data
-        except MultipartError as exc:
-            raise BadRequest(f"the multipart/form-data body is malformed: {exc}") from None
-
-    async def _file(self, body: AsyncIterator[bytes], boundary: bytes) -> AsyncIterator[bytes]:
         limit = self.limit
         received = 0
         in_file = done = False
         text: tuple[str, bytearray] | None = None
-        with PushMultipartParser(boundary, max_segment_count=MAX_FORM_PARTS) as parser:
-            async for chunk in body:
-                received += len(chunk)
-                if received > limit + MAX_FORM_OVERHEAD:
-                    raise PayloadTooLarge(
-                        f"the form is over the limit of {limit} bytes (plus "
-                        f"{MAX_FORM_OVERHEAD} for its other fields)"
-                    )
-                for part in parser.parse(chunk):
-                    if isinstance(part, MultipartSegment):
-                        in_file = part.filename is not None and not done
-                        if in_file:
-                            self.filename = part.filename
-                            self.hint = hint_of(part.filename or "")
-                            yield b""
-                        elif part.filename is None and part.name:
-                            text = (part.name, bytearray())
-                    elif part and in_file:
-                        self.size += len(part)
-                        if self.size > limit:
-                            raise PayloadTooLarge(f"the upload is over the limit of {limit} bytes")
-                        yield part
-                    elif part and text is not None:
-                        text[1].extend(part)
-                        if len(text[1]) > MAX_FIELD_BYTES:
-                            raise PayloadTooLarge(
-                                f"form field {text[0]!r} is over {MAX_FIELD_BYTES} bytes"
-                            )
-                    elif not part:
-                        if in_file:
-                            in_file, done = False, True
-                        elif text is not None:
-                            self.fields[text[0]] = text[1].decode(errors="replace")
-                            text = None
+        try:
+            with PushMultipartParser(boundary, max_segment_count=MAX_FORM_PARTS) as parser:
+                async for chunk in body:
+                    received += len(chunk)
+                    if received > limit + MAX_FORM_OVERHEAD:
+                        raise PayloadTooLarge(
+                            f"the form is over the limit of {limit} bytes (plus "
+                            f"{MAX_FORM_OVERHEAD} for its other fields)"
+                        )
+                    for part in parser.parse(chunk):
+                        if isinstance(part, MultipartSegment):
+                            in_file = part.filename is not None and not done
+                            if in_file:
+                                self.filename = part.filename
+                                self.hint = hint_of(part.filename or "")
+                                yield b""
+                            elif part.filename is None and part.name:
+                                text = (part.name, bytearray())
+                        elif part and in_file:
+                            self.size += len(part)
+                            if self.size > limit:
+                                raise PayloadTooLarge(
+                                    f"the upload is over the limit of {limit} bytes"
+                                )
+                            yield part
+                        elif part and text is not None:
+                            text[1].extend(part)
+                            if len(text[1]) > MAX_FIELD_BYTES:
+                                raise PayloadTooLarge(
+                                    f"form field {text[0]!r} is over {MAX_FIELD_BYTES} bytes"
+                                )
+                        elif not part:
+                            if in_file:
+                                in_file, done = False, True
+                            elif text is not None:
+                                self.fields[text[0]] = text[1].decode(errors="replace")
+                                text = None
+        except MultipartError as exc:
+            raise BadRequest(f"the multipart/form-data body is malformed: {exc}") from None
         if not done:
             raise UnsupportedMediaType("the multipart form has no file part")
 
