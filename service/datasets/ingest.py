@@ -4,7 +4,7 @@ Shared by uploads (ours and OpenAI-compatible files), imports and feedback snaps
 give the same normalized blob, stats and sha256 for the same rows. The normalized rows are
 written straight into the blob store as a draft (:class:`service.blobs.Draft`), committed under
 their sha256 at the end: the local temp space holds at most the file as it was sent, and
-nothing for a raw upload's body, which is read as it arrives.
+nothing for an upload's file read as it arrives (a raw body, or the file of a form).
 Validation runs in a worker thread: it is CPU-bound and must not stall the event loop (other
 requests are still answered: /healthz stayed under 60 ms during a 400 MB upload). Invalid
 input raises InvalidDataset and stores nothing.
