@@ -17,9 +17,9 @@ reason. If rank 0 leaves training with an error, a cancel or a planned stop, it 
 others (and the kernel kills them if rank 0 dies). A rank that dies fails the job, and the error
 names the rank and what it raised: gloo usually sees the closed connection at once, NCCL only
 at the collective timeout (`FTUNE_WORKER_COLLECTIVE_TIMEOUT_SECONDS`), so a watch thread in rank
-0 abandons the job (`Reporter.abandon`) if rank 0 is still in the group `STUCK_SECONDS` after
-another rank died: measured once on the CPU, gloo waited on a killed rank's connection for
-minutes.
+0 abandons the job (`Reporter.abandon`) if rank 0's process is still there `STUCK_SECONDS` after
+another rank died: measured on the CPU, gloo waited on a killed rank's connection for minutes,
+in a collective and also after one, when the failed run's DDP model was freed.
 """
 
 from __future__ import annotations
@@ -372,9 +372,9 @@ class Group:
 
 def _watch(group: Group, left: threading.Event, abandon: Callable[[JobFailure], None]) -> None:
     """Rank 0's watch: a rank died while rank 0 joins the group or trains in it, and rank 0 is
-    still inside `STUCK_SECONDS` later, so it waits on that rank's rendezvous or collective:
-    kill the other ranks and abandon the job. (A death before rank 0 joins is `begin`'s to
-    report, through the ordinary path.)"""
+    still there `STUCK_SECONDS` later (`left` unset), so it waits on that rank's rendezvous or
+    collective, or on gloo freeing what waited on it: kill the other ranks and abandon the job.
+    (A death before rank 0 joins is `begin`'s to report, through the ordinary path.)"""
     while not left.wait(0.5):
         failed = group.failed_rank(wait=0) if group.joining else None
         if failed is None:
@@ -399,7 +399,8 @@ def launch(size: int, folder: Path, abandon: Callable[[JobFailure], None]) -> It
     """Rank 0: start ranks 1..N-1 now (they import the training stack, then wait for the plan
     that `Group.begin` writes); on leaving, wait for them (normal end) or kill them (an error, a
     cancel, a planned stop), and name a rank that failed rather than rank 0's own
-    communication error. While inside, a rank's death is watched for (see `STUCK_SECONDS`)."""
+    communication error. A rank's death is watched for from inside until the process ends
+    (see `STUCK_SECONDS`)."""
     if size == 1:
         yield Group()
         return
@@ -418,12 +419,15 @@ def launch(size: int, folder: Path, abandon: Callable[[JobFailure], None]) -> It
     try:
         yield group
     except BaseException as exc:
-        left.set()
         # A cancel, a planned stop or a failure before training are rank 0's own; anything
         # else may be the echo of another rank's death in a collective: give that rank a moment
         # to be seen dead.
         own = isinstance(exc, JobCancelled | JobStopped) or not group.joined
         failed = group.failed_rank(wait=0 if own else 5.0)
+        if failed is None or not group.joining:
+            left.set()  # the ranks killed next are not deaths to watch for
+        # else the watch stays on until the process ends: freeing the failed run (the DDP
+        # model this exception's frames hold) can wait in gloo's destructor on the dead rank.
         group.stop()
         leave()
         if failed is not None and not isinstance(exc, JobCancelled | JobStopped | DistributedError):

@@ -33,6 +33,8 @@ from typing import Any
 
 import msgspec
 
+from gpu_worker.errors import JobFailure
+from gpu_worker.reporter import JobCancelled, JobStopped, QueueReporter
 from gpu_worker.supervisor import Outcome
 from service import logs
 from service.blobs import open_store
@@ -174,10 +176,7 @@ def _train(
     hello: str,
 ) -> None:
     """Run the job; its outcome is the last event sent, and flushed, before this returns."""
-    from gpu_worker.errors import JobFailure
     from gpu_worker.pipeline import run
-    from gpu_worker.reporter import JobCancelled, JobStopped, QueueReporter
-    from service.publish import PublishError
 
     job = msgspec.json.decode(job_json, type=Job)
     logs.bind(job_id=job.id, tenant=job.tenant, attempt=job.attempt)
@@ -187,18 +186,28 @@ def _train(
     try:
         store = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
         result = run(job, workdir, reporter, settings=settings, store=store)
-        outcome = Outcome(artifacts=result.artifacts, final_metrics=result.final_metrics)
-    except JobCancelled:
-        outcome = Outcome(cancelled=True)
-    except JobStopped as exc:
-        reporter.log(f"planned stop: {exc}")
-        outcome = Outcome(stopped=True)
-    except (JobFailure, PublishError) as exc:
-        outcome = Outcome(error=JobError(type=type(exc).__name__, message=str(exc)))
     except Exception as exc:
-        logging.getLogger("ftune.worker").exception("job %s failed", job.id)
-        outcome = Outcome(error=JobError(type=type(exc).__name__, message=str(exc)))
-    reporter.finish(outcome)
+        # Sent while `exc` is still held: letting it go frees the failed run its frames hold,
+        # and freeing a DDP model can wait in gloo's destructor on a rank that died (measured:
+        # the process stuck here, the job `running`, for minutes).
+        reporter.finish(_outcome(exc, reporter, job.id))
+        return
+    reporter.finish(Outcome(artifacts=result.artifacts, final_metrics=result.final_metrics))
+
+
+def _outcome(exc: Exception, reporter: QueueReporter, job_id: str) -> Outcome:
+    """How a job that raised `exc` ended; a planned stop is told in the job's log, an error
+    that is not one of ours goes to the worker's log with its traceback."""
+    from service.publish import PublishError
+
+    if isinstance(exc, JobCancelled):
+        return Outcome(cancelled=True)
+    if isinstance(exc, JobStopped):
+        reporter.log(f"planned stop: {exc}")
+        return Outcome(stopped=True)
+    if not isinstance(exc, JobFailure | PublishError):
+        logging.getLogger("ftune.worker").exception("job %s failed", job_id)
+    return Outcome(error=JobError(type=type(exc).__name__, message=str(exc)))
 
 
 def _workdir(settings: Settings, job: Job) -> Path:

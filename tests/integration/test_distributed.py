@@ -140,6 +140,28 @@ def test_a_rank_that_dies_while_rank_0_is_stuck_abandons_the_job(
     assert "rank 1 of 3 died (signal 9)" in str(reporter.abandoned)
 
 
+def test_a_job_stuck_after_a_collectives_error_on_a_dead_rank_is_abandoned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gloo's error in a collective ends training the ordinary way, but what follows can still
+    wait on the dead rank (measured: freeing the failed run's DDP model, after `launch` had
+    raised): the watch stays on after `launch` and abandons the job."""
+    monkeypatch.setattr(distributed, "STUCK_SECONDS", 0.5)
+    reporter = ListReporter()
+    with (
+        pytest.raises(distributed.DistributedError, match="rank 1 of 2 died"),
+        distributed.launch(2, tmp_path / "ranks", reporter.abandon) as group,
+    ):
+        group.joining = group.joined = True  # as `begin` marks them
+        group.procs[1].send_signal(signal.SIGKILL)
+        group.procs[1].wait()
+        raise RuntimeError("[gloo] Connection closed by peer")  # the collective's error
+    deadline = time.monotonic() + 30
+    while reporter.abandoned is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # rank 0 stuck after `launch`, as in gloo's destructor
+    assert "rank 1 of 2 died (signal 9)" in str(reporter.abandoned)
+
+
 def test_a_rank_that_dies_before_rank_0_joins_is_not_abandoned_by_the_watch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
