@@ -3,8 +3,8 @@
 Queue depth, jobs by status, the job duration histogram and Redis' memory use are read from
 Redis at scrape time, so every API replica reports the same truth (and an alert on Redis
 memory needs no exporter beside it). The duration histogram's buckets are
-counted in Redis by the workers when a job ends. Request counts and latencies come from
-Litestar's Prometheus middleware, per route template.
+counted in Redis by the workers when a job ends. Request counts and latencies are the API
+process's own, per route template (`service/api/request_metrics.py`).
 """
 
 from __future__ import annotations

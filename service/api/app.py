@@ -16,7 +16,6 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme, Tag
-from litestar.plugins.prometheus import PrometheusConfig
 from litestar.routes import HTTPRoute
 from prometheus_client import CollectorRegistry
 
@@ -35,6 +34,7 @@ from service.api.openai import errors as openai_errors
 from service.api.openapi_docs import ContractSchemas
 from service.api.policies import PolicyController
 from service.api.request_id import add_request_id
+from service.api.request_metrics import RequestMetrics
 from service.api.system import SystemController
 from service.api.tenancy import Audit, TenancyController
 from service.blobs import DATASETS, DRAFT_MAX_AGE_SECONDS, BlobStore, open_store
@@ -179,13 +179,6 @@ def _resolve_dependencies_in_order(app: Litestar) -> None:
                 ]
 
 
-def _prometheus() -> PrometheusConfig:
-    """Request counts and latencies per route template (`ftune_requests_total`, ...)."""
-    return PrometheusConfig(
-        app_name="ftune", prefix="ftune", group_path=True, exclude=["/metrics", "/healthz"]
-    )
-
-
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env()
     app = Litestar(
@@ -207,7 +200,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         lifespan=[_lifespan(settings)],
         before_send=[add_request_id],
         middleware=[
-            _prometheus().middleware,
+            RequestMetrics(),
             RequestRate(),
             Audit(),
         ],  # refused: not audited

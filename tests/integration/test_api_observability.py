@@ -150,6 +150,8 @@ def test_prometheus_figures_move(live_api: LiveServer, api_settings: Settings) -
         assert before["ftune_queue_depth"] == 0
         job_id = submit(http)
         http.get(f"/v1/jobs/{job_id}")
+        assert http.get(f"/v1/jobs/{job_id}/metrics").status_code == 200
+        assert http.get("/v1/jobs/job_nope").status_code == 404
 
         async def finish() -> None:
             store = Store.from_url(api_settings.redis_url)
@@ -166,5 +168,17 @@ def test_prometheus_figures_move(live_api: LiveServer, api_settings: Settings) -
     # Redis' own memory, for the chart's FtuneRedisMemoryHigh alert (the test server: no limit).
     assert after["ftune_redis_memory_used_bytes"] > 100_000
     assert after["ftune_redis_maxmemory_bytes"] == 0
-    gets = [k for k in after if k.startswith("ftune_requests_total") and "/v1/jobs/{job_id}" in k]
-    assert gets and after[gets[0]] >= 1
+
+    def requests(path: str, status: int) -> float:
+        """This test's requests (the counters are the process's, shared by its apps)."""
+        key = f"ftune_requests_total,app_name=ftune,method=GET,path={path},status_code={status}"
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert requests("/v1/jobs/{job_id}", 200) == 1
+    assert requests("/v1/jobs/{job_id}", 404) == 1
+    # A route whose path ends in /metrics is counted too; only the scrape itself is not.
+    assert requests("/v1/jobs/{job_id}/metrics", 200) == 1
+    assert requests("/metrics", 200) == 0
+    timed = "ftune_request_duration_seconds_count,app_name=ftune,method=GET"
+    timed += ",path=/v1/jobs/{job_id},status_code=200"
+    assert after[timed] - before.get(timed, 0.0) == 1

@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from service import queue, webhooks
-from service.api.app import _prometheus
+from service.api import request_metrics
 from service.contract import DatasetRef, Job, JobSpec, JobStatus
 from service.metrics import ServiceCollector, WorkerMetrics
 from service.store import new_id
@@ -409,14 +409,14 @@ def test_helm_test_pod_asks_the_api_for_readyz(chart: helm.Chart, ready_api: int
 
 def exported_metric_names() -> set[str]:
     """Every series name ftune exports: the API's collector, a worker's registry, and the
-    request metrics of Litestar's Prometheus middleware."""
+    API's request metrics."""
     families = list(ServiceCollector().collect()) + list(WorkerMetrics().registry.collect())
+    for metric in request_metrics.METRICS:
+        families += metric.collect()
     suffixes = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",)}
     names = set()
     for family in families:
         names.update(family.name + s for s in suffixes.get(family.type, ("",)))
-    prefix = _prometheus().prefix
-    names.update({f"{prefix}_requests_total", f"{prefix}_request_duration_seconds_bucket"})
     return names
 
 
