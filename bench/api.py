@@ -98,10 +98,11 @@ def run(full: bool) -> Section:
         or (HTTP_PARSER == "auto" and importlib.util.find_spec("httptools"))
         else "h11, in Python"
     )
+    loop = "uvloop's" if importlib.util.find_spec("uvloop") else "asyncio's own"
     section.facts.append(
         f"the generator and each server share the machine's 2 cores; both servers run uvicorn "
-        f"with the same HTTP parser ({parser}) and asyncio's own loop (uvloop is not "
-        "installed), which bounds the bare baseline too"
+        f"with the same HTTP parser ({parser}) and event loop ({loop}), which bounds the bare "
+        "baseline too"
     )
     return section
 

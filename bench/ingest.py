@@ -226,7 +226,7 @@ def run(full: bool) -> Section:
                     "MB/s",
                     "load_dataset('json') + check",
                     better="higher",
-                    why="the body is received (uvicorn with httptools) and validated as it "
+                    why="the body is received (uvicorn with httptools and uvloop) and validated as it "
                     "arrives, in one pass in Python and msgspec in a thread of the same "
                     "process (one GIL: receiving and checking mostly take turns), then stored "
                     "with an fsync, against Arrow's multithreaded C++ reader; validating "
