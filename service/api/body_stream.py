@@ -1,4 +1,5 @@
-"""An upload's file handed to a thread that checks it while it arrives: no spool file, and
+"""An upload's file handed to a thread that checks it while it arrives (or, for a big one,
+feeds it to a child process that does: service.datasets.offload): no spool file, and
 the checking overlaps the receiving (`POST /v1/datasets` for a raw body or a form's file,
 OpenAI's `POST /v1/files` for the SDK's form). The thread reads a :class:`BodyReader`; a
 body that stops short makes it raise, so a cut-off upload is never taken for a shorter

@@ -58,6 +58,7 @@ from service.contract import (
     OnInvalid,
 )
 from service.datasets.ingest import delete_dataset, store_dataset
+from service.datasets.offload import worth_a_child
 from service.datasets.sources import fetch
 from service.datasets.space import UploadSpace
 from service.datasets.validate import Limits
@@ -323,7 +324,8 @@ class DatasetController(Controller):
         # 503 before it sends), with no room taken: the file is checked as it arrives...
         async with uploads.slot(0) as tmp:
             if not (await body.peek(4)).startswith(b"PAR1") and body.hint != "parquet":
-                return await stream_upload(body, partial(store_as, hint=body.hint))
+                read = partial(store_as, hint=body.hint, in_child=worth_a_child(size))
+                return await stream_upload(body, read)
             # ...unless it is Parquet (its media type, its name or its first bytes say so),
             # read from its end.
             await anyio.to_thread.run_sync(uploads.ensure_room, size)

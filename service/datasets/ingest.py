@@ -11,10 +11,9 @@ input raises InvalidDataset and stores nothing.
 
 Reading the body in that thread as it arrives beat saving it first: 1 GB took 6.5-6.9 s
 against 8.5 s in the same bench, and 2-3 CPU s less (no spool file written and read back),
-on 2 cores where the client sent it (bench/README.md, ingest). Both passes hold the GIL, so
-receiving and checking still mostly take turns; a child process doing the same from the
-spool file as it grows, or from the body on its stdin, was measured slower (its start and the
-copies).
+on 2 cores where the client sent it (bench/README.md, ingest). Receiving and checking then
+take turns on the process's GIL, so a big body (``in_child``) is checked in a child process
+that the thread feeds (:mod:`service.datasets.offload`).
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ import anyio.to_thread
 
 from service.blobs import DATASETS, BlobStore, dataset_blob_key
 from service.contract import Container, Dataset, FieldMapping, OnInvalid
+from service.datasets.offload import validate_in_child
 from service.datasets.validate import IngestResult, Limits, validate_file, validate_stream
 from service.store import DatasetQuota, Store, new_id
 
@@ -46,15 +46,16 @@ async def store_dataset(
     max_invalid_fraction: float = 0.01,
     processes: int = 1,
     quota: DatasetQuota | None = None,
+    in_child: bool = False,
 ) -> Dataset:
-    """Validate ``src`` (a file, the files of one dataset, or an upload's body as it arrives),
-    store its rows and record it; LimitReached past the tenant's ``quota``, looked at before
-    the work and kept atomically with the record."""
+    """Validate ``src`` (a file, the files of one dataset, or an upload's body as it arrives:
+    ``in_child``, in a child process), store its rows and record it; LimitReached past the
+    tenant's ``quota``, looked at before the work and kept atomically with the record."""
     if quota is not None:
         await store.check_dataset_quota(tenant, 0, quota)
     draft = await anyio.to_thread.run_sync(blobs.draft, DATASETS)
     read = (
-        partial(validate_stream, src)
+        partial(validate_in_child if in_child else validate_stream, src)
         if isinstance(src, io.RawIOBase)
         else partial(validate_file, src, processes=processes)
     )

@@ -22,6 +22,7 @@ from service.blobs import BlobStore, dataset_blob_key
 from service.contract import InvalidRows, Job, JobStatus, numbered_as
 from service.contract.openai import FileDeleted, FileList, FileObject
 from service.datasets.ingest import delete_dataset, store_dataset
+from service.datasets.offload import worth_a_child
 from service.datasets.space import UploadSpace
 from service.datasets.validate import InvalidDataset, Limits
 from service.openai import records
@@ -132,6 +133,7 @@ class FileController(Controller):
                     name=name,
                     on_invalid=rows.on_invalid,
                     max_invalid_fraction=rows.max_invalid_fraction,
+                    in_child=worth_a_child(declared_size(request)),
                 )
                 try:
                     ds = await stream_upload(body, store_rows)
