@@ -154,10 +154,10 @@ class _Answer:
     def _run(self) -> None:
         back: threading.Thread | None = None
         try:
-            while header := self.frames.read(_HEADER.size):
+            while len(header := self.frames.read(_HEADER.size)) == _HEADER.size:
                 tag, size = _HEADER.unpack(header)
                 payload = self.frames.read(size)
-                if len(payload) < size:
+                if len(payload) < size:  # the child died mid-frame: no answer
                     break
                 if tag == _DATA:
                     self.dst.write(payload)
