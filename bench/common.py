@@ -396,6 +396,15 @@ class Stack:
         resp.raise_for_status()
         return dict(resp.json())
 
+    def unloadable_model(self) -> str:
+        """A base model the API accepts (its directory and config.json are in the models
+        dir) but no worker can load (no weights, no tokenizer): its jobs are claimed, then
+        fail in `preparing` once the training process has imported the training stack."""
+        path = self.models_dir / "unloadable"
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text('{"model_type": "llama"}')
+        return path.as_uri()
+
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
         resp = self.http.post("/v1/jobs", json=spec)
         if resp.status_code != 201:

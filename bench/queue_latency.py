@@ -1,13 +1,14 @@
 """Queue latency: from `POST /v1/jobs` returning to a worker starting the job.
 
 The moment measured is the job record's `started_at`, written when the worker claims the job
-(before it starts the training process). Each job names a base model that does not exist, so
-it would fail in `preparing`; but its training process spends 8-15 s importing torch and
-transformers first, so once the claim is seen the bench ends that process (by its pid, a child
-of the worker this bench started) and the worker records the job as failed at once. Jobs go one
-at a time, each posted once the previous one has ended and after a random pause of up to one
-poll delay (so posts do not fall in step with polls): an idle worker is always waiting, and
-what is measured is queue-to-claim latency, not time spent behind other jobs.
+(before it starts the training process). Each job names a base model no worker can load (a
+config.json and no weights: `Stack.unloadable_model`), so it would fail in `preparing`; but its
+training process spends 8-15 s importing torch and transformers first, so once the claim is seen
+the bench ends that process (by its pid, a child of the worker this bench started) and the
+worker records the job as failed at once. Jobs go one at a time, each posted once the previous
+one has ended and after a random pause of up to one poll delay (so posts do not fall in step
+with polls): an idle worker is always waiting, and what is measured is queue-to-claim latency,
+not time spent behind other jobs.
 
 The baseline is a bare arq worker with the same poll delay and one job slot, running a no-op
 task: `start_time` from arq's own job record minus the moment `enqueue_job` returned. Our
@@ -60,7 +61,7 @@ def _ours(root: Path, n: int) -> dict[str, list[float]]:
     with Stack(root, workers=1) as stack:
         ds = stack.upload_rows(preference_rows(8))
         spec = {
-            "base_model": (stack.models_dir / "absent").as_uri(),
+            "base_model": stack.unloadable_model(),
             "dataset_id": ds["id"],
             "eval_fraction": 0.0,
         }

@@ -3,13 +3,13 @@
 `python -m bench.soak [--seconds 60] [--tenants 4] [--users 2] [--out FILE]`
 
 For `--seconds`, each tenant's `--users` loops do what teams do, at random: upload a small
-dataset (six contents in all, so blobs are shared across tenants and deduplicated, and a
-delete races uploads of the same content), submit a
-job on one of their datasets, follow a job's event stream for up to 2 s, cancel a job, delete
-a dataset, list and read jobs. Two real worker processes take the jobs; each job names a base
-model that does not exist, so it ends `failed` in `preparing` once its training process has
-imported the training stack: the workers claim, run and finish jobs the whole time. The
-tenants run into the configured limits (live jobs, open streams), which answer 429.
+dataset (six contents in all, so blobs are shared across tenants and deduplicated, and a delete
+races uploads of the same content), submit a job on one of their datasets, follow a job's event
+stream for up to 2 s, cancel a job, delete a dataset, list and read jobs. Two real worker
+processes take the jobs; each job names a base model no worker can load (a config.json, no
+weights), so it ends `failed` in `preparing` once its training process has imported the training
+stack: the workers claim, run and finish jobs the whole time. The tenants run into the
+configured limits (live jobs, open streams), which answer 429.
 
 Afterwards every live job is cancelled, the workers are given up to 60 s to finish, and the
 state is checked: every dataset record's blob exists (lost = 0), every stored dataset blob
@@ -205,7 +205,7 @@ def run(seconds: float, tenants: int, users: int) -> str:
         root.mkdir(parents=True, exist_ok=True)
         write_api_keys(root / "keys.json", keys)
         with Stack(root, workers=2, env=LIMITS) as stack:
-            base_model = (stack.models_dir / "absent").as_uri()
+            base_model = stack.unloadable_model()
             time.sleep(3.0)  # let the workers finish starting
             load = Load()
             started = time.monotonic()
