@@ -210,8 +210,11 @@ class _Answer:
 
 
 def _widen(fd: int) -> None:
-    with contextlib.suppress(OSError):  # not Linux, or past the host's maximum: as it is
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    """Past the host's maximum, or not on Linux (no F_SETPIPE_SZ): the pipe stays as it is."""
+    setsize = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if setsize is not None:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, setsize, PIPE_BYTES)
 
 
 # -- the child ---------------------------------------------------------------------------------

@@ -231,3 +231,16 @@ def _is_offload(proc: psutil.Process) -> bool:
         return any("service.datasets.offload" in part for part in proc.cmdline())
     except psutil.NoSuchProcess:
         return False
+
+
+async def test_a_child_is_fed_where_pipes_cannot_be_widened(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """macOS has no F_SETPIPE_SZ: the pipes keep their default size, and the upload works."""
+    import fcntl
+
+    monkeypatch.delattr(fcntl, "F_SETPIPE_SZ")
+    body = jsonl(*[{**ROW, "prompt": f"Q{i}"} for i in range(5000)])  # several 64 KB pipefuls
+    child, thread = await both_ways(api, monkeypatch, body, NDJSON)
+    assert child.status_code == thread.status_code == 201, child.text
+    assert child.json()["sha256"] == thread.json()["sha256"]
