@@ -45,6 +45,9 @@ test: $(STAMP) ## run the test suite (unit, integration with real Redis/S3/Hub s
 test-fast: $(STAMP) ## the tests not marked slow (no training, no whole jobs): the inner loop
 	$(VENV)/bin/pytest -q -m "not slow"
 
+fuzz: $(STAMP) ## the API under schemathesis with 500 cases an operation (CI runs 25): a few minutes
+	FTUNE_FUZZ_EXAMPLES=500 $(VENV)/bin/pytest -q tests/integration/test_api_contract.py -k fuzzed
+
 lint: $(STAMP) ## ruff, ruff format --check, mypy and the import layers (lint-imports)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -71,4 +74,4 @@ bench: $(STAMP) ## benchmarks, quick mode (BENCH=full for the full run)
 soak: $(STAMP) ## several tenants against one API and two workers for 60 s, then a consistency check
 	$(PY) -m bench.soak
 
-.PHONY: help install lock demo dev test test-fast lint fmt openapi screenshot bench soak
+.PHONY: help install lock demo dev test test-fast fuzz lint fmt openapi screenshot bench soak

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from tests.fixtures.hub import HubServer
 from tests.fixtures.s3 import S3Server
 
 EXPORTED = Path(__file__).parents[2] / "openapi" / "openapi.json"
+FUZZ_EXAMPLES = int(os.environ.get("FTUNE_FUZZ_EXAMPLES", "25"))
+"""Cases per operation; raise it to fuzz longer than CI does (`FTUNE_FUZZ_EXAMPLES=500`)."""
 
 
 @pytest.fixture
@@ -74,7 +77,7 @@ def test_fuzzed_requests_get_no_server_error_and_match_the_schema(live_api: Live
         operation = result.ok()
 
         @hypothesis.settings(
-            max_examples=25,
+            max_examples=FUZZ_EXAMPLES,
             deadline=None,
             database=None,
             suppress_health_check=list(hypothesis.HealthCheck),
