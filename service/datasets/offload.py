@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import io
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -185,8 +186,7 @@ class _Answer:
         out, self.back_w = os.fdopen(self.back_w, "wb"), -1
         try:
             with src:
-                while chunk := src.read(CHUNK):
-                    out.write(chunk)
+                shutil.copyfileobj(src, out, CHUNK)
         except BrokenPipeError:  # the child stopped reading: its answer says why
             pass
         except BaseException as e:
