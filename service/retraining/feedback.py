@@ -478,16 +478,23 @@ async def next_version(store: Store, tenant: str, stream: str) -> int:
     return int(await store.redis.incr(_key(tenant, stream, "versions")))
 
 
+KEPT_SNAPSHOTS = 50
+"""Newest snapshot records a stream keeps (a stream shows its 10 newest): a loop of snapshots
+must not grow Redis outside every quota. Their datasets stay, and the count goes on."""
+
+
 async def record_snapshot(store: Store, tenant: str, stream: str, record: FeedbackSnapshot) -> None:
-    """Count the snapshot in the stream's record and put it first in its list."""
+    """Count the snapshot in the stream's record and put it first in its (bounded) list."""
     meta_key = _key(tenant, stream, "meta")
+    snapshots_key = _key(tenant, stream, "snapshots")
 
     async def count(pipe: Pipeline) -> None:
         current = _stream_decoder.decode(await pipe.get(meta_key))
         current.snapshots += 1
         pipe.multi()
         pipe.set(meta_key, _encoder.encode(current))
-        pipe.lpush(_key(tenant, stream, "snapshots"), _encoder.encode(record))
+        pipe.lpush(snapshots_key, _encoder.encode(record))
+        pipe.ltrim(snapshots_key, 0, KEPT_SNAPSHOTS - 1)
 
     await transact(store.redis, count, meta_key)
 

@@ -13,6 +13,7 @@ import redis
 from litestar.testing import AsyncTestClient
 
 from service.api.app import create_app
+from service.retraining import feedback
 from tests.fixtures.api import ALICE, BOB, Api
 
 
@@ -283,6 +284,22 @@ async def test_snapshot_freezes_the_pairs_into_a_versioned_dataset(api: Api) -> 
     stream = (await api.client.get("/v1/feedback/chat", headers=ALICE)).json()
     assert stream["snapshots"] == 2
     assert [s["version"] for s in stream["recent_snapshots"]] == [2, 1]
+
+
+async def test_a_streams_snapshot_records_are_bounded(
+    api: Api, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client looping snapshot-and-delete must not grow Redis outside every quota: the
+    stream keeps its newest records, and still counts them all."""
+    monkeypatch.setattr(feedback, "KEPT_SNAPSHOTS", 3)
+    for i in range(5):
+        await post(api, "loop", [pair(i)])
+        resp = await api.client.post("/v1/feedback/loop/snapshot", headers=ALICE)
+        assert resp.status_code == 201, resp.text
+    stream = (await api.client.get("/v1/feedback/loop", headers=ALICE)).json()
+    assert stream["snapshots"] == 5
+    assert [s["version"] for s in stream["recent_snapshots"]] == [5, 4, 3]
+    assert redis.Redis.from_url(redis_url).llen("ftune:fb:alice:loop:snapshots") == 3
 
 
 async def test_snapshot_needs_pairs(api: Api) -> None:
