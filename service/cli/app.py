@@ -30,7 +30,7 @@ R = TypeVar("R")
 
 app = typer.Typer(
     name="ftune",
-    help="Self-hosted QLoRA DPO fine-tuning: preference data in, adapters out.",
+    help="Self-hosted QLoRA fine-tuning (DPO, SFT, KTO, ORPO, SimPO): datasets in, adapters out.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

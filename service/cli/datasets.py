@@ -41,7 +41,10 @@ class OnInvalidChoice(enum.StrEnum):
     skip = "skip"
 
 
-datasets_app = typer.Typer(help="Upload and manage preference datasets.", no_args_is_help=True)
+datasets_app = typer.Typer(
+    help="Upload, import and inspect datasets (preference, SFT and unpaired rows).",
+    no_args_is_help=True,
+)
 app.add_typer(datasets_app, name="datasets")
 
 
@@ -110,7 +113,8 @@ def datasets_import(
     source: Annotated[
         str,
         typer.Argument(
-            help="hf://datasets/ORG/NAME[/folder or file] or s3://bucket/key.", show_default=False
+            help="hf://datasets/ORG/NAME, hf://datasets/ORG/NAME/FOLDER_OR_FILE, or s3://bucket/key.",
+            show_default=False,
         ),
     ],
     split: Annotated[str | None, typer.Option(help="Hub split (default: train).")] = None,
