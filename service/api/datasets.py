@@ -79,6 +79,10 @@ def _column(role: str) -> ParameterKwarg:
 
 
 _PREVIEW_MAX = 100
+ROW_READS_PER_TENANT = 2
+"""A tenant's row previews read at once, each in a thread, perhaps a large blob from its start:
+more wait their turn, so that one tenant cannot take the threads every tenant shares. Bounded
+by the tenants configured."""
 _row_decoder = msgspec.json.Decoder(DatasetRow)
 
 
@@ -434,6 +438,7 @@ class DatasetController(Controller):
     )
     async def get_dataset_rows(
         self,
+        request: Request[Any, Any, Any],
         dataset_id: DatasetId,
         principal: Principal,
         store: Store,
@@ -444,9 +449,21 @@ class DatasetController(Controller):
         ] = 0,
     ) -> DatasetRows:
         ds = await store.get_dataset(dataset_id, scope(principal))
-        rows = await anyio.to_thread.run_sync(
-            _read_rows, blobs, dataset_blob_key(ds.sha256), offset, limit
-        )
+        rows: list[DatasetRow] = []
+        if offset < ds.rows:  # past the end there is nothing to read
+            readers: dict[str, anyio.CapacityLimiter] = request.app.state.setdefault(
+                "row_readers", {}
+            )
+            rows = await anyio.to_thread.run_sync(
+                _read_rows,
+                blobs,
+                dataset_blob_key(ds.sha256),
+                offset,
+                limit,
+                limiter=readers.setdefault(
+                    principal.tenant, anyio.CapacityLimiter(ROW_READS_PER_TENANT)
+                ),
+            )
         end = offset + len(rows)
         return DatasetRows(
             dataset_id=ds.id,

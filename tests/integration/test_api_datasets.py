@@ -316,6 +316,25 @@ async def test_gzip_hh_with_skip_lists_the_rows_left_out_and_previews_the_rest(a
     ]
 
 
+async def test_a_preview_past_the_end_answers_at_once(api: Api) -> None:
+    """An offset past the last row is an empty page, known from the record: the stored rows
+    are not read from their start to find that out (here they are gone, and still)."""
+    resp = await upload(api, jsonl({"prompt": "Hi", "chosen": "Hello!", "rejected": "Go."}))
+    ds = resp.json()
+    (api.store_dir / "datasets" / f"{ds['sha256']}.jsonl").unlink()
+    for offset in (1, 10**15):
+        page = await api.client.get(
+            f"/v1/datasets/{ds['id']}/rows", params={"offset": offset}, headers=ALICE
+        )
+        assert page.status_code == 200, page.text
+        assert page.json() == {
+            "dataset_id": ds["id"],
+            "offset": offset,
+            "rows": [],
+            "next_offset": None,
+        }
+
+
 async def test_too_many_invalid_rows_reject_even_when_skipping(api: Api) -> None:
     body = gzip.compress((FIXTURES / "hh.jsonl").read_bytes())
     resp = await upload(api, body, on_invalid="skip")
