@@ -178,7 +178,8 @@ def limit_headers(exc: LimitReached) -> dict[str, str]:
 _AT = re.compile(r"\s*-\s*at `\$(?P<path>[^`]*)`$")
 
 
-_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]+)`")
+_NAMED = re.compile(r"^Object (?:contains unknown|missing required) field `(?P<field>[^`]+)`")
+"""A field unknown or missing is where the error is, not the object that holds it."""
 _PATTERN_WORDS = {
     NAME_PATTERN: "a name of letters, digits, spaces and . , : ( ) + - _",
     STREAM_NAME: "a name of letters, digits, '.', '_' and '-' that starts with a letter or "
@@ -225,8 +226,8 @@ def _validation(exc: ValidationException) -> Response[Problem]:
             loc += _path(match.group("path"))
         elif item.get("key") and not (source == "body" and item["key"] == "data"):
             loc += _path(str(item["key"]))  # a parameter's name ("data" is the body's own)
-        if unknown := _UNKNOWN.match(message):  # the field itself is where it is wrong
-            loc.append(unknown.group("field"))
+        if named := _NAMED.match(message):
+            loc.append(named.group("field"))
         errors.append(FieldError(msg=_in_words(message), loc=loc))
     if not errors:
         errors.append(FieldError(msg=str(exc.detail), loc=["body"]))

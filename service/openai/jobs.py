@@ -255,7 +255,10 @@ def job_object(job: Job, *, suffix: str | None = None, gpus: int = 1) -> FineTun
     batch = hp.batch_size * hp.gradient_accumulation_steps * gpus
     used = FineTuningHyperparameters(
         batch_size=batch,
-        learning_rate_multiplier=learning_rate_of(spec) / DEFAULT_LEARNING_RATES[spec.method],
+        # Stored as the product: 12 significant digits give back the multiplier as sent.
+        learning_rate_multiplier=float(
+            f"{learning_rate_of(spec) / DEFAULT_LEARNING_RATES[spec.method]:.12g}"
+        ),
         n_epochs=_epochs(job, batch),
     )
     if spec.method == "sft":
@@ -320,6 +323,6 @@ def _error(job: Job) -> FineTuningJobError | None:
 
 def _estimated_finish(job: Job) -> int | None:
     eta = job.progress.eta_seconds
-    if job.status != JobStatus.running or eta is None:
-        return None
+    if job.status != JobStatus.running or job.cancel_requested or eta is None:
+        return None  # a job being cancelled is `cancelled` here: it has no finish ahead
     return int(max(job.updated_at + eta, time.time()))  # the ETA of the last step, never past

@@ -248,6 +248,25 @@ async def test_an_unknown_field_is_located_at_itself(api: Api) -> None:
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "foo", resp.json()
 
 
+async def test_a_missing_field_is_located_at_itself(api: Api) -> None:
+    """Not at the object that lacks it: at the field a client has to add."""
+    for body, loc in (
+        ({"dataset_id": "ds_x"}, ["body", "base_model"]),
+        (
+            {
+                "base_model": "org/m",
+                "dataset_id": "ds_x",
+                "output": {"destination": {"type": "hub"}},
+            },
+            ["body", "output", "destination", "repo_id"],
+        ),
+    ):
+        resp = await api.client.post("/v1/jobs", json=body, headers=ALICE)
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["errors"][0]["loc"] == loc, resp.json()
+        assert resp.json()["detail"].startswith(".".join(loc) + ": Object missing required field")
+
+
 async def test_a_value_of_the_wrong_form_is_said_in_words_not_as_a_regex(api: Api) -> None:
     resp = await upload(api, jsonl(ROW), name="a/b c?d#e")
     assert resp.status_code == 400, resp.text

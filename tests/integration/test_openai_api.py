@@ -24,6 +24,7 @@ from openai.types.webhooks import FineTuningJobCancelledWebhookEvent
 
 from service import store as store_module
 from service.api.body_stream import stream_upload
+from service.api.openai import jobs as openai_jobs_api
 from service.contract import JobStatus
 from service.openai import records
 from service.openai.hyperparameters import auto_batch_size, auto_epochs
@@ -201,6 +202,12 @@ def test_files_page_newest_first_across_kinds(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         client.files.create(file=("x.jsonl", jsonl(openai_rows(3))), purpose="assistants")
     assert bad.value.param == "purpose"
+    # An id that is not ours is refused: listing from the start again, a client would loop.
+    for foreign in ("file-abc123", "zzz"):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.files.list(after=foreign, limit=2)
+        assert bad.value.param == "after", bad.value.body
+    assert [f.id for f in client.files.list(after=second, limit=2)] == [first]
 
 
 def test_auto_hyperparameters_are_resolved_and_reported(client: openai.OpenAI) -> None:
@@ -250,6 +257,18 @@ def test_explicit_hyperparameters_and_our_options(client: openai.OpenAI) -> None
         "learning_rate_multiplier": 2.0,
         "n_epochs": 2,
     }
+    # A multiplier comes back as it was sent (it is stored as the learning rate it makes).
+    for multiplier in (1.8, 0.3, 0.07):
+        sent = client.fine_tuning.jobs.create(
+            model=MODEL,
+            training_file=train,
+            method={
+                "type": "dpo",
+                "dpo": {"hyperparameters": {"learning_rate_multiplier": multiplier}},
+            },
+        )
+        assert sent.hyperparameters.learning_rate_multiplier == multiplier
+        assert client.fine_tuning.jobs.retrieve(sent.id) == sent
     with pytest.raises(openai.BadRequestError) as bad:
         client.fine_tuning.jobs.create(
             model=MODEL, training_file=train, extra_body={"training": {"beta": 0.3}}
@@ -311,6 +330,28 @@ def test_a_metadata_filter_past_the_per_request_scan_still_lists_every_match(
     assert [j.id for j in client.fine_tuning.jobs.list(metadata={"rare": "yes"})] == [ids[0]]
 
 
+def test_a_metadata_filter_reads_a_bounded_number_of_jobs_a_request(
+    client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filter that matches nothing must not read a tenant's whole index in one request: past
+    FILTER_CALLS reads it is refused, saying where to read on from."""
+    monkeypatch.setattr(store_module, "LABEL_SCAN", 2)
+    monkeypatch.setattr(openai_jobs_api, "FILTER_CALLS", 2)
+    train = upload(client, openai_rows(8))
+    ids = [
+        client.fine_tuning.jobs.create(model=MODEL, training_file=train, seed=i).id
+        for i in range(6)
+    ]
+    with pytest.raises(openai.BadRequestError, match="no job matches") as bad:
+        client.fine_tuning.jobs.list(metadata={"team": "nobody"})
+    assert bad.value.param == "metadata" and f"after={ids[2]}" in bad.value.message
+    assert list(client.fine_tuning.jobs.list(metadata={"team": "nobody"}, after=ids[2])) == []
+    many = {f"k{i}": "v" for i in range(17)}
+    with pytest.raises(openai.BadRequestError, match="at most 16") as bad:
+        client.fine_tuning.jobs.list(metadata=many)
+    assert bad.value.param == "metadata"
+
+
 def test_a_retried_create_does_not_start_a_second_job(live_api: LiveServer) -> None:
     class LoseFirstAnswer(httpx2.BaseTransport):
         """The job is created, then its answer is lost: the SDK sees a timeout and retries."""
@@ -364,6 +405,15 @@ def test_errors_raise_the_sdk_classes_with_our_message(
             client.fine_tuning.jobs.create(**body)
         assert bad.value.param == param, (patch, bad.value.body)
         assert retries_taken(bad.value) == 0
+
+    # A required field left out is named as the param, as a wrong one is.
+    missing = httpx.post(
+        f"{live_api.url}/v1/fine_tuning/jobs",
+        json={"training_file": train},
+        headers={"Authorization": "Bearer key-alice"},
+    )
+    assert missing.status_code == 400
+    assert missing.json()["error"]["param"] == "model", missing.json()
 
     with (
         sdk(live_api.url, key="key-nobody") as stranger,
@@ -610,15 +660,23 @@ def test_a_running_job_is_cancelled_from_the_first_cancel(
     async def claim() -> None:  # what a worker's claim writes
         store = store_module.Store.from_url(api_settings.redis_url)
         await store.update_job(
-            job.id, lambda j: msgspec.structs.replace(j, status=JobStatus.running)
+            job.id,
+            lambda j: msgspec.structs.replace(
+                j,
+                status=JobStatus.running,
+                progress=msgspec.structs.replace(j.progress, eta_seconds=120.0),
+            ),
         )
         await store.close()
 
     asyncio.run(claim())
-    assert client.fine_tuning.jobs.retrieve(job.id).status == "running"
+    running = client.fine_tuning.jobs.retrieve(job.id)
+    assert running.status == "running" and running.estimated_finish is not None
     cancelled = client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled" and cancelled.finished_at is None
+    assert cancelled.estimated_finish is None  # no finish ahead of a cancelled job
     assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
+    assert client.fine_tuning.jobs.retrieve(job.id).estimated_finish is None
     assert [j.status for j in client.fine_tuning.jobs.list()] == ["cancelled"]
     with pytest.raises(openai.ConflictError, match="already cancelled"):
         client.fine_tuning.jobs.cancel(job.id)

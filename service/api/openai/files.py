@@ -51,6 +51,11 @@ FileId = Annotated[
 ]
 
 
+FILE_ID = r"^(ds|file|res)_[A-Za-z0-9]{1,64}(?!\n)$"
+"""Ours, as `after`: another id would list from the start again, and a client paging on would
+loop."""
+
+
 def _suffix(file_id: str) -> str:
     """The time-sortable part of any of our ids (`ds_<suffix>`, `file_...`, `res_...`)."""
     return file_id.partition("_")[2]
@@ -177,7 +182,11 @@ class FileController(Controller):
         store: Store,
         after: Annotated[
             str | None,
-            Parameter(max_length=80, description="A file id: list the files after it."),
+            Parameter(
+                pattern=FILE_ID,
+                description="A file id (`ds_...`, `file_...` or `res_...`): list the files "
+                "after it.",
+            ),
         ] = None,
         limit: Annotated[
             int, Parameter(ge=1, le=10_000, description="Files per page (at most 10,000).")

@@ -38,7 +38,7 @@ from service.openai.jobs import (
     to_spec,
 )
 from service.settings import Principal, Settings
-from service.store import NotFound, Store, request_fingerprint
+from service.store import LABEL_SCAN, NotFound, Store, request_fingerprint
 from service.tenants import Tenants
 
 RETRY_WINDOW_SECONDS = 600
@@ -70,6 +70,13 @@ async def _training_dataset(store: Store, file_id: str, tenant: str, param: str)
     )
 
 
+MAX_FILTER_KEYS = 16
+"""As many as a job may have labels (and as the label filter of GET /v1/jobs takes)."""
+FILTER_CALLS = 10
+"""Reads of up to LABEL_SCAN records each that a metadata filter may make for one page: past
+them, with no match yet, the request is refused rather than read the whole index."""
+
+
 def _metadata_filter(query: MultiDict[Any]) -> dict[str, str]:
     """OpenAI's `metadata[k]=v` query filter, as our label filter."""
     labels = {}
@@ -80,6 +87,8 @@ def _metadata_filter(query: MultiDict[Any]) -> dict[str, str]:
             )
         if key.startswith("metadata[") and key.endswith("]"):
             labels[key[len("metadata[") : -1]] = str(value)
+    if len(labels) > MAX_FILTER_KEYS:
+        raise SpecError("metadata", f"filter on at most {MAX_FILTER_KEYS} metadata keys")
     return labels
 
 
@@ -199,7 +208,7 @@ class FineTuningController(Controller):
         limit: Annotated[int, Parameter(ge=1, le=100, description="Jobs per page.")] = 20,
     ) -> FineTuningJobList:
         labels, next_cursor = _metadata_filter(request.query_params), after
-        while True:
+        for _ in range(FILTER_CALLS):
             # OpenAI's pages go on from their last item: an empty page with more to read would
             # end a client's listing, so a metadata filter reads on to a match or the end.
             jobs, next_cursor = await store.list_jobs(
@@ -207,6 +216,14 @@ class FineTuningController(Controller):
             )
             if jobs or next_cursor is None:
                 break
+        else:
+            raise SpecError(
+                "metadata",
+                f"no job matches this metadata filter among the {FILTER_CALLS * LABEL_SCAN} "
+                f"newest{f' after {after}' if after else ''}, and more are left to read: "
+                "page through them with GET /v1/jobs?label=KEY=VALUE (short pages and a "
+                f"cursor), or pass after={next_cursor} to read on from there",
+            )
         suffixes = await records.suffixes(store, [j.id for j in jobs])
         return FineTuningJobList(
             data=[
