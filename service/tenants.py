@@ -100,6 +100,10 @@ class Tenants:
     def grants_of(self, tenant: str) -> Grants:
         return self.grants.get(tenant, Grants())
 
+    def count(self) -> int:
+        """How many tenants have a key: the teams that share this deployment now."""
+        return len({p.tenant for p in self.keys.values()})
+
     def has_keys(self, tenant: str) -> bool:
         """Whether the tenant can still call the API: a team removed from the file, or left
         with no key, has none."""

@@ -221,7 +221,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     _resolve_dependencies_in_order(app)
     app.state.settings = settings
     app.state.tenants = tenants.load(settings)
-    app.state.uploads = UploadSpace.from_settings(settings)
+    app.state.uploads = UploadSpace.from_settings(settings, tenants=app.state.tenants.count())
     app.state.collector = ServiceCollector()
     app.state.registry = CollectorRegistry()
     app.state.registry.register(app.state.collector)

@@ -321,12 +321,12 @@ class DatasetController(Controller):
         body = Form(upload) if upload.boundary else upload
         size = declared_size(request)
         if upload.hint == "parquet" or settings.ingest_processes > 1:
-            async with uploads.slot(size) as tmp:
+            async with uploads.slot(principal.tenant, size) as tmp:
                 raw, hint = await _spooled(body, tmp)
                 return await store_as(raw, hint=hint)
         # Admitted before the body is read (a client that sent `Expect: 100-continue` gets a
         # 503 before it sends), with no room taken: the file is checked as it arrives...
-        async with uploads.slot(0) as tmp:
+        async with uploads.slot(principal.tenant, 0) as tmp:
             if not (await body.peek(4)).startswith(b"PAR1") and body.hint != "parquet":
                 read = partial(store_as, hint=body.hint, in_child=worth_a_child(size))
                 return await stream_upload(body, read)
@@ -378,7 +378,7 @@ class DatasetController(Controller):
             label_field=data.label_field,
             messages_field=data.messages_field,
         )
-        async with uploads.slot() as tmp:
+        async with uploads.slot(principal.tenant) as tmp:
             fetched = await anyio.to_thread.run_sync(
                 fetch, data, settings, tmp, settings.max_dataset_bytes
             )

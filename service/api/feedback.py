@@ -226,7 +226,7 @@ class FeedbackController(Controller):
     ) -> FeedbackSnapshot:
         limits = Limits.from_settings(settings)
         owner = owning_tenant(principal, tenant, tenants)
-        async with uploads.slot() as workdir:
+        async with uploads.slot(owner) as workdir:
             return await snapshots.snapshot(
                 store,
                 blobs,

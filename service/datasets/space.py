@@ -6,18 +6,23 @@ Each upload (or import, or snapshot) gets its own directory under one root, with
 it dies, so a directory whose lock can be taken belongs to a killed upload: it is removed at
 start-up and whenever uploads are counted. Every process of a host shares the root, so the
 count (``max_concurrent_uploads``) is the host's, which is what its temp space is sized by
-(the chart: ``tmpSizeLimit`` ≥ that many times ``maxDatasetBytes``). Past the count, or with
-less free space than one more upload may take, admission fails at once (SpaceBusy: 503 with
-Retry-After for a request; a policy's run waits for a later tick).
+(the chart: ``tmpSizeLimit`` ≥ that many times ``maxDatasetBytes``). Where several tenants
+share the host, one tenant holds at most half of it (rounded up): a tenant's slow uploads
+cannot shut the others out. Past either count, or with less free space than one more upload
+may take, admission fails at once (SpaceBusy: 503 with Retry-After for a request; a policy's
+run waits for a later tick).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
+import math
 import os
 import shutil
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
@@ -45,28 +50,33 @@ class SpaceBusy(Exception):
 
 
 class UploadSpace:
-    """Directories for uploads under ``root``, at most ``max_uploads`` at once on this host,
-    each only when the space it may take is free: its declared size, else ``reserve_bytes``
-    (one upload at its largest)."""
+    """Directories for uploads under ``root``, at most ``max_uploads`` at once on this host
+    and ``per_tenant`` of them for one tenant, each only when the space it may take is free:
+    its declared size, else ``reserve_bytes`` (one upload at its largest)."""
 
-    def __init__(self, root: Path, *, max_uploads: int, reserve_bytes: int) -> None:
+    def __init__(
+        self, root: Path, *, max_uploads: int, reserve_bytes: int, per_tenant: int | None = None
+    ) -> None:
         self.root = root
         self.max_uploads = max_uploads
         self.reserve_bytes = reserve_bytes
+        self.per_tenant = max_uploads if per_tenant is None else per_tenant
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> UploadSpace:
-        """The host's space: every instance made from the same settings shares its count."""
+    def from_settings(cls, settings: Settings, *, tenants: int) -> UploadSpace:
+        """The host's space: every instance made from the same settings shares its count.
+        ``tenants``: how many the tenants file has; with more than one, each may hold half."""
         return cls(
             settings.upload_dir,
             max_uploads=settings.max_concurrent_uploads,
             reserve_bytes=settings.max_dataset_bytes,
+            per_tenant=fair_share(settings.max_concurrent_uploads, tenants),
         )
 
     def sweep(self) -> int:
         """Remove the directories of uploads whose process died; how many are still live."""
         with self._admitting():
-            return self._sweep()
+            return self._sweep().total()
 
     @contextmanager
     def _admitting(self) -> Iterator[None]:
@@ -76,24 +86,26 @@ class UploadSpace:
             fcntl.flock(admitting, fcntl.LOCK_EX)
             yield
 
-    def _sweep(self) -> int:
-        live = 0
+    def _sweep(self) -> Counter[str]:
+        """The live uploads by their tenant's tag, once the dead ones are removed."""
+        live: Counter[str] = Counter()
         for path in self.root.iterdir():
             if not path.is_dir():
                 continue
             with _try_lock(path / _LOCK) as taken:
                 if not taken:
-                    live += 1
+                    live[path.name.partition(".")[0]] += 1
                     continue
                 shutil.rmtree(path, ignore_errors=True)
                 log.info("removed the temp files of a killed upload: %s", path.name)
         return live
 
     @asynccontextmanager
-    async def slot(self, size: int | None = None) -> AsyncIterator[Path]:
-        """A directory of one's own for one upload of ``size`` bytes (None: unknown), removed
-        after; SpaceBusy when the host is at its count of uploads or short of space."""
-        path, lock = await anyio.to_thread.run_sync(self._admit, size)
+    async def slot(self, tenant: str, size: int | None = None) -> AsyncIterator[Path]:
+        """A directory of one's own for one upload of ``tenant``'s, of ``size`` bytes (None:
+        unknown), removed after; SpaceBusy when the host or the tenant is at its count of
+        uploads, or the host is short of space."""
+        path, lock = await anyio.to_thread.run_sync(self._admit, tenant, size)
         try:
             yield path
         finally:
@@ -111,19 +123,36 @@ class UploadSpace:
                 f"take {needed}); try again shortly"
             )
 
-    def _admit(self, size: int | None = None) -> tuple[Path, IO[bytes]]:
+    def _admit(self, tenant: str, size: int | None) -> tuple[Path, IO[bytes]]:
+        tag = _tag(tenant)
         with self._admitting():
             live = self._sweep()
-            if live >= self.max_uploads:
+            if live.total() >= self.max_uploads:
                 raise SpaceBusy(
-                    f"this server is taking {live} uploads, its limit; try again shortly"
+                    f"this server is taking {live.total()} uploads, its limit; try again shortly"
+                )
+            if live[tag] >= self.per_tenant:
+                raise SpaceBusy(
+                    f"tenant {tenant} is taking {live[tag]} uploads on this server, its share "
+                    f"of the {self.max_uploads} it takes at once; try again once one is done"
                 )
             self.ensure_room(size)
-            path = self.root / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            path = self.root / f"{tag}.{os.getpid()}-{uuid.uuid4().hex[:12]}"
             path.mkdir()
             lock = (path / _LOCK).open("ab")
             fcntl.flock(lock, fcntl.LOCK_EX)
             return path, lock
+
+
+def fair_share(max_uploads: int, tenants: int) -> int:
+    """One tenant's count of a host's ``max_uploads``: all of them when it is alone, else half
+    (rounded up), so another tenant always finds one."""
+    return max_uploads if tenants <= 1 else max(1, math.ceil(max_uploads / 2))
+
+
+def _tag(tenant: str) -> str:
+    """A tenant's mark on its directories' names (any tenant name, made safe for a path)."""
+    return hashlib.sha256(tenant.encode()).hexdigest()[:16]
 
 
 @contextmanager

@@ -85,6 +85,7 @@ async def tick(
     """
     done: list[str] = []
     known = tenants.load(settings)
+    space = UploadSpace.from_settings(settings, tenants=known.count())
     budget: dict[str, int | None] = {}
     for raw in await store.redis.zrange(ALL, 0, -1):
         tenant, name = _member_decoder.decode(raw)
@@ -104,6 +105,7 @@ async def tick(
                 publisher=publisher or publish_promoted,
                 announce=announce,
                 budget=budget,
+                space=space,
             )
         except NotFound:
             continue
@@ -124,6 +126,7 @@ async def _advance(
     publisher: Publisher,
     announce: Announcer | None,
     budget: dict[str, int | None],
+    space: UploadSpace,
 ) -> list[str]:
     policy = await get_policy(store, tenant, name)
     if policy.active_run is not None:
@@ -162,7 +165,7 @@ async def _advance(
         await set_status(store, policy, PolicyStatus(checked_at=now, message=message))
         return []
     try:  # the snapshots are written in a slot of the host's upload space, taken before firing
-        async with UploadSpace.from_settings(settings).slot() as workdir:
+        async with space.slot(tenant) as workdir:
             if left is not None:
                 budget[tenant] = left - 1
             return await _fire(

@@ -467,7 +467,7 @@ async def test_a_due_policy_waits_for_temp_space_and_fires_once_there_is(
     host = UploadSpace(
         loop.settings.upload_dir, max_uploads=loop.settings.max_concurrent_uploads, reserve_bytes=0
     )
-    taken = [host._admit() for _ in range(loop.settings.max_concurrent_uploads)]
+    taken = [host._admit("another-team", None) for _ in range(loop.settings.max_concurrent_uploads)]
     assert await loop.tick() == []
     policy = await get(api, "p")
     assert policy["runs"] == [] and policy["status"]["new_pairs"] == 10

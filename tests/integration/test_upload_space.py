@@ -17,8 +17,9 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from service.api.app import create_app
+from service.datasets.space import UploadSpace
 from service.settings import Settings
-from tests.fixtures.api import ALICE, ApiProcess, LiveServer, other_upload, slots_freed
+from tests.fixtures.api import ALICE, BOB, ApiProcess, LiveServer, other_upload, slots_freed
 from tests.integration.test_api_datasets import ROW, jsonl
 
 NDJSON = {**ALICE, "Content-Type": "application/x-ndjson"}
@@ -30,7 +31,9 @@ async def test_past_the_concurrent_uploads_an_upload_gets_503(
 ) -> None:
     settings = replace(api_settings, max_concurrent_uploads=1)
     async with AsyncTestClient(create_app(settings)) as client:
-        path, lock = other_upload(settings)._admit()  # an upload in flight in another process
+        path, lock = other_upload(settings)._admit(
+            "another-team", None
+        )  # an upload in flight in another process
         resp = await client.post("/v1/datasets", content=jsonl(ROW), headers=NDJSON)
         assert resp.status_code == 503, resp.text
         assert resp.headers["Retry-After"] == "30"
@@ -43,6 +46,34 @@ async def test_past_the_concurrent_uploads_an_upload_gets_503(
         ]
 
 
+async def test_one_tenant_takes_at_most_half_of_the_hosts_uploads(
+    api_settings: Settings,
+) -> None:
+    """A tenant's slow uploads must not shut the other tenants out of a shared host: with two
+    slots, alice's second upload waits while bob's goes through."""
+    settings = replace(api_settings, max_concurrent_uploads=2)
+    host = UploadSpace(settings.upload_dir, max_uploads=2, reserve_bytes=0)
+    async with AsyncTestClient(create_app(settings)) as client:
+        _, alices = host._admit("alice", None)  # alice's slow upload, in another process
+        resp = await client.post("/v1/datasets", content=jsonl(ROW), headers=NDJSON)
+        assert resp.status_code == 503, resp.text
+        assert resp.headers["Retry-After"] == "30"
+        assert "tenant alice is taking 1 uploads on this server" in resp.json()["detail"]
+        resp = await client.post("/v1/datasets", content=jsonl(ROW), headers={**NDJSON, **BOB})
+        assert resp.status_code == 201, resp.text
+        alices.close()
+        resp = await client.post("/v1/datasets", content=jsonl(ROW), headers=NDJSON)
+        assert resp.status_code == 201, resp.text
+
+
+def test_a_host_with_one_tenant_gives_it_every_slot(tmp_path: Path) -> None:
+    settings = Settings(upload_dir=tmp_path, max_concurrent_uploads=3)
+    assert UploadSpace.from_settings(settings, tenants=1).per_tenant == 3
+    assert UploadSpace.from_settings(settings, tenants=2).per_tenant == 2
+    one = replace(settings, max_concurrent_uploads=1)
+    assert UploadSpace.from_settings(one, tenants=5).per_tenant == 1
+
+
 async def test_a_feedback_snapshot_takes_a_slot_of_the_upload_space(
     api_settings: Settings,
 ) -> None:
@@ -51,7 +82,9 @@ async def test_a_feedback_snapshot_takes_a_slot_of_the_upload_space(
         events = [{"id": "p1", "prompt": "Hi?", "chosen": "Hello!", "rejected": "Go."}]
         posted = await client.post("/v1/feedback/chat", json={"events": events}, headers=ALICE)
         assert posted.status_code == 200, posted.text
-        _, lock = other_upload(settings)._admit()  # an upload in flight in another process
+        _, lock = other_upload(settings)._admit(
+            "another-team", None
+        )  # an upload in flight in another process
         resp = await client.post("/v1/feedback/chat/snapshot", headers=ALICE)
         assert resp.status_code == 503, resp.text
         assert resp.headers["Retry-After"] == "30"
@@ -141,7 +174,9 @@ def test_a_killed_uploads_temp_files_are_removed_at_start_up(
         api.kill()
         killed.set()
     assert left.exists()  # nothing of the killed process cleaned up
-    live, lock = other_upload(settings)._admit()  # another process's upload, still running
+    live, lock = other_upload(settings)._admit(
+        "another-team", None
+    )  # another process's upload, still running
     try:
         with ApiProcess(settings, tmp_path / "b.log") as again:
             assert not left.exists() and live.exists()

@@ -223,7 +223,9 @@ def test_a_busy_server_answers_expect_100_continue_with_503_before_the_body_is_s
     the gigabytes it would have to send again."""
     settings = replace(api_settings, max_concurrent_uploads=1)
     with LiveServer(settings) as api:
-        _, lock = other_upload(settings)._admit()  # another process holds the one slot
+        _, lock = other_upload(settings)._admit(
+            "another-team", None
+        )  # another process holds the one slot
         try:
             with socket.create_connection(("127.0.0.1", api.port), timeout=10) as conn:
                 conn.sendall(

@@ -128,7 +128,7 @@ class FileController(Controller):
         )
         # Admitted before the body is read, with no room taken: the SDK (httpx) sends its
         # fields before the file, so the file is checked as it arrives once they pass...
-        async with uploads.slot(0) as tmp:
+        async with uploads.slot(principal.tenant, 0) as tmp:
             head = await body.peek(4)
             rows = _passing(body.fields) if isinstance(body, Form) else None
             if isinstance(body, Form) and rows is not None and not head.startswith(b"PAR1"):
