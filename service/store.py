@@ -133,6 +133,8 @@ RUNNING = f"{P}running"
 """Ids of jobs in `running`, scanned by the reaper for expired leases."""
 FINISHED = f"{P}finished"
 """Ids of finished jobs scored by when they finished, swept after the retention period."""
+METRICS_PAGE = 1_000
+"""Metric points a round trip when a job's series is read (about 200 KB)."""
 LABEL_SCAN = 2_000
 """Job records a label-filtered list reads per request at most: a filter that few jobs match
 answers a short page and a cursor, not one request reading the whole index."""
@@ -528,13 +530,25 @@ class Store:
             await pipe.execute()
 
     async def get_metrics(self, job_id: str, *, since_step: int = 0) -> list[MetricPoint]:
-        points = []
-        for _, fields in await self.redis.xrange(metrics_key(job_id)):
-            step = int(fields[b"step"])
-            if step >= since_step:
+        """The points from the first of the newest ones at `since_step` or later, in order.
+        Read newest first, a page a round trip, to the first point below `since_step`: a
+        poll for new points reads only those, not the whole stream (up to `metrics_maxlen`),
+        and other requests are served between the pages of a long read. A resumed job's
+        steps go back: points of the attempt it replaced are left out once a step below
+        `since_step` comes between them and the newer ones."""
+        points: list[MetricPoint] = []
+        upper = "+"
+        while True:
+            page = await self.redis.xrevrange(metrics_key(job_id), upper, "-", count=METRICS_PAGE)
+            for _, fields in page:
+                step = int(fields[b"step"])
+                if step < since_step:
+                    return points[::-1]
                 values = _values_decoder.decode(fields[b"values"])
                 points.append(MetricPoint(step=step, time=float(fields[b"time"]), values=values))
-        return points
+            if len(page) < METRICS_PAGE:
+                return points[::-1]
+            upper = f"({page[-1][0].decode()}"
 
     async def read_events(
         self, job_id: str, *, after: str, block_ms: int | None

@@ -293,6 +293,38 @@ async def test_metrics_since_step(api: Api) -> None:
     assert resp.json()["points"][0]["values"] == {"loss": 0.5}
 
 
+async def test_a_poll_for_new_metrics_reads_only_them(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long job's series holds up to 100,000 points: `since_step` near its end reads a page,
+    not the whole stream, and a whole read goes a page at a time. A resumed job's steps go
+    back; the points of the attempt it replaced are left out from where they fall behind."""
+    monkeypatch.setattr(store_module, "METRICS_PAGE", 4)
+    ds = await dataset(api)
+    job = (await api.client.post("/v1/jobs", json=spec(ds), headers=ALICE)).json()
+    store = Store.from_url(api.settings.redis_url)
+    steps = [*range(1, 31), *range(25, 33)]  # resumed from a checkpoint at step 24
+    for step in steps:
+        point = MetricPoint(step=step, time=time.time(), values={"loss": 1 / step})
+        await store.add_metrics(job["id"], point)
+    await store.close()
+    r = redis.Redis.from_url(api.settings.redis_url)
+
+    async def read(since: int) -> tuple[list[int], int]:
+        r.config_resetstat()
+        resp = await api.client.get(
+            f"/v1/jobs/{job['id']}/metrics", params={"since_step": since}, headers=ALICE
+        )
+        assert resp.status_code == 200, resp.text
+        calls = r.info("commandstats")["cmdstat_xrevrange"]["calls"]
+        return [p["step"] for p in resp.json()["points"]], calls
+
+    assert await read(31) == ([31, 32], 1)
+    assert await read(26) == ([26, 27, 28, 29, 30, 31, 32], 2)
+    assert await read(0) == (steps, 10)  # 38 points, 4 a page
+    r.close()
+
+
 async def test_racing_cancels_and_updates_lose_nothing(api: Api) -> None:
     ds = await dataset(api)
     job = (await api.client.post("/v1/jobs", json=spec(ds), headers=ALICE)).json()
