@@ -17,7 +17,7 @@ import io
 import re
 from collections.abc import Sequence
 
-from service.contract import Dataset, MetricPoint
+from service.contract import Dataset, MetricPoint, numbered_as
 from service.contract.openai import FileObject
 
 RESULT_PREFIX = "res_"
@@ -47,7 +47,12 @@ def dataset_name(filename: str | None) -> str:
 
 
 def dataset_file(ds: Dataset) -> FileObject:
-    warnings = "; ".join(w.msg for w in ds.warnings)  # each says its count of rows
+    notes = [w.msg for w in ds.warnings]  # each says its count of rows
+    if ds.skipped_rows:  # on_invalid=skip: what was left out is said, as a warning is
+        errors = [(e.line, e.field, e.msg) for e in ds.skipped]
+        unit = numbered_as(ds.container)
+        notes.insert(0, f"left out {status_details(errors, ds.skipped_rows, unit)}")
+    warnings = "; ".join(notes)
     return FileObject(
         id=ds.id,
         bytes=ds.bytes,

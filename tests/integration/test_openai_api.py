@@ -25,6 +25,7 @@ from openai.types.webhooks import FineTuningJobCancelledWebhookEvent
 from service import store as store_module
 from service.api.body_stream import stream_upload
 from service.api.openai import jobs as openai_jobs_api
+from service.api.openai.jobs import SDK_RETRY_COUNT
 from service.contract import JobStatus
 from service.openai import records
 from service.openai.hyperparameters import auto_batch_size, auto_epochs
@@ -106,6 +107,12 @@ def test_an_invalid_file_ends_in_error_with_its_lines(client: openai.OpenAI) -> 
     kept = client.files.create(file=("ok.jsonl", jsonl(rows)), purpose="fine-tune", extra_body=skip)
     assert kept.status == "processed" and kept.id.startswith("ds_")
     assert len(client.files.content(kept.id).read().splitlines()) == 3
+    # What was left out is said where an SDK user looks, not only in our dataset record.
+    assert kept.status_details is not None
+    assert kept.status_details.startswith(
+        "processed with warnings: left out 1 invalid rows: line 3"
+    )
+    assert client.files.retrieve(kept.id).status_details == kept.status_details
     for field, value, said in (
         ("on_invalid", "drop", "on_invalid: Invalid enum value 'drop'"),
         ("max_invalid_fraction", "2", "max_invalid_fraction: Expected `float` <= 1.0"),
@@ -374,6 +381,35 @@ def test_a_retried_create_does_not_start_a_second_job(live_api: LiveServer) -> N
         job = client.fine_tuning.jobs.create(model=MODEL, training_file=train)
         assert transport.creates == 2
         assert [j.id for j in client.fine_tuning.jobs.list()] == [job.id]
+
+
+def test_the_sdks_retry_of_a_cancel_whose_answer_was_lost_gets_the_job(
+    live_api: LiveServer,
+) -> None:
+    """The cancel worked; only its answer was lost: the retry says so rather than raising a
+    ConflictError for a cancel that succeeded. A second cancel of one's own is still a 409."""
+
+    class LoseFirstCancel(httpx2.BaseTransport):
+        def __init__(self) -> None:
+            self.inner, self.cancels = httpx2.HTTPTransport(), []
+
+        def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+            response = self.inner.handle_request(request)
+            if request.url.path.endswith("/cancel"):
+                self.cancels.append((request.headers[SDK_RETRY_COUNT], response.status_code))
+                if len(self.cancels) == 1:
+                    response.read()
+                    raise httpx2.ReadTimeout("answer lost", request=request)
+            return response
+
+    transport = LoseFirstCancel()
+    with sdk(live_api.url, http_client=httpx2.Client(transport=transport)) as client:
+        train = upload(client, openai_rows(4))
+        job = client.fine_tuning.jobs.create(model=MODEL, training_file=train)
+        assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+        assert transport.cancels == [("0", 200), ("1", 200)]
+        with pytest.raises(openai.ConflictError, match="already cancelled"):
+            client.fine_tuning.jobs.cancel(job.id)
 
 
 def test_errors_raise_the_sdk_classes_with_our_message(

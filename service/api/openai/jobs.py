@@ -38,7 +38,7 @@ from service.openai.jobs import (
     to_spec,
 )
 from service.settings import Principal, Settings
-from service.store import LABEL_SCAN, NotFound, Store, request_fingerprint
+from service.store import LABEL_SCAN, Conflict, NotFound, Store, request_fingerprint
 from service.tenants import Tenants
 
 RETRY_WINDOW_SECONDS = 600
@@ -252,12 +252,31 @@ class FineTuningController(Controller):
         responses=responses(404, 409),
     )
     async def cancel(
-        self, job_id: JobId, principal: Principal, store: Store, arq: ArqRedis, settings: Settings
+        self,
+        request: Request[Any, Any, Any],
+        job_id: JobId,
+        principal: Principal,
+        store: Store,
+        arq: ArqRedis,
+        settings: Settings,
     ) -> FineTuningJob:
-        # Shown `cancelled` since the first cancel, as OpenAI's are: a second is refused.
-        job = await cancel_job(
-            job_id, tenant=scope(principal), store=store, arq=arq, settings=settings, again=False
-        )
+        # Shown `cancelled` since the first cancel, as OpenAI's are: a second is refused,
+        # unless it is the SDK's retry of one whose answer was lost (that cancel worked).
+        try:
+            job = await cancel_job(
+                job_id,
+                tenant=scope(principal),
+                store=store,
+                arq=arq,
+                settings=settings,
+                again=False,
+            )
+        except Conflict:
+            if request.headers.get(SDK_RETRY_COUNT, "0") == "0":
+                raise
+            job = await store.get_job(job_id, scope(principal))
+            if not job.cancel_requested:  # ended otherwise: no cancel of ours to answer
+                raise
         return await _shown(store, job, settings)
 
     @post(
