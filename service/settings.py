@@ -136,10 +136,10 @@ class Settings:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Worker device: auto, cpu or cuda."""
     api_grace_seconds: Annotated[int, msgspec.Meta(ge=0)] = 20
-    """On SIGTERM, the API stops taking connections and gives those open this long to end
-    (an upload finishing); then it ends the rest (event streams never end by themselves: their
-    clients resume on another replica with Last-Event-ID) and shuts down cleanly. Keep it below
-    the pod's terminationGracePeriodSeconds (30)."""
+    """On SIGTERM, the API stops taking connections, ends its event streams at once (their
+    clients resume on another replica with Last-Event-ID) and gives the other open requests
+    this long to end (an upload finishing); then it ends the rest and shuts down cleanly. Keep
+    it below the pod's terminationGracePeriodSeconds (30)."""
     worker_grace_seconds: Annotated[int, msgspec.Meta(ge=0)] = 120
     """On SIGTERM, the training process checkpoints at its next step and stops, and the job is
     re-queued to resume there; this bounds the wait (a job past training, evaluating or

@@ -309,7 +309,10 @@ class FineTuningJobCreate(JobOptions, kw_only=True):
     ] = None
     method: Annotated[
         FineTuningMethodCreate | None,
-        msgspec.Meta(description="The method; left out: dpo, all auto."),
+        msgspec.Meta(
+            description="The method; left out: the training file's (`dpo` for preference rows, "
+            "`supervised` for chat rows), all auto."
+        ),
     ] = None
     suffix: Annotated[
         Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None,
