@@ -753,6 +753,18 @@ def test_what_this_service_lacks_answers_in_openais_envelope(
         )
     with pytest.raises(openai.NotFoundError, match="does not serve models"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
+    with pytest.raises(openai.NotFoundError, match=r"jobs\.checkpoints\.list"):
+        client.fine_tuning.checkpoints.permissions.list("ftckpt_1")
+    with pytest.raises(openai.NotFoundError, match="no graders here"):
+        client.fine_tuning.alpha.graders.validate(
+            grader={
+                "type": "string_check",
+                "name": "g",
+                "input": "a",
+                "reference": "b",
+                "operation": "eq",
+            }
+        )
 
 
 def test_every_answer_carries_a_request_id(client: openai.OpenAI, live_api: LiveServer) -> None:

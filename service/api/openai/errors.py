@@ -53,6 +53,10 @@ _LACKED = {
     "/v1/responses": "this service fine-tunes but does not serve models",
     "/v1/embeddings": "this service fine-tunes but does not serve models",
     "/v1/batches": "there are no batches here",
+    "/v1/fine_tuning/checkpoints": "checkpoints are not shared across organizations here: list "
+    "a job's with fine_tuning.jobs.checkpoints.list; they are stored where its output goes",
+    "/v1/fine_tuning/alpha": "there are no graders here: a job is evaluated on its "
+    "validation_file (held-out preference pairs) at each eval step",
 }
 """OpenAI's other resources, which an SDK pointed here may call: answered in its envelope,
 saying what to do instead (the SDK shows a bare 404 otherwise)."""
