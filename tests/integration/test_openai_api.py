@@ -215,6 +215,9 @@ def test_files_page_newest_first_across_kinds(client: openai.OpenAI) -> None:
             client.files.list(after=foreign, limit=2)
         assert bad.value.param == "after", bad.value.body
     assert [f.id for f in client.files.list(after=second, limit=2)] == [first]
+    for call in (client.files.retrieve, client.files.content, client.files.delete):
+        with pytest.raises(openai.NotFoundError, match="ids start with ds_, file_ or res_"):
+            call("file-abc123")
 
 
 def test_auto_hyperparameters_are_resolved_and_reported(client: openai.OpenAI) -> None:

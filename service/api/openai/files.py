@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -54,6 +55,17 @@ FileId = Annotated[
 FILE_ID = r"^(ds|file|res)_[A-Za-z0-9]{1,64}(?!\n)$"
 """Ours, as `after`: another id would list from the start again, and a client paging on would
 loop."""
+
+
+def _ours(file_id: str) -> str:
+    """NotFound, saying what our ids look like, for an id that cannot be one (an OpenAI
+    `file-...` id kept from elsewhere): not "dataset file-abc does not exist"."""
+    if re.match(FILE_ID, file_id) is None:
+        raise NotFound(
+            f"file {file_id} does not exist: this service's file ids start with ds_, file_ or "
+            "res_ (ids from another service are not known here)"
+        )
+    return file_id
 
 
 def _suffix(file_id: str) -> str:
@@ -254,6 +266,7 @@ class FileController(Controller):
         self, file_id: FileId, principal: Principal, store: Store
     ) -> FileObject:
         tenant = scope(principal)
+        _ours(file_id)
         if file_id.startswith("file_"):
             return (await records.get_failed_upload(store, file_id, tenant)).file()
         if job_of_result_file(file_id) is not None:
@@ -273,6 +286,7 @@ class FileController(Controller):
         self, file_id: FileId, principal: Principal, store: Store, blobs: BlobStore
     ) -> Response[Any]:
         tenant = scope(principal)
+        _ours(file_id)
         if file_id.startswith("file_"):
             failed = await records.get_failed_upload(store, file_id, tenant)
             raise NotFound(f"file {failed.id} failed validation: nothing of it was stored")
@@ -300,6 +314,7 @@ class FileController(Controller):
         self, file_id: FileId, principal: Principal, store: Store, blobs: BlobStore
     ) -> FileDeleted:
         tenant = scope(principal)
+        _ours(file_id)
         if file_id.startswith("file_"):
             await records.delete_failed_upload(store, file_id, tenant)
         elif job_of_result_file(file_id) is not None:
