@@ -287,9 +287,12 @@ def _marked(source: list[Any], msgs: list[Msg], field: str) -> list[Msg]:
 
 
 def _weight(message: Any, where: str) -> bool:
-    """Whether an assistant message is trained on: OpenAI's ``weight``, 1 when left out."""
-    weight = message.get("weight", 1) if isinstance(message, dict) else 1
-    if weight not in (0, 1) or isinstance(weight, float | bool):
+    """Whether an assistant message is trained on: OpenAI's ``weight``, 1 when left out. ShareGPT
+    sets (SlimOrca, OpenHermes) write it as a float on every turn, null where it has none."""
+    weight = message.get("weight") if isinstance(message, dict) else None
+    if weight is None:
+        return True
+    if weight not in (0, 1) or isinstance(weight, bool):
         raise RowInvalid(f"{where}.weight", f"expected 0 or 1, got {kind(weight)} {weight!r}")
     return bool(weight)
 

@@ -317,6 +317,49 @@ def test_openai_chat_weights_pick_the_answer_trained(tmp_path: Path) -> None:
     assert "every assistant message has weight 0" in refused.value.errors[0].msg
 
 
+def test_sharegpt_sets_with_a_float_or_null_weight_on_every_turn_upload(tmp_path: Path) -> None:
+    """SlimOrca writes ``weight`` as 0.0 / 1.0 on each turn and null on the system one;
+    OpenHermes-2.5 writes null on every turn (its schema types it float64). Both were refused
+    ("expected 0 or 1, got number 1.0")."""
+    slim_orca = {
+        "conversations": [
+            {"from": "system", "value": "You are an AI assistant.", "weight": None},
+            {"from": "human", "value": "Translate 'hi' to French.", "weight": 0.0},
+            {"from": "gpt", "value": "Salut.", "weight": 1.0},
+        ]
+    }
+    open_hermes = {
+        "conversations": [
+            {"from": "human", "value": "2+2?", "weight": None},
+            {"from": "gpt", "value": "4", "weight": None},
+            {"from": "human", "value": "And 3+3?", "weight": None},
+            {"from": "gpt", "value": "6", "weight": None},
+        ],
+        "source": "glaive-code-assist",
+    }
+    result, rows = validate(tmp_path, [slim_orca, open_hermes])
+    assert result.kind == "sft"
+    assert rows[0] == {
+        "prompt": [
+            {"role": "system", "content": "You are an AI assistant."},
+            {"role": "user", "content": "Translate 'hi' to French."},
+        ],
+        "completion": [{"role": "assistant", "content": "Salut."}],
+    }
+    assert rows[1] == {
+        "prompt": [
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4", "weight": 1},
+            {"role": "user", "content": "And 3+3?"},
+        ],
+        "completion": [{"role": "assistant", "content": "6"}],
+    }
+    with pytest.raises(InvalidDataset) as refused:
+        bad = {**slim_orca["conversations"][2], "weight": 0.5}
+        validate(tmp_path, [{"conversations": [*slim_orca["conversations"][:2], bad]}])
+    assert "expected 0 or 1, got number 0.5" in refused.value.errors[0].msg
+
+
 ARGUMENTS = '{"location": "San Francisco, USA", "format": "celsius"}'
 
 
