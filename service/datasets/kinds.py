@@ -109,8 +109,8 @@ def detect_kind(rows: list[Any], mapping: FieldMapping | None) -> DatasetKind:
 def normalize(
     obj: object, kind_: DatasetKind, mapping: FieldMapping | None, *, chosen: bool = False
 ) -> tuple[dict[str, Any], set[str]]:
-    """One sft or unpaired row in canonical form, and the system and history columns it used
-    (others are named as ignored); RowInvalid names the field at fault. `chosen`: the mapping
+    """One sft or unpaired row in canonical form, and the columns it used (the others are
+    named as ignored); RowInvalid names the field at fault. `chosen`: the mapping
     asks for a preference row's chosen answers (:func:`_chosen_answers_asked`)."""
     if not isinstance(obj, dict):
         raise RowInvalid(None, f"expected a JSON object, got {kind(obj)}")
@@ -152,6 +152,7 @@ def _plain(
         if completion_field not in obj:
             raise RowInvalid(completion_field, f"missing field {completion_field!r}")
         row = _pair(obj[m.prompt_field], obj[completion_field], m.prompt_field, completion_field)
+        used.update((m.prompt_field, completion_field))
         if isinstance(row["prompt"], list) and kind_ == "sft":  # stored rows read back as is
             row["prompt"] = _marked(obj[m.prompt_field], row["prompt"], m.prompt_field)
     add_tools(obj, row, used)
@@ -221,15 +222,6 @@ def _chosen_source(obj: dict[str, Any]) -> tuple[SourceFormat, dict[str, str]] |
     parts = {("completion" if k == "chosen" else k): v for k, v in norm.mapping.items()}
     parts.pop("rejected", None)
     return norm.layout, parts
-
-
-def used_columns(kind_: DatasetKind, mapping: FieldMapping | None) -> set[str]:
-    """The columns every row uses; a row's system and history columns are its own."""
-    m = mapping or DEFAULT_MAPPING
-    used = {m.prompt_field, m.completion_field or "completion", m.messages_field or "messages"}
-    if kind_ == "unpaired":
-        used.add(m.label_field or "label")
-    return used
 
 
 def _pair(prompt: object, completion: object, pf: str, cf: str) -> dict[str, Any]:
@@ -367,7 +359,6 @@ class KindCollector:
         self.errors = ErrorTally(limits.max_errors)
         self.output = Output(dst)
         self.encode = msgspec.json.Encoder().encode
-        self.used = used_columns(kind, mapping)
         self.lengths = Lengths()
         self.seen = HashSet(limits.max_tracked_rows)
         self.duplicate, self.long_row = Tally(), Tally()
@@ -454,7 +445,7 @@ class KindCollector:
         ):
             self.converted.lines.append(line)  # the first text rows, in case they turn
         for name in obj:
-            if name in self.used or name in own:
+            if name in own:  # what this row read; a chat's unused prompt column is named too
                 continue
             if not blank(obj[name]) and len(self.ignored) < MAX_COLUMNS:
                 self.ignored.setdefault(name, Tally()).add(line)

@@ -360,6 +360,25 @@ def test_sharegpt_sets_with_a_float_or_null_weight_on_every_turn_upload(tmp_path
     assert "expected 0 or 1, got number 0.5" in refused.value.errors[0].msg
 
 
+def test_an_sft_row_names_the_prompt_or_chat_column_it_does_not_read(tmp_path: Path) -> None:
+    """A row with both a chat and a prompt/completion pair is read one way; the other column
+    (a system prompt written as `prompt`, a chat holding one) is named, not dropped silently."""
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr."}]
+    result, rows = validate(tmp_path, [{"prompt": "You are a pirate.", "messages": chat}])
+    assert rows == [{"prompt": chat[:1], "completion": chat[1:]}]
+    assert [w.msg for w in result.warnings if "'prompt'" in w.msg] == [
+        "column 'prompt' ignored in 1 row"
+    ]
+    system = {"role": "system", "content": "You are a pirate."}
+    result, rows = validate(
+        tmp_path, [{"prompt": "Hi", "completion": "Arr.", "messages": [system, *chat]}]
+    )
+    assert rows == [{"prompt": "Hi", "completion": "Arr."}]
+    assert [w.msg for w in result.warnings if "'messages'" in w.msg] == [
+        "column 'messages' ignored in 1 row"
+    ]
+
+
 ARGUMENTS = '{"location": "San Francisco, USA", "format": "celsius"}'
 
 
