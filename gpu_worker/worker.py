@@ -143,20 +143,23 @@ async def run_job(ctx: dict[str, Any], *legacy: Any) -> str:
             token: str = ctx["job_id"]
             await supervisor.backoff.retry(lambda: queue.finished(ctx["redis"], job_id, token))
     except asyncio.CancelledError:
-        # The grace after SIGTERM ran out before the child checkpointed and stopped (or the
-        # task was aborted): stop training and hand the job on; still a planned stop.
         _stop(proc.process)
-        await asyncio.shield(
-            requeue(
-                store,
-                ctx["redis"],
-                settings,
-                job_id,
-                "the worker shut down before the job could checkpoint",
-                planned=True,
-                attempt=attempt,
+        if shutdown.requested:
+            # The grace after SIGTERM ran out before the child checkpointed and stopped:
+            # hand the job on; still a planned stop.
+            await asyncio.shield(
+                requeue(
+                    store,
+                    ctx["redis"],
+                    settings,
+                    job_id,
+                    "the worker shut down before the job could checkpoint",
+                    planned=True,
+                    attempt=attempt,
+                )
             )
-        )
+        else:  # arq's job timeout: re-queued, the job would run out its time again, for ever
+            await asyncio.shield(_time_out(ctx, supervisor))
         raise
     finally:
         shutdown.forget(proc.stop)
@@ -165,6 +168,38 @@ async def run_job(ctx: dict[str, Any], *legacy: Any) -> str:
         await warm.finished(proc, respawn=not shutdown.requested)
     metrics.finished.labels(status=status).inc()
     return status
+
+
+async def _time_out(ctx: dict[str, Any], supervisor: Supervisor) -> None:
+    """End the attempt that ran past FTUNE_JOB_TIMEOUT_HOURS: failed, saying so (cancelled if
+    a cancel was asked for); its dispatch token goes, as a finished job's does."""
+    store, job_id, attempt = supervisor.store, supervisor.job_id, supervisor.attempt
+    hours = supervisor.settings.job_timeout_hours
+    error = JobError(
+        type="Timeout",
+        message=f"the job ran past FTUNE_JOB_TIMEOUT_HOURS ({hours:g} h) and was stopped",
+        phase=supervisor.phase,
+    )
+
+    def end(job: Job) -> Job:
+        if job.status != JobStatus.running or job.attempt != attempt:
+            raise Conflict(f"job {job.id} attempt {attempt} is no longer running")
+        if job.cancel_requested:
+            return msgspec.structs.replace(job, status=JobStatus.cancelled, finished_at=time.time())
+        return msgspec.structs.replace(
+            job, status=JobStatus.failed, finished_at=time.time(), error=error
+        )
+
+    try:
+        job = await supervisor.backoff.retry(lambda: store.update_job(job_id, end))
+    except (Conflict, NotFound) as exc:
+        log.warning("%s", exc)
+        return
+    await supervisor.backoff.retry(lambda: store.drop_lease(job_id))
+    await supervisor.backoff.retry(lambda: store.add_log(job_id, error.message))
+    token: str = ctx["job_id"]
+    await supervisor.backoff.retry(lambda: queue.finished(ctx["redis"], job_id, token))
+    log.warning("job %s attempt %s %s: %s", job_id, attempt, job.status.value, error.message)
 
 
 def _stop(child: Any) -> None:

@@ -116,7 +116,8 @@ class Settings:
     hf_tokens: Mapping[str, str] = field(default_factory=dict, repr=False)
     """HF tokens by name: "" for HF_TOKEN, "<name>" for FTUNE_HF_TOKEN_<NAME>. Never logged."""
     job_timeout_hours: Positive = 48.0
-    """Hard limit of one training job on a worker."""
+    """Hard limit of one attempt of a training job on a worker: past it, the job fails
+    (Timeout)."""
     max_attempts: Count = 3
     """How often a job whose worker was lost is retried before it fails."""
     lease_seconds: Positive = 30.0

@@ -134,6 +134,21 @@ def test_redis_restart_during_training_costs_no_attempt(
     assert sorted({s for s, _ in steps}) == list(range(1, max_steps + 1))
 
 
+def test_a_job_past_the_job_timeout_fails_saying_so_once(stack: Stack) -> None:
+    """FTUNE_JOB_TIMEOUT_HOURS is the hard limit of one job: a job that runs past it fails
+    with a Timeout error. It was re-queued as if its worker had shut down, with no attempt
+    spent, and so ran out its time again and again, holding a GPU for ever."""
+    ds = stack.upload(preference_rows(64))
+    worker = stack.start_worker({"FTUNE_JOB_TIMEOUT_HOURS": str(10 / 3600)})  # 10 s
+    job_id = stack.submit(spec(stack, ds["id"], hyperparameters={"max_steps": 20000}))["id"]
+    done = stack.wait_done(job_id, timeout=120)
+    assert done["status"] == "failed", done
+    assert done["error"]["type"] == "Timeout", done["error"]
+    assert "FTUNE_JOB_TIMEOUT_HOURS" in done["error"]["message"]
+    assert (done["attempt"], done["lost_attempts"]) == (0, 0)
+    assert worker.poll() is None  # the worker goes on to the next job
+
+
 def test_a_training_process_killed_for_memory_fails_the_job_and_leaves_no_files(
     stack: Stack,
 ) -> None:
