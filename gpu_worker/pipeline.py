@@ -180,7 +180,7 @@ def _run(
     # not part of the result.
     shutil.rmtree(adapter_dir / "ref", ignore_errors=True)
 
-    final_metrics = _final_train_metrics(callback)
+    final_metrics = _final_train_metrics(callback, resumed=plan.resume_from is not None)
     if eval_rows:
         final_metrics |= evaluated or final_eval
         final_metrics = {k: v for k, v in final_metrics.items() if math.isfinite(v)}
@@ -358,13 +358,25 @@ def _fetch_newest_checkpoint(
     return folder, [p for p in read_points(folder / METRICS_FILE) if p.step <= step]
 
 
-def _final_train_metrics(callback: ReporterCallback) -> dict[str, float]:
-    """The last training log (TRL's keys) and the end-of-training summary (`train_loss`, ...)."""
+def _final_train_metrics(callback: ReporterCallback, *, resumed: bool) -> dict[str, float]:
+    """The last training log (TRL's keys) and the end-of-training summary (`train_loss`, ...).
+    A resumed run's summary covers only the steps it trained (none, resumed at the last step),
+    so its `train_loss` is made from every step's logged loss, as an unbroken run's is; its
+    runtime and throughput figures stay those of the last attempt."""
     last: dict[str, float] = {}
+    losses: dict[int, float] = {}
     for point in callback.points:
         if not any(k.startswith("eval_") for k in point.values):
             last = {k: v for k, v in point.values.items() if k not in _OUR_KEYS}
-    return last | callback.summary
+            if "loss" in point.values:
+                losses[point.step] = point.values["loss"]  # a step trained again: its last
+    final = last | callback.summary
+    if resumed and losses:
+        # Each logged loss is the mean over the steps since the one logged before it.
+        ends = sorted(losses)
+        total = sum(losses[e] * (e - b) for b, e in zip([0, *ends], ends, strict=False))
+        final["train_loss"] = total / ends[-1]
+    return final
 
 
 def _eval_at(callback: ReporterCallback, step: int) -> dict[str, float]:

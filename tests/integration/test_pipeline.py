@@ -293,17 +293,21 @@ def test_a_job_resumed_from_its_last_steps_checkpoint_trains_no_step_more(
         hyperparameters={"max_steps": 4, "checkpoint_steps": 4},
     )
     first = ListReporter()
-    run(job, tmp_path / "work-1", first, settings=settings, store=store)
+    first_result = run(job, tmp_path / "work-1", first, settings=settings, store=store)
     trained = store.get_bytes(f"jobs/{job.id}/artifacts/adapter/adapter_model.safetensors")
 
     again = ListReporter()
-    run(job, tmp_path / "work-2", again, settings=settings, store=store)
+    again_result = run(job, tmp_path / "work-2", again, settings=settings, store=store)
 
     assert any("resuming from the checkpoint at step 4" in line for line in again.logs)
     assert any("nothing left to train" in line for line in again.logs)
     assert _losses(again) == {}
     published = store.get_bytes(f"jobs/{job.id}/artifacts/adapter/adapter_model.safetensors")
     assert published == trained
+    # With no step trained, its train_loss is still the job's (it was missing, failing a gate).
+    assert again_result.final_metrics["train_loss"] == pytest.approx(
+        first_result.final_metrics["train_loss"], abs=1e-4
+    )
 
 
 def test_resume_continues_from_the_newest_checkpoint(
@@ -348,10 +352,15 @@ def test_resume_continues_from_the_newest_checkpoint(
     # scheduler, data order and RNG all continue from checkpoint 4.
     whole = ListReporter()
     uninterrupted = msgspec.structs.replace(job, id="job_whole")
-    run(uninterrupted, tmp_path / "work-3", whole, settings=settings, store=store)
+    unbroken = run(uninterrupted, tmp_path / "work-3", whole, settings=settings, store=store)
     resumed = _losses(first, upto=4) | _losses(second)
     assert list(resumed) == list(range(1, 9))
     assert resumed == pytest.approx(_losses(whole), abs=1e-5, rel=0)
+    # Its train_loss is the mean over all 8 steps, as the unbroken run's (transformers' own
+    # summary covers the 4 steps of the last attempt): a gate on it must not see a better job.
+    assert result.final_metrics["train_loss"] == pytest.approx(
+        unbroken.final_metrics["train_loss"], abs=1e-4
+    )
     # metrics.jsonl holds the whole history once: steps 1-4 from the checkpoint, 5-8 resumed,
     # then the evaluation at step 8 (done by eval_steps, so not repeated after training).
     (artifact,) = result.artifacts
