@@ -9,6 +9,7 @@ Whatever does not pass goes to ``normalize``, which says what is wrong.
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Iterable
 from itertools import repeat
 from typing import Any, Literal
@@ -134,7 +135,16 @@ def decode_error(raw: bytes, line: int, exc: Exception) -> str:
         raw.decode("utf-8")
     except UnicodeDecodeError as e:
         return f"line {line} is not valid UTF-8: {e.reason} 0x{raw[e.start]:02x} at byte {e.start}"
+    found = _AT_BYTE.search(str(exc))
+    if found and raw[int(found.group(1)) :].startswith((b"NaN", b"Infinity")):
+        return (
+            f"line {line} is not valid JSON: {exc}: NaN and Infinity are not JSON (Python's "
+            "json.dumps writes them for such floats); write null, or dump with allow_nan=False"
+        )
     return f"line {line} is not valid JSON: {exc}"
+
+
+_AT_BYTE = re.compile(r"\(byte (\d+)\)")
 
 
 def as_conversation(row: Row) -> Row:

@@ -480,13 +480,20 @@ def _unmapped(obj: dict[str, Any]) -> Normalized:
         if isinstance(obj.get("output"), list) and ("instruction" in obj or "input" in obj):
             return _alpaca_pair(obj)
     if cf is None or rf is None:
+        sft = (
+            "; with no rejected answer at all, these are not preference rows: an sft upload "
+            "takes prompt and completion, or a chat in messages (name other columns with "
+            "completion_field or messages_field), and a kto one adds a label"
+            if cf is None and rf is None
+            else ""
+        )
         raise _missing(
             "chosen" if cf is None else "rejected",
             obj,
             "; a row needs a chosen and a rejected answer in one of the layouts of the "
             "README's \"Dataset formats\" (prompt, chosen and rejected; OpenAI's input, "
             "preferred_output and non_preferred_output; ...); other column names need a field "
-            "mapping",
+            f"mapping{sft}",
         )
     system_col = system_column(obj)
     history_col = "history" if "history" in obj else None

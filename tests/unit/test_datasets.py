@@ -276,6 +276,19 @@ BAD_LINES: list[tuple[str, Any, str | None, str]] = [
     ("not json", b'{"prompt": "x",\n', None, "line 2 is not valid JSON: "),
     ("trailing garbage", b'{"prompt": "x"} y\n', None, "line 2 is not valid JSON: "),
     (
+        "NaN (Python's json.dumps)",
+        b'{"prompt": "2+2?", "chosen": "4", "rejected": "5", "score": NaN}\n',
+        None,
+        "NaN and Infinity are not JSON (Python's json.dumps writes them for such floats); "
+        "write null, or dump with allow_nan=False",
+    ),
+    (
+        "-Infinity",
+        b'{"prompt": "2+2?", "chosen": "4", "rejected": "5", "margin": -Infinity}\n',
+        None,
+        "NaN and Infinity are not JSON",
+    ),
+    (
         "not utf-8",
         b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n',
         None,
@@ -299,6 +312,14 @@ BAD_LINES: list[tuple[str, Any, str | None, str]] = [
         "chosen",
         "missing field 'chosen' (the row has: 'text', 'label'); a row needs a chosen and a "
         "rejected answer in one of the layouts",
+    ),
+    (
+        "an sft layout (Dolly)",
+        {"instruction": "Name a colour.", "context": "", "response": "Blue."},
+        "chosen",
+        "with no rejected answer at all, these are not preference rows: an sft upload takes "
+        "prompt and completion, or a chat in messages (name other columns with "
+        "completion_field or messages_field)",
     ),
     (
         "no prompt",
