@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+import msgspec
+
 from service.contract import Container
 
 ACCEPTED_TYPES = (
@@ -522,11 +524,52 @@ def csv_rows(
             row: dict[str, Any] = dict(zip(header, cells, strict=False))
             if len(cells) > len(header):
                 row[f"(column {len(header) + 1})"] = cells[len(header)]
-            yield n, row
+            yield n, _with_chats(row)
     except csv.Error as e:
         raise FileProblem(n + 1, f"row {n + 1} of the CSV file cannot be read: {e}") from None
 
 
+def _with_chats(row: dict[str, Any]) -> dict[str, Any] | BadCell:
+    """A CSV row whose cells hold chats (lists of messages, as `json.dumps` writes them in a
+    cell) with those lists read: stored as their text, the model would train on the JSON.
+    Python's own writing of a list (`df.to_csv` of message lists) cannot be read as JSON, and
+    is refused saying how to export; any other text stays text (a JSON answer is an answer)."""
+    for column, cell in row.items():
+        if not cell.startswith(("[", " [")):
+            continue
+        try:
+            value = msgspec.json.decode(cell)
+        except msgspec.DecodeError:
+            if _PYTHON_CHAT.match(cell):
+                return BadCell(
+                    column,
+                    "the cell holds a Python list of messages (what pandas' to_csv writes), "
+                    "not JSON: export the rows with to_json(orient='records', lines=True), or "
+                    "write the cells with json.dumps",
+                )
+            continue
+        if _chat_like(value) or (column == "history" and _history_like(value)):
+            row[column] = value
+    return row
+
+
+def _chat_like(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(m, dict) and ("role" in m or "from" in m) for m in value)
+    )
+
+
+def _history_like(value: Any) -> bool:
+    """LLaMA-Factory's history: [[question, answer], ...]."""
+    return isinstance(value, list) and all(
+        isinstance(turn, list) and all(isinstance(t, str) for t in turn) for turn in value
+    )
+
+
+_PYTHON_CHAT = re.compile(r"\s*\[\s*\{\s*'(role|content|from|value)'\s*:")
+"""The start of a list of message dicts as Python's repr writes it."""
 _ESCAPED = re.compile("[\udc80-\udcff]")
 """A byte that was not UTF-8, as the decoder's surrogateescape keeps it."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import json
@@ -184,6 +185,43 @@ def test_csv_cells_quoted_across_lines_and_ragged_rows(tmp_path: Path) -> None:
         {"prompt": "Plain?", "chosen": "Sure.", "rejected": "Never."},
     ]
     assert [w.msg for w in result.warnings] == ["column '(column 4)' ignored in 1 row"]
+
+
+def test_csv_cells_holding_chats_are_read_as_chats_not_stored_as_their_text(
+    tmp_path: Path,
+) -> None:
+    """UltraFeedback-binarized's chosen and rejected are lists of messages: a CSV export with
+    them written by json.dumps was stored as the JSON text, with no warning, and the model
+    would have trained on it. Written by pandas' to_csv (Python's repr), it is refused saying
+    how to export; a cell of JSON that is not a chat (a structured answer) stays text."""
+    user = {"role": "user", "content": "Haiku about autumn?"}
+    chosen = [user, {"role": "assistant", "content": "Old pond, a frog jumps — «plop»."}]
+    rejected = [user, {"role": "assistant", "content": "No."}]
+    history = [["Hi", "Hello!"]]
+
+    def export(cell: Any) -> bytes:
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["prompt", "chosen", "rejected", "history", "score_chosen"])
+        writer.writerow(["Haiku about autumn?", cell(chosen), cell(rejected), cell(history), 8.5])
+        answer = '{"season": "autumn"}'
+        writer.writerow(["As JSON?", answer, "[1] no", "", 2])
+        return out.getvalue().encode()
+
+    result, out = ingest(write(tmp_path, "uf.csv", export(json.dumps)), hint="csv")
+    first, second = (msgspec.json.decode(x) for x in out.splitlines())
+    assert first["chosen"] == chosen[1:] and first["rejected"] == rejected[1:]
+    assert first["prompt"] == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        user,
+    ]
+    assert second["chosen"] == [{"role": "assistant", "content": '{"season": "autumn"}'}]
+    assert result.rows == 2
+
+    [(line, field, msg)] = errors(write(tmp_path, "pd.csv", export(str)), hint="csv")
+    assert (line, field) == (1, "chosen")
+    assert msg.startswith("the cell holds a Python list of messages (what pandas' to_csv")
 
 
 def test_a_pandas_csv_with_its_index_column_is_read_as_csv_unhinted(tmp_path: Path) -> None:
