@@ -248,6 +248,7 @@ class Supervisor:
         renew_every = max(self.settings.lease_seconds / 3, 0.5)
         next_renew = next_look = 0.0
         kill_at: float | None = None
+        stopping: asyncio.Future[None] | None = None
         while True:
             self.take(events)
             alive = child.is_alive()
@@ -271,15 +272,18 @@ class Supervisor:
                 # Killed, not asked: a checkpoint written now would be another attempt's.
                 log.warning("job %s attempt %s was re-queued meanwhile", self.job_id, self.attempt)
                 child.kill()
-                child.join(5)
+                await stopping if stopping is not None else asyncio.to_thread(child.join, 5)
                 return
             if self.cancel_requested and not cancel.is_set():
                 cancel.set()
                 kill_at = now + CANCEL_GRACE_SECONDS
-            if kill_at is not None and now >= kill_at:
-                stop_child(child)
+            if kill_at is not None and now >= kill_at and stopping is None:
+                # Up to 15 s: in a thread, while this loop goes on renewing the lease.
+                stopping = asyncio.ensure_future(asyncio.to_thread(stop_child, child))
             if not alive or self.outcome is not None:  # the outcome is the child's last event
                 if self.pending or self.progress is not None or self.backoff.down_since:
                     await self.backoff.retry(self.forward)
+                if stopping is not None:
+                    await stopping
                 return
             await asyncio.sleep(0.2)
