@@ -218,9 +218,21 @@ def messages(
             and not body.isspace()
         ):
             out.append({"role": role, "content": body})
-        else:
+        elif not _blank_system(m):
             out.append(message(m, f"{field}[{i}]", calls=calls))
+    if not out:
+        raise RowInvalid(field, "the list of messages holds only an empty system message")
     return out
+
+
+def _blank_system(m: object) -> bool:
+    """A system message with no text (SlimOrca-style exports write one on rows that have no
+    system prompt): left out, as a blank system column is."""
+    if not isinstance(m, dict):
+        return False
+    if "role" in m:
+        return m["role"] in ("system", "developer") and len(m) == 2 and blank(m.get("content"))
+    return m.get("from") == "system" and blank(m.get("value"))
 
 
 def check_prompt(msgs: list[Msg], field: str) -> None:

@@ -360,6 +360,35 @@ def test_sharegpt_sets_with_a_float_or_null_weight_on_every_turn_upload(tmp_path
     assert "expected 0 or 1, got number 0.5" in refused.value.errors[0].msg
 
 
+def test_an_empty_system_message_is_left_out_as_a_blank_system_column_is(tmp_path: Path) -> None:
+    """Exports write an empty system turn on rows with no system prompt: the row was refused
+    ("the text is empty") where a blank system column is simply left out."""
+    sharegpt = {
+        "conversations": [
+            {"from": "system", "value": ""},
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello!"},
+        ]
+    }
+    _, rows = validate(tmp_path, [sharegpt])
+    assert rows == [
+        {
+            "prompt": [{"role": "user", "content": "Hi"}],
+            "completion": [{"role": "assistant", "content": "Hello!"}],
+        }
+    ]
+    pair = {
+        "prompt": [{"role": "system", "content": " "}, {"role": "user", "content": "2+2?"}],
+        "chosen": [{"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "assistant", "content": "5"}],
+    }
+    _, rows = validate(tmp_path, [pair])
+    assert rows == [{**pair, "prompt": pair["prompt"][1:]}]
+    with pytest.raises(InvalidDataset) as refused:
+        validate(tmp_path, [{**pair, "prompt": pair["prompt"][:1]}])
+    assert "only an empty system message" in refused.value.errors[0].msg
+
+
 def test_an_sft_row_names_the_prompt_or_chat_column_it_does_not_read(tmp_path: Path) -> None:
     """A row with both a chat and a prompt/completion pair is read one way; the other column
     (a system prompt written as `prompt`, a chat holding one) is named, not dropped silently."""
