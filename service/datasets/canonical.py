@@ -27,8 +27,9 @@ class RowCall(msgspec.Struct, gc=False, omit_defaults=True):
     id: str | None = None
 
 
-class RowMessage(msgspec.Struct, gc=False, omit_defaults=True):
-    """A message; what a function call adds is left out of the JSON when it is not there."""
+class RowMessage(msgspec.Struct, gc=False, forbid_unknown_fields=True, omit_defaults=True):
+    """A message; what a function call adds is left out of the JSON when it is not there. Any
+    other field sends its row to the slow path, which names what it leaves out."""
 
     role: Literal["system", "user", "assistant", "tool"]
     content: str

@@ -42,7 +42,7 @@ from service.datasets.canonical import (
 )
 from service.datasets.containers import Lines
 from service.datasets.layouts import DEFAULT_MAPPING, normalize
-from service.datasets.messages import RowInvalid
+from service.datasets.messages import RowInvalid, noting_dropped
 from service.datasets.output import Output, Sink
 from service.datasets.rows import LONG_ROW_CHARS
 from service.datasets.stats import (
@@ -415,13 +415,14 @@ class Collector:
 
     def _normalize(self, line: int, obj: Any) -> None:
         try:
-            found = normalize(obj, self.mapping)
+            with noting_dropped() as dropped:
+                found = normalize(obj, self.mapping)
         except RowInvalid as e:
             self.error(line, e.field, e.msg)
             return
         self.functions = self.functions or uses_functions(found.row)
         row = msgspec.convert(found.row, Row)
-        self._accept(line, row, found.layout, found.mapping, found.ignored)
+        self._accept(line, row, found.layout, found.mapping, [*found.ignored, *sorted(dropped)])
 
     # ------------------------------------------------------------------ output
 

@@ -63,6 +63,7 @@ from service.datasets.messages import (
     kind,
     mark_trained,
     messages,
+    noting_dropped,
     text,
 )
 from service.datasets.output import Output, Sink
@@ -419,7 +420,8 @@ class KindCollector:
 
     def _row(self, line: int, obj: Any) -> None:
         try:
-            row, own = normalize(obj, self.kind, self.mapping, chosen=self.chosen)
+            with noting_dropped() as dropped:
+                row, own = normalize(obj, self.kind, self.mapping, chosen=self.chosen)
         except RowInvalid as e:
             self.errors.add(line, e.field, e.msg)
             return
@@ -448,6 +450,9 @@ class KindCollector:
             if name in own:  # what this row read; a chat's unused prompt column is named too
                 continue
             if not blank(obj[name]) and len(self.ignored) < MAX_COLUMNS:
+                self.ignored.setdefault(name, Tally()).add(line)
+        for name in sorted(dropped):  # a message's field: `messages[].reasoning_content`
+            if name in self.ignored or len(self.ignored) < MAX_COLUMNS:
                 self.ignored.setdefault(name, Tally()).add(line)
         self.held.append((line, row))
         if len(self.held) >= _MAX_HELD:

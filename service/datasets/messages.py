@@ -12,7 +12,10 @@ string or OpenAI's list of text parts, joined with newlines.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -83,6 +86,34 @@ def short(value: object, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_DROPPED: ContextVar[set[str] | None] = ContextVar("ftune_dropped_message_fields", default=None)
+"""The message fields a row's reading left out, while :func:`noting_dropped` collects them."""
+_KEPT = frozenset(("role", "content", "weight", "tool_calls", "function_call"))
+"""What a message keeps (``weight`` is read where a chat is trained); a tool's result also
+keeps ``tool_call_id`` and ``name``."""
+_SHAREGPT_KEPT = frozenset(("from", "value", "weight"))
+_AT_INDEX = re.compile(r"\[\d+\]")
+
+
+@contextmanager
+def noting_dropped() -> Iterator[set[str]]:
+    """Collect, as ``field[].key``, the non-empty message fields left out while reading a row
+    (a reasoning trace, a speaker's name): the caller names them in a warning."""
+    found: set[str] = set()
+    token = _DROPPED.set(found)
+    try:
+        yield found
+    finally:
+        _DROPPED.reset(token)
+
+
+def _note_dropped(value: dict[str, Any], where: str, kept: frozenset[str]) -> None:
+    seen = _DROPPED.get()
+    if seen is not None:
+        field = _AT_INDEX.sub("[]", where)
+        seen.update(f"{field}.{k}" for k, v in value.items() if k not in kept and not blank(v))
+
+
 def blank(value: object) -> bool:
     """Whether an optional column holds nothing (null, empty or whitespace, an empty list)."""
     if value is None:
@@ -142,6 +173,7 @@ def _sharegpt(value: dict[str, Any], where: str) -> Msg:
         raise RowInvalid(
             f"{where}.value", "missing field 'value' (ShareGPT messages (from/value) hold the text)"
         )
+    _note_dropped(value, where, _SHAREGPT_KEPT)
     return {"role": role, "content": content(value["value"], f"{where}.value")}
 
 
@@ -183,6 +215,7 @@ def message(value: object, where: str, *, calls: bool = True) -> Msg:
             raise RowInvalid(f"{where}.role", f"only assistant messages call tools, got {role!r}")
         said = value.get("content")
         text_ = "" if blank(said) else content(said, f"{where}.content")
+        _note_dropped(value, where, _KEPT)
         return {"role": name, "content": text_, "tool_calls": tool_calls(value, where)}
     if "content" not in value:
         raise RowInvalid(f"{where}.content", "missing field 'content'")
@@ -194,6 +227,9 @@ def message(value: object, where: str, *, calls: bool = True) -> Msg:
         for key in ("tool_call_id", "name"):
             if isinstance(value.get(key), str):
                 out[key] = value[key]
+        _note_dropped(value, where, _KEPT | {"tool_call_id", "name"})
+    else:
+        _note_dropped(value, where, _KEPT)
     return out
 
 

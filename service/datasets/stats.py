@@ -256,7 +256,13 @@ def column_warnings(ignored: dict[str, Tally], *, mapped: bool) -> list[DatasetW
     """One warning per column that held something no row used (never silence)."""
     found = []
     for name, tally in ignored.items():
-        if mapped and name in PROMPT_LIKE:
+        if "[]." in name:  # a message's field (messages.noting_dropped), not a column
+            kind = "ignored_message_field"
+            msg = (
+                f"message field {name!r} ignored in {rows(tally.count)}: a message keeps its "
+                "role, content and function calls"
+            )
+        elif mapped and name in PROMPT_LIKE:
             kind = "unused_prompt_column"
             msg = (
                 f"column {name!r} holds text in {rows(tally.count)} but the mapping does "

@@ -360,6 +360,39 @@ def test_sharegpt_sets_with_a_float_or_null_weight_on_every_turn_upload(tmp_path
     assert "expected 0 or 1, got number 0.5" in refused.value.errors[0].msg
 
 
+def test_a_message_field_left_out_is_named_not_dropped_silently(tmp_path: Path) -> None:
+    """A reasoning trace (`reasoning_content`, which Qwen3-style templates render) or a
+    speaker's `name` was dropped with no warning, on the fast path and the slow one alike;
+    the empty fields the openai SDK's model_dump() writes on every message are nothing."""
+    user = {"role": "user", "content": "2+2?"}
+    pair = {
+        "prompt": [user],
+        "chosen": [{"role": "assistant", "content": "4", "reasoning_content": "2 plus 2"}],
+        "rejected": [{"role": "assistant", "content": "5", "reasoning_content": "a guess"}],
+    }
+    result, rows = validate(tmp_path, [pair, pair | {"prompt": [{**user, "content": "3+3?"}]}])
+    assert rows[0] == {
+        "prompt": [user],
+        "chosen": [{"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "assistant", "content": "5"}],
+    }
+    named = {w.msg: (w.kind, w.count) for w in result.warnings}
+    for field in ("chosen", "rejected"):
+        assert named[
+            f"message field '{field}[].reasoning_content' ignored in 2 rows: a message keeps "
+            "its role, content and function calls"
+        ] == ("ignored_message_field", 2)
+
+    dumped = {"refusal": None, "audio": None, "annotations": [], "function_call": None}
+    chat = [{**user, "name": "alice"}, {"role": "assistant", "content": "4", **dumped}]
+    result, rows = validate(tmp_path, [{"messages": chat}])
+    assert rows == [{"prompt": [user], "completion": [{"role": "assistant", "content": "4"}]}]
+    assert [w.msg for w in result.warnings] == [
+        "message field 'messages[].name' ignored in 1 row: a message keeps its role, content "
+        "and function calls"
+    ]
+
+
 def test_an_empty_system_message_is_left_out_as_a_blank_system_column_is(tmp_path: Path) -> None:
     """Exports write an empty system turn on rows with no system prompt: the row was refused
     ("the text is empty") where a blank system column is simply left out."""
