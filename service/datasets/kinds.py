@@ -107,17 +107,22 @@ def detect_kind(rows: list[Any], mapping: FieldMapping | None) -> DatasetKind:
     return "preference"
 
 
+Source = tuple[SourceFormat, dict[str, str]]
+"""A row's layout and its parts' columns (`{"messages": "conversations"}`)."""
+
+
 def normalize(
     obj: object, kind_: DatasetKind, mapping: FieldMapping | None, *, chosen: bool = False
-) -> tuple[dict[str, Any], set[str]]:
+) -> tuple[dict[str, Any], set[str], Source | None]:
     """One sft or unpaired row in canonical form, and the columns it used (the others are
-    named as ignored); RowInvalid names the field at fault. `chosen`: the mapping
+    named as ignored), and the layout it was read in (None: read column by column, its
+    format says which); RowInvalid names the field at fault. `chosen`: the mapping
     asks for a preference row's chosen answers (:func:`_chosen_answers_asked`)."""
     if not isinstance(obj, dict):
         raise RowInvalid(None, f"expected a JSON object, got {kind(obj)}")
     if chosen and _has_rejected(obj):
         try:
-            return _chosen_answers(obj)
+            return (*_chosen_answers(obj), None)  # its source: _chosen_source, once
         except RowInvalid as exc:  # a row the plain reading takes (e.g. equal answers) still is
             try:
                 return _plain(obj, kind_, mapping)
@@ -128,7 +133,7 @@ def normalize(
 
 def _plain(
     obj: dict[str, Any], kind_: DatasetKind, mapping: FieldMapping | None
-) -> tuple[dict[str, Any], set[str]]:
+) -> tuple[dict[str, Any], set[str], Source | None]:
     """A row read column by column: a prompt and a completion (or a chat), as mapped."""
     m = mapping or DEFAULT_MAPPING
     messages_field = m.messages_field or (
@@ -136,17 +141,22 @@ def _plain(
     )
     completion_field = m.completion_field or "completion"
     used: set[str] = set()
+    source: Source | None = None
     history_field = m.history_field if m.history_field in obj else None
     if completion_field not in obj and isinstance(obj.get(messages_field), list):
         # OpenAI's chats, ShareGPT's
-        row = _chat(obj[messages_field], messages_field, sft=kind_ == "sft")
+        chat = obj[messages_field]
+        row = _chat(chat, messages_field, sft=kind_ == "sft")
         used.add(messages_field)
+        sharegpt = any(isinstance(m, dict) and "from" in m for m in chat)
+        source = ("sharegpt" if sharegpt else "openai", {"messages": messages_field})
     elif mapping is None and "instruction" in obj and "output" in obj and "prompt" not in obj:
         # LLaMA-Factory's alpaca form: instruction, then input; output; history, system
         prompt, _ = alpaca_prompt(obj, used)
         row = _pair(prompt, obj["output"], "instruction", "output")
         used.add("output")
         history_field = "history" if "history" in obj else None
+        source = ("alpaca", {"prompt": "instruction", "completion": "output"})
     else:
         if m.prompt_field not in obj:
             raise RowInvalid(m.prompt_field, f"missing field {m.prompt_field!r}")
@@ -174,7 +184,9 @@ def _plain(
         if label_field not in obj:
             raise RowInvalid(label_field, f"missing field {label_field!r} (true or false)")
         row["label"] = _label(obj[label_field], label_field)
-    return row, used
+        if source is not None:
+            source[1]["label"] = label_field
+    return row, used, source if mapping is None else None
 
 
 _ANSWERS = frozenset((*CHOSEN_COLUMNS, "preferred_output"))
@@ -211,7 +223,7 @@ def _chosen_answers(obj: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
     return row, used
 
 
-def _chosen_source(obj: dict[str, Any]) -> tuple[SourceFormat, dict[str, str]] | None:
+def _chosen_source(obj: dict[str, Any]) -> Source | None:
     """The layout of a row read for its chosen answer, and its parts' columns (the chosen
     answer as the completion); None for a row read column by column."""
     if not _has_rejected(obj):
@@ -350,10 +362,11 @@ class KindCollector:
         self.kind = kind
         self.mapping = mapping
         self.chosen = _chosen_answers_asked(kind, mapping)
-        self.source: tuple[SourceFormat, dict[str, str]] | None = None
-        """The preference layout read for `completion_field=chosen`, and where each part of
-        the row came from (told from the first valid row)."""
-        self.told = not self.chosen
+        self.source: Source | None = None
+        """The layout of the rows (a preference layout read for `completion_field=chosen`,
+        LLaMA-Factory's, ShareGPT's, OpenAI's chats), and where each part of the row came
+        from, told from the first valid row; None: read column by column."""
+        self.told = False
         self.limits = limits
         self.skip = on_invalid == "skip"
         self.max_invalid_fraction = max_invalid_fraction
@@ -421,12 +434,12 @@ class KindCollector:
     def _row(self, line: int, obj: Any) -> None:
         try:
             with noting_dropped() as dropped:
-                row, own = normalize(obj, self.kind, self.mapping, chosen=self.chosen)
+                row, own, source = normalize(obj, self.kind, self.mapping, chosen=self.chosen)
         except RowInvalid as e:
             self.errors.add(line, e.field, e.msg)
             return
         if not self.told:
-            self.source, self.told = _chosen_source(obj), True
+            self.source, self.told = source or _chosen_source(obj), True
         self.functions = self.functions or uses_functions(row)
         fmt: Format = "standard" if isinstance(row["prompt"], str) else "conversational"
         if self.fmt is None:

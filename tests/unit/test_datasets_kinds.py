@@ -155,6 +155,12 @@ def test_llama_factory_sft_and_kto_layouts_as_shipped(tmp_path: Path) -> None:
         "conversational",
         "made_conversational",
     )
+    # The record names the layout found and where the parts came from (it said
+    # "conversational" and {}).
+    assert (result.source_format, result.mapping) == (
+        "alpaca",
+        {"prompt": "instruction", "completion": "output"},
+    )
     assert out[0] == {
         "prompt": [
             {"role": "system", "content": "Réponds brièvement."},
@@ -177,6 +183,7 @@ def test_llama_factory_sft_and_kto_layouts_as_shipped(tmp_path: Path) -> None:
     }
     result, out = validate(tmp_path, [sharegpt])
     assert result.kind == "sft"
+    assert (result.source_format, result.mapping) == ("sharegpt", {"messages": "conversations"})
     assert [m["role"] for m in out[0]["prompt"]] == ["system", "user", "assistant", "tool"]
     assert out[0]["completion"] == [{"role": "assistant", "content": "21 °C."}]
     assert [w.msg for w in result.warnings] == ["column 'tools' ignored in 1 row"]
@@ -192,6 +199,13 @@ def test_llama_factory_sft_and_kto_layouts_as_shipped(tmp_path: Path) -> None:
     ]
     result, out = validate(tmp_path, kto)
     assert (result.kind, [r["label"] for r in out]) == ("unpaired", [True, False])
+    assert (result.source_format, result.mapping) == (
+        "sharegpt",
+        {"messages": "conversations", "label": "kto_tag"},
+    )
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    result, _ = validate(tmp_path, [{"messages": chat}])
+    assert (result.source_format, result.mapping) == ("openai", {"messages": "messages"})
 
 
 def test_a_preference_mapping_is_not_taken_for_llama_factory_sft(tmp_path: Path) -> None:
