@@ -343,6 +343,21 @@ def test_the_apis_shutdown_grace_can_be_raised_for_long_uploads(chart: helm.Char
     assert env_of(pod["containers"][0])["FTUNE_API_GRACE_SECONDS"]["value"] == "280"
     with pytest.raises(helm.HelmRenderError, match=re.escape("api.stopGraceSeconds (30)")):
         render(chart, {"api": {"stopGraceSeconds": 30}})
+    with pytest.raises(helm.HelmRenderError, match=re.escape("api.preStopSeconds (10)")):
+        render(chart, {"api": {"preStopSeconds": 10}})  # 10 + 20 s leave nothing of 30
+
+
+def test_a_stopping_api_pod_serves_until_its_endpoint_is_gone(chart: helm.Chart) -> None:
+    """uvicorn refuses new connections once signalled, while the ingress and kube-proxy still
+    route to the pod: a preStop sleep keeps it serving until its endpoint is removed, so a
+    rollout drops no request. The sleep fits in the grace with the API's own wait."""
+    pod = render(chart).get("Deployment", f"{PREFIX}-api")["spec"]["template"]["spec"]
+    [api] = pod["containers"]
+    assert api["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", "5"]}}}
+    wait = int(env_of(api)["FTUNE_API_GRACE_SECONDS"]["value"])
+    assert 5 + wait < pod["terminationGracePeriodSeconds"]
+    none = render(chart, {"api": {"preStopSeconds": 0}}).get("Deployment", f"{PREFIX}-api")
+    assert "lifecycle" not in none["spec"]["template"]["spec"]["containers"][0]
 
 
 def test_worker_filesystem_is_read_only_with_writable_volumes(chart: helm.Chart) -> None:

@@ -71,6 +71,20 @@ app.kubernetes.io/component: {{ index . 1 }}
 app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 
+{{/*
+Labels of a component's pods: without the chart's version (helm.sh/chart,
+app.kubernetes.io/version), so that an upgrade that changes nothing a pod runs restarts no pod
+(not Redis, not a training job). Usage: include "ftune.podLabels" (list . "api")
+*/}}
+{{- define "ftune.podLabels" -}}
+{{ include "ftune.componentSelectorLabels" . }}
+app.kubernetes.io/managed-by: {{ (index . 0).Release.Service }}
+app.kubernetes.io/part-of: ftune
+{{- with (index . 0).Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
 {{- define "ftune.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "ftune.fullname" .) .Values.serviceAccount.name }}
@@ -227,8 +241,8 @@ Fail early on combinations that would deploy but not work.
 {{- if and .Values.worker.keda.enabled (eq .Values.worker.keda.trigger "prometheus") (not .Values.worker.keda.prometheus.serverAddress) }}
 {{- fail "worker.keda.trigger is prometheus: set worker.keda.prometheus.serverAddress" }}
 {{- end }}
-{{- if le (int .Values.api.terminationGracePeriodSeconds) (int .Values.api.stopGraceSeconds) }}
-{{- fail (printf "api.stopGraceSeconds (%d) must be below api.terminationGracePeriodSeconds (%d): the API needs the rest to end its streams and exit before it is killed" (int .Values.api.stopGraceSeconds) (int .Values.api.terminationGracePeriodSeconds)) }}
+{{- if le (int .Values.api.terminationGracePeriodSeconds) (add (int .Values.api.stopGraceSeconds) (int .Values.api.preStopSeconds)) }}
+{{- fail (printf "api.preStopSeconds (%d) plus api.stopGraceSeconds (%d) must be below api.terminationGracePeriodSeconds (%d): the API needs the rest to end its streams and exit before it is killed" (int .Values.api.preStopSeconds) (int .Values.api.stopGraceSeconds) (int .Values.api.terminationGracePeriodSeconds)) }}
 {{- end }}
 {{- if le (int .Values.worker.terminationGracePeriodSeconds) (int .Values.worker.stopGraceSeconds) }}
 {{- fail (printf "worker.stopGraceSeconds (%d) must be below worker.terminationGracePeriodSeconds (%d): the worker needs the rest to re-queue the job before it is killed" (int .Values.worker.stopGraceSeconds) (int .Values.worker.terminationGracePeriodSeconds)) }}

@@ -10,7 +10,7 @@ restarted: a Job's pod.
 {{- $grace := int $v.worker.terminationGracePeriodSeconds -}}
 metadata:
   labels:
-    {{- include "ftune.componentLabels" (list $root "worker") | nindent 4 }}
+    {{- include "ftune.podLabels" (list $root "worker") | nindent 4 }}
     {{- with $v.worker.podLabels }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
