@@ -41,6 +41,7 @@ from tests.fixtures.helm_chart import (
     RELEASE,
     env_of,
     load_values,
+    merged,
     render,
     secret_refs,
     validate,
@@ -405,7 +406,8 @@ def test_ingress_and_autoscaling(chart: helm.Chart) -> None:
     hpa = manifests.get("HorizontalPodAutoscaler", f"{PREFIX}-api")
     assert {m["resource"]["name"] for m in hpa["spec"]["metrics"]} == {"cpu", "memory"}
     assert "replicas" not in manifests.get("Deployment", f"{PREFIX}-api")["spec"]
-    assert "https://ftune.example.com/docs" in manifests.notes
+    # Where the ingress routes: these values route /v1 and /ui, not /docs (a 404 was shown).
+    assert "https://ftune.example.com/ui/" in manifests.notes
 
 
 def test_pod_environment_is_what_settings_reads(chart: helm.Chart) -> None:
@@ -731,6 +733,18 @@ def test_keda_prometheus_trigger(chart: helm.Chart) -> None:
     manifests = render(chart, load_values("external-redis-existing-secret-values.yaml"))
     trigger = manifests.get("ScaledJob", f"{PREFIX}-worker")["spec"]["triggers"][0]
     assert trigger["type"] == "prometheus"
-    assert trigger["metadata"]["query"] == "max(ftune_queue_depth)"
+    # This release's queue only: another release's, in the same Prometheus, is not its work.
+    assert trigger["metadata"]["query"] == f'max(ftune_queue_depth{{namespace="{NAMESPACE}"}})'
+    mine = render(
+        chart,
+        merged(
+            load_values("external-redis-existing-secret-values.yaml"),
+            {"worker": {"keda": {"prometheus": {"query": "max(my_depth)"}}}},
+        ),
+    )
+    assert (
+        mine.get("ScaledJob", f"{PREFIX}-worker")["spec"]["triggers"][0]["metadata"]["query"]
+        == "max(my_depth)"
+    )
     assert trigger["metadata"]["threshold"] == "1"
     assert manifests.of_kind("TriggerAuthentication") == []
