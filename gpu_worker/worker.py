@@ -163,7 +163,7 @@ async def run_job(ctx: dict[str, Any], *legacy: Any) -> str:
         raise
     finally:
         shutdown.forget(proc.stop)
-        metrics.busy.set(0)
+        metrics.idle()
         # The outcome is written: only now wait for the process to go (killed if it lingers).
         await warm.finished(proc, respawn=not shutdown.requested)
     metrics.finished.labels(status=status).inc()

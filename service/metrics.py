@@ -140,6 +140,18 @@ class WorkerMetrics:
             registry=self.registry,
         )
 
+    def idle(self) -> None:
+        """No job: the last one's step, rate and memory are not this worker's now (a dashboard
+        would show load that is not there)."""
+        for gauge in (
+            self.busy,
+            self.step,
+            self.steps_per_second,
+            self.tokens_per_second,
+            self.memory_bytes,
+        ):
+            gauge.set(0)
+
     def observe(self, values: dict[str, float]) -> None:
         if "step_seconds" in values and values["step_seconds"] > 0:
             self.steps_per_second.set(1.0 / values["step_seconds"])

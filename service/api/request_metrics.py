@@ -22,8 +22,12 @@ if TYPE_CHECKING:
     from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 
 APP_NAME = "ftune"
-UNCOUNTED = frozenset({"/metrics", "/healthz"})
-"""Paths whose requests are not measured: the scrape itself and the liveness probe."""
+UNCOUNTED = frozenset({"/metrics", "/healthz", "/readyz"})
+"""Paths whose requests are not measured: the scrape itself and the probes."""
+STREAMS = frozenset({"/v1/jobs/{job_id}/events"})
+"""Routes counted but not timed: an event stream lasts as long as its client follows the job
+(up to an hour), which is no request's latency; timed, it made the dashboard's p90 the streams'
+lifetime."""
 LABELS = ("method", "path", "status_code", "app_name")
 
 REQUESTS = Counter("ftune_requests_total", "Total requests", LABELS)
@@ -44,10 +48,11 @@ class _Route:
     """One route's (method, template) label children: in progress, and per status code the
     count, the duration and (5xx) the error count."""
 
-    __slots__ = ("ended", "labels", "running")
+    __slots__ = ("ended", "labels", "running", "timed")
 
     def __init__(self, method: str, template: str) -> None:
         self.labels = (method, template)
+        self.timed = template not in STREAMS
         # Requests in progress carry status 200, as Litestar's middleware counted them.
         self.running = IN_PROGRESS.labels(method, template, "200", APP_NAME)
         self.ended: dict[int, _Ended] = {}
@@ -93,6 +98,7 @@ class RequestMetrics(ASGIMiddleware):
             route.running.dec()
             count, duration, error = route.finished(status)
             count.inc()
-            duration.observe(time.perf_counter() - start)
+            if route.timed:
+                duration.observe(time.perf_counter() - start)
             if error is not None:
                 error.inc()

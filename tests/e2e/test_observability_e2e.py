@@ -92,7 +92,10 @@ def test_a_job_seen_from_outside(stack: Stack, caplog: pytest.LogCaptureFixture)
     # Counted just after the status is written: the worker reaps the process first.
     finished = "ftune_worker_jobs_finished_total,status=succeeded"
     assert soon(lambda: worker_metrics(stack.metrics_ports[0]).get(finished) == 1)
-    assert worker_metrics(stack.metrics_ports[0])["ftune_worker_busy"] == 0
+    idle = worker_metrics(stack.metrics_ports[0])
+    # Idle, the worker shows no load: not the last job's rate, throughput and memory.
+    gauges = ("busy", "step", "steps_per_second", "tokens_per_second", "memory_bytes")
+    assert {g: idle[f"ftune_worker_{g}"] for g in gauges} == dict.fromkeys(gauges, 0)
 
     everything = stack.logs() + "\n".join(r.getMessage() for r in caplog.records)
     everything += json.dumps(seen) + json.dumps(done)

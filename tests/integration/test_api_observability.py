@@ -152,6 +152,8 @@ def test_prometheus_figures_move(live_api: LiveServer, api_settings: Settings) -
         http.get(f"/v1/jobs/{job_id}")
         assert http.get(f"/v1/jobs/{job_id}/metrics").status_code == 200
         assert http.get("/v1/jobs/job_nope").status_code == 404
+        assert http.get("/readyz").status_code == 200
+        assert http.get("/v1/jobs/job_nope/events").status_code == 404
 
         async def finish() -> None:
             store = Store.from_url(api_settings.redis_url)
@@ -179,6 +181,14 @@ def test_prometheus_figures_move(live_api: LiveServer, api_settings: Settings) -
     # A route whose path ends in /metrics is counted too; only the scrape itself is not.
     assert requests("/v1/jobs/{job_id}/metrics", 200) == 1
     assert requests("/metrics", 200) == 0
+    # Nor the readiness probe (every 5 s a pod), as the liveness one.
+    assert requests("/readyz", 200) == 0
     timed = "ftune_request_duration_seconds_count,app_name=ftune,method=GET"
     timed += ",path=/v1/jobs/{job_id},status_code=200"
     assert after[timed] - before.get(timed, 0.0) == 1
+    # An event stream is counted, not timed: its lifetime (up to an hour) is no latency, and
+    # timed it made the dashboard's p90 that of the streams.
+    assert requests("/v1/jobs/{job_id}/events", 404) == 1
+    streamed = "ftune_request_duration_seconds_count,app_name=ftune,method=GET"
+    streamed += ",path=/v1/jobs/{job_id}/events,status_code=404"
+    assert after.get(streamed, 0.0) == before.get(streamed, 0.0) == 0
