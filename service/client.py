@@ -89,6 +89,8 @@ class ApiError(Exception):
     total_errors: int | None = None
     container: Container | None = None
     """For a dataset's errors: what their numbers count (lines of JSONL, else rows)."""
+    retry_after: int | None = None
+    """A 429's or 503's `Retry-After`, in seconds."""
 
     def __str__(self) -> str:
         head = f"{self.status} {self.title}"
@@ -119,9 +121,16 @@ class ApiError(Exception):
             body = response.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             body = None
+        wait = response.headers.get("retry-after", "")
+        retry_after = int(wait) if wait.isdigit() else None
         if not isinstance(body, dict):
             text = response.text.strip()[:500]
-            return cls(response.status_code, response.reason_phrase or "Error", text)
+            return cls(
+                response.status_code,
+                response.reason_phrase or "Error",
+                text,
+                retry_after=retry_after,
+            )
         errors = body.get("errors")
         total = body.get("total_errors")
         container = body.get("container")
@@ -132,6 +141,7 @@ class ApiError(Exception):
             errors=[e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else [],
             total_errors=total if isinstance(total, int) else None,
             container=container if container in get_args(Container) else None,
+            retry_after=retry_after,
         )
 
 
@@ -142,6 +152,12 @@ class Event:
     event: str
     data: Any
     id: str | None = None
+
+    @property
+    def time(self) -> float | None:
+        """When it was written, in seconds since the epoch: its id is the Redis stream's
+        `<ms>-<n>`."""
+        return int(self.id.split("-")[0]) / 1000 if self.id else None
 
 
 class Client:

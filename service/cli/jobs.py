@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,7 +29,7 @@ from service.cli.output import (
     print_table,
 )
 from service.cli.watch import TERMINAL_STATUSES, watch_job
-from service.client import ChecksumMismatch, Event, EventsUnsupported
+from service.client import ApiError, ChecksumMismatch, Event, EventsUnsupported
 from service.contract import Artifact, ArtifactKind, Job, JobStatus, Method, MetricPoint
 
 jobs_app = typer.Typer(help="Submit, follow and manage fine-tuning jobs.", no_args_is_help=True)
@@ -265,6 +266,11 @@ def jobs_logs(ctx: typer.Context, job_id: Annotated[str, typer.Argument(metavar=
                     "the server does not stream job events (a proxy in between?): "
                     f"`ftune jobs watch {job_id}` follows the job by polling"
                 ) from None
+            except ApiError as exc:  # the tenant's open streams are at their limit: wait
+                if exc.status != 429:
+                    raise
+                time.sleep(exc.retry_after or 5)
+                continue
             if ended:
                 return
             # The stream closed before the job's end (a server's time limit): resume.
@@ -273,7 +279,7 @@ def jobs_logs(ctx: typer.Context, job_id: Annotated[str, typer.Argument(metavar=
 def _log_line(event: Event) -> str | None:
     """One event as a line of the log, when it was written (its id is the ms timestamp)."""
     data = event.data if isinstance(event.data, dict) else {}
-    when = fmt_when(int((event.id or "0").split("-")[0]) / 1000) if event.id else ""
+    when = fmt_when(event.time) if event.time is not None else ""
     if event.event == "log":
         return f"{when} {escape(str(data.get('message', '')))}"
     if event.event in ("status", "phase") and data.get(event.event):

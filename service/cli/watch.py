@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
 from service.cli.output import fmt_metrics, fmt_status, fmt_steps, fmt_when, out
-from service.client import Client, EventsUnsupported, Unreachable
+from service.client import ApiError, Client, EventsUnsupported, Unreachable
 from service.contract import Job, JobStatus, MetricPoint
 
 
@@ -51,14 +51,18 @@ class JobView:
             self.last_step = max(self.last_step, p.step)
             self.metrics.update(p.values)
 
-    def announce(self, job_id: str, status: str, phase: str | None) -> None:
+    def announce(
+        self, job_id: str, status: str, phase: str | None, when: float | None = None
+    ) -> None:
         """Print a line when the status or phase differs from the last one printed (the phase
-        counts only while running: an ended job keeps the one it ended in)."""
+        counts only while running: an ended job keeps the one it ended in), stamped `when` it
+        happened (an event replayed from the job's start: not now)."""
         state = (status, (phase or "") if status == JobStatus.running else "")
         if state != self.last:
             where = f" ({state[1]})" if state[1] and status == JobStatus.running else ""
             colored = fmt_status(JobStatus(status)) if status in STATUSES else escape(status)
-            self.console.print(f"{fmt_when(time.time())} {job_id} {colored}{where}")
+            stamp = fmt_when(time.time() if when is None else when)
+            self.console.print(f"{stamp} {job_id} {colored}{where}")
             self.last = state
 
     def update(self, job: Job, announce: bool = True) -> None:
@@ -105,34 +109,49 @@ def watch_job(
 
 
 def _follow_events(client: Client, job: Job, view: JobView) -> Job | None:
-    """The final job, or None when the stream is unavailable or ended early (then poll).
+    """The final job, or None when there is no stream to follow (then poll): the server has
+    none, or the tenant's open streams are at their limit (429).
 
     The stream replays the job's history first, so status and phase lines come from the
     events themselves; the record (progress, ETA) is re-read on those and at most once a
-    second otherwise.
+    second otherwise. A stream that ends before the job (the server's time limit, an API
+    restarted) is followed again from the last event seen: polling would print no more log
+    lines or phases.
     """
     fetched = time.monotonic()
     status, phase = job.status.value, job.phase.value if job.phase else None
-    try:
-        for event in client.events(job.id):
-            data = event.data if isinstance(event.data, dict) else {}
-            if event.event == "metrics":
-                with contextlib.suppress(msgspec.ValidationError):
-                    view.add_points([msgspec.convert(data, MetricPoint)])
-            elif event.event == "log":
-                view.console.print(f"  [dim]{escape(str(data.get('message', '')))}[/]")
-            elif event.event in ("status", "phase"):
-                status = str(data.get("status", status))
-                phase = None if status != JobStatus.running else data.get("phase", phase)
-                view.announce(job.id, status, phase)
-            if event.event in ("status", "phase") or time.monotonic() - fetched >= 1.0:
-                job, fetched = client.get_job(job.id), time.monotonic()
-            view.update(job, announce=False)
-            if status in TERMINAL_STATUSES and job.status.terminal:
-                return job
-    except (EventsUnsupported, Unreachable):
-        return None
-    return None
+    last: str | None = None
+    while True:
+        seen = False
+        try:
+            for event in client.events(job.id, last_event_id=last):
+                seen, last = True, event.id or last
+                data = event.data if isinstance(event.data, dict) else {}
+                if event.event == "metrics":
+                    with contextlib.suppress(msgspec.ValidationError):
+                        view.add_points([msgspec.convert(data, MetricPoint)])
+                elif event.event == "log":
+                    view.console.print(f"  [dim]{escape(str(data.get('message', '')))}[/]")
+                elif event.event in ("status", "phase"):
+                    status = str(data.get("status", status))
+                    phase = None if status != JobStatus.running else data.get("phase", phase)
+                    view.announce(job.id, status, phase, event.time)
+                if event.event in ("status", "phase") or time.monotonic() - fetched >= 1.0:
+                    job, fetched = client.get_job(job.id), time.monotonic()
+                view.update(job, announce=False)
+                if status in TERMINAL_STATUSES and job.status.terminal:
+                    return job
+        except (EventsUnsupported, Unreachable):
+            return None
+        except ApiError as exc:
+            if exc.status == 429:
+                return None
+            raise
+        job, fetched = client.get_job(job.id), time.monotonic()
+        if job.status.terminal:
+            return job
+        if not seen:
+            time.sleep(1.0)  # closed before any event: not a reconnect loop
 
 
 STATUSES = {s.value for s in JobStatus}

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -470,6 +471,89 @@ def test_watch_follows_a_job_to_success(
     assert out.index("running (preparing)") < out.index("running (training)")
     assert "3/3" in out and "loss 0.31" in out
     assert "adapter: file:///store/jobs/x/adapter/" in out
+
+
+def test_watch_follows_a_stream_cut_short_to_the_end_with_each_line_at_its_time(
+    cli: Callable[..., Result], tmp_path: Path, api_settings: Settings
+) -> None:
+    """The server ends a stream at its time limit (an hour by default; an API restart too):
+    watch went on by polling and printed no log line or phase after that. It follows the
+    stream again from the last event; and history replayed at its start shows when it
+    happened, not the time it was read."""
+    short = replace(api_settings, event_stream_seconds=1)
+    with LiveServer(short) as live:
+        job_id = submit_queued(cli, upload(cli, tmp_path)["id"])  # the same Redis and store
+        url = api_settings.redis_url
+        set_job(url, job_id, status=JobStatus.running, phase=Phase.preparing)
+        time.sleep(1.5)  # the history is older than the watch
+
+        def worker() -> None:
+            for i in range(3):
+                time.sleep(1.2)  # a stream ends (1 s) between two lines
+                run_async(lambda store, i=i: store.add_log(job_id, f"line {i}"), url)
+            set_job(url, job_id, phase=Phase.training)
+            time.sleep(1.2)
+            set_job(url, job_id, status=JobStatus.succeeded, phase=None, finished_at=time.time())
+
+        thread = threading.Thread(target=worker)
+        started = time.time()
+        thread.start()
+        result = cli("jobs", "watch", job_id, url=live.url)
+        thread.join()
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for said in ("line 0", "line 1", "line 2", "running (training)", "succeeded"):
+        assert said in out, out
+    queued = next(line for line in out.splitlines() if line.endswith(" queued"))
+    when = datetime.strptime(" ".join(queued.split()[:2]), "%Y-%m-%d %H:%M:%S").timestamp()
+    assert when <= started - 1, (queued, started)  # submitted before the watch began
+
+
+def test_watch_and_logs_at_the_tenants_stream_limit_do_not_fail(
+    cli: Callable[..., Result], tmp_path: Path, api_settings: Settings
+) -> None:
+    """With the tenant's open event streams at their limit (a dashboard, a teammate), watch
+    follows the job by polling, and logs waits for a stream: both exited 1 on the 429."""
+    one = replace(api_settings, max_event_streams=1)
+    with LiveServer(one) as live:
+        dataset = upload(cli, tmp_path)["id"]
+        job_id, other = submit_queued(cli, dataset), submit_queued(cli, dataset)
+        url = api_settings.redis_url
+        holding = threading.Event()
+
+        def hold() -> None:  # another of the tenant's clients, following another job
+            with (
+                httpx.Client(base_url=live.url, headers=auth(KEY), timeout=30) as http,
+                http.stream("GET", f"/v1/jobs/{other}/events") as stream,
+            ):
+                for _ in stream.iter_lines():
+                    holding.set()
+
+        threading.Thread(target=hold, daemon=True).start()
+        assert holding.wait(10)
+
+        def worker() -> None:
+            time.sleep(1.0)
+            set_job(url, job_id, status=JobStatus.running, phase=Phase.training)
+            run_async(lambda store: store.add_log(job_id, "saved checkpoint-3"), url)
+            time.sleep(1.0)
+            set_job(url, job_id, status=JobStatus.succeeded, phase=None, finished_at=time.time())
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        watched = cli("jobs", "watch", job_id, url=live.url)
+        thread.join()
+        assert watched.exit_code == 0, watched.output
+        assert "succeeded" in watched.stdout
+        # logs waits for a slot: the other job's stream ends with that job, a moment later.
+        ends = threading.Timer(
+            1.0, lambda: set_job(url, other, status=JobStatus.cancelled, finished_at=time.time())
+        )
+        ends.start()
+        logged = cli("jobs", "logs", job_id, url=live.url)
+        ends.join()
+        assert logged.exit_code == 0, logged.output
+        assert "saved checkpoint-3" in logged.stdout
 
 
 def test_logs_prints_a_jobs_log_from_its_start_and_follows_it_to_its_end(
