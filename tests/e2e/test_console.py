@@ -8,10 +8,12 @@ Screenshots of every page land in `test-artifacts/console/` (`FTUNE_SCREENSHOTS`
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,10 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from playwright.sync_api import Browser, Page, Playwright, Route, expect, sync_playwright
 
 from service.api.console import CONTENT_SECURITY_POLICY
+from service.contract import JobStatus, Phase, Progress
+from service.settings import Settings
+from service.store import Store
 from tests.e2e.conftest import Stack
 from tests.fixtures.api import LiveServer
 from tests.fixtures.tiny_model import preference_rows
@@ -226,6 +232,10 @@ def test_chat_and_rating_datasets_preview_their_own_columns_on_a_phone(
     values = "[5e-6, -3.75e-6, 0.693147, 0, 12345.6]"
     shown = f"import('/ui/js/charts.js').then((m) => {values}.map(m.number))"
     assert tab.page.evaluate(shown) == ["5.00e-6", "-3.75e-6", "0.6931", "0", "12350"]
+    # On an axis of fixed width, large values short: memory_bytes read "?20000000".
+    big = "[620000000, 1234567, 150000, 99999, 5e-6]"
+    axis = f"import('/ui/js/charts.js').then((m) => {big}.map(m.axisNumber))"
+    assert tab.page.evaluate(axis) == ["620M", "1.23M", "150K", "100000", "5.00e-6"]
     assert tab.errors == []
 
 
@@ -445,6 +455,55 @@ def test_the_jobs_list_follows_its_jobs_and_keeps_its_page(
         expect(page.locator("tbody tr")).to_have_count(2)
         page.click("text=← Newest")
         expect(page.locator("tbody tr")).to_have_count(20)
+    assert tab.errors == []
+
+
+def test_pages_follow_what_changes_without_an_event(
+    live_api: LiveServer, api_settings: Settings, console_for: Any
+) -> None:
+    """A running job's progress is written with no event (steps between two logged points):
+    its page froze at the last event's step. A list of finished jobs stopped refreshing, so a
+    job submitted since (a teammate, the CLI, a policy) never showed without a reload."""
+    with httpx.Client(base_url=live_api.url, headers={"Authorization": f"Bearer {KEY}"}) as http:
+        ds = http.post(
+            "/v1/datasets",
+            content="".join(json.dumps(r) + "\n" for r in preference_rows(4)),
+            headers={"Content-Type": "application/x-ndjson"},
+        ).json()
+        spec = {"base_model": "org/m", "dataset_id": ds["id"]}
+        job_id = http.post("/v1/jobs", json=spec).json()["id"]
+
+        def progress(step: int, **more: Any) -> None:
+            async def change() -> None:
+                store = Store.from_url(api_settings.redis_url)
+                await store.update_job(
+                    job_id,
+                    lambda j: msgspec.structs.replace(
+                        j, progress=Progress(step=step, total_steps=120), **more
+                    ),
+                )
+                await store.close()
+
+            # In a thread of its own: Playwright's sync API runs an event loop in this one.
+            writer = threading.Thread(target=asyncio.run, args=(change(),))
+            writer.start()
+            writer.join()
+
+        progress(0, status=JobStatus.running, phase=Phase.training)
+        tab = console_for(live_api.url)
+        page = tab.page
+        tab.open(f"#/jobs/{job_id}")
+        tab.sign_in(KEY)
+        expect(page.locator("dd", has_text="0 / 120")).to_be_visible()
+        progress(77)  # no event
+        expect(page.locator("dd", has_text="77 / 120")).to_be_visible(timeout=15_000)
+
+        assert http.post(f"/v1/jobs/{job_id}/cancel").is_success
+        progress(77, status=JobStatus.cancelled, finished_at=time.time())
+        tab.open("#/jobs")
+        expect(page.locator("tbody tr")).to_have_count(1)
+        newer = http.post("/v1/jobs", json=spec).json()["id"]
+        expect(page.locator(f"a[href='#/jobs/{newer}']")).to_be_visible(timeout=25_000)
     assert tab.errors == []
 
 

@@ -13,6 +13,15 @@ export function number(v) {
   return String(Number(v.toPrecision(4)));
 }
 
+const COMPACT = new Intl.NumberFormat("en", { notation: "compact", maximumSignificantDigits: 3 });
+
+/** An axis label: large values short (620M, 150K), which the axis' fixed width cut to their
+ * last digits ("?20000000"); the rest as {@link number}. */
+export function axisNumber(v) {
+  if (typeof v === "number" && Math.abs(v) >= 1e5) return COMPACT.format(v);
+  return number(v);
+}
+
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563", "#ca8a04"];
 const SMOOTHING = 0.6; // TensorBoard's default weight for its exponential moving average
 
@@ -114,7 +123,7 @@ export class Charts {
           width: this.width(),
           height: 220,
           scales: { x: { time: false } },
-          axes: [{ label: "step" }, { values: (u, splits) => splits.map(number), size: 72 }],
+          axes: [{ label: "step" }, { values: (u, splits) => splits.map(axisNumber), size: 72 }],
           series: [
             { label: "step" },
             ...series.map((name, i) => ({

@@ -9,6 +9,7 @@ import { follow } from "./events.js";
 const PHASES = ["preparing", "training", "evaluating", "merging", "uploading"];
 const MAX_LOG_LINES = 500;
 const REFRESH_MS = 2000;
+const TICK_MS = 5000;
 
 const TERMINAL = ["succeeded", "failed", "cancelled"];
 
@@ -225,10 +226,16 @@ export async function jobPage(page, jobId) {
       if (state === "ended") refresh();
     },
   );
+  // Progress and ETA are written without an event (a step between two logged points): the
+  // record is read again every few seconds while the job may still move, and someone looks.
+  const ticker = setInterval(() => {
+    if (!document.hidden && !TERMINAL.includes(job.status)) refresh();
+  }, TICK_MS);
   const onResize = () => charts.resize();
   window.addEventListener("resize", onResize);
   return () => {
     live.stop();
+    clearInterval(ticker);
     clearTimeout(refreshing);
     window.removeEventListener("resize", onResize);
     charts.destroy();

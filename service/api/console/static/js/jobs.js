@@ -9,6 +9,7 @@ import { badge, clear, duration, field, h, table, when } from "./dom.js";
 const STATUSES = ["", "queued", "running", "succeeded", "failed", "cancelled"];
 const PAGE = 20;
 const REFRESH_MS = 5000;
+const IDLE_REFRESH_MS = 15000;
 
 function progress(job) {
   const p = job.progress || {};
@@ -112,10 +113,12 @@ export async function jobsPage(page, params) {
       next.disabled = !list.next_cursor;
       next.onclick = () => go(list.next_cursor);
     }
-    // Moving jobs (or an answer that did not come) are read again; a page of finished jobs
-    // does not change and is left alone.
+    // Moving jobs (or an answer that did not come) are read again; an older page of finished
+    // jobs does not change and is left alone, but the newest page gets the jobs submitted
+    // since (by a teammate, the CLI, a policy), less often.
     const moving = unanswered || (list && list.items.some((j) => j.status === "queued" || j.status === "running"));
     if (moving) timer = setTimeout(load, REFRESH_MS);
+    else if (!cursor) timer = setTimeout(load, IDLE_REFRESH_MS);
   }
 
   await load();
