@@ -222,6 +222,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     app.state.settings = settings
     app.state.tenants = tenants.load(settings)
     app.state.uploads = UploadSpace.from_settings(settings, tenants=app.state.tenants.count())
+    app.state.row_readers = {}  # tenant -> its CapacityLimiter (api/datasets.py)
     app.state.collector = ServiceCollector()
     app.state.registry = CollectorRegistry()
     app.state.registry.register(app.state.collector)

@@ -451,18 +451,12 @@ class DatasetController(Controller):
         ds = await store.get_dataset(dataset_id, scope(principal))
         rows: list[DatasetRow] = []
         if offset < ds.rows:  # past the end there is nothing to read
-            readers: dict[str, anyio.CapacityLimiter] = request.app.state.setdefault(
-                "row_readers", {}
-            )
+            readers: dict[str, anyio.CapacityLimiter] = request.app.state.row_readers
+            limiter = readers.get(principal.tenant)
+            if limiter is None:
+                limiter = readers[principal.tenant] = anyio.CapacityLimiter(ROW_READS_PER_TENANT)
             rows = await anyio.to_thread.run_sync(
-                _read_rows,
-                blobs,
-                dataset_blob_key(ds.sha256),
-                offset,
-                limit,
-                limiter=readers.setdefault(
-                    principal.tenant, anyio.CapacityLimiter(ROW_READS_PER_TENANT)
-                ),
+                _read_rows, blobs, dataset_blob_key(ds.sha256), offset, limit, limiter=limiter
             )
         end = offset + len(rows)
         return DatasetRows(

@@ -91,6 +91,7 @@ _DROPPED: ContextVar[set[str] | None] = ContextVar("ftune_dropped_message_fields
 _KEPT = frozenset(("role", "content", "weight", "tool_calls", "function_call"))
 """What a message keeps (``weight`` is read where a chat is trained); a tool's result also
 keeps ``tool_call_id`` and ``name``."""
+_TOOL_KEPT = _KEPT | {"tool_call_id", "name"}
 _SHAREGPT_KEPT = frozenset(("from", "value", "weight"))
 _AT_INDEX = re.compile(r"\[\d+\]")
 
@@ -227,7 +228,7 @@ def message(value: object, where: str, *, calls: bool = True) -> Msg:
         for key in ("tool_call_id", "name"):
             if isinstance(value.get(key), str):
                 out[key] = value[key]
-        _note_dropped(value, where, _KEPT | {"tool_call_id", "name"})
+        _note_dropped(value, where, _TOOL_KEPT)
     else:
         _note_dropped(value, where, _KEPT)
     return out

@@ -171,6 +171,17 @@ def test_a_wrong_key_shows_the_sign_in_page_with_an_error(
     assert tab.errors == []  # no script error, no CSP violation, no missing file
 
 
+def upload_pairs(http: httpx.Client, rows: int) -> dict[str, Any]:
+    """A dataset of `rows` preference pairs, as the signed-in tenant."""
+    resp = http.post(
+        "/v1/datasets",
+        content="".join(json.dumps(r) + "\n" for r in preference_rows(rows)),
+        headers={"Content-Type": "application/x-ndjson"},
+    )
+    assert resp.status_code == 201, resp.text
+    return dict(resp.json())
+
+
 def test_chat_and_rating_datasets_preview_their_own_columns_on_a_phone(
     live_api: LiveServer, console_for: Any
 ) -> None:
@@ -244,11 +255,7 @@ def test_a_dropped_event_stream_resumes_after_the_last_event(
 ) -> None:
     headers = {"Authorization": f"Bearer {KEY}"}
     with httpx.Client(base_url=live_api.url, headers=headers) as http:
-        ds = http.post(
-            "/v1/datasets",
-            content="".join(json.dumps(r) + "\n" for r in preference_rows(8)),
-            headers={"Content-Type": "application/x-ndjson"},
-        ).json()
+        ds = upload_pairs(http, 8)
         job_id = http.post("/v1/jobs", json={"base_model": "org/m", "dataset_id": ds["id"]}).json()[
             "id"
         ]  # no worker here: it stays queued and its stream stays open
@@ -427,11 +434,7 @@ def test_the_jobs_list_follows_its_jobs_and_keeps_its_page(
     live_api: LiveServer, console_for: Any
 ) -> None:
     with httpx.Client(base_url=live_api.url, headers={"Authorization": f"Bearer {KEY}"}) as http:
-        ds = http.post(
-            "/v1/datasets",
-            content="".join(json.dumps(r) + "\n" for r in preference_rows(4)),
-            headers={"Content-Type": "application/x-ndjson"},
-        ).json()
+        ds = upload_pairs(http, 4)
         ids = [
             http.post("/v1/jobs", json={"base_model": "org/m", "dataset_id": ds["id"]}).json()["id"]
             for _ in range(22)
@@ -465,11 +468,7 @@ def test_pages_follow_what_changes_without_an_event(
     its page froze at the last event's step. A list of finished jobs stopped refreshing, so a
     job submitted since (a teammate, the CLI, a policy) never showed without a reload."""
     with httpx.Client(base_url=live_api.url, headers={"Authorization": f"Bearer {KEY}"}) as http:
-        ds = http.post(
-            "/v1/datasets",
-            content="".join(json.dumps(r) + "\n" for r in preference_rows(4)),
-            headers={"Content-Type": "application/x-ndjson"},
-        ).json()
+        ds = upload_pairs(http, 4)
         spec = {"base_model": "org/m", "dataset_id": ds["id"]}
         job_id = http.post("/v1/jobs", json=spec).json()["id"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -362,27 +362,32 @@ def test_a_metadata_filter_reads_a_bounded_number_of_jobs_a_request(
     assert bad.value.param == "metadata"
 
 
+class LoseFirstAnswer(httpx2.BaseTransport):
+    """The requests `matching` reach the server, but the first one's answer is lost: the SDK
+    sees a timeout and retries. `seen`: each one's try number and status, in order."""
+
+    def __init__(self, matching: Callable[[httpx2.Request], bool]) -> None:
+        self.inner, self.matching = httpx2.HTTPTransport(), matching
+        self.seen: list[tuple[str | None, int]] = []
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = self.inner.handle_request(request)
+        if self.matching(request):
+            self.seen.append((request.headers.get(SDK_RETRY_COUNT), response.status_code))
+            if len(self.seen) == 1:
+                response.read()
+                raise httpx2.ReadTimeout("answer lost", request=request)
+        return response
+
+
 def test_a_retried_create_does_not_start_a_second_job(live_api: LiveServer) -> None:
-    class LoseFirstAnswer(httpx2.BaseTransport):
-        """The job is created, then its answer is lost: the SDK sees a timeout and retries."""
-
-        def __init__(self) -> None:
-            self.inner, self.creates = httpx2.HTTPTransport(), 0
-
-        def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-            response = self.inner.handle_request(request)
-            if request.method == "POST" and request.url.path == "/v1/fine_tuning/jobs":
-                self.creates += 1
-                if self.creates == 1:
-                    response.read()
-                    raise httpx2.ReadTimeout("answer lost", request=request)
-            return response
-
-    transport = LoseFirstAnswer()
+    transport = LoseFirstAnswer(
+        lambda r: r.method == "POST" and r.url.path == "/v1/fine_tuning/jobs"
+    )
     with sdk(live_api.url, http_client=httpx2.Client(transport=transport)) as client:
         train = upload(client, openai_rows(4))
         job = client.fine_tuning.jobs.create(model=MODEL, training_file=train)
-        assert transport.creates == 2
+        assert len(transport.seen) == 2
         assert [j.id for j in client.fine_tuning.jobs.list()] == [job.id]
 
 
@@ -391,26 +396,12 @@ def test_the_sdks_retry_of_a_cancel_whose_answer_was_lost_gets_the_job(
 ) -> None:
     """The cancel worked; only its answer was lost: the retry says so rather than raising a
     ConflictError for a cancel that succeeded. A second cancel of one's own is still a 409."""
-
-    class LoseFirstCancel(httpx2.BaseTransport):
-        def __init__(self) -> None:
-            self.inner, self.cancels = httpx2.HTTPTransport(), []
-
-        def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-            response = self.inner.handle_request(request)
-            if request.url.path.endswith("/cancel"):
-                self.cancels.append((request.headers[SDK_RETRY_COUNT], response.status_code))
-                if len(self.cancels) == 1:
-                    response.read()
-                    raise httpx2.ReadTimeout("answer lost", request=request)
-            return response
-
-    transport = LoseFirstCancel()
+    transport = LoseFirstAnswer(lambda r: r.url.path.endswith("/cancel"))
     with sdk(live_api.url, http_client=httpx2.Client(transport=transport)) as client:
         train = upload(client, openai_rows(4))
         job = client.fine_tuning.jobs.create(model=MODEL, training_file=train)
         assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
-        assert transport.cancels == [("0", 200), ("1", 200)]
+        assert transport.seen == [("0", 200), ("1", 200)]
         with pytest.raises(openai.ConflictError, match="already cancelled"):
             client.fine_tuning.jobs.cancel(job.id)
 

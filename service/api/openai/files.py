@@ -57,7 +57,7 @@ FILE_ID = r"^(ds|file|res)_[A-Za-z0-9]{1,64}(?!\n)$"
 loop."""
 
 
-def _ours(file_id: str) -> str:
+def _ours(file_id: str) -> None:
     """NotFound, saying what our ids look like, for an id that cannot be one (an OpenAI
     `file-...` id kept from elsewhere): not "dataset file-abc does not exist"."""
     if re.match(FILE_ID, file_id) is None:
@@ -65,7 +65,6 @@ def _ours(file_id: str) -> str:
             f"file {file_id} does not exist: this service's file ids start with ds_, file_ or "
             "res_ (ids from another service are not known here)"
         )
-    return file_id
 
 
 def _suffix(file_id: str) -> str:
